@@ -1,0 +1,420 @@
+"""Frontends at run time: listening sockets, the accept loop and maxconn, session bookkeeping.
+
+A `Listener` accepts by itself (a reader callback on the listening socket) instead of
+`loop.create_server`, so that it can stop accepting when `maxconn` is reached: connections
+beyond it wait in the kernel's accept backlog, as with HAProxy, and none is refused. Each
+accepted socket gets a `ClientSide` (lb.proxy). The `FrontendRuntime` answers what the data
+path asks once per session: the PROXY header for a server, the SSL details of a handshake,
+and where log lines go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from OpenSSL import SSL
+from OpenSSL._util import lib as openssl_lib
+
+from lb import proxyproto
+from lb.config.model import Bind, Frontend, Global
+from lb.log import SessionRecord, TrafficLog, format_connection_error, format_tcplog
+from lb.proxy import ClientSide, Limits
+from lb.tls import BindContext, VerifyFailure, bind_tls, common_name
+
+if TYPE_CHECKING:
+    from lb.server import BackendState, ServerState
+
+logger = logging.getLogger(__name__)
+
+#: Connections accepted per readiness callback before yielding to the loop.
+ACCEPT_BATCH = 32
+#: listen(2) backlog: HAProxy uses the frontend maxconn; the kernel caps it at somaxconn.
+DEFAULT_BACKLOG = 4096
+#: After EMFILE/ENFILE, retry accepting after this long instead of spinning.
+ACCEPT_ERROR_PAUSE = 0.1
+
+#: OpenSSL short names of certificate signature algorithms (PP2_SUBTYPE_SSL_SIG_ALG).
+SIGNATURE_SHORT_NAMES = {
+    "1.2.840.113549.1.1.11": "RSA-SHA256",
+    "1.2.840.113549.1.1.12": "RSA-SHA384",
+    "1.2.840.113549.1.1.13": "RSA-SHA512",
+    "1.2.840.113549.1.1.5": "RSA-SHA1",
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
+    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
+    "1.3.101.112": "ED25519",
+}
+
+
+class ProcessLimit:
+    """Global `maxconn`: every listener of the process stops accepting at the limit."""
+
+    def __init__(self, maxconn: int | None) -> None:
+        self.maxconn = maxconn
+        self.current = 0
+        self.total = 0
+        self.listeners: list[Listener] = []
+
+    def has_room(self) -> bool:
+        return self.maxconn is None or self.current < self.maxconn
+
+    def acquire(self) -> None:
+        self.current += 1
+        self.total += 1
+
+    def release(self) -> None:
+        self.current -= 1
+        for listener in self.listeners:
+            listener.maybe_resume()
+
+
+class Listener:
+    """One bind line's listening socket and its accept loop."""
+
+    def __init__(
+        self,
+        frontend: FrontendRuntime,
+        bind: Bind,
+        context: BindContext | None,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.frontend = frontend
+        self.bind = bind
+        self.context = context
+        self.loop = frontend.loop
+        self.accepting = False
+        self.closed = False
+        if sock is None:
+            sock = open_listening_socket(bind, reuse_port=reuse_port)
+        self.sock = sock
+        self.address = sock.getsockname()
+        self.index = frontend.binds.index(bind)
+        self.name = bind.name or str(self.index + 1)
+
+    def start(self) -> None:
+        self.maybe_resume()
+
+    def maybe_resume(self) -> None:
+        if self.closed or self.accepting or not self.frontend.has_room():
+            return
+        self.accepting = True
+        self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def pause(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def close(self) -> None:
+        self.pause()
+        self.closed = True
+        self.sock.close()
+
+    def _on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if not self.frontend.has_room():
+                self.pause()
+                return
+            try:
+                connection, _address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.warning(
+                        "frontend %s: accept failed (%s); pausing accepts for %.1fs",
+                        self.frontend.name,
+                        error.strerror,
+                        ACCEPT_ERROR_PAUSE,
+                    )
+                    self.pause()
+                    self.loop.call_later(ACCEPT_ERROR_PAUSE, self.maybe_resume)
+                    return
+                if error.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            connection.setblocking(False)
+            self.frontend.reserve()
+            self.loop.create_task(self._adopt(connection))
+
+    async def _adopt(self, connection: socket.socket) -> None:
+        context = self.context
+        frontend = self.frontend
+        name, index = self.name, self.index
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: ClientSide(frontend, context, name, index), connection
+            )
+        except OSError as error:
+            logger.info("frontend %s: accepted connection lost: %s", frontend.name, error)
+            frontend.unreserve()
+            connection.close()
+
+
+def open_listening_socket(bind: Bind, *, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if bind.family == "ipv6" else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((bind.host, bind.port))
+        sock.listen(min(bind.maxconn or DEFAULT_BACKLOG, DEFAULT_BACKLOG))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class FrontendRuntime:
+    """A frontend while lb runs: its listeners, counters and per-session decisions."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Frontend,
+        global_: Global,
+        backend: BackendState,
+        process: ProcessLimit,
+        log: TrafficLog,
+        retries: int,
+    ) -> None:
+        self.loop = loop
+        self.config = config
+        self.name = config.name
+        self.binds = config.binds
+        self.backend = backend
+        self.process = process
+        self.log = log
+        self.tcplog = config.option.tcplog
+        timeouts = config.timeout
+        backend_timeouts = backend.config.timeout
+        self.limits = Limits(
+            timeout_client=timeouts.client,
+            timeout_server=backend_timeouts.server,
+            timeout_connect=backend_timeouts.connect,
+            timeout_tunnel=backend_timeouts.tunnel,
+            retries=retries,
+            buffer_size=global_.tune_bufsize * 2,
+        )
+        self.contexts: dict[int, BindContext | None] = {}
+        self.own_certificate: dict[int, tuple[str | None, str | None]] = {}
+        for index, bind in enumerate(config.binds):
+            if bind.ssl:
+                context = BindContext(bind_tls(bind, global_, config.name))
+                self.contexts[index] = context
+                self.own_certificate[index] = _describe_own_certificate(
+                    context.bundles[0].certificate
+                )
+            else:
+                self.contexts[index] = None
+        self.listeners: list[Listener] = []
+        self.current = 0
+        self.total = 0
+        self.handshake_failures = 0
+        self.maxconn = config.maxconn
+        # Counted from accept (not from connection_made) so that maxconn is exact.
+        self.reserved = 0
+
+    # -- listening -------------------------------------------------------------------------
+
+    def start(
+        self, sockets: dict[int, socket.socket] | None = None, reuse_port: bool = False
+    ) -> None:
+        for index, bind in enumerate(self.binds):
+            sock = sockets.get(index) if sockets else None
+            listener = Listener(self, bind, self.contexts[index], reuse_port=reuse_port, sock=sock)
+            self.listeners.append(listener)
+            self.process.listeners.append(listener)
+            listener.start()
+
+    def stop_accepting(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+            if listener in self.process.listeners:
+                self.process.listeners.remove(listener)
+
+    def has_room(self) -> bool:
+        if self.maxconn is not None and self.reserved >= self.maxconn:
+            return False
+        return self.process.has_room()
+
+    def reserve(self) -> None:
+        self.reserved += 1
+        self.process.acquire()
+
+    def unreserve(self) -> None:
+        self.reserved -= 1
+        self.process.release()
+        for listener in self.listeners:
+            listener.maybe_resume()
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def session_started(self, client: ClientSide) -> None:
+        self.current += 1
+        self.total += 1
+        del client
+
+    def session_ended(self, client: ClientSide) -> None:
+        self.current -= 1
+        if client.handshake_done and self.tcplog and self.log.enabled:
+            self.log.emit(format_tcplog(self._record(client)))
+        self.unreserve()
+
+    def _record(self, client: ClientSide) -> SessionRecord:
+        now = self.loop.time()
+        server = client.server
+        return SessionRecord(
+            client_ip=client.peer[0],
+            client_port=client.peer[1],
+            accept_date=client.accept_date,
+            frontend=self.name,
+            ssl=client.tls is not None,
+            backend=self.backend.name,
+            server=server.name if server is not None else None,
+            queue_ms=int(client.queue_time * 1000),
+            connect_ms=int(client.connect_time * 1000) if client.connect_time is not None else -1,
+            total_ms=int((now - client.accept_time) * 1000),
+            bytes_read=client.bytes_out,
+            termination=client.termination,
+            process_connections=self.process.current,
+            frontend_connections=self.current + 1,
+            backend_connections=sum(s.active_connections for s in self.backend.servers),
+            server_connections=server.active_connections if server is not None else 0,
+            retries=client.retries_done,
+            server_queue=0,
+            backend_queue=0,
+        )
+
+    def handshake_failed(
+        self, client: ClientSide, reason: str, failure: VerifyFailure | None
+    ) -> None:
+        self.handshake_failures += 1
+        del failure
+        if client.bytes_received == 0 and self.config.option.dontlognull:
+            return  # a probe that connected and said nothing (option dontlognull)
+        line = format_connection_error(
+            client.peer[0],
+            client.peer[1],
+            client.accept_date,
+            self.name,
+            client.bind_name,
+            f"SSL handshake failure: {reason}",
+        )
+        if self.log.enabled:
+            self.log.emit(line)
+        else:
+            logger.warning("%s", line)
+
+    def no_server(self, client: ClientSide, reason: str) -> None:
+        logger.warning(
+            "%s:%d frontend %s: no server of backend %s could take the connection (%s)",
+            client.peer[0],
+            client.peer[1],
+            self.name,
+            self.backend.name,
+            reason,
+        )
+
+    # -- per-session answers for the data path -------------------------------------------------
+
+    def ssl_info_for(self, tls: SSL.Connection) -> proxyproto.SSLInfo:
+        flags = proxyproto.ClientFlags.SSL
+        verify = 0
+        cn: str | None = None
+        certificate = tls.get_peer_certificate()
+        ssl_pointer = tls._ssl  # type: ignore[attr-defined]
+        if certificate is not None:
+            flags |= proxyproto.ClientFlags.CERT_SESS
+            verify = int(openssl_lib.SSL_get_verify_result(ssl_pointer))
+            if not openssl_lib.SSL_session_reused(ssl_pointer):
+                flags |= proxyproto.ClientFlags.CERT_CONN
+            cn = common_name(certificate.to_cryptography().subject)
+        return proxyproto.SSLInfo(
+            client=flags,
+            verify=verify,
+            version=tls.get_protocol_version_name(),
+            cn=cn,
+            cipher=tls.get_cipher_name(),
+            sig_alg=None,
+            key_alg=None,
+        )
+
+    def proxy_header_for(self, client: ClientSide, server: ServerState) -> bytes | None:
+        config = server.config
+        if config.send_proxy_v2:
+            return self._proxy_v2(client, config.proxy_v2_options)
+        if config.send_proxy:
+            return proxyproto.encode_v1(client.peer, client.sock)
+        return None
+
+    def _proxy_v2(self, client: ClientSide, options: frozenset[str]) -> bytes:
+        tls = client.tls
+        ssl_info = None
+        alpn = None
+        authority = None
+        chain: tuple[bytes, ...] = ()
+        if tls is not None:
+            negotiated = tls.get_alpn_proto_negotiated()
+            alpn = negotiated or None
+            if "authority" in options:
+                server_name = tls.get_servername()
+                authority = server_name.decode("ascii", "replace") if server_name else None
+            if "ssl" in options and client.ssl_info is not None:
+                info = client.ssl_info
+                key_alg, sig_alg = self.own_certificate.get(client.bind_index, (None, None))
+                ssl_info = proxyproto.SSLInfo(
+                    client=info.client,
+                    verify=info.verify,
+                    version=info.version,
+                    cn=info.cn if "cert-cn" in options else None,
+                    cipher=info.cipher if "ssl-cipher" in options else None,
+                    sig_alg=sig_alg if "cert-sig" in options else None,
+                    key_alg=key_alg if "cert-key" in options else None,
+                )
+            if "chain-subjects" in options:
+                chain = verified_chain_subjects(tls)
+        return proxyproto.encode_v2(
+            proxyproto.Command.PROXY,
+            client.peer,
+            client.sock,
+            alpn=alpn,
+            authority=authority,
+            ssl=ssl_info,
+            crc32c="crc32c" in options,
+            chain_subjects=chain,
+        )
+
+
+def verified_chain_subjects(tls: SSL.Connection) -> tuple[bytes, ...]:
+    """DER subjects of the verified client chain, leaf first, up to the root."""
+    chain = tls.get_verified_chain()
+    if not chain:
+        return ()
+    return tuple(c.to_cryptography().subject.public_bytes() for c in chain)
+
+
+def _describe_own_certificate(certificate: x509.Certificate) -> tuple[str | None, str | None]:
+    """HAProxy's cert-key (e.g. EC256, RSA2048) and cert-sig (e.g. ecdsa-with-SHA256)."""
+    key = certificate.public_key()
+    key_alg: str | None
+    if isinstance(key, rsa.RSAPublicKey):
+        key_alg = f"RSA{key.key_size}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        key_alg = f"EC{key.curve.key_size}"
+    else:
+        key_alg = None
+    sig_alg = SIGNATURE_SHORT_NAMES.get(certificate.signature_algorithm_oid.dotted_string)
+    return key_alg, sig_alg

@@ -1,0 +1,525 @@
+"""The data path: one client connection, its TLS engine, and its server connection.
+
+Two `asyncio.Protocol`s per session (uvicorn's shape, no streams): `ClientSide` owns the
+accepted socket and, on `bind ... ssl` lines, a pyOpenSSL connection over memory BIOs;
+`ServerSide` owns the connection to the chosen server. Flow control is symmetric (STYLE.md
+rule 7): when one transport's write buffer passes its high-water mark the other side stops
+reading, and resumes when it drains; bytes that arrive before the server is connected are
+held up to one buffer, then the client is paused. Half-close is passed on: EOF (or a TLS
+close_notify) from one side becomes `write_eof` (or close_notify) on the other, which may
+still answer.
+
+The TLS engine is pyOpenSSL rather than the `ssl` module so that a refused handshake can be
+explained (see lb.tls). Timeouts are one `call_later` handle per session that is re-armed
+lazily: activity only stamps the time, the timer checks it when it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from OpenSSL import SSL
+
+from lb import proxyproto
+from lb.tls import BindContext, VerifyState, describe_name, handshake_error_words
+
+if TYPE_CHECKING:
+    from lb.frontend import FrontendRuntime
+    from lb.server import ServerState
+
+logger = logging.getLogger(__name__)
+
+#: Plaintext read from the TLS engine at a time (one TLS record is at most 16 KiB).
+TLS_READ_SIZE = 65536
+#: Ciphertext taken from the engine's outgoing BIO at a time.
+TLS_WRITE_SIZE = 65536 + 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-frontend settings the data path needs, taken from the config once."""
+
+    timeout_client: float | None
+    timeout_server: float | None
+    timeout_connect: float | None
+    timeout_tunnel: float | None
+    retries: int
+    buffer_size: int  # tune.bufsize: write buffer high-water mark and pre-connect hold
+
+
+class ClientSide(asyncio.Protocol):
+    """One accepted client connection and everything the session logs about it."""
+
+    __slots__ = (
+        "accept_date",
+        "accept_time",
+        "bind_index",
+        "bind_name",
+        "bytes_in",
+        "bytes_out",
+        "bytes_received",
+        "chain_subjects",
+        "client_eof",
+        "closed",
+        "connect_task",
+        "connect_time",
+        "frontend",
+        "handshake_done",
+        "last_activity",
+        "limits",
+        "loop",
+        "paused_by_server",
+        "paused_for_pending",
+        "peer",
+        "pending",
+        "pending_size",
+        "proxy_header",
+        "queue_time",
+        "retries_done",
+        "server",
+        "server_eof",
+        "server_side",
+        "sock",
+        "ssl_info",
+        "termination",
+        "timer",
+        "tls",
+        "tls_context",
+        "transport",
+        "verify_state",
+    )
+
+    def __init__(
+        self,
+        frontend: FrontendRuntime,
+        tls_context: BindContext | None,
+        bind_name: str,
+        bind_index: int,
+    ) -> None:
+        self.frontend = frontend
+        self.bind_name = bind_name
+        self.bind_index = bind_index
+        self.limits = frontend.limits
+        self.loop = frontend.loop
+        self.tls_context = tls_context
+        self.tls: SSL.Connection | None = None
+        self.verify_state: VerifyState | None = None
+        self.transport: asyncio.Transport | None = None
+        self.server_side: ServerSide | None = None
+        self.server: ServerState | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.peer: tuple[str, int] = ("-", 0)
+        self.sock: tuple[str, int] = ("-", 0)
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.paused_by_server = False
+        self.paused_for_pending = False
+        self.handshake_done = tls_context is None
+        self.client_eof = False
+        self.server_eof = False
+        self.closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.bytes_received = 0  # raw bytes from the client, TLS records included
+        self.retries_done = 0
+        self.accept_time = self.loop.time()
+        self.accept_date = time.time()
+        self.last_activity = self.accept_time
+        self.connect_time: float | None = None
+        self.queue_time = 0.0
+        self.termination = "--"
+        self.timer: asyncio.TimerHandle | None = None
+        self.proxy_header: bytes | None = None
+        self.ssl_info: proxyproto.SSLInfo | None = None
+        self.chain_subjects: tuple[bytes, ...] = ()
+
+    # -- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if isinstance(peer, tuple):
+            self.peer = (peer[0], peer[1])
+        if isinstance(sock, tuple):
+            self.sock = (sock[0], sock[1])
+        transport.set_write_buffer_limits(high=self.limits.buffer_size)
+        self.frontend.session_started(self)
+        if self.tls_context is not None:
+            tls = SSL.Connection(self.tls_context.context, None)
+            self.verify_state = VerifyState()
+            tls.set_app_data(self.verify_state)
+            tls.set_accept_state()
+            self.tls = tls
+        else:
+            self._start_connect()
+        self._arm_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.bytes_received += len(data)
+        tls = self.tls
+        if tls is None:
+            self._to_server(data)
+            return
+        tls.bio_write(data)
+        if not self.handshake_done:
+            try:
+                tls.do_handshake()
+            except SSL.WantReadError:
+                self._flush_tls()
+                return
+            except SSL.Error as error:
+                self._flush_tls()
+                self._handshake_failed(error)
+                return
+            self._flush_tls()
+            self._handshake_complete()
+        while True:
+            try:
+                chunk = tls.recv(TLS_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # close_notify: the client is done sending
+                self._client_done()
+                break
+            except SSL.Error as error:
+                self._abort("CD", f"TLS error from client: {handshake_error_words(error)}")
+                return
+            self._to_server(chunk)
+        self._flush_tls()
+
+    def eof_received(self) -> bool:
+        self.last_activity = self.loop.time()
+        if not self.handshake_done:
+            self._handshake_failed(None)
+            return False
+        self._client_done()
+        return True
+
+    def pause_writing(self) -> None:
+        server = self.server_side
+        if server is not None and server.transport is not None:
+            server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        server = self.server_side
+        if server is not None and server.transport is not None and not server.closed:
+            server.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if exc is not None and self.termination == "--":
+            self.termination = "CD" if self.handshake_done else "CR"
+        self._finish()
+
+    # -- TLS -------------------------------------------------------------------------------
+
+    def _flush_tls(self) -> None:
+        tls = self.tls
+        transport = self.transport
+        if tls is None or transport is None:
+            return
+        chunks = []
+        while True:
+            try:
+                chunks.append(tls.bio_read(TLS_WRITE_SIZE))
+            except SSL.WantReadError:
+                break
+        if chunks:
+            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _handshake_complete(self) -> None:
+        tls = self.tls
+        assert tls is not None
+        self.handshake_done = True
+        self.ssl_info = self.frontend.ssl_info_for(tls)
+        self._start_connect()
+
+    def _handshake_failed(self, error: SSL.Error | None) -> None:
+        assert self.tls_context is not None
+        state = self.verify_state
+        failure = state.failure if state is not None else None
+        if failure is not None:
+            reason = self.tls_context.explain(failure)
+            detail = (
+                f' subject="{describe_name(failure.subject)}"'
+                f' issuer="{describe_name(failure.issuer)}"'
+            )
+        elif error is None:
+            reason = "connection closed during the TLS handshake"
+            detail = ""
+        else:
+            reason = handshake_error_words(error)
+            detail = ""
+        self.frontend.handshake_failed(self, reason + detail, failure)
+        self.termination = "CR"
+        self._close()
+
+    # -- towards the server ------------------------------------------------------------
+
+    def _to_server(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        server = self.server_side
+        if server is not None and server.transport is not None:
+            server.transport.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= self.limits.buffer_size and not self.paused_for_pending:
+            self.paused_for_pending = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def _client_done(self) -> None:
+        self.client_eof = True
+        server = self.server_side
+        if server is not None and server.transport is not None:
+            if server.transport.can_write_eof():
+                server.transport.write_eof()
+            if self.server_eof:
+                self._close()
+
+    def _start_connect(self) -> None:
+        self.connect_task = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        limits = self.limits
+        backend = self.frontend.backend
+        tried: set[str] = set()
+        last_error = "no server available"
+        for attempt in range(limits.retries + 1):
+            server = backend.pick(self.peer[0].encode(), frozenset(tried))
+            if server is None and tried:
+                # Every server failed once: like HAProxy, try again from the start.
+                tried.clear()
+                server = backend.pick(self.peer[0].encode(), frozenset())
+            if server is None:
+                break
+            self.server = server
+            server.connection_started()
+            started = self.loop.time()
+            try:
+                coroutine = self.loop.create_connection(
+                    lambda server=server: ServerSide(self, server),  # type: ignore[misc]
+                    server.host,
+                    server.port or self.sock[1],
+                )
+                await asyncio.wait_for(coroutine, limits.timeout_connect)
+            except (OSError, TimeoutError) as error:
+                server.connection_ended(failed=True)
+                self.server = None
+                timed_out = isinstance(error, TimeoutError)
+                last_error = "connection timeout" if timed_out else (error.strerror or str(error))
+                self.termination = "sC" if timed_out else "SC"
+                tried.add(server.name)
+                if attempt < limits.retries:
+                    self.retries_done += 1
+                continue
+            if self.closed:  # the client left while we were connecting
+                if self.server_side is not None and self.server_side.transport is not None:
+                    self.server_side.transport.close()
+                return
+            self.connect_time = self.loop.time() - started
+            self.termination = "--"
+            return
+        if self.closed:
+            return
+        if self.termination == "--":
+            self.termination = "SC"
+        self.frontend.no_server(self, last_error)
+        self._close()
+
+    def server_connected(self, server_side: ServerSide) -> None:
+        """The server accepted: send the PROXY header and what the client sent meanwhile."""
+        self.server_side = server_side
+        transport = server_side.transport
+        assert transport is not None
+        server = server_side.server
+        head = self.frontend.proxy_header_for(self, server)
+        parts = [head] if head else []
+        parts.extend(self.pending)
+        self.pending = []
+        self.pending_size = 0
+        if parts:
+            transport.write(b"".join(parts))
+        if self.paused_for_pending:
+            self.paused_for_pending = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+        if self.client_eof and transport.can_write_eof():
+            transport.write_eof()
+
+    # -- from the server -----------------------------------------------------------------
+
+    def from_server(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        self.bytes_out += len(data)
+        tls = self.tls
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if tls is None:
+            transport.write(data)
+            return
+        view = memoryview(data)
+        while view:
+            written = tls.send(view)
+            view = view[written:]
+        self._flush_tls()
+
+    def server_done(self) -> None:
+        """The server sent EOF: pass it on; close when both directions are done."""
+        self.server_eof = True
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.tls is not None:
+            try:
+                self.tls.shutdown()
+            except SSL.Error:
+                pass
+            self._flush_tls()
+        if self.client_eof or self.tls is not None:
+            self._close()
+        elif transport.can_write_eof():
+            transport.write_eof()
+
+    def server_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.termination == "--":
+            self.termination = "SD"
+        if not self.closed:
+            self.server_eof = True
+            self._close()
+
+    # -- timers and the end ----------------------------------------------------------------
+
+    def _idle_timeout(self) -> float | None:
+        limits = self.limits
+        if not self.handshake_done or self.server_side is None:
+            return limits.timeout_client
+        if limits.timeout_tunnel is not None:
+            return limits.timeout_tunnel
+        candidates = [t for t in (limits.timeout_client, limits.timeout_server) if t is not None]
+        return min(candidates) if candidates else None
+
+    def _arm_timer(self) -> None:
+        timeout = self._idle_timeout()
+        if timeout is not None:
+            self.timer = self.loop.call_at(self.last_activity + timeout, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        timeout = self._idle_timeout()
+        if timeout is None:
+            return
+        deadline = self.last_activity + timeout
+        if self.loop.time() < deadline:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        limits = self.limits
+        if not self.handshake_done:
+            self.frontend.handshake_failed(self, "timeout during the TLS handshake", None)
+            self.termination = "cR"
+        elif self.server_side is None:
+            self.termination = "cC"
+        elif limits.timeout_server is not None and timeout == limits.timeout_server:
+            self.termination = "sD"
+        else:
+            self.termination = "cD"
+        self._close()
+
+    def _abort(self, termination: str, reason: str) -> None:
+        self.termination = termination
+        logger.info("%s:%d %s", self.peer[0], self.peer[1], reason)
+        self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        if self.transport is not None:
+            self.transport.close()
+        server = self.server_side
+        if server is not None and server.transport is not None:
+            server.transport.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        server = self.server_side
+        if server is not None and server.transport is not None:
+            server.transport.close()
+        self.frontend.session_ended(self)
+
+
+class ServerSide(asyncio.Protocol):
+    """The connection to the chosen server; relays to its ClientSide."""
+
+    __slots__ = ("client", "closed", "server", "transport")
+
+    def __init__(self, client: ClientSide, server: ServerState) -> None:
+        self.client = client
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.client.limits.buffer_size)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        if self.client.closed:
+            transport.close()
+            return
+        self.client.server_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.client.from_server(data)
+
+    def eof_received(self) -> bool:
+        self.client.server_done()
+        return True
+
+    def pause_writing(self) -> None:
+        transport = self.client.transport
+        if transport is not None and not self.client.paused_by_server:
+            self.client.paused_by_server = True
+            transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client.paused_by_server:
+            client.paused_by_server = False
+            if client.transport is not None and not client.closed:
+                client.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connection_ended(failed=False)
+        self.client.server_lost(exc)
+
+
+ProtocolFactory = Callable[[], ClientSide]

@@ -1,0 +1,883 @@
+"""TLS for lb and broker: loading PEM material, building contexts, explaining refusals.
+
+One module builds every TLS context in the project (STYLE.md rule 12):
+
+- `build_bind_context` makes the pyOpenSSL context of an lb `bind ... ssl` line. lb uses
+  pyOpenSSL rather than the standard `ssl` module because only it exposes what HAProxy's
+  bind options mean: a verify callback (per-depth error codes for `ca-ignore-err` and
+  `crt-ignore-err`, and the failing certificate for the refusal log line), the list of
+  acceptable client CA names sent in the CertificateRequest (`ca-file` is announced,
+  `ca-verify-file` is not), and OCSP stapling.
+- `build_server_ssl_context` / `build_client_ssl_context` make standard-library contexts for
+  the broker's own TLS listener and its cluster link (EMQX's ssl_options), where asyncio's
+  built-in TLS on uvloop is the fast path.
+- `load_pem_bundle`, `check_bind_files` load and lint certificate, CA and CRL files, so that
+  `lb -c` reports a missing file, a key that does not match its certificate, an incomplete
+  chain or a CRL that does not cover every CA level before anything starts.
+
+HAProxy 2.6 semantics (configuration.txt, section 5.1): `verify` defaults to none; a failed
+verification aborts the handshake whatever `verify` says unless the error id is listed in
+`ca-ignore-err` (depth > 0) or `crt-ignore-err` (depth 0); `crl-file` checks every level of
+the chain (X509_V_FLAG_CRL_CHECK | X509_V_FLAG_CRL_CHECK_ALL); ssl-min-ver defaults to TLSv1.2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import ssl
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
+
+from lb.config.model import Bind, Global
+
+logger = logging.getLogger(__name__)
+
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+Verify = Literal["none", "optional", "required"]
+
+#: HAProxy 2.6 accepts these names for ssl-min-ver / ssl-max-ver.
+TLS_VERSIONS: dict[str, int] = {
+    "SSLv3": SSL.SSL3_VERSION,
+    "TLSv1.0": SSL.TLS1_VERSION,
+    "TLSv1.1": SSL.TLS1_1_VERSION,
+    "TLSv1.2": SSL.TLS1_2_VERSION,
+    "TLSv1.3": SSL.TLS1_3_VERSION,
+}
+#: HAProxy 2.6 default range (configuration.txt, ssl-min-ver).
+DEFAULT_MIN_VERSION = "TLSv1.2"
+DEFAULT_MAX_VERSION = "TLSv1.3"
+#: EMQX's default intermediate certificate depth (seed 000); OpenSSL's own default is 100.
+DEFAULT_VERIFY_DEPTH = 10
+#: A server certificate that expires sooner than this draws a warning from `lb -c`.
+EXPIRY_WARNING = dt.timedelta(days=30)
+
+#: OpenSSL X509_V_ERR_* ids (include/openssl/x509_vfy.h) with their names, for log lines and
+#: for ca-ignore-err / crt-ignore-err, which take either form.
+X509_V_ERR_NAMES: dict[int, str] = {
+    2: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT",
+    3: "X509_V_ERR_UNABLE_TO_GET_CRL",
+    4: "X509_V_ERR_UNABLE_TO_DECRYPT_CERT_SIGNATURE",
+    5: "X509_V_ERR_UNABLE_TO_DECRYPT_CRL_SIGNATURE",
+    6: "X509_V_ERR_UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY",
+    7: "X509_V_ERR_CERT_SIGNATURE_FAILURE",
+    8: "X509_V_ERR_CRL_SIGNATURE_FAILURE",
+    9: "X509_V_ERR_CERT_NOT_YET_VALID",
+    10: "X509_V_ERR_CERT_HAS_EXPIRED",
+    11: "X509_V_ERR_CRL_NOT_YET_VALID",
+    12: "X509_V_ERR_CRL_HAS_EXPIRED",
+    13: "X509_V_ERR_ERROR_IN_CERT_NOT_BEFORE_FIELD",
+    14: "X509_V_ERR_ERROR_IN_CERT_NOT_AFTER_FIELD",
+    15: "X509_V_ERR_ERROR_IN_CRL_LAST_UPDATE_FIELD",
+    16: "X509_V_ERR_ERROR_IN_CRL_NEXT_UPDATE_FIELD",
+    17: "X509_V_ERR_OUT_OF_MEM",
+    18: "X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT",
+    19: "X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN",
+    20: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
+    21: "X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE",
+    22: "X509_V_ERR_CERT_CHAIN_TOO_LONG",
+    23: "X509_V_ERR_CERT_REVOKED",
+    24: "X509_V_ERR_INVALID_CA",
+    25: "X509_V_ERR_PATH_LENGTH_EXCEEDED",
+    26: "X509_V_ERR_INVALID_PURPOSE",
+    27: "X509_V_ERR_CERT_UNTRUSTED",
+    28: "X509_V_ERR_CERT_REJECTED",
+    29: "X509_V_ERR_SUBJECT_ISSUER_MISMATCH",
+    30: "X509_V_ERR_AKID_SKID_MISMATCH",
+    31: "X509_V_ERR_AKID_ISSUER_SERIAL_MISMATCH",
+    32: "X509_V_ERR_KEYUSAGE_NO_CERTSIGN",
+    33: "X509_V_ERR_UNABLE_TO_GET_CRL_ISSUER",
+    34: "X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION",
+    35: "X509_V_ERR_KEYUSAGE_NO_CRL_SIGN",
+    36: "X509_V_ERR_UNHANDLED_CRITICAL_CRL_EXTENSION",
+    37: "X509_V_ERR_INVALID_NON_CA",
+    41: "X509_V_ERR_INVALID_EXTENSION",
+    43: "X509_V_ERR_NO_EXPLICIT_POLICY",
+    44: "X509_V_ERR_DIFFERENT_CRL_SCOPE",
+    47: "X509_V_ERR_PERMITTED_VIOLATION",
+    48: "X509_V_ERR_EXCLUDED_VIOLATION",
+    62: "X509_V_ERR_HOSTNAME_MISMATCH",
+    79: "X509_V_ERR_EE_KEY_TOO_SMALL",
+    80: "X509_V_ERR_CA_KEY_TOO_SMALL",
+    81: "X509_V_ERR_CA_MD_TOO_WEAK",
+}
+X509_V_ERR_IDS: dict[str, int] = {name: code for code, name in X509_V_ERR_NAMES.items()}
+
+
+class TLSFileError(Exception):
+    """A certificate, key, CA or CRL file that cannot be used; the message names the file."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = Path(path)
+        self.reason = message
+
+
+# --------------------------------------------------------------------------------------------
+# Loading PEM files
+
+
+@dataclass(frozen=True, slots=True)
+class PemBundle:
+    """A `crt` file: the private key, the certificate it belongs to, then its chain."""
+
+    path: Path
+    key: PrivateKey
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise TLSFileError(path, "no such file") from None
+    except IsADirectoryError:
+        raise TLSFileError(path, "is a directory, expected a PEM file") from None
+    except PermissionError:
+        raise TLSFileError(path, "permission denied") from None
+
+
+def load_certificates(path: Path | str) -> list[x509.Certificate]:
+    """Every certificate in a PEM file, in file order; at least one."""
+    path = Path(path)
+    data = _read(path)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError as error:
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            raise TLSFileError(path, "contains no PEM certificate") from None
+        raise TLSFileError(path, f"unreadable certificate: {error}") from None
+    return certificates
+
+
+def load_crls(path: Path | str) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM (or single DER) file; at least one."""
+    path = Path(path)
+    data = _read(path)
+    marker = b"-----BEGIN X509 CRL-----"
+    if marker not in data:
+        try:
+            return [x509.load_der_x509_crl(data)]
+        except ValueError:
+            raise TLSFileError(path, "contains no CRL (expected PEM 'X509 CRL' blocks)") from None
+    crls = []
+    for block in data.split(marker)[1:]:
+        pem = marker + block.split(b"-----END X509 CRL-----")[0] + b"-----END X509 CRL-----\n"
+        try:
+            crls.append(x509.load_pem_x509_crl(pem))
+        except ValueError as error:
+            raise TLSFileError(path, f"unreadable CRL: {error}") from None
+    return crls
+
+
+def _public_bytes(key: object) -> bytes:
+    public = key.public_key()  # type: ignore[attr-defined]
+    return bytes(
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def load_private_key(path: Path | str, password: bytes | None = None) -> PrivateKey:
+    path = Path(path)
+    data = _read(path)
+    if b"PRIVATE KEY-----" not in data:
+        raise TLSFileError(path, "contains no PEM private key")
+    try:
+        key = serialization.load_pem_private_key(data, password)
+    except TypeError as error:  # encrypted without password, or password for a plain key
+        raise TLSFileError(path, f"private key: {error}") from None
+    except ValueError as error:
+        raise TLSFileError(path, f"unreadable private key (wrong password?): {error}") from None
+    if not isinstance(
+        key,
+        rsa.RSAPrivateKey
+        | ec.EllipticCurvePrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey,
+    ):
+        raise TLSFileError(path, f"unsupported key type {type(key).__name__}")
+    return key
+
+
+def load_pem_bundle(
+    path: Path | str, key_path: Path | str | None = None, password: bytes | None = None
+) -> PemBundle:
+    """Load a `crt` file: key + certificate + chain in one PEM (HAProxy also finds the key in
+    `<file>.key` when the PEM has none). The certificate that matches the key is the leaf;
+    the others are its chain, ordered from the leaf upwards."""
+    path = Path(path)
+    certificates = load_certificates(path)
+    if key_path is None:
+        data = _read(path)
+        if b"PRIVATE KEY-----" in data:
+            key_path = path
+        elif Path(f"{path}.key").exists():
+            key_path = Path(f"{path}.key")
+        else:
+            raise TLSFileError(path, f"contains no private key (and no {path.name}.key beside it)")
+    key = load_private_key(key_path, password)
+    key_public = _public_bytes(key)
+    leaves = [c for c in certificates if _public_bytes(c) == key_public]
+    if not leaves:
+        raise TLSFileError(
+            path, f"the private key does not match any certificate in the file ({key_path})"
+        )
+    leaf = leaves[0]
+    rest = [c for c in certificates if c is not leaf]
+    return PemBundle(path, key, leaf, tuple(_order_chain(leaf, rest)))
+
+
+def _order_chain(leaf: x509.Certificate, others: list[x509.Certificate]) -> list[x509.Certificate]:
+    """The chain above `leaf` as found in `others`, nearest issuer first; strays at the end."""
+    ordered: list[x509.Certificate] = []
+    current = leaf
+    remaining = list(others)
+    while True:
+        issuer = next((c for c in remaining if _issued_by(current, c)), None)
+        if issuer is None or issuer is current:
+            break
+        ordered.append(issuer)
+        remaining.remove(issuer)
+        current = issuer
+    return ordered + remaining
+
+
+def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if certificate.issuer != issuer.subject:
+        return False
+    try:
+        certificate.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, Exception):  # InvalidSignature and unsupported key types
+        return False
+    return True
+
+
+def is_self_signed(certificate: x509.Certificate) -> bool:
+    return _issued_by(certificate, certificate)
+
+
+def common_name(name: x509.Name) -> str | None:
+    attributes = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not attributes:
+        return None
+    value = attributes[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def utc_text(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --------------------------------------------------------------------------------------------
+# lb bind contexts (pyOpenSSL)
+
+
+@dataclass(frozen=True, slots=True)
+class BindTLS:
+    """The TLS options of one bind line, independent of the config parser."""
+
+    crt: tuple[Path, ...]
+    ca_file: Path | None = None
+    ca_verify_file: Path | None = None
+    verify: Verify = "none"
+    crl_file: Path | None = None
+    ssl_min_ver: str = DEFAULT_MIN_VERSION
+    ssl_max_ver: str = DEFAULT_MAX_VERSION
+    ciphers: str | None = None
+    ciphersuites: str | None = None
+    alpn: tuple[str, ...] = ()
+    verify_depth: int = DEFAULT_VERIFY_DEPTH
+    ca_ignore_err: frozenset[int] | Literal["all"] = frozenset()
+    crt_ignore_err: frozenset[int] | Literal["all"] = frozenset()
+    session_id_context: bytes = b"lb"
+    no_tls_tickets: bool = False
+
+
+@dataclass(slots=True)
+class VerifyFailure:
+    """The first certificate verification error of a handshake, as the verify callback saw it."""
+
+    code: int
+    depth: int
+    subject: x509.Name
+    issuer: x509.Name
+    not_before: dt.datetime
+    not_after: dt.datetime
+    serial_number: int
+    ignored: bool = False
+
+    @property
+    def name(self) -> str:
+        return X509_V_ERR_NAMES.get(self.code, f"X509_V_ERR_{self.code}")
+
+
+@dataclass(slots=True)
+class VerifyState:
+    """Per-connection verification record (the app data of a pyOpenSSL Connection)."""
+
+    failure: VerifyFailure | None = None
+    errors: list[VerifyFailure] = field(default_factory=list)
+
+
+class BindContext:
+    """A pyOpenSSL server context plus what is needed to explain its refusals."""
+
+    def __init__(self, options: BindTLS) -> None:
+        self.options = options
+        self.bundles = [load_pem_bundle(path) for path in options.crt]
+        self.crls: list[x509.CertificateRevocationList] = (
+            load_crls(options.crl_file) if options.crl_file else []
+        )
+        self.client_cas = load_certificates(options.ca_file) if options.ca_file else []
+        self.verify_cas = (
+            load_certificates(options.ca_verify_file) if options.ca_verify_file else []
+        )
+        self.context = self._build()
+
+    def _build(self) -> SSL.Context:
+        options = self.options
+        context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        context.set_min_proto_version(TLS_VERSIONS[options.ssl_min_ver])
+        context.set_max_proto_version(TLS_VERSIONS[options.ssl_max_ver])
+        ssl_options = (
+            SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
+        )
+        if options.no_tls_tickets:
+            ssl_options |= SSL.OP_NO_TICKET
+        context.set_options(ssl_options)
+        # Idle connections give their read/write buffers back (about 34 KiB each): devices
+        # hold connections open for days and mostly send nothing.
+        context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        if options.ciphers:
+            context.set_cipher_list(options.ciphers.encode())
+        if options.ciphersuites:
+            context.set_tls13_ciphersuites(options.ciphersuites.encode())
+        default = self.bundles[0]
+        _use_bundle(context, default)
+        if len(self.bundles) > 1:
+            self._install_sni(context)
+        # Session resumption needs a session id context when client certificates are verified.
+        context.set_session_id(options.session_id_context)
+        context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        if options.alpn:
+            offered = [p.encode() for p in options.alpn]
+
+            def select_alpn(_connection: SSL.Connection, client: list[bytes]) -> bytes:
+                for protocol in offered:
+                    if protocol in client:
+                        return protocol
+                return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+            context.set_alpn_select_callback(select_alpn)
+        if options.verify != "none" or options.ca_file:
+            store = context.get_cert_store()
+            assert store is not None
+            for certificate in [*self.client_cas, *self.verify_cas]:
+                store.add_cert(crypto.X509.from_cryptography(certificate))
+            if self.crls:
+                for crl in self.crls:
+                    store.add_crl(crl)
+                store.set_flags(
+                    crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL
+                )
+            # Only ca-file names are announced as acceptable CAs, never ca-verify-file's.
+            context.set_client_ca_list(
+                [
+                    crypto.X509Name(crypto.X509.from_cryptography(c).get_subject())
+                    for c in self.client_cas
+                ]
+            )
+        mode = {
+            "none": SSL.VERIFY_NONE,
+            "optional": SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE,
+            "required": SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+        }[options.verify]
+        context.set_verify(mode, self._verify_callback)
+        context.set_verify_depth(options.verify_depth)
+        return context
+
+    def _install_sni(self, context: SSL.Context) -> None:
+        by_name: dict[str, SSL.Context] = {}
+        for bundle in self.bundles:
+            sub = SSL.Context(SSL.TLS_SERVER_METHOD)
+            _use_bundle(sub, bundle)
+            for name in _certificate_names(bundle.certificate):
+                by_name.setdefault(name.lower(), sub)
+
+        def pick(connection: SSL.Connection) -> None:
+            server_name = connection.get_servername()
+            if not server_name:
+                return
+            name = server_name.decode("ascii", "replace").lower()
+            chosen = by_name.get(name) or by_name.get("*." + name.partition(".")[2])
+            if chosen is not None:
+                # Only the certificate changes; verification stays with the main context.
+                connection.use_certificate(chosen_cert[id(chosen)][0])
+                connection.use_privatekey(chosen_cert[id(chosen)][1])
+
+        chosen_cert: dict[int, tuple[crypto.X509, crypto.PKey]] = {}
+        for bundle in self.bundles:
+            for name in _certificate_names(bundle.certificate):
+                sub = by_name.get(name.lower())
+                if sub is not None:
+                    chosen_cert[id(sub)] = (
+                        crypto.X509.from_cryptography(bundle.certificate),
+                        crypto.PKey.from_cryptography_key(bundle.key),
+                    )
+        context.set_tlsext_servername_callback(pick)
+
+    def _verify_callback(
+        self, connection: SSL.Connection, certificate: crypto.X509, code: int, depth: int, ok: int
+    ) -> bool:
+        if ok:
+            return True
+        state = connection.get_app_data()
+        cert = certificate.to_cryptography()
+        ignore = self.options.crt_ignore_err if depth == 0 else self.options.ca_ignore_err
+        ignored = ignore == "all" or code in ignore
+        failure = VerifyFailure(
+            code=code,
+            depth=depth,
+            subject=cert.subject,
+            issuer=cert.issuer,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            serial_number=cert.serial_number,
+            ignored=ignored,
+        )
+        if isinstance(state, VerifyState):
+            state.errors.append(failure)
+            if state.failure is None and not ignored:
+                state.failure = failure
+        return ignored
+
+    def revocation_date(self, failure: VerifyFailure) -> dt.datetime | None:
+        for crl in self.crls:
+            if crl.issuer != failure.issuer:
+                continue
+            revoked = crl.get_revoked_certificate_by_serial_number(failure.serial_number)
+            if revoked is not None:
+                return revoked.revocation_date_utc
+        return None
+
+    def explain(self, failure: VerifyFailure) -> str:
+        """The refusal in words, e.g. 'certificate expired on 2026-01-01 00:00:00 UTC'."""
+        return explain_verify_failure(failure, self.revocation_date(failure))
+
+
+def bind_tls(bind: Bind, global_: Global, frontend: str) -> BindTLS:
+    """The TLS options of a bind line, with the global ssl-default-bind-* applied."""
+    min_version = bind.ssl_min_ver
+    max_version = bind.ssl_max_ver or DEFAULT_MAX_VERSION
+    disabled = {
+        "SSLv3": bind.no_sslv3,
+        "TLSv1.0": bind.no_tlsv10,
+        "TLSv1.1": bind.no_tlsv11,
+        "TLSv1.2": bind.no_tlsv12,
+        "TLSv1.3": bind.no_tlsv13,
+    }
+    order = list(TLS_VERSIONS)
+    allowed = [
+        v for v in order[order.index(min_version) : order.index(max_version) + 1] if not disabled[v]
+    ]
+    if allowed:
+        min_version, max_version = allowed[0], allowed[-1]
+    return BindTLS(
+        crt=tuple(Path(p) for p in bind.crt),
+        ca_file=Path(bind.ca_file) if bind.ca_file else None,
+        ca_verify_file=Path(bind.ca_verify_file) if bind.ca_verify_file else None,
+        verify=bind.verify,
+        crl_file=Path(bind.crl_file) if bind.crl_file else None,
+        ssl_min_ver=min_version,
+        ssl_max_ver=max_version,
+        ciphers=bind.ciphers or global_.ssl_default_bind_ciphers,
+        ciphersuites=bind.ciphersuites or global_.ssl_default_bind_ciphersuites,
+        alpn=bind.alpn,
+        verify_depth=bind.verify_depth if bind.verify_depth is not None else DEFAULT_VERIFY_DEPTH,
+        ca_ignore_err=bind.ca_ignore_err,
+        crt_ignore_err=bind.crt_ignore_err,
+        session_id_context=frontend.encode()[:32] or b"lb",
+        no_tls_tickets=bind.no_tls_tickets or "no-tls-tickets" in global_.ssl_default_bind_options,
+    )
+
+
+def _use_bundle(context: SSL.Context, bundle: PemBundle) -> None:
+    context.use_certificate(crypto.X509.from_cryptography(bundle.certificate))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(bundle.key))
+    for certificate in bundle.chain:
+        if not is_self_signed(certificate):  # HAProxy also leaves a root out of the sent chain
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(certificate))
+    context.check_privatekey()
+
+
+def _certificate_names(certificate: x509.Certificate) -> list[str]:
+    names: list[str] = []
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names.extend(san.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    cn = common_name(certificate.subject)
+    if cn and not names:
+        names.append(cn)
+    return names
+
+
+def explain_verify_failure(failure: VerifyFailure, revoked_on: dt.datetime | None = None) -> str:
+    what = (
+        "client certificate" if failure.depth == 0 else f"CA certificate at depth {failure.depth}"
+    )
+    code = failure.code
+    if code == 10:
+        words = f"{what} expired on {utc_text(failure.not_after)}"
+    elif code == 9:
+        words = f"{what} is not yet valid (valid from {utc_text(failure.not_before)})"
+    elif code == 23:
+        when = f" on {utc_text(revoked_on)}" if revoked_on else ""
+        words = f"{what} revoked{when}"
+    elif code in (18,):
+        words = f"{what} is self-signed and not trusted"
+    elif code in (19,):
+        words = "the chain ends in a self-signed certificate that is not trusted"
+    elif code in (2, 20, 21):
+        words = f"{what} was issued by an unknown CA (not in ca-file or ca-verify-file)"
+    elif code == 3:
+        words = (
+            f"no CRL in crl-file for the issuer of the {what} "
+            "(crl-file needs a CRL for every CA level of the chain)"
+        )
+    elif code == 12:
+        words = f"the CRL for the issuer of the {what} has expired"
+    elif code == 11:
+        words = f"the CRL for the issuer of the {what} is not yet valid"
+    elif code == 26:
+        words = f"{what} has a bad purpose: it is not for TLS client authentication"
+    elif code == 24:
+        words = f"{what} is not a valid CA"
+    elif code == 25:
+        words = f"{what}: path length constraint exceeded"
+    elif code == 22:
+        words = "certificate chain too long (verify depth)"
+    elif code in (7, 4):
+        words = f"{what} has an invalid signature"
+    else:
+        words = f"{what}: {verify_error_string(code)}"
+    return f"{words} ({failure.name}, depth {failure.depth})"
+
+
+def verify_error_string(code: int) -> str:
+    from OpenSSL._util import ffi, lib
+
+    text = lib.X509_verify_cert_error_string(code)
+    return str(ffi.string(text).decode("ascii", "replace"))
+
+
+def describe_name(name: x509.Name) -> str:
+    return name.rfc4514_string()
+
+
+def handshake_error_words(error: SSL.Error) -> str:
+    """The words for a handshake that failed outside certificate verification."""
+    reasons: list[str] = []
+    for entry in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+        if isinstance(entry, tuple) and len(entry) == 3:
+            reasons.append(str(entry[2]))
+    text = ", ".join(reasons) or str(error)
+    lowered = text.lower()
+    if "peer did not return a certificate" in lowered or "certificate required" in lowered:
+        return "no client certificate (verify required)"
+    if "unsupported protocol" in lowered or "version" in lowered:
+        return f"protocol version not accepted ({text})"
+    if "no shared cipher" in lowered:
+        return "no shared cipher"
+    if "http request" in lowered:
+        return "plain HTTP sent to a TLS port"
+    if "wrong version number" in lowered or "packet length too long" in lowered:
+        return f"not a TLS client hello ({text})"
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# `lb -c` checks of TLS files
+
+
+@dataclass(frozen=True, slots=True)
+class FileFinding:
+    severity: Literal["error", "warning"]
+    option: str
+    message: str
+
+
+def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[FileFinding]:
+    """Load every file of a bind line and report the traps HAProxy users fall into."""
+    now = now or dt.datetime.now(dt.UTC)
+    findings: list[FileFinding] = []
+    bundles: list[PemBundle] = []
+    for path in options.crt:
+        try:
+            bundles.append(load_pem_bundle(path))
+        except TLSFileError as error:
+            findings.append(FileFinding("error", "crt", str(error)))
+    loaded: dict[str, list[x509.Certificate]] = {}
+    for option, path in (("ca-file", options.ca_file), ("ca-verify-file", options.ca_verify_file)):
+        if path is None:
+            continue
+        try:
+            loaded[option] = load_certificates(path)
+        except TLSFileError as error:
+            findings.append(FileFinding("error", option, str(error)))
+    crls: list[x509.CertificateRevocationList] = []
+    if options.crl_file is not None:
+        try:
+            crls = load_crls(options.crl_file)
+        except TLSFileError as error:
+            findings.append(FileFinding("error", "crl-file", str(error)))
+    if options.verify != "none" and options.ca_file is None:
+        findings.append(
+            FileFinding(
+                "error", "verify", f"verify {options.verify} needs a ca-file to verify clients"
+            )
+        )
+    client_cas = loaded.get("ca-file", [])
+    trusted = client_cas + loaded.get("ca-verify-file", [])
+    for bundle in bundles:
+        findings.extend(_check_server_chain(bundle, trusted, now))
+    for ca in client_cas:
+        chain = _chain_to_root(ca, trusted)
+        if chain is None:
+            findings.append(
+                FileFinding(
+                    "warning",
+                    "ca-file",
+                    f"{options.ca_file}: CA '{describe_name(ca.subject)}' cannot be chained to a "
+                    f"self-signed root in ca-file or ca-verify-file (issuer "
+                    f"'{describe_name(ca.issuer)}' missing): every client it signed would be "
+                    "refused with 'unable to get issuer certificate'",
+                )
+            )
+        if ca.not_valid_after_utc < now:
+            findings.append(
+                FileFinding(
+                    "warning",
+                    "ca-file",
+                    f"{options.ca_file}: CA '{describe_name(ca.subject)}' expired on "
+                    f"{utc_text(ca.not_valid_after_utc)}",
+                )
+            )
+    if crls and trusted:
+        crl_issuers = {crl.issuer for crl in crls}
+        levels = {c.subject: c for c in trusted}
+        for subject in levels:
+            if subject not in crl_issuers:
+                findings.append(
+                    FileFinding(
+                        "warning",
+                        "crl-file",
+                        f"{options.crl_file}: no CRL for CA '{describe_name(subject)}': with "
+                        "crl-file every CA level of the chain needs a CRL, so every client whose "
+                        "chain includes this CA would be refused (X509_V_ERR_UNABLE_TO_GET_CRL)",
+                    )
+                )
+        for crl in crls:
+            if crl.next_update_utc is not None and crl.next_update_utc < now:
+                findings.append(
+                    FileFinding(
+                        "warning",
+                        "crl-file",
+                        f"{options.crl_file}: CRL of '{describe_name(crl.issuer)}' expired on "
+                        f"{utc_text(crl.next_update_utc)} (nextUpdate): every client would be "
+                        "refused",
+                    )
+                )
+    return findings
+
+
+def _chain_to_root(
+    certificate: x509.Certificate, pool: Sequence[x509.Certificate]
+) -> list[x509.Certificate] | None:
+    chain = [certificate]
+    current = certificate
+    for _ in range(16):
+        if is_self_signed(current):
+            return chain
+        issuer = next((c for c in pool if c is not current and _issued_by(current, c)), None)
+        if issuer is None:
+            return None
+        chain.append(issuer)
+        current = issuer
+    return None
+
+
+def _check_server_chain(
+    bundle: PemBundle, trusted: Sequence[x509.Certificate], now: dt.datetime
+) -> list[FileFinding]:
+    findings: list[FileFinding] = []
+    leaf = bundle.certificate
+    subject = describe_name(leaf.subject)
+    if leaf.not_valid_after_utc < now:
+        findings.append(
+            FileFinding(
+                "error",
+                "crt",
+                f"{bundle.path}: certificate '{subject}' expired on "
+                f"{utc_text(leaf.not_valid_after_utc)}",
+            )
+        )
+    elif leaf.not_valid_after_utc - now < EXPIRY_WARNING:
+        findings.append(
+            FileFinding(
+                "warning",
+                "crt",
+                f"{bundle.path}: certificate '{subject}' expires soon, on "
+                f"{utc_text(leaf.not_valid_after_utc)}",
+            )
+        )
+    # Walk up the chain the file provides; it is complete when it reaches a root, or a
+    # certificate issued by a root. An intermediate that is known (from the CA files) but
+    # missing from the crt file is the classic incomplete chain.
+    top = leaf
+    for certificate in bundle.chain:
+        if _issued_by(top, certificate):
+            top = certificate
+    if is_self_signed(top):
+        return findings
+    issuer = next((c for c in trusted if _issued_by(top, c)), None)
+    if issuer is not None and not is_self_signed(issuer):
+        findings.append(
+            FileFinding(
+                "warning",
+                "crt",
+                f"{bundle.path}: chain is incomplete: '{describe_name(top.subject)}' is issued by "
+                f"the intermediate CA '{describe_name(issuer.subject)}', which is not in the "
+                "file; clients that only hold the root cannot verify this server",
+            )
+        )
+    return findings
+
+
+# --------------------------------------------------------------------------------------------
+# Standard-library contexts for the broker (own TLS listener, cluster link)
+
+
+@dataclass(frozen=True, slots=True)
+class SSLOptions:
+    """EMQX-style ssl_options (seed 000): cacertfile, certfile, keyfile, verify, ..."""
+
+    certfile: Path
+    keyfile: Path | None = None
+    cacertfile: Path | None = None
+    password: str | None = None
+    verify: Literal["verify_peer", "verify_none"] = "verify_none"
+    fail_if_no_peer_cert: bool = False
+    versions: tuple[str, ...] = ("tlsv1.3", "tlsv1.2")
+    depth: int = DEFAULT_VERIFY_DEPTH
+    crl_file: Path | None = None
+    ciphers: str | None = None
+
+
+_STDLIB_VERSIONS = {
+    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
+    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
+    "tlsv1": ssl.TLSVersion.TLSv1,
+}
+
+
+def _apply_common(context: ssl.SSLContext, options: SSLOptions) -> None:
+    versions = sorted(_STDLIB_VERSIONS[v] for v in options.versions)
+    context.minimum_version = versions[0]
+    context.maximum_version = versions[-1]
+    if options.ciphers:
+        context.set_ciphers(options.ciphers)
+    password = options.password.encode() if options.password else None
+    # Validate first so that a bad file is reported with its name, not as an ssl.SSLError.
+    load_pem_bundle(options.certfile, options.keyfile, password)
+    context.load_cert_chain(
+        str(options.certfile), str(options.keyfile) if options.keyfile else None, password
+    )
+    if options.cacertfile:
+        load_certificates(options.cacertfile)
+        context.load_verify_locations(str(options.cacertfile))
+    if options.crl_file:
+        load_crls(options.crl_file)
+        context.load_verify_locations(str(options.crl_file))
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def build_server_ssl_context(options: SSLOptions) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _apply_common(context, options)
+    if options.verify == "verify_peer":
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if options.fail_if_no_peer_cert else ssl.CERT_OPTIONAL
+        )
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def build_client_ssl_context(options: SSLOptions, check_hostname: bool = True) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = check_hostname and options.verify == "verify_peer"
+    _apply_common(context, options)
+    context.verify_mode = ssl.CERT_REQUIRED if options.verify == "verify_peer" else ssl.CERT_NONE
+    return context
+
+
+def check_key_permissions(path: Path | str) -> str | None:
+    """Seed 002: key files readable only by their owner. Returns a message when they are not."""
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        return (
+            f"private key {path} is readable by group or others (mode {mode:o}); "
+            f"fix it with: chmod 600 {path}"
+        )
+    return None
+
+
+def peer_identity(certificate: x509.Certificate) -> tuple[str | None, tuple[bytes, ...]]:
+    """The CN of a client certificate and its subject as DER (for authorization attributes)."""
+    return common_name(certificate.subject), (certificate.subject.public_bytes(),)
+
+
+def has_client_auth(certificate: x509.Certificate) -> bool:
+    try:
+        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
+
+
+def file_signature(paths: Iterable[Path | None]) -> tuple[tuple[str, int, int], ...]:
+    """What a reload watcher compares to decide that files changed (path, mtime_ns, size)."""
+    result = []
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            stat = os.stat(path)
+        except OSError:
+            result.append((str(path), -1, -1))
+            continue
+        result.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(result)
+
+
+Callback = Callable[[], None]
