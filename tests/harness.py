@@ -57,6 +57,7 @@ class Received:
     header: ProxyHeader | None
     error: ProxyProtocolError | None
     data: bytearray = field(default_factory=bytearray)
+    raw_header: bytes = b""
     peer: tuple[str, int] = ("", 0)
 
 
@@ -94,6 +95,7 @@ class EchoBackend:
         connection.settimeout(30)
         with connection:
             decoder = ProxyProtocolDecoder() if self.proxy else None
+            seen = bytearray()
             try:
                 if self.greeting:
                     connection.sendall(self.greeting)
@@ -103,6 +105,7 @@ class EchoBackend:
                         connection.shutdown(socket.SHUT_WR)
                         return
                     if decoder is not None:
+                        seen.extend(chunk)
                         decoder.feed(chunk)
                         event = decoder.next_event()
                         if event is NEED_DATA:
@@ -110,6 +113,7 @@ class EchoBackend:
                         assert isinstance(event, ProxyHeader)
                         record.header = event
                         chunk = decoder.trailing_data
+                        record.raw_header = bytes(seen[: len(seen) - len(chunk)])
                         decoder = None
                         if not chunk:
                             continue
@@ -182,7 +186,7 @@ def start_process(args: list[str], directory: Path, name: str, **kwargs: object)
     stderr_path = directory / f"{name}.stderr"
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    popen = subprocess.Popen(  # noqa: S603
+    popen = subprocess.Popen(
         args,
         stdout=stdout_path.open("wb"),
         stderr=stderr_path.open("wb"),
@@ -211,7 +215,9 @@ def run_lb(config: str, directory: Path, port: int, name: str = "lb") -> Iterato
 
 
 @contextlib.contextmanager
-def run_haproxy(config: str, directory: Path, port: int, name: str = "haproxy") -> Iterator[Process]:
+def run_haproxy(
+    config: str, directory: Path, port: int, name: str = "haproxy"
+) -> Iterator[Process]:
     path = directory / f"{name}.cfg"
     path.write_text(config)
     process = start_process([HAPROXY, "-db", "-f", str(path)], directory, name)
