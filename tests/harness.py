@@ -65,10 +65,18 @@ class EchoBackend:
     """A TCP server in a thread: optionally decodes a PROXY header, then echoes every byte
     back (prefixed with nothing), and records what it saw per connection."""
 
-    def __init__(self, *, proxy: bool = True, name: str = "backend", greeting: bytes = b"") -> None:
+    def __init__(
+        self,
+        *,
+        proxy: bool = True,
+        name: str = "backend",
+        greeting: bytes = b"",
+        farewell: bytes = b"",
+    ) -> None:
         self.proxy = proxy
         self.name = name
         self.greeting = greeting
+        self.farewell = farewell
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -102,6 +110,8 @@ class EchoBackend:
                 while True:
                     chunk = connection.recv(65536)
                     if not chunk:
+                        if self.farewell:
+                            connection.sendall(self.farewell)
                         connection.shutdown(socket.SHUT_WR)
                         return
                     if decoder is not None:
@@ -135,6 +145,14 @@ class EchoBackend:
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
 
 
 @dataclass
@@ -205,7 +223,8 @@ def run_lb(config: str, directory: Path, port: int, name: str = "lb") -> Iterato
     process = start_process([str(VENV_BIN / "lb"), "-db", "-f", str(path)], directory, name)
     try:
         try:
-            wait_port(port, 15)
+            # lb says when it listens; a probe connection would be a session of its own.
+            process.wait_output(f"listening on 127.0.0.1:{port}", 15, stream="stderr")
         except TimeoutError:
             process.stop()
             raise AssertionError(f"lb did not start:\n{process.stderr}") from None
@@ -250,16 +269,18 @@ def tls_roundtrip(
     port: int, context: ssl.SSLContext, payload: bytes = b"ping", timeout: float = 10.0
 ) -> bytes:
     """Connect with TLS, send `payload`, read the echo back (len(payload) bytes)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(payload)
-            received = bytearray()
-            while len(received) < len(payload):
-                chunk = tls.recv(65536)
-                if not chunk:
-                    break
-                received.extend(chunk)
-            return bytes(received)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            received.extend(chunk)
+        return bytes(received)
 
 
 def tls_outcome(port: int, context: ssl.SSLContext, timeout: float = 10.0) -> str:

@@ -1,0 +1,180 @@
+"""Test harness for the broker: a real node on 127.0.0.1 in a background event loop thread,
+plus a small blocking raw MQTT client built on the project's codec.
+
+The node runs on uvloop in its own thread so that blocking clients (paho-mqtt, sockets,
+subprocesses) can drive it from the test thread; ``BrokerThread.call`` runs a function on
+the loop thread (the core is single-threaded) and returns its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import uvloop
+
+from broker.config import BrokerConfig, parse_config
+from broker.mqtt import NEED_DATA, Connect, MQTTDecoder, Packet, encode
+from broker.server import BrokerServer
+
+T = TypeVar("T")
+
+
+def make_config(
+    listeners: dict[str, dict[str, Any]] | None = None,
+    mqtt: dict[str, Any] | None = None,
+    admin: bool = True,
+    node: str = "test-node",
+) -> BrokerConfig:
+    document: dict[str, Any] = {
+        "node": {"name": node},
+        "listeners": {"tcp": listeners or {"default": {"bind": "127.0.0.1:0"}}},
+    }
+    if mqtt:
+        document["mqtt"] = mqtt
+    if admin:
+        document["admin"] = {"bind": "127.0.0.1:0"}
+    return parse_config(document, "<test>")
+
+
+class BrokerThread:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: BrokerServer | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+        async def start() -> BrokerServer:
+            server = BrokerServer(self.config)
+            await server.start()
+            return server
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def call(self, function: Callable[[], T]) -> T:
+        future: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as error:
+                future.set_exception(error)
+
+        self.loop.call_soon_threadsafe(run)
+        return future.result(10)
+
+    def port(self, name: str = "default") -> int:
+        assert self.server is not None
+        return self.server.listener(name).port
+
+    @property
+    def broker(self) -> Any:
+        assert self.server is not None
+        return self.server.broker
+
+    def admin_get(self, path: str) -> Any:
+        assert self.server is not None and self.server.admin is not None
+        url = f"http://127.0.0.1:{self.server.admin.port}{path}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = response.read()
+        return json.loads(body) if path.startswith("/api/") else body.decode()
+
+    def counters(self) -> dict[str, int]:
+        return self.call(lambda: self.broker.counters.as_dict())
+
+
+@contextlib.contextmanager
+def running_broker(config: BrokerConfig | None = None) -> Iterator[BrokerThread]:
+    node = BrokerThread(config or make_config())
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+class RawClient:
+    """A blocking MQTT client speaking exactly the packets a test gives it."""
+
+    def __init__(
+        self,
+        port: int,
+        level: int = 5,
+        source: str | None = None,
+        prefix: bytes = b"",
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.level = level
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        if source is not None:
+            self.sock.bind((source, 0))
+        self.sock.connect((host, port))
+        if prefix:
+            self.sock.sendall(prefix)
+        self.decoder = MQTTDecoder(protocol_level=level)
+
+    def send(self, packet: Packet) -> None:
+        self.sock.sendall(encode(packet, self.level))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self, timeout: float = 5.0) -> Packet | None:
+        """The next packet, or None when the server closed the connection."""
+        self.sock.settimeout(timeout)
+        while True:
+            event = self.decoder.next_event()
+            if event is not NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.decoder.feed(data)
+
+    def connect(self, packet: Connect) -> Packet | None:
+        self.send(packet)
+        return self.receive()
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True when the server closes (packets before the close are skipped)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
