@@ -649,12 +649,6 @@ def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[F
             crls = load_crls(options.crl_file)
         except TLSFileError as error:
             findings.append(FileFinding("error", "crl-file", str(error)))
-    if options.verify != "none" and options.ca_file is None:
-        findings.append(
-            FileFinding(
-                "error", "verify", f"verify {options.verify} needs a ca-file to verify clients"
-            )
-        )
     client_cas = loaded.get("ca-file", [])
     trusted = client_cas + loaded.get("ca-verify-file", [])
     for bundle in bundles:

@@ -1,0 +1,600 @@
+"""Loading haproxy.cfg-style files into the frozen model (`load_config`).
+
+Owns the walk over sections (global, defaults, frontend, backend, listen),
+inheritance (a proxy starts from the last `defaults` section before it, or
+the one named with `from`; `default-server` applies to later servers), the
+post-parse checks that need the whole configuration (backend references,
+duplicate names, TLS option consistency) and the lint warnings that point at
+known traps (HAProxy 2.6 semantics; see doc/configuration.txt sections 2-5).
+
+Every problem becomes a `Diagnostic`; parsing never stops at the first one.
+
+    result = load_config(["configs/haproxy.cfg"])
+    if result.config is None: ...          # errors in result.diagnostics
+    config = result.config_or_raise()      # or raise ConfigError
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lb.config.errors import ConfigError, Diagnostic, Origin, Severity, format_report
+from lb.config.keywords import (
+    GLOBAL_KEYWORDS,
+    GLOBAL_SINGLE_KEYWORDS,
+    PROXY_KEYWORDS,
+    SECTIONS,
+    UNSUPPORTED_SECTIONS,
+    GlobalDraft,
+    KeywordError,
+    PendingBind,
+    PendingServer,
+    ProxyDraft,
+    ProxyKind,
+    Report,
+    did_you_mean,
+)
+from lb.config.lexer import Line, tokenize
+from lb.config.model import (
+    NOWHERE,
+    TLS_VERSIONS,
+    Backend,
+    Bind,
+    Config,
+    Defaults,
+    Frontend,
+    Global,
+    Logging,
+    Options,
+    Server,
+    Timeouts,
+)
+
+__all__ = [
+    "ConfigError",
+    "Diagnostic",
+    "LoadResult",
+    "Origin",
+    "Severity",
+    "format_report",
+    "load_config",
+    "load_config_text",
+]
+
+# HAProxy's `invalid_char` rule for proxy and server names.
+_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+# Without a global maxconn HAProxy's compiled-in default is 2000 (seed 004).
+_DEFAULT_GLOBAL_MAXCONN = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """What `load_config` found: the model (None on errors) and every diagnostic."""
+
+    config: Config | None
+    diagnostics: tuple[Diagnostic, ...]
+
+    @property
+    def errors(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if d.is_error)
+
+    @property
+    def warnings(self) -> tuple[Diagnostic, ...]:
+        return tuple(d for d in self.diagnostics if not d.is_error)
+
+    def config_or_raise(self) -> Config:
+        if self.config is None:
+            raise ConfigError(self.diagnostics)
+        return self.config
+
+
+def load_config(
+    paths: Sequence[str | os.PathLike[str]], *, environ: Mapping[str, str] | None = None
+) -> LoadResult:
+    """Read and check configuration files, in order, as one configuration.
+
+    `environ` supplies `${VAR}` values (default: `os.environ`).
+    """
+    texts: list[tuple[str, str]] = []
+    diagnostics: list[Diagnostic] = []
+    for path in paths:
+        file = os.fspath(path)
+        try:
+            with open(file, encoding="utf-8") as stream:
+                texts.append((file, stream.read()))
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            diagnostics.append(
+                Diagnostic.error(
+                    None, None, None, f"Could not open configuration file {file} : {reason}"
+                )
+            )
+    result = _load(texts, os.environ if environ is None else environ)
+    if diagnostics:
+        return LoadResult(None, (*diagnostics, *result.diagnostics))
+    return result
+
+
+def load_config_text(
+    text: str, file: str = "<string>", *, environ: Mapping[str, str] | None = None
+) -> LoadResult:
+    """Like `load_config` for text already in memory; `file` names it in messages
+    and its directory anchors relative paths."""
+    return _load([(file, text)], {} if environ is None else environ)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass(slots=True)
+class _Drafts:
+    global_: GlobalDraft
+    defaults: list[ProxyDraft]
+    proxies: list[ProxyDraft]
+
+
+def _load(texts: Sequence[tuple[str, str]], environ: Mapping[str, str]) -> LoadResult:
+    report = Report()
+    drafts = _Drafts(GlobalDraft(NOWHERE), [], [])
+    for file, text in texts:
+        lines, lex_errors = tokenize(text, file, environ)
+        report.diagnostics.extend(lex_errors)
+        _parse_lines(lines, drafts, report)
+    config = _build(drafts, report, tuple(file for file, _ in texts))
+    diagnostics = tuple(sorted(report.diagnostics, key=_position))
+    if any(d.is_error for d in diagnostics):
+        return LoadResult(None, diagnostics)
+    return LoadResult(config, diagnostics)
+
+
+def _position(diagnostic: Diagnostic) -> tuple[int, str, int]:
+    # Stable order: file-less problems first, then by file and line.
+    if diagnostic.file is None:
+        return (0, "", 0)
+    return (1, diagnostic.file, diagnostic.line or 0)
+
+
+def _parse_lines(lines: Sequence[Line], drafts: _Drafts, report: Report) -> None:
+    section: GlobalDraft | ProxyDraft | None = None
+    skipping = False  # inside a section we do not support
+    seen_global = drafts.global_.origin is not NOWHERE
+    for line in lines:
+        keyword = line.words[0]
+        if keyword in SECTIONS or keyword in UNSUPPORTED_SECTIONS:
+            skipping = False
+            if keyword in UNSUPPORTED_SECTIONS:
+                report.error(line, None, f"section '{keyword}' is not supported by lb")
+                skipping, section = True, None
+            elif keyword == "global":
+                if len(line.words) > 1:
+                    report.error(line, "global", "takes no argument")
+                if not seen_global:
+                    drafts.global_.origin = Origin(line.file, line.lineno)
+                    seen_global = True
+                section = drafts.global_
+            else:
+                section = _open_proxy(line, drafts, report)
+            continue
+        if skipping:
+            continue
+        if section is None:
+            report.error(
+                line,
+                None,
+                f"unknown keyword '{keyword}' out of section{did_you_mean(keyword, SECTIONS)}",
+            )
+        elif isinstance(section, GlobalDraft):
+            _parse_global_line(line, section, report)
+        else:
+            _parse_proxy_line(line, section, report)
+
+
+def _parse_global_line(line: Line, draft: GlobalDraft, report: Report) -> None:
+    keyword = line.words[0]
+    parser = GLOBAL_KEYWORDS.get(keyword)
+    if parser is None:
+        candidates = (*GLOBAL_KEYWORDS, *SECTIONS)
+        report.error(
+            line,
+            None,
+            f"unknown keyword '{keyword}' in 'global' section{did_you_mean(keyword, candidates)}",
+            "global",
+        )
+        return
+    if keyword in GLOBAL_SINGLE_KEYWORDS and keyword in draft.seen:
+        report.error(line, keyword, f"already specified at {draft.seen[keyword]}", "global")
+        return
+    draft.seen.setdefault(keyword, Origin(line.file, line.lineno))
+    try:
+        parser(line, draft, report)
+    except KeywordError as error:
+        report.error(line, error.keyword or keyword, error.message, "global")
+
+
+def _parse_proxy_line(line: Line, draft: ProxyDraft, report: Report) -> None:
+    keyword = line.words[0]
+    spec = PROXY_KEYWORDS.get(keyword)
+    if spec is None:
+        candidates = (*PROXY_KEYWORDS, *SECTIONS)
+        report.error(
+            line,
+            None,
+            f"unknown keyword '{keyword}' in '{draft.label}' section"
+            f"{did_you_mean(keyword, candidates)}",
+            draft.label,
+        )
+        return
+    if not spec.allowed_in(draft.kind):
+        if draft.kind == "defaults":
+            report.error(line, keyword, "not allowed in 'defaults' section", draft.label)
+        else:
+            # As HAProxy: a keyword for the other side is ignored with a warning,
+            # except servers, which a frontend cannot hold at all.
+            missing = "backend" if draft.kind == "frontend" else "frontend"
+            message = f"{draft.kind} '{draft.name}' has no {missing} capability"
+            if keyword in ("server", "default-server"):
+                report.error(line, keyword, f"not allowed because {message}", draft.label)
+            else:
+                report.warning(line, keyword, f"ignored because {message}", draft.label)
+        return
+    try:
+        spec.parse(line, draft, report)
+    except KeywordError as error:
+        report.error(line, error.keyword or keyword, error.message, draft.label)
+
+
+def _open_proxy(line: Line, drafts: _Drafts, report: Report) -> ProxyDraft:
+    kind: ProxyKind
+    keyword = line.words[0]
+    kind = (
+        "defaults"
+        if keyword == "defaults"
+        else (
+            "frontend" if keyword == "frontend" else "backend" if keyword == "backend" else "listen"
+        )
+    )
+    arguments = list(line.words[1:])
+    parent_name: str | None = None
+    if len(arguments) >= 2 and arguments[-2] == "from":
+        parent_name = arguments[-1]
+        del arguments[-2:]
+    name: str | None = arguments[0] if arguments else None
+    if len(arguments) > 1:
+        report.error(line, keyword, f"unexpected '{arguments[1]}' after the name")
+    if name is None and kind != "defaults":
+        report.error(line, keyword, f"expects a name for the {kind}")
+        name = f"<unnamed line {line.lineno}>"
+    if name is not None and not set(name) <= _NAME_CHARACTERS:
+        bad = next(character for character in name if character not in _NAME_CHARACTERS)
+        report.error(line, keyword, f"character '{bad}' is not permitted in {kind} name '{name}'")
+    draft = ProxyDraft(kind, name, Origin(line.file, line.lineno))
+    parent: ProxyDraft | None = drafts.defaults[-1] if drafts.defaults else None
+    if parent_name is not None:
+        named = [d for d in drafts.defaults if d.name == parent_name]
+        if named:
+            parent = named[-1]
+        else:
+            report.error(line, keyword, f"unable to find defaults section '{parent_name}'")
+    if parent is not None:
+        draft.inherit(parent)
+    if kind == "defaults":
+        drafts.defaults.append(draft)
+    else:
+        drafts.proxies.append(draft)
+    return draft
+
+
+# --------------------------------------------------------------------------- building
+
+_Model = TypeVar("_Model")
+
+
+def _replace(instance: _Model, *changes: Mapping[str, object]) -> _Model:
+    """`dataclasses.replace` with fields collected by the keyword parsers.
+
+    The parsers have already converted every value to its field's type; the
+    dictionaries are typed `object` only because they hold many fields.
+    """
+    merged: dict[str, Any] = {}
+    for change in changes:
+        merged.update(change)
+    return dataclasses.replace(instance, **merged)  # type: ignore[type-var]
+
+
+def _build(drafts: _Drafts, report: Report, files: tuple[str, ...]) -> Config:
+    global_ = _build_global(drafts.global_)
+    defaults = tuple(_build_defaults(draft) for draft in drafts.defaults)
+    frontends: list[Frontend] = []
+    backends: list[Backend] = []
+    for draft in drafts.proxies:
+        if draft.kind in ("frontend", "listen"):
+            frontends.append(_build_frontend(draft, global_, report))
+        if draft.kind in ("backend", "listen"):
+            backends.append(_build_backend(draft, report))
+    _check_names(drafts, report)
+    _check_backend_references(drafts, {backend.name for backend in backends}, report)
+    _lint(global_, frontends, backends, report)
+    return Config(global_, defaults, tuple(frontends), tuple(backends), files)
+
+
+def _build_global(draft: GlobalDraft) -> Global:
+    return _replace(
+        Global(origin=draft.origin, log=tuple(draft.log), stats_socket=tuple(draft.stats_socket)),
+        draft.values,
+    )
+
+
+def _common(draft: ProxyDraft) -> dict[str, object]:
+    return {
+        "timeout": _replace(Timeouts(), draft.timeout),
+        "option": _replace(Options(), draft.option),
+        "log": Logging(draft.log_global, tuple(draft.log_targets), draft.log_format),
+    }
+
+
+_DEFAULTS_FIELDS = frozenset(field.name for field in dataclasses.fields(Defaults))
+_FRONTEND_FIELDS = frozenset(field.name for field in dataclasses.fields(Frontend))
+_BACKEND_FIELDS = frozenset(field.name for field in dataclasses.fields(Backend))
+
+
+def _pick(values: Mapping[str, object], names: frozenset[str]) -> dict[str, object]:
+    return {name: value for name, value in values.items() if name in names}
+
+
+def _build_defaults(draft: ProxyDraft) -> Defaults:
+    return _replace(
+        Defaults(draft.origin, draft.name),
+        {"default_backend": draft.default_backend[0] if draft.default_backend else None},
+        _common(draft),
+        _pick(draft.values, _DEFAULTS_FIELDS),
+    )
+
+
+def _build_frontend(draft: ProxyDraft, global_: Global, report: Report) -> Frontend:
+    assert draft.name is not None
+    binds = tuple(
+        bind
+        for pending in draft.binds
+        if (bind := _build_bind(pending, global_, draft.label, report)) is not None
+    )
+    if draft.kind == "listen":
+        default_backend: str | None = draft.name
+    else:
+        default_backend = draft.default_backend[0] if draft.default_backend else None
+    return _replace(
+        Frontend(
+            draft.origin,
+            draft.name,
+            binds=binds,
+            default_backend=default_backend,
+            use_backend=tuple(name for name, _ in draft.use_backend),
+            listen=draft.kind == "listen",
+        ),
+        _common(draft),
+        _pick(draft.values, _FRONTEND_FIELDS),
+    )
+
+
+def _build_backend(draft: ProxyDraft, report: Report) -> Backend:
+    assert draft.name is not None
+    servers: list[Server] = []
+    seen: dict[str, Origin] = {}
+    for pending in draft.servers:
+        if pending.name in seen:
+            report.diagnostics.append(
+                Diagnostic.error(
+                    pending.origin.file,
+                    pending.origin.line,
+                    "server",
+                    f"'{draft.label}' has two servers named '{pending.name}' "
+                    f"(the other is at {seen[pending.name]})",
+                    draft.label,
+                )
+            )
+        seen.setdefault(pending.name, pending.origin)
+        servers.append(_build_server(pending))
+    return _replace(
+        Backend(draft.origin, draft.name, servers=tuple(servers), listen=draft.kind == "listen"),
+        _common(draft),
+        _pick(draft.values, _BACKEND_FIELDS),
+    )
+
+
+def _build_server(pending: PendingServer) -> Server:
+    return _replace(Server(pending.origin, pending.name, "", "", None), pending.settings)
+
+
+def _resolve_path(path: str, base: str | None, origin: Origin) -> str:
+    """Relative paths: against `base` (crt-base/ca-base), then the config's directory."""
+    config_directory = os.path.dirname(os.path.abspath(origin.file))
+    if base is not None and not os.path.isabs(base):
+        base = os.path.join(config_directory, base)
+    anchor = base if base is not None else config_directory
+    return os.path.normpath(os.path.join(anchor, path))
+
+
+def _default_bind_options(global_: Global) -> dict[str, object]:
+    """Bind fields implied by `ssl-default-bind-options` and friends."""
+    defaults: dict[str, object] = {}
+    words = list(global_.ssl_default_bind_options)
+    while words:
+        word = words.pop(0)
+        if word in ("ssl-min-ver", "ssl-max-ver"):
+            defaults[word.replace("-", "_")] = words.pop(0)
+        elif word != "prefer-client-ciphers":
+            defaults[word.replace("-", "_")] = True
+    if global_.ssl_default_bind_ciphers is not None:
+        defaults["ciphers"] = global_.ssl_default_bind_ciphers
+    if global_.ssl_default_bind_ciphersuites is not None:
+        defaults["ciphersuites"] = global_.ssl_default_bind_ciphersuites
+    return defaults
+
+
+def _build_bind(pending: PendingBind, global_: Global, section: str, report: Report) -> Bind | None:
+    settings = dict(pending.settings)
+    origin = pending.origin
+
+    def error(message: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.error(origin.file, origin.line, "bind", message, section)
+        )
+
+    def warning(message: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.warning(origin.file, origin.line, "bind", message, section)
+        )
+
+    if "port" not in settings:
+        return None  # the address was already reported
+    if settings.get("ssl"):
+        settings = {**_default_bind_options(global_), **settings}
+        if not settings.get("crt"):
+            error(f"'ssl' needs a certificate: add 'crt <file>' to 'bind {settings['address']}'")
+        verify = settings.get("verify")
+        if verify in ("optional", "required") and not settings.get("ca_file"):
+            error(f"'verify {verify}' needs 'ca-file' (the CAs that sign client certificates)")
+        if settings.get("ca_verify_file") and not settings.get("ca_file"):
+            error("'ca-verify-file' needs 'ca-file' (ca-verify-file only completes chains)")
+        minimum = settings.get("ssl_min_ver", "TLSv1.2")
+        maximum = settings.get("ssl_max_ver")
+        if (
+            isinstance(maximum, str)
+            and isinstance(minimum, str)
+            and TLS_VERSIONS.index(maximum) < TLS_VERSIONS.index(minimum)
+        ):
+            error(f"'ssl-max-ver {maximum}' is below 'ssl-min-ver {minimum}'")
+    else:
+        tls_options = [
+            option
+            for option in ("crt", "ca_file", "ca_verify_file", "crl_file", "verify")
+            if option in settings
+        ]
+        if tls_options:
+            named = ", ".join(f"'{option.replace('_', '-')}'" for option in tls_options)
+            warning(f"{named} ignored: this bind has no 'ssl', it accepts plain TCP")
+    crt = settings.get("crt", ())
+    assert isinstance(crt, tuple)
+    settings["crt"] = tuple(_resolve_path(path, global_.crt_base, origin) for path in crt)
+    for name in ("ca_file", "ca_verify_file", "crl_file"):
+        value = settings.get(name)
+        if isinstance(value, str):
+            settings[name] = _resolve_path(value, global_.ca_base, origin)
+    keys = settings.get("tls_ticket_keys")
+    if isinstance(keys, str):
+        settings["tls_ticket_keys"] = _resolve_path(keys, None, origin)
+    return _replace(Bind(origin, "", "", 0), settings)
+
+
+def _check_names(drafts: _Drafts, report: Report) -> None:
+    frontends: dict[str, ProxyDraft] = {}
+    backends: dict[str, ProxyDraft] = {}
+    for draft in drafts.proxies:
+        assert draft.name is not None
+        tables = []
+        if draft.kind in ("frontend", "listen"):
+            tables.append(frontends)
+        if draft.kind in ("backend", "listen"):
+            tables.append(backends)
+        for table in tables:
+            other = table.get(draft.name)
+            if other is not None and other is not draft:
+                report.diagnostics.append(
+                    Diagnostic.error(
+                        draft.origin.file,
+                        draft.origin.line,
+                        draft.kind,
+                        f"{draft.kind} '{draft.name}' has the same name as {other.kind} "
+                        f"'{other.name}' declared at {other.origin}",
+                        draft.label,
+                    )
+                )
+                break
+            table[draft.name] = draft
+
+
+def _check_backend_references(drafts: _Drafts, names: set[str], report: Report) -> None:
+    for draft in drafts.proxies:
+        references: list[tuple[str, str, Origin]] = [
+            ("use_backend", name, origin) for name, origin in draft.use_backend
+        ]
+        if draft.kind == "frontend" and draft.default_backend is not None:
+            references.insert(0, ("default_backend", *draft.default_backend))
+        for keyword, name, origin in references:
+            if name not in names:
+                report.diagnostics.append(
+                    Diagnostic.error(
+                        origin.file,
+                        origin.line,
+                        keyword,
+                        f"unable to find required backend '{name}' for {draft.label}"
+                        f"{did_you_mean(name, sorted(names))}",
+                        draft.label,
+                    )
+                )
+
+
+def _lint(
+    global_: Global, frontends: list[Frontend], backends: list[Backend], report: Report
+) -> None:
+    """Warnings for configurations that are valid but probably not meant."""
+
+    def warn(origin: Origin, keyword: str, message: str, section: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.warning(origin.file, origin.line, keyword, message, section)
+        )
+
+    for frontend in frontends:
+        section = f"frontend {frontend.name}"
+        if not frontend.listen and frontend.default_backend is None and not frontend.use_backend:
+            warn(
+                frontend.origin,
+                "frontend",
+                f"'{frontend.name}' has no 'default_backend': its connections will be closed",
+                section,
+            )
+        if not frontend.binds and not frontend.listen:
+            warn(frontend.origin, "frontend", f"'{frontend.name}' has no 'bind' line", section)
+    global_limit = global_.maxconn or _DEFAULT_GLOBAL_MAXCONN
+    maxconn_warned = False
+    for backend in backends:
+        section = f"backend {backend.name}"
+        if not backend.servers:
+            warn(backend.origin, "backend", f"'{backend.name}' has no server", section)
+        for server in backend.servers:
+            if (
+                server.check
+                and (server.send_proxy or server.send_proxy_v2)
+                and (server.check_port is not None or server.check_addr is not None)
+                and not server.check_send_proxy
+            ):
+                warn(
+                    server.origin,
+                    "server",
+                    f"'{server.name}' sends a PROXY header but its checks go to a "
+                    "'port'/'addr' override without one; add 'check-send-proxy' if the "
+                    "server requires the header",
+                    section,
+                )
+            if (
+                not maxconn_warned
+                and server.maxconn is not None
+                and global_limit <= _DEFAULT_GLOBAL_MAXCONN
+                and server.maxconn > global_limit
+            ):
+                maxconn_warned = True
+                current = (
+                    f"global maxconn is {global_.maxconn}"
+                    if global_.maxconn is not None
+                    else f"global maxconn is unset (HAProxy's default is {_DEFAULT_GLOBAL_MAXCONN})"
+                )
+                warn(
+                    server.origin,
+                    "server",
+                    f"'{server.name}' allows maxconn {server.maxconn} but {current}: the "
+                    "whole balancer accepts no more than that; raise 'maxconn' in 'global'",
+                    section,
+                )

@@ -1,0 +1,292 @@
+"""The frozen configuration model produced by `lb.config.load_config`.
+
+Owns the shape of a parsed configuration: frozen, slotted dataclasses whose
+field names are HAProxy's keyword words with '-' turned into '_' (`inter`,
+`send_proxy_v2`, `ca_verify_file`). Every object keeps its `origin`
+(file:line). The model holds no runtime state and does no I/O.
+
+Units, everywhere in the model:
+- times are float **seconds** (`inter=10.0` for `inter 10s`); the config
+  language's default unit for times is milliseconds, as in HAProxy;
+- sizes are int **bytes** (`tune.bufsize 16k` -> 16384);
+- file paths (crt, ca-file, ca-verify-file, crl-file, tls-ticket-keys) are
+  absolute: a relative path is joined to crt-base/ca-base when set, else to
+  the directory of the configuration file that names it. (HAProxy resolves
+  relative paths against its working directory; we do not, so that
+  configs/haproxy.cfg works from any directory.)
+
+A `listen` section becomes a `Frontend` and a `Backend` with the same name;
+the frontend's `default_backend` is that backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lb.config.errors import Origin
+
+NOWHERE = Origin("<builtin>", 0)
+
+Mode = Literal["tcp"]
+Verify = Literal["none", "optional", "required"]
+TlsVersion = Literal["SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+TLS_VERSIONS: tuple[TlsVersion, ...] = ("SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+IgnoreErrors = frozenset[int] | Literal["all"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogTarget:
+    """One `log <target> [len N] [format F] <facility> [level [minlevel]]` line.
+
+    `kind` is "stdout", "stderr", "unix" (address is a path), "udp" (host and
+    port) or "fd" (address is the descriptor number).
+    """
+
+    origin: Origin
+    target: str
+    kind: Literal["stdout", "stderr", "unix", "udp", "fd"]
+    address: str
+    port: int | None
+    facility: str
+    format: str = "rfc3164"
+    length: int = 1024
+    level: str | None = None
+    minlevel: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSocket:
+    """`stats socket <path> [mode <octal>] [level user|operator|admin]`."""
+
+    origin: Origin
+    path: str
+    mode: int | None = None
+    level: Literal["user", "operator", "admin"] = "operator"
+
+
+@dataclass(frozen=True, slots=True)
+class Global:
+    """The `global` section (HAProxy defaults where one exists)."""
+
+    origin: Origin = NOWHERE
+    maxconn: int | None = None  # None: HAProxy derives it from `ulimit -n`
+    nbthread: int | None = None  # None: one per CPU
+    daemon: bool = False
+    log: tuple[LogTarget, ...] = ()
+    stats_socket: tuple[StatsSocket, ...] = ()
+    pidfile: str | None = None
+    hard_stop_after: float | None = None
+    tune_bufsize: int = 16384
+    tune_ssl_cachesize: int = 20000
+    tune_ssl_lifetime: float = 300.0
+    ssl_default_bind_options: tuple[str, ...] = ()
+    ssl_default_bind_ciphers: str | None = None
+    ssl_default_bind_ciphersuites: str | None = None
+    ssl_default_server_options: tuple[str, ...] = ()
+    ca_base: str | None = None
+    crt_base: str | None = None
+    user: str | None = None
+    group: str | None = None
+    pp2_never_send_local: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """`timeout <name> <time>`; None when unset (HAProxy: no timeout)."""
+
+    connect: float | None = None
+    client: float | None = None
+    server: float | None = None
+    check: float | None = None
+    queue: float | None = None
+    tunnel: float | None = None
+    client_fin: float | None = None
+    server_fin: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """`option <name>` flags."""
+
+    tcplog: bool = False
+    dontlognull: bool = False
+    redispatch: bool = False
+    redispatch_interval: int = -1  # HAProxy: -1 = redispatch on the last retry
+    allbackups: bool = False
+    log_health_checks: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Logging:
+    """`log global`, `log ...` lines and `log-format` of one proxy."""
+
+    global_: bool = False
+    targets: tuple[LogTarget, ...] = ()
+    format: str | None = None  # log-format
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """One `bind <address> [options...]` line of a frontend or listen."""
+
+    origin: Origin
+    address: str  # as written, e.g. "*:8091"
+    host: str  # "0.0.0.0" for "*" or an empty host, "::" for "[::]"
+    port: int
+    family: Literal["ipv4", "ipv6"] = "ipv4"
+    ssl: bool = False
+    crt: tuple[str, ...] = ()
+    ca_file: str | None = None
+    ca_verify_file: str | None = None
+    verify: Verify = "none"
+    verify_depth: int | None = None  # our own keyword; None = OpenSSL's default
+    crl_file: str | None = None
+    ca_ignore_err: IgnoreErrors = frozenset()
+    crt_ignore_err: IgnoreErrors = frozenset()
+    ssl_min_ver: TlsVersion = "TLSv1.2"
+    ssl_max_ver: TlsVersion | None = None
+    ciphers: str | None = None
+    ciphersuites: str | None = None
+    alpn: tuple[str, ...] = ()
+    name: str | None = None
+    accept_proxy: bool = False
+    maxconn: int | None = None
+    close_revoked: bool = False  # our own: drop live sessions whose cert a CRL reload revokes
+    strict_sni: bool = False
+    tls_ticket_keys: str | None = None
+    no_tls_tickets: bool = False
+    no_sslv3: bool = False
+    no_tlsv10: bool = False
+    no_tlsv11: bool = False
+    no_tlsv12: bool = False
+    no_tlsv13: bool = False
+
+
+PROXY_V2_OPTIONS = (
+    "ssl",
+    "cert-cn",
+    "ssl-cipher",
+    "cert-sig",
+    "cert-key",
+    "authority",
+    "crc32c",
+    "unique-id",
+    "chain-subjects",  # our own: subjects of the verified client chain
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One `server <name> <address> [options...]` line, default-server applied.
+
+    The `port` and `addr` options (health-check overrides) are stored as
+    `check_port` and `check_addr`, since `port` is the service port of the
+    address. `send-proxy-v2-ssl` and `send-proxy-v2-ssl-cn` are stored as
+    `send_proxy_v2=True` plus "ssl" (and "cert-cn") in `proxy_v2_options`.
+    """
+
+    origin: Origin
+    name: str
+    address: str  # as written, e.g. "10.0.1.165:1883"
+    host: str  # a name or an IP; resolved at start, not at parse time
+    port: int | None  # None: same port as the client connected to
+    check: bool = False
+    check_send_proxy: bool = False
+    send_proxy: bool = False
+    send_proxy_v2: bool = False
+    proxy_v2_options: frozenset[str] = frozenset()
+    inter: float = 2.0
+    fastinter: float | None = None  # None: inter
+    downinter: float | None = None  # None: inter
+    rise: int = 2
+    fall: int = 3
+    slowstart: float = 0.0
+    maxconn: int | None = None  # None: unlimited
+    maxqueue: int = 0  # 0: unlimited
+    minconn: int | None = None
+    weight: int = 1
+    backup: bool = False
+    disabled: bool = False
+    check_port: int | None = None  # the `port` option: health-check port override
+    check_addr: str | None = None  # the `addr` option: health-check address override
+    on_marked_down: Literal["shutdown-sessions"] | None = None
+    on_marked_up: Literal["shutdown-backup-sessions"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """A `defaults [name]` section as written (after its own inheritance)."""
+
+    origin: Origin
+    name: str | None
+    mode: Mode = "tcp"
+    timeout: Timeouts = Timeouts()
+    option: Options = Options()
+    log: Logging = Logging()
+    retries: int = 3
+    maxconn: int | None = None
+    balance: str = "roundrobin"
+    hash_type: str = "map-based"
+    fullconn: int | None = None
+    default_backend: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Frontend:
+    """A `frontend` (or the front half of a `listen`)."""
+
+    origin: Origin
+    name: str
+    binds: tuple[Bind, ...] = ()
+    mode: Mode = "tcp"
+    timeout: Timeouts = Timeouts()
+    option: Options = Options()
+    log: Logging = Logging()
+    maxconn: int | None = None
+    default_backend: str | None = None  # checked: names a Backend of the Config
+    use_backend: tuple[str, ...] = ()  # unconditional only, checked like default_backend
+    stats_enable: bool = False
+    http_request_use_service: str | None = None  # "prometheus-exporter"
+    listen: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A `backend` (or the back half of a `listen`)."""
+
+    origin: Origin
+    name: str
+    servers: tuple[Server, ...] = ()
+    mode: Mode = "tcp"
+    timeout: Timeouts = Timeouts()
+    option: Options = Options()
+    log: Logging = Logging()
+    balance: str = "roundrobin"
+    hash_type: str = "map-based"
+    retries: int = 3
+    fullconn: int | None = None
+    listen: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole configuration: one or more files, parsed and checked."""
+
+    global_: Global
+    defaults: tuple[Defaults, ...]
+    frontends: tuple[Frontend, ...]
+    backends: tuple[Backend, ...]
+    files: tuple[str, ...] = ()
+
+    def backend(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise KeyError(name)
+
+    def frontend(self, name: str) -> Frontend:
+        for frontend in self.frontends:
+            if frontend.name == name:
+                return frontend
+        raise KeyError(name)
