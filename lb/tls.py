@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
+from lb import sslctrl
 from lb.config.model import Bind, Global
 
 logger = logging.getLogger(__name__)
@@ -308,6 +309,10 @@ class BindTLS:
     crt_ignore_err: frozenset[int] | Literal["all"] = frozenset()
     session_id_context: bytes = b"lb"
     no_tls_tickets: bool = False
+    # tune.ssl.cachesize (0 disables the session cache) and tune.ssl.lifetime (seconds)
+    session_cache_size: int = 20000
+    session_lifetime: int = 300
+    tls_ticket_keys: Path | None = None
 
 
 @dataclass(slots=True)
@@ -375,7 +380,7 @@ class BindContext:
             self._install_sni(context)
         # Session resumption needs a session id context when client certificates are verified.
         context.set_session_id(options.session_id_context)
-        context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        _apply_session_settings(context, options)
         if options.alpn:
             offered = [p.encode() for p in options.alpn]
 
@@ -414,34 +419,28 @@ class BindContext:
         return context
 
     def _install_sni(self, context: SSL.Context) -> None:
+        """Several `crt`: the first is the default; a client's SNI picks the one whose names
+        match (exact, then wildcard), as HAProxy's crt lists do."""
         by_name: dict[str, SSL.Context] = {}
         for bundle in self.bundles:
-            sub = SSL.Context(SSL.TLS_SERVER_METHOD)
-            _use_bundle(sub, bundle)
+            certificate_context = SSL.Context(SSL.TLS_SERVER_METHOD)
+            _use_bundle(certificate_context, bundle)
+            certificate_context.set_session_id(self.options.session_id_context)
             for name in _certificate_names(bundle.certificate):
-                by_name.setdefault(name.lower(), sub)
+                by_name.setdefault(name.lower(), certificate_context)
 
-        def pick(connection: SSL.Connection) -> None:
+        def select_certificate(connection: SSL.Connection) -> None:
             server_name = connection.get_servername()
             if not server_name:
                 return
             name = server_name.decode("ascii", "replace").lower()
             chosen = by_name.get(name) or by_name.get("*." + name.partition(".")[2])
             if chosen is not None:
-                # Only the certificate changes; verification stays with the main context.
-                connection.use_certificate(chosen_cert[id(chosen)][0])
-                connection.use_privatekey(chosen_cert[id(chosen)][1])
+                # SSL_set_SSL_CTX swaps the certificate and its chain; the verification
+                # settings stay those of the connection, taken from the main context.
+                connection.set_context(chosen)
 
-        chosen_cert: dict[int, tuple[crypto.X509, crypto.PKey]] = {}
-        for bundle in self.bundles:
-            for name in _certificate_names(bundle.certificate):
-                sub = by_name.get(name.lower())
-                if sub is not None:
-                    chosen_cert[id(sub)] = (
-                        crypto.X509.from_cryptography(bundle.certificate),
-                        crypto.PKey.from_cryptography_key(bundle.key),
-                    )
-        context.set_tlsext_servername_callback(pick)
+        context.set_tlsext_servername_callback(select_certificate)
 
     def _verify_callback(
         self, connection: SSL.Connection, certificate: crypto.X509, code: int, depth: int, ok: int
@@ -515,7 +514,37 @@ def bind_tls(bind: Bind, global_: Global, frontend: str) -> BindTLS:
         crt_ignore_err=bind.crt_ignore_err,
         session_id_context=frontend.encode()[:32] or b"lb",
         no_tls_tickets=bind.no_tls_tickets or "no-tls-tickets" in global_.ssl_default_bind_options,
+        session_cache_size=global_.tune_ssl_cachesize,
+        session_lifetime=max(1, int(global_.tune_ssl_lifetime)),
+        tls_ticket_keys=Path(bind.tls_ticket_keys) if bind.tls_ticket_keys else None,
     )
+
+
+def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
+    """Session cache size and lifetime, and shared ticket keys (lb.sslctrl says how)."""
+    # SSL_CTX_set_timeout: both the cache's expiry and the ticket lifetime hint.
+    context.set_timeout(options.session_lifetime)
+    if options.session_cache_size == 0:
+        context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    else:
+        context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        if not sslctrl.set_session_cache_size(context, options.session_cache_size):
+            logger.warning(
+                "tune.ssl.cachesize %d not applied: SSL_CTX_ctrl is not reachable in this "
+                "OpenSSL build; the session cache keeps OpenSSL's default size",
+                options.session_cache_size,
+            )
+    if options.tls_ticket_keys is not None and not options.no_tls_tickets:
+        try:
+            key = sslctrl.load_ticket_keys(options.tls_ticket_keys)
+        except sslctrl.TicketKeyError as error:
+            raise TLSFileError(options.tls_ticket_keys, error.reason) from None
+        if not sslctrl.set_ticket_key(context, key):
+            raise TLSFileError(
+                options.tls_ticket_keys,
+                "tls-ticket-keys cannot be applied: SSL_CTX_ctrl is not reachable in this "
+                "OpenSSL build",
+            )
 
 
 def _use_bundle(context: SSL.Context, bundle: PemBundle) -> None:
@@ -603,14 +632,14 @@ def handshake_error_words(error: SSL.Error) -> str:
     lowered = text.lower()
     if "peer did not return a certificate" in lowered or "certificate required" in lowered:
         return "no client certificate (verify required)"
+    if "http request" in lowered:
+        return "plain HTTP sent to a TLS port"
+    if "wrong version number" in lowered or "packet length too long" in lowered:
+        return f"not a TLS client hello: plain TCP sent to a TLS port? ({text})"
     if "unsupported protocol" in lowered or "version" in lowered:
         return f"protocol version not accepted ({text})"
     if "no shared cipher" in lowered:
         return "no shared cipher"
-    if "http request" in lowered:
-        return "plain HTTP sent to a TLS port"
-    if "wrong version number" in lowered or "packet length too long" in lowered:
-        return f"not a TLS client hello ({text})"
     return text
 
 
@@ -649,6 +678,11 @@ def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[F
             crls = load_crls(options.crl_file)
         except TLSFileError as error:
             findings.append(FileFinding("error", "crl-file", str(error)))
+    if options.tls_ticket_keys is not None:
+        try:
+            sslctrl.load_ticket_keys(options.tls_ticket_keys)
+        except sslctrl.TicketKeyError as error:
+            findings.append(FileFinding("error", "tls-ticket-keys", str(error)))
     client_cas = loaded.get("ca-file", [])
     trusted = client_cas + loaded.get("ca-verify-file", [])
     for bundle in bundles:
