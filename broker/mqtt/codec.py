@@ -1,0 +1,655 @@
+"""Sans-IO MQTT 3.1, 3.1.1 and 5.0 codec: `MQTTDecoder` (bytes in, packets out) and `encode`.
+
+One codec for every level, keyed by the Protocol Level byte (3, 4 or 5). The decoder starts
+at `protocol_level=None` on the server side and takes the level from the CONNECT it decodes;
+a client-side decoder is given the level. Everything a peer can get wrong raises
+`MQTTProtocolError` with the reason code the spec asks for; nothing else escapes `next_event`.
+
+Spec sections: fixed header and reserved flag bits (3.1.1 section 2.2, 5.0 section 2.1.3),
+Remaining Length (3.1.1 section 2.2.3, 5.0 section 2.1.4), Packet Identifier (5.0 section
+2.2.1), then each packet's variable header and payload (both specs, chapter 3).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Final, Literal
+
+from .packets import (
+    EMPTY_PROPERTIES,
+    Auth,
+    Connack,
+    ConnackReturnCode311,
+    Connect,
+    Disconnect,
+    MQTTProtocolError,
+    Packet,
+    PacketType,
+    Pingreq,
+    Pingresp,
+    ProtocolLevel,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsuback,
+    Unsubscribe,
+    Will,
+    connack_code_for,
+)
+from .properties import WILL_PROPERTIES, decode_properties, encode_properties
+from .wire import (
+    MAX_VARIABLE_BYTE_INTEGER,
+    VARIABLE_BYTE_INTEGER_MAX_BYTES,
+    Reader,
+    encode_binary,
+    encode_string,
+    encode_u16,
+    encode_variable_byte_integer,
+    malformed,
+    protocol_error,
+)
+
+__all__ = [
+    "MAX_PACKET_SIZE",
+    "MAX_REMAINING_LENGTH",
+    "NEED_DATA",
+    "REMAINING_LENGTH_MAX_BYTES",
+    "MQTTDecoder",
+    "NeedData",
+    "encode",
+]
+
+# 3.1.1 section 2.2.3 / 5.0 section 2.1.4: Remaining Length is a Variable Byte Integer of at
+# most four bytes, so a packet is at most 1 + 4 + 268,435,455 bytes.
+REMAINING_LENGTH_MAX_BYTES: Final = VARIABLE_BYTE_INTEGER_MAX_BYTES
+MAX_REMAINING_LENGTH: Final = MAX_VARIABLE_BYTE_INTEGER
+MAX_PACKET_SIZE: Final = 1 + REMAINING_LENGTH_MAX_BYTES + MAX_REMAINING_LENGTH
+
+# Consumed bytes are dropped from the front of the buffer once they pass this size and half
+# the buffer, so feeding a byte at a time stays linear and a long stream stays bounded.
+_COMPACT_AFTER: Final = 65_536
+
+
+class NeedData(Enum):
+    """The type of `NEED_DATA`: `next_event` has no whole packet yet."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+_MQTT_5: Final = ProtocolLevel.MQTT_5
+_PROTOCOL_NAMES: Final[dict[int, str]] = {
+    ProtocolLevel.MQTT_3_1: "MQIsdp",
+    ProtocolLevel.MQTT_3_1_1: "MQTT",
+    ProtocolLevel.MQTT_5: "MQTT",
+}
+
+# Required fixed-header flags (3.1.1 Table 2.2, 5.0 Table 2-2); PUBLISH carries DUP/QoS/RETAIN.
+_FLAGS: Final = {
+    PacketType.PUBREL: 0b0010,
+    PacketType.SUBSCRIBE: 0b0010,
+    PacketType.UNSUBSCRIBE: 0b0010,
+}
+
+# Reason codes each 5.0 packet may carry (sections 3.2.2.2, 3.4.2.1, ..., 3.15.2.1).
+_REASONS: Final[dict[PacketType, frozenset[int]]] = {
+    PacketType.CONNACK: frozenset(
+        {0x00, *range(0x80, 0x8B), 0x8C, 0x90, 0x95, 0x97, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F}
+    ),
+    PacketType.PUBACK: frozenset({0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99}),
+    PacketType.PUBREC: frozenset({0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99}),
+    PacketType.PUBREL: frozenset({0x00, 0x92}),
+    PacketType.PUBCOMP: frozenset({0x00, 0x92}),
+    PacketType.SUBACK: frozenset(
+        {0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2}
+    ),
+    PacketType.UNSUBACK: frozenset({0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91}),
+    PacketType.DISCONNECT: frozenset(
+        {0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90}
+        | set(range(0x93, 0xA3))
+    ),
+    PacketType.AUTH: frozenset({0x00, 0x18, 0x19}),
+}
+_SUBACK_311: Final = frozenset({0x00, 0x01, 0x02, 0x80})
+# Indexed by the first byte's high nibble (0 is reserved, rejected before the lookup); a
+# tuple index is cheaper than calling the enum once per packet.
+_PACKET_TYPES: Final[tuple[PacketType, ...]] = (PacketType.CONNECT, *PacketType)
+
+
+def _check_reason(packet_type: PacketType, code: int) -> None:
+    if code not in _REASONS[packet_type]:
+        raise protocol_error(f"reason code 0x{code:02X} is not valid in {packet_type.name}")
+
+
+def _check_packet_id(packet_id: int) -> int:
+    # 5.0 section 2.2.1 / 3.1.1 section 2.3.1: Packet Identifiers are non-zero.
+    if packet_id == 0:
+        raise protocol_error("packet identifier 0")
+    return packet_id
+
+
+def _check_topic_name(topic: str) -> None:
+    # 5.0 section 3.3.2.1 [MQTT-3.3.2-2]: no wildcard characters in a Topic Name.
+    if "+" in topic or "#" in topic:
+        raise MQTTProtocolError(
+            ReasonCode.TOPIC_NAME_INVALID, f"topic name {topic!r} contains a wildcard"
+        )
+
+
+def _done(reader: Reader, packet_type: PacketType) -> None:
+    if reader.pos != reader.end:
+        raise malformed(
+            f"{reader.end - reader.pos} unexpected bytes at the end of {packet_type.name}"
+        )
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def _decode_connect(reader: Reader) -> Connect:
+    name = reader.string("the protocol name")
+    level = reader.u8("the protocol level")
+    try:
+        if _PROTOCOL_NAMES.get(level) != name:
+            raise MQTTProtocolError(
+                ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
+                f"unsupported protocol {name!r} level {level}",
+            )
+        return _decode_connect_rest(reader, name, level)
+    except MQTTProtocolError as error:
+        if error.protocol_level is None:
+            error.protocol_level = level
+        raise
+
+
+def _decode_connect_rest(reader: Reader, name: str, level: int) -> Connect:
+    v5 = level >= _MQTT_5
+    flags = reader.u8("the connect flags")
+    # 3.1.1 section 3.1.2.3 / 5.0 section 3.1.2.3: the reserved bit is 0.
+    if flags & 0x01:
+        raise malformed("reserved connect flag is set")
+    will_flag = bool(flags & 0x04)
+    will_qos = (flags >> 3) & 0x03
+    will_retain = bool(flags & 0x20)
+    password_flag = bool(flags & 0x40)
+    username_flag = bool(flags & 0x80)
+    if will_qos == 3:
+        raise malformed("will QoS 3")
+    if not will_flag and (will_qos or will_retain):
+        raise malformed("will QoS or will retain set without the will flag")
+    if password_flag and not username_flag and not v5:
+        raise malformed("password flag without user name flag")  # [MQTT-3.1.2-22]
+    keep_alive = reader.u16("keep alive")
+    properties = decode_properties(reader, PacketType.CONNECT) if v5 else EMPTY_PROPERTIES
+    client_id = reader.string("the client identifier")
+    clean_start = bool(flags & 0x02)
+    if not client_id and (level == ProtocolLevel.MQTT_3_1 or not (v5 or clean_start)):
+        # 3.1.1 section 3.1.3.1 [MQTT-3.1.3-8]; 3.1 requires 1 to 23 characters.
+        raise MQTTProtocolError(
+            ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "empty client identifier without clean session"
+        )
+    will = None
+    if will_flag:
+        will_properties = decode_properties(reader, WILL_PROPERTIES) if v5 else EMPTY_PROPERTIES
+        will_topic = reader.string("the will topic")
+        if not will_topic:
+            raise MQTTProtocolError(ReasonCode.TOPIC_NAME_INVALID, "empty will topic")
+        _check_topic_name(will_topic)
+        will_payload = reader.binary("the will payload")
+        will = Will(will_topic, will_payload, will_qos, will_retain, will_properties)
+    username = reader.string("the user name") if username_flag else None
+    password = reader.binary("the password") if password_flag else None
+    _done(reader, PacketType.CONNECT)
+    return Connect(
+        name, level, clean_start, keep_alive, client_id, username, password, will, properties
+    )
+
+
+def _decode_connack(reader: Reader, v5: bool) -> Connack:
+    flags = reader.u8("the connect acknowledge flags")
+    if flags & 0xFE:
+        raise malformed("reserved connect acknowledge flags are set")
+    code = reader.u8("the connect reason code")
+    if v5:
+        _check_reason(PacketType.CONNACK, code)
+        properties = decode_properties(reader, PacketType.CONNACK)
+    else:
+        if code > max(ConnackReturnCode311):
+            raise malformed(f"unknown CONNACK return code {code}")
+        properties = EMPTY_PROPERTIES
+    _done(reader, PacketType.CONNACK)
+    if flags and code:
+        # [MQTT-3.2.2-4] (3.1.1) / [MQTT-3.2.2-6] (5.0)
+        raise protocol_error("session present with a refusing CONNACK")
+    return Connack(bool(flags), code, properties)
+
+
+def _decode_publish(reader: Reader, flags: int, v5: bool) -> Publish:
+    qos = (flags >> 1) & 0x03
+    dup = bool(flags & 0x08)
+    if qos == 3:
+        raise malformed("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
+    if dup and not qos:
+        raise malformed("PUBLISH with DUP set at QoS 0")  # [MQTT-3.3.1-2]
+    topic = reader.string("the topic name")
+    packet_id = _check_packet_id(reader.u16("the packet identifier")) if qos else None
+    properties = decode_properties(reader, PacketType.PUBLISH) if v5 else EMPTY_PROPERTIES
+    if not topic:
+        if not v5:
+            raise MQTTProtocolError(ReasonCode.TOPIC_NAME_INVALID, "empty topic name")
+        if properties.topic_alias is None:
+            raise protocol_error("empty topic name without a topic alias")  # 3.3.2.1
+    _check_topic_name(topic)
+    return Publish(topic, reader.rest(), qos, bool(flags & 0x01), dup, packet_id, properties)
+
+
+_ACK_CLASSES: Final[dict[PacketType, type[Puback | Pubrec | Pubrel | Pubcomp]]] = {
+    PacketType.PUBACK: Puback,
+    PacketType.PUBREC: Pubrec,
+    PacketType.PUBREL: Pubrel,
+    PacketType.PUBCOMP: Pubcomp,
+}
+
+
+def _decode_ack(
+    reader: Reader, packet_type: PacketType, v5: bool
+) -> Puback | Pubrec | Pubrel | Pubcomp:
+    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+    code = 0
+    properties = EMPTY_PROPERTIES
+    # 5.0 section 3.4.2.1: the reason code and properties may be left out.
+    if v5 and reader.remaining():
+        code = reader.u8("the reason code")
+        _check_reason(packet_type, code)
+        if reader.remaining():
+            properties = decode_properties(reader, packet_type)
+    _done(reader, packet_type)
+    return _ACK_CLASSES[packet_type](packet_id, code, properties)
+
+
+def _decode_subscribe(reader: Reader, v5: bool) -> Subscribe:
+    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+    properties = decode_properties(reader, PacketType.SUBSCRIBE) if v5 else EMPTY_PROPERTIES
+    subscriptions = []
+    reserved = 0xC0 if v5 else 0xFC
+    while reader.remaining():
+        topic_filter = reader.string("a topic filter")
+        options = reader.u8("the subscription options")
+        if options & reserved:
+            raise malformed("reserved subscription option bits are set")  # [MQTT-3.8.3-5]
+        qos = options & 0x03
+        if qos == 3:
+            raise malformed("subscription with QoS 3")
+        no_local = bool(options & 0x04)
+        retain_handling = (options >> 4) & 0x03
+        if retain_handling == 3:
+            raise protocol_error("retain handling 3")  # 5.0 section 3.8.3.1
+        if no_local and topic_filter.startswith("$share/"):
+            raise protocol_error("no local on a shared subscription")  # [MQTT-3.8.3-4]
+        subscriptions.append(
+            Subscription(topic_filter, qos, no_local, bool(options & 0x08), retain_handling)
+        )
+    if not subscriptions:
+        raise protocol_error("SUBSCRIBE without subscriptions")  # [MQTT-3.8.3-2]
+    return Subscribe(packet_id, tuple(subscriptions), properties)
+
+
+def _decode_suback(reader: Reader, v5: bool) -> Suback:
+    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+    properties = decode_properties(reader, PacketType.SUBACK) if v5 else EMPTY_PROPERTIES
+    codes = tuple(reader.rest())
+    if not codes:
+        raise protocol_error("SUBACK without reason codes")
+    allowed = _REASONS[PacketType.SUBACK] if v5 else _SUBACK_311
+    for code in codes:
+        if code not in allowed:
+            raise protocol_error(f"reason code 0x{code:02X} is not valid in SUBACK")
+    return Suback(packet_id, codes, properties)
+
+
+def _decode_unsubscribe(reader: Reader, v5: bool) -> Unsubscribe:
+    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+    properties = decode_properties(reader, PacketType.UNSUBSCRIBE) if v5 else EMPTY_PROPERTIES
+    topic_filters = []
+    while reader.remaining():
+        topic_filters.append(reader.string("a topic filter"))
+    if not topic_filters:
+        raise protocol_error("UNSUBSCRIBE without topic filters")  # [MQTT-3.10.3-2]
+    return Unsubscribe(packet_id, tuple(topic_filters), properties)
+
+
+def _decode_unsuback(reader: Reader, v5: bool) -> Unsuback:
+    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+    if not v5:
+        _done(reader, PacketType.UNSUBACK)
+        return Unsuback(packet_id)
+    properties = decode_properties(reader, PacketType.UNSUBACK)
+    codes = tuple(reader.rest())
+    if not codes:
+        raise protocol_error("UNSUBACK without reason codes")
+    for code in codes:
+        _check_reason(PacketType.UNSUBACK, code)
+    return Unsuback(packet_id, codes, properties)
+
+
+def _decode_disconnect_or_auth(
+    reader: Reader, packet_type: PacketType, v5: bool
+) -> Disconnect | Auth:
+    code = 0
+    properties = EMPTY_PROPERTIES
+    # 5.0 sections 3.14.2.1 and 3.15.2.1: with Remaining Length 0 the reason code is 0x00.
+    if v5 and reader.remaining():
+        code = reader.u8("the reason code")
+        _check_reason(packet_type, code)
+        if reader.remaining():
+            properties = decode_properties(reader, packet_type)
+    _done(reader, packet_type)
+    if packet_type == PacketType.AUTH:
+        return Auth(code, properties)
+    return Disconnect(code, properties)
+
+
+class MQTTDecoder:
+    """Turns a byte stream into MQTT packets: `feed` bytes, then call `next_event` until it
+    returns `NEED_DATA`. A decoder that has raised keeps raising the same error."""
+
+    __slots__ = (
+        "_buffer",
+        "_connect_seen",
+        "_error",
+        "_offset",
+        "max_packet_size",
+        "protocol_level",
+    )
+
+    def __init__(
+        self, max_packet_size: int = MAX_PACKET_SIZE, protocol_level: int | None = None
+    ) -> None:
+        if protocol_level is not None and protocol_level not in _PROTOCOL_NAMES:
+            raise ValueError(f"unsupported protocol level {protocol_level}")
+        self.max_packet_size = max_packet_size
+        self.protocol_level = protocol_level
+        self._buffer = bytearray()
+        self._offset = 0
+        self._error: MQTTProtocolError | None = None
+        self._connect_seen = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        buffer = self._buffer
+        if self._offset > _COMPACT_AFTER and self._offset * 2 > len(buffer):
+            del buffer[: self._offset]
+            self._offset = 0
+        buffer += data
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Bytes received but not yet returned as a packet."""
+        return bytes(self._buffer[self._offset :])
+
+    def next_event(self) -> Packet | Literal[NeedData.NEED_DATA]:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except MQTTProtocolError as error:
+            if error.protocol_level is None:
+                error.protocol_level = self.protocol_level
+            self._error = error
+            raise
+
+    def _next_event(self) -> Packet | Literal[NeedData.NEED_DATA]:
+        buffer = self._buffer
+        start = self._offset
+        available = len(buffer) - start
+        if available == 0:
+            return NEED_DATA
+        first = buffer[start]
+        packet_type = self._check_first_byte(first)
+        # Remaining Length: read only the bytes that are here; a fifth byte is an error.
+        length = 0
+        index = 1
+        while True:
+            if index >= available:
+                return NEED_DATA
+            byte = buffer[start + index]
+            length |= (byte & 0x7F) << (7 * (index - 1))
+            index += 1
+            if not byte & 0x80:
+                if byte == 0 and index > 2:
+                    raise malformed("remaining length is not in its shortest form")
+                break
+            if index > REMAINING_LENGTH_MAX_BYTES:
+                raise malformed(f"remaining length longer than {REMAINING_LENGTH_MAX_BYTES} bytes")
+        total = index + length
+        if total > self.max_packet_size:
+            raise MQTTProtocolError(
+                ReasonCode.PACKET_TOO_LARGE,
+                f"{packet_type.name} of {total} bytes exceeds {self.max_packet_size}",
+            )
+        if available < total:
+            return NEED_DATA
+        with memoryview(buffer) as view:
+            reader = Reader(view, start + index, start + total)
+            try:
+                packet = self._decode(reader, packet_type, first & 0x0F)
+            finally:
+                reader.view = memoryview(b"")
+        if start + total == len(buffer):
+            buffer.clear()
+            self._offset = 0
+        else:
+            self._offset = start + total
+        return packet
+
+    def _check_first_byte(self, first: int) -> PacketType:
+        type_value, flags = first >> 4, first & 0x0F
+        if type_value == 0 or (
+            type_value == PacketType.AUTH
+            and self.protocol_level is not None
+            and self.protocol_level < _MQTT_5
+        ):
+            raise malformed(f"reserved packet type {type_value}")
+        packet_type = _PACKET_TYPES[type_value]
+        if packet_type != PacketType.PUBLISH and flags != _FLAGS.get(packet_type, 0):
+            raise malformed(f"invalid fixed header flags 0x{flags:X} for {packet_type.name}")
+        if packet_type == PacketType.CONNECT:
+            if self._connect_seen:
+                raise protocol_error("second CONNECT")  # [MQTT-3.1.0-2]
+        elif self.protocol_level is None:
+            raise protocol_error(f"{packet_type.name} before CONNECT")  # [MQTT-3.1.0-1]
+        return packet_type
+
+    def _decode(self, reader: Reader, packet_type: PacketType, flags: int) -> Packet:
+        if packet_type == PacketType.CONNECT:
+            connect = _decode_connect(reader)
+            self._connect_seen = True
+            self.protocol_level = connect.protocol_level
+            return connect
+        v5 = self.protocol_level is not None and self.protocol_level >= _MQTT_5
+        if packet_type == PacketType.PUBLISH:
+            return _decode_publish(reader, flags, v5)
+        if packet_type in _ACK_CLASSES:
+            return _decode_ack(reader, packet_type, v5)
+        if packet_type == PacketType.CONNACK:
+            return _decode_connack(reader, v5)
+        if packet_type == PacketType.SUBSCRIBE:
+            return _decode_subscribe(reader, v5)
+        if packet_type == PacketType.SUBACK:
+            return _decode_suback(reader, v5)
+        if packet_type == PacketType.UNSUBSCRIBE:
+            return _decode_unsubscribe(reader, v5)
+        if packet_type == PacketType.UNSUBACK:
+            return _decode_unsuback(reader, v5)
+        if packet_type in (PacketType.PINGREQ, PacketType.PINGRESP):
+            _done(reader, packet_type)
+            return Pingreq() if packet_type == PacketType.PINGREQ else Pingresp()
+        return _decode_disconnect_or_auth(reader, packet_type, v5)
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def encode(packet: Packet, protocol_level: int) -> bytes:
+    """The wire bytes of `packet` at `protocol_level` (3, 4 or 5).
+
+    For levels 3 and 4, properties and reason codes that have no place on that wire are
+    dropped, SUBACK failures become 0x80 and a 5.0 CONNACK refusal becomes its 3.1.1 return
+    code. Misuse (a value the wire cannot carry) raises ValueError.
+    """
+    if protocol_level not in _PROTOCOL_NAMES:
+        raise ValueError(f"unsupported protocol level {protocol_level}")
+    v5 = protocol_level >= _MQTT_5
+    flags = 0
+    parts: list[bytes]
+    if isinstance(packet, Publish):
+        flags, parts = _encode_publish(packet, v5)
+    elif isinstance(packet, Puback | Pubrec | Pubrel | Pubcomp):
+        flags = _FLAGS.get(packet.packet_type, 0)
+        parts = [encode_u16(_packet_id(packet.packet_id))]
+        if v5 and (packet.reason_code or packet.properties != EMPTY_PROPERTIES):
+            parts.append(bytes((packet.reason_code,)))
+            if packet.properties != EMPTY_PROPERTIES:
+                parts.append(encode_properties(packet.properties, packet.packet_type))
+    elif isinstance(packet, Connect):
+        parts = _encode_connect(packet, protocol_level)
+    elif isinstance(packet, Connack):
+        code = packet.reason_code
+        if not v5 and code > max(ConnackReturnCode311):
+            code = connack_code_for(protocol_level, code)
+        parts = [bytes((int(packet.session_present), code))]
+        if v5:
+            parts.append(encode_properties(packet.properties, PacketType.CONNACK))
+    elif isinstance(packet, Subscribe):
+        flags = _FLAGS[PacketType.SUBSCRIBE]
+        parts = [encode_u16(_packet_id(packet.packet_id))]
+        if v5:
+            parts.append(encode_properties(packet.properties, PacketType.SUBSCRIBE))
+        if not packet.subscriptions:
+            raise ValueError("SUBSCRIBE needs at least one subscription")
+        for subscription in packet.subscriptions:
+            parts.append(encode_string(subscription.topic_filter))
+            parts.append(bytes((_subscription_options(subscription, v5),)))
+    elif isinstance(packet, Suback):
+        parts = [encode_u16(_packet_id(packet.packet_id))]
+        if v5:
+            parts.append(encode_properties(packet.properties, PacketType.SUBACK))
+            parts.append(bytes(packet.reason_codes))
+        else:
+            parts.append(bytes(code if code < 0x80 else 0x80 for code in packet.reason_codes))
+    elif isinstance(packet, Unsubscribe):
+        flags = _FLAGS[PacketType.UNSUBSCRIBE]
+        parts = [encode_u16(_packet_id(packet.packet_id))]
+        if v5:
+            parts.append(encode_properties(packet.properties, PacketType.UNSUBSCRIBE))
+        if not packet.topic_filters:
+            raise ValueError("UNSUBSCRIBE needs at least one topic filter")
+        parts.extend(encode_string(topic_filter) for topic_filter in packet.topic_filters)
+    elif isinstance(packet, Unsuback):
+        parts = [encode_u16(_packet_id(packet.packet_id))]
+        if v5:
+            parts.append(encode_properties(packet.properties, PacketType.UNSUBACK))
+            parts.append(bytes(packet.reason_codes))
+    elif isinstance(packet, Pingreq | Pingresp):
+        parts = []
+    elif isinstance(packet, Disconnect | Auth):
+        if isinstance(packet, Auth) and not v5:
+            raise ValueError("AUTH exists only in MQTT 5.0")
+        parts = []
+        if v5 and (packet.reason_code or packet.properties != EMPTY_PROPERTIES):
+            parts.append(bytes((packet.reason_code,)))
+            if packet.properties != EMPTY_PROPERTIES:
+                parts.append(encode_properties(packet.properties, packet.packet_type))
+    else:
+        raise TypeError(f"not an MQTT packet: {packet!r}")
+    length = sum(len(part) for part in parts)
+    if length > MAX_REMAINING_LENGTH:
+        raise ValueError(f"packet body of {length} bytes exceeds {MAX_REMAINING_LENGTH}")
+    header = bytes(((packet.packet_type << 4) | flags,)) + encode_variable_byte_integer(length)
+    return b"".join((header, *parts))
+
+
+def _packet_id(packet_id: int) -> int:
+    if not 1 <= packet_id <= 0xFFFF:
+        raise ValueError(f"packet identifier out of range: {packet_id}")
+    return packet_id
+
+
+def _check_qos(qos: int) -> int:
+    if qos not in (0, 1, 2):
+        raise ValueError(f"invalid QoS {qos}")
+    return qos
+
+
+def _encode_publish(packet: Publish, v5: bool) -> tuple[int, list[bytes]]:
+    qos = _check_qos(packet.qos)
+    if (packet.packet_id is None) != (qos == 0):
+        raise ValueError("PUBLISH needs a packet identifier exactly when QoS > 0")
+    if packet.dup and not qos:
+        raise ValueError("DUP must be 0 at QoS 0")
+    flags = (packet.dup << 3) | (qos << 1) | int(packet.retain)
+    parts = [encode_string(packet.topic)]
+    if packet.packet_id is not None:
+        parts.append(encode_u16(_packet_id(packet.packet_id)))
+    if v5:
+        parts.append(encode_properties(packet.properties, PacketType.PUBLISH))
+    parts.append(packet.payload)
+    return flags, parts
+
+
+def _subscription_options(subscription: Subscription, v5: bool) -> int:
+    options = _check_qos(subscription.qos)
+    if v5:
+        if not 0 <= subscription.retain_handling <= 2:
+            raise ValueError(f"invalid retain handling {subscription.retain_handling}")
+        options |= (
+            (subscription.no_local << 2)
+            | (subscription.retain_as_published << 3)
+            | (subscription.retain_handling << 4)
+        )
+    return options
+
+
+def _encode_connect(packet: Connect, protocol_level: int) -> list[bytes]:
+    if packet.protocol_level != protocol_level:
+        raise ValueError(
+            f"CONNECT is level {packet.protocol_level}, encoded at level {protocol_level}"
+        )
+    v5 = protocol_level >= _MQTT_5
+    will = packet.will
+    if packet.password is not None and packet.username is None and not v5:
+        raise ValueError("MQTT 3.1.1 has no password without a user name")
+    flags = (
+        (packet.clean_start << 1)
+        | ((will is not None) << 2)
+        | ((packet.username is not None) << 7)
+        | ((packet.password is not None) << 6)
+    )
+    if will is not None:
+        flags |= (_check_qos(will.qos) << 3) | (will.retain << 5)
+    parts = [
+        encode_string(packet.protocol_name),
+        bytes((protocol_level, flags)),
+        encode_u16(packet.keep_alive),
+    ]
+    if v5:
+        parts.append(encode_properties(packet.properties, PacketType.CONNECT))
+    parts.append(encode_string(packet.client_id))
+    if will is not None:
+        if v5:
+            parts.append(encode_properties(will.properties, WILL_PROPERTIES))
+        parts.append(encode_string(will.topic))
+        parts.append(encode_binary(will.payload))
+    if packet.username is not None:
+        parts.append(encode_string(packet.username))
+    if packet.password is not None:
+        parts.append(encode_binary(packet.password))
+    return parts
