@@ -171,15 +171,22 @@ class Process:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    def wait_output(self, text: str, timeout: float = 10.0, stream: str = "both") -> str:
+    def wait_output(
+        self, text: str, timeout: float = 10.0, stream: str = "both", since: int = 0
+    ) -> str:
+        """Wait until `text` appears in the output after character `since` (see `mark`)."""
         deadline = time.monotonic() + timeout
         while True:
-            output = self.output(stream)
+            output = self.output(stream)[since:]
             if text in output:
                 return output
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{text!r} not in output after {timeout}s:\n{output}")
             time.sleep(0.02)
+
+    def mark(self, stream: str = "both") -> int:
+        """Where the output ends now, for wait_output(since=...)."""
+        return len(self.output(stream))
 
     def output(self, stream: str = "both") -> str:
         if stream == "stdout":

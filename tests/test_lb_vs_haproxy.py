@@ -210,8 +210,9 @@ def test_refusal_log_lines_explain(balancers: Balancers) -> None:
         (pki.device(9), "crl_partial", "no CRL in crl-file", "X509_V_ERR_UNABLE_TO_GET_CRL"),
     ]
     for device, frontend, words, name in cases:
+        mark = lb.mark("stdout")
         tls_outcome(balancers.ports["lb"][frontend], _context(device, pki))
-        output = lb.wait_output(name, 5)
+        output = lb.wait_output(name, 5, stream="stdout", since=mark)
         line = next(line for line in output.splitlines() if name in line and "handshake" in line)
         assert words in line, line
         assert "depth " in line
