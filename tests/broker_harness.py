@@ -46,9 +46,9 @@ def make_config(
 
 
 class BrokerThread:
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, use_uvloop: bool = True) -> None:
         self.config = config
-        self.loop = uvloop.new_event_loop()
+        self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: BrokerServer | None = None
 
@@ -98,12 +98,14 @@ class BrokerThread:
         return json.loads(body) if path.startswith("/api/") else body.decode()
 
     def counters(self) -> dict[str, int]:
-        return self.call(lambda: self.broker.counters.as_dict())
+        return self.call(self.broker.counters.as_dict)
 
 
 @contextlib.contextmanager
-def running_broker(config: BrokerConfig | None = None) -> Iterator[BrokerThread]:
-    node = BrokerThread(config or make_config())
+def running_broker(
+    config: BrokerConfig | None = None, use_uvloop: bool = True
+) -> Iterator[BrokerThread]:
+    node = BrokerThread(config or make_config(), use_uvloop)
     node.start()
     try:
         yield node
@@ -153,7 +155,7 @@ class RawClient:
         while True:
             event = self.decoder.next_event()
             if event is not NEED_DATA:
-                return event  # type: ignore[return-value]
+                return event
             data = self.sock.recv(65536)
             if not data:
                 return None

@@ -1,0 +1,624 @@
+"""Broker configuration: a TOML file (EMQX-like names) parsed once into frozen dataclasses.
+
+Shape (every table and key optional except where noted)::
+
+    [node]
+    name = "broker-1"              # shown in the admin API and cluster
+    cookie = "secret"              # shared by the cluster's nodes (seed 002)
+
+    [mqtt]
+    max_keepalive = 65535          # Server Keep Alive cap, as mosquitto's max_keepalive
+    max_packet_size = 1048576      # bytes, both directions
+    receive_maximum = 32           # QoS 2 messages a client may have unreleased
+    max_inflight = 32              # outgoing QoS 1/2 in flight (3.1.1; caps 5.0 Receive Maximum)
+    max_queued_messages = 1000     # per session
+    retain_available = true
+    topic_alias_maximum = 10
+    session_expiry_max = 7200      # seconds; also the expiry of 3.1.1 persistent sessions
+    maximum_qos = 2
+    shared_subscription_available = true
+    subscription_identifier_available = true
+    wildcard_subscription_available = true
+    connect_timeout = 10           # seconds to receive CONNECT
+
+    [listeners.tcp.default]
+    bind = "0.0.0.0:1883"
+    max_connections = 500000
+    proxy_protocol = true
+    proxy_protocol_timeout = 3     # seconds (or "3s", "500ms")
+    proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
+    peer_cert_as_username = "cn"
+    authorization = true           # seed 003: apply [authorization] here (needs authentication)
+    password_file = "passwd"       # username/password authentication (mosquitto_passwd format)
+
+    [listeners.ssl.default]
+    bind = "0.0.0.0:8883"
+    [listeners.ssl.default.ssl_options]
+    cacertfile = "certs/ca.pem"    # relative paths are relative to the config file
+    certfile = "certs/server.pem"
+    keyfile = "certs/server.key"
+    password = ""
+    verify = "verify_peer"         # or "verify_none"
+    fail_if_no_peer_cert = true
+    versions = ["tlsv1.3", "tlsv1.2"]
+    depth = 10
+    crl_file = "certs/crl.pem"
+    reload_interval = 120          # seconds (EMQX rereads certificates every 120 s)
+
+    [cluster]
+    name = "mqtt-cluster"
+    bind = "127.0.0.1:5371"
+    peers = ["broker-2@127.0.0.1:5372"]
+    [cluster.ssl_options]          # as above
+
+    [admin]
+    bind = "127.0.0.1:18083"
+
+    [authorization]                # seed 003 (broker/authz.py)
+    policy_file = "authz/policy.yaml"   # JSON or YAML rules, or a BrokerAuthorization resource
+    reload_interval = "5s"         # poll the file; a change disconnects the linked clients
+    [authorization.x509_attributes.root]   # Azure's authorizationAttributes, by subject
+    subject = "CN = Contoso Root CA Cert, OU = Engineering, C = US"
+    attributes = { organization = "contoso" }
+
+A listener with ``authorization = true`` must authenticate its clients: ``password_file``,
+X.509 from the balancer (``proxy_protocol = true`` and ``peer_cert_as_username = "cn"``) or
+its own mutual TLS (``verify = "verify_peer"``, ``fail_if_no_peer_cert = true``).
+
+Errors raise :class:`ConfigError` naming the file, the dotted key and what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "AdminConfig",
+    "AuthorizationConfig",
+    "BrokerConfig",
+    "ClusterConfig",
+    "ConfigError",
+    "ListenerConfig",
+    "MQTTSettings",
+    "SSLOptions",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TRUSTED: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+# MQTT 5.0 section 2.2.3: Maximum Packet Size is a four byte integer, the remaining length
+# at most 268,435,455 (+5 bytes of fixed header).
+MAX_PACKET_SIZE_LIMIT = 268_435_460
+TLS_VERSION_NAMES = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names file and key."""
+
+    def __init__(self, origin: str, key: str, message: str) -> None:
+        super().__init__(f"{origin}: '{key}': {message}")
+        self.origin = origin
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class MQTTSettings:
+    max_keepalive: int = 65535
+    max_packet_size: int = 1_048_576
+    receive_maximum: int = 32
+    max_inflight: int = 32
+    max_queued_messages: int = 1000
+    retain_available: bool = True
+    topic_alias_maximum: int = 10
+    session_expiry_max: int = 7200
+    maximum_qos: int = 2
+    shared_subscription_available: bool = True
+    subscription_identifier_available: bool = True
+    wildcard_subscription_available: bool = True
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SSLOptions:
+    """EMQX's ssl_options (seed 000); paths already resolved against the config file."""
+
+    certfile: Path
+    keyfile: Path
+    cacertfile: Path | None = None
+    password: str | None = None
+    verify: Literal["verify_peer", "verify_none"] = "verify_none"
+    fail_if_no_peer_cert: bool = False
+    versions: tuple[str, ...] = ("tlsv1.3", "tlsv1.2")
+    depth: int = 10
+    crl_file: Path | None = None
+    reload_interval: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    kind: Literal["tcp", "ssl"]
+    host: str
+    port: int
+    max_connections: int = 1_024_000
+    proxy_protocol: bool = False
+    proxy_protocol_timeout: float = 3.0
+    proxy_protocol_trusted: tuple[Network, ...] = DEFAULT_TRUSTED
+    peer_cert_as_username: Literal["cn"] | None = None
+    ssl_options: SSLOptions | None = None
+    authorization: bool = False
+    password_file: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @property
+    def authentication(self) -> frozenset[Literal["x509", "password"]]:
+        """How this listener authenticates clients (seed 003 links authorization to it)."""
+        methods: set[Literal["x509", "password"]] = set()
+        if self.password_file is not None:
+            methods.add("password")
+        if self.proxy_protocol and self.peer_cert_as_username == "cn":
+            methods.add("x509")
+        options = self.ssl_options
+        if options is not None and options.verify == "verify_peer" and options.fail_if_no_peer_cert:
+            methods.add("x509")
+        return frozenset(methods)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str = "mqtt-cluster"
+    host: str = "127.0.0.1"
+    port: int = 0
+    peers: tuple[tuple[str, str, int], ...] = ()  # (node name, host, port)
+    ssl_options: SSLOptions | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 18083
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationConfig:
+    """``[authorization]`` (seed 003): the policy file and Azure-style X.509 attributes."""
+
+    policy_file: Path
+    reload_interval: float = 5.0
+    # (name, subject as written, ((attribute, value), ...))
+    x509_attributes: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    origin: str = "<defaults>"
+    node_name: str = "broker@127.0.0.1"
+    cookie: str | None = None
+    mqtt: MQTTSettings = field(default_factory=MQTTSettings)
+    listeners: tuple[ListenerConfig, ...] = ()
+    cluster: ClusterConfig | None = None
+    admin: AdminConfig | None = None
+    authorization: AuthorizationConfig | None = None
+
+
+def default_config(port: int, host: str = "0.0.0.0") -> BrokerConfig:
+    """What ``broker -p PORT`` runs: one anonymous plain listener, no admin, no cluster."""
+    return BrokerConfig(listeners=(ListenerConfig("default", "tcp", host, port),))
+
+
+def load_config(path: str | Path) -> BrokerConfig:
+    path = Path(path)
+    origin = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(origin, "-c", f"cannot read file: {error.strerror}") from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(origin, "(syntax)", f"not valid TOML: {error}") from None
+    return parse_config(document, origin, base_directory=path.parent)
+
+
+class _Reader:
+    """Typed access to one TOML table with errors that name the dotted key."""
+
+    def __init__(self, origin: str, prefix: str, table: Mapping[str, Any]) -> None:
+        self.origin = origin
+        self.prefix = prefix
+        self.table = table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.origin, self.key(name), message)
+
+    def get(self, name: str) -> Any:
+        self.used.add(name)
+        return self.table.get(name)
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.fail(name, f"expected a string, got {value!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(name, f"expected true or false, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int = 2**63) -> int:
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"expected an integer, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise self.fail(name, f"expected an integer from {minimum} to {maximum}, got {value}")
+        return value
+
+    def duration(self, name: str, default: float) -> float:
+        """Seconds as a number, or a string with a unit: "500ms", "3s", "2m", "1h"."""
+        value = self.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            raise self.fail(name, f'expected a duration such as 3 or "3s", got {value!r}')
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+            if match is None:
+                raise self.fail(name, f'expected a duration such as "3s", got {value!r}')
+            scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+            seconds = float(match.group(1)) * scale
+        else:
+            raise self.fail(name, f'expected a duration such as 3 or "3s", got {value!r}')
+        if seconds <= 0:
+            raise self.fail(name, f"expected a positive duration, got {value!r}")
+        return seconds
+
+    def table_at(self, name: str) -> _Reader | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.fail(name, f"expected a table, got {value!r}")
+        return _Reader(self.origin, self.key(name), value)
+
+    def string_list(self, name: str) -> list[str] | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(name, f"expected a list of strings, got {value!r}")
+        return list(value)
+
+    def reject_unknown(self) -> None:
+        for name in self.table:
+            if name not in self.used:
+                raise self.fail(name, "unknown key")
+
+
+def _parse_bind(reader: _Reader, name: str, default: str | None) -> tuple[str, int]:
+    value = reader.get(name)
+    if value is None:
+        if default is None:
+            raise reader.fail(name, 'missing; expected "HOST:PORT" such as "0.0.0.0:1883"')
+        value = default
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"0.0.0.0:{value}"
+    if not isinstance(value, str):
+        raise reader.fail(name, f'expected "HOST:PORT" such as "0.0.0.0:1883", got {value!r}')
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d+)", value)
+    if match is None or int(match.group(2)) > 65535:
+        raise reader.fail(name, f'expected "HOST:PORT" such as "0.0.0.0:1883", got {value!r}')
+    return match.group(1) or "0.0.0.0", int(match.group(2))
+
+
+def _parse_path(reader: _Reader, name: str, base: Path, required: bool) -> Path | None:
+    value = reader.string(name)
+    if value is None or value == "":
+        if required:
+            raise reader.fail(name, "missing; expected a file path")
+        return None
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def _parse_ssl_options(reader: _Reader, base: Path) -> SSLOptions:
+    verify = reader.string("verify", "verify_none")
+    if verify not in ("verify_peer", "verify_none"):
+        raise reader.fail("verify", f'expected "verify_peer" or "verify_none", got {verify!r}')
+    versions = reader.string_list("versions") or ["tlsv1.3", "tlsv1.2"]
+    for version in versions:
+        if version not in TLS_VERSION_NAMES:
+            raise reader.fail(
+                "versions", f"expected a list of {', '.join(TLS_VERSION_NAMES)}, got {version!r}"
+            )
+    certfile = _parse_path(reader, "certfile", base, required=True)
+    keyfile = _parse_path(reader, "keyfile", base, required=True)
+    assert certfile is not None and keyfile is not None
+    options = SSLOptions(
+        certfile=certfile,
+        keyfile=keyfile,
+        cacertfile=_parse_path(reader, "cacertfile", base, required=False),
+        password=reader.string("password") or None,
+        verify="verify_peer" if verify == "verify_peer" else "verify_none",
+        fail_if_no_peer_cert=reader.boolean("fail_if_no_peer_cert", False),
+        versions=tuple(versions),
+        depth=reader.integer("depth", 10, minimum=0, maximum=100),
+        crl_file=_parse_path(reader, "crl_file", base, required=False),
+        reload_interval=reader.duration("reload_interval", 120.0),
+    )
+    if options.verify == "verify_peer" and options.cacertfile is None:
+        raise reader.fail("cacertfile", 'missing; verify = "verify_peer" needs the CA file')
+    reader.reject_unknown()
+    return options
+
+
+def _parse_networks(reader: _Reader, name: str) -> tuple[Network, ...]:
+    values = reader.string_list(name)
+    if values is None:
+        return DEFAULT_TRUSTED
+    networks: list[Network] = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise reader.fail(
+                name, f'expected CIDR networks such as "10.0.0.0/8", got {value!r}'
+            ) from None
+    return tuple(networks)
+
+
+def _parse_listener(
+    reader: _Reader, name: str, kind: Literal["tcp", "ssl"], base: Path
+) -> ListenerConfig:
+    host, port = _parse_bind(reader, "bind", None)
+    peer_cert_as_username = reader.string("peer_cert_as_username")
+    if peer_cert_as_username not in (None, "cn", "disabled"):
+        raise reader.fail(
+            "peer_cert_as_username", f'expected "cn" or "disabled", got {peer_cert_as_username!r}'
+        )
+    ssl_reader = reader.table_at("ssl_options")
+    ssl_options = None
+    if kind == "ssl":
+        if ssl_reader is None:
+            raise reader.fail("ssl_options", "missing; an ssl listener needs certfile and keyfile")
+        ssl_options = _parse_ssl_options(ssl_reader, base)
+    elif ssl_reader is not None:
+        raise reader.fail("ssl_options", "only [listeners.ssl.NAME] listeners take ssl_options")
+    listener = ListenerConfig(
+        name=name,
+        kind=kind,
+        host=host,
+        port=port,
+        max_connections=reader.integer("max_connections", 1_024_000, minimum=1),
+        proxy_protocol=reader.boolean("proxy_protocol", False),
+        proxy_protocol_timeout=reader.duration("proxy_protocol_timeout", 3.0),
+        proxy_protocol_trusted=_parse_networks(reader, "proxy_protocol_trusted"),
+        peer_cert_as_username="cn" if peer_cert_as_username == "cn" else None,
+        ssl_options=ssl_options,
+        authorization=reader.boolean("authorization", False),
+        password_file=_parse_path(reader, "password_file", base, required=False),
+    )
+    reader.reject_unknown()
+    return listener
+
+
+def _parse_mqtt(reader: _Reader | None) -> MQTTSettings:
+    if reader is None:
+        return MQTTSettings()
+    defaults = MQTTSettings()
+    settings = MQTTSettings(
+        max_keepalive=reader.integer("max_keepalive", defaults.max_keepalive, 0, 65535),
+        max_packet_size=reader.integer(
+            "max_packet_size", defaults.max_packet_size, 64, MAX_PACKET_SIZE_LIMIT
+        ),
+        receive_maximum=reader.integer("receive_maximum", defaults.receive_maximum, 1, 65535),
+        max_inflight=reader.integer("max_inflight", defaults.max_inflight, 1, 65535),
+        max_queued_messages=reader.integer(
+            "max_queued_messages", defaults.max_queued_messages, 0, 10_000_000
+        ),
+        retain_available=reader.boolean("retain_available", defaults.retain_available),
+        topic_alias_maximum=reader.integer(
+            "topic_alias_maximum", defaults.topic_alias_maximum, 0, 65535
+        ),
+        session_expiry_max=reader.integer(
+            "session_expiry_max", defaults.session_expiry_max, 0, 0xFFFFFFFF
+        ),
+        maximum_qos=reader.integer("maximum_qos", defaults.maximum_qos, 0, 2),
+        shared_subscription_available=reader.boolean(
+            "shared_subscription_available", defaults.shared_subscription_available
+        ),
+        subscription_identifier_available=reader.boolean(
+            "subscription_identifier_available", defaults.subscription_identifier_available
+        ),
+        wildcard_subscription_available=reader.boolean(
+            "wildcard_subscription_available", defaults.wildcard_subscription_available
+        ),
+        connect_timeout=reader.duration("connect_timeout", defaults.connect_timeout),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def _parse_peer(reader: _Reader, value: str) -> tuple[str, str, int]:
+    match = re.fullmatch(r"([^@\s]+)@\[?([^\[\]@]+?)\]?:(\d+)", value)
+    if match is None or int(match.group(3)) > 65535:
+        raise reader.fail("peers", f'expected "NAME@HOST:PORT" entries, got {value!r}')
+    return match.group(1), match.group(2), int(match.group(3))
+
+
+def parse_config(
+    document: Mapping[str, Any], origin: str, base_directory: Path = Path(".")
+) -> BrokerConfig:
+    root = _Reader(origin, "", document)
+    node = root.table_at("node")
+    node_name = "broker@127.0.0.1"
+    cookie = None
+    if node is not None:
+        node_name = node.string("name", node_name) or node_name
+        cookie = node.string("cookie")
+        node.reject_unknown()
+    mqtt = _parse_mqtt(root.table_at("mqtt"))
+
+    listeners: list[ListenerConfig] = []
+    listeners_reader = root.table_at("listeners")
+    if listeners_reader is not None:
+        for kind in ("tcp", "ssl"):
+            kind_reader = listeners_reader.table_at(kind)
+            if kind_reader is None:
+                continue
+            for name in list(kind_reader.table):
+                listener_reader = kind_reader.table_at(name)
+                assert listener_reader is not None
+                listeners.append(_parse_listener(listener_reader, name, kind, base_directory))
+        listeners_reader.reject_unknown()
+    if not listeners:
+        raise ConfigError(origin, "listeners", "no listener; add [listeners.tcp.default] bind")
+    seen: dict[tuple[str, int], str] = {}
+    for listener in listeners:
+        address = (listener.host, listener.port)
+        if listener.port and address in seen:
+            raise ConfigError(
+                origin,
+                f"listeners.{listener.kind}.{listener.name}.bind",
+                f"{listener.host}:{listener.port} is already used by listener {seen[address]}",
+            )
+        seen[address] = listener.label
+
+    cluster = None
+    cluster_reader = root.table_at("cluster")
+    if cluster_reader is not None:
+        host, port = _parse_bind(cluster_reader, "bind", "127.0.0.1:0")
+        peers = tuple(
+            _parse_peer(cluster_reader, value)
+            for value in cluster_reader.string_list("peers") or []
+        )
+        ssl_reader = cluster_reader.table_at("ssl_options")
+        cluster = ClusterConfig(
+            name=cluster_reader.string("name", "mqtt-cluster") or "mqtt-cluster",
+            host=host,
+            port=port,
+            peers=peers,
+            ssl_options=None
+            if ssl_reader is None
+            else _parse_ssl_options(ssl_reader, base_directory),
+        )
+        cluster_reader.reject_unknown()
+        if peers and cookie is None:
+            raise ConfigError(origin, "node.cookie", "missing; a cluster needs a shared cookie")
+
+    admin = None
+    admin_reader = root.table_at("admin")
+    if admin_reader is not None:
+        host, port = _parse_bind(admin_reader, "bind", "127.0.0.1:18083")
+        admin = AdminConfig(host, port)
+        admin_reader.reject_unknown()
+    authorization = _parse_authorization(root.table_at("authorization"), base_directory)
+    _check_authorization_links(origin, listeners, authorization)
+    root.reject_unknown()
+    return BrokerConfig(
+        origin=origin,
+        node_name=node_name,
+        cookie=cookie,
+        mqtt=mqtt,
+        listeners=tuple(listeners),
+        cluster=cluster,
+        admin=admin,
+        authorization=authorization,
+    )
+
+
+def _parse_authorization(reader: _Reader | None, base: Path) -> AuthorizationConfig | None:
+    if reader is None:
+        return None
+    policy_file = _parse_path(reader, "policy_file", base, required=True)
+    assert policy_file is not None
+    entries: list[tuple[str, str, tuple[tuple[str, str], ...]]] = []
+    table = reader.table_at("x509_attributes")
+    if table is not None:
+        from broker.subjects import parse_distinguished_name
+
+        for name in list(table.table):
+            entry = table.table_at(name)
+            assert entry is not None
+            subject = entry.string("subject")
+            if not subject:
+                raise entry.fail("subject", 'missing; expected a subject such as "CN = device"')
+            try:
+                parse_distinguished_name(subject)
+            except ValueError as error:
+                raise entry.fail("subject", f"{subject!r}: {error}") from None
+            attributes = entry.table_at("attributes")
+            if attributes is None or not attributes.table:
+                raise entry.fail("attributes", 'missing; expected a table such as { city = "x" }')
+            pairs: list[tuple[str, str]] = []
+            for key, value in attributes.table.items():
+                if isinstance(value, bool) or not isinstance(value, str | int):
+                    raise attributes.fail(key, f"expected a string, got {value!r}")
+                pairs.append((key, str(value)))
+            entry.reject_unknown()
+            entries.append((name, subject, tuple(pairs)))
+    settings = AuthorizationConfig(
+        policy_file=policy_file,
+        reload_interval=reader.duration("reload_interval", 5.0),
+        x509_attributes=tuple(entries),
+    )
+    reader.reject_unknown()
+    return settings
+
+
+def _check_authorization_links(
+    origin: str, listeners: list[ListenerConfig], authorization: AuthorizationConfig | None
+) -> None:
+    """Seed 003: authorization applies only on a listener that also authenticates."""
+    for listener in listeners:
+        if not listener.authorization:
+            continue
+        key = f"listeners.{listener.kind}.{listener.name}.authorization"
+        if authorization is None:
+            raise ConfigError(
+                origin,
+                key,
+                f"listener {listener.label} links authorization, but there is no "
+                "[authorization] section with a policy_file",
+            )
+        if not listener.authentication:
+            raise ConfigError(
+                origin,
+                key,
+                f"listener {listener.label} links authorization but does not authenticate "
+                "its clients (seed 003: authorization applies only on a listener that also "
+                "has authentication): set password_file, or proxy_protocol = true with "
+                'peer_cert_as_username = "cn" (X.509 from the balancer), or make it an ssl '
+                'listener with verify = "verify_peer" and fail_if_no_peer_cert = true',
+            )

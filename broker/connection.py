@@ -1,0 +1,879 @@
+"""One client connection's MQTT protocol handling (MQTT 3.1.1 and 5.0, server side).
+
+:class:`ClientConnection` is sans-IO: it is fed bytes, decodes them with
+:class:`broker.mqtt.MQTTDecoder`, drives the :class:`~broker.core.Broker` and its
+:class:`~broker.session.Session`, and writes encoded packets through a small
+:class:`ConnectionIO` the net layer implements (write, close, "is the write buffer full",
+"arm the idle timer"). It owns what lives exactly as long as the network connection:
+
+- CONNECT validation and CONNACK (5.0 section 3.1/3.2; 3.1.1 section 3.1/3.2): zero-length
+  client ids, Server Keep Alive from ``max_keepalive``, session expiry, will checks,
+  authorization, ``peer_cert_as_username``;
+- topic aliases in both directions (5.0 section 3.3.2.3.4), the client's Maximum Packet Size
+  (section 3.1.2.11.4: a packet that would exceed it is not sent) and Receive Maximum
+  (section 4.9: outgoing QoS 1/2 in flight), our Receive Maximum for QoS 2 (0x93);
+- QoS 1 and 2 flows both ways (section 4.3) with redelivery (DUP) on session resumption;
+- protocol errors: 5.0 gets DISCONNECT with the reason code, then the connection closes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from typing import Any, Protocol, cast
+
+from broker.config import ListenerConfig
+from broker.core import Broker
+from broker.hooks import PeerIdentity, Principal
+from broker.message import Message
+from broker.mqtt import (
+    EMPTY_PROPERTIES,
+    NEED_DATA,
+    Auth,
+    Connack,
+    Connect,
+    Disconnect,
+    MQTTDecoder,
+    MQTTProtocolError,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Properties,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+    connack_code_for,
+    encode,
+    parse_shared,
+    validate_topic_filter,
+)
+from broker.session import SESSION_NEVER_EXPIRES, Outgoing, Pending, Session
+from broker.topics import SubscriptionOptions
+
+__all__ = ["ClientConnection", "ConnectionIO"]
+
+logger = logging.getLogger(__name__)
+
+MQTT_5 = 5
+# MQTT 5.0 section 3.1.2.10: keep alive is a two byte integer.
+KEEP_ALIVE_LIMIT = 65535
+# MQTT 5.0 section 3.3.4: Receive Maximum defaults to 65,535 when absent.
+DEFAULT_RECEIVE_MAXIMUM = 65535
+# MQTT 5.0 section 3.1.2.10: the server closes after one and a half keep alive periods.
+KEEP_ALIVE_FACTOR = 1.5
+# MQTT 5.0 section 3.2.2.2: the reason codes a CONNACK may carry.
+CONNACK_REASON_CODES = frozenset(
+    {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97}
+    | {0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F}
+)
+
+
+class ConnectionIO(Protocol):
+    """What the net layer provides to one connection."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def write_congested(self) -> bool:
+        """True while the transport's write buffer is above its high-water mark."""
+        ...
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        """Close-after-silence timer (keep alive); replaces the CONNECT deadline."""
+        ...
+
+
+class _ConnectionClosedError(Exception):
+    """Raised inside packet handling to stop processing after a close."""
+
+
+class ClientConnection:
+    __slots__ = (
+        "_decoder",
+        "_inbound_aliases",
+        "_outbound_aliases",
+        "broker",
+        "clean_start",
+        "client_id",
+        "client_maximum_packet_size",
+        "client_topic_alias_maximum",
+        "close_reason",
+        "connected_at",
+        "identity",
+        "io",
+        "keep_alive",
+        "listener",
+        "principal",
+        "problem_information",
+        "protocol_level",
+        "refuse_reason",
+        "send_quota",
+        "session",
+        "state",
+        "username",
+        "will",
+        "will_delay",
+        "will_expiry",
+    )
+
+    def __init__(
+        self,
+        broker: Broker,
+        io: ConnectionIO,
+        identity: PeerIdentity,
+        listener: ListenerConfig,
+        refuse_reason: ReasonCode | None = None,
+    ) -> None:
+        self.broker = broker
+        self.io = io
+        self.identity = identity
+        self.listener = listener
+        # Set when the listener is over max_connections: CONNACK 0x89 / 3 once CONNECT is in.
+        self.refuse_reason = refuse_reason
+        self._decoder = MQTTDecoder(max_packet_size=broker.settings.max_packet_size)
+        self.state = "connecting"
+        self.protocol_level = 0
+        self.client_id = ""
+        self.username: str | None = None
+        self.principal: Principal | None = None
+        self.session: Session | None = None
+        self.clean_start = True
+        self.keep_alive = 0
+        self.connected_at = 0.0
+        self.send_quota = DEFAULT_RECEIVE_MAXIMUM
+        self.client_maximum_packet_size = 0
+        self.client_topic_alias_maximum = 0
+        self.problem_information = True
+        self._inbound_aliases: dict[int, str] = {}
+        self._outbound_aliases: dict[str, int] = {}
+        self.will: Message | None = None
+        self.will_delay = 0
+        # The will's Message Expiry Interval starts when it is published.
+        self.will_expiry: int | None = None
+        self.close_reason = ""
+        broker.connections.add(self)
+
+    # --- properties for logs and the admin API ----------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    @property
+    def address_text(self) -> str:
+        host, port = self.identity.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def v5(self) -> bool:
+        return self.protocol_level >= MQTT_5
+
+    # --- input from the net layer -----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
+        self.broker.counters.bytes_received += len(data)
+        try:
+            self._decoder.feed(data)
+            while self.state != "closed":
+                try:
+                    packet = self._decoder.next_event()
+                except MQTTProtocolError as error:
+                    self._protocol_error(error)
+                    return
+                if packet is NEED_DATA:
+                    return
+                self._handle(packet)
+        except _ConnectionClosedError:
+            return
+
+    def writable(self) -> None:
+        """The transport's write buffer drained below the low-water mark."""
+        if self.state == "connected":
+            try:
+                self._pump()
+            except _ConnectionClosedError:
+                pass
+
+    def timed_out(self) -> None:
+        """The CONNECT deadline or the keep alive (1.5x) passed without a packet."""
+        if self.state == "connecting":
+            logger.info(
+                "connection closed: address=%s: no CONNECT within %gs",
+                self.address_text,
+                self.broker.settings.connect_timeout,
+            )
+            self._finish("no CONNECT in time", send_will=False)
+        elif self.state == "connected":
+            self.broker.counters.keepalive_timeouts += 1
+            self._send_disconnect(ReasonCode.KEEP_ALIVE_TIMEOUT)
+            self._finish(f"keepalive timeout ({self.keep_alive}s x 1.5)", send_will=True)
+
+    def connection_lost(self, error: str | None = None) -> None:
+        if self.state != "closed":
+            self._finish(error or "connection closed by client", send_will=True, close=False)
+
+    # --- commands from the core -------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """Another connection with the same client id arrived (here or on another node)."""
+        self._send_disconnect(ReasonCode.SESSION_TAKEN_OVER)
+        self._finish("session taken over", send_will=True)
+
+    def disconnect(self, reason_code: int, reason: str) -> None:
+        self._send_disconnect(reason_code, reason)
+        self._finish(reason, send_will=True)
+
+    def deliver(self, pending: Pending) -> None:
+        """Route a message to this connection: send now, or queue for later (bounded)."""
+        session = self.session
+        assert session is not None
+        counters = self.broker.counters
+        if pending.qos == 0:
+            if session.queue or self.io.write_congested():
+                if not session.enqueue(pending):
+                    counters.messages_dropped_queue_full += 1
+                return
+            self._send_publish(pending, None, dup=False)
+            return
+        if session.queue or self.io.write_congested() or len(session.inflight) >= self.send_quota:
+            if not session.enqueue(pending):
+                counters.messages_dropped_queue_full += 1
+            return
+        self._send_inflight(session, pending)
+
+    # --- closing ----------------------------------------------------------------------------
+
+    def _finish(self, reason: str, send_will: bool, close: bool = True) -> None:
+        if self.state == "closed":
+            return
+        was_connected = self.state == "connected"
+        self.state = "closed"
+        self.close_reason = reason
+        broker = self.broker
+        broker.connections.discard(self)
+        if close:
+            self.io.close()
+        if was_connected:
+            will = self.will if send_will else None
+            broker.detach(self, will, self.will_delay, self.will_expiry, self.principal)
+            duration = broker.clock() - self.connected_at
+            level = logging.DEBUG if self.identity.health_check else logging.INFO
+            logger.log(
+                level,
+                "client disconnected: client_id=%s address=%s reason=%s duration=%.1fs",
+                self.client_id,
+                self.address_text,
+                reason,
+                duration,
+            )
+        self.will = None
+
+    def _send_disconnect(self, reason_code: int, reason: str | None = None) -> None:
+        if self.state == "connected" and self.v5:
+            properties = EMPTY_PROPERTIES
+            if reason and self.problem_information:
+                properties = Properties(reason_string=reason)
+            self._send(Disconnect(reason_code, properties))
+
+    def _protocol_error(self, error: MQTTProtocolError) -> None:
+        counters = self.broker.counters
+        reason_code = error.reason_code
+        if reason_code == ReasonCode.MALFORMED_PACKET:
+            counters.malformed_packets += 1
+        else:
+            counters.protocol_errors += 1
+        logger.warning(
+            "%s from %s (client_id=%s): %s",
+            "malformed packet" if reason_code == ReasonCode.MALFORMED_PACKET else "protocol error",
+            self.address_text,
+            self.client_id or "-",
+            error,
+        )
+        if self.state == "connecting":
+            level = error.protocol_level
+            if reason_code == ReasonCode.UNSUPPORTED_PROTOCOL_VERSION:
+                # 3.1.1 section 3.1.2.2: CONNACK 0x01; 5.0: CONNACK 0x84. Unknown levels get
+                # the 3.1.1 form, which every version of the protocol can read.
+                answer_level = MQTT_5 if level == MQTT_5 else 4
+                self.io.write(
+                    encode(
+                        Connack(False, connack_code_for(answer_level, reason_code)),
+                        answer_level,
+                    )
+                )
+            elif level == MQTT_5 and reason_code in CONNACK_REASON_CODES:
+                self.io.write(encode(Connack(False, reason_code), MQTT_5))
+            elif level in (3, 4) and reason_code == ReasonCode.CLIENT_IDENTIFIER_NOT_VALID:
+                self.io.write(encode(Connack(False, connack_code_for(level, reason_code)), level))
+            self._finish(f"bad CONNECT: {error}", send_will=False)
+            return
+        self._send_disconnect(reason_code, str(error))
+        self._finish(f"protocol error: {error}", send_will=True)
+
+    def _violation(self, reason_code: ReasonCode, message: str) -> None:
+        self._protocol_error(MQTTProtocolError(reason_code, message, self.protocol_level))
+        raise _ConnectionClosedError
+
+    # --- output -----------------------------------------------------------------------------
+
+    def _send(self, packet: Packet) -> bool:
+        """Encode and write; False when the packet would exceed the client's maximum size."""
+        data = encode(packet, self.protocol_level or 4)
+        limit = self.client_maximum_packet_size
+        if limit and len(data) > limit:
+            # 5.0 section 3.1.2.11.4: drop reason string and user properties first, and never
+            # send a packet bigger than the client accepts.
+            properties = getattr(packet, "properties", None)
+            if isinstance(properties, Properties) and not isinstance(packet, Publish):
+                stripped = dataclasses.replace(properties, reason_string=None, user_properties=())
+                smaller = cast(Packet, dataclasses.replace(cast(Any, packet), properties=stripped))
+                data = encode(smaller, self.protocol_level)
+            if len(data) > limit:
+                return False
+        self.broker.counters.bytes_sent += len(data)
+        self.io.write(data)
+        return True
+
+    def _ack_properties(self, reason: str | None) -> Properties:
+        if reason is None or not self.v5 or not self.problem_information:
+            return EMPTY_PROPERTIES
+        return Properties(reason_string=reason)
+
+    def _send_inflight(self, session: Session, pending: Pending) -> None:
+        packet_id = session.allocate_packet_id()
+        if packet_id is None:
+            if not session.enqueue(pending):
+                self.broker.counters.messages_dropped_queue_full += 1
+            return
+        if self._send_publish(pending, packet_id, dup=False):
+            session.inflight[packet_id] = Outgoing(packet_id, pending)
+
+    def _send_publish(self, pending: Pending, packet_id: int | None, dup: bool) -> bool:
+        """Send one PUBLISH; False when it was not sent (expired or too large)."""
+        broker = self.broker
+        message = pending.message
+        now = broker.clock()
+        if message.is_expired(now) and not dup:
+            broker.counters.messages_expired += 1
+            return False
+        topic = message.topic
+        properties = message.properties
+        if self.v5:
+            alias: int | None = None
+            new_alias = False
+            if self.client_topic_alias_maximum:
+                alias = self._outbound_aliases.get(topic)
+                if alias is None and len(self._outbound_aliases) < self.client_topic_alias_maximum:
+                    alias = len(self._outbound_aliases) + 1
+                    self._outbound_aliases[topic] = alias
+                    new_alias = True
+            properties = dataclasses.replace(
+                properties,
+                message_expiry_interval=message.remaining_expiry(now),
+                subscription_identifiers=pending.subscription_identifiers,
+                topic_alias=alias,
+            )
+            send_topic = "" if alias is not None and not new_alias else topic
+        else:
+            send_topic = topic
+            new_alias = False
+        packet = Publish(
+            send_topic,
+            message.payload,
+            pending.qos,
+            pending.retain,
+            dup,
+            packet_id,
+            properties,
+        )
+        if not self._send(packet):
+            if new_alias:
+                del self._outbound_aliases[topic]
+            broker.counters.messages_dropped_too_large += 1
+            logger.debug(
+                "message to client_id=%s dropped: larger than its Maximum Packet Size %d",
+                self.client_id,
+                self.client_maximum_packet_size,
+            )
+            return False
+        broker.counters.messages_sent += 1
+        return True
+
+    def _pump(self) -> None:
+        """Send queued messages while the transport and the client's quota allow."""
+        session = self.session
+        if session is None:
+            return
+        queue = session.queue
+        now = self.broker.clock()
+        while queue and self.state == "connected" and not self.io.write_congested():
+            pending = queue[0]
+            if pending.message.is_expired(now):
+                queue.popleft()
+                self.broker.counters.messages_expired += 1
+                continue
+            if pending.qos == 0:
+                queue.popleft()
+                self._send_publish(pending, None, dup=False)
+                continue
+            if len(session.inflight) >= self.send_quota:
+                return
+            queue.popleft()
+            self._send_inflight(session, pending)
+
+    # --- packets ----------------------------------------------------------------------------
+
+    def _handle(self, packet: Packet) -> None:
+        if self.state == "connecting":
+            if not isinstance(packet, Connect):
+                self._violation(ReasonCode.PROTOCOL_ERROR, "first packet is not CONNECT")
+            assert isinstance(packet, Connect)
+            self._handle_connect(packet)
+            return
+        if isinstance(packet, Publish):
+            self._handle_publish(packet)
+        elif isinstance(packet, Puback):
+            self._handle_puback(packet.packet_id)
+        elif isinstance(packet, Pubrec):
+            self._handle_pubrec(packet)
+        elif isinstance(packet, Pubrel):
+            self._handle_pubrel(packet.packet_id)
+        elif isinstance(packet, Pubcomp):
+            self._handle_pubcomp(packet.packet_id)
+        elif isinstance(packet, Subscribe):
+            self._handle_subscribe(packet)
+        elif isinstance(packet, Unsubscribe):
+            self._handle_unsubscribe(packet)
+        elif isinstance(packet, Pingreq):
+            self._send(Pingresp())
+        elif isinstance(packet, Disconnect):
+            self._handle_disconnect(packet)
+        elif isinstance(packet, Auth):
+            # No Authentication Method was accepted in CONNECT (5.0 section 4.12).
+            self._violation(ReasonCode.PROTOCOL_ERROR, "AUTH without an authentication method")
+        else:
+            self._violation(
+                ReasonCode.PROTOCOL_ERROR, f"{type(packet).__name__} is not sent by clients"
+            )
+
+    def _refuse(self, connect: Connect, reason_code: ReasonCode, why: str) -> None:
+        self.broker.counters.connects_refused += 1
+        level = connect.protocol_level
+        properties = EMPTY_PROPERTIES
+        if level >= MQTT_5 and connect.properties.request_problem_information != 0:
+            properties = Properties(reason_string=why)
+        self.io.write(
+            encode(Connack(False, connack_code_for(level, reason_code), properties), level)
+        )
+        logger.info(
+            "connection refused: client_id=%s username=%s address=%s: %s (CONNACK 0x%02X)",
+            connect.client_id or "-",
+            self.username or "-",
+            self.address_text,
+            why,
+            connack_code_for(level, reason_code),
+        )
+        self._finish(why, send_will=False)
+        raise _ConnectionClosedError
+
+    def _handle_connect(self, connect: Connect) -> None:
+        broker = self.broker
+        settings = broker.settings
+        level = connect.protocol_level
+        properties = connect.properties
+        self.protocol_level = level
+        self.username = connect.username
+        identity = self.identity
+        if self.listener.peer_cert_as_username == "cn":
+            # The verified certificate CN replaces what the client claims; without one the
+            # client stays anonymous, so a username is only ever a verified identity.
+            self.username = identity.certificate_cn if identity.certificate_verified else None
+
+        if self.refuse_reason is not None:
+            broker.counters.connections_refused_max_connections += 1
+            self._refuse(connect, self.refuse_reason, f"listener {self.listener.label} is full")
+        if properties.authentication_method is not None:
+            self._refuse(
+                connect,
+                ReasonCode.BAD_AUTHENTICATION_METHOD,
+                f"authentication method {properties.authentication_method!r} not supported",
+            )
+        password_check = broker.password_checks.get(self.listener.label)
+        if password_check is not None and not password_check(connect.username, connect.password):
+            self._refuse(connect, ReasonCode.BAD_USER_NAME_OR_PASSWORD, "bad username or password")
+
+        client_id = connect.client_id
+        assigned: str | None = None
+        if not client_id:
+            if level < 4 or (level == 4 and not connect.clean_start):
+                self._refuse(
+                    connect,
+                    ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                    "zero-length client id needs clean session (MQTT 3.1.1 section 3.1.3.1)",
+                )
+            client_id = f"auto-{secrets.token_hex(8)}"
+            if level >= MQTT_5:
+                assigned = client_id
+        self.client_id = client_id
+
+        keep_alive = connect.keep_alive
+        server_keep_alive: int | None = None
+        max_keepalive = settings.max_keepalive
+        if (
+            max_keepalive
+            and max_keepalive < KEEP_ALIVE_LIMIT
+            and (keep_alive > max_keepalive or keep_alive == 0)
+        ):
+            if level < MQTT_5:
+                # mosquitto's rule: 3.1.1 has no way to tell the client, so refuse it.
+                self._refuse(
+                    connect,
+                    ReasonCode.CLIENT_IDENTIFIER_NOT_VALID,
+                    f"keep alive {keep_alive}s exceeds max_keepalive {max_keepalive}s",
+                )
+            keep_alive = server_keep_alive = max_keepalive
+        self.keep_alive = keep_alive
+
+        will = connect.will
+        if will is not None:
+            if will.qos > settings.maximum_qos:
+                self._refuse(connect, ReasonCode.QOS_NOT_SUPPORTED, "will QoS not supported")
+            if will.retain and not settings.retain_available:
+                self._refuse(
+                    connect, ReasonCode.RETAIN_NOT_SUPPORTED, "retained will not supported"
+                )
+
+        attributes = broker.authorization.principal_attributes(identity)
+        principal = Principal(client_id, self.username, attributes, identity)
+        if not broker.authorization.authorize_connect(principal):
+            broker.counters.authorization_denied += 1
+            self._refuse(connect, ReasonCode.NOT_AUTHORIZED, "not authorized to connect")
+        self.principal = principal
+
+        # Session expiry (5.0 section 3.1.2.11.2; 3.1.1 Clean Session = 0 keeps the session).
+        if level >= MQTT_5:
+            requested_expiry = properties.session_expiry_interval or 0
+        else:
+            requested_expiry = 0 if connect.clean_start else SESSION_NEVER_EXPIRES
+        expiry = min(requested_expiry, settings.session_expiry_max)
+        self.clean_start = connect.clean_start
+
+        if will is not None:
+            will_message = Message(
+                will.topic,
+                bytes(will.payload),
+                will.qos,
+                will.retain,
+                dataclasses.replace(
+                    will.properties, will_delay_interval=None, message_expiry_interval=None
+                ),
+                None,
+                client_id,
+                broker.node_name,
+            )
+            self.will = will_message
+            self.will_expiry = will.properties.message_expiry_interval
+            self.will_delay = (will.properties.will_delay_interval or 0) if level >= MQTT_5 else 0
+
+        if level >= MQTT_5:
+            self.send_quota = min(
+                properties.receive_maximum or DEFAULT_RECEIVE_MAXIMUM, settings.max_inflight
+            )
+            self.client_maximum_packet_size = properties.maximum_packet_size or 0
+            self.client_topic_alias_maximum = properties.topic_alias_maximum or 0
+            self.problem_information = properties.request_problem_information != 0
+        else:
+            self.send_quota = settings.max_inflight
+
+        session, session_present = broker.attach(self, connect.clean_start, expiry)
+        self.session = session
+        self.state = "connected"
+        self.connected_at = broker.clock()
+        broker.counters.connects_accepted += 1
+
+        connack_properties = EMPTY_PROPERTIES
+        if level >= MQTT_5:
+            connack_properties = Properties(
+                session_expiry_interval=expiry if expiry != requested_expiry else None,
+                receive_maximum=settings.receive_maximum
+                if settings.receive_maximum != DEFAULT_RECEIVE_MAXIMUM
+                else None,
+                maximum_qos=settings.maximum_qos if settings.maximum_qos < 2 else None,
+                retain_available=None if settings.retain_available else 0,
+                maximum_packet_size=settings.max_packet_size,
+                assigned_client_identifier=assigned,
+                topic_alias_maximum=settings.topic_alias_maximum or None,
+                wildcard_subscription_available=None
+                if settings.wildcard_subscription_available
+                else 0,
+                subscription_identifier_available=None
+                if settings.subscription_identifier_available
+                else 0,
+                shared_subscription_available=None if settings.shared_subscription_available else 0,
+                server_keep_alive=server_keep_alive,
+            )
+        self._send(Connack(session_present, 0, connack_properties))
+        self.io.set_idle_timeout(keep_alive * KEEP_ALIVE_FACTOR if keep_alive else None)
+        logger.log(
+            logging.DEBUG if identity.health_check else logging.INFO,
+            "client connected: client_id=%s username=%s address=%s cn=%s protocol=%s "
+            "keepalive=%d clean_start=%s session_present=%s listener=%s",
+            client_id,
+            self.username or "-",
+            self.address_text,
+            identity.certificate_cn or "-",
+            {3: "3.1", 4: "3.1.1", 5: "5.0"}.get(level, str(level)),
+            keep_alive,
+            connect.clean_start,
+            session_present,
+            self.listener.label,
+        )
+
+        # Resume: resend unacknowledged PUBLISH (DUP) and PUBREL (5.0 section 4.4).
+        for outgoing in list(session.inflight.values()):
+            if self.state != "connected":
+                return
+            if outgoing.released:
+                self._send(Pubrel(outgoing.packet_id))
+            elif not self._send_publish(outgoing.pending, outgoing.packet_id, dup=True):
+                del session.inflight[outgoing.packet_id]
+        self._pump()
+
+    def _handle_publish(self, publish: Publish) -> None:
+        broker = self.broker
+        settings = broker.settings
+        session = self.session
+        assert session is not None and self.principal is not None
+        qos = publish.qos
+        if qos > settings.maximum_qos:
+            self._violation(ReasonCode.QOS_NOT_SUPPORTED, f"QoS {qos} not supported")
+        if publish.retain and not settings.retain_available:
+            self._violation(ReasonCode.RETAIN_NOT_SUPPORTED, "retain not supported")
+        properties = publish.properties
+        topic = publish.topic
+        alias = properties.topic_alias
+        if alias is not None:
+            if alias == 0 or alias > settings.topic_alias_maximum:
+                self._violation(
+                    ReasonCode.TOPIC_ALIAS_INVALID,
+                    f"topic alias {alias} outside 1..{settings.topic_alias_maximum}",
+                )
+            if topic:
+                self._inbound_aliases[alias] = topic
+            else:
+                known = self._inbound_aliases.get(alias)
+                if known is None:
+                    self._violation(ReasonCode.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+                    return
+                topic = known
+        if properties.subscription_identifiers:
+            self._violation(ReasonCode.PROTOCOL_ERROR, "PUBLISH from a client with subscription id")
+        packet_id = publish.packet_id
+        if qos == 2:
+            assert packet_id is not None
+            if packet_id in session.incoming_qos2:
+                # A resend of a message we already have: acknowledge, do not deliver twice.
+                self._send(Pubrec(packet_id))
+                return
+            if len(session.incoming_qos2) >= settings.receive_maximum:
+                self._violation(
+                    ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                    f"more than {settings.receive_maximum} QoS 2 messages unacknowledged",
+                )
+
+        reason_code: int = ReasonCode.SUCCESS
+        reason: str | None = None
+        if properties.payload_format_indicator == 1 and not _is_utf8(publish.payload):
+            reason_code, reason = ReasonCode.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"
+        elif not broker.authorization.authorize_publish(self.principal, topic, qos, publish.retain):
+            broker.counters.authorization_denied += 1
+            logger.info(
+                "publish denied: client_id=%s username=%s address=%s topic=%s",
+                self.client_id,
+                self.username or "-",
+                self.address_text,
+                topic,
+            )
+            reason_code, reason = ReasonCode.NOT_AUTHORIZED, "not authorized"
+        else:
+            message = Message.from_publish(
+                publish, topic, broker.clock(), self.client_id, broker.node_name
+            )
+            if not broker.publish(message):
+                reason_code = ReasonCode.NO_MATCHING_SUBSCRIBERS
+        if not self.v5:
+            # 3.1.1 has no reason codes: a denied message still gets a plain acknowledgement
+            # (seed 003).
+            reason_code, reason = ReasonCode.SUCCESS, None
+        if qos == 1:
+            assert packet_id is not None
+            self._send(Puback(packet_id, reason_code, self._ack_properties(reason)))
+        elif qos == 2:
+            assert packet_id is not None
+            if reason_code < ReasonCode.UNSPECIFIED_ERROR:
+                session.incoming_qos2.add(packet_id)
+            self._send(Pubrec(packet_id, reason_code, self._ack_properties(reason)))
+
+    def _handle_puback(self, packet_id: int) -> None:
+        session = self.session
+        assert session is not None
+        outgoing = session.inflight.get(packet_id)
+        if outgoing is not None and outgoing.pending.qos == 1:
+            del session.inflight[packet_id]
+            self._pump()
+
+    def _handle_pubrec(self, pubrec: Pubrec) -> None:
+        session = self.session
+        assert session is not None
+        outgoing = session.inflight.get(pubrec.packet_id)
+        if outgoing is None or outgoing.pending.qos != 2:
+            if self.v5:
+                self._send(Pubrel(pubrec.packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+            else:
+                self._send(Pubrel(pubrec.packet_id))
+            return
+        if pubrec.reason_code >= ReasonCode.UNSPECIFIED_ERROR:
+            del session.inflight[pubrec.packet_id]
+            self._pump()
+            return
+        outgoing.released = True
+        self._send(Pubrel(pubrec.packet_id))
+
+    def _handle_pubrel(self, packet_id: int) -> None:
+        session = self.session
+        assert session is not None
+        if packet_id in session.incoming_qos2:
+            session.incoming_qos2.discard(packet_id)
+            self._send(Pubcomp(packet_id))
+        elif self.v5:
+            self._send(Pubcomp(packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
+        else:
+            self._send(Pubcomp(packet_id))
+
+    def _handle_pubcomp(self, packet_id: int) -> None:
+        session = self.session
+        assert session is not None
+        outgoing = session.inflight.get(packet_id)
+        if outgoing is not None and outgoing.pending.qos == 2:
+            del session.inflight[packet_id]
+            self._pump()
+
+    def _handle_subscribe(self, subscribe: Subscribe) -> None:
+        broker = self.broker
+        settings = broker.settings
+        session = self.session
+        assert session is not None and self.principal is not None
+        identifiers = subscribe.properties.subscription_identifiers
+        identifier = identifiers[0] if identifiers else None
+        reason_codes: list[int] = []
+        retained_to_send: list[tuple[Message, int, int | None]] = []
+        for subscription in subscribe.subscriptions:
+            topic_filter = subscription.topic_filter
+            try:
+                validate_topic_filter(topic_filter)
+                group, plain = parse_shared(topic_filter)
+            except MQTTProtocolError:
+                reason_codes.append(
+                    ReasonCode.TOPIC_FILTER_INVALID if self.v5 else ReasonCode.UNSPECIFIED_ERROR
+                )
+                continue
+            wildcard = "+" in plain or "#" in plain
+            if group is not None and not settings.shared_subscription_available:
+                code: int = ReasonCode.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+            elif wildcard and not settings.wildcard_subscription_available:
+                code = ReasonCode.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED
+            elif identifier is not None and not settings.subscription_identifier_available:
+                code = ReasonCode.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED
+            elif not broker.authorization.authorize_subscribe(
+                self.principal, topic_filter, subscription.qos
+            ):
+                broker.counters.authorization_denied += 1
+                logger.info(
+                    "subscribe denied: client_id=%s username=%s address=%s filter=%s",
+                    self.client_id,
+                    self.username or "-",
+                    self.address_text,
+                    topic_filter,
+                )
+                code = ReasonCode.NOT_AUTHORIZED
+            else:
+                qos = min(subscription.qos, settings.maximum_qos)
+                options = SubscriptionOptions(
+                    qos,
+                    subscription.no_local,
+                    subscription.retain_as_published,
+                    subscription.retain_handling,
+                    identifier,
+                )
+                existed = broker.subscribe(session, topic_filter, options)
+                handling = subscription.retain_handling
+                if group is None and (handling == 0 or (handling == 1 and not existed)):
+                    for message in broker.retained_for(plain):
+                        retained_to_send.append((message, qos, identifier))
+                code = qos
+            if code >= ReasonCode.UNSPECIFIED_ERROR and not self.v5:
+                code = ReasonCode.UNSPECIFIED_ERROR
+            reason_codes.append(code)
+        self._send(Suback(subscribe.packet_id, tuple(reason_codes)))
+        # 5.0 section 3.8.4: retained messages follow the SUBACK, with RETAIN set.
+        for message, qos, identifier in retained_to_send:
+            self.deliver(
+                Pending(
+                    message,
+                    min(message.qos, qos),
+                    True,
+                    () if identifier is None else (identifier,),
+                )
+            )
+
+    def _handle_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
+        session = self.session
+        assert session is not None
+        reason_codes: list[int] = []
+        for topic_filter in unsubscribe.topic_filters:
+            try:
+                validate_topic_filter(topic_filter)
+            except MQTTProtocolError:
+                reason_codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                continue
+            if self.broker.unsubscribe(session, topic_filter):
+                reason_codes.append(ReasonCode.SUCCESS)
+            else:
+                reason_codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        self._send(Unsuback(unsubscribe.packet_id, tuple(reason_codes)))
+
+    def _handle_disconnect(self, disconnect: Disconnect) -> None:
+        session = self.session
+        assert session is not None
+        expiry = disconnect.properties.session_expiry_interval
+        if expiry is not None:
+            if session.expiry_interval == 0 and expiry != 0:
+                # 5.0 section 3.14.2.2.2: cannot turn a non-persistent session persistent.
+                self._violation(
+                    ReasonCode.PROTOCOL_ERROR, "session expiry set at DISCONNECT after 0"
+                )
+            session.expiry_interval = min(expiry, self.broker.settings.session_expiry_max)
+        with_will = disconnect.reason_code == ReasonCode.DISCONNECT_WITH_WILL_MESSAGE
+        reason = "client sent DISCONNECT"
+        if disconnect.reason_code:
+            reason += f" 0x{disconnect.reason_code:02X}"
+        self._finish(reason, send_will=with_will)
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,161 @@
+"""The two extension points of the broker core: cluster routing and authorization.
+
+Both are small :class:`typing.Protocol` classes. The core (:mod:`broker.core`) calls them
+synchronously from the event loop thread; an implementation must not block (queue network
+work on its own transports and return). The defaults, :class:`LocalOnlyCluster` and
+:class:`AllowAll`, make a standalone anonymous node.
+
+Cluster (seed 002; implemented by ``broker/cluster.py``)
+--------------------------------------------------------
+The core calls the :class:`ClusterHook` when something local must reach other nodes:
+
+``publish_forwarded(message) -> int``
+    A message was accepted from a local client (or is a will). Forward it to every other
+    node that has a matching subscription and return how many nodes it was sent to (used
+    only for PUBACK 0x10 No Matching Subscribers). ``message.origin_node`` is this node.
+    Called once per message, after local delivery; QoS handling towards remote subscribers
+    is the remote node's job (it delivers with :meth:`Broker.deliver_from_cluster`).
+``subscription_added(topic_filter)`` / ``subscription_removed(topic_filter)``
+    The first local session took ``topic_filter`` / the last one dropped it. Shared
+    filters keep their ``$share/group/`` prefix. Use :meth:`Broker.local_filters` for the
+    full list when a link (re)connects.
+``client_connected(client_id)``
+    A client with this id connected here. Other nodes must close their connection with
+    that id (client id takeover across nodes; they call :meth:`Broker.take_over`).
+``retained_changed(topic, message)``
+    The retained message for ``topic`` changed (``None``: deleted). Replicate it; the
+    other nodes call :meth:`Broker.set_retained_from_cluster`.
+
+Inbound side, methods of :class:`broker.core.Broker` the cluster calls:
+``deliver_from_cluster(message)`` (local delivery only, never forwarded again, shared groups
+included), ``set_retained_from_cluster(topic, message)``, ``take_over(client_id)``,
+``local_filters()``, ``node_name``.
+
+Authorization (seed 003; implemented by ``broker/authz.py``)
+------------------------------------------------------------
+:class:`AuthorizationHook` answers allow (True) / deny (False) for the three methods of
+seed 003. The core turns a denial into the protocol's outcome:
+
+- connect denied: CONNACK 0x87 Not authorized (5.0) / return code 5 (3.1.1), then close;
+- publish denied: QoS 1 PUBACK 0x87 (5.0) or a plain PUBACK (3.1.1, which has no error
+  code), QoS 2 PUBREC 0x87 (5.0) or a plain PUBREC, QoS 0 dropped; counted and logged;
+- subscribe denied: SUBACK 0x87 (5.0) / 0x80 (3.1.1) for that filter;
+- a will message whose publish is denied is dropped when it would be sent.
+
+``principal_attributes(identity)`` is called once per CONNECT, before
+``authorize_connect``, to derive the principal's attributes (e.g. from the certificate
+chain subjects the balancer sent); the result is stored in :attr:`Principal.attributes`.
+Topic arguments are topic names (publish) or full filters with any ``$share/group/``
+prefix (subscribe). When policies change at runtime, call
+:meth:`broker.core.Broker.disconnect_clients` to drop clients connected under the old ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from broker.message import Message
+
+__all__ = [
+    "AllowAll",
+    "AuthorizationHook",
+    "ClusterHook",
+    "LocalOnlyCluster",
+    "PeerIdentity",
+    "Principal",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end of a connection, as far as the transport can tell.
+
+    ``address`` is the client's real address: the PROXY header's source when a trusted
+    balancer sent one, else the socket's peer. ``certificate_cn`` is set only when the
+    certificate was verified (by the balancer, per the PP2_TYPE_SSL verify field, or by the
+    broker's own TLS listener). ``chain_subjects`` are DER-encoded X.509 Names, leaf first.
+    """
+
+    address: tuple[str, int]
+    socket_address: tuple[str, int]
+    listener: str
+    via_proxy: bool = False
+    tls: bool = False
+    tls_version: str | None = None
+    certificate_cn: str | None = None
+    certificate_verified: bool = False
+    chain_subjects: tuple[bytes, ...] = ()
+    authority: str | None = None
+    # A balancer health check (PROXY LOCAL): logged at debug level only.
+    health_check: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The identity authorization decides on (seed 003): client id, username, attributes."""
+
+    client_id: str
+    username: str | None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    identity: PeerIdentity | None = None
+
+
+class AuthorizationHook(Protocol):
+    def principal_attributes(self, identity: PeerIdentity) -> Mapping[str, str]: ...
+
+    def authorize_connect(self, principal: Principal) -> bool: ...
+
+    def authorize_publish(
+        self, principal: Principal, topic: str, qos: int, retain: bool
+    ) -> bool: ...
+
+    def authorize_subscribe(self, principal: Principal, topic_filter: str, qos: int) -> bool: ...
+
+
+class ClusterHook(Protocol):
+    def publish_forwarded(self, message: Message) -> int: ...
+
+    def subscription_added(self, topic_filter: str) -> None: ...
+
+    def subscription_removed(self, topic_filter: str) -> None: ...
+
+    def client_connected(self, client_id: str) -> None: ...
+
+    def retained_changed(self, topic: str, message: Message | None) -> None: ...
+
+
+class AllowAll:
+    """Default authorization: everything allowed (an anonymous node, like ``mosquitto -p``)."""
+
+    def principal_attributes(self, identity: PeerIdentity) -> Mapping[str, str]:
+        return {}
+
+    def authorize_connect(self, principal: Principal) -> bool:
+        return True
+
+    def authorize_publish(self, principal: Principal, topic: str, qos: int, retain: bool) -> bool:
+        return True
+
+    def authorize_subscribe(self, principal: Principal, topic_filter: str, qos: int) -> bool:
+        return True
+
+
+class LocalOnlyCluster:
+    """Default cluster: a single node; nothing leaves it."""
+
+    def publish_forwarded(self, message: Message) -> int:
+        return 0
+
+    def subscription_added(self, topic_filter: str) -> None:
+        pass
+
+    def subscription_removed(self, topic_filter: str) -> None:
+        pass
+
+    def client_connected(self, client_id: str) -> None:
+        pass
+
+    def retained_changed(self, topic: str, message: Message | None) -> None:
+        pass

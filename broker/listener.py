@@ -1,0 +1,482 @@
+"""MQTT listeners: one ``asyncio.Protocol`` per connection, PROXY protocol trust, limits.
+
+A :class:`Listener` is one ``[listeners.tcp.NAME]`` (or ``ssl``) of the config. Each accepted
+connection gets a :class:`MQTTServerProtocol`, which:
+
+- with ``proxy_protocol = true`` (EMQX's name, seed 004) checks the peer address against
+  ``proxy_protocol_trusted`` *before reading any byte* (untrusted: closed, one log line),
+  then reads a PROXY v1/v2 header (lb.proxyproto) within ``proxy_protocol_timeout``. The
+  header's source address becomes the client's address; the PP2_TYPE_SSL CN, when the
+  balancer verified the certificate, becomes the certificate CN (and the username with
+  ``peer_cert_as_username = "cn"``). A LOCAL command is a balancer health check: accepted,
+  counted, logged at debug level only, and served with the socket's own address. MQTT bytes
+  where a header is required, or a header where none is expected, are reported in words;
+- enforces ``max_connections`` (CONNACK 0x89 / 3.1.1 return code 3 once CONNECT is read);
+- implements :class:`broker.connection.ConnectionIO` for the sans-IO connection: writes with
+  backpressure (``pause_reading`` while the transport's buffer is above its high-water mark,
+  the connection's outgoing queue takes over), and one ``call_later`` timer for the PROXY
+  header deadline, the CONNECT deadline and the keep alive.
+
+PROXY protocol: HAProxy doc/proxy-protocol.txt sections 2.1 (v1), 2.2 (v2), 2.2.6 (SSL TLV),
+and section 3 ("the receiver ... must only accept it from known sources").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+from broker.config import ListenerConfig, Network
+from broker.connection import ClientConnection
+from broker.core import Broker
+from broker.hooks import PeerIdentity
+from broker.mqtt import ReasonCode
+from broker.tls_listener import ReloadingContext, tls_protocol_factory
+from lb.proxyproto import (
+    NEED_DATA,
+    ClientFlags,
+    ProxyHeader,
+    ProxyProtocolDecoder,
+    ProxyProtocolError,
+)
+
+__all__ = ["Listener", "MQTTServerProtocol", "is_trusted"]
+
+logger = logging.getLogger(__name__)
+
+# Write buffer marks: above HIGH the transport pauses us; messages then wait in the
+# session's bounded queue instead of this buffer.
+WRITE_BUFFER_HIGH = 256 * 1024
+WRITE_BUFFER_LOW = 64 * 1024
+# First byte of a PROXY v1 ("PROXY ...") or v2 ("\r\n\r\n\0\r\nQUIT\n") header. No MQTT
+# packet starts with either: 0x50 is a PUBREC with reserved flags, 0x0D a PINGREQ with flags.
+PROXY_FIRST_BYTES = (ord("P"), 0x0D)
+
+
+def is_trusted(host: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        mapped = address.ipv4_mapped
+        if any(mapped in network for network in networks):
+            return True
+    return any(address in network for network in networks)
+
+
+def _address_text(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Listener:
+    """One listening socket and its live connections."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        broker: Broker,
+        ssl_context: ssl.SSLContext | None = None,
+        tls: ReloadingContext | None = None,
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.ssl_context = ssl_context
+        # TLS listener (seed 000): handshakes run per connection so refusals are logged,
+        # with the context reloaded from disk every ssl_options.reload_interval.
+        self.tls = tls
+        self.server: asyncio.Server | None = None
+        self.protocols: set[MQTTServerProtocol] = set()
+
+    @property
+    def active(self) -> int:
+        return len(self.protocols)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self.server is not None
+        sockname = self.server.sockets[0].getsockname()
+        return int(sockname[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        def mqtt_protocol() -> asyncio.Protocol:
+            return MQTTServerProtocol(self)
+
+        factory: Callable[[], asyncio.Protocol] = mqtt_protocol
+        ssl_context = self.ssl_context
+        if self.tls is not None:
+            factory = tls_protocol_factory(self.tls, mqtt_protocol, f"listener {config.label}")
+            ssl_context = None
+            self.tls.start()
+        self.server = await loop.create_server(
+            factory,
+            config.host,
+            config.port,
+            ssl=ssl_context,
+            reuse_address=True,
+            backlog=4096,
+        )
+        logger.info(
+            "listener %s on %s:%d%s",
+            config.label,
+            config.host,
+            self.port,
+            " (proxy_protocol)" if config.proxy_protocol else "",
+        )
+
+    async def stop(self) -> None:
+        if self.tls is not None:
+            self.tls.stop()
+        if self.server is not None:
+            self.server.close()
+        for protocol in list(self.protocols):
+            protocol.shutdown()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+class MQTTServerProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_timer",
+        "closed",
+        "connection",
+        "first_data_pending",
+        "idle_timeout",
+        "last_activity",
+        "listener",
+        "loop",
+        "proxy_decoder",
+        "reading_paused",
+        "socket_address",
+        "transport",
+        "writing_paused",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.connection: ClientConnection | None = None
+        self.proxy_decoder: ProxyProtocolDecoder | None = None
+        self.socket_address: tuple[str, int] = ("", 0)
+        self._timer: asyncio.TimerHandle | None = None
+        self.idle_timeout: float | None = None
+        self.last_activity = 0.0
+        self.writing_paused = False
+        self.reading_paused = False
+        self.closed = False
+        self.first_data_pending = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        listener = self.listener
+        config = listener.config
+        counters = listener.broker.counters
+        peer = transport.get_extra_info("peername")
+        listener.protocols.add(self)
+        counters.connections_accepted += 1
+        if not peer:
+            # Reset before we could look (HAProxy's L4 checks close with RST at once):
+            # nothing to serve and nothing worth a warning.
+            logger.debug("connection on %s reset before it was accepted", config.label)
+            self._close_transport()
+            return
+        self.socket_address = (str(peer[0]), int(peer[1]))
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
+        self.last_activity = self.loop.time()
+        if config.proxy_protocol:
+            if not is_trusted(self.socket_address[0], config.proxy_protocol_trusted):
+                # Decided on the address alone, before any byte is read (proxy-protocol.txt
+                # section 3): whatever this peer sends is never parsed.
+                counters.proxy_untrusted_sources += 1
+                logger.warning(
+                    "connection from %s refused on PROXY listener %s: address not in "
+                    "proxy_protocol_trusted",
+                    _address_text(self.socket_address),
+                    config.label,
+                )
+                self._close_transport()
+                return
+            self.proxy_decoder = ProxyProtocolDecoder()
+            self._arm(config.proxy_protocol_timeout, self._proxy_timeout)
+            return
+        self._start_mqtt(self._socket_identity())
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_activity = self.loop.time()
+        try:
+            connection = self.connection
+            if connection is not None:
+                if self.first_data_pending:
+                    self.first_data_pending = False
+                    if self._unexpected_proxy_header(data):
+                        return
+                connection.data_received(data)
+                return
+            if self.proxy_decoder is not None:
+                self._proxy_data(data)
+        except Exception:
+            # A bug must cost one connection, never the node.
+            logger.exception(
+                "internal error on connection from %s; closing it",
+                _address_text(self.socket_address),
+            )
+            if self.connection is not None:
+                self.connection.connection_lost("internal error")
+            self._close_transport()
+
+    def eof_received(self) -> bool | None:
+        # MQTT has no half-close: a client that stops sending is gone (and its will is due).
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.listener.protocols.discard(self)
+        self.listener.broker.counters.connections_closed += 1
+        was_closed = self.closed
+        self.closed = True
+        connection = self.connection
+        if connection is not None:
+            connection.connection_lost(None if exc is None else f"connection error: {exc}")
+        elif self.proxy_decoder is not None and not was_closed:
+            logger.debug(
+                "connection from %s closed while waiting for the PROXY header",
+                _address_text(self.socket_address),
+            )
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        # Symmetric flow control: while this client does not read, stop reading from it.
+        self.writing_paused = True
+        if self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.transport is not None and self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.connection is not None:
+            self.connection.writable()
+
+    # --- ConnectionIO -----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self._close_transport()
+
+    def write_congested(self) -> bool:
+        return self.writing_paused
+
+    def set_idle_timeout(self, seconds: float | None) -> None:
+        self.idle_timeout = seconds
+        self._cancel_timer()
+        if seconds:
+            self._arm(seconds, self._idle_check)
+
+    # --- internals --------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Server stop: 5.0 clients get DISCONNECT 0x8B, then everything closes."""
+        if self.connection is not None and self.connection.connected:
+            self.connection.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down")
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm(self, delay: float, callback: object) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_check(self) -> None:
+        # One timer per connection, re-armed for the remainder instead of being cancelled
+        # and recreated on every packet.
+        self._timer = None
+        timeout = self.idle_timeout
+        if self.closed or timeout is None:
+            return
+        elapsed = self.loop.time() - self.last_activity
+        if elapsed < timeout:
+            self._arm(timeout - elapsed, self._idle_check)
+            return
+        self._connection_timed_out()
+
+    def _connection_timed_out(self) -> None:
+        self._timer = None
+        if self.connection is not None:
+            self.connection.timed_out()
+        self._close_transport()
+
+    def _proxy_timeout(self) -> None:
+        self._timer = None
+        counters = self.listener.broker.counters
+        counters.proxy_header_timeouts += 1
+        logger.warning(
+            "timeout waiting for the PROXY header from %s on listener %s (%gs)",
+            _address_text(self.socket_address),
+            self.listener.config.label,
+            self.listener.config.proxy_protocol_timeout,
+        )
+        self._close_transport()
+
+    def _socket_identity(self, health_check: bool = False) -> PeerIdentity:
+        transport = self.transport
+        cn: str | None = None
+        verified = False
+        tls_version: str | None = None
+        chain_subjects: tuple[bytes, ...] = ()
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            tls_version = ssl_object.version()
+            certificate = ssl_object.getpeercert()
+            if certificate:
+                # The handshake only completes with a peer certificate when it verified.
+                verified = True
+                for relative_name in certificate.get("subject", ()):
+                    for attribute in relative_name:
+                        if attribute[0] == "commonName":
+                            cn = str(attribute[1])
+                if self.listener.tls is not None:
+                    chain_subjects = self.listener.tls.chain_subjects(ssl_object)
+        return PeerIdentity(
+            address=self.socket_address,
+            socket_address=self.socket_address,
+            listener=self.listener.config.label,
+            tls=tls_version is not None,
+            tls_version=tls_version,
+            certificate_cn=cn,
+            certificate_verified=verified,
+            chain_subjects=chain_subjects,
+            health_check=health_check,
+        )
+
+    def _proxy_data(self, data: bytes) -> None:
+        decoder = self.proxy_decoder
+        assert decoder is not None
+        config = self.listener.config
+        counters = self.listener.broker.counters
+        source = _address_text(self.socket_address)
+        try:
+            decoder.feed(data)
+            event = decoder.next_event()
+        except ProxyProtocolError as error:
+            if error.looks_like == "mqtt-connect":
+                counters.proxy_missing_header += 1
+                logger.warning(
+                    "MQTT CONNECT received without PROXY header from %s: is send-proxy-v2 "
+                    "set on the balancer? (listener %s has proxy_protocol = true)",
+                    source,
+                    config.label,
+                )
+            elif error.looks_like == "tls-client-hello":
+                counters.proxy_missing_header += 1
+                logger.warning(
+                    "TLS ClientHello received without PROXY header from %s: the balancer "
+                    "must terminate TLS and send-proxy-v2 to listener %s",
+                    source,
+                    config.label,
+                )
+            else:
+                counters.proxy_header_errors += 1
+                logger.warning(
+                    "invalid PROXY header from %s on listener %s: %s (%s)",
+                    source,
+                    config.label,
+                    error,
+                    error.reason,
+                )
+            self._close_transport()
+            return
+        if event is NEED_DATA:
+            return
+        assert isinstance(event, ProxyHeader)
+        self._cancel_timer()
+        trailing = decoder.trailing_data
+        self.proxy_decoder = None
+        if event.is_local:
+            counters.proxy_health_checks += 1
+            logger.debug("PROXY LOCAL (health check) from %s on %s", source, config.label)
+            identity = self._socket_identity(health_check=True)
+        else:
+            counters.proxy_headers_accepted += 1
+            identity = self._proxy_identity(event)
+        self._start_mqtt(identity)
+        if trailing and self.connection is not None and not self.closed:
+            self.connection.data_received(trailing)
+
+    def _proxy_identity(self, header: ProxyHeader) -> PeerIdentity:
+        ssl_info = header.ssl
+        verified = ssl_info is not None and ssl_info.cert_verified
+        return PeerIdentity(
+            address=header.source or self.socket_address,
+            socket_address=self.socket_address,
+            listener=self.listener.config.label,
+            via_proxy=True,
+            tls=ssl_info is not None and bool(ssl_info.client & ClientFlags.SSL),
+            tls_version=None if ssl_info is None else ssl_info.version,
+            certificate_cn=ssl_info.cn if ssl_info is not None and verified else None,
+            certificate_verified=verified,
+            chain_subjects=header.chain_subjects if verified else (),
+            authority=header.authority,
+        )
+
+    def _start_mqtt(self, identity: PeerIdentity) -> None:
+        listener = self.listener
+        broker = listener.broker
+        refuse = None
+        if listener.active > listener.config.max_connections:
+            refuse = ReasonCode.SERVER_BUSY
+        self.connection = ClientConnection(broker, self, identity, listener.config, refuse)
+        self.first_data_pending = not listener.config.proxy_protocol
+        self._arm(broker.settings.connect_timeout, self._connection_timed_out)
+
+    def _unexpected_proxy_header(self, data: bytes) -> bool:
+        """First bytes on a listener without proxy_protocol: a PROXY header is a misconfig."""
+        connection = self.connection
+        assert connection is not None
+        if (
+            data
+            and data[0] in PROXY_FIRST_BYTES
+            and (data.startswith(b"PROXY") or data.startswith(b"\r\n\r\n"))
+        ):
+            self.listener.broker.counters.proxy_header_unexpected += 1
+            logger.warning(
+                "PROXY protocol header received on a listener without proxy_protocol = true "
+                "from %s (listener %s): set proxy_protocol = true or remove send-proxy on "
+                "the balancer",
+                _address_text(self.socket_address),
+                self.listener.config.label,
+            )
+            connection.connection_lost("PROXY header on a plain listener")
+            self._close_transport()
+            return True
+        return False

@@ -1,0 +1,241 @@
+"""Wiring of one broker node: config -> Broker core, listeners, admin endpoint, ticker.
+
+:class:`BrokerServer` is what ``broker -c FILE`` runs. It builds the
+:class:`~broker.core.Broker` with the event loop's clock, starts one
+:class:`~broker.listener.Listener` per configured listener (TLS ones get their context from
+``lb.tls``, the one TLS module of the project), the admin endpoint, and a one-second ticker
+for delayed wills and session expiry. The cluster and authorization implementations are
+passed in (see :mod:`broker.hooks`); both default to a standalone, allow-all node.
+
+An ``[authorization]`` section (seed 003) makes the authorization a
+:class:`~broker.authz.PolicyAuthorization` over the policy file, polled every
+``reload_interval`` and reloadable with ``POST /api/authz/reload`` on the admin endpoint; an
+update disconnects the clients of the linked listeners (5.0: DISCONNECT 0x98). Listeners
+with ``password_file`` check passwords (:mod:`broker.authentication`). Every node serves the
+state store (:mod:`broker.statestore`) on its request topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from broker.admin import AdminServer
+from broker.authentication import PasswordFile, PasswordFileError
+from broker.authz import PolicyAuthorization, PolicyError, ReloadResult, X509Attributes
+from broker.cluster import Cluster
+from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions
+from broker.core import Broker
+from broker.hooks import AuthorizationHook, ClusterHook
+from broker.listener import Listener
+from broker.mqtt import ReasonCode
+from broker.statestore import StateStore
+from broker.tls_listener import ReloadingContext
+
+__all__ = ["BrokerServer", "default_ssl_context"]
+
+logger = logging.getLogger(__name__)
+
+TICK_INTERVAL = 1.0
+
+
+def default_ssl_context(options: SSLOptions) -> ssl.SSLContext:
+    """A server context for a ``[listeners.ssl.NAME]`` listener, built by lb.tls."""
+    from lb import tls
+
+    return tls.build_server_ssl_context(
+        tls.SSLOptions(
+            certfile=options.certfile,
+            keyfile=options.keyfile,
+            cacertfile=options.cacertfile,
+            password=options.password,
+            verify=options.verify,
+            fail_if_no_peer_cert=options.fail_if_no_peer_cert,
+            versions=options.versions,
+            depth=options.depth,
+            crl_file=options.crl_file,
+        )
+    )
+
+
+class BrokerServer:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        cluster: ClusterHook | None = None,
+        authorization: AuthorizationHook | None = None,
+        ssl_context_factory: Callable[[SSLOptions], ssl.SSLContext] = default_ssl_context,
+        cluster_status: Callable[[], Any] | None = None,
+    ) -> None:
+        self.config = config
+        loop = asyncio.get_running_loop()
+        # A [cluster] section makes this node a cluster member (seed 002, broker/cluster.py).
+        self.cluster: Cluster | None = None
+        if cluster is None and config.cluster is not None:
+            self.cluster = cluster = Cluster(config)
+            if cluster_status is None:
+                cluster_status = self.cluster.status
+        # [authorization] (seed 003): policy hook, password files, reload poller.
+        self.authorization: PolicyAuthorization | None = None
+        self._policy_poller: asyncio.TimerHandle | None = None
+        self.authorization_disconnected = 0
+        if authorization is None and config.authorization is not None:
+            self.authorization = authorization = self._build_authorization(config)
+        self.broker = Broker(
+            config.mqtt,
+            config.node_name,
+            clock=loop.time,
+            wall_clock=time.time,
+            cluster=cluster,
+            authorization=authorization,
+        )
+        for listener_config in config.listeners:
+            if listener_config.password_file is not None:
+                try:
+                    passwords = PasswordFile(listener_config.password_file)
+                except PasswordFileError as error:
+                    raise ConfigError(
+                        config.origin,
+                        f"listeners.{listener_config.kind}.{listener_config.name}.password_file",
+                        str(error),
+                    ) from None
+                self.broker.password_checks[listener_config.label] = passwords.check
+        self.state_store = StateStore(self.broker)
+        self.state_store.install()
+        if self.cluster is not None:
+            self.cluster.attach(self.broker)
+        self.ssl_context_factory = ssl_context_factory
+        self.listeners: list[Listener] = []
+        self.admin: AdminServer | None = None
+        if config.admin is not None:
+            self.admin = AdminServer(
+                self.broker, config.admin.host, config.admin.port, cluster_status
+            )
+            if self.authorization is not None:
+                self.admin.authorization_reload = self.reload_authorization
+        self._ticker: asyncio.TimerHandle | None = None
+
+    # --- authorization (seed 003) -----------------------------------------------------------
+
+    def _build_authorization(self, config: BrokerConfig) -> PolicyAuthorization:
+        settings = config.authorization
+        assert settings is not None
+        linked = {
+            listener.label: listener.authentication
+            for listener in config.listeners
+            if listener.authorization
+        }
+        if not linked:
+            logger.warning(
+                "[authorization] is configured but no listener sets authorization = true: "
+                "it applies to no client"
+            )
+        try:
+            return PolicyAuthorization(
+                settings.policy_file,
+                linked,
+                [X509Attributes(*entry) for entry in settings.x509_attributes],
+                on_update=self._authorization_updated,
+            )
+        except PolicyError as error:
+            raise ConfigError(config.origin, "authorization.policy_file", str(error)) from None
+
+    def _authorization_updated(self, policy: object) -> None:
+        """Seed 003: clients connected during a policy update are disconnected."""
+        linked = {listener.label for listener in self.config.listeners if listener.authorization}
+        self.authorization_disconnected = self.broker.disconnect_clients(
+            lambda connection: connection.identity.listener in linked,
+            ReasonCode.ADMINISTRATIVE_ACTION,
+            "authorization policy updated",
+        )
+        logger.info(
+            "authorization policy updated: %d clients disconnected",
+            self.authorization_disconnected,
+        )
+
+    def reload_authorization(self) -> dict[str, Any]:
+        """Reload the policy file now (the admin endpoint's POST /api/authz/reload)."""
+        assert self.authorization is not None
+        self.authorization_disconnected = 0
+        result: ReloadResult = self.authorization.reload()
+        return {
+            "policy_file": str(self.authorization.policy_file),
+            "changed": result.changed,
+            "error": result.error,
+            "rules": result.rules,
+            "disconnected": self.authorization_disconnected,
+        }
+
+    def _poll_policy(self) -> None:
+        authorization = self.authorization
+        assert authorization is not None and self.config.authorization is not None
+        try:
+            if authorization.file_changed():
+                self.reload_authorization()
+        except Exception:
+            logger.exception("authorization policy reload failed")
+        self._policy_poller = asyncio.get_running_loop().call_later(
+            self.config.authorization.reload_interval, self._poll_policy
+        )
+
+    def _tls_for(self, listener: ListenerConfig) -> ReloadingContext | None:
+        """TLS listeners reload their certificates and CRL from disk (seed 000)."""
+        if listener.kind != "ssl" or listener.ssl_options is None:
+            return None
+        return ReloadingContext(
+            f"listener {listener.label}", listener.ssl_options, self.ssl_context_factory
+        )
+
+    async def start(self) -> None:
+        try:
+            for listener_config in self.config.listeners:
+                listener = Listener(
+                    listener_config, self.broker, tls=self._tls_for(listener_config)
+                )
+                await listener.start()
+                self.listeners.append(listener)
+            if self.cluster is not None:
+                await self.cluster.start()
+            if self.admin is not None:
+                await self.admin.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._ticker = asyncio.get_running_loop().call_later(TICK_INTERVAL, self._tick)
+        if self.authorization is not None and self.config.authorization is not None:
+            self._policy_poller = asyncio.get_running_loop().call_later(
+                self.config.authorization.reload_interval, self._poll_policy
+            )
+        logger.info("node %s started", self.config.node_name)
+
+    def _tick(self) -> None:
+        try:
+            self.broker.tick()
+        except Exception:
+            logger.exception("broker tick failed")
+        self._ticker = asyncio.get_running_loop().call_later(TICK_INTERVAL, self._tick)
+
+    def listener(self, name: str) -> Listener:
+        for listener in self.listeners:
+            if listener.config.name == name:
+                return listener
+        raise KeyError(name)
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self._policy_poller is not None:
+            self._policy_poller.cancel()
+            self._policy_poller = None
+        if self.cluster is not None:
+            await self.cluster.stop()
+        for listener in self.listeners:
+            await listener.stop()
+        if self.admin is not None:
+            await self.admin.stop()
+        logger.info("node %s stopped", self.config.node_name)

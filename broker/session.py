@@ -1,0 +1,96 @@
+"""One client session: the state that survives a connection (MQTT 5.0 section 4.1).
+
+A session holds the client's subscriptions, the outgoing QoS 1/2 messages not yet fully
+acknowledged (*inflight*, resent with DUP on reconnect, section 4.4), the messages waiting for
+an inflight slot or for the client to come back (*queue*, bounded by
+``max_queued_messages``: overflow is dropped and counted), the QoS 2 packet identifiers the
+client sent and has not released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
+
+Pure state: no I/O, no clock. The connection and the core drive it with explicit times.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from broker.message import Message
+from broker.topics import SubscriptionOptions
+
+if TYPE_CHECKING:
+    from broker.connection import ClientConnection
+
+__all__ = ["SESSION_NEVER_EXPIRES", "Outgoing", "Pending", "Session"]
+
+# MQTT 5.0 section 3.1.2.11.2: 0xFFFFFFFF means the session does not expire.
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+# MQTT section 2.2.1: packet identifiers are non-zero 16-bit integers.
+MAX_PACKET_ID = 0xFFFF
+
+
+@dataclass(slots=True)
+class Pending:
+    """A delivery waiting in the session queue."""
+
+    message: Message
+    qos: int
+    retain: bool
+    subscription_identifiers: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """An outgoing QoS 1/2 PUBLISH awaiting PUBACK, PUBREC, or (after PUBREL) PUBCOMP."""
+
+    packet_id: int
+    pending: Pending
+    # QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited.
+    released: bool = False
+
+
+@dataclass(slots=True)
+class Session:
+    client_id: str
+    max_queued_messages: int
+    subscriptions: dict[str, SubscriptionOptions] = field(default_factory=dict)
+    inflight: dict[int, Outgoing] = field(default_factory=dict)
+    queue: deque[Pending] = field(default_factory=deque)
+    incoming_qos2: set[int] = field(default_factory=set)
+    expiry_interval: int = 0
+    # Set when the session loses its connection; None while connected or never expiring.
+    expires_at: float | None = None
+    connection: ClientConnection | None = None
+    next_packet_id: int = 1
+    dropped_messages: int = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None
+
+    def allocate_packet_id(self) -> int | None:
+        """A packet identifier not used by any inflight message, or None when all are."""
+        if len(self.inflight) >= MAX_PACKET_ID:
+            return None
+        packet_id = self.next_packet_id
+        while packet_id in self.inflight:
+            packet_id = packet_id % MAX_PACKET_ID + 1
+        self.next_packet_id = packet_id % MAX_PACKET_ID + 1
+        return packet_id
+
+    def enqueue(self, pending: Pending) -> bool:
+        """Queue a delivery; False (and counted) when the queue is full."""
+        if len(self.queue) >= self.max_queued_messages:
+            self.dropped_messages += 1
+            return False
+        self.queue.append(pending)
+        return True
+
+    def discard_expired(self, now: float) -> int:
+        """Drop queued messages whose expiry passed; returns how many."""
+        if not any(pending.message.expires_at is not None for pending in self.queue):
+            return 0
+        kept = deque(pending for pending in self.queue if not pending.message.is_expired(now))
+        dropped = len(self.queue) - len(kept)
+        self.queue = kept
+        return dropped

@@ -1,0 +1,63 @@
+"""Node counters, shown by the admin API (/api/stats) and as Prometheus metrics (/metrics).
+
+Plain integers bumped by the core and the listeners; every refusal and every drop has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["Counters", "render_prometheus"]
+
+
+@dataclass(slots=True)
+class Counters:
+    connections_accepted: int = 0
+    connections_closed: int = 0
+    connections_refused_max_connections: int = 0
+    connects_accepted: int = 0
+    connects_refused: int = 0
+    authorization_denied: int = 0
+    proxy_headers_accepted: int = 0
+    proxy_untrusted_sources: int = 0
+    proxy_health_checks: int = 0
+    proxy_missing_header: int = 0
+    proxy_header_errors: int = 0
+    proxy_header_timeouts: int = 0
+    proxy_header_unexpected: int = 0
+    malformed_packets: int = 0
+    protocol_errors: int = 0
+    keepalive_timeouts: int = 0
+    takeovers: int = 0
+    messages_received: int = 0
+    messages_sent: int = 0
+    messages_retained: int = 0
+    messages_dropped_queue_full: int = 0
+    messages_dropped_qos0_offline: int = 0
+    messages_dropped_too_large: int = 0
+    messages_expired: int = 0
+    messages_no_subscribers: int = 0
+    wills_published: int = 0
+    sessions_expired: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def render_prometheus(prefix: str, values: dict[str, int], labels: dict[str, str]) -> str:
+    """Prometheus text exposition format (version 0.0.4)."""
+    label_text = ",".join(
+        f'{name}="{value.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for name, value in labels.items()
+    )
+    lines: list[str] = []
+    for name, value in values.items():
+        metric = f"{prefix}_{name}"
+        kind = "counter" if not name.endswith(("_current", "_count")) else "gauge"
+        if kind == "counter" and not metric.endswith("_total"):
+            metric += "_total"
+        lines.append(f"# TYPE {metric} {kind}")
+        lines.append(f"{metric}{{{label_text}}} {value}")
+    return "\n".join(lines) + "\n"

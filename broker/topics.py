@@ -1,0 +1,302 @@
+"""Subscription trie and retained message store (MQTT 5.0 section 4.7, 4.8.2; 3.1.1 section 4.7).
+
+This module owns *who receives what*: a trie keyed by topic levels holds every subscription
+of every session on this node, including shared subscriptions (``$share/GROUP/FILTER``,
+MQTT 5.0 section 4.8.2) whose members are served round robin. Matching follows the spec:
+
+- ``+`` matches exactly one level, ``#`` matches the parent level and any number of children;
+- a topic starting with ``$`` is not matched by a filter whose first level is a wildcard
+  (section 4.7.2);
+- overlapping subscriptions of one session yield a single delivery at the highest granted
+  QoS carrying every matching Subscription Identifier (section 3.3.4);
+- No Local (section 3.8.3.1) is applied at match time, given the publisher's client id.
+
+The retained store keeps the last retained message per topic name (a zero-length payload
+deletes it, section 3.3.1.3) and answers "which retained messages match this filter".
+
+Pure data structures: no I/O, no clock (expiry is decided by the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = [
+    "Delivery",
+    "RetainedStore",
+    "SubscriptionOptions",
+    "SubscriptionTrie",
+    "filter_matches",
+    "split_shared",
+]
+
+SHARED_PREFIX = "$share/"
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """What a session asked for with one topic filter (MQTT 5.0 section 3.8.3.1)."""
+
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    subscription_identifier: int | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One delivery of one published message to one session, after merging overlaps."""
+
+    client_id: str
+    qos: int
+    retain_as_published: bool
+    subscription_identifiers: list[int] = field(default_factory=list)
+
+
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """``$share/group/a/b`` -> ``("group", "a/b")``; anything else -> ``(None, filter)``.
+
+    The caller validates the shape (a share name without ``+ # /``, a non-empty filter).
+    """
+    if topic_filter.startswith(SHARED_PREFIX):
+        rest = topic_filter[len(SHARED_PREFIX) :]
+        group, separator, inner = rest.partition("/")
+        if separator:
+            return group, inner
+    return None, topic_filter
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """True when the (non-shared) ``topic_filter`` matches the topic name ``topic``."""
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    if topic.startswith("$") and filter_levels[0] in ("+", "#"):
+        return False
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels):
+            return False
+        if level != "+" and level != topic_levels[index]:
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+class _SharedGroup:
+    """Members of one ``$share/group/filter`` and the round robin position."""
+
+    __slots__ = ("members", "next_index")
+
+    def __init__(self) -> None:
+        self.members: dict[str, SubscriptionOptions] = {}
+        self.next_index = 0
+
+    def pick(self, available: Callable[[str], bool]) -> tuple[str, SubscriptionOptions] | None:
+        """Next member in turn, preferring members for which ``available`` is true."""
+        if not self.members:
+            return None
+        names = list(self.members)
+        count = len(names)
+        for offset in range(count):
+            index = (self.next_index + offset) % count
+            if available(names[index]):
+                self.next_index = (index + 1) % count
+                return names[index], self.members[names[index]]
+        index = self.next_index % count
+        self.next_index = (index + 1) % count
+        return names[index], self.members[names[index]]
+
+
+class _Node:
+    __slots__ = ("children", "shared", "subscribers")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.subscribers: dict[str, SubscriptionOptions] = {}
+        self.shared: dict[str, _SharedGroup] = {}
+
+    def is_empty(self) -> bool:
+        return not (self.children or self.subscribers or self.shared)
+
+
+class SubscriptionTrie:
+    """Every subscription on this node, keyed by topic filter level."""
+
+    __slots__ = ("_filter_counts", "_root")
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        # Full filter (with $share prefix) -> number of sessions holding it; lets the node
+        # announce a filter to the cluster once, when the first session takes it.
+        self._filter_counts: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return sum(self._filter_counts.values())
+
+    def filters(self) -> list[str]:
+        """Every distinct filter held by at least one session (shared ones with prefix)."""
+        return list(self._filter_counts)
+
+    def subscribe(self, client_id: str, topic_filter: str, options: SubscriptionOptions) -> bool:
+        """Add or replace; returns True when the session already had this filter."""
+        group, inner = split_shared(topic_filter)
+        node = self._root
+        for level in inner.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Node()
+            node = child
+        if group is None:
+            existed = client_id in node.subscribers
+            node.subscribers[client_id] = options
+        else:
+            shared = node.shared.get(group)
+            if shared is None:
+                shared = node.shared[group] = _SharedGroup()
+            existed = client_id in shared.members
+            shared.members[client_id] = options
+        if not existed:
+            self._filter_counts[topic_filter] = self._filter_counts.get(topic_filter, 0) + 1
+        return existed
+
+    def unsubscribe(self, client_id: str, topic_filter: str) -> bool:
+        """Remove; returns True when the session had this filter."""
+        group, inner = split_shared(topic_filter)
+        path: list[tuple[_Node, str]] = []
+        node = self._root
+        for level in inner.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                return False
+            path.append((node, level))
+            node = child
+        if group is None:
+            if node.subscribers.pop(client_id, None) is None:
+                return False
+        else:
+            shared = node.shared.get(group)
+            if shared is None or shared.members.pop(client_id, None) is None:
+                return False
+            if not shared.members:
+                del node.shared[group]
+        count = self._filter_counts[topic_filter] - 1
+        if count:
+            self._filter_counts[topic_filter] = count
+        else:
+            del self._filter_counts[topic_filter]
+        # Prune empty branches so a churn of unique topics does not grow memory.
+        for parent, level in reversed(path):
+            child = parent.children[level]
+            if not child.is_empty():
+                break
+            del parent.children[level]
+        return True
+
+    def count_for(self, topic_filter: str) -> int:
+        return self._filter_counts.get(topic_filter, 0)
+
+    def _matching_nodes(self, topic: str) -> Iterator[_Node]:
+        levels = topic.split("/")
+        dollar = topic.startswith("$")
+        stack: list[tuple[_Node, int]] = [(self._root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            first_level = depth == 0
+            if not (dollar and first_level):
+                hash_child = node.children.get("#")
+                if hash_child is not None:
+                    yield hash_child
+            if depth == len(levels):
+                yield node
+                continue
+            exact = node.children.get(levels[depth])
+            if exact is not None:
+                stack.append((exact, depth + 1))
+            if not (dollar and first_level):
+                plus = node.children.get("+")
+                if plus is not None:
+                    stack.append((plus, depth + 1))
+
+    def match(
+        self,
+        topic: str,
+        publisher_client_id: str | None = None,
+        available: Callable[[str], bool] = lambda client_id: True,
+    ) -> list[Delivery]:
+        """Deliveries for a message published to ``topic``.
+
+        Non-shared subscriptions of one session merge into one delivery (highest QoS, all
+        identifiers). Each shared group yields one delivery to the next member in turn,
+        preferring members for which ``available(client_id)`` is true (connected ones).
+        """
+        merged: dict[str, Delivery] = {}
+        shared_deliveries: list[Delivery] = []
+        for node in self._matching_nodes(topic):
+            for client_id, options in node.subscribers.items():
+                if options.no_local and client_id == publisher_client_id:
+                    continue
+                delivery = merged.get(client_id)
+                if delivery is None:
+                    delivery = merged[client_id] = Delivery(client_id, options.qos, False)
+                elif options.qos > delivery.qos:
+                    delivery.qos = options.qos
+                delivery.retain_as_published |= options.retain_as_published
+                if options.subscription_identifier is not None:
+                    delivery.subscription_identifiers.append(options.subscription_identifier)
+            for shared in node.shared.values():
+                picked = shared.pick(available)
+                if picked is None:
+                    continue
+                client_id, options = picked
+                identifiers = []
+                if options.subscription_identifier is not None:
+                    identifiers.append(options.subscription_identifier)
+                shared_deliveries.append(
+                    Delivery(client_id, options.qos, options.retain_as_published, identifiers)
+                )
+        return [*merged.values(), *shared_deliveries]
+
+
+MessageT = TypeVar("MessageT")
+
+
+class RetainedStore(Generic[MessageT]):
+    """The last retained message per topic name."""
+
+    __slots__ = ("_messages",)
+
+    def __init__(self) -> None:
+        self._messages: dict[str, MessageT] = {}
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def set(self, topic: str, message: MessageT | None) -> None:
+        """Store, or delete with ``None`` (a retained PUBLISH with an empty payload)."""
+        if message is None:
+            self._messages.pop(topic, None)
+        else:
+            self._messages[topic] = message
+
+    def get(self, topic: str) -> MessageT | None:
+        return self._messages.get(topic)
+
+    def remove(self, topic: str) -> None:
+        self._messages.pop(topic, None)
+
+    def matching(self, topic_filter: str) -> list[MessageT]:
+        """Retained messages whose topic matches a non-shared filter."""
+        if "+" not in topic_filter and "#" not in topic_filter:
+            message = self._messages.get(topic_filter)
+            return [] if message is None else [message]
+        return [
+            message
+            for topic, message in self._messages.items()
+            if filter_matches(topic_filter, topic)
+        ]
+
+    def items(self) -> list[tuple[str, MessageT]]:
+        return list(self._messages.items())

@@ -1,0 +1,90 @@
+"""Broker TOML configuration: every configs/broker-*.toml loads, every configs/bad/broker-*.toml
+fails with the error its header announces, and errors name the file and the key."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from broker.config import ConfigError, default_config, load_config, parse_config
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = sorted((ROOT / "configs").glob("broker-*.toml"))
+BAD = sorted((ROOT / "configs" / "bad").glob("broker-*.toml"))
+
+
+def test_there_are_three_nodes() -> None:
+    assert [path.name for path in GOOD] == ["broker-1.toml", "broker-2.toml", "broker-3.toml"]
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda path: path.name)
+def test_node_configs_load(path: Path) -> None:
+    number = int(path.stem.rsplit("-", 1)[1])
+    config = load_config(path)
+    assert config.node_name == f"broker-{number}"
+    [listener] = config.listeners
+    assert (listener.host, listener.port) == ("127.0.0.1", 1882 + number)
+    assert listener.proxy_protocol and listener.max_connections == 500000
+    assert listener.peer_cert_as_username == "cn"
+    assert ipaddress.ip_network("127.0.0.0/8") in listener.proxy_protocol_trusted
+    assert config.admin is not None and config.admin.port == 18082 + number
+    assert config.cluster is not None and config.cluster.port == 5370 + number
+    assert len(config.cluster.peers) == 2
+    assert config.cookie
+    ssl_options = config.cluster.ssl_options
+    assert ssl_options is not None and ssl_options.verify == "verify_peer"
+    assert ssl_options.fail_if_no_peer_cert
+    # Relative paths resolve against the config file's directory.
+    assert ssl_options.keyfile.parent == ROOT / "configs" / "certs"
+    assert ssl_options.cacertfile is not None and ssl_options.cacertfile.is_absolute()
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda path: path.name)
+def test_bad_configs_report_their_expected_error(path: Path) -> None:
+    expected = next(
+        line.split("expect:", 1)[1].strip()
+        for line in path.read_text().splitlines()
+        if line.startswith("# expect:")
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {expected}"
+
+
+def test_defaults_like_mosquitto_p() -> None:
+    config = default_config(1883)
+    [listener] = config.listeners
+    assert (listener.host, listener.port, listener.proxy_protocol) == ("0.0.0.0", 1883, False)
+    assert config.admin is None and config.cluster is None
+
+
+def test_durations_and_errors_name_file_and_key(tmp_path: Path) -> None:
+    document = {
+        "listeners": {"tcp": {"a": {"bind": "127.0.0.1:1", "proxy_protocol_timeout": "500ms"}}}
+    }
+    assert parse_config(document, "x.toml").listeners[0].proxy_protocol_timeout == 0.5
+    with pytest.raises(ConfigError, match=r"^x\.toml: 'listeners\.tcp\.a\.max_connections'"):
+        parse_config(
+            {"listeners": {"tcp": {"a": {"bind": "127.0.0.1:1", "max_connections": "many"}}}},
+            "x.toml",
+        )
+    with pytest.raises(ConfigError, match="no listener"):
+        parse_config({}, "empty.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[node\n")
+    with pytest.raises(ConfigError, match=r"broken.toml: '\(syntax\)': not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_duplicate_bind_is_refused() -> None:
+    document = {
+        "listeners": {"tcp": {"a": {"bind": "127.0.0.1:1883"}, "b": {"bind": "127.0.0.1:1883"}}}
+    }
+    with pytest.raises(ConfigError, match="already used by listener tcp:a"):
+        parse_config(document, "dup.toml")

@@ -1,0 +1,135 @@
+"""Subscription trie and retained store (MQTT 5.0 sections 4.7, 4.8.2, 3.3.4)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broker.mqtt import matches
+from broker.topics import RetainedStore, SubscriptionOptions, SubscriptionTrie, filter_matches
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def clients(trie: SubscriptionTrie, topic: str, publisher: str | None = None) -> set[str]:
+    return {delivery.client_id for delivery in trie.match(topic, publisher)}
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "expected"),
+    [
+        ("sport/tennis/player1/#", "sport/tennis/player1", True),
+        ("sport/tennis/player1/#", "sport/tennis/player1/ranking", True),
+        ("sport/tennis/player1/#", "sport/tennis/player1/score/wimbledon", True),
+        ("sport/#", "sport", True),
+        ("#", "sport/tennis", True),
+        ("sport/tennis/+", "sport/tennis/player1", True),
+        ("sport/tennis/+", "sport/tennis/player1/ranking", False),
+        ("sport/+", "sport", False),
+        ("sport/+", "sport/", True),
+        ("+/+", "/finance", True),
+        ("/+", "/finance", True),
+        ("+", "/finance", False),
+        ("#", "$SYS/broker", False),
+        ("+/monitor/Clients", "$SYS/monitor/Clients", False),
+        ("$SYS/#", "$SYS/monitor/Clients", True),
+        ("$SYS/monitor/+", "$SYS/monitor/Clients", True),
+    ],
+)
+def test_spec_examples(topic_filter: str, topic: str, expected: bool) -> None:
+    assert filter_matches(topic_filter, topic) is expected
+    trie = SubscriptionTrie()
+    trie.subscribe("c", topic_filter, SubscriptionOptions(0))
+    assert (clients(trie, topic) == {"c"}) is expected
+
+
+levels = st.sampled_from(["a", "b", "", "$x", "c"])
+filter_levels = st.sampled_from(["a", "b", "", "+", "$x"])
+
+
+@given(
+    st.lists(levels, min_size=1, max_size=4),
+    st.lists(filter_levels, min_size=1, max_size=4),
+    st.booleans(),
+)
+def test_trie_agrees_with_codec_matches(
+    topic_levels: list[str], filter_parts: list[str], hash_end: bool
+) -> None:
+    topic = "/".join(topic_levels)
+    topic_filter = "/".join(filter_parts + (["#"] if hash_end else []))
+    trie = SubscriptionTrie()
+    trie.subscribe("c", topic_filter, SubscriptionOptions(0))
+    assert (clients(trie, topic) == {"c"}) == matches(topic_filter, topic)
+    assert filter_matches(topic_filter, topic) == matches(topic_filter, topic)
+
+
+def test_overlapping_subscriptions_merge_with_highest_qos_and_all_identifiers() -> None:
+    trie = SubscriptionTrie()
+    trie.subscribe("c", "a/#", SubscriptionOptions(0, subscription_identifier=1))
+    trie.subscribe("c", "a/+", SubscriptionOptions(2, subscription_identifier=2))
+    trie.subscribe("c", "a/b", SubscriptionOptions(1))
+    [delivery] = trie.match("a/b")
+    assert delivery.qos == 2
+    assert sorted(delivery.subscription_identifiers) == [1, 2]
+
+
+def test_no_local_skips_the_publisher_only() -> None:
+    trie = SubscriptionTrie()
+    trie.subscribe("me", "t", SubscriptionOptions(1, no_local=True))
+    trie.subscribe("other", "t", SubscriptionOptions(1, no_local=True))
+    assert clients(trie, "t", publisher="me") == {"other"}
+
+
+def test_shared_subscription_round_robin_prefers_available_members() -> None:
+    trie = SubscriptionTrie()
+    for name in ("x", "y", "z"):
+        trie.subscribe(name, "$share/g/jobs/+", SubscriptionOptions(1))
+    trie.subscribe("plain", "jobs/#", SubscriptionOptions(0))
+    picked = [
+        next(d.client_id for d in trie.match("jobs/1") if d.client_id != "plain") for _ in range(6)
+    ]
+    assert picked == ["x", "y", "z", "x", "y", "z"]
+    only_z = [
+        next(
+            d.client_id
+            for d in trie.match("jobs/1", available=lambda c: c == "z")
+            if d.client_id != "plain"
+        )
+        for _ in range(3)
+    ]
+    assert only_z == ["z", "z", "z"]
+
+
+def test_two_groups_each_get_one_copy() -> None:
+    trie = SubscriptionTrie()
+    trie.subscribe("a1", "$share/a/t", SubscriptionOptions(0))
+    trie.subscribe("a2", "$share/a/t", SubscriptionOptions(0))
+    trie.subscribe("b1", "$share/b/t", SubscriptionOptions(0))
+    deliveries = trie.match("t")
+    assert len(deliveries) == 2
+
+
+def test_unsubscribe_prunes_and_counts_filters() -> None:
+    trie = SubscriptionTrie()
+    assert trie.subscribe("c", "a/b/c", SubscriptionOptions(0)) is False
+    assert trie.subscribe("c", "a/b/c", SubscriptionOptions(1)) is True
+    trie.subscribe("d", "a/b/c", SubscriptionOptions(1))
+    assert trie.count_for("a/b/c") == 2
+    assert trie.unsubscribe("c", "a/b/c") is True
+    assert trie.unsubscribe("c", "a/b/c") is False
+    assert trie.unsubscribe("d", "a/b/c") is True
+    assert trie.filters() == []
+    assert trie._root.is_empty()
+
+
+def test_retained_store_matching_and_delete() -> None:
+    store: RetainedStore[str] = RetainedStore()
+    store.set("a/b", "1")
+    store.set("a/c", "2")
+    store.set("$SYS/x", "3")
+    assert sorted(store.matching("a/+")) == ["1", "2"]
+    assert store.matching("#") == ["1", "2"] or sorted(store.matching("#")) == ["1", "2"]
+    assert store.matching("a/b") == ["1"]
+    store.set("a/b", None)
+    assert store.matching("a/b") == []
