@@ -4,7 +4,9 @@ HAProxy's lb_fwrr.c spreads picks by weight so that a server of weight 3 among w
 3/1/1 is picked 3 times in 5, interleaved rather than in a burst. The smooth weighted
 algorithm (as nginx's) gives the same interleaving: each pick adds every candidate's
 weight to its running score, takes the highest score and subtracts the total. Weight 0
-takes no new connections; a weight change applies from the next pick.
+takes no new connections; a weight change (runtime `set weight`, slowstart's ramp, read
+from `effective_weight` at each pick) applies from the next pick. A server without a free
+slot is skipped (fwrr_get_next_server), so the caller queues when all are full.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ S = TypeVar("S", bound="Weighted")
 
 class RoundRobin(Generic[S]):
     __slots__ = ("_score", "_servers", "_up")
+
+    dynamic: bool = True
+    hashed: bool = False
 
     def __init__(self) -> None:
         self._servers: list[S] = []

@@ -1,0 +1,203 @@
+"""balance source: the client's address picks the server (configuration.txt, balance
+source; HAProxy's get_server_sh in backend.c, lb_map.c and lb_chash.c).
+
+The key is the packed client address; its hash is the XOR of its 32-bit big-endian words
+(the IPv4 address itself), as get_server_sh computes it. Two ways to map a hash to a
+server, chosen by `hash-type`:
+
+- `map-based` (the default, static): a table where each up server appears as many times as
+  its weight, interleaved; the server is `table[hash % total_weight]`. One address always
+  reaches the same server while the set of up servers is unchanged, but a change of that set
+  moves most addresses. Weights are those of the configuration; a runtime change counts only
+  as 0 or not 0, as for static-rr.
+- `consistent` (dynamic): a ring of points, `effective_weight` of them per server (sixteen
+  per unit of weight at full weight, as lb_chash.c's one node per eweight step), each at
+  `full_hash(server_id * WEIGHT_RANGE + node)`; the hash goes to the nearest point. A server
+  going down moves only the addresses that were on its points: about 1/N of them. Unlike
+  HAProxy, which applies Bob Jenkins' `full_hash` to the key only with the `avalanche`
+  modifier, the key is always avalanched here: raw IPv4 addresses of one subnet would
+  otherwise all fall between the same two points of the ring.
+
+A full server is still returned (the caller queues on it); `exclude` (a server that just
+failed) moves on to the next server of the table or the ring, as the chash `avoid` does.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from lb.balance import Weighted
+
+S = TypeVar("S", bound="Weighted")
+
+#: lb_chash.c's SRV_EWGHT_RANGE: room for every node of one server (256 weights x 16).
+WEIGHT_RANGE = 256 * 16
+HASH_TYPES = ("map-based", "consistent")
+MASK32 = 0xFFFFFFFF
+
+
+def full_hash(value: int) -> int:
+    """HAProxy's full_hash() (include/haproxy/hash.h): Bob Jenkins' 32-bit avalanche,
+    then a multiplication by a large prime "to better spread values all around the tree"."""
+    a = value & MASK32
+    a = ((a + 0x7ED55D16) + (a << 12)) & MASK32
+    a = ((a ^ 0xC761C23C) ^ (a >> 19)) & MASK32
+    a = ((a + 0x165667B1) + (a << 5)) & MASK32
+    a = ((a + 0xD3A2646C) ^ (a << 9)) & MASK32
+    a = ((a + 0xFD7046C5) + (a << 3)) & MASK32
+    a = ((a ^ 0xB55A4F09) ^ (a >> 16)) & MASK32
+    return (a * 3221225473) & MASK32
+
+
+def address_hash(key: bytes) -> int:
+    """XOR of the key's 32-bit big-endian words, as get_server_sh hashes an address."""
+    value = 0
+    for offset in range(0, len(key) - 3, 4):
+        value ^= int.from_bytes(key[offset : offset + 4], "big")
+    return value
+
+
+class Source(Generic[S]):
+    __slots__ = (
+        "_dirty",
+        "_ids",
+        "_points",
+        "_ring_keys",
+        "_ring_servers",
+        "_servers",
+        "_static_weight",
+        "_table",
+        "_up",
+        "consistent",
+        "dynamic",
+        "hashed",
+    )
+
+    def __init__(self, hash_type: str = "map-based") -> None:
+        if hash_type not in HASH_TYPES:
+            raise ValueError(f"unknown hash-type {hash_type!r}")
+        self.consistent = hash_type == "consistent"
+        self.hashed = True
+        self.dynamic = self.consistent  # map-based is static, consistent dynamic
+        self._servers: list[S] = []
+        self._up: set[str] = set()
+        self._ids: dict[str, int] = {}
+        self._static_weight: dict[str, int] = {}
+        self._points: dict[str, list[int]] = {}  # node keys per server, grown on demand
+        self._table: list[S] = []
+        self._ring_keys: list[int] = []
+        self._ring_servers: list[S] = []
+        self._dirty = True
+
+    def add(self, server: S) -> None:
+        self._servers.append(server)
+        self._ids[server.name] = len(self._ids) + 1
+        self._static_weight[server.name] = server.weight
+        self._points[server.name] = []
+        self._dirty = True
+
+    def remove(self, server: S) -> None:
+        self._servers = [s for s in self._servers if s.name != server.name]
+        self._up.discard(server.name)
+        self._static_weight.pop(server.name, None)
+        self._points.pop(server.name, None)
+        self._dirty = True
+
+    def set_up(self, server: S) -> None:
+        self._up.add(server.name)
+        self._dirty = True
+
+    def set_down(self, server: S) -> None:
+        self._up.discard(server.name)
+        self._dirty = True
+
+    def set_weight(self, server: S) -> None:
+        del server
+        self._dirty = True
+
+    # -- building -------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        self._dirty = False
+        if self.consistent:
+            self._build_ring()
+        else:
+            self._build_table()
+
+    def _build_table(self) -> None:
+        """lb_map.c recalc_server_map: each server `weight` times, smoothly interleaved."""
+        weights = [
+            (server, self._static_weight[server.name])
+            for server in self._servers
+            if server.name in self._up and server.weight > 0
+        ]
+        weights = [(server, weight) for server, weight in weights if weight > 0]
+        total = sum(weight for _, weight in weights)
+        score = [0] * len(weights)
+        table: list[S] = []
+        for _ in range(total):
+            best = 0
+            for index, (_, weight) in enumerate(weights):
+                score[index] += weight
+                if score[index] > score[best]:
+                    best = index
+            score[best] -= total
+            table.append(weights[best][0])
+        self._table = table
+
+    def _build_ring(self) -> None:
+        entries: list[tuple[int, int, S]] = []
+        for server in self._servers:
+            name = server.name
+            if name not in self._up:
+                continue
+            count = server.effective_weight
+            if count <= 0:
+                continue
+            points = self._points[name]
+            base = self._ids[name] * WEIGHT_RANGE
+            while len(points) < count:
+                points.append(full_hash(base + len(points)))
+            entries.extend((point, self._ids[name], server) for point in points[:count])
+        entries.sort(key=lambda entry: (entry[0], entry[1]))
+        self._ring_keys = [entry[0] for entry in entries]
+        self._ring_servers = [entry[2] for entry in entries]
+
+    # -- picking --------------------------------------------------------------------------
+
+    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+        if self._dirty:
+            self._rebuild()
+        if self.consistent:
+            return self._pick_ring(full_hash(address_hash(key)), exclude)
+        return self._pick_table(address_hash(key), exclude)
+
+    def _pick_table(self, value: int, exclude: frozenset[str]) -> S | None:
+        table = self._table
+        if not table:
+            return None
+        start = value % len(table)
+        for step in range(len(table)):
+            server = table[(start + step) % len(table)]
+            if server.name not in exclude:
+                return server
+        return None
+
+    def _pick_ring(self, value: int, exclude: frozenset[str]) -> S | None:
+        keys = self._ring_keys
+        if not keys:
+            return None
+        size = len(keys)
+        after = bisect.bisect_left(keys, value) % size
+        before = (after - 1) % size
+        # chash_get_server_hash: the closer of the points around the hash.
+        distance_before = (value - keys[before]) & MASK32
+        distance_after = (keys[after] - value) & MASK32
+        index = before if distance_before <= distance_after else after
+        for step in range(size):
+            server = self._ring_servers[(index + step) % size]
+            if server.name not in exclude:
+                return server
+        return None

@@ -1,0 +1,186 @@
+"""Health check scheduling: TCP connect checks on the event loop (HAProxy's check.c).
+
+The counting and the words live in lb.health and lb.server; this module only runs checks.
+For each server with `check`: connect to `addr`:`port` (the server's own address and port
+unless overridden), optionally send a PROXY header, close. Connected: L4OK; refused or
+unreachable: L4CON with the errno text as info; no answer in time: L4TOUT. The time allowed
+is `inter`, or min(`inter`, `timeout connect`) when `timeout check` is set (process_chk_conn:
+"we allow up to min(inter, timeout.connect) for a connection to establish but only when
+timeout.check is set"); a TCP check ends at the connection, so `timeout check` itself, the
+read timeout, has nothing to bound.
+
+PROXY header on checks (configuration.txt 5.2 `check-send-proxy`, `send-proxy-v2`, and
+`pp2-never-send-local`): sent when the server has `check-send-proxy`, or has `send-proxy` /
+`send-proxy-v2` and neither `port` nor `addr` overrides the check target. A v2 server gets a
+LOCAL header (no addresses) with only the TLVs a check can fill (CRC32C, an empty SSL TLV
+with `proxy-v2-options ssl`), byte-identical to HAProxy 2.6's, or a PROXY header with the
+check's own addresses under `pp2-never-send-local`; otherwise a v1 line with the check
+connection's real addresses.
+
+Timing: the first checks are spread over the smallest first interval (start_checks: server
+i of n starts after mininter * i / n); each next check comes `srv_getinter()` after the end
+of the previous one. While a slowstart ramp runs, backends are ticked about once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterable
+
+from lb import proxyproto
+from lb.config.model import Global, Server
+from lb.health import CheckResult, CheckStatus
+from lb.server import BackendState, ServerState
+
+logger = logging.getLogger(__name__)
+
+#: How often a slowstart ramp is recomputed at most (HAProxy works in whole seconds).
+SLOWSTART_TICK = 1.0
+#: Closing a check connection never waits longer than this.
+CLOSE_WAIT = 1.0
+
+
+def check_target(server: Server) -> tuple[str, int] | None:
+    """Where the check connects: `addr`/`port` overrides, else the server's address."""
+    port = server.check_port if server.check_port is not None else server.port
+    if port is None:
+        return None
+    return (server.check_addr or server.host, port)
+
+
+def sends_proxy_header(server: Server) -> bool:
+    if server.check_send_proxy:
+        return True
+    overridden = server.check_port is not None or server.check_addr is not None
+    return (server.send_proxy or server.send_proxy_v2) and not overridden
+
+
+def check_header(
+    server: Server,
+    global_: Global,
+    local: tuple[str, int] | None,
+    remote: tuple[str, int] | None,
+) -> bytes | None:
+    """The PROXY header a health check of `server` starts with, if any."""
+    if not sends_proxy_header(server):
+        return None
+    if not server.send_proxy_v2:
+        return proxyproto.encode_v1(local, remote)
+    options = server.proxy_v2_options
+    ssl = proxyproto.SSLInfo(proxyproto.ClientFlags(0), 0) if "ssl" in options else None
+    if global_.pp2_never_send_local and local is not None and remote is not None:
+        return proxyproto.encode_v2(
+            proxyproto.Command.PROXY, local, remote, ssl=ssl, crc32c="crc32c" in options
+        )
+    return proxyproto.encode_v2(
+        proxyproto.Command.LOCAL, None, None, ssl=ssl, crc32c="crc32c" in options
+    )
+
+
+def connect_timeout(backend: BackendState, server: ServerState) -> float:
+    inter = server.config.inter
+    timeouts = backend.config.timeout
+    if timeouts.check is not None and timeouts.connect is not None:
+        return min(inter, timeouts.connect)
+    return inter
+
+
+class HealthChecks:
+    """Runs the checks of every `check` server of some backends."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        backends: Iterable[BackendState],
+        global_: Global,
+    ) -> None:
+        self.loop = loop
+        self.backends = list(backends)
+        self.global_ = global_
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        checked: list[tuple[BackendState, ServerState]] = []
+        for backend in self.backends:
+            for server in backend.servers:
+                if server.health is None:
+                    continue
+                if check_target(server.config) is None:
+                    logger.warning(
+                        "backend %s: server %s has no port to check: health check disabled",
+                        backend.name,
+                        server.name,
+                    )
+                    continue
+                checked.append((backend, server))
+        if checked:
+            first = min(self._interval(server) for _, server in checked)
+            for position, (backend, server) in enumerate(checked):
+                delay = first * position / len(checked)
+                self.tasks.append(self.loop.create_task(self._run(backend, server, delay)))
+        if any(s.config.slowstart > 0 for backend in self.backends for s in backend.servers):
+            self.tasks.append(self.loop.create_task(self._tick()))
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.tasks.clear()
+
+    @staticmethod
+    def _interval(server: ServerState) -> float:
+        config = server.config
+        assert server.health is not None
+        return server.health.interval(config.inter, config.fastinter, config.downinter)
+
+    async def _run(self, backend: BackendState, server: ServerState, delay: float) -> None:
+        await asyncio.sleep(delay)
+        while True:
+            result = await self.check_once(backend, server)
+            for line in backend.check_done(server, result):
+                logger.warning("%s", line)
+            await asyncio.sleep(self._interval(server))
+
+    async def check_once(self, backend: BackendState, server: ServerState) -> CheckResult:
+        target = check_target(server.config)
+        assert target is not None
+        started = self.loop.time()
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(target[0], target[1]),
+                connect_timeout(backend, server),
+            )
+        except TimeoutError:
+            return CheckResult(CheckStatus.L4TOUT, "", self.loop.time() - started)
+        except OSError as error:
+            info = os.strerror(error.errno) if error.errno else str(error)
+            return CheckResult(CheckStatus.L4CON, info, self.loop.time() - started)
+        duration = self.loop.time() - started
+        try:
+            local = writer.get_extra_info("sockname")
+            remote = writer.get_extra_info("peername")
+            header = check_header(
+                server.config,
+                self.global_,
+                (local[0], local[1]) if isinstance(local, tuple) else None,
+                (remote[0], remote[1]) if isinstance(remote, tuple) else None,
+            )
+            if header:
+                writer.write(header)
+                await asyncio.wait_for(writer.drain(), CLOSE_WAIT)
+        except (OSError, TimeoutError):
+            pass  # connected is what a TCP check asks; the rest is courtesy
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
+        return CheckResult(CheckStatus.L4OK, "", duration)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(SLOWSTART_TICK)
+            for backend in self.backends:
+                if backend.ramping():
+                    backend.tick()
