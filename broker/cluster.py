@@ -52,10 +52,11 @@ from broker.message import Message
 from broker.mqtt import MQTTProtocolError, validate_topic_filter
 from broker.tls_listener import (
     ReloadingContext,
+    TLSServer,
     handshake_failure_reason,
     key_permission_problems,
     lb_ssl_options,
-    tls_protocol_factory,
+    serve_tls,
 )
 from broker.topics import SubscriptionOptions, SubscriptionTrie, split_shared
 from lb import tls
@@ -211,7 +212,7 @@ class Cluster:
         self.routes = SubscriptionTrie()
         self.retained_changed_at: dict[str, float] = {}
         self.retained_tombstones: OrderedDict[str, float] = OrderedDict()
-        self.server: asyncio.Server | None = None
+        self.server: TLSServer | None = None
         self.server_contexts: ReloadingContext | None = None
         self.client_contexts: ReloadingContext | None = None
         self.accepting: set[ClusterLink] = set()
@@ -277,15 +278,13 @@ class Cluster:
             )
         except (tls.TLSFileError, ssl.SSLError) as error:
             raise ClusterError(f"[cluster.ssl_options]: {error}") from None
-        loop = asyncio.get_running_loop()
-        factory = tls_protocol_factory(
+        self.server = await serve_tls(
             self.server_contexts,
             lambda: ClusterLink(self, None, "inbound"),
             label,
+            self.cluster_config.host,
+            self.cluster_config.port,
             self._inbound_refused,
-        )
-        self.server = await loop.create_server(
-            factory, self.cluster_config.host, self.cluster_config.port, reuse_address=True
         )
         self.server_contexts.start()
         self.client_contexts.start()

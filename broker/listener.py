@@ -27,7 +27,6 @@ import asyncio
 import ipaddress
 import logging
 import ssl
-from collections.abc import Callable
 from typing import cast
 
 from broker.config import ListenerConfig, Network
@@ -35,7 +34,7 @@ from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
 from broker.mqtt import ReasonCode
-from broker.tls_listener import ReloadingContext, tls_protocol_factory
+from broker.tls_listener import ReloadingContext, TLSServer, serve_tls
 from lb.proxyproto import (
     NEED_DATA,
     ClientFlags,
@@ -90,7 +89,7 @@ class Listener:
         # TLS listener (seed 000): handshakes run per connection so refusals are logged,
         # with the context reloaded from disk every ssl_options.reload_interval.
         self.tls = tls
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | TLSServer | None = None
         self.protocols: set[MQTTServerProtocol] = set()
 
     @property
@@ -107,23 +106,24 @@ class Listener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
+
         def mqtt_protocol() -> asyncio.Protocol:
             return MQTTServerProtocol(self)
 
-        factory: Callable[[], asyncio.Protocol] = mqtt_protocol
-        ssl_context = self.ssl_context
         if self.tls is not None:
-            factory = tls_protocol_factory(self.tls, mqtt_protocol, f"listener {config.label}")
-            ssl_context = None
+            self.server = await serve_tls(
+                self.tls, mqtt_protocol, f"listener {config.label}", config.host, config.port
+            )
             self.tls.start()
-        self.server = await loop.create_server(
-            factory,
-            config.host,
-            config.port,
-            ssl=ssl_context,
-            reuse_address=True,
-            backlog=4096,
-        )
+        else:
+            self.server = await loop.create_server(
+                mqtt_protocol,
+                config.host,
+                config.port,
+                ssl=self.ssl_context,
+                reuse_address=True,
+                backlog=4096,
+            )
         logger.info(
             "listener %s on %s:%d%s",
             config.label,

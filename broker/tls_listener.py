@@ -12,10 +12,10 @@ TLS module of the project (STYLE.md rule 12); this module owns what happens arou
   table and rebuilds it when a file's mtime or size changes (checked every
   ``reload_interval`` seconds). New connections get the new context, connections already
   open keep theirs. A file that fails to load keeps the old context and logs why.
-- :class:`TLSAcceptProtocol` accepts the TCP connection, runs the handshake with
-  ``loop.start_tls`` (so a refused handshake is ours to log: one line with the address and
-  the reason, e.g. "certificate has expired"), then hands the TLS transport to the real
-  protocol (:class:`broker.listener.MQTTServerProtocol` or the cluster link).
+- :class:`TLSServer` accepts TCP connections and runs each handshake with
+  ``loop.connect_accepted_socket(ssl=...)``, so a refused handshake is ours to log (one line
+  with the address and the reason, e.g. "certificate has expired"); the real protocol
+  (:class:`broker.listener.MQTTServerProtocol` or the cluster link) starts once it is done.
 - :func:`key_permission_problems` is seed 002's rule that private keys are readable only by
   their owner (mode 600), checked before a node starts.
 """
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 from cryptography import x509
 
@@ -37,11 +37,11 @@ from lb import tls
 __all__ = [
     "HANDSHAKE_TIMEOUT",
     "ReloadingContext",
-    "TLSAcceptProtocol",
+    "TLSServer",
     "handshake_failure_reason",
     "key_permission_problems",
     "lb_ssl_options",
-    "tls_protocol_factory",
+    "serve_tls",
 ]
 
 logger = logging.getLogger(__name__)
@@ -254,27 +254,18 @@ def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-class TLSAcceptProtocol(asyncio.Protocol):
-    """A plain TCP connection until its TLS handshake is done, then the real protocol's.
+class TLSServer:
+    """A listening socket whose connections get a TLS handshake each, with the current context.
 
-    ``context`` is called per connection (the reloaded context serves new connections).
-    ``on_refused(address, reason)`` is called once when the handshake fails; the default
-    logs one line naming ``label``, the address and the reason.
+    Each accepted socket is handed to ``loop.connect_accepted_socket(ssl=...)``, which
+    returns once the handshake is done (the protocol from ``factory`` then sees a TLS
+    transport in ``connection_made``) or raises why it failed. That exception is what makes
+    a refusal explainable: ``create_server(ssl=...)`` drops it silently, and ``start_tls``
+    on an accepted transport races with uvloop, which starts reading right after
+    ``connection_made`` (the ClientHello could reach the wrong protocol). Quacks like
+    :class:`asyncio.Server` where the listeners use it (``sockets``, ``close``,
+    ``wait_closed``).
     """
-
-    __slots__ = (
-        "_early_data",
-        "_early_eof",
-        "_handed_off",
-        "_lost",
-        "_task",
-        "address",
-        "context",
-        "factory",
-        "handshake_timeout",
-        "label",
-        "on_refused",
-    )
 
     def __init__(
         self,
@@ -289,93 +280,99 @@ class TLSAcceptProtocol(asyncio.Protocol):
         self.label = label
         self.on_refused = on_refused
         self.handshake_timeout = handshake_timeout
-        self.address: tuple[str, int] = ("?", 0)
-        self._task: asyncio.Task[None] | None = None
-        self._early_data: list[bytes] = []
-        self._early_eof = False
-        self._handed_off = False
-        self._lost = False
+        self.sockets: list[socket.socket] = []
+        self.handshakes_refused = 0
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.address = (str(peer[0]), int(peer[1]))
-        # The ClientHello must reach the TLS layer, not this protocol: stop reading until
-        # start_tls has taken over the transport (it resumes reading itself).
-        cast(asyncio.Transport, transport).pause_reading()
-        self._task = asyncio.get_running_loop().create_task(
-            self._handshake(cast(asyncio.Transport, transport))
-        )
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def start(self, host: str, port: int, backlog: int = 4096) -> None:
         loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        listening = socket.socket(family, kind, proto)
         try:
-            tls_transport = await loop.start_tls(
-                transport,
-                self,
-                self.context(),
-                server_side=True,
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind(address)
+            listening.listen(backlog)
+            listening.setblocking(False)
+        except OSError:
+            listening.close()
+            raise
+        self.sockets = [listening]
+        self._accepting = loop.create_task(self._accept(listening))
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, address = await loop.sock_accept(listening)
+            except asyncio.CancelledError:
+                raise
+            except OSError as error:
+                # EMFILE and friends: wait a little instead of spinning.
+                logger.warning("%s: accept failed: %s", self.label, error)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._handshake(connection, address))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, connection: socket.socket, address: object) -> None:
+        loop = asyncio.get_running_loop()
+        peer = (str(address[0]), int(address[1])) if isinstance(address, tuple) else ("?", 0)
+        try:
+            await loop.connect_accepted_socket(
+                self.factory,
+                connection,
+                ssl=self.context(),
                 ssl_handshake_timeout=self.handshake_timeout,
             )
         except asyncio.CancelledError:
-            transport.abort()
+            connection.close()
             raise
         except Exception as error:
-            transport.abort()
-            self._refused(handshake_failure_reason(error))
-            return
-        if tls_transport is None or self._lost:
-            return
-        inner = self.factory()
-        self._handed_off = True
-        tls_transport.set_protocol(inner)
-        inner.connection_made(tls_transport)
-        # Application bytes that arrived between the handshake and the hand-off.
-        for data in self._early_data:
-            inner.data_received(data)
-        self._early_data.clear()
-        if self._early_eof and not inner.eof_received():
-            tls_transport.close()
+            connection.close()
+            self.handshakes_refused += 1
+            self._refused(peer, handshake_failure_reason(error))
 
-    def _refused(self, reason: str) -> None:
+    def _refused(self, address: tuple[str, int], reason: str) -> None:
         if self.on_refused is not None:
-            self.on_refused(self.address, reason)
+            self.on_refused(address, reason)
         else:
             logger.warning(
                 "TLS handshake from %s refused on %s: %s",
-                _address_text(self.address),
+                _address_text(address),
                 self.label,
                 reason,
             )
 
-    def data_received(self, data: bytes) -> None:
-        self._early_data.append(data)
+    def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            self._accepting = None
+        for task in list(self._handshakes):
+            task.cancel()
+        for listening in self.sockets:
+            listening.close()
 
-    def eof_received(self) -> bool | None:
-        self._early_eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-
-    def cancel(self) -> None:
-        """Server stop: abandon a handshake in progress."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+    async def wait_closed(self) -> None:
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
 
 
-def tls_protocol_factory(
+async def serve_tls(
     contexts: ReloadingContext,
     factory: Callable[[], asyncio.Protocol],
     label: str,
+    host: str,
+    port: int,
     on_refused: Callable[[tuple[str, int], str], None] | None = None,
-) -> Callable[[], TLSAcceptProtocol]:
-    """What ``loop.create_server`` takes for a TLS port served by ``factory``'s protocols."""
+) -> TLSServer:
+    """Listen on ``host:port``; every connection gets the current context of ``contexts``."""
 
     def current() -> ssl.SSLContext:
         return contexts.context
 
-    def make() -> TLSAcceptProtocol:
-        return TLSAcceptProtocol(current, factory, label, on_refused)
-
-    return make
+    server = TLSServer(current, factory, label, on_refused)
+    await server.start(host, port)
+    return server

@@ -1,0 +1,200 @@
+"""The broker's own TLS listener (seed 000's first mode) with real TLS and real clients.
+
+A good device connects (its CN becomes the username with peer_cert_as_username = "cn", and
+its chain subjects are there for authorization); expired, rogue-CA and certificate-less
+clients are refused with one log line naming the address and the reason; a replaced CRL
+is picked up within ssl_options.reload_interval, and a broken file keeps the old context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from broker.config import BrokerConfig, parse_config
+from lb.pki.certs import make_crl, write_crls
+from tests.broker_harness import BrokerThread, running_broker, wait_for
+from tests.pki import DeviceFiles, TestPKI, load_cert
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def tls_node(pki: TestPKI, crl: Path | None = None, **ssl_options: Any) -> BrokerConfig:
+    options: dict[str, Any] = {
+        "cacertfile": str(pki.ca_bundle),
+        "certfile": str(pki.server_chain),
+        "keyfile": str(pki.server_key),
+        "verify": "verify_peer",
+        "fail_if_no_peer_cert": True,
+    }
+    if crl is not None:
+        options["crl_file"] = str(crl)
+    options.update(ssl_options)
+    document = {
+        "node": {"name": "tls-node"},
+        "listeners": {
+            "ssl": {
+                "default": {
+                    "bind": "127.0.0.1:0",
+                    "peer_cert_as_username": "cn",
+                    "ssl_options": options,
+                }
+            }
+        },
+        "admin": {"bind": "127.0.0.1:0"},
+    }
+    return parse_config(document, "<test>")
+
+
+@pytest.fixture
+def node(pki: TestPKI) -> Iterator[BrokerThread]:
+    with running_broker(tls_node(pki)) as node:
+        yield node
+
+
+def client_context(pki: TestPKI, device: DeviceFiles | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.root))
+    if device is not None:
+        context.load_cert_chain(str(device.chain), str(device.key))
+    return context
+
+
+def handshake(port: int, context: ssl.SSLContext) -> bool:
+    """True when the server completed the handshake and answered a CONNECT."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            # MQTT 3.1.1 CONNECT, client id "t": a CONNACK proves the server took us.
+            tls.sendall(bytes.fromhex("100d00044d5154540402003c000174"))
+            return tls.recv(4)[:1] == b"\x20"
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def refusal_line(caplog: pytest.LogCaptureFixture) -> str:
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake from" in r.getMessage()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_good_device_cn_becomes_username_with_chain_subjects(
+    node: BrokerThread, pki: TestPKI
+) -> None:
+    device = pki.device(1)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id="tls-client", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.tls_set(ca_certs=str(pki.root), certfile=str(device.chain), keyfile=str(device.key))
+    connected: queue.Queue[Any] = queue.Queue()
+    client.on_connect = lambda c, u, flags, reason, props: connected.put(reason)
+    client.connect("localhost", node.port(), keepalive=30)
+    client.loop_start()
+    try:
+        assert not connected.get(timeout=5).is_failure
+        (record,) = node.admin_get("/api/clients")
+        assert record["username"] == "device-001"
+        assert record["certificate_cn"] == "device-001"
+        assert record["certificate_verified"] is True
+        assert record["tls_version"] in ("TLSv1.3", "TLSv1.2")
+
+        def subjects() -> tuple[bytes, ...]:
+            (connection,) = [c for c in node.broker.connections if c.client_id == "tls-client"]
+            return tuple(connection.identity.chain_subjects)
+
+        expected = (
+            device.issued.cert.subject.public_bytes(),
+            load_cert(pki.intermediate).subject.public_bytes(),
+            load_cert(pki.root).subject.public_bytes(),
+        )
+        assert node.call(subjects) == expected
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.parametrize(
+    ("case", "words"),
+    [
+        ("expired", "certificate has expired"),
+        ("rogue", "unable to get local issuer certificate"),
+        ("none", "no client certificate"),
+    ],
+)
+def test_bad_clients_are_refused_with_one_log_line(
+    node: BrokerThread, pki: TestPKI, caplog: pytest.LogCaptureFixture, case: str, words: str
+) -> None:
+    device = {"expired": pki.expired, "rogue": pki.rogue, "none": None}[case]
+    with caplog.at_level(logging.WARNING, logger="broker.tls_listener"):
+        assert not handshake(node.port(), client_context(pki, device))
+        wait_for(lambda: any("TLS handshake from" in r.getMessage() for r in caplog.records))
+    line = refusal_line(caplog)
+    assert "127.0.0.1:" in line and "ssl:default" in line
+    assert words in line
+    assert node.admin_get("/api/clients") == []
+
+
+def test_verify_none_accepts_a_client_without_certificate(pki: TestPKI) -> None:
+    config = tls_node(pki, verify="verify_none", fail_if_no_peer_cert=False)
+    with running_broker(config) as node:
+        assert handshake(node.port(), client_context(pki, None))
+
+
+def test_replaced_crl_is_picked_up_within_the_reload_interval(
+    pki: TestPKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    device = pki.device(2)
+    crl = tmp_path / "crl.pem"
+    write_crls(crl, [make_crl(pki.intermediate_issued), make_crl(pki.root_issued)])
+    config = tls_node(pki, crl=crl, reload_interval="300ms")
+    with running_broker(config) as node:
+        assert handshake(node.port(), client_context(pki, device))
+        # A broken file keeps the old context, and says why.
+        with caplog.at_level(logging.WARNING, logger="broker.tls_listener"):
+            crl.write_text("not a CRL\n")
+            wait_for(lambda: any("reload failed" in r.getMessage() for r in caplog.records), 5)
+        assert handshake(node.port(), client_context(pki, device))
+        # The revocation arrives: new connections are refused within the interval.
+        replacement = tmp_path / "crl-new.pem"
+        write_crls(
+            replacement,
+            [make_crl(pki.intermediate_issued, [device.issued.cert]), make_crl(pki.root_issued)],
+        )
+        os.replace(replacement, crl)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="broker.tls_listener"):
+            wait_for(lambda: not handshake(node.port(), client_context(pki, device)), 5)
+        assert time.monotonic() - started < 3
+        assert any("certificate revoked" in r.getMessage() for r in caplog.records)
+
+
+def test_key_password_is_used(pki: TestPKI, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
+    encrypted = tmp_path / "server-key-encrypted.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
+    os.chmod(encrypted, 0o600)
+    shutil.copy(pki.server_chain, tmp_path / "server-chain.pem")
+    config = tls_node(pki, keyfile=str(encrypted), password="s3cret")
+    with running_broker(config) as node:
+        assert handshake(node.port(), client_context(pki, pki.device(3)))
