@@ -1,5 +1,11 @@
-"""The `lb` command, with HAProxy's flags: -f FILE (repeatable), -c (check), -db (foreground,
-the default here), -p PIDFILE, -V/-q, -dW (zero warning)."""
+"""The `lb` command, with HAProxy's flags: -f FILE (repeatable), -c (check), -db, -W, -p
+PIDFILE, -sf/-st PID..., -V/-q, -dW (zero warning).
+
+`lb -f FILE` runs a master and `nbthread` workers (lb.workers: SIGUSR2/SIGHUP reload,
+SIGUSR1 soft stop, SIGTERM stop). As with HAProxy, `-db` runs one process in the foreground
+without a master (unless `-W` asks for one); that process soft-stops on SIGUSR1 and stops on
+SIGTERM too. `-sf PID...` / `-st PID...` tell a previous lb to finish (SIGUSR1) or stop
+(SIGTERM) once this one listens (its sockets use SO_REUSEPORT so both can bind)."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +68,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", dest="check", action="store_true", help="check the configuration")
     parser.add_argument("-db", dest="foreground", action="store_true", help="foreground (default)")
     parser.add_argument("-p", dest="pidfile", help="write the pid to this file")
+    parser.add_argument("-W", dest="master_worker", action="store_true", help="master-worker")
+    parser.add_argument(
+        "-sf",
+        dest="finish_pids",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="PID",
+        help="soft-stop these processes once listening",
+    )
+    parser.add_argument(
+        "-st",
+        dest="terminate_pids",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="PID",
+        help="stop these processes once listening",
+    )
     parser.add_argument("-dW", dest="zero_warning", action="store_true")
     parser.add_argument("-q", dest="quiet", action="store_true")
     parser.add_argument("-V", dest="verbose", action="store_true")
@@ -90,12 +116,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.pidfile:
-        Path(args.pidfile).write_text(f"{os.getpid()}\n")
-    return serve(config)
+    pidfile = args.pidfile or config.global_.pidfile
+    old_pids = [(pid, signal.SIGUSR1) for pid in args.finish_pids] + [
+        (pid, signal.SIGTERM) for pid in args.terminate_pids
+    ]
+    if args.foreground and not args.master_worker:
+        if pidfile:
+            Path(pidfile).write_text(f"{os.getpid()}\n")
+        return serve(config, old_pids=old_pids)
+    from lb.workers import Master, signal_old_processes
+
+    master = Master(args.files, config, check, pidfile=pidfile)
+    for pid, signum in old_pids:
+        signal_old_processes([pid], signum)
+    return master.run()
 
 
-def serve(config: Config) -> int:
+def serve(
+    config: Config,
+    *,
+    sockets: dict[tuple[str, int], socket.socket] | None = None,
+    control: socket.socket | None = None,
+    worker_number: int = 1,
+    old_pids: Sequence[tuple[int, int]] = (),
+) -> int:
+    """Run one process's Runtime until SIGTERM (stop now) or SIGUSR1 (finish sessions).
+
+    In a worker, `sockets` are the master's and `control` is the master's line: b"R" tells
+    it this worker serves; EOF on it means the master is gone, and the worker soft-stops."""
     import uvloop
 
     from lb.process import Runtime
@@ -103,19 +151,50 @@ def serve(config: Config) -> int:
     async def run() -> int:
         loop = asyncio.get_running_loop()
         runtime = Runtime(config, loop)
-        runtime.start()
+        runtime.worker_number = worker_number
+        runtime.start(sockets, reuse_port=sockets is None)
+        for pid, signum in old_pids:
+            try:
+                os.kill(pid, signum)
+            except OSError as error:
+                logger.warning("cannot signal old process %d: %s", pid, error)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         soft = asyncio.Event()
         loop.add_signal_handler(signal.SIGUSR1, soft.set)
+        if control is not None:
+            control.setblocking(False)
+            control.send(b"R")
+
+            def master_gone() -> None:
+                try:
+                    data = control.recv(64)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    loop.remove_reader(control.fileno())
+                    logger.warning("master is gone: soft stop")
+                    soft.set()
+
+            loop.add_reader(control.fileno(), master_gone)
         waiters = [loop.create_task(stop.wait()), loop.create_task(soft.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         runtime.stop_accepting()
         if soft.is_set() and not stop.is_set():
             logger.info("soft stop: waiting for %d sessions to end", runtime.active_sessions)
+            limit = config.global_.hard_stop_after
+            deadline = None if limit is None else loop.time() + limit
             while runtime.active_sessions and not stop.is_set():
-                await asyncio.sleep(0.2)
+                if deadline is not None and loop.time() > deadline:
+                    logger.warning("hard-stop-after: closing %d sessions", runtime.active_sessions)
+                    break
+                await asyncio.sleep(0.1)
+        if runtime.active_sessions:
+            runtime.close_all_sessions()
+            await asyncio.sleep(0)
         for waiter in waiters:
             waiter.cancel()
         logger.info("stopped")

@@ -18,14 +18,22 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as openssl_lib
 
 from lb import proxyproto
 from lb.config.model import Bind, Frontend, Global
-from lb.log import SessionRecord, TrafficLog, format_connection_error, format_tcplog
+from lb.log import (
+    TCPLOG,
+    ConnectionErrorLog,
+    LogFormat,
+    SessionRecord,
+    TrafficLog,
+    format_connection_error,
+)
 from lb.proxy import ClientSide, Limits
-from lb.tls import BindContext, VerifyFailure, bind_tls, common_name
+from lb.stats import FrontendCounters, ProcessCounters, failure_label
+from lb.tls import BindContext, VerifyFailure, bind_tls
 
 if TYPE_CHECKING:
     from lb.server import BackendState, ServerState
@@ -189,6 +197,7 @@ class FrontendRuntime:
         process: ProcessLimit,
         log: TrafficLog,
         retries: int,
+        counters: ProcessCounters | None = None,
     ) -> None:
         self.loop = loop
         self.config = config
@@ -198,6 +207,15 @@ class FrontendRuntime:
         self.process = process
         self.log = log
         self.tcplog = config.option.tcplog
+        # log-format wins over option tcplog, as in HAProxy; neither: no session lines.
+        self.log_format: LogFormat | None = (
+            LogFormat(config.log.format) if config.log.format else TCPLOG if self.tcplog else None
+        )
+        self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
+        self.counters = FrontendCounters()
+        self.process_counters = counters if counters is not None else ProcessCounters()
+        self.sessions: set[ClientSide] = set()
+        self.accepting_enabled = True
         timeouts = config.timeout
         backend_timeouts = backend.config.timeout
         self.limits = Limits(
@@ -219,6 +237,7 @@ class FrontendRuntime:
                 )
             else:
                 self.contexts[index] = None
+        self.has_ssl = any(context is not None for context in self.contexts.values())
         self.listeners: list[Listener] = []
         self.current = 0
         self.total = 0
@@ -240,6 +259,7 @@ class FrontendRuntime:
             listener.start()
 
     def stop_accepting(self) -> None:
+        self.accepting_enabled = False
         for listener in self.listeners:
             listener.close()
             if listener in self.process.listeners:
@@ -265,17 +285,64 @@ class FrontendRuntime:
     def session_started(self, client: ClientSide) -> None:
         self.current += 1
         self.total += 1
-        del client
+        self.sessions.add(client)
+        counters = self.counters
+        counters.connections_total += 1
+        counters.max_sessions = max(counters.max_sessions, self.current)
 
     def session_ended(self, client: ClientSide) -> None:
+        self.sessions.discard(client)
+        self._count_traffic(client)
+        if client.handshake_done and self.log_format is not None and self.log.enabled:
+            self.log.emit(self.log_format.render(self._record(client)))
         self.current -= 1
-        if client.handshake_done and self.tcplog and self.log.enabled:
-            self.log.emit(format_tcplog(self._record(client)))
         self.unreserve()
+
+    def handshake_completed(self, client: ClientSide) -> None:
+        del client
+        self.counters.handshakes_total += 1
+
+    def _count_traffic(self, client: ClientSide) -> None:
+        self.counters.bytes_in += client.bytes_in
+        self.counters.bytes_out += client.bytes_out
+        server = client.server
+        if server is None or client.connect_time is None:
+            return
+        now = self.loop.time()
+        for counters in (
+            self.process_counters.backend(self.backend.name),
+            self.process_counters.server(self.backend.name, server.name),
+        ):
+            counters.sessions_total += 1
+            counters.bytes_in += client.bytes_in
+            counters.bytes_out += client.bytes_out
+            counters.last_session = now
+        backend_counters = self.process_counters.backend(self.backend.name)
+        backend_counters.max_sessions = max(
+            backend_counters.max_sessions,
+            sum(s.active_connections for s in self.backend.servers),
+        )
+        server_counters = self.process_counters.server(self.backend.name, server.name)
+        server_counters.max_sessions = max(
+            server_counters.max_sessions, server.active_connections + 1
+        )
 
     def _record(self, client: ClientSide) -> SessionRecord:
         now = self.loop.time()
         server = client.server
+        connected = server is not None and client.connect_time is not None
+        # HAProxy logs after its server connection is released; ours may still be closing.
+        server_side = client.server_side
+        own = 1 if server_side is not None and not server_side.closed else 0
+        tls = client.tls
+        info = client.ssl_info
+        subject: tuple[tuple[str, str], ...] = ()
+        issuer: tuple[tuple[str, str], ...] = ()
+        if tls is not None:
+            certificate = tls.get_peer_certificate()
+            if certificate is not None:
+                subject = _name_parts(certificate.get_subject())
+                issuer = _name_parts(certificate.get_issuer())
         return SessionRecord(
             client_ip=client.peer[0],
             client_port=client.peer[1],
@@ -284,25 +351,39 @@ class FrontendRuntime:
             ssl=client.tls is not None,
             backend=self.backend.name,
             server=server.name if server is not None else None,
-            queue_ms=int(client.queue_time * 1000),
+            queue_ms=int(client.queue_time * 1000) if client.queue_time is not None else -1,
             connect_ms=int(client.connect_time * 1000) if client.connect_time is not None else -1,
             total_ms=int((now - client.accept_time) * 1000),
             bytes_read=client.bytes_out,
             termination=client.termination,
             process_connections=self.process.current,
-            frontend_connections=self.current + 1,
-            backend_connections=sum(s.active_connections for s in self.backend.servers),
-            server_connections=server.active_connections if server is not None else 0,
+            frontend_connections=self.current,
+            backend_connections=self.backend.session_count - own,  # queued ones included
+            server_connections=server.active_connections - own if server is not None else 0,
             retries=client.retries_done,
-            server_queue=0,
-            backend_queue=0,
+            server_queue=client.server_queue_position,
+            backend_queue=client.backend_queue_position,
+            frontend_ip=client.sock[0],
+            frontend_port=client.sock[1],
+            server_ip=server.host if server is not None and connected else None,
+            server_port=server.port if server is not None and connected else None,
+            bytes_uploaded=client.bytes_in,
+            bind_name=client.bind_name,
+            ssl_protocol=info.version if info is not None else None,
+            ssl_cipher=info.cipher if info is not None else None,
+            ssl_verify=info.verify if info is not None else None,
+            ssl_client_used=bool(subject),
+            ssl_client_subject=subject,
+            ssl_client_issuer=issuer,
         )
 
     def handshake_failed(
         self, client: ClientSide, reason: str, failure: VerifyFailure | None
     ) -> None:
         self.handshake_failures += 1
-        del failure
+        label = failure_label(reason, failure)
+        failures = self.counters.handshake_failures
+        failures[label] = failures.get(label, 0) + 1
         if client.bytes_received == 0 and self.config.option.dontlognull:
             return  # a probe that connected and said nothing (option dontlognull)
         line = format_connection_error(
@@ -313,10 +394,7 @@ class FrontendRuntime:
             client.bind_name,
             f"SSL handshake failure: {reason}",
         )
-        if self.log.enabled:
-            self.log.emit(line)
-        else:
-            logger.warning("%s", line)
+        self.error_log.emit(line)
 
     def no_server(self, client: ClientSide, reason: str) -> None:
         logger.warning(
@@ -335,13 +413,15 @@ class FrontendRuntime:
         verify = 0
         cn: str | None = None
         certificate = tls.get_peer_certificate()
-        ssl_pointer = tls._ssl  # type: ignore[attr-defined]
+        ssl_pointer = tls._ssl
         if certificate is not None:
             flags |= proxyproto.ClientFlags.CERT_SESS
             verify = int(openssl_lib.SSL_get_verify_result(ssl_pointer))
             if not openssl_lib.SSL_session_reused(ssl_pointer):
                 flags |= proxyproto.ClientFlags.CERT_CONN
-            cn = common_name(certificate.to_cryptography().subject)
+            # X509Name lookup in OpenSSL: a to_cryptography() parse cost ~5% of lb CPU per
+            # resumed handshake (py-spy, bench resume_*).
+            cn = certificate.get_subject().commonName
         return proxyproto.SSLInfo(
             client=flags,
             verify=verify,
@@ -396,6 +476,13 @@ class FrontendRuntime:
             crc32c="crc32c" in options,
             chain_subjects=chain,
         )
+
+
+def _name_parts(name: crypto.X509Name) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (key.decode("ascii", "replace"), value.decode("utf-8", "replace"))
+        for key, value in name.get_components()
+    )
 
 
 def verified_chain_subjects(tls: SSL.Connection) -> tuple[bytes, ...]:

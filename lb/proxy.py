@@ -17,7 +17,9 @@ lazily: activity only stamps the time, the timer checks it when it fires.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -25,13 +27,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _openssl_lib
 
 from lb import proxyproto
+from lb.queue import PendingConnection
+from lb.server import QueueFull
 from lb.tls import BindContext, VerifyState, describe_name, handshake_error_words
 
 if TYPE_CHECKING:
     from lb.frontend import FrontendRuntime
-    from lb.server import ServerState
+    from lb.server import BackendState, ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,15 @@ logger = logging.getLogger(__name__)
 TLS_READ_SIZE = 65536
 #: Ciphertext taken from the engine's outgoing BIO at a time.
 TLS_WRITE_SIZE = 65536 + 4096
+
+# One event loop per process runs every callback in turn, so one buffer per direction is
+# shared by all connections; each read is copied out to bytes before the next.
+_READ_BUFFER = _ffi.new("char[]", TLS_READ_SIZE)
+_WRITE_BUFFER = _ffi.new("char[]", TLS_WRITE_SIZE)
+_SSL_read = _openssl_lib.SSL_read
+_SSL_get_error = _openssl_lib.SSL_get_error
+_BIO_read = _openssl_lib.BIO_read
+_SSL_ERROR_WANT_READ = _openssl_lib.SSL_ERROR_WANT_READ
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +74,8 @@ class ClientSide(asyncio.Protocol):
     __slots__ = (
         "accept_date",
         "accept_time",
+        "attempt",
+        "backend_queue_position",
         "bind_index",
         "bind_name",
         "bytes_in",
@@ -81,10 +98,13 @@ class ClientSide(asyncio.Protocol):
         "pending_size",
         "proxy_header",
         "queue_time",
+        "queued",
         "retries_done",
         "server",
         "server_eof",
+        "server_queue_position",
         "server_side",
+        "slot_server",
         "sock",
         "ssl_info",
         "termination",
@@ -132,7 +152,12 @@ class ClientSide(asyncio.Protocol):
         self.accept_date = time.time()
         self.last_activity = self.accept_time
         self.connect_time: float | None = None
-        self.queue_time = 0.0
+        self.queue_time: float | None = 0.0  # None: refused by a full queue (%Tw -1)
+        self.queued: PendingConnection | None = None
+        self.server_queue_position = 0
+        self.backend_queue_position = 0
+        self.slot_server: ServerState | None = None  # whose connection slot this holds
+        self.attempt = 0  # connect attempts: a late answer to an old one is dropped
         self.termination = "--"
         self.timer: asyncio.TimerHandle | None = None
         self.proxy_header: bytes | None = None
@@ -184,17 +209,22 @@ class ClientSide(asyncio.Protocol):
             self._flush_tls()
             self._handshake_complete()
         while True:
-            try:
-                chunk = tls.recv(TLS_READ_SIZE)
-            except SSL.WantReadError:
+            # SSL_read into one shared buffer: pyOpenSSL's recv allocates 64 KiB per call and
+            # ends every loop with a WantReadError (bench rr_200: see bench/README.md).
+            count = _SSL_read(tls._ssl, _READ_BUFFER, TLS_READ_SIZE)
+            if count <= 0:
+                if _SSL_get_error(tls._ssl, count) == _SSL_ERROR_WANT_READ:
+                    break
+                try:
+                    tls._raise_ssl_error(tls._ssl, count)
+                except SSL.ZeroReturnError:  # close_notify: the client is done sending
+                    self._client_done()
+                    break
+                except SSL.Error as error:
+                    self._abort("CD", f"TLS error from client: {handshake_error_words(error)}")
+                    return
                 break
-            except SSL.ZeroReturnError:  # close_notify: the client is done sending
-                self._client_done()
-                break
-            except SSL.Error as error:
-                self._abort("CD", f"TLS error from client: {handshake_error_words(error)}")
-                return
-            self._to_server(chunk)
+            self._to_server(_ffi.buffer(_READ_BUFFER, count)[:])
         self._flush_tls()
 
     def eof_received(self) -> bool:
@@ -231,10 +261,12 @@ class ClientSide(asyncio.Protocol):
             return
         chunks = []
         while True:
-            try:
-                chunks.append(tls.bio_read(TLS_WRITE_SIZE))
-            except SSL.WantReadError:
+            # BIO_read into one shared buffer: no 68 KiB allocation per call and no
+            # WantReadError to end the loop (measured in bench/README.md, rr_200 and bulk).
+            count = _BIO_read(tls._from_ssl, _WRITE_BUFFER, TLS_WRITE_SIZE)
+            if count <= 0:
                 break
+            chunks.append(_ffi.buffer(_WRITE_BUFFER, count)[:])
         if chunks:
             transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
@@ -243,6 +275,7 @@ class ClientSide(asyncio.Protocol):
         assert tls is not None
         self.handshake_done = True
         self.ssl_info = self.frontend.ssl_info_for(tls)
+        self.frontend.handshake_completed(self)
         self._start_connect()
 
     def _handshake_failed(self, error: SSL.Error | None) -> None:
@@ -293,37 +326,51 @@ class ClientSide(asyncio.Protocol):
         self.connect_task = self.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
+        """Choose a server, wait for a slot when it is full, connect, retry on failure.
+
+        Retries (`retries`) follow BackendState.redispatch_on_retry: after a timeout the same
+        server again (HAProxy), after a refusal or when the server is down another one (lb),
+        and as `option redispatch` allows. The session keeps its slot while it retries the
+        same server; a server that failed is not chosen again while another one can be.
+        """
         limits = self.limits
         backend = self.frontend.backend
-        tried: set[str] = set()
+        key = self._balance_key(backend)
+        failed: set[str] = set()
+        retries_left = limits.retries
+        server: ServerState | None = None
         last_error = "no server available"
-        for attempt in range(limits.retries + 1):
-            server = backend.pick(self.peer[0].encode(), frozenset(tried))
-            if server is None and tried:
-                # Every server failed once: like HAProxy, try again from the start.
-                tried.clear()
-                server = backend.pick(self.peer[0].encode(), frozenset())
+        while True:
             if server is None:
-                break
+                server = await self._take_slot(backend, key, failed)
+                if server is None:
+                    return
             self.server = server
-            server.connection_started()
+            self.attempt += 1
             started = self.loop.time()
             try:
                 coroutine = self.loop.create_connection(
-                    lambda server=server: ServerSide(self, server),  # type: ignore[misc]
+                    functools.partial(ServerSide, self, server, self.attempt),
                     server.host,
                     server.port or self.sock[1],
                 )
                 await asyncio.wait_for(coroutine, limits.timeout_connect)
             except (OSError, TimeoutError) as error:
-                server.connection_ended(failed=True)
-                self.server = None
+                self.attempt += 1  # whatever this attempt still produces is stale
                 timed_out = isinstance(error, TimeoutError)
-                last_error = "connection timeout" if timed_out else (error.strerror or str(error))
+                last_error = "connection timeout" if timed_out else _error_words(error)
                 self.termination = "sC" if timed_out else "SC"
-                tried.add(server.name)
-                if attempt < limits.retries:
-                    self.retries_done += 1
+                failed.add(server.name)
+                if retries_left == 0:
+                    self._release_slot(failed=True)
+                    break
+                retries_left -= 1
+                self.retries_done += 1
+                if backend.redispatch_on_retry(server, self.retries_done, timed_out=timed_out):
+                    self._release_slot(failed=True)
+                    server = None
+                else:
+                    server.connect_failed()
                 continue
             if self.closed:  # the client left while we were connecting
                 if self.server_side is not None and self.server_side.transport is not None:
@@ -334,10 +381,93 @@ class ClientSide(asyncio.Protocol):
             return
         if self.closed:
             return
+        self.server = None
         if self.termination == "--":
             self.termination = "SC"
         self.frontend.no_server(self, last_error)
         self._close()
+
+    def _balance_key(self, backend: BackendState) -> bytes:
+        """The packed client address for hashing algorithms (balance source)."""
+        if not backend.hashed:
+            return b""
+        address = self.peer[0]
+        try:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return socket.inet_pton(family, address)
+        except OSError:
+            return b""
+
+    async def _take_slot(
+        self, backend: BackendState, key: bytes, failed: set[str]
+    ) -> ServerState | None:
+        """A server whose slot this session now holds, after waiting in a queue if need be;
+        None when the session was closed instead (no server, full queue, timeout queue)."""
+        loop = self.loop
+        future: asyncio.Future[ServerState] = loop.create_future()
+
+        def granted(server: ServerState) -> None:
+            self.slot_server = server
+            if not future.done():
+                future.set_result(server)
+
+        outcome = backend.assign(key, frozenset(failed), granted)
+        if outcome is None and failed:
+            # Every server failed once: like HAProxy, try again from the start.
+            failed.clear()
+            outcome = backend.assign(key, frozenset(), granted)
+        if outcome is None:
+            if self.termination == "--":
+                self.termination = "SC"
+            self.frontend.no_server(self, "no server available")
+            self._close()
+            return None
+        if isinstance(outcome, QueueFull):
+            self.server = outcome.server
+            self.queue_time = None
+            self.termination = "SQ"
+            self._close()
+            return None
+        if not isinstance(outcome, PendingConnection):
+            self.slot_server = outcome
+            return outcome
+        self.queued = outcome
+        outcome.enqueued_at = loop.time()
+        queue_server = outcome.server
+        try:
+            server = await asyncio.wait_for(future, backend.queue_timeout)
+        except TimeoutError:
+            if outcome.granted is None:
+                backend.abandon(outcome)
+                self._left_queue(outcome)
+                self.server = queue_server
+                self.termination = "sQ"
+                self._close()
+                return None
+            server = outcome.granted
+        except asyncio.CancelledError:
+            if outcome.granted is None:
+                backend.abandon(outcome)
+            self._left_queue(outcome)
+            raise
+        self._left_queue(outcome)
+        return server
+
+    def _left_queue(self, pending: PendingConnection) -> None:
+        if self.queued is not pending:
+            return
+        self.queued = None
+        self.queue_time = (self.queue_time or 0.0) + self.loop.time() - pending.enqueued_at
+        self.server_queue_position = pending.server_queue_position
+        self.backend_queue_position = pending.backend_queue_position
+
+    def _release_slot(self, *, failed: bool) -> None:
+        """Give the server slot back (once), which may let a queued connection in."""
+        server = self.slot_server
+        if server is not None:
+            self.slot_server = None
+            server.sessions.discard(self)
+            server.connection_ended(failed=failed)
 
     def server_connected(self, server_side: ServerSide) -> None:
         """The server accepted: send the PROXY header and what the client sent meanwhile."""
@@ -345,6 +475,7 @@ class ClientSide(asyncio.Protocol):
         transport = server_side.transport
         assert transport is not None
         server = server_side.server
+        server.sessions.add(self)  # for on-marked-down shutdown-sessions and the like
         head = self.frontend.proxy_header_for(self, server)
         parts = [head] if head else []
         parts.extend(self.pending)
@@ -440,6 +571,15 @@ class ClientSide(asyncio.Protocol):
             self.termination = "cD"
         self._close()
 
+    def kill(self, cause: str) -> None:
+        """Close the session from inside lb (cause "K": killed, e.g. hard stop or a revoked
+        certificate); the second letter of the termination state says where it was."""
+        if self.closed:
+            return
+        phase = "D" if self.server_side is not None else "C" if self.handshake_done else "R"
+        self.termination = cause + phase
+        self._close()
+
     def _abort(self, termination: str, reason: str) -> None:
         self.termination = termination
         logger.info("%s:%d %s", self.peer[0], self.peer[1], reason)
@@ -464,20 +604,31 @@ class ClientSide(asyncio.Protocol):
             self.timer = None
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
+        queued = self.queued
+        if queued is not None:
+            if queued.granted is None:
+                # Now, before a slot can be granted to it; logged as a client abort ("CQ").
+                self.frontend.backend.abandon(queued)
+                if self.termination == "--":
+                    self.termination = "CQ"
+            self._left_queue(queued)
         server = self.server_side
         if server is not None and server.transport is not None:
             server.transport.close()
         self.frontend.session_ended(self)
+        self._release_slot(failed=False)
 
 
 class ServerSide(asyncio.Protocol):
     """The connection to the chosen server; relays to its ClientSide."""
 
-    __slots__ = ("client", "closed", "server", "transport")
+    __slots__ = ("attempt", "client", "closed", "server", "stale", "transport")
 
-    def __init__(self, client: ClientSide, server: ServerState) -> None:
+    def __init__(self, client: ClientSide, server: ServerState, attempt: int = 0) -> None:
         self.client = client
         self.server = server
+        self.attempt = attempt
+        self.stale = False  # the connect attempt it answers was given up (timeout)
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -491,6 +642,10 @@ class ServerSide(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self.attempt != self.client.attempt:
+            self.stale = True
+            transport.close()
+            return
         if self.client.closed:
             transport.close()
             return
@@ -518,8 +673,15 @@ class ServerSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connection_ended(failed=False)
+        if self.stale:
+            return
+        self.client._release_slot(failed=False)
         self.client.server_lost(exc)
+
+
+def _error_words(error: OSError) -> str:
+    """'Connection refused' rather than asyncio's 'Connect call failed (...)'."""
+    return os.strerror(error.errno) if error.errno else str(error)
 
 
 ProtocolFactory = Callable[[], ClientSide]

@@ -354,6 +354,7 @@ class BindContext:
         self.verify_cas = (
             load_certificates(options.ca_verify_file) if options.ca_verify_file else []
         )
+        self.ocsp_responses = load_ocsp_responses(self.bundles)
         self.context = self._build()
 
     def _build(self) -> SSL.Context:
@@ -416,7 +417,83 @@ class BindContext:
         }[options.verify]
         context.set_verify(mode, self._verify_callback)
         context.set_verify_depth(options.verify_depth)
+        if self.ocsp_responses:
+            context.set_ocsp_server_callback(self._staple)
         return context
+
+    # -- OCSP stapling and hot reload (lb.reload, the runtime API) ----------------------------
+
+    def _staple(self, connection: SSL.Connection, _data: object) -> bytes:
+        """The `.ocsp` response of the certificate this connection serves (b"": none)."""
+        certificate = connection.get_certificate()
+        if certificate is None:
+            return b""
+        return self.ocsp_responses.get(certificate.get_serial_number(), b"")
+
+    def watched_files(self) -> list[Path]:
+        """Every file this context was built from, for the reload watcher."""
+        options = self.options
+        paths: list[Path] = []
+        for path in options.crt:
+            paths.extend([path, Path(f"{path}.key"), Path(f"{path}.ocsp")])
+        paths.extend(p for p in (options.ca_file, options.ca_verify_file, options.crl_file) if p)
+        return paths
+
+    def reload_files(self) -> None:
+        """Re-read every file and rebuild the context for new handshakes. All or nothing: on
+        a file that fails to load (TLSFileError, SSL.Error) the old material stays in force."""
+        options = self.options
+        bundles = [load_pem_bundle(path) for path in options.crt]
+        crls = load_crls(options.crl_file) if options.crl_file else []
+        client_cas = load_certificates(options.ca_file) if options.ca_file else []
+        verify_cas = load_certificates(options.ca_verify_file) if options.ca_verify_file else []
+        self._swap(bundles, crls, client_cas, verify_cas)
+
+    def replace_bundle(self, bundle: PemBundle) -> bool:
+        """`commit ssl cert`: serve `bundle` instead of the loaded file of the same path."""
+        if not any(b.path == bundle.path for b in self.bundles):
+            return False
+        bundles = [bundle if b.path == bundle.path else b for b in self.bundles]
+        self._swap(bundles, self.crls, self.client_cas, self.verify_cas)
+        return True
+
+    def _swap(
+        self,
+        bundles: list[PemBundle],
+        crls: list[x509.CertificateRevocationList],
+        client_cas: list[x509.Certificate],
+        verify_cas: list[x509.Certificate],
+    ) -> None:
+        saved = (self.bundles, self.crls, self.client_cas, self.verify_cas, self.ocsp_responses)
+        try:
+            self.bundles, self.crls, self.client_cas, self.verify_cas = (
+                bundles,
+                crls,
+                client_cas,
+                verify_cas,
+            )
+            self.ocsp_responses = load_ocsp_responses(bundles)
+            context = self._build()
+        except BaseException:
+            (
+                self.bundles,
+                self.crls,
+                self.client_cas,
+                self.verify_cas,
+                self.ocsp_responses,
+            ) = saved
+            raise
+        self.context = context
+
+    def revoked(self, chain: Sequence[x509.Certificate]) -> x509.Certificate | None:
+        """The first certificate of `chain` that a loaded CRL revokes, or None."""
+        for certificate in chain:
+            for crl in self.crls:
+                if crl.issuer != certificate.issuer:
+                    continue
+                if crl.get_revoked_certificate_by_serial_number(certificate.serial_number):
+                    return certificate
+        return None
 
     def _install_sni(self, context: SSL.Context) -> None:
         """Several `crt`: the first is the default; a client's SNI picks the one whose names
@@ -481,10 +558,116 @@ class BindContext:
         return explain_verify_failure(failure, self.revocation_date(failure))
 
 
+def load_ocsp_responses(bundles: Sequence[PemBundle]) -> dict[int, bytes]:
+    """HAProxy's `<crt>.ocsp` files (DER OCSPResponse beside the certificate), by the serial
+    number of the certificate they answer for. A response that is unreadable, not
+    successful, for another certificate or past its nextUpdate is not stapled (logged)."""
+    from cryptography.x509 import ocsp
+
+    responses: dict[int, bytes] = {}
+    now = dt.datetime.now(dt.UTC)
+    for bundle in bundles:
+        path = Path(f"{bundle.path}.ocsp")
+        if not path.exists():
+            continue
+        data = _read(path)
+        try:
+            response = ocsp.load_der_ocsp_response(data)
+        except ValueError as error:
+            logger.warning("%s: not a DER OCSP response, not stapled: %s", path, error)
+            continue
+        if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+            logger.warning(
+                "%s: OCSP response status %s, not stapled", path, response.response_status.name
+            )
+            continue
+        if response.serial_number != bundle.certificate.serial_number:
+            logger.warning(
+                "%s: OCSP response is for serial %x, the certificate's is %x: not stapled",
+                path,
+                response.serial_number,
+                bundle.certificate.serial_number,
+            )
+            continue
+        next_update = response.next_update_utc
+        if next_update is not None and next_update < now:
+            logger.warning(
+                "%s: OCSP response expired on %s (nextUpdate): not stapled",
+                path,
+                utc_text(next_update),
+            )
+            continue
+        responses[bundle.certificate.serial_number] = data
+    return responses
+
+
+def bundle_from_pem(data: bytes, path: Path | str) -> PemBundle:
+    """A `crt` bundle from PEM text (the runtime API's `set ssl cert` payload)."""
+    path = Path(path)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSFileError(path, "payload contains no PEM certificate") from None
+    start = data.find(b"-----BEGIN ")
+    key: object = None
+    while start >= 0:
+        end_marker = data.find(b"-----END ", start)
+        line_end = data.find(b"-----", end_marker + 9)
+        block = data[start : line_end + 5]
+        if b"PRIVATE KEY-----" in block[:40]:
+            try:
+                key = serialization.load_pem_private_key(block, None)
+            except (TypeError, ValueError) as error:
+                raise TLSFileError(path, f"payload private key: {error}") from None
+            break
+        start = data.find(b"-----BEGIN ", line_end + 5)
+    if not isinstance(
+        key,
+        rsa.RSAPrivateKey
+        | ec.EllipticCurvePrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey,
+    ):
+        raise TLSFileError(path, "payload contains no usable private key")
+    key_public = _public_bytes(key)
+    leaves = [c for c in certificates if _public_bytes(c) == key_public]
+    if not leaves:
+        raise TLSFileError(path, "the private key does not match any certificate in the payload")
+    leaf = leaves[0]
+    rest = [c for c in certificates if c is not leaf]
+    return PemBundle(path, key, leaf, tuple(_order_chain(leaf, rest)))
+
+
+def _one_line(name: x509.Name) -> str:
+    return "".join(f"/{attribute.rfc4514_attribute_name}={attribute.value!s}" for attribute in name)
+
+
+def describe_certificate(bundle: PemBundle) -> str:
+    """`show ssl cert <file>`, in HAProxy's words."""
+    certificate = bundle.certificate
+    lines = [
+        f"Serial: {certificate.serial_number:X}",
+        f"notBefore: {utc_text(certificate.not_valid_before_utc)}",
+        f"notAfter: {utc_text(certificate.not_valid_after_utc)}",
+    ]
+    names = _certificate_names(certificate)
+    if names:
+        lines.append("Subject Alternative Name: " + ", ".join(f"DNS:{n}" for n in names))
+    from cryptography.hazmat.primitives import hashes
+
+    lines.append(f"SHA1 FingerPrint: {certificate.fingerprint(hashes.SHA1()).hex().upper()}")
+    lines.append(f"Subject: {_one_line(certificate.subject)}")
+    lines.append(f"Issuer: {_one_line(certificate.issuer)}")
+    for chained in bundle.chain:
+        lines.append(f"Chain Subject: {_one_line(chained.subject)}")
+        lines.append(f"Chain Issuer: {_one_line(chained.issuer)}")
+    return "\n".join(lines) + "\n"
+
+
 def bind_tls(bind: Bind, global_: Global, frontend: str) -> BindTLS:
     """The TLS options of a bind line, with the global ssl-default-bind-* applied."""
-    min_version = bind.ssl_min_ver
-    max_version = bind.ssl_max_ver or DEFAULT_MAX_VERSION
+    min_version: str = bind.ssl_min_ver
+    max_version: str = bind.ssl_max_ver or DEFAULT_MAX_VERSION
     disabled = {
         "SSLv3": bind.no_sslv3,
         "TLSv1.0": bind.no_tlsv10,
@@ -665,11 +848,14 @@ def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[F
         except TLSFileError as error:
             findings.append(FileFinding("error", "crt", str(error)))
     loaded: dict[str, list[x509.Certificate]] = {}
-    for option, path in (("ca-file", options.ca_file), ("ca-verify-file", options.ca_verify_file)):
-        if path is None:
+    for option, ca_path in (
+        ("ca-file", options.ca_file),
+        ("ca-verify-file", options.ca_verify_file),
+    ):
+        if ca_path is None:
             continue
         try:
-            loaded[option] = load_certificates(path)
+            loaded[option] = load_certificates(ca_path)
         except TLSFileError as error:
             findings.append(FileFinding("error", option, str(error)))
     crls: list[x509.CertificateRevocationList] = []

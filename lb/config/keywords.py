@@ -14,8 +14,8 @@ hold several problems (bind, server) reports each through `Report` and goes
 on. A keyword we know but do not support is an error saying so, never
 silently ignored.
 
-`BALANCE_ALGORITHMS` is the registry `balance` validates against; lb.balance
-may replace it with its own registry's names.
+`BALANCE_ALGORITHMS` (what `balance` validates against) is the names of lb.balance's
+registry.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lb.balance import ALGORITHMS
 from lb.config.errors import Diagnostic, Origin
 from lb.config.lexer import Line
 from lb.config.model import PROXY_V2_OPTIONS, TLS_VERSIONS, LogTarget, StatsSocket
 
-BALANCE_ALGORITHMS: tuple[str, ...] = ("roundrobin", "static-rr", "leastconn", "source", "first")
+BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
 HASH_TYPES = ("map-based", "consistent")
 SECTIONS = ("global", "defaults", "frontend", "backend", "listen")
 UNSUPPORTED_SECTIONS = (
@@ -473,6 +474,8 @@ GLOBAL_KEYWORDS: dict[str, GlobalParser] = {
     "tune.ssl.cachesize": _global_integer("tune_ssl_cachesize", 0),
     # HAProxy: tune.ssl.lifetime counts in seconds when no unit is given.
     "tune.ssl.lifetime": _global_time("tune_ssl_lifetime", "s"),
+    # Our own (seed 000: EMQX re-reads certificates every 120 s); seconds without a unit.
+    "tune.ssl.reload-interval": _global_time("tune_ssl_reload_interval", "s"),
     "ssl-default-bind-options": _ssl_default_options("ssl_default_bind_options"),
     "ssl-default-bind-ciphers": _global_string("ssl_default_bind_ciphers", "a cipher list"),
     "ssl-default-bind-ciphersuites": _global_string(

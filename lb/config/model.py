@@ -80,6 +80,8 @@ class Global:
     tune_bufsize: int = 16384
     tune_ssl_cachesize: int = 20000
     tune_ssl_lifetime: float = 300.0
+    # our own: how often crt/ca-file/crl-file are checked for changes (EMQX: 120 s); 0 = never
+    tune_ssl_reload_interval: float = 120.0
     ssl_default_bind_options: tuple[str, ...] = ()
     ssl_default_bind_ciphers: str | None = None
     ssl_default_bind_ciphersuites: str | None = None

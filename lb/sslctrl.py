@@ -1,0 +1,250 @@
+"""`SSL_CTX_ctrl` for the TLS settings pyOpenSSL has no API for: the server session cache
+size (`tune.ssl.cachesize`) and the session ticket keys (`tls-ticket-keys`).
+
+pyOpenSSL and `cryptography` do not bind `SSL_CTX_ctrl`, and the OpenSSL they use is
+usually linked statically into cryptography's `_rust.abi3.so` (a different copy, often a
+different version, from the system's libssl), so calling the system libssl on their
+`SSL_CTX *` would be undefined behaviour. Instead this module finds `SSL_CTX_ctrl` *inside
+the object that holds pyOpenSSL's OpenSSL*:
+
+1. the address of a function cffi does bind (`SSL_CTX_set_timeout`, via
+   `ffi.addressof`) names the loaded object in /proc/self/maps and its load base;
+2. the object's ELF symbol table (`.symtab`, kept in the wheels; `.dynsym` for a system
+   libssl) gives `SSL_CTX_ctrl`'s offset;
+3. the result is checked before use: the bound function must sit exactly where the symbol
+   table says, and `SSL_CTRL_GET_SESS_CACHE_SIZE` on a fresh context must answer OpenSSL's
+   default (20480).
+
+When any step fails, `available()` is False and callers fall back (a warning; the cache
+keeps OpenSSL's default size, tickets use per-process random keys).
+
+Ticket keys follow HAProxy's `tls-ticket-keys` file (configuration.txt, 5.1): base64 lines
+of 80 bytes (name 16, AES key 32, HMAC key 32) or 48 bytes (AES-128 variant), at least 3;
+the penultimate key encrypts. OpenSSL's built-in ticket code holds a single key
+(`SSL_CTRL_SET_TLSEXT_TICKET_KEYS`, 80 bytes: name, HMAC key, AES key), so lb encrypts and
+decrypts with the penultimate key only: after a rotation, clients holding a ticket made with
+an older key do one full handshake. Every worker that loads the same file issues and accepts
+the same tickets, which is what makes resumption work whichever worker a client reaches.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import logging
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from OpenSSL import SSL
+
+logger = logging.getLogger(__name__)
+
+#: include/openssl/ssl.h
+SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+SSL_CTRL_GET_SESS_CACHE_SIZE = 43
+SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+#: SSL_SESSION_CACHE_MAX_SIZE_DEFAULT, what a fresh context answers.
+OPENSSL_DEFAULT_CACHE_SIZE = 1024 * 20
+#: OpenSSL's ticket key blob: key name 16, HMAC secret 32, AES-256 key 32.
+OPENSSL_TICKET_KEY_SIZE = 80
+#: HAProxy's TLS_TICKETS_NO: the file must hold at least this many keys.
+HAPROXY_TICKET_KEYS = 3
+
+ELF_SHT_SYMTAB = 2
+ELF_SHT_DYNSYM = 11
+
+Ctrl = Callable[[object, int, int, object], int]
+
+
+class TicketKeyError(ValueError):
+    """A tls-ticket-keys file that cannot be used; the message names the file and line."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _elf_symbols(path: str, wanted: set[str]) -> dict[str, int]:
+    """Values (offsets from the load base) of `wanted` symbols in an ELF64 little-endian
+    shared object, from .symtab and .dynsym."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return {}
+    section_offset = struct.unpack_from("<Q", data, 0x28)[0]
+    entry_size, count = struct.unpack_from("<HH", data, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size)
+        for i in range(count)
+    ]
+    found: dict[str, int] = {}
+    encoded = {name.encode(): name for name in wanted}
+    for _name, kind, _flags, _address, offset, size, link, _info, _align, _entsize in sections:
+        if kind not in (ELF_SHT_SYMTAB, ELF_SHT_DYNSYM):
+            continue
+        strings_offset = sections[link][4]
+        for name_index, _info2, _other, shndx, value, _size in struct.iter_unpack(
+            "<IBBHQQ", data[offset : offset + size]
+        ):
+            if shndx == 0 or value == 0:
+                continue  # undefined (imported) symbol
+            start = strings_offset + name_index
+            end = data.index(b"\x00", start)
+            name = encoded.get(data[start:end])
+            if name is not None:
+                found.setdefault(name, value)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def _mapping_of(address: int) -> tuple[str, int] | None:
+    """The file mapped at `address` in this process and that file's load base."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    path = None
+    for line in lines:
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end and len(fields) >= 6:
+            path = fields[5]
+            break
+    if path is None:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == path and int(fields[2], 16) == 0:
+            return path, int(fields[0].split("-")[0], 16)
+    return None
+
+
+@functools.cache
+def _resolve() -> Ctrl | None:
+    try:
+        from cryptography.hazmat.bindings._rust import _openssl
+
+        ffi, lib = _openssl.ffi, _openssl.lib
+        bound = int(ffi.cast("uintptr_t", ffi.addressof(lib, "SSL_CTX_set_timeout")))
+        mapping = _mapping_of(bound)
+        if mapping is None:
+            return None
+        path, base = mapping
+        names = {"SSL_CTX_ctrl", "SSL_CTX_set_timeout", "_cffi_d_SSL_CTX_set_timeout"}
+        symbols = _elf_symbols(path, names)
+        # cffi binds either the function itself or its own direct-call wrapper.
+        if bound - base not in (
+            symbols.get("SSL_CTX_set_timeout"),
+            symbols.get("_cffi_d_SSL_CTX_set_timeout"),
+        ):
+            return None
+        if "SSL_CTX_ctrl" not in symbols:
+            return None
+        function = ffi.cast("long(*)(SSL_CTX *, int, long, void *)", base + symbols["SSL_CTX_ctrl"])
+        probe = SSL.Context(SSL.TLS_SERVER_METHOD)
+        answer = function(probe._context, SSL_CTRL_GET_SESS_CACHE_SIZE, 0, ffi.NULL)
+        if answer != OPENSSL_DEFAULT_CACHE_SIZE:
+            return None
+
+        def ctrl(context: object, command: int, larg: int, parg: object) -> int:
+            return int(function(context, command, larg, ffi.NULL if parg is None else parg))
+
+        return ctrl
+    except Exception as error:  # any surprise means "not available", never a crash
+        logger.debug("SSL_CTX_ctrl not found: %s", error)
+        return None
+
+
+def available() -> bool:
+    """True when SSL_CTX_ctrl was found in pyOpenSSL's OpenSSL and answered correctly."""
+    return _resolve() is not None
+
+
+def set_session_cache_size(context: SSL.Context, size: int) -> bool:
+    """SSL_CTX_sess_set_cache_size; False when SSL_CTX_ctrl is unavailable."""
+    ctrl = _resolve()
+    if ctrl is None:
+        return False
+    ctrl(context._context, SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
+    return True
+
+
+def session_cache_size(context: SSL.Context) -> int | None:
+    ctrl = _resolve()
+    if ctrl is None:
+        return None
+    return ctrl(context._context, SSL_CTRL_GET_SESS_CACHE_SIZE, 0, None)
+
+
+def set_ticket_key(context: SSL.Context, key: bytes) -> bool:
+    """Install one 80-byte OpenSSL ticket key (name 16, HMAC 32, AES 32)."""
+    if len(key) != OPENSSL_TICKET_KEY_SIZE:
+        raise ValueError(f"a ticket key is {OPENSSL_TICKET_KEY_SIZE} bytes, not {len(key)}")
+    ctrl = _resolve()
+    if ctrl is None:
+        return False
+    from cryptography.hazmat.bindings._rust import _openssl
+
+    buffer = _openssl.ffi.new("unsigned char[]", key)
+    result = ctrl(
+        context._context,
+        SSL_CTRL_SET_TLSEXT_TICKET_KEYS,
+        OPENSSL_TICKET_KEY_SIZE,
+        buffer,
+    )
+    return result == 1
+
+
+def ticket_key(context: SSL.Context) -> bytes | None:
+    """The context's current 80-byte ticket key (for tests and diagnostics)."""
+    ctrl = _resolve()
+    if ctrl is None:
+        return None
+    from cryptography.hazmat.bindings._rust import _openssl
+
+    buffer = _openssl.ffi.new("unsigned char[]", OPENSSL_TICKET_KEY_SIZE)
+    ctrl(
+        context._context,
+        SSL_CTRL_GET_TLSEXT_TICKET_KEYS,
+        OPENSSL_TICKET_KEY_SIZE,
+        buffer,
+    )
+    return bytes(_openssl.ffi.buffer(buffer))
+
+
+def load_ticket_keys(path: Path | str) -> bytes:
+    """The OpenSSL key for a HAProxy tls-ticket-keys file: its penultimate key (the one
+    HAProxy encrypts with), reordered from HAProxy's (name, AES, HMAC) to OpenSSL's
+    (name, HMAC, AES). A 48-byte (AES-128) key is stretched to 80 bytes with SHA-512, so
+    every process that reads the file derives the same key."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise TicketKeyError(path, str(error.strerror or error)) from None
+    keys: list[bytes] = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            key = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise TicketKeyError(path, f"line {number}: not base64") from None
+        if len(key) not in (48, 80):
+            raise TicketKeyError(path, f"line {number}: a key is 48 or 80 bytes, not {len(key)}")
+        if keys and len(key) != len(keys[0]):
+            raise TicketKeyError(path, f"line {number}: 48- and 80-byte keys cannot be mixed")
+        keys.append(key)
+    if len(keys) < HAPROXY_TICKET_KEYS:
+        raise TicketKeyError(
+            path,
+            f"{len(keys)} keys; at least {HAPROXY_TICKET_KEYS} are needed "
+            "(the penultimate one encrypts)",
+        )
+    key = keys[-2]
+    if len(key) == 48:
+        key = key[:16] + hashlib.sha512(b"lb tls-ticket-keys" + key).digest()[:64]
+    name, aes, hmac = key[:16], key[16:48], key[48:80]
+    return name + hmac + aes

@@ -1,0 +1,399 @@
+"""The master process and its workers: seamless reload, soft stop, hard stop.
+
+As HAProxy's master-worker mode (management.txt 4.4): the master parses the configuration,
+opens every listening socket (frontend binds, the Prometheus binds, `stats socket`) and
+forks `nbthread` workers (default 1) that inherit them; the workers share each socket and
+the kernel hands every connection to one of them. The master never touches traffic and
+runs no event loop, so forking from it is safe.
+
+Signals to the master:
+- SIGUSR2 or SIGHUP: reload. The configuration is read and checked again first; a bad one
+  is refused with the `-c` messages and the old workers keep serving. Otherwise the sockets
+  of binds that did not change are kept (a connection waiting in their accept queue is never
+  lost), new ones are opened, new workers are forked and, once every new worker says it is
+  ready, the old ones are told to soft-stop: they stop accepting and finish their sessions.
+  `hard-stop-after` bounds how long they may take (then SIGTERM).
+- SIGUSR1: soft stop of every worker; the master exits when the last one has.
+- SIGTERM / SIGINT: every worker stops now; the master exits.
+
+A worker that dies unexpectedly is replaced. A worker notices that its master is gone
+(the control socket reaches EOF) and soft-stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lb.config.errors import Diagnostic, format_report
+from lb.config.model import Config
+from lb.frontend import open_listening_socket
+from lb.stats import open_stats_socket
+
+logger = logging.getLogger(__name__)
+
+#: How long new workers may take to report ready before a reload is abandoned.
+READY_TIMEOUT = 30.0
+#: How long the master waits for workers after SIGTERM before SIGKILL.
+KILL_TIMEOUT = 10.0
+
+SocketKey = tuple[str, int]
+Checker = Callable[[Sequence[str]], tuple[Config | None, list[Diagnostic]]]
+
+
+@dataclass
+class Worker:
+    pid: int
+    number: int
+    generation: int
+    control: socket.socket  # master's end; the worker writes b"R" when it serves
+    ready: bool = False
+    stopping_since: float | None = None
+
+
+@dataclass
+class SocketPool:
+    """Listening sockets by what they are bound to, reused across reloads."""
+
+    by_address: dict[tuple[object, ...], socket.socket] = field(default_factory=dict)
+
+    def for_config(self, config: Config) -> dict[SocketKey, socket.socket]:
+        """The sockets for every bind of `config`, reusing those of the same address."""
+        from lb.process import STATS_SOCKET_KEY
+
+        wanted: dict[SocketKey, socket.socket] = {}
+        kept: dict[tuple[object, ...], socket.socket] = {}
+        opened: list[socket.socket] = []
+        try:
+            for frontend in config.frontends:
+                if (
+                    frontend.default_backend is None
+                    and frontend.http_request_use_service != "prometheus-exporter"
+                ):
+                    continue
+                for index, bind in enumerate(frontend.binds):
+                    address: tuple[object, ...] = ("tcp", bind.family, bind.host, bind.port)
+                    sock = kept.get(address) or self.by_address.get(address)
+                    if sock is None:
+                        sock = open_listening_socket(bind)
+                        opened.append(sock)
+                    kept[address] = sock
+                    wanted[(frontend.name, index)] = sock
+            for index, stats in enumerate(config.global_.stats_socket):
+                address = ("stats", stats.path, stats.mode)
+                sock = kept.get(address) or self.by_address.get(address)
+                if sock is None:
+                    sock = open_stats_socket(stats)
+                    opened.append(sock)
+                kept[address] = sock
+                wanted[(STATS_SOCKET_KEY, index)] = sock
+        except OSError:
+            for sock in opened:
+                sock.close()
+            raise
+        for address, sock in self.by_address.items():
+            if address not in kept:
+                sock.close()
+        self.by_address = kept
+        return wanted
+
+    def close(self) -> None:
+        for sock in self.by_address.values():
+            sock.close()
+        self.by_address = {}
+
+
+def worker_main(
+    config: Config,
+    sockets: dict[SocketKey, socket.socket],
+    control: socket.socket,
+    number: int,
+) -> int:
+    """The body of one forked worker: serve until told to stop (lb.cli.serve's loop)."""
+    from lb.cli import serve
+
+    for signum in (signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # reloads are the master's business
+    return serve(config, sockets=sockets, control=control, worker_number=number)
+
+
+class Master:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        config: Config,
+        checker: Checker,
+        *,
+        pidfile: str | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.config = config
+        self.checker = checker
+        self.pidfile = pidfile
+        self.pool = SocketPool()
+        self.workers: dict[int, Worker] = {}
+        self.generation = 0
+        self.pending_signals: list[int] = []
+        self.stopping: str | None = None  # "soft" or "hard"
+        self.hard_stop_deadline: float | None = None
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.pending_signals.append(signum)
+
+    def _install_signals(self) -> socket.socket:
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno())
+        self._wakeup_writer = writer
+        for signum in (
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGHUP,
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGCHLD,
+        ):
+            signal.signal(signum, self._on_signal)
+        return reader
+
+    # -- workers ---------------------------------------------------------------------------------
+
+    def _spawn(self, config: Config, sockets: dict[SocketKey, socket.socket], number: int) -> None:
+        master_end, worker_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                master_end.close()
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    signal.signal(signum, signal.SIG_DFL)
+                for worker in self.workers.values():
+                    worker.control.close()
+                code = worker_main(config, sockets, worker_end, number)
+            except BaseException:
+                logger.exception("worker %d failed", number)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        worker_end.close()
+        master_end.setblocking(False)
+        self.workers[pid] = Worker(pid, number, self.generation, master_end)
+        logger.info("worker #%d (%d) started (generation %d)", number, pid, self.generation)
+
+    def _spawn_generation(self, config: Config, sockets: dict[SocketKey, socket.socket]) -> None:
+        self.generation += 1
+        self.current_sockets = sockets
+        for number in range(1, (config.global_.nbthread or 1) + 1):
+            self._spawn(config, sockets, number)
+
+    def _current(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.generation == self.generation]
+
+    def _signal_workers(self, workers: Sequence[Worker], signum: int) -> None:
+        for worker in workers:
+            try:
+                os.kill(worker.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.control.close()
+            code = os.waitstatus_to_exitcode(status)
+            if worker.generation == self.generation and self.stopping is None:
+                logger.error(
+                    "worker #%d (%d) exited with code %d; starting a new one",
+                    worker.number,
+                    pid,
+                    code,
+                )
+                self._spawn(self.config, self.current_sockets, worker.number)
+            else:
+                logger.info("worker #%d (%d) exited with code %d", worker.number, pid, code)
+
+    def _wait_ready(self, workers: Sequence[Worker], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in workers):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or any(w.pid not in self.workers for w in workers):
+                return False
+            waiting = [w for w in workers if not w.ready]
+            readable, _, _ = select.select([w.control for w in waiting], [], [], remaining)
+            for worker in waiting:
+                if worker.control in readable:
+                    try:
+                        data = worker.control.recv(16)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return False
+                    worker.ready = True
+            self._reap_only_dead(workers)
+        return True
+
+    def _reap_only_dead(self, workers: Sequence[Worker]) -> None:
+        for worker in workers:
+            try:
+                pid, _status = os.waitpid(worker.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid = worker.pid
+            if pid == worker.pid:
+                self.workers.pop(worker.pid, None)
+                worker.control.close()
+
+    # -- reload and stop ------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the configuration; start new workers, then soft-stop the old ones."""
+        logger.warning("reloading: checking %s", ", ".join(self.paths))
+        config, diagnostics = self.checker(self.paths)
+        stderr, _stdout, code = format_report(diagnostics, os.getpid())
+        if config is None or code != 0:
+            sys.stderr.write(stderr)
+            sys.stderr.flush()
+            logger.error("reload refused: the configuration has errors; old workers keep serving")
+            return False
+        try:
+            sockets = self.pool.for_config(config)
+        except OSError as error:
+            logger.error("reload refused: cannot listen: %s; old workers keep serving", error)
+            return False
+        old = [w for w in self.workers.values() if w.stopping_since is None]
+        self._spawn_generation(config, sockets)
+        new = self._current()
+        if not self._wait_ready(new, READY_TIMEOUT):
+            logger.error("reload failed: new workers did not start; old workers keep serving")
+            self._signal_workers(new, signal.SIGKILL)
+            self.generation -= 1
+            return False
+        self.config = config
+        now = time.monotonic()
+        for worker in old:
+            worker.stopping_since = now
+        self._signal_workers(old, signal.SIGUSR1)
+        logger.warning(
+            "reloaded: %d new worker(s) serving; %d old worker(s) finishing their sessions",
+            len(new),
+            len(old),
+        )
+        return True
+
+    def _hard_stop_overdue(self) -> None:
+        limit = self.config.global_.hard_stop_after
+        if limit is None:
+            return
+        now = time.monotonic()
+        overdue = [
+            w
+            for w in self.workers.values()
+            if w.stopping_since is not None and now - w.stopping_since > limit
+        ]
+        if overdue:
+            logger.warning("hard-stop-after %.1fs: stopping %d old worker(s)", limit, len(overdue))
+            self._signal_workers(overdue, signal.SIGTERM)
+            for worker in overdue:
+                worker.stopping_since = float("inf")
+
+    def run(self) -> int:
+        wakeup = self._install_signals()
+        if self.pidfile:
+            with open(self.pidfile, "w") as handle:
+                handle.write(f"{os.getpid()}\n")
+        try:
+            sockets = self.pool.for_config(self.config)
+        except OSError as error:
+            logger.error("cannot listen: %s", error)
+            return 1
+        self._spawn_generation(self.config, sockets)
+        if not self._wait_ready(self._current(), READY_TIMEOUT):
+            logger.error("workers did not start")
+            self._signal_workers(list(self.workers.values()), signal.SIGKILL)
+            return 1
+        logger.info("master %d ready, %d worker(s)", os.getpid(), len(self.workers))
+        kill_deadline: float | None = None
+        while True:
+            controls = [w.control for w in self.workers.values()]
+            timeout = 0.5
+            readable, _, _ = select.select([wakeup, *controls], [], [], timeout)
+            if wakeup in readable:
+                try:
+                    while wakeup.recv(512):
+                        pass
+                except BlockingIOError:
+                    pass
+            for worker in list(self.workers.values()):
+                if worker.control in readable:
+                    try:
+                        if worker.control.recv(16):
+                            worker.ready = True
+                    except (BlockingIOError, ConnectionError):
+                        pass
+            signals, self.pending_signals = self.pending_signals, []
+            for signum in signals:
+                if signum == signal.SIGCHLD:
+                    self._reap()
+                elif signum in (signal.SIGUSR2, signal.SIGHUP) and self.stopping is None:
+                    self.reload()
+                elif signum == signal.SIGUSR1 and self.stopping is None:
+                    logger.warning("soft stop: workers finish their sessions")
+                    self.stopping = "soft"
+                    now = time.monotonic()
+                    for worker in self.workers.values():
+                        worker.stopping_since = worker.stopping_since or now
+                    self._signal_workers(list(self.workers.values()), signal.SIGUSR1)
+                    self.pool.close()
+                elif signum in (signal.SIGTERM, signal.SIGINT) and self.stopping != "hard":
+                    logger.warning("stopping")
+                    self.stopping = "hard"
+                    self._signal_workers(list(self.workers.values()), signal.SIGTERM)
+                    self.pool.close()
+                    kill_deadline = time.monotonic() + KILL_TIMEOUT
+            self._reap()
+            self._hard_stop_overdue()
+            if kill_deadline is not None and time.monotonic() > kill_deadline:
+                self._signal_workers(list(self.workers.values()), signal.SIGKILL)
+                kill_deadline = time.monotonic() + KILL_TIMEOUT
+            if self.stopping is not None and not self.workers:
+                break
+        self.pool.close()
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError:
+                pass
+        logger.info("master %d stopped", os.getpid())
+        return 0
+
+
+def signal_old_processes(pids: Sequence[int], signum: int) -> None:
+    """-sf / -st: tell the processes of a previous lb to finish (SIGUSR1) or stop (SIGTERM)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            logger.warning("-sf/-st: no process %d", pid)
+        except PermissionError:
+            logger.warning("-sf/-st: not allowed to signal process %d", pid)

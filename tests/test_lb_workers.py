@@ -1,0 +1,144 @@
+"""The master and its workers: 20 reloads under steady TLS load drop nothing; a bad
+configuration is refused and the old workers keep serving; SIGUSR1 lets a live session
+finish; the pidfile holds the master's pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import VENV_BIN, EchoBackend, client_context, free_port, start_process
+from tests.pki import TestPKI
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _config(pki: TestPKI, port: int, backend_port: int, workers: int) -> str:
+    return (
+        f"global\n    nbthread {workers}\n    hard-stop-after 30s\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n"
+        f"frontend mqtts\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone} "
+        f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required\n"
+        "    default_backend brokers\n"
+        f"backend brokers\n    server broker1 127.0.0.1:{backend_port}\n"
+    )
+
+
+def _wait(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.05)
+
+
+def test_reloads_under_load_drop_nothing(pki: TestPKI, tmp_path: Path) -> None:
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    path = tmp_path / "lb.cfg"
+    path.write_text(_config(pki, port, backend.port, 2))
+    pidfile = tmp_path / "lb.pid"
+    master = start_process(
+        [str(VENV_BIN / "lb"), "-f", str(path), "-p", str(pidfile)], tmp_path, "master"
+    )
+    context = client_context(pki.device(9).cert, pki.device(9).key, pki.root)
+    results = {"ok": 0, "failed": 0}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        while not stop.is_set():
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                    context.wrap_socket(raw, server_hostname="localhost") as tls,
+                ):
+                    tls.sendall(b"ping")
+                    if tls.recv(16) != b"ping":
+                        raise OSError("no echo")
+                results["ok"] += 1
+            except (OSError, ssl.SSLError) as error:
+                results["failed"] += 1
+                errors.append(repr(error))
+
+    try:
+        master.wait_output("master", timeout=20)
+        master.wait_output("ready", timeout=20)
+        assert pidfile.read_text().strip() == str(master.popen.pid)
+        threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        _wait(lambda: results["ok"] >= 20)
+        for number in range(20):
+            before = results["ok"]
+            os.kill(master.popen.pid, signal.SIGUSR2 if number % 2 else signal.SIGHUP)
+            _wait(lambda count=number + 1: master.output().count("reloaded: ") == count, 30)
+            _wait(lambda before=before: results["ok"] > before + 5)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        assert master.output().count("reloaded: ") == 20
+        assert results["failed"] == 0, errors[:5]
+        assert results["ok"] > 100
+
+        # A bad configuration is refused with the -c messages; the old workers keep serving.
+        path.write_text(_config(pki, port, backend.port, 1) + "    bogus-keyword 1\n")
+        os.kill(master.popen.pid, signal.SIGUSR2)
+        master.wait_output("reload refused", timeout=30)
+        assert "parsing [" in master.stderr
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"still")
+            assert tls.recv(16) == b"still"
+    finally:
+        stop.set()
+        code = master.stop(signal.SIGTERM, timeout=20)
+        backend.close()
+    assert code == 0
+    assert not pidfile.exists()
+
+
+def test_soft_stop_lets_a_session_finish(pki: TestPKI, tmp_path: Path) -> None:
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    path = tmp_path / "lb.cfg"
+    path.write_text(_config(pki, port, backend.port, 1))
+    master = start_process([str(VENV_BIN / "lb"), "-W", "-db", "-f", str(path)], tmp_path, "m")
+    context = client_context(pki.device(10).cert, pki.device(10).key, pki.root)
+    try:
+        master.wait_output("ready", timeout=20)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tls = context.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"one")
+        assert tls.recv(16) == b"one"
+        os.kill(master.popen.pid, signal.SIGUSR1)
+        master.wait_output("soft stop", timeout=20)
+        # Not accepting any more, but the live session still works.
+        _wait(lambda: _refused(port))
+        tls.sendall(b"two")
+        assert tls.recv(16) == b"two"
+        assert master.popen.poll() is None
+        tls.close()
+        master.popen.wait(30)
+        assert master.popen.returncode == 0
+    finally:
+        master.stop()
+        backend.close()
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
