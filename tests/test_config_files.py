@@ -65,11 +65,13 @@ def test_seed_004_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bind.crt == (str(certs / "server-allinone.pem"),)
     assert bind.ca_file == str(certs / "CaIntermediate.pem")
     assert bind.ca_verify_file == str(certs / "CaRoot.pem")
+    assert bind.crl_file == str(certs / "crl.pem")
     (backend,) = config.backends
     assert backend.name == "emqx-backend" and backend.balance == "roundrobin"
     assert [(s.name, s.host, s.port) for s in backend.servers] == [
         ("emqx-165", "127.0.0.1", 1883),
         ("emqx-171", "127.0.0.1", 1884),
+        ("emqx-172", "127.0.0.1", 1885),
     ]
     for server in backend.servers:
         # default-server inter 10s downinter 5s rise 2 fall 2 slowstart 60s maxconn 500000

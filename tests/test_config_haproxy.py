@@ -8,12 +8,17 @@ lines we complain about.
 
 from __future__ import annotations
 
+import datetime
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from lb.config import load_config
 
@@ -58,6 +63,22 @@ def test_bad_configs_against_haproxy(path: Path) -> None:
         assert theirs <= {d.line for d in ours.errors}
 
 
+def empty_crl(ca: Any) -> bytes:
+    """A CRL revoking nothing, signed by a trustme CA."""
+    cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(cert.subject)
+        .last_update(now)
+        .next_update(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
 def test_seed_config_with_real_certificates(tmp_path: Path) -> None:
     trustme = pytest.importorskip("trustme")
     root = trustme.CA()
@@ -71,6 +92,8 @@ def test_seed_config_with_real_certificates(tmp_path: Path) -> None:
     (certs / "server-allinone.pem").write_bytes(allinone)
     intermediate.cert_pem.write_to_path(str(certs / "CaIntermediate.pem"))
     root.cert_pem.write_to_path(str(certs / "CaRoot.pem"))
+    # The bind line's crl-file: one CRL per CA of the chain (HAProxy checks every level).
+    (certs / "crl.pem").write_bytes(empty_crl(intermediate) + empty_crl(root))
     config = tmp_path / "haproxy.cfg"
     shutil.copy(ROOT / "configs" / "haproxy.cfg", config)
     # HAProxy resolves relative paths against its working directory, lb against the file's.
