@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_port
+
 pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.mosquitto,
@@ -20,12 +22,6 @@ pytestmark = [
         shutil.which("mosquitto_pub") is None, reason="needs Debian's mosquitto-clients"
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_listening(port: int, process: subprocess.Popen[str], timeout: float = 10.0) -> None:

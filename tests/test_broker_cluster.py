@@ -15,7 +15,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
+from tests.harness import free_port
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +40,6 @@ BROKER = Path(sys.executable).parent / "broker"
 COOKIE = "test-cluster-cookie"
 V311 = MQTTProtocolVersion.MQTTv311
 V5 = MQTTProtocolVersion.MQTTv5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

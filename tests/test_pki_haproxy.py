@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import free_port
 from tests.pki import DeviceFiles, TestPKI
 
 HAPROXY = shutil.which("haproxy") or (
@@ -61,13 +62,6 @@ class EchoServer:
 
     def close(self) -> None:
         self.listener.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass

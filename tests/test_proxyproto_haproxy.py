@@ -30,6 +30,7 @@ from lb.proxyproto import (
     encode_v1,
     encode_v2,
 )
+from tests.harness import free_port
 
 HAPROXY = shutil.which("haproxy") or (
     "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
@@ -118,13 +119,6 @@ def capture() -> Iterator[CaptureServer]:
         yield server
     finally:
         server.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextlib.contextmanager
