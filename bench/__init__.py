@@ -1,0 +1,1 @@
+"""Benchmarks: lb against HAProxy on this machine (see bench/README.md)."""
