@@ -207,8 +207,11 @@ def test_bad_inputs_exit_2_without_traceback(
     assert code == 2 and "invalid duration" in err
     code, _, err = run(capsys, "root", *directory)
     assert code == 2 and "refusing to overwrite" in err and "--force" in err
-    code, _, err = run(capsys, "root", "--dir", str(tmp_path / "missing"))
-    assert code == 2 and "no such directory" in err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "root", "--dir", str(tmp_path / "a-file"))
+    assert code == 2 and "not a directory" in err
+    code, _, err = run(capsys, "root", "--dir", str(tmp_path / "new" / "pki"))
+    assert code == 0 and (tmp_path / "new" / "pki" / "CaRoot.pem").exists()
     # the console script itself: one line, no traceback
     script = Path(sys.executable).parent / "lb-pki"
     if script.exists():
@@ -260,6 +263,9 @@ def test_fleet_revoke_crl_and_openssl(ca: Path, capsys: pytest.CaptureFixture[st
         capsys, "verify", str(ca / "device-0003.pem"), *directory, "--crl", str(ca / "crl.pem")
     )
     assert code == 0 and "OK" in out
+    # Without --crl, the crl.pem that `lb-pki crl` wrote in --dir is checked.
+    code, out, _ = run(capsys, "verify", "device-0002.pem", *directory)
+    assert code == 1 and "revoked on " in out and "crl.pem" in out
 
 
 def test_verify_says_why(

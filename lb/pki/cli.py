@@ -107,8 +107,10 @@ def _password(value: str | None, file: str | None, flag: str) -> bytes | None:
 
 def _directory(args: argparse.Namespace) -> Path:
     directory = Path(args.dir)
-    if not directory.is_dir():
-        raise PKIError(f"--dir {directory}: no such directory")
+    if directory.exists() and not directory.is_dir():
+        raise PKIError(f"--dir {directory}: not a directory")
+    # A new PKI starts in a new folder, as cfssl users do with mkdir; make it.
+    directory.mkdir(parents=True, exist_ok=True)
     return directory
 
 
@@ -704,7 +706,12 @@ def command_verify(args: argparse.Namespace) -> int:
         *sent_chain,
         *(cert for name in args.untrusted for cert in load_certs(_input(directory, name))),
     ]
-    crls = [crl for name in args.crl for crl in load_crls(_input(directory, name))]
+    crl_files = [_input(directory, name) for name in args.crl]
+    if not crl_files and (directory / "crl.pem").exists():
+        # What `lb-pki crl` wrote is what a balancer would load: check it unless told otherwise.
+        crl_files = [directory / "crl.pem"]
+        _say(f"checking revocation with {crl_files[0]} (give --crl to choose others)")
+    crls = [crl for path in crl_files for crl in load_crls(path)]
     at: datetime.datetime | None = None
     if args.at is not None:
         try:
@@ -975,7 +982,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="trusted CA file (repeatable; default CaIntermediate.pem CaRoot.pem)",
     )
     verify.add_argument("--untrusted", action="append", default=[], help="intermediates file")
-    verify.add_argument("--crl", action="append", default=[], help="CRL file (repeatable)")
+    verify.add_argument(
+        "--crl",
+        action="append",
+        default=[],
+        help="CRL file (repeatable; default: DIR/crl.pem if present)",
+    )
     verify.add_argument("--purpose", choices=["client", "server", "any"], default="client")
     verify.add_argument(
         "--crl-leaf-only",
