@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 
 from lb import sslctrl
+from lb.config.keywords import X509_V_ERROR_IDS, X509_V_ERRORS
 from lb.config.model import Bind, Global
 
 logger = logging.getLogger(__name__)
@@ -67,56 +69,10 @@ DEFAULT_VERIFY_DEPTH = 10
 #: A server certificate that expires sooner than this draws a warning from `lb -c`.
 EXPIRY_WARNING = dt.timedelta(days=30)
 
-#: OpenSSL X509_V_ERR_* ids (include/openssl/x509_vfy.h) with their names, for log lines and
-#: for ca-ignore-err / crt-ignore-err, which take either form.
-X509_V_ERR_NAMES: dict[int, str] = {
-    2: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT",
-    3: "X509_V_ERR_UNABLE_TO_GET_CRL",
-    4: "X509_V_ERR_UNABLE_TO_DECRYPT_CERT_SIGNATURE",
-    5: "X509_V_ERR_UNABLE_TO_DECRYPT_CRL_SIGNATURE",
-    6: "X509_V_ERR_UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY",
-    7: "X509_V_ERR_CERT_SIGNATURE_FAILURE",
-    8: "X509_V_ERR_CRL_SIGNATURE_FAILURE",
-    9: "X509_V_ERR_CERT_NOT_YET_VALID",
-    10: "X509_V_ERR_CERT_HAS_EXPIRED",
-    11: "X509_V_ERR_CRL_NOT_YET_VALID",
-    12: "X509_V_ERR_CRL_HAS_EXPIRED",
-    13: "X509_V_ERR_ERROR_IN_CERT_NOT_BEFORE_FIELD",
-    14: "X509_V_ERR_ERROR_IN_CERT_NOT_AFTER_FIELD",
-    15: "X509_V_ERR_ERROR_IN_CRL_LAST_UPDATE_FIELD",
-    16: "X509_V_ERR_ERROR_IN_CRL_NEXT_UPDATE_FIELD",
-    17: "X509_V_ERR_OUT_OF_MEM",
-    18: "X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT",
-    19: "X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN",
-    20: "X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY",
-    21: "X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE",
-    22: "X509_V_ERR_CERT_CHAIN_TOO_LONG",
-    23: "X509_V_ERR_CERT_REVOKED",
-    24: "X509_V_ERR_INVALID_CA",
-    25: "X509_V_ERR_PATH_LENGTH_EXCEEDED",
-    26: "X509_V_ERR_INVALID_PURPOSE",
-    27: "X509_V_ERR_CERT_UNTRUSTED",
-    28: "X509_V_ERR_CERT_REJECTED",
-    29: "X509_V_ERR_SUBJECT_ISSUER_MISMATCH",
-    30: "X509_V_ERR_AKID_SKID_MISMATCH",
-    31: "X509_V_ERR_AKID_ISSUER_SERIAL_MISMATCH",
-    32: "X509_V_ERR_KEYUSAGE_NO_CERTSIGN",
-    33: "X509_V_ERR_UNABLE_TO_GET_CRL_ISSUER",
-    34: "X509_V_ERR_UNHANDLED_CRITICAL_EXTENSION",
-    35: "X509_V_ERR_KEYUSAGE_NO_CRL_SIGN",
-    36: "X509_V_ERR_UNHANDLED_CRITICAL_CRL_EXTENSION",
-    37: "X509_V_ERR_INVALID_NON_CA",
-    41: "X509_V_ERR_INVALID_EXTENSION",
-    43: "X509_V_ERR_NO_EXPLICIT_POLICY",
-    44: "X509_V_ERR_DIFFERENT_CRL_SCOPE",
-    47: "X509_V_ERR_PERMITTED_VIOLATION",
-    48: "X509_V_ERR_EXCLUDED_VIOLATION",
-    62: "X509_V_ERR_HOSTNAME_MISMATCH",
-    79: "X509_V_ERR_EE_KEY_TOO_SMALL",
-    80: "X509_V_ERR_CA_KEY_TOO_SMALL",
-    81: "X509_V_ERR_CA_MD_TOO_WEAK",
-}
-X509_V_ERR_IDS: dict[str, int] = {name: code for code, name in X509_V_ERR_NAMES.items()}
+#: OpenSSL X509_V_ERR_* ids with their names, for log lines; the config parser owns the table
+#: because ca-ignore-err / crt-ignore-err take either form.
+X509_V_ERR_NAMES: dict[int, str] = X509_V_ERRORS
+X509_V_ERR_IDS: dict[str, int] = X509_V_ERROR_IDS
 
 
 class TLSFileError(Exception):
@@ -561,9 +517,7 @@ class BindContext:
 def load_ocsp_responses(bundles: Sequence[PemBundle]) -> dict[int, bytes]:
     """HAProxy's `<crt>.ocsp` files (DER OCSPResponse beside the certificate), by the serial
     number of the certificate they answer for. A response that is unreadable, not
-    successful, for another certificate or past its nextUpdate is not stapled (logged)."""
-    from cryptography.x509 import ocsp
-
+    successful, for another certificate or outside its validity is not stapled (logged)."""
     responses: dict[int, bytes] = {}
     now = dt.datetime.now(dt.UTC)
     for bundle in bundles:
@@ -571,34 +525,62 @@ def load_ocsp_responses(bundles: Sequence[PemBundle]) -> dict[int, bytes]:
         if not path.exists():
             continue
         data = _read(path)
-        try:
-            response = ocsp.load_der_ocsp_response(data)
-        except ValueError as error:
-            logger.warning("%s: not a DER OCSP response, not stapled: %s", path, error)
-            continue
-        if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-            logger.warning(
-                "%s: OCSP response status %s, not stapled", path, response.response_status.name
-            )
-            continue
-        if response.serial_number != bundle.certificate.serial_number:
-            logger.warning(
-                "%s: OCSP response is for serial %x, the certificate's is %x: not stapled",
-                path,
-                response.serial_number,
-                bundle.certificate.serial_number,
-            )
-            continue
-        next_update = response.next_update_utc
-        if next_update is not None and next_update < now:
-            logger.warning(
-                "%s: OCSP response expired on %s (nextUpdate): not stapled",
-                path,
-                utc_text(next_update),
-            )
+        problem = ocsp_response_problem(bundle, data, now)
+        if problem is not None:
+            logger.warning("%s: %s: not stapled", path, problem)
             continue
         responses[bundle.certificate.serial_number] = data
     return responses
+
+
+#: HAProxy (OCSP_check_validity with OCSP_MAX_RESPONSE_TIME_SKEW) tolerates 5 minutes.
+OCSP_TIME_SKEW = dt.timedelta(minutes=5)
+
+
+def ocsp_response_problem(bundle: PemBundle, data: bytes, now: dt.datetime) -> str | None:
+    """Why a `.ocsp` response cannot be stapled for `bundle`'s certificate, or None. Checks
+    what HAProxy 2.6 checks when it loads one (ssl_sock_load_ocsp_response): a successful
+    response whose certificate id (serial, issuer name and key hashes) is this certificate's,
+    inside its thisUpdate..nextUpdate window."""
+    from cryptography.x509 import ocsp
+
+    try:
+        response = ocsp.load_der_ocsp_response(data)
+    except ValueError as error:
+        return f"not a DER OCSP response ({error})"
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return f"OCSP response status {response.response_status.name}"
+    certificate = bundle.certificate
+    if response.serial_number != certificate.serial_number:
+        return (
+            f"OCSP response is for serial {response.serial_number:x}, the certificate's is "
+            f"{certificate.serial_number:x}"
+        )
+    issuer = next((c for c in bundle.chain if _issued_by(certificate, c)), None)
+    if issuer is not None:
+        try:
+            expected = (
+                ocsp.OCSPRequestBuilder()
+                .add_certificate(certificate, issuer, response.hash_algorithm)
+                .build()
+            )
+        except (UnsupportedAlgorithm, ValueError) as error:
+            return f"OCSP response's certificate id cannot be checked ({error})"
+        if (response.issuer_key_hash, response.issuer_name_hash) != (
+            expected.issuer_key_hash,
+            expected.issuer_name_hash,
+        ):
+            return (
+                "OCSP response's certificate id names another issuer than "
+                f"'{describe_name(issuer.subject)}'"
+            )
+    this_update = response.this_update_utc
+    if this_update - OCSP_TIME_SKEW > now:
+        return f"OCSP response is not yet valid (thisUpdate {utc_text(this_update)})"
+    next_update = response.next_update_utc
+    if next_update is not None and next_update + OCSP_TIME_SKEW < now:
+        return f"OCSP response expired on {utc_text(next_update)} (nextUpdate)"
+    return None
 
 
 def bundle_from_pem(data: bytes, path: Path | str) -> PemBundle:
@@ -873,6 +855,15 @@ def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[F
     trusted = client_cas + loaded.get("ca-verify-file", [])
     for bundle in bundles:
         findings.extend(_check_server_chain(bundle, trusted, now))
+        ocsp_path = Path(f"{bundle.path}.ocsp")
+        if ocsp_path.exists():
+            # HAProxy -c: "Loading: OCSP single response: no longer valid.. Content will be
+            # ignored." lb says which check failed.
+            problem = ocsp_response_problem(bundle, _read(ocsp_path), now)
+            if problem is not None:
+                findings.append(
+                    FileFinding("warning", "crt", f"{ocsp_path}: {problem}: it will not be stapled")
+                )
     for ca in client_cas:
         chain = _chain_to_root(ca, trusted)
         if chain is None:

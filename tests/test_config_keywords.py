@@ -593,7 +593,7 @@ def test_bind_takes_global_ssl_defaults() -> None:
         ("ssl crt s.pem ssl-min-ver TLSv1.4", "'bind' : 'ssl-min-ver' : expects one of 'SSLv3'"),
         (
             "ssl crt s.pem ca-ignore-err 10,x",
-            "'bind' : 'ca-ignore-err' : expects an integer >= 0, got 'x'",
+            "'bind' : 'ca-ignore-err' : expects an integer from 1 to 94, got 'x'",
         ),
         (
             "ssl crt s.pem alpn mqtt,,h2",

@@ -26,6 +26,7 @@ from lb.config.errors import ConfigError, Diagnostic, Origin, Severity, format_r
 from lb.config.keywords import (
     GLOBAL_KEYWORDS,
     GLOBAL_SINGLE_KEYWORDS,
+    MODE_HTTP_ONLY_FOR_PROMETHEUS,
     PROXY_KEYWORDS,
     SECTIONS,
     UNSUPPORTED_SECTIONS,
@@ -316,6 +317,7 @@ def _build(drafts: _Drafts, report: Report, files: tuple[str, ...]) -> Config:
         if draft.kind in ("backend", "listen"):
             backends.append(_build_backend(draft, report))
     _check_names(drafts, report)
+    _check_mode_http(drafts, report)
     _check_backend_references(drafts, {backend.name for backend in backends}, report)
     _lint(global_, frontends, backends, report)
     return Config(global_, defaults, tuple(frontends), tuple(backends), files)
@@ -516,6 +518,35 @@ def _check_names(drafts: _Drafts, report: Report) -> None:
             table[draft.name] = draft
 
 
+def _check_mode_http(drafts: _Drafts, report: Report) -> None:
+    """`mode http` is HAProxy's price for its Prometheus exporter; lb accepts it on a frontend
+    that does nothing else (no backend of its own: lb serves only /metrics there)."""
+    for draft in drafts.proxies:
+        origin = draft.mode_http
+        if origin is None:
+            continue
+        own_default_backend = draft.default_backend is not None and (
+            draft.default_backend[1].file == draft.origin.file
+            and draft.default_backend[1].line > draft.origin.line
+        )
+        if draft.values.get("http_request_use_service") != "prometheus-exporter":
+            why = "this frontend has no 'http-request use-service prometheus-exporter'"
+        elif draft.use_backend or own_default_backend:
+            why = "this frontend also forwards to a backend"
+        else:
+            continue
+        report.diagnostics.append(
+            Diagnostic.error(
+                origin.file,
+                origin.line,
+                "mode",
+                "'http' not supported: lb is a TCP balancer (use 'mode tcp'); "
+                f"{MODE_HTTP_ONLY_FOR_PROMETHEUS} ({why})",
+                draft.label,
+            )
+        )
+
+
 def _check_backend_references(drafts: _Drafts, names: set[str], report: Report) -> None:
     for draft in drafts.proxies:
         references: list[tuple[str, str, Origin]] = [
@@ -549,7 +580,12 @@ def _lint(
 
     for frontend in frontends:
         section = f"frontend {frontend.name}"
-        if not frontend.listen and frontend.default_backend is None and not frontend.use_backend:
+        if (
+            not frontend.listen
+            and frontend.default_backend is None
+            and not frontend.use_backend
+            and frontend.http_request_use_service != "prometheus-exporter"
+        ):
             warn(
                 frontend.origin,
                 "frontend",
