@@ -34,7 +34,8 @@ from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
 from broker.statestore import StateStore
-from broker.tls_listener import ReloadingContext
+from broker.tls_listener import ReloadingContext, lb_ssl_options
+from lb import tls
 
 __all__ = ["BrokerServer", "default_ssl_context"]
 
@@ -45,21 +46,7 @@ TICK_INTERVAL = 1.0
 
 def default_ssl_context(options: SSLOptions) -> ssl.SSLContext:
     """A server context for a ``[listeners.ssl.NAME]`` listener, built by lb.tls."""
-    from lb import tls
-
-    return tls.build_server_ssl_context(
-        tls.SSLOptions(
-            certfile=options.certfile,
-            keyfile=options.keyfile,
-            cacertfile=options.cacertfile,
-            password=options.password,
-            verify=options.verify,
-            fail_if_no_peer_cert=options.fail_if_no_peer_cert,
-            versions=options.versions,
-            depth=options.depth,
-            crl_file=options.crl_file,
-        )
-    )
+    return tls.build_server_ssl_context(lb_ssl_options(options))
 
 
 class BrokerServer:

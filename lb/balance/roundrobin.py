@@ -50,6 +50,9 @@ class RoundRobin(Generic[S]):
         # Scores stay; the new weight shapes the following picks.
         del server
 
+    def _weight_of(self, server: S) -> int:
+        return server.effective_weight
+
     def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
         del key
         best: S | None = None
@@ -60,7 +63,7 @@ class RoundRobin(Generic[S]):
             name = server.name
             if name not in self._up or name in exclude:
                 continue
-            weight = server.effective_weight
+            weight = self._weight_of(server)
             if weight <= 0 or not server.has_room():
                 continue
             total += weight
