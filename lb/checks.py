@@ -20,6 +20,13 @@ connection's real addresses.
 Timing: the first checks are spread over the smallest first interval (start_checks: server
 i of n starts after mininter * i / n); each next check comes `srv_getinter()` after the end
 of the previous one. While a slowstart ramp runs, backends are ticked about once a second.
+
+With several workers (lb.workers) only the lead worker runs checks (`start(run_checks=)`,
+`start_checks`, `stop_checks`): once per server per interval for the whole process tree.
+Every change a check makes to a server (health count, status, UP/DOWN) is reported to
+`on_change`, which lb.process relays to the other workers (lb.control); they apply it
+without checking, and only the lead logs it. Slowstart ticks run in every worker, since
+each has its own balancers.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from lb import proxyproto
 from lb.config.model import Global, Server
@@ -96,13 +103,24 @@ class HealthChecks:
         loop: asyncio.AbstractEventLoop,
         backends: Iterable[BackendState],
         global_: Global,
+        on_change: Callable[[BackendState, ServerState], None] | None = None,
     ) -> None:
         self.loop = loop
         self.backends = list(backends)
         self.global_ = global_
+        self.on_change = on_change
         self.tasks: list[asyncio.Task[None]] = []
+        self.tick_task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def start(self, *, run_checks: bool = True) -> None:
+        if any(s.config.slowstart > 0 for backend in self.backends for s in backend.servers):
+            self.tick_task = self.loop.create_task(self._tick())
+        if run_checks:
+            self.start_checks()
+
+    def start_checks(self) -> None:
+        if self.tasks:
+            return
         checked: list[tuple[BackendState, ServerState]] = []
         for backend in self.backends:
             for server in backend.servers:
@@ -121,13 +139,17 @@ class HealthChecks:
             for position, (backend, server) in enumerate(checked):
                 delay = first * position / len(checked)
                 self.tasks.append(self.loop.create_task(self._run(backend, server, delay)))
-        if any(s.config.slowstart > 0 for backend in self.backends for s in backend.servers):
-            self.tasks.append(self.loop.create_task(self._tick()))
 
-    def stop(self) -> None:
+    def stop_checks(self) -> None:
         for task in self.tasks:
             task.cancel()
         self.tasks.clear()
+
+    def stop(self) -> None:
+        self.stop_checks()
+        if self.tick_task is not None:
+            self.tick_task.cancel()
+            self.tick_task = None
 
     @staticmethod
     def _interval(server: ServerState) -> float:
@@ -139,8 +161,11 @@ class HealthChecks:
         await asyncio.sleep(delay)
         while True:
             result = await self.check_once(backend, server)
+            before = _shared_health(server)
             for line in backend.check_done(server, result):
                 logger.warning("%s", line)
+            if self.on_change is not None and _shared_health(server) != before:
+                self.on_change(backend, server)
             await asyncio.sleep(self._interval(server))
 
     async def check_once(self, backend: BackendState, server: ServerState) -> CheckResult:
@@ -184,3 +209,9 @@ class HealthChecks:
             for backend in self.backends:
                 if backend.ramping():
                     backend.tick()
+
+
+def _shared_health(server: ServerState) -> tuple[bool, int | None, str | None]:
+    """What a check changes that the other workers must learn (lb.control.ServerRecord)."""
+    health = server.health.health if server.health is not None else None
+    return (server.up, health, server.check_status)

@@ -18,12 +18,16 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lb import __version__
 from lb.config import Diagnostic, load_config
 from lb.config.errors import format_report
 from lb.config.model import Config
 from lb.tls import bind_tls, check_bind_files
+
+if TYPE_CHECKING:
+    from lb.control import WorkerSetup
 
 logger = logging.getLogger("lb")
 
@@ -136,14 +140,14 @@ def serve(
     config: Config,
     *,
     sockets: dict[tuple[str, int], socket.socket] | None = None,
-    control: socket.socket | None = None,
-    worker_number: int = 1,
+    worker: WorkerSetup | None = None,
     old_pids: Sequence[tuple[int, int]] = (),
 ) -> int:
     """Run one process's Runtime until SIGTERM (stop now) or SIGUSR1 (finish sessions).
 
-    In a worker, `sockets` are the master's and `control` is the master's line: b"R" tells
-    it this worker serves; EOF on it means the master is gone, and the worker soft-stops."""
+    In a worker, `sockets` are the master's and `worker` holds the master's line and the
+    state the workers share (lb.control); EOF on that line means the master is gone, and
+    the worker soft-stops."""
     import uvloop
 
     from lb.process import Runtime
@@ -151,7 +155,16 @@ def serve(
     async def run() -> int:
         loop = asyncio.get_running_loop()
         runtime = Runtime(config, loop)
-        runtime.worker_number = worker_number
+        soft = asyncio.Event()
+        finishing = False
+        if worker is not None:
+
+            def master_gone() -> None:
+                if not finishing and not soft.is_set():
+                    logger.warning("master is gone: soft stop")
+                    soft.set()
+
+            await runtime.attach_master(worker, master_gone)
         runtime.start(sockets, reuse_port=sockets is None)
         for pid, signum in old_pids:
             try:
@@ -161,25 +174,8 @@ def serve(
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        soft = asyncio.Event()
         loop.add_signal_handler(signal.SIGUSR1, soft.set)
-        if control is not None:
-            control.setblocking(False)
-            control.send(b"R")
-
-            def master_gone() -> None:
-                try:
-                    data = control.recv(64)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    data = b""
-                if not data:
-                    loop.remove_reader(control.fileno())
-                    logger.warning("master is gone: soft stop")
-                    soft.set()
-
-            loop.add_reader(control.fileno(), master_gone)
+        runtime.announce_ready()
         waiters = [loop.create_task(stop.wait()), loop.create_task(soft.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         runtime.stop_accepting()
@@ -197,6 +193,8 @@ def serve(
             await asyncio.sleep(0)
         for waiter in waiters:
             waiter.cancel()
+        finishing = True
+        runtime.detach_master()
         logger.info("stopped")
         return 0
 

@@ -306,7 +306,9 @@ class FrontendRuntime:
         self.counters.bytes_in += client.bytes_in
         self.counters.bytes_out += client.bytes_out
         server = client.server
-        if server is None or client.connect_time is None:
+        # server_side: connected, though a client that left at once may end the session
+        # before the connect coroutine has resumed to set connect_time.
+        if server is None or (client.connect_time is None and client.server_side is None):
             return
         now = self.loop.time()
         for counters in (

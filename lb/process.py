@@ -4,6 +4,12 @@ stopped together. The CLI runs one directly; the master of lb.workers runs one p
 Besides the traffic frontends a Runtime serves what lb.stats offers (the Prometheus
 endpoint of a `use-service prometheus-exporter` frontend, the `stats socket` runtime API) and
 runs the certificate/CA/CRL reload watcher of lb.reload.
+
+Under a master (lb.workers) a Runtime is one of several workers, linked to the master by
+lb.control: only the *lead* worker runs the health checks and serves the runtime API and
+Prometheus; every worker applies the server states, certificates and `reload ssl` the others
+publish, and answers the lead's requests for its counters and sessions. Without a master
+(`lb -db`), the one Runtime is the lead and has no link.
 """
 
 from __future__ import annotations
@@ -11,14 +17,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from lb.checks import HealthChecks
 from lb.config.model import Config, Frontend
+from lb.control import (
+    CertRecord,
+    MasterLink,
+    Message,
+    ServerRecord,
+    WorkerSetup,
+    apply_cert,
+    apply_server_record,
+    server_record,
+)
 from lb.frontend import FrontendRuntime, ProcessLimit
 from lb.log import GlobalLogHandler, TrafficLog, install_global_handler, remove_global_handler
 from lb.reload import TLSReloader
-from lb.server import BackendState
-from lb.stats import ProcessCounters, PrometheusEndpoint, RuntimeAPI, open_stats_socket
+from lb.server import BackendState, ServerState
+from lb.stats import (
+    CounterSnapshot,
+    ProcessCounters,
+    PrometheusEndpoint,
+    RuntimeAPI,
+    open_stats_socket,
+    session_lines,
+    take_snapshot,
+)
 from lb.tls import BindContext
 
 #: Key of the inherited socket of the n-th `stats socket` line in `Runtime.start(sockets=)`.
@@ -35,11 +61,17 @@ class Runtime:
         self.loop = loop
         self.process = ProcessLimit(config.global_.maxconn)
         self.backends = {b.name: BackendState(b, clock=loop.time) for b in config.backends}
-        self.health_checks = HealthChecks(loop, self.backends.values(), config.global_)
+        self.health_checks = HealthChecks(
+            loop, self.backends.values(), config.global_, on_change=self.publish_server
+        )
         self.frontends: list[FrontendRuntime] = []
         self.counters = ProcessCounters()
         self.stopping = False
         self.worker_number = 1
+        # The lead runs the health checks and serves the runtime API and Prometheus.
+        self.lead = True
+        self.link: MasterLink | None = None
+        self.sockets: dict[tuple[str, int], socket.socket] = {}
         self.prometheus_frontends: list[Frontend] = []
         self.services: list[PrometheusEndpoint | RuntimeAPI] = []
         self.log_handler: GlobalLogHandler | None = None
@@ -92,19 +124,16 @@ class Runtime:
                 )
 
         self.log_handler = install_global_handler(self.config.global_.log)
-        self.loop.create_task(self._start_services(sockets or {}))
+        self.sockets = dict(sockets or {})
+        if self.lead:
+            self.loop.create_task(self._start_services(self.sockets))
         self.reloader = TLSReloader(self, self.config.global_.tune_ssl_reload_interval)
         self.reloader.start()
-        self.health_checks.start()
+        self.health_checks.start(run_checks=self.lead)
 
     async def _start_services(self, sockets: dict[tuple[str, int], socket.socket]) -> None:
-        """Prometheus and the runtime API, served by worker 1 only: each worker has its own
-        counters, and one answer must describe one process. (Not yet done: relaying runtime
-        API commands that change state to the other workers of an `nbthread` > 1 setup.)"""
+        """Prometheus and the runtime API (the lead's); their answers cover every worker."""
         from lb.frontend import open_listening_socket
-
-        if self.worker_number != 1:
-            return
 
         for frontend in self.prometheus_frontends:
             endpoint = PrometheusEndpoint(self, frontend.name)
@@ -129,6 +158,102 @@ class Runtime:
             self.services.append(api)
             for config, _sock in stats_sockets:
                 logger.info("stats socket listening on %s", config.path)
+
+    # -- the other workers (lb.control) -----------------------------------------------------
+
+    async def attach_master(self, setup: WorkerSetup, on_master_gone: Callable[[], None]) -> None:
+        """Join the master's workers, before start(): take the state they share (a server
+        that is DOWN or in maintenance stays so across a reload) and open the link."""
+        self.worker_number = setup.number
+        self.lead = setup.lead
+        for record in setup.shared.servers.values():
+            apply_server_record(self.backends, record)
+        for cert in setup.shared.certs.values():
+            apply_cert(self.bind_contexts(), cert, at_start=True)
+        self.link = await MasterLink.open(
+            self.loop, setup.control, self.on_master_message, on_master_gone
+        )
+
+    def detach_master(self) -> None:
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.close()
+
+    def announce_ready(self) -> None:
+        if self.link is not None:
+            self.link.send({"t": "ready"})
+            if self.lead:
+                logger.info(
+                    "worker #%d leads: health checks, runtime API, Prometheus", self.worker_number
+                )
+
+    def on_master_message(self, message: Message) -> None:
+        kind = message["t"]
+        if kind == "server":
+            apply_server_record(self.backends, ServerRecord.from_message(message))
+        elif kind == "cert":
+            apply_cert(self.bind_contexts(), CertRecord.from_message(message), at_start=False)
+        elif kind == "reload_ssl":
+            self.reload_tls_files(force=True)
+        elif kind == "lead":
+            self.set_lead(bool(message["on"]))
+        elif kind == "collect":
+            data: Any
+            if message["what"] == "sessions":
+                data = session_lines(self)
+            else:
+                data = take_snapshot(self).to_json()
+            if self.link is not None:
+                self.link.send({"t": "reply", "id": message["id"], "data": data})
+        else:
+            logger.warning("unknown control message %r", kind)
+
+    def set_lead(self, lead: bool) -> None:
+        """Take or give up the lead role (the master moves it to a new worker on reload)."""
+        if lead == self.lead:
+            return
+        self.lead = lead
+        if lead:
+            logger.info(
+                "worker #%d leads: health checks, runtime API, Prometheus", self.worker_number
+            )
+            if not self.stopping:
+                self.loop.create_task(self._start_services(self.sockets))
+            self.health_checks.start_checks()
+        else:
+            self.health_checks.stop_checks()
+            for service in self.services:
+                service.close()
+            self.services.clear()
+
+    def publish_server(self, backend: BackendState, server: ServerState) -> None:
+        """A server's health or runtime settings changed here: tell the other workers."""
+        if self.link is not None:
+            self.link.send(server_record(backend, server).to_message())
+
+    def publish_cert(self, record: CertRecord) -> None:
+        if self.link is not None:
+            self.link.send(record.to_message())
+
+    def reload_tls_everywhere(self) -> str:
+        """`reload ssl`: here (the report) and in every other worker."""
+        if self.link is not None:
+            self.link.send({"t": "reload_ssl"})
+        return self.reload_tls_files(force=True)
+
+    async def gather_counters(self) -> list[CounterSnapshot]:
+        """This worker's counters and every other serving worker's."""
+        mine = take_snapshot(self)
+        if self.link is None:
+            return [mine]
+        others = [CounterSnapshot.from_json(data) for data in await self.link.gather("counters")]
+        return [mine, *others]
+
+    async def gather_sessions(self) -> list[str]:
+        lines = session_lines(self)
+        if self.link is not None:
+            for data in await self.link.gather("sessions"):
+                lines.extend(str(line) for line in data)
+        return lines
 
     def stop_accepting(self) -> None:
         self.stopping = True

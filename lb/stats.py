@@ -17,6 +17,13 @@ Owns what an operator reads and changes while lb runs:
   with HAProxy. `show stat` prints HAProxy 2.6's CSV columns; server state changes go
   through the backend's balancer.
 
+With `nbthread` > 1 (lb.workers), one worker, the lead, serves both; every answer covers
+the whole process tree: counters are every worker's, gathered through the master
+(`CounterSnapshot`, summed; maxima are the largest of any worker), `show sess` lists every
+worker's sessions, and each change (`set server`, `commit ssl cert`, `reload ssl`) is made
+here and then relayed to every other worker and kept for the workers of the next reload
+(lb.control). Counters start again from zero on a reload, as HAProxy's do.
+
 Every served socket is handed in already bound (the master opens them; see lb.workers), or
 opened here when lb runs without a master.
 """
@@ -29,15 +36,16 @@ import os
 import socket
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lb import __version__
 from lb.config.model import Bind, StatsSocket
 
 if TYPE_CHECKING:
-    from lb.frontend import FrontendRuntime
     from lb.process import Runtime
     from lb.server import BackendState, ServerState
     from lb.tls import VerifyFailure
@@ -189,6 +197,149 @@ class ProcessCounters:
 
 
 # --------------------------------------------------------------------------------------------
+# Counters of every worker
+
+Row = Counter[str]
+
+#: Fields whose merge across workers is the largest value, not the sum: a maximum seen by
+#: one worker (so `smax` is a lower bound of the true maximum), and flags.
+MAX_FIELDS = frozenset({"max_sessions", "accepting", "stopping", "listeners"})
+
+
+@dataclass(slots=True)
+class CounterSnapshot:
+    """The counters of one worker, or the sum of several (`merge_snapshots`), in a shape
+    that crosses the control channel as JSON (lb.control). Reading a missing field gives 0."""
+
+    worker: int = 0
+    pid: int = 0
+    process: Row = field(default_factory=Counter)
+    frontends: dict[str, Row] = field(default_factory=dict)
+    failures: dict[str, Row] = field(default_factory=dict)  # frontend -> reason -> count
+    backends: dict[str, Row] = field(default_factory=dict)
+    servers: dict[str, Row] = field(default_factory=dict)  # "backend/server"
+
+    def frontend(self, name: str) -> Row:
+        return self.frontends.get(name) or Counter()
+
+    def backend(self, name: str) -> Row:
+        return self.backends.get(name) or Counter()
+
+    def server(self, backend: str, server: str) -> Row:
+        return self.servers.get(f"{backend}/{server}") or Counter()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "worker": self.worker,
+            "pid": self.pid,
+            "process": dict(self.process),
+            "frontends": {k: dict(v) for k, v in self.frontends.items()},
+            "failures": {k: dict(v) for k, v in self.failures.items()},
+            "backends": {k: dict(v) for k, v in self.backends.items()},
+            "servers": {k: dict(v) for k, v in self.servers.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> CounterSnapshot:
+        if not isinstance(data, dict):
+            raise ValueError("a counter snapshot is an object")
+
+        def rows(name: str) -> dict[str, Row]:
+            value = data.get(name) or {}
+            return {
+                str(k): Counter({str(f): int(n) for f, n in v.items()}) for k, v in value.items()
+            }
+
+        return cls(
+            worker=int(data.get("worker", 0)),
+            pid=int(data.get("pid", 0)),
+            process=Counter({str(f): int(n) for f, n in (data.get("process") or {}).items()}),
+            frontends=rows("frontends"),
+            failures=rows("failures"),
+            backends=rows("backends"),
+            servers=rows("servers"),
+        )
+
+
+def take_snapshot(runtime: Runtime) -> CounterSnapshot:
+    """This process's counters."""
+    counters = runtime.counters
+    snapshot = CounterSnapshot(worker=runtime.worker_number, pid=os.getpid())
+    frontends = runtime.frontends
+    snapshot.process.update(
+        current=runtime.process.current,
+        total=runtime.process.total,
+        ssl_current=sum(f.current for f in frontends if f.has_ssl),
+        handshakes=sum(f.counters.handshakes_total for f in frontends),
+        handshake_failures=sum(f.counters.handshake_failures_total for f in frontends),
+        dropped_logs=sum(f.log.dropped for f in frontends),
+        listeners=sum(len(f.listeners) for f in frontends),
+        stopping=int(runtime.stopping),
+    )
+    for f in frontends:
+        snapshot.frontends[f.name] = Counter(
+            current=f.current,
+            max_sessions=f.counters.max_sessions,
+            total=f.total,
+            bytes_in=f.counters.bytes_in,
+            bytes_out=f.counters.bytes_out,
+            connections_total=f.counters.connections_total,
+            handshakes=f.counters.handshakes_total,
+            handshake_failures=f.counters.handshake_failures_total,
+            revoked_closed=f.counters.revoked_closed,
+            dropped_logs=f.log.dropped,
+            accepting=int(f.accepting_enabled),
+        )
+        snapshot.failures[f.name] = Counter(f.counters.handshake_failures)
+    for backend in runtime.backends.values():
+        total = counters.backend(backend.name)
+        snapshot.backends[backend.name] = Counter(
+            current=sum(s.active_connections for s in backend.servers),
+            queue=backend.queued,
+            max_sessions=total.max_sessions,
+            sessions_total=total.sessions_total,
+            bytes_in=total.bytes_in,
+            bytes_out=total.bytes_out,
+            failed=sum(s.failed_connections for s in backend.servers),
+            lbtot=sum(s.total_connections for s in backend.servers),
+        )
+        for server in backend.servers:
+            per = counters.server(backend.name, server.name)
+            snapshot.servers[f"{backend.name}/{server.name}"] = Counter(
+                current=server.active_connections,
+                queue=len(server.queue),
+                max_sessions=per.max_sessions,
+                sessions_total=per.sessions_total,
+                bytes_in=per.bytes_in,
+                bytes_out=per.bytes_out,
+                failed=server.failed_connections,
+                lbtot=server.total_connections,
+            )
+    return snapshot
+
+
+def _merge_rows(into: Row, row: Row) -> None:
+    for name, value in row.items():
+        into[name] = max(into[name], value) if name in MAX_FIELDS else into[name] + value
+
+
+def merge_snapshots(snapshots: Iterable[CounterSnapshot]) -> CounterSnapshot:
+    """The sum of every worker's counters (the largest value for MAX_FIELDS)."""
+    merged = CounterSnapshot()
+    for snapshot in snapshots:
+        _merge_rows(merged.process, snapshot.process)
+        for mine, theirs in (
+            (merged.frontends, snapshot.frontends),
+            (merged.failures, snapshot.failures),
+            (merged.backends, snapshot.backends),
+            (merged.servers, snapshot.servers),
+        ):
+            for name, row in theirs.items():
+                _merge_rows(mine.setdefault(name, Counter()), row)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
 # Server states as HAProxy names them
 
 
@@ -205,45 +356,13 @@ def server_state(server: ServerState) -> str:
 
 
 def admin_state(server: ServerState) -> str:
-    """ready, drain or maint: the server's own attribute when lb.server has one."""
-    state = getattr(server, "admin_state", None)
-    if isinstance(state, str):
-        return state
-    if server.maintenance:
-        return "maint"
-    return _DRAINED.get(id(server), "ready")
+    """ready, drain or maint (HAProxy's administrative state)."""
+    return server.admin_state
 
 
 def check_status(server: ServerState) -> str | None:
     """The last health check status (L4OK, L4CON, ...) when checks run, else None."""
-    for name in ("check_status", "last_check_status"):
-        value = getattr(server, name, None)
-        if isinstance(value, str):
-            return value
-    health = getattr(server, "health", None) or getattr(server, "check", None)
-    value = getattr(health, "status", None)
-    return value if isinstance(value, str) else None
-
-
-#: Servers drained through the runtime API when lb.server has no admin state of its own.
-_DRAINED: dict[int, str] = {}
-
-
-def set_admin_state(backend: BackendState, server: ServerState, state: str) -> None:
-    """ready | drain | maint, through the backend and its balancer."""
-    setter = getattr(backend, "set_admin_state", None)
-    if callable(setter):
-        setter(server, state)
-        return
-    server.maintenance = state == "maint"
-    if state == "drain":
-        _DRAINED[id(server)] = "drain"
-    else:
-        _DRAINED.pop(id(server), None)
-    if server.usable and state == "ready":
-        backend.balancer.set_up(server)
-    else:
-        backend.balancer.set_down(server)
+    return server.check_status
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,12 +407,15 @@ def _number(value: float | int) -> str:
     return str(int(value))
 
 
-def render_prometheus(runtime: Runtime) -> str:
-    """The exporter's page: process, frontend, backend and server families."""
+def render_prometheus(runtime: Runtime, totals: CounterSnapshot) -> str:
+    """The exporter's page: process, frontend, backend and server families. Counters come
+    from `totals` (every worker's, summed); states from this process, which every worker
+    shares (lb.control)."""
     out = MetricWriter()
     frontends = runtime.frontends
     backends = list(runtime.backends.values())
     counters = runtime.counters
+    process = totals.process
     out.family(
         "haproxy_process_nbthread",
         "gauge",
@@ -310,31 +432,29 @@ def render_prometheus(runtime: Runtime) -> str:
         "haproxy_process_current_connections",
         "gauge",
         "Number of active sessions",
-        [({}, runtime.process.current)],
+        [({}, process["current"])],
     )
     out.family(
         "haproxy_process_connections_total",
         "counter",
         "Total number of created sessions",
-        [({}, runtime.process.total)],
+        [({}, process["total"])],
     )
     out.family(
         "haproxy_process_dropped_logs_total",
         "counter",
         "Total number of dropped logs",
-        [({}, sum(f.log.dropped for f in frontends))],
+        [({}, process["dropped_logs"])],
     )
     out.family(
         "haproxy_process_stopping",
         "gauge",
         "Non zero means stopping in progress",
-        [({}, int(runtime.stopping))],
+        [({}, process["stopping"])],
     )
 
-    def per_frontend(
-        value: Callable[[FrontendRuntime], float | int],
-    ) -> list[tuple[dict[str, str], float | int]]:
-        return [({"proxy": f.name}, value(f)) for f in frontends]
+    def per_frontend(field: str) -> list[tuple[dict[str, str], float | int]]:
+        return [({"proxy": f.name}, totals.frontend(f.name)[field]) for f in frontends]
 
     out.family(
         "haproxy_frontend_status",
@@ -350,49 +470,49 @@ def render_prometheus(runtime: Runtime) -> str:
         "haproxy_frontend_current_sessions",
         "gauge",
         "Number of current sessions on the frontend, backend or server",
-        per_frontend(lambda f: f.current),
+        per_frontend("current"),
     )
     out.family(
         "haproxy_frontend_max_sessions",
         "gauge",
         "Highest value of current sessions encountered since process started",
-        per_frontend(lambda f: f.counters.max_sessions),
+        per_frontend("max_sessions"),
     )
     out.family(
         "haproxy_frontend_limit_sessions",
         "gauge",
         "Frontend/listener/server's maxconn, backend's fullconn",
-        per_frontend(lambda f: f.maxconn or runtime.config.global_.maxconn or 0),
+        [({"proxy": f.name}, f.maxconn or runtime.config.global_.maxconn or 0) for f in frontends],
     )
     out.family(
         "haproxy_frontend_sessions_total",
         "counter",
         "Total number of sessions since process started",
-        per_frontend(lambda f: f.total),
+        per_frontend("total"),
     )
     out.family(
         "haproxy_frontend_bytes_in_total",
         "counter",
         "Total number of request bytes since process started",
-        per_frontend(lambda f: f.counters.bytes_in),
+        per_frontend("bytes_in"),
     )
     out.family(
         "haproxy_frontend_bytes_out_total",
         "counter",
         "Total number of response bytes since process started",
-        per_frontend(lambda f: f.counters.bytes_out),
+        per_frontend("bytes_out"),
     )
     out.family(
         "haproxy_frontend_connections_total",
         "counter",
         "Total number of new connections accepted since the worker process started",
-        per_frontend(lambda f: f.counters.connections_total),
+        per_frontend("connections_total"),
     )
     out.family(
         "haproxy_frontend_ssl_handshakes_total",
         "counter",
         "Total number of completed TLS handshakes (lb)",
-        per_frontend(lambda f: f.counters.handshakes_total),
+        per_frontend("handshakes"),
     )
     out.family(
         "haproxy_frontend_ssl_handshake_failures_total",
@@ -401,23 +521,19 @@ def render_prometheus(runtime: Runtime) -> str:
         [
             ({"proxy": f.name, "reason": reason}, count)
             for f in frontends
-            for reason, count in sorted(f.counters.handshake_failures.items())
+            for reason, count in sorted(totals.failures.get(f.name, Counter()).items())
+            if count
         ],
     )
     out.family(
         "haproxy_frontend_revoked_sessions_closed_total",
         "counter",
         "Sessions closed because a reloaded CRL revoked their certificate (lb)",
-        per_frontend(lambda f: f.counters.revoked_closed),
+        per_frontend("revoked_closed"),
     )
 
-    def backend_current(backend: BackendState) -> int:
-        return sum(s.active_connections for s in backend.servers)
-
-    def per_backend(
-        value: Callable[[BackendState], float | int],
-    ) -> list[tuple[dict[str, str], float | int]]:
-        return [({"proxy": b.name}, value(b)) for b in backends]
+    def per_backend(field: str) -> list[tuple[dict[str, str], float | int]]:
+        return [({"proxy": b.name}, totals.backend(b.name)[field]) for b in backends]
 
     out.family(
         "haproxy_backend_status",
@@ -433,61 +549,64 @@ def render_prometheus(runtime: Runtime) -> str:
         "haproxy_backend_current_queue",
         "gauge",
         "Number of current queued connections",
-        per_backend(_backend_queue),
+        per_backend("queue"),
     )
     out.family(
         "haproxy_backend_current_sessions",
         "gauge",
         "Number of current sessions on the frontend, backend or server",
-        per_backend(backend_current),
+        per_backend("current"),
     )
     out.family(
         "haproxy_backend_max_sessions",
         "gauge",
         "Highest value of current sessions encountered since process started",
-        per_backend(lambda b: counters.backend(b.name).max_sessions),
+        per_backend("max_sessions"),
     )
     out.family(
         "haproxy_backend_sessions_total",
         "counter",
         "Total number of sessions since process started",
-        per_backend(lambda b: counters.backend(b.name).sessions_total),
+        per_backend("sessions_total"),
     )
     out.family(
         "haproxy_backend_bytes_in_total",
         "counter",
         "Total number of request bytes since process started",
-        per_backend(lambda b: counters.backend(b.name).bytes_in),
+        per_backend("bytes_in"),
     )
     out.family(
         "haproxy_backend_bytes_out_total",
         "counter",
         "Total number of response bytes since process started",
-        per_backend(lambda b: counters.backend(b.name).bytes_out),
+        per_backend("bytes_out"),
     )
     out.family(
         "haproxy_backend_connection_errors_total",
         "counter",
         "Total number of failed connections to server since the worker process started",
-        per_backend(lambda b: sum(s.failed_connections for s in b.servers)),
+        per_backend("failed"),
     )
     out.family(
         "haproxy_backend_active_servers",
         "gauge",
         "Total number of active UP servers with a non-zero weight",
-        per_backend(
-            lambda b: sum(
-                1 for s in b.servers if server_state(s) == "UP" and s.effective_weight > 0
+        [
+            (
+                {"proxy": b.name},
+                sum(1 for s in b.servers if server_state(s) == "UP" and s.effective_weight > 0),
             )
-        ),
+            for b in backends
+        ],
     )
 
     servers = [(b, s) for b in backends for s in b.servers]
 
-    def per_server(
-        value: Callable[[ServerState], float | int],
-    ) -> list[tuple[dict[str, str], float | int]]:
-        return [({"proxy": b.name, "server": s.name}, value(s)) for b, s in servers]
+    def per_server(field: str) -> list[tuple[dict[str, str], float | int]]:
+        return [
+            ({"proxy": b.name, "server": s.name}, totals.server(b.name, s.name)[field])
+            for b, s in servers
+        ]
 
     out.family(
         "haproxy_server_status",
@@ -503,49 +622,49 @@ def render_prometheus(runtime: Runtime) -> str:
         "haproxy_server_current_queue",
         "gauge",
         "Number of current queued connections",
-        per_server(_server_queue),
+        per_server("queue"),
     )
     out.family(
         "haproxy_server_current_sessions",
         "gauge",
         "Number of current sessions on the frontend, backend or server",
-        per_server(lambda s: s.active_connections),
+        per_server("current"),
     )
     out.family(
         "haproxy_server_max_sessions",
         "gauge",
         "Highest value of current sessions encountered since process started",
-        per_server(lambda s: counters.server(s.backend_name, s.name).max_sessions),
+        per_server("max_sessions"),
     )
     out.family(
         "haproxy_server_sessions_total",
         "counter",
         "Total number of sessions since process started",
-        per_server(lambda s: counters.server(s.backend_name, s.name).sessions_total),
+        per_server("sessions_total"),
     )
     out.family(
         "haproxy_server_bytes_in_total",
         "counter",
         "Total number of request bytes since process started",
-        per_server(lambda s: counters.server(s.backend_name, s.name).bytes_in),
+        per_server("bytes_in"),
     )
     out.family(
         "haproxy_server_bytes_out_total",
         "counter",
         "Total number of response bytes since process started",
-        per_server(lambda s: counters.server(s.backend_name, s.name).bytes_out),
+        per_server("bytes_out"),
     )
     out.family(
         "haproxy_server_connection_errors_total",
         "counter",
         "Total number of failed connections to server since the worker process started",
-        per_server(lambda s: s.failed_connections),
+        per_server("failed"),
     )
     out.family(
         "haproxy_server_weight",
         "gauge",
         "Server's effective weight, or sum of active servers' effective weights for a backend",
-        per_server(lambda s: s.effective_weight),
+        [({"proxy": b.name, "server": s.name}, s.effective_weight) for b, s in servers],
     )
     checked = [(b, s, status) for b, s in servers if (status := check_status(s)) is not None]
     out.family(
@@ -563,24 +682,6 @@ def render_prometheus(runtime: Runtime) -> str:
 
 def _backend_up(backend: BackendState) -> bool:
     return any(server_state(s) in ("UP", "DRAIN") for s in backend.servers)
-
-
-def _int_attribute(target: object, *names: str) -> int:
-    for name in names:
-        value = getattr(target, name, None)
-        if isinstance(value, int):
-            return value
-        if value is not None and hasattr(value, "__len__"):
-            return len(value)
-    return 0
-
-
-def _backend_queue(backend: BackendState) -> int:
-    return _int_attribute(backend, "queue_length", "queued", "queue")
-
-
-def _server_queue(server: ServerState) -> int:
-    return _int_attribute(server, "queue_length", "queued", "queue")
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,7 +754,8 @@ class PrometheusEndpoint:
                 elif parts[1].split("?")[0] not in ("/metrics", "/"):
                     status, body = "404 Not Found", b"not found: try /metrics\n"
                 else:
-                    status, body = "200 OK", render_prometheus(self.runtime).encode()
+                    totals = merge_snapshots(await self.runtime.gather_counters())
+                    status, body = "200 OK", render_prometheus(self.runtime, totals).encode()
                 content_type = (
                     "text/plain; version=0.0.4" if status.startswith("200") else ("text/plain")
                 )
@@ -698,6 +800,7 @@ HELP = """The following commands are valid at this level:
   show stat                               : report counters for each proxy and server (CSV)
   show servers state [<backend>]          : dump volatile server information
   show sess                               : report the list of current sessions
+  show activity                           : report accepted connections per worker
   show ssl cert [<certfile>]              : display the SSL certificates used in memory
   set ssl cert <certfile> <payload>       : replace a certificate file (then commit)
   commit ssl cert <certfile>              : commit a certificate file
@@ -771,7 +874,7 @@ class RuntimeAPI:
                         writer.write("".join(answers).encode())
                         await writer.drain()
                         return
-                    answers.append(self.answer(command, payload, level))
+                    answers.append(await self.answer(command, payload, level))
                 out = "".join(answers)
                 if interactive:
                     out += "> "
@@ -796,12 +899,12 @@ class RuntimeAPI:
                 raise CommandError("payload too large")
             lines.append(raw)
 
-    def answer(self, command: str, payload: bytes | None, level: str) -> str:
+    async def answer(self, command: str, payload: bytes | None, level: str) -> str:
         words = command.split()
         if words[0] in ADMIN_COMMANDS and level != "admin":
             return "Permission denied\n\n"
         try:
-            text = self.dispatch(words, payload)
+            text = await self.dispatch(words, payload)
         except CommandError as error:
             text = f"{error}\n"
         except Exception as error:  # an operator's command must never kill the worker
@@ -811,18 +914,21 @@ class RuntimeAPI:
             text += "\n"
         return text + "\n"
 
-    def dispatch(self, words: list[str], payload: bytes | None) -> str:
+    async def dispatch(self, words: list[str], payload: bytes | None) -> str:
         match words:
             case ["help"]:
                 return HELP
             case ["show", "info", *_]:
-                return self.show_info()
+                return self.show_info(merge_snapshots(await self.runtime.gather_counters()))
             case ["show", "stat", *_]:
-                return self.show_stat()
+                return self.show_stat(merge_snapshots(await self.runtime.gather_counters()))
+            case ["show", "activity", *_]:
+                return self.show_activity(await self.runtime.gather_counters())
             case ["show", "servers", "state", *rest]:
                 return self.show_servers_state(rest[0] if rest else None)
             case ["show", "sess", *_]:
-                return self.show_sess()
+                lines = await self.runtime.gather_sessions()
+                return "".join(f"{line}\n" for line in lines)
             case ["show", "ssl", "cert", *rest]:
                 return self.show_ssl_cert(rest[0] if rest else None)
             case ["set", "ssl", "cert", path]:
@@ -834,7 +940,7 @@ class RuntimeAPI:
                     raise CommandError("No ongoing transaction!")
                 return f"Transaction aborted for certificate '{path}'!\n"
             case ["reload", "ssl", *_]:
-                return self.runtime.reload_tls_files(force=True)
+                return self.runtime.reload_tls_everywhere()
             case ["set", "server", name, "state", state]:
                 return self.set_server_state(name, state)
             case ["set", "server", name, "weight", weight]:
@@ -871,7 +977,8 @@ class RuntimeAPI:
             raise CommandError("'set server <srv> state' expects 'ready', 'drain' and 'maint'.")
         backend, server = self.find_server(name)
         before = server_state(server)
-        set_admin_state(backend, server, state)
+        backend.set_admin_state(server, state)
+        self.runtime.publish_server(backend, server)
         after = server_state(server)
         if before != after:
             logging.getLogger("lb.server").warning(
@@ -894,6 +1001,7 @@ class RuntimeAPI:
         if not 0 <= weight <= 256:
             raise CommandError("Weight must be between 0 and 256.")
         backend.set_weight(server, weight)
+        self.runtime.publish_server(backend, server)
         return ""
 
     def show_servers_state(self, only: str | None) -> str:
@@ -950,14 +1058,14 @@ class RuntimeAPI:
 
     # -- statistics ------------------------------------------------------------------------------
 
-    def show_info(self) -> str:
+    def show_info(self, totals: CounterSnapshot) -> str:
         runtime = self.runtime
+        process = totals.process
         started = runtime.counters.started
         uptime = int(time.time() - started)
         days, rest = divmod(uptime, 86400)
         hours, rest = divmod(rest, 3600)
         minutes, seconds = divmod(rest, 60)
-        ssl_current = sum(f.current for f in runtime.frontends if f.has_ssl)
         fields = [
             ("Name", "lb"),
             ("Version", __version__),
@@ -969,25 +1077,39 @@ class RuntimeAPI:
             ("Uptime_sec", uptime),
             ("Maxconn", runtime.config.global_.maxconn or 0),
             ("Hard_maxconn", runtime.config.global_.maxconn or 0),
-            ("CurrConns", runtime.process.current),
-            ("CumConns", runtime.process.total),
-            ("CurrSslConns", ssl_current),
-            ("CumSslConns", sum(f.counters.handshakes_total for f in runtime.frontends)),
-            (
-                "SslFrontendHandshakeFailures",
-                sum(f.counters.handshake_failures_total for f in runtime.frontends),
-            ),
-            ("Stopping", int(runtime.stopping)),
-            ("Listeners", sum(len(f.listeners) for f in runtime.frontends)),
-            ("DroppedLogs", sum(f.log.dropped for f in runtime.frontends)),
+            ("CurrConns", process["current"]),
+            ("CumConns", process["total"]),
+            ("CurrSslConns", process["ssl_current"]),
+            ("CumSslConns", process["handshakes"]),
+            ("SslFrontendHandshakeFailures", process["handshake_failures"]),
+            ("Stopping", process["stopping"]),
+            ("Listeners", process["listeners"]),
+            ("DroppedLogs", process["dropped_logs"]),
             ("node", socket.gethostname()),
             ("Start_time_sec", int(started)),
         ]
         return "".join(f"{name}: {value}\n" for name, value in fields)
 
-    def show_stat(self) -> str:
+    def show_activity(self, snapshots: list[CounterSnapshot]) -> str:
+        """HAProxy's `show activity` rows that lb has, one column per worker (HAProxy's
+        columns are threads): `accepted: total [ worker1 worker2 ... ]`."""
+        workers = sorted(snapshots, key=lambda snapshot: snapshot.worker)
+        now = time.time()
+
+        def row(name: str, values: list[int]) -> str:
+            return f"{name}: {sum(values)} [ {' '.join(str(v) for v in values)} ]\n"
+
+        return (
+            f"thread_id: {self.runtime.worker_number} (1..{len(workers)})\n"
+            f"date_now: {now:.6f}\n"
+            f"uptime_now: {now - self.runtime.counters.started:.6f}\n"
+            f"pid: {' '.join(str(s.pid) for s in workers)}\n"
+            + row("accepted", [s.process["total"] for s in workers])
+            + row("curr_conns", [s.process["current"] for s in workers])
+        )
+
+    def show_stat(self, totals: CounterSnapshot) -> str:
         runtime = self.runtime
-        counters = runtime.counters
         ids = runtime.proxy_ids()
         pid = runtime.worker_number
         rows: list[dict[str, object]] = []
@@ -995,16 +1117,17 @@ class RuntimeAPI:
         for kind, name in sorted(ids, key=lambda key: ids[key]):
             if kind == "frontend" and name in frontends:
                 f = frontends[name]
+                fe = totals.frontend(name)
                 rows.append(
                     {
                         "pxname": name,
                         "svname": "FRONTEND",
-                        "scur": f.current,
-                        "smax": f.counters.max_sessions,
+                        "scur": fe["current"],
+                        "smax": fe["max_sessions"],
                         "slim": f.maxconn or runtime.config.global_.maxconn or "",
-                        "stot": f.total,
-                        "bin": f.counters.bytes_in,
-                        "bout": f.counters.bytes_out,
+                        "stot": fe["total"],
+                        "bin": fe["bytes_in"],
+                        "bout": fe["bytes_out"],
                         "dreq": 0,
                         "dresp": 0,
                         "ereq": 0,
@@ -1014,34 +1137,32 @@ class RuntimeAPI:
                         "sid": 0,
                         "type": 0,
                         "mode": "tcp",
-                        "conn_tot": f.counters.connections_total,
-                        "ssl_sess": f.counters.handshakes_total if f.has_ssl else "",
-                        "ssl_failed_handshake": (
-                            f.counters.handshake_failures_total if f.has_ssl else ""
-                        ),
+                        "conn_tot": fe["connections_total"],
+                        "ssl_sess": fe["handshakes"] if f.has_ssl else "",
+                        "ssl_failed_handshake": (fe["handshake_failures"] if f.has_ssl else ""),
                     }
                 )
             elif kind == "backend" and name in runtime.backends:
                 backend = runtime.backends[name]
-                total = counters.backend(name)
+                total = totals.backend(name)
                 for index, server in enumerate(backend.servers, start=1):
-                    per = counters.server(name, server.name)
+                    per = totals.server(name, server.name)
                     status = check_status(server)
                     state = server_state(server)
                     rows.append(
                         {
                             "pxname": name,
                             "svname": server.name,
-                            "qcur": _server_queue(server),
+                            "qcur": per["queue"],
                             "qmax": 0,
-                            "scur": server.active_connections,
-                            "smax": per.max_sessions,
+                            "scur": per["current"],
+                            "smax": per["max_sessions"],
                             "slim": server.config.maxconn or "",
-                            "stot": per.sessions_total,
-                            "bin": per.bytes_in,
-                            "bout": per.bytes_out,
+                            "stot": per["sessions_total"],
+                            "bin": per["bytes_in"],
+                            "bout": per["bytes_out"],
                             "dresp": 0,
-                            "econ": server.failed_connections,
+                            "econ": per["failed"],
                             "eresp": 0,
                             "wretr": 0,
                             "wredis": 0,
@@ -1052,7 +1173,7 @@ class RuntimeAPI:
                             "pid": pid,
                             "iid": ids[(kind, name)],
                             "sid": index,
-                            "lbtot": server.total_connections,
+                            "lbtot": per["lbtot"],
                             "type": 2,
                             "check_status": status or "",
                             "check_rise": server.config.rise if server.config.check else "",
@@ -1066,17 +1187,17 @@ class RuntimeAPI:
                     {
                         "pxname": name,
                         "svname": "BACKEND",
-                        "qcur": _backend_queue(backend),
+                        "qcur": total["queue"],
                         "qmax": 0,
-                        "scur": sum(s.active_connections for s in backend.servers),
-                        "smax": total.max_sessions,
+                        "scur": total["current"],
+                        "smax": total["max_sessions"],
                         "slim": backend.config.fullconn or "",
-                        "stot": total.sessions_total,
-                        "bin": total.bytes_in,
-                        "bout": total.bytes_out,
+                        "stot": total["sessions_total"],
+                        "bin": total["bytes_in"],
+                        "bout": total["bytes_out"],
                         "dreq": 0,
                         "dresp": 0,
-                        "econ": sum(s.failed_connections for s in backend.servers),
+                        "econ": total["failed"],
                         "eresp": 0,
                         "wretr": 0,
                         "wredis": 0,
@@ -1087,7 +1208,7 @@ class RuntimeAPI:
                         "pid": pid,
                         "iid": ids[(kind, name)],
                         "sid": 0,
-                        "lbtot": sum(s.total_connections for s in backend.servers),
+                        "lbtot": total["lbtot"],
                         "type": 1,
                         "mode": "tcp",
                         "algo": backend.config.balance,
@@ -1097,23 +1218,6 @@ class RuntimeAPI:
         for row in rows:
             lines.append(",".join(_csv(row.get(column, "")) for column in STAT_COLUMNS) + ",")
         return "\n".join(lines) + "\n"
-
-    def show_sess(self) -> str:
-        lines = []
-        now = asyncio.get_running_loop().time()
-        for frontend in self.runtime.frontends:
-            for client in list(frontend.sessions):
-                server = client.server
-                lines.append(
-                    f"0x{id(client):x}: proto=tcpv4 src={client.peer[0]}:{client.peer[1]} "
-                    f"fe={frontend.name} be={frontend.backend.name} "
-                    f"srv={server.name if server is not None else '<none>'} "
-                    f"age={int(now - client.accept_time)}s "
-                    f"ssl={'1' if client.tls is not None else '0'} "
-                    f"cn={(client.ssl_info.cn if client.ssl_info else None) or '-'} "
-                    f"bytes_in={client.bytes_in} bytes_out={client.bytes_out}"
-                )
-        return "\n".join(lines) + ("\n" if lines else "")
 
     # -- certificates ------------------------------------------------------------------------
 
@@ -1174,13 +1278,35 @@ class RuntimeAPI:
         transaction = self.transactions.pop(path, None)
         if transaction is None:
             raise CommandError("No ongoing transaction!")
-        bundle = bundle_from_pem(transaction.payload, path)
-        updated = 0
-        for context in self.runtime.bind_contexts():
-            if context.replace_bundle(bundle):
-                updated += 1
+        from lb.control import CertRecord, apply_cert
+        from lb.tls import file_signature
+
+        record = CertRecord(path, transaction.payload, file_signature([Path(path)]))
+        bundle_from_pem(record.pem, path)  # validated by `set ssl cert`; raises if not
+        updated = apply_cert(self.runtime.bind_contexts(), record, at_start=False)
+        self.runtime.publish_cert(record)
         logger.warning("runtime API: certificate %s replaced on %d bind line(s)", path, updated)
         return f"Committing {path}\nSuccess!\n"
+
+
+def session_lines(runtime: Runtime) -> list[str]:
+    """`show sess`: one line per session of this process."""
+    lines = []
+    now = runtime.loop.time()
+    for frontend in runtime.frontends:
+        for client in list(frontend.sessions):
+            server = client.server
+            lines.append(
+                f"0x{id(client):x}: proto=tcpv4 src={client.peer[0]}:{client.peer[1]} "
+                f"fe={frontend.name} be={frontend.backend.name} "
+                f"srv={server.name if server is not None else '<none>'} "
+                f"age={int(now - client.accept_time)}s "
+                f"ssl={'1' if client.tls is not None else '0'} "
+                f"cn={(client.ssl_info.cn if client.ssl_info else None) or '-'} "
+                f"bytes_in={client.bytes_in} bytes_out={client.bytes_out} "
+                f"pid={os.getpid()}"
+            )
+    return lines
 
 
 def _csv(value: object) -> str:

@@ -18,6 +18,16 @@ Signals to the master:
 
 A worker that dies unexpectedly is replaced. A worker notices that its master is gone
 (the control socket reaches EOF) and soft-stops.
+
+The control sockets carry lb.control's messages, and the master is their hub (it still
+runs no event loop: one select() over the signal pipe and the control sockets, with a
+buffer per worker for what could not be written yet). One worker, the *lead* (worker #1),
+runs every health check and serves the `stats socket` and Prometheus; the master relays the
+server states, certificates and `reload ssl` it publishes to every other worker, keeps the
+latest of each (`SharedState`), and collects every serving worker's counters when the lead
+asks (`gather`). New workers inherit that memory by fork, so a reload keeps what the old
+workers knew; once they are ready the master moves the lead role to the new worker #1 and
+only then soft-stops the old ones, so that exactly one worker checks at any time.
 """
 
 from __future__ import annotations
@@ -34,6 +44,17 @@ from dataclasses import dataclass, field
 
 from lb.config.errors import Diagnostic, format_report
 from lb.config.model import Config
+from lb.control import (
+    GATHER_TIMEOUT,
+    MAX_FRAME,
+    NEED_DATA,
+    ControlProtocolError,
+    FrameDecoder,
+    Message,
+    SharedState,
+    WorkerSetup,
+    encode,
+)
 from lb.frontend import open_listening_socket
 from lb.stats import open_stats_socket
 
@@ -43,6 +64,10 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
 #: How long the master waits for workers after SIGTERM before SIGKILL.
 KILL_TIMEOUT = 10.0
+#: What the master buffers for a worker that does not read; beyond it messages are dropped.
+MAX_OUTBOX = 4 * MAX_FRAME
+#: How long the master sleeps in select() when nothing happens.
+IDLE_POLL = 0.5
 
 SocketKey = tuple[str, int]
 Checker = Callable[[Sequence[str]], tuple[Config | None, list[Diagnostic]]]
@@ -53,9 +78,23 @@ class Worker:
     pid: int
     number: int
     generation: int
-    control: socket.socket  # master's end; the worker writes b"R" when it serves
+    control: socket.socket  # master's end of the lb.control channel
     ready: bool = False
     stopping_since: float | None = None
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    outbox: bytearray = field(default_factory=bytearray)
+    closed: bool = False  # the worker's end reached EOF: it is exiting
+
+
+@dataclass
+class Gather:
+    """A `gather` of the lead's: the workers still to answer `collect` and the answers."""
+
+    requester: int  # pid
+    ident: int  # the requester's id
+    waiting: set[int]  # pids
+    replies: list[object]
+    deadline: float
 
 
 @dataclass
@@ -113,15 +152,14 @@ class SocketPool:
 def worker_main(
     config: Config,
     sockets: dict[SocketKey, socket.socket],
-    control: socket.socket,
-    number: int,
+    setup: WorkerSetup,
 ) -> int:
     """The body of one forked worker: serve until told to stop (lb.cli.serve's loop)."""
     from lb.cli import serve
 
     for signum in (signal.SIGUSR2, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # reloads are the master's business
-    return serve(config, sockets=sockets, control=control, worker_number=number)
+    return serve(config, sockets=sockets, worker=setup)
 
 
 class Master:
@@ -145,18 +183,24 @@ class Master:
         self.pending_signals: list[int] = []
         self.stopping: str | None = None  # "soft" or "hard"
         self.hard_stop_deadline: float | None = None
+        self.shared = SharedState()
+        self.lead_pid: int | None = None
+        self.gathers: dict[int, Gather] = {}
+        self.next_gather = 0
+        self.wakeup: socket.socket | None = None
 
     # -- signals -------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.pending_signals.append(signum)
 
-    def _install_signals(self) -> socket.socket:
+    def _install_signals(self) -> None:
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
         signal.set_wakeup_fd(writer.fileno())
         self._wakeup_writer = writer
+        self.wakeup = reader
         for signum in (
             signal.SIGUSR1,
             signal.SIGUSR2,
@@ -166,11 +210,17 @@ class Master:
             signal.SIGCHLD,
         ):
             signal.signal(signum, self._on_signal)
-        return reader
 
     # -- workers ---------------------------------------------------------------------------------
 
-    def _spawn(self, config: Config, sockets: dict[SocketKey, socket.socket], number: int) -> None:
+    def _spawn(
+        self,
+        config: Config,
+        sockets: dict[SocketKey, socket.socket],
+        number: int,
+        *,
+        lead: bool = False,
+    ) -> None:
         master_end, worker_end = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -182,7 +232,12 @@ class Master:
                     signal.signal(signum, signal.SIG_DFL)
                 for worker in self.workers.values():
                     worker.control.close()
-                code = worker_main(config, sockets, worker_end, number)
+                if self.wakeup is not None:
+                    self.wakeup.close()
+                    self._wakeup_writer.close()
+                # The shared state as the master knows it now is the worker's by fork.
+                setup = WorkerSetup(worker_end, number, lead, self.shared)
+                code = worker_main(config, sockets, setup)
             except BaseException:
                 logger.exception("worker %d failed", number)
             finally:
@@ -192,13 +247,18 @@ class Master:
         worker_end.close()
         master_end.setblocking(False)
         self.workers[pid] = Worker(pid, number, self.generation, master_end)
+        if lead:
+            self.lead_pid = pid
         logger.info("worker #%d (%d) started (generation %d)", number, pid, self.generation)
 
-    def _spawn_generation(self, config: Config, sockets: dict[SocketKey, socket.socket]) -> None:
+    def _spawn_generation(
+        self, config: Config, sockets: dict[SocketKey, socket.socket], *, lead: bool
+    ) -> None:
+        """Fork `nbthread` workers; with `lead`, worker #1 leads from its start."""
         self.generation += 1
         self.current_sockets = sockets
         for number in range(1, (config.global_.nbthread or 1) + 1):
-            self._spawn(config, sockets, number)
+            self._spawn(config, sockets, number, lead=lead and number == 1)
 
     def _current(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.generation == self.generation]
@@ -221,7 +281,7 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            worker.control.close()
+            self._forget(worker)
             code = os.waitstatus_to_exitcode(status)
             if worker.generation == self.generation and self.stopping is None:
                 logger.error(
@@ -230,7 +290,8 @@ class Master:
                     pid,
                     code,
                 )
-                self._spawn(self.config, self.current_sockets, worker.number)
+                lead = pid == self.lead_pid
+                self._spawn(self.config, self.current_sockets, worker.number, lead=lead)
             else:
                 logger.info("worker #%d (%d) exited with code %d", worker.number, pid, code)
 
@@ -238,19 +299,9 @@ class Master:
         deadline = time.monotonic() + timeout
         while not all(w.ready for w in workers):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or any(w.pid not in self.workers for w in workers):
+            if remaining <= 0 or any(w.pid not in self.workers or w.closed for w in workers):
                 return False
-            waiting = [w for w in workers if not w.ready]
-            readable, _, _ = select.select([w.control for w in waiting], [], [], remaining)
-            for worker in waiting:
-                if worker.control in readable:
-                    try:
-                        data = worker.control.recv(16)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        return False
-                    worker.ready = True
+            self._poll(min(remaining, IDLE_POLL))
             self._reap_only_dead(workers)
         return True
 
@@ -262,7 +313,171 @@ class Master:
                 pid = worker.pid
             if pid == worker.pid:
                 self.workers.pop(worker.pid, None)
-                worker.control.close()
+                self._forget(worker)
+
+    # -- the control channels (lb.control) ------------------------------------------------------
+
+    def _poll(self, timeout: float) -> None:
+        """One select(): read and handle what workers sent, write what waits for them."""
+        live = [w for w in self.workers.values() if not w.closed]
+        readers: list[socket.socket] = [w.control for w in live]
+        if self.wakeup is not None:
+            readers.append(self.wakeup)
+        writers = [w.control for w in live if w.outbox]
+        if self.gathers:
+            soonest = min(g.deadline for g in self.gathers.values())
+            timeout = max(0.0, min(timeout, soonest - time.monotonic()))
+        readable, writable, _ = select.select(readers, writers, [], timeout)
+        if self.wakeup is not None and self.wakeup in readable:
+            try:
+                while self.wakeup.recv(512):
+                    pass
+            except BlockingIOError:
+                pass
+        for worker in live:
+            if worker.control in readable:
+                self._read(worker)
+            if worker.control in writable:
+                self._flush(worker)
+        self._expire_gathers()
+
+    def _read(self, worker: Worker) -> None:
+        try:
+            data = worker.control.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            worker.closed = True  # exiting; reaped on SIGCHLD
+            return
+        try:
+            worker.decoder.feed(data)
+            while True:
+                message = worker.decoder.next_event()
+                if message is NEED_DATA:
+                    return
+                assert isinstance(message, dict)
+                try:
+                    self._on_message(worker, message)
+                except (ControlProtocolError, KeyError, TypeError, ValueError) as error:
+                    # One bad message is dropped; the master never dies of one.
+                    logger.error(
+                        "worker #%d (%d): bad %r message: %r",
+                        worker.number,
+                        worker.pid,
+                        message.get("t"),
+                        error,
+                    )
+        except ControlProtocolError as error:
+            logger.error("worker #%d (%d): %s", worker.number, worker.pid, error)
+            worker.closed = True
+
+    def _send(self, worker: Worker, message: Message) -> None:
+        if worker.closed:
+            return
+        frame = encode(message)
+        if len(worker.outbox) + len(frame) > MAX_OUTBOX:
+            logger.error(
+                "worker #%d (%d) reads nothing: %r message dropped",
+                worker.number,
+                worker.pid,
+                message.get("t"),
+            )
+            return
+        worker.outbox.extend(frame)
+        self._flush(worker)
+
+    def _flush(self, worker: Worker) -> None:
+        while worker.outbox:
+            try:
+                sent = worker.control.send(worker.outbox)
+            except BlockingIOError:
+                return
+            except OSError:
+                worker.outbox.clear()
+                worker.closed = True
+                return
+            del worker.outbox[:sent]
+
+    def _on_message(self, worker: Worker, message: Message) -> None:
+        kind = message["t"]
+        if kind == "ready":
+            worker.ready = True
+        elif kind in ("server", "cert", "reload_ssl"):
+            self.shared.record(message)
+            for other in self.workers.values():
+                if other is not worker:
+                    self._send(other, message)
+        elif kind == "gather":
+            self._start_gather(worker, int(message["id"]), str(message["what"]))
+        elif kind == "reply":
+            gather = self.gathers.get(int(message["id"]))
+            if gather is not None and worker.pid in gather.waiting:
+                gather.waiting.discard(worker.pid)
+                gather.replies.append(message["data"])
+                self._finish_gather_if_done(int(message["id"]))
+        else:
+            logger.warning("worker #%d: unknown control message %r", worker.number, kind)
+
+    def _start_gather(self, requester: Worker, ident: int, what: str) -> None:
+        """Ask every other serving worker (not the old ones finishing their sessions)."""
+        targets = [
+            w
+            for w in self.workers.values()
+            if w is not requester and w.ready and w.stopping_since is None and not w.closed
+        ]
+        self.next_gather += 1
+        key = self.next_gather
+        self.gathers[key] = Gather(
+            requester.pid, ident, {w.pid for w in targets}, [], time.monotonic() + GATHER_TIMEOUT
+        )
+        for target in targets:
+            self._send(target, {"t": "collect", "id": key, "what": what})
+        self._finish_gather_if_done(key)
+
+    def _finish_gather_if_done(self, key: int, *, expired: bool = False) -> None:
+        gather = self.gathers[key]
+        if gather.waiting and not expired:
+            return
+        del self.gathers[key]
+        requester = self.workers.get(gather.requester)
+        if requester is not None:
+            self._send(
+                requester,
+                {
+                    "t": "gathered",
+                    "id": gather.ident,
+                    "replies": gather.replies,
+                    "missing": len(gather.waiting),
+                },
+            )
+
+    def _expire_gathers(self) -> None:
+        now = time.monotonic()
+        for key, gather in list(self.gathers.items()):
+            if gather.deadline <= now:
+                self._finish_gather_if_done(key, expired=True)
+
+    def _forget(self, worker: Worker) -> None:
+        """A worker is gone: close its line, stop waiting for its answers."""
+        worker.control.close()
+        worker.closed = True
+        for key, gather in list(self.gathers.items()):
+            if gather.requester == worker.pid:
+                del self.gathers[key]
+            elif worker.pid in gather.waiting:
+                gather.waiting.discard(worker.pid)
+                self._finish_gather_if_done(key)
+
+    def _hand_lead(self, new: Sequence[Worker]) -> None:
+        """Move the lead role (checks, runtime API) from the old lead to the new worker #1."""
+        old = self.workers.get(self.lead_pid) if self.lead_pid is not None else None
+        if old is not None:
+            self._send(old, {"t": "lead", "on": False})
+        lead = min(new, key=lambda w: w.number)
+        self._send(lead, {"t": "lead", "on": True})
+        self.lead_pid = lead.pid
 
     # -- reload and stop ------------------------------------------------------------------------
 
@@ -282,7 +497,7 @@ class Master:
             logger.error("reload refused: cannot listen: %s; old workers keep serving", error)
             return False
         old = [w for w in self.workers.values() if w.stopping_since is None]
-        self._spawn_generation(config, sockets)
+        self._spawn_generation(config, sockets, lead=False)
         new = self._current()
         if not self._wait_ready(new, READY_TIMEOUT):
             logger.error("reload failed: new workers did not start; old workers keep serving")
@@ -290,6 +505,8 @@ class Master:
             self.generation -= 1
             return False
         self.config = config
+        self.shared.keep_only((b.name, s.name) for b in config.backends for s in b.servers)
+        self._hand_lead(new)
         now = time.monotonic()
         for worker in old:
             worker.stopping_since = now
@@ -318,7 +535,7 @@ class Master:
                 worker.stopping_since = float("inf")
 
     def run(self) -> int:
-        wakeup = self._install_signals()
+        self._install_signals()
         if self.pidfile:
             with open(self.pidfile, "w") as handle:
                 handle.write(f"{os.getpid()}\n")
@@ -327,7 +544,7 @@ class Master:
         except OSError as error:
             logger.error("cannot listen: %s", error)
             return 1
-        self._spawn_generation(self.config, sockets)
+        self._spawn_generation(self.config, sockets, lead=True)
         if not self._wait_ready(self._current(), READY_TIMEOUT):
             logger.error("workers did not start")
             self._signal_workers(list(self.workers.values()), signal.SIGKILL)
@@ -335,22 +552,7 @@ class Master:
         logger.info("master %d ready, %d worker(s)", os.getpid(), len(self.workers))
         kill_deadline: float | None = None
         while True:
-            controls = [w.control for w in self.workers.values()]
-            timeout = 0.5
-            readable, _, _ = select.select([wakeup, *controls], [], [], timeout)
-            if wakeup in readable:
-                try:
-                    while wakeup.recv(512):
-                        pass
-                except BlockingIOError:
-                    pass
-            for worker in list(self.workers.values()):
-                if worker.control in readable:
-                    try:
-                        if worker.control.recv(16):
-                            worker.ready = True
-                    except (BlockingIOError, ConnectionError):
-                        pass
+            self._poll(IDLE_POLL)
             signals, self.pending_signals = self.pending_signals, []
             for signum in signals:
                 if signum == signal.SIGCHLD:
