@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import ClientFiles, Job, run_job  # noqa: E402
+from bench.ports import free_port  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 HAPROXY = "/usr/sbin/haproxy"
@@ -177,12 +178,6 @@ def wait_listening(port: int, process: Started, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{process.name} does not listen on {port}:\n{process.log.read_text()}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- certificates and configuration --------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -26,40 +25,6 @@ from lb.proxyproto import NEED_DATA, ProxyHeader, ProxyProtocolDecoder, ProxyPro
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-#: Test servers get ports below the kernel's ephemeral range: a port handed out there can
-#: never be taken by the source port of some outgoing connection between our check and the
-#: server's bind (bind(0) would pick from the ephemeral range, where that race is real).
-#: Each pytest-xdist worker draws from its own slice, so workers cannot collide either.
-PORT_LOW = 10000
-PORT_HIGH = min(_ephemeral_low(), 32768)
-
-
-def free_port() -> int:
-    """A TCP port that nothing on this machine is bound to right now (any address)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
-    span = (PORT_HIGH - PORT_LOW) // count
-    low = PORT_LOW + index * span
-    for _ in range(1000):
-        port = random.randrange(low, low + span)
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("0.0.0.0", port))  # also fails when 127.0.0.1:port is bound
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {low}..{low + span}")
 
 
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:

@@ -37,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
+from bench.ports import free_port
 from broker.authentication import hash_password
 from broker.mqtt import (
     NEED_DATA,
@@ -53,7 +54,7 @@ from broker.mqtt import (
 )
 from lb.pki.certs import Issued, Names, make_device, make_intermediate, make_root, write_certs
 from lb.pki.certs import write_key as write_private_key
-from tests.harness import VENV_BIN, Process, free_port, run_lb, start_process
+from tests.harness import VENV_BIN, Process, run_lb, start_process
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(90)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
+from bench.ports import free_port
 
 pytestmark = [
     pytest.mark.timeout(60),

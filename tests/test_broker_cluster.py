@@ -30,8 +30,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
+from bench.ports import free_port
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
-from tests.harness import free_port
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,8 +12,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.ports import free_port
 from tests.broker_harness import make_config, running_broker, wait_for
-from tests.harness import free_port, run_haproxy
+from tests.harness import run_haproxy
 from tests.pki import TestPKI
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.haproxy]

@@ -14,7 +14,6 @@ import queue
 import shutil
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,11 +173,13 @@ def test_replaced_crl_is_picked_up_within_the_reload_interval(
             [make_crl(pki.intermediate_issued, [device.issued.cert]), make_crl(pki.root_issued)],
         )
         os.replace(replacement, crl)
-        started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="broker.tls_listener"):
-            wait_for(lambda: not handshake(node.port(), client_context(pki, device)), 5)
-        assert time.monotonic() - started < 3
-        assert any("certificate revoked" in r.getMessage() for r in caplog.records)
+            # Bounded, not timed: the 300 ms interval makes this quick on any machine.
+            wait_for(lambda: not handshake(node.port(), client_context(pki, device)), 10)
+            # The client may see the alert before the broker has logged the refusal.
+            wait_for(
+                lambda: any("certificate revoked" in r.getMessage() for r in caplog.records), 5
+            )
 
 
 def test_key_password_is_used(pki: TestPKI, tmp_path: Path) -> None:

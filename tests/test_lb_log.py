@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb.log import (
     ERROR_LINE_BURST,
     ERROR_LINE_RATE,
@@ -29,7 +30,6 @@ from lb.log import (
 from tests.harness import (
     EchoBackend,
     client_context,
-    free_port,
     run_haproxy,
     run_lb,
     tls_outcome,

@@ -31,8 +31,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from bench.ports import free_port
 from lb.stats import STAT_COLUMNS
-from tests.harness import VENV_BIN, EchoBackend, Process, client_context, free_port, start_process
+from tests.harness import VENV_BIN, EchoBackend, Process, client_context, start_process
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(240)

@@ -24,8 +24,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from bench.ports import free_port
 from lb.pki.certs import Issued
-from tests.harness import HAPROXY, VENV_BIN, Process, free_port, run_haproxy, run_lb
+from tests.harness import HAPROXY, VENV_BIN, Process, run_haproxy, run_lb
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb.pki.certs import make_crl, write_crls
-from tests.harness import EchoBackend, client_context, free_port, run_lb, tls_outcome
+from tests.harness import EchoBackend, client_context, run_lb, tls_outcome
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)

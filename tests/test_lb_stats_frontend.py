@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb.config import load_config_text
-from tests.harness import HAPROXY, VENV_BIN, EchoBackend, free_port, run_haproxy, run_lb
+from tests.harness import HAPROXY, VENV_BIN, EchoBackend, run_haproxy, run_lb
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb import proxyproto
 from lb.pki.certs import make_server, write_allinone
-from tests.harness import EchoBackend, client_context, free_port, run_lb
+from tests.harness import EchoBackend, client_context, run_lb
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(60)

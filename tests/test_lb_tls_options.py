@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb.pki.certs import Issued, make_device, make_intermediate, write_certs, write_key
 from tests.harness import (
     HAPROXY,
@@ -32,7 +33,6 @@ from tests.harness import (
     EchoBackend,
     Process,
     client_context,
-    free_port,
     run_haproxy,
     run_lb,
     tls_outcome,

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb import proxyproto
 from tests.harness import (
     EchoBackend,
     Process,
     client_context,
-    free_port,
     run_haproxy,
     run_lb,
     tls_outcome,

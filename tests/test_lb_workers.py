@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import VENV_BIN, EchoBackend, client_context, free_port, start_process
+from bench.ports import free_port
+from tests.harness import VENV_BIN, EchoBackend, client_context, start_process
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(240)

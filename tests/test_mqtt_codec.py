@@ -3,8 +3,6 @@ with trailing data; malformed inputs and the reason code each must raise; decode
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from broker.mqtt import (
@@ -679,15 +677,14 @@ def test_large_publish_byte_by_byte_is_linear() -> None:
     payload = bytes(range(256)) * 256  # 64 KiB
     wire = encode(Publish("big", payload, 1, packet_id=1), 4) * 2
     decoder = MQTTDecoder(protocol_level=4)
-    started = time.perf_counter()
     packets = []
+    # No timing assertion (the machine is noisy): quadratic buffering would take minutes
+    # here, and the test's timeout fails it.
     for index in range(len(wire)):
         decoder.feed(wire[index : index + 1])
         if (event := decoder.next_event()) is not NEED_DATA:
             packets.append(event)
-    elapsed = time.perf_counter() - started
     assert [p.payload for p in packets if isinstance(p, Publish)] == [payload, payload]
-    assert elapsed < 5, elapsed  # quadratic buffering would take minutes
 
 
 def test_3_1_1_encoding_drops_what_the_wire_cannot_carry() -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port
+from bench.ports import free_port
 from tests.pki import DeviceFiles, TestPKI
 
 HAPROXY = shutil.which("haproxy") or (

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from lb.proxyproto import (
     NEED_DATA,
     ClientFlags,
@@ -30,7 +31,6 @@ from lb.proxyproto import (
     encode_v1,
     encode_v2,
 )
-from tests.harness import free_port
 
 HAPROXY = shutil.which("haproxy") or (
     "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None

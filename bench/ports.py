@@ -1,0 +1,44 @@
+"""Free TCP ports for the real processes of tests and benchmarks.
+
+A port is checked free by binding it, then handed to a server that binds it later. With
+bind(0) the kernel picks from its ephemeral range, where the source port of any outgoing
+connection on the machine can take the port in between; so ports come from below that
+range instead, and each pytest-xdist worker draws from its own slice.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+PORT_LOW = 10000
+PORT_HIGH = min(_ephemeral_low(), 32768)
+
+
+def free_port() -> int:
+    """A TCP port that nothing on this machine is bound to right now (any address)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    span = (PORT_HIGH - PORT_LOW) // count
+    low = PORT_LOW + index * span
+    for _ in range(1000):
+        port = random.randrange(low, low + span)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("0.0.0.0", port))  # also fails when 127.0.0.1:port is bound
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + span}")
