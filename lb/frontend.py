@@ -31,7 +31,7 @@ from lb.log import (
     TrafficLog,
     format_connection_error,
 )
-from lb.proxy import ClientSide, Limits
+from lb.proxy import ClientSide, Limits, TimerWheel
 from lb.stats import FrontendCounters, ProcessCounters, failure_label
 from lb.tls import BindContext, VerifyFailure, bind_tls
 
@@ -215,6 +215,7 @@ class FrontendRuntime:
         self.counters = FrontendCounters()
         self.process_counters = counters if counters is not None else ProcessCounters()
         self.sessions: set[ClientSide] = set()
+        self.timers = TimerWheel(loop)  # every session's idle timeout
         self.accepting_enabled = True
         timeouts = config.timeout
         backend_timeouts = backend.config.timeout

@@ -10,15 +10,23 @@ close_notify) from one side becomes `write_eof` (or close_notify) on the other, 
 still answer.
 
 The TLS engine is pyOpenSSL rather than the `ssl` module so that a refused handshake can be
-explained (see lb.tls). Timeouts are one `call_later` handle per session that is re-armed
-lazily: activity only stamps the time, the timer checks it when it fires.
+explained (see lb.tls). Timeouts are lazy: activity only stamps the time, and a
+`TimerWheel` per frontend (one loop timer for the earliest slot of TIMER_RESOLUTION seconds)
+checks a session's deadline when its slot comes; a session that was active meanwhile goes
+back into a later slot.
+
+Memory per idle session (bench/idle_memory.py) is mostly OpenSSL's; once the handshake is
+done a session drops what only the handshake needed (`_release_handshake_state`), and the
+memory BIOs are fed and drained one TLS record (TLS_CHUNK) at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
+import math
 import os
 import socket
 import time
@@ -30,7 +38,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _openssl_lib
 
-from lb import proxyproto
+from lb import proxyproto, sslctrl
 from lb.queue import PendingConnection
 from lb.server import QueueFull
 from lb.tls import BindContext, VerifyState, describe_name, handshake_error_words
@@ -45,15 +53,31 @@ logger = logging.getLogger(__name__)
 TLS_READ_SIZE = 65536
 #: Ciphertext taken from the engine's outgoing BIO at a time.
 TLS_WRITE_SIZE = 65536 + 4096
+#: Bytes handed to the engine at a time, either way: one TLS record's plaintext (RFC 8446
+#: 5.1), so that a memory BIO never holds (and never keeps the capacity of) more than about
+#: one record. Before: a BIO grew to the largest read or write ever (uvloop reads up to
+#: 256 KiB) and kept it for the session's life. It is also the fastest: bulk_1 CPU s/GB was
+#: 1.72 with 16 KiB, 2.70 with 64 KiB, 6.35 with 1 MiB (same machine, same hour; noisy).
+TLS_CHUNK = 16384
+#: Granularity of idle timeouts (seconds): a timeout fires at most this late.
+TIMER_RESOLUTION = 0.05
 
 # One event loop per process runs every callback in turn, so one buffer per direction is
 # shared by all connections; each read is copied out to bytes before the next.
 _READ_BUFFER = _ffi.new("char[]", TLS_READ_SIZE)
 _WRITE_BUFFER = _ffi.new("char[]", TLS_WRITE_SIZE)
 _SSL_read = _openssl_lib.SSL_read
+_SSL_write = _openssl_lib.SSL_write
 _SSL_get_error = _openssl_lib.SSL_get_error
 _BIO_read = _openssl_lib.BIO_read
+_BIO_write = _openssl_lib.BIO_write
 _SSL_ERROR_WANT_READ = _openssl_lib.SSL_ERROR_WANT_READ
+_BIO_new = _openssl_lib.BIO_new
+_BIO_s_mem = _openssl_lib.BIO_s_mem
+_BIO_free = _openssl_lib.BIO_free
+_BIO_get_mem_data = _openssl_lib.BIO_get_mem_data
+_SSL_set_bio = _openssl_lib.SSL_set_bio
+_NO_DATA = _ffi.new("char **")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +90,72 @@ class Limits:
     timeout_tunnel: float | None
     retries: int
     buffer_size: int  # tune.bufsize: write buffer high-water mark and pre-connect hold
+
+
+class TimerWheel:
+    """The idle timeouts of a frontend's sessions, in slots of TIMER_RESOLUTION seconds.
+
+    One loop timer (for the earliest slot) instead of a TimerHandle per session: a handle,
+    its libuv timer and the bound method cost about 540 B per session, a slot entry a few
+    dozen (bench/idle_memory.py). When a slot comes, each of its sessions checks its own
+    deadline (`ClientSide._on_timer`) and either times out or takes a later slot.
+    """
+
+    __slots__ = ("armed", "handle", "loop", "order", "slots")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.slots: dict[int, set[ClientSide]] = {}
+        self.order: list[int] = []  # heap of the slot numbers in `slots`
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed: int | None = None  # the slot `handle` fires for
+
+    def add(self, client: ClientSide, deadline: float) -> None:
+        slot = math.ceil(deadline / TIMER_RESOLUTION)
+        bucket = self.slots.get(slot)
+        if bucket is None:
+            bucket = self.slots[slot] = set()
+            heapq.heappush(self.order, slot)
+            if self.armed is None or slot < self.armed:
+                if self.handle is not None:
+                    self.handle.cancel()
+                self.armed = slot
+                self.handle = self.loop.call_at(slot * TIMER_RESOLUTION, self._fire)
+        bucket.add(client)
+        client.timer_slot = slot
+
+    def discard(self, client: ClientSide) -> None:
+        slot = client.timer_slot
+        if slot is not None:
+            client.timer_slot = None
+            bucket = self.slots.get(slot)
+            if bucket is not None:
+                bucket.discard(client)  # an empty slot is dropped when it comes
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.armed = None
+
+    def _fire(self) -> None:
+        self.handle = None
+        self.armed = None
+        now = self.loop.time() / TIMER_RESOLUTION + 0.02  # call_at rounds to milliseconds
+        due: list[set[ClientSide]] = []
+        order = self.order
+        while order and order[0] <= now:
+            bucket = self.slots.pop(heapq.heappop(order), None)
+            if bucket:
+                due.append(bucket)
+        # Sessions that take a later slot while these run are added after `due` was taken.
+        for bucket in due:
+            for client in bucket:
+                client.timer_slot = None
+                client._on_timer()
+        if order and self.armed is None:
+            self.armed = order[0]
+            self.handle = self.loop.call_at(order[0] * TIMER_RESOLUTION, self._fire)
 
 
 class ClientSide(asyncio.Protocol):
@@ -81,7 +171,6 @@ class ClientSide(asyncio.Protocol):
         "bytes_in",
         "bytes_out",
         "bytes_received",
-        "chain_subjects",
         "client_eof",
         "closed",
         "connect_task",
@@ -108,7 +197,8 @@ class ClientSide(asyncio.Protocol):
         "sock",
         "ssl_info",
         "termination",
-        "timer",
+        "timer_slot",
+        "timers",
         "tls",
         "tls_context",
         "transport",
@@ -136,7 +226,7 @@ class ClientSide(asyncio.Protocol):
         self.connect_task: asyncio.Task[None] | None = None
         self.peer: tuple[str, int] = ("-", 0)
         self.sock: tuple[str, int] = ("-", 0)
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None  # made when needed: most sessions never do
         self.pending_size = 0
         self.paused_by_server = False
         self.paused_for_pending = False
@@ -159,10 +249,10 @@ class ClientSide(asyncio.Protocol):
         self.slot_server: ServerState | None = None  # whose connection slot this holds
         self.attempt = 0  # connect attempts: a late answer to an old one is dropped
         self.termination = "--"
-        self.timer: asyncio.TimerHandle | None = None
+        self.timers = frontend.timers
+        self.timer_slot: int | None = None  # lb.proxy.TimerWheel's
         self.proxy_header: bytes | None = None
         self.ssl_info: proxyproto.SSLInfo | None = None
-        self.chain_subjects: tuple[bytes, ...] = ()
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -191,11 +281,23 @@ class ClientSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.bytes_received += len(data)
-        tls = self.tls
-        if tls is None:
+        if self.tls is None:
             self._to_server(data)
             return
-        tls.bio_write(data)
+        if len(data) <= TLS_CHUNK:
+            self._decrypt(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), TLS_CHUNK):
+            # TLS_CHUNK at a time: the incoming BIO never grows past it.
+            if self.closed:
+                return
+            self._decrypt(view[start : start + TLS_CHUNK])
+
+    def _decrypt(self, data: bytes | memoryview) -> None:
+        tls = self.tls
+        assert tls is not None
+        _BIO_write(tls._into_ssl, _ffi.from_buffer(data), len(data))
         if not self.handshake_done:
             try:
                 tls.do_handshake()
@@ -259,7 +361,14 @@ class ClientSide(asyncio.Protocol):
         transport = self.transport
         if tls is None or transport is None:
             return
-        chunks = []
+        chunks: list[bytes] = []
+        self._drain_tls(chunks)
+        if chunks:
+            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _drain_tls(self, chunks: list[bytes]) -> None:
+        tls = self.tls
+        assert tls is not None
         while True:
             # BIO_read into one shared buffer: no 68 KiB allocation per call and no
             # WantReadError to end the loop (measured in bench/README.md, rr_200 and bulk).
@@ -267,16 +376,39 @@ class ClientSide(asyncio.Protocol):
             if count <= 0:
                 break
             chunks.append(_ffi.buffer(_WRITE_BUFFER, count)[:])
-        if chunks:
-            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _handshake_complete(self) -> None:
         tls = self.tls
         assert tls is not None
         self.handshake_done = True
         self.ssl_info = self.frontend.ssl_info_for(tls)
+        self._release_handshake_state(tls)
         self.frontend.handshake_completed(self)
         self._start_connect()
+
+    def _release_handshake_state(self, tls: SSL.Connection) -> None:
+        """Drop what only the handshake needed; an idle session keeps the rest for days.
+        Each step's saving is per session, measured with bench/idle_memory.py."""
+        self.verify_state = None
+        tls.set_app_data(None)
+        # No callback (verify, SNI, ALPN, OCSP) runs after the handshake (renegotiation is
+        # off), so pyOpenSSL's SSL* -> Connection map entry can go: ~400 B of weakref.
+        SSL.Connection._reverse_mapping.pop(tls._ssl, None)
+        # The intermediates the client sent (a parsed copy, ~5.8 KiB each): the verified
+        # chain keeps the ones verification used, which are what close-revoked checks.
+        sslctrl.drop_peer_chain(tls._ssl)
+        # Fresh memory BIOs: the old ones keep the capacity of the handshake flights
+        # (~4 KiB together). Only when the incoming one is drained (it always is here,
+        # unless the client pipelined a partial record behind its Finished).
+        if _BIO_get_mem_data(tls._into_ssl, _NO_DATA) == 0:
+            into_ssl, from_ssl = _BIO_new(_BIO_s_mem()), _BIO_new(_BIO_s_mem())
+            if _ffi.NULL in (into_ssl, from_ssl):  # out of memory: keep the old pair
+                for bio in (into_ssl, from_ssl):
+                    if bio != _ffi.NULL:
+                        _BIO_free(bio)
+            else:
+                _SSL_set_bio(tls._ssl, into_ssl, from_ssl)  # frees the old pair
+                tls._into_ssl, tls._from_ssl = into_ssl, from_ssl
 
     def _handshake_failed(self, error: SSL.Error | None) -> None:
         assert self.tls_context is not None
@@ -306,6 +438,8 @@ class ClientSide(asyncio.Protocol):
         if server is not None and server.transport is not None:
             server.transport.write(data)
             return
+        if self.pending is None:
+            self.pending = []
         self.pending.append(data)
         self.pending_size += len(data)
         if self.pending_size >= self.limits.buffer_size and not self.paused_for_pending:
@@ -323,7 +457,14 @@ class ClientSide(asyncio.Protocol):
                 self._close()
 
     def _start_connect(self) -> None:
-        self.connect_task = self.loop.create_task(self._connect())
+        self.connect_task = self.loop.create_task(self._connect_then_forget())
+
+    async def _connect_then_forget(self) -> None:
+        try:
+            await self._connect()
+        finally:
+            # A finished task and its coroutine kept for the session's life: ~640 B.
+            self.connect_task = None
 
     async def _connect(self) -> None:
         """Choose a server, wait for a slot when it is full, connect, retry on failure.
@@ -349,12 +490,14 @@ class ClientSide(asyncio.Protocol):
             self.attempt += 1
             started = self.loop.time()
             try:
-                coroutine = self.loop.create_connection(
-                    functools.partial(ServerSide, self, server, self.attempt),
-                    server.host,
-                    server.port or self.sock[1],
-                )
-                await asyncio.wait_for(coroutine, limits.timeout_connect)
+                # asyncio.timeout cancels this task at the deadline; wait_for ran the
+                # connect in a task of its own (one task and one future less per session).
+                async with asyncio.timeout(limits.timeout_connect):
+                    await self.loop.create_connection(
+                        functools.partial(ServerSide, self, server, self.attempt),
+                        server.host,
+                        server.port or self.sock[1],
+                    )
             except (OSError, TimeoutError) as error:
                 self.attempt += 1  # whatever this attempt still produces is stale
                 timed_out = isinstance(error, TimeoutError)
@@ -478,8 +621,9 @@ class ClientSide(asyncio.Protocol):
         server.sessions.add(self)  # for on-marked-down shutdown-sessions and the like
         head = self.frontend.proxy_header_for(self, server)
         parts = [head] if head else []
-        parts.extend(self.pending)
-        self.pending = []
+        if self.pending:
+            parts.extend(self.pending)
+        self.pending = None
         self.pending_size = 0
         if parts:
             transport.write(b"".join(parts))
@@ -502,11 +646,25 @@ class ClientSide(asyncio.Protocol):
         if tls is None:
             transport.write(data)
             return
+        ssl = tls._ssl
+        if len(data) <= TLS_CHUNK:
+            # SSL_write directly: pyOpenSSL's send checks its callback helpers every call.
+            written = _SSL_write(ssl, _ffi.from_buffer(data), len(data))
+            if written <= 0:
+                tls._raise_ssl_error(ssl, written)
+            self._flush_tls()
+            return
+        # TLS_CHUNK at a time, drained after each, so the outgoing BIO never holds (and
+        # keeps the capacity of) a whole read; one transport write for all of it.
+        chunks: list[bytes] = []
         view = memoryview(data)
-        while view:
-            written = tls.send(view)
-            view = view[written:]
-        self._flush_tls()
+        for start in range(0, len(data), TLS_CHUNK):
+            piece = view[start : start + TLS_CHUNK]
+            written = _SSL_write(ssl, _ffi.from_buffer(piece), len(piece))
+            if written <= 0:
+                tls._raise_ssl_error(ssl, written)
+            self._drain_tls(chunks)
+        transport.write(b"".join(chunks))
 
     def server_done(self) -> None:
         """The server sent EOF: pass it on; close when both directions are done."""
@@ -546,10 +704,10 @@ class ClientSide(asyncio.Protocol):
     def _arm_timer(self) -> None:
         timeout = self._idle_timeout()
         if timeout is not None:
-            self.timer = self.loop.call_at(self.last_activity + timeout, self._on_timer)
+            self.timers.add(self, self.last_activity + timeout)
 
     def _on_timer(self) -> None:
-        self.timer = None
+        """This session's slot of the TimerWheel came: time out, or take a later slot."""
         if self.closed:
             return
         timeout = self._idle_timeout()
@@ -557,7 +715,7 @@ class ClientSide(asyncio.Protocol):
             return
         deadline = self.last_activity + timeout
         if self.loop.time() < deadline:
-            self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.timers.add(self, deadline)
             return
         limits = self.limits
         if not self.handshake_done:
@@ -599,9 +757,7 @@ class ClientSide(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.timers.discard(self)
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         queued = self.queued

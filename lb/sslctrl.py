@@ -1,5 +1,6 @@
 """`SSL_CTX_ctrl` for the TLS settings pyOpenSSL has no API for: the server session cache
-size (`tune.ssl.cachesize`) and the session ticket keys (`tls-ticket-keys`).
+size (`tune.ssl.cachesize`) and the session ticket keys (`tls-ticket-keys`); and
+`OPENSSL_sk_pop`, to let an established session drop the intermediates its client sent.
 
 pyOpenSSL and `cryptography` do not bind `SSL_CTX_ctrl`, and the OpenSSL they use is
 usually linked statically into cryptography's `_rust.abi3.so` (a different copy, often a
@@ -16,7 +17,9 @@ the object that holds pyOpenSSL's OpenSSL*:
    default (20480).
 
 When any step fails, `available()` is False and callers fall back (a warning; the cache
-keeps OpenSSL's default size, tickets use per-process random keys).
+keeps OpenSSL's default size, tickets use per-process random keys). `OPENSSL_sk_pop` is
+found the same way and checked on a stack of its own (push two, pop, count); without it
+`drop_peer_chain` does nothing.
 
 Ticket keys follow HAProxy's `tls-ticket-keys` file (configuration.txt, 5.1): base64 lines
 of 80 bytes (name 16, AES key 32, HMAC key 32) or 48 bytes (AES-128 variant), at least 3;
@@ -36,6 +39,7 @@ import logging
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL
 
@@ -120,8 +124,14 @@ def _mapping_of(address: int) -> tuple[str, int] | None:
     return None
 
 
+#: The unbound functions looked up in the object that holds pyOpenSSL's OpenSSL.
+WANTED = frozenset({"SSL_CTX_ctrl", "OPENSSL_sk_pop"})
+
+
 @functools.cache
-def _resolve() -> Ctrl | None:
+def _addresses() -> dict[str, int]:
+    """Absolute addresses of WANTED in this process, found through a function cffi binds
+    (steps 1 and 2 above); empty when the anchor does not sit where the symbols say."""
     try:
         from cryptography.hazmat.bindings._rust import _openssl
 
@@ -129,19 +139,32 @@ def _resolve() -> Ctrl | None:
         bound = int(ffi.cast("uintptr_t", ffi.addressof(lib, "SSL_CTX_set_timeout")))
         mapping = _mapping_of(bound)
         if mapping is None:
-            return None
+            return {}
         path, base = mapping
-        names = {"SSL_CTX_ctrl", "SSL_CTX_set_timeout", "_cffi_d_SSL_CTX_set_timeout"}
-        symbols = _elf_symbols(path, names)
+        anchors = {"SSL_CTX_set_timeout", "_cffi_d_SSL_CTX_set_timeout"}
+        symbols = _elf_symbols(path, set(WANTED) | anchors)
         # cffi binds either the function itself or its own direct-call wrapper.
         if bound - base not in (
             symbols.get("SSL_CTX_set_timeout"),
             symbols.get("_cffi_d_SSL_CTX_set_timeout"),
         ):
+            return {}
+        return {name: base + symbols[name] for name in WANTED if name in symbols}
+    except Exception as error:  # any surprise means "not available", never a crash
+        logger.debug("OpenSSL symbols not found: %s", error)
+        return {}
+
+
+@functools.cache
+def _resolve() -> Ctrl | None:
+    try:
+        from cryptography.hazmat.bindings._rust import _openssl
+
+        ffi = _openssl.ffi
+        address = _addresses().get("SSL_CTX_ctrl")
+        if address is None:
             return None
-        if "SSL_CTX_ctrl" not in symbols:
-            return None
-        function = ffi.cast("long(*)(SSL_CTX *, int, long, void *)", base + symbols["SSL_CTX_ctrl"])
+        function = ffi.cast("long(*)(SSL_CTX *, int, long, void *)", address)
         probe = SSL.Context(SSL.TLS_SERVER_METHOD)
         answer = function(probe._context, SSL_CTRL_GET_SESS_CACHE_SIZE, 0, ffi.NULL)
         if answer != OPENSSL_DEFAULT_CACHE_SIZE:
@@ -154,6 +177,65 @@ def _resolve() -> Ctrl | None:
     except Exception as error:  # any surprise means "not available", never a crash
         logger.debug("SSL_CTX_ctrl not found: %s", error)
         return None
+
+
+SkPop = Callable[[object], object]
+
+
+@functools.cache
+def _bindings() -> tuple[Any, Any]:
+    """cryptography's cffi module (the `ffi`, `lib` pyOpenSSL uses), imported once."""
+    from cryptography.hazmat.bindings._rust import _openssl
+
+    return _openssl.ffi, _openssl.lib
+
+
+@functools.cache
+def _resolve_sk_pop() -> SkPop | None:
+    """OPENSSL_sk_pop, checked on a stack of its own: push two pointers, pop one."""
+    try:
+        from cryptography.hazmat.bindings._rust import _openssl
+
+        ffi, lib = _openssl.ffi, _openssl.lib
+        address = _addresses().get("OPENSSL_sk_pop")
+        if address is None:
+            return None
+        function = ffi.cast("X509 *(*)(Cryptography_STACK_OF_X509 *)", address)
+        stack = lib.sk_X509_new_null()
+        if stack == ffi.NULL:
+            return None
+        try:
+            first, second = ffi.cast("X509 *", 0x1000), ffi.cast("X509 *", 0x2000)
+            lib.sk_X509_push(stack, first)
+            lib.sk_X509_push(stack, second)
+            popped = function(stack)  # the pointers are never dereferenced
+            if popped != second or lib.sk_X509_num(stack) != 1:
+                return None
+        finally:
+            lib.sk_X509_free(stack)  # frees the stack only, not what it points to
+        return function  # type: ignore[no-any-return]
+    except Exception as error:  # any surprise means "not available", never a crash
+        logger.debug("OPENSSL_sk_pop not found: %s", error)
+        return None
+
+
+def drop_peer_chain(ssl: object) -> int:
+    """Free the certificates a client sent besides its own (SSL_get_peer_cert_chain of a
+    server `SSL *`, which OpenSSL keeps in the session for the connection's life); the
+    leaf (SSL_get_peer_certificate) and the verified chain (SSL_get0_verified_chain, which
+    holds its own references) stay. How many were dropped; 0 when sk_pop is unavailable."""
+    pop = _resolve_sk_pop()
+    if pop is None:
+        return 0
+    ffi, lib = _bindings()
+    stack = lib.SSL_get_peer_cert_chain(ssl)
+    if stack == ffi.NULL:
+        return 0
+    dropped = 0
+    while lib.sk_X509_num(stack) > 0:
+        lib.X509_free(pop(stack))
+        dropped += 1
+    return dropped
 
 
 def available() -> bool:
