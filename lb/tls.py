@@ -360,12 +360,8 @@ class BindContext:
                     crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL
                 )
             # Only ca-file names are announced as acceptable CAs, never ca-verify-file's.
-            context.set_client_ca_list(
-                [
-                    crypto.X509Name(crypto.X509.from_cryptography(c).get_subject())
-                    for c in self.client_cas
-                ]
-            )
+            for certificate in self.client_cas:
+                context.add_client_ca(certificate)
         mode = {
             "none": SSL.VERIFY_NONE,
             "optional": SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE,
@@ -713,11 +709,11 @@ def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
 
 
 def _use_bundle(context: SSL.Context, bundle: PemBundle) -> None:
-    context.use_certificate(crypto.X509.from_cryptography(bundle.certificate))
-    context.use_privatekey(crypto.PKey.from_cryptography_key(bundle.key))
+    context.use_certificate(bundle.certificate)
+    context.use_privatekey(bundle.key)
     for certificate in bundle.chain:
         if not is_self_signed(certificate):  # HAProxy also leaves a root out of the sent chain
-            context.add_extra_chain_cert(crypto.X509.from_cryptography(certificate))
+            context.add_extra_chain_cert(certificate)
     context.check_privatekey()
 
 
