@@ -243,6 +243,7 @@ class FrontendRuntime:
         self.current = 0
         self.total = 0
         self.handshake_failures = 0
+        self.proxy_header_failures = 0
         self.maxconn = config.maxconn
         # Counted from accept (not from connection_made) so that maxconn is exact.
         self.reserved = 0
@@ -398,6 +399,23 @@ class FrontendRuntime:
             f"SSL handshake failure: {reason}",
         )
         self.error_log.emit(line)
+
+    def proxy_header_failed(self, client: ClientSide, message: str) -> None:
+        """`accept-proxy`: the PROXY header from the balancer in front was bad or missing;
+        one line in HAProxy's words (conn_err_code_str), rate-limited like TLS refusals."""
+        self.proxy_header_failures += 1
+        if client.bytes_received == 0 and self.config.option.dontlognull:
+            return
+        self.error_log.emit(
+            format_connection_error(
+                client.peer[0],
+                client.peer[1],
+                client.accept_date,
+                self.name,
+                client.bind_name,
+                message,
+            )
+        )
 
     def no_server(self, client: ClientSide, reason: str) -> None:
         logger.warning(

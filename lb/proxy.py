@@ -185,7 +185,7 @@ class ClientSide(asyncio.Protocol):
         "peer",
         "pending",
         "pending_size",
-        "proxy_header",
+        "proxy_decoder",
         "queue_time",
         "queued",
         "retries_done",
@@ -220,6 +220,7 @@ class ClientSide(asyncio.Protocol):
         self.tls_context = tls_context
         self.tls: SSL.Connection | None = None
         self.verify_state: VerifyState | None = None
+        self.proxy_decoder: proxyproto.ProxyProtocolDecoder | None = None
         self.transport: asyncio.Transport | None = None
         self.server_side: ServerSide | None = None
         self.server: ServerState | None = None
@@ -251,7 +252,6 @@ class ClientSide(asyncio.Protocol):
         self.termination = "--"
         self.timers = frontend.timers
         self.timer_slot: int | None = None  # lb.proxy.TimerWheel's
-        self.proxy_header: bytes | None = None
         self.ssl_info: proxyproto.SSLInfo | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------------
@@ -268,6 +268,15 @@ class ClientSide(asyncio.Protocol):
             self.sock = (sock[0], sock[1])
         transport.set_write_buffer_limits(high=self.limits.buffer_size)
         self.frontend.session_started(self)
+        if self.frontend.binds[self.bind_index].accept_proxy:
+            # The balancer in front (a cloud NLB, another lb) speaks first; TLS comes after.
+            self.proxy_decoder = proxyproto.ProxyProtocolDecoder()
+        else:
+            self._begin()
+        self._arm_timer()
+
+    def _begin(self) -> None:
+        """Start the client's TLS handshake, or (plain TCP) the connection to a server."""
         if self.tls_context is not None:
             tls = SSL.Connection(self.tls_context.context, None)
             self.verify_state = VerifyState()
@@ -276,11 +285,46 @@ class ClientSide(asyncio.Protocol):
             self.tls = tls
         else:
             self._start_connect()
-        self._arm_timer()
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """`bind ... accept-proxy`: take the PROXY header off the front of the stream; its
+        addresses become the client's (a LOCAL header keeps the real ones, as HAProxy).
+        Returns what followed the header, b"" while it is incomplete."""
+        decoder = self.proxy_decoder
+        assert decoder is not None
+        decoder.feed(data)
+        try:
+            event = decoder.next_event()
+        except proxyproto.ProxyProtocolError as error:
+            self.proxy_decoder = None
+            message = (
+                "Truncated PROXY protocol header received"
+                if error.reason == "truncated"
+                else "Received something which does not look like a PROXY protocol header"
+                if error.reason == "not_proxy"
+                else "Received an invalid PROXY protocol header"
+            )
+            self.frontend.proxy_header_failed(self, f"{message} ({error.message})")
+            self.termination = "PR"
+            self._close()
+            return b""
+        if event is proxyproto.NEED_DATA:
+            return b""
+        assert isinstance(event, proxyproto.ProxyHeader)
+        self.proxy_decoder = None
+        if not event.is_local and event.source is not None and event.destination is not None:
+            self.peer = event.source
+            self.sock = event.destination
+        self._begin()
+        return decoder.trailing_data
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         self.bytes_received += len(data)
+        if self.proxy_decoder is not None:
+            data = self._read_proxy_header(data)
+            if not data or self.closed:
+                return
         if self.tls is None:
             self._to_server(data)
             return
@@ -331,6 +375,13 @@ class ClientSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.last_activity = self.loop.time()
+        if self.proxy_decoder is not None:
+            self.frontend.proxy_header_failed(
+                self, "Connection closed while waiting for PROXY protocol header"
+            )
+            self.termination = "CR"
+            self._close()
+            return False
         if not self.handshake_done:
             self._handshake_failed(None)
             return False
@@ -718,7 +769,12 @@ class ClientSide(asyncio.Protocol):
             self.timers.add(self, deadline)
             return
         limits = self.limits
-        if not self.handshake_done:
+        if self.proxy_decoder is not None:
+            self.frontend.proxy_header_failed(
+                self, "Timeout while waiting for PROXY protocol header"
+            )
+            self.termination = "cR"
+        elif not self.handshake_done:
             self.frontend.handshake_failed(self, "timeout during the TLS handshake", None)
             self.termination = "cR"
         elif self.server_side is None:
