@@ -432,10 +432,41 @@ class ClientSide(asyncio.Protocol):
         tls = self.tls
         assert tls is not None
         self.handshake_done = True
-        self.ssl_info = self.frontend.ssl_info_for(tls)
+        info = self.ssl_info = self.frontend.ssl_info_for(tls)
+        context = self.tls_context
+        resumed_with_certificate = (
+            info.client & proxyproto.ClientFlags.CERT_SESS
+            and not info.client & proxyproto.ClientFlags.CERT_CONN
+        )
+        if (
+            resumed_with_certificate
+            and context is not None
+            and context.crls
+            and self._refuse_revoked_resumption(tls)
+        ):
+            return
         self._release_handshake_state(tls)
         self.frontend.handshake_completed(self)
         self._start_connect()
+
+    def _refuse_revoked_resumption(self, tls: SSL.Connection) -> bool:
+        """A resumed session skips certificate verification: a device revoked by a CRL loaded
+        since its first handshake must not come back with its ticket or session id.
+        (Stricter than HAProxy, which does not look again.)"""
+        context = self.tls_context
+        certificate = tls.get_peer_certificate(as_cryptography=True)
+        if context is None or certificate is None:
+            return False
+        reason = context.revoked_leaf_reason(certificate)
+        if reason is None:
+            return False
+        subject = describe_name(certificate.subject)
+        issuer = describe_name(certificate.issuer)
+        detail = f' subject="{subject}" issuer="{issuer}"'
+        self.frontend.handshake_failed(self, f"{reason} (resumed session){detail}", None)
+        self.termination = "CR"
+        self._close()
+        return True
 
     def _release_handshake_state(self, tls: SSL.Connection) -> None:
         """Drop what only the handshake needed; an idle session keeps the rest for days.

@@ -106,9 +106,12 @@ class TLSReloader:
         for client in list(frontend.sessions):
             if client.bind_index != index or client.tls is None or client.closed:
                 continue
-            presented = client.tls.get_peer_cert_chain() or []
-            verified = client.tls.get_verified_chain() or []
-            revoked = context.revoked([c.to_cryptography() for c in [*presented, *verified]])
+            # The leaf from the session (a resumed session has no verified chain), then the
+            # chain verification built, then whatever the client sent.
+            leaf = client.tls.get_peer_certificate(as_cryptography=True)
+            verified = client.tls.get_verified_chain(as_cryptography=True) or []
+            presented = client.tls.get_peer_cert_chain(as_cryptography=True) or []
+            revoked = context.revoked([*([leaf] if leaf else []), *verified, *presented])
             if revoked is None:
                 continue
             closed += 1

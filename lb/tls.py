@@ -447,6 +447,22 @@ class BindContext:
                     return certificate
         return None
 
+    def revoked_leaf_reason(self, certificate: x509.Certificate) -> str | None:
+        """Why a client certificate is refused by the CRLs now loaded, or None: for resumed
+        sessions, which OpenSSL does not verify again."""
+        if self.revoked([certificate]) is None:
+            return None
+        failure = VerifyFailure(
+            code=23,
+            depth=0,
+            subject=certificate.subject,
+            issuer=certificate.issuer,
+            not_before=certificate.not_valid_before_utc,
+            not_after=certificate.not_valid_after_utc,
+            serial_number=certificate.serial_number,
+        )
+        return self.explain(failure)
+
     def _install_sni(self, context: SSL.Context) -> None:
         """Several `crt`: the first is the default; a client's SNI picks the one whose names
         match (exact, then wildcard), as HAProxy's crt lists do."""

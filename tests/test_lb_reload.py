@@ -4,7 +4,11 @@ file that fails to load keeps the old one in force."""
 
 from __future__ import annotations
 
+import base64
+import os
 import shutil
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -73,5 +77,79 @@ def test_crl_reload_refuses_and_closes_revoked(pki: TestPKI, tmp_path: Path) -> 
                 tls_outcome(port, client_context(pki.device(12).cert, pki.device(12).key, pki.root))
                 == "ok"
             )
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_revoked_device_cannot_resume_or_stay(
+    pki: TestPKI, tmp_path: Path, version: ssl.TLSVersion
+) -> None:
+    """A resumed session is not verified again by OpenSSL. A CRL reload makes a new context,
+    but with a tls-ticket-keys file its tickets stay valid: lb checks the session's
+    certificate against the CRLs loaded now, and close-revoked finds resumed sessions by
+    their leaf."""
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    crl = tmp_path / "crl.pem"
+    shutil.copy(pki.crl, crl)
+    keys = tmp_path / "ticket-keys"
+    keys.write_text("".join(base64.b64encode(os.urandom(80)).decode() + "\n" for _ in range(3)))
+    config = (
+        "global\n    tune.ssl.reload-interval 1s\n    log stdout format raw local0\n"
+        "defaults\n    mode tcp\n    log global\n    timeout connect 5s\n"
+        "    timeout client 60s\n    timeout server 60s\n"
+        f"frontend mqtts\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone} "
+        f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required "
+        f"crl-file {crl} close-revoked tls-ticket-keys {keys}\n"
+        "    default_backend brokers\n"
+        f"backend brokers\n    server broker1 127.0.0.1:{backend.port}\n"
+    )
+    device = pki.device(19 if version is ssl.TLSVersion.TLSv1_2 else 18)
+    context = client_context(device.cert, device.key, pki.root)
+    context.minimum_version = context.maximum_version = version
+
+    def connect(session: ssl.SSLSession | None) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tls = context.wrap_socket(raw, server_hostname="localhost", session=session)
+        tls.sendall(b"hi")
+        assert tls.recv(8) == b"hi"  # TLS 1.3 tickets arrive with the first read
+        return tls
+
+    try:
+        with run_lb(config, tmp_path, port) as lb:
+            first = connect(None)
+            session = first.session
+            first.close()
+            live = connect(session)
+            assert live.session_reused
+            write_crls(
+                crl,
+                [
+                    make_crl(pki.intermediate_issued, [device.issued.cert]),
+                    make_crl(pki.root_issued),
+                ],
+            )
+            lb.wait_output("is revoked by the reloaded CRL", timeout=20, stream="stderr")
+            with pytest.raises((ssl.SSLError, OSError)):  # the live resumed session was closed
+                live.sendall(b"still there?")
+                if not live.recv(8):
+                    raise ConnectionResetError("closed by lb")
+            live.close()
+            mark = lb.mark("stdout")
+            # Resumption offered, then refused: an alert, or (TLS 1.2, where the client's side
+            # of an abbreviated handshake is done first) the connection closed unanswered.
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                    context.wrap_socket(raw, server_hostname="localhost", session=session) as again,
+                ):
+                    again.sendall(b"hi")
+                    assert again.recv(8) == b""
+            except (ssl.SSLError, OSError):
+                pass
+            line = lb.wait_output("(resumed session)", timeout=10, stream="stdout", since=mark)
+            assert "client certificate revoked on" in line
+            assert f'subject="CN={device.cn}"' in line
     finally:
         backend.close()
