@@ -703,6 +703,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--readme", action="store_true", help="write the table into bench/README.md"
     )
+    parser.add_argument(
+        "--suite",
+        choices=("lb", "broker", "all"),
+        default="lb",
+        help="lb (this suite), broker (bench/broker_bench.py, its own flags follow), or all",
+    )
     args = parser.parse_args(argv)
     args.only = [f for f in args.only.split(",") if f]
     unknown = set(args.only) - set(FIGURES)
@@ -713,7 +719,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    # --suite lb (default) | broker | all: the broker suite (bench/broker_bench.py, our MQTT
+    # broker vs mosquitto) takes its own flags after `--suite broker`; `all` runs it with its
+    # defaults after the lb suite.
+    suite_parser = argparse.ArgumentParser(add_help=False)
+    suite_parser.add_argument("--suite", choices=("lb", "broker", "all"), default="lb")
+    suite, rest = suite_parser.parse_known_args(argv)
+    if suite.suite == "broker":
+        from bench import broker_bench
+
+        return broker_bench.main(rest)
+    args = parse_args(rest)
     result = run(args)
     output = args.output
     if output is None:
@@ -731,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {output}", file=sys.stderr)
     if args.readme:
         update_readme(result)
+    if suite.suite == "all":
+        from bench import broker_bench
+
+        return broker_bench.main(["--readme"] if args.readme else [])
     return 0
 
 

@@ -82,6 +82,11 @@ class Broker:
         # Username/password authentication per listener label (``password_file``):
         # check(username, password) -> bool; a refusal is CONNACK 0x86 / 4.
         self.password_checks: dict[str, Callable[[str | None, bytes | None], bool]] = {}
+        # The PUBLISH bytes of the message being delivered, per (protocol level, QoS,
+        # RETAIN), split around the packet identifier: encoded once, shared by every
+        # subscriber (ClientConnection._send_shared_publish). Reset when the message changes.
+        self.publish_memo_message: Message | None = None
+        self.publish_memo: dict[tuple[int, int, bool], tuple[bytes, bytes]] = {}
 
     # --- connections and sessions ----------------------------------------------------------
 

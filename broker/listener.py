@@ -145,6 +145,9 @@ class Listener:
 
 class MQTTServerProtocol(asyncio.Protocol):
     __slots__ = (
+        "_flush_handle",
+        "_out",
+        "_out_bytes",
         "_timer",
         "closed",
         "connection",
@@ -174,6 +177,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.closed = False
         self.first_data_pending = False
+        # Writes coalesced until the end of this loop iteration (see write()).
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -245,6 +252,11 @@ class MQTTServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._out.clear()
+        self._out_bytes = 0
         self.listener.protocols.discard(self)
         self.listener.broker.counters.connections_closed += 1
         was_closed = self.closed
@@ -277,7 +289,31 @@ class MQTTServerProtocol(asyncio.Protocol):
     # --- ConnectionIO -----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        # Coalesced: one transport.write (one send syscall) per connection per loop turn
+        # instead of one per packet; bench/README.md (broker section) has the effect.
+        if self.transport is None or self.closed:
+            return
+        out = self._out
+        out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= WRITE_BUFFER_HIGH:
+            # Bounded: past the high-water mark hand it to the transport now, which may
+            # pause_writing() (write_congested() turns true as before).
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        if self.transport is not None:
             self.transport.write(data)
 
     def close(self) -> None:
@@ -303,6 +339,7 @@ class MQTTServerProtocol(asyncio.Protocol):
     def _close_transport(self) -> None:
         if self.closed:
             return
+        self._flush()  # what was written before close() still goes out
         self.closed = True
         self._cancel_timer()
         if self.transport is not None:

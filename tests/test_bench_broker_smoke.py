@@ -1,0 +1,104 @@
+"""The broker benchmark's plumbing, with tiny counts: it starts mosquitto and our broker,
+measures every figure (fan-in and fan-out at QoS 0 and 1, latency, idle RSS) and writes JSON
+with each figure for each broker. No timing assertions: the numbers only mean something
+from a full `bench/broker_bench.py` run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT
+
+MOSQUITTO = Path("/usr/sbin/mosquitto")
+
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not MOSQUITTO.exists(), reason="needs Debian's mosquitto package"),
+]
+
+#: figure -> metrics every broker must have in the medians (bench/broker_bench.py REQUIRED)
+FIGURES = {
+    "fanin_q0": ("rate", "cpu_us", "gen_ceiling"),
+    "fanout_q0": ("rate", "cpu_us", "gen_ceiling"),
+    "fanin_q1": ("rate", "cpu_us", "delivered", "gen_ceiling"),
+    "fanout_q1": ("rate", "cpu_us", "delivered", "gen_ceiling"),
+    "latency": ("p50_ms", "p99_ms", "samples"),
+    "idle": ("kib_per_conn", "held"),
+}
+BROKERS = ("mosquitto", "broker")
+
+
+def _running_from(directory: Path) -> list[str]:
+    """Command lines of live processes that name a file under `directory` (mosquitto's
+    config is there)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(directory) in command:
+            found.append(command)
+    return found
+
+
+def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
+    output = tmp_path / "result.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "broker_bench.py"),
+            "--repeats",
+            "1",
+            "--duration",
+            "0.4",
+            "--warmup",
+            "0.2",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "2",
+            "--latency-rate",
+            "200",
+            "--idle",
+            "20",
+            "--no-pin",
+            "--workdir",
+            str(tmp_path),
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(output.read_text())
+    medians = result["medians"]
+    for figure, metrics in FIGURES.items():
+        assert figure in medians, f"{figure} missing: {sorted(medians)}"
+        for metric in metrics:
+            values = medians[figure].get(metric, {})
+            for broker in BROKERS:
+                assert broker in values, f"{figure}.{metric} has no value for {broker}"
+                assert isinstance(values[broker], float | int)
+    for broker in BROKERS:
+        assert medians["idle"]["held"][broker] == 20
+        assert medians["latency"]["samples"][broker] > 0
+        for figure in ("fanin_q0", "fanout_q0", "fanin_q1", "fanout_q1"):
+            rate = medians[figure]["rate"][broker]
+            assert math.isfinite(rate) and rate > 0, f"{figure}: nothing delivered by {broker}"
+    assert "broker / mosquitto" in result["table"]
+    # every process the suite started is gone
+    assert _running_from(tmp_path) == []
