@@ -697,6 +697,18 @@ def bind_tls(bind: Bind, global_: Global, frontend: str) -> BindTLS:
     )
 
 
+#: The TLS ticket key the worker processes share when no tls-ticket-keys file is given: the
+#: master of lb.workers makes it before it forks, so a device's ticket from one worker
+#: resumes on any other, and on the workers after a reload (HAProxy's threads share one
+#: SSL_CTX to the same effect). None in a single process, where OpenSSL's own key serves.
+_shared_ticket_key: bytes | None = None
+
+
+def share_ticket_key(key: bytes) -> None:
+    global _shared_ticket_key
+    _shared_ticket_key = key
+
+
 def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
     """Session cache size and lifetime, and shared ticket keys (lb.sslctrl says how)."""
     # SSL_CTX_set_timeout: both the cache's expiry and the ticket lifetime hint.
@@ -722,6 +734,15 @@ def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
                 "tls-ticket-keys cannot be applied: SSL_CTX_ctrl is not reachable in this "
                 "OpenSSL build",
             )
+    elif (
+        _shared_ticket_key is not None
+        and not options.no_tls_tickets
+        and not sslctrl.set_ticket_key(context, _shared_ticket_key)
+    ):
+        logger.warning(
+            "the workers' shared TLS ticket key cannot be applied (SSL_CTX_ctrl is not reachable "
+            "in this OpenSSL build): a ticket resumes only on the worker that issued it"
+        )
 
 
 def _use_bundle(context: SSL.Context, bundle: PemBundle) -> None:

@@ -229,10 +229,14 @@ def _serving_process(pids: list[int], lb_port: int, client_port: int) -> int | N
     return None
 
 
-@pytest.fixture
-def two_workers(pki: TestPKI, tmp_path: Path) -> Iterator[tuple[int, list[int]]]:
-    """lb with nbthread 2 (two worker processes, SO_REUSEPORT) and a shared key file."""
+@pytest.fixture(params=["tls-ticket-keys file", "key shared by the master"])
+def two_workers(
+    pki: TestPKI, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[int, list[int]]]:
+    """lb with nbthread 2 (two worker processes sharing the listening socket), with a
+    tls-ticket-keys file or without one (then the master's key is shared)."""
     keys = _key_file(tmp_path / "ticket.keys", [_key(1), _key(2), _key(3)])
+    ticket_keys = f" tls-ticket-keys {keys}" if request.param == "tls-ticket-keys file" else ""
     backend = EchoBackend(proxy=False)
     port = free_port()
     path = tmp_path / "lb.cfg"
@@ -241,8 +245,8 @@ def two_workers(pki: TestPKI, tmp_path: Path) -> Iterator[tuple[int, list[int]]]
         "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
         "    timeout server 30s\n"
         f"frontend fe\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone} "
-        f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required "
-        f"tls-ticket-keys {keys}\n"
+        f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required"
+        f"{ticket_keys}\n"
         "    default_backend be\n"
         f"backend be\n    server s1 127.0.0.1:{backend.port}\n"
     )
