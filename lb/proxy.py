@@ -152,7 +152,12 @@ class TimerWheel:
         for bucket in due:
             for client in bucket:
                 client.timer_slot = None
-                client._on_timer()
+                try:
+                    client._on_timer()
+                except Exception:
+                    # One session's failure must not stop every later timeout of the frontend.
+                    logger.exception("%s:%d: idle timeout handling failed", *client.peer)
+                    client.kill("P")
         if order and self.armed is None:
             self.armed = order[0]
             self.handle = self.loop.call_at(order[0] * TIMER_RESOLUTION, self._fire)

@@ -270,3 +270,43 @@ def test_many_concurrent_sessions(tmp_path: Path) -> None:
         for thread in threads:
             thread.join(30)
     assert sorted(results) == sorted(f"message {i}".encode() * 100 for i in range(100))
+
+
+def test_timer_wheel_survives_a_failing_session() -> None:
+    """One session whose timeout handler raises is killed; the others still time out, and
+    the wheel keeps firing for later deadlines."""
+    import asyncio
+
+    from lb.proxy import TimerWheel
+
+    class Session:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+            self.timer_slot: int | None = None
+            self.peer = ("127.0.0.1", 1)
+            self.fired = 0
+            self.killed: str | None = None
+
+        def _on_timer(self) -> None:
+            self.fired += 1
+            if self.fail:
+                raise RuntimeError("boom")
+
+        def kill(self, cause: str) -> None:
+            self.killed = cause
+
+    async def run() -> list[Session]:
+        loop = asyncio.get_running_loop()
+        wheel = TimerWheel(loop)
+        sessions = [Session(fail=i == 0) for i in range(3)]
+        for session in sessions:
+            wheel.add(session, loop.time() + 0.06)  # type: ignore[arg-type]
+        later = Session(fail=False)
+        wheel.add(later, loop.time() + 0.2)  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)
+        wheel.close()
+        return [*sessions, later]
+
+    failing, first, second, later = asyncio.run(run())
+    assert failing.killed == "P"
+    assert first.fired == second.fired == later.fired == 1
