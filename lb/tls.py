@@ -313,7 +313,11 @@ class BindContext:
         self.ocsp_responses = load_ocsp_responses(self.bundles)
         self.context = self._build()
 
-    def _build(self) -> SSL.Context:
+    def _build(self, bundle: PemBundle | None = None) -> SSL.Context:
+        """The context for the first `crt` (and the SNI selector when there are several),
+        or, with `bundle`, the context SNI switches to for that certificate: the same in
+        every other respect, since OpenSSL verifies the client with the context the
+        connection has switched to (SSL_set_SSL_CTX)."""
         options = self.options
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
         context.set_min_proto_version(TLS_VERSIONS[options.ssl_min_ver])
@@ -331,9 +335,8 @@ class BindContext:
             context.set_cipher_list(options.ciphers.encode())
         if options.ciphersuites:
             context.set_tls13_ciphersuites(options.ciphersuites.encode())
-        default = self.bundles[0]
-        _use_bundle(context, default)
-        if len(self.bundles) > 1:
+        _use_bundle(context, bundle or self.bundles[0])
+        if bundle is None and len(self.bundles) > 1:
             self._install_sni(context)
         # Session resumption needs a session id context when client certificates are verified.
         context.set_session_id(options.session_id_context)
@@ -468,9 +471,7 @@ class BindContext:
         match (exact, then wildcard), as HAProxy's crt lists do."""
         by_name: dict[str, SSL.Context] = {}
         for bundle in self.bundles:
-            certificate_context = SSL.Context(SSL.TLS_SERVER_METHOD)
-            _use_bundle(certificate_context, bundle)
-            certificate_context.set_session_id(self.options.session_id_context)
+            certificate_context = self._build(bundle)
             for name in _certificate_names(bundle.certificate):
                 by_name.setdefault(name.lower(), certificate_context)
 

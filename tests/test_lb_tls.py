@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -65,6 +66,41 @@ def test_sni_picks_the_certificate_and_its_chain(pki: TestPKI, tmp_path: Path) -
         assert _peer_subject(port, "broker.example", pki.root) == "broker.example"
         assert _peer_subject(port, "localhost", pki.root) == "lb.local"
         assert _peer_subject(port, "unknown.example", pki.root) == "lb.local"  # the default
+    backend.close()
+
+
+def test_sni_with_client_verification_uses_the_same_trust(pki: TestPKI, tmp_path: Path) -> None:
+    """With several crt, the context SNI switches to verifies clients like the default one:
+    same CAs, CRLs and acceptable CA names (a device sending SNI is not refused)."""
+    other = make_server(
+        pki.intermediate_issued, "broker.example", dns_names=["broker.example"], ip_addresses=[]
+    )
+    other_pem = write_allinone(tmp_path / "other.pem", other)
+    backend = EchoBackend()
+    port = free_port()
+    bind = (
+        f"ssl crt {pki.server_allinone} crt {other_pem} ca-file {pki.intermediate} "
+        f"ca-verify-file {pki.root} verify required crl-file {pki.crl}"
+    )
+    device = pki.device(24)
+    with run_lb(tls_config(port, bind, backend), tmp_path, port):
+        for server_name in ("broker.example", "localhost", "unknown.example"):
+            context = client_context(device.cert, device.key, pki.root)
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname=server_name) as tls,
+            ):
+                tls.sendall(b"sni")
+                assert tls.recv(3) == b"sni", server_name
+        revoked = client_context(pki.revoked.cert, pki.revoked.key, pki.root)
+        with (
+            pytest.raises((ssl.SSLError, OSError)),
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            revoked.wrap_socket(raw, server_hostname="broker.example") as tls,
+        ):
+            tls.sendall(b"sni")
+            if not tls.recv(3):
+                raise ConnectionResetError("closed")
     backend.close()
 
 
