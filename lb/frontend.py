@@ -225,6 +225,8 @@ class FrontendRuntime:
             timeout_connect=backend_timeouts.connect,
             timeout_tunnel=backend_timeouts.tunnel,
             retries=retries,
+            timeout_client_fin=timeouts.client_fin,
+            timeout_server_fin=backend_timeouts.server_fin,
             buffer_size=global_.tune_bufsize * 2,
         )
         self.contexts: dict[int, BindContext | None] = {}

@@ -6,8 +6,9 @@ accepted socket and, on `bind ... ssl` lines, a pyOpenSSL connection over memory
 rule 7): when one transport's write buffer passes its high-water mark the other side stops
 reading, and resumes when it drains; bytes that arrive before the server is connected are
 held up to one buffer, then the client is paused. Half-close is passed on: EOF (or a TLS
-close_notify) from one side becomes `write_eof` (or close_notify) on the other, which may
-still answer.
+close_notify) from the client becomes `write_eof` to the server, which may still answer;
+the server's EOF becomes EOF to a plain client, and close_notify then the end of the session
+to a TLS client.
 
 The TLS engine is pyOpenSSL rather than the `ssl` module so that a refused handshake can be
 explained (see lb.tls). Timeouts are lazy: activity only stamps the time, and a
@@ -89,7 +90,9 @@ class Limits:
     timeout_connect: float | None
     timeout_tunnel: float | None
     retries: int
-    buffer_size: int  # tune.bufsize: write buffer high-water mark and pre-connect hold
+    buffer_size: int  # 2 x tune.bufsize: write buffer high-water mark and pre-connect hold
+    timeout_client_fin: float | None = None  # once a side is half-closed (HAProxy *-fin)
+    timeout_server_fin: float | None = None
 
 
 class TimerWheel:
@@ -177,6 +180,7 @@ class ClientSide(asyncio.Protocol):
         "bytes_out",
         "bytes_received",
         "client_eof",
+        "client_write_blocked",
         "closed",
         "connect_task",
         "connect_time",
@@ -193,6 +197,7 @@ class ClientSide(asyncio.Protocol):
         "proxy_decoder",
         "queue_time",
         "queued",
+        "reading_paused",
         "retries_done",
         "server",
         "server_eof",
@@ -234,8 +239,10 @@ class ClientSide(asyncio.Protocol):
         self.sock: tuple[str, int] = ("-", 0)
         self.pending: list[bytes] | None = None  # made when needed: most sessions never do
         self.pending_size = 0
-        self.paused_by_server = False
-        self.paused_for_pending = False
+        self.paused_by_server = False  # the server's write buffer is full
+        self.paused_for_pending = False  # held bytes wait for the server connection
+        self.reading_paused = False  # what the client transport was last told
+        self.client_write_blocked = False  # the client's write buffer is full
         self.handshake_done = tls_context is None
         self.client_eof = False
         self.server_eof = False
@@ -357,8 +364,20 @@ class ClientSide(asyncio.Protocol):
                 self._flush_tls()
                 self._handshake_failed(error)
                 return
+            except Exception as error:
+                # A verify, SNI, ALPN or OCSP callback raised (pyOpenSSL re-raises it here):
+                # this session is refused and explained, the others go on.
+                logger.exception("%s:%d: TLS handshake callback failed", *self.peer)
+                self.frontend.handshake_failed(
+                    self, f"internal error in the TLS handshake ({error!r})", None
+                )
+                self.termination = "PR"
+                self._close()
+                return
             self._flush_tls()
             self._handshake_complete()
+            if self.closed:  # refused after all (a revoked resumption)
+                return
         while True:
             # SSL_read into one shared buffer: pyOpenSSL's recv allocates 64 KiB per call and
             # ends every loop with a WantReadError (bench rr_200: see bench/README.md).
@@ -394,14 +413,30 @@ class ClientSide(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
+        self.client_write_blocked = True
         server = self.server_side
         if server is not None and server.transport is not None:
             server.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.client_write_blocked = False
         server = self.server_side
         if server is not None and server.transport is not None and not server.closed:
             server.transport.resume_reading()
+
+    def update_reading(self) -> None:
+        """Read from the client unless the server is congested or bytes are held for a
+        server not yet connected (STYLE rule 7: one place decides, both reasons count)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        pause = self.paused_by_server or self.paused_for_pending
+        if pause != self.reading_paused:
+            self.reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -531,11 +566,11 @@ class ClientSide(asyncio.Protocol):
         self.pending_size += len(data)
         if self.pending_size >= self.limits.buffer_size and not self.paused_for_pending:
             self.paused_for_pending = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+            self.update_reading()
 
     def _client_done(self) -> None:
         self.client_eof = True
+        self._rearm_timer()
         server = self.server_side
         if server is not None and server.transport is not None:
             if server.transport.can_write_eof():
@@ -712,14 +747,15 @@ class ClientSide(asyncio.Protocol):
             parts.extend(self.pending)
         self.pending = None
         self.pending_size = 0
+        if self.client_write_blocked:  # the client was not reading before the server came
+            transport.pause_reading()
         if parts:
-            transport.write(b"".join(parts))
-        if self.paused_for_pending:
-            self.paused_for_pending = False
-            if self.transport is not None and not self.closed:
-                self.transport.resume_reading()
+            transport.write(b"".join(parts))  # may pause us at once (pause_writing)
+        self.paused_for_pending = False
+        self.update_reading()
         if self.client_eof and transport.can_write_eof():
             transport.write_eof()
+        self._rearm_timer()  # the data phase has timeouts of its own
 
     # -- from the server -----------------------------------------------------------------
 
@@ -754,8 +790,10 @@ class ClientSide(asyncio.Protocol):
         transport.write(b"".join(chunks))
 
     def server_done(self) -> None:
-        """The server sent EOF: pass it on; close when both directions are done."""
+        """The server sent EOF: pass it on; close when both directions are done. A TLS
+        client gets close_notify and the session ends (no TLS half-close towards devices)."""
         self.server_eof = True
+        self._rearm_timer()
         transport = self.transport
         if transport is None or self.closed:
             return
@@ -783,6 +821,10 @@ class ClientSide(asyncio.Protocol):
         limits = self.limits
         if not self.handshake_done or self.server_side is None:
             return limits.timeout_client
+        if self.client_eof or self.server_eof:
+            fin = [t for t in (limits.timeout_client_fin, limits.timeout_server_fin) if t]
+            if fin:
+                return min(fin)
         if limits.timeout_tunnel is not None:
             return limits.timeout_tunnel
         candidates = [t for t in (limits.timeout_client, limits.timeout_server) if t is not None]
@@ -792,6 +834,12 @@ class ClientSide(asyncio.Protocol):
         timeout = self._idle_timeout()
         if timeout is not None:
             self.timers.add(self, self.last_activity + timeout)
+
+    def _rearm_timer(self) -> None:
+        """The session entered a phase with another timeout (data, half-closed)."""
+        if not self.closed:
+            self.timers.discard(self)
+            self._arm_timer()
 
     def _on_timer(self) -> None:
         """This session's slot of the TimerWheel came: time out, or take a later slot."""
@@ -907,17 +955,12 @@ class ServerSide(asyncio.Protocol):
         return True
 
     def pause_writing(self) -> None:
-        transport = self.client.transport
-        if transport is not None and not self.client.paused_by_server:
-            self.client.paused_by_server = True
-            transport.pause_reading()
+        self.client.paused_by_server = True
+        self.client.update_reading()
 
     def resume_writing(self) -> None:
-        client = self.client
-        if client.paused_by_server:
-            client.paused_by_server = False
-            if client.transport is not None and not client.closed:
-                client.transport.resume_reading()
+        self.client.paused_by_server = False
+        self.client.update_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -310,3 +310,43 @@ def test_timer_wheel_survives_a_failing_session() -> None:
     failing, first, second, later = asyncio.run(run())
     assert failing.killed == "P"
     assert first.fired == second.fired == later.fired == 1
+
+
+def test_data_phase_uses_the_shorter_server_timeout(tmp_path: Path) -> None:
+    """Once connected, an idle session ends at `timeout server` even when `timeout client`
+    is much longer (the timeout is re-armed when the session changes phase)."""
+    backend = EchoBackend(proxy=False)
+    port = free_port()
+    config = plain_config(port, f"    server a 127.0.0.1:{backend.port}").replace(
+        "timeout server 30s", "timeout server 300ms"
+    )
+    with run_lb(config, tmp_path, port) as lb:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"hi")
+            assert client.recv(10) == b"hi"
+            assert client.recv(10) == b""  # not after timeout client's 30 s: recv would fail
+        assert " sD " in lb.wait_output(" sD ", 5)
+    backend.close()
+
+
+def test_client_fin_timeout_ends_a_half_closed_session(tmp_path: Path) -> None:
+    """`timeout client-fin`: the client shut its side; a server that never answers nor
+    closes does not keep the session for the whole idle timeout."""
+    silent_port = free_port()
+    listener = socket.create_server(("127.0.0.1", silent_port))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    port = free_port()
+    config = plain_config(port, f"    server a 127.0.0.1:{silent_port}").replace(
+        "timeout client 30s", "timeout client 30s\n    timeout client-fin 300ms"
+    )
+    with (
+        run_lb(config, tmp_path, port),
+        socket.create_connection(("127.0.0.1", port), timeout=10) as client,
+    ):
+        client.sendall(b"bye")
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(10) == b""  # closed by lb within the socket's 10 s
+    for connection in held:
+        connection.close()
+    listener.close()
