@@ -6,6 +6,12 @@ each accepted :class:`~broker.message.Message` to the sessions whose subscriptio
 Per-connection protocol handling lives in :mod:`broker.connection`; sockets and timers in
 :mod:`broker.listener` and :mod:`broker.server`.
 
+Backpressure (issue 4, "slow consumers"): a QoS 1/2 message that takes a connected
+subscriber session's queue past its high-water mark pauses the connection that published it
+until the queue drains (:mod:`broker.session` has the marks and the rules; QoS 0 never
+pauses anyone, it drops and counts). Messages with no publishing connection (wills, the
+cluster link, retained messages on subscribe) are never paced and drop when a queue is full.
+
 Time comes from the ``clock`` passed in (monotonic seconds); :meth:`Broker.tick` is called
 about once a second by the net layer to fire delayed wills and expire sessions. No I/O here.
 
@@ -137,6 +143,8 @@ class Broker:
         if session is None or session.connection is not connection:
             return
         session.connection = None
+        # Offline sessions hold no publisher: what they cannot queue is dropped and counted.
+        session.release_publishers()
         now = self.clock()
         expiry = session.expiry_interval
         if will is not None and principal is not None:
@@ -152,6 +160,7 @@ class Broker:
             session.expires_at = now + expiry
 
     def _destroy_session(self, session: Session) -> None:
+        session.release_publishers()
         for topic_filter in list(session.subscriptions):
             self.unsubscribe(session, topic_filter)
         if self.sessions.get(session.client_id) is session:
@@ -241,8 +250,11 @@ class Broker:
 
     # --- messages ---------------------------------------------------------------------------
 
-    def publish(self, message: Message) -> int:
-        """Route a message accepted on this node; returns local deliveries + remote nodes."""
+    def publish(self, message: Message, publisher: ClientConnection | None = None) -> int:
+        """Route a message accepted on this node; returns local deliveries + remote nodes.
+
+        ``publisher`` is the connection it came from, paused when a subscriber falls behind.
+        """
         self.counters.messages_received += 1
         handler = self.request_handlers.get(message.topic)
         if handler is not None:
@@ -250,7 +262,7 @@ class Broker:
         if message.retain and self.settings.retain_available:
             self._store_retained(message)
             self.cluster.retained_changed(message.topic, message if message.payload else None)
-        delivered = self.deliver_local(message)
+        delivered = self.deliver_local(message, publisher)
         delivered += self.cluster.publish_forwarded(message)
         if not delivered:
             self.counters.messages_no_subscribers += 1
@@ -284,7 +296,7 @@ class Broker:
                 messages.append(message)
         return messages
 
-    def deliver_local(self, message: Message) -> int:
+    def deliver_local(self, message: Message, publisher: ClientConnection | None = None) -> int:
         sessions = self.sessions
 
         def connected(client_id: str) -> bool:
@@ -303,13 +315,22 @@ class Broker:
                 message.retain and delivery.retain_as_published,
                 tuple(delivery.subscription_identifiers),
             )
-            self.deliver_to_session(session, pending)
+            self.deliver_to_session(session, pending, publisher)
             count += 1
         return count
 
-    def deliver_to_session(self, session: Session, pending: Pending) -> None:
-        if session.connection is not None:
-            session.connection.deliver(pending)
+    def deliver_to_session(
+        self, session: Session, pending: Pending, publisher: ClientConnection | None = None
+    ) -> None:
+        connection = session.connection
+        if connection is not None:
+            connection.deliver(pending)
+            if (
+                publisher is not None
+                and pending.qos
+                and len(session.queue) >= session.queue_high_water
+            ):
+                publisher.hold_for(session)
         elif pending.qos == 0:
             self.counters.messages_dropped_qos0_offline += 1
         elif not session.enqueue(pending):

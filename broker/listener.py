@@ -15,7 +15,12 @@ connection gets a :class:`MQTTServerProtocol`, which:
 - implements :class:`broker.connection.ConnectionIO` for the sans-IO connection: writes with
   backpressure (``pause_reading`` while the transport's buffer is above its high-water mark,
   the connection's outgoing queue takes over), and one ``call_later`` timer for the PROXY
-  header deadline, the CONNECT deadline and the keep alive.
+  header deadline, the CONNECT deadline and the keep alive;
+- reads only while nothing holds it: the socket is read iff the client's write buffer is
+  below its high-water mark (``writing_paused``), no subscriber session holds this publisher
+  (``input_paused``, broker.session) and no packets wait from the last read (the connection
+  handles ``PACKETS_PER_TURN`` a call, the rest on the next loop turn, ``_backlog_handle``).
+  ``_update_reading`` is the one place that calls pause_reading/resume_reading.
 
 PROXY protocol: HAProxy doc/proxy-protocol.txt sections 2.1 (v1), 2.2 (v2), 2.2.6 (SSL TLV),
 and section 3 ("the receiver ... must only accept it from known sources").
@@ -145,6 +150,7 @@ class Listener:
 
 class MQTTServerProtocol(asyncio.Protocol):
     __slots__ = (
+        "_backlog_handle",
         "_flush_handle",
         "_out",
         "_out_bytes",
@@ -153,6 +159,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         "connection",
         "first_data_pending",
         "idle_timeout",
+        "input_paused",
         "last_activity",
         "listener",
         "loop",
@@ -174,6 +181,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.idle_timeout: float | None = None
         self.last_activity = 0.0
         self.writing_paused = False
+        self.input_paused = False
+        # Set while received packets wait for the next loop turn (handle_buffered).
+        self._backlog_handle: asyncio.Handle | None = None
+        # Whether the transport is paused now: the result of _update_reading, nothing else.
         self.reading_paused = False
         self.closed = False
         self.first_data_pending = False
@@ -232,19 +243,23 @@ class MQTTServerProtocol(asyncio.Protocol):
                     self.first_data_pending = False
                     if self._unexpected_proxy_header(data):
                         return
-                connection.data_received(data)
+                if connection.data_received(data):
+                    self._schedule_backlog()
                 return
             if self.proxy_decoder is not None:
                 self._proxy_data(data)
         except Exception:
-            # A bug must cost one connection, never the node.
-            logger.exception(
-                "internal error on connection from %s; closing it",
-                _address_text(self.socket_address),
-            )
-            if self.connection is not None:
-                self.connection.connection_lost("internal error")
-            self._close_transport()
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        # A bug must cost one connection, never the node.
+        logger.exception(
+            "internal error on connection from %s; closing it",
+            _address_text(self.socket_address),
+        )
+        if self.connection is not None:
+            self.connection.connection_lost("internal error")
+        self._close_transport()
 
     def eof_received(self) -> bool | None:
         # MQTT has no half-close: a client that stops sending is gone (and its will is due).
@@ -255,6 +270,9 @@ class MQTTServerProtocol(asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._backlog_handle is not None:
+            self._backlog_handle.cancel()
+            self._backlog_handle = None
         self._out.clear()
         self._out_bytes = 0
         self.listener.protocols.discard(self)
@@ -274,17 +292,50 @@ class MQTTServerProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         # Symmetric flow control: while this client does not read, stop reading from it.
         self.writing_paused = True
-        if self.transport is not None and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.transport is not None and self.reading_paused and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        self._update_reading()
         if self.connection is not None:
             self.connection.writable()
+
+    # --- reading: one decision, three reasons ------------------------------------------------
+
+    def _update_reading(self) -> None:
+        """Pause or resume the transport so that it reads iff no reason to wait is left."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        wait = self.writing_paused or self.input_paused or self._backlog_handle is not None
+        if wait == self.reading_paused:
+            return
+        self.reading_paused = wait
+        if wait:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _schedule_backlog(self) -> None:
+        if self._backlog_handle is None and not self.closed:
+            self._backlog_handle = self.loop.call_soon(self._handle_backlog)
+            self._update_reading()
+
+    def _handle_backlog(self) -> None:
+        """Next loop turn: handle the next PACKETS_PER_TURN packets already received."""
+        self._backlog_handle = None
+        connection = self.connection
+        if connection is None or self.closed:
+            return
+        self.last_activity = self.loop.time()
+        try:
+            more = connection.handle_buffered()
+        except Exception:
+            self._internal_error()
+            return
+        if more and not self.closed:
+            self._backlog_handle = self.loop.call_soon(self._handle_backlog)
+        self._update_reading()
 
     # --- ConnectionIO -----------------------------------------------------------------------
 
@@ -328,6 +379,19 @@ class MQTTServerProtocol(asyncio.Protocol):
         if seconds:
             self._arm(seconds, self._idle_check)
 
+    def pause_input(self) -> None:
+        self.input_paused = True
+        self._update_reading()
+
+    def resume_input(self) -> None:
+        self.input_paused = False
+        # The keep alive counts from now: the client's silence was ours.
+        self.last_activity = self.loop.time()
+        # Packets received before the pause wait in the decoder: the next turn handles them
+        # and resumes reading once none is left.
+        self._schedule_backlog()
+        self._update_reading()
+
     # --- internals --------------------------------------------------------------------------
 
     def shutdown(self) -> None:
@@ -361,7 +425,12 @@ class MQTTServerProtocol(asyncio.Protocol):
         timeout = self.idle_timeout
         if self.closed or timeout is None:
             return
-        elapsed = self.loop.time() - self.last_activity
+        now = self.loop.time()
+        if self.input_paused:
+            # We stopped reading this client (backpressure): its PINGREQs wait unread in
+            # the socket, so its silence does not count.
+            self.last_activity = now
+        elapsed = now - self.last_activity
         if elapsed < timeout:
             self._arm(timeout - elapsed, self._idle_check)
             return
@@ -467,8 +536,13 @@ class MQTTServerProtocol(asyncio.Protocol):
             counters.proxy_headers_accepted += 1
             identity = self._proxy_identity(event)
         self._start_mqtt(identity)
-        if trailing and self.connection is not None and not self.closed:
-            self.connection.data_received(trailing)
+        if (
+            trailing
+            and self.connection is not None
+            and not self.closed
+            and self.connection.data_received(trailing)
+        ):
+            self._schedule_backlog()
 
     def _proxy_identity(self, header: ProxyHeader) -> PeerIdentity:
         ssl_info = header.ssl

@@ -6,6 +6,13 @@ an inflight slot or for the client to come back (*queue*, bounded by
 ``max_queued_messages``: overflow is dropped and counted), the QoS 2 packet identifiers the
 client sent and has not released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
 
+Backpressure (issue 4, "slow consumers"): when routing a QoS 1/2 message takes a connected
+session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``), the publishing
+connection stops being read and waits in ``held_publishers``; it is released when the queue
+drains to ``queue_low_water`` (1/2), when the session loses its connection, or when the
+session ends. An offline session holds nobody: it queues up to ``max_queued_messages`` and
+then drops and counts, so a client that never comes back cannot stall its publishers.
+
 Pure state: no I/O, no clock. The connection and the core drive it with explicit times.
 """
 
@@ -27,6 +34,11 @@ __all__ = ["SESSION_NEVER_EXPIRES", "Outgoing", "Pending", "Session"]
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
 # MQTT section 2.2.1: packet identifiers are non-zero 16-bit integers.
 MAX_PACKET_ID = 0xFFFF
+# Backpressure marks as fractions of max_queued_messages: above HIGH a QoS 1/2 publisher is
+# paused, at or below LOW it is resumed. The quarter above HIGH absorbs what publishers not
+# yet paused still route (one message each, as a paused connection handles no more packets).
+QUEUE_HIGH_WATER_FRACTION = 0.75
+QUEUE_LOW_WATER_FRACTION = 0.5
 
 
 @dataclass(slots=True)
@@ -49,7 +61,8 @@ class Outgoing:
     released: bool = False
 
 
-@dataclass(slots=True)
+# eq=False: a session is an identity (hashable, kept in sets of held publishers).
+@dataclass(slots=True, eq=False)
 class Session:
     client_id: str
     max_queued_messages: int
@@ -63,6 +76,14 @@ class Session:
     connection: ClientConnection | None = None
     next_packet_id: int = 1
     dropped_messages: int = 0
+    # Publishing connections paused until this session's queue drains (see module docstring).
+    held_publishers: set[ClientConnection] = field(default_factory=set)
+    queue_high_water: int = field(init=False)
+    queue_low_water: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue_high_water = max(1, int(self.max_queued_messages * QUEUE_HIGH_WATER_FRACTION))
+        self.queue_low_water = int(self.max_queued_messages * QUEUE_LOW_WATER_FRACTION)
 
     @property
     def connected(self) -> bool:
@@ -85,6 +106,15 @@ class Session:
             return False
         self.queue.append(pending)
         return True
+
+    def release_publishers(self) -> None:
+        """Resume every publisher paused on this session (it drained, went offline or ended)."""
+        if not self.held_publishers:
+            return
+        publishers = self.held_publishers
+        self.held_publishers = set()
+        for publisher in publishers:
+            publisher.session_released(self)
 
     def discard_expired(self, now: float) -> int:
         """Drop queued messages whose expiry passed; returns how many."""

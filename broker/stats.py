@@ -36,6 +36,11 @@ class Counters:
     messages_dropped_qos0_offline: int = 0
     messages_dropped_too_large: int = 0
     messages_expired: int = 0
+    # Backpressure (broker.session): QoS 1/2 publishers paused for a subscriber's queue,
+    # how many are paused now (a gauge), and pauses skipped because they would deadlock.
+    publishers_paused: int = 0
+    publishers_paused_current: int = 0
+    backpressure_cycles_skipped: int = 0
     messages_no_subscribers: int = 0
     wills_published: int = 0
     sessions_expired: int = 0

@@ -1,0 +1,440 @@
+"""Slow consumers (issue 4, "Bad input and limits"): backpressure from subscribers to
+publishers at QoS 1, drop-and-count at QoS 0, and per-turn fairness between clients.
+
+Raw MQTT 3.1.1 over real sockets on 127.0.0.1 (publishers that write hundreds of packets in
+one go are what overflows a queue, which paho's own inflight window would hide). Every wait is
+bounded and nothing asserts on time: the broker's state is read from its loop thread or its
+admin API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.ports import free_port
+from broker.mqtt import (
+    NEED_DATA,
+    Connack,
+    Connect,
+    MQTTDecoder,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+    encode,
+)
+from tests.broker_harness import RawClient, make_config, running_broker, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+TOPIC = "bp/topic"
+LEVEL = 4
+
+
+def connect(port: int, client_id: str, receive_buffer: int | None = None) -> RawClient:
+    client = RawClient(port, level=LEVEL)
+    if receive_buffer is not None:
+        # Set after connect the window may already be large; what matters is that the
+        # client reads nothing, so the broker's write buffer fills either way.
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    connack = client.connect(Connect("MQTT", LEVEL, True, 60, client_id))
+    assert isinstance(connack, Connack) and connack.reason_code == 0
+    return client
+
+
+def subscribe(client: RawClient, qos: int, topic: str = TOPIC) -> None:
+    client.send(Subscribe(1, (Subscription(topic, qos),)))
+    suback = client.receive()
+    assert isinstance(suback, Suback) and suback.reason_codes == (qos,)
+
+
+def publish_bytes(publisher: int, first: int, count: int, qos: int, size: int = 16) -> bytes:
+    """`count` PUBLISH packets; the payload names the publisher and the sequence number."""
+    packets = []
+    for sequence in range(first, first + count):
+        payload = f"{publisher}:{sequence}:".encode().ljust(size, b".")
+        packet_id = sequence % 65535 + 1 if qos else None
+        packets.append(encode(Publish(TOPIC, payload, qos, packet_id=packet_id), LEVEL))
+    return b"".join(packets)
+
+
+def read_packets(sock: socket.socket, decoder: MQTTDecoder) -> list[Any] | None:
+    """Packets from one recv (None when the peer closed)."""
+    data = sock.recv(262144)
+    if not data:
+        return None
+    decoder.feed(data)
+    packets = []
+    while (event := decoder.next_event()) is not NEED_DATA:
+        packets.append(event)
+    return packets
+
+
+def session_of(node: Any, client_id: str) -> Any:
+    return node.broker.sessions[client_id]
+
+
+# --- all delivered, none dropped -----------------------------------------------------------
+
+
+def test_qos1_fan_in_to_one_subscriber_is_delivered_exactly_once() -> None:
+    publishers, per_publisher = 8, 500
+    config = make_config(admin=False)
+    with running_broker(config) as node:
+        port = node.port()
+        max_queued = node.broker.settings.max_queued_messages
+        subscriber = connect(port, "fan-in-subscriber")
+        subscribe(subscriber, 1)
+        received: Counter[bytes] = Counter()
+        duplicates_flagged = 0
+        done = threading.Event()
+
+        def consume() -> None:
+            nonlocal duplicates_flagged
+            decoder = MQTTDecoder(protocol_level=LEVEL)
+            subscriber.sock.settimeout(30)
+            deadline = time.monotonic() + 60
+            while sum(received.values()) < publishers * per_publisher:
+                if time.monotonic() > deadline:
+                    return
+                packets = read_packets(subscriber.sock, decoder)
+                if packets is None:
+                    return
+                acks = []
+                for packet in packets:
+                    if isinstance(packet, Publish):
+                        received[bytes(packet.payload)] += 1
+                        duplicates_flagged += packet.dup
+                        assert packet.packet_id is not None
+                        acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+                subscriber.sock.sendall(b"".join(acks))
+            done.set()
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        clients = [connect(port, f"fan-in-publisher-{index}") for index in range(publishers)]
+        # Each publisher writes all its messages at once: 4,000 in flight against a queue
+        # of 1,000 and an outgoing window of 32.
+        for index, client in enumerate(clients):
+            client.send_bytes(publish_bytes(index, 0, per_publisher, qos=1))
+        peak_queue = 0
+        while not done.is_set() and consumer.is_alive():
+            peak_queue = max(
+                peak_queue, node.call(lambda: len(session_of(node, "fan-in-subscriber").queue))
+            )
+            time.sleep(0.005)
+        consumer.join(5)
+        assert done.is_set(), f"only {sum(received.values())} delivered"
+        for client in clients:
+            acknowledged = 0
+            while acknowledged < per_publisher:
+                packet = client.receive(timeout=30)
+                assert isinstance(packet, Puback), packet
+                acknowledged += 1
+        expected = {
+            f"{index}:{sequence}:".encode().ljust(16, b".")
+            for index in range(publishers)
+            for sequence in range(per_publisher)
+        }
+        assert set(received) == expected
+        assert set(received.values()) == {1}
+        assert duplicates_flagged == 0
+        counters = node.counters()
+        assert counters["messages_dropped_queue_full"] == 0
+        assert counters["publishers_paused_current"] == 0
+        # Memory: the session queue never went past its bound.
+        assert peak_queue <= max_queued
+        for client in clients:
+            client.close()
+        subscriber.close()
+
+
+# --- a subscriber that stops reading: publishers wait, then resume ---------------------------
+
+
+def _vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _admin_stats(admin_port: int) -> dict[str, int]:
+    url = f"http://127.0.0.1:{admin_port}/api/stats"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        document = json.loads(response.read())
+    counters = document.get("counters", document)
+    assert isinstance(counters, dict)
+    return counters
+
+
+@contextlib.contextmanager
+def broker_process(tmp_path: Path, max_queued: int) -> Iterator[tuple[int, int, int]]:
+    """`broker -c` in its own process (its RSS is measured): (mqtt port, admin port, pid)."""
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "broker.toml"
+    config.write_text(
+        f'[node]\nname = "bp"\n\n[mqtt]\nmax_queued_messages = {max_queued}\n\n'
+        f'[listeners.tcp.default]\nbind = "127.0.0.1:{port}"\n\n'
+        f'[admin]\nbind = "127.0.0.1:{admin_port}"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def listening() -> bool:
+            assert process.poll() is None, process.communicate()[1]
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/api/stats", timeout=1)
+                return True
+            return False
+
+        wait_for(listening, timeout=15)
+        yield port, admin_port, process.pid
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+
+
+class FloodingPublisher:
+    """A non-blocking QoS 1 publisher that writes until its socket blocks, reading PUBACKs."""
+
+    def __init__(self, port: int, index: int) -> None:
+        self.index = index
+        self.client = connect(port, f"flood-publisher-{index}")
+        self.sock = self.client.sock
+        self.sock.setblocking(False)
+        self.decoder = MQTTDecoder(protocol_level=LEVEL)
+        self.sent = 0  # complete packets handed to the kernel
+        self.acknowledged = 0
+        self.pending = b""
+        self.blocked = False
+
+    def drain_acks(self) -> None:
+        while True:
+            try:
+                packets = read_packets(self.sock, self.decoder)
+            except BlockingIOError:
+                return
+            assert packets is not None, "broker closed a publisher"
+            self.acknowledged += sum(isinstance(packet, Puback) for packet in packets)
+
+    def push(self, limit: int, batch: int = 64) -> None:
+        """Write until the socket would block or `limit` messages are sent."""
+        self.blocked = False
+        while True:
+            if not self.pending:
+                if self.sent >= limit:
+                    return
+                count = min(batch, limit - self.sent)
+                self.pending = publish_bytes(self.index, self.sent, count, qos=1, size=1024)
+                self.sent += count
+            try:
+                written = self.sock.send(self.pending)
+            except BlockingIOError:
+                self.blocked = True
+                return
+            self.pending = self.pending[written:]
+            self.drain_acks()
+
+
+def test_subscriber_that_stops_reading_pauses_publishers_until_it_leaves(
+    tmp_path: Path,
+) -> None:
+    publishers, limit = 4, 50_000  # 1 KiB each: at most ~200 MB offered in all
+    with broker_process(tmp_path, max_queued=200) as (port, admin_port, pid):
+        subscriber = connect(port, "stalled-subscriber", receive_buffer=4096)
+        subscribe(subscriber, 1)
+        rss_before = _vm_rss_kib(pid)
+        flooders = [FloodingPublisher(port, index) for index in range(publishers)]
+        deadline = time.monotonic() + 60
+        paused = 0
+        # Push until the broker says every publisher is paused and every socket blocks.
+        while time.monotonic() < deadline:
+            for flooder in flooders:
+                flooder.push(limit)
+            paused = _admin_stats(admin_port)["publishers_paused_current"]
+            if paused == publishers and all(flooder.blocked for flooder in flooders):
+                break
+            select.select([], [flooder.sock for flooder in flooders], [], 0.05)
+        assert paused == publishers
+        assert all(flooder.blocked for flooder in flooders)
+        assert all(flooder.sent < limit for flooder in flooders)
+        stats = _admin_stats(admin_port)
+        # QoS 1 acknowledged by the broker was never dropped for the stalled subscriber.
+        assert stats["messages_dropped_queue_full"] == 0
+        assert stats["publishers_paused"] >= publishers
+        rss_growth_mib = (_vm_rss_kib(pid) - rss_before) / 1024
+        assert rss_growth_mib < 64, f"broker RSS grew {rss_growth_mib:.1f} MiB"
+
+        # The subscriber goes away: its session ends and releases the publishers.
+        subscriber.close()
+        wait_for(lambda: _admin_stats(admin_port)["publishers_paused_current"] == 0, timeout=15)
+        resume_deadline = time.monotonic() + 60
+        for flooder in flooders:
+            target = flooder.sent + 200
+            while (
+                flooder.pending or flooder.acknowledged < target
+            ) and time.monotonic() < resume_deadline:
+                flooder.push(target)
+                flooder.drain_acks()
+                select.select([flooder.sock], [], [], 0.05)
+            # Everything it ever sent, before and after the pause, was acknowledged.
+            assert flooder.acknowledged == flooder.sent == target
+            flooder.client.close()
+
+
+# --- QoS 0 never pauses publishers ---------------------------------------------------------
+
+
+def test_qos0_flood_to_slow_subscriber_drops_and_counts_without_pausing() -> None:
+    config = make_config(admin=False, mqtt={"max_queued_messages": 100})
+    with running_broker(config) as node:
+        port = node.port()
+        subscriber = connect(port, "slow-qos0-subscriber", receive_buffer=4096)
+        subscribe(subscriber, 0)
+        publisher = connect(port, "qos0-flooder")
+        publisher.sock.settimeout(60)
+        # 20 MB: far more than the subscriber's socket buffers, its write buffer and queue.
+        batch = publish_bytes(0, 0, 1000, qos=0, size=1024)
+        for _ in range(20):
+            publisher.send_bytes(batch)
+        # The broker read all of it (a paused publisher would block in sendall) and answers.
+        publisher.send(Pingreq())
+        assert isinstance(publisher.receive(timeout=30), Pingresp)
+        counters = node.counters()
+        assert counters["messages_dropped_queue_full"] > 0
+        assert counters["publishers_paused"] == 0
+        assert node.call(lambda: len(session_of(node, "slow-qos0-subscriber").queue)) <= 100
+        publisher.close()
+        subscriber.close()
+
+
+# --- fairness: a flood does not starve another client ---------------------------------------
+
+
+def test_flooding_publisher_does_not_starve_another_clients_pingreq() -> None:
+    with running_broker(make_config(admin=False)) as node:
+        port = node.port()
+        flooder = connect(port, "flooder")
+        stop = threading.Event()
+        batch = publish_bytes(0, 0, 2000, qos=0)
+
+        def flood() -> None:
+            flooder.sock.settimeout(30)
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    flooder.send_bytes(batch)
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        try:
+            wait_for(lambda: node.counters()["messages_received"] > 10_000, timeout=30)
+            other = connect(port, "pinger")
+            for _ in range(5):
+                other.send(Pingreq())
+                assert isinstance(other.receive(timeout=30), Pingresp)
+                # The flood was still running when the answer came.
+                assert thread.is_alive()
+            other.close()
+        finally:
+            stop.set()
+            flooder.close()
+            thread.join(10)
+
+
+# --- symmetric bookkeeping ------------------------------------------------------------------
+
+
+def test_publisher_held_by_two_sessions_resumes_only_when_both_release() -> None:
+    config = make_config(admin=False, mqtt={"max_queued_messages": 20, "max_inflight": 4})
+    with running_broker(config) as node:
+        port = node.port()
+        first = connect(port, "holder-1")
+        second = connect(port, "holder-2")
+        subscribe(first, 1)
+        subscribe(second, 1)
+        publisher = connect(port, "held-publisher")
+        # Neither subscriber acknowledges: 4 in flight each, then the queues pass 15.
+        publisher.send_bytes(publish_bytes(0, 0, 100, qos=1))
+
+        def holds() -> tuple[bool, int]:
+            connection = session_of(node, "held-publisher").connection
+            return connection.input_paused, len(connection.held_by)
+
+        wait_for(lambda: node.call(holds) == (True, 2), timeout=15)
+        first.close()
+        wait_for(lambda: node.call(holds) == (True, 1), timeout=15)
+        assert node.counters()["publishers_paused_current"] == 1
+        second.close()
+        wait_for(lambda: node.call(holds) == (False, 0), timeout=15)
+        acknowledged = 0
+        while acknowledged < 100:
+            assert isinstance(publisher.receive(timeout=30), Puback)
+            acknowledged += 1
+        counters = node.counters()
+        assert counters["publishers_paused"] == 1
+        assert counters["publishers_paused_current"] == 0
+        publisher.close()
+
+
+def test_held_publisher_taken_over_leaves_no_trace_and_self_subscription_never_holds() -> None:
+    config = make_config(admin=False, mqtt={"max_queued_messages": 20, "max_inflight": 4})
+    with running_broker(config) as node:
+        port = node.port()
+        holder = connect(port, "holder")
+        subscribe(holder, 1)
+        publisher = connect(port, "leaving-publisher")
+        publisher.send_bytes(publish_bytes(0, 0, 100, qos=1))
+        wait_for(
+            lambda: node.call(lambda: len(session_of(node, "holder").held_publishers)) == 1,
+            timeout=15,
+        )
+        # The same client id connects again (a device back after a network drop): the held
+        # connection is closed by the broker and leaves the session's waiting set.
+        again = connect(port, "leaving-publisher")
+        assert node.call(lambda: len(session_of(node, "holder").held_publishers)) == 0
+        assert node.counters()["publishers_paused_current"] == 0
+        again.send(Pingreq())
+        assert isinstance(again.receive(), Pingresp)
+        again.close()
+        publisher.close()
+        holder.close()
+
+        # A client subscribed to its own topic would wait on itself: never paused.
+        loop_client = connect(port, "self-subscriber")
+        subscribe(loop_client, 1)
+        loop_client.send_bytes(publish_bytes(0, 0, 100, qos=1))
+        wait_for(lambda: node.counters()["backpressure_cycles_skipped"] >= 1, timeout=15)
+        assert node.call(lambda: session_of(node, "self-subscriber").connection.input_paused) is (
+            False
+        )
+        loop_client.close()
