@@ -145,6 +145,22 @@ class LinkCounters:
     pings_sent: int = 0
 
 
+def certificate_names(certificate: dict[str, Any] | None) -> frozenset[str]:
+    """The DNS names and IP addresses of a verified peer certificate (ssl.getpeercert()),
+    and its CN when it has no subjectAltName."""
+    if not certificate:
+        return frozenset()
+    names = {
+        value
+        for kind, value in certificate.get("subjectAltName", ())
+        if kind in ("DNS", "IP Address")
+    }
+    if not names:
+        for rdn in certificate.get("subject", ()):
+            names.update(value for key, value in rdn if key == "commonName")
+    return frozenset(names)
+
+
 class Peer:
     """One configured peer node and its (at most one) link."""
 
@@ -433,6 +449,14 @@ class Cluster:
                 return f"expected node {link.peer.name!r}, got {hello.node!r}"
         elif peer.dials:
             return f"node {hello.node!r} must accept links from {self.node_name!r}, not dial"
+        # The shared CA also signs devices: the certificate must be one issued for this node,
+        # naming it or its configured address, not just any certificate from that CA.
+        if hello.node not in link.peer_names and peer.host not in link.peer_names:
+            names = ", ".join(sorted(link.peer_names)) or "none"
+            return (
+                f"the certificate of node {hello.node!r} names neither it nor its address "
+                f"{peer.host} (subjectAltName/CN: {names})"
+            )
         return None
 
     def link_up(self, link: ClusterLink, peer: Peer) -> None:
@@ -745,6 +769,7 @@ class ClusterLink(asyncio.Protocol):
         "established",
         "last_received",
         "peer",
+        "peer_names",
         "refusal",
         "replaced",
         "tls_version",
@@ -760,6 +785,7 @@ class ClusterLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.address_text = "?"
         self.tls_version: str | None = None
+        self.peer_names: frozenset[str] = frozenset()  # from the verified peer certificate
         self.established = False
         self.closed = False
         self.replaced = False
@@ -780,6 +806,7 @@ class ClusterLink(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls_version = ssl_object.version()
+            self.peer_names = certificate_names(ssl_object.getpeercert())
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         loop = asyncio.get_running_loop()
         self.last_received = loop.time()

@@ -536,3 +536,23 @@ def test_demo_configs_use_the_seed_rpc_ports() -> None:
         assert config.cluster is not None
         assert config.cluster.port == default_rpc_port(config.node_name) == 5370 + number
         assert {port for _, _, port in config.cluster.peers} <= {5371, 5372, 5373}
+
+
+def test_a_device_certificate_from_the_same_ca_cannot_join(pki: TestPKI, tmp_path: Path) -> None:
+    """Devices and nodes share the CA: a device's certificate and key, even with the right
+    cookie, are not a node's identity (the certificate must name the node or its address)."""
+    device = pki.device(25)
+    nodes = make_cluster(tmp_path, pki, ["node-a", "node-b"])
+    dialer, acceptor = nodes
+    dialer.cert, dialer.key = device.chain, device.key
+    dialer.write_config(nodes)
+    try:
+        for node in nodes:
+            node.start()
+        wait_for(lambda: "names neither" in acceptor.log_text(), 10, "refusal logged")
+        assert "device-025" in acceptor.log_text()
+        assert acceptor.link_states() == {"node-a": "down"}
+        assert dialer.link_states()["node-b"] != "up"
+    finally:
+        for node in nodes:
+            node.stop()
