@@ -160,12 +160,17 @@ class HealthChecks:
     async def _run(self, backend: BackendState, server: ServerState, delay: float) -> None:
         await asyncio.sleep(delay)
         while True:
-            result = await self.check_once(backend, server)
-            before = _shared_health(server)
-            for line in backend.check_done(server, result):
-                logger.warning("%s", line)
-            if self.on_change is not None and _shared_health(server) != before:
-                self.on_change(backend, server)
+            try:
+                result = await self.check_once(backend, server)
+                before = _shared_health(server)
+                for line in backend.check_done(server, result):
+                    logger.warning("%s", line)
+                if self.on_change is not None and _shared_health(server) != before:
+                    self.on_change(backend, server)
+            except Exception:
+                # A failure while acting on one result must not end this server's checks
+                # (its state would freeze for the life of the worker).
+                logger.exception("health check of %s/%s failed", backend.name, server.name)
             await asyncio.sleep(self._interval(server))
 
     async def check_once(self, backend: BackendState, server: ServerState) -> CheckResult:
@@ -207,8 +212,11 @@ class HealthChecks:
         while True:
             await asyncio.sleep(SLOWSTART_TICK)
             for backend in self.backends:
-                if backend.ramping():
-                    backend.tick()
+                try:
+                    if backend.ramping():
+                        backend.tick()
+                except Exception:
+                    logger.exception("slowstart tick of backend %s failed", backend.name)
 
 
 def _shared_health(server: ServerState) -> tuple[bool, int | None, str | None]:

@@ -244,8 +244,6 @@ class FrontendRuntime:
         self.listeners: list[Listener] = []
         self.current = 0
         self.total = 0
-        self.handshake_failures = 0
-        self.proxy_header_failures = 0
         self.maxconn = config.maxconn
         # Counted from accept (not from connection_made) so that maxconn is exact.
         self.reserved = 0
@@ -386,7 +384,6 @@ class FrontendRuntime:
     def handshake_failed(
         self, client: ClientSide, reason: str, failure: VerifyFailure | None
     ) -> None:
-        self.handshake_failures += 1
         label = failure_label(reason, failure)
         failures = self.counters.handshake_failures
         failures[label] = failures.get(label, 0) + 1
@@ -405,7 +402,6 @@ class FrontendRuntime:
     def proxy_header_failed(self, client: ClientSide, message: str) -> None:
         """`accept-proxy`: the PROXY header from the balancer in front was bad or missing;
         one line in HAProxy's words (conn_err_code_str), rate-limited like TLS refusals."""
-        self.proxy_header_failures += 1
         if client.bytes_received == 0 and self.config.option.dontlognull:
             return
         self.error_log.emit(

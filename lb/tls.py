@@ -28,7 +28,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -294,7 +294,6 @@ class VerifyState:
     """Per-connection verification record (the app data of a pyOpenSSL Connection)."""
 
     failure: VerifyFailure | None = None
-    errors: list[VerifyFailure] = field(default_factory=list)
 
 
 class BindContext:
@@ -507,10 +506,8 @@ class BindContext:
             serial_number=cert.serial_number,
             ignored=ignored,
         )
-        if isinstance(state, VerifyState):
-            state.errors.append(failure)
-            if state.failure is None and not ignored:
-                state.failure = failure
+        if isinstance(state, VerifyState) and state.failure is None and not ignored:
+            state.failure = failure
         return ignored
 
     def revocation_date(self, failure: VerifyFailure) -> dt.datetime | None:
