@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 from typing import TYPE_CHECKING
@@ -229,6 +230,10 @@ class FrontendRuntime:
             timeout_server_fin=backend_timeouts.server_fin,
             buffer_size=global_.tune_bufsize * 2,
         )
+        self.proxy_senders = {
+            index: tuple(ipaddress.ip_network(n) for n in bind.accept_proxy_from)
+            for index, bind in enumerate(config.binds)
+        }
         self.contexts: dict[int, BindContext | None] = {}
         self.own_certificate: dict[int, tuple[str | None, str | None]] = {}
         for index, bind in enumerate(config.binds):
@@ -398,6 +403,17 @@ class FrontendRuntime:
             f"SSL handshake failure: {reason}",
         )
         self.error_log.emit(line)
+
+    def proxy_sender_trusted(self, bind_index: int, address: str) -> bool:
+        """`accept-proxy-from`: may this peer send the PROXY header (no list: anyone)."""
+        networks = self.proxy_senders[bind_index]
+        if not networks:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
 
     def proxy_header_failed(self, client: ClientSide, message: str) -> None:
         """`accept-proxy`: the PROXY header from the balancer in front was bad or missing;

@@ -281,6 +281,14 @@ class ClientSide(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.limits.buffer_size)
         self.frontend.session_started(self)
         if self.frontend.binds[self.bind_index].accept_proxy:
+            if not self.frontend.proxy_sender_trusted(self.bind_index, self.peer[0]):
+                # accept-proxy-from: decided before any byte is read, as the brokers do.
+                self.frontend.proxy_header_failed(
+                    self, "Connection refused: source not in accept-proxy-from"
+                )
+                self.termination = "PR"
+                self._close()
+                return
             # The balancer in front (a cloud NLB, another lb) speaks first; TLS comes after.
             self.proxy_decoder = proxyproto.ProxyProtocolDecoder()
         else:

@@ -31,7 +31,7 @@ defaults
     timeout client 5s
     timeout server 30s
 frontend devices
-    bind 127.0.0.1:{port} accept-proxy ssl {tls} verify required
+    bind 127.0.0.1:{port} accept-proxy accept-proxy-from 127.0.0.1/32 ssl {tls} verify required
     default_backend brokers
 backend brokers
     server broker1 127.0.0.1:{backend.port} send-proxy-v2-ssl-cn
@@ -145,3 +145,46 @@ backend lbs
     assert received[0].header.source == (device_address[0], device_address[1])
     assert received[0].header.ssl is not None and received[0].header.ssl.cn == device.cn
     backend.close()
+
+
+def test_sender_outside_accept_proxy_from_is_refused_before_reading(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """Only the networks in accept-proxy-from may set a client's address; anyone else is
+    closed before a byte is read, whatever it sends (127.0.0.2 is on loopback too)."""
+    backend = EchoBackend()
+    port = free_port()
+    with run_lb(config_text(pki, port, backend), tmp_path, port) as lb:
+        forged = proxyproto.encode_v2(
+            proxyproto.Command.PROXY, ("203.0.113.9", 1234), ("192.0.2.1", 8883)
+        )
+        with socket.socket() as raw:
+            raw.bind(("127.0.0.2", 0))
+            raw.settimeout(10)
+            raw.connect(("127.0.0.1", port))
+            try:
+                raw.sendall(forged)
+                assert raw.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        line = lb.wait_output("source not in accept-proxy-from", 5)
+        assert "127.0.0.2:" in line
+        assert "203.0.113.9" not in line
+    assert backend.connections == []
+    backend.close()
+
+
+def test_check_warns_about_accept_proxy_from_anyone(tmp_path: Path) -> None:
+    from lb.config import load_config_text
+
+    text = (
+        "defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1s\n"
+        "    timeout server 1s\n"
+        "frontend fe\n    bind 127.0.0.1:8443 accept-proxy\n    default_backend be\n"
+        "backend be\n    server s 127.0.0.1:1883\n"
+    )
+    warnings = [d.text for d in load_config_text(text, "x.cfg").warnings]
+    assert any("accept-proxy-from" in w and "x.cfg:7" in w for w in warnings), warnings
+    trusted = text.replace("accept-proxy\n", "accept-proxy accept-proxy-from 10.0.0.0/8\n")
+    assert not [d for d in load_config_text(trusted, "x.cfg").warnings if "accept-proxy" in d.text]
+    del tmp_path

@@ -594,6 +594,16 @@ def _lint(
             )
         if not frontend.binds and not frontend.listen:
             warn(frontend.origin, "frontend", f"'{frontend.name}' has no 'bind' line", section)
+        for bind in frontend.binds:
+            if bind.accept_proxy and not bind.accept_proxy_from:
+                warn(
+                    bind.origin,
+                    "bind",
+                    f"'accept-proxy' on {bind.address} takes the client address from any "
+                    "sender's PROXY header, and the brokers trust what lb passes on; limit it "
+                    "with 'accept-proxy-from <networks>' (or a firewall)",
+                    section,
+                )
     global_limit = global_.maxconn or _DEFAULT_GLOBAL_MAXCONN
     maxconn_warned = False
     for backend in backends:

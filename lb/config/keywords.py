@@ -624,6 +624,19 @@ def _alpn(value: str) -> tuple[str, ...]:
     return protocols
 
 
+def _networks(value: str) -> tuple[str, ...]:
+    """A comma-separated list of networks (10.0.0.0/8,192.0.2.7), kept as normalized text."""
+    networks: list[str] = []
+    for item in value.split(","):
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise KeywordError(
+                f"expects comma-separated networks like 10.0.0.0/8,192.0.2.7, got '{item}'"
+            ) from None
+    return tuple(networks)
+
+
 def _crt(settings: dict[str, object], value: str) -> None:
     previous = settings.get("crt", ())
     assert isinstance(previous, tuple)
@@ -647,6 +660,7 @@ BIND_OPTIONS: dict[str, OptionSpec] = {
     "alpn": _set("alpn", _alpn),
     "name": _set("name", _text),
     "accept-proxy": _flag("accept_proxy"),
+    "accept-proxy-from": _set("accept_proxy_from", _networks),  # ours: trusted senders
     "maxconn": _set("maxconn", lambda value: parse_integer(value, 1)),
     "close-revoked": _flag("close_revoked"),
     "strict-sni": _flag("strict_sni"),

@@ -153,6 +153,8 @@ class Bind:
     alpn: tuple[str, ...] = ()
     name: str | None = None
     accept_proxy: bool = False
+    # Our own: the networks allowed to send the PROXY header (empty: anyone, as HAProxy).
+    accept_proxy_from: tuple[str, ...] = ()
     maxconn: int | None = None
     close_revoked: bool = False  # our own: drop live sessions whose cert a CRL reload revokes
     strict_sni: bool = False
