@@ -261,12 +261,7 @@ class Cluster:
                 '[cluster.ssl_options] must set verify = "verify_peer" and '
                 "fail_if_no_peer_cert = true: cluster links are mutually authenticated (seed 002)"
             )
-        try:
-            message = tls.check_key_permissions(options.keyfile)
-        except OSError as error:
-            message = f"private key {options.keyfile}: {error.strerror}"
-        if message is not None:
-            problems.append(message)
+        # Key file permissions: tls_listener.key_permission_problems (every key, once).
         if cluster.peers and not config.cookie:
             problems.append("[node] cookie is missing: the cluster's nodes share a cookie")
         return problems

@@ -39,7 +39,7 @@ from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
 from broker.mqtt import ReasonCode
-from broker.tls_listener import ReloadingContext, TLSServer, serve_tls
+from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
 from lb.proxyproto import (
     NEED_DATA,
     ClientFlags,
@@ -71,11 +71,6 @@ def is_trusted(host: str, networks: tuple[Network, ...]) -> bool:
         if any(mapped in network for network in networks):
             return True
     return any(address in network for network in networks)
-
-
-def _address_text(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Listener:
@@ -222,7 +217,7 @@ class MQTTServerProtocol(asyncio.Protocol):
                 logger.warning(
                     "connection from %s refused on PROXY listener %s: address not in "
                     "proxy_protocol_trusted",
-                    _address_text(self.socket_address),
+                    address_text(self.socket_address),
                     config.label,
                 )
                 self._close_transport()
@@ -255,7 +250,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         # A bug must cost one connection, never the node.
         logger.exception(
             "internal error on connection from %s; closing it",
-            _address_text(self.socket_address),
+            address_text(self.socket_address),
         )
         if self.connection is not None:
             self.connection.connection_lost("internal error")
@@ -285,7 +280,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         elif self.proxy_decoder is not None and not was_closed:
             logger.debug(
                 "connection from %s closed while waiting for the PROXY header",
-                _address_text(self.socket_address),
+                address_text(self.socket_address),
             )
         self.transport = None
 
@@ -448,7 +443,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         counters.proxy_header_timeouts += 1
         logger.warning(
             "timeout waiting for the PROXY header from %s on listener %s (%gs)",
-            _address_text(self.socket_address),
+            address_text(self.socket_address),
             self.listener.config.label,
             self.listener.config.proxy_protocol_timeout,
         )
@@ -490,7 +485,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         assert decoder is not None
         config = self.listener.config
         counters = self.listener.broker.counters
-        source = _address_text(self.socket_address)
+        source = address_text(self.socket_address)
         try:
             decoder.feed(data)
             event = decoder.next_event()
@@ -584,7 +579,7 @@ class MQTTServerProtocol(asyncio.Protocol):
                 "PROXY protocol header received on a listener without proxy_protocol = true "
                 "from %s (listener %s): set proxy_protocol = true or remove send-proxy on "
                 "the balancer",
-                _address_text(self.socket_address),
+                address_text(self.socket_address),
                 self.listener.config.label,
             )
             connection.connection_lost("PROXY header on a plain listener")

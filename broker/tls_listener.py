@@ -122,7 +122,8 @@ def handshake_failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _address_text(address: tuple[str, int]) -> str:
+def address_text(address: tuple[str, int]) -> str:
+    """host:port, with IPv6 hosts in brackets, for log lines."""
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -228,7 +229,7 @@ class ReloadingContext:
         for _ in range(MAX_CHAIN_LENGTH):
             if current.issuer == current.subject:
                 break
-            issuer = next((ca for ca in self.trusted if _issued_by(current, ca)), None)
+            issuer = next((ca for ca in self.trusted if tls.issued_by(current, ca)), None)
             if issuer is None:
                 break
             subjects.append(issuer.subject.public_bytes())
@@ -242,16 +243,6 @@ class ReloadingContext:
             "last_error": self.last_error,
             "reload_interval": self.options.reload_interval,
         }
-
-
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if certificate.issuer != issuer.subject:
-        return False
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except Exception:  # InvalidSignature, unsupported key types
-        return False
-    return True
 
 
 class TLSServer:
@@ -341,7 +332,7 @@ class TLSServer:
         else:
             logger.warning(
                 "TLS handshake from %s refused on %s: %s",
-                _address_text(address),
+                address_text(address),
                 self.label,
                 reason,
             )

@@ -207,7 +207,7 @@ def _order_chain(leaf: x509.Certificate, others: list[x509.Certificate]) -> list
     current = leaf
     remaining = list(others)
     while True:
-        issuer = next((c for c in remaining if _issued_by(current, c)), None)
+        issuer = next((c for c in remaining if issued_by(current, c)), None)
         if issuer is None or issuer is current:
             break
         ordered.append(issuer)
@@ -216,7 +216,7 @@ def _order_chain(leaf: x509.Certificate, others: list[x509.Certificate]) -> list
     return ordered + remaining
 
 
-def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
     if certificate.issuer != issuer.subject:
         return False
     try:
@@ -227,7 +227,7 @@ def _issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def is_self_signed(certificate: x509.Certificate) -> bool:
-    return _issued_by(certificate, certificate)
+    return issued_by(certificate, certificate)
 
 
 def common_name(name: x509.Name) -> str | None:
@@ -566,7 +566,7 @@ def ocsp_response_problem(bundle: PemBundle, data: bytes, now: dt.datetime) -> s
             f"OCSP response is for serial {response.serial_number:x}, the certificate's is "
             f"{certificate.serial_number:x}"
         )
-    issuer = next((c for c in bundle.chain if _issued_by(certificate, c)), None)
+    issuer = next((c for c in bundle.chain if issued_by(certificate, c)), None)
     if issuer is not None:
         try:
             expected = (
@@ -953,7 +953,7 @@ def _chain_to_root(
     for _ in range(16):
         if is_self_signed(current):
             return chain
-        issuer = next((c for c in pool if c is not current and _issued_by(current, c)), None)
+        issuer = next((c for c in pool if c is not current and issued_by(current, c)), None)
         if issuer is None:
             return None
         chain.append(issuer)
@@ -990,11 +990,11 @@ def _check_server_chain(
     # missing from the crt file is the classic incomplete chain.
     top = leaf
     for certificate in bundle.chain:
-        if _issued_by(top, certificate):
+        if issued_by(top, certificate):
             top = certificate
     if is_self_signed(top):
         return findings
-    issuer = next((c for c in trusted if _issued_by(top, c)), None)
+    issuer = next((c for c in trusted if issued_by(top, c)), None)
     if issuer is not None and not is_self_signed(issuer):
         findings.append(
             FileFinding(
