@@ -58,12 +58,19 @@ from bench.mqtt_loadgen import (  # noqa: E402
     stop_workers,
     wait_ready,
 )
-from bench.run import Started, _number, cpu_seconds, rss_kib, start, stop  # noqa: E402
+from bench.run import (  # noqa: E402
+    Started,
+    _number,
+    cpu_seconds,
+    rss_kib,
+    start,
+    stop,
+    write_table,
+)
 
 VENV_BIN = Path(sys.executable).parent
 MOSQUITTO = "/usr/sbin/mosquitto"
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "bench" / "README.md"
 TABLE_BEGIN = "<!-- broker table begin -->"
 TABLE_END = "<!-- broker table end -->"
 FIGURES = ("fanin", "fanout", "latency", "idle")
@@ -427,22 +434,17 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
 
 
 def update_readme(result: dict[str, Any]) -> None:
-    text = README.read_text() if README.exists() else ""
     settings = result["settings"]
-    block = (
-        f"{TABLE_BEGIN}\n{result['date']} — `{result['machine']['uname']}`, nproc "
+    write_table(
+        TABLE_BEGIN,
+        TABLE_END,
+        f"{result['date']} — `{result['machine']['uname']}`, nproc "
         f"{result['machine']['nproc']}, {result['machine']['mosquitto']}; medians of "
         f"{settings['repeats']} repeats, {settings['duration']} s each; "
         f"{settings['publishers']} publishers / {settings['subscribers']} subscribers, "
         f"{settings['payload']}-byte payloads, latency at {settings['latency_rate']:g} msg/s, "
-        f"idle at {settings['idle']} connections.\n\n{result['table']}\n{TABLE_END}"
+        f"idle at {settings['idle']} connections.\n\n{result['table']}",
     )
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
-    else:
-        text = text + "\n" + block + "\n"
-    README.write_text(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

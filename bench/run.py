@@ -657,20 +657,28 @@ def haproxy_version() -> str:
     return output.splitlines()[0] if output else ""
 
 
-def update_readme(result: dict[str, Any]) -> None:
+def write_table(begin: str, end: str, body: str) -> None:
+    """Put `body` between the `begin` and `end` markers of bench/README.md (append both when
+    they are not there yet), leaving the rest of the file as it is."""
     text = README.read_text() if README.exists() else ""
-    block = (
-        f"{TABLE_BEGIN}\n{result['date']} — `{result['machine']['uname']}`, nproc "
-        f"{result['machine']['nproc']}, {result['machine']['haproxy']}; "
-        f"medians of {result['settings']['repeats']} repeats, {result['settings']['duration']} s "
-        f"each, nbthread {result['settings']['nbthread']}.\n\n{result['table']}\n{TABLE_END}"
-    )
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text + "\n" + block + "\n"
     README.write_text(text)
+
+
+def update_readme(result: dict[str, Any]) -> None:
+    write_table(
+        TABLE_BEGIN,
+        TABLE_END,
+        f"{result['date']} — `{result['machine']['uname']}`, nproc "
+        f"{result['machine']['nproc']}, {result['machine']['haproxy']}; "
+        f"medians of {result['settings']['repeats']} repeats, {result['settings']['duration']} s "
+        f"each, nbthread {result['settings']['nbthread']}.\n\n{result['table']}",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
