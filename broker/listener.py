@@ -112,7 +112,12 @@ class Listener:
 
         if self.tls is not None:
             self.server = await serve_tls(
-                self.tls, mqtt_protocol, f"listener {config.label}", config.host, config.port
+                self.tls,
+                mqtt_protocol,
+                f"listener {config.label}",
+                config.host,
+                config.port,
+                max_handshakes=config.max_connections,
             )
             self.tls.start()
         else:

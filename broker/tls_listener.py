@@ -265,8 +265,14 @@ class TLSServer:
         label: str,
         on_refused: Callable[[tuple[str, int], str], None] | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_handshakes: int | None = None,
     ) -> None:
         self.context = context
+        # Handshakes in flight at most (the listener's max_connections): beyond it connections
+        # wait in the kernel's backlog, so a ClientHello flood cannot make unbounded tasks and
+        # SSL objects (lb's Listener does the same at maxconn).
+        self.max_handshakes = max_handshakes
+        self._slot_freed: asyncio.Event | None = None
         self.factory = factory
         self.label = label
         self.on_refused = on_refused
@@ -294,7 +300,11 @@ class TLSServer:
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        self._slot_freed = asyncio.Event()
         while True:
+            while self.max_handshakes is not None and len(self._handshakes) >= self.max_handshakes:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
             try:
                 connection, address = await loop.sock_accept(listening)
             except asyncio.CancelledError:
@@ -306,7 +316,12 @@ class TLSServer:
                 continue
             task = loop.create_task(self._handshake(connection, address))
             self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.discard(task)
+        if self._slot_freed is not None:
+            self._slot_freed.set()
 
     async def _handshake(self, connection: socket.socket, address: object) -> None:
         loop = asyncio.get_running_loop()
@@ -358,12 +373,13 @@ async def serve_tls(
     host: str,
     port: int,
     on_refused: Callable[[tuple[str, int], str], None] | None = None,
+    max_handshakes: int | None = None,
 ) -> TLSServer:
     """Listen on ``host:port``; every connection gets the current context of ``contexts``."""
 
     def current() -> ssl.SSLContext:
         return contexts.context
 
-    server = TLSServer(current, factory, label, on_refused)
+    server = TLSServer(current, factory, label, on_refused, max_handshakes=max_handshakes)
     await server.start(host, port)
     return server

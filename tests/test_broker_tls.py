@@ -199,3 +199,40 @@ def test_key_password_is_used(pki: TestPKI, tmp_path: Path) -> None:
     config = tls_node(pki, keyfile=str(encrypted), password="s3cret")
     with running_broker(config) as node:
         assert handshake(node.port(), client_context(pki, pki.device(3)))
+
+
+def test_handshakes_in_flight_are_capped(pki: TestPKI) -> None:
+    """A ClientHello flood cannot make unbounded handshakes: past the cap, connections wait
+    in the kernel's backlog and are taken as slots free."""
+    import asyncio
+
+    from broker.tls_listener import TLSServer
+
+    async def run() -> tuple[int, int]:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(pki.server_chain), str(pki.server_key))
+        server = TLSServer(
+            lambda: context, asyncio.Protocol, "capped", handshake_timeout=30, max_handshakes=2
+        )
+        await server.start("127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for _ in range(100):  # bounded: the two slots fill at once
+            await asyncio.sleep(0.02)
+            if len(server._handshakes) == 2:
+                break
+        capped = len(server._handshakes)
+        silent[0].close()  # its handshake fails, its slot goes to a waiting connection
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if server.handshakes_refused >= 1 and len(server._handshakes) == 2:
+                break
+        after = len(server._handshakes)
+        for sock in silent[1:]:
+            sock.close()
+        server.close()
+        return capped, after
+
+    capped, after = asyncio.run(run())
+    assert capped == 2
+    assert after == 2  # the third connection took the freed slot; the fourth still waits
