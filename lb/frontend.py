@@ -24,6 +24,7 @@ from OpenSSL._util import lib as openssl_lib
 
 from lb import proxyproto
 from lb.config.model import Bind, Frontend, Global
+from lb.counters import FrontendCounters, ProcessCounters, failure_label
 from lb.log import (
     TCPLOG,
     ConnectionErrorLog,
@@ -33,7 +34,6 @@ from lb.log import (
     format_connection_error,
 )
 from lb.proxy import ClientSide, Limits, TimerWheel
-from lb.stats import FrontendCounters, ProcessCounters, failure_label
 from lb.tls import BindContext, VerifyFailure, bind_tls
 
 if TYPE_CHECKING:

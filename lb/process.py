@@ -1,9 +1,9 @@
 """One lb process at run time: the frontends and backends of a configuration, started and
 stopped together. The CLI runs one directly; the master of lb.workers runs one per worker.
 
-Besides the traffic frontends a Runtime serves what lb.stats offers (the Prometheus
-endpoint of a `use-service prometheus-exporter` frontend, the `stats socket` runtime API) and
-runs the certificate/CA/CRL reload watcher of lb.reload.
+Besides the traffic frontends a Runtime serves what lb.stats and lb.runtime_api offer (the
+Prometheus endpoint of a `use-service prometheus-exporter` frontend, the `stats socket`
+runtime API) and runs the certificate/CA/CRL reload watcher of lb.reload.
 
 Under a master (lb.workers) a Runtime is one of several workers, linked to the master by
 lb.control: only the *lead* worker runs the health checks and serves the runtime API and
@@ -32,19 +32,13 @@ from lb.control import (
     apply_server_record,
     server_record,
 )
+from lb.counters import CounterSnapshot, ProcessCounters, take_snapshot
 from lb.frontend import FrontendRuntime, ProcessLimit
 from lb.log import GlobalLogHandler, TrafficLog, install_global_handler, remove_global_handler
 from lb.reload import TLSReloader
+from lb.runtime_api import RuntimeAPI, session_lines
 from lb.server import BackendState, ServerState
-from lb.stats import (
-    CounterSnapshot,
-    ProcessCounters,
-    PrometheusEndpoint,
-    RuntimeAPI,
-    open_stats_socket,
-    session_lines,
-    take_snapshot,
-)
+from lb.stats import PrometheusEndpoint, open_stats_socket
 from lb.tls import BindContext
 
 #: Key of the inherited socket of the n-th `stats socket` line in `Runtime.start(sockets=)`.

@@ -24,9 +24,9 @@ from lb.control import (
     encode,
     server_record,
 )
+from lb.counters import CounterSnapshot, merge_snapshots
 from lb.health import CheckResult, CheckStatus
 from lb.server import BackendState
-from lb.stats import CounterSnapshot, merge_snapshots
 
 ORIGIN = Origin("test.cfg", 1)
 REFUSED = CheckResult(CheckStatus.L4CON, "Connection refused", 0.0)

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from bench.ports import free_port
-from lb.stats import STAT_COLUMNS
+from lb.runtime_api import STAT_COLUMNS
 from tests.harness import VENV_BIN, EchoBackend, Process, client_context, start_process
 from tests.pki import TestPKI
 

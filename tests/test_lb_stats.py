@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.ports import free_port
-from lb.stats import STAT_COLUMNS
+from lb.runtime_api import STAT_COLUMNS
 from tests.harness import EchoBackend, client_context, run_lb, tls_outcome
 from tests.pki import TestPKI
 
