@@ -12,7 +12,9 @@ Signals to the master:
   of binds that did not change are kept (a connection waiting in their accept queue is never
   lost), new ones are opened, new workers are forked and, once every new worker says it is
   ready, the old ones are told to soft-stop: they stop accepting and finish their sessions.
-  `hard-stop-after` bounds how long they may take (then SIGTERM).
+  `hard-stop-after` bounds how long they may take (then SIGTERM). Only then are the sockets
+  of dropped binds closed; if the new workers fail, the sockets the new configuration opened
+  are closed and everything else stays as it was (SocketPool's prepare, commit, abort).
 - SIGUSR1: soft stop of every worker; the master exits when the last one has.
 - SIGTERM / SIGINT: every worker stops now; the master exits.
 
@@ -98,18 +100,41 @@ class Gather:
     deadline: float
 
 
+SocketAddress = tuple[object, ...]
+
+
+@dataclass
+class PendingSockets:
+    """The sockets of a configuration a reload is trying, before it is committed or aborted."""
+
+    sockets: dict[SocketKey, socket.socket]
+    by_address: dict[SocketAddress, socket.socket]
+    opened: list[socket.socket]  # not in the pool before: an abort closes only these
+
+
 @dataclass
 class SocketPool:
-    """Listening sockets by what they are bound to, reused across reloads."""
+    """Listening sockets by what they are bound to, reused across reloads.
 
-    by_address: dict[tuple[object, ...], socket.socket] = field(default_factory=dict)
+    A reload takes two phases: `prepare` opens what the new configuration adds and closes
+    nothing, because the old workers keep serving until the new ones are ready; `commit` then
+    closes what only the old configuration used, while `abort` closes what only the new one
+    opened and leaves the pool as it was."""
+
+    by_address: dict[SocketAddress, socket.socket] = field(default_factory=dict)
 
     def for_config(self, config: Config) -> dict[SocketKey, socket.socket]:
+        """The sockets for every bind of `config`, committed at once (the first start)."""
+        pending = self.prepare(config)
+        self.commit(pending)
+        return pending.sockets
+
+    def prepare(self, config: Config) -> PendingSockets:
         """The sockets for every bind of `config`, reusing those of the same address."""
         from lb.process import STATS_SOCKET_KEY
 
         wanted: dict[SocketKey, socket.socket] = {}
-        kept: dict[tuple[object, ...], socket.socket] = {}
+        kept: dict[SocketAddress, socket.socket] = {}
         opened: list[socket.socket] = []
         try:
             for frontend in config.frontends:
@@ -119,7 +144,7 @@ class SocketPool:
                 ):
                     continue
                 for index, bind in enumerate(frontend.binds):
-                    address: tuple[object, ...] = ("tcp", bind.family, bind.host, bind.port)
+                    address: SocketAddress = ("tcp", bind.family, bind.host, bind.port)
                     sock = kept.get(address) or self.by_address.get(address)
                     if sock is None:
                         sock = open_listening_socket(bind)
@@ -138,11 +163,19 @@ class SocketPool:
             for sock in opened:
                 sock.close()
             raise
+        return PendingSockets(wanted, kept, opened)
+
+    def commit(self, pending: PendingSockets) -> None:
+        """The new configuration serves: close the sockets only the old one used."""
         for address, sock in self.by_address.items():
-            if address not in kept:
+            if address not in pending.by_address:
                 sock.close()
-        self.by_address = kept
-        return wanted
+        self.by_address = pending.by_address
+
+    def abort(self, pending: PendingSockets) -> None:
+        """The new configuration was refused: close what it opened, keep the rest."""
+        for sock in pending.opened:
+            sock.close()
 
     def close(self) -> None:
         for sock in self.by_address.values():
@@ -307,6 +340,18 @@ class Master:
             self._poll(min(remaining, IDLE_POLL))
             self._reap_only_dead(workers)
         return True
+
+    def _discard(self, workers: Sequence[Worker]) -> None:
+        """Kill and reap workers of a refused generation now, so that none of them is left
+        behind carrying a generation number that the next reload gives out again."""
+        self._signal_workers(workers, signal.SIGKILL)
+        for worker in workers:
+            try:
+                os.waitpid(worker.pid, 0)
+            except ChildProcessError:
+                pass  # already reaped by _reap_only_dead
+            if self.workers.pop(worker.pid, None) is not None:
+                self._forget(worker)
 
     def _reap_only_dead(self, workers: Sequence[Worker]) -> None:
         for worker in workers:
@@ -495,18 +540,24 @@ class Master:
             logger.error("reload refused: the configuration has errors; old workers keep serving")
             return False
         try:
-            sockets = self.pool.for_config(config)
+            pending = self.pool.prepare(config)
         except OSError as error:
             logger.error("reload refused: cannot listen: %s; old workers keep serving", error)
             return False
         old = [w for w in self.workers.values() if w.stopping_since is None]
-        self._spawn_generation(config, sockets, lead=False)
+        old_sockets = self.current_sockets
+        self._spawn_generation(config, pending.sockets, lead=False)
         new = self._current()
         if not self._wait_ready(new, READY_TIMEOUT):
             logger.error("reload failed: new workers did not start; old workers keep serving")
-            self._signal_workers(new, signal.SIGKILL)
+            # Roll back completely: an old worker that dies later is replaced with the old
+            # configuration, so it needs the old sockets, every one of them still open.
+            self._discard(new)
             self.generation -= 1
+            self.current_sockets = old_sockets
+            self.pool.abort(pending)
             return False
+        self.pool.commit(pending)
         self.config = config
         self.shared.keep_only((b.name, s.name) for b in config.backends for s in b.servers)
         self._hand_lead(new)

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from bench.ports import free_port
+from lb.config import load_config_text
+from lb.config.model import Config
+from lb.workers import SocketPool
 from tests.harness import VENV_BIN, EchoBackend, client_context, start_process
 from tests.pki import TestPKI
 
@@ -143,3 +146,58 @@ def _refused(port: int) -> bool:
     except OSError:
         return True
     return False
+
+
+def _pool_config(frontends: dict[str, int]) -> Config:
+    text = "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+    text += "    timeout server 30s\n"
+    for name, port in frontends.items():
+        text += f"frontend {name}\n    bind 127.0.0.1:{port}\n    default_backend brokers\n"
+    text += "backend brokers\n    server broker1 127.0.0.1:1\n"
+    result = load_config_text(text)
+    assert result.config is not None, result.diagnostics
+    return result.config
+
+
+def _accepts(port: int) -> bool:
+    return not _refused(port)
+
+
+@pytest.mark.timeout(30)
+def test_socket_pool_reload_is_two_phase() -> None:
+    """A refused reload leaves every old socket open and closes only what it opened; a
+    committed one closes only the sockets of the binds it dropped. (No configuration that
+    passes the master's check makes a new worker fail deterministically, so the master's
+    rollback is covered here, where the sockets are.)"""
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    old = _pool_config({"a": port_a, "b": port_b})
+    new = _pool_config({"a": port_a, "c": port_c})
+    pool = SocketPool()
+    try:
+        serving = pool.for_config(old)
+        old_addresses = dict(pool.by_address)
+
+        # Prepare: the shared bind keeps its socket, the dropped one stays open.
+        pending = pool.prepare(new)
+        assert pending.sockets[("a", 0)] is serving[("a", 0)]
+        assert pending.opened == [pending.sockets[("c", 0)]]
+        assert pool.by_address == old_addresses
+        assert _accepts(port_a) and _accepts(port_b) and _accepts(port_c)
+
+        # Abort: only the socket the new configuration opened is closed.
+        pool.abort(pending)
+        assert pending.sockets[("c", 0)].fileno() == -1
+        assert pool.by_address == old_addresses
+        assert all(sock.fileno() != -1 for sock in serving.values())
+        assert _accepts(port_a) and _accepts(port_b) and _refused(port_c)
+
+        # Commit: only the socket the old configuration alone used is closed.
+        pending = pool.prepare(new)
+        pool.commit(pending)
+        assert serving[("b", 0)].fileno() == -1
+        assert pending.sockets[("a", 0)] is serving[("a", 0)]
+        assert set(pool.by_address.values()) == set(pending.sockets.values())
+        assert _accepts(port_a) and _refused(port_b) and _accepts(port_c)
+    finally:
+        pool.close()
+    assert _refused(port_a) and _refused(port_c)
