@@ -294,4 +294,7 @@ class Runtime:
 
     @property
     def active_sessions(self) -> int:
-        return sum(f.current for f in self.frontends)
+        # Counted from accept(), not from connection_made: a soft-stopping worker must not
+        # exit under a connection it accepted and is still adopting (a dropped connection
+        # during reloads, seen by tests/test_lb_workers.py).
+        return sum(f.reserved for f in self.frontends)
