@@ -162,13 +162,7 @@ def load_private_key(path: Path | str, password: bytes | None = None) -> Private
         raise TLSFileError(path, f"private key: {error}") from None
     except ValueError as error:
         raise TLSFileError(path, f"unreadable private key (wrong password?): {error}") from None
-    if not isinstance(
-        key,
-        rsa.RSAPrivateKey
-        | ec.EllipticCurvePrivateKey
-        | ed25519.Ed25519PrivateKey
-        | ed448.Ed448PrivateKey,
-    ):
+    if not isinstance(key, PrivateKey):
         raise TLSFileError(path, f"unsupported key type {type(key).__name__}")
     return key
 
@@ -613,13 +607,7 @@ def bundle_from_pem(data: bytes, path: Path | str) -> PemBundle:
                 raise TLSFileError(path, f"payload private key: {error}") from None
             break
         start = data.find(b"-----BEGIN ", line_end + 5)
-    if not isinstance(
-        key,
-        rsa.RSAPrivateKey
-        | ec.EllipticCurvePrivateKey
-        | ed25519.Ed25519PrivateKey
-        | ed448.Ed448PrivateKey,
-    ):
+    if not isinstance(key, PrivateKey):
         raise TLSFileError(path, "payload contains no usable private key")
     key_public = _public_bytes(key)
     leaves = [c for c in certificates if _public_bytes(c) == key_public]

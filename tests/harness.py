@@ -140,6 +140,22 @@ class EchoBackend:
         self.sock.close()
 
 
+def running_from(directory: Path) -> list[str]:
+    """Command lines of live processes that name a file under `directory` (what a test that
+    starts processes there checks is gone when it is done)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(directory) in command:
+            found.append(command)
+    return found
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

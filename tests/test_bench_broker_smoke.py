@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, running_from
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 
@@ -34,22 +33,6 @@ FIGURES = {
     "idle": ("kib_per_conn", "held"),
 }
 BROKERS = ("mosquitto", "broker")
-
-
-def _running_from(directory: Path) -> list[str]:
-    """Command lines of live processes that name a file under `directory` (mosquitto's
-    config is there)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(directory) in command:
-            found.append(command)
-    return found
 
 
 def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
@@ -101,4 +84,4 @@ def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
             assert math.isfinite(rate) and rate > 0, f"{figure}: nothing delivered by {broker}"
     assert "broker / mosquitto" in result["table"]
     # every process the suite started is gone
-    assert _running_from(tmp_path) == []
+    assert running_from(tmp_path) == []

@@ -5,14 +5,13 @@ the numbers themselves only mean something from a full `./dev bench` run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, running_from
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(300)]
 
@@ -27,22 +26,6 @@ FIGURES = (
     "rr_200",
     "idle",
 )
-
-
-def _running_from(directory: Path) -> list[str]:
-    """Command lines of live processes that name a file under `directory` (the balancers'
-    configs and the backend's ready file are there)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if str(directory) in command:
-            found.append(command)
-    return found
 
 
 def test_suite_measures_every_figure_for_both_balancers(tmp_path: Path) -> None:
@@ -80,4 +63,4 @@ def test_suite_measures_every_figure_for_both_balancers(tmp_path: Path) -> None:
         assert result["medians"]["idle"]["held"][balancer] == 20
     assert "| figure |" in completed.stdout
     # Nothing it started is left running.
-    assert not _running_from(tmp_path)
+    assert not running_from(tmp_path)

@@ -27,6 +27,7 @@ from .packets import (
     PacketType,
     Pingreq,
     Pingresp,
+    Properties,
     ProtocolLevel,
     Puback,
     Pubcomp,
@@ -291,18 +292,24 @@ _ACK_CLASSES: Final[dict[PacketType, type[Puback | Pubrec | Pubrel | Pubcomp]]] 
 }
 
 
-def _decode_ack(
-    reader: Reader, packet_type: PacketType, v5: bool
-) -> Puback | Pubrec | Pubrel | Pubcomp:
-    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+def _optional_reason(reader: Reader, packet_type: PacketType, v5: bool) -> tuple[int, Properties]:
+    """A 5.0 reason code and properties that may be left out (0x00 and none when absent)."""
     code = 0
     properties = EMPTY_PROPERTIES
-    # 5.0 section 3.4.2.1: the reason code and properties may be left out.
     if v5 and reader.remaining():
         code = reader.u8("the reason code")
         _check_reason(packet_type, code)
         if reader.remaining():
             properties = decode_properties(reader, packet_type)
+    return code, properties
+
+
+def _decode_ack(
+    reader: Reader, packet_type: PacketType, v5: bool
+) -> Puback | Pubrec | Pubrel | Pubcomp:
+    packet_id = _check_packet_id(reader.u16("the packet identifier"))
+    # 5.0 section 3.4.2.1: the reason code and properties may be left out.
+    code, properties = _optional_reason(reader, packet_type, v5)
     _done(reader, packet_type)
     return _ACK_CLASSES[packet_type](packet_id, code, properties)
 
@@ -375,14 +382,8 @@ def _decode_unsuback(reader: Reader, v5: bool) -> Unsuback:
 def _decode_disconnect_or_auth(
     reader: Reader, packet_type: PacketType, v5: bool
 ) -> Disconnect | Auth:
-    code = 0
-    properties = EMPTY_PROPERTIES
     # 5.0 sections 3.14.2.1 and 3.15.2.1: with Remaining Length 0 the reason code is 0x00.
-    if v5 and reader.remaining():
-        code = reader.u8("the reason code")
-        _check_reason(packet_type, code)
-        if reader.remaining():
-            properties = decode_properties(reader, packet_type)
+    code, properties = _optional_reason(reader, packet_type, v5)
     _done(reader, packet_type)
     if packet_type == PacketType.AUTH:
         return Auth(code, properties)
