@@ -15,7 +15,7 @@ from broker import __version__
 from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
 from broker.server import BrokerServer
-from lb.tls import TLSFileError
+from lb.pem import TLSFileError
 
 __all__ = ["main"]
 

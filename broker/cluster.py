@@ -53,13 +53,14 @@ from broker.mqtt import MQTTProtocolError, validate_topic_filter
 from broker.tls_listener import (
     ReloadingContext,
     TLSServer,
+    build_client_ssl_context,
+    build_server_ssl_context,
     handshake_failure_reason,
     key_permission_problems,
-    lb_ssl_options,
     serve_tls,
 )
 from broker.topics import SubscriptionOptions, SubscriptionTrie, split_shared
-from lb import tls
+from lb.pem import TLSFileError
 
 if TYPE_CHECKING:
     from broker.core import Broker
@@ -278,16 +279,14 @@ class Cluster:
         options = self._ssl_options()
         label = f"cluster {self.node_name}"
         try:
-            self.server_contexts = ReloadingContext(
-                label, options, lambda o: tls.build_server_ssl_context(lb_ssl_options(o))
-            )
+            self.server_contexts = ReloadingContext(label, options, build_server_ssl_context)
             # The dialer checks the peer's address against the SAN of its certificate.
             self.client_contexts = ReloadingContext(
                 label,
                 options,
-                lambda o: tls.build_client_ssl_context(lb_ssl_options(o), check_hostname=True),
+                lambda o: build_client_ssl_context(o, check_hostname=True),
             )
-        except (tls.TLSFileError, ssl.SSLError) as error:
+        except (TLSFileError, ssl.SSLError) as error:
             raise ClusterError(f"[cluster.ssl_options]: {error}") from None
         self.server = await serve_tls(
             self.server_contexts,

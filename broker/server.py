@@ -34,8 +34,7 @@ from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
 from broker.statestore import StateStore
-from broker.tls_listener import ReloadingContext, lb_ssl_options
-from lb import tls
+from broker.tls_listener import ReloadingContext, build_server_ssl_context
 
 __all__ = ["BrokerServer", "default_ssl_context"]
 
@@ -45,8 +44,8 @@ TICK_INTERVAL = 1.0
 
 
 def default_ssl_context(options: SSLOptions) -> ssl.SSLContext:
-    """A server context for a ``[listeners.ssl.NAME]`` listener, built by lb.tls."""
-    return tls.build_server_ssl_context(lb_ssl_options(options))
+    """A server context for a ``[listeners.ssl.NAME]`` listener (broker.tls_listener)."""
+    return build_server_ssl_context(options)
 
 
 class BrokerServer:

@@ -5,9 +5,13 @@ Seed 000 ("enable SSL/TLS", the first deployment mode: TLS on the broker itself)
 keyfile with password, verify = verify_peer | verify_none, fail_if_no_peer_cert, versions
 (default tlsv1.3 + tlsv1.2), depth (default 10) and a CRL check; and it says that the broker
 rereads its certificates every 120 s so they rotate without a restart. Seed 002 uses the same
-options for the cluster link. The contexts themselves are built by :mod:`lb.tls`, the one
-TLS module of the project (STYLE.md rule 12); this module owns what happens around them:
+options for the cluster link. This module builds the broker's standard-library contexts
+(asyncio's TLS on uvloop is the fast path; the files are read by :mod:`lb.pem`, which lb
+shares) and owns what happens around them:
 
+- :func:`build_server_ssl_context` / :func:`build_client_ssl_context` turn one ssl_options
+  table into a server context (listeners, the cluster's accepting side) or a client context
+  (the cluster's dialling side).
 - :class:`ReloadingContext` keeps the current :class:`ssl.SSLContext` of one ssl_options
   table and rebuilds it when a file's mtime or size changes (checked every
   ``reload_interval`` seconds). New connections get the new context, connections already
@@ -32,15 +36,16 @@ from pathlib import Path
 from cryptography import x509
 
 from broker.config import BrokerConfig, SSLOptions
-from lb import tls
+from lb import pem
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
     "ReloadingContext",
     "TLSServer",
+    "build_client_ssl_context",
+    "build_server_ssl_context",
     "handshake_failure_reason",
     "key_permission_problems",
-    "lb_ssl_options",
     "serve_tls",
 ]
 
@@ -67,19 +72,50 @@ _REASON_WORDS = {
 }
 
 
-def lb_ssl_options(options: SSLOptions) -> tls.SSLOptions:
-    """The broker config's ssl_options as :mod:`lb.tls` takes them."""
-    return tls.SSLOptions(
-        certfile=options.certfile,
-        keyfile=options.keyfile,
-        cacertfile=options.cacertfile,
-        password=options.password,
-        verify=options.verify,
-        fail_if_no_peer_cert=options.fail_if_no_peer_cert,
-        versions=options.versions,
-        depth=options.depth,
-        crl_file=options.crl_file,
-    )
+#: ssl_options.versions as the standard library names them.
+_STDLIB_VERSIONS = {
+    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
+    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
+    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
+    "tlsv1": ssl.TLSVersion.TLSv1,
+}
+
+
+def _apply_common(context: ssl.SSLContext, options: SSLOptions) -> None:
+    versions = sorted(_STDLIB_VERSIONS[v] for v in options.versions)
+    context.minimum_version = versions[0]
+    context.maximum_version = versions[-1]
+    password = options.password.encode() if options.password else None
+    # Validate first so that a bad file is reported with its name, not as an ssl.SSLError.
+    pem.load_pem_bundle(options.certfile, options.keyfile, password)
+    context.load_cert_chain(str(options.certfile), str(options.keyfile), password)
+    if options.cacertfile:
+        pem.load_certificates(options.cacertfile)
+        context.load_verify_locations(str(options.cacertfile))
+    if options.crl_file:
+        pem.load_crls(options.crl_file)
+        context.load_verify_locations(str(options.crl_file))
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def build_server_ssl_context(options: SSLOptions) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _apply_common(context, options)
+    if options.verify == "verify_peer":
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if options.fail_if_no_peer_cert else ssl.CERT_OPTIONAL
+        )
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def build_client_ssl_context(options: SSLOptions, check_hostname: bool = True) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = check_hostname and options.verify == "verify_peer"
+    _apply_common(context, options)
+    context.verify_mode = ssl.CERT_REQUIRED if options.verify == "verify_peer" else ssl.CERT_NONE
+    return context
 
 
 def key_permission_problems(config: BrokerConfig) -> list[str]:
@@ -93,7 +129,7 @@ def key_permission_problems(config: BrokerConfig) -> list[str]:
     problems: list[str] = []
     for key in dict.fromkeys(keys):
         try:
-            problem = tls.check_key_permissions(key)
+            problem = pem.check_key_permissions(key)
         except FileNotFoundError:
             problem = f"private key {key}: no such file"
         except OSError as error:
@@ -146,7 +182,7 @@ class ReloadingContext:
         self._timer: asyncio.TimerHandle | None = None
         # Raises TLSFileError / ssl.SSLError at start: a node does not start on bad files.
         self.context = build(options)
-        self.signature = tls.file_signature(self.paths())
+        self.signature = pem.file_signature(self.paths())
         self.trusted = self._load_trusted()
 
     def paths(self) -> list[Path | None]:
@@ -157,18 +193,18 @@ class ReloadingContext:
         if self.options.cacertfile is None:
             return []
         try:
-            return tls.load_certificates(self.options.cacertfile)
-        except tls.TLSFileError:
+            return pem.load_certificates(self.options.cacertfile)
+        except pem.TLSFileError:
             return []
 
     def check(self) -> bool:
         """Rebuild the context if a file changed; True when a new context is in use."""
-        signature = tls.file_signature(self.paths())
+        signature = pem.file_signature(self.paths())
         if signature == self.signature:
             return False
         try:
             context = self.build(self.options)
-        except (tls.TLSFileError, ssl.SSLError, OSError, ValueError) as error:
+        except (pem.TLSFileError, ssl.SSLError, OSError, ValueError) as error:
             self.reload_failures += 1
             message = str(error)
             if message != self.last_error:
@@ -229,7 +265,7 @@ class ReloadingContext:
         for _ in range(MAX_CHAIN_LENGTH):
             if current.issuer == current.subject:
                 break
-            issuer = next((ca for ca in self.trusted if tls.issued_by(current, ca)), None)
+            issuer = next((ca for ca in self.trusted if pem.issued_by(current, ca)), None)
             if issuer is None:
                 break
             subjects.append(issuer.subject.public_bytes())

@@ -193,7 +193,7 @@ class CertRecord:
 
     path: str
     pem: bytes
-    signature: tuple[tuple[str, int, int], ...]  # lb.tls.file_signature of the file then
+    signature: tuple[tuple[str, int, int], ...]  # lb.pem.file_signature of the file then
 
     def to_message(self) -> Message:
         return {
@@ -294,7 +294,7 @@ def apply_cert(contexts: Iterable[BindContext], record: CertRecord, *, at_start:
     """Serve a committed certificate on every bind that loads its file; how many took it.
 
     At a worker's start, only while the file on disk is still the one it replaced."""
-    from lb.tls import TLSFileError, bundle_from_pem, file_signature
+    from lb.pem import TLSFileError, bundle_from_pem, file_signature
 
     if at_start and file_signature([Path(record.path)]) != record.signature:
         logger.info("committed certificate %s not kept: the file changed on disk", record.path)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 
-from lb.tls import BindContext, TLSFileError, common_name, file_signature
+from lb.pem import TLSFileError, common_name, file_signature
+from lb.tls import BindContext
 
 if TYPE_CHECKING:
     from lb.frontend import FrontendRuntime

@@ -534,7 +534,8 @@ class RuntimeAPI:
                         seen.add(name)
                         lines.append(name)
             return "\n".join(lines) + "\n"
-        from lb.tls import bundle_from_pem, describe_certificate
+        from lb.pem import bundle_from_pem
+        from lb.tls import describe_certificate
 
         transaction = self.transactions.get(path.lstrip("*"))
         if path.startswith("*"):
@@ -553,7 +554,7 @@ class RuntimeAPI:
         )
 
     def set_ssl_cert(self, path: str, payload: bytes | None) -> str:
-        from lb.tls import TLSFileError, bundle_from_pem
+        from lb.pem import TLSFileError, bundle_from_pem
 
         if not payload:
             raise CommandError("'set ssl cert' expects a filename and a certificate as a payload")
@@ -572,13 +573,13 @@ class RuntimeAPI:
         return f"Transaction created for certificate {path}!\n"
 
     def commit_ssl_cert(self, path: str) -> str:
-        from lb.tls import bundle_from_pem
+        from lb.pem import bundle_from_pem
 
         transaction = self.transactions.pop(path, None)
         if transaction is None:
             raise CommandError("No ongoing transaction!")
         from lb.control import CertRecord, apply_cert
-        from lb.tls import file_signature
+        from lb.pem import file_signature
 
         record = CertRecord(path, transaction.payload, file_signature([Path(path)]))
         bundle_from_pem(record.pem, path)  # validated by `set ssl cert`; raises if not

@@ -1,19 +1,19 @@
-"""TLS for lb and broker: loading PEM material, building contexts, explaining refusals.
+"""lb's TLS: the pyOpenSSL context of a `bind ... ssl` line, and its refusals in words.
 
-One module builds every TLS context in the project (STYLE.md rule 12):
+- `BindContext` makes the pyOpenSSL context of an lb `bind ... ssl` line (`bind_tls` takes
+  its options from the config model). lb uses pyOpenSSL rather than the standard `ssl`
+  module because only it exposes what HAProxy's bind options mean: a verify callback
+  (per-depth error codes for `ca-ignore-err` and `crt-ignore-err`, and the failing
+  certificate for the refusal log line), the list of acceptable client CA names sent in the
+  CertificateRequest (`ca-file` is announced, `ca-verify-file` is not), and OCSP stapling.
+  It also reloads its files (lb.reload) and takes a committed certificate (lb.runtime_api).
+- `explain_verify_failure`, `handshake_error_words`: why a handshake was refused.
+- `check_bind_files` loads and lints certificate, CA and CRL files, so that `lb -c` reports
+  a missing file, a key that does not match its certificate, an incomplete chain or a CRL
+  that does not cover every CA level before anything starts.
 
-- `build_bind_context` makes the pyOpenSSL context of an lb `bind ... ssl` line. lb uses
-  pyOpenSSL rather than the standard `ssl` module because only it exposes what HAProxy's
-  bind options mean: a verify callback (per-depth error codes for `ca-ignore-err` and
-  `crt-ignore-err`, and the failing certificate for the refusal log line), the list of
-  acceptable client CA names sent in the CertificateRequest (`ca-file` is announced,
-  `ca-verify-file` is not), and OCSP stapling.
-- `build_server_ssl_context` / `build_client_ssl_context` make standard-library contexts for
-  the broker's own TLS listener and its cluster link (EMQX's ssl_options), where asyncio's
-  built-in TLS on uvloop is the fast path.
-- `load_pem_bundle`, `check_bind_files` load and lint certificate, CA and CRL files, so that
-  `lb -c` reports a missing file, a key that does not match its certificate, an incomplete
-  chain or a CRL that does not cover every CA level before anything starts.
+The files themselves are read by lb.pem; the broker's standard-library contexts are built
+in broker.tls_listener.
 
 HAProxy 2.6 semantics (configuration.txt, section 5.1): `verify` defaults to none; a failed
 verification aborts the handshake whatever `verify` says unless the error id is listed in
@@ -25,32 +25,35 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 
 from lb import sslctrl
-from lb.config.keywords import X509_V_ERROR_IDS, X509_V_ERRORS
-from lb.config.model import Bind, Global
+from lb.pem import (
+    PemBundle,
+    TLSFileError,
+    common_name,
+    is_self_signed,
+    issued_by,
+    load_certificates,
+    load_crls,
+    load_pem_bundle,
+    read_file,
+)
+from lb.tls_codes import X509_V_ERROR_IDS, X509_V_ERRORS
+
+if TYPE_CHECKING:
+    from lb.config.model import Bind, Global
 
 logger = logging.getLogger(__name__)
 
-PrivateKey = (
-    rsa.RSAPrivateKey
-    | ec.EllipticCurvePrivateKey
-    | ed25519.Ed25519PrivateKey
-    | ed448.Ed448PrivateKey
-)
 Verify = Literal["none", "optional", "required"]
 
 #: HAProxy 2.6 accepts these names for ssl-min-ver / ssl-max-ver.
@@ -69,167 +72,9 @@ DEFAULT_VERIFY_DEPTH = 10
 #: A server certificate that expires sooner than this draws a warning from `lb -c`.
 EXPIRY_WARNING = dt.timedelta(days=30)
 
-#: OpenSSL X509_V_ERR_* ids with their names, for log lines; the config parser owns the table
-#: because ca-ignore-err / crt-ignore-err take either form.
+#: OpenSSL X509_V_ERR_* ids with their names, for log lines (lb.tls_codes).
 X509_V_ERR_NAMES: dict[int, str] = X509_V_ERRORS
 X509_V_ERR_IDS: dict[str, int] = X509_V_ERROR_IDS
-
-
-class TLSFileError(Exception):
-    """A certificate, key, CA or CRL file that cannot be used; the message names the file."""
-
-    def __init__(self, path: Path | str, message: str) -> None:
-        super().__init__(f"{path}: {message}")
-        self.path = Path(path)
-        self.reason = message
-
-
-# --------------------------------------------------------------------------------------------
-# Loading PEM files
-
-
-@dataclass(frozen=True, slots=True)
-class PemBundle:
-    """A `crt` file: the private key, the certificate it belongs to, then its chain."""
-
-    path: Path
-    key: PrivateKey
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise TLSFileError(path, "no such file") from None
-    except IsADirectoryError:
-        raise TLSFileError(path, "is a directory, expected a PEM file") from None
-    except PermissionError:
-        raise TLSFileError(path, "permission denied") from None
-
-
-def load_certificates(path: Path | str) -> list[x509.Certificate]:
-    """Every certificate in a PEM file, in file order; at least one."""
-    path = Path(path)
-    data = _read(path)
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError as error:
-        if b"-----BEGIN CERTIFICATE-----" not in data:
-            raise TLSFileError(path, "contains no PEM certificate") from None
-        raise TLSFileError(path, f"unreadable certificate: {error}") from None
-    return certificates
-
-
-def load_crls(path: Path | str) -> list[x509.CertificateRevocationList]:
-    """Every CRL in a PEM (or single DER) file; at least one."""
-    path = Path(path)
-    data = _read(path)
-    marker = b"-----BEGIN X509 CRL-----"
-    if marker not in data:
-        try:
-            return [x509.load_der_x509_crl(data)]
-        except ValueError:
-            raise TLSFileError(path, "contains no CRL (expected PEM 'X509 CRL' blocks)") from None
-    crls = []
-    for block in data.split(marker)[1:]:
-        pem = marker + block.split(b"-----END X509 CRL-----")[0] + b"-----END X509 CRL-----\n"
-        try:
-            crls.append(x509.load_pem_x509_crl(pem))
-        except ValueError as error:
-            raise TLSFileError(path, f"unreadable CRL: {error}") from None
-    return crls
-
-
-def _public_bytes(key: object) -> bytes:
-    public = key.public_key()  # type: ignore[attr-defined]
-    return bytes(
-        public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-
-
-def load_private_key(path: Path | str, password: bytes | None = None) -> PrivateKey:
-    path = Path(path)
-    data = _read(path)
-    if b"PRIVATE KEY-----" not in data:
-        raise TLSFileError(path, "contains no PEM private key")
-    try:
-        key = serialization.load_pem_private_key(data, password)
-    except TypeError as error:  # encrypted without password, or password for a plain key
-        raise TLSFileError(path, f"private key: {error}") from None
-    except ValueError as error:
-        raise TLSFileError(path, f"unreadable private key (wrong password?): {error}") from None
-    if not isinstance(key, PrivateKey):
-        raise TLSFileError(path, f"unsupported key type {type(key).__name__}")
-    return key
-
-
-def load_pem_bundle(
-    path: Path | str, key_path: Path | str | None = None, password: bytes | None = None
-) -> PemBundle:
-    """Load a `crt` file: key + certificate + chain in one PEM (HAProxy also finds the key in
-    `<file>.key` when the PEM has none). The certificate that matches the key is the leaf;
-    the others are its chain, ordered from the leaf upwards."""
-    path = Path(path)
-    certificates = load_certificates(path)
-    if key_path is None:
-        data = _read(path)
-        if b"PRIVATE KEY-----" in data:
-            key_path = path
-        elif Path(f"{path}.key").exists():
-            key_path = Path(f"{path}.key")
-        else:
-            raise TLSFileError(path, f"contains no private key (and no {path.name}.key beside it)")
-    key = load_private_key(key_path, password)
-    key_public = _public_bytes(key)
-    leaves = [c for c in certificates if _public_bytes(c) == key_public]
-    if not leaves:
-        raise TLSFileError(
-            path, f"the private key does not match any certificate in the file ({key_path})"
-        )
-    leaf = leaves[0]
-    rest = [c for c in certificates if c is not leaf]
-    return PemBundle(path, key, leaf, tuple(_order_chain(leaf, rest)))
-
-
-def _order_chain(leaf: x509.Certificate, others: list[x509.Certificate]) -> list[x509.Certificate]:
-    """The chain above `leaf` as found in `others`, nearest issuer first; strays at the end."""
-    ordered: list[x509.Certificate] = []
-    current = leaf
-    remaining = list(others)
-    while True:
-        issuer = next((c for c in remaining if issued_by(current, c)), None)
-        if issuer is None or issuer is current:
-            break
-        ordered.append(issuer)
-        remaining.remove(issuer)
-        current = issuer
-    return ordered + remaining
-
-
-def issued_by(certificate: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if certificate.issuer != issuer.subject:
-        return False
-    try:
-        certificate.verify_directly_issued_by(issuer)
-    except (ValueError, TypeError, Exception):  # InvalidSignature and unsupported key types
-        return False
-    return True
-
-
-def is_self_signed(certificate: x509.Certificate) -> bool:
-    return issued_by(certificate, certificate)
-
-
-def common_name(name: x509.Name) -> str | None:
-    attributes = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not attributes:
-        return None
-    value = attributes[0].value
-    return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
 def utc_text(moment: dt.datetime) -> str:
@@ -528,7 +373,7 @@ def load_ocsp_responses(bundles: Sequence[PemBundle]) -> dict[int, bytes]:
         path = Path(f"{bundle.path}.ocsp")
         if not path.exists():
             continue
-        data = _read(path)
+        data = read_file(path)
         problem = ocsp_response_problem(bundle, data, now)
         if problem is not None:
             logger.warning("%s: %s: not stapled", path, problem)
@@ -585,37 +430,6 @@ def ocsp_response_problem(bundle: PemBundle, data: bytes, now: dt.datetime) -> s
     if next_update is not None and next_update + OCSP_TIME_SKEW < now:
         return f"OCSP response expired on {utc_text(next_update)} (nextUpdate)"
     return None
-
-
-def bundle_from_pem(data: bytes, path: Path | str) -> PemBundle:
-    """A `crt` bundle from PEM text (the runtime API's `set ssl cert` payload)."""
-    path = Path(path)
-    try:
-        certificates = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise TLSFileError(path, "payload contains no PEM certificate") from None
-    start = data.find(b"-----BEGIN ")
-    key: object = None
-    while start >= 0:
-        end_marker = data.find(b"-----END ", start)
-        line_end = data.find(b"-----", end_marker + 9)
-        block = data[start : line_end + 5]
-        if b"PRIVATE KEY-----" in block[:40]:
-            try:
-                key = serialization.load_pem_private_key(block, None)
-            except (TypeError, ValueError) as error:
-                raise TLSFileError(path, f"payload private key: {error}") from None
-            break
-        start = data.find(b"-----BEGIN ", line_end + 5)
-    if not isinstance(key, PrivateKey):
-        raise TLSFileError(path, "payload contains no usable private key")
-    key_public = _public_bytes(key)
-    leaves = [c for c in certificates if _public_bytes(c) == key_public]
-    if not leaves:
-        raise TLSFileError(path, "the private key does not match any certificate in the payload")
-    leaf = leaves[0]
-    rest = [c for c in certificates if c is not leaf]
-    return PemBundle(path, key, leaf, tuple(_order_chain(leaf, rest)))
 
 
 def _one_line(name: x509.Name) -> str:
@@ -878,7 +692,7 @@ def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[F
         if ocsp_path.exists():
             # HAProxy -c: "Loading: OCSP single response: no longer valid.. Content will be
             # ignored." lb says which check failed.
-            problem = ocsp_response_problem(bundle, _read(ocsp_path), now)
+            problem = ocsp_response_problem(bundle, read_file(ocsp_path), now)
             if problem is not None:
                 findings.append(
                     FileFinding("warning", "crt", f"{ocsp_path}: {problem}: it will not be stapled")
@@ -996,86 +810,6 @@ def _check_server_chain(
     return findings
 
 
-# --------------------------------------------------------------------------------------------
-# Standard-library contexts for the broker (own TLS listener, cluster link)
-
-
-@dataclass(frozen=True, slots=True)
-class SSLOptions:
-    """EMQX-style ssl_options (seed 000): cacertfile, certfile, keyfile, verify, ..."""
-
-    certfile: Path
-    keyfile: Path | None = None
-    cacertfile: Path | None = None
-    password: str | None = None
-    verify: Literal["verify_peer", "verify_none"] = "verify_none"
-    fail_if_no_peer_cert: bool = False
-    versions: tuple[str, ...] = ("tlsv1.3", "tlsv1.2")
-    depth: int = DEFAULT_VERIFY_DEPTH
-    crl_file: Path | None = None
-    ciphers: str | None = None
-
-
-_STDLIB_VERSIONS = {
-    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
-    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
-    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
-    "tlsv1": ssl.TLSVersion.TLSv1,
-}
-
-
-def _apply_common(context: ssl.SSLContext, options: SSLOptions) -> None:
-    versions = sorted(_STDLIB_VERSIONS[v] for v in options.versions)
-    context.minimum_version = versions[0]
-    context.maximum_version = versions[-1]
-    if options.ciphers:
-        context.set_ciphers(options.ciphers)
-    password = options.password.encode() if options.password else None
-    # Validate first so that a bad file is reported with its name, not as an ssl.SSLError.
-    load_pem_bundle(options.certfile, options.keyfile, password)
-    context.load_cert_chain(
-        str(options.certfile), str(options.keyfile) if options.keyfile else None, password
-    )
-    if options.cacertfile:
-        load_certificates(options.cacertfile)
-        context.load_verify_locations(str(options.cacertfile))
-    if options.crl_file:
-        load_crls(options.crl_file)
-        context.load_verify_locations(str(options.crl_file))
-        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
-
-
-def build_server_ssl_context(options: SSLOptions) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _apply_common(context, options)
-    if options.verify == "verify_peer":
-        context.verify_mode = (
-            ssl.CERT_REQUIRED if options.fail_if_no_peer_cert else ssl.CERT_OPTIONAL
-        )
-    else:
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def build_client_ssl_context(options: SSLOptions, check_hostname: bool = True) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = check_hostname and options.verify == "verify_peer"
-    _apply_common(context, options)
-    context.verify_mode = ssl.CERT_REQUIRED if options.verify == "verify_peer" else ssl.CERT_NONE
-    return context
-
-
-def check_key_permissions(path: Path | str) -> str | None:
-    """Seed 002: key files readable only by their owner. Returns a message when they are not."""
-    mode = os.stat(path).st_mode & 0o777
-    if mode & 0o077:
-        return (
-            f"private key {path} is readable by group or others (mode {mode:o}); "
-            f"fix it with: chmod 600 {path}"
-        )
-    return None
-
-
 def peer_identity(certificate: x509.Certificate) -> tuple[str | None, tuple[bytes, ...]]:
     """The CN of a client certificate and its subject as DER (for authorization attributes)."""
     return common_name(certificate.subject), (certificate.subject.public_bytes(),)
@@ -1087,21 +821,6 @@ def has_client_auth(certificate: x509.Certificate) -> bool:
     except x509.ExtensionNotFound:
         return True
     return ExtendedKeyUsageOID.CLIENT_AUTH in usage
-
-
-def file_signature(paths: Iterable[Path | None]) -> tuple[tuple[str, int, int], ...]:
-    """What a reload watcher compares to decide that files changed (path, mtime_ns, size)."""
-    result = []
-    for path in paths:
-        if path is None:
-            continue
-        try:
-            stat = os.stat(path)
-        except OSError:
-            result.append((str(path), -1, -1))
-            continue
-        result.append((str(path), stat.st_mtime_ns, stat.st_size))
-    return tuple(result)
 
 
 Callback = Callable[[], None]

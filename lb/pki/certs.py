@@ -18,16 +18,19 @@ import ipaddress
 import os
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from lb import pem as pem_files
+from lb.pem import is_self_signed
 
 __all__ = [
     "CA_KEY_USAGE",
@@ -267,11 +270,7 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256:
 
 def common_name(cert: x509.Certificate) -> str:
     """The subject's first CN, or "" when it has none."""
-    attributes = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not attributes:
-        return ""
-    value = attributes[0].value
-    return value if isinstance(value, str) else value.decode(errors="replace")
+    return pem_files.common_name(cert.subject) or ""
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
@@ -280,17 +279,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
     except x509.ExtensionNotFound:
         return False
     return constraints.ca
-
-
-def is_self_signed(cert: x509.Certificate) -> bool:
-    """True when the certificate names itself as issuer and its own key verifies it."""
-    if cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
 
 
 def _check_common_name(value: str) -> str:
@@ -720,27 +708,30 @@ def write_allinone(
     return Path(path)
 
 
-def _read(path: Path) -> bytes:
+@contextmanager
+def _pki_errors() -> Iterator[None]:
+    """lb.pem's file errors (which name the file) as lb-pki's one error family."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError as error:
-        raise PKIError(f"{path}: no such file") from error
-    except OSError as error:
-        raise PKIError(f"{path}: cannot read: {error.strerror}") from error
+        yield
+    except pem_files.TLSFileError as error:
+        raise PKIError(str(error)) from None
+
+
+def _read(path: Path) -> bytes:
+    with _pki_errors():
+        return pem_files.read_file(path)
 
 
 def load_certs(path: Path | str) -> list[x509.Certificate]:
-    """Every certificate in a PEM file, in file order (DER is read too: one certificate)."""
-    path = Path(path)
-    data = _read(path)
-    try:
-        if b"-----BEGIN" in data:
-            certs = x509.load_pem_x509_certificates(data)
-        else:
-            certs = [x509.load_der_x509_certificate(data)]
-    except ValueError as error:
-        raise PKIError(f"{path}: no readable certificate ({error})") from error
-    return certs
+    """Every certificate in a PEM file, in file order, or the one certificate of a DER file."""
+    with _pki_errors():
+        return pem_files.load_certificates(path, der=True)
+
+
+def load_crls(path: Path | str) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (or the single CRL of a DER file)."""
+    with _pki_errors():
+        return pem_files.load_crls(path)
 
 
 def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
@@ -749,25 +740,6 @@ def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
 
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
-
-
-def load_crls(path: Path | str) -> list[x509.CertificateRevocationList]:
-    """Every CRL in a PEM file (or the single CRL of a DER file)."""
-    path = Path(path)
-    data = _read(path)
-    try:
-        if b"-----BEGIN" not in data:
-            return [x509.load_der_x509_crl(data)]
-        crls = [
-            x509.load_pem_x509_crl(block)
-            for label, block in _pem_blocks(data)
-            if label == "X509 CRL"
-        ]
-    except ValueError as error:
-        raise PKIError(f"{path}: unreadable CRL ({error})") from error
-    if not crls:
-        raise PKIError(f"{path}: no X509 CRL block in this PEM file")
-    return crls
 
 
 def load_key(path: Path | str, password: bytes | None = None) -> PrivateKey:
