@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from OpenSSL import SSL, crypto
-from OpenSSL._util import lib as openssl_lib
 
-from lb import proxyproto
+from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global
 from lb.counters import FrontendCounters, ProcessCounters, failure_label
 from lb.log import (
@@ -345,13 +343,7 @@ class FrontendRuntime:
         own = 1 if server_side is not None and not server_side.closed else 0
         tls = client.tls
         info = client.ssl_info
-        subject: tuple[tuple[str, str], ...] = ()
-        issuer: tuple[tuple[str, str], ...] = ()
-        if tls is not None:
-            certificate = tls.get_peer_certificate()
-            if certificate is not None:
-                subject = _name_parts(certificate.get_subject())
-                issuer = _name_parts(certificate.get_issuer())
+        subject, issuer = tls_io.peer_name_parts(tls) if tls is not None else ((), ())
         return SessionRecord(
             client_ip=client.peer[0],
             client_port=client.peer[1],
@@ -443,30 +435,6 @@ class FrontendRuntime:
 
     # -- per-session answers for the data path -------------------------------------------------
 
-    def ssl_info_for(self, tls: SSL.Connection) -> proxyproto.SSLInfo:
-        flags = proxyproto.ClientFlags.SSL
-        verify = 0
-        cn: str | None = None
-        certificate = tls.get_peer_certificate()
-        ssl_pointer = tls._ssl
-        if certificate is not None:
-            flags |= proxyproto.ClientFlags.CERT_SESS
-            verify = int(openssl_lib.SSL_get_verify_result(ssl_pointer))
-            if not openssl_lib.SSL_session_reused(ssl_pointer):
-                flags |= proxyproto.ClientFlags.CERT_CONN
-            # X509Name lookup in OpenSSL: a to_cryptography() parse cost ~5% of lb CPU per
-            # resumed handshake (py-spy, bench resume_*).
-            cn = certificate.get_subject().commonName
-        return proxyproto.SSLInfo(
-            client=flags,
-            verify=verify,
-            version=tls.get_protocol_version_name(),
-            cn=cn,
-            cipher=tls.get_cipher_name(),
-            sig_alg=None,
-            key_alg=None,
-        )
-
     def proxy_header_for(self, client: ClientSide, server: ServerState) -> bytes | None:
         config = server.config
         if config.send_proxy_v2:
@@ -500,7 +468,7 @@ class FrontendRuntime:
                     key_alg=key_alg if "cert-key" in options else None,
                 )
             if "chain-subjects" in options:
-                chain = verified_chain_subjects(tls)
+                chain = tls_io.verified_chain_subjects(tls)
         return proxyproto.encode_v2(
             proxyproto.Command.PROXY,
             client.peer,
@@ -511,21 +479,6 @@ class FrontendRuntime:
             crc32c="crc32c" in options,
             chain_subjects=chain,
         )
-
-
-def _name_parts(name: crypto.X509Name) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (key.decode("ascii", "replace"), value.decode("utf-8", "replace"))
-        for key, value in name.get_components()
-    )
-
-
-def verified_chain_subjects(tls: SSL.Connection) -> tuple[bytes, ...]:
-    """DER subjects of the verified client chain, leaf first, up to the root."""
-    chain = tls.get_verified_chain()
-    if not chain:
-        return ()
-    return tuple(c.to_cryptography().subject.public_bytes() for c in chain)
 
 
 def _describe_own_certificate(certificate: x509.Certificate) -> tuple[str | None, str | None]:

@@ -11,14 +11,15 @@ the server's EOF becomes EOF to a plain client, and close_notify then the end of
 to a TLS client.
 
 The TLS engine is pyOpenSSL rather than the `ssl` module so that a refused handshake can be
-explained (see lb.tls). Timeouts are lazy: activity only stamps the time, and a
+explained (see lb.tls); it is driven through lb.tls_io, which holds every use of pyOpenSSL's
+internals. Timeouts are lazy: activity only stamps the time, and a
 `TimerWheel` per frontend (one loop timer for the earliest slot of TIMER_RESOLUTION seconds)
 checks a session's deadline when its slot comes; a session that was active meanwhile goes
 back into a later slot.
 
 Memory per idle session (bench/idle_memory.py) is mostly OpenSSL's; once the handshake is
-done a session drops what only the handshake needed (`_release_handshake_state`), and the
-memory BIOs are fed and drained one TLS record (TLS_CHUNK) at a time.
+done a session drops what only the handshake needed (`tls_io.release_handshake_state`), and
+the memory BIOs are fed and drained one TLS record (`tls_io.TLS_CHUNK`) at a time.
 """
 
 from __future__ import annotations
@@ -36,10 +37,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _openssl_lib
 
-from lb import proxyproto, sslctrl
+from lb import proxyproto, tls_io
 from lb.queue import PendingConnection
 from lb.server import QueueFull
 from lb.tls import BindContext, VerifyState, describe_name, handshake_error_words
@@ -50,35 +49,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Plaintext read from the TLS engine at a time (one TLS record is at most 16 KiB).
-TLS_READ_SIZE = 65536
-#: Ciphertext taken from the engine's outgoing BIO at a time.
-TLS_WRITE_SIZE = 65536 + 4096
-#: Bytes handed to the engine at a time, either way: one TLS record's plaintext (RFC 8446
-#: 5.1), so that a memory BIO never holds (and never keeps the capacity of) more than about
-#: one record. Before: a BIO grew to the largest read or write ever (uvloop reads up to
-#: 256 KiB) and kept it for the session's life. It is also the fastest: bulk_1 CPU s/GB was
-#: 1.72 with 16 KiB, 2.70 with 64 KiB, 6.35 with 1 MiB (same machine, same hour; noisy).
-TLS_CHUNK = 16384
+#: Bytes handed to the TLS engine at a time, either way (see lb.tls_io).
+TLS_CHUNK = tls_io.TLS_CHUNK
 #: Granularity of idle timeouts (seconds): a timeout fires at most this late.
 TIMER_RESOLUTION = 0.05
-
-# One event loop per process runs every callback in turn, so one buffer per direction is
-# shared by all connections; each read is copied out to bytes before the next.
-_READ_BUFFER = _ffi.new("char[]", TLS_READ_SIZE)
-_WRITE_BUFFER = _ffi.new("char[]", TLS_WRITE_SIZE)
-_SSL_read = _openssl_lib.SSL_read
-_SSL_write = _openssl_lib.SSL_write
-_SSL_get_error = _openssl_lib.SSL_get_error
-_BIO_read = _openssl_lib.BIO_read
-_BIO_write = _openssl_lib.BIO_write
-_SSL_ERROR_WANT_READ = _openssl_lib.SSL_ERROR_WANT_READ
-_BIO_new = _openssl_lib.BIO_new
-_BIO_s_mem = _openssl_lib.BIO_s_mem
-_BIO_free = _openssl_lib.BIO_free
-_BIO_get_mem_data = _openssl_lib.BIO_get_mem_data
-_SSL_set_bio = _openssl_lib.SSL_set_bio
-_NO_DATA = _ffi.new("char **")
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +335,7 @@ class ClientSide(asyncio.Protocol):
     def _decrypt(self, data: bytes | memoryview) -> None:
         tls = self.tls
         assert tls is not None
-        _BIO_write(tls._into_ssl, _ffi.from_buffer(data), len(data))
+        tls_io.feed(tls, data)
         if not self.handshake_done:
             try:
                 tls.do_handshake()
@@ -387,22 +361,17 @@ class ClientSide(asyncio.Protocol):
             if self.closed:  # refused after all (a revoked resumption)
                 return
         while True:
-            # SSL_read into one shared buffer: pyOpenSSL's recv allocates 64 KiB per call and
-            # ends every loop with a WantReadError (bench rr_200: see bench/README.md).
-            count = _SSL_read(tls._ssl, _READ_BUFFER, TLS_READ_SIZE)
-            if count <= 0:
-                if _SSL_get_error(tls._ssl, count) == _SSL_ERROR_WANT_READ:
-                    break
-                try:
-                    tls._raise_ssl_error(tls._ssl, count)
-                except SSL.ZeroReturnError:  # close_notify: the client is done sending
-                    self._client_done()
-                    break
-                except SSL.Error as error:
-                    self._abort("CD", f"TLS error from client: {handshake_error_words(error)}")
-                    return
+            try:
+                plaintext = tls_io.read(tls)
+            except SSL.ZeroReturnError:  # close_notify: the client is done sending
+                self._client_done()
                 break
-            self._to_server(_ffi.buffer(_READ_BUFFER, count)[:])
+            except SSL.Error as error:
+                self._abort("CD", f"TLS error from client: {handshake_error_words(error)}")
+                return
+            if not plaintext:
+                break
+            self._to_server(plaintext)
         self._flush_tls()
 
     def eof_received(self) -> bool:
@@ -460,27 +429,15 @@ class ClientSide(asyncio.Protocol):
         transport = self.transport
         if tls is None or transport is None:
             return
-        chunks: list[bytes] = []
-        self._drain_tls(chunks)
-        if chunks:
-            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-
-    def _drain_tls(self, chunks: list[bytes]) -> None:
-        tls = self.tls
-        assert tls is not None
-        while True:
-            # BIO_read into one shared buffer: no 68 KiB allocation per call and no
-            # WantReadError to end the loop (measured in bench/README.md, rr_200 and bulk).
-            count = _BIO_read(tls._from_ssl, _WRITE_BUFFER, TLS_WRITE_SIZE)
-            if count <= 0:
-                break
-            chunks.append(_ffi.buffer(_WRITE_BUFFER, count)[:])
+        output = tls_io.take_output(tls)
+        if output:
+            transport.write(output)
 
     def _handshake_complete(self) -> None:
         tls = self.tls
         assert tls is not None
         self.handshake_done = True
-        info = self.ssl_info = self.frontend.ssl_info_for(tls)
+        info = self.ssl_info = tls_io.session_info(tls)
         context = self.tls_context
         resumed_with_certificate = (
             info.client & proxyproto.ClientFlags.CERT_SESS
@@ -517,28 +474,11 @@ class ClientSide(asyncio.Protocol):
         return True
 
     def _release_handshake_state(self, tls: SSL.Connection) -> None:
-        """Drop what only the handshake needed; an idle session keeps the rest for days.
-        Each step's saving is per session, measured with bench/idle_memory.py."""
+        """Drop what only the handshake needed: the verify record here, and the engine's
+        (tls_io.release_handshake_state); an idle session keeps the rest for days."""
         self.verify_state = None
         tls.set_app_data(None)
-        # No callback (verify, SNI, ALPN, OCSP) runs after the handshake (renegotiation is
-        # off), so pyOpenSSL's SSL* -> Connection map entry can go: ~400 B of weakref.
-        SSL.Connection._reverse_mapping.pop(tls._ssl, None)
-        # The intermediates the client sent (a parsed copy, ~5.8 KiB each): the verified
-        # chain keeps the ones verification used, which are what close-revoked checks.
-        sslctrl.drop_peer_chain(tls._ssl)
-        # Fresh memory BIOs: the old ones keep the capacity of the handshake flights
-        # (~4 KiB together). Only when the incoming one is drained (it always is here,
-        # unless the client pipelined a partial record behind its Finished).
-        if _BIO_get_mem_data(tls._into_ssl, _NO_DATA) == 0:
-            into_ssl, from_ssl = _BIO_new(_BIO_s_mem()), _BIO_new(_BIO_s_mem())
-            if _ffi.NULL in (into_ssl, from_ssl):  # out of memory: keep the old pair
-                for bio in (into_ssl, from_ssl):
-                    if bio != _ffi.NULL:
-                        _BIO_free(bio)
-            else:
-                _SSL_set_bio(tls._ssl, into_ssl, from_ssl)  # frees the old pair
-                tls._into_ssl, tls._from_ssl = into_ssl, from_ssl
+        tls_io.release_handshake_state(tls)
 
     def _handshake_failed(self, error: SSL.Error | None) -> None:
         assert self.tls_context is not None
@@ -777,25 +717,9 @@ class ClientSide(asyncio.Protocol):
         if tls is None:
             transport.write(data)
             return
-        ssl = tls._ssl
-        if len(data) <= TLS_CHUNK:
-            # SSL_write directly: pyOpenSSL's send checks its callback helpers every call.
-            written = _SSL_write(ssl, _ffi.from_buffer(data), len(data))
-            if written <= 0:
-                tls._raise_ssl_error(ssl, written)
-            self._flush_tls()
-            return
-        # TLS_CHUNK at a time, drained after each, so the outgoing BIO never holds (and
-        # keeps the capacity of) a whole read; one transport write for all of it.
-        chunks: list[bytes] = []
-        view = memoryview(data)
-        for start in range(0, len(data), TLS_CHUNK):
-            piece = view[start : start + TLS_CHUNK]
-            written = _SSL_write(ssl, _ffi.from_buffer(piece), len(piece))
-            if written <= 0:
-                tls._raise_ssl_error(ssl, written)
-            self._drain_tls(chunks)
-        transport.write(b"".join(chunks))
+        output = tls_io.encrypt(tls, data)  # one transport write for all of it
+        if output:
+            transport.write(output)
 
     def server_done(self) -> None:
         """The server sent EOF: pass it on; close when both directions are done. A TLS

@@ -35,7 +35,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 
-from lb import sslctrl
+from lb import tls_io
 from lb.pem import (
     PemBundle,
     TLSFileError,
@@ -510,14 +510,14 @@ def share_ticket_key(key: bytes) -> None:
 
 
 def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
-    """Session cache size and lifetime, and shared ticket keys (lb.sslctrl says how)."""
+    """Session cache size and lifetime, and shared ticket keys (lb.tls_io says how)."""
     # SSL_CTX_set_timeout: both the cache's expiry and the ticket lifetime hint.
     context.set_timeout(options.session_lifetime)
     if options.session_cache_size == 0:
         context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     else:
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-        if not sslctrl.set_session_cache_size(context, options.session_cache_size):
+        if not tls_io.set_session_cache_size(context, options.session_cache_size):
             logger.warning(
                 "tune.ssl.cachesize %d not applied: SSL_CTX_ctrl is not reachable in this "
                 "OpenSSL build; the session cache keeps OpenSSL's default size",
@@ -525,10 +525,10 @@ def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
             )
     if options.tls_ticket_keys is not None and not options.no_tls_tickets:
         try:
-            key = sslctrl.load_ticket_keys(options.tls_ticket_keys)
-        except sslctrl.TicketKeyError as error:
+            key = tls_io.load_ticket_keys(options.tls_ticket_keys)
+        except tls_io.TicketKeyError as error:
             raise TLSFileError(options.tls_ticket_keys, error.reason) from None
-        if not sslctrl.set_ticket_key(context, key):
+        if not tls_io.set_ticket_key(context, key):
             raise TLSFileError(
                 options.tls_ticket_keys,
                 "tls-ticket-keys cannot be applied: SSL_CTX_ctrl is not reachable in this "
@@ -537,7 +537,7 @@ def _apply_session_settings(context: SSL.Context, options: BindTLS) -> None:
     elif (
         _shared_ticket_key is not None
         and not options.no_tls_tickets
-        and not sslctrl.set_ticket_key(context, _shared_ticket_key)
+        and not tls_io.set_ticket_key(context, _shared_ticket_key)
     ):
         logger.warning(
             "the workers' shared TLS ticket key cannot be applied (SSL_CTX_ctrl is not reachable "
@@ -605,15 +605,8 @@ def explain_verify_failure(failure: VerifyFailure, revoked_on: dt.datetime | Non
     elif code in (7, 4):
         words = f"{what} has an invalid signature"
     else:
-        words = f"{what}: {verify_error_string(code)}"
+        words = f"{what}: {tls_io.verify_error_string(code)}"
     return f"{words} ({failure.name}, depth {failure.depth})"
-
-
-def verify_error_string(code: int) -> str:
-    from OpenSSL._util import ffi, lib
-
-    text = lib.X509_verify_cert_error_string(code)
-    return str(ffi.string(text).decode("ascii", "replace"))
 
 
 def describe_name(name: x509.Name) -> str:
@@ -681,8 +674,8 @@ def check_bind_files(options: BindTLS, now: dt.datetime | None = None) -> list[F
             findings.append(FileFinding("error", "crl-file", str(error)))
     if options.tls_ticket_keys is not None:
         try:
-            sslctrl.load_ticket_keys(options.tls_ticket_keys)
-        except sslctrl.TicketKeyError as error:
+            tls_io.load_ticket_keys(options.tls_ticket_keys)
+        except tls_io.TicketKeyError as error:
             findings.append(FileFinding("error", "tls-ticket-keys", str(error)))
     client_cas = loaded.get("ca-file", [])
     trusted = client_cas + loaded.get("ca-verify-file", [])

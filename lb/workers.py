@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lb import sslctrl, tls
+from lb import tls, tls_io
 from lb.config.errors import Diagnostic, format_report
 from lb.config.model import Config
 from lb.control import (
@@ -219,7 +219,7 @@ class Master:
         self.hard_stop_deadline: float | None = None
         self.shared = SharedState()
         # One ticket key for every worker of every generation (see lb.tls.share_ticket_key).
-        tls.share_ticket_key(os.urandom(sslctrl.OPENSSL_TICKET_KEY_SIZE))
+        tls.share_ticket_key(os.urandom(tls_io.OPENSSL_TICKET_KEY_SIZE))
         self.lead_pid: int | None = None
         self.gathers: dict[int, Gather] = {}
         self.next_gather = 0

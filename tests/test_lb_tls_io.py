@@ -1,6 +1,7 @@
-"""lb.sslctrl: HAProxy's tls-ticket-keys file format, the session cache size and the ticket
-key reaching pyOpenSSL's OpenSSL through SSL_CTX_ctrl, dropping a client's presented chain,
-and TLS 1.2 / 1.3 resumption across two worker processes that share a ticket key file."""
+"""lb.tls_io beyond the data path: HAProxy's tls-ticket-keys file format, the session cache
+size and the ticket key reaching pyOpenSSL's OpenSSL through SSL_CTX_ctrl, dropping a
+client's presented chain, and TLS 1.2 / 1.3 resumption across two worker processes that
+share a ticket key file."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from OpenSSL import SSL
 
 from bench.ports import free_port
-from lb import sslctrl
+from lb import tls_io
 from lb.config import load_config
 from lb.tls import BindContext, bind_tls
 from tests.harness import VENV_BIN, EchoBackend, client_context, start_process
@@ -41,19 +42,19 @@ def _key_file(path: Path, keys: list[bytes], extra: str = "") -> Path:
 def test_penultimate_80_byte_key_reordered_for_openssl(tmp_path: Path) -> None:
     keys = [_key(1), _key(2), _key(3)]
     path = _key_file(tmp_path / "keys", keys, extra="# rotated daily\n\n")
-    loaded = sslctrl.load_ticket_keys(path)
+    loaded = tls_io.load_ticket_keys(path)
     name, aes, hmac = keys[1][:16], keys[1][16:48], keys[1][48:]
     # HAProxy's file: name, AES key, HMAC key; OpenSSL's blob: name, HMAC key, AES key.
     assert loaded == name + hmac + aes
-    assert len(loaded) == sslctrl.OPENSSL_TICKET_KEY_SIZE
+    assert len(loaded) == tls_io.OPENSSL_TICKET_KEY_SIZE
 
 
 def test_48_byte_keys_are_stretched_the_same_way_everywhere(tmp_path: Path) -> None:
     keys = [_key(1, 48), _key(2, 48), _key(3, 48), _key(4, 48)]
     path = _key_file(tmp_path / "keys", keys)
-    loaded = sslctrl.load_ticket_keys(path)
+    loaded = tls_io.load_ticket_keys(path)
     assert len(loaded) == 80
-    assert loaded == sslctrl.load_ticket_keys(_key_file(tmp_path / "copy", keys))
+    assert loaded == tls_io.load_ticket_keys(_key_file(tmp_path / "copy", keys))
     stretched = hashlib.sha512(b"lb tls-ticket-keys" + keys[2]).digest()[:64]
     assert loaded[:16] == keys[2][:16]
     assert loaded[16:48] == stretched[32:]  # HMAC half (OpenSSL order)
@@ -78,15 +79,15 @@ def test_bad_key_files_are_refused_with_the_line(
 ) -> None:
     path = tmp_path / "keys"
     path.write_text("".join(line + "\n" for line in lines))
-    with pytest.raises(sslctrl.TicketKeyError) as caught:
-        sslctrl.load_ticket_keys(path)
+    with pytest.raises(tls_io.TicketKeyError) as caught:
+        tls_io.load_ticket_keys(path)
     assert reason in caught.value.reason
     assert str(path) in str(caught.value)
 
 
 def test_missing_key_file(tmp_path: Path) -> None:
-    with pytest.raises(sslctrl.TicketKeyError, match="No such file"):
-        sslctrl.load_ticket_keys(tmp_path / "absent")
+    with pytest.raises(tls_io.TicketKeyError, match="No such file"):
+        tls_io.load_ticket_keys(tmp_path / "absent")
 
 
 # -- SSL_CTX_ctrl in pyOpenSSL's OpenSSL ---------------------------------------------------------
@@ -95,19 +96,19 @@ def test_missing_key_file(tmp_path: Path) -> None:
 def test_ctrl_is_found_and_validated() -> None:
     # If this fails, tune.ssl.cachesize and tls-ticket-keys silently fall back (a warning):
     # the symbol lookup did not survive a cryptography/OpenSSL upgrade.
-    assert sslctrl.available()
+    assert tls_io.available()
 
 
 def test_cache_size_and_ticket_key_reach_the_context() -> None:
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
-    assert sslctrl.session_cache_size(context) == sslctrl.OPENSSL_DEFAULT_CACHE_SIZE
-    assert sslctrl.set_session_cache_size(context, 1234)
-    assert sslctrl.session_cache_size(context) == 1234
+    assert tls_io.session_cache_size(context) == tls_io.OPENSSL_DEFAULT_CACHE_SIZE
+    assert tls_io.set_session_cache_size(context, 1234)
+    assert tls_io.session_cache_size(context) == 1234
     key = _key(9)
-    assert sslctrl.set_ticket_key(context, key)
-    assert sslctrl.ticket_key(context) == key
+    assert tls_io.set_ticket_key(context, key)
+    assert tls_io.ticket_key(context) == key
     with pytest.raises(ValueError, match="80 bytes"):
-        sslctrl.set_ticket_key(context, key[:48])
+        tls_io.set_ticket_key(context, key[:48])
 
 
 def _bind_context(pki: TestPKI, tmp_path: Path, global_lines: str, bind_extra: str) -> BindContext:
@@ -130,8 +131,8 @@ def _bind_context(pki: TestPKI, tmp_path: Path, global_lines: str, bind_extra: s
 def test_config_applies_cache_size_and_ticket_keys(pki: TestPKI, tmp_path: Path) -> None:
     keys = _key_file(tmp_path / "keys", [_key(1), _key(2), _key(3)])
     bind = _bind_context(pki, tmp_path, "    tune.ssl.cachesize 777\n", f" tls-ticket-keys {keys}")
-    assert sslctrl.session_cache_size(bind.context) == 777
-    assert sslctrl.ticket_key(bind.context) == sslctrl.load_ticket_keys(keys)
+    assert tls_io.session_cache_size(bind.context) == 777
+    assert tls_io.ticket_key(bind.context) == tls_io.load_ticket_keys(keys)
 
 
 # -- dropping the presented chain ------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_drop_peer_chain_keeps_leaf_and_verified_chain(pki: TestPKI, tmp_path: P
     verified = server.get_verified_chain() or []
     assert len(presented) == 1  # the intermediate; OpenSSL keeps the leaf apart
     assert len(verified) == 3
-    assert sslctrl.drop_peer_chain(server._ssl) == len(presented)
+    assert tls_io.drop_peer_chain(server) == len(presented)
     assert server.get_peer_cert_chain() in (None, [])
     certificate = server.get_peer_certificate()
     assert certificate is not None
@@ -185,7 +186,7 @@ def test_drop_peer_chain_keeps_leaf_and_verified_chain(pki: TestPKI, tmp_path: P
     assert [c.to_cryptography().subject for c in still] == [
         c.to_cryptography().subject for c in verified
     ]
-    assert sslctrl.drop_peer_chain(server._ssl) == 0
+    assert tls_io.drop_peer_chain(server) == 0
 
 
 # -- resumption across two workers -------------------------------------------------------------

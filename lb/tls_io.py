@@ -1,6 +1,23 @@
-"""`SSL_CTX_ctrl` for the TLS settings pyOpenSSL has no API for: the server session cache
-size (`tune.ssl.cachesize`) and the session ticket keys (`tls-ticket-keys`); and
-`OPENSSL_sk_pop`, to let an established session drop the intermediates its client sent.
+"""Every use of pyOpenSSL's private API and of OpenSSL's C functions through cffi.
+
+pyOpenSSL >= 26 < 27 and cryptography >= 45 < 51 are pinned for this file (pyproject.toml):
+what it reaches into is not their public API. Everything here is a plain function of an
+`SSL.Connection` or `SSL.Context`, so that no per-session object is added (an idle device
+session costs ~35 KiB, bench/idle_memory.py) and the data path keeps its `__slots__`.
+
+**The data path** (lb.proxy): a server-side `SSL.Connection` over memory BIOs, driven with
+`SSL_read`, `SSL_write`, `BIO_read` and `BIO_write` directly. pyOpenSSL's `recv`/`send`
+allocate 64 KiB per call, check their callback helpers on every call and end each loop with
+a `WantReadError` (bench rr_200 and bulk, bench/README.md); one event loop per process runs
+every callback in turn, so one buffer per direction is shared by all connections. Once the
+handshake is done `release_handshake_state` drops what only it needed. `session_info`,
+`peer_name_parts` and `verified_chain_subjects` read what the PROXY v2 header and the log
+line need from the session.
+
+**SSL_CTX_ctrl and OPENSSL_sk_pop** for the TLS settings pyOpenSSL has no API for: the
+server session cache size (`tune.ssl.cachesize`) and the session ticket keys
+(`tls-ticket-keys`); and `OPENSSL_sk_pop`, to let an established session drop the
+intermediates its client sent.
 
 pyOpenSSL and `cryptography` do not bind `SSL_CTX_ctrl`, and the OpenSSL they use is
 usually linked statically into cryptography's `_rust.abi3.so` (a different copy, often a
@@ -41,9 +58,197 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from OpenSSL import SSL
+from cryptography.hazmat.bindings._rust import _openssl
+from OpenSSL import SSL, crypto
+
+from lb import proxyproto
 
 logger = logging.getLogger(__name__)
+
+#: cryptography's cffi module: the `ffi` and the C functions pyOpenSSL's own `lib` copies.
+ffi: Any = _openssl.ffi
+lib: Any = _openssl.lib
+
+# --------------------------------------------------------------------------------------------
+# The data path: one server-side SSL.Connection over memory BIOs
+
+#: Plaintext read from the TLS engine at a time (one TLS record is at most 16 KiB).
+TLS_READ_SIZE = 65536
+#: Ciphertext taken from the engine's outgoing BIO at a time.
+TLS_WRITE_SIZE = 65536 + 4096
+#: Bytes handed to the engine at a time, either way: one TLS record's plaintext (RFC 8446
+#: 5.1), so that a memory BIO never holds (and never keeps the capacity of) more than about
+#: one record. Before: a BIO grew to the largest read or write ever (uvloop reads up to
+#: 256 KiB) and kept it for the session's life. It is also the fastest: bulk_1 CPU s/GB was
+#: 1.72 with 16 KiB, 2.70 with 64 KiB, 6.35 with 1 MiB (same machine, same hour; noisy).
+TLS_CHUNK = 16384
+
+# One event loop per process runs every callback in turn, so one buffer per direction is
+# shared by all connections; each read is copied out to bytes before the next.
+_READ_BUFFER = ffi.new("char[]", TLS_READ_SIZE)
+_WRITE_BUFFER = ffi.new("char[]", TLS_WRITE_SIZE)
+_NO_DATA = ffi.new("char **")
+_buffer = ffi.buffer
+_from_buffer = ffi.from_buffer
+_SSL_read = lib.SSL_read
+_SSL_write = lib.SSL_write
+_SSL_get_error = lib.SSL_get_error
+_SSL_ERROR_WANT_READ = lib.SSL_ERROR_WANT_READ
+_BIO_read = lib.BIO_read
+_BIO_write = lib.BIO_write
+
+
+def feed(tls: SSL.Connection, data: bytes | memoryview) -> None:
+    """Ciphertext from the client into the engine (at most TLS_CHUNK bytes at a time)."""
+    _BIO_write(tls._into_ssl, _from_buffer(data), len(data))
+
+
+def read(tls: SSL.Connection) -> bytes:
+    """Plaintext the engine can give now (one record at most); b"" when it needs more
+    ciphertext. Raises SSL.ZeroReturnError at the client's close_notify, SSL.Error when
+    the connection failed. SSL_read into one shared buffer: pyOpenSSL's recv allocates
+    64 KiB per call and ends every loop with a WantReadError (bench rr_200)."""
+    ssl = tls._ssl
+    count = _SSL_read(ssl, _READ_BUFFER, TLS_READ_SIZE)
+    if count > 0:
+        plaintext: bytes = _buffer(_READ_BUFFER, count)[:]
+        return plaintext
+    if _SSL_get_error(ssl, count) != _SSL_ERROR_WANT_READ:
+        tls._raise_ssl_error(ssl, count)
+    return b""
+
+
+def encrypt(tls: SSL.Connection, data: bytes) -> bytes:
+    """`data` as TLS records for the client. Raises SSL.Error when the connection failed.
+
+    SSL_write directly: pyOpenSSL's send checks its callback helpers every call. More than
+    TLS_CHUNK is written TLS_CHUNK at a time, drained after each, so the outgoing BIO never
+    holds (and keeps the capacity of) a whole read."""
+    ssl = tls._ssl
+    if len(data) <= TLS_CHUNK:
+        written = _SSL_write(ssl, _from_buffer(data), len(data))
+        if written <= 0:
+            tls._raise_ssl_error(ssl, written)
+        return take_output(tls)
+    chunks: list[bytes] = []
+    view = memoryview(data)
+    for start in range(0, len(data), TLS_CHUNK):
+        piece = view[start : start + TLS_CHUNK]
+        written = _SSL_write(ssl, _from_buffer(piece), len(piece))
+        if written <= 0:
+            tls._raise_ssl_error(ssl, written)
+        chunks.append(take_output(tls))
+    return b"".join(chunks)
+
+
+def take_output(tls: SSL.Connection) -> bytes:
+    """The ciphertext the engine has made since it was last asked (b"": none). BIO_read
+    into one shared buffer: no 68 KiB allocation per call and no WantReadError to end the
+    loop (bench/README.md, rr_200 and bulk)."""
+    from_ssl = tls._from_ssl
+    count = _BIO_read(from_ssl, _WRITE_BUFFER, TLS_WRITE_SIZE)
+    if count <= 0:
+        return b""
+    first: bytes = _buffer(_WRITE_BUFFER, count)[:]
+    count = _BIO_read(from_ssl, _WRITE_BUFFER, TLS_WRITE_SIZE)
+    if count <= 0:
+        return first
+    chunks = [first]
+    while count > 0:
+        chunks.append(_buffer(_WRITE_BUFFER, count)[:])
+        count = _BIO_read(from_ssl, _WRITE_BUFFER, TLS_WRITE_SIZE)
+    return b"".join(chunks)
+
+
+def release_handshake_state(tls: SSL.Connection) -> None:
+    """Drop what only the handshake needed; an idle session keeps the rest for days. Each
+    step's saving is per session, measured with bench/idle_memory.py."""
+    ssl = tls._ssl
+    # No callback (verify, SNI, ALPN, OCSP) runs after the handshake (renegotiation is
+    # off), so pyOpenSSL's SSL* -> Connection map entry can go: ~400 B of weakref.
+    SSL.Connection._reverse_mapping.pop(ssl, None)
+    # The intermediates the client sent (a parsed copy, ~5.8 KiB each): the verified
+    # chain keeps the ones verification used, which are what close-revoked checks.
+    drop_peer_chain(tls)
+    # Fresh memory BIOs: the old ones keep the capacity of the handshake flights
+    # (~4 KiB together). Only when the incoming one is drained (it always is here,
+    # unless the client pipelined a partial record behind its Finished).
+    if lib.BIO_get_mem_data(tls._into_ssl, _NO_DATA) == 0:
+        into_ssl, from_ssl = lib.BIO_new(lib.BIO_s_mem()), lib.BIO_new(lib.BIO_s_mem())
+        if ffi.NULL in (into_ssl, from_ssl):  # out of memory: keep the old pair
+            for bio in (into_ssl, from_ssl):
+                if bio != ffi.NULL:
+                    lib.BIO_free(bio)
+        else:
+            lib.SSL_set_bio(ssl, into_ssl, from_ssl)  # frees the old pair
+            tls._into_ssl, tls._from_ssl = into_ssl, from_ssl
+
+
+# --------------------------------------------------------------------------------------------
+# What a session says about itself (PROXY v2 TLVs, log lines)
+
+
+def session_info(tls: SSL.Connection) -> proxyproto.SSLInfo:
+    """The PP2_TYPE_SSL facts of an established session (proxy-protocol.txt 2.2.5)."""
+    flags = proxyproto.ClientFlags.SSL
+    verify = 0
+    cn: str | None = None
+    certificate = tls.get_peer_certificate()
+    ssl = tls._ssl
+    if certificate is not None:
+        flags |= proxyproto.ClientFlags.CERT_SESS
+        verify = int(lib.SSL_get_verify_result(ssl))
+        if not lib.SSL_session_reused(ssl):
+            flags |= proxyproto.ClientFlags.CERT_CONN
+        # X509Name lookup in OpenSSL: a to_cryptography() parse cost ~5% of lb CPU per
+        # resumed handshake (py-spy, bench resume_*).
+        cn = certificate.get_subject().commonName
+    return proxyproto.SSLInfo(
+        client=flags,
+        verify=verify,
+        version=tls.get_protocol_version_name(),
+        cn=cn,
+        cipher=tls.get_cipher_name(),
+        sig_alg=None,
+        key_alg=None,
+    )
+
+
+NameParts = tuple[tuple[str, str], ...]
+
+
+def peer_name_parts(tls: SSL.Connection) -> tuple[NameParts, NameParts]:
+    """The client certificate's subject and issuer as (attribute, value) pairs, in order
+    (for `%[ssl_c_s_dn]` and friends); empty without a client certificate."""
+    certificate = tls.get_peer_certificate()
+    if certificate is None:
+        return (), ()
+    return _name_parts(certificate.get_subject()), _name_parts(certificate.get_issuer())
+
+
+def _name_parts(name: crypto.X509Name) -> NameParts:
+    return tuple(
+        (key.decode("ascii", "replace"), value.decode("utf-8", "replace"))
+        for key, value in name.get_components()
+    )
+
+
+def verified_chain_subjects(tls: SSL.Connection) -> tuple[bytes, ...]:
+    """DER subjects of the verified client chain, leaf first, up to the root."""
+    chain = tls.get_verified_chain()
+    if not chain:
+        return ()
+    return tuple(c.to_cryptography().subject.public_bytes() for c in chain)
+
+
+def verify_error_string(code: int) -> str:
+    """OpenSSL's words for an X509_V_ERR id (X509_verify_cert_error_string)."""
+    text = lib.X509_verify_cert_error_string(code)
+    return str(ffi.string(text).decode("ascii", "replace"))
+
+
+# --------------------------------------------------------------------------------------------
+# SSL_CTX_ctrl and OPENSSL_sk_pop, found by symbol
 
 #: include/openssl/ssl.h
 SSL_CTRL_SET_SESS_CACHE_SIZE = 42
@@ -61,6 +266,7 @@ ELF_SHT_SYMTAB = 2
 ELF_SHT_DYNSYM = 11
 
 Ctrl = Callable[[object, int, int, object], int]
+SkPop = Callable[[object], object]
 
 
 class TicketKeyError(ValueError):
@@ -133,9 +339,6 @@ def _addresses() -> dict[str, int]:
     """Absolute addresses of WANTED in this process, found through a function cffi binds
     (steps 1 and 2 above); empty when the anchor does not sit where the symbols say."""
     try:
-        from cryptography.hazmat.bindings._rust import _openssl
-
-        ffi, lib = _openssl.ffi, _openssl.lib
         bound = int(ffi.cast("uintptr_t", ffi.addressof(lib, "SSL_CTX_set_timeout")))
         mapping = _mapping_of(bound)
         if mapping is None:
@@ -158,9 +361,6 @@ def _addresses() -> dict[str, int]:
 @functools.cache
 def _resolve() -> Ctrl | None:
     try:
-        from cryptography.hazmat.bindings._rust import _openssl
-
-        ffi = _openssl.ffi
         address = _addresses().get("SSL_CTX_ctrl")
         if address is None:
             return None
@@ -179,24 +379,10 @@ def _resolve() -> Ctrl | None:
         return None
 
 
-SkPop = Callable[[object], object]
-
-
-@functools.cache
-def _bindings() -> tuple[Any, Any]:
-    """cryptography's cffi module (the `ffi`, `lib` pyOpenSSL uses), imported once."""
-    from cryptography.hazmat.bindings._rust import _openssl
-
-    return _openssl.ffi, _openssl.lib
-
-
 @functools.cache
 def _resolve_sk_pop() -> SkPop | None:
     """OPENSSL_sk_pop, checked on a stack of its own: push two pointers, pop one."""
     try:
-        from cryptography.hazmat.bindings._rust import _openssl
-
-        ffi, lib = _openssl.ffi, _openssl.lib
         address = _addresses().get("OPENSSL_sk_pop")
         if address is None:
             return None
@@ -219,7 +405,7 @@ def _resolve_sk_pop() -> SkPop | None:
         return None
 
 
-def drop_peer_chain(ssl: object) -> int:
+def drop_peer_chain(tls: SSL.Connection) -> int:
     """Free the certificates a client sent besides its own (SSL_get_peer_cert_chain of a
     server `SSL *`, which OpenSSL keeps in the session for the connection's life); the
     leaf (SSL_get_peer_certificate) and the verified chain (SSL_get0_verified_chain, which
@@ -227,8 +413,7 @@ def drop_peer_chain(ssl: object) -> int:
     pop = _resolve_sk_pop()
     if pop is None:
         return 0
-    ffi, lib = _bindings()
-    stack = lib.SSL_get_peer_cert_chain(ssl)
+    stack = lib.SSL_get_peer_cert_chain(tls._ssl)
     if stack == ffi.NULL:
         return 0
     dropped = 0
@@ -266,9 +451,7 @@ def set_ticket_key(context: SSL.Context, key: bytes) -> bool:
     ctrl = _resolve()
     if ctrl is None:
         return False
-    from cryptography.hazmat.bindings._rust import _openssl
-
-    buffer = _openssl.ffi.new("unsigned char[]", key)
+    buffer = ffi.new("unsigned char[]", key)
     result = ctrl(
         context._context,
         SSL_CTRL_SET_TLSEXT_TICKET_KEYS,
@@ -283,16 +466,14 @@ def ticket_key(context: SSL.Context) -> bytes | None:
     ctrl = _resolve()
     if ctrl is None:
         return None
-    from cryptography.hazmat.bindings._rust import _openssl
-
-    buffer = _openssl.ffi.new("unsigned char[]", OPENSSL_TICKET_KEY_SIZE)
+    buffer = ffi.new("unsigned char[]", OPENSSL_TICKET_KEY_SIZE)
     ctrl(
         context._context,
         SSL_CTRL_GET_TLSEXT_TICKET_KEYS,
         OPENSSL_TICKET_KEY_SIZE,
         buffer,
     )
-    return bytes(_openssl.ffi.buffer(buffer))
+    return bytes(ffi.buffer(buffer))
 
 
 def load_ticket_keys(path: Path | str) -> bytes:
