@@ -37,6 +37,7 @@ from cryptography import x509
 
 from broker.config import BrokerConfig, SSLOptions
 from lb import pem
+from lb.tls_codes import Refusal, refusal_for_reason
 
 __all__ = [
     "HANDSHAKE_TIMEOUT",
@@ -56,19 +57,18 @@ HANDSHAKE_TIMEOUT = 15.0
 #: Longest chain walked for chain_subjects; EMQX's depth default is 10 (seed 000).
 MAX_CHAIN_LENGTH = 16
 
-#: OpenSSL reason codes of handshake failures, in the words an operator reads.
+#: Refused handshakes (classified by lb.tls_codes from OpenSSL's reason) in the words an
+#: operator of the broker reads.
 _REASON_WORDS = {
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no client certificate (fail_if_no_peer_cert = true)",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "no client certificate (fail_if_no_peer_cert = true)",
-    "UNSUPPORTED_PROTOCOL": "TLS version not accepted (ssl_options.versions)",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "TLS version not accepted (ssl_options.versions)",
-    "NO_SHARED_CIPHER": "no shared cipher",
-    "HTTP_REQUEST": "plain HTTP sent to a TLS port",
-    "WRONG_VERSION_NUMBER": "not a TLS client hello (plain MQTT sent to a TLS port?)",
-    "TLSV1_ALERT_UNKNOWN_CA": "the peer does not trust our certificate (unknown CA)",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the peer rejected our certificate (bad certificate)",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the peer says our certificate has expired",
-    "SSLV3_ALERT_CERTIFICATE_REVOKED": "the peer says our certificate is revoked",
+    Refusal.NO_CERTIFICATE: "no client certificate (fail_if_no_peer_cert = true)",
+    Refusal.PROTOCOL_VERSION: "TLS version not accepted (ssl_options.versions)",
+    Refusal.NO_SHARED_CIPHER: "no shared cipher",
+    Refusal.PLAIN_HTTP: "plain HTTP sent to a TLS port",
+    Refusal.NOT_TLS: "not a TLS client hello (plain MQTT sent to a TLS port?)",
+    Refusal.PEER_UNKNOWN_CA: "the peer does not trust our certificate (unknown CA)",
+    Refusal.PEER_BAD_CERTIFICATE: "the peer rejected our certificate (bad certificate)",
+    Refusal.PEER_CERTIFICATE_EXPIRED: "the peer says our certificate has expired",
+    Refusal.PEER_CERTIFICATE_REVOKED: "the peer says our certificate is revoked",
 }
 
 
@@ -146,8 +146,9 @@ def handshake_failure_reason(error: BaseException) -> str:
         return f"{message} (X509_V_ERR {error.verify_code})"
     if isinstance(error, ssl.SSLError):
         reason = getattr(error, "reason", None)
-        if isinstance(reason, str) and reason in _REASON_WORDS:
-            return _REASON_WORDS[reason]
+        refusal = refusal_for_reason(reason) if isinstance(reason, str) else None
+        if refusal is not None and refusal in _REASON_WORDS:
+            return _REASON_WORDS[refusal]
         if isinstance(reason, str) and reason:
             return reason.lower().replace("_", " ")
         return str(error)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lb.process import Runtime
     from lb.server import BackendState, ServerState
-    from lb.tls import VerifyFailure
 
 # --------------------------------------------------------------------------------------------
 # Counters
@@ -51,53 +50,12 @@ class FrontendCounters:
     bytes_in: int = 0
     bytes_out: int = 0
     handshakes_total: int = 0
-    handshake_failures: dict[str, int] = field(default_factory=dict)
+    handshake_failures: dict[str, int] = field(default_factory=dict)  # by Refusal.label
     revoked_closed: int = 0
 
     @property
     def handshake_failures_total(self) -> int:
         return sum(self.handshake_failures.values())
-
-
-#: Reason labels of refused handshakes by OpenSSL X509_V_ERR id.
-FAILURE_LABELS = {
-    9: "not_yet_valid",
-    10: "expired",
-    23: "revoked",
-    2: "unknown_ca",
-    20: "unknown_ca",
-    21: "unknown_ca",
-    18: "self_signed",
-    19: "self_signed",
-    3: "crl_missing",
-    11: "crl_invalid",
-    12: "crl_expired",
-    26: "bad_purpose",
-    22: "chain_too_long",
-    24: "invalid_ca",
-    25: "path_length",
-    7: "bad_signature",
-}
-
-
-def failure_label(reason: str, failure: VerifyFailure | None) -> str:
-    """A short, bounded label for a refused handshake (a Prometheus label value)."""
-    if failure is not None:
-        return FAILURE_LABELS.get(failure.code, "verify_other")
-    lowered = reason.lower()
-    if "no client certificate" in lowered:
-        return "no_certificate"
-    if "timeout" in lowered:
-        return "timeout"
-    if "closed during" in lowered:
-        return "client_closed"
-    if "protocol version" in lowered:
-        return "protocol_version"
-    if "no shared cipher" in lowered:
-        return "no_shared_cipher"
-    if "not a tls" in lowered or "plain http" in lowered:
-        return "not_tls"
-    return "other"
 
 
 class ProcessCounters:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global
-from lb.counters import FrontendCounters, ProcessCounters, failure_label
+from lb.counters import FrontendCounters, ProcessCounters
 from lb.log import (
     TCPLOG,
     ConnectionErrorLog,
@@ -32,7 +32,8 @@ from lb.log import (
     format_connection_error,
 )
 from lb.proxy import ClientSide, Limits, TimerWheel
-from lb.tls import BindContext, VerifyFailure, bind_tls
+from lb.tls import BindContext, bind_tls
+from lb.tls_codes import Refusal
 
 if TYPE_CHECKING:
     from lb.server import BackendState, ServerState
@@ -378,10 +379,10 @@ class FrontendRuntime:
             ssl_client_issuer=issuer,
         )
 
-    def handshake_failed(
-        self, client: ClientSide, reason: str, failure: VerifyFailure | None
-    ) -> None:
-        label = failure_label(reason, failure)
+    def handshake_failed(self, client: ClientSide, refusal: Refusal, reason: str) -> None:
+        """A refused handshake: counted under its refusal's label, and one log line (the
+        reason in words) unless it is a probe that said nothing (option dontlognull)."""
+        label = refusal.label
         failures = self.counters.handshake_failures
         failures[label] = failures.get(label, 0) + 1
         if client.bytes_received == 0 and self.config.option.dontlognull:

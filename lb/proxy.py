@@ -41,7 +41,8 @@ from OpenSSL import SSL
 from lb import proxyproto, tls_io
 from lb.queue import PendingConnection
 from lb.server import QueueFull
-from lb.tls import BindContext, VerifyState, describe_name, handshake_error_words
+from lb.tls import BindContext, VerifyFailure, VerifyState, describe_name, handshake_refusal
+from lb.tls_codes import Refusal
 
 if TYPE_CHECKING:
     from lb.frontend import FrontendRuntime
@@ -338,10 +339,7 @@ class ClientSide(asyncio.Protocol):
         tls_io.feed(tls, data)
         if not self.handshake_done:
             try:
-                tls.do_handshake()
-            except SSL.WantReadError:
-                self._flush_tls()
-                return
+                done = tls_io.handshake(tls)
             except SSL.Error as error:
                 self._flush_tls()
                 self._handshake_failed(error)
@@ -351,12 +349,14 @@ class ClientSide(asyncio.Protocol):
                 # this session is refused and explained, the others go on.
                 logger.exception("%s:%d: TLS handshake callback failed", *self.peer)
                 self.frontend.handshake_failed(
-                    self, f"internal error in the TLS handshake ({error!r})", None
+                    self, Refusal.INTERNAL_ERROR, f"internal error in the TLS handshake ({error!r})"
                 )
                 self.termination = "PR"
                 self._close()
                 return
             self._flush_tls()
+            if not done:
+                return
             self._handshake_complete()
             if self.closed:  # refused after all (a revoked resumption)
                 return
@@ -367,7 +367,7 @@ class ClientSide(asyncio.Protocol):
                 self._client_done()
                 break
             except SSL.Error as error:
-                self._abort("CD", f"TLS error from client: {handshake_error_words(error)}")
+                self._abort("CD", f"TLS error from client: {handshake_refusal(error)[1]}")
                 return
             if not plaintext:
                 break
@@ -462,15 +462,10 @@ class ClientSide(asyncio.Protocol):
         certificate = tls.get_peer_certificate(as_cryptography=True)
         if context is None or certificate is None:
             return False
-        reason = context.revoked_leaf_reason(certificate)
-        if reason is None:
+        failure = context.revoked_leaf_failure(certificate)
+        if failure is None:
             return False
-        subject = describe_name(certificate.subject)
-        issuer = describe_name(certificate.issuer)
-        detail = f' subject="{subject}" issuer="{issuer}"'
-        self.frontend.handshake_failed(self, f"{reason} (resumed session){detail}", None)
-        self.termination = "CR"
-        self._close()
+        self._refuse_certificate(failure, " (resumed session)")
         return True
 
     def _release_handshake_state(self, tls: SSL.Connection) -> None:
@@ -481,22 +476,27 @@ class ClientSide(asyncio.Protocol):
         tls_io.release_handshake_state(tls)
 
     def _handshake_failed(self, error: SSL.Error | None) -> None:
-        assert self.tls_context is not None
         state = self.verify_state
         failure = state.failure if state is not None else None
         if failure is not None:
-            reason = self.tls_context.explain(failure)
-            detail = (
-                f' subject="{describe_name(failure.subject)}"'
-                f' issuer="{describe_name(failure.issuer)}"'
-            )
-        elif error is None:
-            reason = "connection closed during the TLS handshake"
-            detail = ""
+            self._refuse_certificate(failure)
+            return
+        if error is None:
+            refusal, reason = Refusal.CLIENT_CLOSED, "connection closed during the TLS handshake"
         else:
-            reason = handshake_error_words(error)
-            detail = ""
-        self.frontend.handshake_failed(self, reason + detail, failure)
+            refusal, reason = handshake_refusal(error)
+        self.frontend.handshake_failed(self, refusal, reason)
+        self.termination = "CR"
+        self._close()
+
+    def _refuse_certificate(self, failure: VerifyFailure, note: str = "") -> None:
+        """Refuse the handshake for a certificate: its refusal, explained, with its names."""
+        assert self.tls_context is not None
+        reason = self.tls_context.explain(failure)
+        detail = (
+            f' subject="{describe_name(failure.subject)}" issuer="{describe_name(failure.issuer)}"'
+        )
+        self.frontend.handshake_failed(self, failure.refusal, f"{reason}{note}{detail}")
         self.termination = "CR"
         self._close()
 
@@ -791,7 +791,9 @@ class ClientSide(asyncio.Protocol):
             )
             self.termination = "cR"
         elif not self.handshake_done:
-            self.frontend.handshake_failed(self, "timeout during the TLS handshake", None)
+            self.frontend.handshake_failed(
+                self, Refusal.TIMEOUT, "timeout during the TLS handshake"
+            )
             self.termination = "cR"
         elif self.server_side is None:
             self.termination = "cC"

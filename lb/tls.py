@@ -7,7 +7,8 @@
   certificate for the refusal log line), the list of acceptable client CA names sent in the
   CertificateRequest (`ca-file` is announced, `ca-verify-file` is not), and OCSP stapling.
   It also reloads its files (lb.reload) and takes a committed certificate (lb.runtime_api).
-- `explain_verify_failure`, `handshake_error_words`: why a handshake was refused.
+- `explain_verify_failure`, `handshake_refusal`: why a handshake was refused, in words, beside
+  its `Refusal` (lb.tls_codes), from which the counters take their label.
 - `check_bind_files` loads and lints certificate, CA and CRL files, so that `lb -c` reports
   a missing file, a key that does not match its certificate, an incomplete chain or a CRL
   that does not cover every CA level before anything starts.
@@ -47,7 +48,13 @@ from lb.pem import (
     load_pem_bundle,
     read_file,
 )
-from lb.tls_codes import X509_V_ERROR_IDS, X509_V_ERRORS
+from lb.tls_codes import (
+    X509_V_ERROR_IDS,
+    X509_V_ERROR_NAMES,
+    Refusal,
+    refusal_for_reason_codes,
+    refusal_for_verify_error,
+)
 
 if TYPE_CHECKING:
     from lb.config.model import Bind, Global
@@ -73,7 +80,7 @@ DEFAULT_VERIFY_DEPTH = 10
 EXPIRY_WARNING = dt.timedelta(days=30)
 
 #: OpenSSL X509_V_ERR_* ids with their names, for log lines (lb.tls_codes).
-X509_V_ERR_NAMES: dict[int, str] = X509_V_ERRORS
+X509_V_ERR_NAMES: dict[int, str] = X509_V_ERROR_NAMES
 X509_V_ERR_IDS: dict[str, int] = X509_V_ERROR_IDS
 
 
@@ -126,6 +133,10 @@ class VerifyFailure:
     @property
     def name(self) -> str:
         return X509_V_ERR_NAMES.get(self.code, f"X509_V_ERR_{self.code}")
+
+    @property
+    def refusal(self) -> Refusal:
+        return refusal_for_verify_error(self.code)
 
 
 @dataclass(slots=True)
@@ -288,13 +299,13 @@ class BindContext:
                     return certificate
         return None
 
-    def revoked_leaf_reason(self, certificate: x509.Certificate) -> str | None:
-        """Why a client certificate is refused by the CRLs now loaded, or None: for resumed
-        sessions, which OpenSSL does not verify again."""
+    def revoked_leaf_failure(self, certificate: x509.Certificate) -> VerifyFailure | None:
+        """The refusal of a client certificate that the CRLs now loaded revoke, or None: for
+        resumed sessions, which OpenSSL does not verify again."""
         if self.revoked([certificate]) is None:
             return None
-        failure = VerifyFailure(
-            code=23,
+        return VerifyFailure(
+            code=X509_V_ERROR_IDS["X509_V_ERR_CERT_REVOKED"],
             depth=0,
             subject=certificate.subject,
             issuer=certificate.issuer,
@@ -302,7 +313,6 @@ class BindContext:
             not_after=certificate.not_valid_after_utc,
             serial_number=certificate.serial_number,
         )
-        return self.explain(failure)
 
     def _install_sni(self, context: SSL.Context) -> None:
         """Several `crt`: the first is the default; a client's SNI picks the one whose names
@@ -571,41 +581,41 @@ def explain_verify_failure(failure: VerifyFailure, revoked_on: dt.datetime | Non
     what = (
         "client certificate" if failure.depth == 0 else f"CA certificate at depth {failure.depth}"
     )
-    code = failure.code
-    if code == 10:
-        words = f"{what} expired on {utc_text(failure.not_after)}"
-    elif code == 9:
-        words = f"{what} is not yet valid (valid from {utc_text(failure.not_before)})"
-    elif code == 23:
-        when = f" on {utc_text(revoked_on)}" if revoked_on else ""
-        words = f"{what} revoked{when}"
-    elif code in (18,):
-        words = f"{what} is self-signed and not trusted"
-    elif code in (19,):
-        words = "the chain ends in a self-signed certificate that is not trusted"
-    elif code in (2, 20, 21):
-        words = f"{what} was issued by an unknown CA (not in ca-file or ca-verify-file)"
-    elif code == 3:
-        words = (
-            f"no CRL in crl-file for the issuer of the {what} "
-            "(crl-file needs a CRL for every CA level of the chain)"
-        )
-    elif code == 12:
-        words = f"the CRL for the issuer of the {what} has expired"
-    elif code == 11:
-        words = f"the CRL for the issuer of the {what} is not yet valid"
-    elif code == 26:
-        words = f"{what} has a bad purpose: it is not for TLS client authentication"
-    elif code == 24:
-        words = f"{what} is not a valid CA"
-    elif code == 25:
-        words = f"{what}: path length constraint exceeded"
-    elif code == 22:
-        words = "certificate chain too long (verify depth)"
-    elif code in (7, 4):
-        words = f"{what} has an invalid signature"
-    else:
-        words = f"{what}: {tls_io.verify_error_string(code)}"
+    match failure.refusal:
+        case Refusal.EXPIRED:
+            words = f"{what} expired on {utc_text(failure.not_after)}"
+        case Refusal.NOT_YET_VALID:
+            words = f"{what} is not yet valid (valid from {utc_text(failure.not_before)})"
+        case Refusal.REVOKED:
+            when = f" on {utc_text(revoked_on)}" if revoked_on else ""
+            words = f"{what} revoked{when}"
+        case Refusal.SELF_SIGNED:
+            words = f"{what} is self-signed and not trusted"
+        case Refusal.SELF_SIGNED_IN_CHAIN:
+            words = "the chain ends in a self-signed certificate that is not trusted"
+        case Refusal.UNKNOWN_CA:
+            words = f"{what} was issued by an unknown CA (not in ca-file or ca-verify-file)"
+        case Refusal.CRL_MISSING:
+            words = (
+                f"no CRL in crl-file for the issuer of the {what} "
+                "(crl-file needs a CRL for every CA level of the chain)"
+            )
+        case Refusal.CRL_EXPIRED:
+            words = f"the CRL for the issuer of the {what} has expired"
+        case Refusal.CRL_NOT_YET_VALID:
+            words = f"the CRL for the issuer of the {what} is not yet valid"
+        case Refusal.BAD_PURPOSE:
+            words = f"{what} has a bad purpose: it is not for TLS client authentication"
+        case Refusal.INVALID_CA:
+            words = f"{what} is not a valid CA"
+        case Refusal.PATH_LENGTH:
+            words = f"{what}: path length constraint exceeded"
+        case Refusal.CHAIN_TOO_LONG:
+            words = "certificate chain too long (verify depth)"
+        case Refusal.BAD_SIGNATURE:
+            words = f"{what} has an invalid signature"
+        case _:
+            words = f"{what}: {tls_io.verify_error_string(failure.code)}"
     return f"{words} ({failure.name}, depth {failure.depth})"
 
 
@@ -613,25 +623,31 @@ def describe_name(name: x509.Name) -> str:
     return name.rfc4514_string()
 
 
-def handshake_error_words(error: SSL.Error) -> str:
-    """The words for a handshake that failed outside certificate verification."""
+def handshake_refusal(error: SSL.Error) -> tuple[Refusal, str]:
+    """What a handshake that failed outside certificate verification was refused for, and
+    the words for the log line: classified by OpenSSL's reason number (lb.tls_codes), told
+    with OpenSSL's words where they help."""
     reasons: list[str] = []
     for entry in error.args[0] if error.args and isinstance(error.args[0], list) else []:
         if isinstance(entry, tuple) and len(entry) == 3:
             reasons.append(str(entry[2]))
     text = ", ".join(reasons) or str(error)
-    lowered = text.lower()
-    if "peer did not return a certificate" in lowered or "certificate required" in lowered:
-        return "no client certificate (verify required)"
-    if "http request" in lowered:
-        return "plain HTTP sent to a TLS port"
-    if "wrong version number" in lowered or "packet length too long" in lowered:
-        return f"not a TLS client hello: plain TCP sent to a TLS port? ({text})"
-    if "unsupported protocol" in lowered or "version" in lowered:
-        return f"protocol version not accepted ({text})"
-    if "no shared cipher" in lowered:
-        return "no shared cipher"
-    return text
+    numbers = error.reasons if isinstance(error, tls_io.TLSError) else ()
+    refusal = refusal_for_reason_codes(numbers) or Refusal.OTHER
+    match refusal:
+        case Refusal.NO_CERTIFICATE:
+            words = "no client certificate (verify required)"
+        case Refusal.PLAIN_HTTP:
+            words = "plain HTTP sent to a TLS port"
+        case Refusal.NOT_TLS:
+            words = f"not a TLS client hello: plain TCP sent to a TLS port? ({text})"
+        case Refusal.PROTOCOL_VERSION:
+            words = f"protocol version not accepted ({text})"
+        case Refusal.NO_SHARED_CIPHER:
+            words = "no shared cipher"
+        case _:
+            words = text
+    return refusal, words
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,8 +94,39 @@ _SSL_read = lib.SSL_read
 _SSL_write = lib.SSL_write
 _SSL_get_error = lib.SSL_get_error
 _SSL_ERROR_WANT_READ = lib.SSL_ERROR_WANT_READ
+_SSL_do_handshake = lib.SSL_do_handshake
 _BIO_read = lib.BIO_read
 _BIO_write = lib.BIO_write
+#: include/openssl/err.h: how OpenSSL 3 packs an error (ERR_GET_LIB is a macro cffi does not
+#: bind): the library above bit 23, unless the system flag marks an errno.
+_ERR_LIB_OFFSET = 23
+_ERR_LIB_MASK = 0xFF
+_ERR_SYSTEM_FLAG = 0x80000000
+
+
+class TLSError(SSL.Error):
+    """pyOpenSSL's SSL.Error for a failed session (the same `args`: OpenSSL's words), with
+    the (library, reason) numbers of the first error OpenSSL queued, which lb.tls_codes
+    classifies: the words are OpenSSL's, and OpenSSL 3.2 reworded some of them."""
+
+    def __init__(self, error: SSL.Error, reasons: tuple[tuple[int, int], ...]) -> None:
+        super().__init__(*error.args)
+        self.reasons = reasons
+
+
+def _raise_error(tls: SSL.Connection, ssl: Any, result: int) -> None:
+    """pyOpenSSL's exception for `result` (a callback's own exception first), the
+    failures as TLSError; WantRead, WantWrite and ZeroReturn as pyOpenSSL raises them."""
+    packed = lib.ERR_peek_error()  # before pyOpenSSL empties the queue for its words
+    reasons: tuple[tuple[int, int], ...] = ()
+    if packed and not packed & _ERR_SYSTEM_FLAG:
+        reasons = (((packed >> _ERR_LIB_OFFSET) & _ERR_LIB_MASK, lib.ERR_GET_REASON(packed)),)
+    try:
+        tls._raise_ssl_error(ssl, result)
+    except (SSL.WantReadError, SSL.WantWriteError, SSL.ZeroReturnError):
+        raise
+    except SSL.Error as error:
+        raise TLSError(error, reasons) from None
 
 
 def feed(tls: SSL.Connection, data: bytes | memoryview) -> None:
@@ -103,10 +134,26 @@ def feed(tls: SSL.Connection, data: bytes | memoryview) -> None:
     _BIO_write(tls._into_ssl, _from_buffer(data), len(data))
 
 
+def handshake(tls: SSL.Connection) -> bool:
+    """Go on with the server handshake on what `feed` gave: True once it is complete,
+    False while it waits for the client. Raises TLSError when it failed, or whatever a
+    verify, SNI, ALPN or OCSP callback raised (pyOpenSSL keeps it and raises it here). What
+    pyOpenSSL's do_handshake does, plus the reason numbers of a failure."""
+    ssl = tls._ssl
+    result = _SSL_do_handshake(ssl)
+    if result == 1:
+        return True
+    try:
+        _raise_error(tls, ssl, result)
+    except SSL.WantReadError:
+        return False
+    return True
+
+
 def read(tls: SSL.Connection) -> bytes:
     """Plaintext the engine can give now (one record at most); b"" when it needs more
-    ciphertext. Raises SSL.ZeroReturnError at the client's close_notify, SSL.Error when
-    the connection failed. SSL_read into one shared buffer: pyOpenSSL's recv allocates
+    ciphertext. Raises SSL.ZeroReturnError at the client's close_notify, TLSError when the
+    connection failed. SSL_read into one shared buffer: pyOpenSSL's recv allocates
     64 KiB per call and ends every loop with a WantReadError (bench rr_200)."""
     ssl = tls._ssl
     count = _SSL_read(ssl, _READ_BUFFER, TLS_READ_SIZE)
@@ -114,12 +161,12 @@ def read(tls: SSL.Connection) -> bytes:
         plaintext: bytes = _buffer(_READ_BUFFER, count)[:]
         return plaintext
     if _SSL_get_error(ssl, count) != _SSL_ERROR_WANT_READ:
-        tls._raise_ssl_error(ssl, count)
+        _raise_error(tls, ssl, count)
     return b""
 
 
 def encrypt(tls: SSL.Connection, data: bytes) -> bytes:
-    """`data` as TLS records for the client. Raises SSL.Error when the connection failed.
+    """`data` as TLS records for the client. Raises TLSError when the connection failed.
 
     SSL_write directly: pyOpenSSL's send checks its callback helpers every call. More than
     TLS_CHUNK is written TLS_CHUNK at a time, drained after each, so the outgoing BIO never
@@ -128,7 +175,7 @@ def encrypt(tls: SSL.Connection, data: bytes) -> bytes:
     if len(data) <= TLS_CHUNK:
         written = _SSL_write(ssl, _from_buffer(data), len(data))
         if written <= 0:
-            tls._raise_ssl_error(ssl, written)
+            _raise_error(tls, ssl, written)
         return take_output(tls)
     chunks: list[bytes] = []
     view = memoryview(data)
@@ -136,7 +183,7 @@ def encrypt(tls: SSL.Connection, data: bytes) -> bytes:
         piece = view[start : start + TLS_CHUNK]
         written = _SSL_write(ssl, _from_buffer(piece), len(piece))
         if written <= 0:
-            tls._raise_ssl_error(ssl, written)
+            _raise_error(tls, ssl, written)
         chunks.append(take_output(tls))
     return b"".join(chunks)
 

@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,8 @@ def test_revoked_device_cannot_resume_or_stay(
     """A resumed session is not verified again by OpenSSL. A CRL reload makes a new context,
     but with a tls-ticket-keys file its tickets stay valid: lb checks the session's
     certificate against the CRLs loaded now, and close-revoked finds resumed sessions by
-    their leaf."""
-    port = free_port()
+    their leaf. The refusal is counted as "revoked", as a full handshake's would be."""
+    port, metrics_port = free_port(), free_port()
     backend = EchoBackend(proxy=False)
     crl = tmp_path / "crl.pem"
     shutil.copy(pki.crl, crl)
@@ -99,6 +100,8 @@ def test_revoked_device_cannot_resume_or_stay(
         "global\n    tune.ssl.reload-interval 1s\n    log stdout format raw local0\n"
         "defaults\n    mode tcp\n    log global\n    timeout connect 5s\n"
         "    timeout client 60s\n    timeout server 60s\n"
+        f"frontend stats\n    bind 127.0.0.1:{metrics_port}\n"
+        "    http-request use-service prometheus-exporter\n"
         f"frontend mqtts\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone} "
         f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required "
         f"crl-file {crl} close-revoked tls-ticket-keys {keys}\n"
@@ -151,5 +154,15 @@ def test_revoked_device_cannot_resume_or_stay(
             line = lb.wait_output("(resumed session)", timeout=10, stream="stdout", since=mark)
             assert "client certificate revoked on" in line
             assert f'subject="CN={device.cn}"' in line
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+            failures = [
+                line
+                for line in metrics.splitlines()
+                if line.startswith("haproxy_frontend_ssl_handshake_failures_total{")
+            ]
+            assert failures == [
+                'haproxy_frontend_ssl_handshake_failures_total{proxy="mqtts",reason="revoked"} 1'
+            ]
     finally:
         backend.close()
