@@ -10,26 +10,20 @@ SIGTERM too. `-sf PID...` / `-st PID...` tell a previous lb to finish (SIGUSR1) 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lb import __version__
 from lb.config import Diagnostic, load_config
 from lb.config.errors import format_report
 from lb.config.model import Config
+from lb.process import serve
 from lb.tls import bind_tls, check_bind_files
-
-if TYPE_CHECKING:
-    from lb.control import WorkerSetup
-
-logger = logging.getLogger("lb")
+from lb.workers import Master, signal_old_processes
 
 
 def tls_diagnostics(config: Config) -> list[Diagnostic]:
@@ -128,74 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pidfile:
             Path(pidfile).write_text(f"{os.getpid()}\n")
         return serve(config, old_pids=old_pids)
-    from lb.workers import Master, signal_old_processes
-
     master = Master(args.files, config, check, pidfile=pidfile)
     for pid, signum in old_pids:
         signal_old_processes([pid], signum)
     return master.run()
-
-
-def serve(
-    config: Config,
-    *,
-    sockets: dict[tuple[str, int], socket.socket] | None = None,
-    worker: WorkerSetup | None = None,
-    old_pids: Sequence[tuple[int, int]] = (),
-) -> int:
-    """Run one process's Runtime until SIGTERM (stop now) or SIGUSR1 (finish sessions).
-
-    In a worker, `sockets` are the master's and `worker` holds the master's line and the
-    state the workers share (lb.control); EOF on that line means the master is gone, and
-    the worker soft-stops."""
-    import uvloop
-
-    from lb.process import Runtime
-
-    async def run() -> int:
-        loop = asyncio.get_running_loop()
-        runtime = Runtime(config, loop)
-        soft = asyncio.Event()
-        finishing = False
-        if worker is not None:
-
-            def master_gone() -> None:
-                if not finishing and not soft.is_set():
-                    logger.warning("master is gone: soft stop")
-                    soft.set()
-
-            await runtime.attach_master(worker, master_gone)
-        runtime.start(sockets, reuse_port=sockets is None)
-        for pid, signum in old_pids:
-            try:
-                os.kill(pid, signum)
-            except OSError as error:
-                logger.warning("cannot signal old process %d: %s", pid, error)
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, soft.set)
-        runtime.announce_ready()
-        waiters = [loop.create_task(stop.wait()), loop.create_task(soft.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        runtime.stop_accepting()
-        if soft.is_set() and not stop.is_set():
-            logger.info("soft stop: waiting for %d sessions to end", runtime.active_sessions)
-            limit = config.global_.hard_stop_after
-            deadline = None if limit is None else loop.time() + limit
-            while runtime.active_sessions and not stop.is_set():
-                if deadline is not None and loop.time() > deadline:
-                    logger.warning("hard-stop-after: closing %d sessions", runtime.active_sessions)
-                    break
-                await asyncio.sleep(0.1)
-        if runtime.active_sessions:
-            runtime.close_all_sessions()
-            await asyncio.sleep(0)
-        for waiter in waiters:
-            waiter.cancel()
-        finishing = True
-        runtime.detach_master()
-        logger.info("stopped")
-        return 0
-
-    return uvloop.run(run())

@@ -3,7 +3,7 @@
 A `Listener` accepts by itself (a reader callback on the listening socket) instead of
 `loop.create_server`, so that it can stop accepting when `maxconn` is reached: connections
 beyond it wait in the kernel's accept backlog, as with HAProxy, and none is refused. Each
-accepted socket gets a `ClientSide` (lb.proxy). The `FrontendRuntime` answers what the data
+accepted socket gets a `ClientSide` (lb.datapath). The `FrontendRuntime` answers what the data
 path asks once per session: the PROXY header for a server, the SSL details of a handshake,
 and where log lines go.
 """
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global
 from lb.counters import FrontendCounters, ProcessCounters
+from lb.datapath import ClientSide, Limits, TimerWheel
 from lb.log import (
     TCPLOG,
     ConnectionErrorLog,
@@ -31,7 +32,6 @@ from lb.log import (
     TrafficLog,
     format_connection_error,
 )
-from lb.proxy import ClientSide, Limits, TimerWheel
 from lb.tls import BindContext, bind_tls
 from lb.tls_codes import Refusal
 
@@ -200,8 +200,8 @@ class FrontendRuntime:
         counters: ProcessCounters | None = None,
     ) -> None:
         self.loop = loop
-        self.config = config
-        self.name = config.name
+        self.config: Frontend = config
+        self.name: str = config.name
         self.binds = config.binds
         self.backend = backend
         self.process = process
@@ -216,7 +216,7 @@ class FrontendRuntime:
         self.process_counters = counters if counters is not None else ProcessCounters()
         self.sessions: set[ClientSide] = set()
         self.timers = TimerWheel(loop)  # every session's idle timeout
-        self.accepting_enabled = True
+        self.accepting_enabled: bool = True
         timeouts = config.timeout
         backend_timeouts = backend.config.timeout
         self.limits = Limits(
@@ -248,7 +248,7 @@ class FrontendRuntime:
         self.listeners: list[Listener] = []
         self.current = 0
         self.total = 0
-        self.maxconn = config.maxconn
+        self.maxconn: int | None = config.maxconn
         # Counted from accept (not from connection_made) so that maxconn is exact.
         self.reserved = 0
 

@@ -1,7 +1,7 @@
 """One lb process at run time: the frontends and backends of a configuration, started and
 stopped together. The CLI runs one directly; the master of lb.workers runs one per worker.
 
-Besides the traffic frontends a Runtime serves what lb.stats and lb.runtime_api offer (the
+Besides the traffic frontends a Runtime serves what lb.prometheus and lb.runtime_api offer (the
 Prometheus endpoint of a `use-service prometheus-exporter` frontend, the `stats socket`
 runtime API) and runs the certificate/CA/CRL reload watcher of lb.reload.
 
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import uvloop
 
 from lb.checks import HealthChecks
 from lb.config.model import Config, Frontend
@@ -35,23 +39,25 @@ from lb.control import (
 from lb.counters import CounterSnapshot, ProcessCounters, take_snapshot
 from lb.frontend import FrontendRuntime, ProcessLimit
 from lb.log import GlobalLogHandler, TrafficLog, install_global_handler, remove_global_handler
+from lb.prometheus import PrometheusEndpoint
 from lb.reload import TLSReloader
-from lb.runtime_api import RuntimeAPI, session_lines
+from lb.runtime_api import RuntimeAPI, open_stats_socket, session_lines
 from lb.server import BackendState, ServerState
-from lb.stats import PrometheusEndpoint, open_stats_socket
 from lb.tls import BindContext
 
 #: Key of the inherited socket of the n-th `stats socket` line in `Runtime.start(sockets=)`.
 STATS_SOCKET_KEY = "@stats"
 
 logger = logging.getLogger(__name__)
+#: The process's start, stop and soft-stop lines, under the name `lb` (as when lb.cli ran them).
+lifecycle_logger = logging.getLogger("lb")
 
 
 class Runtime:
     """Everything a configuration starts, and the counters it keeps."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
-        self.config = config
+        self.config: Config = config
         self.loop = loop
         self.process = ProcessLimit(config.global_.maxconn)
         self.backends = {b.name: BackendState(b, clock=loop.time) for b in config.backends}
@@ -59,7 +65,7 @@ class Runtime:
             loop, self.backends.values(), config.global_, on_change=self.publish_server
         )
         self.frontends: list[FrontendRuntime] = []
-        self.counters = ProcessCounters()
+        self.counters: ProcessCounters = ProcessCounters()
         self.stopping = False
         self.worker_number = 1
         # The lead runs the health checks and serves the runtime API and Prometheus.
@@ -298,3 +304,69 @@ class Runtime:
         # exit under a connection it accepted and is still adopting (a dropped connection
         # during reloads, seen by tests/test_lb_workers.py).
         return sum(f.reserved for f in self.frontends)
+
+
+def serve(
+    config: Config,
+    *,
+    sockets: dict[tuple[str, int], socket.socket] | None = None,
+    worker: WorkerSetup | None = None,
+    old_pids: Sequence[tuple[int, int]] = (),
+) -> int:
+    """Run one process's Runtime until SIGTERM (stop now) or SIGUSR1 (finish sessions).
+
+    In a worker, `sockets` are the master's and `worker` holds the master's line and the
+    state the workers share (lb.control); EOF on that line means the master is gone, and
+    the worker soft-stops."""
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        runtime = Runtime(config, loop)
+        soft = asyncio.Event()
+        finishing = False
+        if worker is not None:
+
+            def master_gone() -> None:
+                if not finishing and not soft.is_set():
+                    lifecycle_logger.warning("master is gone: soft stop")
+                    soft.set()
+
+            await runtime.attach_master(worker, master_gone)
+        runtime.start(sockets, reuse_port=sockets is None)
+        for pid, signum in old_pids:
+            try:
+                os.kill(pid, signum)
+            except OSError as error:
+                lifecycle_logger.warning("cannot signal old process %d: %s", pid, error)
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, soft.set)
+        runtime.announce_ready()
+        waiters = [loop.create_task(stop.wait()), loop.create_task(soft.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        runtime.stop_accepting()
+        if soft.is_set() and not stop.is_set():
+            lifecycle_logger.info(
+                "soft stop: waiting for %d sessions to end", runtime.active_sessions
+            )
+            limit = config.global_.hard_stop_after
+            deadline = None if limit is None else loop.time() + limit
+            while runtime.active_sessions and not stop.is_set():
+                if deadline is not None and loop.time() > deadline:
+                    lifecycle_logger.warning(
+                        "hard-stop-after: closing %d sessions", runtime.active_sessions
+                    )
+                    break
+                await asyncio.sleep(0.1)
+        if runtime.active_sessions:
+            runtime.close_all_sessions()
+            await asyncio.sleep(0)
+        for waiter in waiters:
+            waiter.cancel()
+        finishing = True
+        runtime.detach_master()
+        lifecycle_logger.info("stopped")
+        return 0
+
+    return uvloop.run(run())

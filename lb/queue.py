@@ -4,7 +4,7 @@ A server with `maxconn` that is full makes new connections wait: in that server'
 when the server was chosen for them (hashing algorithms, bounded by `maxqueue`), or in the
 backend's queue when every server is full (unbounded, as HAProxy's proxy queue). When a
 slot frees, the server takes the oldest connection of either queue (process_srv_queue);
-`timeout queue` ends a wait in the data path (lb.proxy), which then abandons its place.
+`timeout queue` ends a wait in the data path (lb.datapath), which then abandons its place.
 
 Log positions follow configuration.txt 8.2.2 (%sq / %bq, "srv_queue" / "backend_queue"):
 0 for a connection that never waited in that queue, else 1 plus the number of connections

@@ -1,10 +1,11 @@
-"""The runtime API (`stats socket`): its commands and their answers.
+"""The runtime API (`stats socket`): the socket, its commands and their answers.
 
 `stats socket <path> mode 600 level admin` (management.txt 9.3): one command line per
 connection (or `prompt` for an interactive session), commands separated by `;`, a payload
 after `<<` ending with an empty line, each answer followed by an empty line, so
 `echo "show stat" | socat - UNIX:/path/lb.sock` works as it does with HAProxy. `show stat`
 prints HAProxy 2.6's CSV columns; server state changes go through the backend's balancer.
+`open_stats_socket` binds the socket (the master does, before it forks; see lb.workers).
 
 With `nbthread` > 1 (lb.workers), one worker, the lead, answers; every answer covers the
 whole process tree: counters are every worker's (lb.counters), `show sess` lists every
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,6 @@ from lb.counters import (
     merge_snapshots,
     server_state,
 )
-from lb.stats import COMMAND_TIMEOUT
 
 if TYPE_CHECKING:
     from lb.process import Runtime
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: How long a non-interactive runtime API client may take to send its command.
+COMMAND_TIMEOUT = 10.0
 #: A `set ssl cert` payload larger than this is refused.
 MAX_PAYLOAD = 1024 * 1024
 #: Idle timeout of an interactive (`prompt`) session, as HAProxy's `stats timeout` default.
@@ -77,6 +80,36 @@ CHECK_STATUS_CODES = {
     "L4CON": 7, "L6OK": 8, "L6TOUT": 9, "L6RSP": 10, "L7TOUT": 11, "L7RSP": 12, "L7OK": 13,
     "L7OKC": 14, "L7STS": 15, "PROCERR": 16, "PROCTOUT": 17, "PROCOK": 18,
 }  # fmt: skip
+
+
+def open_stats_socket(config: StatsSocket) -> socket.socket:
+    """Bind the unix socket of `stats socket <path> mode <octal>` (replacing a stale one)."""
+    path = config.path
+    if path.startswith("unix@"):
+        path = path[len("unix@") :]
+    if path.startswith("ipv4@") or (":" in path and not path.startswith("/")):
+        host, _, port = path.removeprefix("ipv4@").rpartition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host or "127.0.0.1", int(port)))
+    else:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Created with the final mode: no window in which another user can connect.
+        old_umask = os.umask(0o777 & ~(config.mode if config.mode is not None else 0o600))
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        if config.mode is not None:
+            os.chmod(path, config.mode)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
 
 
 class CommandError(Exception):

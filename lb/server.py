@@ -43,7 +43,7 @@ Clock = Callable[[], float]
 
 
 class Session(Protocol):
-    """A live connection through a server, which lb may close (lb.proxy.ClientSide)."""
+    """A live connection through a server, which lb may close (lb.datapath.ClientSide)."""
 
     def kill(self, cause: str) -> None: ...
 

@@ -5,7 +5,7 @@ what it reaches into is not their public API. Everything here is a plain functio
 `SSL.Connection` or `SSL.Context`, so that no per-session object is added (an idle device
 session costs ~35 KiB, bench/idle_memory.py) and the data path keeps its `__slots__`.
 
-**The data path** (lb.proxy): a server-side `SSL.Connection` over memory BIOs, driven with
+**The data path** (lb.datapath): a server-side `SSL.Connection` over memory BIOs, driven with
 `SSL_read`, `SSL_write`, `BIO_read` and `BIO_write` directly. pyOpenSSL's `recv`/`send`
 allocate 64 KiB per call, check their callback helpers on every call and end each loop with
 a `WantReadError` (bench rr_200 and bulk, bench/README.md); one event loop per process runs

@@ -59,7 +59,8 @@ from lb.control import (
     encode,
 )
 from lb.frontend import open_listening_socket
-from lb.stats import open_stats_socket
+from lb.process import serve
+from lb.runtime_api import open_stats_socket
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +189,7 @@ def worker_main(
     sockets: dict[SocketKey, socket.socket],
     setup: WorkerSetup,
 ) -> int:
-    """The body of one forked worker: serve until told to stop (lb.cli.serve's loop)."""
-    from lb.cli import serve
+    """The body of one forked worker: serve until told to stop (lb.process.serve)."""
 
     for signum in (signal.SIGUSR2, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # reloads are the master's business

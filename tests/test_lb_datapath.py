@@ -277,7 +277,7 @@ def test_timer_wheel_survives_a_failing_session() -> None:
     the wheel keeps firing for later deadlines."""
     import asyncio
 
-    from lb.proxy import TimerWheel
+    from lb.datapath import TimerWheel
 
     class Session:
         def __init__(self, fail: bool) -> None:

@@ -238,7 +238,7 @@ class ClientSide(asyncio.Protocol):
         self.attempt = 0  # connect attempts: a late answer to an old one is dropped
         self.termination = "--"
         self.timers = frontend.timers
-        self.timer_slot: int | None = None  # lb.proxy.TimerWheel's
+        self.timer_slot: int | None = None  # TimerWheel's
         self.ssl_info: proxyproto.SSLInfo | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------------
