@@ -23,7 +23,8 @@ HAProxy's rules for a configuration that changed (see `apply_server_record`). A 
 certificate is kept while its file on disk is the one it replaced; once the file changes on
 disk (or after `reload ssl`) the file wins.
 
-Framing: a 4-byte big-endian length, then a UTF-8 JSON object whose "t" names the message.
+Framing (lb.control_codec): a 4-byte big-endian length, then a UTF-8 JSON object whose "t"
+names the message.
 
     worker -> master   ready                      the worker serves
                        server {record}            a server's shared state changed
@@ -41,14 +42,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import socket
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, cast
+
+from lb.control_codec import NEED_DATA, ControlProtocolError, FrameDecoder, Message, encode
+from lb.pem import TLSFileError, bundle_from_pem, file_signature
 
 if TYPE_CHECKING:
     from lb.server import BackendState, ServerState
@@ -56,67 +58,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: One control message at most (a `show sess` answer of very many sessions is the largest).
-MAX_FRAME = 64 * 1024 * 1024
 #: How long the master waits for the workers' answers to a `gather`.
 GATHER_TIMEOUT = 2.0
-#: Frame header: the length of the JSON body.
-HEADER = struct.Struct(">I")
-
-Message = dict[str, Any]
-
-
-class ControlProtocolError(Exception):
-    """A control frame that cannot be decoded: the peer is not a well-behaved lb process."""
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
-
-
-def encode(message: Message) -> bytes:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    if len(body) > MAX_FRAME:
-        raise ControlProtocolError(f"control message of {len(body)} bytes is too large")
-    return HEADER.pack(len(body)) + body
-
-
-class FrameDecoder:
-    """Sans-IO: `feed(bytes)`, then `next_event()` until it answers NEED_DATA."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.failed = False
-
-    def feed(self, data: bytes) -> None:
-        if self.failed:
-            raise ControlProtocolError("decoder has failed")
-        self.buffer.extend(data)
-
-    def next_event(self) -> Message | _NeedData:
-        if len(self.buffer) < HEADER.size:
-            return NEED_DATA
-        (length,) = HEADER.unpack_from(self.buffer)
-        if length > MAX_FRAME:
-            self.failed = True
-            raise ControlProtocolError(f"control frame of {length} bytes is too large")
-        if len(self.buffer) < HEADER.size + length:
-            return NEED_DATA
-        body = bytes(self.buffer[HEADER.size : HEADER.size + length])
-        del self.buffer[: HEADER.size + length]
-        try:
-            message = json.loads(body)
-        except ValueError as error:
-            self.failed = True
-            raise ControlProtocolError(f"control frame is not JSON: {error}") from None
-        if not isinstance(message, dict) or not isinstance(message.get("t"), str):
-            self.failed = True
-            raise ControlProtocolError("control frame is not a message")
-        return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,8 +237,6 @@ def apply_cert(contexts: Iterable[BindContext], record: CertRecord, *, at_start:
     """Serve a committed certificate on every bind that loads its file; how many took it.
 
     At a worker's start, only while the file on disk is still the one it replaced."""
-    from lb.pem import TLSFileError, bundle_from_pem, file_signature
-
     if at_start and file_signature([Path(record.path)]) != record.signature:
         logger.info("committed certificate %s not kept: the file changed on disk", record.path)
         return 0
@@ -358,7 +299,7 @@ class MasterLink(asyncio.Protocol):
             self.decoder.feed(data)
             while True:
                 message = self.decoder.next_event()
-                if isinstance(message, _NeedData):
+                if message is NEED_DATA:
                     return
                 self._dispatch(message)
         except ControlProtocolError as error:

@@ -164,7 +164,7 @@ def take_snapshot(runtime: Runtime) -> CounterSnapshot:
         snapshot.frontends[f.name] = Counter(
             current=f.current,
             max_sessions=f.counters.max_sessions,
-            total=f.total,
+            total=f.counters.connections_total,
             bytes_in=f.counters.bytes_in,
             bytes_out=f.counters.bytes_out,
             connections_total=f.counters.connections_total,

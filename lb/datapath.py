@@ -32,7 +32,6 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -907,6 +906,3 @@ class ServerSide(asyncio.Protocol):
 def _error_words(error: OSError) -> str:
     """'Connection refused' rather than asyncio's 'Connect call failed (...)'."""
     return os.strerror(error.errno) if error.errno else str(error)
-
-
-ProtocolFactory = Callable[[], ClientSide]

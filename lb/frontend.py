@@ -247,7 +247,6 @@ class FrontendRuntime:
         self.has_ssl = any(context is not None for context in self.contexts.values())
         self.listeners: list[Listener] = []
         self.current = 0
-        self.total = 0
         self.maxconn: int | None = config.maxconn
         # Counted from accept (not from connection_made) so that maxconn is exact.
         self.reserved = 0
@@ -290,7 +289,6 @@ class FrontendRuntime:
 
     def session_started(self, client: ClientSide) -> None:
         self.current += 1
-        self.total += 1
         self.sessions.add(client)
         counters = self.counters
         counters.connections_total += 1

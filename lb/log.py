@@ -270,10 +270,6 @@ class LogFormat:
 TCPLOG = LogFormat(TCPLOG_FORMAT)
 
 
-def format_tcplog(record: SessionRecord) -> str:
-    return TCPLOG.render(record)
-
-
 def format_connection_error(
     client_ip: str, client_port: int, accept_date: float, frontend: str, bind: str, message: str
 ) -> str:

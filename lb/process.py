@@ -29,15 +29,15 @@ from lb.config.model import Config, Frontend
 from lb.control import (
     CertRecord,
     MasterLink,
-    Message,
     ServerRecord,
     WorkerSetup,
     apply_cert,
     apply_server_record,
     server_record,
 )
+from lb.control_codec import Message
 from lb.counters import CounterSnapshot, ProcessCounters, take_snapshot
-from lb.frontend import FrontendRuntime, ProcessLimit
+from lb.frontend import FrontendRuntime, ProcessLimit, open_listening_socket
 from lb.log import GlobalLogHandler, TrafficLog, install_global_handler, remove_global_handler
 from lb.prometheus import PrometheusEndpoint
 from lb.reload import TLSReloader
@@ -133,8 +133,6 @@ class Runtime:
 
     async def _start_services(self, sockets: dict[tuple[str, int], socket.socket]) -> None:
         """Prometheus and the runtime API (the lead's); their answers cover every worker."""
-        from lb.frontend import open_listening_socket
-
         for frontend in self.prometheus_frontends:
             endpoint = PrometheusEndpoint(self, frontend.name)
             bound = [

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from lb import __version__
 from lb.config.model import StatsSocket
+from lb.control import CertRecord, apply_cert
 from lb.counters import (
     CounterSnapshot,
     admin_state,
@@ -36,6 +37,8 @@ from lb.counters import (
     merge_snapshots,
     server_state,
 )
+from lb.pem import TLSFileError, bundle_from_pem, file_signature
+from lb.tls import describe_certificate
 
 if TYPE_CHECKING:
     from lb.process import Runtime
@@ -567,9 +570,6 @@ class RuntimeAPI:
                         seen.add(name)
                         lines.append(name)
             return "\n".join(lines) + "\n"
-        from lb.pem import bundle_from_pem
-        from lb.tls import describe_certificate
-
         transaction = self.transactions.get(path.lstrip("*"))
         if path.startswith("*"):
             if transaction is None:
@@ -587,8 +587,6 @@ class RuntimeAPI:
         )
 
     def set_ssl_cert(self, path: str, payload: bytes | None) -> str:
-        from lb.pem import TLSFileError, bundle_from_pem
-
         if not payload:
             raise CommandError("'set ssl cert' expects a filename and a certificate as a payload")
         if not any(
@@ -606,14 +604,9 @@ class RuntimeAPI:
         return f"Transaction created for certificate {path}!\n"
 
     def commit_ssl_cert(self, path: str) -> str:
-        from lb.pem import bundle_from_pem
-
         transaction = self.transactions.pop(path, None)
         if transaction is None:
             raise CommandError("No ongoing transaction!")
-        from lb.control import CertRecord, apply_cert
-        from lb.pem import file_signature
-
         record = CertRecord(path, transaction.payload, file_signature([Path(path)]))
         bundle_from_pem(record.pem, path)  # validated by `set ssl cert`; raises if not
         updated = apply_cert(self.runtime.bind_contexts(), record, at_start=False)

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509 import ocsp
 from OpenSSL import SSL, crypto
 
 from lb import tls_io
@@ -81,7 +82,6 @@ EXPIRY_WARNING = dt.timedelta(days=30)
 
 #: OpenSSL X509_V_ERR_* ids with their names, for log lines (lb.tls_codes).
 X509_V_ERR_NAMES: dict[int, str] = X509_V_ERROR_NAMES
-X509_V_ERR_IDS: dict[str, int] = X509_V_ERROR_IDS
 
 
 def utc_text(moment: dt.datetime) -> str:
@@ -401,8 +401,6 @@ def ocsp_response_problem(bundle: PemBundle, data: bytes, now: dt.datetime) -> s
     what HAProxy 2.6 checks when it loads one (ssl_sock_load_ocsp_response): a successful
     response whose certificate id (serial, issuer name and key hashes) is this certificate's,
     inside its thisUpdate..nextUpdate window."""
-    from cryptography.x509 import ocsp
-
     try:
         response = ocsp.load_der_ocsp_response(data)
     except ValueError as error:
@@ -457,8 +455,6 @@ def describe_certificate(bundle: PemBundle) -> str:
     names = _certificate_names(certificate)
     if names:
         lines.append("Subject Alternative Name: " + ", ".join(f"DNS:{n}" for n in names))
-    from cryptography.hazmat.primitives import hashes
-
     lines.append(f"SHA1 FingerPrint: {certificate.fingerprint(hashes.SHA1()).hex().upper()}")
     lines.append(f"Subject: {_one_line(certificate.subject)}")
     lines.append(f"Issuer: {_one_line(certificate.issuer)}")
@@ -817,19 +813,3 @@ def _check_server_chain(
             )
         )
     return findings
-
-
-def peer_identity(certificate: x509.Certificate) -> tuple[str | None, tuple[bytes, ...]]:
-    """The CN of a client certificate and its subject as DER (for authorization attributes)."""
-    return common_name(certificate.subject), (certificate.subject.public_bytes(),)
-
-
-def has_client_auth(certificate: x509.Certificate) -> bool:
-    try:
-        usage = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return True
-    return ExtendedKeyUsageOID.CLIENT_AUTH in usage
-
-
-Callback = Callable[[], None]

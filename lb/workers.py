@@ -47,19 +47,17 @@ from dataclasses import dataclass, field
 from lb import tls, tls_io
 from lb.config.errors import Diagnostic, format_report
 from lb.config.model import Config
-from lb.control import (
-    GATHER_TIMEOUT,
+from lb.control import GATHER_TIMEOUT, SharedState, WorkerSetup
+from lb.control_codec import (
     MAX_FRAME,
     NEED_DATA,
     ControlProtocolError,
     FrameDecoder,
     Message,
-    SharedState,
-    WorkerSetup,
     encode,
 )
 from lb.frontend import open_listening_socket
-from lb.process import serve
+from lb.process import STATS_SOCKET_KEY, serve
 from lb.runtime_api import open_stats_socket
 
 logger = logging.getLogger(__name__)
@@ -132,8 +130,6 @@ class SocketPool:
 
     def prepare(self, config: Config) -> PendingSockets:
         """The sockets for every bind of `config`, reusing those of the same address."""
-        from lb.process import STATS_SOCKET_KEY
-
         wanted: dict[SocketKey, socket.socket] = {}
         kept: dict[SocketAddress, socket.socket] = {}
         opened: list[socket.socket] = []

@@ -1,6 +1,7 @@
-"""lb.control without processes: the frame codec (whole, byte by byte, with trailing
-bytes, refusals), the master's memory of shared state, server records applied with HAProxy's
-server-state-file rules for a changed configuration, and counters merged across workers."""
+"""lb.control and lb.control_codec without processes: the frame codec (whole, byte by
+byte, with trailing bytes, refusals), the master's memory of shared state, server records
+applied with HAProxy's server-state-file rules for a changed configuration, and counters
+merged across workers."""
 
 from __future__ import annotations
 
@@ -13,17 +14,13 @@ import pytest
 from lb.config.errors import Origin
 from lb.config.model import Backend, Server
 from lb.control import (
-    MAX_FRAME,
-    NEED_DATA,
     CertRecord,
-    ControlProtocolError,
-    FrameDecoder,
     ServerRecord,
     SharedState,
     apply_server_record,
-    encode,
     server_record,
 )
+from lb.control_codec import MAX_FRAME, NEED_DATA, ControlProtocolError, FrameDecoder, encode
 from lb.counters import CounterSnapshot, merge_snapshots
 from lb.health import CheckResult, CheckStatus
 from lb.server import BackendState
@@ -45,6 +42,7 @@ def test_frames_whole_byte_by_byte_and_with_trailing_bytes() -> None:
     whole = FrameDecoder()
     whole.feed(data)
     assert messages_of(whole) == [first, second]
+    assert whole.trailing_data == b""
 
     single = FrameDecoder()
     seen: list[object] = []
@@ -56,7 +54,7 @@ def test_frames_whole_byte_by_byte_and_with_trailing_bytes() -> None:
     trailing = FrameDecoder()
     trailing.feed(encode(first) + encode(second)[:5])
     assert messages_of(trailing) == [first]
-    assert bytes(trailing.buffer) == encode(second)[:5]
+    assert trailing.trailing_data == encode(second)[:5]
 
 
 @pytest.mark.parametrize(

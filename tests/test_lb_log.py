@@ -19,12 +19,12 @@ from bench.ports import free_port
 from lb.log import (
     ERROR_LINE_BURST,
     ERROR_LINE_RATE,
+    TCPLOG,
     ConnectionErrorLog,
     LogFormat,
     RateLimiter,
     SessionRecord,
     TrafficLog,
-    format_tcplog,
     frame,
 )
 from tests.harness import (
@@ -302,13 +302,13 @@ def _record(**changes: object) -> SessionRecord:
 
 
 def test_tcplog_format() -> None:
-    line = format_tcplog(_record())
+    line = TCPLOG.render(_record())
     assert re.fullmatch(
         r"10\.0\.0\.1:40000 \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d\.123\] mqtts~ brokers/broker1 "
         r"0/1/25 44 -- 3/2/1/1/0 0/0",
         line,
     )
-    assert "<NOSRV>" in format_tcplog(_record(server=None))
+    assert "<NOSRV>" in TCPLOG.render(_record(server=None))
 
 
 def test_log_format_samples() -> None:

@@ -47,7 +47,6 @@ UNSUPPORTED_SECTIONS = (
     "cache",
     "fcgi-app",
 )
-PROXY_KINDS = ("defaults", "frontend", "backend", "listen")
 ProxyKind = Literal["defaults", "frontend", "backend", "listen"]
 
 LOG_FACILITIES = (
