@@ -17,9 +17,6 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
 from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global
 from lb.counters import FrontendCounters, ProcessCounters
@@ -46,18 +43,6 @@ ACCEPT_BATCH = 32
 DEFAULT_BACKLOG = 4096
 #: After EMFILE/ENFILE, retry accepting after this long instead of spinning.
 ACCEPT_ERROR_PAUSE = 0.1
-
-#: OpenSSL short names of certificate signature algorithms (PP2_SUBTYPE_SSL_SIG_ALG).
-SIGNATURE_SHORT_NAMES = {
-    "1.2.840.113549.1.1.11": "RSA-SHA256",
-    "1.2.840.113549.1.1.12": "RSA-SHA384",
-    "1.2.840.113549.1.1.13": "RSA-SHA512",
-    "1.2.840.113549.1.1.5": "RSA-SHA1",
-    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
-    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
-    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
-    "1.3.101.112": "ED25519",
-}
 
 
 class ProcessLimit:
@@ -233,17 +218,10 @@ class FrontendRuntime:
             index: tuple(ipaddress.ip_network(n) for n in bind.accept_proxy_from)
             for index, bind in enumerate(config.binds)
         }
-        self.contexts: dict[int, BindContext | None] = {}
-        self.own_certificate: dict[int, tuple[str | None, str | None]] = {}
-        for index, bind in enumerate(config.binds):
-            if bind.ssl:
-                context = BindContext(bind_tls(bind, global_, config.name))
-                self.contexts[index] = context
-                self.own_certificate[index] = _describe_own_certificate(
-                    context.bundles[0].certificate
-                )
-            else:
-                self.contexts[index] = None
+        self.contexts: dict[int, BindContext | None] = {
+            index: BindContext(bind_tls(bind, global_, config.name)) if bind.ssl else None
+            for index, bind in enumerate(config.binds)
+        }
         self.has_ssl = any(context is not None for context in self.contexts.values())
         self.listeners: list[Listener] = []
         self.current = 0
@@ -456,7 +434,10 @@ class FrontendRuntime:
                 authority = server_name.decode("ascii", "replace") if server_name else None
             if "ssl" in options and client.ssl_info is not None:
                 info = client.ssl_info
-                key_alg, sig_alg = self.own_certificate.get(client.bind_index, (None, None))
+                key_alg = sig_alg = None
+                context = client.tls_context
+                if context is not None and ("cert-key" in options or "cert-sig" in options):
+                    key_alg, sig_alg = context.served_algorithms(tls)
                 ssl_info = proxyproto.SSLInfo(
                     client=info.client,
                     verify=info.verify,
@@ -478,17 +459,3 @@ class FrontendRuntime:
             crc32c="crc32c" in options,
             chain_subjects=chain,
         )
-
-
-def _describe_own_certificate(certificate: x509.Certificate) -> tuple[str | None, str | None]:
-    """HAProxy's cert-key (e.g. EC256, RSA2048) and cert-sig (e.g. ecdsa-with-SHA256)."""
-    key = certificate.public_key()
-    key_alg: str | None
-    if isinstance(key, rsa.RSAPublicKey):
-        key_alg = f"RSA{key.key_size}"
-    elif isinstance(key, ec.EllipticCurvePublicKey):
-        key_alg = f"EC{key.curve.key_size}"
-    else:
-        key_alg = None
-    sig_alg = SIGNATURE_SHORT_NAMES.get(certificate.signature_algorithm_oid.dotted_string)
-    return key_alg, sig_alg

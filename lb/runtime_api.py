@@ -616,14 +616,16 @@ class RuntimeAPI:
 
 
 def session_lines(runtime: Runtime) -> list[str]:
-    """`show sess`: one line per session of this process."""
+    """`show sess`: one line per session of this process. `proto` is the listener's, as
+    HAProxy's (a bind on an IPv6 address is tcpv6, also for IPv4-mapped clients)."""
     lines = []
     now = runtime.loop.time()
     for frontend in runtime.frontends:
         for client in list(frontend.sessions):
             server = client.server
+            proto = "tcpv6" if frontend.binds[client.bind_index].family == "ipv6" else "tcpv4"
             lines.append(
-                f"0x{id(client):x}: proto=tcpv4 src={client.peer[0]}:{client.peer[1]} "
+                f"0x{id(client):x}: proto={proto} src={client.peer[0]}:{client.peer[1]} "
                 f"fe={frontend.name} be={frontend.backend.name} "
                 f"srv={server.name if server is not None else '<none>'} "
                 f"age={int(now - client.accept_time)}s "

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from OpenSSL import SSL, crypto
 
@@ -50,9 +51,11 @@ from lb.pem import (
     read_file,
 )
 from lb.tls_codes import (
+    TLS_VERSIONS,
     X509_V_ERROR_IDS,
     X509_V_ERROR_NAMES,
     Refusal,
+    TlsVersion,
     refusal_for_reason_codes,
     refusal_for_verify_error,
 )
@@ -64,21 +67,28 @@ logger = logging.getLogger(__name__)
 
 Verify = Literal["none", "optional", "required"]
 
-#: HAProxy 2.6 accepts these names for ssl-min-ver / ssl-max-ver.
-TLS_VERSIONS: dict[str, int] = {
-    "SSLv3": SSL.SSL3_VERSION,
-    "TLSv1.0": SSL.TLS1_VERSION,
-    "TLSv1.1": SSL.TLS1_1_VERSION,
-    "TLSv1.2": SSL.TLS1_2_VERSION,
-    "TLSv1.3": SSL.TLS1_3_VERSION,
-}
 #: HAProxy 2.6 default range (configuration.txt, ssl-min-ver).
-DEFAULT_MIN_VERSION = "TLSv1.2"
-DEFAULT_MAX_VERSION = "TLSv1.3"
+DEFAULT_MIN_VERSION: TlsVersion = "TLSv1.2"
+DEFAULT_MAX_VERSION: TlsVersion = "TLSv1.3"
 #: EMQX's default intermediate certificate depth (seed 000); OpenSSL's own default is 100.
 DEFAULT_VERIFY_DEPTH = 10
 #: A server certificate that expires sooner than this draws a warning from `lb -c`.
 EXPIRY_WARNING = dt.timedelta(days=30)
+
+#: OpenSSL short names of certificate signature algorithms (PP2_SUBTYPE_SSL_SIG_ALG).
+SIGNATURE_SHORT_NAMES = {
+    "1.2.840.113549.1.1.11": "RSA-SHA256",
+    "1.2.840.113549.1.1.12": "RSA-SHA384",
+    "1.2.840.113549.1.1.13": "RSA-SHA512",
+    "1.2.840.113549.1.1.5": "RSA-SHA1",
+    "1.2.840.10045.4.3.2": "ecdsa-with-SHA256",
+    "1.2.840.10045.4.3.3": "ecdsa-with-SHA384",
+    "1.2.840.10045.4.3.4": "ecdsa-with-SHA512",
+    "1.3.101.112": "ED25519",
+}
+
+#: A served certificate's key and signature algorithms, as HAProxy names them.
+Algorithms = tuple[str | None, str | None]
 
 #: OpenSSL X509_V_ERR_* ids with their names, for log lines (lb.tls_codes).
 X509_V_ERR_NAMES: dict[int, str] = X509_V_ERROR_NAMES
@@ -101,8 +111,8 @@ class BindTLS:
     ca_verify_file: Path | None = None
     verify: Verify = "none"
     crl_file: Path | None = None
-    ssl_min_ver: str = DEFAULT_MIN_VERSION
-    ssl_max_ver: str = DEFAULT_MAX_VERSION
+    ssl_min_ver: TlsVersion = DEFAULT_MIN_VERSION
+    ssl_max_ver: TlsVersion = DEFAULT_MAX_VERSION
     ciphers: str | None = None
     ciphersuites: str | None = None
     alpn: tuple[str, ...] = ()
@@ -160,15 +170,20 @@ class BindContext:
             load_certificates(options.ca_verify_file) if options.ca_verify_file else []
         )
         self.ocsp_responses = load_ocsp_responses(self.bundles)
-        self.context = self._build()
+        # What each context (the default one, and those SNI switches to) serves.
+        self.served: dict[SSL.Context, Algorithms] = {}
+        self.context = self._build(self.served)
 
-    def _build(self, bundle: PemBundle | None = None) -> SSL.Context:
+    def _build(
+        self, served: dict[SSL.Context, Algorithms], bundle: PemBundle | None = None
+    ) -> SSL.Context:
         """The context for the first `crt` (and the SNI selector when there are several),
         or, with `bundle`, the context SNI switches to for that certificate: the same in
         every other respect, since OpenSSL verifies the client with the context the
-        connection has switched to (SSL_set_SSL_CTX)."""
+        connection has switched to (SSL_set_SSL_CTX). Each one built is noted in `served`."""
         options = self.options
         context = SSL.Context(SSL.TLS_SERVER_METHOD)
+        served[context] = certificate_algorithms((bundle or self.bundles[0]).certificate)
         context.set_min_proto_version(TLS_VERSIONS[options.ssl_min_ver])
         context.set_max_proto_version(TLS_VERSIONS[options.ssl_max_ver])
         ssl_options = (
@@ -186,7 +201,7 @@ class BindContext:
             context.set_tls13_ciphersuites(options.ciphersuites.encode())
         _use_bundle(context, bundle or self.bundles[0])
         if bundle is None and len(self.bundles) > 1:
-            self._install_sni(context)
+            self._install_sni(context, served)
         # Session resumption needs a session id context when client certificates are verified.
         context.set_session_id(options.session_id_context)
         _apply_session_settings(context, options)
@@ -277,7 +292,8 @@ class BindContext:
                 verify_cas,
             )
             self.ocsp_responses = load_ocsp_responses(bundles)
-            context = self._build()
+            served: dict[SSL.Context, Algorithms] = {}
+            context = self._build(served)
         except BaseException:
             (
                 self.bundles,
@@ -287,7 +303,7 @@ class BindContext:
                 self.ocsp_responses,
             ) = saved
             raise
-        self.context = context
+        self.context, self.served = context, served
 
     def revoked(self, chain: Sequence[x509.Certificate]) -> x509.Certificate | None:
         """The first certificate of `chain` that a loaded CRL revokes, or None."""
@@ -314,12 +330,24 @@ class BindContext:
             serial_number=certificate.serial_number,
         )
 
-    def _install_sni(self, context: SSL.Context) -> None:
+    def served_algorithms(self, connection: SSL.Connection) -> Algorithms:
+        """cert-key and cert-sig of the certificate this connection was served: the one of
+        the context it ended with (the default, or the one its SNI chose); for a session that
+        began before a reload or `commit ssl cert`, its own certificate's."""
+        known = self.served.get(connection.get_context())
+        if known is not None:
+            return known
+        certificate = connection.get_certificate()
+        if certificate is None:
+            return None, None
+        return certificate_algorithms(certificate.to_cryptography())
+
+    def _install_sni(self, context: SSL.Context, served: dict[SSL.Context, Algorithms]) -> None:
         """Several `crt`: the first is the default; a client's SNI picks the one whose names
         match (exact, then wildcard), as HAProxy's crt lists do."""
         by_name: dict[str, SSL.Context] = {}
         for bundle in self.bundles:
-            certificate_context = self._build(bundle)
+            certificate_context = self._build(served, bundle)
             for name in _certificate_names(bundle.certificate):
                 by_name.setdefault(name.lower(), certificate_context)
 
@@ -466,8 +494,8 @@ def describe_certificate(bundle: PemBundle) -> str:
 
 def bind_tls(bind: Bind, global_: Global, frontend: str) -> BindTLS:
     """The TLS options of a bind line, with the global ssl-default-bind-* applied."""
-    min_version: str = bind.ssl_min_ver
-    max_version: str = bind.ssl_max_ver or DEFAULT_MAX_VERSION
+    min_version: TlsVersion = bind.ssl_min_ver
+    max_version: TlsVersion = bind.ssl_max_ver or DEFAULT_MAX_VERSION
     disabled = {
         "SSLv3": bind.no_sslv3,
         "TLSv1.0": bind.no_tlsv10,
@@ -813,3 +841,18 @@ def _check_server_chain(
             )
         )
     return findings
+
+
+def certificate_algorithms(certificate: x509.Certificate) -> Algorithms:
+    """HAProxy's cert-key (e.g. EC256, RSA2048) and cert-sig (e.g. ecdsa-with-SHA256) of a
+    certificate lb serves (PP2_SUBTYPE_SSL_KEY_ALG, PP2_SUBTYPE_SSL_SIG_ALG)."""
+    key = certificate.public_key()
+    key_alg: str | None
+    if isinstance(key, rsa.RSAPublicKey):
+        key_alg = f"RSA{key.key_size}"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        key_alg = f"EC{key.curve.key_size}"
+    else:
+        key_alg = None
+    sig_alg = SIGNATURE_SHORT_NAMES.get(certificate.signature_algorithm_oid.dotted_string)
+    return key_alg, sig_alg

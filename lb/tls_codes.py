@@ -15,6 +15,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from typing import Literal
+
+TlsVersion = Literal["SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+#: HAProxy 2.6's names for ssl-min-ver / ssl-max-ver, oldest first, with the protocol
+#: version numbers OpenSSL takes for them (SSL3_VERSION .. TLS1_3_VERSION, the record
+#: layer's version field: RFC 8446 B.1).
+TLS_VERSIONS: dict[TlsVersion, int] = {
+    "SSLv3": 0x0300,
+    "TLSv1.0": 0x0301,
+    "TLSv1.1": 0x0302,
+    "TLSv1.2": 0x0303,
+    "TLSv1.3": 0x0304,
+}
 
 
 class Refusal(enum.Enum):

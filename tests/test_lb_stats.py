@@ -1,8 +1,10 @@
 """The runtime API over its unix socket (driven with socat, as operators do) and the
-Prometheus endpoint, on a running lb with real TLS clients."""
+Prometheus endpoint, on a running lb with real TLS clients; `show sess` on IPv4 and IPv6
+listeners."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -101,5 +103,42 @@ def test_runtime_api_and_prometheus(pki: TestPKI, tmp_path: Path) -> None:
             assert "Success!" in socat(sock, f"commit ssl cert {pki.server_allinone}")
             shown = socat(sock, f"show ssl cert {pki.server_allinone}")
             assert "CN=swap" in shown or "swap" in shown
+    finally:
+        backend.close()
+
+
+def test_show_sess_names_the_listener_protocol(tmp_path: Path) -> None:
+    """proto= is the listener's protocol, as HAProxy prints it: tcpv4, or tcpv6 for a bind on
+    an IPv6 address (here the IPv4-mapped loopback, so the traffic stays on 127.0.0.1)."""
+    port, port6 = free_port(), free_port()
+    sock = tmp_path / "lb.sock"
+    backend = EchoBackend(proxy=False)
+    config = (
+        f"global\n    stats socket {sock} mode 600 level admin\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n"
+        f"frontend plain\n    bind 127.0.0.1:{port}\n    bind [::ffff:127.0.0.1]:{port6}\n"
+        "    default_backend echo\n"
+        f"backend echo\n    server e1 127.0.0.1:{backend.port}\n"
+    )
+    try:
+        with (
+            run_lb(config, tmp_path, port) as lb,
+            socket.create_connection(("127.0.0.1", port), timeout=10) as four,
+            socket.create_connection(("127.0.0.1", port6), timeout=10) as six,
+        ):
+            lb.wait_output("stats socket listening", stream="stderr")
+            for client in (four, six):
+                client.sendall(b"hi")
+                assert client.recv(2) == b"hi"
+            lines = [line for line in socat(sock, "show sess").splitlines() if line]
+            protos = sorted(
+                (line.split(" proto=")[1].split()[0], line.split(" src=")[1].split()[0])
+                for line in lines
+            )
+            assert protos == [
+                ("tcpv4", f"127.0.0.1:{four.getsockname()[1]}"),
+                ("tcpv6", f"::ffff:127.0.0.1:{six.getsockname()[1]}"),
+            ]
     finally:
         backend.close()

@@ -1,7 +1,8 @@
 """lb's TLS bind options over real handshakes: several crt picked by SNI (with the right
-chain), ALPN selection and its PROXY v2 TLV, TLS 1.2 resumption with the client certificate
-remembered by the session (PP2_CLIENT_CERT_SESS without CERT_CONN), and openssl s_client as
-a second, independent client."""
+chain), ALPN selection and its PROXY v2 TLV, the cert-key/cert-sig TLVs of the certificate
+each connection was served (SNI, `commit ssl cert`), TLS 1.2 resumption with the client
+certificate remembered by the session (PP2_CLIENT_CERT_SESS without CERT_CONN), and openssl
+s_client as a second, independent client."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from tests.pki import TestPKI
 pytestmark = pytest.mark.timeout(60)
 
 
-def tls_config(port: int, bind: str, backend: EchoBackend, options: str = "ssl,cert-cn") -> str:
+def tls_config(
+    port: int, bind: str, backend: EchoBackend, options: str = "ssl,cert-cn", global_: str = ""
+) -> str:
     return f"""
 global
     maxconn 100
     log stdout format raw local0
-defaults
+{global_}defaults
     mode tcp
     log global
     option tcplog
@@ -101,6 +104,73 @@ def test_sni_with_client_verification_uses_the_same_trust(pki: TestPKI, tmp_path
             tls.sendall(b"sni")
             if not tls.recv(3):
                 raise ConnectionResetError("closed")
+    backend.close()
+
+
+def _ssl_tlv(backend: EchoBackend, port: int, server_name: str, ca: Path) -> tuple[str, str]:
+    """One round trip with `server_name` as SNI; the cert-key and cert-sig lb sent along."""
+    seen = len(backend.connections)
+    context = client_context(None, None, ca)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        tls.sendall(b"k")
+        assert tls.recv(1) == b"k"
+    header = backend.wait_connections(seen + 1)[seen].header
+    assert header is not None and header.ssl is not None
+    assert header.ssl.key_alg is not None and header.ssl.sig_alg is not None
+    return header.ssl.key_alg, header.ssl.sig_alg
+
+
+def _runtime_api(path: Path, command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(command.encode() + b"\n")
+        answer = bytearray()
+        while chunk := sock.recv(65536):
+            answer.extend(chunk)
+    return answer.decode()
+
+
+def test_cert_key_and_sig_describe_the_certificate_served(pki: TestPKI, tmp_path: Path) -> None:
+    """proxy-v2-options cert-key,cert-sig describe the certificate this connection got: the
+    one its SNI picked, and after `commit ssl cert` the new one (they were worked out once
+    per bind line, from its first crt)."""
+    rsa_other = make_server(
+        pki.intermediate_issued,
+        "broker.example",
+        dns_names=["broker.example"],
+        ip_addresses=[],
+        key_type="rsa2048",
+    )
+    other_pem = write_allinone(tmp_path / "other.pem", rsa_other)
+    default = tmp_path / "default.pem"
+    default.write_bytes(pki.server_allinone.read_bytes())
+    rsa_default = make_server(
+        pki.intermediate_issued, "lb.local", dns_names=["localhost"], key_type="rsa2048"
+    )
+    payload = write_allinone(tmp_path / "rsa-default.pem", rsa_default).read_text()
+    backend = EchoBackend()
+    port = free_port()
+    sock = tmp_path / "lb.sock"
+    config = tls_config(
+        port,
+        f"ssl crt {default} crt {other_pem}",
+        backend,
+        "ssl,cert-key,cert-sig",
+        global_=f"    stats socket {sock} mode 600 level admin\n",
+    )
+    with run_lb(config, tmp_path, port) as lb:
+        lb.wait_output("stats socket listening", stream="stderr")
+        assert _ssl_tlv(backend, port, "localhost", pki.root) == ("EC256", "ecdsa-with-SHA256")
+        assert _ssl_tlv(backend, port, "broker.example", pki.root)[0] == "RSA2048"
+        answer = _runtime_api(sock, f"set ssl cert {default} <<\n{payload}\n")
+        assert "Transaction created" in answer
+        assert "Success!" in _runtime_api(sock, f"commit ssl cert {default}")
+        assert _ssl_tlv(backend, port, "localhost", pki.root) == ("RSA2048", "ecdsa-with-SHA256")
+        assert _ssl_tlv(backend, port, "broker.example", pki.root)[0] == "RSA2048"
     backend.close()
 
 

@@ -1,6 +1,7 @@
 """lb.tls_codes: a refused handshake is classified once, by OpenSSL's numbers, and the
 Prometheus label and the log words follow from that class. Real handshakes: lb's engine
-(lb.tls_io over a BindContext) against stdlib clients over memory BIOs, and raw bytes."""
+(lb.tls_io over a BindContext) against stdlib clients over memory BIOs, and raw bytes.
+The TLS version names of the config parser and the numbers of the contexts are one table."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from OpenSSL import SSL
 
 from broker.tls_listener import handshake_failure_reason
 from lb import tls_io
-from lb.tls import BindContext, BindTLS, handshake_refusal
+from lb.config import load_config_text
+from lb.tls import BindContext, BindTLS, bind_tls, handshake_refusal
 from lb.tls_codes import (
     SSL_REASONS,
+    TLS_VERSIONS,
     X509_V_ERROR_IDS,
     X509_V_ERROR_NAMES,
     X509_V_ERRORS,
@@ -69,6 +72,40 @@ def test_one_table_for_x509_ids() -> None:
     assert refusal_for_verify_error(4) is refusal_for_verify_error(7) is Refusal.BAD_SIGNATURE
     assert refusal_for_verify_error(10_000) is Refusal.VERIFY_OTHER
     assert len(set(X509_V_ERROR_NAMES.values())) == len(X509_V_ERRORS)
+
+
+def test_one_table_of_tls_versions_for_the_parser_and_the_contexts() -> None:
+    assert TLS_VERSIONS == {
+        "SSLv3": SSL.SSL3_VERSION,
+        "TLSv1.0": SSL.TLS1_VERSION,
+        "TLSv1.1": SSL.TLS1_1_VERSION,
+        "TLSv1.2": SSL.TLS1_2_VERSION,
+        "TLSv1.3": SSL.TLS1_3_VERSION,
+    }
+
+    def diagnostics(options: str) -> list[str]:
+        text = (
+            "defaults\n    mode tcp\nfrontend f\n"
+            f"    bind 127.0.0.1:1 ssl crt /lb.pem {options}\n    default_backend b\n"
+            "backend b\n    server s 127.0.0.1:2\n"
+        )
+        return [d.text for d in load_config_text(text, "/lb.cfg").diagnostics]
+
+    names = ", ".join(f"'{name}'" for name in TLS_VERSIONS)
+    assert f"expects one of {names}, got 'TLSv1.4'" in diagnostics("ssl-min-ver TLSv1.4")[0]
+    assert (
+        "is below 'ssl-min-ver TLSv1.3'"
+        in diagnostics("ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.2")[0]
+    )
+    # no-tlsv13 leaves TLS 1.2 as the highest version the context allows
+    result = load_config_text(
+        "defaults\n    mode tcp\nfrontend f\n    bind 127.0.0.1:1 ssl crt /lb.pem no-tlsv13\n"
+        "    default_backend b\nbackend b\n    server s 127.0.0.1:2\n",
+        "/lb.cfg",
+    )
+    config = result.config_or_raise()
+    options = bind_tls(config.frontends[0].binds[0], config.global_, "f")
+    assert (options.ssl_min_ver, options.ssl_max_ver) == ("TLSv1.2", "TLSv1.2")
 
 
 # -- real refusals ----------------------------------------------------------------------------

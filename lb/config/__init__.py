@@ -42,7 +42,6 @@ from lb.config.keywords import (
 from lb.config.lexer import Line, tokenize
 from lb.config.model import (
     NOWHERE,
-    TLS_VERSIONS,
     Backend,
     Bind,
     Config,
@@ -54,6 +53,7 @@ from lb.config.model import (
     Server,
     Timeouts,
 )
+from lb.tls_codes import TLS_VERSIONS
 
 __all__ = [
     "ConfigError",
@@ -466,7 +466,7 @@ def _build_bind(pending: PendingBind, global_: Global, section: str, report: Rep
         if (
             isinstance(maximum, str)
             and isinstance(minimum, str)
-            and TLS_VERSIONS.index(maximum) < TLS_VERSIONS.index(minimum)
+            and tuple(TLS_VERSIONS).index(maximum) < tuple(TLS_VERSIONS).index(minimum)
         ):
             error(f"'ssl-max-ver {maximum}' is below 'ssl-min-ver {minimum}'")
     else:

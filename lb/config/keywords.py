@@ -30,8 +30,8 @@ from typing import Literal
 from lb.balance import ALGORITHMS
 from lb.config.errors import Diagnostic, Origin
 from lb.config.lexer import Line
-from lb.config.model import PROXY_V2_OPTIONS, TLS_VERSIONS, LogTarget, StatsSocket
-from lb.tls_codes import X509_V_ERROR_IDS
+from lb.config.model import PROXY_V2_OPTIONS, LogTarget, StatsSocket
+from lb.tls_codes import TLS_VERSIONS, X509_V_ERROR_IDS
 
 BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
 HASH_TYPES = ("map-based", "consistent")

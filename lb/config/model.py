@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lb.config.errors import Origin
+from lb.tls_codes import TlsVersion
 
 NOWHERE = Origin("<builtin>", 0)
 
 Mode = Literal["tcp"]
 Verify = Literal["none", "optional", "required"]
-TlsVersion = Literal["SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
-TLS_VERSIONS: tuple[TlsVersion, ...] = ("SSLv3", "TLSv1.0", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 IgnoreErrors = frozenset[int] | Literal["all"]
 
 
