@@ -120,7 +120,8 @@ def serve(config: str, trace_dir: str, frames: int) -> int:
     tracemalloc.start(frames)
     thread = threading.Thread(target=_answer_requests, args=(Path(trace_dir), frames), daemon=True)
     thread.start()
-    from lb.cli import main as lb_main
+    # Only the traced `--serve` process runs lb, and imports it once tracemalloc is on.
+    from lb.cli import main as lb_main  # noqa: PLC0415
 
     return lb_main(["-db", "-q", "-f", config])
 

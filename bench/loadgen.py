@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
 from typing import Any
 
+import uvloop
+
 from bench.backend import BULK_MAGIC
 
 #: The longest any worker waits for the coordinator between steps.
@@ -212,8 +214,6 @@ def _run_rr(
     report: Callable[[dict[str, Any]], None],
     release: Event,
 ) -> None:
-    import uvloop
-
     async def main() -> None:
         loop = asyncio.get_running_loop()
         context = client_context(job.files, job.tls_version, job.tickets)

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
+import uvloop
+
 #: How long a worker waits for the coordinator or the broker at any step.
 STEP_TIMEOUT = 120.0
 #: PUBLISH packets joined into one write by a flooding publisher.
@@ -433,8 +435,6 @@ def worker_main(port: int, role: Role, index: int, pipe: Connection) -> None:
     if role.cpus:
         os.sched_setaffinity(0, role.cpus)
     try:
-        import uvloop
-
         result = uvloop.run(_work(port, role, index, pipe))
         pipe.send(("result", result))
     except BaseException as error:  # report, never hang the coordinator

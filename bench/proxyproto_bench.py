@@ -77,11 +77,11 @@ def main() -> None:
         },
     }
 
-    try:
-        from proxyprotocol.result import ProxyResultIPv4
-        from proxyprotocol.tlv import ProxyProtocolSSLTLV, ProxyProtocolTLV
-        from proxyprotocol.v1 import ProxyProtocolV1
-        from proxyprotocol.v2 import ProxyProtocolV2
+    try:  # the proxy-protocol package (a test extra) is optional here: compared when present
+        from proxyprotocol.result import ProxyResultIPv4  # noqa: PLC0415
+        from proxyprotocol.tlv import ProxyProtocolSSLTLV, ProxyProtocolTLV  # noqa: PLC0415
+        from proxyprotocol.v1 import ProxyProtocolV1  # noqa: PLC0415
+        from proxyprotocol.v2 import ProxyProtocolV2  # noqa: PLC0415
     except ImportError:
         results["proxy-protocol"] = {}
     else:

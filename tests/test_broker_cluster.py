@@ -31,6 +31,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from bench.ports import free_port
+from broker.cluster import default_rpc_port
+from broker.config import load_config
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
 from tests.pki import TestPKI
 
@@ -527,9 +529,6 @@ def test_key_readable_by_others_stops_the_node(pki: TestPKI, tmp_path: Path) -> 
 
 
 def test_demo_configs_use_the_seed_rpc_ports() -> None:
-    from broker.cluster import default_rpc_port
-    from broker.config import load_config
-
     root = Path(__file__).resolve().parent.parent / "configs"
     for number in (1, 2, 3):
         config = load_config(root / f"broker-{number}.toml")

@@ -8,6 +8,7 @@ is picked up within ssl_options.reload_interval, and a broken file keeps the old
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -20,9 +21,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from broker.config import BrokerConfig, parse_config
+from broker.tls_listener import TLSServer
 from lb.pki.certs import make_crl, write_crls
 from tests.broker_harness import BrokerThread, running_broker, wait_for
 from tests.pki import DeviceFiles, TestPKI, load_cert
@@ -183,8 +186,6 @@ def test_replaced_crl_is_picked_up_within_the_reload_interval(
 
 
 def test_key_password_is_used(pki: TestPKI, tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-
     key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
     encrypted = tmp_path / "server-key-encrypted.pem"
     encrypted.write_bytes(
@@ -204,9 +205,6 @@ def test_key_password_is_used(pki: TestPKI, tmp_path: Path) -> None:
 def test_handshakes_in_flight_are_capped(pki: TestPKI) -> None:
     """A ClientHello flood cannot make unbounded handshakes: past the cap, connections wait
     in the kernel's backlog and are taken as slots free."""
-    import asyncio
-
-    from broker.tls_listener import TLSServer
 
     async def run() -> tuple[int, int]:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from broker.config import load_config as load_broker_config
 from demo import topology
+from lb.config import load_config as load_lb_config
 
 ROOT = topology.ROOT
 COMPOSE = ROOT / "docker-compose.yml"
@@ -183,9 +185,6 @@ def test_docker_broker_configs_differ_in_addresses_only(node: topology.Node) -> 
 
 
 def test_docker_configs_load() -> None:
-    from broker.config import load_config as load_broker_config
-    from lb.config import load_config as load_lb_config
-
     result = load_lb_config([ROOT / topology.docker_config(topology.LB_CONFIG)], environ={})
     assert [d.text for d in result.diagnostics] == []
     for node in topology.NODES:

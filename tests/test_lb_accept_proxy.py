@@ -12,6 +12,7 @@ import pytest
 
 from bench.ports import free_port
 from lb import proxyproto
+from lb.config import load_config_text
 from tests.harness import EchoBackend, client_context, run_haproxy, run_lb
 from tests.pki import TestPKI
 
@@ -175,8 +176,6 @@ def test_sender_outside_accept_proxy_from_is_refused_before_reading(
 
 
 def test_check_warns_about_accept_proxy_from_anyone(tmp_path: Path) -> None:
-    from lb.config import load_config_text
-
     text = (
         "defaults\n    mode tcp\n    timeout connect 1s\n    timeout client 1s\n"
         "    timeout server 1s\n"

@@ -13,6 +13,7 @@ import pytest
 from lb.balance import ALGORITHMS, WEIGHT_SCALE, create_balancer
 from lb.balance.source import full_hash
 from lb.config.errors import Origin
+from lb.config.keywords import BALANCE_ALGORITHMS
 from lb.config.model import Backend, Options, Server
 from lb.queue import PendingConnection
 from lb.server import BackendState, QueueFull, ServerState
@@ -64,8 +65,6 @@ def assert_shares(counts: Counter[str], weights: list[int], tolerance: float = 0
 
 
 def test_registry_names_match_the_config_keyword() -> None:
-    from lb.config.keywords import BALANCE_ALGORITHMS
-
     assert set(BALANCE_ALGORITHMS) == set(ALGORITHMS)
     assert set(ALGORITHMS) == {"roundrobin", "static-rr", "leastconn", "source", "first"}
 

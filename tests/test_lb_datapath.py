@@ -4,6 +4,7 @@ accept backlog."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.ports import free_port
+from lb.datapath import TimerWheel
 from tests.harness import EchoBackend, rss_kib, run_lb, wait_port
 
 pytestmark = pytest.mark.timeout(90)
@@ -275,9 +277,6 @@ def test_many_concurrent_sessions(tmp_path: Path) -> None:
 def test_timer_wheel_survives_a_failing_session() -> None:
     """One session whose timeout handler raises is killed; the others still time out, and
     the wheel keeps firing for later deadlines."""
-    import asyncio
-
-    from lb.datapath import TimerWheel
 
     class Session:
         def __init__(self, fail: bool) -> None:

@@ -42,8 +42,6 @@ def test_crl_reload_refuses_and_closes_revoked(pki: TestPKI, tmp_path: Path) -> 
     context = client_context(device.cert, device.key, pki.root)
     try:
         with run_lb(config, tmp_path, port) as lb:
-            import socket
-
             raw = socket.create_connection(("127.0.0.1", port), timeout=10)
             live = context.wrap_socket(raw, server_hostname="localhost")
             live.sendall(b"hi")

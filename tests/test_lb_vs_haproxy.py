@@ -9,6 +9,7 @@ variant of seed 004's bind line.
 from __future__ import annotations
 
 import ssl
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,8 +226,6 @@ def test_refusal_log_lines_explain(balancers: Balancers) -> None:
 def test_client_ca_names_announced_are_ca_file_only(balancers: Balancers, tmp_path: Path) -> None:
     """ca-file names are the acceptable CAs in the CertificateRequest; ca-verify-file's are not
     (as HAProxy). Checked with openssl s_client, which prints them."""
-    import subprocess
-
     for name in ("haproxy", "lb"):
         result = subprocess.run(
             [

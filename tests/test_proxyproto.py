@@ -11,6 +11,10 @@ import crc32c as crc32c_package
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from proxyprotocol import ProxyProtocolChecksumError
+from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
+from proxyprotocol.tlv import ProxyProtocolSSLTLV, ProxyProtocolTLV
+from proxyprotocol.v2 import ProxyProtocolV2
 
 from lb import proxyproto
 from lb.proxyproto import (
@@ -829,8 +833,6 @@ def test_ntop6_matches_glibc(packed: bytes) -> None:
 
 
 def test_oracle_reads_our_encoding() -> None:
-    from proxyprotocol.v2 import ProxyProtocolV2
-
     ssl = SSLInfo(
         ClientFlags.SSL | ClientFlags.CERT_CONN | ClientFlags.CERT_SESS,
         0,
@@ -866,9 +868,6 @@ def test_oracle_rejects_haproxy_tlv_order_with_crc32c() -> None:
     """Documents an oracle bug: proxy-protocol 0.11.3 recomputes the CRC over its own
     re-serialisation of the TLVs (sorted by type), so HAProxy's order CRC32C-then-ALPN fails
     its check although the checksum is right (the crc32c package agrees with us)."""
-    from proxyprotocol import ProxyProtocolChecksumError
-    from proxyprotocol.v2 import ProxyProtocolV2
-
     data = encode_v2(Command.PROXY, ("1.2.3.4", 1), ("5.6.7.8", 2), alpn=b"mqtt", crc32c=True)
     assert decode_whole(data)[0].alpn == b"mqtt"
     with pytest.raises(ProxyProtocolChecksumError):
@@ -892,8 +891,6 @@ def test_oracle_agrees_with_our_encoding(
     unique_id: bytes | None,
     crc: bool,
 ) -> None:
-    from proxyprotocol.v2 import ProxyProtocolV2
-
     # the oracle's CRC check only works when TLVs are in ascending type order (see above)
     crc = crc and alpn is None and authority is None
     data = encode_v2(
@@ -937,10 +934,6 @@ def test_we_read_the_oracles_encoding(
     ssl_cn: str | None,
     trailing: bytes,
 ) -> None:
-    from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6
-    from proxyprotocol.tlv import ProxyProtocolSSLTLV, ProxyProtocolTLV
-    from proxyprotocol.v2 import ProxyProtocolV2
-
     addr = ipv6 if v6 else ipv4
     source = (ipaddress.ip_address(data.draw(addr)), data.draw(ports))
     destination = (ipaddress.ip_address(data.draw(addr)), data.draw(ports))
