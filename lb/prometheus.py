@@ -20,7 +20,7 @@ import asyncio
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from lb.counters import (
     CounterSnapshot,
@@ -198,13 +198,9 @@ FRONTEND_METRICS: tuple[MetricDesc[FrontendRuntime], ...] = (
     ),
 )
 
-BACKEND_METRICS: tuple[MetricDesc[BackendState], ...] = (
-    MetricDesc(
-        "status",
-        "gauge",
-        STATUS_HELP,
-        state(lambda b: "UP" if backend_up(b) else "DOWN", SERVICE_STATES),
-    ),
+#: The rows backends and servers share, from their summed counters (lb.counters.TrafficCounters
+#: and the live connection and queue counts).
+TRAFFIC_METRICS: tuple[MetricDesc[Any], ...] = (
     MetricDesc("current_queue", "gauge", QUEUE_HELP, counter("queue")),
     MetricDesc("current_sessions", "gauge", SESSIONS_HELP, counter("current")),
     MetricDesc("max_sessions", "gauge", MAX_SESSIONS_HELP, counter("max_sessions")),
@@ -212,6 +208,16 @@ BACKEND_METRICS: tuple[MetricDesc[BackendState], ...] = (
     MetricDesc("bytes_in_total", "counter", BYTES_IN_HELP, counter("bytes_in")),
     MetricDesc("bytes_out_total", "counter", BYTES_OUT_HELP, counter("bytes_out")),
     MetricDesc("connection_errors_total", "counter", CONNECTION_ERRORS_HELP, counter("failed")),
+)
+
+BACKEND_METRICS: tuple[MetricDesc[BackendState], ...] = (
+    MetricDesc(
+        "status",
+        "gauge",
+        STATUS_HELP,
+        state(lambda b: "UP" if backend_up(b) else "DOWN", SERVICE_STATES),
+    ),
+    *TRAFFIC_METRICS,
     MetricDesc(
         "active_servers",
         "gauge",
@@ -231,13 +237,7 @@ SERVER_METRICS: tuple[MetricDesc[tuple[BackendState, ServerState]], ...] = (
         STATUS_HELP,
         state(lambda pair: server_state(pair[1]), SERVER_STATES),
     ),
-    MetricDesc("current_queue", "gauge", QUEUE_HELP, counter("queue")),
-    MetricDesc("current_sessions", "gauge", SESSIONS_HELP, counter("current")),
-    MetricDesc("max_sessions", "gauge", MAX_SESSIONS_HELP, counter("max_sessions")),
-    MetricDesc("sessions_total", "counter", SESSIONS_TOTAL_HELP, counter("sessions_total")),
-    MetricDesc("bytes_in_total", "counter", BYTES_IN_HELP, counter("bytes_in")),
-    MetricDesc("bytes_out_total", "counter", BYTES_OUT_HELP, counter("bytes_out")),
-    MetricDesc("connection_errors_total", "counter", CONNECTION_ERRORS_HELP, counter("failed")),
+    *TRAFFIC_METRICS,
     MetricDesc(
         "weight",
         "gauge",

@@ -90,9 +90,6 @@ SIGNATURE_SHORT_NAMES = {
 #: A served certificate's key and signature algorithms, as HAProxy names them.
 Algorithms = tuple[str | None, str | None]
 
-#: OpenSSL X509_V_ERR_* ids with their names, for log lines (lb.tls_codes).
-X509_V_ERR_NAMES: dict[int, str] = X509_V_ERROR_NAMES
-
 
 def utc_text(moment: dt.datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -142,7 +139,7 @@ class VerifyFailure:
 
     @property
     def name(self) -> str:
-        return X509_V_ERR_NAMES.get(self.code, f"X509_V_ERR_{self.code}")
+        return X509_V_ERROR_NAMES.get(self.code, f"X509_V_ERR_{self.code}")
 
     @property
     def refusal(self) -> Refusal:
