@@ -14,7 +14,7 @@ import sys
 from broker import __version__
 from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
-from broker.server import BrokerServer
+from broker.node import BrokerServer
 from lb.tls import TLSFileError
 
 __all__ = ["main"]

@@ -14,7 +14,7 @@ the service user (mode 600), a secret node cookie, and RPC ports 5370+N. Here:
   that SUBSCRIBE/UNSUBSCRIBE follow the first/last local subscriber of a filter, so a
   subscription made on one node is known to the others within a round trip.
 - A message accepted from a local client is sent once to each node that has a matching
-  filter (the same matching as :class:`broker.topics.SubscriptionTrie`), and delivered
+  filter (the same matching as :class:`broker.subscriptions.SubscriptionTrie`), and delivered
   there to local subscribers only (:meth:`broker.core.Broker.deliver_from_cluster`): a
   message that came from the cluster is never forwarded again, so there are no loops and no
   duplicates. Retained changes are replicated with their wall-clock time; on a resync the
@@ -50,6 +50,7 @@ from broker import cluster_codec as codec
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
 from broker.message import Message
 from broker.mqtt import MQTTProtocolError, validate_topic_filter
+from broker.subscriptions import SubscriptionOptions, SubscriptionTrie, split_shared
 from broker.tls_listener import (
     ReloadingContext,
     TLSServer,
@@ -58,7 +59,6 @@ from broker.tls_listener import (
     lb_ssl_options,
     serve_tls,
 )
-from broker.topics import SubscriptionOptions, SubscriptionTrie, split_shared
 from lb import tls
 
 if TYPE_CHECKING:

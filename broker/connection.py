@@ -59,7 +59,7 @@ from broker.mqtt import (
     validate_topic_filter,
 )
 from broker.session import SESSION_NEVER_EXPIRES, Outgoing, Pending, Session
-from broker.topics import SubscriptionOptions
+from broker.subscriptions import SubscriptionOptions
 
 __all__ = ["ClientConnection", "ConnectionIO"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.message import Message
-from broker.topics import SubscriptionOptions
+from broker.subscriptions import SubscriptionOptions
 
 if TYPE_CHECKING:
     from broker.connection import ClientConnection

@@ -5,7 +5,7 @@ level, "#" fills the last level and everything below it (and the parent level it
 Topic Names hold no wildcards, and a filter starting with a wildcard never matches a Topic Name
 starting with "$" [MQTT-4.7.2-1]. Shared Subscriptions are "$share/{ShareName}/{filter}"
 with a non-empty ShareName free of "/", "+" and "#" (5.0 section 4.8.2).
-Pure functions: the subscription trie in broker/topics.py builds on them.
+Pure functions: the subscription trie in broker/subscriptions.py builds on them.
 """
 
 from __future__ import annotations

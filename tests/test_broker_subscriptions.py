@@ -7,7 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.mqtt import matches
-from broker.topics import RetainedStore, SubscriptionOptions, SubscriptionTrie, filter_matches
+from broker.subscriptions import (
+    RetainedStore,
+    SubscriptionOptions,
+    SubscriptionTrie,
+    filter_matches,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
