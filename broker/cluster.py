@@ -49,8 +49,8 @@ from typing import TYPE_CHECKING, Any, cast
 from broker import cluster_codec as codec
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
 from broker.message import Message
-from broker.mqtt import MQTTProtocolError, validate_topic_filter
-from broker.subscriptions import SubscriptionOptions, SubscriptionTrie, split_shared
+from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
+from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
     ReloadingContext,
     TLSServer,

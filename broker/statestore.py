@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 from broker.hooks import Principal
 from broker.message import Message
-from broker.mqtt import Properties
-from broker.mqtt.topics import matches
+from broker.mqtt import SHARED_SUBSCRIPTION_PREFIX, Properties, matches
 from broker.session import Pending
 
 if TYPE_CHECKING:
@@ -341,7 +340,8 @@ class StateStore:
         qos = -1
         identifiers: list[int] = []
         for topic_filter, options in session.subscriptions.items():
-            if topic_filter.startswith("$share/") or not matches(topic_filter, topic):
+            shared = topic_filter.startswith(SHARED_SUBSCRIPTION_PREFIX)
+            if shared or not matches(topic_filter, topic):
                 continue
             qos = max(qos, options.qos)
             if options.subscription_identifier is not None:
