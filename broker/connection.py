@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from typing import Any, Protocol, cast
+from typing import Any, NoReturn, Protocol, cast
 
 from broker.config import ListenerConfig
 from broker.core import Broker
@@ -417,7 +417,7 @@ class ClientConnection:
         self._send_disconnect(reason_code, str(error))
         self._finish(f"protocol error: {error}", send_will=True)
 
-    def _violation(self, reason_code: ReasonCode, message: str) -> None:
+    def _violation(self, reason_code: ReasonCode, message: str) -> NoReturn:
         self._protocol_error(MQTTProtocolError(reason_code, message, self.protocol_level))
         raise _ConnectionClosedError
 
@@ -601,7 +601,6 @@ class ClientConnection:
         if self.state == "connecting":
             if not isinstance(packet, Connect):
                 self._violation(ReasonCode.PROTOCOL_ERROR, "first packet is not CONNECT")
-            assert isinstance(packet, Connect)
             self._handle_connect(packet)
             return
         if isinstance(packet, Publish):
@@ -630,7 +629,7 @@ class ClientConnection:
                 ReasonCode.PROTOCOL_ERROR, f"{type(packet).__name__} is not sent by clients"
             )
 
-    def _refuse(self, connect: Connect, reason_code: ReasonCode, why: str) -> None:
+    def _refuse(self, connect: Connect, reason_code: ReasonCode, why: str) -> NoReturn:
         self.broker.counters.connects_refused += 1
         level = connect.protocol_level
         properties = EMPTY_PROPERTIES
@@ -838,7 +837,6 @@ class ClientConnection:
                 known = self._inbound_aliases.get(alias)
                 if known is None:
                     self._violation(ReasonCode.PROTOCOL_ERROR, f"unknown topic alias {alias}")
-                    return
                 topic = known
         if properties.subscription_identifiers:
             self._violation(ReasonCode.PROTOCOL_ERROR, "PUBLISH from a client with subscription id")
