@@ -78,6 +78,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from broker.subjects import parse_distinguished_name
+
 __all__ = [
     "AdminConfig",
     "AuthorizationConfig",
@@ -566,8 +568,6 @@ def _parse_authorization(reader: _Reader | None, base: Path) -> AuthorizationCon
     entries: list[tuple[str, str, tuple[tuple[str, str], ...]]] = []
     table = reader.table_at("x509_attributes")
     if table is not None:
-        from broker.subjects import parse_distinguished_name
-
         for name in list(table.table):
             entry = table.table_at(name)
             assert entry is not None

@@ -250,9 +250,6 @@ class RetainedStore(Generic[MessageT]):
         else:
             self._messages[topic] = message
 
-    def get(self, topic: str) -> MessageT | None:
-        return self._messages.get(topic)
-
     def remove(self, topic: str) -> None:
         self._messages.pop(topic, None)
 
