@@ -462,14 +462,20 @@ def resolve(policy: Policy, principal: PrincipalView) -> Grants:
 
 
 def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
+    return _read_policy(Path(path))[0]
+
+
+def _read_policy(path: Path) -> tuple[Policy, bytes]:
+    """The policy in the file, and the file's bytes (kept to tell a real change on reload)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as error:
         raise PolicyError(str(path), None, f"cannot read policy file: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise PolicyError(str(path), None, f"not UTF-8: {error.reason}") from None
-    return parse_policy(text, str(path))
+    return parse_policy(text, str(path)), data
 
 
 def parse_policy(text: str, origin: str = "<policy>") -> Policy:
@@ -769,17 +775,7 @@ class PolicyAuthorization:
 
     def _load(self) -> Policy:
         signature = self._signature()
-        try:
-            data = self.policy_file.read_bytes()
-        except OSError as error:
-            raise PolicyError(
-                str(self.policy_file), None, f"cannot read policy file: {error.strerror}"
-            ) from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise PolicyError(str(self.policy_file), None, f"not UTF-8: {error.reason}") from None
-        policy = parse_policy(text, str(self.policy_file))
+        policy, data = _read_policy(self.policy_file)
         self._file = _FileState(signature, data)
         return policy
 

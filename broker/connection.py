@@ -606,13 +606,13 @@ class ClientConnection:
         if isinstance(packet, Publish):
             self._handle_publish(packet)
         elif isinstance(packet, Puback):
-            self._handle_puback(packet.packet_id)
+            self._handle_delivered(packet.packet_id, 1)
         elif isinstance(packet, Pubrec):
             self._handle_pubrec(packet)
         elif isinstance(packet, Pubrel):
             self._handle_pubrel(packet.packet_id)
         elif isinstance(packet, Pubcomp):
-            self._handle_pubcomp(packet.packet_id)
+            self._handle_delivered(packet.packet_id, 2)
         elif isinstance(packet, Subscribe):
             self._handle_subscribe(packet)
         elif isinstance(packet, Unsubscribe):
@@ -905,11 +905,13 @@ class ClientConnection:
                 session.incoming_qos2.add(packet_id)
             self._send(Pubrec(packet_id, reason_code, self._ack_properties(reason)))
 
-    def _handle_puback(self, packet_id: int) -> None:
+    def _handle_delivered(self, packet_id: int, qos: int) -> None:
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2): the delivery is done and frees its packet id;
+        an acknowledgement for an unknown id or of the other QoS is ignored."""
         session = self.session
         assert session is not None
         outgoing = session.inflight.get(packet_id)
-        if outgoing is not None and outgoing.pending.qos == 1:
+        if outgoing is not None and outgoing.pending.qos == qos:
             del session.inflight[packet_id]
             self._pump()
 
@@ -940,14 +942,6 @@ class ClientConnection:
             self._send(Pubcomp(packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
         else:
             self._send(Pubcomp(packet_id))
-
-    def _handle_pubcomp(self, packet_id: int) -> None:
-        session = self.session
-        assert session is not None
-        outgoing = session.inflight.get(packet_id)
-        if outgoing is not None and outgoing.pending.qos == 2:
-            del session.inflight[packet_id]
-            self._pump()
 
     def _handle_subscribe(self, subscribe: Subscribe) -> None:
         broker = self.broker
