@@ -70,6 +70,7 @@ from typing import Final, Literal
 import yaml
 
 from broker.hooks import PeerIdentity, Principal
+from broker.mqtt import misplaced_wildcard, split_shared
 from broker.statestore import (
     STATE_STORE_NOTIFY_PREFIX,
     STATE_STORE_REQUEST_TOPIC,
@@ -121,7 +122,6 @@ TOKEN: Final = re.compile(r"\{principal\.(clientId|username|attributes\.([^{}]+)
 # Principals derived once per distinct client; bounded so a flood of client ids cannot
 # grow memory (the cache is simply emptied when full).
 GRANTS_CACHE_SIZE: Final = 10_000
-SHARED_PREFIX: Final = "$share/"
 
 
 class PolicyError(Exception):
@@ -325,12 +325,6 @@ def _covers(rule: Sequence[str], requested: Sequence[str], i: int, j: int) -> bo
         j += 1
 
 
-def _split_shared(topic_filter: str) -> str:
-    if topic_filter.startswith(SHARED_PREFIX):
-        return topic_filter[len(SHARED_PREFIX) :].partition("/")[2]
-    return topic_filter
-
-
 # --- state store keys ---------------------------------------------------------------------
 
 
@@ -425,7 +419,7 @@ class Grants:
         return any(covers(rule, levels) for rule in self.publish)
 
     def may_subscribe(self, topic_filter: str) -> bool:
-        levels = _split_shared(topic_filter).split("/")
+        levels = split_shared(topic_filter)[1].split("/")
         return any(covers(rule, levels) for rule in self.subscribe)
 
 
@@ -468,14 +462,20 @@ def resolve(policy: Policy, principal: PrincipalView) -> Grants:
 
 
 def load_policy(path: str | Path) -> Policy:
-    path = Path(path)
+    return _read_policy(Path(path))[0]
+
+
+def _read_policy(path: Path) -> tuple[Policy, bytes]:
+    """The policy in the file, and the file's bytes (kept to tell a real change on reload)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as error:
         raise PolicyError(str(path), None, f"cannot read policy file: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise PolicyError(str(path), None, f"not UTF-8: {error.reason}") from None
-    return parse_policy(text, str(path))
+    return parse_policy(text, str(path)), data
 
 
 def parse_policy(text: str, origin: str = "<policy>") -> Policy:
@@ -680,12 +680,9 @@ class _Parser:
     def check_topic(self, node: yaml.Node, text: str) -> None:
         if not text:
             raise self.fail(node, "empty topic")
-        levels = text.split("/")
-        for index, level in enumerate(levels):
-            if "#" in level and (level != "#" or index != len(levels) - 1):
-                raise self.fail(node, f"topic {text!r}: '#' must be a whole last level")
-            if "+" in level and level != "+":
-                raise self.fail(node, f"topic {text!r}: '+' must be a whole level")
+        problem = misplaced_wildcard(text)
+        if problem is not None:
+            raise self.fail(node, f"topic {text!r}: {problem}")
 
     def state_store_resource(self, node: yaml.Node) -> StateStoreResource:
         fields = self.mapping(node, "stateStoreResources entry")
@@ -778,17 +775,7 @@ class PolicyAuthorization:
 
     def _load(self) -> Policy:
         signature = self._signature()
-        try:
-            data = self.policy_file.read_bytes()
-        except OSError as error:
-            raise PolicyError(
-                str(self.policy_file), None, f"cannot read policy file: {error.strerror}"
-            ) from None
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise PolicyError(str(self.policy_file), None, f"not UTF-8: {error.reason}") from None
-        policy = parse_policy(text, str(self.policy_file))
+        policy, data = _read_policy(self.policy_file)
         self._file = _FileState(signature, data)
         return policy
 
@@ -901,7 +888,7 @@ class PolicyAuthorization:
     def authorize_subscribe(self, principal: Principal, topic_filter: str, qos: int) -> bool:
         if self._linked(principal) is None:
             return True
-        if _own_state_store_topics(principal.client_id, _split_shared(topic_filter)):
+        if _own_state_store_topics(principal.client_id, split_shared(topic_filter)[1]):
             return True
         return self.grants(principal).may_subscribe(topic_filter)
 

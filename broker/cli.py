@@ -11,10 +11,12 @@ import signal
 import ssl
 import sys
 
+import uvloop
+
 from broker import __version__
 from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
-from broker.server import BrokerServer
+from broker.node import BrokerServer
 from lb.pem import TLSFileError
 
 __all__ = ["main"]
@@ -68,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         return 1
     try:
-        import uvloop
-
-        runner: object = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(_run(config))  # type: ignore[operator]
+        uvloop.run(_run(config))
     except (OSError, ClusterError, TLSFileError, ssl.SSLError) as error:
         print(f"broker: cannot start: {error}", file=sys.stderr)
         return 1

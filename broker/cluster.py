@@ -14,7 +14,7 @@ the service user (mode 600), a secret node cookie, and RPC ports 5370+N. Here:
   that SUBSCRIBE/UNSUBSCRIBE follow the first/last local subscriber of a filter, so a
   subscription made on one node is known to the others within a round trip.
 - A message accepted from a local client is sent once to each node that has a matching
-  filter (the same matching as :class:`broker.topics.SubscriptionTrie`), and delivered
+  filter (the same matching as :class:`broker.subscriptions.SubscriptionTrie`), and delivered
   there to local subscribers only (:meth:`broker.core.Broker.deliver_from_cluster`): a
   message that came from the cluster is never forwarded again, so there are no loops and no
   duplicates. Retained changes are replicated with their wall-clock time; on a resync the
@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any, cast
 from broker import cluster_codec as codec
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
 from broker.message import Message
-from broker.mqtt import MQTTProtocolError, validate_topic_filter
+from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
+from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
     ReloadingContext,
     TLSServer,
@@ -59,7 +60,6 @@ from broker.tls_listener import (
     key_permission_problems,
     serve_tls,
 )
-from broker.topics import SubscriptionOptions, SubscriptionTrie, split_shared
 from lb.pem import TLSFileError
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from typing import Any, Protocol, cast
+from typing import Any, NoReturn, Protocol, cast
 
 from broker.config import ListenerConfig
 from broker.core import Broker
@@ -59,7 +59,7 @@ from broker.mqtt import (
     validate_topic_filter,
 )
 from broker.session import SESSION_NEVER_EXPIRES, Outgoing, Pending, Session
-from broker.topics import SubscriptionOptions
+from broker.subscriptions import SubscriptionOptions
 
 __all__ = ["ClientConnection", "ConnectionIO"]
 
@@ -417,7 +417,7 @@ class ClientConnection:
         self._send_disconnect(reason_code, str(error))
         self._finish(f"protocol error: {error}", send_will=True)
 
-    def _violation(self, reason_code: ReasonCode, message: str) -> None:
+    def _violation(self, reason_code: ReasonCode, message: str) -> NoReturn:
         self._protocol_error(MQTTProtocolError(reason_code, message, self.protocol_level))
         raise _ConnectionClosedError
 
@@ -601,19 +601,18 @@ class ClientConnection:
         if self.state == "connecting":
             if not isinstance(packet, Connect):
                 self._violation(ReasonCode.PROTOCOL_ERROR, "first packet is not CONNECT")
-            assert isinstance(packet, Connect)
             self._handle_connect(packet)
             return
         if isinstance(packet, Publish):
             self._handle_publish(packet)
         elif isinstance(packet, Puback):
-            self._handle_puback(packet.packet_id)
+            self._handle_delivered(packet.packet_id, 1)
         elif isinstance(packet, Pubrec):
             self._handle_pubrec(packet)
         elif isinstance(packet, Pubrel):
             self._handle_pubrel(packet.packet_id)
         elif isinstance(packet, Pubcomp):
-            self._handle_pubcomp(packet.packet_id)
+            self._handle_delivered(packet.packet_id, 2)
         elif isinstance(packet, Subscribe):
             self._handle_subscribe(packet)
         elif isinstance(packet, Unsubscribe):
@@ -630,7 +629,7 @@ class ClientConnection:
                 ReasonCode.PROTOCOL_ERROR, f"{type(packet).__name__} is not sent by clients"
             )
 
-    def _refuse(self, connect: Connect, reason_code: ReasonCode, why: str) -> None:
+    def _refuse(self, connect: Connect, reason_code: ReasonCode, why: str) -> NoReturn:
         self.broker.counters.connects_refused += 1
         level = connect.protocol_level
         properties = EMPTY_PROPERTIES
@@ -838,7 +837,6 @@ class ClientConnection:
                 known = self._inbound_aliases.get(alias)
                 if known is None:
                     self._violation(ReasonCode.PROTOCOL_ERROR, f"unknown topic alias {alias}")
-                    return
                 topic = known
         if properties.subscription_identifiers:
             self._violation(ReasonCode.PROTOCOL_ERROR, "PUBLISH from a client with subscription id")
@@ -907,11 +905,13 @@ class ClientConnection:
                 session.incoming_qos2.add(packet_id)
             self._send(Pubrec(packet_id, reason_code, self._ack_properties(reason)))
 
-    def _handle_puback(self, packet_id: int) -> None:
+    def _handle_delivered(self, packet_id: int, qos: int) -> None:
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2): the delivery is done and frees its packet id;
+        an acknowledgement for an unknown id or of the other QoS is ignored."""
         session = self.session
         assert session is not None
         outgoing = session.inflight.get(packet_id)
-        if outgoing is not None and outgoing.pending.qos == 1:
+        if outgoing is not None and outgoing.pending.qos == qos:
             del session.inflight[packet_id]
             self._pump()
 
@@ -942,14 +942,6 @@ class ClientConnection:
             self._send(Pubcomp(packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
         else:
             self._send(Pubcomp(packet_id))
-
-    def _handle_pubcomp(self, packet_id: int) -> None:
-        session = self.session
-        assert session is not None
-        outgoing = session.inflight.get(packet_id)
-        if outgoing is not None and outgoing.pending.qos == 2:
-            del session.inflight[packet_id]
-            self._pump()
 
     def _handle_subscribe(self, subscribe: Subscribe) -> None:
         broker = self.broker

@@ -4,7 +4,7 @@
 state, 4.5 message delivery, 3.1.2.5 will messages, 3.3.1.3 retained messages) and routes
 each accepted :class:`~broker.message.Message` to the sessions whose subscriptions match.
 Per-connection protocol handling lives in :mod:`broker.connection`; sockets and timers in
-:mod:`broker.listener` and :mod:`broker.server`.
+:mod:`broker.listener` and :mod:`broker.node`.
 
 Backpressure (issue 4, "slow consumers"): a QoS 1/2 message that takes a connected
 subscriber session's queue past its high-water mark pauses the connection that published it
@@ -33,7 +33,7 @@ from broker.hooks import AllowAll, AuthorizationHook, ClusterHook, LocalOnlyClus
 from broker.message import Message
 from broker.session import SESSION_NEVER_EXPIRES, Pending, Session
 from broker.stats import Counters
-from broker.topics import RetainedStore, SubscriptionOptions, SubscriptionTrie
+from broker.subscriptions import RetainedStore, SubscriptionOptions, SubscriptionTrie
 
 if TYPE_CHECKING:
     from broker.connection import ClientConnection

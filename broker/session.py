@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.message import Message
-from broker.topics import SubscriptionOptions
+from broker.subscriptions import SubscriptionOptions
 
 if TYPE_CHECKING:
     from broker.connection import ClientConnection
@@ -75,7 +75,6 @@ class Session:
     expires_at: float | None = None
     connection: ClientConnection | None = None
     next_packet_id: int = 1
-    dropped_messages: int = 0
     # Publishing connections paused until this session's queue drains (see module docstring).
     held_publishers: set[ClientConnection] = field(default_factory=set)
     queue_high_water: int = field(init=False)
@@ -100,9 +99,8 @@ class Session:
         return packet_id
 
     def enqueue(self, pending: Pending) -> bool:
-        """Queue a delivery; False (and counted) when the queue is full."""
+        """Queue a delivery; False when the queue is full (the caller counts the drop)."""
         if len(self.queue) >= self.max_queued_messages:
-            self.dropped_messages += 1
             return False
         self.queue.append(pending)
         return True

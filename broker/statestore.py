@@ -31,12 +31,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal
 
 from broker.hooks import Principal
 from broker.message import Message
-from broker.mqtt import Properties
-from broker.mqtt.topics import matches
+from broker.mqtt import SHARED_SUBSCRIPTION_PREFIX, Properties, matches
 from broker.session import Pending
 
 if TYPE_CHECKING:
@@ -50,7 +49,6 @@ __all__ = [
     "RESPError",
     "StateStore",
     "StateStoreAccess",
-    "StateStoreAuthorizer",
     "decode_request",
     "encode_array",
     "encode_bulk",
@@ -83,12 +81,6 @@ COMMAND_ACCESS: Final[dict[bytes, StateStoreAccess]] = {
     b"DEL": "Write",
     b"VDEL": "Write",
 }
-
-
-class StateStoreAuthorizer(Protocol):
-    def authorize_state_store(
-        self, principal: Principal, access: StateStoreAccess, key: bytes
-    ) -> bool: ...
 
 
 class RESPError(Exception):
@@ -275,7 +267,7 @@ class StateStore:
         if existing is None and len(self.entries) >= MAX_KEYS:
             return encode_error("state store full")
         self.entries[key] = Entry(value, expires_at)
-        self._notify(key, [b"NOTIFY", b"SET", b"VALUE", value], principal)
+        self._notify(key, [b"NOTIFY", b"SET", b"VALUE", value])
         return OK
 
     def _delete(self, principal: Principal, arguments: list[bytes], value: bytes | None) -> bytes:
@@ -288,7 +280,7 @@ class StateStore:
         if value is not None and entry.value != value:
             return NOT_APPLIED
         del self.entries[key]
-        self._notify(key, [b"NOTIFY", b"DELETE"], principal)
+        self._notify(key, [b"NOTIFY", b"DELETE"])
         return encode_number(1)
 
     def _keynotify(self, principal: Principal, arguments: list[bytes]) -> bytes:
@@ -315,7 +307,7 @@ class StateStore:
             return None
         return session.connection.principal
 
-    def _notify(self, key: bytes, items: list[bytes], changed_by: Principal) -> None:
+    def _notify(self, key: bytes, items: list[bytes]) -> None:
         watchers = self.watchers.get(key)
         if not watchers:
             return
@@ -341,7 +333,8 @@ class StateStore:
         qos = -1
         identifiers: list[int] = []
         for topic_filter, options in session.subscriptions.items():
-            if topic_filter.startswith("$share/") or not matches(topic_filter, topic):
+            shared = topic_filter.startswith(SHARED_SUBSCRIPTION_PREFIX)
+            if shared or not matches(topic_filter, topic):
                 continue
             qos = max(qos, options.qos)
             if options.subscription_identifier is not None:

@@ -23,7 +23,7 @@ import uvloop
 
 from broker.config import BrokerConfig, parse_config
 from broker.mqtt import NEED_DATA, Connect, MQTTDecoder, Packet, encode
-from broker.server import BrokerServer
+from broker.node import BrokerServer
 
 T = TypeVar("T")
 

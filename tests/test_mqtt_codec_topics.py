@@ -13,7 +13,9 @@ from broker.mqtt import (
     MQTTProtocolError,
     ReasonCode,
     matches,
+    misplaced_wildcard,
     parse_shared,
+    split_shared,
     validate_topic_filter,
     validate_topic_name,
 )
@@ -110,8 +112,34 @@ def test_parse_shared() -> None:
     assert parse_shared("a/b") == (None, "a/b")
     assert parse_shared("$SYS/x") == (None, "$SYS/x")
     assert parse_shared("$shared/g/a") == (None, "$shared/g/a")
-    with pytest.raises(MQTTProtocolError):
+    with pytest.raises(MQTTProtocolError, match="has no filter"):
         parse_shared("$share/g")
+    with pytest.raises(MQTTProtocolError, match="invalid share name"):
+        parse_shared("$share//a")
+
+
+@pytest.mark.parametrize(
+    "topic_filter", ["$share/group/a/+/c", "$share/g/#", "a/b", "$SYS/x", "$shared/g/a", "#"]
+)
+def test_split_shared_agrees_with_parse_shared_on_valid_filters(topic_filter: str) -> None:
+    validate_topic_filter(topic_filter)
+    assert split_shared(topic_filter) == parse_shared(topic_filter)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "problem"),
+    [
+        ("sport/tennis/#", None),
+        ("+/+", None),
+        ("a//b", None),
+        ("sport/tennis#", "'#' must be a whole last level"),
+        ("#/a", "'#' must be a whole last level"),
+        ("sport+", "'+' must be a whole level"),
+        ("a/b+/c", "'+' must be a whole level"),
+    ],
+)
+def test_misplaced_wildcard(topic_filter: str, problem: str | None) -> None:
+    assert misplaced_wildcard(topic_filter) == problem
 
 
 def _model(topic_filter: str, topic: str) -> bool:

@@ -45,8 +45,11 @@ from .packets import (
 )
 from .topics import (
     SHARED_SUBSCRIPTION_PREFIX,
+    check_no_wildcards,
     matches,
+    misplaced_wildcard,
     parse_shared,
+    split_shared,
     validate_topic_filter,
     validate_topic_name,
 )
@@ -84,10 +87,13 @@ __all__ = [
     "Unsuback",
     "Unsubscribe",
     "Will",
+    "check_no_wildcards",
     "connack_code_for",
     "encode",
     "matches",
+    "misplaced_wildcard",
     "parse_shared",
+    "split_shared",
     "validate_topic_filter",
     "validate_topic_name",
 ]

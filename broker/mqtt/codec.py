@@ -44,6 +44,7 @@ from .packets import (
     connack_code_for,
 )
 from .properties import WILL_PROPERTIES, decode_properties, encode_properties
+from .topics import SHARED_SUBSCRIPTION_PREFIX, check_no_wildcards
 from .wire import (
     MAX_VARIABLE_BYTE_INTEGER,
     VARIABLE_BYTE_INTEGER_MAX_BYTES,
@@ -136,14 +137,6 @@ def _check_packet_id(packet_id: int) -> int:
     return packet_id
 
 
-def _check_topic_name(topic: str) -> None:
-    # 5.0 section 3.3.2.1 [MQTT-3.3.2-2]: no wildcard characters in a Topic Name.
-    if "+" in topic or "#" in topic:
-        raise MQTTProtocolError(
-            ReasonCode.TOPIC_NAME_INVALID, f"topic name {topic!r} contains a wildcard"
-        )
-
-
 def _done(reader: Reader, packet_type: PacketType) -> None:
     if reader.pos != reader.end:
         raise malformed(
@@ -202,7 +195,7 @@ def _decode_connect_rest(reader: Reader, name: str, level: int) -> Connect:
         will_topic = reader.string("the will topic")
         if not will_topic:
             raise MQTTProtocolError(ReasonCode.TOPIC_NAME_INVALID, "empty will topic")
-        _check_topic_name(will_topic)
+        check_no_wildcards(will_topic)
         will_payload = reader.binary("the will payload")
         will = Will(will_topic, will_payload, will_qos, will_retain, will_properties)
     username = reader.string("the user name") if username_flag else None
@@ -247,7 +240,7 @@ def _decode_publish(reader: Reader, flags: int, v5: bool) -> Publish:
             raise MQTTProtocolError(ReasonCode.TOPIC_NAME_INVALID, "empty topic name")
         if properties.topic_alias is None:
             raise protocol_error("empty topic name without a topic alias")  # 3.3.2.1
-    _check_topic_name(topic)
+    check_no_wildcards(topic)
     return Publish(topic, reader.rest(), qos, bool(flags & 0x01), dup, packet_id, properties)
 
 
@@ -331,7 +324,7 @@ def _decode_subscribe(reader: Reader, v5: bool) -> Subscribe:
         retain_handling = (options >> 4) & 0x03
         if retain_handling == 3:
             raise protocol_error("retain handling 3")  # 5.0 section 3.8.3.1
-        if no_local and topic_filter.startswith("$share/"):
+        if no_local and topic_filter.startswith(SHARED_SUBSCRIPTION_PREFIX):
             raise protocol_error("no local on a shared subscription")  # [MQTT-3.8.3-4]
         subscriptions.append(
             Subscription(topic_filter, qos, no_local, bool(options & 0x08), retain_handling)

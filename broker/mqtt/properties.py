@@ -69,7 +69,6 @@ PROPERTY_TABLE: Final[dict[int, tuple[str, int, frozenset[int]]]] = {
 # User Property may appear in every packet that has properties, but PINGREQ/PINGRESP have none.
 
 SUBSCRIPTION_IDENTIFIER: Final = 0x0B
-USER_PROPERTY: Final = 0x26
 _ZERO_OR_ONE: Final = frozenset(
     name for name, kind, _ in PROPERTY_TABLE.values() if kind == _BYTE
 )  # every Byte property is defined only for 0 and 1

@@ -3,7 +3,7 @@
 :class:`BrokerServer` is what ``broker -c FILE`` runs. It builds the
 :class:`~broker.core.Broker` with the event loop's clock, starts one
 :class:`~broker.listener.Listener` per configured listener (TLS ones get their context from
-``lb.tls``, the one TLS module of the project), the admin endpoint, and a one-second ticker
+:mod:`broker.tls_listener`), the admin endpoint, and a one-second ticker
 for delayed wills and session expiry. The cluster and authorization implementations are
 passed in (see :mod:`broker.hooks`); both default to a standalone, allow-all node.
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.mqtt import matches
-from broker.topics import RetainedStore, SubscriptionOptions, SubscriptionTrie, filter_matches
+from broker.subscriptions import RetainedStore, SubscriptionOptions, SubscriptionTrie
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,7 +38,7 @@ def clients(trie: SubscriptionTrie, topic: str, publisher: str | None = None) ->
     ],
 )
 def test_spec_examples(topic_filter: str, topic: str, expected: bool) -> None:
-    assert filter_matches(topic_filter, topic) is expected
+    assert matches(topic_filter, topic) is expected
     trie = SubscriptionTrie()
     trie.subscribe("c", topic_filter, SubscriptionOptions(0))
     assert (clients(trie, topic) == {"c"}) is expected
@@ -61,7 +61,6 @@ def test_trie_agrees_with_codec_matches(
     trie = SubscriptionTrie()
     trie.subscribe("c", topic_filter, SubscriptionOptions(0))
     assert (clients(trie, topic) == {"c"}) == matches(topic_filter, topic)
-    assert filter_matches(topic_filter, topic) == matches(topic_filter, topic)
 
 
 def test_overlapping_subscriptions_merge_with_highest_qos_and_all_identifiers() -> None:

@@ -23,16 +23,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from broker.mqtt import matches, split_shared
+
 __all__ = [
     "Delivery",
     "RetainedStore",
     "SubscriptionOptions",
     "SubscriptionTrie",
-    "filter_matches",
-    "split_shared",
 ]
-
-SHARED_PREFIX = "$share/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,35 +52,6 @@ class Delivery:
     qos: int
     retain_as_published: bool
     subscription_identifiers: list[int] = field(default_factory=list)
-
-
-def split_shared(topic_filter: str) -> tuple[str | None, str]:
-    """``$share/group/a/b`` -> ``("group", "a/b")``; anything else -> ``(None, filter)``.
-
-    The caller validates the shape (a share name without ``+ # /``, a non-empty filter).
-    """
-    if topic_filter.startswith(SHARED_PREFIX):
-        rest = topic_filter[len(SHARED_PREFIX) :]
-        group, separator, inner = rest.partition("/")
-        if separator:
-            return group, inner
-    return None, topic_filter
-
-
-def filter_matches(topic_filter: str, topic: str) -> bool:
-    """True when the (non-shared) ``topic_filter`` matches the topic name ``topic``."""
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
-    if topic.startswith("$") and filter_levels[0] in ("+", "#"):
-        return False
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels):
-            return False
-        if level != "+" and level != topic_levels[index]:
-            return False
-    return len(filter_levels) == len(topic_levels)
 
 
 class _SharedGroup:
@@ -281,9 +250,6 @@ class RetainedStore(Generic[MessageT]):
         else:
             self._messages[topic] = message
 
-    def get(self, topic: str) -> MessageT | None:
-        return self._messages.get(topic)
-
     def remove(self, topic: str) -> None:
         self._messages.pop(topic, None)
 
@@ -293,9 +259,7 @@ class RetainedStore(Generic[MessageT]):
             message = self._messages.get(topic_filter)
             return [] if message is None else [message]
         return [
-            message
-            for topic, message in self._messages.items()
-            if filter_matches(topic_filter, topic)
+            message for topic, message in self._messages.items() if matches(topic_filter, topic)
         ]
 
     def items(self) -> list[tuple[str, MessageT]]:
