@@ -53,49 +53,36 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
     )
     written = []
 
-    figure, axes = plt.subplots(figsize=(10, 4.5))
-    for kind, phase in phases.items():
-        color = COLORS.get(kind)
+    def connected(axes: Any, kind: str, phase: dict[str, Any], color: str | None) -> None:
         axes.plot(*_series(phase, "connected"), label=f"{kind}: connected", color=color)
         _events(axes, phase, color or "grey")
-    axes.set_xlabel("seconds since the phase started")
-    axes.set_ylabel("devices connected (MQTT session up)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    written.append(_save(figure, stem, "connected"))
 
-    figure, axes = plt.subplots(figsize=(10, 4.5))
-    for kind, phase in phases.items():
-        color = COLORS.get(kind)
+    def memory(axes: Any, kind: str, phase: dict[str, Any], color: str | None) -> None:
         times, rss = _series(phase, "balancer_rss_kib")
         axes.plot(times, [v / 1024 for v in rss], label=f"{kind} (all processes)", color=color)
         brokers = [sum(s["broker_rss_kib"]) / 1024 for s in phase["samples"]]
         axes.plot(times, brokers, label=f"brokers behind {kind} (sum)", color=color, ls="--")
-    axes.set_xlabel("seconds since the phase started")
-    axes.set_ylabel("RSS, MiB")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    written.append(_save(figure, stem, "memory"))
 
-    figure, axes = plt.subplots(figsize=(10, 4.5))
-    for kind, phase in phases.items():
-        color = COLORS.get(kind)
+    def handshakes(axes: Any, kind: str, phase: dict[str, Any], color: str | None) -> None:
         axes.plot(*_rates(phase, "handshakes"), label=f"{kind}: TLS handshakes/s", color=color)
-        axes.plot(
-            *_rates(phase, "refusals"),
-            label=f"{kind}: failed attempts/s",
-            color=color,
-            ls=":",
-        )
+        failed = _rates(phase, "refusals")
+        axes.plot(*failed, label=f"{kind}: failed attempts/s", color=color, ls=":")
         _events(axes, phase, color or "grey")
-    axes.set_xlabel("seconds since the phase started")
-    axes.set_ylabel("per second (as the devices saw it)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    written.append(_save(figure, stem, "handshakes"))
+
+    for name, draw, ylabel in (
+        ("connected", connected, "devices connected (MQTT session up)"),
+        ("memory", memory, "RSS, MiB"),
+        ("handshakes", handshakes, "per second (as the devices saw it)"),
+    ):
+        figure, axes = plt.subplots(figsize=(10, 4.5))
+        for kind, phase in phases.items():
+            draw(axes, kind, phase, COLORS.get(kind))
+        axes.set_xlabel("seconds since the phase started")
+        axes.set_ylabel(ylabel)
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        axes.legend()
+        written.append(_save(figure, stem, name))
     return written
 
 
