@@ -246,8 +246,10 @@ def make_pki(directory: Path, devices: int, nodes: int) -> float:
     if have >= devices:
         return 0.0
     started = time.monotonic()
+    # --force only over a partial set: it writes each file beside and renames (slower)
+    force = ["--force"] if have else []
     subprocess.run(
-        [lb_pki, "device", "--dir", str(directory), "--count", str(devices), "--force"],
+        [lb_pki, "device", "--dir", str(directory), "--count", str(devices), *force],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -704,8 +706,11 @@ def scenario_ramp(run: Run) -> None:
 def time_back(run: Run, since: float, target: int, timeout: float) -> dict[str, Any]:
     """Seconds from `since` until 99% and 100% of `target` devices are connected again."""
     marks: dict[str, float | None] = {"99": None, "100": None}
+    wall = time.time() - (time.monotonic() - since)
 
     def check() -> bool:
+        if any(w.status.get("time", 0) <= wall for w in run.simulators):
+            return False  # a status from before the event says nothing about it
         connected = run.total("connected")
         now = time.monotonic() - since
         if marks["99"] is None and connected >= math.ceil(target * 0.99):
@@ -734,6 +739,8 @@ def scenario_storm(run: Run) -> None:
     if args.drop == "devices":
         run.mark("storm: every device closes", devices=target)
         run.broadcast("drop")
+        for worker in run.simulators:
+            worker.status = worker.wait_event("dropped", START_TIMEOUT)[2]
     else:
         run.mark("storm: balancer restart", devices=target)
         balancer = run.balancer
@@ -810,9 +817,12 @@ def scenario_node_loss(run: Run) -> None:
     marked: float | None = None
     marks: dict[str, float | None] = {"99": None, "100": None}
     target = before["connected"]
+    wall = time.time()
 
     def check() -> bool:
         nonlocal marked
+        if any(w.status.get("time", 0) <= wall for w in run.simulators):
+            return False  # a status from before the kill says nothing about it
         now = time.monotonic() - since
         if marked is None and watch():
             marked = now
@@ -1061,7 +1071,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--telemetry-interval", type=float, default=60.0)
     parser.add_argument("--payload-size", type=int, default=64)
     parser.add_argument("--command-rate", type=float, default=10.0, help="commands/s in all")
-    parser.add_argument("--keepalive", type=int, default=30)
+    parser.add_argument("--keepalive", type=int, default=60, help="PINGREQ after 0.75 of it")
     parser.add_argument("--mqtt", type=int, choices=(4, 5), default=4, help="4 = 3.1.1, 5 = 5.0")
     parser.add_argument("--clean-start", action="store_true", help="clean sessions instead")
     parser.add_argument("--connect-timeout", type=float, default=30.0)

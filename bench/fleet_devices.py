@@ -83,7 +83,7 @@ class DeviceSettings:
     certs: str  # folder with device-NNNN.pem / -key.pem and CaRoot.pem
     server_name: str = "localhost"  # SNI and the name checked in the server certificate
     protocol_level: int = 4  # 4 = MQTT 3.1.1, 5 = MQTT 5.0
-    keep_alive: int = 30  # seconds; lb's demo config closes idle clients after 60 s
+    keep_alive: int = 60  # seconds; a PINGREQ after 0.75 of it idle (lb closes at 60 s)
     clean_start: bool = False  # persistent sessions, as fleets use them
     session_expiry: int = 7200  # MQTT 5 Session Expiry Interval (3.1.1: the broker's)
     telemetry_interval: float = 60.0  # seconds between two messages of one device
@@ -500,13 +500,14 @@ class Simulator:
         """Telemetry starts: each connected device's first message at a random point of
         the interval (a fleet's clocks are not in step), not at its next keepalive tick."""
         now = time.monotonic()
+        idle_limit = self.settings.keep_alive * 0.75
         for device in self.devices:
             if device.state == CONNECTED:
                 device.cancel_timer()
                 device.next_publish = now + random.uniform(0, self.settings.telemetry_interval)
-                device.timer = self.loop.call_at(
-                    self.loop.time() + (device.next_publish - now), device.tick
-                )
+                # the keepalive still holds: a PINGREQ may be due before the first message
+                due = min(device.next_publish, device.last_write + idle_limit)
+                device.timer = self.loop.call_later(max(0.0, due - now), device.tick)
 
     def drop(self) -> int:
         """Every connected device closes its connection now, then comes back with backoff."""
@@ -575,7 +576,7 @@ class Simulator:
             if self.telemetry and self.settings.telemetry_interval > 0:
                 self.spread_telemetry()
         elif name == "drop":
-            self.pipe.send(("dropped", self.drop()))
+            self.pipe.send(("dropped", self.drop(), self.status()))
         elif name == "report":
             self.pipe.send(("report", self.final_report()))
         elif name == "close":  # stop reconnecting and close every connection
@@ -619,17 +620,63 @@ def refusal_reason(phase: str, error: BaseException) -> str:
 # -- the collector -------------------------------------------------------------------------
 
 
-class Collector(asyncio.Protocol):
-    """Subscribes to every device's telemetry on one broker node; publishes commands."""
+class CollectorLink(asyncio.Protocol):
+    """One of the collector's connections (a member of its shared subscription)."""
 
-    def __init__(self, settings: DeviceSettings, devices: int, pipe: Connection) -> None:
+    def __init__(self, collector: Collector) -> None:
+        self.collector = collector
+        self.transport: asyncio.Transport | None = None
+        self.decoder = MQTTDecoder(protocol_level=collector.settings.protocol_level)
+        self.waiter: asyncio.Future[Any] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.collector.lost += 1
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("collector connection closed"))
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        acks = []
+        level = self.collector.settings.protocol_level
+        for _ in range(100_000):
+            packet = self.decoder.next_event()
+            if packet is NEED_DATA:
+                break
+            if isinstance(packet, Publish):
+                if packet.packet_id is not None:
+                    acks.append(encode(Puback(packet.packet_id), level))
+                self.collector.telemetry_received(packet.payload)
+            elif isinstance(packet, Puback):
+                self.collector.command_acked(packet.packet_id)
+            elif self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(packet)
+        if acks and self.transport is not None:
+            self.transport.write(b"".join(acks))
+
+    async def request(self, data: bytes) -> Any:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        try:
+            return await asyncio.wait_for(self.waiter, STEP_TIMEOUT)
+        finally:
+            self.waiter = None
+
+
+class Collector:
+    """The fleet's backend: COLLECTOR_LINKS connections to one broker node, members of one
+    shared subscription to every device's telemetry (one QoS 1 session would cap the
+    fleet at its in-flight window per round trip: the broker's max_inflight is 32, and a
+    backed-up subscriber pauses the publishers); the first link also publishes commands."""
+
+    def __init__(self, settings: DeviceSettings, devices: int) -> None:
         self.settings = settings
         self.devices = devices
-        self.pipe = pipe
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.decoder = MQTTDecoder(protocol_level=settings.protocol_level)
-        self.waiter: asyncio.Future[Any] | None = None
+        self.links: list[CollectorLink] = []
         self.received: dict[int, set[int]] = collections.defaultdict(set)
         self.duplicates = 0
         self.telemetry = 0
@@ -639,67 +686,49 @@ class Collector(asyncio.Protocol):
         self.commands_inflight: dict[int, tuple[int, int]] = {}
         self.commands_acked: dict[int, set[int]] = collections.defaultdict(set)
         self.commands_sent = 0
-        self.lost = False
+        self.lost = 0
         self.done = asyncio.Event()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def telemetry_received(self, payload: bytes) -> None:
+        if len(payload) < TELEMETRY.size:
+            return
+        number, sequence, _sent = TELEMETRY.unpack_from(payload)
+        seen = self.received[number]
+        if sequence in seen:
+            self.duplicates += 1
+        else:
+            seen.add(sequence)
+            self.telemetry += 1
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.lost = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("collector connection closed"))
-
-    def data_received(self, data: bytes) -> None:
-        self.decoder.feed(data)
-        acks = []
-        level = self.settings.protocol_level
-        for _ in range(100_000):
-            packet = self.decoder.next_event()
-            if packet is NEED_DATA:
-                break
-            if isinstance(packet, Publish):
-                if packet.packet_id is not None:
-                    acks.append(encode(Puback(packet.packet_id), level))
-                if len(packet.payload) >= TELEMETRY.size:
-                    number, sequence, _sent = TELEMETRY.unpack_from(packet.payload)
-                    seen = self.received[number]
-                    if sequence in seen:
-                        self.duplicates += 1
-                    else:
-                        seen.add(sequence)
-                        self.telemetry += 1
-            elif isinstance(packet, Puback):
-                entry = self.commands_inflight.pop(packet.packet_id, None)
-                if entry is not None:
-                    self.commands_acked[entry[0]].add(entry[1])
-            elif self.waiter is not None and not self.waiter.done():
-                self.waiter.set_result(packet)
-        if acks and self.transport is not None:
-            self.transport.write(b"".join(acks))
+    def command_acked(self, packet_id: int) -> None:
+        entry = self.commands_inflight.pop(packet_id, None)
+        if entry is not None:
+            self.commands_acked[entry[0]].add(entry[1])
 
     async def start(self, port: int) -> None:
-        await asyncio.wait_for(
-            self.loop.create_connection(lambda: self, "127.0.0.1", port), STEP_TIMEOUT
-        )
-        assert self.transport is not None
+        loop = asyncio.get_running_loop()
         level = self.settings.protocol_level
         properties = Properties(session_expiry_interval=7200) if level == 5 else Properties()
-        header = encode_v2(Command.PROXY, ("127.0.0.1", 1), ("127.0.0.1", port))
-        connect = Connect("MQTT", level, False, 0, "fleet-collector", properties=properties)
-        self.waiter = self.loop.create_future()
-        self.transport.write(header + encode(connect, level))
-        connack = await asyncio.wait_for(self.waiter, STEP_TIMEOUT)
-        if not isinstance(connack, Connack) or connack.reason_code != 0:
-            raise ConnectionError(f"collector refused: {connack}")
-        self.waiter = self.loop.create_future()
-        subscribe = Subscribe(1, (Subscription("fleet/+/telemetry", 1),))
-        self.transport.write(encode(subscribe, level))
-        suback = await asyncio.wait_for(self.waiter, STEP_TIMEOUT)
-        if not isinstance(suback, Suback) or suback.reason_codes[0] >= 0x80:
-            raise ConnectionError(f"collector subscription refused: {suback}")
-        self.waiter = None
+        for index in range(1, COLLECTOR_LINKS + 1):
+            link = CollectorLink(self)
+            await asyncio.wait_for(
+                loop.create_connection(lambda link=link: link, "127.0.0.1", port), STEP_TIMEOUT
+            )
+            assert link.transport is not None
+            # the header lb would send; the node trusts 127.0.0.0/8 (demo config)
+            link.transport.write(
+                encode_v2(Command.PROXY, ("127.0.0.1", index), ("127.0.0.1", port))
+            )
+            client_id = f"fleet-collector-{index}"
+            connect = Connect("MQTT", level, False, 0, client_id, properties=properties)
+            connack = await link.request(encode(connect, level))
+            if not isinstance(connack, Connack) or connack.reason_code != 0:
+                raise ConnectionError(f"collector refused: {connack}")
+            subscribe = Subscribe(1, (Subscription(f"$share/{SHARE_GROUP}/fleet/+/telemetry", 1),))
+            suback = await link.request(encode(subscribe, level))
+            if not isinstance(suback, Suback) or suback.reason_codes[0] >= 0x80:
+                raise ConnectionError(f"collector subscription refused: {suback}")
+            self.links.append(link)
 
     async def publish_commands(self) -> None:
         """Commands at `command_rate` per second to random devices (bounded by `done`)."""
@@ -707,7 +736,8 @@ class Collector(asyncio.Protocol):
         started, sent = time.monotonic(), 0
         while not self.done.is_set():
             await asyncio.sleep(COMMAND_TICK)
-            if not self.command_rate or self.transport is None:
+            transport = self.links[0].transport if self.links else None
+            if not self.command_rate or transport is None:
                 started, sent = time.monotonic(), 0
                 continue
             due = int((time.monotonic() - started) * self.command_rate) - sent
@@ -729,7 +759,12 @@ class Collector(asyncio.Protocol):
                 self.commands_sent += 1
                 sent += 1
             if packets:
-                self.transport.write(b"".join(packets))
+                transport.write(b"".join(packets))
+
+    def close(self) -> None:
+        for link in self.links:
+            if link.transport is not None:
+                link.transport.abort()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -738,7 +773,7 @@ class Collector(asyncio.Protocol):
             "duplicates": self.duplicates,
             "commands_sent": self.commands_sent,
             "commands_acked": sum(len(s) for s in self.commands_acked.values()),
-            "connected": not self.lost,
+            "links_lost": self.lost,
         }
 
     def final_report(self) -> dict[str, Any]:
@@ -749,6 +784,9 @@ class Collector(asyncio.Protocol):
         }
 
 
+#: The collector's connections (members of one shared subscription) and their group.
+COLLECTOR_LINKS = 8
+SHARE_GROUP = "fleet-collector"
 #: How long the collector waits for its broker at any step.
 STEP_TIMEOUT = 30.0
 
@@ -756,7 +794,7 @@ STEP_TIMEOUT = 30.0
 async def collector_main(
     settings: DeviceSettings, devices: int, port: int, pipe: Connection
 ) -> None:
-    collector = Collector(settings, devices, pipe)
+    collector = Collector(settings, devices)
     await collector.start(port)
     pipe.send(("ready", 0.0))
     commands = asyncio.get_running_loop().create_task(collector.publish_commands())
@@ -786,8 +824,7 @@ async def collector_main(
         collector.done.set()
         commands.cancel()
         loop.remove_reader(pipe.fileno())
-        if collector.transport is not None:
-            collector.transport.abort()
+        collector.close()
 
 
 async def simulator_main(settings: DeviceSettings, part: Slice, pipe: Connection) -> None:
