@@ -235,7 +235,18 @@ def make_pki(directory: Path, devices: int, nodes: int) -> float:
     if not (directory / f"node-{nodes}.pem").exists():
         names = [f"node-{n}" for n in range(1, nodes + 1)]
         subprocess.run(
-            [lb_pki, "node", *names, "--dir", str(directory), "--dns", "localhost", "--force"],
+            [
+                lb_pki,
+                "node",
+                *names,
+                "--dir",
+                str(directory),
+                "--dns",
+                "localhost",
+                "--ip",
+                "127.0.0.1",
+                "--force",
+            ],
             check=True,
             capture_output=True,
             timeout=PKI_TIMEOUT,
