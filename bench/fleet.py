@@ -80,6 +80,7 @@ from bench.fleet_devices import (  # noqa: E402
     Slice,
     collector_main,
     process_main,
+    read_report,
     simulator_main,
     sources_for,
 )
@@ -107,6 +108,8 @@ DRAIN_QUIET = 3.0
 DRAIN_TIMEOUT = 60.0
 #: A disconnect within this many seconds after a reload is counted against the reload.
 RELOAD_WINDOW = 10.0
+#: A progress line every this many samples.
+PROGRESS_EVERY = 30
 #: Seconds between a balancer's start and the first sample (its workers finish starting).
 SETTLE = 2.0
 #: Log lines kept as excerpts per kind.
@@ -174,8 +177,11 @@ class Worker:
                 if not self.pipe.poll():
                     return
                 message = self.pipe.recv()
-            except (EOFError, OSError):
-                raise RuntimeError(f"{self.name} exited ({self.process.exitcode})") from None
+            except (EOFError, OSError) as error:
+                self.process.join(2)
+                raise RuntimeError(
+                    f"{self.name}: pipe closed ({error!r}); exit code {self.process.exitcode}"
+                ) from None
             if message[0] == "status":
                 self.status = message[1]
             elif message[0] == "error":
@@ -474,6 +480,7 @@ class Run:
         self.t0 = time.monotonic()
         self.next_sample = 0.0
         self.started = started
+        self.directory = balancer.work
         self.before_ramp: dict[str, Any] = {}
         self.reload_times: list[float] = []
         self.disconnect_times: list[float] = []
@@ -486,6 +493,15 @@ class Run:
         if time.monotonic() >= self.next_sample:
             self.sample()
             self.next_sample = time.monotonic() + self.args.sample_interval
+            if len(self.samples) % PROGRESS_EVERY == 0:
+                latest = self.latest()
+                self.mark(
+                    "progress",
+                    connected=latest["connected"],
+                    handshakes=latest["handshakes"],
+                    refusals=latest["refusals"],
+                    balancer_mib=latest["balancer_rss_kib"] // 1024,
+                )
 
     def total(self, key: str) -> int:
         return sum(int(w.status.get(key, 0)) for w in self.simulators)
@@ -648,12 +664,11 @@ class Run:
             time.sleep(POLL)
         self.sample()
         reports = []
+        for worker in [*self.simulators, self.collector]:
+            worker.send("report", str(self.directory / f"{worker.name}.report"))
         for worker in self.simulators:
-            worker.send("report")
-        for worker in self.simulators:
-            reports.append(worker.wait_event("report", REPORT_TIMEOUT)[1])
-        self.collector.send("report")
-        collected = self.collector.wait_event("report", REPORT_TIMEOUT)[1]
+            reports.append(read_report(worker.wait_event("report", REPORT_TIMEOUT)[1]))
+        collected = read_report(self.collector.wait_event("report", REPORT_TIMEOUT)[1])
         self.broadcast("close")
         for worker in self.simulators:
             worker.wait_event("closed", REPORT_TIMEOUT)
@@ -989,8 +1004,18 @@ def phase(
             worker.status = worker.wait_event("phased", START_TIMEOUT)[1]
         time.sleep(SETTLE)  # the balancer's workers finish starting before RSS is taken
         run_ = Run(args, balancer, brokers, nodes, simulators, collector, started)
-        SCENARIO_STEPS[args.scenario](run_)
-        run_.finish()
+        error = None
+        try:
+            SCENARIO_STEPS[args.scenario](run_)
+            run_.finish()
+        except (RuntimeError, TimeoutError, OSError) as failure:
+            # Keep what was measured; the devices let go of this balancer before the next.
+            error = f"{failure!r}"
+            print(f"  {kind}: FAILED: {error}", flush=True)
+            with contextlib.suppress(RuntimeError, TimeoutError, OSError):
+                run_.broadcast("close")
+                for worker in simulators:
+                    worker.wait_event("closed", REPORT_TIMEOUT)
         figures = run_.figures
         disconnects, reloads = run_.disconnect_times, run_.reload_times
         if reloads:
@@ -998,6 +1023,7 @@ def phase(
                 1 for t in disconnects if any(0 <= t - r <= RELOAD_WINDOW for r in reloads)
             )
         result = {
+            "error": error,
             "figures": figures,
             "events": run_.events,
             "samples": run_.samples,

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import pickle
 import random
 import ssl
 import struct
@@ -577,8 +578,8 @@ class Simulator:
                 self.spread_telemetry()
         elif name == "drop":
             self.pipe.send(("dropped", self.drop(), self.status()))
-        elif name == "report":
-            self.pipe.send(("report", self.final_report()))
+        elif name == "report":  # big: through a file, the pipe gets its name
+            self.pipe.send(("report", write_report(message[1], self.final_report())))
         elif name == "close":  # stop reconnecting and close every connection
             self.reconnect = False
             self.telemetry = False
@@ -813,8 +814,8 @@ async def collector_main(
                 message = pipe.recv()
                 if message[0] == "commands":
                     collector.command_rate = float(message[1])
-                elif message[0] == "report":
-                    pipe.send(("report", collector.final_report()))
+                elif message[0] == "report":  # big: through a file, the pipe gets its name
+                    pipe.send(("report", write_report(message[1], collector.final_report())))
                 elif message[0] == "stop":
                     return
             pipe.send(("status", collector.status()))
@@ -856,6 +857,21 @@ def process_main(target: Callable[..., Any], pipe: Connection, *args: Any) -> No
             pipe.send(("error", f"{error!r}\n{traceback.format_exc()}"))
     finally:
         pipe.close()
+
+
+def write_report(path: str, report: dict[str, Any]) -> str:
+    """A final report (per-device sequences: megabytes for a large fleet) as a pickle file;
+    a pipe message that size blocked both ends of the pipe."""
+    with open(path, "wb") as stream:
+        pickle.dump(report, stream, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def read_report(path: str) -> dict[str, Any]:
+    with open(path, "rb") as stream:
+        report: dict[str, Any] = pickle.load(stream)
+    os.unlink(path)
+    return report
 
 
 def sources_for(count: int, per_source: int, first: int = 2) -> tuple[str, ...]:

@@ -39,7 +39,7 @@ def _rates(phase: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
 
 def _events(axes: Any, phase: dict[str, Any], color: str) -> None:
     for event in phase.get("events", []):
-        if event["event"] in ("ramp done", "hold", "drain"):
+        if event["event"] in ("ramp done", "hold", "drain", "progress"):
             continue
         axes.axvline(event["t"], color=color, linestyle=":", linewidth=0.8)
 
