@@ -141,6 +141,20 @@ def process_table() -> dict[int, tuple[int, int, int]]:
 
 def tree_usage(table: dict[int, tuple[int, int, int]], roots: list[int]) -> tuple[float, int, int]:
     """(CPU seconds, RSS KiB, process count) of `roots` and all their descendants."""
+    seen = tree_pids(table, roots)
+    cpu = sum(table[pid][1] for pid in seen) / CLOCK_TICKS
+    return cpu, sum(table[pid][2] for pid in seen), len(seen)
+
+
+def open_files(pid: int) -> int:
+    """Descriptors a process holds (how close it is to its file limit)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def tree_pids(table: dict[int, tuple[int, int, int]], roots: list[int]) -> set[int]:
     children: dict[int, list[int]] = collections.defaultdict(list)
     for pid, (ppid, _, _) in table.items():
         children[ppid].append(pid)
@@ -152,8 +166,7 @@ def tree_usage(table: dict[int, tuple[int, int, int]], roots: list[int]) -> tupl
             continue
         seen.add(pid)
         todo.extend(children.get(pid, []))
-    cpu = sum(table[pid][1] for pid in seen) / CLOCK_TICKS
-    return cpu, sum(table[pid][2] for pid in seen), len(seen)
+    return seen
 
 
 @dataclass
@@ -495,12 +508,17 @@ class Run:
             self.next_sample = time.monotonic() + self.args.sample_interval
             if len(self.samples) % PROGRESS_EVERY == 0:
                 latest = self.latest()
+                # per process: shows how evenly the balancer's processes share the fleet
+                pids = tree_pids(process_table(), self.balancer.pids)
+                latest["balancer_fds"] = sorted((open_files(pid) for pid in pids), reverse=True)
+                latest["broker_fds"] = [open_files(b.pid) for b in self.brokers]
                 self.mark(
                     "progress",
                     connected=latest["connected"],
                     handshakes=latest["handshakes"],
                     refusals=latest["refusals"],
                     balancer_mib=latest["balancer_rss_kib"] // 1024,
+                    most_fds=latest["balancer_fds"][:3],
                 )
 
     def total(self, key: str) -> int:
