@@ -699,16 +699,21 @@ class Run:
 
 
 def accounting(reports: list[dict[str, Any]], collected: dict[str, Any]) -> dict[str, Any]:
-    """Acknowledged vs delivered, both ways, from the per-device sequences."""
+    """Acknowledged vs delivered, both ways, from the per-device sequences. A command sent
+    before its device first subscribed had no session to go to (MQTT drops it): counted
+    apart, not as undelivered."""
     received: dict[int, list[int]] = collected["received"]
     commands_acked: dict[int, list[int]] = collected["commands"]
+    command_times: dict[int, float] = collected.get("command_times", {})
     sent = acked = delivered = lost = 0
     lost_devices = 0
     commands_received: dict[int, list[int]] = {}
+    subscribed_at: dict[int, float | None] = {}
     lost_examples: list[str] = []
     for report in reports:
-        for number, count, unacked, commands in report["devices"]:
+        for number, count, unacked, commands, first_connected in report["devices"]:
             commands_received[number] = commands
+            subscribed_at[number] = first_connected
             sent += count
             acknowledged = set(range(count)) - set(unacked)
             acked += len(acknowledged)
@@ -720,10 +725,18 @@ def accounting(reports: list[dict[str, Any]], collected: dict[str, Any]) -> dict
                 lost_devices += 1
                 if len(lost_examples) < 10:
                     lost_examples.append(f"device-{number:04d}: {sorted(missing)[:5]}")
-    commands_acked_total = commands_delivered = 0
+    commands_acked_total = commands_delivered = commands_early = 0
     for number, sequences in commands_acked.items():
-        commands_acked_total += len(sequences)
-        commands_delivered += len(set(sequences) & set(commands_received.get(number, ())))
+        got = set(commands_received.get(number, ()))
+        since = subscribed_at.get(number)
+        for sequence in sequences:
+            if sequence in got:
+                commands_acked_total += 1
+                commands_delivered += 1
+            elif since is None or command_times.get(sequence, 0.0) < since:
+                commands_early += 1
+            else:
+                commands_acked_total += 1
     return {
         "telemetry_sent": sent,
         "telemetry_acked": acked,
@@ -733,6 +746,7 @@ def accounting(reports: list[dict[str, Any]], collected: dict[str, Any]) -> dict
         "telemetry_lost_examples": lost_examples,
         "telemetry_duplicates": collected.get("duplicates", 0),
         "commands_sent": collected.get("commands_sent", 0),
+        "commands_before_subscription": commands_early,
         "commands_acked": commands_acked_total,
         "commands_acked_delivered": commands_delivered,
         "commands_acked_undelivered": commands_acked_total - commands_delivered,

@@ -197,6 +197,7 @@ class Device:
         "attempt",
         "commands",
         "context",
+        "first_connected",
         "fleet",
         "inflight",
         "last_write",
@@ -227,6 +228,7 @@ class Device:
         self.commands: set[int] = set()
         self.timer: asyncio.TimerHandle | None = None
         self.last_write = 0.0
+        self.first_connected: float | None = None  # wall clock, this phase
 
     def lost(self, exc: Exception | None) -> None:
         """The connection went away without the device asking for it."""
@@ -330,10 +332,11 @@ class Device:
             self.write(bytes([data[0] | 0x08]) + data[1:])
             self.fleet.stats.resent += 1
 
-    def report(self) -> tuple[int, int, list[int], list[int]]:
-        """(number, sequences sent, sequences not acknowledged, commands received)."""
+    def report(self) -> tuple[int, int, list[int], list[int], float | None]:
+        """(number, sequences sent, sequences not acknowledged, commands received, when it
+        first had its subscription in this phase)."""
         unacked = sorted(sequence for sequence, _ in self.inflight.values())
-        return self.number, self.next_seq, unacked, sorted(self.commands)
+        return self.number, self.next_seq, unacked, sorted(self.commands), self.first_connected
 
 
 # -- one simulator process -----------------------------------------------------------------
@@ -425,6 +428,8 @@ class Simulator:
             return False
         device.link = link
         device.state = CONNECTED
+        if device.first_connected is None:
+            device.first_connected = time.time()
         device.attempt = 0
         stats.connected += 1
         stats.ever_connected += 1
@@ -568,6 +573,7 @@ class Simulator:
                 device.inflight.clear()
                 device.commands.clear()
                 device.attempt = 0
+                device.first_connected = None
             self.pipe.send(("phased", self.status()))
         elif name == "connect":
             self.reconnect = True
@@ -686,6 +692,7 @@ class Collector:
         self.next_packet_id = 0
         self.commands_inflight: dict[int, tuple[int, int]] = {}
         self.commands_acked: dict[int, set[int]] = collections.defaultdict(set)
+        self.command_times: dict[int, float] = {}  # sequence -> when it was sent
         self.commands_sent = 0
         self.lost = 0
         self.done = asyncio.Event()
@@ -757,6 +764,7 @@ class Collector:
                     encode(Publish(topic, payload, qos=1, packet_id=self.next_packet_id), level)
                 )
                 self.commands_inflight[self.next_packet_id] = (number, self.command_seq)
+                self.command_times[self.command_seq] = time.time()
                 self.commands_sent += 1
                 sent += 1
             if packets:
@@ -782,6 +790,7 @@ class Collector:
             **self.status(),
             "received": {number: sorted(seen) for number, seen in self.received.items()},
             "commands": {number: sorted(seen) for number, seen in self.commands_acked.items()},
+            "command_times": self.command_times,
         }
 
 
