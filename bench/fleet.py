@@ -445,13 +445,13 @@ def log_summary(paths: list[Path]) -> dict[str, Any]:
                 line = raw.rstrip("\n")
                 counts["lines"] += 1
                 kind = None
-                if "Too many open files" in line:
+                if SERVER_STATE.search(line):
+                    kind = "server state"
+                    states.append(f"{path.name}: {line[:300]}")
+                elif "Too many open files" in line:
                     kind = "too many open files"
                 elif "SSL handshake failure" in line:
                     kind = "ssl handshake failure"
-                elif SERVER_STATE.search(line):
-                    kind = "server state"
-                    states.append(f"{path.name}: {line[:300]}")
                 elif "ALERT" in line:
                     kind = "alert"
                 elif "WARNING" in line or "[WARNING]" in line:
