@@ -439,11 +439,20 @@ def log_summary(paths: list[Path]) -> dict[str, Any]:
     counts: collections.Counter[str] = collections.Counter()
     excerpts: dict[str, list[str]] = collections.defaultdict(list)
     states: list[str] = []
+    tracebacks: list[list[str]] = []
     for path in paths:
         with path.open(errors="replace") as stream:
+            in_traceback = False
             for raw in stream:
                 line = raw.rstrip("\n")
                 counts["lines"] += 1
+                if line.startswith("Traceback"):
+                    in_traceback = len(tracebacks) < 3
+                    if in_traceback:
+                        tracebacks.append([f"{path.name}:"])
+                if in_traceback:  # the whole block, up to the exception's own line
+                    tracebacks[-1].append(line[:300])
+                    in_traceback = line.startswith((" ", "Traceback"))
                 kind = None
                 if SERVER_STATE.search(line):
                     kind = "server state"
@@ -462,7 +471,12 @@ def log_summary(paths: list[Path]) -> dict[str, Any]:
                     counts[kind] += 1
                     if len(excerpts[kind]) < EXCERPTS:
                         excerpts[kind].append(f"{path.name}: {line[:400]}")
-    return {"counts": dict(counts), "excerpts": dict(excerpts), "server_states": states[:40]}
+    return {
+        "counts": dict(counts),
+        "excerpts": dict(excerpts),
+        "server_states": states[:40],
+        "tracebacks": ["\n".join(block) for block in tracebacks],
+    }
 
 
 # -- sampling and the scenario loop --------------------------------------------------------
