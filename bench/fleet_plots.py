@@ -8,7 +8,6 @@ matplotlib comes with the `bench` extra (`pip install -e .[bench]`), not with th
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -27,10 +26,15 @@ def _series(phase: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
     return [s["t"] for s in samples], [s[key] for s in samples]
 
 
+#: Rates are averaged over this many samples: a device process that was busy for a while
+#: reports a whole burst at once, which is not a burst on the wire.
+RATE_WINDOW = 5
+
+
 def _rates(phase: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
     samples = phase["samples"]
     times, rates = [], []
-    for a, b in itertools.pairwise(samples):
+    for a, b in zip(samples, samples[RATE_WINDOW:], strict=False):
         if b["t"] > a["t"]:
             times.append(b["t"])
             rates.append((b[key] - a[key]) / (b["t"] - a["t"]))
@@ -64,7 +68,8 @@ def plot(result: dict[str, Any], stem: Path) -> list[Path]:
         axes.plot(times, brokers, label=f"brokers behind {kind} (sum)", color=color, ls="--")
 
     def handshakes(axes: Any, kind: str, phase: dict[str, Any], color: str | None) -> None:
-        axes.plot(*_rates(phase, "handshakes"), label=f"{kind}: TLS handshakes/s", color=color)
+        label = f"{kind}: TLS handshakes/s ({RATE_WINDOW} s mean)"
+        axes.plot(*_rates(phase, "handshakes"), label=label, color=color)
         failed = _rates(phase, "refusals")
         axes.plot(*failed, label=f"{kind}: failed attempts/s", color=color, ls=":")
         _events(axes, phase, color or "grey")
