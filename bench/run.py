@@ -713,9 +713,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--suite",
-        choices=("lb", "broker", "all"),
+        choices=("lb", "broker", "fleet", "all"),
         default="lb",
-        help="lb (this suite), broker (bench/broker_bench.py, its own flags follow), or all",
+        help="lb (this suite), broker (bench/broker_bench.py) or fleet (bench/fleet.py), "
+        "each with its own flags after it, or all (lb then broker)",
     )
     args = parser.parse_args(argv)
     args.only = [f for f in args.only.split(",") if f]
@@ -727,16 +728,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # --suite lb (default) | broker | all: the broker suite (bench/broker_bench.py, our MQTT
-    # broker vs mosquitto) takes its own flags after `--suite broker`; `all` runs it with its
-    # defaults after the lb suite.
+    # --suite lb (default) | broker | fleet | all: the broker suite (bench/broker_bench.py, our
+    # MQTT broker vs mosquitto) and the fleet suite (bench/fleet.py) take their own flags after
+    # `--suite NAME`; `all` runs the broker suite with its defaults after the lb suite.
     suite_parser = argparse.ArgumentParser(add_help=False)
-    suite_parser.add_argument("--suite", choices=("lb", "broker", "all"), default="lb")
+    suite_parser.add_argument("--suite", choices=("lb", "broker", "fleet", "all"), default="lb")
     suite, rest = suite_parser.parse_known_args(argv)
     if suite.suite == "broker":
         from bench import broker_bench  # noqa: PLC0415 (it imports this module)
 
         return broker_bench.main(rest)
+    if suite.suite == "fleet":
+        # fleet scale (bench/fleet.py): a scenario, then its flags, e.g. `ramp --devices N`
+        from bench import fleet
+
+        return fleet.main(rest)
     args = parse_args(rest)
     result = run(args)
     output = args.output

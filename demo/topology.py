@@ -70,11 +70,100 @@ class Node:
         return docker_config(self.config)
 
 
-NODES: tuple[Node, ...] = (
-    Node("broker-1", "configs/broker-1.toml", 1883, 18083, 5371, "emqx-165", "node-1"),
-    Node("broker-2", "configs/broker-2.toml", 1884, 18084, 5372, "emqx-171", "node-2"),
-    Node("broker-3", "configs/broker-3.toml", 1885, 18085, 5373, "emqx-172", "node-3"),
-)
+#: lb's server names for the seed's three nodes (seed 004's backend); a fourth node and on
+#: are emqx-N.
+SEED_SERVERS = ("emqx-165", "emqx-171", "emqx-172")
+CLUSTER_NAME = "mqtt-cluster"
+CLUSTER_COOKIE = "change-me-shared-cluster-cookie"
+MQTT_PORT_BASE = 1883
+ADMIN_PORT_BASE = 18083
+CLUSTER_PORT_BASE = 5371  # seed 002: 5370 + N
+
+
+def node(
+    number: int,
+    mqtt_port: int | None = None,
+    admin_port: int | None = None,
+    cluster_port: int | None = None,
+) -> Node:
+    """Broker node `number` (1-based); ports default to the demo's (1883 + N - 1, ...)."""
+    server = SEED_SERVERS[number - 1] if number <= len(SEED_SERVERS) else f"emqx-{number}"
+    return Node(
+        f"broker-{number}",
+        f"configs/broker-{number}.toml",
+        mqtt_port if mqtt_port is not None else MQTT_PORT_BASE + number - 1,
+        admin_port if admin_port is not None else ADMIN_PORT_BASE + number - 1,
+        cluster_port if cluster_port is not None else CLUSTER_PORT_BASE + number - 1,
+        server,
+        f"node-{number}",
+    )
+
+
+def nodes(count: int) -> tuple[Node, ...]:
+    """`count` nodes on the demo's ports (bench/fleet.py makes its own with free ports)."""
+    return tuple(node(number) for number in range(1, count + 1))
+
+
+NODES: tuple[Node, ...] = nodes(3)
+
+
+def broker_config(
+    member: Node,
+    members: Sequence[Node],
+    *,
+    certs: str = "certs",
+    host: str = LOCAL_HOST,
+    max_connections: int = 500_000,
+) -> str:
+    """The TOML of one node of a cluster of `members` (configs/broker-N.toml for NODES):
+    MQTT with PROXY protocol from 127.0.0.0/8, the cluster over mutual TLS, the admin API.
+    `certs` is where the node certificates are, relative to the file or absolute."""
+    number = member.certificate.rsplit("-", 1)[1]
+    peers = ", ".join(
+        f'"{other.name}@{host}:{other.cluster_port}"' for other in members if other != member
+    )
+    return f"""# Broker node {number} of a {len(members)}-node cluster behind lb (demo/topology.py)
+# (seed 004: proxy_protocol = true, max_connections; seed 002: cluster RPC over mutual TLS).
+
+[node]
+name = "{member.name}"
+cookie = "{CLUSTER_COOKIE}"
+
+[mqtt]
+max_keepalive = 65535
+max_packet_size = 1048576
+receive_maximum = 32
+max_inflight = 32
+max_queued_messages = 1000
+retain_available = true
+topic_alias_maximum = 10
+session_expiry_max = 7200
+
+[listeners.tcp.default]
+bind = "{host}:{member.mqtt_port}"
+max_connections = {max_connections}
+proxy_protocol = true
+proxy_protocol_timeout = "3s"
+proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
+peer_cert_as_username = "cn"
+
+[cluster]
+name = "{CLUSTER_NAME}"
+bind = "{host}:{member.cluster_port}"
+peers = [{peers}]
+
+[cluster.ssl_options]
+cacertfile = "{certs}/{ROOT_CA}.pem"
+certfile = "{certs}/{member.certificate}.pem"
+keyfile = "{certs}/{member.certificate}-key.pem"
+verify = "verify_peer"
+fail_if_no_peer_cert = true
+versions = ["tlsv1.3", "tlsv1.2"]
+depth = 10
+
+[admin]
+bind = "{host}:{member.admin_port}"
+"""
 
 
 def docker_config(path: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,21 @@ def test_broker_configs_are_the_demo_topology(node: topology.Node) -> None:
     assert cluster.ssl_options.certfile == CERTS / f"{node.certificate}.pem"
     assert cluster.ssl_options.keyfile == CERTS / f"{node.certificate}-key.pem"
     assert cluster.ssl_options.cacertfile == CERTS / f"{topology.ROOT_CA}.pem"
+
+
+@pytest.mark.parametrize("node", topology.NODES, ids=lambda node: node.name)
+def test_broker_configs_are_what_the_topology_renders(node: topology.Node) -> None:
+    """bench/fleet.py renders K-node clusters with topology.broker_config: for the demo's three
+    nodes it says exactly what configs/broker-N.toml says."""
+    rendered = tomllib.loads(topology.broker_config(node, topology.NODES))
+    assert rendered == tomllib.loads((ROOT / node.config).read_text())
+
+
+def test_more_nodes_keep_the_seed_server_names() -> None:
+    six = topology.nodes(6)
+    assert six[:3] == topology.NODES
+    assert [n.server for n in six[3:]] == ["emqx-4", "emqx-5", "emqx-6"]
+    assert len({n.mqtt_port for n in six} | {n.admin_port for n in six}) == 12
 
 
 def test_lb_checks_the_demo_config_without_warnings(demo_pki: Path) -> None:

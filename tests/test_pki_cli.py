@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 
 from lb.pki.certs import load_certs, load_crls, load_key
-from lb.pki.cli import main
+from lb.pki.cli import PARALLEL_DEVICES, main
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -378,3 +378,29 @@ def test_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "demo", "--dir", str(target))
     assert code == 2 and "--force" in err
     assert run(capsys, "demo", "--dir", str(target), "--force", "--devices", "1")[0] == 0
+
+
+def test_many_devices_are_issued_in_processes(ca: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Past PARALLEL_DEVICES per CPU the devices are issued by forked processes: every file is
+    there with its mode, every serial is distinct, the output lists them in order."""
+    count = 2 * PARALLEL_DEVICES + 3
+    code, out, err = run(capsys, "device", "--count", str(count), "--dir", str(ca))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 * count
+    assert lines[0] == f"wrote {ca / 'device-0001.pem'} (0644)"
+    assert lines[-1] == f"wrote {ca / f'device-{count:04d}-key.pem'} (0600)"
+    serials = set()
+    for number in range(1, count + 1):
+        name = f"device-{number:04d}"
+        assert mode(ca / f"{name}-key.pem") == 0o600
+        (cert,) = load_certs(ca / f"{name}.pem")
+        assert cert.subject.rfc4514_string() == f"CN={name}"
+        serials.add(cert.serial_number)
+    assert len(serials) == count
+    key = load_key(ca / f"device-{count:04d}-key.pem")
+    (last,) = load_certs(ca / f"device-{count:04d}.pem")
+    assert last.public_key() == key.public_key()
+    # A second run refuses before writing anything (the files are there).
+    code, _, err = run(capsys, "device", "--count", str(count), "--dir", str(ca))
+    assert code == 2 and "refusing to overwrite" in err
