@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import apt_install
+
 ENGINE_START_TIMEOUT = 60.0
 ENGINE_STOP_TIMEOUT = 30.0
-APT_TIMEOUT = 600.0
 POLL_INTERVAL = 0.2
 
 
@@ -50,35 +51,6 @@ def _answers(docker: str) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return result.returncode == 0
-
-
-def apt_install(*packages: str) -> str | None:
-    """Install Debian packages as ./dev setup does; None when done, else why not."""
-    if os.geteuid() != 0:
-        return f"not root: cannot apt-get install {' '.join(packages)}"
-    if shutil.which("apt-get") is None:
-        return f"no apt-get to install {' '.join(packages)}"
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for command in (
-        ["apt-get", *lock, "update", "-q"],
-        ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
-    ):
-        try:
-            result = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=APT_TIMEOUT,
-                env=environment,
-            )
-        except subprocess.TimeoutExpired:
-            return f"{' '.join(command)}: no result after {APT_TIMEOUT:.0f}s"
-        if result.returncode != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-3:])
-            return f"{' '.join(command)} failed: {tail}"
-    return None
 
 
 def _compose_program(docker: str) -> list[str] | None:

@@ -39,7 +39,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from bench.ports import free_port
 from demo import compose as demo_compose
 from demo import topology
-from tests.docker_engine import Engine, apt_install, engine
+from tests.docker_engine import Engine, engine
+from tests.harness import apt_install
 
 ROOT = topology.ROOT
 COMPOSE = ROOT / "docker-compose.yml"
