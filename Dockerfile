@@ -13,6 +13,8 @@ ARG BASE_IMAGE=python:3.11-slim
 
 # -- build: the virtualenv, from wheels only -----------------------------------------------------
 FROM ${BASE_IMAGE} AS build
+# The labels let the tests remove what earlier builds left untagged, and only that.
+LABEL iot-edge-lb.stage=build
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -37,6 +39,7 @@ RUN /opt/venv/bin/pip install --no-index --no-deps --no-build-isolation /src \
 
 # -- the image: the virtualenv, the demo and configs; no compiler, no pip, not root --------------
 FROM ${BASE_IMAGE}
+LABEL iot-edge-lb.stage=image
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
