@@ -1206,7 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.plots:
         try:
-            from bench import fleet_plots
+            from bench import fleet_plots  # noqa: PLC0415 (matplotlib is optional)
         except ImportError as error:  # matplotlib is in the bench extra
             print(f"no plots ({error}); pip install -e .[bench]", file=sys.stderr)
         else:

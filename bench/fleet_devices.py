@@ -32,6 +32,7 @@ import contextlib
 import os
 import pickle
 import random
+import resource
 import ssl
 import struct
 import time
@@ -41,6 +42,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 from broker.mqtt.codec import NEED_DATA, MQTTDecoder, encode
 from broker.mqtt.packets import (
@@ -853,10 +856,6 @@ async def simulator_main(settings: DeviceSettings, part: Slice, pipe: Connection
 
 def process_main(target: Callable[..., Any], pipe: Connection, *args: Any) -> None:
     """Entry point of a forked process: run `target` on uvloop, report a failure."""
-    import resource
-
-    import uvloop
-
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:

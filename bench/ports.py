@@ -25,20 +25,41 @@ PORT_LOW = 10000
 PORT_HIGH = min(_ephemeral_low(), 32768)
 
 
-def free_port() -> int:
-    """A TCP port that nothing on this machine is bound to right now (any address)."""
+def _worker_slice() -> tuple[int, int]:
+    """(first port, number of ports) of this pytest-xdist worker's slice."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker[2:].isdigit() else 0
     count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
     span = (PORT_HIGH - PORT_LOW) // count
-    low = PORT_LOW + index * span
+    return PORT_LOW + index * span, span
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))  # also fails when 127.0.0.1:port is bound
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port that nothing on this machine is bound to right now (any address)."""
+    low, span = _worker_slice()
     for _ in range(1000):
         port = random.randrange(low, low + span)
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("0.0.0.0", port))  # also fails when 127.0.0.1:port is bound
-            except OSError:
-                continue
+        if _is_free(port):
             return port
     raise RuntimeError(f"no free port in {low}..{low + span}")
+
+
+def free_port_block(span: int) -> int:
+    """The first of ``span`` consecutive TCP ports that are all free right now, from this
+    worker's slice (for a process that listens on a block, like the demo's --base-port)."""
+    low, slice_span = _worker_slice()
+    for _ in range(200):
+        base = random.randrange(low, low + slice_span - span)
+        if all(_is_free(port) for port in range(base, base + span)):
+            return base
+    raise RuntimeError(f"no {span} free consecutive ports in {low}..{low + slice_span}")

@@ -740,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         return broker_bench.main(rest)
     if suite.suite == "fleet":
         # fleet scale (bench/fleet.py): a scenario, then its flags, e.g. `ramp --devices N`
-        from bench import fleet
+        from bench import fleet  # noqa: PLC0415 (it imports this module)
 
         return fleet.main(rest)
     args = parse_args(rest)

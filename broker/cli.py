@@ -1,6 +1,8 @@
 """The ``broker`` command: ``broker -p 1883`` (anonymous node, as ``mosquitto -p``) or
 ``broker -c FILE`` (a TOML config, see :mod:`broker.config`). ``-v`` logs at debug level.
-SIGTERM and SIGINT stop the node cleanly (5.0 clients get DISCONNECT 0x8B)."""
+SIGTERM and SIGINT stop the node cleanly (5.0 clients get DISCONNECT 0x8B). Under systemd
+(``Type=notify``, packaging/broker@.service) it says READY=1 once it serves and STOPPING=1
+when it stops, with STATUS= lines (lb.sd_notify)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
 from broker.node import BrokerServer
 from lb.pem import TLSFileError
+from lb.sd_notify import Notifier
 
 __all__ = ["main"]
 
@@ -34,17 +37,20 @@ def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _run(config: BrokerConfig) -> None:
+async def _run(config: BrokerConfig, notifier: Notifier) -> None:
     server = BrokerServer(config)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+    listeners = ", ".join(f"{listener.host}:{listener.port}" for listener in config.listeners)
+    notifier.ready(f"node {config.node_name}: MQTT on {listeners}")
     try:
         await stop.wait()
     finally:
         logging.getLogger(__name__).info("stopping")
+        notifier.stopping(f"node {config.node_name}: stopping")
         await server.stop()
 
 
@@ -69,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker: cannot start: {problem}", file=sys.stderr)
     if problems:
         return 1
+    notifier = Notifier.from_environment()
     try:
-        uvloop.run(_run(config))
+        uvloop.run(_run(config, notifier))
     except (OSError, ClusterError, TLSFileError, ssl.SSLError) as error:
         print(f"broker: cannot start: {error}", file=sys.stderr)
+        notifier.status(f"cannot start: {error}")
         return 1
     except ConfigError as error:
         # Files the config names (policy_file, password_file) are read as the node starts.

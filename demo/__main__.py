@@ -10,6 +10,9 @@
 4. A summary: the devices each node holds with the address and CN it learned from the PROXY
    header, the messages, and each refusal with the reason from lb's own log line.
 
+Every port is checked before anything starts; a taken one is named with the process that
+holds it, and ``--base-port PORT`` (or ``auto``) moves the whole topology to free ports.
+
 Every process it started is stopped at the end (also on Ctrl-C), unless ``--keep``, which
 prints how to talk to the cluster by hand and how to stop it (``python -m demo --stop``).
 Exit code: 0 when the summary is all good, 1 when something in it is wrong, 2 when the
@@ -23,7 +26,6 @@ import functools
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,8 +36,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from demo import processes, summary, topology
+from demo import ports, processes, summary, topology
 from demo.processes import Child
+from demo.topology import Layout
 
 READY_TIMEOUT = 15.0
 CLUSTER_TIMEOUT = 15.0
@@ -66,26 +69,6 @@ def say(message: str) -> None:
 
 def out_dir() -> Path:
     return topology.ROOT / topology.OUT_DIR
-
-
-def needed_ports() -> list[int]:
-    ports = [topology.LB_PORT]
-    for node in topology.NODES:
-        ports += [node.mqtt_port, node.admin_port, node.cluster_port]
-    return ports
-
-
-def busy_ports() -> list[int]:
-    busy = []
-    for port in needed_ports():
-        with socket.socket() as probe:
-            # As a server binds: connections in TIME_WAIT do not make a port busy.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((topology.LOCAL_HOST, port))
-            except OSError:
-                busy.append(port)
-    return busy
 
 
 def http_json(url: str) -> Any:
@@ -138,20 +121,20 @@ def cluster_members(node: topology.Node) -> dict[str, str]:
     return states
 
 
-def cluster_formed() -> bool:
-    for node in topology.NODES:
+def cluster_formed(where: Layout) -> bool:
+    for node in where.nodes:
         members = cluster_members(node)
-        for other in topology.NODES:
+        for other in where.nodes:
             if other is not node and members.get(other.name) != CLUSTER_LINK_UP:
                 return False
     return True
 
 
-def cluster_report() -> str:
+def cluster_report(where: Layout) -> str:
     return "; ".join(
         f"{node.name} sees "
         + (", ".join(f"{name} {state}" for name, state in cluster_members(node).items()) or "none")
-        for node in topology.NODES
+        for node in where.nodes
     )
 
 
@@ -172,10 +155,10 @@ def server_states(lb: Child) -> dict[str, str]:
     return states
 
 
-def start_topology(children: list[Child]) -> None:
+def start_topology(children: list[Child], where: Layout) -> None:
     out = out_dir()
     brokers: list[Child] = []
-    for node in topology.NODES:
+    for node in where.nodes:
         child = processes.start(node.name, topology.broker_command(node), out)
         children.append(child)
         brokers.append(child)
@@ -183,7 +166,7 @@ def start_topology(children: list[Child]) -> None:
             f"{node.name}: {' '.join(child.command)} (pid {child.pid}; mqtt :{node.mqtt_port} "
             f"with PROXY v2, admin :{node.admin_port}, cluster :{node.cluster_port} mTLS)"
         )
-    for node in topology.NODES:
+    for node in where.nodes:
         wait_for(
             f"{node.name}'s admin endpoint",
             functools.partial(admin_answers, node),
@@ -191,23 +174,26 @@ def start_topology(children: list[Child]) -> None:
             READY_TIMEOUT,
         )
     try:
-        seconds = wait_for("the cluster", cluster_formed, brokers, CLUSTER_TIMEOUT)
+        seconds = wait_for(
+            "the cluster", functools.partial(cluster_formed, where), brokers, CLUSTER_TIMEOUT
+        )
     except StartupError as error:
-        raise StartupError(f"{error} ({cluster_report()})") from None
-    say(f"cluster formed in {seconds:.1f}s: every node has a mutual TLS link to the other two")
-    lb = processes.start("lb", topology.lb_command(), out)
+        raise StartupError(f"{error} ({cluster_report(where)})") from None
+    say(f"cluster formed in {seconds:.1f}s: every node has a mutual TLS link to the others")
+    lb = processes.start("lb", topology.lb_command(where.lb_config), out)
     children.append(lb)
     say(
         f"lb: {' '.join(lb.command)} (pid {lb.pid}; "
-        f"devices connect to {topology.LOCAL_HOST}:{topology.LB_PORT})"
+        f"devices connect to {topology.LOCAL_HOST}:{where.lb_port}, "
+        f"/metrics on {topology.LOCAL_HOST}:{where.prometheus_port})"
     )
     wait_for(
-        f"lb listening on {topology.LOCAL_HOST}:{topology.LB_PORT}",
+        f"lb listening on {topology.LOCAL_HOST}:{where.lb_port}",
         lambda: any(LISTENING_LINE in line for line in read_log(lb)),
         [lb, *brokers],
         READY_TIMEOUT,
     )
-    names = [node.server for node in topology.NODES]
+    names = [node.server for node in where.nodes]
     wait_for(
         "lb's health checks (no server DOWN)",
         lambda: all(server_states(lb).get(name, "UP") == "UP" for name in names),
@@ -231,8 +217,10 @@ def lb_refusal_reasons(lb: Child, refusals: Sequence[dict[str, Any]]) -> dict[st
         time.sleep(POLL_INTERVAL)
 
 
-def run_devices(children: list[Child], devices: int, messages: int) -> dict[str, Any]:
-    command = topology.local_commands(devices, messages)["devices"]
+def run_devices(
+    children: list[Child], devices: int, messages: int, where: Layout
+) -> dict[str, Any]:
+    command = topology.local_commands(devices, messages, where)["devices"]
     report_path = topology.ROOT / topology.DEVICES_REPORT
     report_path.unlink(missing_ok=True)
     child = processes.start("devices", command, out_dir())
@@ -251,21 +239,21 @@ def run_devices(children: list[Child], devices: int, messages: int) -> dict[str,
     return report
 
 
-def node_notes() -> dict[str, str]:
+def node_notes(where: Layout) -> dict[str, str]:
     return {
         node.name: f"lb server {node.server} -> {topology.LOCAL_HOST}:{node.mqtt_port}"
-        for node in topology.NODES
+        for node in where.nodes
     }
 
 
-def keep_instructions(children: Sequence[Child]) -> list[str]:
+def keep_instructions(children: Sequence[Child], where: Layout) -> list[str]:
     certs = topology.CERTS_DIR
     tls = f"--cafile {certs}/{topology.ROOT_CA}.pem"
 
     def device(name: str) -> str:
         return f"--cert {certs}/{name}.pem --key {certs}/{name}-key.pem -i {name}"
 
-    endpoint = f"-h {topology.LOCAL_HOST} -p {topology.LB_PORT}"
+    endpoint = f"-h {topology.LOCAL_HOST} -p {where.lb_port}"
     first, second = topology.device_name(1), topology.device_name(2)
     return [
         f"The cluster keeps running ({', '.join(f'{c.name} pid {c.pid}' for c in children)}).",
@@ -278,8 +266,9 @@ def keep_instructions(children: Sequence[Child]) -> list[str]:
         "What each node holds (address and CN from the PROXY header):",
         *(
             f"  curl http://{topology.LOCAL_HOST}:{node.admin_port}/api/clients   # {node.name}"
-            for node in topology.NODES
+            for node in where.nodes
         ),
+        f"lb's metrics: curl http://{topology.LOCAL_HOST}:{where.prometheus_port}/metrics",
         f"Logs: {topology.OUT_DIR}/*.log",
         "Stop it: ./dev demo --stop   (or: .venv/bin/python -m demo --stop)",
     ]
@@ -299,6 +288,17 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--devices", type=int, default=None, help="simulated devices")
     parser.add_argument("--messages", type=int, default=None, help="messages per device")
+    parser.add_argument(
+        "--base-port",
+        type=_base_port,
+        default=None,
+        metavar="PORT|auto",
+        help=(
+            "move every port into PORT..PORT+39 (lb PORT, /metrics PORT+1, node N: mqtt "
+            "PORT+10+N, admin PORT+20+N, cluster PORT+30+N); auto picks a free block. "
+            "Default: the seed's ports (8091, 1883-1885, ...)"
+        ),
+    )
     arguments = parser.parse_args(argv)
     if arguments.devices is None:
         arguments.devices = topology.FAST_DEVICES if arguments.fast else topology.DEFAULT_DEVICES
@@ -309,6 +309,17 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     if arguments.messages < 1:
         parser.error("--messages must be at least 1")
     return arguments
+
+
+def _base_port(value: str) -> int:
+    if value == "auto":
+        return ports.free_base_port()
+    try:
+        base = int(value)
+        topology.layout(base)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return base
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -335,28 +346,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     children: list[Child] = []
     keep = False
+    where = topology.layout(arguments.base_port)
     try:
-        busy = busy_ports()
-        if busy:
+        taken = ports.busy(where.ports())
+        if taken:
             hint = ""
             if (out_dir() / processes.PIDS_FILE).exists():
-                hint = " (a --keep run is still up? ./dev demo --stop ends it)"
-            raise StartupError(f"port(s) in use on {topology.LOCAL_HOST}: {busy}{hint}")
+                hint = "A --keep run is still up? ./dev demo --stop ends it. "
+            raise StartupError(hint + ports.taken_message(where, taken))
+        if where.base_port is not None:
+            ports.write_moved_configs(where)
+            say(
+                f"ports from {where.base_port}: lb {where.lb_port}, /metrics "
+                f"{where.prometheus_port}, "
+                + ", ".join(
+                    f"{node.name} mqtt {node.mqtt_port} admin {node.admin_port} "
+                    f"cluster {node.cluster_port}"
+                    for node in where.nodes
+                )
+                + f" (configs in {topology.MOVED_CONFIG_DIR}/)"
+            )
         make_pki(children)
-        start_topology(children)
+        start_topology(children, where)
         say(f"ready in {time.monotonic() - started:.1f}s")
-        report = run_devices(children, arguments.devices, arguments.messages)
+        report = run_devices(children, arguments.devices, arguments.messages, where)
         lb = next(child for child in children if child.name == "lb")
         reasons = lb_refusal_reasons(lb, report["refusals"])
         print()
-        for line in summary.render(report, reasons, node_notes()):
+        for line in summary.render(report, reasons, node_notes(where)):
             print(line)
         print()
         ok = not summary.problems(report, reasons)
         keep = arguments.keep
         if keep:
             path = processes.save([c for c in children if c.alive()], out_dir())
-            for line in keep_instructions([c for c in children if c.alive()]):
+            for line in keep_instructions([c for c in children if c.alive()], where):
                 print(line)
             say(f"pids in {path.relative_to(topology.ROOT)}")
         say(f"done in {time.monotonic() - started:.1f}s")

@@ -26,7 +26,6 @@ from lb.pki.certs import PKIError, load_certs, load_crls
 from lb.pki.cli import main as lb_pki
 from lb.pki.verify import Purpose, Reason, verify_chain
 
-NODE_COUNT = len(topology.NODES)
 SERVER_IPS = ("127.0.0.1",)
 SERVER_DNS = ("localhost",)
 
@@ -35,8 +34,14 @@ def _pair(directory: Path, name: str) -> list[Path]:
     return [directory / f"{name}.pem", directory / f"{name}-key.pem"]
 
 
-def problems(directory: Path, devices: int, dns_names: Sequence[str]) -> list[str]:
+def problems(
+    directory: Path,
+    devices: int,
+    dns_names: Sequence[str],
+    node_count: int = topology.DEFAULT_NODES,
+) -> list[str]:
     """Why the PKI in ``directory`` cannot be reused; empty when it can."""
+    members = topology.nodes(node_count)
     required = [directory / topology.SERVER_ALLINONE, directory / topology.CRL]
     for name in (
         topology.ROOT_CA,
@@ -44,7 +49,7 @@ def problems(directory: Path, devices: int, dns_names: Sequence[str]) -> list[st
         topology.REVOKED_DEVICE,
         topology.ROGUE_DEVICE,
         *(topology.device_name(number) for number in range(1, devices + 1)),
-        *(node.certificate for node in topology.NODES),
+        *(node.certificate for node in members),
     ):
         required += _pair(directory, name)
     missing = [path.name for path in required if not path.is_file()]
@@ -86,7 +91,7 @@ def problems(directory: Path, devices: int, dns_names: Sequence[str]) -> list[st
             name = f"{topology.device_name(number)}.pem"
             if reasons := refusals(name, "client"):
                 found.append(f"{name}: {', '.join(sorted(reasons))}")
-        for node in topology.NODES:
+        for node in members:
             name = f"{node.certificate}.pem"
             if reasons := refusals(name, "any"):
                 found.append(f"{name}: {', '.join(sorted(reasons))}")
@@ -99,10 +104,15 @@ def problems(directory: Path, devices: int, dns_names: Sequence[str]) -> list[st
     return found
 
 
-def make(directory: Path, devices: int, dns_names: Sequence[str]) -> tuple[int, str]:
+def make(
+    directory: Path,
+    devices: int,
+    dns_names: Sequence[str],
+    node_count: int = topology.DEFAULT_NODES,
+) -> tuple[int, str]:
     """Run ``lb-pki demo --force`` into ``directory``: (exit code, its last line of output)."""
     arguments = ["demo", "--dir", str(directory), "--force", "--devices", str(devices)]
-    arguments += ["--nodes", str(NODE_COUNT)]
+    arguments += ["--nodes", str(node_count)]
     for dns_name in dns_names:
         arguments += ["--dns", dns_name]
     output = io.StringIO()
@@ -118,15 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dir", default=topology.CERTS_DIR)
     parser.add_argument("--devices", type=int, default=topology.PKI_DEVICES)
+    parser.add_argument("--nodes", type=int, default=topology.DEFAULT_NODES, help="node certs")
     parser.add_argument("--dns", action="append", default=[], help="server SAN DNS name")
     args = parser.parse_args(argv)
+    if not 1 <= args.nodes <= topology.MAX_NODES:
+        parser.error(f"--nodes must be 1..{topology.MAX_NODES}")
     directory = Path(args.dir)
-    found = problems(directory, args.devices, args.dns)
+    found = problems(directory, args.devices, args.dns, args.nodes)
     if not found:
         print(f"PKI in {directory}: present and valid, reused")
         return 0
     print(f"PKI in {directory}: {found[0]}{' ...' if len(found) > 1 else ''}; making it anew")
-    code, last = make(directory, args.devices, args.dns)
+    code, last = make(directory, args.devices, args.dns, args.nodes)
     if code != 0:
         return code
     print(last)

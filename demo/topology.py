@@ -10,12 +10,16 @@ configs/haproxy.cfg and configs/broker-N.toml say the same as this module.
 Paths are relative to the repository root (the working directory of every process here, and
 ``/app`` in the image). Commands name programs as a shell would (``python``, ``lb``,
 ``broker``); the local demo resolves them in the virtualenv it runs from.
+
+The seed's ports are the default. ``./dev demo --base-port B`` moves every port into a block
+from B (a :class:`Layout`, with the configs rewritten under demo/out/configs/), and
+``python -m demo.compose --nodes N`` makes a compose file for N nodes (:func:`nodes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +32,9 @@ LB_CONFIG = "configs/haproxy.cfg"
 LOCAL_HOST = "127.0.0.1"
 LB_HOST = "lb"  # the lb container's name; also a DNS SAN of the server certificate
 LB_PORT = 8091  # seed 004: bind *:8091 ssl crt server-allinone.pem ...
+PROMETHEUS_PORT = 8405  # lb's /metrics on loopback (HAProxy's usual port); the health check
 PUBLISHED_PORT = 8883  # the MQTT over TLS port (seed 000), published by the lb container
+PUBLISHED_PORT_VARIABLE = "LB_PUBLISHED_PORT"  # docker-compose.yml: "${LB_PUBLISHED_PORT:-8883}"
 LB_FRONTEND = "emqx-tls"
 LB_BACKEND = "emqx-backend"
 
@@ -41,6 +47,7 @@ ROGUE_DEVICE = "rogue-device-0001"  # device-0001's id, signed by a CA nobody tr
 PKI_DEVICES = 24  # device-0001 .. device-0024 made by lb-pki demo
 SERVER_DNS = (LB_HOST,)  # SANs beyond localhost and 127.0.0.1, for the containers
 
+DEFAULT_NODES = 3
 DEFAULT_DEVICES = 24
 DEFAULT_MESSAGES = 5
 FAST_DEVICES = 20
@@ -51,6 +58,11 @@ FAST_MESSAGES = 2
 DOCKER_WORKDIR = "/app"
 DOCKER_NETWORK_SUBNET = "172.28.0.0/24"
 DOCKER_LB_ADDRESS = "172.28.0.10"
+# An image built from this repository's Dockerfile; BASE_IMAGE is its FROM (python:3.11-slim
+# by default, or the one packaging/image.py makes from Debian's packages).
+DOCKER_IMAGE = "iot-edge-lb:demo"
+BASE_IMAGE_VARIABLE = "BASE_IMAGE"
+DEFAULT_BASE_IMAGE = "python:3.11-slim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +82,16 @@ class Node:
         return docker_config(self.config)
 
 
-#: lb's server names for the seed's three nodes (seed 004's backend); a fourth node and on
-#: are emqx-N.
+# seed 004's server names (after the nodes' addresses); nodes past the third get emqx-N.
 SEED_SERVERS = ("emqx-165", "emqx-171", "emqx-172")
+MQTT_PORT_BASE = 1882  # node N: 1882 + N (1883, 1884, 1885)
+ADMIN_PORT_BASE = 18082  # node N: 18082 + N
+CLUSTER_PORT_BASE = 5370  # seed 002: cluster RPC on 5370 + N
+MAX_NODES = 9  # ports stay in their decade, and a --base-port block stays 40 wide
+
+
 CLUSTER_NAME = "mqtt-cluster"
 CLUSTER_COOKIE = "change-me-shared-cluster-cookie"
-MQTT_PORT_BASE = 1883
-ADMIN_PORT_BASE = 18083
-CLUSTER_PORT_BASE = 5371  # seed 002: 5370 + N
 
 
 def node(
@@ -86,25 +100,80 @@ def node(
     admin_port: int | None = None,
     cluster_port: int | None = None,
 ) -> Node:
-    """Broker node `number` (1-based); ports default to the demo's (1883 + N - 1, ...)."""
+    """Broker node ``number`` (from 1) on the seed's ports, or on the ports given (bench/fleet.py
+    takes free ones)."""
+    if not 1 <= number <= MAX_NODES:
+        raise ValueError(f"node {number}: the topology has nodes 1..{MAX_NODES}")
     server = SEED_SERVERS[number - 1] if number <= len(SEED_SERVERS) else f"emqx-{number}"
     return Node(
-        f"broker-{number}",
-        f"configs/broker-{number}.toml",
-        mqtt_port if mqtt_port is not None else MQTT_PORT_BASE + number - 1,
-        admin_port if admin_port is not None else ADMIN_PORT_BASE + number - 1,
-        cluster_port if cluster_port is not None else CLUSTER_PORT_BASE + number - 1,
-        server,
-        f"node-{number}",
+        name=f"broker-{number}",
+        config=f"configs/broker-{number}.toml",
+        mqtt_port=MQTT_PORT_BASE + number if mqtt_port is None else mqtt_port,
+        admin_port=ADMIN_PORT_BASE + number if admin_port is None else admin_port,
+        cluster_port=CLUSTER_PORT_BASE + number if cluster_port is None else cluster_port,
+        server=server,
+        certificate=f"node-{number}",
     )
 
 
-def nodes(count: int) -> tuple[Node, ...]:
-    """`count` nodes on the demo's ports (bench/fleet.py makes its own with free ports)."""
+def nodes(count: int = DEFAULT_NODES) -> tuple[Node, ...]:
     return tuple(node(number) for number in range(1, count + 1))
 
 
-NODES: tuple[Node, ...] = nodes(3)
+NODES: tuple[Node, ...] = nodes()
+
+
+# -- where the local demo listens ---------------------------------------------------------------
+
+MOVED_CONFIG_DIR = f"{OUT_DIR}/configs"  # the configs of a --base-port run
+BASE_PORT_SPAN = 40  # B: lb, B+1: /metrics, B+10+N: mqtt, B+20+N: admin, B+30+N: cluster
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The ports of one local run and the config files that say them."""
+
+    lb_port: int
+    prometheus_port: int
+    nodes: tuple[Node, ...]
+    lb_config: str
+    base_port: int | None = None  # None: the seed's ports and the configs/ files as they are
+
+    def ports(self) -> list[int]:
+        ports = [self.lb_port, self.prometheus_port]
+        for member in self.nodes:
+            ports += [member.mqtt_port, member.admin_port, member.cluster_port]
+        return ports
+
+    def moved_ports(self) -> dict[int, int]:
+        """Each port of the seed's layout -> this layout's port for the same listener."""
+        seed = [LB_PORT, PROMETHEUS_PORT]
+        for member in nodes(len(self.nodes)):
+            seed += [member.mqtt_port, member.admin_port, member.cluster_port]
+        return dict(zip(seed, self.ports(), strict=True))
+
+
+SEED_LAYOUT = Layout(LB_PORT, PROMETHEUS_PORT, NODES, LB_CONFIG)
+
+
+def layout(base_port: int | None = None, count: int = DEFAULT_NODES) -> Layout:
+    """The seed's layout, or every port moved into ``base_port .. base_port + 39``."""
+    if base_port is None:
+        return SEED_LAYOUT if count == len(NODES) else replace(SEED_LAYOUT, nodes=nodes(count))
+    if not 1024 <= base_port <= 65535 - BASE_PORT_SPAN:
+        raise ValueError(f"--base-port {base_port}: must be 1024..{65535 - BASE_PORT_SPAN}")
+    moved = tuple(
+        replace(
+            member,
+            config=f"{MOVED_CONFIG_DIR}/{Path(member.config).name}",
+            mqtt_port=base_port + 10 + number,
+            admin_port=base_port + 20 + number,
+            cluster_port=base_port + 30 + number,
+        )
+        for number, member in enumerate(nodes(count), start=1)
+    )
+    config = f"{MOVED_CONFIG_DIR}/{Path(LB_CONFIG).name}"
+    return Layout(base_port, base_port + 1, moved, config, base_port)
 
 
 def broker_config(
@@ -114,17 +183,29 @@ def broker_config(
     certs: str = "certs",
     host: str = LOCAL_HOST,
     max_connections: int = 500_000,
+    trusted: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+    peer_host: Callable[[Node], str] | None = None,
+    header: str | None = None,
 ) -> str:
     """The TOML of one node of a cluster of `members` (configs/broker-N.toml for NODES):
-    MQTT with PROXY protocol from 127.0.0.0/8, the cluster over mutual TLS, the admin API.
-    `certs` is where the node certificates are, relative to the file or absolute."""
+    MQTT with PROXY protocol from `trusted`, the cluster over mutual TLS, the admin API, all
+    bound on `host`. `certs` is where the node certificates are, relative to the file or
+    absolute; peers are dialled at `peer_host(peer)` (default: `host`). demo/compose.py makes
+    the container variant with other addresses and its own `header` comment."""
     number = member.certificate.rsplit("-", 1)[1]
     peers = ", ".join(
-        f'"{other.name}@{host}:{other.cluster_port}"' for other in members if other != member
+        f'"{other.name}@{peer_host(other) if peer_host else host}:{other.cluster_port}"'
+        for other in members
+        if other != member
     )
-    return f"""# Broker node {number} of a {len(members)}-node cluster behind lb (demo/topology.py)
-# (seed 004: proxy_protocol = true, max_connections; seed 002: cluster RPC over mutual TLS).
-
+    if header is None:
+        header = (
+            f"# Broker node {number} of a {len(members)}-node cluster behind lb "
+            "(demo/topology.py)\n# (seed 004: proxy_protocol = true, max_connections; "
+            "seed 002: cluster RPC over mutual TLS).\n"
+        )
+    trusted_list = ", ".join(f'"{network}"' for network in trusted)
+    return f"""{header}
 [node]
 name = "{member.name}"
 cookie = "{CLUSTER_COOKIE}"
@@ -144,7 +225,7 @@ bind = "{host}:{member.mqtt_port}"
 max_connections = {max_connections}
 proxy_protocol = true
 proxy_protocol_timeout = "3s"
-proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
+proxy_protocol_trusted = [{trusted_list}]
 peer_cert_as_username = "cn"
 
 [cluster]
@@ -178,9 +259,11 @@ def device_name(number: int) -> str:
     return f"device-{number:04d}"
 
 
-def pki_command() -> tuple[str, ...]:
+def pki_command(devices: int = PKI_DEVICES, count: int = DEFAULT_NODES) -> tuple[str, ...]:
     """Reuse the PKI in CERTS_DIR if it is complete and valid, else make it with lb-pki demo."""
-    command = ["python", "-m", "demo.pki", "--dir", CERTS_DIR, "--devices", str(PKI_DEVICES)]
+    command = ["python", "-m", "demo.pki", "--dir", CERTS_DIR, "--devices", str(devices)]
+    if count != DEFAULT_NODES:
+        command += ["--nodes", str(count)]
     for name in SERVER_DNS:
         command += ["--dns", name]
     return tuple(command)
@@ -199,8 +282,10 @@ def devices_command(
     admin_hosts: Sequence[str],
     devices: int = DEFAULT_DEVICES,
     messages: int = DEFAULT_MESSAGES,
+    port: int = LB_PORT,
+    members: Sequence[Node] = NODES,
 ) -> tuple[str, ...]:
-    """The device simulator: ``admin_hosts[i]`` is where NODES[i]'s admin endpoint answers."""
+    """The device simulator: ``admin_hosts[i]`` is where members[i]'s admin endpoint answers."""
     command = [
         "python",
         "-m",
@@ -208,7 +293,7 @@ def devices_command(
         "--host",
         host,
         "--port",
-        str(LB_PORT),
+        str(port),
         "--certs",
         CERTS_DIR,
         "--devices",
@@ -218,40 +303,58 @@ def devices_command(
         "--report",
         DEVICES_REPORT,
     ]
-    for node, admin_host in zip(NODES, admin_hosts, strict=True):
-        command += ["--admin", f"{node.name}={admin_host}:{node.admin_port}"]
+    for member, admin_host in zip(members, admin_hosts, strict=True):
+        command += ["--admin", f"{member.name}={admin_host}:{member.admin_port}"]
     return tuple(command)
 
 
 def local_commands(
-    devices: int = DEFAULT_DEVICES, messages: int = DEFAULT_MESSAGES
+    devices: int = DEFAULT_DEVICES,
+    messages: int = DEFAULT_MESSAGES,
+    where: Layout = SEED_LAYOUT,
 ) -> dict[str, tuple[str, ...]]:
     """Every command the local demo runs, by the name of its process (= compose service)."""
     commands = {"pki": pki_command()}
-    commands.update({node.name: broker_command(node) for node in NODES})
-    commands["lb"] = lb_command()
-    commands["devices"] = devices_command(LOCAL_HOST, [LOCAL_HOST] * len(NODES), devices, messages)
+    commands.update({member.name: broker_command(member) for member in where.nodes})
+    commands["lb"] = lb_command(where.lb_config)
+    commands["devices"] = devices_command(
+        LOCAL_HOST,
+        [LOCAL_HOST] * len(where.nodes),
+        devices,
+        messages,
+        where.lb_port,
+        where.nodes,
+    )
     return commands
 
 
-def docker_commands() -> dict[str, tuple[str, ...]]:
+def docker_commands(
+    count: int = DEFAULT_NODES,
+    devices: int = DEFAULT_DEVICES,
+    messages: int = DEFAULT_MESSAGES,
+) -> dict[str, tuple[str, ...]]:
     """The same commands as docker-compose.yml runs them (service names for hosts)."""
-    commands = {"pki": pki_command()}
-    commands.update({node.name: broker_command(node, node.docker_config) for node in NODES})
+    members = nodes(count)
+    commands = {"pki": pki_command(max(devices, PKI_DEVICES), count)}
+    commands.update(
+        {member.name: broker_command(member, member.docker_config) for member in members}
+    )
     commands["lb"] = lb_command(docker_config(LB_CONFIG))
-    commands["devices"] = devices_command(LB_HOST, [node.name for node in NODES])
+    commands["devices"] = devices_command(
+        LB_HOST, [member.name for member in members], devices, messages, LB_PORT, members
+    )
     return commands
 
 
 def docker_host_to_local(host: str) -> str:
     """A compose service name as the local demo spells it (everything runs on 127.0.0.1)."""
-    if host == LB_HOST or host in {node.name for node in NODES}:
+    if host == LB_HOST or host in {node(number).name for number in range(1, MAX_NODES + 1)}:
         return LOCAL_HOST
     return host
 
 
 def docker_config_to_local(path: str) -> str:
-    for local in (LB_CONFIG, *(node.config for node in NODES)):
+    for local in (LB_CONFIG, *(member.config for member in nodes(MAX_NODES))):
         if path == docker_config(local):
             return local
     return path

@@ -1,11 +1,12 @@
-"""The `lb` command, with HAProxy's flags: -f FILE (repeatable), -c (check), -db, -W, -p
+"""The `lb` command, with HAProxy's flags: -f FILE (repeatable), -c (check), -db, -W, -Ws, -p
 PIDFILE, -sf/-st PID..., -V/-q, -dW (zero warning).
 
 `lb -f FILE` runs a master and `nbthread` workers (lb.workers: SIGUSR2/SIGHUP reload,
 SIGUSR1 soft stop, SIGTERM stop). As with HAProxy, `-db` runs one process in the foreground
 without a master (unless `-W` asks for one); that process soft-stops on SIGUSR1 and stops on
 SIGTERM too. `-sf PID...` / `-st PID...` tell a previous lb to finish (SIGUSR1) or stop
-(SIGTERM) once this one listens (its sockets use SO_REUSEPORT so both can bind)."""
+(SIGTERM) once this one listens (its sockets use SO_REUSEPORT so both can bind). `-Ws` is
+the master with systemd's notify protocol (lb.sd_notify), for `Type=notify` units."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from lb.config import Diagnostic, load_config
 from lb.config.errors import format_report
 from lb.config.model import Config
 from lb.process import serve
+from lb.sd_notify import Notifier
 from lb.tls import bind_tls, check_bind_files
 from lb.workers import Master, signal_old_processes
 
@@ -67,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("-db", dest="foreground", action="store_true", help="foreground (default)")
     parser.add_argument("-p", dest="pidfile", help="write the pid to this file")
     parser.add_argument("-W", dest="master_worker", action="store_true", help="master-worker")
+    parser.add_argument(
+        "-Ws", dest="systemd", action="store_true", help="master-worker, notifying systemd"
+    )
     parser.add_argument(
         "-sf",
         dest="finish_pids",
@@ -118,11 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_pids = [(pid, signal.SIGUSR1) for pid in args.finish_pids] + [
         (pid, signal.SIGTERM) for pid in args.terminate_pids
     ]
-    if args.foreground and not args.master_worker:
+    if args.foreground and not (args.master_worker or args.systemd):
         if pidfile:
             Path(pidfile).write_text(f"{os.getpid()}\n")
         return serve(config, old_pids=old_pids)
-    master = Master(args.files, config, check, pidfile=pidfile)
+    notifier = Notifier.from_environment() if args.systemd else Notifier(None)
+    master = Master(args.files, config, check, pidfile=pidfile, notifier=notifier)
     for pid, signum in old_pids:
         signal_old_processes([pid], signum)
     return master.run()

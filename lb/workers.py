@@ -18,6 +18,10 @@ Signals to the master:
 - SIGUSR1: soft stop of every worker; the master exits when the last one has.
 - SIGTERM / SIGINT: every worker stops now; the master exits.
 
+Under systemd (`lb -Ws`, lb.sd_notify) the master says READY=1 once its workers accept,
+RELOADING=1 when a reload starts and READY=1 when it is over (done or refused), STOPPING=1
+on a stop, and a STATUS= line with each.
+
 A worker that dies unexpectedly is replaced. A worker notices that its master is gone
 (the control socket reaches EOF) and soft-stops.
 
@@ -59,6 +63,7 @@ from lb.control_codec import (
 from lb.frontend import open_listening_socket
 from lb.process import STATS_SOCKET_KEY, serve
 from lb.runtime_api import open_stats_socket
+from lb.sd_notify import Notifier
 
 logger = logging.getLogger(__name__)
 
@@ -202,8 +207,10 @@ class Master:
         checker: Checker,
         *,
         pidfile: str | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.paths = list(paths)
+        self.notifier = notifier or Notifier(None)
         self.config = config
         self.checker = checker
         self.pidfile = pidfile
@@ -525,8 +532,20 @@ class Master:
 
     # -- reload and stop ------------------------------------------------------------------------
 
+    def _serving(self) -> str:
+        finishing = sum(1 for w in self.workers.values() if w.stopping_since is not None)
+        text = f"serving: {len(self._current())} worker(s), generation {self.generation}"
+        return text + (f"; {finishing} old worker(s) finishing" if finishing else "")
+
     def reload(self) -> bool:
         """Re-read the configuration; start new workers, then soft-stop the old ones."""
+        self.notifier.reloading(f"reloading {', '.join(self.paths)}")
+        done = self._reload()
+        failed = "" if done else "reload failed, see the log; the previous configuration: "
+        self.notifier.ready(failed + self._serving())
+        return done
+
+    def _reload(self) -> bool:
         logger.warning("reloading: checking %s", ", ".join(self.paths))
         config, diagnostics = self.checker(self.paths)
         stderr, _stdout, code = format_report(diagnostics, os.getpid())
@@ -593,13 +612,16 @@ class Master:
             sockets = self.pool.for_config(self.config)
         except OSError as error:
             logger.error("cannot listen: %s", error)
+            self.notifier.status(f"cannot listen: {error}")
             return 1
         self._spawn_generation(self.config, sockets, lead=True)
         if not self._wait_ready(self._current(), READY_TIMEOUT):
             logger.error("workers did not start")
+            self.notifier.status("workers did not start, see the log")
             self._signal_workers(list(self.workers.values()), signal.SIGKILL)
             return 1
         logger.info("master %d ready, %d worker(s)", os.getpid(), len(self.workers))
+        self.notifier.ready(self._serving())
         kill_deadline: float | None = None
         while True:
             self._poll(IDLE_POLL)
@@ -611,6 +633,7 @@ class Master:
                     self.reload()
                 elif signum == signal.SIGUSR1 and self.stopping is None:
                     logger.warning("soft stop: workers finish their sessions")
+                    self.notifier.stopping("soft stop: workers finish their sessions")
                     self.stopping = "soft"
                     now = time.monotonic()
                     for worker in self.workers.values():
@@ -619,6 +642,7 @@ class Master:
                     self.pool.close()
                 elif signum in (signal.SIGTERM, signal.SIGINT) and self.stopping != "hard":
                     logger.warning("stopping")
+                    self.notifier.stopping("stopping")
                     self.stopping = "hard"
                     self._signal_workers(list(self.workers.values()), signal.SIGTERM)
                     self.pool.close()

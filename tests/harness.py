@@ -25,6 +25,7 @@ from lb.proxyproto import NEED_DATA, ProxyHeader, ProxyProtocolDecoder, ProxyPro
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+APT_TIMEOUT = 600.0
 
 
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
@@ -37,6 +38,35 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
             time.sleep(0.02)
+
+
+def apt_install(*packages: str) -> str | None:
+    """Install Debian packages as ./dev setup does; None when done, else why not."""
+    if os.geteuid() != 0:
+        return f"not root: cannot apt-get install {' '.join(packages)}"
+    if shutil.which("apt-get") is None:
+        return f"no apt-get to install {' '.join(packages)}"
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=300"]
+    for command in (
+        ["apt-get", *lock, "update", "-q"],
+        ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *packages],
+    ):
+        try:
+            result = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=APT_TIMEOUT,
+                env=environment,
+            )
+        except subprocess.TimeoutExpired:
+            return f"{' '.join(command)}: no result after {APT_TIMEOUT:.0f}s"
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-3:])
+            return f"{' '.join(command)} failed: {tail}"
+    return None
 
 
 def haproxy_available() -> bool:

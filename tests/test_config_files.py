@@ -55,7 +55,9 @@ def test_seed_004_config(monkeypatch: pytest.MonkeyPatch) -> None:
     config = load_config([ROOT / "configs" / "haproxy.cfg"], environ={}).config_or_raise()
     assert config.global_.maxconn == 100000
     assert config.global_.log[0].format == "raw"
-    (frontend,) = config.frontends
+    metrics, frontend = config.frontends
+    assert (metrics.name, metrics.http_request_use_service) == ("prometheus", "prometheus-exporter")
+    assert config.global_.hard_stop_after == 20.0  # below the container's stop grace period
     assert frontend.name == "emqx-tls"
     assert frontend.default_backend == "emqx-backend"
     assert frontend.option.tcplog and frontend.log.global_

@@ -103,4 +103,5 @@ def test_seed_config_with_real_certificates(tmp_path: Path) -> None:
     ours = load_config([config], environ={})
     assert ours.diagnostics == ()
     assert ours.config is not None
-    assert ours.config.frontends[0].binds[0].crt == (str(certs / "server-allinone.pem"),)
+    (frontend,) = [f for f in ours.config.frontends if f.name == "emqx-tls"]
+    assert frontend.binds[0].crt == (str(certs / "server-allinone.pem"),)

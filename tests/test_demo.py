@@ -1,15 +1,19 @@
 """The demo end to end (``python -m demo --fast``), and the configs it runs against its topology.
 
-The demo runs the real processes on their fixed ports (configs/haproxy.cfg, configs/broker-N
-.toml): the PKI in configs/certs, three clustered broker nodes, lb, twenty devices. The test
-reads the summary it prints, as a person would: the devices each node holds with the real
-address and CN it learned from the PROXY header, every message delivered, and the revoked
-and rogue devices refused by lb with the reason from lb's own log line.
+The demo runs the real processes (configs/haproxy.cfg, configs/broker-N.toml): the PKI in
+configs/certs, three clustered broker nodes, lb, twenty devices. The test moves it to free
+ports with ``--base-port`` (the seed's 1883 or 8091 may well be taken on this machine, by
+Debian's mosquitto for one) and reads the summary it prints, as a person would: the devices
+each node holds with the real address and CN it learned from the PROXY header, every message
+delivered, and the revoked and rogue devices refused by lb with the reason from lb's own log
+line. A taken port is named, with who holds it, before anything starts.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import sys
 import tomllib
@@ -18,9 +22,9 @@ from typing import Any
 
 import pytest
 
+from bench.ports import free_port_block
 from broker.config import load_config as load_broker_config
-from demo import pki, summary, topology
-from demo.__main__ import busy_ports
+from demo import pki, ports, summary, topology
 from lb.config import load_config as load_lb_config
 
 ROOT = topology.ROOT
@@ -55,8 +59,11 @@ def demo_pki() -> Path:
 
 def test_haproxy_cfg_is_the_demo_topology() -> None:
     config = load_lb_config([ROOT / topology.LB_CONFIG], environ={}).config_or_raise()
-    (frontend,) = config.frontends
+    metrics, frontend = config.frontends
     assert frontend.name == topology.LB_FRONTEND
+    (metrics_bind,) = metrics.binds
+    assert (metrics_bind.host, metrics_bind.port) == (topology.LOCAL_HOST, topology.PROMETHEUS_PORT)
+    assert metrics.http_request_use_service == "prometheus-exporter"
     (bind,) = frontend.binds
     assert (bind.host, bind.port, bind.verify) == (
         topology.LOCAL_HOST,
@@ -134,13 +141,70 @@ def test_demo_pki_is_reused_when_valid(demo_pki: Path) -> None:
     assert pki.problems(demo_pki, topology.PKI_DEVICES + 1, topology.SERVER_DNS)
 
 
+def _run_demo(*arguments: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "demo", *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_taken_port_is_named_with_its_holder_before_anything_starts() -> None:
+    base = free_port_block(topology.BASE_PORT_SPAN)
+    where = topology.layout(base)
+    taken = where.nodes[1].mqtt_port
+    with socket.socket() as squatter:
+        squatter.bind((topology.LOCAL_HOST, taken))
+        squatter.listen()
+        result = _run_demo("--base-port", str(base), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "FAILED" in line]
+    assert f"port(s) in use on {topology.LOCAL_HOST}: {taken} (" in line
+    assert f"(pid {os.getpid()})" in line  # this test holds it
+    assert f"The demo needs {ports.ranges(where.ports())}" in line
+    assert "--base-port" in line
+    assert "stopped" not in result.stdout  # nothing was started
+
+
+def test_moved_configs_differ_in_ports_only(demo_pki: Path) -> None:
+    base = free_port_block(topology.BASE_PORT_SPAN)
+    where = topology.layout(base)
+    moved = ports.write_moved_configs(where)
+    assert [path.relative_to(ROOT).as_posix() for path in moved] == [
+        where.lb_config,
+        *(node.config for node in where.nodes),
+    ]
+    config = load_lb_config([ROOT / where.lb_config], environ={}).config_or_raise()
+    _, frontend = config.frontends
+    assert frontend.binds[0].port == where.lb_port
+    assert frontend.binds[0].crt == (
+        str(ROOT / topology.MOVED_CONFIG_DIR / "certs" / topology.SERVER_ALLINONE),
+    )
+    backend = config.backend(topology.LB_BACKEND)
+    assert [s.port for s in backend.servers] == [node.mqtt_port for node in where.nodes]
+    for node, original in zip(where.nodes, topology.NODES, strict=True):
+        broker = load_broker_config(ROOT / node.config)
+        assert broker.admin is not None and broker.admin.port == node.admin_port
+        assert broker.cluster is not None and broker.cluster.port == node.cluster_port
+        assert sorted(port for _, _, port in broker.cluster.peers) == sorted(
+            other.cluster_port for other in where.nodes if other is not node
+        )
+        text = (ROOT / node.config).read_text()
+        for seed, port in where.moved_ports().items():
+            text = text.replace(f":{port}", f":{seed}")
+        assert text == (ROOT / original.config).read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_demo_fast_mode_summary(demo_pki: Path) -> None:
-    busy = busy_ports()
-    assert not busy, f"the demo's fixed ports are in use: {busy} (a --keep demo? ./dev demo --stop)"
+    base = free_port_block(topology.BASE_PORT_SPAN)
+    where = topology.layout(base)
     result = subprocess.run(
-        [sys.executable, "-m", "demo", "--fast"],
+        [sys.executable, "-m", "demo", "--fast", "--base-port", str(base)],
         cwd=ROOT,
         capture_output=True,
         check=False,
@@ -157,7 +221,11 @@ def test_demo_fast_mode_summary(demo_pki: Path) -> None:
     for line in lines:
         if heading := NODE_HEADING.match(line):
             node = heading["node"]
-            assert f"lb server {topology.NODES[int(node[-1]) - 1].server}" in heading["note"]
+            server = where.nodes[int(node[-1]) - 1]
+            assert (
+                f"lb server {server.server} -> {topology.LOCAL_HOST}:{server.mqtt_port}"
+                in (heading["note"])
+            )
             continue
         if (device := DEVICE_LINE.match(line)) and node is not None:
             assert device["device"] not in holders, f"{device['device']} on two nodes"
@@ -165,7 +233,7 @@ def test_demo_fast_mode_summary(demo_pki: Path) -> None:
             assert device["cn"] == device["device"]
             host, port = device["address"].rsplit(":", 1)
             assert host == topology.LOCAL_HOST and 1024 <= int(port) <= 65535
-            assert int(port) not in {n.mqtt_port for n in topology.NODES}
+            assert int(port) not in {n.mqtt_port for n in where.nodes}
             assert device["sent"] == device["received"] == device["expected"]
             assert int(device["expected"]) == topology.FAST_MESSAGES
     expected_devices = {topology.device_name(n) for n in range(1, topology.FAST_DEVICES + 1)}
@@ -200,8 +268,9 @@ def test_demo_fast_mode_summary(demo_pki: Path) -> None:
         assert refusal["address"].startswith(f"{topology.LOCAL_HOST}:")
 
     assert "result: OK" in lines
+    assert f"ports from {base}: lb {where.lb_port}" in output
     assert "stopped" in lines[-1]
-    assert busy_ports() == [], "the demo left processes behind"
+    assert ports.busy(where.ports()) == [], "the demo left processes behind"
 
 
 def _report() -> dict[str, Any]:
