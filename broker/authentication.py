@@ -18,10 +18,11 @@ import binascii
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from pathlib import Path
 from typing import Final
+
+from lb.pem import FileSignature, file_signature
 
 __all__ = ["PasswordFile", "PasswordFileError", "hash_password", "verify_password"]
 
@@ -101,18 +102,11 @@ class PasswordFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.users: dict[str, str] = {}
-        self._signature: tuple[int, int] | None = None
+        self._signature: FileSignature = ()
         self._load(initial=True)
 
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            status = os.stat(self.path)
-        except OSError:
-            return None
-        return (status.st_mtime_ns, status.st_size)
-
     def _load(self, initial: bool = False) -> None:
-        signature = self._stat()
+        signature = file_signature([self.path])
         try:
             text = self.path.read_text(encoding="utf-8")
             users = parse_password_file(text, str(self.path))
@@ -131,7 +125,7 @@ class PasswordFile:
             logger.info("password file %s reloaded: %d users", self.path, len(users))
 
     def check(self, username: str | None, password: bytes | None) -> bool:
-        if self._stat() != self._signature:
+        if file_signature([self.path]) != self._signature:
             self._load()
         if username is None or password is None:
             return False

@@ -60,7 +60,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ from broker.statestore import (
     StateStoreAccess,
 )
 from broker.subjects import Subject, decode_name, normalized, parse_distinguished_name
+from lb.pem import FileSignature, file_signature
 
 __all__ = [
     "Authentication",
@@ -734,7 +734,7 @@ class ReloadResult:
 
 @dataclass(slots=True)
 class _FileState:
-    signature: tuple[int, int] | None = None
+    signature: FileSignature = ()
     text: bytes | None = None
 
 
@@ -766,22 +766,15 @@ class PolicyAuthorization:
 
     # --- policy updates ---------------------------------------------------------------------
 
-    def _signature(self) -> tuple[int, int] | None:
-        try:
-            status = os.stat(self.policy_file)
-        except OSError:
-            return None
-        return (status.st_mtime_ns, status.st_size)
-
     def _load(self) -> Policy:
-        signature = self._signature()
+        signature = file_signature([self.policy_file])
         policy, data = _read_policy(self.policy_file)
         self._file = _FileState(signature, data)
         return policy
 
     def file_changed(self) -> bool:
         """The policy file's mtime or size differs from the loaded one (cheap: one stat)."""
-        return self._signature() != self._file.signature
+        return file_signature([self.policy_file]) != self._file.signature
 
     def reload(self) -> ReloadResult:
         """Load the file again; swap the policy whole if it loads and differs."""
@@ -791,7 +784,7 @@ class PolicyAuthorization:
         except PolicyError as error:
             self.reload_failures += 1
             # Remember the broken file's signature so the poller reports it once.
-            self._file.signature = self._signature()
+            self._file.signature = file_signature([self.policy_file])
             logger.error("authorization policy not updated, keeping the old one: %s", error)
             return ReloadResult(False, str(error), len(self.policy.rules))
         if self._file.text == previous_text:

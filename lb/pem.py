@@ -239,7 +239,10 @@ def check_key_permissions(path: Path | str) -> str | None:
     return None
 
 
-def file_signature(paths: Iterable[Path | None]) -> tuple[tuple[str, int, int], ...]:
+FileSignature = tuple[tuple[str, int, int], ...]
+
+
+def file_signature(paths: Iterable[Path | None]) -> FileSignature:
     """What a reload watcher compares to decide that files changed (path, mtime_ns, size)."""
     result = []
     for path in paths:
