@@ -30,7 +30,7 @@ import select
 import socket
 import ssl
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -115,6 +115,8 @@ class CampaignOutcome:
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)
     unbounded: list[str] = field(default_factory=list)
     log_lines: dict[str, int] = field(default_factory=dict)
+    #: listener -> {logged: count} of half-closed connections the server then closed.
+    after_eof: defaultdict[str, Counter[bool]] = field(default_factory=lambda: defaultdict(Counter))
 
     @property
     def ok(self) -> bool:
@@ -137,6 +139,10 @@ class CampaignOutcome:
             "rss_kib": self.rss_kib,
             "unbounded": self.unbounded,
             "log_lines": self.log_lines,
+            "closed_after_client_eof": {
+                listener: {"logged": counts[True], "silent": counts[False]}
+                for listener, counts in sorted(self.after_eof.items())
+            },
         }
 
 
@@ -607,6 +613,12 @@ def run_campaign(
                     f"{attempt.attack} -> {attempt.target}: 127.0.0.1:{attempt.port} closed "
                     f"after {attempt.sent} bytes, no log line: {attempt.head!r}"
                 )
+            for attempt in attempts:
+                # Not a refusal (the client ended the stream), but worth knowing which
+                # listeners drop a cut packet or handshake without a word.
+                if attempt.attack == "half-close" and attempt.closed_by_server:
+                    logged = any(name in logs[attempt.target] for name in client_names(attempt))
+                    outcome.after_eof[f"{attempt.target}:{attempt.listener}"][logged] += 1
             for name, process in processes.items():
                 rss = tree_rss_kib(process.popen.pid)
                 peak[name] = max(peak[name], rss)
