@@ -478,12 +478,19 @@ def _read_policy(path: Path) -> tuple[Policy, bytes]:
     return parse_policy(text, str(path)), data
 
 
+# json and PyYAML's composer nest by recursion: a file of about a thousand "[" reaches
+# Python's recursion limit. No policy is nested deeper than five levels.
+_TOO_DEEP: Final = "nested too deeply (lists or mappings within each other)"
+
+
 def parse_policy(text: str, origin: str = "<policy>") -> Policy:
     """Parse a policy document (JSON or YAML; JSON is checked strictly as JSON first)."""
     stripped = text.lstrip()
     if origin.endswith(".json") or stripped[:1] in ("[", "{"):
         try:
             json.loads(text)
+        except RecursionError:
+            raise PolicyError(origin, None, _TOO_DEEP) from None
         except json.JSONDecodeError as error:
             if origin.endswith(".json"):
                 raise PolicyError(
@@ -499,6 +506,8 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
         raise PolicyError(origin, line, f"not valid YAML: {problem}") from None
     except yaml.YAMLError as error:
         raise PolicyError(origin, None, f"not valid YAML: {error}") from None
+    except RecursionError:
+        raise PolicyError(origin, None, _TOO_DEEP) from None
     if node is None:
         raise PolicyError(origin, None, "empty policy file: expected a list of rules")
     return _Parser(origin).policy(node)

@@ -231,10 +231,20 @@ def load_config(path: str | Path) -> BrokerConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(origin, "-c", f"cannot read file: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        # TOML is UTF-8 (TOML 1.0, "Spec"); say where the first bad byte is.
+        raise ConfigError(
+            origin,
+            "(syntax)",
+            f"not UTF-8: byte 0x{error.object[error.start]:02x} at offset {error.start}",
+        ) from None
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(origin, "(syntax)", f"not valid TOML: {error}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables by recursion (CPython 3.11).
+        raise ConfigError(origin, "(syntax)", "not valid TOML: nested too deeply") from None
     return parse_config(document, origin, base_directory=path.parent)
 
 

@@ -64,6 +64,9 @@ class FrameDecoder:
         self.buffer.extend(data)
 
     def next_event(self) -> Message | NeedData:
+        if self.failed:
+            # The frames after a refused one are not read: the peer is not trusted any more.
+            raise ControlProtocolError("decoder has failed")
         if len(self.buffer) < HEADER.size:
             return NEED_DATA
         (length,) = HEADER.unpack_from(self.buffer)
@@ -79,6 +82,10 @@ class FrameDecoder:
         except ValueError as error:
             self.failed = True
             raise ControlProtocolError(f"control frame is not JSON: {error}") from None
+        except RecursionError:
+            # json nests by recursion: about a thousand "[" are enough to reach the limit.
+            self.failed = True
+            raise ControlProtocolError("control frame nests JSON too deeply") from None
         if not isinstance(message, dict) or not isinstance(message.get("t"), str):
             self.failed = True
             raise ControlProtocolError("control frame is not a message")

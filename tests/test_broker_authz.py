@@ -284,6 +284,21 @@ def test_errors_name_file_line_and_problem(
     assert str(caught.value).startswith(f"{path}:{line}: ")
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("deep.json", "[" * 5000), ("deep.yaml", "[" * 5000), ("deep.yaml", "- " * 5000 + "a")],
+)
+def test_nesting_past_the_recursion_limit_is_a_policy_error(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    # json and PyYAML's composer recurse per level: without a limit of our own, a deep file
+    # escaped the loader (and a reload) as RecursionError.
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(PolicyError, match="nested too deeply"):
+        load_policy(path)
+
+
 def test_failed_reload_keeps_the_old_policy(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -82,6 +82,20 @@ def test_durations_and_errors_name_file_and_key(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.toml")
 
 
+def test_a_file_that_is_not_toml_at_all_is_a_config_error(tmp_path: Path) -> None:
+    # Found by the fuzzer (tests/fuzz, target broker-toml): a byte that is not UTF-8 escaped
+    # `broker -c` as a UnicodeDecodeError traceback; nesting past Python's recursion limit
+    # (tomllib recurses per level) as a RecursionError.
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'[node]\nname = "br\xf6ker"\n')
+    with pytest.raises(ConfigError, match=r"'\(syntax\)': not UTF-8: byte 0xf6 at offset 17"):
+        load_config(latin1)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+
+
 def test_duplicate_bind_is_refused() -> None:
     document = {
         "listeners": {"tcp": {"a": {"bind": "127.0.0.1:1883"}, "b": {"bind": "127.0.0.1:1883"}}}

@@ -79,3 +79,18 @@ def test_every_bad_line_is_reported_and_the_rest_kept() -> None:
     lines, errors = tokenize(text, "t.cfg", {})
     assert [line.words[0] for line in lines] == ["b", "d"]
     assert [error.line for error in errors] == [1, 3]
+
+
+def test_lines_end_at_lf_only() -> None:
+    # Found by the fuzzer (tests/fuzz, target haproxy-cfg): str.splitlines also broke lines
+    # at FS, VT, FF, NEL and U+2028, so a stray control character split one line into two
+    # and every later error named the wrong line. Like HAProxy, only LF ends a line (with
+    # the CR of a CRLF); other control characters are part of a word.
+    text = "global\r\n    maxconn\x1c10\x0c\n\n  nbthread 2\u2028x\r\n"
+    lines, errors = tokenize(text, "t.cfg", {})
+    assert errors == ()
+    assert [(line.lineno, line.words) for line in lines] == [
+        (1, ("global",)),
+        (2, ("maxconn\x1c10\x0c",)),
+        (4, ("nbthread", "2\u2028x")),
+    ]

@@ -64,11 +64,18 @@ def test_frames_whole_byte_by_byte_and_with_trailing_bytes() -> None:
         struct.pack(">I", 3) + b"{x}",
         struct.pack(">I", 2) + b"[]",
         struct.pack(">I", 9) + b'{"t": 1 }',
+        # Found by the fuzzer (tests/fuzz, target control): json.loads recursed into a
+        # RecursionError, which is not the channel's error.
+        struct.pack(">I", 5000) + b"[" * 5000,
     ],
 )
 def test_bad_frames_are_refused_and_the_decoder_stays_failed(frame: bytes) -> None:
     decoder = FrameDecoder()
-    decoder.feed(frame)
+    # A good frame already buffered after the bad one is not read either (found by the
+    # fuzzer: next_event went on decoding after a refusal).
+    decoder.feed(frame + encode({"t": "ready"}))
+    with pytest.raises(ControlProtocolError):
+        decoder.next_event()
     with pytest.raises(ControlProtocolError):
         decoder.next_event()
     with pytest.raises(ControlProtocolError):

@@ -154,7 +154,11 @@ def tokenize(
     """
     lines: list[Line] = []
     errors: list[Diagnostic] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at LF (a CR before it belongs to the line break), as in HAProxy's
+    # readcfgfile and in the editor that shows the operator the line number: str.splitlines
+    # would also break at VT, FF, FS, GS, RS, NEL and U+2028, and count lines differently.
+    for lineno, text_line in enumerate(text.split("\n"), start=1):
+        raw = text_line.removesuffix("\r")
         try:
             words = split_words(raw, environ)
         except _LexError as error:
