@@ -23,7 +23,9 @@ Shape (every table and key optional except where noted)::
 
     [listeners.tcp.default]
     bind = "0.0.0.0:1883"
-    max_connections = 500000
+    max_connections = 500000       # connected MQTT clients; unset: what the file limit allows
+    max_pending_connections = 4096 # sockets not yet clients (TLS, PROXY header, CONNECT)
+    max_pending_bytes = 16777216   # what those sockets sent, in bytes (>= max_packet_size)
     proxy_protocol = true
     proxy_protocol_timeout = 3     # seconds (or "3s", "500ms")
     proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
@@ -104,6 +106,10 @@ DEFAULT_TRUSTED: tuple[Network, ...] = (
 # at most 268,435,455 (+5 bytes of fixed header).
 MAX_PACKET_SIZE_LIMIT = 268_435_460
 TLS_VERSION_NAMES = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
+#: max_pending_bytes: the default, and what it must hold beside one CONNECT of
+#: max_packet_size (a PROXY v2 header with its TLVs, HAProxy's limit is 64 KiB).
+DEFAULT_PENDING_BYTES = 16 * 1024 * 1024
+PENDING_HEADROOM = 65536
 
 
 class ConfigError(Exception):
@@ -155,7 +161,12 @@ class ListenerConfig:
     kind: Literal["tcp", "ssl"]
     host: str
     port: int
-    max_connections: int = 1_024_000
+    # Connected MQTT clients (CONNACK 0x89 / 3 past it); None: what the file limit allows,
+    # worked out at start (broker.accept.plan_file_limit), as HAProxy derives maxconn.
+    max_connections: int | None = None
+    # Accepted sockets that are not clients yet (broker.accept.PendingConnections).
+    max_pending_connections: int = 4096
+    max_pending_bytes: int = DEFAULT_PENDING_BYTES
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0
     proxy_protocol_trusted: tuple[Network, ...] = DEFAULT_TRUSTED
@@ -219,8 +230,9 @@ class BrokerConfig:
     authorization: AuthorizationConfig | None = None
 
 
-def default_config(port: int, host: str = "0.0.0.0") -> BrokerConfig:
-    """What ``broker -p PORT`` runs: one anonymous plain listener, no admin, no cluster."""
+def default_config(port: int, host: str = "127.0.0.1") -> BrokerConfig:
+    """What ``broker -p PORT`` runs: one anonymous plain listener on the loopback address
+    (mosquitto 2.0's "local only mode"), no admin, no cluster."""
     return BrokerConfig(listeners=(ListenerConfig("default", "tcp", host, port),))
 
 
@@ -401,7 +413,7 @@ def _parse_networks(reader: _Reader, name: str) -> tuple[Network, ...]:
 
 
 def _parse_listener(
-    reader: _Reader, name: str, kind: Literal["tcp", "ssl"], base: Path
+    reader: _Reader, name: str, kind: Literal["tcp", "ssl"], base: Path, mqtt: MQTTSettings
 ) -> ListenerConfig:
     host, port = _parse_bind(reader, "bind", None)
     peer_cert_as_username = reader.string("peer_cert_as_username")
@@ -417,12 +429,22 @@ def _parse_listener(
         ssl_options = _parse_ssl_options(ssl_reader, base)
     elif ssl_reader is not None:
         raise reader.fail("ssl_options", "only [listeners.ssl.NAME] listeners take ssl_options")
+    max_connections = None
+    if reader.table.get("max_connections") is not None:
+        max_connections = reader.integer("max_connections", 0, minimum=1)
     listener = ListenerConfig(
         name=name,
         kind=kind,
         host=host,
         port=port,
-        max_connections=reader.integer("max_connections", 1_024_000, minimum=1),
+        max_connections=max_connections,
+        max_pending_connections=reader.integer("max_pending_connections", 4096, minimum=1),
+        # At least one CONNECT of max_packet_size and a PROXY header must fit.
+        max_pending_bytes=reader.integer(
+            "max_pending_bytes",
+            max(DEFAULT_PENDING_BYTES, mqtt.max_packet_size + PENDING_HEADROOM),
+            minimum=mqtt.max_packet_size + PENDING_HEADROOM,
+        ),
         proxy_protocol=reader.boolean("proxy_protocol", False),
         proxy_protocol_timeout=reader.duration("proxy_protocol_timeout", 3.0),
         proxy_protocol_trusted=_parse_networks(reader, "proxy_protocol_trusted"),
@@ -502,7 +524,7 @@ def parse_config(
             for name in list(kind_reader.table):
                 listener_reader = kind_reader.table_at(name)
                 assert listener_reader is not None
-                listeners.append(_parse_listener(listener_reader, name, kind, base_directory))
+                listeners.append(_parse_listener(listener_reader, name, kind, base_directory, mqtt))
         listeners_reader.reject_unknown()
     if not listeners:
         raise ConfigError(origin, "listeners", "no listener; add [listeners.tcp.default] bind")

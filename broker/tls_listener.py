@@ -35,6 +35,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from broker.accept import BACKLOG, AcceptLoop, PendingConnections, open_listening_socket
 from broker.config import BrokerConfig, SSLOptions
 from lb import pem
 from lb.tls_codes import Refusal, refusal_for_reason
@@ -303,62 +304,70 @@ class TLSServer:
         on_refused: Callable[[tuple[str, int], str], None] | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_handshakes: int | None = None,
+        pending: PendingConnections | None = None,
+        on_accept_failed: Callable[[], None] | None = None,
     ) -> None:
         self.context = context
-        # Handshakes in flight at most (the listener's max_connections): beyond it connections
-        # wait in the kernel's backlog, so a ClientHello flood cannot make unbounded tasks and
-        # SSL objects (lb's Listener does the same at maxconn).
+        self.on_accept_failed = on_accept_failed
+        # Handshakes in flight at most: beyond it connections wait in the kernel's backlog,
+        # so a ClientHello flood cannot make unbounded tasks and SSL objects (lb's Listener
+        # does the same at maxconn).
         self.max_handshakes = max_handshakes
-        self._slot_freed: asyncio.Event | None = None
+        # Or, for an MQTT listener, its pending sockets (broker.accept.PendingConnections):
+        # a handshake in flight is one of them, and the oldest makes room for a new one.
+        self.pending = pending
         self.factory = factory
         self.label = label
         self.on_refused = on_refused
         self.handshake_timeout = handshake_timeout
         self.sockets: list[socket.socket] = []
         self.handshakes_refused = 0
-        self._accepting: asyncio.Task[None] | None = None
+        self.acceptor: AcceptLoop | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, backlog: int = 4096) -> None:
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        listening = socket.socket(family, kind, proto)
-        try:
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listening.bind(address)
-            listening.listen(backlog)
-            listening.setblocking(False)
-        except OSError:
-            listening.close()
-            raise
+    async def start(self, host: str, port: int, backlog: int = BACKLOG) -> None:
+        listening = open_listening_socket(host, port, backlog)
         self.sockets = [listening]
-        self._accepting = loop.create_task(self._accept(listening))
+        # Accepts pause at descriptor exhaustion and resume as handshakes end (broker.accept).
+        self.acceptor = AcceptLoop(listening, self._accepted, self.label, self.on_accept_failed)
+        self.acceptor.start()
 
-    async def _accept(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._slot_freed = asyncio.Event()
-        while True:
-            while self.max_handshakes is not None and len(self._handshakes) >= self.max_handshakes:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-            try:
-                connection, address = await loop.sock_accept(listening)
-            except asyncio.CancelledError:
-                raise
-            except OSError as error:
-                # EMFILE and friends: wait a little instead of spinning.
-                logger.warning("%s: accept failed: %s", self.label, error)
-                await asyncio.sleep(0.1)
-                continue
-            task = loop.create_task(self._handshake(connection, address))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshake_done)
+    def _accepted(self, connection: socket.socket, address: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(connection, address))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshake_done)
+        if self.pending is not None:
+
+            def evict(why: str) -> None:
+                peer = address if isinstance(address, tuple) else ("?", 0)
+                self._refused(
+                    (str(peer[0]), int(peer[1])),
+                    f"closed during the TLS handshake to make room: {why}",
+                )
+                task.cancel()
+
+            self.pending.add(task, evict)
+        if self.max_handshakes is not None and len(self._handshakes) >= self.max_handshakes:
+            assert self.acceptor is not None
+            self.acceptor.hold()
 
     def _handshake_done(self, task: asyncio.Task[None]) -> None:
         self._handshakes.discard(task)
-        if self._slot_freed is not None:
-            self._slot_freed.set()
+        if self.pending is not None:
+            self.pending.remove(task)
+        acceptor = self.acceptor
+        if acceptor is not None:
+            # A descriptor may have been freed (a refused handshake).
+            acceptor.resume()
+            if acceptor.held and (
+                self.max_handshakes is None or len(self._handshakes) < self.max_handshakes
+            ):
+                acceptor.release()
+
+    def resume(self) -> None:
+        """One of the served connections closed: accepts paused for descriptors go on."""
+        if self.acceptor is not None:
+            self.acceptor.resume()
 
     async def _handshake(self, connection: socket.socket, address: object) -> None:
         loop = asyncio.get_running_loop()
@@ -390,13 +399,10 @@ class TLSServer:
             )
 
     def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
+        if self.acceptor is not None:
+            self.acceptor.close()  # closes the listening socket
         for task in list(self._handshakes):
             task.cancel()
-        for listening in self.sockets:
-            listening.close()
 
     async def wait_closed(self) -> None:
         if self._handshakes:
@@ -411,12 +417,22 @@ async def serve_tls(
     port: int,
     on_refused: Callable[[tuple[str, int], str], None] | None = None,
     max_handshakes: int | None = None,
+    pending: PendingConnections | None = None,
+    on_accept_failed: Callable[[], None] | None = None,
 ) -> TLSServer:
     """Listen on ``host:port``; every connection gets the current context of ``contexts``."""
 
     def current() -> ssl.SSLContext:
         return contexts.context
 
-    server = TLSServer(current, factory, label, on_refused, max_handshakes=max_handshakes)
+    server = TLSServer(
+        current,
+        factory,
+        label,
+        on_refused,
+        max_handshakes=max_handshakes,
+        pending=pending,
+        on_accept_failed=on_accept_failed,
+    )
     await server.start(host, port)
     return server
