@@ -54,7 +54,9 @@ Shape (every table and key optional except where noted)::
     [cluster.ssl_options]          # as above
 
     [admin]
-    bind = "127.0.0.1:18083"
+    bind = "127.0.0.1:18083"       # not loopback: token_file or password_file is required
+    token_file = "admin.token"     # Authorization: Bearer <the file's token>; mode 600
+    password_file = "admin.passwd" # Authorization: Basic (mosquitto_passwd format); mode 600
 
     [authorization]                # seed 003 (broker/authz.py)
     policy_file = "authz/policy.yaml"   # JSON or YAML rules, or a BrokerAuthorization resource
@@ -92,6 +94,7 @@ __all__ = [
     "MQTTSettings",
     "SSLOptions",
     "default_config",
+    "is_loopback_host",
     "load_config",
     "parse_config",
 ]
@@ -206,6 +209,10 @@ class ClusterConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 18083
+    # Credentials (broker.admin): a bearer token, or users in mosquitto_passwd's format for
+    # basic auth; required when the bind is not loopback-only.
+    token_file: Path | None = None
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +361,16 @@ def _parse_bind(reader: _Reader, name: str, default: str | None) -> tuple[str, i
     if match is None or int(match.group(2)) > 65535:
         raise reader.fail(name, f'expected "HOST:PORT" such as "0.0.0.0:1883", got {value!r}')
     return match.group(1) or "0.0.0.0", int(match.group(2))
+
+
+def is_loopback_host(host: str) -> bool:
+    """A bind host that only this machine reaches ("localhost", 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_path(reader: _Reader, name: str, base: Path, required: bool) -> Path | None:
@@ -565,8 +582,24 @@ def parse_config(
     admin_reader = root.table_at("admin")
     if admin_reader is not None:
         host, port = _parse_bind(admin_reader, "bind", "127.0.0.1:18083")
-        admin = AdminConfig(host, port)
+        admin = AdminConfig(
+            host,
+            port,
+            token_file=_parse_path(admin_reader, "token_file", base_directory, required=False),
+            password_file=_parse_path(
+                admin_reader, "password_file", base_directory, required=False
+            ),
+        )
         admin_reader.reject_unknown()
+        if admin.token_file is None and admin.password_file is None and not is_loopback_host(host):
+            raise ConfigError(
+                origin,
+                "admin.bind",
+                f"{host}:{port} is reachable from the network, and the admin API shows client "
+                "addresses and certificate names and reloads the authorization policy: set "
+                "token_file (Authorization: Bearer) or password_file (basic auth, "
+                'mosquitto_passwd format), each readable by its owner only, or bind "127.0.0.1"',
+            )
     authorization = _parse_authorization(root.table_at("authorization"), base_directory)
     _check_authorization_links(origin, listeners, authorization)
     root.reject_unknown()

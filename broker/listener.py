@@ -49,7 +49,7 @@ from collections.abc import Callable
 from typing import cast
 
 from broker.accept import AcceptLoop, PendingConnections, open_listening_socket
-from broker.config import ListenerConfig, Network
+from broker.config import ListenerConfig, Network, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
@@ -89,14 +89,8 @@ LAG_GRACE = 0.01
 def reachable_from_network(config: ListenerConfig) -> bool:
     """Whether clients on other machines can reach this listener: its bind address is not a
     loopback one and, with proxy_protocol, some trusted sender is not on this machine."""
-    host = config.host.split("%", 1)[0]
-    if host == "localhost":
+    if is_loopback_host(config.host):
         return False
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return False
-    except ValueError:
-        return True  # a host name: it may resolve to anything
     if config.proxy_protocol:
         return not all(network.is_loopback for network in config.proxy_protocol_trusted)
     return True
