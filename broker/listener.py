@@ -349,6 +349,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.socket_address = (str(peer[0]), int(peer[1]))
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.last_activity = self.loop.time()
+        if listener.tls is not None and self._chain_too_deep(listener.tls):
+            return
         if config.proxy_protocol:
             if not is_trusted(self.socket_address[0], config.proxy_protocol_trusted):
                 # Decided on the address alone, before any byte is read (proxy-protocol.txt
@@ -669,6 +671,27 @@ class MQTTServerProtocol(asyncio.Protocol):
             f"({self.listener.config.proxy_protocol_timeout:g}s)"
         )
         self._close_transport(linger=False)
+
+    def _chain_too_deep(self, tls: ReloadingContext) -> bool:
+        """ssl_options.depth (seed 000), checked on the verified chain before any byte is
+        read: the standard library has no verify depth setting to give OpenSSL."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            return False
+        try:
+            problem = tls.depth_problem(ssl_object)
+        except RuntimeError as error:
+            problem = str(error)
+        if problem is None:
+            return False
+        self.listener.broker.counters.tls_chain_too_deep += 1
+        self.listener.refused(
+            f"TLS client {address_text(self.socket_address)} refused on listener "
+            f"{self.listener.config.label}: {problem}"
+        )
+        self._close_transport(linger=False)
+        return True
 
     def _socket_identity(self, health_check: bool = False) -> PeerIdentity:
         transport = self.transport

@@ -51,6 +51,8 @@ class Counters:
     # the event loop stalled (each gave its socket one more poll), accepts that failed for
     # lack of file descriptors.
     pending_connections_evicted: int = 0
+    # TLS clients whose verified chain is longer than ssl_options.depth allows.
+    tls_chain_too_deep: int = 0
     timers_late: int = 0
     accepts_failed: int = 0
 

@@ -26,6 +26,7 @@ shares) and owns what happens around them:
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import logging
 import socket
@@ -55,8 +56,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a client has to finish the TLS handshake (EMQX's handshake_timeout is 15 s).
 HANDSHAKE_TIMEOUT = 15.0
-#: Longest chain walked for chain_subjects; EMQX's depth default is 10 (seed 000).
-MAX_CHAIN_LENGTH = 16
 
 #: Refused handshakes (classified by lb.tls_codes from OpenSSL's reason) in the words an
 #: operator of the broker reads.
@@ -160,6 +159,26 @@ def handshake_failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
+    """The chain OpenSSL verified for the peer, leaf first and the trust anchor last, in DER
+    (empty without a verified peer certificate).
+
+    ssl.SSLObject.get_verified_chain is public from Python 3.13; 3.10 to 3.12 have the same
+    method on the private _ssl object underneath (returning _ssl.Certificate objects), which
+    is what ssl_options.depth is enforced with on 3.11 (the ssl module has no verify depth).
+    """
+    getter = getattr(ssl_object, "get_verified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+    if getter is None:
+        # Never parse-and-ignore ssl_options.depth: without the chain, refuse the client.
+        raise RuntimeError("this Python's ssl module does not show the verified chain")
+    return [
+        item if isinstance(item, bytes) else item.public_bytes(_ssl.ENCODING_DER)
+        for item in getter() or ()
+    ]
+
+
 def address_text(address: tuple[str, int]) -> str:
     """host:port, with IPv6 hosts in brackets, for log lines."""
     host, port = address
@@ -185,19 +204,10 @@ class ReloadingContext:
         # Raises TLSFileError / ssl.SSLError at start: a node does not start on bad files.
         self.context = build(options)
         self.signature = pem.file_signature(self.paths())
-        self.trusted = self._load_trusted()
 
     def paths(self) -> list[Path | None]:
         options = self.options
         return [options.certfile, options.keyfile, options.cacertfile, options.crl_file]
-
-    def _load_trusted(self) -> list[x509.Certificate]:
-        if self.options.cacertfile is None:
-            return []
-        try:
-            return pem.load_certificates(self.options.cacertfile)
-        except pem.TLSFileError:
-            return []
 
     def check(self) -> bool:
         """Rebuild the context if a file changed; True when a new context is in use."""
@@ -220,7 +230,6 @@ class ReloadingContext:
             return False
         self.context = context
         self.signature = signature
-        self.trusted = self._load_trusted()
         self.reloads += 1
         self.last_error = None
         logger.info(
@@ -251,28 +260,31 @@ class ReloadingContext:
             self._timer = None
 
     def chain_subjects(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes, ...]:
-        """DER subjects of the verified chain, leaf first (PeerIdentity.chain_subjects).
-
-        Python 3.11's ssl module only exposes the leaf, so the issuers are found in the
-        trusted CA file the handshake verified against (by name and signature).
-        """
-        leaf_der = ssl_object.getpeercert(binary_form=True)
-        if not leaf_der:
-            return ()
-        try:
-            current = x509.load_der_x509_certificate(leaf_der)
-        except ValueError:
-            return ()
-        subjects = [current.subject.public_bytes()]
-        for _ in range(MAX_CHAIN_LENGTH):
-            if current.issuer == current.subject:
+        """DER subjects of the verified chain, leaf first (PeerIdentity.chain_subjects),
+        intermediates the client sent included."""
+        subjects = []
+        for der in verified_chain(ssl_object):
+            try:
+                subjects.append(x509.load_der_x509_certificate(der).subject.public_bytes())
+            except ValueError:
                 break
-            issuer = next((ca for ca in self.trusted if pem.issued_by(current, ca)), None)
-            if issuer is None:
-                break
-            subjects.append(issuer.subject.public_bytes())
-            current = issuer
         return tuple(subjects)
+
+    def depth_problem(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+        """Why the client's verified chain is longer than ``ssl_options.depth`` allows, or
+        None. The depth counts the CA certificates between the client's certificate and the
+        trust anchor, as OpenSSL's verify depth and EMQX's ``depth`` do (0: signed by the
+        root itself)."""
+        chain = verified_chain(ssl_object)
+        if len(chain) < 2:
+            return None
+        intermediates = len(chain) - 2
+        if intermediates <= self.options.depth:
+            return None
+        return (
+            f"certificate chain has {intermediates} intermediate CA certificates, more than "
+            f"ssl_options.depth = {self.options.depth}"
+        )
 
     def status(self) -> dict[str, object]:
         return {
