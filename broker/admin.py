@@ -26,14 +26,12 @@ beyond), and each has ``REQUEST_TIMEOUT`` seconds. Refusals are logged, rate lim
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as dt
 import hmac
 import http
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -44,7 +42,7 @@ from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.stats import render_prometheus
 from broker.tls_listener import address_text
-from lb import pem
+from lb import http11, pem
 from lb.ratelimit import SuppressedLines
 
 __all__ = ["AdminServer", "client_record", "stats_record"]
@@ -214,25 +212,18 @@ class AdminServer:
             return 404, "application/json", b'{"error": "not found"}'
         return 200, "application/json", json.dumps(body, indent=1).encode()
 
-    def _authenticated(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    def _authenticated(self, headers: http11.Headers) -> bool:
         if self.token is None and self.passwords is None:
             return True
-        for name, value in headers:
-            if name != b"authorization":
-                continue
-            scheme, _, credentials = value.strip().partition(b" ")
-            scheme = scheme.lower()
-            if scheme == b"bearer" and self.token is not None:
-                return hmac.compare_digest(credentials.strip(), self.token)
-            if scheme == b"basic" and self.passwords is not None:
-                try:
-                    decoded = base64.b64decode(credentials.strip(), validate=True)
-                except (binascii.Error, ValueError):
-                    return False
-                username, separator, password = decoded.partition(b":")
-                if not separator:
-                    return False
-                return self.passwords.check(username.decode("utf-8", "replace"), password)
+        value = http11.header(headers, b"authorization")
+        if value is None:
+            return False
+        scheme, _, credentials = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and self.token is not None:
+            return hmac.compare_digest(credentials.strip(), self.token)
+        basic = http11.basic_credentials(headers)
+        if basic is not None and self.passwords is not None:
+            return self.passwords.check(*basic)
         return False
 
     def _challenge(self) -> list[tuple[str, str]]:
@@ -255,19 +246,17 @@ class AdminServer:
         try:
             if self.connections > MAX_CONNECTIONS:
                 self._refused(peer, f"503, {MAX_CONNECTIONS} connections served already")
-                await self._respond(
-                    writer, connection, 503, "application/json", b'{"error": "busy"}'
-                )
+                await self._respond(writer, connection, 503, b'{"error": "busy"}')
                 return
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
-                    request = await self._read_request(reader, connection)
+                    request = await http11.read_request(
+                        reader, connection, MAX_REQUEST_HEAD, MAX_REQUEST_BODY
+                    )
             except h11.RemoteProtocolError as error:
                 status = error.error_status_hint
                 self._refused(peer, f"{status} {http.HTTPStatus(status).phrase}: {error}")
-                if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    body = json.dumps({"error": str(error)}).encode()
-                    await self._respond(writer, connection, status, "application/json", body)
+                await http11.respond_error(writer, connection, error)
                 return
             if request is None:
                 return
@@ -275,18 +264,18 @@ class AdminServer:
             method = request.method.decode("ascii", "replace")
             if not self._authenticated(request.headers):
                 self._refused(peer, f"401 for {method} {target}")
-                await self._respond(
-                    writer,
-                    connection,
-                    401,
-                    "application/json",
-                    b'{"error": "authentication required"}',
-                    self._challenge(),
-                )
+                body = b'{"error": "authentication required"}'
+                await self._respond(writer, connection, 401, body, self._challenge())
                 return
             status, content_type, body = self._route(method, target)
-            await self._respond(
-                writer, connection, status, content_type, b"" if method == "HEAD" else body
+            await http11.respond(
+                writer,
+                connection,
+                status,
+                content_type,
+                body,
+                (("connection", "close"),),
+                send_body=method != "HEAD",
             )
         except (TimeoutError, ConnectionError):
             pass
@@ -295,57 +284,18 @@ class AdminServer:
             writer.close()
 
     @staticmethod
-    async def _read_request(
-        reader: asyncio.StreamReader, connection: h11.Connection
-    ) -> h11.Request | None:
-        """The request once its body (bounded) is in; None when the client went away."""
-        request: h11.Request | None = None
-        body = 0
-        fed = 0
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                # h11 checks max_incomplete_event_size only on a head it has not parsed: feed
-                # it at most one byte more than that before the request, so that a large
-                # head arriving whole gets 431 too.
-                size = 16384 if request is not None else MAX_REQUEST_HEAD + 1 - fed
-                data = await reader.read(max(size, 1))
-                fed += len(data)
-                connection.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += len(event.data)
-                if body > MAX_REQUEST_BODY:
-                    raise h11.RemoteProtocolError("request body too large", 413)
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
-
-    @staticmethod
     async def _respond(
         writer: asyncio.StreamWriter,
         connection: h11.Connection,
         status: int,
-        content_type: str,
         body: bytes,
-        extra: list[tuple[str, str]] | None = None,
+        headers: list[tuple[str, str]] | None = None,
     ) -> None:
-        headers = [
-            ("content-type", content_type),
-            ("content-length", str(len(body))),
-            ("cache-control", "no-cache"),
-            ("connection", "close"),
-            *(extra or []),
-        ]
-        response = h11.Response(
-            status_code=status, headers=headers, reason=http.HTTPStatus(status).phrase.encode()
+        await http11.respond(
+            writer,
+            connection,
+            status,
+            "application/json",
+            body,
+            [*(headers or []), ("connection", "close")],
         )
-        writer.write(
-            connection.send(response)
-            + connection.send(h11.Data(data=body))
-            + connection.send(h11.EndOfMessage())
-        )
-        await writer.drain()
