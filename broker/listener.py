@@ -79,11 +79,13 @@ PROXY_FIRST_BYTES = (ord("P"), 0x0D)
 # client still sends for this long or this many bytes, so it reads that packet, not a reset.
 LINGER_TIME = 2.0
 LINGER_MAX_BYTES = 16 * 1024 * 1024
-# A deadline timer that runs this late ran after a stalled loop turn: uvloop (libuv) runs
-# due timers before it polls the sockets, so bytes that arrived in time may wait unread.
-# Such a timer gives the sockets one more poll (after LAG_GRACE) before it closes anything.
+# A deadline timer that runs this late ran after a stalled loop: uvloop (libuv) runs due
+# timers before it polls the sockets, and a busy loop reads a burst of sockets a batch at a
+# time, so bytes that arrived in time may wait unread. Such a timer is extended by the time
+# the loop was late (at most its own delay, at most LAG_EXTENSIONS times): deadlines count
+# time the loop had to read, not time it spent elsewhere. A silent socket still times out.
 LAG_TOLERANCE = 0.05
-LAG_GRACE = 0.01
+LAG_EXTENSIONS = 3
 
 
 def reachable_from_network(config: ListenerConfig) -> bool:
@@ -272,8 +274,9 @@ class MQTTServerProtocol(asyncio.Protocol):
     __slots__ = (
         "_backlog_handle",
         "_deadline",
+        "_delay",
+        "_extensions",
         "_flush_handle",
-        "_graced",
         "_out",
         "_out_bytes",
         "_timer",
@@ -306,7 +309,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_callback: Callable[[], None] | None = None
         self._deadline = 0.0
-        self._graced = False
+        self._delay = 0.0
+        self._extensions = 0
         self.idle_timeout: float | None = None
         self.last_activity = 0.0
         self.writing_paused = False
@@ -616,7 +620,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         self._cancel_timer()
         self._timer_callback = callback
         self._deadline = self.loop.time() + delay
-        self._graced = False
+        self._delay = delay
+        self._extensions = 0
         self._timer = self.loop.call_later(delay, self._timer_fired)
 
     def _timer_fired(self) -> None:
@@ -624,12 +629,15 @@ class MQTTServerProtocol(asyncio.Protocol):
         callback = self._timer_callback
         if callback is None or self.closed:
             return
-        if not self._graced and self.loop.time() - self._deadline > LAG_TOLERANCE:
-            # The loop stalled past the deadline (see LAG_TOLERANCE): poll the socket once
-            # more before the deadline counts.
-            self._graced = True
+        now = self.loop.time()
+        late = now - self._deadline
+        if late > LAG_TOLERANCE and self._extensions < LAG_EXTENSIONS:
+            # The loop was busy elsewhere past the deadline (see LAG_TOLERANCE).
+            self._extensions += 1
             self.listener.broker.counters.timers_late += 1
-            self._timer = self.loop.call_later(LAG_GRACE, self._timer_fired)
+            extension = min(late, self._delay)
+            self._deadline = now + extension
+            self._timer = self.loop.call_later(extension, self._timer_fired)
             return
         self._timer_callback = None
         callback()
