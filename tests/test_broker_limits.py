@@ -267,7 +267,7 @@ def stall_in_io_callback(node: BrokerThread, seconds: float) -> socket.socket:
 def test_header_that_arrived_in_time_survives_a_stalled_loop(sockets: list[socket.socket]) -> None:
     """The PROXY header arrives within the timeout, but the broker's loop is blocked past
     the deadline. uvloop runs due timers before it polls the sockets, so the timeout fired
-    with the header unread in the socket; the timer now gives the socket one more poll.
+    with the header unread in the socket; the deadline is now extended by the lag.
     """
     config = make_config(
         {"default": {"bind": "127.0.0.1:0", "proxy_protocol": True, "proxy_protocol_timeout": 1}}
