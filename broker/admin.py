@@ -37,7 +37,7 @@ from typing import Any
 import h11
 
 from broker.authentication import PasswordFile, PasswordFileError
-from broker.config import AdminConfig, ConfigError
+from broker.config import AdminConfig, ConfigError, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.stats import render_prometheus
@@ -136,6 +136,14 @@ class AdminServer:
             for name, present in (("bearer token", self.token), ("basic", self.passwords))
             if present is not None
         ]
+        if not methods and not is_loopback_host(self.host):
+            logger.warning(
+                "admin API on http://%s:%d/ reachable from the network WITHOUT authentication "
+                "([admin] anonymous = true): anyone who reaches it sees client addresses and "
+                "certificate names and can reload the authorization policy",
+                self.host,
+                self.port,
+            )
         logger.info(
             "admin API on http://%s:%d/ (%s)",
             self.host,

@@ -57,6 +57,7 @@ Shape (every table and key optional except where noted)::
     bind = "127.0.0.1:18083"       # not loopback: token_file or password_file is required
     token_file = "admin.token"     # Authorization: Bearer <the file's token>; mode 600
     password_file = "admin.passwd" # Authorization: Basic (mosquitto_passwd format); mode 600
+    anonymous = false              # true: off loopback without credentials (logged loudly)
 
     [authorization]                # seed 003 (broker/authz.py)
     policy_file = "authz/policy.yaml"   # JSON or YAML rules, or a BrokerAuthorization resource
@@ -213,6 +214,8 @@ class AdminConfig:
     # basic auth; required when the bind is not loopback-only.
     token_file: Path | None = None
     password_file: Path | None = None
+    # Off loopback without credentials only when said so (a private container network).
+    anonymous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,16 +592,23 @@ def parse_config(
             password_file=_parse_path(
                 admin_reader, "password_file", base_directory, required=False
             ),
+            anonymous=admin_reader.boolean("anonymous", False),
         )
         admin_reader.reject_unknown()
-        if admin.token_file is None and admin.password_file is None and not is_loopback_host(host):
+        if (
+            admin.token_file is None
+            and admin.password_file is None
+            and not admin.anonymous
+            and not is_loopback_host(host)
+        ):
             raise ConfigError(
                 origin,
                 "admin.bind",
                 f"{host}:{port} is reachable from the network, and the admin API shows client "
                 "addresses and certificate names and reloads the authorization policy: set "
                 "token_file (Authorization: Bearer) or password_file (basic auth, "
-                'mosquitto_passwd format), each readable by its owner only, or bind "127.0.0.1"',
+                'mosquitto_passwd format), each readable by its owner only, or bind "127.0.0.1" '
+                "(or, on a network nobody else reaches, say anonymous = true)",
             )
     authorization = _parse_authorization(root.table_at("authorization"), base_directory)
     _check_authorization_links(origin, listeners, authorization)

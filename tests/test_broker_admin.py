@@ -124,6 +124,9 @@ def test_network_bind_without_credentials_is_refused(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match=r"'admin\.bind': 0\.0\.0\.0:18083 is reachable"):
         parse_config(document, "node.toml")
+    # Said so explicitly (a private container network): allowed, and logged loudly.
+    document["admin"] = {"bind": "0.0.0.0:18083", "anonymous": True}
+    assert parse_config(document, "node.toml").admin.anonymous  # type: ignore[union-attr]
     token_file = secret_file(tmp_path / "admin.token", TOKEN)
     document["admin"] = {"bind": "0.0.0.0:0", "token_file": str(token_file)}
     with running_broker(parse_config(document, "node.toml")) as node:
