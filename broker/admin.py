@@ -1,7 +1,8 @@
 """The node's admin HTTP endpoint (JSON) and Prometheus metrics.
 
-GET only, HTTP/1.1 with ``Connection: close``, served with asyncio streams (admin traffic is
-not the hot path, STYLE.md rule 6):
+HTTP/1.1 parsed by h11 (sans-IO, the style anchor of STYLE.md), one request per connection
+(``Connection: close``), served with asyncio streams (admin traffic is not the hot path,
+STYLE.md rule 6):
 
 - ``/api/clients``: connected clients: client id, username, the real address (from the
   PROXY header when a balancer sent one), the socket address, certificate CN, protocol
@@ -11,20 +12,38 @@ not the hot path, STYLE.md rule 6):
 - ``/metrics``: the same numbers in Prometheus text format;
 - ``POST /api/authz/reload``: reload the authorization policy file now (seed 003); answers
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
+
+What it shows (client addresses and CNs) and what it does (a policy reload disconnects
+clients) is not for everyone: with ``token_file`` (``Authorization: Bearer TOKEN``) or
+``password_file`` (``Authorization: Basic``, mosquitto_passwd's format, broker.authentication)
+every request must authenticate (401 otherwise), the files readable by their owner only
+(mode 600, checked at start). A bind that is not loopback-only needs one of them
+(broker.config refuses it without). A request head over ``MAX_REQUEST_HEAD`` bytes gets 431,
+a body over ``MAX_REQUEST_BODY`` 413, at most ``MAX_CONNECTIONS`` are served at once (503
+beyond), and each has ``REQUEST_TIMEOUT`` seconds. Refusals are logged, rate limited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hmac
+import http
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
+import h11
+
+from broker.authentication import PasswordFile, PasswordFileError
+from broker.config import AdminConfig, ConfigError, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.stats import render_prometheus
+from broker.tls_listener import address_text
+from lb import http11, pem
+from lb.ratelimit import SuppressedLines
 
 __all__ = ["AdminServer", "client_record", "stats_record"]
 
@@ -32,7 +51,12 @@ logger = logging.getLogger(__name__)
 
 # Requests are tiny; anything bigger is not an admin client.
 MAX_REQUEST_HEAD = 8192
+MAX_REQUEST_BODY = 4096
+MAX_CONNECTIONS = 64
 REQUEST_TIMEOUT = 10.0
+#: A bearer token shorter than this is guessable.
+MIN_TOKEN_LENGTH = 16
+REALM = "broker admin"
 PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 
 
@@ -82,27 +106,105 @@ class AdminServer:
         host: str,
         port: int,
         cluster_status: Callable[[], Any] | None = None,
+        config: AdminConfig | None = None,
+        origin: str = "<config>",
     ) -> None:
         self.broker = broker
         self.host = host
         self.port = port
         self.cluster_status = cluster_status
+        self.config = config or AdminConfig(host, port)
+        self.origin = origin
         # Set by the server when an [authorization] section exists (POST /api/authz/reload).
         self.authorization_reload: Callable[[], dict[str, Any]] | None = None
         self.server: asyncio.Server | None = None
+        self.token: bytes | None = None
+        self.passwords: PasswordFile | None = None
+        self.connections = 0
+        self.refusals: SuppressedLines | None = None
 
     async def start(self) -> None:
+        self._load_credentials()
+        loop = asyncio.get_running_loop()
+        self.refusals = SuppressedLines(
+            logger.warning, "admin API", "refused requests", loop.time, loop.call_later
+        )
         self.server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = int(self.server.sockets[0].getsockname()[1])
-        logger.info("admin API on http://%s:%d/", self.host, self.port)
+        methods = [
+            name
+            for name, present in (("bearer token", self.token), ("basic", self.passwords))
+            if present is not None
+        ]
+        if not methods and not is_loopback_host(self.host):
+            logger.warning(
+                "admin API on http://%s:%d/ reachable from the network WITHOUT authentication "
+                "([admin] anonymous = true): anyone who reaches it sees client addresses and "
+                "certificate names and can reload the authorization policy",
+                self.host,
+                self.port,
+            )
+        logger.info(
+            "admin API on http://%s:%d/ (%s)",
+            self.host,
+            self.port,
+            "authentication: " + " or ".join(methods) if methods else "no authentication",
+        )
+
+    def _load_credentials(self) -> None:
+        """The token and password files, which only their owner may read (mode 600)."""
+        config = self.config
+        for key, path in (
+            ("token_file", config.token_file),
+            ("password_file", config.password_file),
+        ):
+            if path is None:
+                continue
+            try:
+                problem = pem.check_key_permissions(path)
+            except OSError as error:
+                raise ConfigError(
+                    self.origin, f"admin.{key}", f"{path}: {error.strerror}"
+                ) from None
+            if problem is not None:
+                raise ConfigError(
+                    self.origin, f"admin.{key}", problem.replace("private key", "credentials file")
+                )
+        if config.token_file is not None:
+            token = config.token_file.read_text(encoding="utf-8").strip()
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise ConfigError(
+                    self.origin,
+                    "admin.token_file",
+                    f"{config.token_file}: the token must have at least {MIN_TOKEN_LENGTH} "
+                    "characters (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe())')",
+                )
+            self.token = token.encode()
+        if config.password_file is not None:
+            try:
+                self.passwords = PasswordFile(config.password_file)
+            except PasswordFileError as error:
+                raise ConfigError(self.origin, "admin.password_file", str(error)) from None
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self.refusals is not None:
+            self.refusals.flush()
 
-    def _route(self, path: str) -> tuple[int, str, bytes]:
+    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         broker = self.broker
+        if method == "POST" and path == "/api/authz/reload":
+            if self.authorization_reload is None:
+                return 404, "application/json", b'{"error": "no [authorization] on this node"}'
+            return (
+                200,
+                "application/json",
+                json.dumps(self.authorization_reload(), indent=1).encode(),
+            )
+        if method not in ("GET", "HEAD"):
+            return 405, "application/json", b'{"error": "GET only"}'
         if path == "/api/clients":
             body: Any = [client_record(broker, c) for c in broker.connected_clients()]
         elif path == "/api/stats":
@@ -118,37 +220,90 @@ class AdminServer:
             return 404, "application/json", b'{"error": "not found"}'
         return 200, "application/json", json.dumps(body, indent=1).encode()
 
+    def _authenticated(self, headers: http11.Headers) -> bool:
+        if self.token is None and self.passwords is None:
+            return True
+        value = http11.header(headers, b"authorization")
+        if value is None:
+            return False
+        scheme, _, credentials = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and self.token is not None:
+            return hmac.compare_digest(credentials.strip(), self.token)
+        basic = http11.basic_credentials(headers)
+        if basic is not None and self.passwords is not None:
+            return self.passwords.check(*basic)
+        return False
+
+    def _challenge(self) -> list[tuple[str, str]]:
+        headers = []
+        if self.token is not None:
+            headers.append(("www-authenticate", f'Bearer realm="{REALM}"'))
+        if self.passwords is not None:
+            headers.append(("www-authenticate", f'Basic realm="{REALM}", charset="UTF-8"'))
+        return headers
+
+    def _refused(self, peer: tuple[str, int], what: str) -> None:
+        if self.refusals is not None:
+            self.refusals.emit(f"admin API: {what} from {address_text(peer)}")
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peername = writer.get_extra_info("peername")
+        peer = (str(peername[0]), int(peername[1])) if peername else ("?", 0)
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self.connections += 1
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            if len(head) > MAX_REQUEST_HEAD:
-                raise ValueError("request head too large")
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3:
-                status, content_type, body = 400, "application/json", b'{"error": "bad request"}'
-            elif parts[0] == "POST" and parts[1].split("?", 1)[0] == "/api/authz/reload":
-                if self.authorization_reload is None:
-                    status, content_type = 404, "application/json"
-                    body = b'{"error": "no [authorization] on this node"}'
-                else:
-                    status, content_type = 200, "application/json"
-                    body = json.dumps(self.authorization_reload(), indent=1).encode()
-            elif parts[0] != "GET":
-                status, content_type, body = 405, "application/json", b'{"error": "GET only"}'
-            else:
-                status, content_type, body = self._route(parts[1].split("?", 1)[0])
-            reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-            writer.write(
-                f"HTTP/1.1 {status} {reason[status]}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
+            if self.connections > MAX_CONNECTIONS:
+                self._refused(peer, f"503, {MAX_CONNECTIONS} connections served already")
+                await self._respond(writer, connection, 503, b'{"error": "busy"}')
+                return
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    request = await http11.read_request(
+                        reader, connection, MAX_REQUEST_HEAD, MAX_REQUEST_BODY
+                    )
+            except h11.RemoteProtocolError as error:
+                status = error.error_status_hint
+                self._refused(peer, f"{status} {http.HTTPStatus(status).phrase}: {error}")
+                await http11.respond_error(writer, connection, error)
+                return
+            if request is None:
+                return
+            target = request.target.decode("ascii", "replace").split("?", 1)[0]
+            method = request.method.decode("ascii", "replace")
+            if not self._authenticated(request.headers):
+                self._refused(peer, f"401 for {method} {target}")
+                body = b'{"error": "authentication required"}'
+                await self._respond(writer, connection, 401, body, self._challenge())
+                return
+            status, content_type, body = self._route(method, target)
+            await http11.respond(
+                writer,
+                connection,
+                status,
+                content_type,
+                body,
+                (("connection", "close"),),
+                send_body=method != "HEAD",
             )
-            await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
-        except ConnectionError:
+        except (TimeoutError, ConnectionError):
             pass
         finally:
+            self.connections -= 1
             writer.close()
+
+    @staticmethod
+    async def _respond(
+        writer: asyncio.StreamWriter,
+        connection: h11.Connection,
+        status: int,
+        body: bytes,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        await http11.respond(
+            writer,
+            connection,
+            status,
+            "application/json",
+            body,
+            [*(headers or []), ("connection", "close")],
+        )

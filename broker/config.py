@@ -23,7 +23,9 @@ Shape (every table and key optional except where noted)::
 
     [listeners.tcp.default]
     bind = "0.0.0.0:1883"
-    max_connections = 500000
+    max_connections = 500000       # connected MQTT clients; unset: what the file limit allows
+    max_pending_connections = 4096 # sockets not yet clients (TLS, PROXY header, CONNECT)
+    max_pending_bytes = 16777216   # what those sockets sent, in bytes (>= max_packet_size)
     proxy_protocol = true
     proxy_protocol_timeout = 3     # seconds (or "3s", "500ms")
     proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
@@ -52,7 +54,10 @@ Shape (every table and key optional except where noted)::
     [cluster.ssl_options]          # as above
 
     [admin]
-    bind = "127.0.0.1:18083"
+    bind = "127.0.0.1:18083"       # not loopback: token_file or password_file is required
+    token_file = "admin.token"     # Authorization: Bearer <the file's token>; mode 600
+    password_file = "admin.passwd" # Authorization: Basic (mosquitto_passwd format); mode 600
+    anonymous = false              # true: off loopback without credentials (logged loudly)
 
     [authorization]                # seed 003 (broker/authz.py)
     policy_file = "authz/policy.yaml"   # JSON or YAML rules, or a BrokerAuthorization resource
@@ -90,6 +95,7 @@ __all__ = [
     "MQTTSettings",
     "SSLOptions",
     "default_config",
+    "is_loopback_host",
     "load_config",
     "parse_config",
 ]
@@ -104,6 +110,10 @@ DEFAULT_TRUSTED: tuple[Network, ...] = (
 # at most 268,435,455 (+5 bytes of fixed header).
 MAX_PACKET_SIZE_LIMIT = 268_435_460
 TLS_VERSION_NAMES = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
+#: max_pending_bytes: the default, and what it must hold beside one CONNECT of
+#: max_packet_size (a PROXY v2 header with its TLVs, HAProxy's limit is 64 KiB).
+DEFAULT_PENDING_BYTES = 16 * 1024 * 1024
+PENDING_HEADROOM = 65536
 
 
 class ConfigError(Exception):
@@ -155,7 +165,12 @@ class ListenerConfig:
     kind: Literal["tcp", "ssl"]
     host: str
     port: int
-    max_connections: int = 1_024_000
+    # Connected MQTT clients (CONNACK 0x89 / 3 past it); None: what the file limit allows,
+    # worked out at start (broker.accept.plan_file_limit), as HAProxy derives maxconn.
+    max_connections: int | None = None
+    # Accepted sockets that are not clients yet (broker.accept.PendingConnections).
+    max_pending_connections: int = 4096
+    max_pending_bytes: int = DEFAULT_PENDING_BYTES
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0
     proxy_protocol_trusted: tuple[Network, ...] = DEFAULT_TRUSTED
@@ -195,6 +210,12 @@ class ClusterConfig:
 class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 18083
+    # Credentials (broker.admin): a bearer token, or users in mosquitto_passwd's format for
+    # basic auth; required when the bind is not loopback-only.
+    token_file: Path | None = None
+    password_file: Path | None = None
+    # Off loopback without credentials only when said so (a private container network).
+    anonymous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +240,9 @@ class BrokerConfig:
     authorization: AuthorizationConfig | None = None
 
 
-def default_config(port: int, host: str = "0.0.0.0") -> BrokerConfig:
-    """What ``broker -p PORT`` runs: one anonymous plain listener, no admin, no cluster."""
+def default_config(port: int, host: str = "127.0.0.1") -> BrokerConfig:
+    """What ``broker -p PORT`` runs: one anonymous plain listener on the loopback address
+    (mosquitto 2.0's "local only mode"), no admin, no cluster."""
     return BrokerConfig(listeners=(ListenerConfig("default", "tcp", host, port),))
 
 
@@ -354,6 +376,16 @@ def _parse_bind(reader: _Reader, name: str, default: str | None) -> tuple[str, i
     return match.group(1) or "0.0.0.0", int(match.group(2))
 
 
+def is_loopback_host(host: str) -> bool:
+    """A bind host that only this machine reaches ("localhost", 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _parse_path(reader: _Reader, name: str, base: Path, required: bool) -> Path | None:
     value = reader.string(name)
     if value is None or value == "":
@@ -411,7 +443,7 @@ def _parse_networks(reader: _Reader, name: str) -> tuple[Network, ...]:
 
 
 def _parse_listener(
-    reader: _Reader, name: str, kind: Literal["tcp", "ssl"], base: Path
+    reader: _Reader, name: str, kind: Literal["tcp", "ssl"], base: Path, mqtt: MQTTSettings
 ) -> ListenerConfig:
     host, port = _parse_bind(reader, "bind", None)
     peer_cert_as_username = reader.string("peer_cert_as_username")
@@ -427,12 +459,22 @@ def _parse_listener(
         ssl_options = _parse_ssl_options(ssl_reader, base)
     elif ssl_reader is not None:
         raise reader.fail("ssl_options", "only [listeners.ssl.NAME] listeners take ssl_options")
+    max_connections = None
+    if reader.table.get("max_connections") is not None:
+        max_connections = reader.integer("max_connections", 0, minimum=1)
     listener = ListenerConfig(
         name=name,
         kind=kind,
         host=host,
         port=port,
-        max_connections=reader.integer("max_connections", 1_024_000, minimum=1),
+        max_connections=max_connections,
+        max_pending_connections=reader.integer("max_pending_connections", 4096, minimum=1),
+        # At least one CONNECT of max_packet_size and a PROXY header must fit.
+        max_pending_bytes=reader.integer(
+            "max_pending_bytes",
+            max(DEFAULT_PENDING_BYTES, mqtt.max_packet_size + PENDING_HEADROOM),
+            minimum=mqtt.max_packet_size + PENDING_HEADROOM,
+        ),
         proxy_protocol=reader.boolean("proxy_protocol", False),
         proxy_protocol_timeout=reader.duration("proxy_protocol_timeout", 3.0),
         proxy_protocol_trusted=_parse_networks(reader, "proxy_protocol_trusted"),
@@ -512,7 +554,7 @@ def parse_config(
             for name in list(kind_reader.table):
                 listener_reader = kind_reader.table_at(name)
                 assert listener_reader is not None
-                listeners.append(_parse_listener(listener_reader, name, kind, base_directory))
+                listeners.append(_parse_listener(listener_reader, name, kind, base_directory, mqtt))
         listeners_reader.reject_unknown()
     if not listeners:
         raise ConfigError(origin, "listeners", "no listener; add [listeners.tcp.default] bind")
@@ -553,8 +595,31 @@ def parse_config(
     admin_reader = root.table_at("admin")
     if admin_reader is not None:
         host, port = _parse_bind(admin_reader, "bind", "127.0.0.1:18083")
-        admin = AdminConfig(host, port)
+        admin = AdminConfig(
+            host,
+            port,
+            token_file=_parse_path(admin_reader, "token_file", base_directory, required=False),
+            password_file=_parse_path(
+                admin_reader, "password_file", base_directory, required=False
+            ),
+            anonymous=admin_reader.boolean("anonymous", False),
+        )
         admin_reader.reject_unknown()
+        if (
+            admin.token_file is None
+            and admin.password_file is None
+            and not admin.anonymous
+            and not is_loopback_host(host)
+        ):
+            raise ConfigError(
+                origin,
+                "admin.bind",
+                f"{host}:{port} is reachable from the network, and the admin API shows client "
+                "addresses and certificate names and reloads the authorization policy: set "
+                "token_file (Authorization: Bearer) or password_file (basic auth, "
+                'mosquitto_passwd format), each readable by its owner only, or bind "127.0.0.1" '
+                "(or, on a network nobody else reaches, say anonymous = true)",
+            )
     authorization = _parse_authorization(root.table_at("authorization"), base_directory)
     _check_authorization_links(origin, listeners, authorization)
     root.reject_unknown()

@@ -91,6 +91,11 @@ class ConnectionIO(Protocol):
 
     def close(self) -> None: ...
 
+    def admit(self) -> bool:
+        """Take one of the listener's ``max_connections`` slots for this client (kept until
+        the connection closes); False when none is left."""
+        ...
+
     def write_congested(self) -> bool:
         """True while the transport's write buffer is above its high-water mark."""
         ...
@@ -133,7 +138,6 @@ class ClientConnection:
         "principal",
         "problem_information",
         "protocol_level",
-        "refuse_reason",
         "send_quota",
         "session",
         "state",
@@ -149,14 +153,11 @@ class ClientConnection:
         io: ConnectionIO,
         identity: PeerIdentity,
         listener: ListenerConfig,
-        refuse_reason: ReasonCode | None = None,
     ) -> None:
         self.broker = broker
         self.io = io
         self.identity = identity
         self.listener = listener
-        # Set when the listener is over max_connections: CONNACK 0x89 / 3 once CONNECT is in.
-        self.refuse_reason = refuse_reason
         self._decoder = MQTTDecoder(max_packet_size=broker.settings.max_packet_size)
         self.state = "connecting"
         self.protocol_level = 0
@@ -662,9 +663,6 @@ class ClientConnection:
             # client stays anonymous, so a username is only ever a verified identity.
             self.username = identity.certificate_cn if identity.certificate_verified else None
 
-        if self.refuse_reason is not None:
-            broker.counters.connections_refused_max_connections += 1
-            self._refuse(connect, self.refuse_reason, f"listener {self.listener.label} is full")
         if properties.authentication_method is not None:
             self._refuse(
                 connect,
@@ -722,6 +720,16 @@ class ClientConnection:
             broker.counters.authorization_denied += 1
             self._refuse(connect, ReasonCode.NOT_AUTHORIZED, "not authorized to connect")
         self.principal = principal
+        # max_connections counts connected clients: the slot is taken last, once nothing
+        # else refuses this CONNECT, and kept until the connection closes.
+        if not self.io.admit():
+            broker.counters.connections_refused_max_connections += 1
+            self._refuse(
+                connect,
+                ReasonCode.SERVER_BUSY,
+                f"listener {self.listener.label} is full "
+                f"(max_connections {self.listener.max_connections})",
+            )
 
         # Session expiry (5.0 section 3.1.2.11.2; 3.1.1 Clean Session = 0 keeps the session).
         if level >= MQTT_5:

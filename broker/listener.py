@@ -11,7 +11,19 @@ connection gets a :class:`MQTTServerProtocol`, which:
   ``peer_cert_as_username = "cn"``). A LOCAL command is a balancer health check: accepted,
   counted, logged at debug level only, and served with the socket's own address. MQTT bytes
   where a header is required, or a header where none is expected, are reported in words;
-- enforces ``max_connections`` (CONNACK 0x89 / 3.1.1 return code 3 once CONNECT is read);
+- counts connected MQTT clients against ``max_connections`` (CONNACK 0x89 / 3.1.1 return
+  code 3 past it, decided when the CONNECT is accepted, :meth:`MQTTServerProtocol.admit`),
+  and bounds the sockets that are not clients yet separately, in count and bytes
+  (``max_pending_connections``, ``max_pending_bytes``; broker.accept.PendingConnections):
+  silent sockets cost pending slots, never client slots, and the oldest makes room;
+- accepts with :class:`broker.accept.AcceptLoop` (paused, not spinning and not dropping,
+  when the process is out of file descriptors; one log line per burst);
+- closes gracefully after it has spoken (a CONNACK refusal, a DISCONNECT): the write side is
+  shut, and what the client still sends is read and discarded for up to ``LINGER_TIME`` or
+  ``LINGER_MAX_BYTES`` (HAProxy's and nginx's lingering close), so a client that is still
+  writing reads our last packet instead of a reset;
+- rate limits the lines a flood can cause (untrusted sources, PROXY timeouts and errors,
+  refused TLS handshakes, evictions) with lb.ratelimit: "N similar lines suppressed";
 - implements :class:`broker.connection.ConnectionIO` for the sans-IO connection: writes with
   backpressure (``pause_reading`` while the transport's buffer is above its high-water mark,
   the connection's outgoing queue takes over), and one ``call_later`` timer for the PROXY
@@ -31,10 +43,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
+from collections.abc import Callable
 from typing import cast
 
-from broker.config import ListenerConfig, Network
+from broker.accept import AcceptLoop, PendingConnections, open_listening_socket
+from broker.config import ListenerConfig, Network, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
@@ -47,6 +62,7 @@ from lb.proxyproto import (
     ProxyProtocolDecoder,
     ProxyProtocolError,
 )
+from lb.ratelimit import SuppressedLines
 
 __all__ = ["Listener", "MQTTServerProtocol", "is_trusted"]
 
@@ -59,6 +75,27 @@ WRITE_BUFFER_LOW = 64 * 1024
 # First byte of a PROXY v1 ("PROXY ...") or v2 ("\r\n\r\n\0\r\nQUIT\n") header. No MQTT
 # packet starts with either: 0x50 is a PUBREC with reserved flags, 0x0D a PINGREQ with flags.
 PROXY_FIRST_BYTES = (ord("P"), 0x0D)
+# Lingering close (HAProxy's and nginx's): after our last packet, read and discard what the
+# client still sends for this long or this many bytes, so it reads that packet, not a reset.
+LINGER_TIME = 2.0
+LINGER_MAX_BYTES = 16 * 1024 * 1024
+# A deadline timer that runs this late ran after a stalled loop: uvloop (libuv) runs due
+# timers before it polls the sockets, and a busy loop reads a burst of sockets a batch at a
+# time, so bytes that arrived in time may wait unread. Such a timer is extended by the time
+# the loop was late (at most its own delay, at most LAG_EXTENSIONS times): deadlines count
+# time the loop had to read, not time it spent elsewhere. A silent socket still times out.
+LAG_TOLERANCE = 0.05
+LAG_EXTENSIONS = 3
+
+
+def reachable_from_network(config: ListenerConfig) -> bool:
+    """Whether clients on other machines can reach this listener: its bind address is not a
+    loopback one and, with proxy_protocol, some trusted sender is not on this machine."""
+    if is_loopback_host(config.host):
+        return False
+    if config.proxy_protocol:
+        return not all(network.is_loopback for network in config.proxy_protocol_trusted)
+    return True
 
 
 def is_trusted(host: str, networks: tuple[Network, ...]) -> bool:
@@ -89,46 +126,66 @@ class Listener:
         # TLS listener (seed 000): handshakes run per connection so refusals are logged,
         # with the context reloaded from disk every ssl_options.reload_interval.
         self.tls = tls
-        self.server: asyncio.Server | TLSServer | None = None
+        self.server: TLSServer | None = None
+        self.acceptor: AcceptLoop | None = None
         self.protocols: set[MQTTServerProtocol] = set()
+        self.loop = asyncio.get_running_loop()
+        # Connected MQTT clients, what max_connections counts (None: no count limit).
+        self.clients = 0
+        self.max_connections = config.max_connections
+        self.pending = PendingConnections(
+            config.max_pending_connections, config.max_pending_bytes, self._evicted
+        )
+        # Set by stop() while it waits for the lingering closes.
+        self._all_closed: asyncio.Event | None = None
+        # Connections being adopted by the event loop (accepted, connection_made not yet run).
+        self._adopting: set[asyncio.Task[None]] = set()
+        self.refusals = SuppressedLines(
+            logger.warning,
+            f"listener {config.label}",
+            "connections refused before CONNECT",
+            self.loop.time,
+            self.loop.call_later,
+        )
 
     @property
     def active(self) -> int:
+        """Open connections: clients, pending sockets and lingering closes."""
         return len(self.protocols)
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        assert self.server is not None
-        sockname = self.server.sockets[0].getsockname()
+        if self.acceptor is not None:
+            sockname = self.acceptor.socket.getsockname()
+        else:
+            assert self.server is not None
+            sockname = self.server.sockets[0].getsockname()
         return int(sockname[1])
 
+    def refused(self, line: str) -> None:
+        """A refusal before CONNECT, logged as a WARNING within the rate limit."""
+        self.refusals.emit(line)
+
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         config = self.config
-
-        def mqtt_protocol() -> asyncio.Protocol:
-            return MQTTServerProtocol(self)
-
+        label = f"listener {config.label}"
         if self.tls is not None:
             self.server = await serve_tls(
                 self.tls,
-                mqtt_protocol,
-                f"listener {config.label}",
+                self._protocol,
+                label,
                 config.host,
                 config.port,
-                max_handshakes=config.max_connections,
+                on_refused=self._tls_refused,
+                pending=self.pending,
+                on_accept_failed=self._accept_failed,
             )
             self.tls.start()
         else:
-            self.server = await loop.create_server(
-                mqtt_protocol,
-                config.host,
-                config.port,
-                ssl=self.ssl_context,
-                reuse_address=True,
-                backlog=4096,
-            )
+            listening = open_listening_socket(config.host, config.port)
+            self.acceptor = AcceptLoop(listening, self._accepted, label, self._accept_failed)
+            self.acceptor.start()
         logger.info(
             "listener %s on %s:%d%s",
             config.label,
@@ -136,31 +193,103 @@ class Listener:
             self.port,
             " (proxy_protocol)" if config.proxy_protocol else "",
         )
+        if not config.authentication and reachable_from_network(config):
+            logger.warning(
+                "listener %s on %s:%d accepts ANONYMOUS clients from the network (no "
+                "password_file, no client certificates): anyone who reaches this port may "
+                "connect, publish and subscribe. Set password_file; or make it an ssl "
+                'listener with verify = "verify_peer" and fail_if_no_peer_cert = true; or '
+                'put it behind lb with proxy_protocol = true and peer_cert_as_username = "cn"; '
+                "or bind it to 127.0.0.1",
+                config.label,
+                config.host,
+                self.port,
+            )
+
+    def _protocol(self) -> asyncio.Protocol:
+        return MQTTServerProtocol(self)
+
+    def _accepted(self, connection: socket.socket, _address: object) -> None:
+        task = self.loop.create_task(self._adopt(connection))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, connection: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                self._protocol, connection, ssl=self.ssl_context
+            )
+        except OSError as error:
+            logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
+            connection.close()
+
+    def _tls_refused(self, address: tuple[str, int], reason: str) -> None:
+        self.refused(
+            f"TLS handshake from {address_text(address)} refused on listener "
+            f"{self.config.label}: {reason}"
+        )
+
+    def _accept_failed(self) -> None:
+        self.broker.counters.accepts_failed += 1
+
+    def _evicted(self) -> None:
+        self.broker.counters.pending_connections_evicted += 1
+
+    def connection_closed(self) -> None:
+        """A descriptor is free: accepts paused for lack of them go on."""
+        if self._all_closed is not None and not self.protocols:
+            self._all_closed.set()
+        if self.acceptor is not None:
+            self.acceptor.resume()
+        elif self.server is not None:
+            self.server.resume()
 
     async def stop(self) -> None:
         if self.tls is not None:
             self.tls.stop()
+        if self.acceptor is not None:
+            self.acceptor.close()
         if self.server is not None:
             self.server.close()
+        for task in list(self._adopting):
+            task.cancel()
         for protocol in list(self.protocols):
             protocol.shutdown()
+        # Lingering closes end by themselves within LINGER_TIME; what is left is cut.
+        if self.protocols:
+            self._all_closed = asyncio.Event()
+            try:
+                async with asyncio.timeout(LINGER_TIME):
+                    await self._all_closed.wait()
+            except TimeoutError:
+                pass
+        for protocol in list(self.protocols):
+            protocol.abort()
         if self.server is not None:
             await self.server.wait_closed()
+        self.refusals.flush()
 
 
 class MQTTServerProtocol(asyncio.Protocol):
     __slots__ = (
         "_backlog_handle",
+        "_deadline",
+        "_delay",
+        "_extensions",
         "_flush_handle",
         "_out",
         "_out_bytes",
         "_timer",
+        "_timer_callback",
+        "admitted",
         "closed",
         "connection",
         "first_data_pending",
         "idle_timeout",
         "input_paused",
         "last_activity",
+        "linger_bytes",
+        "lingering",
         "listener",
         "loop",
         "proxy_decoder",
@@ -178,6 +307,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.proxy_decoder: ProxyProtocolDecoder | None = None
         self.socket_address: tuple[str, int] = ("", 0)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_callback: Callable[[], None] | None = None
+        self._deadline = 0.0
+        self._delay = 0.0
+        self._extensions = 0
         self.idle_timeout: float | None = None
         self.last_activity = 0.0
         self.writing_paused = False
@@ -187,6 +320,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         # Whether the transport is paused now: the result of _update_reading, nothing else.
         self.reading_paused = False
         self.closed = False
+        # One of the listener's max_connections slots is ours (admit) until we close.
+        self.admitted = False
+        self.lingering = False
+        self.linger_bytes = 0
         self.first_data_pending = False
         # Writes coalesced until the end of this loop iteration (see write()).
         self._out: list[bytes] = []
@@ -209,23 +346,25 @@ class MQTTServerProtocol(asyncio.Protocol):
             # Reset before we could look (HAProxy's L4 checks close with RST at once):
             # nothing to serve and nothing worth a warning.
             logger.debug("connection on %s reset before it was accepted", config.label)
-            self._close_transport()
+            self._close_transport(linger=False)
             return
+        # Pending until its CONNECT is accepted; the oldest pending socket makes room.
+        listener.pending.add(self, self._evicted)
         self.socket_address = (str(peer[0]), int(peer[1]))
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.last_activity = self.loop.time()
+        if listener.tls is not None and self._chain_too_deep(listener.tls):
+            return
         if config.proxy_protocol:
             if not is_trusted(self.socket_address[0], config.proxy_protocol_trusted):
                 # Decided on the address alone, before any byte is read (proxy-protocol.txt
                 # section 3): whatever this peer sends is never parsed.
                 counters.proxy_untrusted_sources += 1
-                logger.warning(
-                    "connection from %s refused on PROXY listener %s: address not in "
-                    "proxy_protocol_trusted",
-                    address_text(self.socket_address),
-                    config.label,
+                listener.refused(
+                    f"connection from {address_text(self.socket_address)} refused on PROXY "
+                    f"listener {config.label}: address not in proxy_protocol_trusted"
                 )
-                self._close_transport()
+                self._close_transport(linger=False)
                 return
             self.proxy_decoder = ProxyProtocolDecoder()
             self._arm(config.proxy_protocol_timeout, self._proxy_timeout)
@@ -234,7 +373,14 @@ class MQTTServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            if self.lingering:
+                # Lingering close: read and discard, within LINGER_MAX_BYTES.
+                self.linger_bytes += len(data)
+                if self.linger_bytes > LINGER_MAX_BYTES:
+                    self.abort()
             return
+        if not self.admitted and not self.listener.pending.grow(self, len(data)):
+            return  # evicted: pending sockets over max_pending_bytes
         self.last_activity = self.loop.time()
         try:
             connection = self.connection
@@ -259,10 +405,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         )
         if self.connection is not None:
             self.connection.connection_lost("internal error")
-        self._close_transport()
+        self._close_transport(linger=False)
 
     def eof_received(self) -> bool | None:
         # MQTT has no half-close: a client that stops sending is gone (and its will is due).
+        # While lingering, the client has read our last packet and closed: done.
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -275,10 +422,15 @@ class MQTTServerProtocol(asyncio.Protocol):
             self._backlog_handle = None
         self._out.clear()
         self._out_bytes = 0
-        self.listener.protocols.discard(self)
-        self.listener.broker.counters.connections_closed += 1
+        listener = self.listener
+        listener.protocols.discard(self)
+        listener.pending.remove(self)
+        self._release_client()
+        listener.broker.counters.connections_closed += 1
+        listener.connection_closed()
         was_closed = self.closed
         self.closed = True
+        self.lingering = False
         connection = self.connection
         if connection is not None:
             connection.connection_lost(None if exc is None else f"connection error: {exc}")
@@ -370,6 +522,22 @@ class MQTTServerProtocol(asyncio.Protocol):
     def close(self) -> None:
         self._close_transport()
 
+    def admit(self) -> bool:
+        """Take one of the listener's max_connections slots; False when none is left."""
+        listener = self.listener
+        limit = listener.max_connections
+        if limit is not None and listener.clients >= limit:
+            return False
+        listener.clients += 1
+        self.admitted = True
+        listener.pending.remove(self)
+        return True
+
+    def _release_client(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.listener.clients -= 1
+
     def write_congested(self) -> bool:
         return self.writing_paused
 
@@ -400,28 +568,89 @@ class MQTTServerProtocol(asyncio.Protocol):
             self.connection.disconnect(ReasonCode.SERVER_SHUTTING_DOWN, "server shutting down")
         self._close_transport()
 
-    def _close_transport(self) -> None:
+    def abort(self) -> None:
+        """Close now, without lingering or flushing (node stop, eviction, a lingering client
+        that keeps sending)."""
+        self.closed = True
+        self.lingering = False
+        self._release_client()
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _evicted(self, why: str) -> None:
+        """PendingConnections makes room: this is the oldest socket that is not a client."""
+        self.listener.refused(
+            f"connection from {address_text(self.socket_address)} on listener "
+            f"{self.listener.config.label} closed before CONNECT to make room: {why}"
+        )
+        if self.connection is not None:
+            self.connection.connection_lost("closed before CONNECT to make room")
+        self.abort()
+
+    def _close_transport(self, linger: bool = True) -> None:
         if self.closed:
             return
         self._flush()  # what was written before close() still goes out
         self.closed = True
+        self._release_client()
         self._cancel_timer()
+        transport = self.transport
+        if transport is None:
+            return
+        # Lingering close once the MQTT conversation started (a CONNACK or DISCONNECT may be
+        # on its way): shut our write side, read and drop the rest. TLS transports cannot
+        # half-close; their close() sends close_notify and reads until the peer's.
+        if linger and self.connection is not None and transport.can_write_eof():
+            self.lingering = True
+            transport.write_eof()
+            if self.reading_paused:
+                self.reading_paused = False
+                transport.resume_reading()
+            self._timer = self.loop.call_later(LINGER_TIME, self._linger_over)
+            return
+        transport.close()
+
+    def _linger_over(self) -> None:
+        self._timer = None
         if self.transport is not None:
             self.transport.close()
 
-    def _arm(self, delay: float, callback: object) -> None:
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         self._cancel_timer()
-        self._timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+        self._timer_callback = callback
+        self._deadline = self.loop.time() + delay
+        self._delay = delay
+        self._extensions = 0
+        self._timer = self.loop.call_later(delay, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        callback = self._timer_callback
+        if callback is None or self.closed:
+            return
+        now = self.loop.time()
+        late = now - self._deadline
+        if late > LAG_TOLERANCE and self._extensions < LAG_EXTENSIONS:
+            # The loop was busy elsewhere past the deadline (see LAG_TOLERANCE).
+            self._extensions += 1
+            self.listener.broker.counters.timers_late += 1
+            extension = min(late, self._delay)
+            self._deadline = now + extension
+            self._timer = self.loop.call_later(extension, self._timer_fired)
+            return
+        self._timer_callback = None
+        callback()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._timer_callback = None
 
     def _idle_check(self) -> None:
         # One timer per connection, re-armed for the remainder instead of being cancelled
         # and recreated on every packet.
-        self._timer = None
         timeout = self.idle_timeout
         if self.closed or timeout is None:
             return
@@ -437,22 +666,40 @@ class MQTTServerProtocol(asyncio.Protocol):
         self._connection_timed_out()
 
     def _connection_timed_out(self) -> None:
-        self._timer = None
         if self.connection is not None:
             self.connection.timed_out()
         self._close_transport()
 
     def _proxy_timeout(self) -> None:
-        self._timer = None
         counters = self.listener.broker.counters
         counters.proxy_header_timeouts += 1
-        logger.warning(
-            "timeout waiting for the PROXY header from %s on listener %s (%gs)",
-            address_text(self.socket_address),
-            self.listener.config.label,
-            self.listener.config.proxy_protocol_timeout,
+        self.listener.refused(
+            f"timeout waiting for the PROXY header from {address_text(self.socket_address)} "
+            f"on listener {self.listener.config.label} "
+            f"({self.listener.config.proxy_protocol_timeout:g}s)"
         )
-        self._close_transport()
+        self._close_transport(linger=False)
+
+    def _chain_too_deep(self, tls: ReloadingContext) -> bool:
+        """ssl_options.depth (seed 000), checked on the verified chain before any byte is
+        read: the standard library has no verify depth setting to give OpenSSL."""
+        transport = self.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            return False
+        try:
+            problem = tls.depth_problem(ssl_object)
+        except RuntimeError as error:
+            problem = str(error)
+        if problem is None:
+            return False
+        self.listener.broker.counters.tls_chain_too_deep += 1
+        self.listener.refused(
+            f"TLS client {address_text(self.socket_address)} refused on listener "
+            f"{self.listener.config.label}: {problem}"
+        )
+        self._close_transport(linger=False)
+        return True
 
     def _socket_identity(self, health_check: bool = False) -> PeerIdentity:
         transport = self.transport
@@ -497,30 +744,24 @@ class MQTTServerProtocol(asyncio.Protocol):
         except ProxyProtocolError as error:
             if error.looks_like == "mqtt-connect":
                 counters.proxy_missing_header += 1
-                logger.warning(
-                    "MQTT CONNECT received without PROXY header from %s: is send-proxy-v2 "
-                    "set on the balancer? (listener %s has proxy_protocol = true)",
-                    source,
-                    config.label,
+                self.listener.refused(
+                    f"MQTT CONNECT received without PROXY header from {source}: is "
+                    "send-proxy-v2 set on the balancer? (listener "
+                    f"{config.label} has proxy_protocol = true)"
                 )
             elif error.looks_like == "tls-client-hello":
                 counters.proxy_missing_header += 1
-                logger.warning(
-                    "TLS ClientHello received without PROXY header from %s: the balancer "
-                    "must terminate TLS and send-proxy-v2 to listener %s",
-                    source,
-                    config.label,
+                self.listener.refused(
+                    f"TLS ClientHello received without PROXY header from {source}: the "
+                    f"balancer must terminate TLS and send-proxy-v2 to listener {config.label}"
                 )
             else:
                 counters.proxy_header_errors += 1
-                logger.warning(
-                    "invalid PROXY header from %s on listener %s: %s (%s)",
-                    source,
-                    config.label,
-                    error,
-                    error.reason,
+                self.listener.refused(
+                    f"invalid PROXY header from {source} on listener {config.label}: "
+                    f"{error} ({error.reason})"
                 )
-            self._close_transport()
+            self._close_transport(linger=False)
             return
         if event is NEED_DATA:
             return
@@ -563,10 +804,8 @@ class MQTTServerProtocol(asyncio.Protocol):
     def _start_mqtt(self, identity: PeerIdentity) -> None:
         listener = self.listener
         broker = listener.broker
-        refuse = None
-        if listener.active > listener.config.max_connections:
-            refuse = ReasonCode.SERVER_BUSY
-        self.connection = ClientConnection(broker, self, identity, listener.config, refuse)
+        # max_connections is decided when the CONNECT is accepted (admit), not here.
+        self.connection = ClientConnection(broker, self, identity, listener.config)
         self.first_data_pending = not listener.config.proxy_protocol
         self._arm(broker.settings.connect_timeout, self._connection_timed_out)
 
@@ -580,14 +819,13 @@ class MQTTServerProtocol(asyncio.Protocol):
             and (data.startswith(b"PROXY") or data.startswith(b"\r\n\r\n"))
         ):
             self.listener.broker.counters.proxy_header_unexpected += 1
-            logger.warning(
+            self.listener.refused(
                 "PROXY protocol header received on a listener without proxy_protocol = true "
-                "from %s (listener %s): set proxy_protocol = true or remove send-proxy on "
-                "the balancer",
-                address_text(self.socket_address),
-                self.listener.config.label,
+                f"from {address_text(self.socket_address)} (listener "
+                f"{self.listener.config.label}): set proxy_protocol = true or remove "
+                "send-proxy on the balancer"
             )
             connection.connection_lost("PROXY header on a plain listener")
-            self._close_transport()
+            self._close_transport(linger=False)
             return True
         return False

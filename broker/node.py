@@ -99,7 +99,12 @@ class BrokerServer:
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(
-                self.broker, config.admin.host, config.admin.port, cluster_status
+                self.broker,
+                config.admin.host,
+                config.admin.port,
+                cluster_status,
+                config=config.admin,
+                origin=config.origin,
             )
             if self.authorization is not None:
                 self.admin.authorization_reload = self.reload_authorization

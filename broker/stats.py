@@ -46,6 +46,15 @@ class Counters:
     sessions_expired: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
+    # Listener limits (broker.listener, broker.accept): sockets closed before CONNECT to keep
+    # max_pending_connections / max_pending_bytes, deadline timers that ran late because
+    # the event loop stalled (each gave its socket one more poll), accepts that failed for
+    # lack of file descriptors.
+    pending_connections_evicted: int = 0
+    # TLS clients whose verified chain is longer than ssl_options.depth allows.
+    tls_chain_too_deep: int = 0
+    timers_late: int = 0
+    accepts_failed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -26,6 +26,7 @@ shares) and owns what happens around them:
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import logging
 import socket
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from broker.accept import BACKLOG, AcceptLoop, PendingConnections, open_listening_socket
 from broker.config import BrokerConfig, SSLOptions
 from lb import pem
 from lb.tls_codes import Refusal, refusal_for_reason
@@ -54,8 +56,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a client has to finish the TLS handshake (EMQX's handshake_timeout is 15 s).
 HANDSHAKE_TIMEOUT = 15.0
-#: Longest chain walked for chain_subjects; EMQX's depth default is 10 (seed 000).
-MAX_CHAIN_LENGTH = 16
 
 #: Refused handshakes (classified by lb.tls_codes from OpenSSL's reason) in the words an
 #: operator of the broker reads.
@@ -159,6 +159,26 @@ def handshake_failure_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def verified_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
+    """The chain OpenSSL verified for the peer, leaf first and the trust anchor last, in DER
+    (empty without a verified peer certificate).
+
+    ssl.SSLObject.get_verified_chain is public from Python 3.13; 3.10 to 3.12 have the same
+    method on the private _ssl object underneath (returning _ssl.Certificate objects), which
+    is what ssl_options.depth is enforced with on 3.11 (the ssl module has no verify depth).
+    """
+    getter = getattr(ssl_object, "get_verified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_verified_chain", None)
+    if getter is None:
+        # Never parse-and-ignore ssl_options.depth: without the chain, refuse the client.
+        raise RuntimeError("this Python's ssl module does not show the verified chain")
+    return [
+        item if isinstance(item, bytes) else item.public_bytes(_ssl.ENCODING_DER)
+        for item in getter() or ()
+    ]
+
+
 def address_text(address: tuple[str, int]) -> str:
     """host:port, with IPv6 hosts in brackets, for log lines."""
     host, port = address
@@ -184,19 +204,10 @@ class ReloadingContext:
         # Raises TLSFileError / ssl.SSLError at start: a node does not start on bad files.
         self.context = build(options)
         self.signature = pem.file_signature(self.paths())
-        self.trusted = self._load_trusted()
 
     def paths(self) -> list[Path | None]:
         options = self.options
         return [options.certfile, options.keyfile, options.cacertfile, options.crl_file]
-
-    def _load_trusted(self) -> list[x509.Certificate]:
-        if self.options.cacertfile is None:
-            return []
-        try:
-            return pem.load_certificates(self.options.cacertfile)
-        except pem.TLSFileError:
-            return []
 
     def check(self) -> bool:
         """Rebuild the context if a file changed; True when a new context is in use."""
@@ -219,7 +230,6 @@ class ReloadingContext:
             return False
         self.context = context
         self.signature = signature
-        self.trusted = self._load_trusted()
         self.reloads += 1
         self.last_error = None
         logger.info(
@@ -250,28 +260,31 @@ class ReloadingContext:
             self._timer = None
 
     def chain_subjects(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes, ...]:
-        """DER subjects of the verified chain, leaf first (PeerIdentity.chain_subjects).
-
-        Python 3.11's ssl module only exposes the leaf, so the issuers are found in the
-        trusted CA file the handshake verified against (by name and signature).
-        """
-        leaf_der = ssl_object.getpeercert(binary_form=True)
-        if not leaf_der:
-            return ()
-        try:
-            current = x509.load_der_x509_certificate(leaf_der)
-        except ValueError:
-            return ()
-        subjects = [current.subject.public_bytes()]
-        for _ in range(MAX_CHAIN_LENGTH):
-            if current.issuer == current.subject:
+        """DER subjects of the verified chain, leaf first (PeerIdentity.chain_subjects),
+        intermediates the client sent included."""
+        subjects = []
+        for der in verified_chain(ssl_object):
+            try:
+                subjects.append(x509.load_der_x509_certificate(der).subject.public_bytes())
+            except ValueError:
                 break
-            issuer = next((ca for ca in self.trusted if pem.issued_by(current, ca)), None)
-            if issuer is None:
-                break
-            subjects.append(issuer.subject.public_bytes())
-            current = issuer
         return tuple(subjects)
+
+    def depth_problem(self, ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+        """Why the client's verified chain is longer than ``ssl_options.depth`` allows, or
+        None. The depth counts the CA certificates between the client's certificate and the
+        trust anchor, as OpenSSL's verify depth and EMQX's ``depth`` do (0: signed by the
+        root itself)."""
+        chain = verified_chain(ssl_object)
+        if len(chain) < 2:
+            return None
+        intermediates = len(chain) - 2
+        if intermediates <= self.options.depth:
+            return None
+        return (
+            f"certificate chain has {intermediates} intermediate CA certificates, more than "
+            f"ssl_options.depth = {self.options.depth}"
+        )
 
     def status(self) -> dict[str, object]:
         return {
@@ -303,62 +316,70 @@ class TLSServer:
         on_refused: Callable[[tuple[str, int], str], None] | None = None,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_handshakes: int | None = None,
+        pending: PendingConnections | None = None,
+        on_accept_failed: Callable[[], None] | None = None,
     ) -> None:
         self.context = context
-        # Handshakes in flight at most (the listener's max_connections): beyond it connections
-        # wait in the kernel's backlog, so a ClientHello flood cannot make unbounded tasks and
-        # SSL objects (lb's Listener does the same at maxconn).
+        self.on_accept_failed = on_accept_failed
+        # Handshakes in flight at most: beyond it connections wait in the kernel's backlog,
+        # so a ClientHello flood cannot make unbounded tasks and SSL objects (lb's Listener
+        # does the same at maxconn).
         self.max_handshakes = max_handshakes
-        self._slot_freed: asyncio.Event | None = None
+        # Or, for an MQTT listener, its pending sockets (broker.accept.PendingConnections):
+        # a handshake in flight is one of them, and the oldest makes room for a new one.
+        self.pending = pending
         self.factory = factory
         self.label = label
         self.on_refused = on_refused
         self.handshake_timeout = handshake_timeout
         self.sockets: list[socket.socket] = []
         self.handshakes_refused = 0
-        self._accepting: asyncio.Task[None] | None = None
+        self.acceptor: AcceptLoop | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int, backlog: int = 4096) -> None:
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        listening = socket.socket(family, kind, proto)
-        try:
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listening.bind(address)
-            listening.listen(backlog)
-            listening.setblocking(False)
-        except OSError:
-            listening.close()
-            raise
+    async def start(self, host: str, port: int, backlog: int = BACKLOG) -> None:
+        listening = open_listening_socket(host, port, backlog)
         self.sockets = [listening]
-        self._accepting = loop.create_task(self._accept(listening))
+        # Accepts pause at descriptor exhaustion and resume as handshakes end (broker.accept).
+        self.acceptor = AcceptLoop(listening, self._accepted, self.label, self.on_accept_failed)
+        self.acceptor.start()
 
-    async def _accept(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self._slot_freed = asyncio.Event()
-        while True:
-            while self.max_handshakes is not None and len(self._handshakes) >= self.max_handshakes:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-            try:
-                connection, address = await loop.sock_accept(listening)
-            except asyncio.CancelledError:
-                raise
-            except OSError as error:
-                # EMFILE and friends: wait a little instead of spinning.
-                logger.warning("%s: accept failed: %s", self.label, error)
-                await asyncio.sleep(0.1)
-                continue
-            task = loop.create_task(self._handshake(connection, address))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshake_done)
+    def _accepted(self, connection: socket.socket, address: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._handshake(connection, address))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshake_done)
+        if self.pending is not None:
+
+            def evict(why: str) -> None:
+                peer = address if isinstance(address, tuple) else ("?", 0)
+                self._refused(
+                    (str(peer[0]), int(peer[1])),
+                    f"closed during the TLS handshake to make room: {why}",
+                )
+                task.cancel()
+
+            self.pending.add(task, evict)
+        if self.max_handshakes is not None and len(self._handshakes) >= self.max_handshakes:
+            assert self.acceptor is not None
+            self.acceptor.hold()
 
     def _handshake_done(self, task: asyncio.Task[None]) -> None:
         self._handshakes.discard(task)
-        if self._slot_freed is not None:
-            self._slot_freed.set()
+        if self.pending is not None:
+            self.pending.remove(task)
+        acceptor = self.acceptor
+        if acceptor is not None:
+            # A descriptor may have been freed (a refused handshake).
+            acceptor.resume()
+            if acceptor.held and (
+                self.max_handshakes is None or len(self._handshakes) < self.max_handshakes
+            ):
+                acceptor.release()
+
+    def resume(self) -> None:
+        """One of the served connections closed: accepts paused for descriptors go on."""
+        if self.acceptor is not None:
+            self.acceptor.resume()
 
     async def _handshake(self, connection: socket.socket, address: object) -> None:
         loop = asyncio.get_running_loop()
@@ -390,13 +411,10 @@ class TLSServer:
             )
 
     def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            self._accepting = None
+        if self.acceptor is not None:
+            self.acceptor.close()  # closes the listening socket
         for task in list(self._handshakes):
             task.cancel()
-        for listening in self.sockets:
-            listening.close()
 
     async def wait_closed(self) -> None:
         if self._handshakes:
@@ -411,12 +429,22 @@ async def serve_tls(
     port: int,
     on_refused: Callable[[tuple[str, int], str], None] | None = None,
     max_handshakes: int | None = None,
+    pending: PendingConnections | None = None,
+    on_accept_failed: Callable[[], None] | None = None,
 ) -> TLSServer:
     """Listen on ``host:port``; every connection gets the current context of ``contexts``."""
 
     def current() -> ssl.SSLContext:
         return contexts.context
 
-    server = TLSServer(current, factory, label, on_refused, max_handshakes=max_handshakes)
+    server = TLSServer(
+        current,
+        factory,
+        label,
+        on_refused,
+        max_handshakes=max_handshakes,
+        pending=pending,
+        on_accept_failed=on_accept_failed,
+    )
     await server.start(host, port)
     return server

@@ -244,7 +244,18 @@ depth = 10
 
 [admin]
 bind = "{host}:{member.admin_port}"
-"""
+{_admin_anonymous(host)}"""
+
+
+def _admin_anonymous(host: str) -> str:
+    """Off loopback (the container network) the admin API needs credentials or this."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return ""
+    return (
+        "# The compose network only: the stack publishes lb's port alone, and the devices\n"
+        "# container reads /api/clients (broker/admin.py; token_file would need a secret).\n"
+        "anonymous = true\n"
+    )
 
 
 def docker_config(path: str) -> str:

@@ -15,8 +15,8 @@ Owns the three things HAProxy's logging does for a TCP proxy (configuration.txt 
   counted (HAProxy's DroppedLogs).
 - **Refused handshakes.** A refused TLS handshake never becomes a session; it gets one line
   of its own, `<ip>:<port> [<date>] <frontend>/<bind>: <reason>`, where HAProxy says only
-  "SSL handshake failure" and we say why. A token bucket (`RateLimiter`) keeps a flood of bad
-  clients from flooding the log; what it held back is reported as
+  "SSL handshake failure" and we say why. A token bucket (`lb.ratelimit.RateLimiter`) keeps
+  a flood of bad clients from flooding the log; what it held back is reported as
   "N similar lines suppressed".
 
 Lines from other modules that an operator expects among the traffic lines (server state
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lb.config.model import LogTarget
+from lb.ratelimit import DEFAULT_BURST, DEFAULT_RATE, REPORT_INTERVAL, RateLimiter
 
 logger = logging.getLogger(__name__)
 traffic_logger = logging.getLogger("lb.traffic")
@@ -58,11 +59,11 @@ DEFAULT_TAG = "haproxy"
 
 TCPLOG_FORMAT = "%ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc %sq/%bq"
 
-#: Refused-handshake lines: a burst of this many, then this many per second.
-ERROR_LINE_BURST = 20
-ERROR_LINE_RATE = 10.0
+#: Refused-handshake lines: a burst of this many, then this many per second (lb.ratelimit).
+ERROR_LINE_BURST = DEFAULT_BURST
+ERROR_LINE_RATE = DEFAULT_RATE
 #: How often the count of suppressed lines is reported while a flood lasts (seconds).
-SUPPRESSED_REPORT_INTERVAL = 10.0
+SUPPRESSED_REPORT_INTERVAL = REPORT_INTERVAL
 
 
 def haproxy_date(epoch: float) -> str:
@@ -408,34 +409,6 @@ class TrafficLog:
 
 # --------------------------------------------------------------------------------------------
 # Rate limiting of refused-handshake lines
-
-
-class RateLimiter:
-    """A token bucket: `burst` lines at once, then `rate` per second; counts the rest."""
-
-    __slots__ = ("burst", "clock", "rate", "suppressed", "tokens", "updated")
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self.tokens = float(burst)
-        self.updated = clock()
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = self.clock()
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        count, self.suppressed = self.suppressed, 0
-        return count
 
 
 class ConnectionErrorLog:

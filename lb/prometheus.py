@@ -11,17 +11,27 @@ its scope. Counters are every worker's, summed (lb.counters); states come from t
 process, which every worker shares (lb.control).
 
 `PrometheusEndpoint` answers `GET /metrics` on the binds of a frontend that names the
-service; with `nbthread` > 1 (lb.workers) the lead worker serves it.
+service, over HTTP/1.1 parsed by h11, behind HAProxy's basic auth against a `userlist` when
+the frontend says `http-request auth`; with `nbthread` > 1 (lb.workers) the lead worker
+serves it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import hmac
+import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+import h11
+
+from lb import http11
+from lb.config.model import Userlist
 from lb.counters import (
     CounterSnapshot,
     Row,
@@ -30,14 +40,20 @@ from lb.counters import (
     merge_snapshots,
     server_state,
 )
+from lb.ratelimit import SuppressedLines
 
 if TYPE_CHECKING:
     from lb.frontend import FrontendRuntime
     from lb.process import Runtime
     from lb.server import BackendState, ServerState
 
+logger = logging.getLogger(__name__)
+
 #: How long an HTTP client may take to send its request.
 REQUEST_TIMEOUT = 10.0
+#: A scraper's request is a few hundred bytes; HAProxy's tune.bufsize is 16 KiB.
+MAX_REQUEST_HEAD = 8192
+MAX_REQUEST_BODY = 4096
 
 #: HAProxy's check status names (include/haproxy/check-t.h), the promex label values.
 CHECK_STATUSES = (
@@ -325,12 +341,28 @@ def _number(value: Number) -> str:
 
 
 class PrometheusEndpoint:
-    """A minimal HTTP/1.1 responder: `GET /metrics` (or `/`) answers the exporter's page."""
+    """`GET /metrics` (or `/`) answers the exporter's page, over HTTP/1.1 parsed by h11
+    (lb.http11) with keep-alive. A head over MAX_REQUEST_HEAD gets 431, a body 413, garbage
+    400. With `http-request auth [realm R] unless { http_auth(L) }` on the frontend every
+    request needs the basic credentials of a user of userlist L (HAProxy's way to protect
+    its exporter): 401 with `WWW-Authenticate: Basic realm="R"` otherwise; `password` is a
+    crypt(3) hash checked by the C library's crypt(), as HAProxy does, `insecure-password`
+    plain text. lb.config refuses an exporter bound off loopback without it."""
 
     def __init__(self, runtime: Runtime, name: str) -> None:
         self.runtime = runtime
         self.name = name
         self.servers: list[asyncio.AbstractServer] = []
+        self.realm: str | None = None
+        self.userlist: Userlist | None = None
+        frontend = runtime.config.frontend(name)
+        if frontend.http_request_auth is not None:
+            self.realm, userlist = frontend.http_request_auth
+            self.userlist = runtime.config.userlist(userlist)
+        loop = asyncio.get_running_loop()
+        self.refusals = SuppressedLines(
+            logger.warning, f"frontend {name}", "refused requests", loop.time, loop.call_later
+        )
 
     async def start(self, sockets: list[socket.socket]) -> None:
         for sock in sockets:
@@ -340,40 +372,113 @@ class PrometheusEndpoint:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+        self.refusals.flush()
+
+    def authorized(self, headers: http11.Headers) -> bool:
+        userlist = self.userlist
+        if userlist is None:
+            return True
+        credentials = http11.basic_credentials(headers)
+        if credentials is None:
+            return False
+        name, password = credentials
+        user = userlist.user(name)
+        if user is None:
+            return False
+        if user.insecure:
+            return hmac.compare_digest(password, user.password.encode())
+        return crypt_matches(password, user.password)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if peername else "?"
         try:
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        request = await http11.read_request(
+                            reader, connection, MAX_REQUEST_HEAD, MAX_REQUEST_BODY
+                        )
+                except h11.RemoteProtocolError as error:
+                    self.refusals.emit(
+                        f"{peer} frontend {self.name}: {error.error_status_hint} {error}"
+                    )
+                    await http11.respond_error(writer, connection, error)
                     return
-                request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-                parts = request_line.split()
-                headers = head.decode("latin-1").lower()
-                keep_alive = "connection: close" not in headers and request_line.endswith("1.1")
-                if len(parts) != 3 or parts[0] not in ("GET", "HEAD"):
-                    status, body = "405 Method Not Allowed", b"only GET\n"
-                elif parts[1].split("?")[0] not in ("/metrics", "/"):
-                    status, body = "404 Not Found", b"not found: try /metrics\n"
+                if request is None:
+                    return
+                method = request.method.decode("ascii", "replace")
+                path = request.target.decode("ascii", "replace").split("?", 1)[0]
+                headers: list[tuple[str, str]] = []
+                content_type = "text/plain"
+                if not self.authorized(request.headers):
+                    userlist = self.userlist.name if self.userlist is not None else "-"
+                    self.refusals.emit(
+                        f"{peer} frontend {self.name}: 401 for {method} {path} "
+                        f"(http-request auth, userlist {userlist})"
+                    )
+                    status, body = 401, b"401 Unauthorized\n"
+                    headers.append(("www-authenticate", f'Basic realm="{self.realm}"'))
+                elif method not in ("GET", "HEAD"):
+                    status, body = 405, b"only GET\n"
+                    headers.append(("allow", "GET, HEAD"))
+                elif path not in ("/metrics", "/"):
+                    status, body = 404, b"not found: try /metrics\n"
                 else:
                     totals = merge_snapshots(await self.runtime.gather_counters())
-                    status, body = "200 OK", render_prometheus(self.runtime, totals).encode()
-                content_type = (
-                    "text/plain; version=0.0.4" if status.startswith("200") else ("text/plain")
+                    status, body = 200, render_prometheus(self.runtime, totals).encode()
+                    content_type = "text/plain; version=0.0.4"
+                await http11.respond(
+                    writer,
+                    connection,
+                    status,
+                    content_type,
+                    body,
+                    headers,
+                    send_body=method != "HEAD",
                 )
-                writer.write(
-                    (
-                        f"HTTP/1.1 {status}\r\ncache-control: no-cache\r\n"
-                        f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
-                        f"connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
-                    ).encode()
-                    + (body if parts and parts[0] != "HEAD" else b"")
-                )
-                await writer.drain()
-                if not keep_alive:
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     return
-        except (ConnectionError, OSError):
+                connection.start_next_cycle()
+        except (ConnectionError, OSError, TimeoutError, h11.LocalProtocolError):
             return
         finally:
             writer.close()
+
+
+def _load_crypt() -> Callable[[bytes, bytes], bytes | None] | None:
+    """The C library's crypt(3) (libcrypt / libxcrypt), which HAProxy checks `password`
+    hashes with: every scheme it knows ($y$, $6$, $5$, $2b$, ...) works the same here."""
+    name = ctypes.util.find_library("crypt")
+    if name is None:
+        return None
+    try:
+        library = ctypes.CDLL(name)
+    except OSError:
+        return None
+    function = library.crypt
+    function.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    function.restype = ctypes.c_char_p
+
+    def crypt(password: bytes, setting: bytes) -> bytes | None:
+        result: bytes | None = function(password, setting)
+        return result
+
+    return crypt
+
+
+_CRYPT = _load_crypt()
+
+
+def crypt_matches(password: bytes, hashed: str) -> bool:
+    """Whether ``password`` hashes to ``hashed`` with crypt(3); False without libcrypt."""
+    if _CRYPT is None or b"\0" in password:
+        return False
+    result = _CRYPT(password, hashed.encode())
+    # Failures are NULL or a string starting with "*" (libxcrypt's failure tokens).
+    return (
+        result is not None
+        and not result.startswith(b"*")
+        and hmac.compare_digest(result, hashed.encode())
+    )

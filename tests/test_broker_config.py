@@ -56,9 +56,10 @@ def test_bad_configs_report_their_expected_error(path: Path) -> None:
 
 
 def test_defaults_like_mosquitto_p() -> None:
+    """mosquitto 2.0's -p without a config: local only mode, on the loopback address."""
     config = default_config(1883)
     [listener] = config.listeners
-    assert (listener.host, listener.port, listener.proxy_protocol) == ("0.0.0.0", 1883, False)
+    assert (listener.host, listener.port, listener.proxy_protocol) == ("127.0.0.1", 1883, False)
     assert config.admin is None and config.cluster is None
 
 

@@ -27,6 +27,7 @@ from broker.mqtt import (
     Puback,
     Publish,
     Pubrec,
+    Pubrel,
     ReasonCode,
     Suback,
     Subscribe,
@@ -368,6 +369,59 @@ def test_receive_maximum_exceeded() -> None:
         assert isinstance(packets[2], Disconnect)
         assert packets[2].reason_code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
         assert raw.closed_by_server()
+
+
+def test_lingering_close_after_disconnect() -> None:
+    """After our DISCONNECT the client may still be writing (PUBRELs in paho's interop
+    test_flow_control2). A socket closed at once answers those bytes with a reset: the
+    client's next write fails (EPIPE) and a client such as paho never reads the DISCONNECT.
+    Closed gracefully, our write side is shut (the client reads DISCONNECT, then end of
+    stream) and what it still sends is read and dropped for a bounded time."""
+    with running_broker(make_config(mqtt={"receive_maximum": 3})) as node:
+        raw = RawClient(node.port())
+        raw.connect(connect_packet("still-writing"))
+        for packet_id in (1, 2, 3, 4):
+            raw.send(Publish("t", b"x", 2, packet_id=packet_id))
+        time.sleep(0.3)  # the DISCONNECT is sent and the connection closed by now
+        for _ in range(50):
+            raw.send(Pubrel(1))  # raises BrokenPipeError/ConnectionResetError after a reset
+            time.sleep(0.005)
+        packets = [raw.receive() for _ in range(4)]
+        assert [type(packet) for packet in packets] == [Pubrec, Pubrec, Pubrec, Disconnect]
+        assert packets[3].reason_code == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED  # type: ignore[union-attr]
+        assert raw.receive() is None  # end of stream: our write side is shut
+        wait_for(lambda: node.call(lambda: node.server.listeners[0].active) == 0)  # type: ignore[union-attr]
+
+
+def test_paho_still_writing_reads_the_disconnect() -> None:
+    """Paho's interop test_flow_control2 with paho itself: QoS 2 publishes past our Receive
+    Maximum, the client still writing when DISCONNECT 0x93 comes. Closed at once, paho
+    reported "Unspecified error" in 1 to 6 of 8 runs here (its write failed first); with the
+    lingering close it reads 0x93 every time."""
+    with running_broker(make_config(mqtt={"receive_maximum": 3})) as node:
+        for attempt in range(5):
+            reason = _paho_flood_qos2(node.port(), f"flow-{attempt}")
+            assert reason.value == ReasonCode.RECEIVE_MAXIMUM_EXCEEDED, (attempt, str(reason))
+
+
+def _paho_flood_qos2(port: int, client_id: str) -> Any:
+    """200 QoS 2 publishes of 20 kB at once; the reason of the disconnect paho reports."""
+    reasons: queue.Queue[Any] = queue.Queue()
+    connected: queue.Queue[Any] = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
+    # paho does not apply the server's Receive Maximum: it sends all of them.
+    client.max_inflight_messages_set(200)
+    client.on_disconnect = lambda c, u, flags, reason, props: reasons.put(reason)
+    client.on_connect = lambda *args: connected.put(args)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        connected.get(timeout=5)
+        for _ in range(200):
+            client.publish("flow/control", b"x" * 20_000, qos=2)
+        return reasons.get(timeout=10)
+    finally:
+        client.loop_stop()
 
 
 def test_client_receive_maximum_limits_inflight(node: BrokerThread) -> None:

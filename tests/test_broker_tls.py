@@ -149,6 +149,29 @@ def test_bad_clients_are_refused_with_one_log_line(
     assert node.admin_get("/api/clients") == []
 
 
+@pytest.mark.parametrize("cacertfile", ["bundle", "root"])
+def test_depth_is_enforced_on_the_verified_chain(
+    pki: TestPKI, caplog: pytest.LogCaptureFixture, cacertfile: str
+) -> None:
+    """ssl_options.depth counts the CA certificates between the client's and the trust
+    anchor (OpenSSL's and EMQX's meaning). It was parsed and ignored; the standard library
+    has no depth setting, so the verified chain decides (intermediates the client sent
+    count too: with only the root trusted, the device sends its intermediate)."""
+    trusted = str(pki.ca_bundle if cacertfile == "bundle" else pki.root)
+    with running_broker(tls_node(pki, depth=0, cacertfile=trusted)) as node:
+        assert handshake(node.port(), client_context(pki, pki.by_root))
+        assert not handshake(node.port(), client_context(pki, pki.device(3)))
+        wait_for(lambda: node.counters()["tls_chain_too_deep"] == 1)
+    [line] = [r.getMessage() for r in caplog.records if "ssl_options.depth" in r.getMessage()]
+    assert "refused on listener ssl:default" in line
+    assert (
+        "certificate chain has 1 intermediate CA certificates, more than ssl_options.depth = 0"
+        in line
+    )
+    with running_broker(tls_node(pki, depth=1, cacertfile=trusted)) as node:
+        assert handshake(node.port(), client_context(pki, pki.device(3)))
+
+
 def test_verify_none_accepts_a_client_without_certificate(pki: TestPKI) -> None:
     config = tls_node(pki, verify="verify_none", fail_if_no_peer_cert=False)
     with running_broker(config) as node:

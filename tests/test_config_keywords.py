@@ -17,7 +17,7 @@ from lb.config.keywords import (
     SERVER_OPTIONS,
     OptionSpec,
 )
-from lb.config.model import Backend, Bind, Config, Frontend, Server
+from lb.config.model import Backend, Bind, Config, Frontend, Server, User
 
 FILE = "/cfg/t.cfg"
 TAIL = """
@@ -336,7 +336,7 @@ def test_use_backend_and_prometheus_and_stats() -> None:
     config = valid(
         """
         frontend fe
-            bind :1
+            bind 127.0.0.1:1
             use_backend be
             stats enable
             http-request use-service prometheus-exporter if { path /metrics }
@@ -348,6 +348,77 @@ def test_use_backend_and_prometheus_and_stats() -> None:
     assert frontend.use_backend == ("be",)
     assert frontend.stats_enable is True
     assert frontend.http_request_use_service == "prometheus-exporter"
+
+
+EXPORTER = """
+frontend prometheus
+    bind {bind}
+    mode http
+    {auth}
+    http-request use-service prometheus-exporter
+"""
+
+
+def test_exporter_off_loopback_needs_http_request_auth() -> None:
+    """HAProxy's way to protect its exporter: a userlist and basic auth. lb refuses an
+    exporter reachable from the network without it (its page names every server)."""
+    [problem] = errors(EXPORTER.format(bind=":8405", auth=""))
+    assert problem.startswith(
+        "parsing [/cfg/t.cfg:3] : 'bind' : ':8405' makes the Prometheus exporter reachable "
+        "from the network without authentication"
+    )
+    assert "'http-request auth realm <realm> unless { http_auth(<userlist>) }'" in problem
+    config = valid(
+        "userlist metrics\n"
+        "    user prometheus password $6$salt$"
+        + "x" * 86
+        + "\n    user probe insecure-password s3cret\n"
+        + EXPORTER.format(
+            bind="0.0.0.0:8405",
+            auth="http-request auth realm metrics unless { http_auth(metrics) }",
+        )
+    )
+    assert config.frontend("prometheus").http_request_auth == ("metrics", "metrics")
+    userlist = config.userlist("metrics")
+    assert [user.name for user in userlist.users] == ["prometheus", "probe"]
+    assert userlist.user("probe") == User("probe", "s3cret", insecure=True)
+    negated = valid(
+        "userlist u\n    user a insecure-password b\n"
+        + EXPORTER.format(bind=":8405", auth="http-request auth if !{ http_auth(u) }")
+    )
+    assert negated.frontend("prometheus").http_request_auth == ("prometheus", "u")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            EXPORTER.format(bind=":1", auth="http-request auth unless { http_auth(nobody) }"),
+            "'http-request' : unable to find userlist 'nobody'",
+        ),
+        (
+            EXPORTER.format(bind=":1", auth="http-request auth realm x if { path /metrics }"),
+            "'http-request' : not supported: condition 'if { path /metrics }'",
+        ),
+        (
+            "userlist u\n    user a password plain\n"
+            + EXPORTER.format(bind=":1", auth="http-request auth unless { http_auth(u) }"),
+            "'user' : user 'a': 'plain...' is not a crypt(3) hash",
+        ),
+        (
+            "userlist u\n    group admins\n",
+            "'group' : not supported: groups",
+        ),
+        (
+            "frontend fe\n    bind :1\n    http-request auth unless { http_auth(u) }\n"
+            "    default_backend be\nbackend be\n    server s 127.0.0.1:1\n"
+            "userlist u\n    user a insecure-password b\n",
+            "'http-request' : 'auth' applies to 'http-request use-service prometheus-exporter'",
+        ),
+    ],
+)
+def test_http_request_auth_errors(text: str, message: str) -> None:
+    assert any(message in problem for problem in errors(text)), errors(text)
 
 
 def test_no_log_drops_inherited_logging() -> None:

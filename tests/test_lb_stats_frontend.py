@@ -8,6 +8,8 @@ everywhere else with the same clear error. One configuration text passes `haprox
 
 from __future__ import annotations
 
+import base64
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -164,3 +166,85 @@ def test_mode_tcp_after_mode_http_wins() -> None:
 def test_default_backend_inherited_from_defaults_is_no_reason_to_refuse() -> None:
     text = "defaults\n    default_backend be\n" + STATS_FRONTEND.format(port=1) + TAIL
     assert errors(text) == []
+
+
+def protected_config(metrics_port: int, password_hash: str) -> str:
+    """HAProxy's way to protect its exporter, which lb reads the same: a userlist (a crypt(3)
+    hash and a plain insecure-password) and basic auth unless the request carries a user."""
+    return (
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n"
+        f"userlist scrapers\n    user prometheus password {password_hash}\n"
+        "    user probe insecure-password probe-secret\n"
+        f"frontend stats\n    bind 127.0.0.1:{metrics_port}\n    mode http\n"
+        "    http-request auth realm metrics unless { http_auth(scrapers) }\n"
+        "    http-request use-service prometheus-exporter\n    no log\n"
+        "frontend plain\n    bind 127.0.0.1:1\n    default_backend be\n" + TAIL
+    )
+
+
+def fetch(port: int, authorization: str | None = None, extra: str = "") -> tuple[int, str, bytes]:
+    """(status, WWW-Authenticate, body) of GET /metrics over a raw socket."""
+    head = f"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}"
+    if authorization is not None:
+        head += f"Authorization: {authorization}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    answer = b"".join(chunks)
+    status = int(answer.split(b" ", 2)[1])
+    challenge = ""
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "www-authenticate":
+            challenge = value.strip()
+    return status, challenge, answer
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.haproxy
+def test_exporter_behind_basic_auth_like_haproxy(tmp_path: Path) -> None:
+    password_hash = subprocess.run(
+        ["openssl", "passwd", "-6", "scrape me"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ports = {"lb": free_port(), "haproxy": free_port()}
+    texts = {name: protected_config(port, password_hash) for name, port in ports.items()}
+    path = tmp_path / "protected.cfg"
+    path.write_text(texts["lb"])
+    for executable in (HAPROXY, str(VENV_BIN / "lb")):
+        checked = check(executable, path)
+        assert checked.returncode == 0, checked.stderr
+    with (
+        run_haproxy(texts["haproxy"], tmp_path, ports["haproxy"]),
+        run_lb(texts["lb"], tmp_path, ports["lb"]) as lb,
+    ):
+        lb.wait_output(f"listening on 127.0.0.1:{ports['lb']} (prometheus)", 10)
+        for name, port in ports.items():
+            status, challenge, _ = fetch(port)
+            assert (status, challenge) == (401, 'Basic realm="metrics"'), name
+            assert fetch(port, basic("prometheus", "wrong"))[0] == 401, name
+            assert fetch(port, basic("nobody", "scrape me"))[0] == 401, name
+            status, _, page = fetch(port, basic("prometheus", "scrape me"))
+            assert status == 200 and b"haproxy_frontend_current_sessions" in page, name
+            assert fetch(port, basic("probe", "probe-secret"))[0] == 200, name
+
+
+def test_exporter_answers_431_and_keeps_alive(tmp_path: Path) -> None:
+    port = free_port()
+    with run_lb(STATS_FRONTEND.format(port=port) + TAIL, tmp_path, port) as lb:
+        lb.wait_output(f"listening on 127.0.0.1:{port} (prometheus)", 10)
+        status, _, answer = fetch(port, extra="X-Padding: " + "a" * 10_000 + "\r\n")
+        assert status == 431, answer[:100]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            sock.sendall(request + request)  # pipelined, keep-alive
+            data = b""
+            while data.count(b"HTTP/1.1 200 OK") < 2:
+                chunk = sock.recv(65536)
+                assert chunk, data[-200:]
+                data += chunk

@@ -17,6 +17,7 @@ Every problem becomes a `Diagnostic`; parsing never stops at the first one.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from lb.config.keywords import (
     ProxyDraft,
     ProxyKind,
     Report,
+    UserlistDraft,
     did_you_mean,
+    parse_userlist_line,
 )
 from lb.config.lexer import Line, tokenize
 from lb.config.model import (
@@ -52,6 +55,8 @@ from lb.config.model import (
     Options,
     Server,
     Timeouts,
+    User,
+    Userlist,
 )
 from lb.tls_codes import TLS_VERSIONS
 
@@ -136,6 +141,7 @@ class _Drafts:
     global_: GlobalDraft
     defaults: list[ProxyDraft]
     proxies: list[ProxyDraft]
+    userlists: list[UserlistDraft] = dataclasses.field(default_factory=list)
 
 
 def _load(texts: Sequence[tuple[str, str]], environ: Mapping[str, str]) -> LoadResult:
@@ -160,7 +166,7 @@ def _position(diagnostic: Diagnostic) -> tuple[int, str, int]:
 
 
 def _parse_lines(lines: Sequence[Line], drafts: _Drafts, report: Report) -> None:
-    section: GlobalDraft | ProxyDraft | None = None
+    section: GlobalDraft | ProxyDraft | UserlistDraft | None = None
     skipping = False  # inside a section we do not support
     seen_global = drafts.global_.origin is not NOWHERE
     for line in lines:
@@ -177,6 +183,8 @@ def _parse_lines(lines: Sequence[Line], drafts: _Drafts, report: Report) -> None
                     drafts.global_.origin = Origin(line.file, line.lineno)
                     seen_global = True
                 section = drafts.global_
+            elif keyword == "userlist":
+                section = _open_userlist(line, drafts, report)
             else:
                 section = _open_proxy(line, drafts, report)
             continue
@@ -190,6 +198,11 @@ def _parse_lines(lines: Sequence[Line], drafts: _Drafts, report: Report) -> None
             )
         elif isinstance(section, GlobalDraft):
             _parse_global_line(line, section, report)
+        elif isinstance(section, UserlistDraft):
+            try:
+                parse_userlist_line(line, section)
+            except KeywordError as error:
+                report.error(line, keyword, error.message, f"userlist {section.name}")
         else:
             _parse_proxy_line(line, section, report)
 
@@ -246,6 +259,23 @@ def _parse_proxy_line(line: Line, draft: ProxyDraft, report: Report) -> None:
         spec.parse(line, draft, report)
     except KeywordError as error:
         report.error(line, error.keyword or keyword, error.message, draft.label)
+
+
+def _open_userlist(line: Line, drafts: _Drafts, report: Report) -> UserlistDraft:
+    name = line.words[1] if len(line.words) > 1 else f"<unnamed line {line.lineno}>"
+    if len(line.words) != 2:
+        report.error(line, "userlist", "expects exactly one name")
+    previous = next((draft for draft in drafts.userlists if draft.name == name), None)
+    if previous is not None:
+        report.error(
+            line,
+            "userlist",
+            f"userlist '{name}' has the same name as another userlist declared at "
+            f"{previous.origin.file}:{previous.origin.line}",
+        )
+    draft = UserlistDraft(name, Origin(line.file, line.lineno))
+    drafts.userlists.append(draft)
+    return draft
 
 
 def _open_proxy(line: Line, drafts: _Drafts, report: Report) -> ProxyDraft:
@@ -319,8 +349,17 @@ def _build(drafts: _Drafts, report: Report, files: tuple[str, ...]) -> Config:
     _check_names(drafts, report)
     _check_mode_http(drafts, report)
     _check_backend_references(drafts, {backend.name for backend in backends}, report)
+    userlists = tuple(
+        Userlist(
+            draft.origin,
+            draft.name,
+            tuple(User(name, secret, insecure) for name, secret, insecure, _ in draft.users),
+        )
+        for draft in drafts.userlists
+    )
+    _check_exporter_auth(drafts, frontends, userlists, report)
     _lint(global_, frontends, backends, report)
-    return Config(global_, defaults, tuple(frontends), tuple(backends), files)
+    return Config(global_, defaults, tuple(frontends), tuple(backends), files, userlists)
 
 
 def _build_global(draft: GlobalDraft) -> Global:
@@ -545,6 +584,63 @@ def _check_mode_http(drafts: _Drafts, report: Report) -> None:
                 draft.label,
             )
         )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_exporter_auth(
+    drafts: _Drafts,
+    frontends: Sequence[Frontend],
+    userlists: Sequence[Userlist],
+    report: Report,
+) -> None:
+    """The exporter's `http-request auth` names a userlist that exists (with a user), and an
+    exporter reachable from the network has one: its page names every backend and server."""
+    names = {userlist.name: userlist for userlist in userlists}
+    origins = {draft.name: draft.http_request_auth for draft in drafts.proxies}
+    for frontend in frontends:
+        section = f"frontend {frontend.name}"
+        auth = frontend.http_request_auth
+        origin = origins.get(frontend.name)
+        if auth is not None and origin is not None:
+            userlist = auth[1]
+            problem = None
+            if frontend.http_request_use_service != "prometheus-exporter":
+                problem = "'auth' applies to 'http-request use-service prometheus-exporter' only"
+            elif userlist not in names:
+                problem = (
+                    f"unable to find userlist '{userlist}'{did_you_mean(userlist, tuple(names))}"
+                )
+            elif not names[userlist].users:
+                problem = f"userlist '{userlist}' has no user"
+            if problem is not None:
+                report.diagnostics.append(
+                    Diagnostic.error(origin.file, origin.line, "http-request", problem, section)
+                )
+            continue
+        if frontend.http_request_use_service != "prometheus-exporter":
+            continue
+        for bind in frontend.binds:
+            if _is_loopback(bind.host):
+                continue
+            report.diagnostics.append(
+                Diagnostic.error(
+                    bind.origin.file,
+                    bind.origin.line,
+                    "bind",
+                    f"'{bind.address}' makes the Prometheus exporter reachable from the network "
+                    "without authentication (its page names every backend and server): add "
+                    "a 'userlist' section with 'user <name> password <crypt(3) hash>' and "
+                    "'http-request auth realm <realm> unless { http_auth(<userlist>) }' to "
+                    "this frontend, as for HAProxy, or bind it to 127.0.0.1",
+                    section,
+                )
+            )
 
 
 def _check_backend_references(drafts: _Drafts, names: set[str], report: Report) -> None:

@@ -35,9 +35,8 @@ from lb.tls_codes import TLS_VERSIONS, X509_V_ERROR_IDS
 
 BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
 HASH_TYPES = ("map-based", "consistent")
-SECTIONS = ("global", "defaults", "frontend", "backend", "listen")
+SECTIONS = ("global", "defaults", "frontend", "backend", "listen", "userlist")
 UNSUPPORTED_SECTIONS = (
-    "userlist",
     "peers",
     "resolvers",
     "mailers",
@@ -253,6 +252,8 @@ class ProxyDraft:
     default_server: dict[str, object] = field(default_factory=dict)
     # Where a frontend said `mode http`: allowed only on a Prometheus exporter frontend.
     mode_http: Origin | None = None
+    # Where it said `http-request auth` (checked against the userlists and the service).
+    http_request_auth: Origin | None = None
 
     @property
     def label(self) -> str:
@@ -1045,13 +1046,82 @@ def _stats(line: Line, draft: ProxyDraft, report: Report) -> None:
     )
 
 
+HTTP_REQUEST_AUTH_USAGE = (
+    "'http-request auth [realm <realm>] unless { http_auth(<userlist>) }' "
+    "(or 'if !{ http_auth(<userlist>) }')"
+)
+
+
 def _http_request(line: Line, draft: ProxyDraft, report: Report) -> None:
+    if line.words[1:2] == ("auth",):
+        draft.values["http_request_auth"] = _http_request_auth(line.words[2:], draft)
+        draft.http_request_auth = Origin(line.file, line.lineno)
+        return
     if line.words[1:3] != ("use-service", "prometheus-exporter"):
         raise KeywordError(
             "not supported: lb is a TCP balancer; only "
-            "'http-request use-service prometheus-exporter' is accepted"
+            "'http-request use-service prometheus-exporter' and "
+            f"{HTTP_REQUEST_AUTH_USAGE} are accepted"
         )
     draft.values["http_request_use_service"] = "prometheus-exporter"
+
+
+def _http_request_auth(words: tuple[str, ...], draft: ProxyDraft) -> tuple[str, str]:
+    """HAProxy's way to protect its exporter: basic auth against a userlist, asked for
+    unless the request already carries a user of it. Only that condition is understood."""
+    realm = draft.name or "lb"
+    if words[:1] == ("realm",):
+        if len(words) < 2:
+            raise KeywordError(f"'realm' expects a name; usage: {HTTP_REQUEST_AUTH_USAGE}")
+        realm, words = words[1], words[2:]
+    condition = " ".join(words)
+    for prefix, suffix in (("unless { http_auth(", ") }"), ("if !{ http_auth(", ") }")):
+        if condition.startswith(prefix) and condition.endswith(suffix):
+            userlist = condition[len(prefix) : -len(suffix)]
+            if userlist and " " not in userlist:
+                return realm, userlist
+    raise KeywordError(
+        f"not supported: condition '{condition or '(none)'}'; usage: {HTTP_REQUEST_AUTH_USAGE}"
+    )
+
+
+@dataclass(slots=True)
+class UserlistDraft:
+    """A `userlist` section while it is parsed: (name, password, insecure, origin) per user."""
+
+    name: str
+    origin: Origin
+    users: list[tuple[str, str, bool, Origin]] = field(default_factory=list)
+
+
+def parse_userlist_line(line: Line, draft: UserlistDraft) -> None:
+    """`user <name> password <crypt hash> | insecure-password <password>` (no groups)."""
+    keyword = line.words[0]
+    if keyword == "group" or (keyword == "user" and "groups" in line.words):
+        raise KeywordError("not supported: groups (lb checks users only)")
+    if keyword != "user":
+        raise KeywordError(
+            f"unknown keyword '{keyword}' in 'userlist' section{did_you_mean(keyword, ('user',))}"
+        )
+    words = line.words[1:]
+    if len(words) != 3 or words[1] not in ("password", "insecure-password"):
+        raise KeywordError(
+            "expects '<name> password <crypt(3) hash>' or '<name> insecure-password <password>'"
+        )
+    name, kind, secret = words
+    if any(user[0] == name for user in draft.users):
+        raise KeywordError(f"user '{name}' already defined in userlist '{draft.name}'")
+    if kind == "password" and not _looks_like_crypt(secret):
+        raise KeywordError(
+            f"user '{name}': '{secret[:12]}...' is not a crypt(3) hash such as "
+            "'$6$salt$...' (mkpasswd -m sha-512); use insecure-password for plain text"
+        )
+    draft.users.append((name, secret, kind == "insecure-password", Origin(line.file, line.lineno)))
+
+
+def _looks_like_crypt(value: str) -> bool:
+    # $id$[params$]salt$hash (glibc/libxcrypt: 1, 5, 6, y, gy, 7, 2b...) or 13-char DES.
+    return (value.startswith("$") and value.count("$") >= 3) or len(value) == 13
 
 
 def _unsupported_proxy(reason: str) -> ProxyParser:

@@ -251,6 +251,8 @@ class Frontend:
     use_backend: tuple[str, ...] = ()  # unconditional only, checked like default_backend
     stats_enable: bool = False
     http_request_use_service: str | None = None  # "prometheus-exporter"
+    # `http-request auth [realm R] unless { http_auth(L) }`: (realm, userlist name).
+    http_request_auth: tuple[str, str] | None = None
     listen: bool = False
 
 
@@ -273,6 +275,28 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
+class User:
+    """A `user` line of a `userlist`: a crypt(3) hash (`password`) or, with
+    `insecure-password`, the password itself."""
+
+    name: str
+    password: str
+    insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Userlist:
+    """A `userlist` section (HAProxy's users for `http_auth`, configuration.txt 3.4)."""
+
+    origin: Origin
+    name: str
+    users: tuple[User, ...] = ()
+
+    def user(self, name: str) -> User | None:
+        return next((user for user in self.users if user.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole configuration: one or more files, parsed and checked."""
 
@@ -281,6 +305,13 @@ class Config:
     frontends: tuple[Frontend, ...]
     backends: tuple[Backend, ...]
     files: tuple[str, ...] = ()
+    userlists: tuple[Userlist, ...] = ()
+
+    def userlist(self, name: str) -> Userlist:
+        for userlist in self.userlists:
+            if userlist.name == name:
+                return userlist
+        raise KeyError(name)
 
     def backend(self, name: str) -> Backend:
         for backend in self.backends:
