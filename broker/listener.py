@@ -29,12 +29,11 @@ and section 3 ("the receiver ... must only accept it from known sources").
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 from typing import cast
 
-from broker.config import ListenerConfig, Network
+from broker.config import ListenerConfig
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
@@ -46,9 +45,10 @@ from lb.proxyproto import (
     ProxyHeader,
     ProxyProtocolDecoder,
     ProxyProtocolError,
+    is_trusted_source,
 )
 
-__all__ = ["Listener", "MQTTServerProtocol", "is_trusted"]
+__all__ = ["Listener", "MQTTServerProtocol"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +59,6 @@ WRITE_BUFFER_LOW = 64 * 1024
 # First byte of a PROXY v1 ("PROXY ...") or v2 ("\r\n\r\n\0\r\nQUIT\n") header. No MQTT
 # packet starts with either: 0x50 is a PUBREC with reserved flags, 0x0D a PINGREQ with flags.
 PROXY_FIRST_BYTES = (ord("P"), 0x0D)
-
-
-def is_trusted(host: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        mapped = address.ipv4_mapped
-        if any(mapped in network for network in networks):
-            return True
-    return any(address in network for network in networks)
 
 
 class Listener:
@@ -215,7 +203,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         self.last_activity = self.loop.time()
         if config.proxy_protocol:
-            if not is_trusted(self.socket_address[0], config.proxy_protocol_trusted):
+            if not is_trusted_source(self.socket_address[0], config.proxy_protocol_trusted):
                 # Decided on the address alone, before any byte is read (proxy-protocol.txt
                 # section 3): whatever this peer sends is never parsed.
                 counters.proxy_untrusted_sources += 1

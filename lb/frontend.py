@@ -376,13 +376,7 @@ class FrontendRuntime:
     def proxy_sender_trusted(self, bind_index: int, address: str) -> bool:
         """`accept-proxy-from`: may this peer send the PROXY header (no list: anyone)."""
         networks = self.proxy_senders[bind_index]
-        if not networks:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in networks)
+        return not networks or proxyproto.is_trusted_source(address, networks)
 
     def proxy_header_failed(self, client: ClientSide, message: str) -> None:
         """`accept-proxy`: the PROXY header from the balancer in front was bad or missing;

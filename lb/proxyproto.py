@@ -57,6 +57,7 @@ __all__ = [
     "crc32c",
     "encode_v1",
     "encode_v2",
+    "is_trusted_source",
 ]
 
 # --- limits and constants, each from doc/proxy-protocol.txt -------------------------------
@@ -358,6 +359,30 @@ def _pton(host: str) -> tuple[bool, bytes]:
     (its own listeners, returning clients) again and again and parsing costs ~1.5 µs."""
     address = ipaddress.ip_address(host)
     return address.version == 6, address.packed
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_trusted_source(host: str, networks: Iterable[Network]) -> bool:
+    """May the peer at ``host`` send a PROXY header (section 3: "the receiver ... must only
+    accept it from known sources")? The one trust check of lb's ``accept-proxy-from`` and the
+    broker's ``proxy_protocol_trusted``.
+
+    On a dual-stack IPv6 socket an IPv4 peer shows up as ``::ffff:a.b.c.d``: it is checked as
+    the IPv4 address it is (so ``10.0.0.0/8`` matches it) and as itself (so a network
+    written in ``::ffff:0:0/96`` form does too). A scope id (``fe80::1%eth0``) is dropped.
+    Anything that is not an IP address is untrusted.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    for network in networks:
+        if address in network or (mapped is not None and mapped in network):
+            return True
+    return False
 
 
 def _check_port(port: int) -> int:

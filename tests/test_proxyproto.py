@@ -966,3 +966,35 @@ def test_we_read_the_oracles_encoding(
         assert header.ssl.cn == ssl_cn
         assert header.ssl.version == "TLSv1.2"
         assert header.ssl.cert_verified
+
+
+# --- who may send a header (lb accept-proxy-from, broker proxy_protocol_trusted) ----------
+
+TRUST_NETWORKS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+
+
+@pytest.mark.parametrize(
+    ("host", "trusted"),
+    [
+        ("10.1.2.3", True),  # IPv4 on an IPv4 socket
+        ("::ffff:10.1.2.3", True),  # the same sender on a dual-stack IPv6 socket
+        ("::ffff:a01:203", True),  # how some stacks print it
+        ("11.1.2.3", False),
+        ("::ffff:11.1.2.3", False),
+        ("2001:db8::7", True),  # IPv6
+        ("2001:db8::7%eth0", True),  # a scope id is not part of the address
+        ("2001:db9::7", False),
+        ("::10.1.2.3", False),  # IPv4-compatible (deprecated), not IPv4-mapped
+        ("localhost", False),  # a name is never trusted
+        ("", False),
+    ],
+)
+def test_trust_check_unmaps_ipv4_mapped_addresses(host: str, trusted: bool) -> None:
+    assert proxyproto.is_trusted_source(host, TRUST_NETWORKS) is trusted
+
+
+def test_trust_check_accepts_networks_written_as_mapped_addresses() -> None:
+    mapped_network = (ipaddress.ip_network("::ffff:10.0.0.0/104"),)
+    assert proxyproto.is_trusted_source("::ffff:10.9.9.9", mapped_network)
+    assert not proxyproto.is_trusted_source("::ffff:11.9.9.9", mapped_network)
+    assert not proxyproto.is_trusted_source("10.9.9.9", ())
