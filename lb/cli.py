@@ -28,13 +28,16 @@ from lb.tls import bind_tls, check_bind_files
 from lb.workers import Master, signal_old_processes
 
 
-def tls_diagnostics(config: Config) -> list[Diagnostic]:
+def tls_diagnostics(
+    config: Config, skip: frozenset[tuple[str, int]] = frozenset()
+) -> list[Diagnostic]:
     """Load every certificate, CA and CRL file of the configuration, as `haproxy -c` does,
-    and warn about the traps of chains and CRLs."""
+    and warn about the traps of chains and CRLs. Bind lines at the (file, line) positions in
+    `skip` already have an error of their own and are not loaded."""
     diagnostics: list[Diagnostic] = []
     for frontend in config.frontends:
         for bind in frontend.binds:
-            if not bind.ssl:
+            if not bind.ssl or (bind.origin.file, bind.origin.line) in skip:
                 continue
             options = bind_tls(bind, config.global_, frontend.name)
             for finding in check_bind_files(options):
@@ -52,10 +55,18 @@ def tls_diagnostics(config: Config) -> list[Diagnostic]:
 
 
 def check(paths: Sequence[str]) -> tuple[Config | None, list[Diagnostic]]:
+    """Parse and check the configuration, then load its files: every problem of both steps
+    in one report, in file and line order (HAProxy 2.6 loads a `crt` while it parses, so a
+    typo, a bad time and a missing certificate are three errors of one run)."""
     result = load_config(list(paths))
     diagnostics = list(result.diagnostics)
-    if result.config is not None:
-        diagnostics.extend(tls_diagnostics(result.config))
+    model = result.config or result.partial
+    if model is not None:
+        broken = frozenset(
+            (d.file, d.line) for d in diagnostics if d.is_error and d.file and d.line
+        )
+        diagnostics.extend(tls_diagnostics(model, broken))
+        diagnostics.sort(key=lambda d: d.position)
     has_errors = any(d.is_error for d in diagnostics)
     return (None if has_errors else result.config), diagnostics
 

@@ -78,6 +78,11 @@ class LoadResult:
 
     config: Config | None
     diagnostics: tuple[Diagnostic, ...]
+    #: The model built in spite of errors (None when there are none: see `config`), so that
+    #: `lb -c` can still load the certificate files of the lines that parsed and report
+    #: every problem in one run, as `haproxy -c` does. A line with an error is missing from
+    #: it or incomplete.
+    partial: Config | None = None
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -146,17 +151,10 @@ def _load(texts: Sequence[tuple[str, str]], environ: Mapping[str, str]) -> LoadR
         report.diagnostics.extend(lex_errors)
         _parse_lines(lines, drafts, report)
     config = _build(drafts, report, tuple(file for file, _ in texts))
-    diagnostics = tuple(sorted(report.diagnostics, key=_position))
+    diagnostics = tuple(sorted(report.diagnostics, key=lambda d: d.position))
     if any(d.is_error for d in diagnostics):
-        return LoadResult(None, diagnostics)
+        return LoadResult(None, diagnostics, partial=config)
     return LoadResult(config, diagnostics)
-
-
-def _position(diagnostic: Diagnostic) -> tuple[int, str, int]:
-    # Stable order: file-less problems first, then by file and line.
-    if diagnostic.file is None:
-        return (0, "", 0)
-    return (1, diagnostic.file, diagnostic.line or 0)
 
 
 def _parse_lines(lines: Sequence[Line], drafts: _Drafts, report: Report) -> None:

@@ -82,6 +82,14 @@ class Diagnostic:
         return self.severity is Severity.ERROR
 
     @property
+    def position(self) -> tuple[int, str, int]:
+        """Sort key of a report: file-less problems first, then by file and line (as
+        `haproxy -c`, which reports while it reads)."""
+        if self.file is None:
+            return (0, "", 0)
+        return (1, self.file, self.line or 0)
+
+    @property
     def text(self) -> str:
         """The message as `haproxy -c` prints it after `config : `."""
         body = f"'{self.keyword}' : {self.message}" if self.keyword else self.message
