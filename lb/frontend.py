@@ -117,7 +117,7 @@ class Listener:
                 self.pause()
                 return
             try:
-                connection, _address = self.sock.accept()
+                connection, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
@@ -136,15 +136,15 @@ class Listener:
                 raise
             connection.setblocking(False)
             self.frontend.reserve()
-            self.loop.create_task(self._adopt(connection))
+            self.loop.create_task(self._adopt(connection, address))
 
-    async def _adopt(self, connection: socket.socket) -> None:
+    async def _adopt(self, connection: socket.socket, address: tuple[str, int]) -> None:
         context = self.context
         frontend = self.frontend
         name, index = self.name, self.index
         try:
             await self.loop.connect_accepted_socket(
-                lambda: ClientSide(frontend, context, name, index), connection
+                lambda: ClientSide(frontend, context, name, index, address), connection
             )
         except OSError as error:
             logger.info("frontend %s: accepted connection lost: %s", frontend.name, error)
