@@ -27,6 +27,7 @@ Shape (every table and key optional except where noted)::
     proxy_protocol = true
     proxy_protocol_timeout = 3     # seconds (or "3s", "500ms")
     proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
+    proxy_protocol_max_size = 8192 # bytes, whole header (lb: proxy-v2-max-size)
     peer_cert_as_username = "cn"
     authorization = true           # seed 003: apply [authorization] here (needs authentication)
     password_file = "passwd"       # username/password authentication (mosquitto_passwd format)
@@ -79,6 +80,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from broker.subjects import parse_distinguished_name
+from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE, V2_HEADER_LENGTH, V2_MAX_LENGTH
 
 __all__ = [
     "AdminConfig",
@@ -104,6 +106,9 @@ DEFAULT_TRUSTED: tuple[Network, ...] = (
 # at most 268,435,455 (+5 bytes of fixed header).
 MAX_PACKET_SIZE_LIMIT = 268_435_460
 TLS_VERSION_NAMES = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
+# The smallest proxy_protocol_max_size: a v2 header with the largest address block (AF_UNIX,
+# 216 bytes) and no TLV must fit (proxy-protocol.txt section 2.2).
+MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
 
 
 class ConfigError(Exception):
@@ -159,6 +164,8 @@ class ListenerConfig:
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0
     proxy_protocol_trusted: tuple[Network, ...] = DEFAULT_TRUSTED
+    # The longest PROXY header accepted, in bytes, all of it (v2: 16 + len).
+    proxy_protocol_max_size: int = DEFAULT_MAX_HEADER_SIZE
     peer_cert_as_username: Literal["cn"] | None = None
     ssl_options: SSLOptions | None = None
     authorization: bool = False
@@ -426,6 +433,12 @@ def _parse_listener(
         proxy_protocol=reader.boolean("proxy_protocol", False),
         proxy_protocol_timeout=reader.duration("proxy_protocol_timeout", 3.0),
         proxy_protocol_trusted=_parse_networks(reader, "proxy_protocol_trusted"),
+        proxy_protocol_max_size=reader.integer(
+            "proxy_protocol_max_size",
+            DEFAULT_MAX_HEADER_SIZE,
+            minimum=MIN_PROXY_HEADER_SIZE,
+            maximum=V2_HEADER_LENGTH + V2_MAX_LENGTH,
+        ),
         peer_cert_as_username="cn" if peer_cert_as_username == "cn" else None,
         ssl_options=ssl_options,
         authorization=reader.boolean("authorization", False),

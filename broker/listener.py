@@ -41,6 +41,7 @@ from broker.mqtt import ReasonCode
 from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
 from lb.proxyproto import (
     NEED_DATA,
+    V2_HEADER_LENGTH,
     ClientFlags,
     ProxyHeader,
     ProxyProtocolDecoder,
@@ -215,7 +216,9 @@ class MQTTServerProtocol(asyncio.Protocol):
                 )
                 self._close_transport()
                 return
-            self.proxy_decoder = ProxyProtocolDecoder()
+            self.proxy_decoder = ProxyProtocolDecoder(
+                max_v2_length=config.proxy_protocol_max_size - V2_HEADER_LENGTH
+            )
             self._arm(config.proxy_protocol_timeout, self._proxy_timeout)
             return
         self._start_mqtt(self._socket_identity())
@@ -498,6 +501,16 @@ class MQTTServerProtocol(asyncio.Protocol):
                     "must terminate TLS and send-proxy-v2 to listener %s",
                     source,
                     config.label,
+                )
+            elif error.reason == "too_long":
+                counters.proxy_header_errors += 1
+                logger.warning(
+                    "PROXY header from %s refused on listener %s: %s (proxy_protocol_max_size); "
+                    "a balancer sending chain-subjects of long certificate chains needs a "
+                    "larger one",
+                    source,
+                    config.label,
+                    error,
                 )
             else:
                 counters.proxy_header_errors += 1

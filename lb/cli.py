@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config, diagnostics = check(args.files)
     stderr, stdout, code = format_report(diagnostics, os.getpid())
-    has_warnings = any(not d.is_error for d in diagnostics)
+    has_warnings = any(d.is_warning for d in diagnostics)
     if args.zero_warning and has_warnings and code == 0:
         stderr += "Some warnings were found and 'zero-warning' is set. Aborting.\n"
         code = 1

@@ -22,9 +22,12 @@ from lb.config.model import Bind, Frontend, Global
 from lb.counters import FrontendCounters, ProcessCounters
 from lb.datapath import ClientSide, Limits, TimerWheel
 from lb.log import (
+    ERROR_LINE_BURST,
+    ERROR_LINE_RATE,
     TCPLOG,
     ConnectionErrorLog,
     LogFormat,
+    RateLimiter,
     SessionRecord,
     TrafficLog,
     format_connection_error,
@@ -197,6 +200,7 @@ class FrontendRuntime:
             LogFormat(config.log.format) if config.log.format else TCPLOG if self.tcplog else None
         )
         self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
+        self.oversize_lines: RateLimiter | None = None  # made at the first oversize header
         self.counters = FrontendCounters()
         self.process_counters = counters if counters is not None else ProcessCounters()
         self.sessions: set[ClientSide] = set()
@@ -409,10 +413,37 @@ class FrontendRuntime:
     def proxy_header_for(self, client: ClientSide, server: ServerState) -> bytes | None:
         config = server.config
         if config.send_proxy_v2:
-            return self._proxy_v2(client, config.proxy_v2_options)
+            header = self._proxy_v2(client, config.proxy_v2_options)
+            if len(header) > config.proxy_v2_max_size:
+                self._oversize_header(client, server, len(header))
+            return header
         if config.send_proxy:
             return proxyproto.encode_v1(client.peer, client.sock)
         return None
+
+    def _oversize_header(self, client: ClientSide, server: ServerState, size: int) -> None:
+        """Sent all the same (the broker decides), but said: a broker whose
+        proxy_protocol_max_size is smaller refuses it and the device only sees a close."""
+        self.counters.proxy_headers_oversize += 1
+        if self.oversize_lines is None:
+            self.oversize_lines = RateLimiter(ERROR_LINE_RATE, ERROR_LINE_BURST, self.loop.time)
+        if not self.oversize_lines.allow():
+            return
+        info = client.ssl_info
+        logger.warning(
+            "%s:%d frontend %s: PROXY v2 header of %d bytes for server %s/%s is over its "
+            "proxy-v2-max-size (%d bytes)%s; a broker whose proxy_protocol_max_size is smaller "
+            "refuses it (%d such header(s) so far)",
+            client.peer[0],
+            client.peer[1],
+            self.name,
+            size,
+            self.backend.name,
+            server.name,
+            server.config.proxy_v2_max_size,
+            f" (client CN={info.cn})" if info is not None and info.cn else "",
+            self.counters.proxy_headers_oversize,
+        )
 
     def _proxy_v2(self, client: ClientSide, options: frozenset[str]) -> bytes:
         tls = client.tls

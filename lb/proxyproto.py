@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 __all__ = [
+    "DEFAULT_MAX_HEADER_SIZE",
     "NEED_DATA",
     "V1_MAX_LENGTH",
     "V2_DEFAULT_MAX_LENGTH",
@@ -72,9 +73,14 @@ V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 #: Section 2.2: signature, ver_cmd, fam, len: "the length of the protocol header in bytes is
 #: always exactly 16 + this value".
 V2_HEADER_LENGTH: Final = 16
-#: Section 2.2 allows up to 65535 bytes after the 16-byte header, but "both formats are
-#: designed to fit in ... 536 bytes"; receivers cap it (Mosquitto: 500). Configurable.
-V2_DEFAULT_MAX_LENGTH: Final = 1024
+#: Section 2.2 allows up to 65535 bytes after the 16-byte header, and "both formats are
+#: designed to fit in ... 536 bytes" without TLVs; receivers cap it (Mosquitto: 500, HAProxy
+#: its buffer). A header is at most this long by default, all of it (16 + len): enough for
+#: the SSL TLV and CHAIN_SUBJECTS of a ten-deep chain of 746-byte subjects, which a limit of
+#: 1,024 refused (issue 14). ``ProxyProtocolDecoder(max_v2_length=)`` sets another; the
+#: broker's ``proxy_protocol_max_size`` and lb's ``proxy-v2-max-size`` use the same unit.
+DEFAULT_MAX_HEADER_SIZE: Final = 8192
+V2_DEFAULT_MAX_LENGTH: Final = DEFAULT_MAX_HEADER_SIZE - V2_HEADER_LENGTH
 V2_MAX_LENGTH: Final = 0xFFFF
 #: Section 2.2.5: "an opaque byte sequence of up to 128 bytes".
 UNIQUE_ID_MAX_LENGTH: Final = 128
@@ -1047,8 +1053,8 @@ class ProxyProtocolDecoder:
         if body_length > self._max_v2_length:
             raise ProxyProtocolError(
                 "too_long",
-                f"PROXY v2 header announces {body_length} bytes, the limit is "
-                f"{self._max_v2_length}",
+                f"PROXY v2 header of {V2_HEADER_LENGTH + body_length} bytes announced, the "
+                f"limit is {V2_HEADER_LENGTH + self._max_v2_length}",
             )
         if command is Command.PROXY and body_length < address_length:
             raise ProxyProtocolError(

@@ -557,7 +557,8 @@ class Master:
         for diagnostic in diagnostics:
             # Warnings do not stop a reload, but they are why it may not do what was meant
             # (an expired CRL refuses every device): the log says them, as `lb -c` does.
-            logger.warning("reload: %s", diagnostic.text)
+            level = logging.WARNING if diagnostic.is_warning else logging.INFO
+            logger.log(level, "reload: %s", diagnostic.text)
         try:
             pending = self.pool.prepare(config)
         except OSError as error:

@@ -319,7 +319,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("v2 version nibble 1", v2(0x11, 0x11, V4_BODY), "bad_version"),
     ("v2 command 0xF", v2(0x2F, 0x11, V4_BODY), "bad_command"),
     ("v2 command 2", v2(0x22, 0x11, V4_BODY), "bad_command"),
-    ("v2 len=65535 over the 1024 limit", SIG + b"\x21\x11\xff\xff" + V4_BODY, "too_long"),
+    ("v2 len=65535 over the default limit", SIG + b"\x21\x11\xff\xff" + V4_BODY, "too_long"),
     ("v2 fam 0x11 with len 4", v2(0x21, 0x11, V4_BODY[:4]), "bad_address"),
     ("v2 fam 0x11 with len 11", v2(0x21, 0x11, V4_BODY[:11]), "bad_address"),
     ("v2 fam 0x21 with 12-byte body", v2(0x21, 0x21, V4_BODY), "bad_address"),
@@ -463,7 +463,7 @@ def test_refused_early_with_hint(first_bytes: bytes, looks_like: str | None) -> 
         (SIG + b"\x25", "bad_command"),
         (SIG + b"\x21\x51", "bad_family"),
         (SIG + b"\x21\x11\x00\x04", "bad_address"),
-        (SIG + b"\x21\x11\x04\x01", "too_long"),
+        (SIG + b"\x21\x11\x20\x00", "too_long"),  # 16 + 8192 > DEFAULT_MAX_HEADER_SIZE
     ],
 )
 def test_refused_as_soon_as_visible(data: bytes, reason: str) -> None:
@@ -520,8 +520,12 @@ def test_version_switches() -> None:
 
 
 def test_max_v2_length_is_configurable() -> None:
-    header = v2(0x21, 0x11, V4_BODY + tlv(0x04, bytes(2000)))
+    header = v2(0x21, 0x11, V4_BODY + tlv(0x04, bytes(9000)))
     assert decode_error(header).reason == "too_long"
+    assert "header of 9031 bytes announced, the limit is 8192" in decode_error(header).message
+    assert isinstance(
+        decode_whole(v2(0x21, 0x11, V4_BODY + tlv(0x04, bytes(8161))))[0], ProxyHeader
+    )
     assert decode_whole(header, max_v2_length=65535)[0].source == ("192.168.0.1", 56324)
     assert decode_error(v2(0x21, 0x11, V4_BODY), max_v2_length=11).reason == "too_long"
 

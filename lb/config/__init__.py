@@ -53,6 +53,7 @@ from lb.config.model import (
     Server,
     Timeouts,
 )
+from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE
 from lb.tls_codes import TLS_VERSIONS
 
 __all__ = [
@@ -90,7 +91,7 @@ class LoadResult:
 
     @property
     def warnings(self) -> tuple[Diagnostic, ...]:
-        return tuple(d for d in self.diagnostics if not d.is_error)
+        return tuple(d for d in self.diagnostics if d.is_warning)
 
     def config_or_raise(self) -> Config:
         if self.config is None:
@@ -602,6 +603,12 @@ def _lint(
                     "with 'accept-proxy-from <networks>' (or a firewall)",
                     section,
                 )
+
+    def notice(origin: Origin, keyword: str, message: str, section: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.notice(origin.file, origin.line, keyword, message, section)
+        )
+
     global_limit = global_.maxconn or _DEFAULT_GLOBAL_MAXCONN
     maxconn_warned = False
     for backend in backends:
@@ -609,6 +616,19 @@ def _lint(
         if not backend.servers:
             warn(backend.origin, "backend", f"'{backend.name}' has no server", section)
         for server in backend.servers:
+            if server.send_proxy_v2 and "chain-subjects" in server.proxy_v2_options:
+                notice(
+                    server.origin,
+                    "server",
+                    f"'{server.name}': 'proxy-v2-options chain-subjects' (ours) sends the "
+                    "subject names of each client's verified chain, so the header grows with "
+                    "them (one 746-byte subject made a 1,070-byte header); a broker refuses a "
+                    "header longer than its limit (proxy_protocol_max_size, "
+                    f"{DEFAULT_MAX_HEADER_SIZE} bytes by default) and the device sees only a "
+                    "close. lb logs every header it builds over 'proxy-v2-max-size' "
+                    f"({server.proxy_v2_max_size} bytes here): keep the two equal",
+                    section,
+                )
             if (
                 server.check
                 and (server.send_proxy or server.send_proxy_v2)

@@ -31,9 +31,14 @@ from lb.balance import ALGORITHMS
 from lb.config.errors import Diagnostic, Origin
 from lb.config.lexer import Line
 from lb.config.model import PROXY_V2_OPTIONS, LogTarget, StatsSocket
+from lb.proxyproto import V2_HEADER_LENGTH, V2_MAX_LENGTH
 from lb.tls_codes import TLS_VERSIONS, X509_V_ERROR_IDS
 
 BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
+#: `proxy-v2-max-size` bounds: the largest address block (AF_UNIX) must fit, and a v2 header
+#: is at most 16 + 65535 bytes (proxy-protocol.txt section 2.2).
+MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
+MAX_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + V2_MAX_LENGTH
 HASH_TYPES = ("map-based", "consistent")
 SECTIONS = ("global", "defaults", "frontend", "backend", "listen")
 UNSUPPORTED_SECTIONS = (
@@ -668,6 +673,16 @@ def _send_proxy_v2_with(*options: str) -> OptionSpec:
     return OptionSpec(apply, takes_value=False)
 
 
+def _proxy_header_size(value: str) -> int:
+    size = parse_size(value)
+    if not MIN_PROXY_HEADER_SIZE <= size <= MAX_PROXY_HEADER_SIZE:
+        raise KeywordError(
+            f"expects a size from {MIN_PROXY_HEADER_SIZE} to {MAX_PROXY_HEADER_SIZE} bytes "
+            f"(a whole PROXY v2 header), got '{value}'"
+        )
+    return size
+
+
 def _server_time(field_name: str) -> OptionSpec:
     return _set(field_name, parse_time)
 
@@ -686,6 +701,7 @@ SERVER_OPTIONS: dict[str, OptionSpec] = {
     "send-proxy-v2-ssl": _send_proxy_v2_with("ssl"),
     "send-proxy-v2-ssl-cn": _send_proxy_v2_with("ssl", "cert-cn"),
     "proxy-v2-options": OptionSpec(_proxy_v2_options),
+    "proxy-v2-max-size": _set("proxy_v2_max_size", _proxy_header_size),  # ours
     "inter": _server_time("inter"),
     "fastinter": _server_time("fastinter"),
     "downinter": _server_time("downinter"),

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lb.config.errors import Origin
+from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE
 from lb.tls_codes import TlsVersion
 
 NOWHERE = Origin("<builtin>", 0)
@@ -199,6 +200,8 @@ class Server:
     send_proxy: bool = False
     send_proxy_v2: bool = False
     proxy_v2_options: frozenset[str] = frozenset()
+    # Our own: a v2 header built longer than this (bytes, all of it) is logged and counted.
+    proxy_v2_max_size: int = DEFAULT_MAX_HEADER_SIZE
     inter: float = 2.0
     fastinter: float | None = None  # None: inter
     downinter: float | None = None  # None: inter
