@@ -34,7 +34,7 @@ SANS_IO = (
 #: The net layer's modules: what the sans-IO modules must not reach.
 NETWORK = ("asyncio", "socket", "ssl", "uvloop")
 #: What broker may import from lb: modules that need nothing else of lb.
-LB_LEAVES = ("lb", "lb.pem", "lb.proxyproto", "lb.sd_notify", "lb.tls_codes")
+LB_LEAVES = ("lb", "lb.pem", "lb.proxy_hmac", "lb.proxyproto", "lb.sd_notify", "lb.tls_codes")
 
 
 def module_name(path: Path) -> str:
