@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import cast
 
 from broker.config import ListenerConfig
@@ -39,6 +40,7 @@ from broker.core import Broker
 from broker.hooks import PeerIdentity
 from broker.mqtt import ReasonCode
 from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
+from lb.proxy_hmac import HeaderAuthenticator
 from lb.proxyproto import (
     NEED_DATA,
     V2_HEADER_LENGTH,
@@ -71,9 +73,12 @@ class Listener:
         broker: Broker,
         ssl_context: ssl.SSLContext | None = None,
         tls: ReloadingContext | None = None,
+        authenticator: HeaderAuthenticator | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
+        # proxy_protocol_hmac_keys: every PROXY header's HMAC TLV is checked (lb.proxy_hmac).
+        self.authenticator = authenticator
         self.ssl_context = ssl_context
         # TLS listener (seed 000): handshakes run per connection so refusals are logged,
         # with the context reloaded from disk every ssl_options.reload_interval.
@@ -527,6 +532,9 @@ class MQTTServerProtocol(asyncio.Protocol):
             return
         assert isinstance(event, ProxyHeader)
         self._cancel_timer()
+        if not self._header_authentic(event, source):
+            self._close_transport()
+            return
         trailing = decoder.trailing_data
         self.proxy_decoder = None
         if event.is_local:
@@ -544,6 +552,48 @@ class MQTTServerProtocol(asyncio.Protocol):
             and self.connection.data_received(trailing)
         ):
             self._schedule_backlog()
+
+    def _header_authentic(self, header: ProxyHeader, source: str) -> bool:
+        """proxy_protocol_hmac_keys: refuse a header without a valid, fresh, new HMAC (LOCAL
+        health checks too), before any MQTT byte is read; say which check failed."""
+        listener = self.listener
+        counters = listener.broker.counters
+        authenticator = listener.authenticator
+        if authenticator is None:
+            if header.mac is not None:
+                counters.proxy_hmac_unchecked += 1
+                if counters.proxy_hmac_unchecked == 1:
+                    logger.warning(
+                        "PROXY headers from %s on listener %s carry an HMAC (key '%s') that "
+                        "nothing checks: set proxy_protocol_hmac_keys to the balancer's key "
+                        "file (said once)",
+                        source,
+                        listener.config.label,
+                        header.mac.key_id,
+                    )
+            return True
+        refusal = authenticator.check(header, time.time())
+        if refusal is None:
+            counters.proxy_hmac_verified += 1
+            return True
+        match refusal.reason:
+            case "missing":
+                counters.proxy_hmac_missing += 1
+            case "unknown_key":
+                counters.proxy_hmac_unknown_key += 1
+            case "bad_mac":
+                counters.proxy_hmac_bad_mac += 1
+            case "stale":
+                counters.proxy_hmac_stale += 1
+            case "replayed":
+                counters.proxy_hmac_replayed += 1
+        logger.warning(
+            "PROXY header from %s refused on listener %s: %s",
+            source,
+            listener.config.label,
+            refusal.text,
+        )
+        return False
 
     def _proxy_identity(self, header: ProxyHeader) -> PeerIdentity:
         ssl_info = header.ssl

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 from lb import proxyproto
 from lb.config.model import Global, Server
 from lb.health import CheckResult, CheckStatus
+from lb.proxy_hmac import HeaderKeys
 from lb.server import BackendState, ServerState
 
 logger = logging.getLogger(__name__)
@@ -70,20 +71,23 @@ def check_header(
     global_: Global,
     local: tuple[str, int] | None,
     remote: tuple[str, int] | None,
+    mac: proxyproto.MACKey | None = None,
 ) -> bytes | None:
-    """The PROXY header a health check of `server` starts with, if any."""
+    """The PROXY header a health check of `server` starts with, if any; `mac` signs a v2
+    one (`proxy-v2-options hmac`: a broker that holds the key refuses checks without it)."""
     if not sends_proxy_header(server):
         return None
     if not server.send_proxy_v2:
         return proxyproto.encode_v1(local, remote)
     options = server.proxy_v2_options
     ssl = proxyproto.SSLInfo(proxyproto.ClientFlags(0), 0) if "ssl" in options else None
+    crc32c = "crc32c" in options
     if global_.pp2_never_send_local and local is not None and remote is not None:
         return proxyproto.encode_v2(
-            proxyproto.Command.PROXY, local, remote, ssl=ssl, crc32c="crc32c" in options
+            proxyproto.Command.PROXY, local, remote, ssl=ssl, crc32c=crc32c, mac=mac
         )
     return proxyproto.encode_v2(
-        proxyproto.Command.LOCAL, None, None, ssl=ssl, crc32c="crc32c" in options
+        proxyproto.Command.LOCAL, None, None, ssl=ssl, crc32c=crc32c, mac=mac
     )
 
 
@@ -104,11 +108,13 @@ class HealthChecks:
         backends: Iterable[BackendState],
         global_: Global,
         on_change: Callable[[BackendState, ServerState], None] | None = None,
+        key_files: HeaderKeys | None = None,
     ) -> None:
         self.loop = loop
         self.backends = list(backends)
         self.global_ = global_
         self.on_change = on_change
+        self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
         self.tasks: list[asyncio.Task[None]] = []
         self.tick_task: asyncio.Task[None] | None = None
 
@@ -196,6 +202,7 @@ class HealthChecks:
                 self.global_,
                 (local[0], local[1]) if isinstance(local, tuple) else None,
                 (remote[0], remote[1]) if isinstance(remote, tuple) else None,
+                self.key_files.mac_key(server.config),
             )
             if header:
                 writer.write(header)

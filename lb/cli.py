@@ -23,6 +23,7 @@ from lb.config import Diagnostic, load_config
 from lb.config.errors import format_report
 from lb.config.model import Config
 from lb.process import serve
+from lb.proxy_hmac import KeyFileError, load_key_file
 from lb.sd_notify import Notifier
 from lb.tls import bind_tls, check_bind_files
 from lb.workers import Master, signal_old_processes
@@ -54,6 +55,32 @@ def tls_diagnostics(
     return diagnostics
 
 
+def key_file_diagnostics(
+    config: Config, skip: frozenset[tuple[str, int]] = frozenset()
+) -> list[Diagnostic]:
+    """Load the key file of every `proxy-v2-hmac-keys`, as the certificates are loaded: a
+    missing file, a mode open to others or a bad line is an error of its server line."""
+    diagnostics: list[Diagnostic] = []
+    for backend in config.backends:
+        for server in backend.servers:
+            path = server.proxy_v2_hmac_keys
+            if path is None or (server.origin.file, server.origin.line) in skip:
+                continue
+            try:
+                load_key_file(path)
+            except KeyFileError as error:
+                diagnostics.append(
+                    Diagnostic.error(
+                        server.origin.file,
+                        server.origin.line,
+                        "server",
+                        f"'{server.name}': proxy-v2-hmac-keys: {error}",
+                        f"backend {backend.name}",
+                    )
+                )
+    return diagnostics
+
+
 def check(paths: Sequence[str]) -> tuple[Config | None, list[Diagnostic]]:
     """Parse and check the configuration, then load its files: every problem of both steps
     in one report, in file and line order (HAProxy 2.6 loads a `crt` while it parses, so a
@@ -66,6 +93,7 @@ def check(paths: Sequence[str]) -> tuple[Config | None, list[Diagnostic]]:
             (d.file, d.line) for d in diagnostics if d.is_error and d.file and d.line
         )
         diagnostics.extend(tls_diagnostics(model, broken))
+        diagnostics.extend(key_file_diagnostics(model, broken))
         diagnostics.sort(key=lambda d: d.position)
     has_errors = any(d.is_error for d in diagnostics)
     return (None if has_errors else result.config), diagnostics

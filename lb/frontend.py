@@ -18,7 +18,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from lb import proxyproto, tls_io
-from lb.config.model import Bind, Frontend, Global
+from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
 from lb.datapath import ClientSide, Limits, TimerWheel
 from lb.log import (
@@ -32,6 +32,7 @@ from lb.log import (
     TrafficLog,
     format_connection_error,
 )
+from lb.proxy_hmac import HeaderKeys
 from lb.tls import BindContext, bind_tls
 from lb.tls_codes import Refusal
 
@@ -186,6 +187,7 @@ class FrontendRuntime:
         log: TrafficLog,
         retries: int,
         counters: ProcessCounters | None = None,
+        key_files: HeaderKeys | None = None,
     ) -> None:
         self.loop = loop
         self.config: Frontend = config
@@ -201,6 +203,7 @@ class FrontendRuntime:
         )
         self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
         self.oversize_lines: RateLimiter | None = None  # made at the first oversize header
+        self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
         self.counters = FrontendCounters()
         self.process_counters = counters if counters is not None else ProcessCounters()
         self.sessions: set[ClientSide] = set()
@@ -413,7 +416,7 @@ class FrontendRuntime:
     def proxy_header_for(self, client: ClientSide, server: ServerState) -> bytes | None:
         config = server.config
         if config.send_proxy_v2:
-            header = self._proxy_v2(client, config.proxy_v2_options)
+            header = self._proxy_v2(client, config)
             if len(header) > config.proxy_v2_max_size:
                 self._oversize_header(client, server, len(header))
             return header
@@ -445,7 +448,8 @@ class FrontendRuntime:
             self.counters.proxy_headers_oversize,
         )
 
-    def _proxy_v2(self, client: ClientSide, options: frozenset[str]) -> bytes:
+    def _proxy_v2(self, client: ClientSide, server: Server) -> bytes:
+        options = server.proxy_v2_options
         tls = client.tls
         ssl_info = None
         alpn = None
@@ -483,4 +487,5 @@ class FrontendRuntime:
             ssl=ssl_info,
             crc32c="crc32c" in options,
             chain_subjects=chain,
+            mac=self.key_files.mac_key(server),
         )

@@ -32,10 +32,11 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from lb.pem import file_signature
 from lb.proxyproto import HMAC_KEY_ID_MAX_LENGTH, HMAC_NONCE_LENGTH, MACKey, ProxyHeader
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_REPLAY_CACHE",
     "DEFAULT_WINDOW",
     "HeaderAuthenticator",
+    "HeaderKeys",
     "KeyFile",
     "KeyFileError",
     "KeyRing",
@@ -186,6 +188,47 @@ class KeyFile:
             ", ".join(f"'{key_id}'" for key_id in ring.ids),
             ring.signing[0],
         )
+
+
+class HeaderKeys:
+    """lb's key files, one KeyFile per path that servers name, shared by a process's
+    frontends and health checks."""
+
+    __slots__ = ("clock", "files", "wall_clock")
+
+    def __init__(
+        self, clock: Callable[[], float], wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.files: dict[str, KeyFile] = {}
+
+    def load(self, servers: Iterable[HMACServer]) -> None:
+        """Read every key file the servers name, now (KeyFileError if one cannot be)."""
+        for server in servers:
+            path = server.proxy_v2_hmac_keys
+            if path is not None and path not in self.files:
+                self.files[path] = KeyFile(path, self.clock)
+
+    def mac_key(self, server: HMACServer) -> MACKey | None:
+        """What to sign a header for `server` with: None without `proxy-v2-options hmac`."""
+        path = server.proxy_v2_hmac_keys
+        if "hmac" not in server.proxy_v2_options or path is None:
+            return None
+        key_file = self.files.get(path)
+        if key_file is None:
+            key_file = self.files[path] = KeyFile(path, self.clock)
+        return signing_key(key_file.keys(), self.wall_clock(), new_nonce())
+
+
+class HMACServer(Protocol):
+    """The two fields of lb.config.model.Server that HeaderKeys reads."""
+
+    @property
+    def proxy_v2_options(self) -> frozenset[str]: ...
+
+    @property
+    def proxy_v2_hmac_keys(self) -> str | None: ...
 
 
 def signing_key(keys: KeyRing, now: float, nonce: bytes) -> MACKey:

@@ -397,7 +397,7 @@ def _build_backend(draft: ProxyDraft, report: Report) -> Backend:
                 )
             )
         seen.setdefault(pending.name, pending.origin)
-        servers.append(_build_server(pending))
+        servers.append(_build_server(pending, draft.label, report))
     return _replace(
         Backend(draft.origin, draft.name, servers=tuple(servers), listen=draft.kind == "listen"),
         _common(draft),
@@ -405,8 +405,43 @@ def _build_backend(draft: ProxyDraft, report: Report) -> Backend:
     )
 
 
-def _build_server(pending: PendingServer) -> Server:
-    return _replace(Server(pending.origin, pending.name, "", "", None), pending.settings)
+def _build_server(pending: PendingServer, section: str, report: Report) -> Server:
+    settings = dict(pending.settings)
+    origin = pending.origin
+    keys = settings.get("proxy_v2_hmac_keys")
+    if isinstance(keys, str):
+        settings["proxy_v2_hmac_keys"] = _resolve_path(keys, None, origin)
+    options = settings.get("proxy_v2_options", frozenset())
+    assert isinstance(options, frozenset)
+
+    def error(message: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.error(origin.file, origin.line, "server", message, section)
+        )
+
+    if "hmac" in options and not keys:
+        error(
+            f"'{pending.name}': 'proxy-v2-options hmac' needs the key file it signs with: "
+            "add 'proxy-v2-hmac-keys <file>' (lb.proxy_hmac's format, shared with the brokers)"
+        )
+    elif "hmac" in options and not settings.get("send_proxy_v2"):
+        error(
+            f"'{pending.name}': 'proxy-v2-options hmac' authenticates a PROXY v2 header: add "
+            "'send-proxy-v2'"
+        )
+    elif keys and "hmac" not in options:
+        report.diagnostics.append(
+            Diagnostic.warning(
+                origin.file,
+                origin.line,
+                "server",
+                f"'{pending.name}': 'proxy-v2-hmac-keys' is set but 'proxy-v2-options' has no "
+                "'hmac': the headers go unauthenticated, and a broker that holds the key refuses "
+                "them",
+                section,
+            )
+        )
+    return _replace(Server(origin, pending.name, "", "", None), settings)
 
 
 def _resolve_path(path: str, base: str | None, origin: Origin) -> str:
@@ -610,6 +645,20 @@ def _lint(
         )
 
     global_limit = global_.maxconn or _DEFAULT_GLOBAL_MAXCONN
+    for backend in backends:
+        signed = [s.name for s in backend.servers if "hmac" in s.proxy_v2_options]
+        unsigned = [
+            s.name for s in backend.servers if s.send_proxy_v2 and "hmac" not in s.proxy_v2_options
+        ]
+        if signed and unsigned:
+            warn(
+                backend.origin,
+                "backend",
+                f"'{backend.name}': servers {', '.join(signed)} get an HMAC in their PROXY "
+                f"header and {', '.join(unsigned)} do not: a broker that holds the key refuses "
+                "the latter, and one that does not trusts any header from a trusted address",
+                f"backend {backend.name}",
+            )
     maxconn_warned = False
     for backend in backends:
         section = f"backend {backend.name}"

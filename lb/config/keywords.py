@@ -702,6 +702,7 @@ SERVER_OPTIONS: dict[str, OptionSpec] = {
     "send-proxy-v2-ssl-cn": _send_proxy_v2_with("ssl", "cert-cn"),
     "proxy-v2-options": OptionSpec(_proxy_v2_options),
     "proxy-v2-max-size": _set("proxy_v2_max_size", _proxy_header_size),  # ours
+    "proxy-v2-hmac-keys": _set("proxy_v2_hmac_keys", _text),  # ours
     "inter": _server_time("inter"),
     "fastinter": _server_time("fastinter"),
     "downinter": _server_time("downinter"),

@@ -177,6 +177,7 @@ PROXY_V2_OPTIONS = (
     "crc32c",
     "unique-id",
     "chain-subjects",  # our own: subjects of the verified client chain
+    "hmac",  # our own: an HMAC-SHA256 of the header (keys: proxy-v2-hmac-keys)
 )
 
 
@@ -202,6 +203,8 @@ class Server:
     proxy_v2_options: frozenset[str] = frozenset()
     # Our own: a v2 header built longer than this (bytes, all of it) is logged and counted.
     proxy_v2_max_size: int = DEFAULT_MAX_HEADER_SIZE
+    # Our own: the key file of `proxy-v2-options hmac` (lb.proxy_hmac), an absolute path.
+    proxy_v2_hmac_keys: str | None = None
     inter: float = 2.0
     fastinter: float | None = None  # None: inter
     downinter: float | None = None  # None: inter
