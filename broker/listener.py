@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import ssl
 import time
 from typing import cast
@@ -151,6 +152,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         "_timer",
         "closed",
         "connection",
+        "connection_id",
+        "connection_id_source",
         "first_data_pending",
         "idle_timeout",
         "input_paused",
@@ -171,6 +174,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.connection: ClientConnection | None = None
         self.proxy_decoder: ProxyProtocolDecoder | None = None
         self.socket_address: tuple[str, int] = ("", 0)
+        # Our own id until a PROXY header brings the balancer's (PP2_TYPE_UNIQUE_ID): every
+        # log line about the connection carries one, so lines always correlate.
+        self.connection_id = secrets.token_hex(16)
+        self.connection_id_source = "broker"
         self._timer: asyncio.TimerHandle | None = None
         self.idle_timeout: float | None = None
         self.last_activity = 0.0
@@ -216,7 +223,7 @@ class MQTTServerProtocol(asyncio.Protocol):
                 logger.warning(
                     "connection from %s refused on PROXY listener %s: address not in "
                     "proxy_protocol_trusted",
-                    address_text(self.socket_address),
+                    self._peer_text(),
                     config.label,
                 )
                 self._close_transport()
@@ -251,7 +258,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         # A bug must cost one connection, never the node.
         logger.exception(
             "internal error on connection from %s; closing it",
-            address_text(self.socket_address),
+            self._peer_text(),
         )
         if self.connection is not None:
             self.connection.connection_lost("internal error")
@@ -281,7 +288,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         elif self.proxy_decoder is not None and not was_closed:
             logger.debug(
                 "connection from %s closed while waiting for the PROXY header",
-                address_text(self.socket_address),
+                self._peer_text(),
             )
         self.transport = None
 
@@ -444,7 +451,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         counters.proxy_header_timeouts += 1
         logger.warning(
             "timeout waiting for the PROXY header from %s on listener %s (%gs)",
-            address_text(self.socket_address),
+            self._peer_text(),
             self.listener.config.label,
             self.listener.config.proxy_protocol_timeout,
         )
@@ -479,6 +486,8 @@ class MQTTServerProtocol(asyncio.Protocol):
             certificate_verified=verified,
             chain_subjects=chain_subjects,
             health_check=health_check,
+            connection_id=self.connection_id,
+            connection_id_source=self.connection_id_source,
         )
 
     def _proxy_data(self, data: bytes) -> None:
@@ -486,7 +495,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         assert decoder is not None
         config = self.listener.config
         counters = self.listener.broker.counters
-        source = address_text(self.socket_address)
+        source = self._peer_text()
         try:
             decoder.feed(data)
             event = decoder.next_event()
@@ -535,6 +544,9 @@ class MQTTServerProtocol(asyncio.Protocol):
         if not self._header_authentic(event, source):
             self._close_transport()
             return
+        if event.unique_id:
+            self.connection_id = _printable(event.unique_id)
+            self.connection_id_source = "proxy"
         trailing = decoder.trailing_data
         self.proxy_decoder = None
         if event.is_local:
@@ -609,7 +621,13 @@ class MQTTServerProtocol(asyncio.Protocol):
             certificate_verified=verified,
             chain_subjects=header.chain_subjects if verified else (),
             authority=header.authority,
+            connection_id=self.connection_id,
+            connection_id_source=self.connection_id_source,
         )
+
+    def _peer_text(self) -> str:
+        """The socket's peer and the connection's id, as this module's log lines name it."""
+        return f"{address_text(self.socket_address)} (connection_id={self.connection_id})"
 
     def _start_mqtt(self, identity: PeerIdentity) -> None:
         listener = self.listener
@@ -635,10 +653,16 @@ class MQTTServerProtocol(asyncio.Protocol):
                 "PROXY protocol header received on a listener without proxy_protocol = true "
                 "from %s (listener %s): set proxy_protocol = true or remove send-proxy on "
                 "the balancer",
-                address_text(self.socket_address),
+                self._peer_text(),
                 self.listener.config.label,
             )
             connection.connection_lost("PROXY header on a plain listener")
             self._close_transport()
             return True
         return False
+
+
+def _printable(unique_id: bytes) -> str:
+    """A PP2_TYPE_UNIQUE_ID for log lines: UTF-8, control characters as '?'."""
+    text = unique_id.decode("utf-8", "replace")
+    return "".join("?" if ord(char) < 0x20 or ord(char) == 0x7F else char for char in text)

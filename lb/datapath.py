@@ -177,6 +177,7 @@ class ClientSide(asyncio.Protocol):
         "server_eof",
         "server_queue_position",
         "server_side",
+        "session_number",
         "slot_server",
         "sock",
         "ssl_info",
@@ -186,6 +187,7 @@ class ClientSide(asyncio.Protocol):
         "tls",
         "tls_context",
         "transport",
+        "unique_id",
         "verify_state",
     )
 
@@ -243,6 +245,8 @@ class ClientSide(asyncio.Protocol):
         self.timers = frontend.timers
         self.timer_slot: int | None = None  # TimerWheel's
         self.ssl_info: proxyproto.SSLInfo | None = None
+        self.unique_id: str | None = None  # made when first asked for (FrontendRuntime)
+        self.session_number = 0  # %rt
 
     # -- asyncio callbacks ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import secrets
 import socket
 from typing import TYPE_CHECKING
 
@@ -201,6 +202,10 @@ class FrontendRuntime:
         self.log_format: LogFormat | None = (
             LogFormat(config.log.format) if config.log.format else TCPLOG if self.tcplog else None
         )
+        self.unique_id_format = (
+            LogFormat(config.unique_id_format) if config.unique_id_format else None
+        )
+        self.logs_unique_id = self.log_format is not None and "ID" in self.log_format.variables
         self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
         self.oversize_lines: RateLimiter | None = None  # made at the first oversize header
         self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
@@ -273,6 +278,7 @@ class FrontendRuntime:
     # -- sessions ----------------------------------------------------------------------------
 
     def session_started(self, client: ClientSide) -> None:
+        client.session_number = self.process.total
         self.current += 1
         self.sessions.add(client)
         counters = self.counters
@@ -318,7 +324,24 @@ class FrontendRuntime:
             server_counters.max_sessions, server.active_connections + 1
         )
 
-    def _record(self, client: ClientSide) -> SessionRecord:
+    def unique_id(self, client: ClientSide) -> str:
+        """The session's connection id (%ID, PP2_TYPE_UNIQUE_ID), made once when first asked
+        for: `unique-id-format` rendered then, as HAProxy's stream_generate_unique_id, cut to
+        the TLV's 128 bytes; without one, 128 random bits in hex (ours: HAProxy leaves it
+        empty), so that every session has an id the brokers can log."""
+        unique_id = client.unique_id
+        if unique_id is None:
+            if self.unique_id_format is None:
+                unique_id = secrets.token_hex(16)
+            else:
+                text = self.unique_id_format.render(self._record(client, with_unique_id=False))
+                unique_id = text.encode("utf-8")[: proxyproto.UNIQUE_ID_MAX_LENGTH].decode(
+                    "utf-8", "ignore"
+                )
+            client.unique_id = unique_id
+        return unique_id
+
+    def _record(self, client: ClientSide, *, with_unique_id: bool = True) -> SessionRecord:
         now = self.loop.time()
         server = client.server
         connected = server is not None and client.connect_time is not None
@@ -360,6 +383,12 @@ class FrontendRuntime:
             ssl_client_used=bool(subject),
             ssl_client_subject=subject,
             ssl_client_issuer=issuer,
+            unique_id=(
+                self.unique_id(client)
+                if with_unique_id and (self.logs_unique_id or client.unique_id is not None)
+                else None
+            ),
+            session_number=client.session_number,
         )
 
     def handshake_failed(self, client: ClientSide, refusal: Refusal, reason: str) -> None:
@@ -485,6 +514,7 @@ class FrontendRuntime:
             alpn=alpn,
             authority=authority,
             ssl=ssl_info,
+            unique_id=self.unique_id(client).encode("utf-8") if "unique-id" in options else None,
             crc32c="crc32c" in options,
             chain_subjects=chain,
             mac=self.key_files.mac_key(server),

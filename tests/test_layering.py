@@ -26,6 +26,7 @@ SANS_IO = (
     "lb/control_codec.py",
     "lb/tls_codes.py",
     "lb/health.py",
+    "lb/log_format.py",
     "lb/balance/*.py",
     "lb/config/*.py",
     "broker/mqtt/*.py",

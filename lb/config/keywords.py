@@ -31,6 +31,7 @@ from lb.balance import ALGORITHMS
 from lb.config.errors import Diagnostic, Origin
 from lb.config.lexer import Line
 from lb.config.model import PROXY_V2_OPTIONS, LogTarget, StatsSocket
+from lb.log_format import LogFormat, LogFormatError
 from lb.proxyproto import V2_HEADER_LENGTH, V2_MAX_LENGTH
 from lb.tls_codes import TLS_VERSIONS, X509_V_ERROR_IDS
 
@@ -865,8 +866,26 @@ def _proxy_log(line: Line, draft: ProxyDraft, report: Report) -> None:
     draft.log_targets.append(parse_log_target(line, line.words[1:]))
 
 
+def _compiled(text: str) -> str:
+    """A log-format string that lb can render, or KeywordError saying why not."""
+    try:
+        LogFormat(text)
+    except LogFormatError as error:
+        raise KeywordError(str(error)) from None
+    return text
+
+
 def _log_format(line: Line, draft: ProxyDraft, report: Report) -> None:
-    draft.log_format = _one(line, "one format string (quote it if it has spaces)")
+    draft.log_format = _compiled(_one(line, "one format string (quote it if it has spaces)"))
+
+
+def _unique_id_format(line: Line, draft: ProxyDraft, report: Report) -> None:
+    """`unique-id-format <fmt>` (configuration.txt 4.2): the connection id `%ID` shows and
+    `proxy-v2-options unique-id` sends. HAProxy's words; lb renders what its log-format
+    knows (%ci %cp %fi %fp %Ts %ms %rt %pid %ft %b ... and %{+X} hex)."""
+    draft.values["unique_id_format"] = _compiled(
+        _one(line, "one format string (quote it if it has spaces)")
+    )
 
 
 OPTION_NAMES = ("tcplog", "dontlognull", "redispatch", "allbackups", "log-health-checks")
@@ -1087,6 +1106,12 @@ PROXY_KEYWORDS: dict[str, ProxyKeyword] = {
     "log": ProxyKeyword(_proxy_log),
     "no": ProxyKeyword(_no),
     "log-format": ProxyKeyword(_log_format, backend=False),
+    "unique-id-format": ProxyKeyword(_unique_id_format, backend=False),
+    "unique-id-header": ProxyKeyword(
+        _unsupported_proxy(
+            "HTTP headers: lb is a TCP balancer (send the id with 'proxy-v2-options unique-id')"
+        )
+    ),
     "option": ProxyKeyword(_option),
     "timeout": ProxyKeyword(_timeout),
     "retries": ProxyKeyword(_integer_value("retries", 0), frontend=False),

@@ -258,6 +258,8 @@ class Frontend:
     stats_enable: bool = False
     http_request_use_service: str | None = None  # "prometheus-exporter"
     listen: bool = False
+    # `unique-id-format`; None: lb makes a random 128-bit id (HAProxy leaves %ID empty)
+    unique_id_format: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
