@@ -39,7 +39,18 @@ from broker.config import ListenerConfig
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
-from broker.mqtt import ReasonCode
+from broker.mqtt import (
+    NEED_DATA as MQTT_NEED_DATA,
+)
+from broker.mqtt import (
+    Connack,
+    Connect,
+    MQTTDecoder,
+    MQTTProtocolError,
+    ReasonCode,
+    connack_code_for,
+    encode,
+)
 from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
 from lb.proxy_hmac import HeaderAuthenticator
 from lb.proxyproto import (
@@ -155,6 +166,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         "connection_id",
         "connection_id_source",
         "first_data_pending",
+        "health_answered",
+        "health_decoder",
         "idle_timeout",
         "input_paused",
         "last_activity",
@@ -189,6 +202,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.reading_paused = False
         self.closed = False
         self.first_data_pending = False
+        # A PROXY LOCAL connection (a balancer's health check): its MQTT, if any, is
+        # answered here and never becomes a client session (_health_data).
+        self.health_decoder: MQTTDecoder | None = None
+        self.health_answered = False
         # Writes coalesced until the end of this loop iteration (see write()).
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -249,7 +266,9 @@ class MQTTServerProtocol(asyncio.Protocol):
                 if connection.data_received(data):
                     self._schedule_backlog()
                 return
-            if self.proxy_decoder is not None:
+            if self.health_decoder is not None:
+                self._health_data(data)
+            elif self.proxy_decoder is not None:
                 self._proxy_data(data)
         except Exception:
             self._internal_error()
@@ -457,7 +476,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         )
         self._close_transport()
 
-    def _socket_identity(self, health_check: bool = False) -> PeerIdentity:
+    def _socket_identity(self) -> PeerIdentity:
         transport = self.transport
         cn: str | None = None
         verified = False
@@ -485,7 +504,6 @@ class MQTTServerProtocol(asyncio.Protocol):
             certificate_cn=cn,
             certificate_verified=verified,
             chain_subjects=chain_subjects,
-            health_check=health_check,
             connection_id=self.connection_id,
             connection_id_source=self.connection_id_source,
         )
@@ -552,11 +570,15 @@ class MQTTServerProtocol(asyncio.Protocol):
         if event.is_local:
             counters.proxy_health_checks += 1
             logger.debug("PROXY LOCAL (health check) from %s on %s", source, config.label)
-            identity = self._socket_identity(health_check=True)
-        else:
-            counters.proxy_headers_accepted += 1
-            identity = self._proxy_identity(event)
-        self._start_mqtt(identity)
+            self.health_decoder = MQTTDecoder(
+                max_packet_size=self.listener.broker.settings.max_packet_size
+            )
+            self._arm(self.listener.broker.settings.connect_timeout, self._close_transport)
+            if trailing:
+                self._health_data(trailing)
+            return
+        counters.proxy_headers_accepted += 1
+        self._start_mqtt(self._proxy_identity(event))
         if (
             trailing
             and self.connection is not None
@@ -564,6 +586,46 @@ class MQTTServerProtocol(asyncio.Protocol):
             and self.connection.data_received(trailing)
         ):
             self._schedule_backlog()
+
+    def _health_data(self, data: bytes) -> None:
+        """A balancer's health check after PROXY LOCAL (lb's `option mqtt-chk`, HAProxy's
+        tcp-check send-binary): a CONNECT is answered with a CONNACK that accepts (or, as
+        for a client, 0x89 Server busy / 3 Server unavailable past max_connections), then
+        DISCONNECT or anything else closes. No session, no cluster message, no client line:
+        a debug line and a counter."""
+        decoder = self.health_decoder
+        assert decoder is not None
+        listener = self.listener
+        decoder.feed(data)
+        while not self.closed:
+            try:
+                packet = decoder.next_event()
+            except MQTTProtocolError as error:
+                logger.debug("health check from %s: %s; closed", self._peer_text(), error)
+                self._close_transport()
+                return
+            if packet is MQTT_NEED_DATA:
+                return
+            if isinstance(packet, Connect) and not self.health_answered:
+                self.health_answered = True
+                level = packet.protocol_level
+                # As _start_mqtt decides for a client.
+                busy = listener.active > listener.config.max_connections
+                code = connack_code_for(level, ReasonCode.SERVER_BUSY) if busy else 0
+                self.write(encode(Connack(False, code), level))
+                listener.broker.counters.mqtt_health_checks += 1
+                logger.debug(
+                    "health check from %s on %s: CONNECT (client_id=%s, protocol level %d) "
+                    "answered with CONNACK %d",
+                    self._peer_text(),
+                    listener.config.label,
+                    packet.client_id or "-",
+                    level,
+                    code,
+                )
+                continue
+            self._close_transport()  # DISCONNECT, or what a health check has no need for
+            return
 
     def _header_authentic(self, header: ProxyHeader, source: str) -> bool:
         """proxy_protocol_hmac_keys: refuse a header without a valid, fresh, new HMAC (LOCAL

@@ -21,6 +21,7 @@ class Counters:
     proxy_headers_accepted: int = 0
     proxy_untrusted_sources: int = 0
     proxy_health_checks: int = 0
+    mqtt_health_checks: int = 0  # CONNECTs on PROXY LOCAL connections, answered (mqtt-chk)
     proxy_missing_header: int = 0
     proxy_header_errors: int = 0
     proxy_header_timeouts: int = 0

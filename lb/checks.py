@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterable
 
-from lb import proxyproto
-from lb.config.model import Global, Server
+from lb import proxyproto, tcpcheck
+from lb.config.model import Global, Server, TcpCheckRule
 from lb.health import CheckResult, CheckStatus
 from lb.proxy_hmac import HeaderKeys
 from lb.server import BackendState, ServerState
@@ -72,10 +74,13 @@ def check_header(
     local: tuple[str, int] | None,
     remote: tuple[str, int] | None,
     mac: proxyproto.MACKey | None = None,
+    *,
+    force: bool = False,
 ) -> bytes | None:
-    """The PROXY header a health check of `server` starts with, if any; `mac` signs a v2
-    one (`proxy-v2-options hmac`: a broker that holds the key refuses checks without it)."""
-    if not sends_proxy_header(server):
+    """The PROXY header a health check of `server` starts with, if any (`force`: a
+    `tcp-check connect send-proxy`); `mac` signs a v2 one (`proxy-v2-options hmac`: a
+    broker that holds the key refuses checks without it)."""
+    if not force and not sends_proxy_header(server):
         return None
     if not server.send_proxy_v2:
         return proxyproto.encode_v1(local, remote)
@@ -115,6 +120,9 @@ class HealthChecks:
         self.global_ = global_
         self.on_change = on_change
         self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
+        # mqtt-chk's client id without `client-id`: one per process, so that two balancers
+        # checking the same broker do not take each other's session over.
+        self.mqtt_client_id = f"lb-check-{secrets.token_hex(4)}"
         self.tasks: list[asyncio.Task[None]] = []
         self.tick_task: asyncio.Task[None] | None = None
 
@@ -180,6 +188,13 @@ class HealthChecks:
             await asyncio.sleep(self._interval(server))
 
     async def check_once(self, backend: BackendState, server: ServerState) -> CheckResult:
+        config = backend.config
+        if config.mqtt_check is not None:
+            check = config.mqtt_check
+            run = tcpcheck.mqtt_check(check, check.client_id or self.mqtt_client_id)
+            return await self._run_rules(backend, server, run)
+        if config.option.tcp_check:
+            return await self._run_rules(backend, server, tcpcheck.TcpCheck(config.tcp_check_rules))
         target = check_target(server.config)
         assert target is not None
         started = self.loop.time()
@@ -215,6 +230,107 @@ class HealthChecks:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
         return CheckResult(CheckStatus.L4OK, "", duration)
 
+    async def _run_rules(
+        self, backend: BackendState, server: ServerState, run: tcpcheck.TcpCheck
+    ) -> CheckResult:
+        """Drive a tcp-check (or mqtt-chk) run: its connects, sends and reads, with
+        HAProxy's timeouts: `inter` for each connect (or `timeout connect` when `timeout
+        check` is set), then `timeout check` from the connection on (else what is left of
+        `inter`)."""
+        loop = self.loop
+        started = loop.time()
+        timeouts = backend.config.timeout
+        inter = server.config.inter
+        writer: asyncio.StreamWriter | None = None
+        reader: asyncio.StreamReader | None = None
+        deadline = started + inter
+        try:
+            while True:
+                action = run.next()
+                if isinstance(action, tcpcheck.Finished):
+                    if action.farewell and writer is not None:
+                        with contextlib.suppress(OSError, TimeoutError):
+                            writer.write(action.farewell)
+                            await asyncio.wait_for(writer.drain(), CLOSE_WAIT)
+                    return dataclasses.replace(action.result, duration=loop.time() - started)
+                remaining = max(deadline - loop.time(), 0.0)
+                if isinstance(action, tcpcheck.Connect):
+                    if writer is not None:
+                        await _close(writer)
+                        writer = reader = None
+                    connect_started = loop.time()
+                    deadline = connect_started + inter
+                    limit = inter
+                    if timeouts.check is not None and timeouts.connect is not None:
+                        limit = min(inter, timeouts.connect)
+                    host, port = _rule_target(server.config, action.rule)
+                    try:
+                        opened = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+                    except TimeoutError:
+                        run.timed_out()
+                        continue
+                    except OSError as error:
+                        run.connect_failed(_words(error))
+                        continue
+                    reader, writer = opened
+                    if timeouts.check is not None:
+                        deadline = loop.time() + timeouts.check
+                    header = self._rule_header(server, opened[1], action.rule)
+                    if header:
+                        opened[1].write(header)
+                    run.connected()
+                elif isinstance(action, tcpcheck.Send):
+                    assert writer is not None
+                    try:
+                        writer.write(action.data)
+                        await asyncio.wait_for(writer.drain(), remaining)
+                    except TimeoutError:
+                        run.timed_out()
+                        continue
+                    except OSError as error:
+                        run.send_failed(_words(error))
+                        continue
+                    run.sent()
+                else:
+                    assert reader is not None
+                    try:
+                        data = await asyncio.wait_for(reader.read(65536), remaining)
+                    except TimeoutError:
+                        run.timed_out()
+                        continue
+                    except OSError as error:
+                        run.read_failed(_words(error))
+                        continue
+                    if data:
+                        run.received(data)
+                    else:
+                        run.closed()
+        finally:
+            if writer is not None:
+                await _close(writer)
+
+    def _rule_header(
+        self,
+        server: ServerState,
+        writer: asyncio.StreamWriter,
+        rule: TcpCheckRule | None,
+    ) -> bytes | None:
+        """The PROXY header of a check connection: the server's check settings for the
+        implicit connect and `connect default`, only `send-proxy` for an explicit one."""
+        config = server.config
+        if rule is not None and not rule.default and not rule.send_proxy:
+            return None
+        local = writer.get_extra_info("sockname")
+        remote = writer.get_extra_info("peername")
+        return check_header(
+            config,
+            self.global_,
+            (local[0], local[1]) if isinstance(local, tuple) else None,
+            (remote[0], remote[1]) if isinstance(remote, tuple) else None,
+            self.key_files.mac_key(config),
+            force=rule is not None and rule.send_proxy,
+        )
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(SLOWSTART_TICK)
@@ -224,6 +340,28 @@ class HealthChecks:
                         backend.tick()
                 except Exception:
                     logger.exception("slowstart tick of backend %s failed", backend.name)
+
+
+def _rule_target(server: Server, rule: TcpCheckRule | None) -> tuple[str, int]:
+    """tcpcheck_eval_connect: the rule's addr and port, else the check's (`addr`, `port`),
+    else the server's."""
+    target = check_target(server)
+    assert target is not None
+    host, port = target
+    if rule is not None:
+        host = rule.addr or host
+        port = rule.port or port
+    return host, port
+
+
+def _words(error: OSError) -> str:
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
 
 
 def _shared_health(server: ServerState) -> tuple[bool, int | None, str | None]:

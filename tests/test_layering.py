@@ -27,6 +27,8 @@ SANS_IO = (
     "lb/tls_codes.py",
     "lb/health.py",
     "lb/log_format.py",
+    "lb/mqtt_check.py",
+    "lb/tcpcheck.py",
     "lb/balance/*.py",
     "lb/config/*.py",
     "broker/mqtt/*.py",

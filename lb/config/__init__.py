@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -53,6 +53,7 @@ from lb.config.model import (
     Server,
     Timeouts,
 )
+from lb.mqtt_check import MQTT_CHECK_KEEPALIVE, connack_rule, encode_connect
 from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE
 from lb.tls_codes import TLS_VERSIONS
 
@@ -581,6 +582,41 @@ def _check_mode_http(drafts: _Drafts, report: Report) -> None:
         )
 
 
+def _lint_checks(
+    backend: Backend,
+    warn: Callable[[Origin, str, str, str], None],
+    notice: Callable[[Origin, str, str, str], None],
+) -> None:
+    """tcp-check rules that will not run (HAProxy's warning), and what `option mqtt-chk`
+    (ours) does, with the HAProxy 2.6 rules that do the same."""
+    section = f"backend {backend.name}"
+    mqtt = backend.mqtt_check
+    rules = backend.tcp_check_rules
+    if rules and not backend.option.tcp_check:
+        why = "'option mqtt-chk' replaces them" if mqtt else "'option tcp-check' is not set"
+        warn(
+            rules[0].origin,
+            "tcp-check",
+            f"backend '{backend.name}' uses tcp-check rules without 'option tcp-check', so the "
+            f"rules are ignored ({why})",
+            section,
+        )
+    if mqtt is not None:
+        level = 5 if mqtt.version == "5.0" else 4
+        example = encode_connect(level, mqtt.client_id or "lb-check", MQTT_CHECK_KEEPALIVE)
+        notice(
+            mqtt.origin,
+            "option mqtt-chk",
+            f"lb's own check (HAProxy 2.6 has no MQTT check): after the check's PROXY header "
+            f"(check-send-proxy), an MQTT {mqtt.version} CONNECT (clean start, keep alive "
+            f"{MQTT_CHECK_KEEPALIVE} s, client id '{mqtt.client_id or 'lb-check-<8 hex digits>'}'"
+            "), a CONNACK that accepts, then DISCONNECT; a refusing CONNACK is 'Layer7 wrong "
+            "status' with its code in words. With HAProxy: 'option tcp-check', 'tcp-check "
+            f"send-binary {example.hex()}', 'tcp-check expect {connack_rule(level)}'",
+            section,
+        )
+
+
 def _check_backend_references(drafts: _Drafts, names: set[str], report: Report) -> None:
     for draft in drafts.proxies:
         references: list[tuple[str, str, Origin]] = [
@@ -664,6 +700,7 @@ def _lint(
         section = f"backend {backend.name}"
         if not backend.servers:
             warn(backend.origin, "backend", f"'{backend.name}' has no server", section)
+        _lint_checks(backend, warn, notice)
         for server in backend.servers:
             if server.send_proxy_v2 and "chain-subjects" in server.proxy_v2_options:
                 notice(

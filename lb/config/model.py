@@ -117,6 +117,7 @@ class Options:
     redispatch_interval: int = -1  # HAProxy: -1 = redispatch on the last retry
     allbackups: bool = False
     log_health_checks: bool = False
+    tcp_check: bool = False  # `option tcp-check`: the backend's tcp-check rules run
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +224,45 @@ class Server:
     on_marked_up: Literal["shutdown-backup-sessions"] | None = None
 
 
+TcpCheckAction = Literal["connect", "send", "expect", "comment"]
+TcpCheckMatch = Literal["string", "binary", "rstring", "rbinary"]
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCheckRule:
+    """One `tcp-check` line (configuration.txt 4.2, HAProxy 2.6): `connect`, `send` and
+    `send-binary` (both as `send`, the bytes in `data`), `expect`, `comment`. `index` is
+    its place among the section's tcp-check lines, comments included: HAProxy names a
+    step "step index + 1" in its messages."""
+
+    origin: Origin
+    action: TcpCheckAction
+    index: int
+    comment: str | None = None
+    # connect
+    port: int | None = None
+    addr: str | None = None
+    send_proxy: bool = False
+    default: bool = False  # `default`: the server's check options (check-send-proxy)
+    # send / send-binary
+    data: bytes = b""
+    # expect
+    match: TcpCheckMatch | None = None
+    pattern: bytes = b""  # the string or the bytes (binary), or the regex source (r*)
+    inverse: bool = False  # `!`
+    min_recv: int = -1  # -1: wait for more while there is no match
+
+
+@dataclass(frozen=True, slots=True)
+class MqttCheck:
+    """`option mqtt-chk [3.1.1|5.0] [client-id <id>]`, our own: a real MQTT CONNECT after
+    the check's PROXY header, a CONNACK that accepts, then DISCONNECT (lb.tcpcheck)."""
+
+    origin: Origin
+    version: Literal["3.1.1", "5.0"] = "3.1.1"
+    client_id: str | None = None  # None: "lb-check-" and 8 random hex digits per process
+
+
 @dataclass(frozen=True, slots=True)
 class Defaults:
     """A `defaults [name]` section as written (after its own inheritance)."""
@@ -278,6 +318,8 @@ class Backend:
     retries: int = 3
     fullconn: int | None = None
     listen: bool = False
+    tcp_check_rules: tuple[TcpCheckRule, ...] = ()
+    mqtt_check: MqttCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
