@@ -310,7 +310,7 @@ class ConnectionErrorLog:
 # Python logging records (health checks, server state) to the global targets
 
 #: Loggers whose records an operator expects among HAProxy's own lines.
-FORWARDED_LOGGERS = ("lb.health", "lb.server", "lb.balance")
+FORWARDED_LOGGERS = ("lb.health", "lb.checks", "lb.server", "lb.balance")
 
 
 def syslog_level(levelno: int) -> str:

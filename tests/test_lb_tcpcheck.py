@@ -4,6 +4,7 @@ the same servers: the same log lines, reason and info, but for the check duratio
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
@@ -14,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from bench.ports import free_port
+from broker.authentication import hash_password
 from lb.config import load_config_text
 from lb.config.model import Backend
 from lb.health import CheckStatus
+from lb.mqtt_check import MQTT_CHECK_KEEPALIVE, connack_rule, encode_connect
 from lb.tcpcheck import Connect, Finished, Receive, Send, TcpCheck, mqtt_check
+from tests.broker_harness import BrokerThread, make_config, running_broker
 from tests.harness import run_haproxy, run_lb
 
 pytestmark = pytest.mark.timeout(120)
@@ -384,3 +388,131 @@ def test_tcp_check_lines_are_haproxys(scripted: dict[str, Scripted], tmp_path: P
     assert "TCPCHK did not match content 'OK' at step 4" in outputs["lb"]["be/wrong"]
     assert "TCPCHK got an empty response at step 4" in outputs["lb"]["be/closer"]
     assert "Connection refused at step 1 of tcp-check (connect)" in outputs["lb"]["be/refused"]
+
+
+# ------------------------------------------------------------------------------------------
+# mqtt-chk against our broker, and HAProxy 2.6's tcp-check binary rules beside it
+
+STATE_LINE = re.compile(r"Server (?P<backend>[^/\s]+)/(?P<server>\S+) is (?P<state>UP|DOWN)")
+
+
+def transitions(output: str) -> list[tuple[str, str]]:
+    return [
+        (f"{m['backend']}/{m['server']}", m["state"])
+        for line in output.splitlines()
+        if (m := STATE_LINE.search(line))
+    ]
+
+
+def stall(node: BrokerThread, seconds: float) -> None:
+    """Freeze the broker's event loop: the kernel still accepts, nothing answers."""
+    node.loop.call_soon_threadsafe(time.sleep, seconds)
+
+
+@pytest.mark.haproxy
+def test_mqtt_chk_against_the_broker_beside_haproxy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Healthy (3.1.1 and 5.0, after check-send-proxy's LOCAL header), refusing (a listener
+    that wants a password: CONNACK 4), hung after accept (the broker frozen 2.5 s), slow (frozen
+    0.4 s at a time, under `timeout check`): lb's mqtt-chk and HAProxy's equivalent tcp-check
+    rules go through the same state changes; the broker counts the checks and logs no client
+    session for them."""
+    caplog.set_level(logging.DEBUG, logger="broker")
+    passwords = tmp_path / "passwd"
+    passwords.write_text(f"someone:{hash_password('secret')}\n")
+    open_config = make_config({"default": {"bind": "127.0.0.1:0", "proxy_protocol": True}})
+    locked_config = make_config(
+        {"default": {"bind": "127.0.0.1:0", "password_file": str(passwords)}}, node="locked"
+    )
+    with running_broker(open_config) as node, running_broker(locked_config) as locked:
+        servers = (
+            f"    server healthy 127.0.0.1:{node.port()} check check-send-proxy send-proxy-v2 "
+            "inter 300 rise 1 fall 1\n"
+            f"    server locked 127.0.0.1:{locked.port()} check inter 300 rise 1 fall 1\n"
+        )
+        five = (
+            f"    server healthy5 127.0.0.1:{node.port()} check check-send-proxy send-proxy-v2 "
+            "inter 300 rise 1 fall 1\n"
+        )
+        connect4 = encode_connect(4, "haproxy-check", MQTT_CHECK_KEEPALIVE).hex()
+        connect5 = encode_connect(5, "haproxy-check5", MQTT_CHECK_KEEPALIVE).hex()
+        backends = {
+            "lb": (
+                f"backend be\n    option mqtt-chk client-id lb-check-1\n{servers}"
+                f"backend be5\n    option mqtt-chk 5.0 client-id lb-check-5\n{five}"
+            ),
+            "haproxy": (
+                f"backend be\n    option tcp-check\n    tcp-check send-binary {connect4}\n"
+                f"    tcp-check expect {connack_rule(4)}\n{servers}"
+                f"backend be5\n    option tcp-check\n    tcp-check send-binary {connect5}\n"
+                f"    tcp-check expect {connack_rule(5)}\n{five}"
+            ),
+        }
+        ports = {"lb": free_port(), "haproxy": free_port()}
+        configs = {
+            name: (
+                "global\n    log stdout format raw local0\n"
+                + BASE.format(port=ports[name]).replace(
+                    "    timeout check 1s\n",
+                    "    timeout check 1s\n    log global\n    option log-health-checks\n",
+                )
+                + "    use_backend be5\n"
+                + backends[name]
+            )
+            for name in ports
+        }
+        with (
+            run_lb(configs["lb"], tmp_path, ports["lb"], name="lb") as lb,
+            run_haproxy(configs["haproxy"], tmp_path, ports["haproxy"], name="haproxy") as haproxy,
+        ):
+            processes = {"lb": lb, "haproxy": haproxy}
+
+            def wait_for_state(server: str, state: str, count: int = 1) -> None:
+                deadline = time.monotonic() + 20
+                for name, process in processes.items():
+                    while transitions(process.stdout).count((server, state)) < count:
+                        assert time.monotonic() < deadline, (name, process.output())
+                        time.sleep(0.05)
+
+            wait_for_state("be/locked", "DOWN")
+            time.sleep(1.5)  # healthy ones stay UP over several checks
+            stall(node, 2.5)  # hung after accept
+            wait_for_state("be/healthy", "DOWN")
+            wait_for_state("be/healthy", "UP")
+            wait_for_state("be5/healthy5", "UP")
+            before = {name: transitions(p.stdout) for name, p in processes.items()}
+            for _ in range(4):  # slow: answers within timeout check
+                stall(node, 0.4)
+                time.sleep(0.6)
+            after = {name: transitions(p.stdout) for name, p in processes.items()}
+            lines = {name: p.stdout for name, p in processes.items()}
+        counters = node.counters()
+    assert after == before, "a slow broker (0.4 s) went DOWN"
+    # Both started UP (rise/fall as HAProxy); the same changes, in the same order per server.
+    for server in ("be/locked", "be/healthy", "be5/healthy5"):
+        ours = [state for who, state in after["lb"] if who == server]
+        theirs = [state for who, state in after["haproxy"] if who == server]
+        assert ours == theirs, (server, after)
+    assert [s for who, s in after["lb"] if who == "be/locked"] == ["DOWN"]
+    assert [s for who, s in after["lb"] if who == "be/healthy"][:2] == ["DOWN", "UP"]
+    assert (
+        'reason: Layer7 wrong status, code: 4, info: "CONNACK return code 4: Connection '
+        'Refused, bad user name or password (MQTT 3.1.1)"' in lines["lb"]
+    )
+    assert "Health check for server be/healthy failed, reason: Layer7 timeout" in lines["lb"]
+    assert 'info: "CONNACK return code 0: Connection Accepted (MQTT 3.1.1)"' in lines["lb"]
+    assert 'info: "CONNACK 0x00 Success (MQTT 5.0)"' in lines["lb"]
+    assert "Layer7 timeout" in lines["haproxy"]
+    # The broker answered the checks as checks: counted, a debug line, no client session.
+    assert counters["mqtt_health_checks"] >= 10
+    messages = [
+        record.getMessage() for record in caplog.records if record.name == "broker.listener"
+    ]
+    assert any("answered with CONNACK 0" in message for message in messages)
+    clients = [
+        record.getMessage()
+        for record in caplog.records
+        if record.getMessage().startswith("client connected") and "check" in record.getMessage()
+    ]
+    assert clients == []
