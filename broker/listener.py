@@ -8,9 +8,14 @@ connection gets a :class:`MQTTServerProtocol`, which:
   then reads a PROXY v1/v2 header (lb.proxyproto) within ``proxy_protocol_timeout``. The
   header's source address becomes the client's address; the PP2_TYPE_SSL CN, when the
   balancer verified the certificate, becomes the certificate CN (and the username with
-  ``peer_cert_as_username = "cn"``). A LOCAL command is a balancer health check: accepted,
-  counted, logged at debug level only, and served with the socket's own address. MQTT bytes
+  ``peer_cert_as_username = "cn"``). A header longer than ``proxy_protocol_max_size`` is
+  refused; with ``proxy_protocol_hmac_keys`` so is one without lb's valid, fresh, new HMAC
+  TLV (lb.proxy_hmac), before any MQTT byte is read. A LOCAL command is a balancer health
+  check: accepted, counted, logged at debug level only; a CONNECT after it (lb's ``option
+  mqtt-chk``) is answered here with a CONNACK and never becomes a client session. MQTT bytes
   where a header is required, or a header where none is expected, are reported in words;
+- names each connection: the header's PP2_TYPE_UNIQUE_ID (lb's or HAProxy's %ID) or 128
+  random bits of its own, in every log line about it (``connection_id=``);
 - enforces ``max_connections`` (CONNACK 0x89 / 3.1.1 return code 3 once CONNECT is read);
 - implements :class:`broker.connection.ConnectionIO` for the sans-IO connection: writes with
   backpressure (``pause_reading`` while the transport's buffer is above its high-water mark,

@@ -1,6 +1,9 @@
-"""Health check scheduling: TCP connect checks on the event loop (HAProxy's check.c).
+"""Health check scheduling: TCP connect checks, tcp-check rules and mqtt-chk on the event
+loop (HAProxy's check.c and tcpcheck.c).
 
-The counting and the words live in lb.health and lb.server; this module only runs checks.
+The counting and the words live in lb.health and lb.server, the rules' logic in lb.tcpcheck
+(`option tcp-check`, `option mqtt-chk`: `_run_rules` connects, sends, reads and times what it
+asks for); this module only runs checks.
 For each server with `check`: connect to `addr`:`port` (the server's own address and port
 unless overridden), optionally send a PROXY header, close. Connected: L4OK; refused or
 unreachable: L4CON with the errno text as info; no answer in time: L4TOUT. The time allowed
