@@ -36,5 +36,7 @@ def test_hmac_bench_measures_both_variants() -> None:
     for figure in ("codec", "end_to_end"):
         medians = result[figure]["medians"]
         assert set(medians) == {"no_mac", "mac"}
-        assert medians["mac"]["broker_us"] > 0 and medians["no_mac"]["lb_us"] >= 0
+        for variant in ("no_mac", "mac"):  # CPU ticks are 10 ms: 20 connections may read 0
+            assert {"lb_us", "broker_us"} <= set(medians[variant])
+            assert medians[variant]["lb_us"] >= 0 and medians[variant]["broker_us"] >= 0
     assert "lb_us" in result["codec"]["ratio_mac_over_no_mac"]
