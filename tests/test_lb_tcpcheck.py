@@ -414,8 +414,8 @@ def test_mqtt_chk_against_the_broker_beside_haproxy(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Healthy (3.1.1 and 5.0, after check-send-proxy's LOCAL header), refusing (a listener
-    that wants a password: CONNACK 4), hung after accept (the broker frozen 2.5 s), slow (frozen
-    0.4 s at a time, under `timeout check`): lb's mqtt-chk and HAProxy's equivalent tcp-check
+    that wants a password: CONNACK 4), hung after accept (the broker frozen 4.5 s), slow (frozen
+    0.4 s at a time, well under `timeout check` 2 s, so that a loaded machine does not flap): lb's mqtt-chk and HAProxy's equivalent tcp-check
     rules go through the same state changes; the broker counts the checks and logs no client
     session for them."""
     caplog.set_level(logging.DEBUG, logger="broker")
@@ -455,7 +455,7 @@ def test_mqtt_chk_against_the_broker_beside_haproxy(
                 "global\n    log stdout format raw local0\n"
                 + BASE.format(port=ports[name]).replace(
                     "    timeout check 1s\n",
-                    "    timeout check 1s\n    log global\n    option log-health-checks\n",
+                    "    timeout check 2s\n    log global\n    option log-health-checks\n",
                 )
                 + "    use_backend be5\n"
                 + backends[name]
@@ -477,7 +477,7 @@ def test_mqtt_chk_against_the_broker_beside_haproxy(
 
             wait_for_state("be/locked", "DOWN")
             time.sleep(1.5)  # healthy ones stay UP over several checks
-            stall(node, 2.5)  # hung after accept
+            stall(node, 4.5)  # hung after accept, longer than timeout check (2 s)
             wait_for_state("be/healthy", "DOWN")
             wait_for_state("be/healthy", "UP")
             wait_for_state("be5/healthy5", "UP")
