@@ -414,10 +414,10 @@ def test_mqtt_chk_against_the_broker_beside_haproxy(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Healthy (3.1.1 and 5.0, after check-send-proxy's LOCAL header), refusing (a listener
-    that wants a password: CONNACK 4), hung after accept (the broker frozen 4.5 s), slow (frozen
-    0.4 s at a time, well under `timeout check` 2 s, so that a loaded machine does not flap): lb's mqtt-chk and HAProxy's equivalent tcp-check
-    rules go through the same state changes; the broker counts the checks and logs no client
-    session for them."""
+    that wants a password: CONNACK 4), hung after accept (the broker frozen 4.5 s), slow
+    (frozen 0.4 s at a time, well under `timeout check` 2 s, so that a loaded machine does
+    not flap): lb's mqtt-chk and HAProxy's equivalent tcp-check rules go through the same
+    state changes; the broker counts the checks and logs no client session for them."""
     caplog.set_level(logging.DEBUG, logger="broker")
     passwords = tmp_path / "passwd"
     passwords.write_text(f"someone:{hash_password('secret')}\n")
