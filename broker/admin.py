@@ -4,9 +4,11 @@ HTTP/1.1 parsed by h11 (sans-IO, the style anchor of STYLE.md), one request per 
 (``Connection: close``), served with asyncio streams (admin traffic is not the hot path,
 STYLE.md rule 6):
 
-- ``/api/clients``: connected clients: client id, username, the real address (from the
-  PROXY header when a balancer sent one), the socket address, certificate CN, protocol
-  version, node, listener, keepalive, connected_at (UTC, ISO 8601), subscriptions, queues;
+- ``/api/clients``: connected clients: client id, the connection id (the balancer's %ID
+  from the PROXY header, ``connection_id_source`` "proxy", or the node's own, "broker"),
+  username, the real address (from the PROXY header when a balancer sent one), the socket
+  address, certificate CN, protocol version, node, listener, keepalive, connected_at (UTC,
+  ISO 8601), subscriptions, queues;
 - ``/api/stats``: the node's counters plus gauges (connections, sessions, retained, ...);
 - ``/api/cluster``: whatever the cluster hook reports (``status()`` when it has one);
 - ``/metrics``: the same numbers in Prometheus text format;
@@ -67,6 +69,8 @@ def client_record(broker: Broker, connection: ClientConnection) -> dict[str, Any
     connected_at = wall_now - (broker.clock() - connection.connected_at)
     return {
         "client_id": connection.client_id,
+        "connection_id": identity.connection_id,
+        "connection_id_source": identity.connection_id_source,
         "username": connection.username,
         "address": connection.address_text,
         "ip": identity.address[0],

@@ -29,6 +29,10 @@ Shape (every table and key optional except where noted)::
     proxy_protocol = true
     proxy_protocol_timeout = 3     # seconds (or "3s", "500ms")
     proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
+    proxy_protocol_max_size = 8192 # bytes, whole header (lb: proxy-v2-max-size)
+    proxy_protocol_hmac_keys = "keys/pp2-hmac.keys"  # headers must carry lb's HMAC TLV
+    proxy_protocol_hmac_window = "30s"              # their timestamp within this of now
+    proxy_protocol_hmac_replay_cache = 100000       # nonces remembered (~200 bytes each)
     peer_cert_as_username = "cn"
     authorization = true           # seed 003: apply [authorization] here (needs authentication)
     password_file = "passwd"       # username/password authentication (mosquitto_passwd format)
@@ -84,6 +88,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from broker.subjects import parse_distinguished_name
+from lb.proxy_hmac import DEFAULT_REPLAY_CACHE, DEFAULT_WINDOW
+from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE, V2_HEADER_LENGTH, V2_MAX_LENGTH
 
 __all__ = [
     "AdminConfig",
@@ -94,6 +100,7 @@ __all__ = [
     "ListenerConfig",
     "MQTTSettings",
     "SSLOptions",
+    "config_warnings",
     "default_config",
     "is_loopback_host",
     "load_config",
@@ -114,6 +121,9 @@ TLS_VERSION_NAMES = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
 #: max_packet_size (a PROXY v2 header with its TLVs, HAProxy's limit is 64 KiB).
 DEFAULT_PENDING_BYTES = 16 * 1024 * 1024
 PENDING_HEADROOM = 65536
+# The smallest proxy_protocol_max_size: a v2 header with the largest address block (AF_UNIX,
+# 216 bytes) and no TLV must fit (proxy-protocol.txt section 2.2).
+MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
 
 
 class ConfigError(Exception):
@@ -174,6 +184,12 @@ class ListenerConfig:
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0
     proxy_protocol_trusted: tuple[Network, ...] = DEFAULT_TRUSTED
+    # The longest PROXY header accepted, in bytes, all of it (v2: 16 + len).
+    proxy_protocol_max_size: int = DEFAULT_MAX_HEADER_SIZE
+    # lb.proxy_hmac: headers must carry a valid HMAC TLV made with a key of this file.
+    proxy_protocol_hmac_keys: Path | None = None
+    proxy_protocol_hmac_window: float = DEFAULT_WINDOW
+    proxy_protocol_hmac_replay_cache: int = DEFAULT_REPLAY_CACHE
     peer_cert_as_username: Literal["cn"] | None = None
     ssl_options: SSLOptions | None = None
     authorization: bool = False
@@ -478,11 +494,29 @@ def _parse_listener(
         proxy_protocol=reader.boolean("proxy_protocol", False),
         proxy_protocol_timeout=reader.duration("proxy_protocol_timeout", 3.0),
         proxy_protocol_trusted=_parse_networks(reader, "proxy_protocol_trusted"),
+        proxy_protocol_max_size=reader.integer(
+            "proxy_protocol_max_size",
+            DEFAULT_MAX_HEADER_SIZE,
+            minimum=MIN_PROXY_HEADER_SIZE,
+            maximum=V2_HEADER_LENGTH + V2_MAX_LENGTH,
+        ),
         peer_cert_as_username="cn" if peer_cert_as_username == "cn" else None,
+        proxy_protocol_hmac_keys=_parse_path(
+            reader, "proxy_protocol_hmac_keys", base, required=False
+        ),
+        proxy_protocol_hmac_window=reader.duration("proxy_protocol_hmac_window", DEFAULT_WINDOW),
+        proxy_protocol_hmac_replay_cache=reader.integer(
+            "proxy_protocol_hmac_replay_cache", DEFAULT_REPLAY_CACHE, minimum=1, maximum=10**8
+        ),
         ssl_options=ssl_options,
         authorization=reader.boolean("authorization", False),
         password_file=_parse_path(reader, "password_file", base, required=False),
     )
+    if listener.proxy_protocol_hmac_keys is not None and not listener.proxy_protocol:
+        raise reader.fail(
+            "proxy_protocol_hmac_keys",
+            "authenticates PROXY headers: set proxy_protocol = true on this listener",
+        )
     reader.reject_unknown()
     return listener
 
@@ -633,6 +667,21 @@ def parse_config(
         admin=admin,
         authorization=authorization,
     )
+
+
+def config_warnings(config: BrokerConfig) -> list[str]:
+    """What is valid but probably not meant, said at start: PROXY listeners of which some
+    check lb's HMAC and others do not (a forger uses the latter)."""
+    proxied = [listener for listener in config.listeners if listener.proxy_protocol]
+    keyed = [listener.label for listener in proxied if listener.proxy_protocol_hmac_keys]
+    open_ = [listener.label for listener in proxied if not listener.proxy_protocol_hmac_keys]
+    if keyed and open_:
+        return [
+            f"{config.origin}: listeners {', '.join(keyed)} require an HMAC in the PROXY header "
+            f"(proxy_protocol_hmac_keys) but {', '.join(open_)} do not: a host in "
+            "proxy_protocol_trusted can still claim any device there"
+        ]
+    return []
 
 
 def _parse_authorization(reader: _Reader | None, base: Path) -> AuthorizationConfig | None:

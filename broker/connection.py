@@ -197,6 +197,12 @@ class ClientConnection:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
+    def connection_id(self) -> str:
+        """The id lb sent (PP2_TYPE_UNIQUE_ID, its %ID) or the listener made: in every log
+        line about this connection, so that lb's and the brokers' lines can be matched."""
+        return self.identity.connection_id
+
+    @property
     def v5(self) -> bool:
         return self.protocol_level >= MQTT_5
 
@@ -248,8 +254,9 @@ class ClientConnection:
         """The CONNECT deadline or the keep alive (1.5x) passed without a packet."""
         if self.state == "connecting":
             logger.info(
-                "connection closed: address=%s: no CONNECT within %gs",
+                "connection closed: address=%s connection_id=%s: no CONNECT within %gs",
                 self.address_text,
+                self.connection_id,
                 self.broker.settings.connect_timeout,
             )
             self._finish("no CONNECT in time", send_will=False)
@@ -368,9 +375,11 @@ class ClientConnection:
             level = logging.DEBUG if self.identity.health_check else logging.INFO
             logger.log(
                 level,
-                "client disconnected: client_id=%s address=%s reason=%s duration=%.1fs",
+                "client disconnected: client_id=%s address=%s connection_id=%s reason=%s "
+                "duration=%.1fs",
                 self.client_id,
                 self.address_text,
+                self.connection_id,
                 reason,
                 duration,
             )
@@ -391,10 +400,11 @@ class ClientConnection:
         else:
             counters.protocol_errors += 1
         logger.warning(
-            "%s from %s (client_id=%s): %s",
+            "%s from %s (client_id=%s connection_id=%s): %s",
             "malformed packet" if reason_code == ReasonCode.MALFORMED_PACKET else "protocol error",
             self.address_text,
             self.client_id or "-",
+            self.connection_id,
             error,
         )
         if self.state == "connecting":
@@ -501,8 +511,10 @@ class ClientConnection:
                 del self._outbound_aliases[topic]
             broker.counters.messages_dropped_too_large += 1
             logger.debug(
-                "message to client_id=%s dropped: larger than its Maximum Packet Size %d",
+                "message to client_id=%s connection_id=%s dropped: larger than its Maximum "
+                "Packet Size %d",
                 self.client_id,
+                self.connection_id,
                 self.client_maximum_packet_size,
             )
             return False
@@ -640,10 +652,12 @@ class ClientConnection:
             encode(Connack(False, connack_code_for(level, reason_code), properties), level)
         )
         logger.info(
-            "connection refused: client_id=%s username=%s address=%s: %s (CONNACK 0x%02X)",
+            "connection refused: client_id=%s username=%s address=%s connection_id=%s: %s "
+            "(CONNACK 0x%02X)",
             connect.client_id or "-",
             self.username or "-",
             self.address_text,
+            self.connection_id,
             why,
             connack_code_for(level, reason_code),
         )
@@ -797,11 +811,12 @@ class ClientConnection:
         self.io.set_idle_timeout(keep_alive * KEEP_ALIVE_FACTOR if keep_alive else None)
         logger.log(
             logging.DEBUG if identity.health_check else logging.INFO,
-            "client connected: client_id=%s username=%s address=%s cn=%s protocol=%s "
-            "keepalive=%d clean_start=%s session_present=%s listener=%s",
+            "client connected: client_id=%s username=%s address=%s connection_id=%s cn=%s "
+            "protocol=%s keepalive=%d clean_start=%s session_present=%s listener=%s",
             client_id,
             self.username or "-",
             self.address_text,
+            self.connection_id,
             identity.certificate_cn or "-",
             {3: "3.1", 4: "3.1.1", 5: "5.0"}.get(level, str(level)),
             keep_alive,
@@ -868,10 +883,11 @@ class ClientConnection:
         elif not broker.authorization.authorize_publish(self.principal, topic, qos, publish.retain):
             broker.counters.authorization_denied += 1
             logger.info(
-                "publish denied: client_id=%s username=%s address=%s topic=%s",
+                "publish denied: client_id=%s username=%s address=%s connection_id=%s topic=%s",
                 self.client_id,
                 self.username or "-",
                 self.address_text,
+                self.connection_id,
                 topic,
             )
             reason_code, reason = ReasonCode.NOT_AUTHORIZED, "not authorized"
@@ -982,10 +998,12 @@ class ClientConnection:
             ):
                 broker.counters.authorization_denied += 1
                 logger.info(
-                    "subscribe denied: client_id=%s username=%s address=%s filter=%s",
+                    "subscribe denied: client_id=%s username=%s address=%s connection_id=%s "
+                    "filter=%s",
                     self.client_id,
                     self.username or "-",
                     self.address_text,
+                    self.connection_id,
                     topic_filter,
                 )
                 code = ReasonCode.NOT_AUTHORIZED

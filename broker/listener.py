@@ -8,9 +8,14 @@ connection gets a :class:`MQTTServerProtocol`, which:
   then reads a PROXY v1/v2 header (lb.proxyproto) within ``proxy_protocol_timeout``. The
   header's source address becomes the client's address; the PP2_TYPE_SSL CN, when the
   balancer verified the certificate, becomes the certificate CN (and the username with
-  ``peer_cert_as_username = "cn"``). A LOCAL command is a balancer health check: accepted,
-  counted, logged at debug level only, and served with the socket's own address. MQTT bytes
+  ``peer_cert_as_username = "cn"``). A header longer than ``proxy_protocol_max_size`` is
+  refused; with ``proxy_protocol_hmac_keys`` so is one without lb's valid, fresh, new HMAC
+  TLV (lb.proxy_hmac), before any MQTT byte is read. A LOCAL command is a balancer health
+  check: accepted, counted, logged at debug level only; a CONNECT after it (lb's ``option
+  mqtt-chk``) is answered here with a CONNACK and never becomes a client session. MQTT bytes
   where a header is required, or a header where none is expected, are reported in words;
+- names each connection: the header's PP2_TYPE_UNIQUE_ID (lb's or HAProxy's %ID) or 128
+  random bits of its own, in every log line about it (``connection_id=``);
 - counts connected MQTT clients against ``max_connections`` (CONNACK 0x89 / 3.1.1 return
   code 3 past it, decided when the CONNECT is accepted, :meth:`MQTTServerProtocol.admit`),
   and bounds the sockets that are not clients yet separately, in count and bytes
@@ -41,30 +46,45 @@ and section 3 ("the receiver ... must only accept it from known sources").
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
+import secrets
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import cast
 
 from broker.accept import AcceptLoop, PendingConnections, open_listening_socket
-from broker.config import ListenerConfig, Network, is_loopback_host
+from broker.config import ListenerConfig, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
 from broker.hooks import PeerIdentity
-from broker.mqtt import ReasonCode
+from broker.mqtt import (
+    NEED_DATA as MQTT_NEED_DATA,
+)
+from broker.mqtt import (
+    Connack,
+    Connect,
+    MQTTDecoder,
+    MQTTProtocolError,
+    ReasonCode,
+    connack_code_for,
+    encode,
+)
 from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
+from lb.proxy_hmac import HeaderAuthenticator
 from lb.proxyproto import (
     NEED_DATA,
+    V2_HEADER_LENGTH,
     ClientFlags,
     ProxyHeader,
     ProxyProtocolDecoder,
     ProxyProtocolError,
+    is_trusted_source,
 )
 from lb.ratelimit import SuppressedLines
 
-__all__ = ["Listener", "MQTTServerProtocol", "is_trusted"]
+__all__ = ["Listener", "MQTTServerProtocol"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +118,6 @@ def reachable_from_network(config: ListenerConfig) -> bool:
     return True
 
 
-def is_trusted(host: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        mapped = address.ipv4_mapped
-        if any(mapped in network for network in networks):
-            return True
-    return any(address in network for network in networks)
-
-
 class Listener:
     """One listening socket and its live connections."""
 
@@ -119,9 +127,12 @@ class Listener:
         broker: Broker,
         ssl_context: ssl.SSLContext | None = None,
         tls: ReloadingContext | None = None,
+        authenticator: HeaderAuthenticator | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
+        # proxy_protocol_hmac_keys: every PROXY header's HMAC TLV is checked (lb.proxy_hmac).
+        self.authenticator = authenticator
         self.ssl_context = ssl_context
         # TLS listener (seed 000): handshakes run per connection so refusals are logged,
         # with the context reloaded from disk every ssl_options.reload_interval.
@@ -284,7 +295,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         "admitted",
         "closed",
         "connection",
+        "connection_id",
+        "connection_id_source",
         "first_data_pending",
+        "health_answered",
+        "health_decoder",
         "idle_timeout",
         "input_paused",
         "last_activity",
@@ -306,6 +321,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.connection: ClientConnection | None = None
         self.proxy_decoder: ProxyProtocolDecoder | None = None
         self.socket_address: tuple[str, int] = ("", 0)
+        # Our own id until a PROXY header brings the balancer's (PP2_TYPE_UNIQUE_ID): every
+        # log line about the connection carries one, so lines always correlate.
+        self.connection_id = secrets.token_hex(16)
+        self.connection_id_source = "broker"
         self._timer: asyncio.TimerHandle | None = None
         self._timer_callback: Callable[[], None] | None = None
         self._deadline = 0.0
@@ -325,6 +344,10 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.lingering = False
         self.linger_bytes = 0
         self.first_data_pending = False
+        # A PROXY LOCAL connection (a balancer's health check): its MQTT, if any, is
+        # answered here and never becomes a client session (_health_data).
+        self.health_decoder: MQTTDecoder | None = None
+        self.health_answered = False
         # Writes coalesced until the end of this loop iteration (see write()).
         self._out: list[bytes] = []
         self._out_bytes = 0
@@ -356,17 +379,19 @@ class MQTTServerProtocol(asyncio.Protocol):
         if listener.tls is not None and self._chain_too_deep(listener.tls):
             return
         if config.proxy_protocol:
-            if not is_trusted(self.socket_address[0], config.proxy_protocol_trusted):
+            if not is_trusted_source(self.socket_address[0], config.proxy_protocol_trusted):
                 # Decided on the address alone, before any byte is read (proxy-protocol.txt
                 # section 3): whatever this peer sends is never parsed.
                 counters.proxy_untrusted_sources += 1
                 listener.refused(
-                    f"connection from {address_text(self.socket_address)} refused on PROXY "
+                    f"connection from {self._peer_text()} refused on PROXY "
                     f"listener {config.label}: address not in proxy_protocol_trusted"
                 )
                 self._close_transport(linger=False)
                 return
-            self.proxy_decoder = ProxyProtocolDecoder()
+            self.proxy_decoder = ProxyProtocolDecoder(
+                max_v2_length=config.proxy_protocol_max_size - V2_HEADER_LENGTH
+            )
             self._arm(config.proxy_protocol_timeout, self._proxy_timeout)
             return
         self._start_mqtt(self._socket_identity())
@@ -392,7 +417,9 @@ class MQTTServerProtocol(asyncio.Protocol):
                 if connection.data_received(data):
                     self._schedule_backlog()
                 return
-            if self.proxy_decoder is not None:
+            if self.health_decoder is not None:
+                self._health_data(data)
+            elif self.proxy_decoder is not None:
                 self._proxy_data(data)
         except Exception:
             self._internal_error()
@@ -401,7 +428,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         # A bug must cost one connection, never the node.
         logger.exception(
             "internal error on connection from %s; closing it",
-            address_text(self.socket_address),
+            self._peer_text(),
         )
         if self.connection is not None:
             self.connection.connection_lost("internal error")
@@ -437,7 +464,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         elif self.proxy_decoder is not None and not was_closed:
             logger.debug(
                 "connection from %s closed while waiting for the PROXY header",
-                address_text(self.socket_address),
+                self._peer_text(),
             )
         self.transport = None
 
@@ -674,7 +701,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         counters = self.listener.broker.counters
         counters.proxy_header_timeouts += 1
         self.listener.refused(
-            f"timeout waiting for the PROXY header from {address_text(self.socket_address)} "
+            f"timeout waiting for the PROXY header from {self._peer_text()} "
             f"on listener {self.listener.config.label} "
             f"({self.listener.config.proxy_protocol_timeout:g}s)"
         )
@@ -701,7 +728,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         self._close_transport(linger=False)
         return True
 
-    def _socket_identity(self, health_check: bool = False) -> PeerIdentity:
+    def _socket_identity(self) -> PeerIdentity:
         transport = self.transport
         cn: str | None = None
         verified = False
@@ -729,7 +756,8 @@ class MQTTServerProtocol(asyncio.Protocol):
             certificate_cn=cn,
             certificate_verified=verified,
             chain_subjects=chain_subjects,
-            health_check=health_check,
+            connection_id=self.connection_id,
+            connection_id_source=self.connection_id_source,
         )
 
     def _proxy_data(self, data: bytes) -> None:
@@ -737,7 +765,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         assert decoder is not None
         config = self.listener.config
         counters = self.listener.broker.counters
-        source = address_text(self.socket_address)
+        source = self._peer_text()
         try:
             decoder.feed(data)
             event = decoder.next_event()
@@ -755,6 +783,16 @@ class MQTTServerProtocol(asyncio.Protocol):
                     f"TLS ClientHello received without PROXY header from {source}: the "
                     f"balancer must terminate TLS and send-proxy-v2 to listener {config.label}"
                 )
+            elif error.reason == "too_long":
+                counters.proxy_header_errors += 1
+                logger.warning(
+                    "PROXY header from %s refused on listener %s: %s (proxy_protocol_max_size); "
+                    "a balancer sending chain-subjects of long certificate chains needs a "
+                    "larger one",
+                    source,
+                    config.label,
+                    error,
+                )
             else:
                 counters.proxy_header_errors += 1
                 self.listener.refused(
@@ -767,16 +805,26 @@ class MQTTServerProtocol(asyncio.Protocol):
             return
         assert isinstance(event, ProxyHeader)
         self._cancel_timer()
+        if not self._header_authentic(event, source):
+            self._close_transport()
+            return
+        if event.unique_id:
+            self.connection_id = _printable(event.unique_id)
+            self.connection_id_source = "proxy"
         trailing = decoder.trailing_data
         self.proxy_decoder = None
         if event.is_local:
             counters.proxy_health_checks += 1
             logger.debug("PROXY LOCAL (health check) from %s on %s", source, config.label)
-            identity = self._socket_identity(health_check=True)
-        else:
-            counters.proxy_headers_accepted += 1
-            identity = self._proxy_identity(event)
-        self._start_mqtt(identity)
+            self.health_decoder = MQTTDecoder(
+                max_packet_size=self.listener.broker.settings.max_packet_size
+            )
+            self._arm(self.listener.broker.settings.connect_timeout, self._close_transport)
+            if trailing:
+                self._health_data(trailing)
+            return
+        counters.proxy_headers_accepted += 1
+        self._start_mqtt(self._proxy_identity(event))
         if (
             trailing
             and self.connection is not None
@@ -784,6 +832,88 @@ class MQTTServerProtocol(asyncio.Protocol):
             and self.connection.data_received(trailing)
         ):
             self._schedule_backlog()
+
+    def _health_data(self, data: bytes) -> None:
+        """A balancer's health check after PROXY LOCAL (lb's `option mqtt-chk`, HAProxy's
+        tcp-check send-binary): a CONNECT is answered with a CONNACK that accepts (or, as
+        for a client, 0x89 Server busy / 3 Server unavailable past max_connections), then
+        DISCONNECT or anything else closes. No session, no cluster message, no client line:
+        a debug line and a counter."""
+        decoder = self.health_decoder
+        assert decoder is not None
+        listener = self.listener
+        decoder.feed(data)
+        while not self.closed:
+            try:
+                packet = decoder.next_event()
+            except MQTTProtocolError as error:
+                logger.debug("health check from %s: %s; closed", self._peer_text(), error)
+                self._close_transport()
+                return
+            if packet is MQTT_NEED_DATA:
+                return
+            if isinstance(packet, Connect) and not self.health_answered:
+                self.health_answered = True
+                level = packet.protocol_level
+                # As _start_mqtt decides for a client.
+                busy = listener.active > listener.config.max_connections
+                code = connack_code_for(level, ReasonCode.SERVER_BUSY) if busy else 0
+                self.write(encode(Connack(False, code), level))
+                listener.broker.counters.mqtt_health_checks += 1
+                logger.debug(
+                    "health check from %s on %s: CONNECT (client_id=%s, protocol level %d) "
+                    "answered with CONNACK %d",
+                    self._peer_text(),
+                    listener.config.label,
+                    packet.client_id or "-",
+                    level,
+                    code,
+                )
+                continue
+            self._close_transport()  # DISCONNECT, or what a health check has no need for
+            return
+
+    def _header_authentic(self, header: ProxyHeader, source: str) -> bool:
+        """proxy_protocol_hmac_keys: refuse a header without a valid, fresh, new HMAC (LOCAL
+        health checks too), before any MQTT byte is read; say which check failed."""
+        listener = self.listener
+        counters = listener.broker.counters
+        authenticator = listener.authenticator
+        if authenticator is None:
+            if header.mac is not None:
+                counters.proxy_hmac_unchecked += 1
+                if counters.proxy_hmac_unchecked == 1:
+                    logger.warning(
+                        "PROXY headers from %s on listener %s carry an HMAC (key '%s') that "
+                        "nothing checks: set proxy_protocol_hmac_keys to the balancer's key "
+                        "file (said once)",
+                        source,
+                        listener.config.label,
+                        header.mac.key_id,
+                    )
+            return True
+        refusal = authenticator.check(header, time.time())
+        if refusal is None:
+            counters.proxy_hmac_verified += 1
+            return True
+        match refusal.reason:
+            case "missing":
+                counters.proxy_hmac_missing += 1
+            case "unknown_key":
+                counters.proxy_hmac_unknown_key += 1
+            case "bad_mac":
+                counters.proxy_hmac_bad_mac += 1
+            case "stale":
+                counters.proxy_hmac_stale += 1
+            case "replayed":
+                counters.proxy_hmac_replayed += 1
+        logger.warning(
+            "PROXY header from %s refused on listener %s: %s",
+            source,
+            listener.config.label,
+            refusal.text,
+        )
+        return False
 
     def _proxy_identity(self, header: ProxyHeader) -> PeerIdentity:
         ssl_info = header.ssl
@@ -799,7 +929,13 @@ class MQTTServerProtocol(asyncio.Protocol):
             certificate_verified=verified,
             chain_subjects=header.chain_subjects if verified else (),
             authority=header.authority,
+            connection_id=self.connection_id,
+            connection_id_source=self.connection_id_source,
         )
+
+    def _peer_text(self) -> str:
+        """The socket's peer and the connection's id, as this module's log lines name it."""
+        return f"{address_text(self.socket_address)} (connection_id={self.connection_id})"
 
     def _start_mqtt(self, identity: PeerIdentity) -> None:
         listener = self.listener
@@ -821,7 +957,7 @@ class MQTTServerProtocol(asyncio.Protocol):
             self.listener.broker.counters.proxy_header_unexpected += 1
             self.listener.refused(
                 "PROXY protocol header received on a listener without proxy_protocol = true "
-                f"from {address_text(self.socket_address)} (listener "
+                f"from {self._peer_text()} (listener "
                 f"{self.listener.config.label}): set proxy_protocol = true or remove "
                 "send-proxy on the balancer"
             )
@@ -829,3 +965,9 @@ class MQTTServerProtocol(asyncio.Protocol):
             self._close_transport(linger=False)
             return True
         return False
+
+
+def _printable(unique_id: bytes) -> str:
+    """A PP2_TYPE_UNIQUE_ID for log lines: UTF-8, control characters as '?'."""
+    text = unique_id.decode("utf-8", "replace")
+    return "".join("?" if ord(char) < 0x20 or ord(char) == 0x7F else char for char in text)

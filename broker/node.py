@@ -22,19 +22,21 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from broker.admin import AdminServer
 from broker.authentication import PasswordFile, PasswordFileError
 from broker.authz import PolicyAuthorization, PolicyError, ReloadResult, X509Attributes
 from broker.cluster import Cluster
-from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions
+from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions, config_warnings
 from broker.core import Broker
 from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
 from broker.statestore import StateStore
 from broker.tls_listener import ReloadingContext, build_server_ssl_context
+from lb.proxy_hmac import HeaderAuthenticator, KeyFile, KeyFileError
 
 __all__ = ["BrokerServer", "default_ssl_context"]
 
@@ -90,6 +92,32 @@ class BrokerServer:
                         str(error),
                     ) from None
                 self.broker.password_checks[listener_config.label] = passwords.check
+        # proxy_protocol_hmac_keys: one authenticator (and replay cache) per key file, shared
+        # by the listeners that name it, so a header replayed to another listener is seen.
+        self.header_authenticators: dict[str, HeaderAuthenticator] = {}
+        by_path: dict[Path, HeaderAuthenticator] = {}
+        for listener_config in config.listeners:
+            path = listener_config.proxy_protocol_hmac_keys
+            if path is None:
+                continue
+            if path not in by_path:
+                try:
+                    key_file = KeyFile(path, loop.time)
+                except KeyFileError as error:
+                    raise ConfigError(
+                        config.origin,
+                        f"listeners.{listener_config.kind}.{listener_config.name}"
+                        ".proxy_protocol_hmac_keys",
+                        str(error),
+                    ) from None
+                by_path[path] = HeaderAuthenticator(
+                    key_file,
+                    listener_config.proxy_protocol_hmac_window,
+                    listener_config.proxy_protocol_hmac_replay_cache,
+                )
+            self.header_authenticators[listener_config.label] = by_path[path]
+        for warning in config_warnings(config):
+            logger.warning("%s", warning)
         self.state_store = StateStore(self.broker)
         self.state_store.install()
         if self.cluster is not None:
@@ -185,7 +213,10 @@ class BrokerServer:
         try:
             for listener_config in self.config.listeners:
                 listener = Listener(
-                    listener_config, self.broker, tls=self._tls_for(listener_config)
+                    listener_config,
+                    self.broker,
+                    tls=self._tls_for(listener_config),
+                    authenticator=self.header_authenticators.get(listener_config.label),
                 )
                 await listener.start()
                 self.listeners.append(listener)

@@ -21,10 +21,20 @@ class Counters:
     proxy_headers_accepted: int = 0
     proxy_untrusted_sources: int = 0
     proxy_health_checks: int = 0
+    mqtt_health_checks: int = 0  # CONNECTs on PROXY LOCAL connections, answered (mqtt-chk)
     proxy_missing_header: int = 0
     proxy_header_errors: int = 0
     proxy_header_timeouts: int = 0
     proxy_header_unexpected: int = 0
+    # proxy_protocol_hmac_keys (lb.proxy_hmac): headers accepted, refused by reason, and
+    # headers with an HMAC TLV on a listener that has no key to check it.
+    proxy_hmac_verified: int = 0
+    proxy_hmac_missing: int = 0
+    proxy_hmac_unknown_key: int = 0
+    proxy_hmac_bad_mac: int = 0
+    proxy_hmac_stale: int = 0
+    proxy_hmac_replayed: int = 0
+    proxy_hmac_unchecked: int = 0
     malformed_packets: int = 0
     protocol_errors: int = 0
     keepalive_timeouts: int = 0

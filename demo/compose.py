@@ -113,7 +113,9 @@ ca-file ../certs/{topology.INTERMEDIATE_CA}.pem ca-verify-file ../certs/{topolog
 verify required crl-file ../certs/{topology.CRL}
     mode tcp
     log global
-    option tcplog
+    # tcplog and the connection id (%ID) that proxy-v2-options unique-id sends the brokers:
+    # one grep finds a device in lb's log and in its broker's (lb makes 128 random bits).
+    log-format "%ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc %sq/%bq %ID"
     default_backend {topology.LB_BACKEND}
 
 backend {topology.LB_BACKEND}
@@ -121,9 +123,10 @@ backend {topology.LB_BACKEND}
     option tcplog
     balance roundrobin
     # send-proxy-v2-ssl-cn adds the TLS TLVs with the verified client CN to the PROXY v2
-    # header: the brokers take it as the username (peer_cert_as_username = "cn").
+    # header: the brokers take it as the username (peer_cert_as_username = "cn");
+    # proxy-v2-options unique-id adds the connection id (PP2_TYPE_UNIQUE_ID).
     default-server inter 10s downinter 5s rise 2 fall 2 slowstart 60s maxconn 500000 \
-maxqueue 10000 weight 100
+maxqueue 10000 weight 100 proxy-v2-options unique-id
 {servers}
 """
 

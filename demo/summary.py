@@ -1,9 +1,10 @@
 """The demo's report, judged and rendered: what is wrong with it, and the lines a person reads.
 
 A report is the JSON-shaped dict that :mod:`demo.devices` makes: the devices with what they
-sent and heard, each broker node's ``/api/clients`` records, and the two connections lb had
-to refuse. The local demo adds lb's own log line for each refusal (``lb_reasons``: device
-name -> the reason after ``SSL handshake failure:``, or None when no line was found).
+sent and heard, each broker node's ``/api/clients`` records (with the connection id lb sent,
+the ``%ID`` of its log lines), and the two connections lb had to refuse. The local demo adds
+lb's own log line for each refusal (``lb_reasons``: device name -> the reason after
+``SSL handshake failure:``, or None when no line was found).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def problems(report: Mapping[str, Any], lb_reasons: LbReasons | None = None) -> 
                 found.append(f"{name}: {node_name} learned CN {record.get('certificate_cn')!r}")
             if not record.get("via_proxy"):
                 found.append(f"{name}: {node_name} got no PROXY header for it")
+            elif record.get("connection_id_source") != "proxy":
+                found.append(f"{name}: {node_name} got no connection id from lb (unique-id)")
             if device["local_address"] and record.get("address") != device["local_address"]:
                 found.append(
                     f"{name}: {node_name} says it comes from {record.get('address')}, "
@@ -124,7 +127,7 @@ def render(
             device = devices.get(client_id)
             text = (
                 f"  {client_id:<{width}}  {record.get('address')!s:<21}  "
-                f"CN={record.get('certificate_cn')}"
+                f"CN={record.get('certificate_cn')}  id={record.get('connection_id')}"
             )
             if device is None:
                 lines.append(f"{text}  (not one of the simulated devices)")

@@ -1,6 +1,9 @@
-"""Health check scheduling: TCP connect checks on the event loop (HAProxy's check.c).
+"""Health check scheduling: TCP connect checks, tcp-check rules and mqtt-chk on the event
+loop (HAProxy's check.c and tcpcheck.c).
 
-The counting and the words live in lb.health and lb.server; this module only runs checks.
+The counting and the words live in lb.health and lb.server, the rules' logic in lb.tcpcheck
+(`option tcp-check`, `option mqtt-chk`: `_run_rules` connects, sends, reads and times what it
+asks for); this module only runs checks.
 For each server with `check`: connect to `addr`:`port` (the server's own address and port
 unless overridden), optionally send a PROXY header, close. Connected: L4OK; refused or
 unreachable: L4CON with the errno text as info; no answer in time: L4TOUT. The time allowed
@@ -33,13 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 from collections.abc import Callable, Iterable
 
-from lb import proxyproto
-from lb.config.model import Global, Server
+from lb import proxyproto, tcpcheck
+from lb.config.model import Global, Server, TcpCheckRule
 from lb.health import CheckResult, CheckStatus
+from lb.proxy_hmac import HeaderKeys
 from lb.server import BackendState, ServerState
 
 logger = logging.getLogger(__name__)
@@ -70,20 +76,26 @@ def check_header(
     global_: Global,
     local: tuple[str, int] | None,
     remote: tuple[str, int] | None,
+    mac: proxyproto.MACKey | None = None,
+    *,
+    force: bool = False,
 ) -> bytes | None:
-    """The PROXY header a health check of `server` starts with, if any."""
-    if not sends_proxy_header(server):
+    """The PROXY header a health check of `server` starts with, if any (`force`: a
+    `tcp-check connect send-proxy`); `mac` signs a v2 one (`proxy-v2-options hmac`: a
+    broker that holds the key refuses checks without it)."""
+    if not force and not sends_proxy_header(server):
         return None
     if not server.send_proxy_v2:
         return proxyproto.encode_v1(local, remote)
     options = server.proxy_v2_options
     ssl = proxyproto.SSLInfo(proxyproto.ClientFlags(0), 0) if "ssl" in options else None
+    crc32c = "crc32c" in options
     if global_.pp2_never_send_local and local is not None and remote is not None:
         return proxyproto.encode_v2(
-            proxyproto.Command.PROXY, local, remote, ssl=ssl, crc32c="crc32c" in options
+            proxyproto.Command.PROXY, local, remote, ssl=ssl, crc32c=crc32c, mac=mac
         )
     return proxyproto.encode_v2(
-        proxyproto.Command.LOCAL, None, None, ssl=ssl, crc32c="crc32c" in options
+        proxyproto.Command.LOCAL, None, None, ssl=ssl, crc32c=crc32c, mac=mac
     )
 
 
@@ -104,11 +116,16 @@ class HealthChecks:
         backends: Iterable[BackendState],
         global_: Global,
         on_change: Callable[[BackendState, ServerState], None] | None = None,
+        key_files: HeaderKeys | None = None,
     ) -> None:
         self.loop = loop
         self.backends = list(backends)
         self.global_ = global_
         self.on_change = on_change
+        self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
+        # mqtt-chk's client id without `client-id`: one per process, so that two balancers
+        # checking the same broker do not take each other's session over.
+        self.mqtt_client_id = f"lb-check-{secrets.token_hex(4)}"
         self.tasks: list[asyncio.Task[None]] = []
         self.tick_task: asyncio.Task[None] | None = None
 
@@ -174,6 +191,13 @@ class HealthChecks:
             await asyncio.sleep(self._interval(server))
 
     async def check_once(self, backend: BackendState, server: ServerState) -> CheckResult:
+        config = backend.config
+        if config.mqtt_check is not None:
+            check = config.mqtt_check
+            run = tcpcheck.mqtt_check(check, check.client_id or self.mqtt_client_id)
+            return await self._run_rules(backend, server, run)
+        if config.option.tcp_check:
+            return await self._run_rules(backend, server, tcpcheck.TcpCheck(config.tcp_check_rules))
         target = check_target(server.config)
         assert target is not None
         started = self.loop.time()
@@ -196,6 +220,7 @@ class HealthChecks:
                 self.global_,
                 (local[0], local[1]) if isinstance(local, tuple) else None,
                 (remote[0], remote[1]) if isinstance(remote, tuple) else None,
+                self.key_files.mac_key(server.config),
             )
             if header:
                 writer.write(header)
@@ -208,6 +233,107 @@ class HealthChecks:
                 await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
         return CheckResult(CheckStatus.L4OK, "", duration)
 
+    async def _run_rules(
+        self, backend: BackendState, server: ServerState, run: tcpcheck.TcpCheck
+    ) -> CheckResult:
+        """Drive a tcp-check (or mqtt-chk) run: its connects, sends and reads, with
+        HAProxy's timeouts: `inter` for each connect (or `timeout connect` when `timeout
+        check` is set), then `timeout check` from the connection on (else what is left of
+        `inter`)."""
+        loop = self.loop
+        started = loop.time()
+        timeouts = backend.config.timeout
+        inter = server.config.inter
+        writer: asyncio.StreamWriter | None = None
+        reader: asyncio.StreamReader | None = None
+        deadline = started + inter
+        try:
+            while True:
+                action = run.next()
+                if isinstance(action, tcpcheck.Finished):
+                    if action.farewell and writer is not None:
+                        with contextlib.suppress(OSError, TimeoutError):
+                            writer.write(action.farewell)
+                            await asyncio.wait_for(writer.drain(), CLOSE_WAIT)
+                    return dataclasses.replace(action.result, duration=loop.time() - started)
+                remaining = max(deadline - loop.time(), 0.0)
+                if isinstance(action, tcpcheck.Connect):
+                    if writer is not None:
+                        await _close(writer)
+                        writer = reader = None
+                    connect_started = loop.time()
+                    deadline = connect_started + inter
+                    limit = inter
+                    if timeouts.check is not None and timeouts.connect is not None:
+                        limit = min(inter, timeouts.connect)
+                    host, port = _rule_target(server.config, action.rule)
+                    try:
+                        opened = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+                    except TimeoutError:
+                        run.timed_out()
+                        continue
+                    except OSError as error:
+                        run.connect_failed(_words(error))
+                        continue
+                    reader, writer = opened
+                    if timeouts.check is not None:
+                        deadline = loop.time() + timeouts.check
+                    header = self._rule_header(server, opened[1], action.rule)
+                    if header:
+                        opened[1].write(header)
+                    run.connected()
+                elif isinstance(action, tcpcheck.Send):
+                    assert writer is not None
+                    try:
+                        writer.write(action.data)
+                        await asyncio.wait_for(writer.drain(), remaining)
+                    except TimeoutError:
+                        run.timed_out()
+                        continue
+                    except OSError as error:
+                        run.send_failed(_words(error))
+                        continue
+                    run.sent()
+                else:
+                    assert reader is not None
+                    try:
+                        data = await asyncio.wait_for(reader.read(65536), remaining)
+                    except TimeoutError:
+                        run.timed_out()
+                        continue
+                    except OSError as error:
+                        run.read_failed(_words(error))
+                        continue
+                    if data:
+                        run.received(data)
+                    else:
+                        run.closed()
+        finally:
+            if writer is not None:
+                await _close(writer)
+
+    def _rule_header(
+        self,
+        server: ServerState,
+        writer: asyncio.StreamWriter,
+        rule: TcpCheckRule | None,
+    ) -> bytes | None:
+        """The PROXY header of a check connection: the server's check settings for the
+        implicit connect and `connect default`, only `send-proxy` for an explicit one."""
+        config = server.config
+        if rule is not None and not rule.default and not rule.send_proxy:
+            return None
+        local = writer.get_extra_info("sockname")
+        remote = writer.get_extra_info("peername")
+        return check_header(
+            config,
+            self.global_,
+            (local[0], local[1]) if isinstance(local, tuple) else None,
+            (remote[0], remote[1]) if isinstance(remote, tuple) else None,
+            self.key_files.mac_key(config),
+            force=rule is not None and rule.send_proxy,
+        )
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(SLOWSTART_TICK)
@@ -217,6 +343,28 @@ class HealthChecks:
                         backend.tick()
                 except Exception:
                     logger.exception("slowstart tick of backend %s failed", backend.name)
+
+
+def _rule_target(server: Server, rule: TcpCheckRule | None) -> tuple[str, int]:
+    """tcpcheck_eval_connect: the rule's addr and port, else the check's (`addr`, `port`),
+    else the server's."""
+    target = check_target(server)
+    assert target is not None
+    host, port = target
+    if rule is not None:
+        host = rule.addr or host
+        port = rule.port or port
+    return host, port
+
+
+def _words(error: OSError) -> str:
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
 
 
 def _shared_health(server: ServerState) -> tuple[bool, int | None, str | None]:

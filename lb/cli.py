@@ -23,18 +23,22 @@ from lb.config import Diagnostic, load_config
 from lb.config.errors import format_report
 from lb.config.model import Config
 from lb.process import serve
+from lb.proxy_hmac import KeyFileError, load_key_file
 from lb.sd_notify import Notifier
 from lb.tls import bind_tls, check_bind_files
 from lb.workers import Master, signal_old_processes
 
 
-def tls_diagnostics(config: Config) -> list[Diagnostic]:
+def tls_diagnostics(
+    config: Config, skip: frozenset[tuple[str, int]] = frozenset()
+) -> list[Diagnostic]:
     """Load every certificate, CA and CRL file of the configuration, as `haproxy -c` does,
-    and warn about the traps of chains and CRLs."""
+    and warn about the traps of chains and CRLs. Bind lines at the (file, line) positions in
+    `skip` already have an error of their own and are not loaded."""
     diagnostics: list[Diagnostic] = []
     for frontend in config.frontends:
         for bind in frontend.binds:
-            if not bind.ssl:
+            if not bind.ssl or (bind.origin.file, bind.origin.line) in skip:
                 continue
             options = bind_tls(bind, config.global_, frontend.name)
             for finding in check_bind_files(options):
@@ -51,11 +55,46 @@ def tls_diagnostics(config: Config) -> list[Diagnostic]:
     return diagnostics
 
 
+def key_file_diagnostics(
+    config: Config, skip: frozenset[tuple[str, int]] = frozenset()
+) -> list[Diagnostic]:
+    """Load the key file of every `proxy-v2-hmac-keys`, as the certificates are loaded: a
+    missing file, a mode open to others or a bad line is an error of its server line."""
+    diagnostics: list[Diagnostic] = []
+    for backend in config.backends:
+        for server in backend.servers:
+            path = server.proxy_v2_hmac_keys
+            if path is None or (server.origin.file, server.origin.line) in skip:
+                continue
+            try:
+                load_key_file(path)
+            except KeyFileError as error:
+                diagnostics.append(
+                    Diagnostic.error(
+                        server.origin.file,
+                        server.origin.line,
+                        "server",
+                        f"'{server.name}': proxy-v2-hmac-keys: {error}",
+                        f"backend {backend.name}",
+                    )
+                )
+    return diagnostics
+
+
 def check(paths: Sequence[str]) -> tuple[Config | None, list[Diagnostic]]:
+    """Parse and check the configuration, then load its files: every problem of both steps
+    in one report, in file and line order (HAProxy 2.6 loads a `crt` while it parses, so a
+    typo, a bad time and a missing certificate are three errors of one run)."""
     result = load_config(list(paths))
     diagnostics = list(result.diagnostics)
-    if result.config is not None:
-        diagnostics.extend(tls_diagnostics(result.config))
+    model = result.config or result.partial
+    if model is not None:
+        broken = frozenset(
+            (d.file, d.line) for d in diagnostics if d.is_error and d.file and d.line
+        )
+        diagnostics.extend(tls_diagnostics(model, broken))
+        diagnostics.extend(key_file_diagnostics(model, broken))
+        diagnostics.sort(key=lambda d: d.position)
     has_errors = any(d.is_error for d in diagnostics)
     return (None if has_errors else result.config), diagnostics
 
@@ -101,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config, diagnostics = check(args.files)
     stderr, stdout, code = format_report(diagnostics, os.getpid())
-    has_warnings = any(not d.is_error for d in diagnostics)
+    has_warnings = any(d.is_warning for d in diagnostics)
     if args.zero_warning and has_warnings and code == 0:
         stderr += "Some warnings were found and 'zero-warning' is set. Aborting.\n"
         code = 1

@@ -52,6 +52,7 @@ class FrontendCounters:
     handshakes_total: int = 0
     handshake_failures: dict[str, int] = field(default_factory=dict)  # by Refusal.label
     revoked_closed: int = 0
+    proxy_headers_oversize: int = 0  # PROXY v2 headers built over a server's proxy-v2-max-size
 
     @property
     def handshake_failures_total(self) -> int:

@@ -177,6 +177,7 @@ class ClientSide(asyncio.Protocol):
         "server_eof",
         "server_queue_position",
         "server_side",
+        "session_number",
         "slot_server",
         "sock",
         "ssl_info",
@@ -186,6 +187,7 @@ class ClientSide(asyncio.Protocol):
         "tls",
         "tls_context",
         "transport",
+        "unique_id",
         "verify_state",
     )
 
@@ -195,6 +197,7 @@ class ClientSide(asyncio.Protocol):
         tls_context: BindContext | None,
         bind_name: str,
         bind_index: int,
+        accepted_from: tuple[str, int] | None = None,
     ) -> None:
         self.frontend = frontend
         self.bind_name = bind_name
@@ -209,7 +212,10 @@ class ClientSide(asyncio.Protocol):
         self.server_side: ServerSide | None = None
         self.server: ServerState | None = None
         self.connect_task: asyncio.Task[None] | None = None
-        self.peer: tuple[str, int] = ("-", 0)
+        # accept()'s address: a client that resets before connection_made is still named.
+        self.peer: tuple[str, int] = (
+            (accepted_from[0], accepted_from[1]) if accepted_from else ("-", 0)
+        )
         self.sock: tuple[str, int] = ("-", 0)
         self.pending: list[bytes] | None = None  # made when needed: most sessions never do
         self.pending_size = 0
@@ -239,6 +245,8 @@ class ClientSide(asyncio.Protocol):
         self.timers = frontend.timers
         self.timer_slot: int | None = None  # TimerWheel's
         self.ssl_info: proxyproto.SSLInfo | None = None
+        self.unique_id: str | None = None  # made when first asked for (FrontendRuntime)
+        self.session_number = 0  # %rt
 
     # -- asyncio callbacks ---------------------------------------------------------------
 
@@ -419,6 +427,11 @@ class ClientSide(asyncio.Protocol):
             return
         if exc is not None and self.termination == "--":
             self.termination = "CD" if self.handshake_done else "CR"
+        if self.tls is not None and not self.handshake_done:
+            # A client that resets (or whose FIN races our ServerHello into EPIPE) during
+            # the handshake: HAProxy 2.6 logs "fe/1: SSL handshake failure"; so do we, in words.
+            self._handshake_failed(None, lost=exc)
+            return
         self._finish()
 
     # -- TLS -------------------------------------------------------------------------------
@@ -474,13 +487,19 @@ class ClientSide(asyncio.Protocol):
         tls.set_app_data(None)
         tls_io.release_handshake_state(tls)
 
-    def _handshake_failed(self, error: SSL.Error | None) -> None:
+    def _handshake_failed(self, error: SSL.Error | None, lost: Exception | None = None) -> None:
+        """Refuse and explain: the certificate's failure if the verification found one, else
+        the TLS error, else how the client left (`lost`: the error that ended the socket)."""
         state = self.verify_state
         failure = state.failure if state is not None else None
         if failure is not None:
             self._refuse_certificate(failure)
             return
-        if error is None:
+        if error is None and lost is not None:
+            refusal = Refusal.CLIENT_CLOSED
+            words = lost.strerror if isinstance(lost, OSError) and lost.strerror else str(lost)
+            reason = f"connection reset by the client during the TLS handshake ({words})"
+        elif error is None:
             refusal, reason = Refusal.CLIENT_CLOSED, "connection closed during the TLS handshake"
         else:
             refusal, reason = handshake_refusal(error)

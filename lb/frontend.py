@@ -14,21 +14,26 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import secrets
 import socket
 from typing import TYPE_CHECKING
 
 from lb import proxyproto, tls_io
-from lb.config.model import Bind, Frontend, Global
+from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
 from lb.datapath import ClientSide, Limits, TimerWheel
 from lb.log import (
+    ERROR_LINE_BURST,
+    ERROR_LINE_RATE,
     TCPLOG,
     ConnectionErrorLog,
     LogFormat,
+    RateLimiter,
     SessionRecord,
     TrafficLog,
     format_connection_error,
 )
+from lb.proxy_hmac import HeaderKeys
 from lb.tls import BindContext, bind_tls
 from lb.tls_codes import Refusal
 
@@ -117,7 +122,7 @@ class Listener:
                 self.pause()
                 return
             try:
-                connection, _address = self.sock.accept()
+                connection, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
@@ -136,15 +141,15 @@ class Listener:
                 raise
             connection.setblocking(False)
             self.frontend.reserve()
-            self.loop.create_task(self._adopt(connection))
+            self.loop.create_task(self._adopt(connection, address))
 
-    async def _adopt(self, connection: socket.socket) -> None:
+    async def _adopt(self, connection: socket.socket, address: tuple[str, int]) -> None:
         context = self.context
         frontend = self.frontend
         name, index = self.name, self.index
         try:
             await self.loop.connect_accepted_socket(
-                lambda: ClientSide(frontend, context, name, index), connection
+                lambda: ClientSide(frontend, context, name, index, address), connection
             )
         except OSError as error:
             logger.info("frontend %s: accepted connection lost: %s", frontend.name, error)
@@ -183,6 +188,7 @@ class FrontendRuntime:
         log: TrafficLog,
         retries: int,
         counters: ProcessCounters | None = None,
+        key_files: HeaderKeys | None = None,
     ) -> None:
         self.loop = loop
         self.config: Frontend = config
@@ -196,7 +202,13 @@ class FrontendRuntime:
         self.log_format: LogFormat | None = (
             LogFormat(config.log.format) if config.log.format else TCPLOG if self.tcplog else None
         )
+        self.unique_id_format = (
+            LogFormat(config.unique_id_format) if config.unique_id_format else None
+        )
+        self.logs_unique_id = self.log_format is not None and "ID" in self.log_format.variables
         self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
+        self.oversize_lines: RateLimiter | None = None  # made at the first oversize header
+        self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
         self.counters = FrontendCounters()
         self.process_counters = counters if counters is not None else ProcessCounters()
         self.sessions: set[ClientSide] = set()
@@ -266,6 +278,7 @@ class FrontendRuntime:
     # -- sessions ----------------------------------------------------------------------------
 
     def session_started(self, client: ClientSide) -> None:
+        client.session_number = self.process.total
         self.current += 1
         self.sessions.add(client)
         counters = self.counters
@@ -311,7 +324,24 @@ class FrontendRuntime:
             server_counters.max_sessions, server.active_connections + 1
         )
 
-    def _record(self, client: ClientSide) -> SessionRecord:
+    def unique_id(self, client: ClientSide) -> str:
+        """The session's connection id (%ID, PP2_TYPE_UNIQUE_ID), made once when first asked
+        for: `unique-id-format` rendered then, as HAProxy's stream_generate_unique_id, cut to
+        the TLV's 128 bytes; without one, 128 random bits in hex (ours: HAProxy leaves it
+        empty), so that every session has an id the brokers can log."""
+        unique_id = client.unique_id
+        if unique_id is None:
+            if self.unique_id_format is None:
+                unique_id = secrets.token_hex(16)
+            else:
+                text = self.unique_id_format.render(self._record(client, with_unique_id=False))
+                unique_id = text.encode("utf-8")[: proxyproto.UNIQUE_ID_MAX_LENGTH].decode(
+                    "utf-8", "ignore"
+                )
+            client.unique_id = unique_id
+        return unique_id
+
+    def _record(self, client: ClientSide, *, with_unique_id: bool = True) -> SessionRecord:
         now = self.loop.time()
         server = client.server
         connected = server is not None and client.connect_time is not None
@@ -353,6 +383,12 @@ class FrontendRuntime:
             ssl_client_used=bool(subject),
             ssl_client_subject=subject,
             ssl_client_issuer=issuer,
+            unique_id=(
+                self.unique_id(client)
+                if with_unique_id and (self.logs_unique_id or client.unique_id is not None)
+                else None
+            ),
+            session_number=client.session_number,
         )
 
     def handshake_failed(self, client: ClientSide, refusal: Refusal, reason: str) -> None:
@@ -376,13 +412,7 @@ class FrontendRuntime:
     def proxy_sender_trusted(self, bind_index: int, address: str) -> bool:
         """`accept-proxy-from`: may this peer send the PROXY header (no list: anyone)."""
         networks = self.proxy_senders[bind_index]
-        if not networks:
-            return True
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in networks)
+        return not networks or proxyproto.is_trusted_source(address, networks)
 
     def proxy_header_failed(self, client: ClientSide, message: str) -> None:
         """`accept-proxy`: the PROXY header from the balancer in front was bad or missing;
@@ -415,12 +445,40 @@ class FrontendRuntime:
     def proxy_header_for(self, client: ClientSide, server: ServerState) -> bytes | None:
         config = server.config
         if config.send_proxy_v2:
-            return self._proxy_v2(client, config.proxy_v2_options)
+            header = self._proxy_v2(client, config)
+            if len(header) > config.proxy_v2_max_size:
+                self._oversize_header(client, server, len(header))
+            return header
         if config.send_proxy:
             return proxyproto.encode_v1(client.peer, client.sock)
         return None
 
-    def _proxy_v2(self, client: ClientSide, options: frozenset[str]) -> bytes:
+    def _oversize_header(self, client: ClientSide, server: ServerState, size: int) -> None:
+        """Sent all the same (the broker decides), but said: a broker whose
+        proxy_protocol_max_size is smaller refuses it and the device only sees a close."""
+        self.counters.proxy_headers_oversize += 1
+        if self.oversize_lines is None:
+            self.oversize_lines = RateLimiter(ERROR_LINE_RATE, ERROR_LINE_BURST, self.loop.time)
+        if not self.oversize_lines.allow():
+            return
+        info = client.ssl_info
+        logger.warning(
+            "%s:%d frontend %s: PROXY v2 header of %d bytes for server %s/%s is over its "
+            "proxy-v2-max-size (%d bytes)%s; a broker whose proxy_protocol_max_size is smaller "
+            "refuses it (%d such header(s) so far)",
+            client.peer[0],
+            client.peer[1],
+            self.name,
+            size,
+            self.backend.name,
+            server.name,
+            server.config.proxy_v2_max_size,
+            f" (client CN={info.cn})" if info is not None and info.cn else "",
+            self.counters.proxy_headers_oversize,
+        )
+
+    def _proxy_v2(self, client: ClientSide, server: Server) -> bytes:
+        options = server.proxy_v2_options
         tls = client.tls
         ssl_info = None
         alpn = None
@@ -456,6 +514,8 @@ class FrontendRuntime:
             alpn=alpn,
             authority=authority,
             ssl=ssl_info,
+            unique_id=self.unique_id(client).encode("utf-8") if "unique-id" in options else None,
             crc32c="crc32c" in options,
             chain_subjects=chain,
+            mac=self.key_files.mac_key(server),
         )

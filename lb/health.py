@@ -28,34 +28,48 @@ Transition = Literal["UP", "DOWN"]
 
 
 class CheckStatus(enum.Enum):
-    """HAProxy's check status codes (HCHK_STATUS_*) that a TCP check can end with, and
-    get_check_status_description()."""
+    """HAProxy's check status codes (HCHK_STATUS_*) that lb's checks can end with (a TCP
+    connect, tcp-check rules, mqtt-chk), and get_check_status_description()."""
 
     L4OK = "Layer4 check passed"
     L4TOUT = "Layer4 timeout"
     L4CON = "Layer4 connection problem"
     SOCKERR = "Socket error"
+    L7OK = "Layer7 check passed"
+    L7RSP = "Layer7 invalid response"
+    L7TOUT = "Layer7 timeout"
+    L7STS = "Layer7 wrong status"
 
     @property
     def passed(self) -> bool:
-        return self is CheckStatus.L4OK
+        return self in (CheckStatus.L4OK, CheckStatus.L7OK)
+
+    @property
+    def has_code(self) -> bool:
+        """srv_append_status prints ", code: N" from HCHK_STATUS_L57DATA on."""
+        return self in (CheckStatus.L7OK, CheckStatus.L7STS)
 
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """The outcome of one check: status, optional info (the errno text) and duration."""
+    """The outcome of one check: status, optional info (the errno text, the step of a
+    tcp-check), duration, and for Layer 7 statuses HAProxy's check code (mqtt-chk: the
+    CONNACK's return or reason code)."""
 
     status: CheckStatus
     info: str = ""
     duration: float = 0.0  # seconds
+    code: int = 0
 
     @property
     def passed(self) -> bool:
         return self.status.passed
 
     def describe(self) -> str:
-        """', reason: ..., info: "...", check duration: Nms' as srv_append_status."""
+        """', reason: ..., [code: N, ]info: "...", check duration: Nms' as srv_append_status."""
         text = f", reason: {self.status.value}"
+        if self.status.has_code:
+            text += f", code: {self.code}"
         if self.info:
             escaped = self.info.replace('"', '\\"')
             text += f', info: "{escaped}"'

@@ -28,20 +28,44 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import re
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from lb.config.model import LogTarget
+from lb.log_format import (
+    MONTHS,
+    TCPLOG,
+    TCPLOG_FORMAT,
+    LogFormat,
+    LogFormatError,
+    SessionRecord,
+    haproxy_date,
+)
 from lb.ratelimit import DEFAULT_BURST, DEFAULT_RATE, REPORT_INTERVAL, RateLimiter
+
+__all__ = [
+    "TCPLOG",
+    "TCPLOG_FORMAT",
+    "ConnectionErrorLog",
+    "GlobalLogHandler",
+    "LogFormat",
+    "LogFormatError",
+    "LogSink",
+    "RateLimiter",
+    "SessionRecord",
+    "TrafficLog",
+    "format_connection_error",
+    "frame",
+    "haproxy_date",
+    "install_global_handler",
+    "remove_global_handler",
+]
 
 logger = logging.getLogger(__name__)
 traffic_logger = logging.getLogger("lb.traffic")
 
-MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 #: syslog facilities in code order (RFC 5424 6.2.1; HAProxy's log_facilities).
 FACILITIES = (
@@ -57,218 +81,12 @@ Level = Literal["emerg", "alert", "crit", "err", "warning", "notice", "info", "d
 #: we keep "haproxy" so that log pipelines written for HAProxy parse our lines unchanged.
 DEFAULT_TAG = "haproxy"
 
-TCPLOG_FORMAT = "%ci:%cp [%t] %ft %b/%s %Tw/%Tc/%Tt %B %ts %ac/%fc/%bc/%sc/%rc %sq/%bq"
 
 #: Refused-handshake lines: a burst of this many, then this many per second (lb.ratelimit).
 ERROR_LINE_BURST = DEFAULT_BURST
 ERROR_LINE_RATE = DEFAULT_RATE
 #: How often the count of suppressed lines is reported while a flood lasts (seconds).
 SUPPRESSED_REPORT_INTERVAL = REPORT_INTERVAL
-
-
-def haproxy_date(epoch: float) -> str:
-    """HAProxy's %t: 25/Nov/2026:23:59:01.123 (local time, milliseconds)."""
-    seconds, milliseconds = divmod(round(epoch * 1000), 1000)
-    moment = time.localtime(seconds)
-    return (
-        f"{moment.tm_mday:02d}/{MONTHS[moment.tm_mon - 1]}/{moment.tm_year}:"
-        f"{moment.tm_hour:02d}:{moment.tm_min:02d}:{moment.tm_sec:02d}.{milliseconds:03d}"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Session records and log-format
-
-
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    """The fields of one session's log line (the log-format variables)."""
-
-    client_ip: str
-    client_port: int
-    accept_date: float
-    frontend: str
-    ssl: bool
-    backend: str
-    server: str | None
-    queue_ms: int
-    connect_ms: int
-    total_ms: int
-    bytes_read: int
-    termination: str
-    process_connections: int
-    frontend_connections: int
-    backend_connections: int
-    server_connections: int
-    retries: int
-    server_queue: int
-    backend_queue: int
-    frontend_ip: str = "-"
-    frontend_port: int = 0
-    server_ip: str | None = None
-    server_port: int | None = None
-    bytes_uploaded: int = 0
-    bind_name: str = "-"
-    ssl_protocol: str | None = None
-    ssl_cipher: str | None = None
-    ssl_verify: int | None = None  # None without TLS; 0 = verified or no certificate
-    ssl_client_used: bool = False
-    ssl_client_subject: tuple[tuple[str, str], ...] = ()  # (short name, value), in order
-    ssl_client_issuer: tuple[tuple[str, str], ...] = ()
-    pid: int = 0
-
-
-class LogFormatError(ValueError):
-    """A log-format string we cannot render (unknown variable or fetch)."""
-
-
-Renderer = Callable[[SessionRecord], str]
-
-
-def _dash(value: object) -> str:
-    return "-" if value is None or value == "" else str(value)
-
-
-def _one_line_dn(parts: tuple[tuple[str, str], ...]) -> str | None:
-    """OpenSSL's X509_NAME_oneline form (/C=CN/O=emqx/CN=device-001), as HAProxy's
-    ssl_c_s_dn without an argument."""
-    if not parts:
-        return None
-    return "".join(f"/{name}={value}" for name, value in parts)
-
-
-def _dn_entry(parts: tuple[tuple[str, str], ...], wanted: str, occurrence: int) -> str | None:
-    values = [value for name, value in parts if name.lower() == wanted.lower()]
-    if not values:
-        return None
-    index = occurrence - 1 if occurrence > 0 else len(values) + occurrence
-    return values[index] if 0 <= index < len(values) else None
-
-
-VARIABLES: dict[str, Renderer] = {
-    "ci": lambda r: r.client_ip,
-    "cp": lambda r: str(r.client_port),
-    "fi": lambda r: r.frontend_ip,
-    "fp": lambda r: str(r.frontend_port),
-    "f": lambda r: r.frontend,
-    "ft": lambda r: r.frontend + ("~" if r.ssl else ""),
-    "b": lambda r: r.backend,
-    "s": lambda r: r.server or "<NOSRV>",
-    "si": lambda r: _dash(r.server_ip),
-    "sp": lambda r: _dash(r.server_port),
-    "t": lambda r: haproxy_date(r.accept_date),
-    "Tw": lambda r: str(r.queue_ms),
-    "Tc": lambda r: str(r.connect_ms),
-    "Tt": lambda r: str(r.total_ms),
-    "B": lambda r: str(r.bytes_read),
-    "U": lambda r: str(r.bytes_uploaded),
-    "ts": lambda r: r.termination,
-    "ac": lambda r: str(r.process_connections),
-    "fc": lambda r: str(r.frontend_connections),
-    "bc": lambda r: str(r.backend_connections),
-    "sc": lambda r: str(r.server_connections),
-    "rc": lambda r: str(r.retries),
-    "sq": lambda r: str(r.server_queue),
-    "bq": lambda r: str(r.backend_queue),
-    "pid": lambda r: str(r.pid or os.getpid()),
-    "sslv": lambda r: _dash(r.ssl_protocol),
-    "sslc": lambda r: _dash(r.ssl_cipher),
-}
-
-_FETCH = re.compile(r"(?P<name>[a-z0-9_.]+)(?:\((?P<args>[^)]*)\))?")
-
-
-def _compile_fetch(text: str) -> Renderer:
-    """A `%[fetch]` sample; converters (`,lower`) are not supported."""
-    match = _FETCH.fullmatch(text.strip())
-    if match is None:
-        raise LogFormatError(f"unsupported sample expression '%[{text}]'")
-    name = match["name"]
-    args = [a.strip() for a in (match["args"] or "").split(",") if a.strip()]
-    if name in ("ssl_c_s_dn", "ssl_c_i_dn"):
-        field_name = "ssl_client_subject" if name == "ssl_c_s_dn" else "ssl_client_issuer"
-        if not args:
-            return lambda r: _dash(_one_line_dn(getattr(r, field_name)))
-        wanted = args[0]
-        occurrence = int(args[1]) if len(args) > 1 else 1
-        return lambda r: _dash(_dn_entry(getattr(r, field_name), wanted, occurrence))
-    if args:
-        raise LogFormatError(f"sample fetch '{name}' takes no argument")
-    simple: dict[str, Renderer] = {
-        "ssl_fc_protocol": lambda r: _dash(r.ssl_protocol),
-        "ssl_fc_cipher": lambda r: _dash(r.ssl_cipher),
-        "ssl_c_verify": lambda r: _dash(r.ssl_verify),
-        "ssl_c_used": lambda r: "-" if not r.ssl else str(int(r.ssl_client_used)),
-        "ssl_fc": lambda r: str(int(r.ssl)),
-        "src": lambda r: r.client_ip,
-        "src_port": lambda r: str(r.client_port),
-        "dst": lambda r: r.frontend_ip,
-        "dst_port": lambda r: str(r.frontend_port),
-        "fe_name": lambda r: r.frontend,
-        "be_name": lambda r: r.backend,
-        "srv_name": lambda r: _dash(r.server),
-    }
-    if name not in simple:
-        known = ", ".join(sorted([*simple, "ssl_c_s_dn", "ssl_c_i_dn"]))
-        raise LogFormatError(f"unsupported sample fetch '{name}' (known: {known})")
-    return simple[name]
-
-
-class LogFormat:
-    """A compiled `log-format` string (configuration.txt 8.2.4)."""
-
-    __slots__ = ("parts", "text")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.parts: list[str | Renderer] = []
-        literal: list[str] = []
-        index = 0
-        while index < len(text):
-            char = text[index]
-            if char != "%":
-                literal.append(char)
-                index += 1
-                continue
-            index += 1
-            if index < len(text) and text[index] == "%":
-                literal.append("%")
-                index += 1
-                continue
-            if index < len(text) and text[index] == "{":  # flags such as %{+Q}: not rendered
-                end = text.find("}", index)
-                if end < 0:
-                    raise LogFormatError("unterminated '%{' flags")
-                index = end + 1
-            if literal:
-                self.parts.append("".join(literal))
-                literal = []
-            if index < len(text) and text[index] == "[":
-                end = text.find("]", index)
-                if end < 0:
-                    raise LogFormatError("unterminated '%[' sample expression")
-                self.parts.append(_compile_fetch(text[index + 1 : end]))
-                index = end + 1
-                continue
-            match = re.match(r"[A-Za-z]+", text[index:])
-            if match is None:
-                raise LogFormatError(f"'%' at column {index} is not followed by a variable")
-            name = match.group()
-            if name == "o":  # `%{+Q}o`: flags for every following variable; not rendered
-                index += 1
-                continue
-            if name not in VARIABLES:
-                raise LogFormatError(f"unsupported log-format variable '%{name}'")
-            self.parts.append(VARIABLES[name])
-            index += len(name)
-        if literal:
-            self.parts.append("".join(literal))
-
-    def render(self, record: SessionRecord) -> str:
-        return "".join(part if isinstance(part, str) else part(record) for part in self.parts)
-
-
-TCPLOG = LogFormat(TCPLOG_FORMAT)
 
 
 def format_connection_error(
@@ -465,7 +283,7 @@ class ConnectionErrorLog:
 # Python logging records (health checks, server state) to the global targets
 
 #: Loggers whose records an operator expects among HAProxy's own lines.
-FORWARDED_LOGGERS = ("lb.health", "lb.server", "lb.balance")
+FORWARDED_LOGGERS = ("lb.health", "lb.checks", "lb.server", "lb.balance")
 
 
 def syslog_level(levelno: int) -> str:

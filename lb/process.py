@@ -40,6 +40,7 @@ from lb.counters import CounterSnapshot, ProcessCounters, take_snapshot
 from lb.frontend import FrontendRuntime, ProcessLimit, open_listening_socket
 from lb.log import GlobalLogHandler, TrafficLog, install_global_handler, remove_global_handler
 from lb.prometheus import PrometheusEndpoint
+from lb.proxy_hmac import HeaderKeys
 from lb.reload import TLSReloader
 from lb.runtime_api import RuntimeAPI, open_stats_socket, session_lines
 from lb.server import BackendState, ServerState
@@ -61,8 +62,15 @@ class Runtime:
         self.loop = loop
         self.process = ProcessLimit(config.global_.maxconn)
         self.backends = {b.name: BackendState(b, clock=loop.time) for b in config.backends}
+        # proxy-v2-hmac-keys files, read now (lb -c has checked them) and reread on change.
+        self.key_files = HeaderKeys(loop.time)
+        self.key_files.load(server for backend in config.backends for server in backend.servers)
         self.health_checks = HealthChecks(
-            loop, self.backends.values(), config.global_, on_change=self.publish_server
+            loop,
+            self.backends.values(),
+            config.global_,
+            on_change=self.publish_server,
+            key_files=self.key_files,
         )
         self.frontends: list[FrontendRuntime] = []
         self.counters: ProcessCounters = ProcessCounters()
@@ -96,6 +104,7 @@ class Runtime:
                     TrafficLog(targets),
                     retries=backend.config.retries,
                     counters=self.counters,
+                    key_files=self.key_files,
                 )
             )
 

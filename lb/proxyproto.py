@@ -13,7 +13,8 @@ HAProxy 2.6):
   transport nibbles, address block sizes, ``16 + len`` framing, TLVs;
 - sections 2.2.1 to 2.2.8: ALPN, AUTHORITY, CRC32C (RFC 4960 appendix B), NOOP, UNIQUE_ID
   (at most 128 bytes), SSL and its sub-TLVs, NETNS, and the custom range 0xE0-0xEF, where we
-  put ``CHAIN_SUBJECTS`` (0xE1).
+  put ``CHAIN_SUBJECTS`` (0xE1) and ``HMAC`` (0xE2, an HMAC-SHA256 of the whole header that
+  a receiver holding the key can check; see ``MACKey``, ``HeaderMAC``, lb.proxy_hmac).
 
 The encoders produce what HAProxy 2.6 ``make_proxy_line_v1`` / ``make_proxy_line_v2``
 (``src/connection.c``) produce, byte for byte: v4 addresses mapped into ``::ffff:0:0/96`` when
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hmac
 import ipaddress
 import struct
 from collections.abc import Iterable
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 __all__ = [
+    "DEFAULT_MAX_HEADER_SIZE",
     "NEED_DATA",
     "V1_MAX_LENGTH",
     "V2_DEFAULT_MAX_LENGTH",
@@ -46,6 +49,8 @@ __all__ = [
     "ClientFlags",
     "Command",
     "Family",
+    "HeaderMAC",
+    "MACKey",
     "NeedData",
     "ProxyHeader",
     "ProxyProtocolDecoder",
@@ -57,6 +62,7 @@ __all__ = [
     "crc32c",
     "encode_v1",
     "encode_v2",
+    "is_trusted_source",
 ]
 
 # --- limits and constants, each from doc/proxy-protocol.txt -------------------------------
@@ -71,9 +77,14 @@ V2_SIGNATURE: Final = b"\r\n\r\n\x00\r\nQUIT\n"
 #: Section 2.2: signature, ver_cmd, fam, len: "the length of the protocol header in bytes is
 #: always exactly 16 + this value".
 V2_HEADER_LENGTH: Final = 16
-#: Section 2.2 allows up to 65535 bytes after the 16-byte header, but "both formats are
-#: designed to fit in ... 536 bytes"; receivers cap it (Mosquitto: 500). Configurable.
-V2_DEFAULT_MAX_LENGTH: Final = 1024
+#: Section 2.2 allows up to 65535 bytes after the 16-byte header, and "both formats are
+#: designed to fit in ... 536 bytes" without TLVs; receivers cap it (Mosquitto: 500, HAProxy
+#: its buffer). A header is at most this long by default, all of it (16 + len): enough for
+#: the SSL TLV and CHAIN_SUBJECTS of a ten-deep chain of 746-byte subjects, which a limit of
+#: 1,024 refused (issue 14). ``ProxyProtocolDecoder(max_v2_length=)`` sets another; the
+#: broker's ``proxy_protocol_max_size`` and lb's ``proxy-v2-max-size`` use the same unit.
+DEFAULT_MAX_HEADER_SIZE: Final = 8192
+V2_DEFAULT_MAX_LENGTH: Final = DEFAULT_MAX_HEADER_SIZE - V2_HEADER_LENGTH
 V2_MAX_LENGTH: Final = 0xFFFF
 #: Section 2.2.5: "an opaque byte sequence of up to 128 bytes".
 UNIQUE_ID_MAX_LENGTH: Final = 128
@@ -84,6 +95,11 @@ AUTHORITY_MAX_LENGTH: Final = 255
 SSL_TLV_MIN_LENGTH: Final = 5
 #: Section 2.2: a TLV is ``uint8_t type; uint8_t length_hi; uint8_t length_lo;``.
 TLV_HEADER_LENGTH: Final = 3
+#: Our HMAC TLV (TLVType.HMAC): a 128-bit nonce, a full HMAC-SHA256, key ids of 1..32 bytes.
+HMAC_VERSION: Final = 1
+HMAC_NONCE_LENGTH: Final = 16
+HMAC_MAC_LENGTH: Final = 32
+HMAC_KEY_ID_MAX_LENGTH: Final = 32
 
 _V2_VERSION: Final = 0x2
 _V1_TOKEN_TCP4: Final = b"TCP4 "
@@ -140,6 +156,10 @@ class TLVType(enum.IntEnum):
     #: Ours, from PP2_TYPE_MIN_CUSTOM..PP2_TYPE_MAX_CUSTOM: the verified client chain's
     #: subject names, leaf first, each as ``[u16 BE length][DER X.509 Name]``.
     CHAIN_SUBJECTS = 0xE1
+    #: Ours: ``[u8 version=1][u8 key id length][key id][u64 BE timestamp, ms since the Unix
+    #: epoch][16-byte nonce][32-byte HMAC-SHA256]``, the MAC over the whole header with the
+    #: CRC32C value zeroed (it is computed after) and these 32 MAC bytes left out.
+    HMAC = 0xE2
 
 
 class ClientFlags(enum.IntFlag):
@@ -231,6 +251,42 @@ class SSLInfo:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class MACKey:
+    """What ``encode_v2`` needs to authenticate one header (TLVType.HMAC): the key, its id
+    (so the receiver can pick it during a rotation), the sender's clock and a fresh nonce.
+    The caller supplies the time and the randomness: the codec has neither."""
+
+    key_id: str
+    secret: bytes
+    timestamp_ms: int
+    nonce: bytes
+
+    def __post_init__(self) -> None:
+        if not self.key_id.isascii() or not 1 <= len(self.key_id) <= HMAC_KEY_ID_MAX_LENGTH:
+            raise ValueError(f"HMAC key id must be 1..{HMAC_KEY_ID_MAX_LENGTH} ASCII bytes")
+        if len(self.nonce) != HMAC_NONCE_LENGTH:
+            raise ValueError(f"HMAC nonce must be {HMAC_NONCE_LENGTH} bytes")
+        if not 0 <= self.timestamp_ms < 2**64:
+            raise ValueError("HMAC timestamp out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMAC:
+    """A received HMAC TLV: its fields, and ``signed``, the bytes its MAC covers (the header
+    with the CRC32C value zeroed and the MAC left out), for ``HeaderMAC.matches``."""
+
+    key_id: str
+    timestamp_ms: int
+    nonce: bytes
+    mac: bytes
+    signed: bytes
+
+    def matches(self, secret: bytes) -> bool:
+        """Whether ``secret`` made this MAC (in constant time)."""
+        return hmac.compare_digest(hmac.digest(secret, self.signed, "sha256"), self.mac)
+
+
 Address = tuple[str, int]
 
 
@@ -255,6 +311,7 @@ class ProxyHeader:
     ssl: SSLInfo | None = None
     chain_subjects: tuple[bytes, ...] = ()
     tlvs: tuple[tuple[int, bytes], ...] = ()
+    mac: HeaderMAC | None = None
 
     @property
     def is_local(self) -> bool:
@@ -360,6 +417,30 @@ def _pton(host: str) -> tuple[bool, bytes]:
     return address.version == 6, address.packed
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_trusted_source(host: str, networks: Iterable[Network]) -> bool:
+    """May the peer at ``host`` send a PROXY header (section 3: "the receiver ... must only
+    accept it from known sources")? The one trust check of lb's ``accept-proxy-from`` and the
+    broker's ``proxy_protocol_trusted``.
+
+    On a dual-stack IPv6 socket an IPv4 peer shows up as ``::ffff:a.b.c.d``: it is checked as
+    the IPv4 address it is (so ``10.0.0.0/8`` matches it) and as itself (so a network
+    written in ``::ffff:0:0/96`` form does too). A scope id (``fe80::1%eth0``) is dropped.
+    Anything that is not an IP address is untrusted.
+    """
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    for network in networks:
+        if address in network or (mapped is not None and mapped in network):
+            return True
+    return False
+
+
 def _check_port(port: int) -> int:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port out of range 0..65535: {port!r}")
@@ -406,6 +487,8 @@ _V6_ADDRESSES: Final = struct.Struct("!16s16sHH")
 _SSL_HEADER: Final = struct.Struct("!BI")
 _U32: Final = struct.Struct("!I")
 _CRC32C_PLACEHOLDER: Final = _TLV_HEADER.pack(TLVType.CRC32C, 4) + b"\x00\x00\x00\x00"
+_U64: Final = struct.Struct("!Q")
+_MAC_PLACEHOLDER: Final = bytes(HMAC_MAC_LENGTH)
 
 
 def _tlv(tlv_type: int, value: bytes) -> bytes:
@@ -453,6 +536,7 @@ def encode_v2(
     crc32c: bool = False,
     chain_subjects: Iterable[bytes] = (),
     extra_tlvs: Iterable[tuple[int, bytes]] = (),
+    mac: MACKey | None = None,
 ) -> bytes:
     """Build a version 2 header like HAProxy 2.6 ``make_proxy_line_v2`` (section 2.2).
 
@@ -460,7 +544,9 @@ def encode_v2(
     ``::ffff:0:0/96``). LOCAL, or PROXY with an unknown end, gives ver_cmd 0x20 and family
     0x00 with no address block, as HAProxy does, still followed by the TLVs.
     TLVs come in HAProxy's order: CRC32C (computed last over the whole header), ALPN,
-    AUTHORITY, UNIQUE_ID, SSL; then CHAIN_SUBJECTS (if any) and ``extra_tlvs`` verbatim.
+    AUTHORITY, UNIQUE_ID, SSL; then CHAIN_SUBJECTS (if any), ``extra_tlvs`` verbatim, and
+    last our HMAC TLV when ``mac`` is given (its MAC covers everything before it; the CRC32C,
+    computed after it, covers it).
     Raises ValueError for arguments our own decoder would refuse.
     """
     if command is Command.PROXY and source is not None and destination is not None:
@@ -511,6 +597,18 @@ def encode_v2(
         if not 0 <= tlv_type <= 0xFF:
             raise ValueError(f"TLV type out of range 0..255: {tlv_type!r}")
         parts.append(_tlv(tlv_type, value))
+    if mac is not None:
+        key_id = mac.key_id.encode("ascii")
+        parts.append(
+            _tlv(
+                TLVType.HMAC,
+                bytes((HMAC_VERSION, len(key_id)))
+                + key_id
+                + _U64.pack(mac.timestamp_ms)
+                + mac.nonce
+                + _MAC_PLACEHOLDER,
+            )
+        )
 
     body_length = sum(map(len, parts))
     if body_length > V2_MAX_LENGTH:
@@ -520,6 +618,10 @@ def encode_v2(
     else:
         parts[0] = _V2_PREFIX_PROXY + _FAM_LEN.pack(family, body_length)
     header = b"".join(parts)
+    if mac is not None:
+        # The CRC32C field is still zero here, as the receiver zeroes it to check.
+        signed = header[:-HMAC_MAC_LENGTH]
+        header = signed + hmac.digest(mac.secret, signed, "sha256")
     if crc32c:
         offset = V2_HEADER_LENGTH + len(addresses) + TLV_HEADER_LENGTH
         checksum = _U32.pack(_crc32c_v2_header(header))
@@ -752,6 +854,7 @@ _SINGLE_TLVS: Final = frozenset(
         TLVType.UNIQUE_ID,
         TLVType.SSL,
         TLVType.CHAIN_SUBJECTS,
+        TLVType.HMAC,
     }
 )
 
@@ -793,6 +896,8 @@ def _parse_v2(header: bytes, command: Command, family: int) -> ProxyHeader:
     unique_id: bytes | None = None
     ssl: SSLInfo | None = None
     chain_subjects: tuple[bytes, ...] = ()
+    crc_at = mac_at = -1  # where the CRC32C and HMAC values start
+    mac_fields: tuple[str, int, bytes, bytes] | None = None
     seen: set[int] = set()
     tlvs = []
     for tlv_type, start, end in _iter_tlvs(header, tlv_start, total, "PROXY v2 header"):
@@ -814,6 +919,7 @@ def _parse_v2(header: bytes, command: Command, family: int) -> ProxyHeader:
                     "crc_mismatch",
                     f"CRC32C mismatch: header says 0x{received:08x}, computed 0x{expected:08x}",
                 )
+            crc_at = start
         elif tlv_type == TLVType.ALPN:
             alpn = value
         elif tlv_type == TLVType.AUTHORITY:
@@ -832,6 +938,19 @@ def _parse_v2(header: bytes, command: Command, family: int) -> ProxyHeader:
             ssl = _parse_ssl(value)
         elif tlv_type == TLVType.CHAIN_SUBJECTS:
             chain_subjects = _parse_chain_subjects(value)
+        elif tlv_type == TLVType.HMAC:
+            mac_fields = _parse_hmac(value)
+            mac_at = end - HMAC_MAC_LENGTH
+    mac = None
+    if mac_fields is not None:
+        # The MAC covers the header as the sender had it when it signed: CRC32C still zero.
+        signed = header
+        if crc_at >= 0:
+            signed = header[:crc_at] + b"\x00\x00\x00\x00" + header[crc_at + 4 :]
+        key_id, timestamp_ms, nonce, value = mac_fields
+        mac = HeaderMAC(
+            key_id, timestamp_ms, nonce, value, signed[:mac_at] + signed[mac_at + HMAC_MAC_LENGTH :]
+        )
     return ProxyHeader(
         2,
         command,
@@ -844,7 +963,26 @@ def _parse_v2(header: bytes, command: Command, family: int) -> ProxyHeader:
         ssl=ssl,
         chain_subjects=chain_subjects,
         tlvs=tuple(tlvs),
+        mac=mac,
     )
+
+
+def _parse_hmac(value: bytes) -> tuple[str, int, bytes, bytes]:
+    """TLVType.HMAC: version 1, a 1..32-byte ASCII key id, a u64 timestamp, a 16-byte nonce
+    and a 32-byte MAC, nothing else. Returns (key id, timestamp ms, nonce, MAC)."""
+    if len(value) < 2 or value[0] != HMAC_VERSION:
+        raise ProxyProtocolError("bad_tlv", "HMAC TLV: not version 1")
+    key_id_length = value[1]
+    fixed = 8 + HMAC_NONCE_LENGTH + HMAC_MAC_LENGTH
+    if not 1 <= key_id_length <= HMAC_KEY_ID_MAX_LENGTH or len(value) != 2 + key_id_length + fixed:
+        raise ProxyProtocolError("bad_tlv", f"HMAC TLV of {len(value)} bytes: bad layout")
+    key_id = value[2 : 2 + key_id_length]
+    if not key_id.isascii():
+        raise ProxyProtocolError("bad_tlv", "HMAC TLV: key id is not ASCII")
+    offset = 2 + key_id_length
+    (timestamp_ms,) = _U64.unpack_from(value, offset)
+    nonce = value[offset + 8 : offset + 8 + HMAC_NONCE_LENGTH]
+    return key_id.decode("ascii"), timestamp_ms, nonce, value[-HMAC_MAC_LENGTH:]
 
 
 class ProxyProtocolDecoder:
@@ -1022,8 +1160,8 @@ class ProxyProtocolDecoder:
         if body_length > self._max_v2_length:
             raise ProxyProtocolError(
                 "too_long",
-                f"PROXY v2 header announces {body_length} bytes, the limit is "
-                f"{self._max_v2_length}",
+                f"PROXY v2 header of {V2_HEADER_LENGTH + body_length} bytes announced, the "
+                f"limit is {V2_HEADER_LENGTH + self._max_v2_length}",
             )
         if command is Command.PROXY and body_length < address_length:
             raise ProxyProtocolError(

@@ -14,13 +14,14 @@ the log says why. The runtime API's `reload ssl` runs the same check at once.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 
 from lb.pem import TLSFileError, common_name, file_signature
-from lb.tls import BindContext
+from lb.tls import BindContext, describe_name, utc_text
 
 if TYPE_CHECKING:
     from lb.frontend import FrontendRuntime
@@ -96,6 +97,19 @@ class TLSReloader:
             len(context.crls),
             len(context.ocsp_responses),
         )
+        now = dt.datetime.now(dt.UTC)
+        for crl in context.crls:
+            # What `lb -c` warns about, said at the moment it starts to matter: OpenSSL now
+            # refuses every chain this CRL covers (X509_V_ERR_CRL_HAS_EXPIRED).
+            if crl.next_update_utc is not None and crl.next_update_utc < now:
+                logger.warning(
+                    "%s: crl-file %s: the CRL of '%s' expired on %s (nextUpdate): every "
+                    "client whose chain it covers is refused until a fresh CRL is published",
+                    where,
+                    bind.crl_file,
+                    describe_name(crl.issuer),
+                    utc_text(crl.next_update_utc),
+                )
         closed = 0
         if bind.close_revoked and context.crls:
             closed = self._close_revoked(frontend, index, context)

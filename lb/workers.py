@@ -554,6 +554,11 @@ class Master:
             sys.stderr.flush()
             logger.error("reload refused: the configuration has errors; old workers keep serving")
             return False
+        for diagnostic in diagnostics:
+            # Warnings do not stop a reload, but they are why it may not do what was meant
+            # (an expired CRL refuses every device): the log says them, as `lb -c` does.
+            level = logging.WARNING if diagnostic.is_warning else logging.INFO
+            logger.log(level, "reload: %s", diagnostic.text)
         try:
             pending = self.pool.prepare(config)
         except OSError as error:

@@ -262,15 +262,18 @@ def start_process(args: list[str], directory: Path, name: str, **kwargs: object)
 
 
 @contextlib.contextmanager
-def run_lb(config: str, directory: Path, port: int, name: str = "lb") -> Iterator[Process]:
-    """Write `config` to a file, start `lb -f` on it and wait until `port` accepts."""
+def run_lb(
+    config: str, directory: Path, port: int, name: str = "lb", host: str = "127.0.0.1"
+) -> Iterator[Process]:
+    """Write `config` to a file, start `lb -f` on it and wait until it listens on
+    `host`:`port` (as lb's log prints the bind address: "::" for an IPv6 wildcard)."""
     path = directory / f"{name}.cfg"
     path.write_text(config)
     process = start_process([str(VENV_BIN / "lb"), "-db", "-f", str(path)], directory, name)
     try:
         try:
             # lb says when it listens; a probe connection would be a session of its own.
-            process.wait_output(f"listening on 127.0.0.1:{port}", 15, stream="stderr")
+            process.wait_output(f"listening on {host}:{port}", 15, stream="stderr")
         except TimeoutError:
             process.stop()
             raise AssertionError(f"lb did not start:\n{process.stderr}") from None

@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
+from broker.config import ConfigError
 from broker.mqtt import Connack, Connect, Pingreq, Pingresp
 from lb.proxyproto import ClientFlags, Command, SSLInfo, encode_v1, encode_v2
 from tests.broker_harness import BrokerThread, RawClient, make_config, running_broker, wait_for
@@ -168,3 +171,47 @@ def test_garbage_header_closes_only_that_connection(node: BrokerThread) -> None:
     good.send(Pingreq())
     assert isinstance(good.receive(), Pingresp)
     assert node.counters()["proxy_header_errors"] == 1
+
+
+def long_subject(size: int) -> bytes:
+    """A DER X.509 Name of about `size` bytes (organizational units of 60 characters)."""
+    units = [x509.NameAttribute(NameOID.COMMON_NAME, "device-long-subject")]
+    while len(x509.Name(units).public_bytes()) < size:
+        units.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "u" * 60))
+    return x509.Name(units).public_bytes()
+
+
+def chain_header(subject_size: int) -> bytes:
+    subjects = (long_subject(subject_size), long_subject(120), long_subject(100))
+    return encode_v2(Command.PROXY, CLIENT, BROKER, ssl=VERIFIED, chain_subjects=subjects)
+
+
+def test_long_chain_subjects_header_fits_the_default_limit(node: BrokerThread) -> None:
+    """lb's chain-subjects with a 746-byte subject makes a header over 1,024 bytes, which
+    the broker used to refuse (issue 14 item 8); the default limit now takes it."""
+    header = chain_header(746)
+    assert len(header) > 1024
+    raw = RawClient(node.port(), prefix=header)
+    assert isinstance(raw.connect(connect("long-chain")), Connack)
+    assert node.counters()["proxy_header_errors"] == 0
+
+
+def test_proxy_protocol_max_size_refuses_in_words(caplog: pytest.LogCaptureFixture) -> None:
+    header = chain_header(746)
+    with running_broker(proxy_config(proxy_protocol_max_size=1024)) as node:
+        raw = RawClient(node.port(), prefix=header)
+        raw.send(connect("too-long"))
+        assert raw.closed_by_server()
+        [message] = broker_warnings(caplog)
+        assert f"header of {len(header)} bytes announced, the limit is 1024" in message
+        assert "proxy_protocol_max_size" in message
+        assert node.counters()["proxy_header_errors"] == 1
+        # A header within the limit on the same listener is served.
+        short = RawClient(node.port(), prefix=encode_v2(Command.PROXY, CLIENT, BROKER))
+        assert isinstance(short.connect(connect("short")), Connack)
+
+
+@pytest.mark.parametrize("size", [231, 65552, "8k"])
+def test_proxy_protocol_max_size_bounds(size: object) -> None:
+    with pytest.raises(ConfigError, match="proxy_protocol_max_size"):
+        proxy_config(proxy_protocol_max_size=size)

@@ -32,7 +32,8 @@ CERTS = ROOT / topology.CERTS_DIR
 
 NODE_HEADING = re.compile(r"^(?P<node>broker-\d): (?P<count>\d+) devices \((?P<note>[^)]*)")
 DEVICE_LINE = re.compile(
-    r"^  (?P<device>device-\d{4})\s+(?P<address>\S+)\s+CN=(?P<cn>\S+)\s+sent (?P<sent>\d+)\s+"
+    r"^  (?P<device>device-\d{4})\s+(?P<address>\S+)\s+CN=(?P<cn>\S+)\s+id=(?P<id>\S+)\s+"
+    r"sent (?P<sent>\d+)\s+"
     r"received (?P<received>\d+)/(?P<expected>\d+) from (?P<sender>device-\d{4})$"
 )
 MESSAGES_LINE = re.compile(
@@ -217,6 +218,7 @@ def test_demo_fast_mode_summary(demo_pki: Path) -> None:
 
     # Devices per node, with the real address and CN learned from the PROXY header.
     holders: dict[str, str] = {}
+    ids: dict[str, str] = {}  # device -> the connection id its broker learned from lb
     node = None
     for line in lines:
         if heading := NODE_HEADING.match(line):
@@ -236,8 +238,15 @@ def test_demo_fast_mode_summary(demo_pki: Path) -> None:
             assert int(port) not in {n.mqtt_port for n in where.nodes}
             assert device["sent"] == device["received"] == device["expected"]
             assert int(device["expected"]) == topology.FAST_MESSAGES
+            ids[device["device"]] = device["id"]
     expected_devices = {topology.device_name(n) for n in range(1, topology.FAST_DEVICES + 1)}
     assert set(holders) == expected_devices
+    # Each id is lb's (128 random bits), one per device, and lb's session line ends with it.
+    lb_log = (ROOT / topology.OUT_DIR / "lb.log").read_text()
+    assert len(set(ids.values())) == len(ids)
+    for connection_id in ids.values():
+        assert re.fullmatch(r"[0-9a-f]{32}", connection_id)
+        assert f" {connection_id}\n" in lb_log
     # Round robin over three nodes: 20 devices land 7/7/6.
     counts = sorted(list(holders.values()).count(n.name) for n in topology.NODES)
     assert counts == [6, 7, 7]
@@ -304,6 +313,8 @@ def _report() -> dict[str, Any]:
                     "address": address,
                     "certificate_cn": name,
                     "via_proxy": True,
+                    "connection_id": f"{port:032x}",
+                    "connection_id_source": "proxy",
                 }
             ],
         }
@@ -359,6 +370,10 @@ def test_summary_of_a_good_run_is_ok() -> None:
         (
             lambda r: r["devices"][0].update(connected=False, error="connect failed"),
             "device-0001: connect failed",
+        ),
+        (
+            lambda r: r["nodes"]["broker-1"]["clients"][0].update(connection_id_source="broker"),
+            "device-0001: broker-1 got no connection id from lb (unique-id)",
         ),
     ],
 )

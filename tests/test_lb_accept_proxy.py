@@ -187,3 +187,48 @@ def test_check_warns_about_accept_proxy_from_anyone(tmp_path: Path) -> None:
     trusted = text.replace("accept-proxy\n", "accept-proxy accept-proxy-from 10.0.0.0/8\n")
     assert not [d for d in load_config_text(trusted, "x.cfg").warnings if "accept-proxy" in d.text]
     del tmp_path
+
+
+@pytest.mark.parametrize(
+    ("client", "networks"),
+    [("127.0.0.1", "127.0.0.0/8"), ("::1", "::1/128")],
+    ids=["ipv4-on-dual-stack", "ipv6"],
+)
+def test_dual_stack_bind_trusts_both_families(
+    pki: TestPKI, tmp_path: Path, client: str, networks: str
+) -> None:
+    """An IPv6 bind (`:::port`) is dual-stack: an IPv4 sender arrives as ::ffff:127.0.0.1
+    and `accept-proxy-from 127.0.0.0/8` must still match it (issue 14 item 12); an IPv6
+    sender is matched as itself. A sender of the other family is refused."""
+    backend = EchoBackend()
+    port = free_port()
+    device = pki.device(24)
+    context = client_context(device.cert, device.key, pki.root)
+    text = config_text(pki, port, backend).replace(
+        f"bind 127.0.0.1:{port} accept-proxy accept-proxy-from 127.0.0.1/32",
+        f"bind :::{port} accept-proxy accept-proxy-from {networks}",
+    )
+    header = proxyproto.encode_v2(
+        proxyproto.Command.PROXY, ("198.51.100.9", 40009), ("192.0.2.1", 8883)
+    )
+    family = socket.AF_INET6 if ":" in client else socket.AF_INET
+    other = "127.0.0.1" if ":" in client else "::1"
+    with run_lb(text, tmp_path, port, host="::") as lb:
+        with socket.socket(family, socket.SOCK_STREAM) as raw:
+            raw.settimeout(10)
+            raw.connect((client, port))
+            raw.sendall(header)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"dual")
+                assert tls.recv(100) == b"dual"
+        with socket.create_connection((other, port), timeout=10) as raw:
+            raw.sendall(header)
+            try:
+                assert raw.recv(10) == b""
+            except ConnectionResetError:
+                pass
+        lb.wait_output("source not in accept-proxy-from", 5)
+    received = backend.wait_connections(1)[0]
+    assert received.header is not None
+    assert received.header.source == ("198.51.100.9", 40009)
+    backend.close()

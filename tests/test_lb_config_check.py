@@ -148,3 +148,54 @@ def test_zero_warning_flag_turns_warnings_into_failure(pki: TestPKI, tmp_path: P
     )
     assert result.returncode == 1
     assert "zero-warning" in result.stderr
+
+
+def test_every_error_in_one_run_as_haproxy(tmp_path: Path) -> None:
+    """A typo, a bad time unit and a missing crt: three errors in one run, in line order
+    (issue 14 item 11). HAProxy 2.6 loads the crt while it parses, so it reports all three
+    too; lb used to stop at the parse errors and leave the certificate for the next run."""
+    config = """
+defaults
+    mode tcp
+    timeout connect 5x
+    timeout client 5s
+    timeout server 5s
+frontend fe
+    bind 127.0.0.1:8443 ssl crt missing.pem
+    tiemout client 5s
+    default_backend be
+backend be
+    server s 127.0.0.1:1883
+"""
+    result = lb_check(config, tmp_path)
+    assert result.returncode == 1
+    alerts = [line for line in result.stderr.splitlines() if "parsing [" in line]
+    assert [line.split("check.cfg:")[1].split("]")[0] for line in alerts] == ["4", "8", "9"]
+    assert "'timeout connect' : expects a time" in alerts[0]
+    assert "missing.pem" in alerts[1] and "no such file" in alerts[1]
+    assert "unknown keyword 'tiemout'" in alerts[2]
+    if shutil.which("haproxy") is None:
+        return
+    haproxy = subprocess.run(
+        ["haproxy", "-c", "-f", str(tmp_path / "check.cfg")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert haproxy.returncode == 1
+    theirs = [line for line in haproxy.stderr.splitlines() if "parsing [" in line]
+    assert [line.split("check.cfg:")[1].split("]")[0] for line in theirs] == ["4", "8", "9"]
+
+
+def test_a_bind_line_with_an_error_is_not_loaded_again(pki: TestPKI, tmp_path: Path) -> None:
+    """The files of a bind line that failed to parse are not read (its own error says
+    enough); the other lines' files are, in the same run."""
+    config = tls_config(f"ssl crt {pki.server_allinone} verify required")  # no ca-file
+    config = config.replace("timeout client 30s", "timeout client 30x")
+    result = lb_check(config, tmp_path)
+    assert result.returncode == 1
+    alerts = [line for line in result.stderr.splitlines() if "parsing [" in line]
+    assert len(alerts) == 2, result.stderr
+    assert "'timeout client'" in alerts[0] and "needs 'ca-file'" in alerts[1]

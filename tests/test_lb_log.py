@@ -6,8 +6,11 @@ the refused-handshake rate limit on their own.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -234,6 +237,61 @@ def test_termination_codes_match_haproxy(
     backend.close()
     assert results["haproxy"] == {"refused": "SC", "reset": "CD"}
     assert results["lb"] == results["haproxy"]
+
+
+def _client_hello() -> bytes:
+    """A real ClientHello, taken from the standard library's TLS engine."""
+    context = client_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    engine = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        engine.do_handshake()
+    return outgoing.read()
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.haproxy
+def test_reset_during_the_handshake_is_logged_as_haproxy(
+    pki: TestPKI, tmp_path: Path, receivers: dict[str, SyslogReceiver]
+) -> None:
+    """A client that resets during the TLS handshake (before its ClientHello, after it,
+    halfway through it) gets HAProxy 2.6's line `fe/1: SSL handshake failure`, lb's with the
+    reason in words (issue 14 item 9: lb logged nothing)."""
+    hello = _client_hello()
+    lines: dict[str, list[str]] = {}
+    for name in ("lb", "haproxy"):
+        port = free_port()
+        config = (
+            "global\n"
+            f"    log 127.0.0.1:{receivers[name].port} local0\n"
+            "defaults\n    mode tcp\n    log global\n    option tcplog\n"
+            "    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n"
+            f"frontend fe\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone}\n"
+            "    default_backend be\n"
+            f"backend be\n    server s 127.0.0.1:{free_port()}\n"
+        )
+        runner = run_lb if name == "lb" else run_haproxy
+        with runner(config, tmp_path, port, name=f"{name}-reset"):
+            sources = []
+            for sent in (b"", hello, hello[:20]):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sources.append(f"127.0.0.1:{sock.getsockname()[1]} ")
+                if sent:
+                    sock.sendall(sent)
+                    time.sleep(0.2)  # let the balancer read it (and answer a whole hello)
+                _reset(sock)
+            found = [
+                _strip_header(receivers[name].wait_for(re.escape(source)))[1] for source in sources
+            ]
+        lines[name] = found
+    for theirs, ours in zip(lines["haproxy"], lines["lb"], strict=True):
+        assert theirs.endswith("] fe/1: SSL handshake failure"), theirs
+        assert "] fe/1: SSL handshake failure: connection reset by the client during the " in ours
+        assert ours.endswith("TLS handshake (Connection reset by peer)"), ours
 
 
 def test_refused_handshakes_are_rate_limited(pki: TestPKI, tmp_path: Path) -> None:

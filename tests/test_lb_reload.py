@@ -5,8 +5,10 @@ file that fails to load keeps the old one in force."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import os
 import shutil
+import signal
 import socket
 import ssl
 import time
@@ -17,7 +19,14 @@ import pytest
 
 from bench.ports import free_port
 from lb.pki.certs import make_crl, write_crls
-from tests.harness import EchoBackend, client_context, run_lb, tls_outcome
+from tests.harness import (
+    VENV_BIN,
+    EchoBackend,
+    client_context,
+    run_lb,
+    start_process,
+    tls_outcome,
+)
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -163,4 +172,76 @@ def test_revoked_device_cannot_resume_or_stay(
                 'haproxy_frontend_ssl_handshake_failures_total{proxy="mqtts",reason="revoked"} 1'
             ]
     finally:
+        backend.close()
+
+
+def _expired_crls(pki: TestPKI, path: Path) -> str:
+    """Write CRLs for both CA levels whose nextUpdate passed yesterday; return that date."""
+    last_update = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    crls = [
+        make_crl(issuer, next_update_days=-1, last_update=last_update)
+        for issuer in (pki.intermediate_issued, pki.root_issued)
+    ]
+    write_crls(path, crls)
+    next_update = crls[0].next_update_utc
+    assert next_update is not None
+    return next_update.strftime("%Y-%m-%d")
+
+
+def _crl_config(pki: TestPKI, port: int, backend: EchoBackend, crl: Path, interval: str) -> str:
+    return (
+        f"global\n    tune.ssl.reload-interval {interval}\n"
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n"
+        "    timeout server 60s\n"
+        f"frontend mqtts\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone} "
+        f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required "
+        f"crl-file {crl}\n"
+        "    default_backend brokers\n"
+        f"backend brokers\n    server broker1 127.0.0.1:{backend.port}\n"
+    )
+
+
+def test_hot_reload_of_an_expired_crl_warns(pki: TestPKI, tmp_path: Path) -> None:
+    """The file watcher loads a CRL that has already expired: it still says 'reloaded' (the
+    file is valid), and then a WARNING names the file and its nextUpdate, since from now on
+    every device is refused (issue 14 item 10)."""
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    crl = tmp_path / "crl.pem"
+    shutil.copy(pki.crl, crl)
+    device = pki.device(13)
+    context = client_context(device.cert, device.key, pki.root)
+    try:
+        with run_lb(_crl_config(pki, port, backend, crl, "1s"), tmp_path, port) as lb:
+            assert tls_outcome(port, context) == "ok"
+            expired_on = _expired_crls(pki, crl)
+            output = lb.wait_output("(nextUpdate)", timeout=20, stream="stderr")
+            line = next(line for line in output.splitlines() if "(nextUpdate)" in line)
+            assert "WARNING" in line and str(crl) in line and f"expired on {expired_on}" in line
+            assert "files reloaded" in output
+            assert tls_outcome(port, context).startswith("refused")
+    finally:
+        backend.close()
+
+
+def test_master_reload_with_an_expired_crl_warns(pki: TestPKI, tmp_path: Path) -> None:
+    """The same CRL brought in by a reload of the whole configuration (SIGHUP): the checks
+    of `lb -c` run then, and their warnings reach the log."""
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    crl = tmp_path / "crl.pem"
+    shutil.copy(pki.crl, crl)
+    path = tmp_path / "lb.cfg"
+    path.write_text(_crl_config(pki, port, backend, crl, "0"))
+    master = start_process([str(VENV_BIN / "lb"), "-f", str(path)], tmp_path, "master")
+    try:
+        master.wait_output("ready", timeout=30)
+        expired_on = _expired_crls(pki, crl)
+        os.kill(master.popen.pid, signal.SIGHUP)
+        output = master.wait_output("reloaded: ", timeout=30)
+        line = next(line for line in output.splitlines() if "(nextUpdate)" in line)
+        assert "reload: parsing [" in line and str(crl) in line
+        assert f"expired on {expired_on}" in line
+    finally:
+        master.stop(signal.SIGTERM, timeout=20)
         backend.close()

@@ -3,6 +3,7 @@ case of the notes' table, hypothesis round trips, and the proxy-protocol package
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import socket
 import struct
@@ -23,6 +24,7 @@ from lb.proxyproto import (
     V2_SIGNATURE,
     ClientFlags,
     Command,
+    MACKey,
     ProxyHeader,
     ProxyProtocolDecoder,
     ProxyProtocolError,
@@ -319,7 +321,7 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("v2 version nibble 1", v2(0x11, 0x11, V4_BODY), "bad_version"),
     ("v2 command 0xF", v2(0x2F, 0x11, V4_BODY), "bad_command"),
     ("v2 command 2", v2(0x22, 0x11, V4_BODY), "bad_command"),
-    ("v2 len=65535 over the 1024 limit", SIG + b"\x21\x11\xff\xff" + V4_BODY, "too_long"),
+    ("v2 len=65535 over the default limit", SIG + b"\x21\x11\xff\xff" + V4_BODY, "too_long"),
     ("v2 fam 0x11 with len 4", v2(0x21, 0x11, V4_BODY[:4]), "bad_address"),
     ("v2 fam 0x11 with len 11", v2(0x21, 0x11, V4_BODY[:11]), "bad_address"),
     ("v2 fam 0x21 with 12-byte body", v2(0x21, 0x21, V4_BODY), "bad_address"),
@@ -463,7 +465,7 @@ def test_refused_early_with_hint(first_bytes: bytes, looks_like: str | None) -> 
         (SIG + b"\x25", "bad_command"),
         (SIG + b"\x21\x51", "bad_family"),
         (SIG + b"\x21\x11\x00\x04", "bad_address"),
-        (SIG + b"\x21\x11\x04\x01", "too_long"),
+        (SIG + b"\x21\x11\x20\x00", "too_long"),  # 16 + 8192 > DEFAULT_MAX_HEADER_SIZE
     ],
 )
 def test_refused_as_soon_as_visible(data: bytes, reason: str) -> None:
@@ -520,8 +522,12 @@ def test_version_switches() -> None:
 
 
 def test_max_v2_length_is_configurable() -> None:
-    header = v2(0x21, 0x11, V4_BODY + tlv(0x04, bytes(2000)))
+    header = v2(0x21, 0x11, V4_BODY + tlv(0x04, bytes(9000)))
     assert decode_error(header).reason == "too_long"
+    assert "header of 9031 bytes announced, the limit is 8192" in decode_error(header).message
+    assert isinstance(
+        decode_whole(v2(0x21, 0x11, V4_BODY + tlv(0x04, bytes(8161))))[0], ProxyHeader
+    )
     assert decode_whole(header, max_v2_length=65535)[0].source == ("192.168.0.1", 56324)
     assert decode_error(v2(0x21, 0x11, V4_BODY), max_v2_length=11).reason == "too_long"
 
@@ -966,3 +972,150 @@ def test_we_read_the_oracles_encoding(
         assert header.ssl.cn == ssl_cn
         assert header.ssl.version == "TLSv1.2"
         assert header.ssl.cert_verified
+
+
+# --- who may send a header (lb accept-proxy-from, broker proxy_protocol_trusted) ----------
+
+TRUST_NETWORKS = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32"))
+
+
+@pytest.mark.parametrize(
+    ("host", "trusted"),
+    [
+        ("10.1.2.3", True),  # IPv4 on an IPv4 socket
+        ("::ffff:10.1.2.3", True),  # the same sender on a dual-stack IPv6 socket
+        ("::ffff:a01:203", True),  # how some stacks print it
+        ("11.1.2.3", False),
+        ("::ffff:11.1.2.3", False),
+        ("2001:db8::7", True),  # IPv6
+        ("2001:db8::7%eth0", True),  # a scope id is not part of the address
+        ("2001:db9::7", False),
+        ("::10.1.2.3", False),  # IPv4-compatible (deprecated), not IPv4-mapped
+        ("localhost", False),  # a name is never trusted
+        ("", False),
+    ],
+)
+def test_trust_check_unmaps_ipv4_mapped_addresses(host: str, trusted: bool) -> None:
+    assert proxyproto.is_trusted_source(host, TRUST_NETWORKS) is trusted
+
+
+def test_trust_check_accepts_networks_written_as_mapped_addresses() -> None:
+    mapped_network = (ipaddress.ip_network("::ffff:10.0.0.0/104"),)
+    assert proxyproto.is_trusted_source("::ffff:10.9.9.9", mapped_network)
+    assert not proxyproto.is_trusted_source("::ffff:11.9.9.9", mapped_network)
+    assert not proxyproto.is_trusted_source("10.9.9.9", ())
+
+
+# --- our HMAC TLV (0xE2) -------------------------------------------------------------------
+
+SECRET = bytes(range(32))
+NONCE = bytes(range(100, 116))
+MAC_KEY = MACKey("2026-12", SECRET, 1_796_000_000_123, NONCE)
+V4_TEST_ADDRESSES = bytes([192, 0, 2, 1, 198, 51, 100, 2]) + struct.pack("!HH", 40000, 1883)
+
+
+def test_hmac_tlv_golden_bytes() -> None:
+    """The layout, built by hand and with the standard library's HMAC: the MAC covers the
+    whole header but its own 32 bytes (the TLV is last), and is written in their place."""
+    header = encode_v2(Command.PROXY, ("192.0.2.1", 40000), ("198.51.100.2", 1883), mac=MAC_KEY)
+    value_head = b"\x01\x07" + b"2026-12" + struct.pack("!Q", 1_796_000_000_123) + NONCE
+    body = V4_TEST_ADDRESSES + tlv(0xE2, value_head + bytes(32))
+    expected = v2(0x21, 0x11, body)
+    expected = expected[:-32] + hmac.digest(SECRET, expected[:-32], "sha256")
+    assert header == expected
+    decoded, _ = decode_whole(header)
+    assert decoded.mac is not None
+    assert (decoded.mac.key_id, decoded.mac.timestamp_ms, decoded.mac.nonce) == (
+        "2026-12",
+        1_796_000_000_123,
+        NONCE,
+    )
+    assert decoded.mac.matches(SECRET)
+    assert not decoded.mac.matches(bytes(32))
+
+
+@pytest.mark.parametrize("crc", [False, True], ids=["no-crc32c", "crc32c"])
+def test_hmac_with_every_other_tlv_and_local(crc: bool) -> None:
+    """The MAC is computed with the CRC32C field still zero; the CRC, computed last, covers
+    the MAC. A LOCAL header (a health check) carries one too."""
+    verified = SSLInfo(ClientFlags.SSL | ClientFlags.CERT_CONN, 0, version="TLSv1.3", cn="d-1")
+    for command, source, destination in (
+        (Command.PROXY, ("192.0.2.1", 1), ("2001:db8::1", 2)),
+        (Command.LOCAL, None, None),
+    ):
+        header = encode_v2(
+            command,
+            source,
+            destination,
+            alpn=b"mqtt",
+            authority="broker.example",
+            unique_id=b"id-1",
+            ssl=verified,
+            crc32c=crc,
+            chain_subjects=[b"\x30\x00"],
+            mac=MAC_KEY,
+        )
+        decoded, _ = decode_whole(header)
+        assert decoded.mac is not None and decoded.mac.matches(SECRET)
+        assert decoded.unique_id == b"id-1" and decoded.command is command
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(position=st.integers(min_value=16, max_value=200), flip=st.integers(1, 255))
+def test_any_change_to_an_authenticated_header_is_caught(position: int, flip: int) -> None:
+    """Whatever byte after the fixed 16 is altered (addresses, TLVs, key id, timestamp,
+    nonce, the MAC itself), the header is refused by the codec or its MAC no longer matches."""
+    header = bytearray(
+        encode_v2(
+            Command.PROXY,
+            ("192.0.2.1", 40000),
+            ("198.51.100.2", 1883),
+            ssl=SSLInfo(ClientFlags.SSL, 0, version="TLSv1.3"),
+            unique_id=b"conn-42",
+            mac=MAC_KEY,
+        )
+    )
+    position %= len(header)
+    if position < 16:
+        position += 16
+    header[position] ^= flip
+    decoder = ProxyProtocolDecoder()
+    decoder.feed(bytes(header))
+    try:
+        event = decoder.next_event()
+    except ProxyProtocolError:
+        return
+    if event is NEED_DATA:
+        return  # a longer length field: waits for bytes that never come
+    assert isinstance(event, ProxyHeader)
+    assert event.mac is None or not event.mac.matches(SECRET)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"\x02\x01k" + bytes(56),  # version 2
+        b"\x01\x00" + bytes(56),  # empty key id
+        b"\x01\x21" + b"k" * 33 + bytes(56),  # key id over 32 bytes
+        b"\x01\x01k" + bytes(55),  # one byte short
+        b"\x01\x01k" + bytes(57),  # one byte long
+        b"\x01\x01\xff" + bytes(56),  # key id not ASCII
+    ],
+)
+def test_malformed_hmac_tlv_is_bad_tlv(value: bytes) -> None:
+    header = v2(0x21, 0x11, V4_TEST_ADDRESSES + tlv(0xE2, value))
+    assert decode_error(header).reason == "bad_tlv"
+
+
+def test_two_hmac_tlvs_are_refused() -> None:
+    one = encode_v2(Command.PROXY, ("192.0.2.1", 1), ("192.0.2.2", 2), mac=MAC_KEY)
+    value = one[28 + 3 :]
+    twice = v2(0x21, 0x11, one[16:28] + tlv(0xE2, value) + tlv(0xE2, value))
+    assert decode_error(twice).reason == "bad_tlv"
+
+
+def test_mac_key_refuses_what_the_decoder_would() -> None:
+    for key_id, nonce in (("", NONCE), ("k" * 33, NONCE), ("clé", NONCE), ("k", b"short")):
+        with pytest.raises(ValueError):
+            MACKey(key_id, SECRET, 0, nonce)

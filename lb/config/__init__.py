@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,6 +58,8 @@ from lb.config.model import (
     User,
     Userlist,
 )
+from lb.mqtt_check import MQTT_CHECK_KEEPALIVE, connack_rule, encode_connect
+from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE
 from lb.tls_codes import TLS_VERSIONS
 
 __all__ = [
@@ -83,6 +85,11 @@ class LoadResult:
 
     config: Config | None
     diagnostics: tuple[Diagnostic, ...]
+    #: The model built in spite of errors (None when there are none: see `config`), so that
+    #: `lb -c` can still load the certificate files of the lines that parsed and report
+    #: every problem in one run, as `haproxy -c` does. A line with an error is missing from
+    #: it or incomplete.
+    partial: Config | None = None
 
     @property
     def errors(self) -> tuple[Diagnostic, ...]:
@@ -90,7 +97,7 @@ class LoadResult:
 
     @property
     def warnings(self) -> tuple[Diagnostic, ...]:
-        return tuple(d for d in self.diagnostics if not d.is_error)
+        return tuple(d for d in self.diagnostics if d.is_warning)
 
     def config_or_raise(self) -> Config:
         if self.config is None:
@@ -152,17 +159,10 @@ def _load(texts: Sequence[tuple[str, str]], environ: Mapping[str, str]) -> LoadR
         report.diagnostics.extend(lex_errors)
         _parse_lines(lines, drafts, report)
     config = _build(drafts, report, tuple(file for file, _ in texts))
-    diagnostics = tuple(sorted(report.diagnostics, key=_position))
+    diagnostics = tuple(sorted(report.diagnostics, key=lambda d: d.position))
     if any(d.is_error for d in diagnostics):
-        return LoadResult(None, diagnostics)
+        return LoadResult(None, diagnostics, partial=config)
     return LoadResult(config, diagnostics)
-
-
-def _position(diagnostic: Diagnostic) -> tuple[int, str, int]:
-    # Stable order: file-less problems first, then by file and line.
-    if diagnostic.file is None:
-        return (0, "", 0)
-    return (1, diagnostic.file, diagnostic.line or 0)
 
 
 def _parse_lines(lines: Sequence[Line], drafts: _Drafts, report: Report) -> None:
@@ -437,7 +437,7 @@ def _build_backend(draft: ProxyDraft, report: Report) -> Backend:
                 )
             )
         seen.setdefault(pending.name, pending.origin)
-        servers.append(_build_server(pending))
+        servers.append(_build_server(pending, draft.label, report))
     return _replace(
         Backend(draft.origin, draft.name, servers=tuple(servers), listen=draft.kind == "listen"),
         _common(draft),
@@ -445,8 +445,43 @@ def _build_backend(draft: ProxyDraft, report: Report) -> Backend:
     )
 
 
-def _build_server(pending: PendingServer) -> Server:
-    return _replace(Server(pending.origin, pending.name, "", "", None), pending.settings)
+def _build_server(pending: PendingServer, section: str, report: Report) -> Server:
+    settings = dict(pending.settings)
+    origin = pending.origin
+    keys = settings.get("proxy_v2_hmac_keys")
+    if isinstance(keys, str):
+        settings["proxy_v2_hmac_keys"] = _resolve_path(keys, None, origin)
+    options = settings.get("proxy_v2_options", frozenset())
+    assert isinstance(options, frozenset)
+
+    def error(message: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.error(origin.file, origin.line, "server", message, section)
+        )
+
+    if "hmac" in options and not keys:
+        error(
+            f"'{pending.name}': 'proxy-v2-options hmac' needs the key file it signs with: "
+            "add 'proxy-v2-hmac-keys <file>' (lb.proxy_hmac's format, shared with the brokers)"
+        )
+    elif "hmac" in options and not settings.get("send_proxy_v2"):
+        error(
+            f"'{pending.name}': 'proxy-v2-options hmac' authenticates a PROXY v2 header: add "
+            "'send-proxy-v2'"
+        )
+    elif keys and "hmac" not in options:
+        report.diagnostics.append(
+            Diagnostic.warning(
+                origin.file,
+                origin.line,
+                "server",
+                f"'{pending.name}': 'proxy-v2-hmac-keys' is set but 'proxy-v2-options' has no "
+                "'hmac': the headers go unauthenticated, and a broker that holds the key refuses "
+                "them",
+                section,
+            )
+        )
+    return _replace(Server(origin, pending.name, "", "", None), settings)
 
 
 def _resolve_path(path: str, base: str | None, origin: Origin) -> str:
@@ -643,6 +678,41 @@ def _check_exporter_auth(
             )
 
 
+def _lint_checks(
+    backend: Backend,
+    warn: Callable[[Origin, str, str, str], None],
+    notice: Callable[[Origin, str, str, str], None],
+) -> None:
+    """tcp-check rules that will not run (HAProxy's warning), and what `option mqtt-chk`
+    (ours) does, with the HAProxy 2.6 rules that do the same."""
+    section = f"backend {backend.name}"
+    mqtt = backend.mqtt_check
+    rules = backend.tcp_check_rules
+    if rules and not backend.option.tcp_check:
+        why = "'option mqtt-chk' replaces them" if mqtt else "'option tcp-check' is not set"
+        warn(
+            rules[0].origin,
+            "tcp-check",
+            f"backend '{backend.name}' uses tcp-check rules without 'option tcp-check', so the "
+            f"rules are ignored ({why})",
+            section,
+        )
+    if mqtt is not None:
+        level = 5 if mqtt.version == "5.0" else 4
+        example = encode_connect(level, mqtt.client_id or "lb-check", MQTT_CHECK_KEEPALIVE)
+        notice(
+            mqtt.origin,
+            "option mqtt-chk",
+            f"lb's own check (HAProxy 2.6 has no MQTT check): after the check's PROXY header "
+            f"(check-send-proxy), an MQTT {mqtt.version} CONNECT (clean start, keep alive "
+            f"{MQTT_CHECK_KEEPALIVE} s, client id '{mqtt.client_id or 'lb-check-<8 hex digits>'}'"
+            "), a CONNACK that accepts, then DISCONNECT; a refusing CONNACK is 'Layer7 wrong "
+            "status' with its code in words. With HAProxy: 'option tcp-check', 'tcp-check "
+            f"send-binary {example.hex()}', 'tcp-check expect {connack_rule(level)}'",
+            section,
+        )
+
+
 def _check_backend_references(drafts: _Drafts, names: set[str], report: Report) -> None:
     for draft in drafts.proxies:
         references: list[tuple[str, str, Origin]] = [
@@ -700,13 +770,47 @@ def _lint(
                     "with 'accept-proxy-from <networks>' (or a firewall)",
                     section,
                 )
+
+    def notice(origin: Origin, keyword: str, message: str, section: str) -> None:
+        report.diagnostics.append(
+            Diagnostic.notice(origin.file, origin.line, keyword, message, section)
+        )
+
     global_limit = global_.maxconn or _DEFAULT_GLOBAL_MAXCONN
+    for backend in backends:
+        signed = [s.name for s in backend.servers if "hmac" in s.proxy_v2_options]
+        unsigned = [
+            s.name for s in backend.servers if s.send_proxy_v2 and "hmac" not in s.proxy_v2_options
+        ]
+        if signed and unsigned:
+            warn(
+                backend.origin,
+                "backend",
+                f"'{backend.name}': servers {', '.join(signed)} get an HMAC in their PROXY "
+                f"header and {', '.join(unsigned)} do not: a broker that holds the key refuses "
+                "the latter, and one that does not trusts any header from a trusted address",
+                f"backend {backend.name}",
+            )
     maxconn_warned = False
     for backend in backends:
         section = f"backend {backend.name}"
         if not backend.servers:
             warn(backend.origin, "backend", f"'{backend.name}' has no server", section)
+        _lint_checks(backend, warn, notice)
         for server in backend.servers:
+            if server.send_proxy_v2 and "chain-subjects" in server.proxy_v2_options:
+                notice(
+                    server.origin,
+                    "server",
+                    f"'{server.name}': 'proxy-v2-options chain-subjects' (ours) sends the "
+                    "subject names of each client's verified chain, so the header grows with "
+                    "them (one 746-byte subject made a 1,070-byte header); a broker refuses a "
+                    "header longer than its limit (proxy_protocol_max_size, "
+                    f"{DEFAULT_MAX_HEADER_SIZE} bytes by default) and the device sees only a "
+                    "close. lb logs every header it builds over 'proxy-v2-max-size' "
+                    f"({server.proxy_v2_max_size} bytes here): keep the two equal",
+                    section,
+                )
             if (
                 server.check
                 and (server.send_proxy or server.send_proxy_v2)

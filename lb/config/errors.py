@@ -24,6 +24,10 @@ class Severity(enum.Enum):
 
     ERROR = "ALERT"
     WARNING = "WARNING"
+    #: An explanation for a valid choice with a cost worth knowing (lb's own keywords):
+    #: printed like HAProxy's [NOTICE] lines, never "Warnings were found", never fatal
+    #: under -dW.
+    NOTICE = "NOTICE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +81,32 @@ class Diagnostic:
     ) -> Diagnostic:
         return cls(file, line, Severity.WARNING, keyword, message, section)
 
+    @classmethod
+    def notice(
+        cls,
+        file: str | None,
+        line: int | None,
+        keyword: str | None,
+        message: str,
+        section: str | None = None,
+    ) -> Diagnostic:
+        return cls(file, line, Severity.NOTICE, keyword, message, section)
+
     @property
     def is_error(self) -> bool:
         return self.severity is Severity.ERROR
+
+    @property
+    def is_warning(self) -> bool:
+        return self.severity is Severity.WARNING
+
+    @property
+    def position(self) -> tuple[int, str, int]:
+        """Sort key of a report: file-less problems first, then by file and line (as
+        `haproxy -c`, which reports while it reads)."""
+        if self.file is None:
+            return (0, "", 0)
+        return (1, self.file, self.line or 0)
 
     @property
     def text(self) -> str:
@@ -121,7 +148,7 @@ def format_report(diagnostics: Iterable[Diagnostic], pid: int) -> tuple[str, str
         if diagnostic.is_error and diagnostic.file and diagnostic.file not in error_files:
             error_files.append(diagnostic.file)
     has_errors = any(d.is_error for d in items)
-    has_warnings = any(not d.is_error for d in items)
+    has_warnings = any(d.is_warning for d in items)
     for file in error_files:
         stderr_lines.append(
             _label(Severity.ERROR, pid) + f"Error(s) found in configuration file : {file}"

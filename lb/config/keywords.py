@@ -30,10 +30,23 @@ from typing import Literal
 from lb.balance import ALGORITHMS
 from lb.config.errors import Diagnostic, Origin
 from lb.config.lexer import Line
-from lb.config.model import PROXY_V2_OPTIONS, LogTarget, StatsSocket
+from lb.config.model import (
+    PROXY_V2_OPTIONS,
+    LogTarget,
+    MqttCheck,
+    StatsSocket,
+    TcpCheckMatch,
+    TcpCheckRule,
+)
+from lb.log_format import LogFormat, LogFormatError
+from lb.proxyproto import V2_HEADER_LENGTH, V2_MAX_LENGTH
 from lb.tls_codes import TLS_VERSIONS, X509_V_ERROR_IDS
 
 BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
+#: `proxy-v2-max-size` bounds: the largest address block (AF_UNIX) must fit, and a v2 header
+#: is at most 16 + 65535 bytes (proxy-protocol.txt section 2.2).
+MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
+MAX_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + V2_MAX_LENGTH
 HASH_TYPES = ("map-based", "consistent")
 SECTIONS = ("global", "defaults", "frontend", "backend", "listen", "userlist")
 UNSUPPORTED_SECTIONS = (
@@ -254,6 +267,9 @@ class ProxyDraft:
     mode_http: Origin | None = None
     # Where it said `http-request auth` (checked against the userlists and the service).
     http_request_auth: Origin | None = None
+    # Whether this section wrote tcp-check rules of its own: the first one replaces the
+    # rules it inherited from its defaults section, as in HAProxy.
+    tcp_check_own: bool = False
 
     @property
     def label(self) -> str:
@@ -669,6 +685,16 @@ def _send_proxy_v2_with(*options: str) -> OptionSpec:
     return OptionSpec(apply, takes_value=False)
 
 
+def _proxy_header_size(value: str) -> int:
+    size = parse_size(value)
+    if not MIN_PROXY_HEADER_SIZE <= size <= MAX_PROXY_HEADER_SIZE:
+        raise KeywordError(
+            f"expects a size from {MIN_PROXY_HEADER_SIZE} to {MAX_PROXY_HEADER_SIZE} bytes "
+            f"(a whole PROXY v2 header), got '{value}'"
+        )
+    return size
+
+
 def _server_time(field_name: str) -> OptionSpec:
     return _set(field_name, parse_time)
 
@@ -687,6 +713,8 @@ SERVER_OPTIONS: dict[str, OptionSpec] = {
     "send-proxy-v2-ssl": _send_proxy_v2_with("ssl"),
     "send-proxy-v2-ssl-cn": _send_proxy_v2_with("ssl", "cert-cn"),
     "proxy-v2-options": OptionSpec(_proxy_v2_options),
+    "proxy-v2-max-size": _set("proxy_v2_max_size", _proxy_header_size),  # ours
+    "proxy-v2-hmac-keys": _set("proxy_v2_hmac_keys", _text),  # ours
     "inter": _server_time("inter"),
     "fastinter": _server_time("fastinter"),
     "downinter": _server_time("downinter"),
@@ -849,11 +877,37 @@ def _proxy_log(line: Line, draft: ProxyDraft, report: Report) -> None:
     draft.log_targets.append(parse_log_target(line, line.words[1:]))
 
 
+def _compiled(text: str) -> str:
+    """A log-format string that lb can render, or KeywordError saying why not."""
+    try:
+        LogFormat(text)
+    except LogFormatError as error:
+        raise KeywordError(str(error)) from None
+    return text
+
+
 def _log_format(line: Line, draft: ProxyDraft, report: Report) -> None:
-    draft.log_format = _one(line, "one format string (quote it if it has spaces)")
+    draft.log_format = _compiled(_one(line, "one format string (quote it if it has spaces)"))
 
 
-OPTION_NAMES = ("tcplog", "dontlognull", "redispatch", "allbackups", "log-health-checks")
+def _unique_id_format(line: Line, draft: ProxyDraft, report: Report) -> None:
+    """`unique-id-format <fmt>` (configuration.txt 4.2): the connection id `%ID` shows and
+    `proxy-v2-options unique-id` sends. HAProxy's words; lb renders what its log-format
+    knows (%ci %cp %fi %fp %Ts %ms %rt %pid %ft %b ... and %{+X} hex)."""
+    draft.values["unique_id_format"] = _compiled(
+        _one(line, "one format string (quote it if it has spaces)")
+    )
+
+
+OPTION_NAMES = (
+    "tcplog",
+    "dontlognull",
+    "redispatch",
+    "allbackups",
+    "log-health-checks",
+    "tcp-check",
+    "mqtt-chk",  # ours
+)
 UNSUPPORTED_OPTIONS = {
     "httplog": "HTTP logs: lb is a TCP balancer",
     "httpchk": "HTTP checks: lb checks by TCP connect",
@@ -866,7 +920,6 @@ UNSUPPORTED_OPTIONS = {
     "redis-check": "Redis checks",
     "smtpchk": "SMTP checks",
     "ldap-check": "LDAP checks",
-    "tcp-check": "tcp-check rule sets",
     "tcpka": "TCP keepalive settings",
     "clitcpka": "TCP keepalive settings",
     "srvtcpka": "TCP keepalive settings",
@@ -890,6 +943,13 @@ def _option(line: Line, draft: ProxyDraft, report: Report, enable: bool = True) 
         )
     arguments = line.words[2:]
     field_name = name.replace("-", "_")
+    if name == "mqtt-chk":
+        draft.values["mqtt_check"] = _mqtt_check(line, arguments) if enable else None
+        if enable:
+            draft.option["tcp_check"] = False  # one check type per backend, the last said
+        return
+    if name == "tcp-check" and enable:
+        draft.values["mqtt_check"] = None
     if name == "redispatch" and arguments and enable:
         if len(arguments) > 1:
             raise KeywordError("expects at most one interval", keyword)
@@ -900,6 +960,225 @@ def _option(line: Line, draft: ProxyDraft, report: Report, enable: bool = True) 
     elif arguments:
         raise KeywordError("takes no argument", keyword)
     draft.option[field_name] = enable
+
+
+MQTT_CHECK_VERSIONS = ("3.1.1", "5.0")
+#: MQTT 3.1.1 section 3.1.3.1: a server must allow client ids of 1 to 23 of these characters.
+_MQTT_CLIENT_ID = re.compile(r"[0-9a-zA-Z]{1,23}|[0-9a-zA-Z._:-]{1,64}")
+
+
+def _mqtt_check(line: Line, arguments: tuple[str, ...]) -> MqttCheck:
+    """`option mqtt-chk [3.1.1|5.0] [client-id <id>]` (ours)."""
+    keyword = "option mqtt-chk"
+    version: Literal["3.1.1", "5.0"] = "3.1.1"
+    client_id: str | None = None
+    rest = list(arguments)
+    if rest and rest[0] not in ("client-id",):
+        chosen = rest.pop(0)
+        try:
+            parse_choice(chosen, MQTT_CHECK_VERSIONS)
+        except KeywordError as error:
+            raise KeywordError(error.message, keyword) from None
+        version = "5.0" if chosen == "5.0" else "3.1.1"
+    if rest and rest[0] == "client-id":
+        if len(rest) < 2:
+            raise KeywordError("'client-id' expects a value", keyword)
+        client_id = rest[1]
+        if _MQTT_CLIENT_ID.fullmatch(client_id) is None:
+            raise KeywordError(
+                f"client id '{client_id}': 1 to 64 letters, digits or . _ : - (1 to 23 letters "
+                "and digits for brokers that take no more, MQTT 3.1.1 section 3.1.3.1)",
+                keyword,
+            )
+        rest = rest[2:]
+    if rest:
+        raise KeywordError(f"unexpected '{rest[0]}'; expects [3.1.1|5.0] [client-id <id>]", keyword)
+    return MqttCheck(Origin(line.file, line.lineno), version, client_id)
+
+
+TCP_CHECK_ACTIONS = ("connect", "send", "send-binary", "expect", "comment")
+TCP_CHECK_UNSUPPORTED = {
+    "send-lf": "log-format sends",
+    "send-binary-lf": "log-format sends",
+    "set-var": "variables",
+    "unset-var": "variables",
+}
+TCP_CHECK_MATCHES = ("string", "binary", "rstring", "rbinary")
+_MATCHES: dict[str, TcpCheckMatch] = {
+    "string": "string",
+    "binary": "binary",
+    "rstring": "rstring",
+    "rbinary": "rbinary",
+}
+_TCP_CHECK_UNSUPPORTED_OPTIONS = {
+    "connect": {
+        "ssl": "TLS health checks",
+        "sni": "TLS health checks",
+        "alpn": "TLS health checks",
+        "proto": "multiplexers",
+        "via-socks4": "SOCKS4",
+    },
+    "expect": {
+        "string-lf": "log-format patterns",
+        "binary-lf": "log-format patterns",
+        "ok-status": "custom check statuses",
+        "error-status": "custom check statuses",
+        "tout-status": "custom check statuses",
+        "on-success": "log-format messages",
+        "on-error": "log-format messages",
+        "status-code": "status code expressions",
+    },
+}
+
+
+def _hex_bytes(value: str) -> bytes:
+    if len(value) % 2 or re.fullmatch(r"[0-9a-fA-F]*", value) is None or not value:
+        raise KeywordError(f"expects an even number of hex digits, got '{value}'")
+    return bytes.fromhex(value)
+
+
+def _tcp_check(line: Line, draft: ProxyDraft, report: Report) -> None:
+    """`tcp-check <action> ...` (HAProxy 2.6 configuration.txt 4.2), the subset lb runs:
+    connect, send, send-binary, expect string/binary/rstring/rbinary, comment."""
+    if len(line.words) < 2:
+        raise KeywordError(f"expects one of {', '.join(TCP_CHECK_ACTIONS)}")
+    action = line.words[1]
+    keyword = f"tcp-check {action}"
+    if action in TCP_CHECK_UNSUPPORTED:
+        raise KeywordError(f"not supported: {TCP_CHECK_UNSUPPORTED[action]}", keyword)
+    if action not in TCP_CHECK_ACTIONS:
+        raise KeywordError(
+            f"unknown action '{action}'{did_you_mean(action, TCP_CHECK_ACTIONS)}", "tcp-check"
+        )
+    if not draft.tcp_check_own:
+        draft.values["tcp_check_rules"] = ()
+        draft.tcp_check_own = True
+    rules = draft.values["tcp_check_rules"]
+    assert isinstance(rules, tuple)
+    origin = Origin(line.file, line.lineno)
+    try:
+        rule = _tcp_check_rule(origin, action, line.words[2:], len(rules), rules)
+    except KeywordError as error:
+        raise KeywordError(error.message, keyword) from None
+    draft.values["tcp_check_rules"] = (*rules, rule)
+
+
+def _tcp_check_rule(
+    origin: Origin,
+    action: str,
+    words: tuple[str, ...],
+    index: int,
+    previous: tuple[TcpCheckRule, ...],
+) -> TcpCheckRule:
+    if action == "comment":
+        if len(words) != 1:
+            raise KeywordError("expects one comment (quote it if it has spaces)")
+        return TcpCheckRule(origin, "comment", index, comment=words[0])
+    if action in ("send", "send-binary"):
+        if not words:
+            raise KeywordError("expects the data to send")
+        data = words[0].encode("latin-1") if action == "send" else _hex_bytes(words[0])
+        extra = words[1:]
+        if extra and (extra[0] != "comment" or len(extra) != 2):
+            raise KeywordError(f"unexpected '{extra[0]}' (quote the data if it has spaces)")
+        return TcpCheckRule(origin, "send", index, comment=extra[1] if extra else None, data=data)
+    unsupported = _TCP_CHECK_UNSUPPORTED_OPTIONS[action]
+    if action == "connect":
+        first = next((rule for rule in previous if rule.action != "comment"), None)
+        if first is not None and first.action != "connect":
+            raise KeywordError(
+                "first step MUST also be a 'connect', optionally preceded by a 'comment', "
+                "when there is a 'connect' step in the tcp-check ruleset"
+            )
+        port: int | None = None
+        addr: str | None = None
+        comment: str | None = None
+        flags: set[str] = set()
+        rest = list(words)
+        while rest:
+            word = rest.pop(0)
+            if word in unsupported:
+                raise KeywordError(f"'{word}' not supported: {unsupported[word]}")
+            if word in ("default", "send-proxy", "linger"):
+                flags.add(word)  # linger: lb always closes gracefully
+                continue
+            if word not in ("port", "addr", "comment"):
+                known = ("default", "port", "addr", "send-proxy", "linger", "comment")
+                raise KeywordError(f"unknown option '{word}'{did_you_mean(word, known)}")
+            if not rest:
+                raise KeywordError(f"'{word}' expects a value")
+            value = rest.pop(0)
+            if word == "port":
+                port = parse_port(value)
+            elif word == "addr":
+                addr, addr_port, _ = split_host_port(value, need_port=False)
+                port = port if port is not None else addr_port
+            else:
+                comment = value
+        return TcpCheckRule(
+            origin,
+            "connect",
+            index,
+            comment=comment,
+            port=port,
+            addr=addr,
+            send_proxy="send-proxy" in flags,
+            default="default" in flags,
+        )
+    # expect
+    inverse = False
+    min_recv = -1
+    comment = None
+    match: TcpCheckMatch | None = None
+    pattern = b""
+    rest = list(words)
+    while rest:
+        word = rest.pop(0)
+        if word in unsupported:
+            raise KeywordError(f"'{word}' not supported: {unsupported[word]}")
+        if word == "!":
+            inverse = True
+        elif word in ("min-recv", "comment"):
+            if not rest:
+                raise KeywordError(f"'{word}' expects a value")
+            value = rest.pop(0)
+            if word == "min-recv":
+                min_recv = parse_integer(value, -1)
+            else:
+                comment = value
+        elif word in TCP_CHECK_MATCHES:
+            if match is not None:
+                raise KeywordError(f"only one match per expect ('{match}' and '{word}')")
+            if not rest:
+                raise KeywordError(f"'{word}' expects a pattern")
+            match, value = _MATCHES[word], rest.pop(0)
+            if word == "binary":
+                pattern = _hex_bytes(value)
+            else:
+                pattern = value.encode("latin-1")
+                if word in ("rstring", "rbinary"):
+                    try:
+                        re.compile(pattern)
+                    except re.error as error:
+                        raise KeywordError(f"bad regex '{value}': {error}") from None
+        else:
+            raise KeywordError(
+                f"unknown option '{word}'; expects [min-recv <n>] [comment <msg>] [!] "
+                f"<match> <pattern> with <match> one of {', '.join(TCP_CHECK_MATCHES)}"
+                f"{did_you_mean(word, (*TCP_CHECK_MATCHES, 'min-recv', 'comment'))}"
+            )
+    if match is None:
+        raise KeywordError(f"expects a match: one of {', '.join(TCP_CHECK_MATCHES)}")
+    return TcpCheckRule(
+        origin,
+        "expect",
+        index,
+        comment=comment,
+        match=match,
+        pattern=pattern,
+        inverse=inverse,
+        min_recv=min_recv,
+    )
 
 
 def _no(line: Line, draft: ProxyDraft, report: Report) -> None:
@@ -1140,6 +1419,12 @@ PROXY_KEYWORDS: dict[str, ProxyKeyword] = {
     "log": ProxyKeyword(_proxy_log),
     "no": ProxyKeyword(_no),
     "log-format": ProxyKeyword(_log_format, backend=False),
+    "unique-id-format": ProxyKeyword(_unique_id_format, backend=False),
+    "unique-id-header": ProxyKeyword(
+        _unsupported_proxy(
+            "HTTP headers: lb is a TCP balancer (send the id with 'proxy-v2-options unique-id')"
+        )
+    ),
     "option": ProxyKeyword(_option),
     "timeout": ProxyKeyword(_timeout),
     "retries": ProxyKeyword(_integer_value("retries", 0), frontend=False),
@@ -1160,7 +1445,7 @@ PROXY_KEYWORDS: dict[str, ProxyKeyword] = {
     "http-response": ProxyKeyword(_unsupported_proxy("lb is a TCP balancer")),
     "stick-table": ProxyKeyword(_unsupported_proxy("stick tables")),
     "stick": ProxyKeyword(_unsupported_proxy("stickiness")),
-    "tcp-check": ProxyKeyword(_unsupported_proxy("tcp-check rule sets")),
+    "tcp-check": ProxyKeyword(_tcp_check, frontend=False),
     "http-check": ProxyKeyword(_unsupported_proxy("HTTP checks")),
     "cookie": ProxyKeyword(_unsupported_proxy("HTTP cookies")),
     "capture": ProxyKeyword(_unsupported_proxy("captures")),

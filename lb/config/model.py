@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lb.config.errors import Origin
+from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE
 from lb.tls_codes import TlsVersion
 
 NOWHERE = Origin("<builtin>", 0)
@@ -116,6 +117,7 @@ class Options:
     redispatch_interval: int = -1  # HAProxy: -1 = redispatch on the last retry
     allbackups: bool = False
     log_health_checks: bool = False
+    tcp_check: bool = False  # `option tcp-check`: the backend's tcp-check rules run
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,7 @@ PROXY_V2_OPTIONS = (
     "crc32c",
     "unique-id",
     "chain-subjects",  # our own: subjects of the verified client chain
+    "hmac",  # our own: an HMAC-SHA256 of the header (keys: proxy-v2-hmac-keys)
 )
 
 
@@ -199,6 +202,10 @@ class Server:
     send_proxy: bool = False
     send_proxy_v2: bool = False
     proxy_v2_options: frozenset[str] = frozenset()
+    # Our own: a v2 header built longer than this (bytes, all of it) is logged and counted.
+    proxy_v2_max_size: int = DEFAULT_MAX_HEADER_SIZE
+    # Our own: the key file of `proxy-v2-options hmac` (lb.proxy_hmac), an absolute path.
+    proxy_v2_hmac_keys: str | None = None
     inter: float = 2.0
     fastinter: float | None = None  # None: inter
     downinter: float | None = None  # None: inter
@@ -215,6 +222,45 @@ class Server:
     check_addr: str | None = None  # the `addr` option: health-check address override
     on_marked_down: Literal["shutdown-sessions"] | None = None
     on_marked_up: Literal["shutdown-backup-sessions"] | None = None
+
+
+TcpCheckAction = Literal["connect", "send", "expect", "comment"]
+TcpCheckMatch = Literal["string", "binary", "rstring", "rbinary"]
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCheckRule:
+    """One `tcp-check` line (configuration.txt 4.2, HAProxy 2.6): `connect`, `send` and
+    `send-binary` (both as `send`, the bytes in `data`), `expect`, `comment`. `index` is
+    its place among the section's tcp-check lines, comments included: HAProxy names a
+    step "step index + 1" in its messages."""
+
+    origin: Origin
+    action: TcpCheckAction
+    index: int
+    comment: str | None = None
+    # connect
+    port: int | None = None
+    addr: str | None = None
+    send_proxy: bool = False
+    default: bool = False  # `default`: the server's check options (check-send-proxy)
+    # send / send-binary
+    data: bytes = b""
+    # expect
+    match: TcpCheckMatch | None = None
+    pattern: bytes = b""  # the string or the bytes (binary), or the regex source (r*)
+    inverse: bool = False  # `!`
+    min_recv: int = -1  # -1: wait for more while there is no match
+
+
+@dataclass(frozen=True, slots=True)
+class MqttCheck:
+    """`option mqtt-chk [3.1.1|5.0] [client-id <id>]`, our own: a real MQTT CONNECT after
+    the check's PROXY header, a CONNACK that accepts, then DISCONNECT (lb.tcpcheck)."""
+
+    origin: Origin
+    version: Literal["3.1.1", "5.0"] = "3.1.1"
+    client_id: str | None = None  # None: "lb-check-" and 8 random hex digits per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +300,8 @@ class Frontend:
     # `http-request auth [realm R] unless { http_auth(L) }`: (realm, userlist name).
     http_request_auth: tuple[str, str] | None = None
     listen: bool = False
+    # `unique-id-format`; None: lb makes a random 128-bit id (HAProxy leaves %ID empty)
+    unique_id_format: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +320,8 @@ class Backend:
     retries: int = 3
     fullconn: int | None = None
     listen: bool = False
+    tcp_check_rules: tuple[TcpCheckRule, ...] = ()
+    mqtt_check: MqttCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
