@@ -16,6 +16,8 @@ devices from a generated compose file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -257,6 +259,13 @@ SCALED = (4, 30, 2)  # nodes, devices, messages of the second run
 BUILD_STAGE_TAG = "iot-edge-lb:build-stage"
 LOG_PREFIX = re.compile(r"^\S+\s+\| ?")
 DEVICE_ROUNDTRIP_TIMEOUT = 20.0
+# The stack's network has a fixed subnet (the brokers trust lb's fixed address in it), so two
+# test runs on one engine (two checkouts' suites at once) take turns, and a network a killed
+# run left behind (its project names a pid that is gone) is removed before ours is made.
+STACK_LOCK = Path("/tmp/iot-edge-lb-compose-test.lock")
+STACK_LOCK_TIMEOUT = 900.0
+PROJECT_PREFIX = "iotedgelbtest"
+OUR_PROJECT = re.compile(rf"^{PROJECT_PREFIX}(\d+)(?:scaled)?$")
 
 
 @dataclass
@@ -345,6 +354,60 @@ class Stack:
         return Run(code, report, output)
 
 
+@contextlib.contextmanager
+def _stack_turn() -> Iterator[None]:
+    """Hold the machine-wide turn to run a stack (flock; released when the process dies)."""
+    with STACK_LOCK.open("a") as lock:
+        deadline = time.monotonic() + STACK_LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test run held {STACK_LOCK} for {STACK_LOCK_TIMEOUT:g} s")
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_stacks(docker: str) -> None:
+    """Containers and networks of our test projects whose test process is gone (a run that
+    was killed before its teardown); a live run's, or anyone else's, are left alone. Another
+    network on the stack's subnet is reported by `up` itself ("Pool overlaps")."""
+
+    def run(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [docker, *arguments], capture_output=True, check=False, text=True, timeout=120
+        )
+
+    listed = run("network", "ls", "--format", '{{.Name}} {{.Label "com.docker.compose.project"}}')
+    for line in listed.stdout.splitlines():
+        name, _, project = line.partition(" ")
+        match = OUR_PROJECT.match(project.strip())
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        containers = run(
+            "ps", "-aq", "--filter", f"label=com.docker.compose.project={project.strip()}"
+        ).stdout.split()
+        if containers:
+            run("rm", "-f", "-v", *containers)
+        removed = run("network", "rm", name)
+        print(f"removed the stale network {name} of a dead test run: {removed.returncode}")
+
+
 def _make_base_image() -> str:
     command = [sys.executable, str(ROOT / "packaging" / "image.py"), "base"]
     result = subprocess.run(
@@ -372,7 +435,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     if os.geteuid() != 0:
         pytest.skip("building and running the stack needs root (Docker engine, debootstrap)")
     directory = tmp_path_factory.mktemp("compose")
-    with engine(directory) as docker_engine:
+    with engine(directory) as docker_engine, _stack_turn():
+        _remove_stale_stacks(docker_engine.docker)
         started = time.monotonic()
         base_image = _make_base_image()
         seconds = {"base image": time.monotonic() - started}
@@ -390,7 +454,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             topology.BASE_IMAGE_VARIABLE: base_image,
             topology.PUBLISHED_PORT_VARIABLE: str(published),
         }
-        project = f"iotedgelbtest{os.getpid()}"
+        project = f"{PROJECT_PREFIX}{os.getpid()}"
         result = Stack(docker_engine, project, COMPOSE, environment, published, base_image)
         scaled_project = f"{project}scaled"
         scaled_dir = directory / "scaled"
