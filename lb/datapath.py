@@ -780,10 +780,19 @@ class ClientSide(asyncio.Protocol):
         candidates = [t for t in (limits.timeout_client, limits.timeout_server) if t is not None]
         return min(candidates) if candidates else None
 
+    def _since(self) -> float:
+        """Where the current timeout counts from. A handshake (the PROXY header, the TLS
+        handshake) must be over within timeout client of the accept, as in HAProxy 2.6: a
+        peer that trickles a byte now and then does not hold it open. After the handshake
+        the timeouts are inactivity timeouts."""
+        if not self.handshake_done or self.proxy_decoder is not None:
+            return self.accept_time
+        return self.last_activity
+
     def _arm_timer(self) -> None:
         timeout = self._idle_timeout()
         if timeout is not None:
-            self.timers.add(self, self.last_activity + timeout)
+            self.timers.add(self, self._since() + timeout)
 
     def _rearm_timer(self) -> None:
         """The session entered a phase with another timeout (data, half-closed)."""
@@ -798,7 +807,7 @@ class ClientSide(asyncio.Protocol):
         timeout = self._idle_timeout()
         if timeout is None:
             return
-        deadline = self.last_activity + timeout
+        deadline = self._since() + timeout
         if self.loop.time() < deadline:
             self.timers.add(self, deadline)
             return
