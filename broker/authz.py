@@ -328,6 +328,27 @@ def _covers(rule: Sequence[str], requested: Sequence[str], i: int, j: int) -> bo
 # --- state store keys ---------------------------------------------------------------------
 
 
+def _glob_class(body: str) -> str:
+    """A glob's ``[...]`` body as a regular expression's: every character literal, ``a-z`` a
+    range, and a reversed range swapped as Redis's stringmatchlen does (``[9-0]`` is
+    ``[0-9]``; the regular expression would be an error, found by the fuzz campaign)."""
+    out: list[str] = []
+    index = 0
+    while index < len(body):
+        if index + 2 < len(body) and body[index + 1] == "-":
+            low, high = sorted((body[index], body[index + 2]))
+            out.append(f"{_class_character(low)}-{_class_character(high)}")
+            index += 3
+        else:
+            out.append(_class_character(body[index]))
+            index += 1
+    return "".join(out)
+
+
+def _class_character(character: str) -> str:
+    return "\\" + character if character in "\\^[]-" else character
+
+
 def _glob_expression(rendered: Iterable[tuple[bool, str]]) -> str:
     """Redis-style glob (seed 003: ``*``, ``?``, ``[0-9]``) to a regular expression."""
     out: list[str] = []
@@ -354,10 +375,7 @@ def _glob_expression(rendered: Iterable[tuple[bool, str]]) -> str:
                     negate = body[:1] in ("^", "!")
                     if negate:
                         body = body[1:]
-                    escaped = "".join(
-                        "\\" + symbol if symbol in "\\^[]" else symbol for symbol in body
-                    )
-                    out.append(f"[{'^' if negate else ''}{escaped}]")
+                    out.append(f"[{'^' if negate else ''}{_glob_class(body)}]")
                     index = end
             else:
                 out.append(re.escape(character))

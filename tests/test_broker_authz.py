@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import logging
 import shutil
 import subprocess
@@ -25,10 +26,12 @@ from broker.authentication import PasswordFile, PasswordFileError, hash_password
 from broker.authz import (
     PolicyAuthorization,
     PolicyError,
+    PrincipalView,
     X509Attributes,
     covers,
     load_policy,
     parse_policy,
+    resolve,
 )
 from broker.hooks import PeerIdentity, Principal
 from broker.statestore import (
@@ -627,3 +630,26 @@ def test_notification_topic_is_hex_upper() -> None:
     assert notification_topic("c1", b"k\x00") == (
         "clients/statestore/v1/FA9AE35F-2F64-47CD-9BFF-08E2B32A0FE8/6331/command/notify/6B00"
     )
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("sensor-[0-9]", b"sensor-7", True),
+        ("sensor-[9-0]", b"sensor-7", True),  # Redis swaps a reversed range
+        ("sensor-[9-0]", b"sensor-x", False),
+        ("a[0-']", b"a(", True),  # the fuzz campaign's finding: "bad character range" before
+        ("a[-x]", b"a-", True),
+        ("a[!b]", b"ab", False),
+    ],
+)
+def test_state_store_key_globs_follow_redis_classes(
+    pattern: str, key: bytes, matches: bool
+) -> None:
+    policy = parse_policy(
+        "- principals: {clientIds: [a]}\n  brokerResources: []\n  stateStoreResources:\n"
+        f"    - method: Read\n      keyType: Pattern\n      keys: [{json.dumps(pattern)}]\n",
+        "policy.yaml",
+    )
+    grants = resolve(policy, PrincipalView("a", None, ()))
+    assert [grant.matches(key) for grant in grants.keys] == [matches]
