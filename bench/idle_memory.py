@@ -14,13 +14,18 @@ after the last, divided by the sessions held):
 - python_kib: the Python heap as tracemalloc counts it (a second lb run with
   `tracemalloc.start()`; the traced run's RSS is not used, tracemalloc's own tables grow it);
 - malloc_kib: bytes in use in glibc's malloc (mallinfo2: uordblks + hblkhd), which holds
-  OpenSSL's allocations, libuv's handles and Python objects above 512 bytes;
-- rest_kib = rss_kib - python_kib: what Python does not see (OpenSSL, libuv, allocator slack).
+  OpenSSL's allocations, libuv's handles and Python objects above 512 bytes (in the traced
+  run it includes tracemalloc's own tables); heap_free_kib: bytes malloc holds free in its
+  arenas (fragmentation: room kept from freed blocks);
+- closed_kib: what stays of the RSS growth once every session has closed (two seconds after
+  the load generator closed them), per session that was held: allocator bloat.
 
-The traced lb runs through `--serve` (this file as lb's entry point): a thread waits for
-request files in a scratch folder and answers each with a tracemalloc snapshot and the
-malloc counters, so the event loop itself is not touched. The top allocation sites of the
-growth (tracemalloc's compare_to) are printed, by source line, with --frames of traceback.
+Both lb runs go through `--serve` (this file as lb's entry point): a thread waits for
+request files in a scratch folder and answers each with the malloc counters (and, in the
+traced run, a tracemalloc snapshot), so the event loop itself is not touched. The top
+allocation sites of the growth (tracemalloc's compare_to) are printed, by source line, with
+--frames of traceback. `--lb-root DIR` runs the lb package found in DIR (another
+checkout) for A/B comparisons.
 Prints JSON. Every process it starts has its own process group and is killed in `finally`.
 """
 
@@ -30,6 +35,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -61,6 +67,8 @@ from bench.run import (  # noqa: E402
 
 #: How long a snapshot request may take (a snapshot of ~10k sessions takes a few seconds).
 SNAPSHOT_TIMEOUT = 120.0
+#: Seconds between the load generator closing its sessions and the closed_kib sample.
+CLOSE_SETTLE = 2.0
 
 
 class _MallInfo2(ctypes.Structure):
@@ -81,34 +89,39 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def malloc_in_use() -> int:
-    """Bytes handed out by glibc's malloc (small arenas + mmapped blocks); 0 elsewhere."""
+def malloc_counters() -> tuple[int, int]:
+    """(bytes handed out by glibc's malloc: arenas + mmapped blocks, bytes free in its
+    arenas); (0, 0) elsewhere."""
     try:
         mallinfo2 = ctypes.CDLL(None).mallinfo2
     except (OSError, AttributeError):
-        return 0
+        return 0, 0
     mallinfo2.restype = _MallInfo2
     info = mallinfo2()
-    return int(info.uordblks + info.hblkhd)
+    return int(info.uordblks + info.hblkhd), int(info.fordblks)
+
+
+def malloc_in_use() -> int:
+    return malloc_counters()[0]
 
 
 # -- inside lb: --serve ------------------------------------------------------------------------
 
 
-def _answer_requests(directory: Path, frames: int) -> None:
-    """Answer `<tag>.request` files with `<tag>.snapshot` and `<tag>.json` (daemon thread)."""
-    del frames
+def _answer_requests(directory: Path, traced: bool) -> None:
+    """Answer `<tag>.request` files with `<tag>.json` and, traced, `<tag>.snapshot`
+    (daemon thread)."""
     while True:
         for request in sorted(directory.glob("*.request")):
             tag = request.stem
-            snapshot = tracemalloc.take_snapshot()
-            snapshot.dump(str(directory / f"{tag}.snapshot"))
-            current, _peak = tracemalloc.get_traced_memory()
-            info = {
-                "traced": current,
-                "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory(),
-                "malloc_in_use": malloc_in_use(),
-            }
+            in_use, free = malloc_counters()
+            info: dict[str, Any] = {"malloc_in_use": in_use, "malloc_free": free}
+            if traced:
+                snapshot = tracemalloc.take_snapshot()
+                snapshot.dump(str(directory / f"{tag}.snapshot"))
+                current, _peak = tracemalloc.get_traced_memory()
+                info["traced"] = current
+                info["tracemalloc_overhead"] = tracemalloc.get_tracemalloc_memory()
             (directory / f"{tag}.json.tmp").write_text(json.dumps(info))
             (directory / f"{tag}.json.tmp").rename(directory / f"{tag}.json")
             request.unlink()
@@ -116,11 +129,19 @@ def _answer_requests(directory: Path, frames: int) -> None:
 
 
 def serve(config: str, trace_dir: str, frames: int) -> int:
-    """Run lb in this process (as `lb -db -q -f config`) with tracemalloc on."""
-    tracemalloc.start(frames)
-    thread = threading.Thread(target=_answer_requests, args=(Path(trace_dir), frames), daemon=True)
+    """Run lb in this process (as `lb -db -q -f config`), with tracemalloc on when
+    `frames` > 0."""
+    if frames > 0:
+        tracemalloc.start(frames)
+    thread = threading.Thread(
+        target=_answer_requests, args=(Path(trace_dir), frames > 0), daemon=True
+    )
     thread.start()
-    # Only the traced `--serve` process runs lb, and imports it once tracemalloc is on.
+    # Only the `--serve` process runs lb, and imports it once tracemalloc is on; from
+    # --lb-root (PYTHONPATH) when given, ahead of this checkout.
+    root = os.environ.get("PYTHONPATH")
+    if root:
+        sys.path.insert(0, root)
     from lb.cli import main as lb_main  # noqa: PLC0415
 
     return lb_main(["-db", "-q", "-f", config])
@@ -158,7 +179,8 @@ def measure_one(
     config.write_text(config_text({"fe_ec": port}, {"fe_ec": pki}, backend_ports, args))
     trace_dir = work / f"trace-{tag}"
     trace_dir.mkdir()
-    if traced:
+    served = name == "lb"
+    if served:
         command = [
             sys.executable,
             __file__,
@@ -167,7 +189,7 @@ def measure_one(
             "--trace-dir",
             str(trace_dir),
             "--frames",
-            str(args.frames),
+            str(args.frames if traced else 0),
         ]
     else:
         command = balancer_command(name, config, {"fe_ec": pki}, {"fe_ec": port})
@@ -176,14 +198,14 @@ def measure_one(
         wait_listening(port, process)
         time.sleep(0.5)
         before: dict[str, Any] = {"rss": rss_kib(process.pid)}
-        if traced:
+        if served:
             before.update(request_snapshot(trace_dir, "before", process))
         after: dict[str, Any] = {}
 
         def hold() -> None:
             time.sleep(1.0)
             after["rss"] = rss_kib(process.pid)
-            if traced:
+            if served:
                 after.update(request_snapshot(trace_dir, "after", process))
 
         job = Job(
@@ -198,6 +220,8 @@ def measure_one(
             sources=("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"),
         )
         results = run_job(job, lambda: None, lambda: None, hold)
+        time.sleep(CLOSE_SETTLE)  # the balancer sees every close and frees what it held
+        closed = rss_kib(process.pid)
         held = sum(r["ops"] for r in results)
         row: dict[str, Any] = {
             "balancer": name,
@@ -205,10 +229,13 @@ def measure_one(
             "held": held,
             "errors": sum(r["errors"] for r in results),
             "rss_kib": (after["rss"] - before["rss"]) / held if held else None,
+            "closed_kib": (closed - before["rss"]) / held if held else None,
         }
+        if served and held:
+            row["malloc_kib"] = (after["malloc_in_use"] - before["malloc_in_use"]) / held / 1024
+            row["heap_free_kib"] = (after["malloc_free"] - before["malloc_free"]) / held / 1024
         if traced and held:
             row["python_kib"] = (after["traced"] - before["traced"]) / held / 1024
-            row["malloc_kib"] = (after["malloc_in_use"] - before["malloc_in_use"]) / held / 1024
             row["top"] = top_sites(before["snapshot"], after["snapshot"], held, args)
         return row
     finally:
@@ -235,6 +262,9 @@ def top_sites(before: str, after: str, held: int, args: argparse.Namespace) -> l
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     args.maxconn = connections_allowed(raise_limits())
+    if args.lb_root is not None:
+        # The balancer processes (and --serve) import lb from there, ahead of this checkout.
+        os.environ["PYTHONPATH"] = str(args.lb_root.resolve())
     work = Path(tempfile.mkdtemp(prefix="lb-idle-", dir=args.workdir))
     started: list[Started] = []
     rows: list[dict[str, Any]] = []
@@ -260,7 +290,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if name == "lb" and args.trace:
                 rows.append(measure_one(name, True, args, work, pki, backend_ports))
                 print(
-                    json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), file=sys.stderr
+                    json.dumps({k: v for k, v in rows[-1].items() if k != "top"}),
+                    file=sys.stderr,
+                    flush=True,
                 )
     finally:
         for process in reversed(started):
@@ -277,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=1, help="traceback depth of each site")
     parser.add_argument("--top", type=int, default=15, help="allocation sites shown")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--lb-root", type=Path, help="run the lb package of this checkout")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--trace-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

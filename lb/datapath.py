@@ -12,14 +12,18 @@ to a TLS client.
 
 The TLS engine is pyOpenSSL rather than the `ssl` module so that a refused handshake can be
 explained (see lb.tls); it is driven through lb.tls_io, which holds every use of pyOpenSSL's
-internals. Timeouts are lazy: activity only stamps the time, and a
+internals. Once a TLS 1.3 handshake is done, lb.tls_io.take_over frees OpenSSL's connection
+and the session's records go through lb.tls_records (`tls` is then a tls_io.Session).
+Timeouts are lazy: activity only stamps the time, and a
 `TimerWheel` per frontend (one loop timer for the earliest slot of TIMER_RESOLUTION seconds)
 checks a session's deadline when its slot comes; a session that was active meanwhile goes
 back into a later slot.
 
-Memory per idle session (bench/idle_memory.py) is mostly OpenSSL's; once the handshake is
-done a session drops what only the handshake needed (`tls_io.release_handshake_state`), and
-the memory BIOs are fed and drained one TLS record (`tls_io.TLS_CHUNK`) at a time.
+Memory per idle session (bench/idle_memory.py) was mostly OpenSSL's (~27 KiB of 35): a
+TLS 1.3 session keeps none of it after the handshake (~1 KiB of records state instead). A
+session OpenSSL keeps (TLS 1.2) drops what only the handshake needed
+(`tls_io.release_handshake_state`), and its memory BIOs are fed and drained one TLS record
+(`tls_io.TLS_CHUNK`) at a time.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, cast
 
 from OpenSSL import SSL
 
-from lb import proxyproto, tls_io
+from lb import proxyproto, tls_io, tls_records
 from lb.queue import PendingConnection
 from lb.server import QueueFull
 from lb.tls import BindContext, VerifyFailure, VerifyState, describe_name, handshake_refusal
@@ -205,7 +209,9 @@ class ClientSide(asyncio.Protocol):
         self.limits = frontend.limits
         self.loop = frontend.loop
         self.tls_context = tls_context
-        self.tls: SSL.Connection | None = None
+        # OpenSSL's connection during the handshake (and after it, for TLS 1.2), then a
+        # tls_io.Session (TLS 1.3, lb.tls_records); None without TLS.
+        self.tls: SSL.Connection | tls_io.Session | None = None
         self.verify_state: VerifyState | None = None
         self.proxy_decoder: proxyproto.ProxyProtocolDecoder | None = None
         self.transport: asyncio.Transport | None = None
@@ -217,7 +223,9 @@ class ClientSide(asyncio.Protocol):
             (accepted_from[0], accepted_from[1]) if accepted_from else ("-", 0)
         )
         self.sock: tuple[str, int] = ("-", 0)
-        self.pending: list[bytes] | None = None  # made when needed: most sessions never do
+        # Made when needed (most sessions never do): plaintext held for a server not yet
+        # connected (views of decrypted records, lb.tls_records).
+        self.pending: list[bytes | memoryview] | None = None
         self.pending_size = 0
         self.paused_by_server = False  # the server's write buffer is full
         self.paused_for_pending = False  # held bytes wait for the server connection
@@ -327,22 +335,48 @@ class ClientSide(asyncio.Protocol):
             data = self._read_proxy_header(data)
             if not data or self.closed:
                 return
-        if self.tls is None:
+        tls = self.tls
+        if tls is None:
             self._to_server(data)
             return
+        if isinstance(tls, tls_io.Session):
+            self._open(tls, data)
+            return
         if len(data) <= TLS_CHUNK:
-            self._decrypt(data)
+            self._decrypt(tls, data)
             return
         view = memoryview(data)
         for start in range(0, len(data), TLS_CHUNK):
             # TLS_CHUNK at a time: the incoming BIO never grows past it.
             if self.closed:
                 return
-            self._decrypt(view[start : start + TLS_CHUNK])
+            if self.tls is not tls:  # taken over (tls_io.take_over): the rest is records
+                assert isinstance(self.tls, tls_io.Session)
+                self._open(self.tls, view[start:])
+                return
+            self._decrypt(tls, view[start : start + TLS_CHUNK])
 
-    def _decrypt(self, data: bytes | memoryview) -> None:
-        tls = self.tls
-        assert tls is not None
+    def _open(self, tls: tls_io.Session, data: bytes | memoryview) -> None:
+        """Records from the client once OpenSSL is gone (lb.tls_records)."""
+        try:
+            plaintext = tls.open(data)
+        except tls_records.TLSRecordError as error:
+            if error.plaintext:  # authenticated records before the bad one
+                self._to_server(error.plaintext)
+            transport = self.transport
+            if not error.received and transport is not None and not self.closed:
+                transport.write(tls.alert(error.alert))
+            self._abort("CD", f"TLS error from client: {error.message}")
+            return
+        if plaintext:
+            self._to_server(plaintext)
+        output = tls.take_output()  # the answer to a KeyUpdate that asked for one
+        if output and self.transport is not None:
+            self.transport.write(output)
+        if tls.peer_closed and not self.client_eof:  # close_notify
+            self._client_done()
+
+    def _decrypt(self, tls: SSL.Connection, data: bytes | memoryview) -> None:
         tls_io.feed(tls, data)
         if not self.handshake_done:
             try:
@@ -361,11 +395,11 @@ class ClientSide(asyncio.Protocol):
                 self.termination = "PR"
                 self._close()
                 return
-            self._flush_tls()
             if not done:
+                self._flush_tls()
                 return
-            self._handshake_complete()
-            if self.closed:  # refused after all (a revoked resumption)
+            self._handshake_complete(tls)
+            if self.closed or self.tls is not tls:  # refused after all, or taken over
                 return
         while True:
             try:
@@ -441,14 +475,17 @@ class ClientSide(asyncio.Protocol):
         transport = self.transport
         if tls is None or transport is None:
             return
-        output = tls_io.take_output(tls)
+        output = tls.take_output() if isinstance(tls, tls_io.Session) else tls_io.take_output(tls)
         if output:
             transport.write(output)
 
-    def _handshake_complete(self) -> None:
-        tls = self.tls
-        assert tls is not None
+    def _handshake_complete(self, tls: SSL.Connection) -> None:
         self.handshake_done = True
+        # What the completing step wrote: the NewSessionTickets, sealed with the server's
+        # application secret (take_over counts them).
+        tickets = tls_io.take_output(tls)
+        if tickets and self.transport is not None:
+            self.transport.write(tickets)
         info = self.ssl_info = tls_io.session_info(tls)
         context = self.tls_context
         resumed_with_certificate = (
@@ -462,9 +499,13 @@ class ClientSide(asyncio.Protocol):
             and self._refuse_revoked_resumption(tls)
         ):
             return
-        self._release_handshake_state(tls)
+        session = self._release_handshake_state(tls, tickets)
         self.frontend.handshake_completed(self)
         self._start_connect()
+        if session is not None:
+            session_records, unread = session
+            if unread:  # what the client sent right behind its Finished
+                self._open(session_records, unread)
 
     def _refuse_revoked_resumption(self, tls: SSL.Connection) -> bool:
         """A resumed session skips certificate verification: a device revoked by a CRL loaded
@@ -480,12 +521,31 @@ class ClientSide(asyncio.Protocol):
         self._refuse_certificate(failure, " (resumed session)")
         return True
 
-    def _release_handshake_state(self, tls: SSL.Connection) -> None:
-        """Drop what only the handshake needed: the verify record here, and the engine's
+    def _release_handshake_state(
+        self, tls: SSL.Connection, tickets: bytes
+    ) -> tuple[tls_io.Session, bytes] | None:
+        """Drop what only the handshake needed: the verify record here, and OpenSSL's whole
+        connection for TLS 1.3 (tls_io.take_over: `tls` becomes a Session, returned with the
+        client's bytes OpenSSL had not read), or else the engine's handshake state
         (tls_io.release_handshake_state); an idle session keeps the rest for days."""
+        state = self.verify_state
         self.verify_state = None
         tls.set_app_data(None)
-        tls_io.release_handshake_state(tls)
+        context = self.tls_context
+        taken = None
+        if state is not None and context is not None:
+            taken = tls_io.take_over(
+                tls,
+                tickets,
+                state.client_secret,
+                state.server_secret,
+                context.served_algorithms(tls),
+            )
+        if taken is None:
+            tls_io.release_handshake_state(tls)
+            return None
+        self.tls = taken[0]  # the last reference to `tls` goes with this call: SSL_free
+        return taken
 
     def _handshake_failed(self, error: SSL.Error | None, lost: Exception | None = None) -> None:
         """Refuse and explain: the certificate's failure if the verification found one, else
@@ -520,7 +580,7 @@ class ClientSide(asyncio.Protocol):
 
     # -- towards the server ------------------------------------------------------------
 
-    def _to_server(self, data: bytes) -> None:
+    def _to_server(self, data: bytes | memoryview) -> None:
         self.bytes_in += len(data)
         server = self.server_side
         if server is not None and server.transport is not None:
@@ -708,7 +768,7 @@ class ClientSide(asyncio.Protocol):
         server = server_side.server
         server.sessions.add(self)  # for on-marked-down shutdown-sessions and the like
         head = self.frontend.proxy_header_for(self, server)
-        parts = [head] if head else []
+        parts: list[bytes | memoryview] = [head] if head else []
         if self.pending:
             parts.extend(self.pending)
         self.pending = None
@@ -735,6 +795,9 @@ class ClientSide(asyncio.Protocol):
         if tls is None:
             transport.write(data)
             return
+        if isinstance(tls, tls_io.Session):
+            transport.write(tls.seal(data))
+            return
         output = tls_io.encrypt(tls, data)  # one transport write for all of it
         if output:
             transport.write(output)
@@ -747,13 +810,16 @@ class ClientSide(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        if self.tls is not None:
+        tls = self.tls
+        if isinstance(tls, tls_io.Session):
+            transport.write(tls.close_notify())
+        elif tls is not None:
             try:
-                self.tls.shutdown()
+                tls.shutdown()
             except SSL.Error:
                 pass
             self._flush_tls()
-        if self.client_eof or self.tls is not None:
+        if self.client_eof or tls is not None:
             self._close()
         elif transport.can_write_eof():
             transport.write_eof()
@@ -859,6 +925,8 @@ class ClientSide(asyncio.Protocol):
             return
         self.closed = True
         self.timers.discard(self)
+        if isinstance(self.tls, tls_io.Session):
+            self.tls.release()  # its cipher objects now, not when they age out
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         queued = self.queued

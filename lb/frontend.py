@@ -485,10 +485,9 @@ class FrontendRuntime:
         authority = None
         chain: tuple[bytes, ...] = ()
         if tls is not None:
-            negotiated = tls.get_alpn_proto_negotiated()
-            alpn = negotiated or None
+            alpn = tls_io.alpn(tls)
             if "authority" in options:
-                server_name = tls.get_servername()
+                server_name = tls_io.servername(tls)
                 authority = server_name.decode("ascii", "replace") if server_name else None
             if "ssl" in options and client.ssl_info is not None:
                 info = client.ssl_info

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from OpenSSL import SSL
 
+from lb import tls_io
 from lb.pem import TLSFileError, common_name, file_signature
 from lb.tls import BindContext, describe_name, utc_text
 
@@ -123,10 +124,7 @@ class TLSReloader:
                 continue
             # The leaf from the session (a resumed session has no verified chain), then the
             # chain verification built, then whatever the client sent.
-            leaf = client.tls.get_peer_certificate(as_cryptography=True)
-            verified = client.tls.get_verified_chain(as_cryptography=True) or []
-            presented = client.tls.get_peer_cert_chain(as_cryptography=True) or []
-            revoked = context.revoked([*([leaf] if leaf else []), *verified, *presented])
+            revoked = context.revoked(tls_io.peer_certificates(client.tls))
             if revoked is None:
                 continue
             closed += 1

@@ -148,9 +148,35 @@ class VerifyFailure:
 
 @dataclass(slots=True)
 class VerifyState:
-    """Per-connection verification record (the app data of a pyOpenSSL Connection)."""
+    """Per-connection handshake record (the app data of a pyOpenSSL Connection): the first
+    verification failure, and the TLS 1.3 application traffic secrets the keylog callback
+    gives, which lb.tls_io.take_over needs."""
 
     failure: VerifyFailure | None = None
+    client_secret: bytes | None = None
+    server_secret: bytes | None = None
+
+
+def _keep_traffic_secrets(connection: SSL.Connection, line: bytes) -> None:
+    """SSL_CTX_set_keylog_callback: OpenSSL hands each secret of a handshake over as an NSS
+    key log line ("LABEL <client random> <secret>", hex). The two application traffic
+    secrets go to the connection's VerifyState, for lb.tls_io.take_over; the others are
+    dropped. Nothing is written anywhere."""
+    label, _, rest = line.partition(b" ")
+    if label == b"CLIENT_TRAFFIC_SECRET_0":
+        client = True
+    elif label == b"SERVER_TRAFFIC_SECRET_0":
+        client = False
+    else:
+        return
+    state = connection.get_app_data()
+    if not isinstance(state, VerifyState):
+        return
+    secret = bytes.fromhex(rest.rpartition(b" ")[2].decode("ascii"))
+    if client:
+        state.client_secret = secret
+    else:
+        state.server_secret = secret
 
 
 class BindContext:
@@ -235,6 +261,9 @@ class BindContext:
         context.set_verify_depth(options.verify_depth)
         if self.ocsp_responses:
             context.set_ocsp_server_callback(self._staple)
+        # The TLS 1.3 traffic secrets, so that lb.tls_io.take_over can free each connection's
+        # OpenSSL state once its handshake is done (lb.tls_records).
+        context.set_keylog_callback(_keep_traffic_secrets)
         return context
 
     # -- OCSP stapling and hot reload (lb.reload, the runtime API) ----------------------------
@@ -327,10 +356,13 @@ class BindContext:
             serial_number=certificate.serial_number,
         )
 
-    def served_algorithms(self, connection: SSL.Connection) -> Algorithms:
+    def served_algorithms(self, connection: SSL.Connection | tls_io.Session) -> Algorithms:
         """cert-key and cert-sig of the certificate this connection was served: the one of
         the context it ended with (the default, or the one its SNI chose); for a session that
-        began before a reload or `commit ssl cert`, its own certificate's."""
+        began before a reload or `commit ssl cert`, its own certificate's. A Session was told
+        at its handshake (lb.tls_io.take_over)."""
+        if isinstance(connection, tls_io.Session):
+            return connection.algorithms
         known = self.served.get(connection.get_context())
         if known is not None:
             return known

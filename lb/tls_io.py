@@ -9,15 +9,24 @@ session costs ~35 KiB, bench/idle_memory.py) and the data path keeps its `__slot
 `SSL_read`, `SSL_write`, `BIO_read` and `BIO_write` directly. pyOpenSSL's `recv`/`send`
 allocate 64 KiB per call, check their callback helpers on every call and end each loop with
 a `WantReadError` (bench rr_200 and bulk, bench/README.md); one event loop per process runs
-every callback in turn, so one buffer per direction is shared by all connections. Once the
-handshake is done `release_handshake_state` drops what only it needed. `session_info`,
-`peer_name_parts` and `verified_chain_subjects` read what the PROXY v2 header and the log
-line need from the session.
+every callback in turn, so one buffer per direction is shared by all connections.
+
+**After a TLS 1.3 handshake** `take_over` frees the OpenSSL connection (about 27 KiB) and
+returns a `Session`: lb.tls_records' record layer, keyed with the two application traffic
+secrets OpenSSL gave the keylog callback (lb.tls), plus the few facts the log line, the
+PROXY v2 header and close-revoked read later (the client's certificate as DER, the verified
+chain, ALPN, SNI). It counts the records OpenSSL already sealed with the server's secret (its
+NewSessionTickets) and takes the client's bytes OpenSSL has not read. Where it cannot (TLS 1.2,
+a cipher suite tls_records does not have, a negotiated max_fragment_length, bytes OpenSSL
+holds), the OpenSSL connection stays, and `release_handshake_state` drops what only the
+handshake needed. `session_info`, `peer_name_parts`, `verified_chain_subjects`,
+`peer_certificates`, `alpn` and `servername` read either kind.
 
 **SSL_CTX_ctrl and OPENSSL_sk_pop** for the TLS settings pyOpenSSL has no API for: the
 server session cache size (`tune.ssl.cachesize`) and the session ticket keys
 (`tls-ticket-keys`); and `OPENSSL_sk_pop`, to let an established session drop the
-intermediates its client sent.
+intermediates its client sent. `SSL_has_pending` and `SSL_SESSION_get_max_fragment_length`,
+which `take_over` checks, are found the same way.
 
 pyOpenSSL and `cryptography` do not bind `SSL_CTX_ctrl`, and the OpenSSL they use is
 usually linked statically into cryptography's `_rust.abi3.so` (a different copy, often a
@@ -36,7 +45,8 @@ the object that holds pyOpenSSL's OpenSSL*:
 When any step fails, `available()` is False and callers fall back (a warning; the cache
 keeps OpenSSL's default size, tickets use per-process random keys). `OPENSSL_sk_pop` is
 found the same way and checked on a stack of its own (push two, pop, count); without it
-`drop_peer_chain` does nothing.
+`drop_peer_chain` does nothing. Without `SSL_has_pending` or
+`SSL_SESSION_get_max_fragment_length`, `take_over` keeps OpenSSL for every session.
 
 Ticket keys follow HAProxy's `tls-ticket-keys` file (configuration.txt, 5.1): base64 lines
 of 80 bytes (name 16, AES key 32, HMAC key 32) or 48 bytes (AES-128 variant), at least 3;
@@ -54,14 +64,16 @@ import functools
 import hashlib
 import logging
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.bindings._rust import _openssl
 from OpenSSL import SSL, crypto
 
-from lb import proxyproto
+from lb import proxyproto, tls_records
 
 logger = logging.getLogger(__name__)
 
@@ -170,20 +182,27 @@ def encrypt(tls: SSL.Connection, data: bytes) -> bytes:
 
     SSL_write directly: pyOpenSSL's send checks its callback helpers every call. More than
     TLS_CHUNK is written TLS_CHUNK at a time, drained after each, so the outgoing BIO never
-    holds (and keeps the capacity of) a whole read."""
+    holds (and keeps the capacity of) a whole read. pyOpenSSL sets
+    SSL_MODE_ENABLE_PARTIAL_WRITE, so SSL_write stops after one record: one of at most
+    512 bytes when the client negotiated max_fragment_length (RFC 6066); what it did not
+    take is written again."""
     ssl = tls._ssl
-    if len(data) <= TLS_CHUNK:
-        written = _SSL_write(ssl, _from_buffer(data), len(data))
+    size = len(data)
+    written = 0
+    if size <= TLS_CHUNK:
+        written = _SSL_write(ssl, _from_buffer(data), size)
+        if written == size:  # the usual case: one record
+            return take_output(tls)
         if written <= 0:
             _raise_error(tls, ssl, written)
-        return take_output(tls)
     chunks: list[bytes] = []
     view = memoryview(data)
-    for start in range(0, len(data), TLS_CHUNK):
-        piece = view[start : start + TLS_CHUNK]
-        written = _SSL_write(ssl, _from_buffer(piece), len(piece))
-        if written <= 0:
-            _raise_error(tls, ssl, written)
+    while written < size:  # the output of a partial write above is taken with the next
+        piece = view[written : written + TLS_CHUNK]
+        count = _SSL_write(ssl, _from_buffer(piece), len(piece))
+        if count <= 0:
+            _raise_error(tls, ssl, count)
+        written += count
         chunks.append(take_output(tls))
     return b"".join(chunks)
 
@@ -232,7 +251,172 @@ def release_handshake_state(tls: SSL.Connection) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# After a TLS 1.3 handshake: lb.tls_records instead of OpenSSL
+
+#: TLS1_3_VERSION (include/openssl/prov_ssl.h), what SSL_version answers.
+TLS1_3_VERSION = 0x0304
+
+Algorithms = tuple[str | None, str | None]
+
+
+class Session(tls_records.Records):
+    """A TLS 1.3 connection once `take_over` has freed OpenSSL's: its records, and what the
+    log line, the PROXY v2 header and close-revoked read later. The certificates are DER
+    (a parsed OpenSSL X509 is ~5.4 KiB, its DER ~0.5 KiB); the verified chain's CA
+    certificates, ALPN and SNI are shared between sessions (`_shared`)."""
+
+    __slots__ = ("algorithms", "alpn", "leaf", "servername", "verified")
+
+    def __init__(
+        self,
+        suite: tls_records.CipherSuite,
+        read_secret: bytes,
+        write_secret: bytes,
+        *,
+        write_seq: int,
+        leaf: bytes | None,
+        verified: tuple[bytes, ...],
+        alpn: bytes | None,
+        servername: bytes | None,
+        algorithms: Algorithms,
+    ) -> None:
+        super().__init__(suite, read_secret, write_secret, write_seq=write_seq)
+        self.leaf = leaf  # the client's certificate, DER; None without one
+        self.verified = verified  # the verified chain, leaf first (empty: resumed)
+        self.alpn = alpn
+        self.servername = servername
+        self.algorithms = algorithms  # cert-key, cert-sig of the certificate served
+
+
+#: Values many sessions share (CA certificates of verified chains, ALPN, SNI), one copy each;
+#: bounded, since a client chooses its SNI.
+_SHARED_LIMIT = 256
+_shared_values: dict[bytes, bytes] = {}
+
+
+def _shared(value: bytes) -> bytes:
+    known = _shared_values.get(value)
+    if known is not None:
+        return known
+    if len(_shared_values) < _SHARED_LIMIT:
+        _shared_values[value] = value
+    return value
+
+
+#: One memory BIO for DER encodings, drained after each (one event loop per process).
+_DER_BIO = lib.BIO_new(lib.BIO_s_mem())
+#: DER of the CA certificates verified chains end in, by `X509 *`: each entry holds a
+#: reference, so its address cannot be reused for another certificate while it is here.
+#: Bounded; a CA past the bound is encoded for each session.
+_chain_members: dict[int, tuple[object, bytes]] = {}
+
+
+def _der(certificate: Any) -> bytes:
+    """An `X509 *` in DER (i2d_X509_bio; ~1 us, pyOpenSSL's dump_certificate ~3.4)."""
+    if lib.i2d_X509_bio(_DER_BIO, certificate) != 1:
+        raise ValueError("certificate cannot be encoded")
+    return _drain(_DER_BIO)
+
+
+def _chain_member(certificate: Any) -> bytes:
+    address = int(ffi.cast("uintptr_t", certificate))
+    known = _chain_members.get(address)
+    if known is not None:
+        return known[1]
+    der = _der(certificate)
+    if len(_chain_members) < _SHARED_LIMIT:
+        lib.X509_up_ref(certificate)
+        _chain_members[address] = (ffi.gc(certificate, lib.X509_free), _shared(der))
+    return der
+
+
+def take_over(
+    tls: SSL.Connection,
+    tickets: bytes,
+    client_secret: bytes | None,
+    server_secret: bytes | None,
+    algorithms: Algorithms,
+) -> tuple[Session, bytes] | None:
+    """Replace a server connection whose TLS 1.3 handshake has just completed with a
+    Session, or None when OpenSSL must stay (see the module docstring). `tickets` is what
+    the completing SSL_do_handshake wrote (records under the server's application secret);
+    the secrets are the keylog callback's CLIENT_TRAFFIC_SECRET_0 and SERVER_TRAFFIC_SECRET_0.
+    Returns the Session and the client's bytes OpenSSL had not read yet (records for it);
+    the caller then drops `tls`, which frees OpenSSL's connection."""
+    if client_secret is None or server_secret is None:
+        return None
+    ssl = tls._ssl
+    if lib.SSL_version(ssl) != TLS1_3_VERSION:
+        return None
+    suite = tls_records.SUITES.get(tls.get_cipher_name() or "")
+    if suite is None or len(client_secret) != suite.hash_length:
+        return None
+    has_pending, max_fragment_length = _resolve_session_checks()
+    if has_pending is None or max_fragment_length is None:
+        return None
+    session = lib.SSL_get_session(ssl)
+    if session == ffi.NULL or max_fragment_length(session) != 0:
+        return None  # RFC 6066 max_fragment_length: records would have to be smaller
+    if has_pending(ssl):
+        return None  # a record OpenSSL has read (or begun): only it can give it back
+    write_seq = tls_records.count_records(tickets)
+    if write_seq is None:
+        return None
+    peer = lib.SSL_get_peer_certificate(ssl)  # a reference of our own
+    leaf: bytes | None = None
+    verified: tuple[bytes, ...] = ()
+    try:
+        if peer != ffi.NULL:
+            leaf = _der(peer)
+        chain = lib.SSL_get0_verified_chain(ssl)
+        if chain != ffi.NULL:
+            verified = tuple(
+                leaf if member == peer and leaf is not None else _chain_member(member)
+                for member in (
+                    lib.sk_X509_value(chain, index) for index in range(lib.sk_X509_num(chain))
+                )
+            )
+    finally:
+        if peer != ffi.NULL:
+            lib.X509_free(peer)
+    alpn = tls.get_alpn_proto_negotiated()
+    servername = tls.get_servername()
+    unread = _drain(tls._into_ssl)  # the client's bytes OpenSSL has not read
+    return (
+        Session(
+            suite,
+            client_secret,
+            server_secret,
+            write_seq=write_seq,
+            leaf=leaf,
+            verified=verified,
+            alpn=_shared(alpn) if alpn else None,
+            servername=_shared(servername) if servername else None,
+            algorithms=algorithms,
+        ),
+        unread,
+    )
+
+
+def _drain(bio: Any) -> bytes:
+    """Everything a memory BIO holds."""
+    size = lib.BIO_get_mem_data(bio, _NO_DATA)
+    chunks = []
+    while size > 0:
+        count = _BIO_read(bio, _READ_BUFFER, min(size, TLS_READ_SIZE))
+        if count <= 0:
+            break
+        chunks.append(_buffer(_READ_BUFFER, count)[:])
+        size -= count
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------
 # What a session says about itself (PROXY v2 TLVs, log lines)
+
+
+#: What a TLS session is while it lasts: OpenSSL's connection, or a Session after take_over.
+Established = SSL.Connection | Session
 
 
 def session_info(tls: SSL.Connection) -> proxyproto.SSLInfo:
@@ -247,45 +431,114 @@ def session_info(tls: SSL.Connection) -> proxyproto.SSLInfo:
         verify = int(lib.SSL_get_verify_result(ssl))
         if not lib.SSL_session_reused(ssl):
             flags |= proxyproto.ClientFlags.CERT_CONN
-        # X509Name lookup in OpenSSL: a to_cryptography() parse cost ~5% of lb CPU per
-        # resumed handshake (py-spy, bench resume_*).
-        cn = certificate.get_subject().commonName
+        # X509_NAME lookup in OpenSSL: a to_cryptography() parse cost ~5% of lb CPU per
+        # resumed handshake (py-spy, bench resume_*), and pyOpenSSL's get_subject() ~8 us
+        # (its deprecation warning).
+        cn = _common_name(certificate._x509)
+    version = tls.get_protocol_version_name()
+    cipher = tls.get_cipher_name()
     return proxyproto.SSLInfo(
         client=flags,
         verify=verify,
-        version=tls.get_protocol_version_name(),
+        # One copy of each name for every session (~130 B per session otherwise).
+        version=sys.intern(version),
         cn=cn,
-        cipher=tls.get_cipher_name(),
+        cipher=sys.intern(cipher) if cipher is not None else None,
         sig_alg=None,
         key_alg=None,
     )
 
 
+#: include/openssl/obj_mac.h
+NID_COMMON_NAME = 13
+
+
+def _common_name(certificate: Any) -> str | None:
+    """The first commonName of an `X509 *`'s subject, as pyOpenSSL's X509Name reads it."""
+    name = lib.X509_get_subject_name(certificate)
+    index = lib.X509_NAME_get_index_by_NID(name, NID_COMMON_NAME, -1)
+    if index < 0:
+        return None
+    data = lib.X509_NAME_ENTRY_get_data(lib.X509_NAME_get_entry(name, index))
+    result = ffi.new("unsigned char **")
+    length = lib.ASN1_STRING_to_UTF8(result, data)
+    if length < 0:
+        return None
+    try:
+        return str(ffi.buffer(result[0], length)[:].decode("utf-8"))
+    finally:
+        lib.OPENSSL_free(result[0])
+
+
 NameParts = tuple[tuple[str, str], ...]
 
 
-def peer_name_parts(tls: SSL.Connection) -> tuple[NameParts, NameParts]:
+def peer_name_parts(tls: Established) -> tuple[NameParts, NameParts]:
     """The client certificate's subject and issuer as (attribute, value) pairs, in order
     (for `%[ssl_c_s_dn]` and friends); empty without a client certificate."""
-    certificate = tls.get_peer_certificate()
-    if certificate is None:
-        return (), ()
-    return _name_parts(certificate.get_subject()), _name_parts(certificate.get_issuer())
-
-
-def _name_parts(name: crypto.X509Name) -> NameParts:
-    return tuple(
-        (key.decode("ascii", "replace"), value.decode("utf-8", "replace"))
-        for key, value in name.get_components()
+    if isinstance(tls, Session):
+        if tls.leaf is None:
+            return (), ()
+        certificate = crypto.load_certificate(crypto.FILETYPE_ASN1, tls.leaf)
+    else:
+        found = tls.get_peer_certificate()
+        if found is None:
+            return (), ()
+        certificate = found
+    pointer = certificate._x509
+    return (
+        _name_parts(lib.X509_get_subject_name(pointer)),
+        _name_parts(lib.X509_get_issuer_name(pointer)),
     )
 
 
-def verified_chain_subjects(tls: SSL.Connection) -> tuple[bytes, ...]:
+def _name_parts(name: Any) -> NameParts:
+    """An `X509_NAME *` as (short name, value) pairs: what pyOpenSSL's
+    X509Name.get_components reads, without its deprecated X509.get_subject."""
+    parts = []
+    for index in range(lib.X509_NAME_entry_count(name)):
+        entry = lib.X509_NAME_get_entry(name, index)
+        key = ffi.string(lib.OBJ_nid2sn(lib.OBJ_obj2nid(lib.X509_NAME_ENTRY_get_object(entry))))
+        data = lib.X509_NAME_ENTRY_get_data(entry)
+        value = ffi.buffer(lib.ASN1_STRING_get0_data(data), lib.ASN1_STRING_length(data))[:]
+        parts.append((key.decode("ascii", "replace"), value.decode("utf-8", "replace")))
+    return tuple(parts)
+
+
+def verified_chain_subjects(tls: Established) -> tuple[bytes, ...]:
     """DER subjects of the verified client chain, leaf first, up to the root."""
+    if isinstance(tls, Session):
+        return tuple(x509.load_der_x509_certificate(c).subject.public_bytes() for c in tls.verified)
     chain = tls.get_verified_chain()
     if not chain:
         return ()
     return tuple(c.to_cryptography().subject.public_bytes() for c in chain)
+
+
+def peer_certificates(tls: Established) -> list[x509.Certificate]:
+    """Every certificate a session holds of its client (for close-revoked): its own, then
+    the verified chain (none after a resumption), then any others it sent."""
+    if isinstance(tls, Session):
+        certificates = [tls.leaf] if tls.leaf is not None else []
+        return [x509.load_der_x509_certificate(c) for c in (*certificates, *tls.verified)]
+    leaf = tls.get_peer_certificate(as_cryptography=True)
+    verified = tls.get_verified_chain(as_cryptography=True) or []
+    presented = tls.get_peer_cert_chain(as_cryptography=True) or []
+    return [*([leaf] if leaf else []), *verified, *presented]
+
+
+def alpn(tls: Established) -> bytes | None:
+    """The protocol ALPN chose, None when none was."""
+    if isinstance(tls, Session):
+        return tls.alpn
+    return tls.get_alpn_proto_negotiated() or None
+
+
+def servername(tls: Established) -> bytes | None:
+    """The client's SNI host name."""
+    if isinstance(tls, Session):
+        return tls.servername
+    return tls.get_servername()
 
 
 def verify_error_string(code: int) -> str:
@@ -378,7 +631,15 @@ def _mapping_of(address: int) -> tuple[str, int] | None:
 
 
 #: The unbound functions looked up in the object that holds pyOpenSSL's OpenSSL.
-WANTED = frozenset({"SSL_CTX_ctrl", "OPENSSL_sk_pop"})
+WANTED = frozenset(
+    {
+        "SSL_CTX_ctrl",
+        "OPENSSL_sk_pop",
+        "SSL_has_pending",
+        "SSL_SESSION_get_max_fragment_length",
+        "SSL_SESSION_new",
+    }
+)
 
 
 @functools.cache
@@ -450,6 +711,40 @@ def _resolve_sk_pop() -> SkPop | None:
     except Exception as error:  # any surprise means "not available", never a crash
         logger.debug("OPENSSL_sk_pop not found: %s", error)
         return None
+
+
+HasPending = Callable[[object], int]
+MaxFragmentLength = Callable[[object], int]
+
+
+@functools.cache
+def _resolve_session_checks() -> tuple[HasPending | None, MaxFragmentLength | None]:
+    """SSL_has_pending and SSL_SESSION_get_max_fragment_length, for take_over; each checked
+    on a fresh connection (nothing pending, no max_fragment_length)."""
+    try:
+        addresses = _addresses()
+        pending_address = addresses.get("SSL_has_pending")
+        fragment_address = addresses.get("SSL_SESSION_get_max_fragment_length")
+        new_address = addresses.get("SSL_SESSION_new")
+        if pending_address is None or fragment_address is None or new_address is None:
+            return None, None
+        has_pending = ffi.cast("int(*)(const SSL *)", pending_address)
+        max_fragment_length = ffi.cast("uint8_t(*)(const SSL_SESSION *)", fragment_address)
+        probe = SSL.Connection(SSL.Context(SSL.TLS_SERVER_METHOD), None)
+        if has_pending(probe._ssl) != 0:
+            return None, None
+        session = ffi.cast("SSL_SESSION *(*)(void)", new_address)()
+        if session == ffi.NULL:
+            return None, None
+        try:
+            if max_fragment_length(session) != 0:
+                return None, None
+        finally:
+            lib.SSL_SESSION_free(session)
+        return has_pending, max_fragment_length
+    except Exception as error:  # any surprise means "keep OpenSSL", never a crash
+        logger.debug("SSL_has_pending or SSL_SESSION_get_max_fragment_length not found: %s", error)
+        return None, None
 
 
 def drop_peer_chain(tls: SSL.Connection) -> int:

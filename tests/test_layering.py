@@ -25,6 +25,7 @@ SANS_IO = (
     "lb/proxyproto.py",
     "lb/control_codec.py",
     "lb/tls_codes.py",
+    "lb/tls_records.py",
     "lb/health.py",
     "lb/log_format.py",
     "lb/mqtt_check.py",
