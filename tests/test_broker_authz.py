@@ -653,3 +653,16 @@ def test_state_store_key_globs_follow_redis_classes(
     )
     grants = resolve(policy, PrincipalView("a", None, ()))
     assert [grant.matches(key) for grant in grants.keys] == [matches]
+
+
+def test_a_key_template_naming_what_the_principal_lacks_grants_no_key() -> None:
+    """{principal.username} for a client without a username: that key is granted to no one
+    (found by the fuzz campaign: matches() asserted instead)."""
+    policy = parse_policy(
+        "- principals: {clientIds: [a]}\n  brokerResources: []\n  stateStoreResources:\n"
+        "    - method: Read\n      keys: ['tenant-{principal.username}-*']\n",
+        "policy.yaml",
+    )
+    grants = resolve(policy, PrincipalView("a", None, ()))
+    assert [grant.matches(b"tenant--x") for grant in grants.keys] == [False]
+    assert [grant.matches(b"tenant-bob-x") for grant in grants.keys] == [False]
