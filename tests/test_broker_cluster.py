@@ -74,6 +74,7 @@ class Node:
         self.config = directory / f"{name}.toml"
         self.log = directory / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.store_mode = "disk"
 
     def write_config(self, peers: list[Node]) -> None:
         peer_list = ", ".join(f'"{p.name}@127.0.0.1:{p.cluster_port}"' for p in peers)
@@ -100,6 +101,10 @@ fail_if_no_peer_cert = true
 
 [admin]
 bind = "127.0.0.1:{self.admin_port}"
+
+[store]
+mode = "{self.store_mode}"
+path = "{self.directory / (self.name + ".db")}"
 """
         )
 
@@ -463,7 +468,9 @@ def test_wrong_cookie_is_refused_and_logged(pki: TestPKI, tmp_path: Path) -> Non
             node.start()
         wait_for(lambda: "wrong cookie" in acceptor.log_text(), 10, "refusal logged")
         assert "refused" in acceptor.log_text()
-        wait_for(lambda: "wrong cookie" in dialer.log_text(), 10, "dialer told why")
+        # Issue 14 item 7: the peer gets a bare refusal, the reason stays in our log.
+        wait_for(lambda: "refused by the peer: refused" in dialer.log_text(), 10, "dialer refused")
+        assert "wrong cookie" not in dialer.log_text()
         assert acceptor.link_states() == {"node-a": "down"}
         assert dialer.link_states()["node-b"] != "up"
         assert "not-the-cookie" not in acceptor.log_text()
@@ -555,3 +562,75 @@ def test_a_device_certificate_from_the_same_ca_cannot_join(pki: TestPKI, tmp_pat
     finally:
         for node in nodes:
             node.stop()
+
+
+def _persistent(
+    port: int, client_id: str, protocol: MQTTProtocolVersion, clean: bool = False
+) -> tuple[mqtt.Client, queue.Queue[mqtt.MQTTMessage], bool]:
+    """A paho client with a persistent session (3.1.1 clean_session=0, 5.0 clean_start=0 with
+    Session Expiry 3600); returns it with its message queue and CONNACK session_present."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    connected: queue.Queue[Any] = queue.Queue()
+    client.on_message = lambda c, u, message: messages.put(message)
+    client.on_connect = lambda c, u, flags, reason, props: connected.put((flags, reason))
+    if protocol == V5:
+        properties = PahoProperties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        client.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=properties)
+    else:
+        client.reinitialise(client_id=client_id, clean_session=clean)
+        client.on_message = lambda c, u, message: messages.put(message)
+        client.on_connect = lambda c, u, flags, reason, props: connected.put((flags, reason))
+        client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    flags, reason = connected.get(timeout=10)
+    assert not reason.is_failure, reason
+    return client, messages, bool(flags.session_present)
+
+
+def _stop(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.mark.parametrize("protocol", [V311, V5], ids=["3.1.1", "5.0"])
+def test_persistent_session_follows_the_device_to_another_node(
+    cluster: list[Node], clients: list[Client], protocol: MQTTProtocolVersion
+) -> None:
+    """Issue 12's round, node by node: subscribe QoS 1 and 2 on one node, go away, messages
+    are published on another, come back on a third: everything queued arrives, once."""
+    device = f"roamer-{protocol.name}"
+    topic = f"roam/{protocol.name}"
+    publisher = Client(cluster[1].mqtt_port, f"roam-pub-{protocol.name}", protocol)
+    clients.append(publisher)
+    for round_number in range(3):
+        home = cluster[round_number % 3]
+        away = cluster[(round_number + 2) % 3]
+        client, messages, present = _persistent(home.mqtt_port, device, protocol)
+        assert present == (round_number > 0), f"round {round_number}: session_present"
+        if round_number == 0:
+            client.subscribe([(f"{topic}/1", 1), (f"{topic}/2", 2)])
+            time.sleep(0.5)  # the routes reach the other nodes
+        _stop(client)
+        time.sleep(0.2)
+        sent = []
+        for number in range(5):
+            for qos in (1, 2):
+                payload = f"{round_number}-{qos}-{number}"
+                publisher.publish(f"{topic}/{qos}", payload.encode(), qos)
+                sent.append(payload)
+        client, messages, present = _persistent(away.mqtt_port, device, protocol)
+        assert present, f"round {round_number}: the session came over"
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            try:
+                got.append(messages.get(timeout=0.2).payload.decode())
+            except queue.Empty:
+                pass
+        time.sleep(0.3)
+        while not messages.empty():
+            got.append(messages.get().payload.decode())
+        _stop(client)
+        assert sorted(got) == sorted(sent), f"round {round_number} on {away.name}"
