@@ -850,6 +850,9 @@ class Broker:
     def _merge_deliveries(self, session: Session, record: codec.SessionRecord, now: float) -> None:
         seen = session.seen
         for delivery in record.deliveries:
+            if delivery.released:
+                # The client had PUBREL for it: it has the message, only PUBCOMP is missing.
+                continue
             message = delivery.message.to_message(now)
             if seen is not None and message.seq and not seen.first_time(message.id):
                 self.counters.messages_duplicates_dropped += 1
@@ -907,6 +910,8 @@ class Broker:
                     will.expiry_interval,
                 )
         self.next_delivery_key = max_key + 1
+        # What was read back is on disk, of course.
+        self.store.committed_key = max(self.store.committed_key, max_key)
         for topic, wire, changed_at in state.retained:
             message = wire.to_message(now)
             if not message.is_expired(now):
