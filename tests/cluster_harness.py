@@ -178,6 +178,7 @@ def lb_config(pki: TestPKI, front: int, nodes: list[ClusterNode]) -> str:
         "proxy-v2-options ssl,cert-cn"
         for node in nodes
     )
+    verify = f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required"
     return f"""
 global
     maxconn 10000
@@ -189,7 +190,7 @@ defaults
     timeout server 120s
 
 frontend devices
-    bind 127.0.0.1:{front} ssl crt {pki.server_allinone} ca-file {pki.intermediate} ca-verify-file {pki.root} verify required
+    bind 127.0.0.1:{front} ssl crt {pki.server_allinone} {verify}
     default_backend brokers
 
 backend brokers

@@ -61,8 +61,8 @@ def test_chaos_kill_restart_and_link_cut(pki: TestPKI, tmp_path: Path) -> None:
         destination: dict[str, str] = {}
         started = time.monotonic()
         events = [
-            (KILL_AT, lambda: nodes[1].kill()),
-            (RESTART_AT, lambda: nodes[1].start()),
+            (KILL_AT, nodes[1].kill),
+            (RESTART_AT, nodes[1].start),
             (
                 CUT_AT,
                 lambda: nodes[0].admin(f"/api/cluster/peers/{nodes[2].name}/disconnect", "POST"),
