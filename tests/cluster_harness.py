@@ -175,7 +175,7 @@ def make_nodes(directory: Path, pki: TestPKI, count: int = 3, extra: str = "") -
 def lb_config(pki: TestPKI, front: int, nodes: list[ClusterNode]) -> str:
     servers = "\n".join(
         f"    server {node.name} 127.0.0.1:{node.lb_port} send-proxy-v2 "
-        "proxy-v2-options ssl,cert-cn"
+        "proxy-v2-options ssl,cert-cn,chain-subjects"
         for node in nodes
     )
     verify = f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required"
@@ -269,6 +269,8 @@ class Device:
         self.acked: list[str] = []
         self.lock = threading.Lock()
         self.pending: dict[int, str] = {}
+        # Acknowledged before publish() could note the mid (the loop thread is fast).
+        self.early: set[int] = set()
         self.resent: set[str] = set()
         self.connected = threading.Event()
         self.client.on_message = lambda c, u, message: self.messages.put(message)
@@ -299,9 +301,13 @@ class Device:
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
     ) -> None:
+        if getattr(reason, "is_failure", False):
+            return
         with self.lock:
             payload = self.pending.pop(mid, None)
-            if payload is not None and not getattr(reason, "is_failure", False):
+            if payload is None:
+                self.early.add(mid)
+            else:
                 self.acked.append(payload)
 
     def connect(self, port: int, timeout: float = 15.0) -> bool:
@@ -327,10 +333,16 @@ class Device:
         done.get(timeout=10)
 
     def publish(self, topic: str, payload: str, qos: int) -> None:
-        with self.lock:
-            info = self.client.publish(topic, payload.encode(), qos)
-            if qos:
-                self.pending[info.mid] = payload
+        # Not under self.lock: paho calls on_publish holding its own lock, and publish()
+        # takes that lock too (a deadlock when both are held crosswise).
+        info = self.client.publish(topic, payload.encode(), qos)
+        if qos:
+            with self.lock:
+                if info.mid in self.early:
+                    self.early.discard(info.mid)
+                    self.acked.append(payload)
+                else:
+                    self.pending[info.mid] = payload
 
     def received(
         self, quiet: float = 0.5, timeout: float = 20.0, want: int | None = None
