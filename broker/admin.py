@@ -91,6 +91,9 @@ def client_record(broker: Broker, connection: ClientConnection) -> dict[str, Any
         "subscriptions": 0 if session is None else len(session.subscriptions),
         "inflight": 0 if session is None else len(session.inflight),
         "queued": 0 if session is None else len(session.queue),
+        "queued_bytes": 0 if session is None else session.queued_bytes,
+        # QoS 1/2 messages this client lost to max_queued_messages/bytes (issue 14 item 2).
+        "dropped": 0 if session is None else session.dropped,
     }
 
 
@@ -102,6 +105,7 @@ def stats_record(broker: Broker) -> dict[str, int]:
     values["subscriptions_current"] = len(broker.subscriptions)
     values["retained_messages_current"] = len(broker.retained)
     values["pending_wills_current"] = len(broker.pending_wills)
+    values["queued_bytes_current"] = broker.budget.bytes
     return values
 
 

@@ -73,7 +73,7 @@ from broker.message import Message
 from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
 from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges_into
 from broker.reliable import Inbox, InboxVerdict, Outbox
-from broker.session import Pending
+from broker.session import Holder, Pending, Publisher
 from broker.store import StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
@@ -85,6 +85,7 @@ from broker.tls_listener import (
     key_permission_problems,
     serve_tls,
 )
+from lb import pem
 from lb.pem import TLSFileError
 
 if TYPE_CHECKING:
@@ -125,6 +126,10 @@ FRAME_OVERHEAD = 4 * 65_536
 RETAINED_TOMBSTONES = 10_000
 #: What a refused peer is told (issue 14 item 7): nothing about our configuration.
 BARE_REFUSAL = "refused"
+#: A publisher paused for a session on another node (HOLD) is resumed after this long even
+#: without the peer's word: a cycle of publishers and subscribers across nodes, which the
+#: single-node cycle check cannot see, must not stall forever.
+REMOTE_HOLD_LIMIT = 5.0
 #: Outbox drops are logged at most this often per peer.
 DROP_LOG_INTERVAL = 5.0
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
@@ -147,6 +152,76 @@ def default_rpc_port(node_name: str) -> int:
 def startup_problems(config: BrokerConfig) -> list[str]:
     """Why this node must not start: cluster TLS settings, key files readable by others."""
     return list(dict.fromkeys([*Cluster.check(config), *key_permission_problems(config)]))
+
+
+def node_issuers(config: BrokerConfig) -> dict[bytes, str]:
+    """DER subject -> readable name of the CAs above this node's certificate (the CA that
+    issued it, and what issued that, as far as certfile and cacertfile show)."""
+    cluster = config.cluster
+    if cluster is None or cluster.ssl_options is None:
+        return {}
+    options = cluster.ssl_options
+    try:
+        chain = pem.load_certificates(options.certfile)
+        anchors = pem.load_certificates(options.cacertfile) if options.cacertfile else []
+    except TLSFileError:
+        return {}
+    if not chain:
+        return {}
+    issuers: dict[bytes, str] = {}
+    names = {c.subject.public_bytes(): c for c in [*chain, *anchors]}
+    current = chain[0]
+    for _ in range(10):
+        issuer = current.issuer
+        issuers[issuer.public_bytes()] = issuer.rfc4514_string()
+        parent = names.get(issuer.public_bytes())
+        if parent is None or pem.is_self_signed(parent):
+            break
+        current = parent
+    return issuers
+
+
+def cluster_ca_warnings(config: BrokerConfig) -> list[str]:
+    """Issue 14 item 7 (seed 002): a CA that signs node certificates should sign nothing else.
+    Warned when a CA above this node's certificate also verifies MQTT clients here (an ssl
+    listener's cacertfile) or names their attributes ([authorization] x509_attributes)."""
+    issuers = node_issuers(config)
+    if not issuers:
+        return []
+    warnings = []
+    for listener in config.listeners:
+        options = listener.ssl_options
+        if options is None or options.cacertfile is None or options.verify != "verify_peer":
+            continue
+        try:
+            client_cas = pem.load_certificates(options.cacertfile)
+        except TLSFileError:
+            continue
+        for ca in client_cas:
+            if ca.subject.public_bytes() in issuers:
+                warnings.append(
+                    f"the CA {ca.subject.rfc4514_string()!r} signs this node's cluster "
+                    f"certificate and also verifies MQTT clients on listener {listener.label}: "
+                    "a device certificate from it is one name away from a node identity; use a "
+                    "CA for the cluster alone (seed 002)"
+                )
+    if config.authorization is not None:
+        for _, subject, _ in config.authorization.x509_attributes:
+            for name in issuers.values():
+                if _same_name(subject, name):
+                    warnings.append(
+                        f"the CA {name!r} signs this node's cluster certificate and also "
+                        "client certificates ([authorization] x509_attributes names it): use a "
+                        "CA for the cluster alone (seed 002)"
+                    )
+    return list(dict.fromkeys(warnings))
+
+
+def _same_name(written: str, rfc4514: str) -> bool:
+    def parts(text: str) -> set[str]:
+        return {part.strip().replace(" ", "").lower() for part in text.split(",")}
+
+    return parts(written) == parts(rfc4514)
 
 
 class LinkState(enum.Enum):
@@ -189,6 +264,9 @@ class LinkCounters:
     acks_sent: int = 0
     acks_received: int = 0
     publishers_paused: int = 0
+    remote_pauses_sent: int = 0
+    remote_pauses_received: int = 0
+    remote_pauses_expired: int = 0
     pings_sent: int = 0
 
 
@@ -259,7 +337,7 @@ class Peer:
         self.ack_due = 0
         self.ack_scheduled = False
         # Publishers paused while too much to this peer is unacknowledged (session.Holder).
-        self.held_publishers: set[ClientConnection] = set()
+        self.held_publishers: set[Publisher] = set()
         # Cut by an operator: no dialing, inbound links refused.
         self.suspended = False
         self.unlogged_drops = 0
@@ -285,6 +363,56 @@ class Peer:
         self.held_publishers = set()
         for publisher in publishers:
             publisher.session_released(self)
+
+
+class PeerHold:
+    """A session on a peer is behind with a local publisher's messages (HOLD): the
+    publisher's connection waits on this (session.Holder) until the peer says resume."""
+
+    __slots__ = ("held_publishers",)
+
+    def __init__(self) -> None:
+        self.held_publishers: set[Publisher] = set()
+
+    @property
+    def connection(self) -> ClientConnection | None:
+        return None
+
+    def release_publishers(self) -> None:
+        publishers, self.held_publishers = self.held_publishers, set()
+        for publisher in publishers:
+            publisher.session_released(self)
+
+
+class RemotePublisher:
+    """A publisher on another node as a local session sees it (session.Publisher): held, it
+    sends HOLD(pause) to that node, released by every session, HOLD(resume)."""
+
+    __slots__ = ("client_id", "cluster", "held_by", "peer")
+
+    def __init__(self, cluster: Cluster, peer: Peer, client_id: str) -> None:
+        self.cluster = cluster
+        self.peer = peer
+        self.client_id = client_id
+        self.held_by: set[Holder] = set()
+
+    def hold_for(self, session: Holder, peer: bool = False) -> None:
+        proxy = self.cluster.remote_publishers.get((self.peer.name, self.client_id))
+        if proxy is None:
+            proxy = self.cluster.remote_publishers[(self.peer.name, self.client_id)] = self
+        if session in proxy.held_by:
+            return
+        proxy.held_by.add(session)
+        session.held_publishers.add(proxy)
+        if len(proxy.held_by) == 1:
+            self.peer.counters.remote_pauses_sent += 1
+            self.cluster.send_hold(self.peer, self.client_id, True)
+
+    def session_released(self, session: Holder) -> None:
+        self.held_by.discard(session)
+        if not self.held_by:
+            self.cluster.remote_publishers.pop((self.peer.name, self.client_id), None)
+            self.cluster.send_hold(self.peer, self.client_id, False)
 
 
 @dataclass(slots=True)
@@ -347,6 +475,14 @@ class Cluster:
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
         # Reliable frames whose application waits for every up peer's ACK: seq per peer.
         self.ack_waiters: dict[str, list[tuple[int, Callable[[], None]]]] = {}
+        # Issue 14 item 2: publishers on peers held by sessions here, and local publishers
+        # held by sessions on peers, by (peer name, client id).
+        self.remote_publishers: dict[tuple[str, str], RemotePublisher] = {}
+        self.peer_holds: dict[tuple[str, str], PeerHold] = {}
+        # Issue 14 item 7: the CAs above our node certificate, checked once against a
+        # client's verified chain (PP2 chain-subjects from lb, or the broker's own TLS).
+        self.node_issuers: dict[bytes, str] = {}
+        self.client_ca_warned = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -441,6 +577,9 @@ class Cluster:
         )
         self.server_contexts.start()
         self.client_contexts.start()
+        for warning in cluster_ca_warnings(self.config):
+            logger.warning("cluster: %s", warning)
+        self.node_issuers = node_issuers(self.config)
         logger.info(
             "cluster %s: node %s listening on %s:%d, peers: %s",
             self.cluster_config.name,
@@ -696,6 +835,7 @@ class Cluster:
         peer.link = None
         peer.counters.disconnects += 1
         self._release_waiters(peer)
+        self._forget_holds(peer)
         # Routes stay: messages for the peer's persistent sessions wait in its outbox. Its
         # shared members stay too, but are picked only when no other member is reachable.
         peer.release_publishers()
@@ -753,6 +893,10 @@ class Cluster:
                     changed_at,
                 )
             )
+        # Deletions too: a peer that was down while a retained message was deleted still
+        # has it, and drops it on the newer deletion (its copy is older).
+        for topic, changed_at in list(self.retained_tombstones.items()):
+            yield codec.encode(codec.Retain(topic, None, changed_at))
 
     # --- reliable frames ---------------------------------------------------------------------
 
@@ -945,6 +1089,8 @@ class Cluster:
         if isinstance(frame, codec.Ack):
             counters.acks_received += 1
             self._acked(peer, frame.seq)
+        elif isinstance(frame, codec.Hold):
+            self._hold_received(peer, frame)
         elif isinstance(frame, codec.Publish):
             self._apply(link, peer, frame)
         elif isinstance(frame, codec.Claim):
@@ -989,7 +1135,10 @@ class Cluster:
             message = frame.message.to_message(broker.clock())
             for shared_filter, _ in frame.targets:
                 _check_filter(shared_filter)
-            broker.deliver_from_cluster(message, frame.plain, frame.targets)
+            publisher = None
+            if message.qos and message.publisher_client_id is not None:
+                publisher = RemotePublisher(self, peer, message.publisher_client_id)
+            broker.deliver_from_cluster(message, frame.plain, frame.targets, publisher)
         elif isinstance(frame, codec.Transfer):
             peer.counters.transfers_received += 1
             self._transfer_received(peer, frame)
@@ -1028,6 +1177,48 @@ class Cluster:
         self.retained_tombstones.move_to_end(topic)
         while len(self.retained_tombstones) > RETAINED_TOMBSTONES:
             self.retained_tombstones.popitem(last=False)
+
+    def send_hold(self, peer: Peer, client_id: str, pause: bool) -> None:
+        link = peer.link
+        if link is not None and link.established:
+            link.send(codec.encode(codec.Hold(client_id, pause)))
+
+    def _hold_received(self, peer: Peer, frame: codec.Hold) -> None:
+        broker = self.broker
+        assert broker is not None
+        key = (peer.name, frame.client_id)
+        if not frame.pause:
+            hold = self.peer_holds.pop(key, None)
+            if hold is not None:
+                hold.release_publishers()
+            return
+        session = broker.sessions.get(frame.client_id)
+        connection = None if session is None else session.connection
+        if connection is None:
+            return  # gone meanwhile: nothing to pause
+        peer.counters.remote_pauses_received += 1
+        hold = self.peer_holds.get(key)
+        if hold is None:
+            hold = self.peer_holds[key] = PeerHold()
+
+            def expire(hold: PeerHold = hold) -> None:
+                if self.peer_holds.get(key) is hold:
+                    peer.counters.remote_pauses_expired += 1
+                    del self.peer_holds[key]
+                    hold.release_publishers()
+
+            asyncio.get_running_loop().call_later(REMOTE_HOLD_LIMIT, expire)
+        connection.hold_for(hold, peer=True)
+
+    def _forget_holds(self, peer: Peer) -> None:
+        """A link went down: its pauses end both ways (they would never be resumed)."""
+        for key in [key for key in self.peer_holds if key[0] == peer.name]:
+            self.peer_holds.pop(key).release_publishers()
+        for key in [key for key in self.remote_publishers if key[0] == peer.name]:
+            proxy = self.remote_publishers.pop(key)
+            for session in proxy.held_by:
+                session.held_publishers.discard(proxy)
+            proxy.held_by.clear()
 
     def _members_received(self, peer: Peer, frame: codec.Members) -> None:
         if frame.reset:
@@ -1351,6 +1542,23 @@ class Cluster:
 
     def client_connected(self, client_id: str, version: Version) -> None:
         self._member_states(client_id, True)
+
+    def check_client_chain(self, client_id: str, chain_subjects: tuple[bytes, ...]) -> None:
+        """Warn once when a client's certificate comes from a CA that signs our node."""
+        if self.client_ca_warned or not self.node_issuers:
+            return
+        for subject in chain_subjects[1:]:
+            name = self.node_issuers.get(subject)
+            if name is not None:
+                self.client_ca_warned = True
+                logger.warning(
+                    "cluster: client %s has a certificate from %r, the CA that signs this "
+                    "node's cluster certificate: a device certificate is one name away from "
+                    "a node identity; use a CA for the cluster alone (seed 002)",
+                    client_id,
+                    name,
+                )
+                return
 
     def client_disconnected(self, client_id: str) -> None:
         self._member_states(client_id, False)

@@ -44,6 +44,10 @@ Frame types and bodies (protocol version :data:`PROTOCOL_VERSION`):
                  members on the sender.
 ``STATE``        version, key:binary, flags:u8 (bit 0 value present), [value:blob,
                  expires_at:f64 wall clock, 0 = never]. A state store write (seed 003).
+``HOLD``         flags:u8 (bit 0 pause), client_id:string. A session on the sender is past
+                 its high-water mark with messages of this publisher (on the receiver):
+                 pause reading it; without bit 0: resume (issue 14 item 2, the single-node
+                 backpressure across the link).
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -98,6 +102,7 @@ __all__ = [
     "Frame",
     "FrameType",
     "Hello",
+    "Hold",
     "Members",
     "NeedData",
     "Owned",
@@ -178,6 +183,7 @@ class FrameType(IntEnum):
     OWNED = 17
     MEMBERS = 18
     STATE = 19
+    HOLD = 20
 
 
 class ClusterProtocolError(Exception):
@@ -404,6 +410,12 @@ class StateWrite:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    client_id: str
+    pause: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -428,6 +440,7 @@ Frame = (
     | Owned
     | Members
     | StateWrite
+    | Hold
 )
 
 
@@ -561,6 +574,8 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
         )
     if isinstance(frame, Ack):
         return FrameType.ACK, _u64(frame.seq)
+    if isinstance(frame, Hold):
+        return FrameType.HOLD, bytes((1 if frame.pause else 0,)) + encode_string(frame.client_id)
     if isinstance(frame, Subscribe):
         return FrameType.SUBSCRIBE, encode_string(frame.topic_filter)
     if isinstance(frame, Unsubscribe):
@@ -892,6 +907,11 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         frame = Publish(_read_message(reader), bool(flags & _PLAIN_FLAG), targets)
     elif frame_type == FrameType.ACK:
         frame = Ack(_read_u64(reader, "the seq"))
+    elif frame_type == FrameType.HOLD:
+        flags = reader.u8("hold flags")
+        if flags > 1:
+            raise ClusterProtocolError(f"reserved hold flags set: 0x{flags:02X}")
+        frame = Hold(reader.string("the client id"), bool(flags))
     elif frame_type == FrameType.SUBSCRIBE:
         frame = Subscribe(reader.string("the topic filter"))
     elif frame_type == FrameType.UNSUBSCRIBE:

@@ -59,6 +59,7 @@ from broker.session import (
     SESSION_NEVER_EXPIRES,
     Outgoing,
     Pending,
+    Publisher,
     QueueBudget,
     SeenIds,
     Session,
@@ -79,6 +80,10 @@ SEQ_BLOCK = 10_000
 # A session handed to another node forwards what still reaches it here this long: routes
 # travel in a round trip, so this is generous on a LAN.
 MOVED_GRACE = 30.0
+# Issue 14 item 1: once this many queued payload bytes are gone again (clients left, queues
+# drained) and at most a quarter of the peak is left, the node asks the allocator to give
+# the freed heap back (release_memory: malloc_trim); bench/queue_memory.py has the effect.
+RELEASE_MEMORY_AFTER = 32 * 1024 * 1024
 # Drops of QoS >= 1 messages are summed and logged at most this often.
 DROP_LOG_INTERVAL = 5.0
 # Clients named per drop log line (the rest are summed).
@@ -180,6 +185,9 @@ class Broker:
         # Issue 14 item 1: payload bytes queued and in flight in every session.
         self.budget = QueueBudget(settings.max_node_queued_bytes)
         self.drops = DropLog()
+        self.queued_peak = 0
+        # Set by the net layer where the C library has malloc_trim.
+        self.release_memory: Callable[[], object] | None = None
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -268,6 +276,11 @@ class Broker:
         elif durable:
             self._save_session(session)
         self.cluster.client_connected(client_id, outcome.version)
+        chain = connection.identity.chain_subjects
+        if chain:
+            check = getattr(self.cluster, "check_client_chain", None)
+            if check is not None:
+                check(client_id, chain)
         return session, session_present
 
     def _new_session(self, client_id: str) -> Session:
@@ -429,6 +442,24 @@ class Broker:
                         for delivery in expired:
                             self.unstore_pending(session, delivery)
         self.drops.flush(now)
+        self._maybe_release_memory()
+
+    def _maybe_release_memory(self) -> None:
+        queued = self.budget.bytes
+        if queued > self.queued_peak:
+            self.queued_peak = queued
+            return
+        peak = self.queued_peak
+        if peak - queued >= RELEASE_MEMORY_AFTER and queued <= peak // 4:
+            self.queued_peak = queued
+            if self.release_memory is not None:
+                self.release_memory()
+                self.counters.memory_releases += 1
+                logger.info(
+                    "queued payloads fell from %d to %d bytes: freed heap given back",
+                    peak,
+                    queued,
+                )
 
     def _publish_will(self, pending: PendingWill) -> None:
         message = pending.message
@@ -523,13 +554,18 @@ class Broker:
         return changed_at
 
     def deliver_from_cluster(
-        self, message: Message, plain: bool = True, targets: Iterable[tuple[str, str]] = ()
+        self,
+        message: Message,
+        plain: bool = True,
+        targets: Iterable[tuple[str, str]] = (),
+        publisher: Publisher | None = None,
     ) -> int:
         """A message another node accepted: deliver to local subscribers only (non-shared
-        ones when ``plain``, and the named shared members)."""
-        count = self.deliver_local(message, None, shared=False) if plain else 0
+        ones when ``plain``, and the named shared members). ``publisher`` stands for the
+        publisher on that node: a session past its high-water mark pauses it there."""
+        count = self.deliver_local(message, publisher, shared=False) if plain else 0
         for shared_filter, client_id in targets:
-            count += self.deliver_shared(shared_filter, client_id, message, None)
+            count += self.deliver_shared(shared_filter, client_id, message, publisher)
         return count
 
     def set_retained_from_cluster(
@@ -567,7 +603,7 @@ class Broker:
         return messages
 
     def deliver_local(
-        self, message: Message, publisher: ClientConnection | None = None, shared: bool = True
+        self, message: Message, publisher: Publisher | None = None, shared: bool = True
     ) -> int:
         sessions = self.sessions
 
@@ -598,7 +634,7 @@ class Broker:
         shared_filter: str,
         client_id: str,
         message: Message,
-        publisher: ClientConnection | None,
+        publisher: Publisher | None,
     ) -> int:
         """One delivery to the member of a shared group the cluster picked; when it left
         meanwhile, to another local member of the group (never dropped silently)."""
@@ -625,7 +661,7 @@ class Broker:
         return 1
 
     def deliver_to_session(
-        self, session: Session, pending: Pending, publisher: ClientConnection | None = None
+        self, session: Session, pending: Pending, publisher: Publisher | None = None
     ) -> None:
         if session.moved_to is not None:
             self.cluster.forward_delivery(session.moved_to, session.client_id, pending)
@@ -666,7 +702,7 @@ class Broker:
             self.drops.record(session.client_id, reason)
 
     def _deliver_durable(
-        self, session: Session, pending: Pending, publisher: ClientConnection | None
+        self, session: Session, pending: Pending, publisher: Publisher | None
     ) -> None:
         """Queue and store; the connection sends it once the store has committed it."""
         if not session.enqueue(pending, self.settings.max_queued_bytes):

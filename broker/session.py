@@ -43,6 +43,7 @@ __all__ = [
     "Holder",
     "Outgoing",
     "Pending",
+    "Publisher",
     "QueueBudget",
     "SeenIds",
     "Session",
@@ -65,10 +66,19 @@ SEEN_IDS = 1000
 class Holder(Protocol):
     """What a publisher can be paused on: a lagging session, or a cluster peer."""
 
-    held_publishers: set[ClientConnection]
+    held_publishers: set[Publisher]
 
     @property
     def connection(self) -> ClientConnection | None: ...
+
+
+class Publisher(Protocol):
+    """What a holder pauses: a local publishing connection, or (broker.cluster) a publisher on
+    another node, paused there with a HOLD frame."""
+
+    def hold_for(self, session: Holder, peer: bool = False) -> None: ...
+
+    def session_released(self, session: Holder) -> None: ...
 
 
 @dataclass(slots=True)
@@ -140,7 +150,7 @@ class Session:
     connection: ClientConnection | None = None
     next_packet_id: int = 1
     # Publishing connections paused until this session's queue drains (see module docstring).
-    held_publishers: set[ClientConnection] = field(default_factory=set)
+    held_publishers: set[Publisher] = field(default_factory=set)
     queue_high_water: int = field(init=False)
     queue_low_water: int = field(init=False)
     # Payload bytes queued and in flight, and the node's total they are part of.

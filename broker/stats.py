@@ -59,6 +59,8 @@ class Counters:
     claims_rejected: int = 0
     # PUBACK/PUBREC/PUBCOMP held until the store committed what they promise.
     acks_after_commit: int = 0
+    # Freed heap handed back to the system after queues emptied (malloc_trim).
+    memory_releases: int = 0
     # Backpressure (broker.session): QoS 1/2 publishers paused for a subscriber's queue,
     # how many are paused now (a gauge), and pauses skipped because they would deadlock.
     publishers_paused: int = 0

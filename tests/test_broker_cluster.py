@@ -634,3 +634,29 @@ def test_persistent_session_follows_the_device_to_another_node(
             got.append(messages.get().payload.decode())
         _stop(client)
         assert sorted(got) == sorted(sent), f"round {round_number} on {away.name}"
+
+
+def test_startup_warns_when_the_cluster_ca_verifies_clients(pki: TestPKI, tmp_path: Path) -> None:
+    """Issue 14 item 7 (seed 002): the node certificate's CA also verifies MQTT clients on an
+    ssl listener: the node starts, and says to use a CA for the cluster alone."""
+    (node,) = make_cluster(tmp_path, pki, ["node-w"])
+    server = pki.node("node-w")
+    node.config.write_text(
+        node.config.read_text()
+        + f"""
+[listeners.ssl.devices]
+bind = "127.0.0.1:{free_port()}"
+[listeners.ssl.devices.ssl_options]
+cacertfile = "{pki.intermediate}"
+certfile = "{server.cert}"
+keyfile = "{server.key}"
+verify = "verify_peer"
+fail_if_no_peer_cert = true
+"""
+    )
+    try:
+        node.start()
+        wait_for(lambda: "use a CA for the cluster alone" in node.log_text(), 10, "warning")
+        assert "listener ssl:devices" in node.log_text()
+    finally:
+        node.stop()

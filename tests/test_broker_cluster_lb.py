@@ -94,6 +94,20 @@ def test_reconnect_through_lb_finds_the_session_on_another_node(
     assert len(set(homes)) > 1, homes
 
 
+def test_a_device_from_the_node_ca_is_warned_about(
+    topology: tuple[list[ClusterNode], int], pki: TestPKI
+) -> None:
+    """Issue 14 item 7: the test PKI's intermediate signs devices and nodes (as the demo's
+    does); lb sends the verified chain (chain-subjects), and the node says so, once."""
+    nodes, front = topology
+    device = Device("ca-check", V5, pki.device(6), pki.root, clean=True)
+    device.connect(front)
+    device.stop()
+    logs = [node.log_text() for node in nodes]
+    assert any("use a CA for the cluster alone (seed 002)" in log for log in logs)
+    assert all(log.count("the CA that signs this node's cluster certificate") <= 1 for log in logs)
+
+
 def test_shared_subscription_gets_each_message_once_cluster_wide(
     topology: tuple[list[ClusterNode], int], pki: TestPKI
 ) -> None:
