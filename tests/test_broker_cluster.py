@@ -660,3 +660,42 @@ fail_if_no_peer_cert = true
         assert "listener ssl:devices" in node.log_text()
     finally:
         node.stop()
+
+
+def test_clean_start_on_another_node_ends_the_session_everywhere(
+    cluster: list[Node], clients: list[Client]
+) -> None:
+    """Clean start on node 3 ends the session node 1 holds: its queued messages are gone
+    (session_present=0, nothing delivered) and its delayed will is published at once."""
+    topic = "clean/elsewhere"
+    watcher = Client(cluster[1].mqtt_port, "clean-watcher")
+    clients.append(watcher)
+    watcher.subscribe("clean/will", 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="clean-device", protocol=V5)
+    will = PahoProperties(PacketTypes.WILLMESSAGE)
+    will.WillDelayInterval = 600
+    client.will_set("clean/will", b"gone", 1, properties=will)
+    connect_properties = PahoProperties(PacketTypes.CONNECT)
+    connect_properties.SessionExpiryInterval = 3600
+    connected: queue.Queue[Any] = queue.Queue()
+    client.on_connect = lambda c, u, flags, reason, props: connected.put(reason)
+    client.connect("127.0.0.1", cluster[0].mqtt_port, 30, properties=connect_properties)
+    client.loop_start()
+    connected.get(timeout=5)
+    client.subscribe(topic, 1)
+    time.sleep(0.5)
+    client.loop_stop()
+    client.socket().close()  # gone without DISCONNECT: the will waits for its delay
+    time.sleep(0.3)
+    publisher = Client(cluster[1].mqtt_port, "clean-pub")
+    clients.append(publisher)
+    publisher.publish(topic, b"queued", 1)
+    assert watcher.drain(0.5) == []  # the will is delayed (600 s)
+    again, messages, present = _persistent(cluster[2].mqtt_port, "clean-device", V5, clean=True)
+    try:
+        assert not present
+        assert messages.empty()
+        will_message = watcher.messages.get(timeout=5)
+        assert will_message.payload == b"gone"
+    finally:
+        _stop(again)
