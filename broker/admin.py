@@ -259,6 +259,7 @@ class AdminServer:
     def _refused(self, peer: tuple[str, int], what: str) -> None:
         if self.refusals is not None:
             self.refusals.emit(f"admin API: {what} from {address_text(peer)}")
+
     def _cluster_command(self, path: str) -> tuple[int, str, bytes]:
         pieces = path.split("?", 1)[0].split("/")
         # "", "api", "cluster", "peers", NAME, COMMAND
