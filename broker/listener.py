@@ -856,7 +856,8 @@ class MQTTServerProtocol(asyncio.Protocol):
                 self.health_answered = True
                 level = packet.protocol_level
                 # As _start_mqtt decides for a client.
-                busy = listener.active > listener.config.max_connections
+                limit = listener.max_connections
+                busy = limit is not None and listener.clients >= limit
                 code = connack_code_for(level, ReasonCode.SERVER_BUSY) if busy else 0
                 self.write(encode(Connack(False, code), level))
                 listener.broker.counters.mqtt_health_checks += 1
