@@ -721,7 +721,9 @@ class ClientConnection:
                 break
             queue.popleft()
             self._send_inflight(session, pending, queued=True)
-        if session.held_publishers and len(queue) <= session.queue_low_water:
+        if session.held_publishers and session.below_low_water(
+            self.broker.settings.max_queued_bytes
+        ):
             session.release_publishers()
 
     # --- packets ----------------------------------------------------------------------------

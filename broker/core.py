@@ -680,7 +680,7 @@ class Broker:
             if (
                 publisher is not None
                 and pending.qos
-                and len(session.queue) >= session.queue_high_water
+                and session.above_high_water(self.settings.max_queued_bytes)
             ):
                 publisher.hold_for(session)
         elif pending.qos == 0:
@@ -724,7 +724,7 @@ class Broker:
         connection = session.connection
         if connection is not None:
             connection.pump_after_commit()
-            if publisher is not None and len(session.queue) >= session.queue_high_water:
+            if publisher is not None and session.above_high_water(self.settings.max_queued_bytes):
                 publisher.hold_for(session)
 
     # --- the store --------------------------------------------------------------------------

@@ -8,10 +8,13 @@ counted per client and logged), the QoS 2 packet identifiers the client sent and
 released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
 
 Backpressure (issue 4, "slow consumers"): when routing a QoS 1/2 message takes a connected
-session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``), the publishing
-connection stops being read and waits in ``held_publishers``; it is released when the queue
-drains to ``queue_low_water`` (1/2), when the session loses its connection, or when the
-session ends. An offline session holds nobody: it queues up to its bounds and then drops and
+session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``), or its queued and
+in-flight payload bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being
+read and waits in ``held_publishers``; it is released when the queue drains to
+``queue_low_water`` (1/2, in messages and in bytes), when the session loses its connection,
+or when the session ends. (Without the byte mark a queue of large messages reached its byte
+bound, and dropped acknowledged messages, long before the count mark paused anyone.) An
+offline session holds nobody: it queues up to its bounds and then drops and
 counts, so a client that never comes back cannot stall its publishers. A cluster peer is a
 holder too (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
 
@@ -209,6 +212,20 @@ class Session:
             return False
         budget = self.budget
         return budget is None or budget.bytes + size <= budget.limit or not budget.bytes
+
+    def above_high_water(self, max_bytes: int) -> bool:
+        """Whether a publisher feeding this connected session should pause."""
+        return (
+            len(self.queue) >= self.queue_high_water
+            or self.queued_bytes >= max_bytes * QUEUE_HIGH_WATER_FRACTION
+        )
+
+    def below_low_water(self, max_bytes: int) -> bool:
+        """Whether the publishers paused on this session may resume."""
+        return (
+            len(self.queue) <= self.queue_low_water
+            and self.queued_bytes <= max_bytes * QUEUE_LOW_WATER_FRACTION
+        )
 
     def enqueue(self, pending: Pending, max_bytes: int = 1 << 62) -> bool:
         """Queue a delivery; False when a bound is reached (the caller counts the drop)."""

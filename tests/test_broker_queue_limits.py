@@ -8,6 +8,7 @@ messages dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -15,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from broker.mqtt import Connack, Connect, Properties, Publish, Suback, Subscribe, Subscription
+from broker.mqtt import (
+    Connack,
+    Connect,
+    Properties,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+    encode,
+)
 from tests.broker_harness import RawClient, make_config, running_broker, wait_for
 from tests.cluster_harness import V5, Device, running_cluster
 from tests.cluster_harness import wait_for as wait_until
@@ -112,4 +122,47 @@ def test_backpressure_crosses_the_cluster_link(pki: TestPKI, tmp_path: Path) -> 
         clients = {c["client_id"]: c for c in near.admin("/api/clients")}
         assert clients["stuck-reader"]["dropped"] == dropped
         publisher.stop()
+        subscriber.close()
+
+
+def test_a_byte_bound_pauses_publishers_before_it_drops() -> None:
+    """A connected subscriber that stops reading, messages large enough that its byte bound
+    (max_queued_bytes) comes long before 3/4 of max_queued_messages: the publisher is paused
+    at 3/4 of the bytes, as at 3/4 of the count, and nothing it had a PUBACK for is dropped.
+    (With the count mark alone, 1,000 messages of 4 KiB to a 2 MiB bound dropped about 500
+    acknowledged messages and paused nobody.)"""
+    config = make_config(mqtt={"max_queued_bytes": 2 << 20, "max_queued_messages": 1000})
+    with running_broker(config) as node:
+        subscriber = RawClient(node.port(), level=4)
+        subscriber.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert isinstance(
+            subscriber.connect(Connect("MQTT", 4, True, 60, "reads-no-more")), Connack
+        )
+        subscriber.send(Subscribe(1, (Subscription("large/t", 1),)))
+        assert isinstance(subscriber.receive(), Suback)
+        publisher = socket.create_connection(("127.0.0.1", node.port()), timeout=5)
+        publisher.sendall(encode(Connect("MQTT", 4, True, 60, "large-publisher"), 4))
+        assert publisher.recv(4)[:1] == b"\x20"
+        publisher.setblocking(False)
+        payload = b"z" * (4 * KIB)
+        deadline = time.monotonic() + 20
+        for number in range(1000):
+            data = memoryview(encode(Publish("large/t", payload, 1, False, False, number + 1), 4))
+            while data and time.monotonic() < deadline:
+                try:
+                    data = data[publisher.send(data) :]
+                except BlockingIOError:
+                    time.sleep(0.01)
+                    if node.counters()["publishers_paused_current"]:
+                        break
+                with contextlib.suppress(BlockingIOError):
+                    publisher.recv(1 << 20)  # PUBACKs, read so that they do not block us
+            if node.counters()["publishers_paused_current"]:
+                break
+        wait_for(lambda: node.counters()["publishers_paused_current"] == 1)
+        counters = node.counters()
+        assert counters["messages_dropped_acknowledged"] == 0
+        session = node.call(lambda: node.broker.sessions["reads-no-more"])
+        assert session.queued_bytes <= 2 << 20
+        publisher.close()
         subscriber.close()
