@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -1233,9 +1233,35 @@ def _balance(line: Line, draft: ProxyDraft, report: Report) -> None:
             f"unknown or unsupported algorithm '{algorithm}'; lb supports {known}"
             f"{did_you_mean(algorithm, BALANCE_ALGORITHMS)}"
         )
-    if len(line.words) > 2:
+    if algorithm == "hash":
+        draft.values["hash_expression"] = _hash_expression(line.words[2:])
+    elif len(line.words) > 2:
         raise KeywordError(f"'{algorithm}' takes no argument")
+    else:
+        draft.values["hash_expression"] = None
     draft.values["balance"] = algorithm
+
+
+#: `balance hash <expr>`: the sample expressions lb evaluates (HAProxy 2.6 takes any sample
+#: expression; a device's certificate CN or its address is what keeps a device on one node).
+HASH_EXPRESSIONS = {"src": "src", "ssl_c_s_dn(cn)": "ssl_c_s_dn(cn)"}
+
+
+def _hash_expression(words: Sequence[str]) -> str:
+    if not words:
+        raise KeywordError("'hash' expects a sample expression: src or ssl_c_s_dn(cn)")
+    if len(words) > 1:
+        # HAProxy 2.6: "balance hash takes no other argument (got '...')".
+        raise KeywordError(f"'hash' takes one expression (got '{words[1]}' after it)")
+    expression = words[0]
+    # OpenSSL's names: the entry is CN (or cn, as the issue writes it), commonName.
+    canonical = expression.lower().replace("commonname", "cn")
+    if canonical in HASH_EXPRESSIONS:
+        return HASH_EXPRESSIONS[canonical]
+    raise KeywordError(
+        f"'balance hash {expression}': lb evaluates only 'src' and 'ssl_c_s_dn(cn)' "
+        "(HAProxy 2.6 takes any sample expression here)"
+    )
 
 
 def _hash_type(line: Line, draft: ProxyDraft, report: Report) -> None:
