@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -33,7 +34,9 @@ from paho.mqtt.properties import Properties as PahoProperties
 from bench.ports import free_port
 from broker.cluster import default_rpc_port
 from broker.config import load_config
+from broker.mqtt import Connack, Connect, Properties
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
+from tests.broker_harness import RawClient
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -699,3 +702,51 @@ def test_clean_start_on_another_node_ends_the_session_everywhere(
         assert will_message.payload == b"gone"
     finally:
         _stop(again)
+
+
+def _connect_at_once(sockets: list[RawClient], client_id: str) -> list[Any]:
+    """Send CONNECT (5.0, clean start 0) on every socket at the same moment; the first packet
+    each gets back (CONNACK, or None when closed without one)."""
+    barrier = threading.Barrier(len(sockets))
+    first: list[Any] = [None] * len(sockets)
+
+    def connect(index: int) -> None:
+        barrier.wait(5)
+        packet = Connect(
+            "MQTT", 5, False, 60, client_id, properties=Properties(session_expiry_interval=60)
+        )
+        try:
+            first[index] = sockets[index].connect(packet)
+        except OSError as error:
+            first[index] = error
+
+    threads = [threading.Thread(target=connect, args=(i,)) for i in range(len(sockets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    return first
+
+
+def test_two_connects_at_once_on_two_nodes_leave_exactly_one(cluster: list[Node]) -> None:
+    """The same client id connects to node-1 and node-2 at the same moment (clean start 0,
+    5.0): whatever order the claims cross in, one connection remains, on one node (the
+    higher claim; broker.registry.decide), the other is closed. Five rounds."""
+    for round_number in range(5):
+        client_id = f"twin-{round_number}"
+        sockets = [RawClient(cluster[index].mqtt_port, level=5) for index in (0, 1)]
+        try:
+            first = _connect_at_once(sockets, client_id)
+            open_ = [not raw.closed_by_server(timeout=1.5) for raw in sockets]
+            assert open_.count(True) == 1, (round_number, first, open_)
+            survivor = open_.index(True)
+            assert isinstance(first[survivor], Connack), first
+            holders = [
+                node.name
+                for node in cluster
+                if any(r["client_id"] == client_id for r in node.admin("/api/clients"))
+            ]
+            assert holders == [cluster[survivor].name], holders
+        finally:
+            for raw in sockets:
+                raw.close()
