@@ -490,6 +490,16 @@ def test_no_log_drops_inherited_logging() -> None:
         ),
         (
             "defaults",
+            "hash-type consistent djb2",
+            "'hash-type' : hash function 'djb2' not supported: lb hashes with sdbm",
+        ),
+        (
+            "defaults",
+            "hash-type map-based sdbm avalanche",
+            "'hash-type' : modifier 'avalanche' with 'map-based' not supported",
+        ),
+        (
+            "defaults",
             "log-format a b",
             "'log-format' : expects one format string (quote it if it has spaces)",
         ),
@@ -1025,7 +1035,7 @@ def test_balance_hash_keeps_its_expression_and_defaults_pass_it_on() -> None:
         """
         defaults
             balance hash ssl_c_s_dn(CN)
-            hash-type consistent
+            hash-type consistent sdbm avalanche
         listen mqtt
             bind 127.0.0.1:1883
             server s1 127.0.0.1:1884

@@ -1267,7 +1267,20 @@ def _hash_expression(words: Sequence[str]) -> str:
 def _hash_type(line: Line, draft: ProxyDraft, report: Report) -> None:
     if not 2 <= len(line.words) <= 4:
         raise KeywordError("expects 'map-based' or 'consistent' [<function> [<modifier>]]")
-    draft.values["hash_type"] = parse_choice(line.words[1], HASH_TYPES)
+    hash_type = parse_choice(line.words[1], HASH_TYPES)
+    # Never parse-and-ignore: lb hashes `balance hash` values with sdbm (HAProxy's default
+    # function) and always avalanches keys on the consistent ring (lb.balance.source).
+    if len(line.words) >= 3 and line.words[2] != "sdbm":
+        raise KeywordError(
+            f"hash function '{line.words[2]}' not supported: lb hashes with sdbm "
+            "(HAProxy's default; leave the function out)"
+        )
+    if len(line.words) == 4 and (line.words[3] != "avalanche" or hash_type != "consistent"):
+        raise KeywordError(
+            f"modifier '{line.words[3]}' with '{hash_type}' not supported: lb avalanches "
+            "every key on the consistent ring and none in the map-based table"
+        )
+    draft.values["hash_type"] = hash_type
 
 
 def _backend_name(line: Line, usage: str) -> str:
