@@ -44,12 +44,22 @@ def _is_free(port: int) -> bool:
     return True
 
 
+# Ports this process handed out: a test that asks for three ports before starting the
+# server that binds them must not get one port twice (seen: a node's admin port equal to its
+# MQTT port, "address already in use").
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that nothing on this machine is bound to right now (any address)."""
+    """A TCP port that nothing on this machine is bound to right now (any address), and that
+    this process has not handed out before."""
     low, span = _worker_slice()
     for _ in range(1000):
         port = random.randrange(low, low + span)
-        if _is_free(port):
+        if port not in _GIVEN and _is_free(port):
+            if len(_GIVEN) > span // 2:
+                _GIVEN.clear()
+            _GIVEN.add(port)
             return port
     raise RuntimeError(f"no free port in {low}..{low + span}")
 

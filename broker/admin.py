@@ -14,6 +14,8 @@ STYLE.md rule 6):
 - ``/metrics``: the same numbers in Prometheus text format;
 - ``POST /api/authz/reload``: reload the authorization policy file now (seed 003); answers
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
+- ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
+  one peer and keep it down, or let it come back (issue 12: operators, and the chaos test).
 
 What it shows (client addresses and CNs) and what it does (a policy reload disconnects
 clients) is not for everyone: with ``token_file`` (``Authorization: Bearer TOKEN``) or
@@ -89,6 +91,9 @@ def client_record(broker: Broker, connection: ClientConnection) -> dict[str, Any
         "subscriptions": 0 if session is None else len(session.subscriptions),
         "inflight": 0 if session is None else len(session.inflight),
         "queued": 0 if session is None else len(session.queue),
+        "queued_bytes": 0 if session is None else session.queued_bytes,
+        # QoS 1/2 messages this client lost to max_queued_messages/bytes (issue 14 item 2).
+        "dropped": 0 if session is None else session.dropped,
     }
 
 
@@ -100,6 +105,7 @@ def stats_record(broker: Broker) -> dict[str, int]:
     values["subscriptions_current"] = len(broker.subscriptions)
     values["retained_messages_current"] = len(broker.retained)
     values["pending_wills_current"] = len(broker.pending_wills)
+    values["queued_bytes_current"] = broker.budget.bytes
     return values
 
 
@@ -121,6 +127,8 @@ class AdminServer:
         self.origin = origin
         # Set by the server when an [authorization] section exists (POST /api/authz/reload).
         self.authorization_reload: Callable[[], dict[str, Any]] | None = None
+        # Set by the server on a clustered node: command -> function(peer name).
+        self.cluster_commands: dict[str, Callable[[str], dict[str, Any]]] = {}
         self.server: asyncio.Server | None = None
         self.token: bytes | None = None
         self.passwords: PasswordFile | None = None
@@ -207,6 +215,8 @@ class AdminServer:
                 "application/json",
                 json.dumps(self.authorization_reload(), indent=1).encode(),
             )
+        if method == "POST" and path.startswith("/api/cluster/peers/"):
+            return self._cluster_command(path)
         if method not in ("GET", "HEAD"):
             return 405, "application/json", b'{"error": "GET only"}'
         if path == "/api/clients":
@@ -249,6 +259,17 @@ class AdminServer:
     def _refused(self, peer: tuple[str, int], what: str) -> None:
         if self.refusals is not None:
             self.refusals.emit(f"admin API: {what} from {address_text(peer)}")
+
+    def _cluster_command(self, path: str) -> tuple[int, str, bytes]:
+        pieces = path.split("?", 1)[0].split("/")
+        # "", "api", "cluster", "peers", NAME, COMMAND
+        command = self.cluster_commands.get(pieces[5]) if len(pieces) == 6 else None
+        if command is None:
+            return 404, "application/json", b'{"error": "not found"}'
+        try:
+            return 200, "application/json", json.dumps(command(pieces[4])).encode()
+        except KeyError:
+            return 404, "application/json", b'{"error": "no such peer"}'
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")

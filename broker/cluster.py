@@ -1,34 +1,53 @@
-"""Node-to-node routing over mutually authenticated TLS links (seed 002, EMQX cluster security).
+"""The cluster: node-to-node links over mutual TLS (seed 002), and the rules that make the
+nodes behind a round-robin balancer behave as one broker (issue 12).
 
-Seed 002 asks for cluster RPC over TLS with ``verify = verify_peer`` and
-``fail_if_no_peer_cert = true``, node certificates from one CA, key files readable only by
-the service user (mode 600), a secret node cookie, and RPC ports 5370+N. Here:
+Links (seed 002: cluster RPC over TLS with ``verify = verify_peer`` and
+``fail_if_no_peer_cert = true``, node certificates from one CA, key files mode 600, a secret
+node cookie, RPC ports 5370+N):
 
 - Every pair of nodes shares one link. The node whose name sorts first dials, the other
-  accepts, so the direction is deterministic and there is never a second link per pair.
-  Both ends verify the other's certificate chain (the dialer also checks the peer's address
-  against the certificate's SAN). The frames are those of :mod:`broker.cluster_codec`; the
-  first one each way is HELLO, whose cookie is compared in constant time. A wrong cookie,
-  an unknown node name or another cluster name is refused with CLOSE and one log line.
-- Once up, each end sends SYNC (its complete filter list) and its retained messages; after
-  that SUBSCRIBE/UNSUBSCRIBE follow the first/last local subscriber of a filter, so a
-  subscription made on one node is known to the others within a round trip.
-- A message accepted from a local client is sent once to each node that has a matching
-  filter (the same matching as :class:`broker.subscriptions.SubscriptionTrie`), and delivered
-  there to local subscribers only (:meth:`broker.core.Broker.deliver_from_cluster`): a
-  message that came from the cluster is never forwarded again, so there are no loops and no
-  duplicates. Retained changes are replicated with their wall-clock time; on a resync the
-  newer one wins. A client connecting on one node makes the others close their connection
-  with that client id (TAKEOVER).
-- A dialer that loses its link (or never got one) redials with capped exponential backoff
-  and jitter; the other nodes keep serving meanwhile. Idle links exchange PING/PONG and a
-  silent one is closed.
-- Flow control: the TLS transport's buffer is the link's send queue. Above its high-water
-  mark QoS 0 messages are dropped and counted; past a hard limit the link is closed (it
-  resyncs on reconnect), so a stuck peer never grows memory without bound.
+  accepts. Both ends verify the other's chain; the dialer checks the peer's address against
+  the certificate's SAN, the acceptor that the certificate names the node. The frames are
+  those of :mod:`broker.cluster_codec`; the first one each way is HELLO, whose cookie is
+  compared in constant time. A refused peer gets a bare CLOSE ("refused"); the reason (wrong
+  cookie, unknown node, ...) is logged only here (issue 14 item 7: never tell an
+  unauthenticated peer the configuration).
+- A dialer that loses its link redials with capped exponential backoff and jitter. Idle links
+  exchange PING/PONG and a silent one is closed. An operator can cut and restore one link
+  (``POST /api/cluster/peers/NAME/disconnect`` and ``/connect`` on the admin API).
 
-The asyncio part (protocols, timers, TLS) lives here; the frame codec is sans-IO in
-:mod:`broker.cluster_codec`.
+Routing: each node announces its non-shared filters (SYNC, SUBSCRIBE, UNSUBSCRIBE) and its
+shared subscription members (MEMBERS). A message accepted from a local client is delivered
+to local subscribers, sent once to each node with a matching filter, and for each matching
+shared group cluster-wide one member is picked (``[mqtt] shared_subscription_strategy``:
+round_robin, random, sticky, hash_clientid, preferring connected members) and the message
+goes to that member's node tagged with it. A message from the cluster is never forwarded
+again: no loops, no duplicates. The routes of a peer that is down are kept (and stored), so
+messages for its persistent sessions wait in its outbox.
+
+QoS 1/2 across links (:mod:`broker.reliable`): QoS 1/2 PUBLISH, TRANSFER, DELIVER and state
+store writes are *reliable frames*: numbered per directed pair, kept in the sender's outbox
+(and store) until the receiver ACKs them, resent after a reconnect from the seq the
+receiver's HELLO names, applied once by the receiver (high-water committed with the effects,
+then ACKed). The outbox is bounded (``outbox_max_bytes``): past it the oldest frames are
+dropped, counted and logged. Unacknowledged bytes to a peer above ``link_high_water`` pause
+the QoS 1/2 publishers feeding it until they are under half of it (issue 14 item 2). QoS 0
+is best effort: dropped (and counted) while a link is down or its send buffer is full.
+
+One owner per client id (:mod:`broker.registry` has the rules and why): a connect claims the
+client id (CLAIM to every up peer) and, with clean start 0 and no session here, waits for
+every up peer's answer: a TRANSFER of the session (the old node closes its connection with
+DISCONNECT 0x8E, serialises the session and keeps a forwarding stub that passes on what still
+arrives for the client, as DELIVER), or CLAIM_REPLY none/rejected. A peer that does not
+answer within ``takeover_timeout`` (or whose link is down) leaves a fresh session marked
+diverged; when the links are back, OWNED lists are exchanged and the older copy merges its
+queued and in-flight messages into the newer (de-duplicated by message id: QoS 1 may arrive
+twice at such a heal, QoS 2 not, within the last 1,000 messages of that session).
+
+Retained messages are replicated with their wall-clock change time; on a resync the newer
+one wins. The asyncio part (protocols, timers, TLS) lives here; the frame codec is sans-IO
+in :mod:`broker.cluster_codec`, the claim rules in :mod:`broker.registry`, the seq/ack
+bookkeeping in :mod:`broker.reliable`.
 """
 
 from __future__ import annotations
@@ -39,17 +58,23 @@ import hmac
 import logging
 import random
 import re
+import secrets
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from broker import cluster_codec as codec
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
+from broker.hooks import ClaimOutcome
 from broker.message import Message
 from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
+from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges_into
+from broker.reliable import Inbox, InboxVerdict, Outbox
+from broker.session import Holder, Pending, Publisher
+from broker.store import StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
     ReloadingContext,
@@ -60,9 +85,11 @@ from broker.tls_listener import (
     key_permission_problems,
     serve_tls,
 )
+from lb import pem
 from lb.pem import TLSFileError
 
 if TYPE_CHECKING:
+    from broker.connection import ClientConnection
     from broker.core import Broker
 
 __all__ = [
@@ -87,18 +114,29 @@ HANDSHAKE_TIMEOUT = 10.0
 #: An idle link sends PING this often; a link silent for LINK_TIMEOUT is closed.
 PING_INTERVAL = 5.0
 LINK_TIMEOUT = 15.0
-#: Send queue (the transport's buffer): above HIGH, QoS 0 messages are dropped; past
-#: SEND_QUEUE_LIMIT the link is closed and resynced.
+#: Send queue (the transport's buffer): above HIGH, QoS 0 messages are dropped and resends
+#: wait; past SEND_QUEUE_LIMIT the link is closed (it resyncs and resends on reconnect).
 WRITE_BUFFER_HIGH = 1024 * 1024
 WRITE_BUFFER_LOW = 256 * 1024
 SEND_QUEUE_LIMIT = 32 * 1024 * 1024
-#: Frames of protocol overhead on top of the node's max_packet_size.
+#: Frames of protocol overhead on top of the node's max_packet_size (a TRANSFER carries a
+#: whole session: its queue is bounded by max_queued_bytes, which the limit adds).
 FRAME_OVERHEAD = 4 * 65_536
 #: Retained deletions remembered (topic -> time) so a resync does not bring them back.
 RETAINED_TOMBSTONES = 10_000
-#: Filters are announced and routed without their ``$share/group/`` prefix: shared groups
-#: are served per node.
+#: What a refused peer is told (issue 14 item 7): nothing about our configuration.
+BARE_REFUSAL = "refused"
+#: A publisher paused for a session on another node (HOLD) is resumed after this long even
+#: without the peer's word: a cycle of publishers and subscribers across nodes, which the
+#: single-node cycle check cannot see, must not stall forever.
+REMOTE_HOLD_LIMIT = 5.0
+#: Outbox drops are logged at most this often per peer.
+DROP_LOG_INTERVAL = 5.0
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
+#: A shared member's key in the cluster-wide trie: node and client id.
+_MEMBER_SEPARATOR = "\x00"
+#: Member states on the wire (MEMBERS).
+MEMBER_GONE, MEMBER_OFFLINE, MEMBER_ONLINE = 0, 1, 2
 
 
 class ClusterError(Exception):
@@ -114,6 +152,76 @@ def default_rpc_port(node_name: str) -> int:
 def startup_problems(config: BrokerConfig) -> list[str]:
     """Why this node must not start: cluster TLS settings, key files readable by others."""
     return list(dict.fromkeys([*Cluster.check(config), *key_permission_problems(config)]))
+
+
+def node_issuers(config: BrokerConfig) -> dict[bytes, str]:
+    """DER subject -> readable name of the CAs above this node's certificate (the CA that
+    issued it, and what issued that, as far as certfile and cacertfile show)."""
+    cluster = config.cluster
+    if cluster is None or cluster.ssl_options is None:
+        return {}
+    options = cluster.ssl_options
+    try:
+        chain = pem.load_certificates(options.certfile)
+        anchors = pem.load_certificates(options.cacertfile) if options.cacertfile else []
+    except TLSFileError:
+        return {}
+    if not chain:
+        return {}
+    issuers: dict[bytes, str] = {}
+    names = {c.subject.public_bytes(): c for c in [*chain, *anchors]}
+    current = chain[0]
+    for _ in range(10):
+        issuer = current.issuer
+        issuers[issuer.public_bytes()] = issuer.rfc4514_string()
+        parent = names.get(issuer.public_bytes())
+        if parent is None or pem.is_self_signed(parent):
+            break
+        current = parent
+    return issuers
+
+
+def cluster_ca_warnings(config: BrokerConfig) -> list[str]:
+    """Issue 14 item 7 (seed 002): a CA that signs node certificates should sign nothing else.
+    Warned when a CA above this node's certificate also verifies MQTT clients here (an ssl
+    listener's cacertfile) or names their attributes ([authorization] x509_attributes)."""
+    issuers = node_issuers(config)
+    if not issuers:
+        return []
+    warnings = []
+    for listener in config.listeners:
+        options = listener.ssl_options
+        if options is None or options.cacertfile is None or options.verify != "verify_peer":
+            continue
+        try:
+            client_cas = pem.load_certificates(options.cacertfile)
+        except TLSFileError:
+            continue
+        for ca in client_cas:
+            if ca.subject.public_bytes() in issuers:
+                warnings.append(
+                    f"the CA {ca.subject.rfc4514_string()!r} signs this node's cluster "
+                    f"certificate and also verifies MQTT clients on listener {listener.label}: "
+                    "a device certificate from it is one name away from a node identity; use a "
+                    "CA for the cluster alone (seed 002)"
+                )
+    if config.authorization is not None:
+        for _, subject, _ in config.authorization.x509_attributes:
+            for name in issuers.values():
+                if _same_name(subject, name):
+                    warnings.append(
+                        f"the CA {name!r} signs this node's cluster certificate and also "
+                        "client certificates ([authorization] x509_attributes names it): use a "
+                        "CA for the cluster alone (seed 002)"
+                    )
+    return list(dict.fromkeys(warnings))
+
+
+def _same_name(written: str, rfc4514: str) -> bool:
+    def parts(text: str) -> set[str]:
+        return {part.strip().replace(" ", "").lower() for part in text.split(",")}
+
+    return parts(written) == parts(rfc4514)
 
 
 class LinkState(enum.Enum):
@@ -141,8 +249,24 @@ class LinkCounters:
     subscriptions_received: int = 0
     retained_sent: int = 0
     retained_received: int = 0
-    takeovers_sent: int = 0
-    takeovers_received: int = 0
+    claims_sent: int = 0
+    claims_received: int = 0
+    transfers_sent: int = 0
+    transfers_received: int = 0
+    merges_sent: int = 0
+    deliveries_forwarded: int = 0
+    reliable_sent: int = 0
+    reliable_resent: int = 0
+    reliable_received: int = 0
+    reliable_duplicates: int = 0
+    reliable_gaps: int = 0
+    outbox_dropped: int = 0
+    acks_sent: int = 0
+    acks_received: int = 0
+    publishers_paused: int = 0
+    remote_pauses_sent: int = 0
+    remote_pauses_received: int = 0
+    remote_pauses_expired: int = 0
     pings_sent: int = 0
 
 
@@ -163,26 +287,34 @@ def certificate_names(certificate: dict[str, Any] | None) -> frozenset[str]:
 
 
 class Peer:
-    """One configured peer node and its (at most one) link."""
+    """One configured peer node, its (at most one) link, and what we keep for it."""
 
     __slots__ = (
+        "ack_due",
+        "ack_scheduled",
         "attempts",
         "counters",
         "dial_handle",
         "dial_task",
         "dials",
         "filters",
+        "held_publishers",
         "host",
+        "inbox",
+        "last_drop_log",
         "last_error",
         "link",
+        "members",
         "name",
+        "outbox",
         "port",
-        "routes",
         "state",
         "state_since",
+        "suspended",
+        "unlogged_drops",
     )
 
-    def __init__(self, name: str, host: str, port: int, dials: bool) -> None:
+    def __init__(self, name: str, host: str, port: int, dials: bool, outbox_limit: int) -> None:
         self.name = name
         self.host = host
         self.port = port
@@ -190,26 +322,117 @@ class Peer:
         self.state = LinkState.DOWN
         self.state_since = time.time()
         self.link: ClusterLink | None = None
-        # Full filters the peer announced, and how many of them map to each routed filter.
+        # Non-shared filters the peer announced (kept while it is down).
         self.filters: set[str] = set()
-        self.routes: dict[str, int] = {}
+        # Shared members on the peer: (shared filter, client id).
+        self.members: set[tuple[str, str]] = set()
         self.counters = LinkCounters()
         self.attempts = 0
         self.last_error: str | None = None
         self.dial_handle: asyncio.TimerHandle | None = None
         self.dial_task: asyncio.Task[None] | None = None
+        self.outbox = Outbox(outbox_limit)
+        self.inbox = Inbox()
+        # The highest seq applied and not yet ACKed, and whether an ACK is on its way.
+        self.ack_due = 0
+        self.ack_scheduled = False
+        # Publishers paused while too much to this peer is unacknowledged (session.Holder).
+        self.held_publishers: set[Publisher] = set()
+        # Cut by an operator: no dialing, inbound links refused.
+        self.suspended = False
+        self.unlogged_drops = 0
+        self.last_drop_log = 0.0
+
+    @property
+    def connection(self) -> ClientConnection | None:
+        return None  # session.Holder: a peer is never a subscriber connection
+
+    @property
+    def up(self) -> bool:
+        link = self.link
+        return link is not None and link.established
 
     @property
     def address_text(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def release_publishers(self) -> None:
+        if not self.held_publishers:
+            return
+        publishers = self.held_publishers
+        self.held_publishers = set()
+        for publisher in publishers:
+            publisher.session_released(self)
+
+
+class PeerHold:
+    """A session on a peer is behind with a local publisher's messages (HOLD): the
+    publisher's connection waits on this (session.Holder) until the peer says resume."""
+
+    __slots__ = ("held_publishers",)
+
+    def __init__(self) -> None:
+        self.held_publishers: set[Publisher] = set()
+
+    @property
+    def connection(self) -> ClientConnection | None:
+        return None
+
+    def release_publishers(self) -> None:
+        publishers, self.held_publishers = self.held_publishers, set()
+        for publisher in publishers:
+            publisher.session_released(self)
+
+
+class RemotePublisher:
+    """A publisher on another node as a local session sees it (session.Publisher): held, it
+    sends HOLD(pause) to that node, released by every session, HOLD(resume)."""
+
+    __slots__ = ("client_id", "cluster", "held_by", "peer")
+
+    def __init__(self, cluster: Cluster, peer: Peer, client_id: str) -> None:
+        self.cluster = cluster
+        self.peer = peer
+        self.client_id = client_id
+        self.held_by: set[Holder] = set()
+
+    def hold_for(self, session: Holder, peer: bool = False) -> None:
+        proxy = self.cluster.remote_publishers.get((self.peer.name, self.client_id))
+        if proxy is None:
+            proxy = self.cluster.remote_publishers[(self.peer.name, self.client_id)] = self
+        if session in proxy.held_by:
+            return
+        proxy.held_by.add(session)
+        session.held_publishers.add(proxy)
+        if len(proxy.held_by) == 1:
+            self.peer.counters.remote_pauses_sent += 1
+            self.cluster.send_hold(self.peer, self.client_id, True)
+
+    def session_released(self, session: Holder) -> None:
+        self.held_by.discard(session)
+        if not self.held_by:
+            self.cluster.remote_publishers.pop((self.peer.name, self.client_id), None)
+            self.cluster.send_hold(self.peer, self.client_id, False)
+
+
+@dataclass(slots=True)
+class Waiting:
+    """A connect waiting for the answers to its claim."""
+
+    claim: PendingClaim
+    done: Callable[[ClaimOutcome], None]
+    timer: asyncio.TimerHandle | None
+    # A peer was down when we claimed: the session may exist there (diverged).
+    unreachable: bool
 
 
 class Cluster:
     """The :class:`broker.hooks.ClusterHook` of a clustered node, plus its links.
 
     Build it from the config, :meth:`attach` the :class:`~broker.core.Broker` (the core
-    takes this object as its ``cluster``), then ``await start()``; ``await stop()`` closes
-    every link. All methods run on the event loop thread.
+    takes this object as its ``cluster``), :meth:`restore` what the store kept, then
+    ``await start()``; ``await stop()`` closes every link. All methods run on the event
+    loop thread.
     """
 
     def __init__(self, config: BrokerConfig) -> None:
@@ -224,23 +447,79 @@ class Cluster:
         for name, host, port in self.cluster_config.peers:
             if name == self.node_name:
                 continue  # one peers list shared by every node's config is fine
-            self.peers[name] = Peer(name, host, port, dials=self.node_name < name)
-        # Peer name -> inner filter; a trie keyed by peer name answers "which nodes want it".
+            self.peers[name] = Peer(
+                name,
+                host,
+                port,
+                dials=self.node_name < name,
+                outbox_limit=self.cluster_config.outbox_max_bytes,
+            )
+        # Peer name -> non-shared filter; a trie keyed by peer name answers "which nodes".
         self.routes = SubscriptionTrie()
-        self.retained_changed_at: dict[str, float] = {}
+        # Every shared member in the cluster, this node's too, keyed node\0client.
+        self.shared = SubscriptionTrie(config.mqtt.shared_subscription_strategy)
+        self.members_online: dict[str, bool] = {}
         self.retained_tombstones: OrderedDict[str, float] = OrderedDict()
+        self.waiting: dict[str, Waiting] = {}
+        self.incarnation = secrets.randbits(63) or 1
         self.server: TLSServer | None = None
         self.server_contexts: ReloadingContext | None = None
         self.client_contexts: ReloadingContext | None = None
         self.accepting: set[ClusterLink] = set()
         self.refused_inbound = 0
-        self.max_frame_size = config.mqtt.max_packet_size + FRAME_OVERHEAD
+        self.max_frame_size = (
+            config.mqtt.max_packet_size + config.mqtt.max_queued_bytes + FRAME_OVERHEAD
+        )
         self.stopping = False
+        # Received STATE writes go to the state store (set by broker.statestore).
+        self.state_handler: Callable[[codec.StateWrite], None] | None = None
+        # Reliable frames whose application waits for every up peer's ACK: seq per peer.
+        self.ack_waiters: dict[str, list[tuple[int, Callable[[], None]]]] = {}
+        # Issue 14 item 2: publishers on peers held by sessions here, and local publishers
+        # held by sessions on peers, by (peer name, client id).
+        self.remote_publishers: dict[tuple[str, str], RemotePublisher] = {}
+        self.peer_holds: dict[tuple[str, str], PeerHold] = {}
+        # Issue 14 item 7: the CAs above our node certificate, checked once against a
+        # client's verified chain (PP2 chain-subjects from lb, or the broker's own TLS).
+        self.node_issuers: dict[bytes, str] = {}
+        self.client_ca_warned = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def attach(self, broker: Broker) -> None:
         self.broker = broker
+
+    def restore(self, state: StoredState) -> None:
+        """Outboxes, inbox high-waters, routes and our incarnation from the store."""
+        broker = self.broker
+        assert broker is not None
+        store = broker.store
+        incarnation = state.meta.get("incarnation")
+        if incarnation:
+            self.incarnation = int(incarnation)
+        elif store.durable:
+            store.set_meta("incarnation", str(self.incarnation).encode())
+        for peer in self.peers.values():
+            peer.outbox.seq = int(state.meta.get(f"outbox:{peer.name}", b"0") or 0)
+            for seq, data in state.outbox.get(peer.name, []):
+                peer.outbox.restore(seq, data)
+            seen = state.meta.get(f"inbox:{peer.name}")
+            if seen:
+                peer_incarnation, applied = seen.decode().split(":")
+                peer.inbox = Inbox(int(peer_incarnation), int(applied))
+            for topic_filter in state.routes.get(peer.name, ()):
+                self._add_route(peer, topic_filter, store_it=False)
+            if peer.outbox:
+                logger.info(
+                    "cluster: %d reliable frames (%d bytes) for %s wait in the outbox",
+                    len(peer.outbox),
+                    peer.outbox.bytes,
+                    peer.name,
+                )
+        for session in broker.sessions.values():
+            for topic_filter in session.subscriptions:
+                if split_shared(topic_filter)[0] is not None:
+                    self._set_member(self.node_name, topic_filter, session.client_id, False)
 
     @staticmethod
     def check(config: BrokerConfig) -> list[str]:
@@ -298,6 +577,9 @@ class Cluster:
         )
         self.server_contexts.start()
         self.client_contexts.start()
+        for warning in cluster_ca_warnings(self.config):
+            logger.warning("cluster: %s", warning)
+        self.node_issuers = node_issuers(self.config)
         logger.info(
             "cluster %s: node %s listening on %s:%d, peers: %s",
             self.cluster_config.name,
@@ -326,6 +608,10 @@ class Cluster:
                 contexts.stop()
         if self.server is not None:
             self.server.close()
+        for waiting in list(self.waiting.values()):
+            if waiting.timer is not None:
+                waiting.timer.cancel()
+        self.waiting.clear()
         for peer in self.peers.values():
             if peer.dial_handle is not None:
                 peer.dial_handle.cancel()
@@ -342,10 +628,37 @@ class Cluster:
             except TimeoutError:
                 pass
 
+    # --- operators: cut and restore a link -----------------------------------------------------
+
+    def suspend(self, name: str) -> dict[str, Any]:
+        """Close the link to ``name`` and keep it down (admin API)."""
+        peer = self.peers.get(name)
+        if peer is None:
+            raise KeyError(name)
+        peer.suspended = True
+        if peer.dial_handle is not None:
+            peer.dial_handle.cancel()
+            peer.dial_handle = None
+        if peer.link is not None:
+            peer.link.close("link suspended by an operator")
+        logger.warning("cluster link to %s suspended by an operator", name)
+        return {"peer": name, "suspended": True}
+
+    def resume(self, name: str) -> dict[str, Any]:
+        peer = self.peers.get(name)
+        if peer is None:
+            raise KeyError(name)
+        peer.suspended = False
+        peer.attempts = 0
+        logger.warning("cluster link to %s resumed by an operator", name)
+        if peer.dials and peer.link is None:
+            self._dial_soon(peer, 0.0)
+        return {"peer": name, "suspended": False}
+
     # --- dialing -----------------------------------------------------------------------------
 
     def _dial_soon(self, peer: Peer, delay: float) -> None:
-        if self.stopping:
+        if self.stopping or peer.suspended:
             return
         loop = asyncio.get_running_loop()
 
@@ -356,7 +669,7 @@ class Cluster:
         peer.dial_handle = loop.call_later(delay, dial)
 
     def _redial(self, peer: Peer) -> None:
-        if self.stopping or not peer.dials or peer.dial_handle is not None:
+        if self.stopping or not peer.dials or peer.dial_handle is not None or peer.suspended:
             return
         if peer.dial_task is not None and not peer.dial_task.done():
             return
@@ -443,6 +756,8 @@ class Cluster:
                 return f"expected node {link.peer.name!r}, got {hello.node!r}"
         elif peer.dials:
             return f"node {hello.node!r} must accept links from {self.node_name!r}, not dial"
+        if peer.suspended:
+            return f"the link to node {hello.node!r} is suspended by an operator"
         # The shared CA also signs devices: the certificate must be one issued for this node,
         # naming it or its configured address, not just any certificate from that CA.
         if hello.node not in link.peer_names and peer.host not in link.peer_names:
@@ -453,33 +768,60 @@ class Cluster:
             )
         return None
 
-    def link_up(self, link: ClusterLink, peer: Peer) -> None:
+    def hello_for(self, peer: Peer) -> bytes:
+        inbox = peer.inbox
+        return codec.encode(
+            codec.Hello(
+                codec.PROTOCOL_VERSION,
+                self.node_name,
+                self.cluster_config.name,
+                self.cookie,
+                self.incarnation,
+                inbox.incarnation,
+                inbox.applied,
+            )
+        )
+
+    def link_up(self, link: ClusterLink, peer: Peer, hello: codec.Hello) -> None:
         old = peer.link
         if old is not None and old is not link:
             # The peer restarted while the old connection looked alive: the new one wins.
             old.replaced = True
             old.close("replaced by a new link")
-            self._drop_routes(peer)
         self.accepting.discard(link)
         peer.link = link
         peer.attempts = 0
         peer.counters.connects += 1
-        if peer.last_error is not None or peer.state is not LinkState.UP:
-            logger.info(
-                "cluster link to %s (%s) is up (%s, %s)",
-                peer.name,
-                link.address_text,
-                link.direction,
-                link.tls_version or "?",
-            )
+        broker = self.broker
+        assert broker is not None
+        if peer.inbox.peer_incarnation(hello.incarnation):
+            # A new life of the peer (it started without its store, or for the first
+            # time): its seqs start over.
+            peer.ack_due = 0
+            self._save_inbox(peer)
+        # Where the peer stands with our frames: everything up to last_applied is applied,
+        # if it speaks of this incarnation of ours; otherwise it has none of them.
+        applied = hello.last_applied if hello.peer_incarnation == self.incarnation else 0
+        if applied:
+            self._acked(peer, applied)
+        resend = sum(1 for seq, _ in peer.outbox.entries if seq > applied)
+        logger.info(
+            "cluster link to %s (%s) is up (%s, %s)%s",
+            peer.name,
+            link.address_text,
+            link.direction,
+            link.tls_version or "?",
+            f", resending {resend} reliable frames" if resend else "",
+        )
         peer.last_error = None
         self._set_state(peer, LinkState.UP)
-        broker = self.broker
-        if broker is None:
-            return
         for frame in codec.encode_sync(self._announced_filters()):
             link.send(frame)
-        link.start_retained_sync(self._retained_frames())
+        for frame in codec.encode_members(self._local_members()):
+            link.send(frame)
+        for frame in codec.encode_owned(self._owned()):
+            link.send(frame)
+        link.start_backlog(applied, self._retained_frames())
 
     def link_lost(self, link: ClusterLink, reason: str) -> None:
         self.accepting.discard(link)
@@ -491,8 +833,17 @@ class Cluster:
                 self._redial(peer)
             return
         peer.link = None
-        self._drop_routes(peer)
         peer.counters.disconnects += 1
+        self._release_waiters(peer)
+        self._forget_holds(peer)
+        # Routes stay: messages for the peer's persistent sessions wait in its outbox. Its
+        # shared members stay too, but are picked only when no other member is reachable.
+        peer.release_publishers()
+        for waiting in list(self.waiting.values()):
+            if peer.name in waiting.claim.waiting:
+                waiting.claim.answered(peer.name)
+                waiting.unreachable = True
+                self._maybe_settled(waiting.claim.client_id)
         if link.established:
             logger.warning("cluster link to %s (%s) lost: %s", peer.name, link.address_text, reason)
             peer.last_error = reason
@@ -503,7 +854,29 @@ class Cluster:
 
     def _announced_filters(self) -> list[str]:
         assert self.broker is not None
-        return sorted({_routed_filter(f) for f in self.broker.local_filters()})
+        return sorted(f for f in self.broker.local_filters() if split_shared(f)[0] is None)
+
+    def _local_members(self) -> list[tuple[int, str, str]]:
+        broker = self.broker
+        assert broker is not None
+        entries = []
+        for session in broker.sessions.values():
+            if session.moved_to is not None:
+                continue
+            state = MEMBER_ONLINE if session.connection is not None else MEMBER_OFFLINE
+            for topic_filter in session.subscriptions:
+                if split_shared(topic_filter)[0] is not None:
+                    entries.append((state, topic_filter, session.client_id))
+        return entries
+
+    def _owned(self) -> list[tuple[str, Version]]:
+        broker = self.broker
+        assert broker is not None
+        return [
+            (session.client_id, session.version)
+            for session in broker.sessions.values()
+            if session.moved_to is None and session.version is not None
+        ]
 
     def _retained_frames(self) -> Iterator[bytes]:
         broker = self.broker
@@ -512,7 +885,7 @@ class Cluster:
         for topic, message in broker.retained.items():
             if message.is_expired(now):
                 continue
-            changed_at = self.retained_changed_at.get(topic, 0.0)
+            changed_at = broker.retained_changed_at.get(topic, 0.0)
             yield codec.encode(
                 codec.Retain(
                     topic,
@@ -520,47 +893,214 @@ class Cluster:
                     changed_at,
                 )
             )
+        # Deletions too: a peer that was down while a retained message was deleted still
+        # has it, and drops it on the newer deletion (its copy is older).
+        for topic, changed_at in list(self.retained_tombstones.items()):
+            yield codec.encode(codec.Retain(topic, None, changed_at))
+
+    # --- reliable frames ---------------------------------------------------------------------
+
+    def send_reliable(self, peer: Peer, frame: codec.Frame) -> int:
+        """Number, keep (and store) and send ``frame``; returns its seq."""
+        broker = self.broker
+        assert broker is not None
+        outbox = peer.outbox
+        seq = outbox.next_seq()
+        data = codec.encode(codec.Reliable(seq, frame))
+        dropped = outbox.add(seq, data)
+        store = broker.store
+        store.add_outbox(peer.name, seq, data)
+        # The seq survives a restart even when every frame was acknowledged and deleted:
+        # the peer would take frames numbered from 1 again for duplicates.
+        store.set_meta(f"outbox:{peer.name}", str(seq).encode())
+        peer.counters.reliable_sent += 1
+        if dropped:
+            store.drop_outbox(peer.name, dropped)
+            peer.counters.outbox_dropped += len(dropped)
+            peer.unlogged_drops += len(dropped)
+            now = time.monotonic()
+            if now - peer.last_drop_log >= DROP_LOG_INTERVAL:
+                logger.warning(
+                    "cluster outbox to %s over outbox_max_bytes %d: %d oldest reliable frames "
+                    "dropped (messages for its sessions lost; %d in all)",
+                    peer.name,
+                    outbox.limit,
+                    peer.unlogged_drops,
+                    peer.counters.outbox_dropped,
+                )
+                peer.last_drop_log = now
+                peer.unlogged_drops = 0
+        link = peer.link
+        if link is not None and link.established and not link.replaying:
+            link.send(data)
+        return seq
+
+    def _acked(self, peer: Peer, seq: int) -> None:
+        broker = self.broker
+        assert broker is not None
+        if peer.outbox.ack(seq):
+            broker.store.ack_outbox(peer.name, seq)
+        if peer.held_publishers and peer.outbox.bytes <= self.cluster_config.link_high_water // 2:
+            peer.release_publishers()
+        waiters = self.ack_waiters.get(peer.name)
+        while waiters and waiters[0][0] <= seq:
+            _, callback = waiters.pop(0)
+            callback()
+
+    def when_applied(self, seqs: dict[str, int], callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every named peer has ACKed its seq (or its link dropped)."""
+        remaining = set(seqs)
+        if not remaining:
+            callback()
+            return
+
+        def one(peer_name: str) -> Callable[[], None]:
+            def applied() -> None:
+                remaining.discard(peer_name)
+                if not remaining:
+                    callback()
+
+            return applied
+
+        for peer_name, seq in seqs.items():
+            self.ack_waiters.setdefault(peer_name, []).append((seq, one(peer_name)))
+
+    def _release_waiters(self, peer: Peer) -> None:
+        for _, callback in self.ack_waiters.pop(peer.name, []):
+            callback()
+
+    def _save_inbox(self, peer: Peer) -> None:
+        assert self.broker is not None
+        inbox = peer.inbox
+        self.broker.store.set_meta(
+            f"inbox:{peer.name}", f"{inbox.incarnation}:{inbox.applied}".encode()
+        )
+
+    def applied_batch(self, peer: Peer) -> None:
+        """A read's reliable frames are applied: store the high-water with their effects
+        (same transaction), then ACK once it is committed."""
+        assert self.broker is not None
+        self._save_inbox(peer)
+        peer.ack_due = peer.inbox.applied
+        if not peer.ack_scheduled:
+            peer.ack_scheduled = True
+            self.broker.store.after_commit(lambda: self._send_ack(peer))
+
+    def _send_ack(self, peer: Peer) -> None:
+        peer.ack_scheduled = False
+        link = peer.link
+        if link is not None and link.established:
+            peer.counters.acks_sent += 1
+            link.send(codec.encode(codec.Ack(peer.ack_due)))
 
     # --- routes --------------------------------------------------------------------------------
 
-    def _add_route(self, peer: Peer, topic_filter: str) -> None:
+    def _add_route(self, peer: Peer, topic_filter: str, store_it: bool = True) -> None:
         if topic_filter in peer.filters:
             return
         peer.filters.add(topic_filter)
-        routed = _routed_filter(topic_filter)
-        count = peer.routes.get(routed, 0)
-        peer.routes[routed] = count + 1
-        if count == 0:
-            self.routes.subscribe(peer.name, routed, SubscriptionOptions(qos=2))
+        self.routes.subscribe(peer.name, topic_filter, SubscriptionOptions(qos=2))
+        if store_it and self.broker is not None:
+            self.broker.store.set_route(peer.name, topic_filter, True)
 
     def _remove_route(self, peer: Peer, topic_filter: str) -> None:
         if topic_filter not in peer.filters:
             return
         peer.filters.discard(topic_filter)
-        routed = _routed_filter(topic_filter)
-        count = peer.routes.get(routed, 0) - 1
-        if count > 0:
-            peer.routes[routed] = count
-        else:
-            peer.routes.pop(routed, None)
-            self.routes.unsubscribe(peer.name, routed)
+        self.routes.unsubscribe(peer.name, topic_filter)
+        if self.broker is not None:
+            self.broker.store.set_route(peer.name, topic_filter, False)
 
     def _drop_routes(self, peer: Peer) -> None:
-        for routed in peer.routes:
-            self.routes.unsubscribe(peer.name, routed)
-        peer.routes.clear()
+        for topic_filter in peer.filters:
+            self.routes.unsubscribe(peer.name, topic_filter)
         peer.filters.clear()
+        if self.broker is not None:
+            self.broker.store.clear_routes(peer.name)
+
+    def _set_member(
+        self, node: str, shared_filter: str, client_id: str, online: bool | None
+    ) -> None:
+        key = f"{node}{_MEMBER_SEPARATOR}{client_id}"
+        if online is None:
+            self.shared.unsubscribe(key, shared_filter)
+            if not any(True for _ in self._member_filters(key)):
+                self.members_online.pop(key, None)
+            return
+        self.shared.subscribe(key, shared_filter, SubscriptionOptions(qos=2))
+        self.members_online[key] = online
+
+    def _member_filters(self, key: str) -> Iterator[str]:
+        node, client_id = key.split(_MEMBER_SEPARATOR, 1)
+        if node == self.node_name:
+            assert self.broker is not None
+            session = self.broker.sessions.get(client_id)
+            if session is not None:
+                yield from (f for f in session.subscriptions if split_shared(f)[0] is not None)
+            return
+        peer = self.peers.get(node)
+        if peer is not None:
+            yield from (f for f, c in peer.members if c == client_id)
+
+    def _member_available(self, key: str) -> bool:
+        if not self.members_online.get(key, False):
+            return False
+        node = key.split(_MEMBER_SEPARATOR, 1)[0]
+        if node == self.node_name:
+            return True
+        peer = self.peers.get(node)
+        return peer is not None and peer.up
+
+    def _drop_members(self, peer: Peer) -> None:
+        for shared_filter, client_id in peer.members:
+            key = f"{peer.name}{_MEMBER_SEPARATOR}{client_id}"
+            self.shared.unsubscribe(key, shared_filter)
+            self.members_online.pop(key, None)
+        peer.members.clear()
+
+    def _broadcast(self, data: bytes) -> None:
+        for _, link in self._up_links():
+            link.send(data)
 
     # --- inbound frames ------------------------------------------------------------------------
 
-    def frame_received(self, link: ClusterLink, peer: Peer, frame: codec.Frame) -> None:
+    def frame_received(self, link: ClusterLink, peer: Peer, frame: codec.Frame) -> bool:
+        """Handle one frame; True when it was a reliable frame that was applied."""
         broker = self.broker
         assert broker is not None
         counters = peer.counters
-        if isinstance(frame, codec.Publish):
-            counters.messages_received += 1
-            message = frame.message.to_message(broker.clock())
-            broker.deliver_from_cluster(message)
+        if isinstance(frame, codec.Reliable):
+            counters.reliable_received += 1
+            verdict = peer.inbox.check(frame.seq)
+            if verdict is InboxVerdict.DUPLICATE:
+                counters.reliable_duplicates += 1
+                peer.ack_due = peer.inbox.applied
+                return True  # ACK again: the peer may have missed the last one
+            if verdict is InboxVerdict.GAP:
+                counters.reliable_gaps += 1
+                logger.warning(
+                    "cluster link %s: reliable frames before seq %d never arrived (the peer's "
+                    "outbox overflowed and dropped them; it counts them)",
+                    peer.name,
+                    frame.seq,
+                )
+            self._apply(link, peer, frame.frame)
+            return True
+        if isinstance(frame, codec.Ack):
+            counters.acks_received += 1
+            self._acked(peer, frame.seq)
+        elif isinstance(frame, codec.Hold):
+            self._hold_received(peer, frame)
+        elif isinstance(frame, codec.Publish):
+            self._apply(link, peer, frame)
+        elif isinstance(frame, codec.Claim):
+            self._claim_received(peer, frame)
+        elif isinstance(frame, codec.ClaimReply):
+            self._claim_reply_received(peer, frame)
+        elif isinstance(frame, codec.Owned):
+            self._owned_received(peer, frame)
+        elif isinstance(frame, codec.Members):
+            self._members_received(peer, frame)
         elif isinstance(frame, codec.Subscribe):
             counters.subscriptions_received += 1
             _check_filter(frame.topic_filter)
@@ -576,44 +1116,331 @@ class Cluster:
         elif isinstance(frame, codec.Retain):
             counters.retained_received += 1
             self._retained_received(frame)
-        elif isinstance(frame, codec.Takeover):
-            counters.takeovers_received += 1
-            if broker.take_over(frame.client_id):
-                logger.info(
-                    "client %s taken over by a connection on node %s", frame.client_id, peer.name
-                )
         elif isinstance(frame, codec.Ping):
             link.send(codec.encode(codec.Pong()))
         elif isinstance(frame, codec.Pong):
             pass
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
-        else:  # HELLO after the handshake
+        else:  # HELLO after the handshake, or a frame that only travels as RELIABLE
             raise codec.ClusterProtocolError(f"unexpected {type(frame).__name__} frame")
+        return False
+
+    def _apply(self, link: ClusterLink, peer: Peer, frame: codec.Frame) -> None:
+        """A frame whose effects must happen exactly once (inside RELIABLE, or QoS 0)."""
+        broker = self.broker
+        assert broker is not None
+        if isinstance(frame, codec.Publish):
+            peer.counters.messages_received += 1
+            message = frame.message.to_message(broker.clock())
+            for shared_filter, _ in frame.targets:
+                _check_filter(shared_filter)
+            publisher = None
+            if message.qos and message.publisher_client_id is not None:
+                publisher = RemotePublisher(self, peer, message.publisher_client_id)
+            broker.deliver_from_cluster(message, frame.plain, frame.targets, publisher)
+        elif isinstance(frame, codec.Transfer):
+            peer.counters.transfers_received += 1
+            self._transfer_received(peer, frame)
+        elif isinstance(frame, codec.Deliver):
+            self._deliver_received(peer, frame)
+        elif isinstance(frame, codec.StateWrite):
+            broker.lamport.observe(frame.version)
+            if self.state_handler is not None:
+                self.state_handler(frame)
+        else:
+            raise codec.ClusterProtocolError(
+                f"{type(frame).__name__} is not sent as a reliable frame"
+            )
 
     def _retained_received(self, frame: codec.Retain) -> None:
         broker = self.broker
         assert broker is not None
         topic = frame.topic
-        known = self.retained_changed_at.get(topic)
+        known = broker.retained_changed_at.get(topic)
         if known is None:
             known = self.retained_tombstones.get(topic)
         if known is not None and frame.changed_at <= known:
             return  # ours is as new or newer (a resync after a partition)
         if frame.message is None:
             self._remember_deletion(topic, frame.changed_at)
-            broker.set_retained_from_cluster(topic, None)
+            broker.set_retained_from_cluster(topic, None, frame.changed_at)
+            broker.retained_changed_at.pop(topic, None)
         else:
             self.retained_tombstones.pop(topic, None)
-            self.retained_changed_at[topic] = frame.changed_at
-            broker.set_retained_from_cluster(topic, frame.message.to_message(broker.clock()))
+            broker.set_retained_from_cluster(
+                topic, frame.message.to_message(broker.clock()), frame.changed_at
+            )
 
     def _remember_deletion(self, topic: str, changed_at: float) -> None:
-        self.retained_changed_at.pop(topic, None)
         self.retained_tombstones[topic] = changed_at
         self.retained_tombstones.move_to_end(topic)
         while len(self.retained_tombstones) > RETAINED_TOMBSTONES:
             self.retained_tombstones.popitem(last=False)
+
+    def send_hold(self, peer: Peer, client_id: str, pause: bool) -> None:
+        link = peer.link
+        if link is not None and link.established:
+            link.send(codec.encode(codec.Hold(client_id, pause)))
+
+    def _hold_received(self, peer: Peer, frame: codec.Hold) -> None:
+        broker = self.broker
+        assert broker is not None
+        key = (peer.name, frame.client_id)
+        if not frame.pause:
+            hold = self.peer_holds.pop(key, None)
+            if hold is not None:
+                hold.release_publishers()
+            return
+        session = broker.sessions.get(frame.client_id)
+        connection = None if session is None else session.connection
+        if connection is None:
+            return  # gone meanwhile: nothing to pause
+        peer.counters.remote_pauses_received += 1
+        hold = self.peer_holds.get(key)
+        if hold is None:
+            hold = self.peer_holds[key] = PeerHold()
+
+            def expire(hold: PeerHold = hold) -> None:
+                if self.peer_holds.get(key) is hold:
+                    peer.counters.remote_pauses_expired += 1
+                    del self.peer_holds[key]
+                    hold.release_publishers()
+
+            asyncio.get_running_loop().call_later(REMOTE_HOLD_LIMIT, expire)
+        connection.hold_for(hold, peer=True)
+
+    def _forget_holds(self, peer: Peer) -> None:
+        """A link went down: its pauses end both ways (they would never be resumed)."""
+        for key in [key for key in self.peer_holds if key[0] == peer.name]:
+            self.peer_holds.pop(key).release_publishers()
+        for key in [key for key in self.remote_publishers if key[0] == peer.name]:
+            proxy = self.remote_publishers.pop(key)
+            for session in proxy.held_by:
+                session.held_publishers.discard(proxy)
+            proxy.held_by.clear()
+
+    def _members_received(self, peer: Peer, frame: codec.Members) -> None:
+        if frame.reset:
+            self._drop_members(peer)
+        for state, shared_filter, client_id in frame.entries:
+            _check_filter(shared_filter)
+            if split_shared(shared_filter)[0] is None:
+                raise codec.ClusterProtocolError(f"MEMBERS with a plain filter {shared_filter!r}")
+            if state == MEMBER_GONE:
+                peer.members.discard((shared_filter, client_id))
+                self._set_member(peer.name, shared_filter, client_id, None)
+            else:
+                peer.members.add((shared_filter, client_id))
+                self._set_member(peer.name, shared_filter, client_id, state == MEMBER_ONLINE)
+
+    # --- claims (broker.registry has the rules) ------------------------------------------------
+
+    def claim(
+        self,
+        client_id: str,
+        clean_start: bool,
+        local: bool,
+        done: Callable[[ClaimOutcome], None],
+    ) -> None:
+        broker = self.broker
+        assert broker is not None
+        version = broker.claim_version()
+        earlier = self.waiting.pop(client_id, None)
+        if earlier is not None:
+            # The same client id connected again here while its first connect waited: the
+            # newer connect wins, as on one broker.
+            if earlier.timer is not None:
+                earlier.timer.cancel()
+            earlier.done(ClaimOutcome(earlier.claim.version, rejected=True))
+        up = [peer for peer in self.peers.values() if peer.up]
+        unreachable = len(up) < len(self.peers)
+        data = codec.encode(codec.Claim(client_id, version, clean_start))
+        for peer in up:
+            assert peer.link is not None
+            peer.counters.claims_sent += 1
+            peer.link.send(data)
+        if clean_start or local or not up:
+            # Nothing to wait for: a clean start ends the old session wherever it is (the
+            # others act on CLAIM), and a session that is here is ours already.
+            done(ClaimOutcome(version, diverged=unreachable and not clean_start and not local))
+            return
+        claim = PendingClaim(client_id, version, clean_start, {peer.name for peer in up})
+        timer = asyncio.get_running_loop().call_later(
+            self.cluster_config.takeover_timeout, self._claim_timed_out, client_id, version
+        )
+        self.waiting[client_id] = Waiting(claim, done, timer, unreachable)
+
+    def _claim_timed_out(self, client_id: str, version: Version) -> None:
+        waiting = self.waiting.get(client_id)
+        if waiting is None or waiting.claim.version != version:
+            return
+        waiting.timer = None
+        logger.warning(
+            "client_id=%s: no answer to its claim from %s within %gs: it gets a fresh session "
+            "(merged with the old one when that node is back)",
+            client_id,
+            ", ".join(sorted(waiting.claim.waiting)),
+            self.cluster_config.takeover_timeout,
+        )
+        waiting.unreachable = True
+        waiting.claim.waiting.clear()
+        self._maybe_settled(client_id)
+
+    def _maybe_settled(self, client_id: str) -> None:
+        waiting = self.waiting.get(client_id)
+        if waiting is None or not waiting.claim.complete:
+            return
+        del self.waiting[client_id]
+        if waiting.timer is not None:
+            waiting.timer.cancel()
+        claim = waiting.claim
+        outcome = ClaimOutcome(
+            claim.version,
+            rejected=bool(claim.rejected_by),
+            diverged=waiting.unreachable and not claim.transferred,
+        )
+        waiting.done(outcome)
+        # Newer claims that arrived meanwhile: hand over now that ours is settled.
+        for peer_name, frame in claim.deferred:
+            peer = self.peers.get(peer_name)
+            if peer is not None:
+                self._claim_received(peer, frame)
+
+    def _claim_received(self, peer: Peer, frame: codec.Claim) -> None:
+        broker = self.broker
+        assert broker is not None
+        peer.counters.claims_received += 1
+        broker.lamport.observe(frame.version)
+        client_id = frame.client_id
+        waiting = self.waiting.get(client_id)
+        session = broker.sessions.get(client_id)
+        owned = None
+        if session is not None and session.moved_to is None:
+            owned = session.version or Version(0, "")
+        decision = decide(owned, None if waiting is None else waiting.claim.version, frame.version)
+        if decision is ClaimDecision.DEFER:
+            assert waiting is not None
+            waiting.claim.deferred.append((peer.name, frame))
+            return
+        if decision is ClaimDecision.REJECT:
+            self._reply(peer, frame, rejected=True)
+            return
+        if decision is ClaimDecision.HAND_OVER:
+            if frame.clean_start:
+                broker.end_session(client_id, f"clean start on node {peer.name}")
+            else:
+                record = broker.hand_over(client_id, peer.name)
+                if record is not None:
+                    peer.counters.transfers_sent += 1
+                    logger.info(
+                        "session of client_id=%s handed over to node %s (%d queued or in flight)",
+                        client_id,
+                        peer.name,
+                        len(record.deliveries),
+                    )
+                    self.send_reliable(peer, codec.Transfer(frame.version, False, record))
+                    return
+        self._reply(peer, frame, rejected=False)
+
+    def _reply(self, peer: Peer, frame: codec.Claim, rejected: bool) -> None:
+        link = peer.link
+        if link is not None and link.established:
+            link.send(codec.encode(codec.ClaimReply(frame.client_id, frame.version, rejected)))
+
+    def _claim_reply_received(self, peer: Peer, frame: codec.ClaimReply) -> None:
+        broker = self.broker
+        assert broker is not None
+        waiting = self.waiting.get(frame.client_id)
+        if waiting is not None and waiting.claim.version == frame.version:
+            if frame.rejected:
+                waiting.claim.rejected_by.add(peer.name)
+            waiting.claim.answered(peer.name)
+            self._maybe_settled(frame.client_id)
+            return
+        if frame.rejected:
+            # A claim we did not wait for (clean start, or the session was here) lost to a
+            # newer one: its connection goes, as the older of two connections on one broker.
+            session = broker.sessions.get(frame.client_id)
+            if session is not None and session.version == frame.version:
+                broker.counters.claims_rejected += 1
+                if broker.take_over(frame.client_id):
+                    logger.info(
+                        "client_id=%s: a newer connection on node %s holds it; closed here",
+                        frame.client_id,
+                        peer.name,
+                    )
+
+    def _transfer_received(self, peer: Peer, frame: codec.Transfer) -> None:
+        broker = self.broker
+        assert broker is not None
+        record = frame.session
+        client_id = record.client_id
+        waiting = self.waiting.get(client_id)
+        here = broker.sessions.get(client_id)
+        if here is not None and here.moved_to is not None:
+            here = None
+        if frame.merge or here is not None:
+            broker.install_session(record, merge=True)
+            logger.info(
+                "client_id=%s: %d messages of its copy on node %s merged in",
+                client_id,
+                len(record.deliveries),
+                peer.name,
+            )
+        else:
+            broker.install_session(record, merge=False)
+            logger.info(
+                "session of client_id=%s taken over from node %s (%d queued or in flight)",
+                client_id,
+                peer.name,
+                len(record.deliveries),
+            )
+        if waiting is not None and waiting.claim.version == frame.version:
+            waiting.claim.transferred = True
+            waiting.claim.answered(peer.name)
+            self._maybe_settled(client_id)
+
+    def _owned_received(self, peer: Peer, frame: codec.Owned) -> None:
+        """After a split: the older owner of a client id merges into the newer."""
+        broker = self.broker
+        assert broker is not None
+        for client_id, theirs in frame.entries:
+            broker.lamport.observe(theirs)
+            session = broker.sessions.get(client_id)
+            if session is None or session.moved_to is not None or session.version is None:
+                continue
+            if client_id in self.waiting or not merges_into(session.version, theirs):
+                continue
+            record = broker.hand_over(client_id, peer.name)
+            if record is None:
+                continue
+            peer.counters.merges_sent += 1
+            logger.info(
+                "client_id=%s: node %s holds a newer session (after a split): %d messages of "
+                "ours merged into it",
+                client_id,
+                peer.name,
+                len(record.deliveries),
+            )
+            self.send_reliable(peer, codec.Transfer(theirs, True, record))
+
+    def _deliver_received(self, peer: Peer, frame: codec.Deliver) -> None:
+        broker = self.broker
+        assert broker is not None
+        peer.counters.deliveries_forwarded += 1
+        session = broker.sessions.get(frame.client_id)
+        delivery = frame.delivery
+        if session is None:
+            broker.counters.messages_dropped_queue_full += 1
+            if delivery.qos:
+                broker.drops.record(frame.client_id, "forwarded to a session that is gone")
+            return
+        message = delivery.message.to_message(broker.clock())
+        broker.deliver_to_session(
+            session,
+            Pending(message, delivery.qos, delivery.retain, delivery.subscription_identifiers),
+        )
 
     # --- ClusterHook -------------------------------------------------------------------------
 
@@ -623,76 +1450,132 @@ class Cluster:
             if link is not None and link.established:
                 yield peer, link
 
-    def publish_forwarded(self, message: Message) -> int:
+    def route(self, message: Message, publisher: ClientConnection | None) -> int:
         broker = self.broker
-        if broker is None or not self.peers:
-            return 0
-        if message.origin_node not in (None, self.node_name):
-            return 0  # came from the cluster: never forwarded again
-        deliveries = self.routes.match(message.topic)
-        if not deliveries:
-            return 0
-        data: bytes | None = None
-        sent = 0
-        for delivery in deliveries:
-            peer = self.peers.get(delivery.client_id)
+        assert broker is not None
+        count = broker.deliver_local(message, publisher, shared=False)
+        targets: dict[str, list[tuple[str, str]]] = {}
+        for shared_filter, group in self.shared.shared_groups(message.topic):
+            picked = group.pick(
+                self._member_available, self.shared.strategy, message.publisher_client_id
+            )
+            if picked is None:
+                continue
+            node, client_id = picked[0].split(_MEMBER_SEPARATOR, 1)
+            if node == self.node_name:
+                count += broker.deliver_shared(shared_filter, client_id, message, publisher)
+            else:
+                targets.setdefault(node, []).append((shared_filter, client_id))
+        if not self.peers:
+            return count
+        plain = {delivery.client_id for delivery in self.routes.match(message.topic)}
+        if not plain and not targets:
+            return count
+        wire: codec.WireMessage | None = None
+        for name in plain | set(targets):
+            peer = self.peers.get(name)
             if peer is None:
                 continue
-            link = peer.link
-            if link is None or not link.established:
-                peer.counters.messages_not_forwarded_link_down += 1
-                continue
-            if data is None:
+            if wire is None:
                 wire = codec.WireMessage.from_message(message, broker.clock(), self.node_name)
-                data = codec.encode(codec.Publish(wire))
-            if link.send_message(data, message.qos):
-                peer.counters.messages_forwarded += 1
-                sent += 1
-        return sent
+            frame = codec.Publish(wire, name in plain, tuple(targets.get(name, ())))
+            if message.qos == 0:
+                link = peer.link
+                if link is None or not link.established:
+                    peer.counters.messages_not_forwarded_link_down += 1
+                    continue
+                if link.send_message(codec.encode(frame)):
+                    peer.counters.messages_forwarded += 1
+                    count += 1
+                continue
+            self.send_reliable(peer, frame)
+            peer.counters.messages_forwarded += 1
+            count += 1
+            if (
+                publisher is not None
+                and peer.outbox.bytes > self.cluster_config.link_high_water
+                and peer not in publisher.held_by
+            ):
+                # Issue 14 item 2: the backpressure crosses the link.
+                peer.counters.publishers_paused += 1
+                publisher.hold_for(peer, peer=True)
+        return count
+
+    def forward_delivery(self, node: str, client_id: str, pending: Pending) -> None:
+        broker = self.broker
+        assert broker is not None
+        peer = self.peers.get(node)
+        if peer is None:
+            return
+        record = broker.delivery_record(pending)
+        if pending.qos == 0:
+            link = peer.link
+            if link is not None and link.established:
+                link.send(codec.encode(codec.Deliver(client_id, record)))
+            return
+        self.send_reliable(peer, codec.Deliver(client_id, record))
 
     def subscription_added(self, topic_filter: str) -> None:
-        self._announce_change(topic_filter, added=True)
+        if split_shared(topic_filter)[0] is None:
+            self._broadcast(codec.encode(codec.Subscribe(topic_filter)))
 
     def subscription_removed(self, topic_filter: str) -> None:
-        self._announce_change(topic_filter, added=False)
+        if split_shared(topic_filter)[0] is None:
+            self._broadcast(codec.encode(codec.Unsubscribe(topic_filter)))
 
-    def _announce_change(self, topic_filter: str, added: bool) -> None:
-        if not self.peers or self.broker is None:
+    def member_changed(self, topic_filter: str, client_id: str, connected: bool | None) -> None:
+        if split_shared(topic_filter)[0] is None:
             return
-        routed = _routed_filter(topic_filter)
-        # Several local filters map to one routed filter ("x" and "$share/g/x"): announce
-        # the first and withdraw after the last.
-        holders = sum(1 for f in self.broker.local_filters() if _routed_filter(f) == routed)
-        if holders != (1 if added else 0):
-            return
-        frame = codec.Subscribe(routed) if added else codec.Unsubscribe(routed)
-        data = codec.encode(frame)
-        for _, link in self._up_links():
-            link.send(data)
+        self._set_member(self.node_name, topic_filter, client_id, connected)
+        state = MEMBER_GONE if connected is None else MEMBER_ONLINE if connected else MEMBER_OFFLINE
+        self._broadcast(codec.encode(codec.Members(False, ((state, topic_filter, client_id),))))
 
-    def client_connected(self, client_id: str) -> None:
-        if not self.peers:
+    def _member_states(self, client_id: str, connected: bool) -> None:
+        broker = self.broker
+        assert broker is not None
+        session = broker.sessions.get(client_id)
+        if session is None:
             return
-        data = codec.encode(codec.Takeover(client_id))
-        for peer, link in self._up_links():
-            peer.counters.takeovers_sent += 1
-            link.send(data)
+        for topic_filter in session.subscriptions:
+            if split_shared(topic_filter)[0] is not None:
+                self.member_changed(topic_filter, client_id, connected)
 
-    def retained_changed(self, topic: str, message: Message | None) -> None:
+    def client_connected(self, client_id: str, version: Version) -> None:
+        self._member_states(client_id, True)
+
+    def check_client_chain(self, client_id: str, chain_subjects: tuple[bytes, ...]) -> None:
+        """Warn once when a client's certificate comes from a CA that signs our node."""
+        if self.client_ca_warned or not self.node_issuers:
+            return
+        for subject in chain_subjects[1:]:
+            name = self.node_issuers.get(subject)
+            if name is not None:
+                self.client_ca_warned = True
+                logger.warning(
+                    "cluster: client %s has a certificate from %r, the CA that signs this "
+                    "node's cluster certificate: a device certificate is one name away from "
+                    "a node identity; use a CA for the cluster alone (seed 002)",
+                    client_id,
+                    name,
+                )
+                return
+
+    def client_disconnected(self, client_id: str) -> None:
+        self._member_states(client_id, False)
+
+    def session_ended(self, client_id: str) -> None:
+        pass
+
+    def retained_changed(self, topic: str, message: Message | None, changed_at: float) -> None:
         broker = self.broker
         if broker is None:
             return
-        changed_at = time.time()
-        # Two changes within the clock's resolution still order correctly.
-        previous = self.retained_changed_at.get(topic) or self.retained_tombstones.get(topic)
-        if previous is not None and changed_at <= previous:
-            changed_at = previous + 1e-6
         if message is None:
             self._remember_deletion(topic, changed_at)
+            broker.retained_changed_at.pop(topic, None)
             wire = None
         else:
             self.retained_tombstones.pop(topic, None)
-            self.retained_changed_at[topic] = changed_at
             wire = codec.WireMessage.from_message(message, broker.clock(), self.node_name)
         if not self.peers:
             return
@@ -717,29 +1600,35 @@ class Cluster:
                     "state": peer.state.value,
                     "since": peer.state_since,
                     "direction": "dial" if peer.dials else "accept",
+                    "suspended": peer.suspended,
                     "link_address": None if link is None else link.address_text,
                     "tls_version": None if link is None else link.tls_version,
                     "last_error": peer.last_error,
                     "remote_filters": len(peer.filters),
+                    "remote_shared_members": len(peer.members),
                     "send_queue_bytes": 0 if link is None else link.queued_bytes(),
+                    "outbox_frames": len(peer.outbox),
+                    "outbox_bytes": peer.outbox.bytes,
+                    "inbox_applied": peer.inbox.applied,
+                    "publishers_paused_current": len(peer.held_publishers),
                     "counters": asdict(peer.counters),
                 }
             )
+        broker = self.broker
         return {
             "node": self.node_name,
             "cluster": self.cluster_config.name,
+            "incarnation": self.incarnation,
             "members": members,
+            "claims_waiting": len(self.waiting),
             "inbound_refused": self.refused_inbound,
+            "store": None if broker is None else broker.store.status(),
             "tls": None if self.server_contexts is None else self.server_contexts.status(),
         }
 
     def _listen_text(self) -> str:
         port = self.port if self.server is not None else self.cluster_config.port
         return f"{self.cluster_config.host}:{port}"
-
-
-def _routed_filter(topic_filter: str) -> str:
-    return split_shared(topic_filter)[1]
 
 
 def _check_filter(topic_filter: str) -> None:
@@ -753,8 +1642,8 @@ class ClusterLink(asyncio.Protocol):
     """One TLS connection between two nodes, either direction, after the TLS handshake."""
 
     __slots__ = (
+        "_backlog",
         "_ping_handle",
-        "_retained_backlog",
         "address_text",
         "closed",
         "cluster",
@@ -766,6 +1655,8 @@ class ClusterLink(asyncio.Protocol):
         "peer_names",
         "refusal",
         "replaced",
+        "replaying",
+        "resend_from",
         "tls_version",
         "transport",
         "writing_paused",
@@ -787,7 +1678,11 @@ class ClusterLink(asyncio.Protocol):
         self.writing_paused = False
         self.last_received = 0.0
         self._ping_handle: asyncio.TimerHandle | None = None
-        self._retained_backlog: Iterator[bytes] | None = None
+        # After HELLO: the outbox is resent from this seq, then the retained messages,
+        # paced by the transport's buffer; new reliable frames wait in the outbox meanwhile.
+        self.replaying = False
+        self.resend_from = 0
+        self._backlog: Iterator[bytes] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -808,7 +1703,7 @@ class ClusterLink(asyncio.Protocol):
             self.cluster.accepting.add(self)
         else:
             self.cluster._set_state(self.peer, LinkState.HANDSHAKE)
-            self.send(self._hello())
+            self.send(self.cluster.hello_for(self.peer))
         self._ping_handle = loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -817,6 +1712,7 @@ class ClusterLink(asyncio.Protocol):
         self.last_received = asyncio.get_running_loop().time()
         if self.peer is not None:
             self.peer.counters.bytes_received += len(data)
+        applied = False
         try:
             self.decoder.feed(data)
             while not self.closed:
@@ -824,20 +1720,22 @@ class ClusterLink(asyncio.Protocol):
                 if frame is codec.NEED_DATA:
                     break
                 assert not isinstance(frame, codec.NeedData)
-                self._frame(frame)
+                applied |= self._frame(frame)
         except codec.ClusterProtocolError as error:
             logger.warning("cluster link %s: protocol error: %s", self._who(), error)
             self.close(f"protocol error: {error}")
         except Exception:
             logger.exception("cluster link %s: internal error", self._who())
             self.close("internal error")
+        if applied and self.peer is not None:
+            self.cluster.applied_batch(self.peer)
 
     def eof_received(self) -> bool | None:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self._retained_backlog = None
+        self._backlog = None
         was_closed = self.closed
         self.closed = True
         self.transport = None
@@ -855,7 +1753,7 @@ class ClusterLink(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self._pump_retained()
+        self._pump_backlog()
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -870,7 +1768,8 @@ class ClusterLink(asyncio.Protocol):
             if self.peer is not None:
                 self.peer.counters.send_queue_overflows += 1
             logger.warning(
-                "cluster link %s: send queue over %d bytes (peer not reading); closing it",
+                "cluster link %s: send queue over %d bytes (peer not reading); closing it "
+                "(reliable frames are resent on reconnect)",
                 self._who(),
                 SEND_QUEUE_LIMIT,
             )
@@ -882,36 +1781,57 @@ class ClusterLink(asyncio.Protocol):
             self.peer.counters.bytes_sent += len(data)
         return True
 
-    def send_message(self, data: bytes, qos: int) -> bool:
-        """A PUBLISH frame: QoS 0 is dropped (and counted) while the queue is above HIGH."""
-        if qos == 0 and self.writing_paused:
+    def send_message(self, data: bytes) -> bool:
+        """A QoS 0 PUBLISH frame: dropped (and counted) while the queue is above HIGH."""
+        if self.writing_paused or self.replaying:
             if self.peer is not None:
                 self.peer.counters.messages_dropped_qos0_queue_full += 1
             return False
         return self.send(data)
 
-    def start_retained_sync(self, frames: Iterator[bytes]) -> None:
-        self._retained_backlog = frames
-        self._pump_retained()
+    def start_backlog(self, applied: int, retained: Iterator[bytes]) -> None:
+        """Resend the outbox after ``applied``, then the retained messages."""
+        self.replaying = True
+        self.resend_from = applied + 1
+        self._backlog = retained
+        self._pump_backlog()
 
-    def _pump_retained(self) -> None:
-        # Retained messages go out while the transport has room, so a large store does not
-        # fill the send queue in one go.
-        backlog = self._retained_backlog
-        while backlog is not None and not self.writing_paused and not self.closed:
-            data = next(backlog, None)
-            if data is None:
-                self._retained_backlog = None
+    def _pump_backlog(self) -> None:
+        peer = self.peer
+        if peer is None or self.closed:
+            return
+        if self.replaying:
+            outbox = peer.outbox
+            entries = outbox.entries
+            while not self.writing_paused and not self.closed:
+                if not entries:
+                    break
+                first = entries[0][0]
+                index = max(0, self.resend_from - first)
+                if index >= len(entries):
+                    break
+                seq, data = entries[index]
+                self.resend_from = seq + 1
+                peer.counters.reliable_resent += 1
+                self.send(data)
+            if self.writing_paused or self.closed:
                 return
-            self.send(data)
-            if self.peer is not None:
-                self.peer.counters.retained_sent += 1
+            self.replaying = False
+        backlog = self._backlog
+        while backlog is not None and not self.writing_paused and not self.closed:
+            retained = next(backlog, None)
+            if retained is None:
+                self._backlog = None
+                return
+            self.send(retained)
+            peer.counters.retained_sent += 1
 
-    def close(self, reason: str, send_close: bool = True) -> None:
+    def close(self, reason: str, send_close: bool = True, told: str | None = None) -> None:
+        """Close the link; the peer is sent CLOSE with ``told`` (default: ``reason``)."""
         if self.closed:
             return
         if send_close and self.transport is not None:
-            self.transport.write(codec.encode(codec.Close(reason)))
+            self.transport.write(codec.encode(codec.Close(told or reason)))
         self.refusal = self.refusal or reason
         self.closed = True
         self._cancel_timer()
@@ -920,32 +1840,20 @@ class ClusterLink(asyncio.Protocol):
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _hello(self) -> bytes:
-        cluster = self.cluster
-        return codec.encode(
-            codec.Hello(
-                codec.PROTOCOL_VERSION,
-                cluster.node_name,
-                cluster.cluster_config.name,
-                cluster.cookie,
-            )
-        )
-
     def _who(self) -> str:
         name = self.peer.name if self.peer is not None else "?"
         return f"{name} ({self.address_text})"
 
-    def _frame(self, frame: codec.Frame) -> None:
+    def _frame(self, frame: codec.Frame) -> bool:
         if self.peer is not None:
             self.peer.counters.frames_received += 1
         if self.established:
             assert self.peer is not None
-            self.cluster.frame_received(self, self.peer, frame)
-            return
+            return self.cluster.frame_received(self, self.peer, frame)
         if isinstance(frame, codec.Close):
             self.refusal = f"refused by the peer: {frame.reason}"
             self.close(self.refusal, send_close=False)
-            return
+            return False
         if not isinstance(frame, codec.Hello):
             raise codec.ClusterProtocolError(
                 f"expected HELLO first, got {type(frame).__name__.upper()}"
@@ -963,22 +1871,24 @@ class ClusterLink(asyncio.Protocol):
                 refusal,
             )
             self.refusal = f"refused: {refusal}"
-            self.close(refusal)
-            return
+            # Issue 14 item 7: the peer learns nothing about our configuration.
+            self.close(self.refusal, told=BARE_REFUSAL)
+            return False
         if self.peer is None:
             self.peer = self.cluster.peers[frame.node]
-            self.send(self._hello())
+            self.send(self.cluster.hello_for(self.peer))
         self.established = True
         self._cancel_timer()
         self._schedule_ping()
-        self.cluster.link_up(self, self.peer)
+        self.cluster.link_up(self, self.peer, frame)
+        return False
 
     def _handshake_timeout(self) -> None:
         self._ping_handle = None
         if not self.established:
             self.refusal = f"no HELLO within {HANDSHAKE_TIMEOUT:g}s"
             logger.warning("cluster link %s: %s", self._who(), self.refusal)
-            self.close(self.refusal)
+            self.close(self.refusal, told=BARE_REFUSAL)
 
     def _schedule_ping(self) -> None:
         self._ping_handle = asyncio.get_running_loop().call_later(PING_INTERVAL, self._ping)

@@ -4,27 +4,68 @@ The link carries length-prefixed frames over one TLS connection per pair of node
 
     frame   = length:u32 (big-endian, counts type + body) | type:u8 | body
     string  = length:u16 | UTF-8 bytes (MQTT's UTF-8 Encoded String, section 1.5.4)
-    binary  = length:u16 | bytes
+    binary  = length:u16 | bytes          blob = length:u32 | bytes
+    version = counter:u64 | node:string   (a claim on a client id, compared as a tuple)
 
 Frame types and bodies (protocol version :data:`PROTOCOL_VERSION`):
 
-``HELLO``        version:u8, node:string, cluster:string, cookie:binary. Sent by both ends
-                 first; the cookie is compared in constant time (EMQX's node.cookie).
+``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
+                 peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
+                 is compared in constant time (EMQX's node.cookie). ``last_applied`` is the
+                 last reliable seq the sender applied from the receiver's incarnation
+                 ``peer_incarnation``: the receiver resends what came after it.
 ``CLOSE``        reason:string. The sender closes the link after it (a refusal, in words).
 ``PING/PONG``    empty. Keepalive of an idle link.
 ``SYNC``         flags:u8 (bit 0 reset), then strings up to the end: the sender's complete
-                 list of topic filters (a reset frame, then continuation frames).
+                 list of non-shared routed filters (a reset frame, then continuation frames).
 ``SUBSCRIBE``    filter:string. The first local subscriber took this filter.
 ``UNSUBSCRIBE``  filter:string. The last local subscriber dropped it.
-``PUBLISH``      message (below): deliver to local subscribers, never forward again.
+``PUBLISH``      flags:u8 (bit 0: deliver to plain subscribers), count:u16, count x
+                 (shared filter:string, client id:string), message. The receiver delivers to
+                 its non-shared subscribers when bit 0 is set, and to each named shared
+                 member; it never forwards again.
 ``RETAIN``       changed_at:f64 (wall clock), flags:u8 (bit 0 message present),
                  topic:string, [message]. The retained message of a topic changed.
-``TAKEOVER``     client_id:string. A client with this id connected on the sender.
+``RELIABLE``     seq:u64, then one whole inner frame. Kept by the sender until ACKed, resent
+                 after a reconnect; the receiver applies each seq once, in order.
+``ACK``          seq:u64. Every reliable frame up to seq is applied (and committed).
+``CLAIM``        version, flags:u8 (bit 0 clean start), client_id:string. A client with
+                 this id is connecting on the sender (replaces version 1's TAKEOVER).
+``CLAIM_REPLY``  version, outcome:u8 (0 none here, 1 rejected: a newer claim holds it),
+                 client_id:string. The answer to a CLAIM when no TRANSFER is due.
+``TRANSFER``     version, flags:u8 (bit 0 merge), session record. The session of a client,
+                 handed to the claimer (or, merge, to the newer owner after a split).
+``DELIVER``      client_id:string, delivery record. A delivery for a session that moved to
+                 the receiver (its old node still had the route).
+``OWNED``        count:u16, count x (client_id:string, version). Sessions the sender owns,
+                 sent once a link is up; the older owner of a client id merges into the newer.
+``MEMBERS``      flags:u8 (bit 0 reset), count:u16, count x (state:u8 (0 gone, 1 offline,
+                 2 online), shared filter:string, client_id:string): shared subscription
+                 members on the sender.
+``STATE``        version, key:binary, flags:u8 (bit 0 value present), [value:blob,
+                 expires_at:f64 wall clock, 0 = never]. A state store write (seed 003).
+``HOLD``         flags:u8 (bit 0 pause), client_id:string. A session on the sender is past
+                 its high-water mark with messages of this publisher (on the receiver):
+                 pause reading it; without bit 0: resume (issue 14 item 2, the single-node
+                 backpressure across the link).
 
-A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present),
-topic:string, origin node:string, [publisher client id:string], the MQTT 5.0 PUBLISH
-properties exactly as in a PUBLISH packet (section 3.3.2.3, reusing the MQTT codec; the
-Message Expiry Interval carries the time left), then the payload up to the end of the frame.
+A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
+present), seq:u64, topic:string, origin node:string, [publisher client id:string],
+[milliseconds left before it expires:u32], the MQTT 5.0 PUBLISH properties exactly as in a
+PUBLISH packet (section 3.3.2.3, reusing the MQTT codec, without the Message Expiry Interval),
+then payload:blob. Expiry travels in milliseconds rounded down, so it never grows from hop to
+hop (version 1 sent whole seconds rounded up: 60 arrived as 61).
+
+A delivery record is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 in flight, bit 4 PUBREL
+sent), packet_id:u16 (0: none yet), count:u8, count x subscription identifier:u32, message.
+
+A session record (TRANSFER, and the store's session rows) is client_id:string,
+expiry_interval:u32, expires_at:f64 (wall clock, 0 = none), version, next_packet_id:u16,
+flags:u8 (bit 0 will present, bit 1 diverged), count:u16 x subscription (filter:string,
+options:u8 (bits 0-1 QoS, bit 2 No Local, bit 3 Retain As Published, bits 4-5 Retain
+Handling, bit 6 identifier present), [identifier:u32]), count:u16 x incoming QoS 2 packet
+id:u16, [will: publish_at:f64 (wall clock), expiry:u32 (0xFFFFFFFF none), message],
+count:u32 x delivery:blob.
 
 Shape (STYLE.md rule 2): :class:`ClusterDecoder` has ``feed``, ``next_event`` (a frame or
 :data:`NEED_DATA`) and ``trailing_data``; :func:`encode` is a pure function. A declared
@@ -34,7 +75,6 @@ that has raised :class:`ClusterProtocolError` accepts no more input.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -45,47 +85,82 @@ from broker.message import Message
 from broker.mqtt import MQTTProtocolError, PacketType, Properties
 from broker.mqtt.properties import decode_properties, encode_properties
 from broker.mqtt.wire import Reader, encode_binary, encode_string
+from broker.subscriptions import SubscriptionOptions
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "Ack",
+    "Claim",
+    "ClaimReply",
     "Close",
     "ClusterDecoder",
     "ClusterProtocolError",
+    "Deliver",
+    "DeliveryRecord",
     "Frame",
     "FrameType",
     "Hello",
+    "Hold",
+    "Members",
     "NeedData",
+    "Owned",
     "Ping",
     "Pong",
     "Publish",
+    "Reliable",
     "Retain",
+    "SessionRecord",
+    "StateWrite",
     "Subscribe",
     "Sync",
-    "Takeover",
+    "Transfer",
     "Unsubscribe",
+    "Version",
+    "WillRecord",
     "WireMessage",
+    "decode_delivery",
+    "decode_message",
+    "decode_session",
     "encode",
+    "encode_delivery",
+    "encode_message",
+    "encode_session",
     "encode_sync",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
 #: link passes its own limit, derived from the node's max_packet_size.
 DEFAULT_MAX_FRAME_SIZE: Final = 1_048_576 + 4 * 65_536
-#: SYNC frames are split so that each stays far below any frame limit.
+#: SYNC, OWNED and MEMBERS frames are split so that each stays far below any frame limit.
 SYNC_CHUNK_BYTES: Final = 32_768
+#: The Message Expiry Interval is a four byte integer of seconds (MQTT 5.0 section 3.3.2.3.3);
+#: in milliseconds the link carries at most this, about 49.7 days (longer is sent as this).
+MAX_EXPIRY_MS: Final = 0xFFFFFFFF
+NO_WILL_EXPIRY: Final = 0xFFFFFFFF
 
 _LENGTH: Final = struct.Struct(">I")
 _STAMP: Final = struct.Struct(">d")
+_U64: Final = struct.Struct(">Q")
+_U32: Final = struct.Struct(">I")
+_U16: Final = struct.Struct(">H")
 _QOS_MASK: Final = 0x03
 _RETAIN_FLAG: Final = 0x04
 _PUBLISHER_FLAG: Final = 0x08
+_EXPIRY_FLAG: Final = 0x10
+_INFLIGHT_FLAG: Final = 0x08
+_RELEASED_FLAG: Final = 0x10
 _RESET_FLAG: Final = 0x01
 _PRESENT_FLAG: Final = 0x01
+_PLAIN_FLAG: Final = 0x01
+_CLEAN_START_FLAG: Final = 0x01
+_MERGE_FLAG: Final = 0x01
+_WILL_FLAG: Final = 0x01
+_DIVERGED_FLAG: Final = 0x02
 
 
 class FrameType(IntEnum):
@@ -98,7 +173,17 @@ class FrameType(IntEnum):
     UNSUBSCRIBE = 7
     PUBLISH = 8
     RETAIN = 9
-    TAKEOVER = 10
+    # 10 was version 1's TAKEOVER.
+    RELIABLE = 11
+    ACK = 12
+    CLAIM = 13
+    CLAIM_REPLY = 14
+    TRANSFER = 15
+    DELIVER = 16
+    OWNED = 17
+    MEMBERS = 18
+    STATE = 19
+    HOLD = 20
 
 
 class ClusterProtocolError(Exception):
@@ -117,6 +202,14 @@ class NeedData:
 NEED_DATA: Final = NeedData()
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Version:
+    """A claim on a client id: (Lamport counter, node name), compared as a tuple."""
+
+    counter: int
+    node: str
+
+
 @dataclass(frozen=True, slots=True)
 class WireMessage:
     """A :class:`~broker.message.Message` as it crosses the link: expiry is time left."""
@@ -128,35 +221,79 @@ class WireMessage:
     properties: Properties
     origin_node: str
     publisher_client_id: str | None = None
+    seq: int = 0
+    # Milliseconds left before the message expires, rounded down; None: it never expires.
+    expiry_ms: int | None = None
 
     @classmethod
     def from_message(cls, message: Message, now: float, origin_node: str) -> WireMessage:
         """``now`` is the sender's broker clock, against which ``expires_at`` counts."""
+        expiry_ms: int | None = None
+        if message.expires_at is not None:
+            expiry_ms = min(MAX_EXPIRY_MS, max(0, math.floor((message.expires_at - now) * 1000)))
         return cls(
             message.topic,
             message.payload,
             message.qos,
             message.retain,
-            dataclasses.replace(
-                message.properties, message_expiry_interval=message.remaining_expiry(now)
-            ),
+            message.properties,
             message.origin_node or origin_node,
             message.publisher_client_id,
+            message.seq,
+            expiry_ms,
         )
 
     def to_message(self, now: float) -> Message:
         """The message on the receiver's clock ``now``."""
-        interval = self.properties.message_expiry_interval
         return Message(
             self.topic,
             self.payload,
             self.qos,
             self.retain,
-            dataclasses.replace(self.properties, message_expiry_interval=None),
-            None if interval is None else now + interval,
+            self.properties,
+            None if self.expiry_ms is None else now + self.expiry_ms / 1000,
             self.publisher_client_id,
             self.origin_node,
+            self.seq,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """One queued or in-flight delivery of a session (``broker.session.Pending``)."""
+
+    message: WireMessage
+    qos: int
+    retain: bool
+    subscription_identifiers: tuple[int, ...] = ()
+    packet_id: int = 0
+    inflight: bool = False
+    released: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WillRecord:
+    """A will waiting for its delay (MQTT 5.0 section 3.1.3.2.2), on the wall clock."""
+
+    publish_at: float
+    expiry_interval: int | None
+    message: WireMessage
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """Everything of a session that outlives its connection (MQTT 5.0 section 4.1)."""
+
+    client_id: str
+    expiry_interval: int
+    expires_at: float | None  # wall clock
+    version: Version
+    next_packet_id: int = 1
+    subscriptions: tuple[tuple[str, SubscriptionOptions], ...] = ()
+    incoming_qos2: tuple[int, ...] = ()
+    will: WillRecord | None = None
+    diverged: bool = False
+    deliveries: tuple[DeliveryRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +302,9 @@ class Hello:
     node: str
     cluster: str
     cookie: bytes
+    incarnation: int = 0
+    peer_incarnation: int = 0
+    last_applied: int = 0
 
     def __repr__(self) -> str:
         # The cookie is a secret: never in a log line.
@@ -205,6 +345,9 @@ class Unsubscribe:
 @dataclass(frozen=True, slots=True)
 class Publish:
     message: WireMessage
+    plain: bool = True
+    # (shared filter with its $share/group/ prefix, client id) to deliver to on the receiver.
+    targets: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,34 +358,224 @@ class Retain:
 
 
 @dataclass(frozen=True, slots=True)
-class Takeover:
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
     client_id: str
+    version: Version
+    clean_start: bool
 
 
-Frame = Hello | Close | Ping | Pong | Sync | Subscribe | Unsubscribe | Publish | Retain | Takeover
+@dataclass(frozen=True, slots=True)
+class ClaimReply:
+    client_id: str
+    version: Version
+    rejected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    version: Version
+    merge: bool
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    client_id: str
+    delivery: DeliveryRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    entries: tuple[tuple[str, Version], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    reset: bool
+    # (state: 0 gone, 1 offline, 2 online; shared filter; client id)
+    entries: tuple[tuple[int, str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    version: Version
+    key: bytes
+    value: bytes | None
+    expires_at: float | None  # wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    client_id: str
+    pause: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Reliable:
+    seq: int
+    frame: Frame
+
+
+Frame = (
+    Hello
+    | Close
+    | Ping
+    | Pong
+    | Sync
+    | Subscribe
+    | Unsubscribe
+    | Publish
+    | Retain
+    | Reliable
+    | Ack
+    | Claim
+    | ClaimReply
+    | Transfer
+    | Deliver
+    | Owned
+    | Members
+    | StateWrite
+    | Hold
+)
 
 
 # --- encoding ------------------------------------------------------------------------------
 
 
-def _encode_message(message: WireMessage) -> bytes:
+def _u64(value: int) -> bytes:
+    if not 0 <= value <= 0xFFFFFFFFFFFFFFFF:
+        raise ValueError(f"u64 out of range: {value}")
+    return _U64.pack(value)
+
+
+def _blob(data: bytes) -> bytes:
+    return _U32.pack(len(data)) + data
+
+
+def _version(version: Version) -> bytes:
+    return _u64(version.counter) + encode_string(version.node)
+
+
+def _stamp(value: float) -> bytes:
+    if not math.isfinite(value):
+        raise ValueError(f"timestamp must be finite, got {value}")
+    return _STAMP.pack(value)
+
+
+def encode_message(message: WireMessage) -> bytes:
     if message.qos not in (0, 1, 2):
         raise ValueError(f"QoS out of range: {message.qos}")
     flags = message.qos
     if message.retain:
         flags |= _RETAIN_FLAG
-    parts = [encode_string(message.topic), encode_string(message.origin_node)]
+    parts = [bytes((0,)), _u64(message.seq), encode_string(message.topic)]
+    parts.append(encode_string(message.origin_node))
     if message.publisher_client_id is not None:
         flags |= _PUBLISHER_FLAG
         parts.append(encode_string(message.publisher_client_id))
-    parts.append(encode_properties(message.properties, PacketType.PUBLISH))
-    parts.append(message.payload)
-    return bytes((flags,)) + b"".join(parts)
+    if message.expiry_ms is not None:
+        flags |= _EXPIRY_FLAG
+        parts.append(_U32.pack(min(MAX_EXPIRY_MS, message.expiry_ms)))
+    properties = message.properties
+    if properties.message_expiry_interval is not None:
+        raise ValueError("the Message Expiry Interval travels as expiry_ms")
+    parts.append(encode_properties(properties, PacketType.PUBLISH))
+    parts.append(_blob(message.payload))
+    parts[0] = bytes((flags,))
+    return b"".join(parts)
+
+
+def _options(options: SubscriptionOptions) -> bytes:
+    bits = options.qos | (options.retain_handling << 4)
+    if options.no_local:
+        bits |= 0x04
+    if options.retain_as_published:
+        bits |= 0x08
+    if options.subscription_identifier is None:
+        return bytes((bits,))
+    return bytes((bits | 0x40,)) + _U32.pack(options.subscription_identifier)
+
+
+def encode_delivery(delivery: DeliveryRecord) -> bytes:
+    flags = delivery.qos
+    if delivery.retain:
+        flags |= _RETAIN_FLAG
+    if delivery.inflight:
+        flags |= _INFLIGHT_FLAG
+    if delivery.released:
+        flags |= _RELEASED_FLAG
+    identifiers = delivery.subscription_identifiers
+    if len(identifiers) > 0xFF:
+        raise ValueError("more than 255 subscription identifiers")
+    return (
+        bytes((flags,))
+        + _U16.pack(delivery.packet_id)
+        + bytes((len(identifiers),))
+        + b"".join(_U32.pack(identifier) for identifier in identifiers)
+        + encode_message(delivery.message)
+    )
+
+
+def encode_session(session: SessionRecord) -> bytes:
+    flags = 0
+    if session.will is not None:
+        flags |= _WILL_FLAG
+    if session.diverged:
+        flags |= _DIVERGED_FLAG
+    parts = [
+        encode_string(session.client_id),
+        _U32.pack(session.expiry_interval),
+        _stamp(session.expires_at or 0.0),
+        _version(session.version),
+        _U16.pack(session.next_packet_id),
+        bytes((flags,)),
+        _U16.pack(len(session.subscriptions)),
+    ]
+    for topic_filter, options in session.subscriptions:
+        parts.append(encode_string(topic_filter))
+        parts.append(_options(options))
+    parts.append(_U16.pack(len(session.incoming_qos2)))
+    parts.extend(_U16.pack(packet_id) for packet_id in session.incoming_qos2)
+    will = session.will
+    if will is not None:
+        parts.append(_stamp(will.publish_at))
+        parts.append(
+            _U32.pack(NO_WILL_EXPIRY if will.expiry_interval is None else will.expiry_interval)
+        )
+        parts.append(_blob(encode_message(will.message)))
+    parts.append(_U32.pack(len(session.deliveries)))
+    parts.extend(_blob(encode_delivery(delivery)) for delivery in session.deliveries)
+    return b"".join(parts)
+
+
+def _strings(values: tuple[str, ...]) -> bytes:
+    return b"".join(encode_string(value) for value in values)
 
 
 def _body(frame: Frame) -> tuple[FrameType, bytes]:
+    if isinstance(frame, Reliable):
+        return FrameType.RELIABLE, _u64(frame.seq) + encode(frame.frame)
     if isinstance(frame, Publish):
-        return FrameType.PUBLISH, _encode_message(frame.message)
+        if len(frame.targets) > 0xFFFF:
+            raise ValueError("more than 65535 shared targets")
+        return FrameType.PUBLISH, (
+            bytes((_PLAIN_FLAG if frame.plain else 0,))
+            + _U16.pack(len(frame.targets))
+            + b"".join(
+                encode_string(topic_filter) + encode_string(client_id)
+                for topic_filter, client_id in frame.targets
+            )
+            + encode_message(frame.message)
+        )
+    if isinstance(frame, Ack):
+        return FrameType.ACK, _u64(frame.seq)
+    if isinstance(frame, Hold):
+        return FrameType.HOLD, bytes((1 if frame.pause else 0,)) + encode_string(frame.client_id)
     if isinstance(frame, Subscribe):
         return FrameType.SUBSCRIBE, encode_string(frame.topic_filter)
     if isinstance(frame, Unsubscribe):
@@ -259,28 +592,69 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
             + encode_string(frame.node)
             + encode_string(frame.cluster)
             + encode_binary(frame.cookie)
+            + _u64(frame.incarnation)
+            + _u64(frame.peer_incarnation)
+            + _u64(frame.last_applied)
         )
     if isinstance(frame, Close):
         return FrameType.CLOSE, encode_string(frame.reason)
     if isinstance(frame, Sync):
         flags = _RESET_FLAG if frame.reset else 0
-        return FrameType.SYNC, bytes((flags,)) + b"".join(
-            encode_string(topic_filter) for topic_filter in frame.filters
-        )
+        return FrameType.SYNC, bytes((flags,)) + _strings(frame.filters)
     if isinstance(frame, Retain):
-        if not math.isfinite(frame.changed_at):
-            raise ValueError(f"changed_at must be finite, got {frame.changed_at}")
-        head = _STAMP.pack(frame.changed_at)
+        head = _stamp(frame.changed_at)
         if frame.message is None:
             return FrameType.RETAIN, head + b"\x00" + encode_string(frame.topic)
         return FrameType.RETAIN, (
             head
             + bytes((_PRESENT_FLAG,))
             + encode_string(frame.topic)
-            + _encode_message(frame.message)
+            + encode_message(frame.message)
         )
-    if isinstance(frame, Takeover):
-        return FrameType.TAKEOVER, encode_string(frame.client_id)
+    if isinstance(frame, Claim):
+        return FrameType.CLAIM, (
+            _version(frame.version)
+            + bytes((_CLEAN_START_FLAG if frame.clean_start else 0,))
+            + encode_string(frame.client_id)
+        )
+    if isinstance(frame, ClaimReply):
+        return FrameType.CLAIM_REPLY, (
+            _version(frame.version)
+            + bytes((1 if frame.rejected else 0,))
+            + encode_string(frame.client_id)
+        )
+    if isinstance(frame, Transfer):
+        return FrameType.TRANSFER, (
+            _version(frame.version)
+            + bytes((_MERGE_FLAG if frame.merge else 0,))
+            + encode_session(frame.session)
+        )
+    if isinstance(frame, Deliver):
+        return FrameType.DELIVER, encode_string(frame.client_id) + encode_delivery(frame.delivery)
+    if isinstance(frame, Owned):
+        if len(frame.entries) > 0xFFFF:
+            raise ValueError("more than 65535 entries in one OWNED frame")
+        return FrameType.OWNED, _U16.pack(len(frame.entries)) + b"".join(
+            encode_string(client_id) + _version(version) for client_id, version in frame.entries
+        )
+    if isinstance(frame, Members):
+        if len(frame.entries) > 0xFFFF:
+            raise ValueError("more than 65535 entries in one MEMBERS frame")
+        return FrameType.MEMBERS, (
+            bytes((_RESET_FLAG if frame.reset else 0,))
+            + _U16.pack(len(frame.entries))
+            + b"".join(
+                bytes((state,)) + encode_string(topic_filter) + encode_string(client_id)
+                for state, topic_filter, client_id in frame.entries
+            )
+        )
+    if isinstance(frame, StateWrite):
+        body = _version(frame.version) + encode_binary(frame.key)
+        if frame.value is None:
+            return FrameType.STATE, body + b"\x00"
+        return FrameType.STATE, (
+            body + bytes((_PRESENT_FLAG,)) + _blob(frame.value) + _stamp(frame.expires_at or 0.0)
+        )
     raise TypeError(f"not a cluster frame: {frame!r}")
 
 
@@ -306,34 +680,239 @@ def encode_sync(filters: list[str] | tuple[str, ...]) -> list[bytes]:
     return frames
 
 
+def encode_owned(entries: list[tuple[str, Version]]) -> list[bytes]:
+    """Owned client ids as OWNED frames of bounded size (none when there are none)."""
+    frames: list[bytes] = []
+    chunk: list[tuple[str, Version]] = []
+    size = 0
+    for client_id, version in entries:
+        length = len(client_id.encode("utf-8")) + len(version.node.encode("utf-8")) + 12
+        if chunk and (size + length > SYNC_CHUNK_BYTES or len(chunk) == 0xFFFF):
+            frames.append(encode(Owned(tuple(chunk))))
+            chunk, size = [], 0
+        chunk.append((client_id, version))
+        size += length
+    if chunk:
+        frames.append(encode(Owned(tuple(chunk))))
+    return frames
+
+
+def encode_members(entries: list[tuple[int, str, str]]) -> list[bytes]:
+    """Every shared member as MEMBERS frames: one reset frame, then continuations."""
+    frames: list[bytes] = []
+    chunk: list[tuple[int, str, str]] = []
+    size = 0
+    for state, topic_filter, client_id in entries:
+        length = len(topic_filter.encode("utf-8")) + len(client_id.encode("utf-8")) + 5
+        if chunk and (size + length > SYNC_CHUNK_BYTES or len(chunk) == 0xFFFF):
+            frames.append(encode(Members(not frames, tuple(chunk))))
+            chunk, size = [], 0
+        chunk.append((state, topic_filter, client_id))
+        size += length
+    frames.append(encode(Members(not frames, tuple(chunk))))
+    return frames
+
+
 # --- decoding ------------------------------------------------------------------------------
 
 
-def _decode_message(reader: Reader) -> WireMessage:
+def _read_u64(reader: Reader, what: str) -> int:
+    start = reader.pos
+    if start + 8 > reader.end:
+        raise ClusterProtocolError(f"frame ends inside {what}")
+    reader.pos = start + 8
+    value: int = _U64.unpack_from(reader.view, start)[0]
+    return value
+
+
+def _read_stamp(reader: Reader, what: str) -> float:
+    start = reader.pos
+    if start + 8 > reader.end:
+        raise ClusterProtocolError(f"frame ends inside {what}")
+    reader.pos = start + 8
+    value: float = _STAMP.unpack_from(reader.view, start)[0]
+    if not math.isfinite(value):
+        raise ClusterProtocolError(f"{what} is not a finite number")
+    return value
+
+
+def _read_blob(reader: Reader, what: str) -> bytes:
+    size = reader.u32(what)
+    start = reader.pos
+    if start + size > reader.end:
+        raise ClusterProtocolError(f"frame ends inside {what}")
+    reader.pos = start + size
+    return bytes(reader.view[start : start + size])
+
+
+def _read_version(reader: Reader) -> Version:
+    return Version(_read_u64(reader, "the claim counter"), reader.string("the claim node"))
+
+
+def _read_message(reader: Reader) -> WireMessage:
     flags = reader.u8("message flags")
     qos = flags & _QOS_MASK
     if qos == 3:
         raise ClusterProtocolError("message QoS 3")
-    if flags & ~(_QOS_MASK | _RETAIN_FLAG | _PUBLISHER_FLAG):
+    if flags & ~(_QOS_MASK | _RETAIN_FLAG | _PUBLISHER_FLAG | _EXPIRY_FLAG):
         raise ClusterProtocolError(f"reserved message flags set: 0x{flags:02X}")
+    seq = _read_u64(reader, "the message seq")
     topic = reader.string("the topic")
     origin_node = reader.string("the origin node")
     publisher = reader.string("the publisher client id") if flags & _PUBLISHER_FLAG else None
+    expiry_ms = reader.u32("the expiry") if flags & _EXPIRY_FLAG else None
     properties = decode_properties(reader, PacketType.PUBLISH)
-    if properties.topic_alias is not None or properties.subscription_identifiers:
-        raise ClusterProtocolError("per-hop properties (topic alias, subscription id) in message")
-    payload = reader.rest()
+    if (
+        properties.topic_alias is not None
+        or properties.subscription_identifiers
+        or properties.message_expiry_interval is not None
+    ):
+        raise ClusterProtocolError(
+            "per-hop properties (topic alias, subscription id, expiry interval) in message"
+        )
+    payload = _read_blob(reader, "the payload")
     return WireMessage(
-        topic, payload, qos, bool(flags & _RETAIN_FLAG), properties, origin_node, publisher
+        topic,
+        payload,
+        qos,
+        bool(flags & _RETAIN_FLAG),
+        properties,
+        origin_node,
+        publisher,
+        seq,
+        expiry_ms,
     )
+
+
+def _read_options(reader: Reader) -> SubscriptionOptions:
+    bits = reader.u8("subscription options")
+    if bits & 0x80 or bits & _QOS_MASK == 3 or (bits >> 4) & 0x03 == 3:
+        raise ClusterProtocolError(f"bad subscription options 0x{bits:02X}")
+    identifier = reader.u32("the subscription identifier") if bits & 0x40 else None
+    return SubscriptionOptions(
+        bits & _QOS_MASK, bool(bits & 0x04), bool(bits & 0x08), (bits >> 4) & 0x03, identifier
+    )
+
+
+def _read_delivery(reader: Reader) -> DeliveryRecord:
+    flags = reader.u8("delivery flags")
+    qos = flags & _QOS_MASK
+    if qos == 3 or flags & ~(_QOS_MASK | _RETAIN_FLAG | _INFLIGHT_FLAG | _RELEASED_FLAG):
+        raise ClusterProtocolError(f"bad delivery flags 0x{flags:02X}")
+    packet_id = reader.u16("the packet id")
+    count = reader.u8("the identifier count")
+    identifiers = tuple(reader.u32("a subscription identifier") for _ in range(count))
+    message = _read_message(reader)
+    return DeliveryRecord(
+        message,
+        qos,
+        bool(flags & _RETAIN_FLAG),
+        identifiers,
+        packet_id,
+        bool(flags & _INFLIGHT_FLAG),
+        bool(flags & _RELEASED_FLAG),
+    )
+
+
+def _read_session(reader: Reader) -> SessionRecord:
+    client_id = reader.string("the client id")
+    expiry_interval = reader.u32("the session expiry")
+    expires_at = _read_stamp(reader, "the session deadline")
+    version = _read_version(reader)
+    next_packet_id = reader.u16("the next packet id")
+    flags = reader.u8("session flags")
+    if flags & ~(_WILL_FLAG | _DIVERGED_FLAG):
+        raise ClusterProtocolError(f"reserved session flags set: 0x{flags:02X}")
+    subscriptions = []
+    for _ in range(reader.u16("the subscription count")):
+        topic_filter = reader.string("a topic filter")
+        subscriptions.append((topic_filter, _read_options(reader)))
+    incoming = tuple(reader.u16("a packet id") for _ in range(reader.u16("the QoS 2 count")))
+    will = None
+    if flags & _WILL_FLAG:
+        publish_at = _read_stamp(reader, "the will time")
+        expiry = reader.u32("the will expiry")
+        message = decode_message(_read_blob(reader, "the will"))
+        will = WillRecord(publish_at, None if expiry == NO_WILL_EXPIRY else expiry, message)
+    deliveries = tuple(
+        decode_delivery(_read_blob(reader, "a delivery"))
+        for _ in range(reader.u32("the delivery count"))
+    )
+    return SessionRecord(
+        client_id,
+        expiry_interval,
+        expires_at or None,
+        version,
+        next_packet_id,
+        tuple(subscriptions),
+        incoming,
+        will,
+        bool(flags & _DIVERGED_FLAG),
+        deliveries,
+    )
+
+
+def _whole(data: bytes, read: object) -> object:
+    view = memoryview(data)
+    reader = Reader(view, 0, len(view))
+    try:
+        value = read(reader)  # type: ignore[operator]
+    except MQTTProtocolError as error:
+        raise ClusterProtocolError(f"malformed record: {error}") from None
+    if reader.remaining():
+        raise ClusterProtocolError(f"{reader.remaining()} unexpected bytes after a record")
+    return value
+
+
+def decode_message(data: bytes) -> WireMessage:
+    value = _whole(data, _read_message)
+    assert isinstance(value, WireMessage)
+    return value
+
+
+def decode_delivery(data: bytes) -> DeliveryRecord:
+    value = _whole(data, _read_delivery)
+    assert isinstance(value, DeliveryRecord)
+    return value
+
+
+def decode_session(data: bytes) -> SessionRecord:
+    value = _whole(data, _read_session)
+    assert isinstance(value, SessionRecord)
+    return value
 
 
 def _decode_body(frame_type: int, view: memoryview) -> Frame:
     reader = Reader(view, 0, len(view))
     frame: Frame
+    if frame_type == FrameType.RELIABLE:
+        seq = _read_u64(reader, "the seq")
+        inner = view[reader.pos :]
+        if len(inner) < FRAME_HEADER_SIZE:
+            raise ClusterProtocolError("RELIABLE frame without an inner frame")
+        (length,) = _LENGTH.unpack_from(inner, 0)
+        if length + _LENGTH.size != len(inner):
+            raise ClusterProtocolError("RELIABLE inner frame length does not match")
+        if inner[_LENGTH.size] == FrameType.RELIABLE:
+            raise ClusterProtocolError("RELIABLE inside RELIABLE")
+        return Reliable(seq, _decode_body(inner[_LENGTH.size], inner[FRAME_HEADER_SIZE:]))
     if frame_type == FrameType.PUBLISH:
-        return Publish(_decode_message(reader))
-    if frame_type == FrameType.SUBSCRIBE:
+        flags = reader.u8("publish flags")
+        if flags & ~_PLAIN_FLAG:
+            raise ClusterProtocolError(f"reserved publish flags set: 0x{flags:02X}")
+        targets = tuple(
+            (reader.string("a shared filter"), reader.string("a client id"))
+            for _ in range(reader.u16("the target count"))
+        )
+        frame = Publish(_read_message(reader), bool(flags & _PLAIN_FLAG), targets)
+    elif frame_type == FrameType.ACK:
+        frame = Ack(_read_u64(reader, "the seq"))
+    elif frame_type == FrameType.HOLD:
+        flags = reader.u8("hold flags")
+        if flags > 1:
+            raise ClusterProtocolError(f"reserved hold flags set: 0x{flags:02X}")
+        frame = Hold(reader.string("the client id"), bool(flags))
+    elif frame_type == FrameType.SUBSCRIBE:
         frame = Subscribe(reader.string("the topic filter"))
     elif frame_type == FrameType.UNSUBSCRIBE:
         frame = Unsubscribe(reader.string("the topic filter"))
@@ -343,11 +922,21 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         frame = Pong()
     elif frame_type == FrameType.HELLO:
         version = reader.u8("the protocol version")
+        node = reader.string("the node name")
+        cluster = reader.string("the cluster name")
+        cookie = reader.binary("the cookie")
+        if version != PROTOCOL_VERSION:
+            # A node of another version: its HELLO is read only as far as the fields every
+            # version has, so the refusal can say which version it speaks.
+            return Hello(version, node, cluster, cookie)
         frame = Hello(
             version,
-            reader.string("the node name"),
-            reader.string("the cluster name"),
-            reader.binary("the cookie"),
+            node,
+            cluster,
+            cookie,
+            _read_u64(reader, "the incarnation"),
+            _read_u64(reader, "the peer incarnation"),
+            _read_u64(reader, "the last applied seq"),
         )
     elif frame_type == FrameType.CLOSE:
         frame = Close(reader.string("the reason"))
@@ -360,21 +949,62 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
             filters.append(reader.string("a topic filter"))
         frame = Sync(bool(flags & _RESET_FLAG), tuple(filters))
     elif frame_type == FrameType.RETAIN:
-        if reader.remaining() < _STAMP.size:
-            raise ClusterProtocolError("RETAIN frame shorter than its timestamp")
-        (changed_at,) = _STAMP.unpack_from(view, 0)
-        reader.pos = _STAMP.size
-        if not math.isfinite(changed_at):
-            raise ClusterProtocolError("RETAIN timestamp is not a finite number")
+        changed_at = _read_stamp(reader, "the RETAIN timestamp")
         flags = reader.u8("retain flags")
         if flags & ~_PRESENT_FLAG:
             raise ClusterProtocolError(f"reserved retain flags set: 0x{flags:02X}")
         topic = reader.string("the topic")
-        if flags & _PRESENT_FLAG:
-            return Retain(topic, _decode_message(reader), changed_at)
-        frame = Retain(topic, None, changed_at)
-    elif frame_type == FrameType.TAKEOVER:
-        frame = Takeover(reader.string("the client id"))
+        message = _read_message(reader) if flags & _PRESENT_FLAG else None
+        frame = Retain(topic, message, changed_at)
+    elif frame_type == FrameType.CLAIM:
+        claim_version = _read_version(reader)
+        flags = reader.u8("claim flags")
+        if flags & ~_CLEAN_START_FLAG:
+            raise ClusterProtocolError(f"reserved claim flags set: 0x{flags:02X}")
+        frame = Claim(reader.string("the client id"), claim_version, bool(flags))
+    elif frame_type == FrameType.CLAIM_REPLY:
+        claim_version = _read_version(reader)
+        outcome = reader.u8("the claim outcome")
+        if outcome > 1:
+            raise ClusterProtocolError(f"unknown claim outcome {outcome}")
+        frame = ClaimReply(reader.string("the client id"), claim_version, bool(outcome))
+    elif frame_type == FrameType.TRANSFER:
+        claim_version = _read_version(reader)
+        flags = reader.u8("transfer flags")
+        if flags & ~_MERGE_FLAG:
+            raise ClusterProtocolError(f"reserved transfer flags set: 0x{flags:02X}")
+        frame = Transfer(claim_version, bool(flags), _read_session(reader))
+    elif frame_type == FrameType.DELIVER:
+        frame = Deliver(reader.string("the client id"), _read_delivery(reader))
+    elif frame_type == FrameType.OWNED:
+        entries = []
+        for _ in range(reader.u16("the entry count")):
+            client_id = reader.string("a client id")
+            entries.append((client_id, _read_version(reader)))
+        frame = Owned(tuple(entries))
+    elif frame_type == FrameType.MEMBERS:
+        flags = reader.u8("members flags")
+        if flags & ~_RESET_FLAG:
+            raise ClusterProtocolError(f"reserved members flags set: 0x{flags:02X}")
+        members = []
+        for _ in range(reader.u16("the member count")):
+            state = reader.u8("a member state")
+            if state > 2:
+                raise ClusterProtocolError(f"unknown member state {state}")
+            members.append((state, reader.string("a shared filter"), reader.string("a client id")))
+        frame = Members(bool(flags), tuple(members))
+    elif frame_type == FrameType.STATE:
+        claim_version = _read_version(reader)
+        key = reader.binary("the key")
+        flags = reader.u8("state flags")
+        if flags & ~_PRESENT_FLAG:
+            raise ClusterProtocolError(f"reserved state flags set: 0x{flags:02X}")
+        if flags:
+            value = _read_blob(reader, "the value")
+            expires_at = _read_stamp(reader, "the key's deadline")
+            frame = StateWrite(claim_version, key, value, expires_at or None)
+        else:
+            frame = StateWrite(claim_version, key, None, None)
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():

@@ -20,6 +20,9 @@ Shape (every table and key optional except where noted)::
     subscription_identifier_available = true
     wildcard_subscription_available = true
     connect_timeout = 10           # seconds to receive CONNECT
+    max_queued_bytes = 16777216    # per session: payload bytes queued and in flight (mosquitto)
+    max_node_queued_bytes = 1073741824  # the node's budget for all sessions' payload bytes
+    shared_subscription_strategy = "round_robin"   # random, sticky, hash_clientid (EMQX)
 
     [listeners.tcp.default]
     bind = "0.0.0.0:1883"
@@ -55,7 +58,16 @@ Shape (every table and key optional except where noted)::
     name = "mqtt-cluster"
     bind = "127.0.0.1:5371"
     peers = ["broker-2@127.0.0.1:5372"]
+    takeover_timeout = "5s"        # a connect waits this long for the other nodes' answers
+    outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
+    link_high_water = 8388608      # unacknowledged bytes to a peer that pause its publishers
     [cluster.ssl_options]          # as above
+
+    [store]                        # issue 12: what survives a SIGKILL (broker/store.py)
+    mode = "disk"                  # or "memory" (nothing written; the default without [store])
+    path = "data/broker-1.db"      # default data/<node name>.db beside the config file
+    synchronous = "normal"         # "full": also survives a power loss (fsync per commit)
+    max_pending_bytes = 67108864   # waiting for the writer; above it publishers are paused
 
     [admin]
     bind = "127.0.0.1:18083"       # not loopback: token_file or password_file is required
@@ -100,6 +112,7 @@ __all__ = [
     "ListenerConfig",
     "MQTTSettings",
     "SSLOptions",
+    "StoreConfig",
     "config_warnings",
     "default_config",
     "is_loopback_host",
@@ -124,6 +137,9 @@ PENDING_HEADROOM = 65536
 # The smallest proxy_protocol_max_size: a v2 header with the largest address block (AF_UNIX,
 # 216 bytes) and no TLV must fit (proxy-protocol.txt section 2.2).
 MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
+# EMQX's names (broker.shared_subscription_strategy); round_robin is our default, as EMQX 5's.
+DEFAULT_STORE_PENDING_BYTES = 64 * 1024 * 1024
+SHARED_SUBSCRIPTION_STRATEGIES = ("round_robin", "random", "sticky", "hash_clientid")
 
 
 class ConfigError(Exception):
@@ -151,6 +167,12 @@ class MQTTSettings:
     subscription_identifier_available: bool = True
     wildcard_subscription_available: bool = True
     connect_timeout: float = 10.0
+    # Issue 14 item 1: bytes as well as counts. Payload bytes one session may hold queued and
+    # in flight, and all sessions of the node together; past either, deliveries to offline or
+    # lagging sessions are dropped, counted per client and logged (rate-limited).
+    max_queued_bytes: int = 16 * 1024 * 1024
+    max_node_queued_bytes: int = 1024 * 1024 * 1024
+    shared_subscription_strategy: str = "round_robin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +242,23 @@ class ClusterConfig:
     port: int = 0
     peers: tuple[tuple[str, str, int], ...] = ()  # (node name, host, port)
     ssl_options: SSLOptions | None = None
+    # Issue 12: how long a connect waits for the other nodes' answers to its claim.
+    takeover_timeout: float = 5.0
+    # Reliable frames kept per peer until acknowledged (also while it is down).
+    outbox_max_bytes: int = 256 * 1024 * 1024
+    # Issue 14 item 2: unacknowledged bytes to a peer above this pause the QoS 1/2
+    # publishers feeding it; they resume below half of it.
+    link_high_water: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]`` (issue 12, broker/store.py): where sessions and messages survive a restart."""
+
+    mode: Literal["disk", "memory"] = "memory"
+    path: Path | None = None
+    synchronous: Literal["normal", "full"] = "normal"
+    max_pending_bytes: int = DEFAULT_STORE_PENDING_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +293,7 @@ class BrokerConfig:
     cluster: ClusterConfig | None = None
     admin: AdminConfig | None = None
     authorization: AuthorizationConfig | None = None
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 def default_config(port: int, host: str = "127.0.0.1") -> BrokerConfig:
@@ -553,9 +593,49 @@ def _parse_mqtt(reader: _Reader | None) -> MQTTSettings:
             "wildcard_subscription_available", defaults.wildcard_subscription_available
         ),
         connect_timeout=reader.duration("connect_timeout", defaults.connect_timeout),
+        max_queued_bytes=reader.integer("max_queued_bytes", defaults.max_queued_bytes, 1024, 2**40),
+        max_node_queued_bytes=reader.integer(
+            "max_node_queued_bytes", defaults.max_node_queued_bytes, 1024, 2**44
+        ),
+        shared_subscription_strategy=_parse_strategy(reader),
     )
     reader.reject_unknown()
     return settings
+
+
+def _parse_strategy(reader: _Reader) -> str:
+    value = reader.string("shared_subscription_strategy", "round_robin") or "round_robin"
+    if value not in SHARED_SUBSCRIPTION_STRATEGIES:
+        raise reader.fail(
+            "shared_subscription_strategy",
+            f"expected one of {', '.join(SHARED_SUBSCRIPTION_STRATEGIES)}, got {value!r}",
+        )
+    return value
+
+
+def _parse_store(reader: _Reader | None, node_name: str, base: Path) -> StoreConfig:
+    if reader is None:
+        return StoreConfig()
+    mode = reader.string("mode", "disk")
+    if mode not in ("disk", "memory"):
+        raise reader.fail("mode", f'expected "disk" or "memory", got {mode!r}')
+    synchronous = reader.string("synchronous", "normal")
+    if synchronous not in ("normal", "full"):
+        raise reader.fail("synchronous", f'expected "normal" or "full", got {synchronous!r}')
+    path = _parse_path(reader, "path", base, required=False)
+    if path is None and mode == "disk":
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", node_name)
+        path = base / "data" / f"{safe}.db"
+    store = StoreConfig(
+        mode="disk" if mode == "disk" else "memory",
+        path=path,
+        synchronous="full" if synchronous == "full" else "normal",
+        max_pending_bytes=reader.integer(
+            "max_pending_bytes", DEFAULT_STORE_PENDING_BYTES, 1024 * 1024, 2**40
+        ),
+    )
+    reader.reject_unknown()
+    return store
 
 
 def _parse_peer(reader: _Reader, value: str) -> tuple[str, str, int]:
@@ -612,6 +692,7 @@ def parse_config(
             for value in cluster_reader.string_list("peers") or []
         )
         ssl_reader = cluster_reader.table_at("ssl_options")
+        defaults = ClusterConfig()
         cluster = ClusterConfig(
             name=cluster_reader.string("name", "mqtt-cluster") or "mqtt-cluster",
             host=host,
@@ -620,6 +701,13 @@ def parse_config(
             ssl_options=None
             if ssl_reader is None
             else _parse_ssl_options(ssl_reader, base_directory),
+            takeover_timeout=cluster_reader.duration("takeover_timeout", defaults.takeover_timeout),
+            outbox_max_bytes=cluster_reader.integer(
+                "outbox_max_bytes", defaults.outbox_max_bytes, 1024 * 1024, 2**44
+            ),
+            link_high_water=cluster_reader.integer(
+                "link_high_water", defaults.link_high_water, 64 * 1024, 2**40
+            ),
         )
         cluster_reader.reject_unknown()
         if peers and cookie is None:
@@ -656,6 +744,7 @@ def parse_config(
             )
     authorization = _parse_authorization(root.table_at("authorization"), base_directory)
     _check_authorization_links(origin, listeners, authorization)
+    store = _parse_store(root.table_at("store"), node_name, base_directory)
     root.reject_unknown()
     return BrokerConfig(
         origin=origin,
@@ -666,6 +755,7 @@ def parse_config(
         cluster=cluster,
         admin=admin,
         authorization=authorization,
+        store=store,
     )
 
 

@@ -16,7 +16,13 @@
 - protocol errors: 5.0 gets DISCONNECT with the reason code, then the connection closes;
 - input pacing: at most ``PACKETS_PER_TURN`` packets are handled per call, and none while a
   subscriber session this connection published QoS 1/2 to is past its high-water mark
-  (:mod:`broker.session`); the net layer stops reading meanwhile (``pause_input``).
+  (:mod:`broker.session`), a cluster peer it publishes to has too much unacknowledged, or
+  the store's writer is behind; the net layer stops reading meanwhile (``pause_input``);
+- issue 12: CONNECT claims the client id cluster-wide before CONNACK (the session may come
+  from another node; input waits meanwhile); a PUBACK, PUBREC or PUBCOMP that promises
+  durable work is sent once the store has committed it, and every acknowledgement after it
+  waits its turn, so they stay in order (MQTT 5.0 section 4.6); a delivery to a durable
+  session leaves only once it is stored (:mod:`broker.core`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any, NoReturn, Protocol, cast
 
 from broker.config import ListenerConfig
 from broker.core import Broker
-from broker.hooks import PeerIdentity, Principal
+from broker.hooks import ClaimOutcome, PeerIdentity, Principal
 from broker.message import Message
 from broker.mqtt import (
     EMPTY_PROPERTIES,
@@ -58,7 +64,7 @@ from broker.mqtt import (
     parse_shared,
     validate_topic_filter,
 )
-from broker.session import SESSION_NEVER_EXPIRES, Outgoing, Pending, Session
+from broker.session import SESSION_NEVER_EXPIRES, Holder, Outgoing, Pending, Session
 from broker.subscriptions import SubscriptionOptions
 
 __all__ = ["ClientConnection", "ConnectionIO"]
@@ -119,9 +125,11 @@ class _ConnectionClosedError(Exception):
 
 class ClientConnection:
     __slots__ = (
+        "_acks_waiting",
         "_decoder",
         "_inbound_aliases",
         "_outbound_aliases",
+        "_pump_scheduled",
         "broker",
         "clean_start",
         "client_id",
@@ -141,6 +149,7 @@ class ClientConnection:
         "send_quota",
         "session",
         "state",
+        "store_held",
         "username",
         "will",
         "will_delay",
@@ -181,8 +190,14 @@ class ClientConnection:
         self.close_reason = ""
         # Backpressure: the subscriber sessions this connection waits on; input is paused
         # while there is any (pause_input/resume_input are called once per transition).
-        self.held_by: set[Session] = set()
+        self.held_by: set[Holder] = set()
         self.input_paused = False
+        # Paused while the store's writer is behind (Store.congested).
+        self.store_held = False
+        # Acknowledgements waiting for a store commit: later ones queue behind them.
+        self._acks_waiting = 0
+        # A _pump is already asked for after the next commit (durable deliveries).
+        self._pump_scheduled = False
         broker.connections.add(self)
 
     # --- properties for logs and the admin API ----------------------------------------------
@@ -252,7 +267,16 @@ class ClientConnection:
 
     def timed_out(self) -> None:
         """The CONNECT deadline or the keep alive (1.5x) passed without a packet."""
-        if self.state == "connecting":
+        if self.state == "claiming":
+            logger.info(
+                "connection closed: client_id=%s address=%s: its client id was not settled "
+                "within %gs",
+                self.client_id,
+                self.address_text,
+                self.broker.settings.connect_timeout,
+            )
+            self._finish("client id claim not settled in time", send_will=False)
+        elif self.state == "connecting":
             logger.info(
                 "connection closed: address=%s connection_id=%s: no CONNECT within %gs",
                 self.address_text,
@@ -284,28 +308,42 @@ class ClientConnection:
         """Route a message to this connection: send now, or queue for later (bounded)."""
         session = self.session
         assert session is not None
-        counters = self.broker.counters
         if pending.qos == 0:
             if session.queue or self.io.write_congested():
-                if not session.enqueue(pending):
-                    counters.messages_dropped_queue_full += 1
+                if not session.enqueue(pending, self.broker.settings.max_queued_bytes):
+                    self.broker.counters.messages_dropped_queue_full += 1
                 return
             self._send_publish(pending, None, dup=False)
             return
         if session.queue or self.io.write_congested() or len(session.inflight) >= self.send_quota:
-            if not session.enqueue(pending):
-                counters.messages_dropped_queue_full += 1
+            if not session.enqueue(pending, self.broker.settings.max_queued_bytes):
+                self.broker.dropped(session, pending)
             return
-        self._send_inflight(session, pending)
+        self._send_inflight(session, pending, queued=False)
+
+    def pump_after_commit(self) -> None:
+        """Durable deliveries were queued: send them once the store has them."""
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.broker.store.after_commit(self._pump_committed)
+
+    def _pump_committed(self) -> None:
+        self._pump_scheduled = False
+        if self.state == "connected":
+            try:
+                self._pump()
+            except _ConnectionClosedError:
+                pass
 
     # --- backpressure (broker.session has the marks) ----------------------------------------
 
-    def hold_for(self, session: Session) -> None:
-        """This connection routed QoS 1/2 to ``session``, whose queue passed high water."""
+    def hold_for(self, session: Holder, peer: bool = False) -> None:
+        """This connection routed QoS 1/2 to ``session``, whose queue passed high water (or
+        to a cluster peer, ``peer``, with too much unacknowledged)."""
         if self.state == "closed" or session in self.held_by:
             return
         subscriber = session.connection
-        if subscriber is None or self._waited_on_by(subscriber):
+        if not peer and (subscriber is None or self._waited_on_by(subscriber)):
             # Pausing would wait on ourselves (we subscribe to what we publish, or a chain of
             # paused publishers leads back here, so nobody would read the PUBACKs that drain
             # the queue): not paced; the queue's bound still holds, overflow is dropped.
@@ -320,10 +358,10 @@ class ClientConnection:
             counters.publishers_paused_current += 1
             self.io.pause_input()
 
-    def session_released(self, session: Session) -> None:
+    def session_released(self, session: Holder) -> None:
         """``session`` drained to low water, went offline or ended; resume when none is left."""
         self.held_by.discard(session)
-        if not self.held_by and self.input_paused:
+        if not self.held_by and self.input_paused and not self.store_held:
             self.input_paused = False
             self.broker.counters.publishers_paused_current -= 1
             if self.state != "closed":
@@ -353,6 +391,49 @@ class ClientConnection:
         if self.input_paused:
             self.input_paused = False
             self.broker.counters.publishers_paused_current -= 1
+        if self.store_held:
+            self.store_held = False
+            self.broker.store.waiting.discard(self)
+
+    def _hold_for_store(self) -> None:
+        """The store's writer is behind: read nothing more until it catches up."""
+        if self.state == "closed" or self.store_held:
+            return
+        self.store_held = True
+        self.broker.store.waiting.add(self)
+        if not self.input_paused:
+            self.input_paused = True
+            counters = self.broker.counters
+            counters.publishers_paused += 1
+            counters.publishers_paused_current += 1
+            self.io.pause_input()
+
+    def store_released(self) -> None:
+        self.store_held = False
+        if not self.held_by and self.input_paused:
+            self.input_paused = False
+            self.broker.counters.publishers_paused_current -= 1
+            if self.state != "closed":
+                self.io.resume_input()
+
+    # --- acknowledgements after the store committed --------------------------------------
+
+    def _ack(self, data: bytes, wait: bool) -> None:
+        """Write an acknowledgement now, or (``wait``, or one is already waiting) once the
+        store has committed everything queued so far: they stay in order."""
+        if wait or self._acks_waiting:
+            self._acks_waiting += 1
+            self.broker.counters.acks_after_commit += 1
+            self.broker.store.after_commit(lambda: self._ack_committed(data))
+            return
+        self.broker.counters.bytes_sent += len(data)
+        self.io.write(data)
+
+    def _ack_committed(self, data: bytes) -> None:
+        self._acks_waiting -= 1
+        if self.state != "closed":
+            self.broker.counters.bytes_sent += len(data)
+            self.io.write(data)
 
     # --- closing ----------------------------------------------------------------------------
 
@@ -364,7 +445,7 @@ class ClientConnection:
         self.close_reason = reason
         broker = self.broker
         broker.connections.discard(self)
-        if self.held_by or self.input_paused:
+        if self.held_by or self.input_paused or self.store_held:
             self._release_holds()
         if close:
             self.io.close()
@@ -457,14 +538,41 @@ class ClientConnection:
             return EMPTY_PROPERTIES
         return Properties(reason_string=reason)
 
-    def _send_inflight(self, session: Session, pending: Pending) -> None:
-        packet_id = session.allocate_packet_id()
-        if packet_id is None:
-            if not session.enqueue(pending):
-                self.broker.counters.messages_dropped_queue_full += 1
-            return
+    def _send_inflight(self, session: Session, pending: Pending, queued: bool) -> None:
+        """Send a QoS 1/2 delivery with a packet id; ``queued``: it comes from the queue
+        (its bytes are counted already)."""
+        packet_id = pending.packet_id
+        if packet_id:
+            # Given when it was stored (a durable QoS 2 delivery): on disk already.
+            reserved = session.reserved
+            if reserved is not None:
+                reserved.discard(packet_id)
+        else:
+            allocated = session.allocate_packet_id()
+            if allocated is None:
+                if queued:
+                    session.queue.appendleft(pending)
+                elif not session.enqueue(pending, self.broker.settings.max_queued_bytes):
+                    self.broker.dropped(session, pending)
+                return
+            packet_id = allocated
         if self._send_publish(pending, packet_id, dup=False):
             session.inflight[packet_id] = Outgoing(packet_id, pending)
+            if not queued:
+                session.add_bytes(len(pending.message.payload))
+        else:
+            if queued:
+                session.remove_bytes(len(pending.message.payload))
+            if pending.key:
+                self.broker.unstore_pending(session, pending)
+
+    def _inflight_done(self, session: Session, outgoing: Outgoing) -> None:
+        """PUBACK, PUBCOMP or a failed PUBREC: the delivery is over."""
+        del session.inflight[outgoing.packet_id]
+        pending = outgoing.pending
+        session.remove_bytes(len(pending.message.payload))
+        if pending.key:
+            self.broker.unstore_pending(session, pending)
 
     def _send_publish(self, pending: Pending, packet_id: int | None, dup: bool) -> bool:
         """Send one PUBLISH; False when it was not sent (expired or too large)."""
@@ -596,16 +704,26 @@ class ClientConnection:
             if pending.message.is_expired(now):
                 queue.popleft()
                 self.broker.counters.messages_expired += 1
+                session.remove_bytes(len(pending.message.payload))
+                if pending.key:
+                    self.broker.unstore_pending(session, pending)
                 continue
             if pending.qos == 0:
                 queue.popleft()
+                session.remove_bytes(len(pending.message.payload))
                 self._send_publish(pending, None, dup=False)
                 continue
             if len(session.inflight) >= self.send_quota:
                 break
+            if pending.key > self.broker.store.committed_key:
+                # Stored but not on disk yet: it leaves once the store has it.
+                self.pump_after_commit()
+                break
             queue.popleft()
-            self._send_inflight(session, pending)
-        if session.held_publishers and len(queue) <= session.queue_low_water:
+            self._send_inflight(session, pending, queued=True)
+        if session.held_publishers and session.below_low_water(
+            self.broker.settings.max_queued_bytes
+        ):
             session.release_publishers()
 
     # --- packets ----------------------------------------------------------------------------
@@ -780,7 +898,67 @@ class ClientConnection:
         else:
             self.send_quota = settings.max_inflight
 
-        session, session_present = broker.attach(self, connect.clean_start, expiry)
+        # Issue 12: the client id is claimed cluster-wide first; the session may be handed
+        # over by another node, and CONNACK waits for it (input waits too).
+        self.state = "claiming"
+        broker.connect(
+            self,
+            connect.clean_start,
+            lambda outcome: self._claimed(
+                outcome, connect, expiry, requested_expiry, assigned, server_keep_alive
+            ),
+        )
+        if self.state == "claiming":
+            self.input_paused = True
+            self.io.pause_input()
+
+    def _claimed(
+        self,
+        outcome: ClaimOutcome,
+        connect: Connect,
+        expiry: int,
+        requested_expiry: int,
+        assigned: str | None,
+        server_keep_alive: int | None,
+    ) -> None:
+        """The claim on the client id is settled: CONNACK, then resume the session."""
+        if self.state != "claiming":
+            return  # closed while it waited
+        waited = self.input_paused
+        self.input_paused = False
+        try:
+            self._connected(outcome, connect, expiry, requested_expiry, assigned, server_keep_alive)
+        except _ConnectionClosedError:
+            return
+        if waited and self.state == "connected":
+            self.io.resume_input()
+
+    def _connected(
+        self,
+        outcome: ClaimOutcome,
+        connect: Connect,
+        expiry: int,
+        requested_expiry: int,
+        assigned: str | None,
+        server_keep_alive: int | None,
+    ) -> None:
+        broker = self.broker
+        settings = broker.settings
+        level = self.protocol_level
+        identity = self.identity
+        client_id = self.client_id
+        keep_alive = self.keep_alive
+        if outcome.rejected:
+            broker.counters.claims_rejected += 1
+            logger.info(
+                "connection closed: client_id=%s address=%s: a newer connection with this "
+                "client id holds it on another node",
+                client_id,
+                self.address_text,
+            )
+            self._finish("a newer connection holds the client id", send_will=False)
+            raise _ConnectionClosedError
+        session, session_present = broker.attach(self, connect.clean_start, expiry, outcome)
         self.session = session
         self.state = "connected"
         self.connected_at = broker.clock()
@@ -832,7 +1010,7 @@ class ClientConnection:
             if outgoing.released:
                 self._send(Pubrel(outgoing.packet_id))
             elif not self._send_publish(outgoing.pending, outgoing.packet_id, dup=True):
-                del session.inflight[outgoing.packet_id]
+                self._inflight_done(session, outgoing)
         self._pump()
 
     def _handle_publish(self, publish: Publish) -> None:
@@ -868,7 +1046,7 @@ class ClientConnection:
             assert packet_id is not None
             if packet_id in session.incoming_qos2:
                 # A resend of a message we already have: acknowledge, do not deliver twice.
-                self._send(Pubrec(packet_id))
+                self._ack(encode(Pubrec(packet_id), self.protocol_level), False)
                 return
             if len(session.incoming_qos2) >= settings.receive_maximum:
                 self._violation(
@@ -878,6 +1056,8 @@ class ClientConnection:
 
         reason_code: int = ReasonCode.SUCCESS
         reason: str | None = None
+        store = broker.store
+        generation = store.generation
         if properties.payload_format_indicator == 1 and not _is_utf8(publish.payload):
             reason_code, reason = ReasonCode.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8"
         elif not broker.authorization.authorize_publish(self.principal, topic, qos, publish.retain):
@@ -904,10 +1084,16 @@ class ClientConnection:
                     None,
                     self.client_id,
                     broker.node_name,
+                    broker.next_seq(),
                 )
             else:
                 message = Message.from_publish(
-                    publish, topic, broker.clock(), self.client_id, broker.node_name
+                    publish,
+                    topic,
+                    broker.clock(),
+                    self.client_id,
+                    broker.node_name,
+                    broker.next_seq(),
                 )
             if not broker.publish(message, self):
                 reason_code = ReasonCode.NO_MATCHING_SUBSCRIBERS
@@ -917,17 +1103,36 @@ class ClientConnection:
             reason_code, reason = ReasonCode.SUCCESS, None
         if qos == 1:
             assert packet_id is not None
+            # Issue 12: when the message created durable work (a stored delivery, a retained
+            # change, a cluster outbox entry), the PUBACK promises it: sent after the commit.
+            wait = store.generation != generation
             if reason_code == ReasonCode.SUCCESS:
                 # The common PUBACK is four fixed bytes in 3.1.1 and 5.0 (5.0 section 3.4.2.1).
-                self.broker.counters.bytes_sent += 4
-                self.io.write(b"\x40\x02" + packet_id.to_bytes(2, "big"))
+                self._ack(b"\x40\x02" + packet_id.to_bytes(2, "big"), wait)
             else:
-                self._send(Puback(packet_id, reason_code, self._ack_properties(reason)))
+                self._ack(
+                    encode(
+                        Puback(packet_id, reason_code, self._ack_properties(reason)),
+                        self.protocol_level,
+                    ),
+                    wait,
+                )
         elif qos == 2:
             assert packet_id is not None
             if reason_code < ReasonCode.UNSPECIFIED_ERROR:
                 session.incoming_qos2.add(packet_id)
-            self._send(Pubrec(packet_id, reason_code, self._ack_properties(reason)))
+                if session.durable:
+                    store.add_incoming(session.client_id, packet_id)
+            wait = store.generation != generation
+            self._ack(
+                encode(
+                    Pubrec(packet_id, reason_code, self._ack_properties(reason)),
+                    self.protocol_level,
+                ),
+                wait,
+            )
+        if store.congested and store.generation != generation:
+            self._hold_for_store()
 
     def _handle_delivered(self, packet_id: int, qos: int) -> None:
         """PUBACK (QoS 1) or PUBCOMP (QoS 2): the delivery is done and frees its packet id;
@@ -936,7 +1141,7 @@ class ClientConnection:
         assert session is not None
         outgoing = session.inflight.get(packet_id)
         if outgoing is not None and outgoing.pending.qos == qos:
-            del session.inflight[packet_id]
+            self._inflight_done(session, outgoing)
             self._pump()
 
     def _handle_pubrec(self, pubrec: Pubrec) -> None:
@@ -950,18 +1155,36 @@ class ClientConnection:
                 self._send(Pubrel(pubrec.packet_id))
             return
         if pubrec.reason_code >= ReasonCode.UNSPECIFIED_ERROR:
-            del session.inflight[pubrec.packet_id]
+            self._inflight_done(session, outgoing)
             self._pump()
             return
+        if outgoing.released:
+            self._send(Pubrel(pubrec.packet_id))  # a repeated PUBREC
+            return
         outgoing.released = True
-        self._send(Pubrel(pubrec.packet_id))
+        pending = outgoing.pending
+        if pending.key:
+            # Once the client has PUBREL it may forget the packet id: PUBREL sent must be on
+            # disk first, or a restart would send the PUBLISH again (a duplicate).
+            broker = self.broker
+            broker.store.update_delivery(
+                session.client_id, pending.key, pubrec.packet_id, True, True
+            )
+            self._ack(encode(Pubrel(pubrec.packet_id), self.protocol_level), True)
+        else:
+            self._send(Pubrel(pubrec.packet_id))
 
     def _handle_pubrel(self, packet_id: int) -> None:
         session = self.session
         assert session is not None
         if packet_id in session.incoming_qos2:
             session.incoming_qos2.discard(packet_id)
-            self._send(Pubcomp(packet_id))
+            if session.durable:
+                # The packet id may be reused by the client once it has PUBCOMP.
+                self.broker.store.remove_incoming(session.client_id, packet_id)
+                self._ack(encode(Pubcomp(packet_id), self.protocol_level), True)
+            else:
+                self._ack(encode(Pubcomp(packet_id), self.protocol_level), False)
         elif self.v5:
             self._send(Pubcomp(packet_id, ReasonCode.PACKET_IDENTIFIER_NOT_FOUND))
         else:
@@ -976,6 +1199,7 @@ class ClientConnection:
         identifier = identifiers[0] if identifiers else None
         reason_codes: list[int] = []
         retained_to_send: list[tuple[Message, int, int | None]] = []
+        generation = broker.store.generation
         for subscription in subscribe.subscriptions:
             topic_filter = subscription.topic_filter
             try:
@@ -1025,17 +1249,38 @@ class ClientConnection:
             if code >= ReasonCode.UNSPECIFIED_ERROR and not self.v5:
                 code = ReasonCode.UNSPECIFIED_ERROR
             reason_codes.append(code)
-        self._send(Suback(subscribe.packet_id, tuple(reason_codes)))
-        # 5.0 section 3.8.4: retained messages follow the SUBACK, with RETAIN set.
-        for message, qos, identifier in retained_to_send:
-            self.deliver(
-                Pending(
-                    message,
-                    min(message.qos, qos),
-                    True,
-                    () if identifier is None else (identifier,),
+        suback = Suback(subscribe.packet_id, tuple(reason_codes))
+        if broker.store.generation != generation or self._acks_waiting:
+            # A durable session's subscriptions are on disk before SUBACK says so.
+            self._acks_waiting += 1
+            broker.store.after_commit(lambda: self._subscribed(suback, retained_to_send, True))
+            return
+        self._subscribed(suback, retained_to_send, False)
+
+    def _subscribed(
+        self,
+        suback: Suback,
+        retained_to_send: list[tuple[Message, int, int | None]],
+        waited: bool,
+    ) -> None:
+        if waited:
+            self._acks_waiting -= 1
+            if self.state != "connected":
+                return
+        try:
+            self._send(suback)
+            # 5.0 section 3.8.4: retained messages follow the SUBACK, with RETAIN set.
+            for message, qos, identifier in retained_to_send:
+                self.deliver(
+                    Pending(
+                        message,
+                        min(message.qos, qos),
+                        True,
+                        () if identifier is None else (identifier,),
+                    )
                 )
-            )
+        except _ConnectionClosedError:
+            pass
 
     def _handle_unsubscribe(self, unsubscribe: Unsubscribe) -> None:
         session = self.session
@@ -1051,7 +1296,10 @@ class ClientConnection:
                 reason_codes.append(ReasonCode.SUCCESS)
             else:
                 reason_codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
-        self._send(Unsuback(unsubscribe.packet_id, tuple(reason_codes)))
+        self._ack(
+            encode(Unsuback(unsubscribe.packet_id, tuple(reason_codes)), self.protocol_level),
+            session.durable,
+        )
 
     def _handle_disconnect(self, disconnect: Disconnect) -> None:
         session = self.session

@@ -5,31 +5,44 @@ synchronously from the event loop thread; an implementation must not block (queu
 work on its own transports and return). The defaults, :class:`LocalOnlyCluster` and
 :class:`AllowAll`, make a standalone anonymous node.
 
-Cluster (seed 002; implemented by ``broker/cluster.py``)
---------------------------------------------------------
+Cluster (seed 002, issue 12; implemented by ``broker/cluster.py``)
+-------------------------------------------------------------------
 The core calls the :class:`ClusterHook` when something local must reach other nodes:
 
-``publish_forwarded(message) -> int``
-    A message was accepted from a local client (or is a will). Forward it to every other
-    node that has a matching subscription and return how many nodes it was sent to (used
-    only for PUBACK 0x10 No Matching Subscribers). ``message.origin_node`` is this node.
-    Called once per message, after local delivery; QoS handling towards remote subscribers
+``claim(client_id, clean_start, local, done)``
+    A client is connecting with this id. Claim it cluster-wide (:mod:`broker.registry`):
+    other nodes close their connection with that id, end their session (clean start) or hand
+    it over (TRANSFER, installed with :meth:`Broker.install_session` before ``done`` runs).
+    ``local`` says a session for the id is already here (no need to wait for a transfer).
+    Call ``done(ClaimOutcome)`` once the id is ours (at once on a single node).
+``client_connected(client_id, version)`` / ``client_disconnected(client_id)`` /
+``session_ended(client_id)``
+    A connection took the session / left it / the session is gone (shared group members
+    are preferred while connected).
+``route(message, publisher) -> int``
+    Deliver a message accepted here (from a local client, or a will): to local subscribers
+    (:meth:`Broker.deliver_local`) and to every other node with a matching subscription; one
+    member per shared group cluster-wide. Return local deliveries plus nodes sent to (used
+    only for PUBACK 0x10 No Matching Subscribers). QoS handling towards remote subscribers
     is the remote node's job (it delivers with :meth:`Broker.deliver_from_cluster`).
+``forward_delivery(node, client_id, pending)``
+    A delivery for a session that moved to ``node`` (a forwarding stub got it).
 ``subscription_added(topic_filter)`` / ``subscription_removed(topic_filter)``
     The first local session took ``topic_filter`` / the last one dropped it. Shared
     filters keep their ``$share/group/`` prefix. Use :meth:`Broker.local_filters` for the
     full list when a link (re)connects.
-``client_connected(client_id)``
-    A client with this id connected here. Other nodes must close their connection with
-    that id (client id takeover across nodes; they call :meth:`Broker.take_over`).
-``retained_changed(topic, message)``
-    The retained message for ``topic`` changed (``None``: deleted). Replicate it; the
-    other nodes call :meth:`Broker.set_retained_from_cluster`.
+``member_changed(topic_filter, client_id, connected)``
+    A local session subscribed (``connected`` True/False) or unsubscribed (None); the cluster
+    tracks shared group members with it.
+``retained_changed(topic, message, changed_at)``
+    The retained message for ``topic`` changed (``None``: deleted) at wall-clock
+    ``changed_at``. Replicate it; the other nodes call
+    :meth:`Broker.set_retained_from_cluster`.
 
 Inbound side, methods of :class:`broker.core.Broker` the cluster calls:
-``deliver_from_cluster(message)`` (local delivery only, never forwarded again, shared groups
-included), ``set_retained_from_cluster(topic, message)``, ``take_over(client_id)``,
-``local_filters()``, ``node_name``.
+``deliver_from_cluster(message, plain, targets)`` (local delivery only, never forwarded
+again), ``set_retained_from_cluster(topic, message, changed_at)``, ``take_over(client_id)``,
+``end_session``, ``hand_over``, ``install_session``, ``local_filters()``, ``node_name``.
 
 Authorization (seed 003; implemented by ``broker/authz.py``)
 ------------------------------------------------------------
@@ -52,15 +65,22 @@ prefix (subscribe). When policies change at runtime, call
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from broker.cluster_codec import Version
 from broker.message import Message
+
+if TYPE_CHECKING:
+    from broker.connection import ClientConnection
+    from broker.core import Broker
+    from broker.session import Pending
 
 __all__ = [
     "AllowAll",
     "AuthorizationHook",
+    "ClaimOutcome",
     "ClusterHook",
     "LocalOnlyCluster",
     "PeerIdentity",
@@ -118,16 +138,44 @@ class AuthorizationHook(Protocol):
     def authorize_subscribe(self, principal: Principal, topic_filter: str, qos: int) -> bool: ...
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    """How a claim on a client id ended (see ``ClusterHook.claim``)."""
+
+    version: Version
+    # A newer claim holds the client id: the connecting client is closed.
+    rejected: bool = False
+    # A node that may hold an older copy of the session did not answer (link down or too
+    # slow): a fresh session is marked so that the copy is merged in when it is back.
+    diverged: bool = False
+
+
 class ClusterHook(Protocol):
-    def publish_forwarded(self, message: Message) -> int: ...
+    def claim(
+        self,
+        client_id: str,
+        clean_start: bool,
+        local: bool,
+        done: Callable[[ClaimOutcome], None],
+    ) -> None: ...
+
+    def client_connected(self, client_id: str, version: Version) -> None: ...
+
+    def client_disconnected(self, client_id: str) -> None: ...
+
+    def session_ended(self, client_id: str) -> None: ...
+
+    def route(self, message: Message, publisher: ClientConnection | None) -> int: ...
+
+    def forward_delivery(self, node: str, client_id: str, pending: Pending) -> None: ...
 
     def subscription_added(self, topic_filter: str) -> None: ...
 
     def subscription_removed(self, topic_filter: str) -> None: ...
 
-    def client_connected(self, client_id: str) -> None: ...
+    def member_changed(self, topic_filter: str, client_id: str, connected: bool | None) -> None: ...
 
-    def retained_changed(self, topic: str, message: Message | None) -> None: ...
+    def retained_changed(self, topic: str, message: Message | None, changed_at: float) -> None: ...
 
 
 class AllowAll:
@@ -147,10 +195,34 @@ class AllowAll:
 
 
 class LocalOnlyCluster:
-    """Default cluster: a single node; nothing leaves it."""
+    """Default cluster: a single node; nothing leaves it, every claim is granted at once."""
 
-    def publish_forwarded(self, message: Message) -> int:
-        return 0
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def claim(
+        self,
+        client_id: str,
+        clean_start: bool,
+        local: bool,
+        done: Callable[[ClaimOutcome], None],
+    ) -> None:
+        done(ClaimOutcome(self.broker.claim_version()))
+
+    def client_connected(self, client_id: str, version: Version) -> None:
+        pass
+
+    def client_disconnected(self, client_id: str) -> None:
+        pass
+
+    def session_ended(self, client_id: str) -> None:
+        pass
+
+    def route(self, message: Message, publisher: ClientConnection | None) -> int:
+        return self.broker.deliver_local(message, publisher)
+
+    def forward_delivery(self, node: str, client_id: str, pending: Pending) -> None:
+        pass
 
     def subscription_added(self, topic_filter: str) -> None:
         pass
@@ -158,8 +230,8 @@ class LocalOnlyCluster:
     def subscription_removed(self, topic_filter: str) -> None:
         pass
 
-    def client_connected(self, client_id: str) -> None:
+    def member_changed(self, topic_filter: str, client_id: str, connected: bool | None) -> None:
         pass
 
-    def retained_changed(self, topic: str, message: Message | None) -> None:
+    def retained_changed(self, topic: str, message: Message | None, changed_at: float) -> None:
         pass

@@ -6,6 +6,11 @@ travel with it to subscribers (payload format indicator, content type, response 
 correlation data, user properties). Per-hop properties (Topic Alias, Subscription
 Identifiers) are stripped; the Message Expiry Interval becomes an absolute deadline on the
 broker's clock so it counts down while the message waits in a queue (section 3.3.2.3.3).
+
+Identity (issue 12): every message a node accepts gets ``(origin_node, seq)``, ``seq`` from
+the node's counter, which never repeats across restarts (:class:`MessageIds`). The id travels
+over the cluster link and into the store; it is what a node de-duplicates by when the same
+message reaches a session twice (a transferred or merged session, a resent link frame).
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ from dataclasses import dataclass
 
 from broker.mqtt import Properties, Publish
 
-__all__ = ["Message"]
+__all__ = ["Message", "MessageIds"]
+
+# MessageIds: seq starts above the wall clock in microseconds, so a node that restarts without
+# its store (memory mode) still never reuses an id it gave before (unless it accepted more
+# than a million messages a second for its whole previous life).
+SEQ_PER_SECOND = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +41,8 @@ class Message:
     publisher_client_id: str | None = None
     # Name of the node where the message entered the cluster.
     origin_node: str | None = None
+    # With origin_node, the message's cluster-wide identity (0: not routed, e.g. an answer).
+    seq: int = 0
 
     @classmethod
     def from_publish(
@@ -40,6 +52,7 @@ class Message:
         now: float,
         publisher_client_id: str | None,
         origin_node: str | None,
+        seq: int = 0,
     ) -> Message:
         properties = publish.properties
         interval = properties.message_expiry_interval
@@ -59,7 +72,12 @@ class Message:
             expires_at,
             publisher_client_id,
             origin_node,
+            seq,
         )
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.origin_node or "", self.seq)
 
     def is_expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -69,3 +87,21 @@ class Message:
         if self.expires_at is None:
             return None
         return max(1, math.ceil(self.expires_at - now))
+
+
+class MessageIds:
+    """The node's message sequence: strictly increasing, never reused across restarts.
+
+    ``start`` is the highest seq a previous life of this node may have used (from the store;
+    0 without one). The wall clock in microseconds is the floor, so ids stay unique even
+    when the store is gone.
+    """
+
+    __slots__ = ("last",)
+
+    def __init__(self, start: int, wall_clock_seconds: float) -> None:
+        self.last = max(start, int(wall_clock_seconds * SEQ_PER_SECOND))
+
+    def next(self) -> int:
+        self.last += 1
+        return self.last

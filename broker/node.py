@@ -13,11 +13,16 @@ An ``[authorization]`` section (seed 003) makes the authorization a
 update disconnects the clients of the linked listeners (5.0: DISCONNECT 0x98). Listeners
 with ``password_file`` check passwords (:mod:`broker.authentication`). Every node serves the
 state store (:mod:`broker.statestore`) on its request topic.
+
+``[store]`` (issue 12, :mod:`broker.store`): the store is opened and read back before
+anything listens; the core and the cluster rebuild sessions, queues, retained messages and
+outboxes from it, then the listeners and the cluster start. ``stop`` writes what is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import ssl
 import time
@@ -35,6 +40,7 @@ from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
 from broker.statestore import StateStore
+from broker.store import StoreError, open_store
 from broker.tls_listener import ReloadingContext, build_server_ssl_context
 from lb.proxy_hmac import HeaderAuthenticator, KeyFile, KeyFileError
 
@@ -43,6 +49,17 @@ __all__ = ["BrokerServer", "default_ssl_context"]
 logger = logging.getLogger(__name__)
 
 TICK_INTERVAL = 1.0
+
+
+def malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0): gives freed heap pages back to the system (issue 14 item 1:
+    memory back near the baseline once queued messages are gone); None without glibc."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
 
 
 def default_ssl_context(options: SSLOptions) -> ssl.SSLContext:
@@ -73,6 +90,10 @@ class BrokerServer:
         self.authorization_disconnected = 0
         if authorization is None and config.authorization is not None:
             self.authorization = authorization = self._build_authorization(config)
+        try:
+            self.store = open_store(config.store)
+        except StoreError as error:
+            raise ConfigError(config.origin, "store.path", str(error)) from None
         self.broker = Broker(
             config.mqtt,
             config.node_name,
@@ -80,7 +101,9 @@ class BrokerServer:
             wall_clock=time.time,
             cluster=cluster,
             authorization=authorization,
+            store=self.store,
         )
+        self.broker.release_memory = malloc_trim()
         for listener_config in config.listeners:
             if listener_config.password_file is not None:
                 try:
@@ -118,10 +141,16 @@ class BrokerServer:
             self.header_authenticators[listener_config.label] = by_path[path]
         for warning in config_warnings(config):
             logger.warning("%s", warning)
-        self.state_store = StateStore(self.broker)
+        self.state_store = StateStore(self.broker, cluster=self.cluster)
         self.state_store.install()
         if self.cluster is not None:
             self.cluster.attach(self.broker)
+        stored = self.store.load()
+        self.broker.restore(stored)
+        if self.cluster is not None:
+            self.cluster.restore(stored)
+        self.state_store.restore(stored)
+        self.store.start(loop)
         self.ssl_context_factory = ssl_context_factory
         self.listeners: list[Listener] = []
         self.admin: AdminServer | None = None
@@ -136,6 +165,11 @@ class BrokerServer:
             )
             if self.authorization is not None:
                 self.admin.authorization_reload = self.reload_authorization
+            if self.cluster is not None:
+                self.admin.cluster_commands = {
+                    "disconnect": self.cluster.suspend,
+                    "connect": self.cluster.resume,
+                }
         self._ticker: asyncio.TimerHandle | None = None
 
     # --- authorization (seed 003) -----------------------------------------------------------
@@ -260,4 +294,5 @@ class BrokerServer:
             await listener.stop()
         if self.admin is not None:
             await self.admin.stop()
+        await self.store.close()
         logger.info("node %s stopped", self.config.node_name)

@@ -2,33 +2,55 @@
 
 A session holds the client's subscriptions, the outgoing QoS 1/2 messages not yet fully
 acknowledged (*inflight*, resent with DUP on reconnect, section 4.4), the messages waiting for
-an inflight slot or for the client to come back (*queue*, bounded by
-``max_queued_messages``: overflow is dropped and counted), the QoS 2 packet identifiers the
-client sent and has not released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
+an inflight slot or for the client to come back (*queue*, bounded by ``max_queued_messages``
+and ``max_queued_bytes``, and the node by ``max_node_queued_bytes``: overflow is dropped,
+counted per client and logged), the QoS 2 packet identifiers the client sent and has not
+released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
 
 Backpressure (issue 4, "slow consumers"): when routing a QoS 1/2 message takes a connected
-session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``), the publishing
-connection stops being read and waits in ``held_publishers``; it is released when the queue
-drains to ``queue_low_water`` (1/2), when the session loses its connection, or when the
-session ends. An offline session holds nobody: it queues up to ``max_queued_messages`` and
-then drops and counts, so a client that never comes back cannot stall its publishers.
+session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``), or its queued and
+in-flight payload bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being
+read and waits in ``held_publishers``; it is released when the queue drains to
+``queue_low_water`` (1/2, in messages and in bytes), when the session loses its connection,
+or when the session ends. (Without the byte mark a queue of large messages reached its byte
+bound, and dropped acknowledged messages, long before the count mark paused anyone.) An
+offline session holds nobody: it queues up to its bounds and then drops and
+counts, so a client that never comes back cannot stall its publishers. A cluster peer is a
+holder too (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
+
+Cluster and store (issue 12): ``version`` is the claim that owns the session
+(:mod:`broker.registry`); ``durable`` sessions (persistent ones on a node with a disk store)
+are written to :mod:`broker.store`, each queued or in-flight delivery under its ``key``. A
+session handed to another node stays here as a forwarding stub (``moved_to``) for a grace
+period. ``seen`` remembers the ids of recent deliveries of a session that came from another
+node (transfer, merge) so a message reaching it twice is delivered once.
 
 Pure state: no I/O, no clock. The connection and the core drive it with explicit times.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from broker.cluster_codec import Version
 from broker.message import Message
 from broker.subscriptions import SubscriptionOptions
 
 if TYPE_CHECKING:
     from broker.connection import ClientConnection
 
-__all__ = ["SESSION_NEVER_EXPIRES", "Outgoing", "Pending", "Session"]
+__all__ = [
+    "SESSION_NEVER_EXPIRES",
+    "Holder",
+    "Outgoing",
+    "Pending",
+    "Publisher",
+    "QueueBudget",
+    "SeenIds",
+    "Session",
+]
 
 # MQTT 5.0 section 3.1.2.11.2: 0xFFFFFFFF means the session does not expire.
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF
@@ -39,6 +61,27 @@ MAX_PACKET_ID = 0xFFFF
 # yet paused still route (one message each, as a paused connection handles no more packets).
 QUEUE_HIGH_WATER_FRACTION = 0.75
 QUEUE_LOW_WATER_FRACTION = 0.5
+# Message ids remembered per session that may see a message twice (see SeenIds): as many as
+# the default max_queued_messages.
+SEEN_IDS = 1000
+
+
+class Holder(Protocol):
+    """What a publisher can be paused on: a lagging session, or a cluster peer."""
+
+    held_publishers: set[Publisher]
+
+    @property
+    def connection(self) -> ClientConnection | None: ...
+
+
+class Publisher(Protocol):
+    """What a holder pauses: a local publishing connection, or (broker.cluster) a publisher on
+    another node, paused there with a HOLD frame."""
+
+    def hold_for(self, session: Holder, peer: bool = False) -> None: ...
+
+    def session_released(self, session: Holder) -> None: ...
 
 
 @dataclass(slots=True)
@@ -49,6 +92,11 @@ class Pending:
     qos: int
     retain: bool
     subscription_identifiers: tuple[int, ...] = ()
+    # The store's key for this delivery (0: not stored).
+    key: int = 0
+    # A QoS 2 delivery of a durable session gets its packet id when it is stored, so the id
+    # is on disk before the PUBLISH carrying it is sent (0: given when it is sent).
+    packet_id: int = 0
 
 
 @dataclass(slots=True)
@@ -59,6 +107,35 @@ class Outgoing:
     pending: Pending
     # QoS 2: PUBREC received and PUBREL sent; only PUBCOMP is awaited.
     released: bool = False
+
+
+class QueueBudget:
+    """The node-wide count of payload bytes queued and in flight (max_node_queued_bytes)."""
+
+    __slots__ = ("bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+
+
+class SeenIds:
+    """The last ``SEEN_IDS`` message ids delivered to one session: a message that reaches it
+    a second time (by its old node's forward and by the new route) is delivered once."""
+
+    __slots__ = ("ids",)
+
+    def __init__(self) -> None:
+        self.ids: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def first_time(self, message_id: tuple[str, int]) -> bool:
+        ids = self.ids
+        if message_id in ids:
+            return False
+        ids[message_id] = None
+        if len(ids) > SEEN_IDS:
+            ids.popitem(last=False)
+        return True
 
 
 # eq=False: a session is an identity (hashable, kept in sets of held publishers).
@@ -76,9 +153,25 @@ class Session:
     connection: ClientConnection | None = None
     next_packet_id: int = 1
     # Publishing connections paused until this session's queue drains (see module docstring).
-    held_publishers: set[ClientConnection] = field(default_factory=set)
+    held_publishers: set[Publisher] = field(default_factory=set)
     queue_high_water: int = field(init=False)
     queue_low_water: int = field(init=False)
+    # Payload bytes queued and in flight, and the node's total they are part of.
+    queued_bytes: int = 0
+    budget: QueueBudget | None = None
+    # Acknowledged QoS >= 1 messages this session lost to its bounds (issue 14 item 2).
+    dropped: int = 0
+    # Issue 12: the claim that owns it, whether it is on disk, where it moved.
+    version: Version | None = None
+    durable: bool = False
+    moved_to: str | None = None
+    moved_until: float = 0.0
+    seen: SeenIds | None = None
+    seen_until: float = 0.0
+    # Created fresh while a node that may hold its older copy was unreachable.
+    diverged: bool = False
+    # Packet ids given to stored QoS 2 deliveries still in the queue (see Pending).
+    reserved: set[int] | None = None
 
     def __post_init__(self) -> None:
         self.queue_high_water = max(1, int(self.max_queued_messages * QUEUE_HIGH_WATER_FRACTION))
@@ -90,19 +183,57 @@ class Session:
 
     def allocate_packet_id(self) -> int | None:
         """A packet identifier not used by any inflight message, or None when all are."""
-        if len(self.inflight) >= MAX_PACKET_ID:
+        reserved = self.reserved
+        if len(self.inflight) + (len(reserved) if reserved else 0) >= MAX_PACKET_ID:
             return None
         packet_id = self.next_packet_id
-        while packet_id in self.inflight:
+        while packet_id in self.inflight or (reserved and packet_id in reserved):
             packet_id = packet_id % MAX_PACKET_ID + 1
         self.next_packet_id = packet_id % MAX_PACKET_ID + 1
         return packet_id
 
-    def enqueue(self, pending: Pending) -> bool:
-        """Queue a delivery; False when the queue is full (the caller counts the drop)."""
+    def add_bytes(self, size: int) -> None:
+        self.queued_bytes += size
+        budget = self.budget
+        if budget is not None:
+            budget.bytes += size
+
+    def remove_bytes(self, size: int) -> None:
+        self.queued_bytes -= size
+        budget = self.budget
+        if budget is not None:
+            budget.bytes -= size
+
+    def has_room(self, size: int, max_bytes: int) -> bool:
+        """Whether one more delivery of ``size`` payload bytes fits every bound."""
         if len(self.queue) >= self.max_queued_messages:
             return False
+        if self.queued_bytes + size > max_bytes and self.queued_bytes:
+            return False
+        budget = self.budget
+        return budget is None or budget.bytes + size <= budget.limit or not budget.bytes
+
+    def above_high_water(self, max_bytes: int) -> bool:
+        """Whether a publisher feeding this connected session should pause."""
+        return (
+            len(self.queue) >= self.queue_high_water
+            or self.queued_bytes >= max_bytes * QUEUE_HIGH_WATER_FRACTION
+        )
+
+    def below_low_water(self, max_bytes: int) -> bool:
+        """Whether the publishers paused on this session may resume."""
+        return (
+            len(self.queue) <= self.queue_low_water
+            and self.queued_bytes <= max_bytes * QUEUE_LOW_WATER_FRACTION
+        )
+
+    def enqueue(self, pending: Pending, max_bytes: int = 1 << 62) -> bool:
+        """Queue a delivery; False when a bound is reached (the caller counts the drop)."""
+        size = len(pending.message.payload)
+        if not self.has_room(size, max_bytes):
+            return False
         self.queue.append(pending)
+        self.add_bytes(size)
         return True
 
     def release_publishers(self) -> None:
@@ -114,11 +245,17 @@ class Session:
         for publisher in publishers:
             publisher.session_released(self)
 
-    def discard_expired(self, now: float) -> int:
-        """Drop queued messages whose expiry passed; returns how many."""
+    def discard_expired(self, now: float) -> list[Pending]:
+        """Drop queued messages whose expiry passed; returns them (the caller unstores)."""
         if not any(pending.message.expires_at is not None for pending in self.queue):
-            return 0
-        kept = deque(pending for pending in self.queue if not pending.message.is_expired(now))
-        dropped = len(self.queue) - len(kept)
+            return []
+        kept: deque[Pending] = deque()
+        dropped: list[Pending] = []
+        for pending in self.queue:
+            if pending.message.is_expired(now):
+                dropped.append(pending)
+                self.remove_bytes(len(pending.message.payload))
+            else:
+                kept.append(pending)
         self.queue = kept
         return dropped

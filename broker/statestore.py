@@ -22,24 +22,40 @@ hook is the authorization's ``authorize_state_store(principal, access, key)`` wh
 The store hooks into :class:`broker.core.Broker` as the handler of the request topic
 (``broker.request_handlers``): requests are never routed to subscribers, and answers and
 notifications go only to the requesting (or registered) client, and only when that client
-has a subscription matching the topic. It keeps its data in memory on this node (it is not
-replicated over the cluster link). The RESP3 codec functions are pure.
+has a subscription matching the topic. The RESP3 codec functions are pure.
+
+Cluster-wide (issue 12: the same answer on every node): every write (SET, DEL, VDEL) gets a
+version (the node's claim clock, :mod:`broker.registry`), is applied here, written to the
+node's store, and sent to every peer as a reliable STATE frame (kept in the outbox for a
+peer that is down). The answer to the writer goes out once the local store has committed it
+and every peer that was up has applied it (its ACK), so a read on any node after the answer
+sees the write. A node applies a write only if its version is newer than what it has for
+the key (deletions leave a versioned tombstone), so concurrent writes to one key end with
+the same value everywhere: the highest version wins. KEYNOTIFY fires on the node where the
+watcher is registered, for writes made on any node. NX/NEX and VDEL compare against this
+node's copy: two writers racing on two nodes can both see their condition hold; the highest
+version still wins everywhere. Expiry (PX) is a wall-clock deadline, so nodes agree on it
+as far as their clocks do.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
+from broker.cluster_codec import StateWrite, Version
 from broker.hooks import Principal
 from broker.message import Message
 from broker.mqtt import SHARED_SUBSCRIPTION_PREFIX, Properties, matches
 from broker.session import Pending
 
 if TYPE_CHECKING:
+    from broker.cluster import Cluster
     from broker.core import Broker
+    from broker.store import StoredState
 
 __all__ = [
     "MAX_ARGUMENTS",
@@ -67,6 +83,8 @@ FORBIDDEN_RESPONSE_PREFIXES: Final = (STATE_STORE_REQUEST_TOPIC, STATE_STORE_NOT
 MAX_ARGUMENTS: Final = 8
 # Bounded memory: a full store refuses new keys.
 MAX_KEYS: Final = 100_000
+# Versions of deleted keys remembered, so an older write arriving late does not revive them.
+MAX_TOMBSTONES: Final = 100_000
 
 OK: Final = b"+OK\r\n"
 NOT_FOUND_BULK: Final = b"$-1\r\n"
@@ -152,19 +170,38 @@ def notification_topic(client_id: str, key: bytes) -> str:
 @dataclass(slots=True)
 class Entry:
     value: bytes
+    # Wall clock (the deadline travels to the other nodes).
     expires_at: float | None = None
+    version: Version | None = None
 
 
 class StateStore:
-    """Keys and values in memory, served on the request topic of one broker node."""
+    """Keys and values, served on the request topic of each node, the same on every node."""
 
-    def __init__(self, broker: Broker, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        clock: Callable[[], float] | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.broker = broker
-        self.clock = clock if clock is not None else broker.clock
+        self.clock = clock if clock is not None else broker.wall_clock
+        self.cluster = cluster
         self.entries: dict[bytes, Entry] = {}
+        self.tombstones: OrderedDict[bytes, Version] = OrderedDict()
         self.watchers: dict[bytes, set[str]] = {}
         self.requests = 0
         self.denied = 0
+        # Set while a request runs: the peers' seqs of the write it replicated.
+        self._replicated: dict[str, int] | None = None
+        if cluster is not None:
+            cluster.state_handler = self.apply_remote
+
+    def restore(self, state: StoredState) -> None:
+        now = self.clock()
+        for key, (value, expires_at, version) in state.state.items():
+            if expires_at is None or expires_at > now:
+                self.entries[key] = Entry(value, expires_at, version)
 
     def install(self) -> None:
         self.broker.request_handlers[STATE_STORE_REQUEST_TOPIC] = self.handle
@@ -187,13 +224,28 @@ class StateStore:
                 "no Response Topic" if not response_topic else "reserved Response Topic",
             )
             return 1
+        self._replicated = None
         try:
             arguments = decode_request(message.payload)
             response = self.execute(principal, arguments)
         except RESPError as error:
             logger.info("state store request from client_id=%s: %s", client_id, error)
             response = encode_error("syntax error")
-        self._send(client_id, response_topic, response, message.properties.correlation_data)
+        replicated, self._replicated = self._replicated, None
+        correlation = message.properties.correlation_data
+
+        def answer() -> None:
+            self._send(client_id, response_topic, response, correlation)
+
+        if replicated is None:
+            answer()
+            return 1
+        # A write: answered once it is on disk here and applied by every peer that was up.
+        store = self.broker.store
+        if self.cluster is not None:
+            self.cluster.when_applied(replicated, lambda: store.after_commit(answer))
+        else:
+            store.after_commit(answer)
         return 1
 
     def execute(self, principal: Principal, arguments: list[bytes]) -> bytes:
@@ -266,8 +318,7 @@ class StateStore:
             return NOT_APPLIED
         if existing is None and len(self.entries) >= MAX_KEYS:
             return encode_error("state store full")
-        self.entries[key] = Entry(value, expires_at)
-        self._notify(key, [b"NOTIFY", b"SET", b"VALUE", value])
+        self._write(key, value, expires_at)
         return OK
 
     def _delete(self, principal: Principal, arguments: list[bytes], value: bytes | None) -> bytes:
@@ -279,9 +330,48 @@ class StateStore:
             return encode_number(0)
         if value is not None and entry.value != value:
             return NOT_APPLIED
-        del self.entries[key]
-        self._notify(key, [b"NOTIFY", b"DELETE"])
+        self._write(key, None, None)
         return encode_number(1)
+
+    # --- replication --------------------------------------------------------------------------
+
+    def _write(self, key: bytes, value: bytes | None, expires_at: float | None) -> None:
+        """A local write: apply, store, replicate (the answer waits, see handle)."""
+        version = self.broker.claim_version()
+        self._apply(key, value, expires_at, version)
+        cluster = self.cluster
+        replicated: dict[str, int] = {}
+        if cluster is not None:
+            frame = StateWrite(version, key, value, expires_at)
+            for peer in cluster.peers.values():
+                seq = cluster.send_reliable(peer, frame)
+                if peer.up:
+                    replicated[peer.name] = seq
+        self._replicated = replicated
+
+    def apply_remote(self, write: StateWrite) -> None:
+        """A write made on another node (a STATE frame): applied if it is the newest."""
+        entry = self.entries.get(write.key)
+        known = entry.version if entry is not None else self.tombstones.get(write.key)
+        if known is not None and write.version <= known:
+            return
+        self._apply(write.key, write.value, write.expires_at, write.version)
+
+    def _apply(
+        self, key: bytes, value: bytes | None, expires_at: float | None, version: Version
+    ) -> None:
+        self.broker.store.set_state(key, value, expires_at, version)
+        if value is None:
+            self.entries.pop(key, None)
+            self.tombstones[key] = version
+            self.tombstones.move_to_end(key)
+            while len(self.tombstones) > MAX_TOMBSTONES:
+                self.tombstones.popitem(last=False)
+            self._notify(key, [b"NOTIFY", b"DELETE"])
+            return
+        self.tombstones.pop(key, None)
+        self.entries[key] = Entry(value, expires_at, version)
+        self._notify(key, [b"NOTIFY", b"SET", b"VALUE", value])
 
     def _keynotify(self, principal: Principal, arguments: list[bytes]) -> bytes:
         key = arguments[1]
@@ -355,6 +445,7 @@ class StateStore:
             None,
             None,
             broker.node_name,
+            broker.next_seq(),
         )
         broker.deliver_to_session(session, Pending(message, min(1, qos), False, tuple(identifiers)))
         return True

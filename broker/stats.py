@@ -46,6 +46,21 @@ class Counters:
     messages_dropped_qos0_offline: int = 0
     messages_dropped_too_large: int = 0
     messages_expired: int = 0
+    # Issue 14 item 2: QoS 1/2 messages lost to a bound (the publisher had its PUBACK).
+    messages_dropped_acknowledged: int = 0
+    # A shared group's picked member left and no other local member was there.
+    messages_dropped_no_member: int = 0
+    # Issue 12: a message that reached a transferred or merged session twice.
+    messages_duplicates_dropped: int = 0
+    sessions_transferred_in: int = 0
+    sessions_transferred_out: int = 0
+    sessions_merged: int = 0
+    # Connects refused because a newer claim on the client id won (two connects at once).
+    claims_rejected: int = 0
+    # PUBACK/PUBREC/PUBCOMP held until the store committed what they promise.
+    acks_after_commit: int = 0
+    # Freed heap handed back to the system after queues emptied (malloc_trim).
+    memory_releases: int = 0
     # Backpressure (broker.session): QoS 1/2 publishers paused for a subscriber's queue,
     # how many are paused now (a gauge), and pauses skipped because they would deadlock.
     publishers_paused: int = 0

@@ -19,6 +19,8 @@ Pure data structures: no I/O, no clock (expiry is decided by the caller).
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -26,11 +28,17 @@ from typing import Generic, TypeVar
 from broker.mqtt import matches, split_shared
 
 __all__ = [
+    "SHARED_STRATEGIES",
     "Delivery",
     "RetainedStore",
     "SubscriptionOptions",
     "SubscriptionTrie",
 ]
+
+
+SHARED_STRATEGIES = ("round_robin", "random", "sticky", "hash_clientid")
+# Shared-subscription choices need no cryptographic quality, only spread.
+_RANDOM = random.Random()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,28 +63,54 @@ class Delivery:
 
 
 class _SharedGroup:
-    """Members of one ``$share/group/filter`` and the round robin position."""
+    """Members of one ``$share/group/filter``, and where the strategy stands.
 
-    __slots__ = ("members", "next_index")
+    Strategies as EMQX names them (``broker.shared_subscription_strategy``): round_robin
+    (each member in turn), random, sticky (the last member picked while it stays available),
+    hash_clientid (the publisher's client id hashed onto the members, so one publisher's
+    messages go to one member). Every strategy prefers members for which ``available`` is
+    true (connected ones) and falls back to the others (offline persistent members queue).
+    """
+
+    __slots__ = ("last", "members", "next_index")
 
     def __init__(self) -> None:
         self.members: dict[str, SubscriptionOptions] = {}
         self.next_index = 0
+        self.last: str | None = None
 
-    def pick(self, available: Callable[[str], bool]) -> tuple[str, SubscriptionOptions] | None:
-        """Next member in turn, preferring members for which ``available`` is true."""
+    def pick(
+        self,
+        available: Callable[[str], bool],
+        strategy: str = "round_robin",
+        publisher: str | None = None,
+    ) -> tuple[str, SubscriptionOptions] | None:
+        """The member to deliver to, or None when the group is empty."""
         if not self.members:
             return None
         names = list(self.members)
-        count = len(names)
-        for offset in range(count):
-            index = (self.next_index + offset) % count
-            if available(names[index]):
-                self.next_index = (index + 1) % count
-                return names[index], self.members[names[index]]
-        index = self.next_index % count
-        self.next_index = (index + 1) % count
-        return names[index], self.members[names[index]]
+        if strategy == "round_robin":
+            count = len(names)
+            for offset in range(count):
+                index = (self.next_index + offset) % count
+                if available(names[index]):
+                    self.next_index = (index + 1) % count
+                    return names[index], self.members[names[index]]
+            index = self.next_index % count
+            self.next_index = (index + 1) % count
+            return names[index], self.members[names[index]]
+        candidates = [name for name in names if available(name)] or names
+        if strategy == "sticky":
+            if self.last not in candidates:
+                self.last = _RANDOM.choice(candidates)
+            name = self.last
+        elif strategy == "hash_clientid":
+            key = (publisher or "").encode("utf-8")
+            name = candidates[zlib.crc32(key) % len(candidates)]
+        else:
+            name = _RANDOM.choice(candidates)
+        assert name is not None
+        return name, self.members[name]
 
 
 class _Node:
@@ -94,9 +128,10 @@ class _Node:
 class SubscriptionTrie:
     """Every subscription on this node, keyed by topic filter level."""
 
-    __slots__ = ("_filter_counts", "_root")
+    __slots__ = ("_filter_counts", "_root", "strategy")
 
-    def __init__(self) -> None:
+    def __init__(self, strategy: str = "round_robin") -> None:
+        self.strategy = strategy
         self._root = _Node()
         # Full filter (with $share prefix) -> number of sessions holding it; lets the node
         # announce a filter to the cluster once, when the first session takes it.
@@ -194,12 +229,14 @@ class SubscriptionTrie:
         topic: str,
         publisher_client_id: str | None = None,
         available: Callable[[str], bool] = lambda client_id: True,
+        shared: bool = True,
     ) -> list[Delivery]:
         """Deliveries for a message published to ``topic``.
 
         Non-shared subscriptions of one session merge into one delivery (highest QoS, all
-        identifiers). Each shared group yields one delivery to the next member in turn,
-        preferring members for which ``available(client_id)`` is true (connected ones).
+        identifiers). Each shared group yields one delivery to the member the strategy picks,
+        preferring members for which ``available(client_id)`` is true (connected ones);
+        ``shared=False`` leaves shared groups out (the cluster picks those).
         """
         merged: dict[str, Delivery] = {}
         shared_deliveries: list[Delivery] = []
@@ -215,8 +252,10 @@ class SubscriptionTrie:
                 delivery.retain_as_published |= options.retain_as_published
                 if options.subscription_identifier is not None:
                     delivery.subscription_identifiers.append(options.subscription_identifier)
-            for shared in node.shared.values():
-                picked = shared.pick(available)
+            if not shared:
+                continue
+            for group in node.shared.values():
+                picked = group.pick(available, self.strategy, publisher_client_id)
                 if picked is None:
                     continue
                 client_id, options = picked
@@ -227,6 +266,61 @@ class SubscriptionTrie:
                     Delivery(client_id, options.qos, options.retain_as_published, identifiers)
                 )
         return [*merged.values(), *shared_deliveries]
+
+    def group(self, shared_filter: str) -> _SharedGroup | None:
+        """The members of ``$share/group/filter``."""
+        group, inner = split_shared(shared_filter)
+        if group is None:
+            return None
+        node = self._root
+        for level in inner.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                return None
+            node = child
+        return node.shared.get(group)
+
+    def pick_member(
+        self,
+        shared_filter: str,
+        publisher_client_id: str | None,
+        available: Callable[[str], bool] = lambda client_id: True,
+    ) -> tuple[str, SubscriptionOptions] | None:
+        """A member of one shared group by the strategy (a re-dispatch when the one picked
+        elsewhere has left)."""
+        group = self.group(shared_filter)
+        if group is None:
+            return None
+        return group.pick(available, self.strategy, publisher_client_id)
+
+    def shared_groups(self, topic: str) -> Iterator[tuple[str, _SharedGroup]]:
+        """(``$share/group/filter``, members) for every shared group matching ``topic``."""
+        for node, inner in self._matching_nodes_with_filter(topic):
+            for group, shared_group in node.shared.items():
+                if shared_group.members:
+                    yield f"$share/{group}/{inner}", shared_group
+
+    def _matching_nodes_with_filter(self, topic: str) -> Iterator[tuple[_Node, str]]:
+        levels = topic.split("/")
+        dollar = topic.startswith("$")
+        stack: list[tuple[_Node, int, tuple[str, ...]]] = [(self._root, 0, ())]
+        while stack:
+            node, depth, path = stack.pop()
+            first_level = depth == 0
+            if not (dollar and first_level):
+                hash_child = node.children.get("#")
+                if hash_child is not None:
+                    yield hash_child, "/".join((*path, "#"))
+            if depth == len(levels):
+                yield node, "/".join(path)
+                continue
+            exact = node.children.get(levels[depth])
+            if exact is not None:
+                stack.append((exact, depth + 1, (*path, levels[depth])))
+            if not (dollar and first_level):
+                plus = node.children.get("+")
+                if plus is not None:
+                    stack.append((plus, depth + 1, (*path, "+")))
 
 
 MessageT = TypeVar("MessageT")
@@ -252,6 +346,9 @@ class RetainedStore(Generic[MessageT]):
 
     def remove(self, topic: str) -> None:
         self._messages.pop(topic, None)
+
+    def get(self, topic: str) -> MessageT | None:
+        return self._messages.get(topic)
 
     def matching(self, topic_filter: str) -> list[MessageT]:
         """Retained messages whose topic matches a non-shared filter."""

@@ -679,9 +679,14 @@ class ClientSide(asyncio.Protocol):
         self._close()
 
     def _balance_key(self, backend: BackendState) -> bytes:
-        """The packed client address for hashing algorithms (balance source)."""
+        """What a hashing algorithm hashes: the packed client address (balance source,
+        balance hash src) or the client certificate's CN (balance hash ssl_c_s_dn(cn); empty
+        without one, and the balancer falls back to round robin)."""
         if not backend.hashed:
             return b""
+        if backend.hash_expression == "ssl_c_s_dn(cn)":
+            info = self.ssl_info
+            return info.cn.encode() if info is not None and info.cn else b""
         address = self.peer[0]
         try:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET

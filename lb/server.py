@@ -214,6 +214,7 @@ class BackendState:
         )
         self.dynamic = self.balancer.dynamic
         self.hashed = self.balancer.hashed
+        self.hash_expression = config.hash_expression
         self.queue = ConnectionQueue(None)
         self._sequence = 0
         for server_config in config.servers:

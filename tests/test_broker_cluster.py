@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -33,7 +34,9 @@ from paho.mqtt.properties import Properties as PahoProperties
 from bench.ports import free_port
 from broker.cluster import default_rpc_port
 from broker.config import load_config
+from broker.mqtt import Connack, Connect, Properties
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
+from tests.broker_harness import RawClient
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,6 +77,7 @@ class Node:
         self.config = directory / f"{name}.toml"
         self.log = directory / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.store_mode = "disk"
 
     def write_config(self, peers: list[Node]) -> None:
         peer_list = ", ".join(f'"{p.name}@127.0.0.1:{p.cluster_port}"' for p in peers)
@@ -100,6 +104,10 @@ fail_if_no_peer_cert = true
 
 [admin]
 bind = "127.0.0.1:{self.admin_port}"
+
+[store]
+mode = "{self.store_mode}"
+path = "{self.directory / (self.name + ".db")}"
 """
         )
 
@@ -463,7 +471,9 @@ def test_wrong_cookie_is_refused_and_logged(pki: TestPKI, tmp_path: Path) -> Non
             node.start()
         wait_for(lambda: "wrong cookie" in acceptor.log_text(), 10, "refusal logged")
         assert "refused" in acceptor.log_text()
-        wait_for(lambda: "wrong cookie" in dialer.log_text(), 10, "dialer told why")
+        # Issue 14 item 7: the peer gets a bare refusal, the reason stays in our log.
+        wait_for(lambda: "refused by the peer: refused" in dialer.log_text(), 10, "dialer refused")
+        assert "wrong cookie" not in dialer.log_text()
         assert acceptor.link_states() == {"node-a": "down"}
         assert dialer.link_states()["node-b"] != "up"
         assert "not-the-cookie" not in acceptor.log_text()
@@ -555,3 +565,188 @@ def test_a_device_certificate_from_the_same_ca_cannot_join(pki: TestPKI, tmp_pat
     finally:
         for node in nodes:
             node.stop()
+
+
+def _persistent(
+    port: int, client_id: str, protocol: MQTTProtocolVersion, clean: bool = False
+) -> tuple[mqtt.Client, queue.Queue[mqtt.MQTTMessage], bool]:
+    """A paho client with a persistent session (3.1.1 clean_session=0, 5.0 clean_start=0 with
+    Session Expiry 3600); returns it with its message queue and CONNACK session_present."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    connected: queue.Queue[Any] = queue.Queue()
+    client.on_message = lambda c, u, message: messages.put(message)
+    client.on_connect = lambda c, u, flags, reason, props: connected.put((flags, reason))
+    if protocol == V5:
+        properties = PahoProperties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        client.connect("127.0.0.1", port, keepalive=30, clean_start=clean, properties=properties)
+    else:
+        client.reinitialise(client_id=client_id, clean_session=clean)
+        client.on_message = lambda c, u, message: messages.put(message)
+        client.on_connect = lambda c, u, flags, reason, props: connected.put((flags, reason))
+        client.connect("127.0.0.1", port, keepalive=30)
+    client.loop_start()
+    flags, reason = connected.get(timeout=10)
+    assert not reason.is_failure, reason
+    return client, messages, bool(flags.session_present)
+
+
+def _stop(client: mqtt.Client) -> None:
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.mark.parametrize("protocol", [V311, V5], ids=["3.1.1", "5.0"])
+def test_persistent_session_follows_the_device_to_another_node(
+    cluster: list[Node], clients: list[Client], protocol: MQTTProtocolVersion
+) -> None:
+    """Issue 12's round, node by node: subscribe QoS 1 and 2 on one node, go away, messages
+    are published on another, come back on a third: everything queued arrives, once."""
+    device = f"roamer-{protocol.name}"
+    topic = f"roam/{protocol.name}"
+    publisher = Client(cluster[1].mqtt_port, f"roam-pub-{protocol.name}", protocol)
+    clients.append(publisher)
+    for round_number in range(3):
+        home = cluster[round_number % 3]
+        away = cluster[(round_number + 2) % 3]
+        client, messages, present = _persistent(home.mqtt_port, device, protocol)
+        assert present == (round_number > 0), f"round {round_number}: session_present"
+        if round_number == 0:
+            client.subscribe([(f"{topic}/1", 1), (f"{topic}/2", 2)])
+            time.sleep(0.5)  # the routes reach the other nodes
+        _stop(client)
+        time.sleep(0.2)
+        sent = []
+        for number in range(5):
+            for qos in (1, 2):
+                payload = f"{round_number}-{qos}-{number}"
+                publisher.publish(f"{topic}/{qos}", payload.encode(), qos)
+                sent.append(payload)
+        client, messages, present = _persistent(away.mqtt_port, device, protocol)
+        assert present, f"round {round_number}: the session came over"
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            try:
+                got.append(messages.get(timeout=0.2).payload.decode())
+            except queue.Empty:
+                pass
+        time.sleep(0.3)
+        while not messages.empty():
+            got.append(messages.get().payload.decode())
+        _stop(client)
+        assert sorted(got) == sorted(sent), f"round {round_number} on {away.name}"
+
+
+def test_startup_warns_when_the_cluster_ca_verifies_clients(pki: TestPKI, tmp_path: Path) -> None:
+    """Issue 14 item 7 (seed 002): the node certificate's CA also verifies MQTT clients on an
+    ssl listener: the node starts, and says to use a CA for the cluster alone."""
+    (node,) = make_cluster(tmp_path, pki, ["node-w"])
+    server = pki.node("node-w")
+    node.config.write_text(
+        node.config.read_text()
+        + f"""
+[listeners.ssl.devices]
+bind = "127.0.0.1:{free_port()}"
+[listeners.ssl.devices.ssl_options]
+cacertfile = "{pki.intermediate}"
+certfile = "{server.cert}"
+keyfile = "{server.key}"
+verify = "verify_peer"
+fail_if_no_peer_cert = true
+"""
+    )
+    try:
+        node.start()
+        wait_for(lambda: "use a CA for the cluster alone" in node.log_text(), 10, "warning")
+        assert "listener ssl:devices" in node.log_text()
+    finally:
+        node.stop()
+
+
+def test_clean_start_on_another_node_ends_the_session_everywhere(
+    cluster: list[Node], clients: list[Client]
+) -> None:
+    """Clean start on node 3 ends the session node 1 holds: its queued messages are gone
+    (session_present=0, nothing delivered) and its delayed will is published at once."""
+    topic = "clean/elsewhere"
+    watcher = Client(cluster[1].mqtt_port, "clean-watcher")
+    clients.append(watcher)
+    watcher.subscribe("clean/will", 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="clean-device", protocol=V5)
+    will = PahoProperties(PacketTypes.WILLMESSAGE)
+    will.WillDelayInterval = 600
+    client.will_set("clean/will", b"gone", 1, properties=will)
+    connect_properties = PahoProperties(PacketTypes.CONNECT)
+    connect_properties.SessionExpiryInterval = 3600
+    connected: queue.Queue[Any] = queue.Queue()
+    client.on_connect = lambda c, u, flags, reason, props: connected.put(reason)
+    client.connect("127.0.0.1", cluster[0].mqtt_port, 30, properties=connect_properties)
+    client.loop_start()
+    connected.get(timeout=5)
+    client.subscribe(topic, 1)
+    time.sleep(0.5)
+    client.loop_stop()
+    client.socket().close()  # gone without DISCONNECT: the will waits for its delay
+    time.sleep(0.3)
+    publisher = Client(cluster[1].mqtt_port, "clean-pub")
+    clients.append(publisher)
+    publisher.publish(topic, b"queued", 1)
+    assert watcher.drain(0.5) == []  # the will is delayed (600 s)
+    again, messages, present = _persistent(cluster[2].mqtt_port, "clean-device", V5, clean=True)
+    try:
+        assert not present
+        assert messages.empty()
+        will_message = watcher.messages.get(timeout=5)
+        assert will_message.payload == b"gone"
+    finally:
+        _stop(again)
+
+
+def _connect_at_once(sockets: list[RawClient], client_id: str) -> list[Any]:
+    """Send CONNECT (5.0, clean start 0) on every socket at the same moment; the first packet
+    each gets back (CONNACK, or None when closed without one)."""
+    barrier = threading.Barrier(len(sockets))
+    first: list[Any] = [None] * len(sockets)
+
+    def connect(index: int) -> None:
+        barrier.wait(5)
+        packet = Connect(
+            "MQTT", 5, False, 60, client_id, properties=Properties(session_expiry_interval=60)
+        )
+        try:
+            first[index] = sockets[index].connect(packet)
+        except OSError as error:
+            first[index] = error
+
+    threads = [threading.Thread(target=connect, args=(i,)) for i in range(len(sockets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    return first
+
+
+def test_two_connects_at_once_on_two_nodes_leave_exactly_one(cluster: list[Node]) -> None:
+    """The same client id connects to node-1 and node-2 at the same moment (clean start 0,
+    5.0): whatever order the claims cross in, one connection remains, on one node (the
+    higher claim; broker.registry.decide), the other is closed. Five rounds."""
+    for round_number in range(5):
+        client_id = f"twin-{round_number}"
+        sockets = [RawClient(cluster[index].mqtt_port, level=5) for index in (0, 1)]
+        try:
+            first = _connect_at_once(sockets, client_id)
+            open_ = [not raw.closed_by_server(timeout=1.5) for raw in sockets]
+            assert open_.count(True) == 1, (round_number, first, open_)
+            survivor = open_.index(True)
+            assert isinstance(first[survivor], Connack), first
+            holders = [
+                node.name
+                for node in cluster
+                if any(r["client_id"] == client_id for r in node.admin("/api/clients"))
+            ]
+            assert holders == [cluster[survivor].name], holders
+        finally:
+            for raw in sockets:
+                raw.close()

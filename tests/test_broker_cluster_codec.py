@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from broker import cluster_codec as codec
 from broker.message import Message
 from broker.mqtt import Properties
+from broker.subscriptions import SubscriptionOptions
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -24,7 +25,26 @@ MESSAGE = codec.WireMessage(
     properties=EMPTY,
     origin_node="n1",
     publisher_client_id="c",
+    seq=7,
 )
+# MESSAGE's encoding: flags (QoS 1 | RETAIN | publisher), seq, topic, origin, publisher,
+# property length 0, payload as a blob.
+MESSAGE_BYTES = (
+    bytes((0x01 | 0x04 | 0x08,))
+    + struct.pack(">Q", 7)
+    + b"\x00\x03a/b"
+    + b"\x00\x02n1"
+    + b"\x00\x01c"
+    + b"\x00"
+    + b"\x00\x00\x00\x02hi"
+)
+V = codec.Version(5, "n2")
+V_BYTES = struct.pack(">Q", 5) + b"\x00\x02n2"
+
+
+def framed(frame_type: int, body: bytes) -> bytes:
+    return struct.pack(">I", len(body) + 1) + bytes((frame_type,)) + body
+
 
 # (frame, exact encoding)
 VECTORS: list[tuple[codec.Frame, bytes]] = [
@@ -32,28 +52,38 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
     (codec.Pong(), b"\x00\x00\x00\x01\x04"),
     (codec.Subscribe("a/+"), b"\x00\x00\x00\x06\x06\x00\x03a/+"),
     (codec.Unsubscribe("#"), b"\x00\x00\x00\x04\x07\x00\x01#"),
-    (codec.Takeover("dev"), b"\x00\x00\x00\x06\x0a\x00\x03dev"),
     (codec.Close("no"), b"\x00\x00\x00\x05\x02\x00\x02no"),
     (
-        codec.Hello(1, "n1", "c", b"k"),
-        b"\x00\x00\x00\x0c\x01" + b"\x01" + b"\x00\x02n1" + b"\x00\x01c" + b"\x00\x01k",
+        codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
+        framed(
+            1,
+            b"\x02\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQ", 9, 8, 3),
+        ),
     ),
     (codec.Sync(True, ("x", "y/#")), b"\x00\x00\x00\x0a\x05\x01\x00\x01x\x00\x03y/#"),
     (codec.Sync(False, ()), b"\x00\x00\x00\x02\x05\x00"),
+    (codec.Publish(MESSAGE), framed(8, b"\x01\x00\x00" + MESSAGE_BYTES)),
     (
-        codec.Publish(MESSAGE),
-        b"\x00\x00\x00\x11\x08"
-        + bytes((0x01 | 0x04 | 0x08,))
-        + b"\x00\x03a/b"
-        + b"\x00\x02n1"
-        + b"\x00\x01c"
-        + b"\x00"  # property length 0
-        + b"hi",
+        codec.Publish(MESSAGE, False, (("$share/g/a/#", "dev"),)),
+        framed(8, b"\x00\x00\x01\x00\x0c$share/g/a/#\x00\x03dev" + MESSAGE_BYTES),
     ),
     (
         codec.Retain("t", None, 1.5),
-        b"\x00\x00\x00\x0d\x09" + struct.pack(">d", 1.5) + b"\x00" + b"\x00\x01t",
+        framed(9, struct.pack(">d", 1.5) + b"\x00" + b"\x00\x01t"),
     ),
+    (codec.Ack(258), framed(12, struct.pack(">Q", 258))),
+    (
+        codec.Reliable(3, codec.Ack(1)),
+        framed(11, struct.pack(">Q", 3) + framed(12, struct.pack(">Q", 1))),
+    ),
+    (codec.Claim("dev", V, True), framed(13, V_BYTES + b"\x01\x00\x03dev")),
+    (codec.ClaimReply("dev", V, False), framed(14, V_BYTES + b"\x00\x00\x03dev")),
+    (codec.Owned((("dev", V),)), framed(17, b"\x00\x01\x00\x03dev" + V_BYTES)),
+    (
+        codec.Members(True, ((2, "$share/g/t", "dev"),)),
+        framed(18, b"\x01\x00\x01\x02\x00\x0a$share/g/t\x00\x03dev"),
+    ),
+    (codec.StateWrite(V, b"k", None, None), framed(19, V_BYTES + b"\x00\x01k\x00")),
 ]
 
 
@@ -86,7 +116,14 @@ def test_all_vectors_in_one_stream() -> None:
 
 
 def test_hello_repr_hides_the_cookie() -> None:
-    assert "secret" not in repr(codec.Hello(1, "n", "c", b"secret"))
+    assert "secret" not in repr(codec.Hello(2, "n", "c", b"secret"))
+
+
+def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
+    version_1 = framed(1, b"\x01\x00\x02n1\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_1)
+    assert isinstance(hello, codec.Hello)
+    assert (hello.version, hello.node) == (1, "n1")
 
 
 def test_publish_carries_mqtt5_properties_and_expiry_time_left() -> None:
@@ -97,14 +134,15 @@ def test_publish_carries_mqtt5_properties_and_expiry_time_left() -> None:
         correlation_data=b"\x01\x02",
         user_properties=(("k", "v"), ("k", "w")),
     )
-    message = Message("t/1", b"payload", 2, False, properties, expires_at=110.2)
+    message = Message("t/1", b"payload", 2, False, properties, expires_at=110.2, seq=42)
     wire = codec.WireMessage.from_message(message, now=100.0, origin_node="node-a")
-    assert wire.properties.message_expiry_interval == 11  # rounded up
-    assert wire.origin_node == "node-a"
+    assert wire.expiry_ms == 10_200
+    assert wire.properties.message_expiry_interval is None
+    assert (wire.origin_node, wire.seq) == ("node-a", 42)
     (decoded,), _ = decode_all(codec.encode(codec.Publish(wire)))
     assert isinstance(decoded, codec.Publish)
     received = decoded.message.to_message(now=5000.0)
-    assert received.expires_at == 5011.0
+    assert received.expires_at == 5010.2
     assert received.properties == properties
     assert (received.topic, received.payload, received.qos, received.retain) == (
         "t/1",
@@ -112,7 +150,59 @@ def test_publish_carries_mqtt5_properties_and_expiry_time_left() -> None:
         2,
         False,
     )
-    assert received.origin_node == "node-a"
+    assert received.id == ("node-a", 42)
+
+
+def test_expiry_never_grows_from_hop_to_hop() -> None:
+    """Issue 12: 60 s sent as whole seconds rounded up arrived as 61 two hops later."""
+    message = Message("t", b"", 1, False, Properties(), expires_at=60.0)
+    now = 0.0
+    for _ in range(5):
+        now += 0.0004  # each hop takes a little time
+        wire = codec.WireMessage.from_message(message, now=now, origin_node="n")
+        (decoded,), _ = decode_all(codec.encode(codec.Publish(wire)))
+        assert isinstance(decoded, codec.Publish)
+        message = decoded.message.to_message(now)
+        assert message.expires_at is not None and message.expires_at <= 60.0
+        assert message.remaining_expiry(now) <= 60
+
+
+def test_session_record_round_trip() -> None:
+    options = SubscriptionOptions(2, True, True, 1, 77)
+    delivery = codec.DeliveryRecord(MESSAGE, 2, True, (1, 2), 513, True, True)
+    will = codec.WillRecord(1234.5, 30, MESSAGE)
+    record = codec.SessionRecord(
+        "dev",
+        3600,
+        99.5,
+        V,
+        12,
+        (("a/#", options), ("$share/g/b", SubscriptionOptions(1))),
+        (3, 4),
+        will,
+        True,
+        (delivery, codec.DeliveryRecord(MESSAGE, 1, False)),
+    )
+    assert codec.decode_session(codec.encode_session(record)) == record
+    frame = codec.Transfer(V, False, record)
+    assert decode_all(codec.encode(frame)) == ([frame], b"")
+    frame2 = codec.Deliver("dev", delivery)
+    assert decode_all(codec.encode(frame2)) == ([frame2], b"")
+
+
+def test_owned_and_members_are_split_into_bounded_frames() -> None:
+    entries = [(f"device-{n:05d}", codec.Version(n, "node-1")) for n in range(5000)]
+    frames = codec.encode_owned(entries)
+    assert len(frames) > 1
+    decoded, _ = decode_all(b"".join(frames))
+    assert [e for f in decoded if isinstance(f, codec.Owned) for e in f.entries] == entries
+    assert codec.encode_owned([]) == []
+    members = [(1, f"$share/g/t/{n}", f"dev-{n}") for n in range(5000)]
+    frames = codec.encode_members(members)
+    decoded, _ = decode_all(b"".join(frames))
+    resets = [f.reset for f in decoded if isinstance(f, codec.Members)]
+    assert resets[0] and not any(resets[1:])
+    assert [e for f in decoded if isinstance(f, codec.Members) for e in f.entries] == members
 
 
 def test_sync_is_split_into_reset_and_continuation_frames() -> None:
@@ -137,9 +227,13 @@ def test_sync_is_split_into_reset_and_continuation_frames() -> None:
         (b"\x00\x00\x00\x02\x03\x00", "unexpected bytes after a PING"),
         (b"\x00\x00\x00\x03\x06\x00\x05", "malformed frame"),
         (b"\x00\x00\x00\x05\x06\x00\x02\xff\xfe", "UTF-8"),
-        (b"\x00\x00\x00\x05\x08\x03\x00\x00\x00", "QoS 3"),
-        (b"\x00\x00\x00\x04\x09\x00\x00\x00", "shorter than its timestamp"),
+        (b"\x00\x00\x00\x05\x08\x01\x00\x00\x03", "QoS 3"),
+        (b"\x00\x00\x00\x04\x09\x00\x00\x00", "RETAIN timestamp"),
         (b"\x00\x00\x00\x03\x05\x02\x00", "reserved sync flags"),
+        (framed(11, struct.pack(">Q", 1) + framed(11, struct.pack(">Q", 2))), "inside"),
+        (framed(11, struct.pack(">Q", 1) + b"\x00\x00"), "without an inner frame"),
+        (framed(14, V_BYTES + b"\x07\x00\x01x"), "unknown claim outcome"),
+        (framed(18, b"\x00\x00\x01\x03\x00\x01x\x00\x01y"), "unknown member state"),
     ],
 )
 def test_malformed_frames_raise_the_codec_error(data: bytes, words: str) -> None:
@@ -165,6 +259,10 @@ def test_per_hop_properties_are_refused() -> None:
     decoder.feed(codec.encode(codec.Publish(message)))
     with pytest.raises(codec.ClusterProtocolError, match="per-hop"):
         decoder.next_event()
+    with pytest.raises(ValueError, match="expiry_ms"):
+        codec.encode_message(
+            codec.WireMessage("t", b"", 0, False, Properties(message_expiry_interval=3), "n")
+        )
 
 
 topics = st.text(
@@ -182,7 +280,9 @@ topics = st.text(
     retain=st.booleans(),
     publisher=st.none() | st.text(max_size=10).filter(lambda t: "\x00" not in t),
     user=st.lists(st.tuples(topics, topics), max_size=3),
-    expiry=st.none() | st.integers(1, 0xFFFFFFFF),
+    expiry=st.none() | st.integers(0, 0xFFFFFFFF),
+    seq=st.integers(0, 2**64 - 1),
+    targets=st.lists(st.tuples(topics, topics), max_size=3),
 )
 def test_publish_round_trip(
     topic: str,
@@ -192,12 +292,18 @@ def test_publish_round_trip(
     publisher: str | None,
     user: list[tuple[str, str]],
     expiry: int | None,
+    seq: int,
+    targets: list[tuple[str, str]],
 ) -> None:
-    properties = Properties(user_properties=tuple(user), message_expiry_interval=expiry)
+    properties = Properties(user_properties=tuple(user))
     frame = codec.Publish(
-        codec.WireMessage(topic, payload, qos, retain, properties, "n", publisher)
+        codec.WireMessage(topic, payload, qos, retain, properties, "n", publisher, seq, expiry),
+        bool(seq % 2),
+        tuple(targets),
     )
     assert decode_all(codec.encode(frame)) == ([frame], b"")
+    reliable = codec.Reliable(seq, frame)
+    assert decode_all(codec.encode(reliable)) == ([reliable], b"")
 
 
 @settings(max_examples=300, deadline=None)

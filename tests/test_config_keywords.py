@@ -464,13 +464,39 @@ def test_no_log_drops_inherited_logging() -> None:
             "defaults",
             "balance uri",
             "'balance' : unknown or unsupported algorithm 'uri'; lb supports 'roundrobin', "
-            "'static-rr', 'leastconn', 'source', 'first'",
+            "'static-rr', 'leastconn', 'source', 'hash', 'first'",
         ),
         ("defaults", "balance source extra", "'balance' : 'source' takes no argument"),
         (
             "defaults",
+            "balance hash",
+            "'balance' : 'hash' expects a sample expression: src or ssl_c_s_dn(cn)",
+        ),
+        (
+            "defaults",
+            "balance hash src extra",
+            "'balance' : 'hash' takes one expression (got 'extra' after it)",
+        ),
+        (
+            "defaults",
+            "balance hash req.hdr(host)",
+            "'balance' : 'balance hash req.hdr(host)': lb evaluates only 'src' and "
+            "'ssl_c_s_dn(cn)' (HAProxy 2.6 takes any sample expression here)",
+        ),
+        (
+            "defaults",
             "hash-type sometimes",
             "'hash-type' : expects one of 'map-based', 'consistent'",
+        ),
+        (
+            "defaults",
+            "hash-type consistent djb2",
+            "'hash-type' : hash function 'djb2' not supported: lb hashes with sdbm",
+        ),
+        (
+            "defaults",
+            "hash-type map-based sdbm avalanche",
+            "'hash-type' : modifier 'avalanche' with 'map-based' not supported",
         ),
         (
             "defaults",
@@ -1002,3 +1028,28 @@ def test_balance_registry_can_be_replaced(monkeypatch: pytest.MonkeyPatch) -> No
 def test_arbitrary_text_only_yields_diagnostics(text: str) -> None:
     result = load_config_text(text, FILE, environ={"a": "1"})
     assert (result.config is None) == any(d.is_error for d in result.diagnostics)
+
+
+def test_balance_hash_keeps_its_expression_and_defaults_pass_it_on() -> None:
+    config = valid(
+        """
+        defaults
+            balance hash ssl_c_s_dn(CN)
+            hash-type consistent sdbm avalanche
+        listen mqtt
+            bind 127.0.0.1:1883
+            server s1 127.0.0.1:1884
+        listen other
+            bind 127.0.0.1:1885
+            balance roundrobin
+            server s1 127.0.0.1:1886
+        """
+    )
+    mqtt = config.backend("mqtt")
+    assert (mqtt.balance, mqtt.hash_expression, mqtt.hash_type) == (
+        "hash",
+        "ssl_c_s_dn(cn)",
+        "consistent",
+    )
+    other = config.backend("other")
+    assert (other.balance, other.hash_expression) == ("roundrobin", None)

@@ -51,6 +51,14 @@ def full_hash(value: int) -> int:
     return (a * 3221225473) & MASK32
 
 
+def sdbm_hash(key: bytes) -> int:
+    """HAProxy's hash_sdbm (src/hash.c), the default `hash-type` function of `balance hash`."""
+    value = 0
+    for byte in key:
+        value = (byte + (value << 6) + (value << 16) - value) & MASK32
+    return value
+
+
 def address_hash(key: bytes) -> int:
     """XOR of the key's 32-bit big-endian words, as get_server_sh hashes an address."""
     value = 0
@@ -171,8 +179,12 @@ class Source(Generic[S]):
         if self._dirty:
             self._rebuild()
         if self.consistent:
-            return self._pick_ring(full_hash(address_hash(key)), exclude)
-        return self._pick_table(address_hash(key), exclude)
+            return self._pick_ring(full_hash(self.key_hash(key)), exclude)
+        return self._pick_table(self.key_hash(key), exclude)
+
+    @staticmethod
+    def key_hash(key: bytes) -> int:
+        return address_hash(key)
 
     def _pick_table(self, value: int, exclude: frozenset[str]) -> S | None:
         table = self._table
@@ -198,6 +210,40 @@ class Source(Generic[S]):
         index = before if distance_before <= distance_after else after
         for step in range(size):
             server = self._ring_servers[(index + step) % size]
+            if server.name not in exclude:
+                return server
+        return None
+
+
+class Hash(Source[S]):
+    """`balance hash <expr>` (HAProxy 2.6): the expression's value, hashed with sdbm (HAProxy's
+    default hash function), picks the server through the same table or ring as `source`.
+    When the value is not available (``key`` empty: no client certificate for
+    ``ssl_c_s_dn(cn)``), round robin applies, as HAProxy documents: a rotating position in the
+    table or on the ring."""
+
+    __slots__ = ("_turn",)
+
+    def __init__(self, hash_type: str = "map-based") -> None:
+        super().__init__(hash_type)
+        self._turn = 0
+
+    @staticmethod
+    def key_hash(key: bytes) -> int:
+        return sdbm_hash(key)
+
+    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+        if key:
+            return super().pick(key, exclude)
+        if self._dirty:
+            self._rebuild()
+        self._turn += 1
+        servers = self._ring_servers if self.consistent else self._table
+        if not servers:
+            return None
+        size = len(servers)
+        for step in range(size):
+            server = servers[(self._turn + step) % size]
             if server.name not in exclude:
                 return server
         return None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -1233,15 +1233,54 @@ def _balance(line: Line, draft: ProxyDraft, report: Report) -> None:
             f"unknown or unsupported algorithm '{algorithm}'; lb supports {known}"
             f"{did_you_mean(algorithm, BALANCE_ALGORITHMS)}"
         )
-    if len(line.words) > 2:
+    if algorithm == "hash":
+        draft.values["hash_expression"] = _hash_expression(line.words[2:])
+    elif len(line.words) > 2:
         raise KeywordError(f"'{algorithm}' takes no argument")
+    else:
+        draft.values["hash_expression"] = None
     draft.values["balance"] = algorithm
+
+
+#: `balance hash <expr>`: the sample expressions lb evaluates (HAProxy 2.6 takes any sample
+#: expression; a device's certificate CN or its address is what keeps a device on one node).
+HASH_EXPRESSIONS = {"src": "src", "ssl_c_s_dn(cn)": "ssl_c_s_dn(cn)"}
+
+
+def _hash_expression(words: Sequence[str]) -> str:
+    if not words:
+        raise KeywordError("'hash' expects a sample expression: src or ssl_c_s_dn(cn)")
+    if len(words) > 1:
+        # HAProxy 2.6: "balance hash takes no other argument (got '...')".
+        raise KeywordError(f"'hash' takes one expression (got '{words[1]}' after it)")
+    expression = words[0]
+    # OpenSSL's names: the entry is CN (or cn, as the issue writes it), commonName.
+    canonical = expression.lower().replace("commonname", "cn")
+    if canonical in HASH_EXPRESSIONS:
+        return HASH_EXPRESSIONS[canonical]
+    raise KeywordError(
+        f"'balance hash {expression}': lb evaluates only 'src' and 'ssl_c_s_dn(cn)' "
+        "(HAProxy 2.6 takes any sample expression here)"
+    )
 
 
 def _hash_type(line: Line, draft: ProxyDraft, report: Report) -> None:
     if not 2 <= len(line.words) <= 4:
         raise KeywordError("expects 'map-based' or 'consistent' [<function> [<modifier>]]")
-    draft.values["hash_type"] = parse_choice(line.words[1], HASH_TYPES)
+    hash_type = parse_choice(line.words[1], HASH_TYPES)
+    # Never parse-and-ignore: lb hashes `balance hash` values with sdbm (HAProxy's default
+    # function) and always avalanches keys on the consistent ring (lb.balance.source).
+    if len(line.words) >= 3 and line.words[2] != "sdbm":
+        raise KeywordError(
+            f"hash function '{line.words[2]}' not supported: lb hashes with sdbm "
+            "(HAProxy's default; leave the function out)"
+        )
+    if len(line.words) == 4 and (line.words[3] != "avalanche" or hash_type != "consistent"):
+        raise KeywordError(
+            f"modifier '{line.words[3]}' with '{hash_type}' not supported: lb avalanches "
+            "every key on the consistent ring and none in the map-based table"
+        )
+    draft.values["hash_type"] = hash_type
 
 
 def _backend_name(line: Line, usage: str) -> str:

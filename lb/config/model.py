@@ -276,6 +276,8 @@ class Defaults:
     retries: int = 3
     maxconn: int | None = None
     balance: str = "roundrobin"
+    # `balance hash <expr>`: the sample expression ("src" or "ssl_c_s_dn(cn)").
+    hash_expression: str | None = None
     hash_type: str = "map-based"
     fullconn: int | None = None
     default_backend: str | None = None
@@ -316,6 +318,7 @@ class Backend:
     option: Options = Options()
     log: Logging = Logging()
     balance: str = "roundrobin"
+    hash_expression: str | None = None  # `balance hash <expr>`, as in Defaults
     hash_type: str = "map-based"
     retries: int = 3
     fullconn: int | None = None

@@ -1,0 +1,362 @@
+"""Real processes for the cluster tests of issue 12: broker nodes (`broker -c FILE`) with a
+disk store, clustered over mutual TLS, and lb in front of them (seed 004's topology: mutual
+TLS with device certificates, round robin, PROXY v2 with the CN), plus paho-mqtt devices
+with persistent sessions.
+
+Every port comes from bench.ports.free_port(); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
+
+from bench.ports import free_port
+from tests.harness import VENV_BIN, Process, start_process
+from tests.pki import DeviceFiles, TestPKI
+
+BROKER = Path(sys.executable).parent / "broker"
+COOKIE = "chaos-cluster-cookie"
+V311 = MQTTProtocolVersion.MQTTv311
+V5 = MQTTProtocolVersion.MQTTv5
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not met within {timeout}s: {what}")
+
+
+class ClusterNode:
+    """One `broker -c FILE` process: a direct listener, a PROXY listener for lb, admin,
+    cluster link, disk store."""
+
+    def __init__(self, directory: Path, name: str, pki: TestPKI, extra: str = "") -> None:
+        self.directory = directory
+        self.name = name
+        files = pki.node(name)
+        self.cert, self.key, self.ca = files.cert, files.key, pki.root
+        self.mqtt_port = free_port()
+        self.lb_port = free_port()
+        self.cluster_port = free_port()
+        self.admin_port = free_port()
+        self.config = directory / f"{name}.toml"
+        self.log = directory / f"{name}.log"
+        self.database = directory / f"{name}.db"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.extra = extra
+
+    def write_config(self, peers: list[ClusterNode]) -> None:
+        peer_list = ", ".join(f'"{p.name}@127.0.0.1:{p.cluster_port}"' for p in peers)
+        self.config.write_text(
+            f"""
+[node]
+name = "{self.name}"
+cookie = "{COOKIE}"
+
+[mqtt]
+session_expiry_max = 7200
+{self.extra}
+
+[listeners.tcp.direct]
+bind = "127.0.0.1:{self.mqtt_port}"
+
+[listeners.tcp.lb]
+bind = "127.0.0.1:{self.lb_port}"
+proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.1/32"]
+peer_cert_as_username = "cn"
+
+[cluster]
+name = "chaos"
+bind = "127.0.0.1:{self.cluster_port}"
+peers = [{peer_list}]
+takeover_timeout = "3s"
+
+[cluster.ssl_options]
+cacertfile = "{self.ca}"
+certfile = "{self.cert}"
+keyfile = "{self.key}"
+verify = "verify_peer"
+fail_if_no_peer_cert = true
+
+[admin]
+bind = "127.0.0.1:{self.admin_port}"
+
+[store]
+mode = "disk"
+path = "{self.database}"
+"""
+        )
+
+    def start(self) -> None:
+        log = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [str(BROKER), "-c", str(self.config)], stdout=log, stderr=log
+        )
+        log.close()
+        wait_for(self.admin_ready, 15, f"{self.name} admin endpoint")
+
+    def admin_ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited: {self.log_text()[-3000:]}")
+        try:
+            self.admin("/api/stats")
+        except OSError:
+            return False
+        return True
+
+    def admin(self, path: str, method: str = "GET") -> Any:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def link_states(self) -> dict[str, str]:
+        members = self.admin("/api/cluster")["members"]
+        return {m["name"]: m["state"] for m in members if m["state"] != "self"}
+
+    def all_links_up(self) -> bool:
+        states = self.link_states()
+        return bool(states) and all(state == "up" for state in states.values())
+
+    def stats(self) -> dict[str, int]:
+        result: dict[str, int] = self.admin("/api/stats")
+        return result
+
+    def clients(self) -> list[str]:
+        return [record["client_id"] for record in self.admin("/api/clients")]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def make_nodes(directory: Path, pki: TestPKI, count: int = 3, extra: str = "") -> list[ClusterNode]:
+    nodes = [ClusterNode(directory, f"node-{n}", pki, extra) for n in range(1, count + 1)]
+    for node in nodes:
+        node.write_config(nodes)
+    return nodes
+
+
+def lb_config(pki: TestPKI, front: int, nodes: list[ClusterNode]) -> str:
+    servers = "\n".join(
+        f"    server {node.name} 127.0.0.1:{node.lb_port} send-proxy-v2 "
+        "proxy-v2-options ssl,cert-cn,chain-subjects"
+        for node in nodes
+    )
+    verify = f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required"
+    return f"""
+global
+    maxconn 10000
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 120s
+    timeout server 120s
+
+frontend devices
+    bind 127.0.0.1:{front} ssl crt {pki.server_allinone} {verify}
+    default_backend brokers
+
+backend brokers
+    balance roundrobin
+{servers}
+"""
+
+
+@contextlib.contextmanager
+def running_lb(pki: TestPKI, directory: Path, nodes: list[ClusterNode]) -> Iterator[int]:
+    front = free_port()
+    path = directory / "lb.cfg"
+    path.write_text(lb_config(pki, front, nodes))
+    process: Process = start_process(
+        [str(VENV_BIN / "lb"), "-db", "-f", str(path)], directory, "lb"
+    )
+    try:
+        process.wait_output(f"listening on 127.0.0.1:{front}", 15, stream="stderr")
+        yield front
+    finally:
+        process.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(
+    pki: TestPKI, directory: Path, count: int = 3, extra: str = ""
+) -> Iterator[list[ClusterNode]]:
+    nodes = make_nodes(directory, pki, count, extra)
+    try:
+        for node in nodes:
+            node.start()
+        wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "all links up")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+class Device:
+    """A paho-mqtt device through lb (mutual TLS with its certificate), or straight to a
+    node; persistent session (3.1.1 clean_session=0, 5.0 clean_start=0 + Session Expiry 3600)
+    unless ``clean``. It resubscribes when CONNACK says session_present=0, as devices do."""
+
+    def __init__(
+        self,
+        client_id: str,
+        protocol: MQTTProtocolVersion = V5,
+        device: DeviceFiles | None = None,
+        server_ca: Path | None = None,
+        clean: bool = False,
+        subscriptions: list[tuple[str, int]] | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.protocol = protocol
+        self.clean = clean
+        self.subscriptions = subscriptions or []
+        if protocol == V5:
+            self.client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol
+            )
+        else:
+            self.client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=protocol,
+                clean_session=clean,
+            )
+        if device is not None:
+            assert server_ca is not None
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_ca))
+            context.load_cert_chain(str(device.cert), str(device.key))
+            self.client.tls_set_context(context)
+        self.client.reconnect_delay_set(0.1, 1.0)
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.connacks: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        self.acked: list[str] = []
+        self.lock = threading.Lock()
+        self.pending: dict[int, str] = {}
+        # Acknowledged before publish() could note the mid (the loop thread is fast).
+        self.early: set[int] = set()
+        self.resent: set[str] = set()
+        self.connected = threading.Event()
+        self.client.on_message = lambda c, u, message: self.messages.put(message)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.max_inflight_messages_set(20)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        present = bool(flags.session_present)
+        self.connacks.put((present, reason))
+        if reason.is_failure:
+            return
+        if not present and self.subscriptions:
+            client.subscribe(self.subscriptions)
+        self.connected.set()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        self.connected.clear()
+        with self.lock:
+            # What was not acknowledged is sent again after the reconnect (paho resends it).
+            self.resent.update(self.pending.values())
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            return
+        with self.lock:
+            payload = self.pending.pop(mid, None)
+            if payload is None:
+                self.early.add(mid)
+            else:
+                self.acked.append(payload)
+
+    def connect(self, port: int, timeout: float = 15.0) -> bool:
+        """Connect (loop started); returns CONNACK's session_present."""
+        if self.protocol == V5:
+            properties = PahoProperties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 0 if self.clean else 3600
+            self.client.connect(
+                "127.0.0.1", port, keepalive=20, clean_start=self.clean, properties=properties
+            )
+        else:
+            self.client.connect("127.0.0.1", port, keepalive=20)
+        self.client.loop_start()
+        present, reason = self.connacks.get(timeout=timeout)
+        assert not reason.is_failure, reason
+        return present
+
+    def subscribe(self, subscriptions: list[tuple[str, int]]) -> None:
+        done: queue.Queue[Any] = queue.Queue()
+        self.client.on_subscribe = lambda *args: done.put(args)
+        self.subscriptions = subscriptions
+        self.client.subscribe(subscriptions)
+        done.get(timeout=10)
+
+    def publish(self, topic: str, payload: str, qos: int) -> None:
+        # Not under self.lock: paho calls on_publish holding its own lock, and publish()
+        # takes that lock too (a deadlock when both are held crosswise).
+        info = self.client.publish(topic, payload.encode(), qos)
+        if qos:
+            with self.lock:
+                if info.mid in self.early:
+                    self.early.discard(info.mid)
+                    self.acked.append(payload)
+                else:
+                    self.pending[info.mid] = payload
+
+    def received(
+        self, quiet: float = 0.5, timeout: float = 20.0, want: int | None = None
+    ) -> list[str]:
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got.append(self.messages.get(timeout=quiet).payload.decode())
+            except queue.Empty:
+                if want is None or len(got) >= want:
+                    break
+        return got
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
