@@ -160,14 +160,17 @@ backend brokers
 """
         with run_haproxy(config, tmp_path, port) as haproxy:
             client = RawClient(port, level=4)
+            # HAProxy logs the harness's port probe too: the device's line is found by its port.
+            source = f"127.0.0.1:{client.sock.getsockname()[1]} "
             assert isinstance(client.connect(Connect("MQTT", 4, True, 30, "via-haproxy")), Connack)
             [record] = [
                 c for c in node.admin_get("/api/clients") if c["client_id"] == "via-haproxy"
             ]
             client.close()
             wait_for(lambda: bool(broker_lines(caplog, "client disconnected")))
-            output = haproxy.wait_output(" 0/0 id=", 10, stream="stdout")
-    haproxy_id = output.strip().splitlines()[-1].rsplit(" id=", 1)[1]
+            output = haproxy.wait_output(source, 10, stream="stdout")
+    [line] = [line for line in output.splitlines() if line.startswith(source)]
+    haproxy_id = line.rsplit(" id=", 1)[1]
     assert re.fullmatch(
         r"7F000001:[0-9A-F]{4}_7F000001:[0-9A-F]{4}_[0-9A-F]{8}_[0-9A-F]{4}:[0-9A-F]{4,}",
         haproxy_id,
