@@ -539,7 +539,7 @@ class ClientSide(asyncio.Protocol):
         self._rearm_timer()
         server = self.server_side
         if server is not None and server.transport is not None:
-            if server.transport.can_write_eof():
+            if not server.transport.is_closing():  # closing: its connection_lost follows
                 server.transport.write_eof()
             if self.server_eof:
                 self._close()
@@ -581,7 +581,7 @@ class ClientSide(asyncio.Protocol):
                 # asyncio.timeout cancels this task at the deadline; wait_for ran the
                 # connect in a task of its own (one task and one future less per session).
                 async with asyncio.timeout(limits.timeout_connect):
-                    await self.loop.create_connection(
+                    _, server_side = await self.loop.create_connection(
                         functools.partial(ServerSide, self, server, self.attempt),
                         server.host,
                         server.port or self.sock[1],
@@ -603,10 +603,16 @@ class ClientSide(asyncio.Protocol):
                 else:
                     server.connect_failed()
                 continue
-            if self.closed:  # the client left while we were connecting
-                if self.server_side is not None and self.server_side.transport is not None:
-                    self.server_side.transport.close()
+            if self.closed:  # the client left (or the server hung up) while we were connecting
+                if server_side.transport is not None:
+                    server_side.transport.close()
                 return
+            # Adopted only now, not in ServerSide.connection_made: the timeout can still
+            # cancel this task after connection_made and before it resumes, and uvloop then
+            # closes that transport without a connection_lost; a server side adopted there
+            # held the client's first bytes and was written to once closed ("the handler is
+            # closed", seen at EMFILE in the fleet run; tests/test_lb_races.py).
+            self.server_connected(server_side)
             self.connect_time = self.loop.time() - started
             self.termination = "--"
             return
@@ -906,7 +912,6 @@ class ServerSide(asyncio.Protocol):
         if self.client.closed:
             transport.close()
             return
-        self.client.server_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.client.from_server(data)
@@ -925,8 +930,8 @@ class ServerSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.stale:
-            return
+        if self.stale or self.attempt != self.client.attempt:
+            return  # an attempt the session gave up (timeout): it holds nothing
         self.client._release_slot(failed=False)
         self.client.server_lost(exc)
 
