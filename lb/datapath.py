@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, cast
 from OpenSSL import SSL
 
 from lb import proxyproto, tls_io
+from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.queue import PendingConnection
 from lb.server import QueueFull
 from lb.tls import BindContext, VerifyFailure, VerifyState, describe_name, handshake_refusal
@@ -569,6 +570,7 @@ class ClientSide(asyncio.Protocol):
         retries_left = limits.retries
         server: ServerState | None = None
         last_error = "no server available"
+        resource_deadline: float | None = None  # waiting for a file, until this time
         while True:
             if server is None:
                 server = await self._take_slot(backend, key, failed)
@@ -588,6 +590,29 @@ class ClientSide(asyncio.Protocol):
                     )
             except (OSError, TimeoutError) as error:
                 self.attempt += 1  # whatever this attempt still produces is stale
+                if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+                    # Out of files or memory here: no server is to blame and none would do
+                    # better. Accepts pause (lb.frontend) and this session, its handshake
+                    # done, waits for a session to end and tries the same server again.
+                    process = self.frontend.process
+                    process.out_of_resources(
+                        error,
+                        f"backend {backend.name}: connect to {server.name}",
+                        session_held=True,
+                    )
+                    if resource_deadline is None:
+                        resource_deadline = started + (limits.timeout_connect or 5.0)
+                    remaining = resource_deadline - self.loop.time()
+                    if remaining > 0:
+                        await process.files_freed(remaining)
+                        if not self.closed:
+                            continue
+                    if self.closed:
+                        return
+                    self._release_slot(failed=False)
+                    last_error = resource_words(error.errno)
+                    self.termination = "SC"
+                    break
                 timed_out = isinstance(error, TimeoutError)
                 last_error = "connection timeout" if timed_out else _error_words(error)
                 self.termination = "sC" if timed_out else "SC"

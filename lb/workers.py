@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lb import tls, tls_io
+from lb import limits, tls, tls_io
 from lb.config.errors import Diagnostic, format_report
 from lb.config.model import Config
 from lb.control import GATHER_TIMEOUT, SharedState, WorkerSetup
@@ -559,6 +559,16 @@ class Master:
             # (an expired CRL refuses every device): the log says them, as `lb -c` does.
             level = logging.WARNING if diagnostic.is_warning else logging.INFO
             logger.log(level, "reload: %s", diagnostic.text)
+        files = limits.plan(config, limits.soft_limit())
+        if not files.fits:
+            sys.stderr.write(limits.start_report(files, os.getpid()))
+            sys.stderr.flush()
+            if files.strict:
+                logger.error(
+                    "reload refused: maxconn needs more files than a worker may open "
+                    "(strict-limits); old workers keep serving"
+                )
+                return False
         try:
             pending = self.pool.prepare(config)
         except OSError as error:

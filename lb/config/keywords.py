@@ -481,8 +481,38 @@ def _global_user(name: str) -> GlobalParser:
     return parse
 
 
+def _global_maxconn(line: Line, draft: GlobalDraft, report: Report) -> None:
+    _global_integer("maxconn", 1)(line, draft, report)
+    draft.values["maxconn_origin"] = Origin(line.file, line.lineno)
+
+
+#: Global keywords that take HAProxy's `no` prefix (cfgparse-global.c, KWM_NO).
+GLOBAL_NO_KEYWORDS = ("strict-limits",)
+
+
+def _global_no(line: Line, draft: GlobalDraft, report: Report) -> None:
+    keyword = line.words[1] if len(line.words) > 1 else ""
+    if keyword not in GLOBAL_NO_KEYWORDS:
+        raise KeywordError(
+            f"'no {keyword}' is not supported; 'no' applies to "
+            f"{', '.join(repr(k) for k in GLOBAL_NO_KEYWORDS)}"
+            f"{did_you_mean(keyword, GLOBAL_NO_KEYWORDS)}",
+            "no",
+        )
+    _expect_arguments(line, 1, "no argument after the keyword")
+    draft.values[keyword.replace("-", "_")] = False
+
+
+def _global_strict_limits(line: Line, draft: GlobalDraft, report: Report) -> None:
+    _expect_arguments(line, 0, "no argument")
+    draft.values["strict_limits"] = True
+
+
 GLOBAL_KEYWORDS: dict[str, GlobalParser] = {
-    "maxconn": _global_integer("maxconn", 1),
+    "maxconn": _global_maxconn,
+    "strict-limits": _global_strict_limits,
+    "fd-hard-limit": _global_integer("fd_hard_limit", 1),
+    "no": _global_no,
     "nbthread": _global_integer("nbthread", 1, 4096),
     "daemon": _global_flag("daemon"),
     "log": _global_log,

@@ -70,8 +70,11 @@ class Global:
     """The `global` section (HAProxy defaults where one exists)."""
 
     origin: Origin = NOWHERE
-    maxconn: int | None = None  # None: HAProxy derives it from `ulimit -n`
+    maxconn: int | None = None  # None: what the file limit allows (lb.limits)
+    maxconn_origin: Origin | None = None  # where `maxconn` was set, for lb.limits' words
     nbthread: int | None = None  # None: one per CPU
+    strict_limits: bool = True  # HAProxy 2.6: refuse to start when maxconn cannot be met
+    fd_hard_limit: int | None = None  # at most this many files per process
     daemon: bool = False
     log: tuple[LogTarget, ...] = ()
     stats_socket: tuple[StatsSocket, ...] = ()
