@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
-from lb.datapath import ClientSide, Limits, TimerWheel
+from lb.datapath import ClientSide, HandshakeQueue, Limits, TimerWheel
 from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.log import (
     ERROR_LINE_BURST,
@@ -83,6 +83,7 @@ class ProcessLimit:
         self.burst_started = 0.0
         self.resource_errors = 0  # all of them, counted (show activity)
         self.file_waiters: list[asyncio.Future[None]] = []  # connects waiting for a file
+        self.handshakes = HandshakeQueue()  # new TLS handshakes waiting for their first step
 
     def has_room(self) -> bool:
         if self.cap is not None and self.current >= self.cap:
