@@ -729,10 +729,16 @@ class ClientSide(asyncio.Protocol):
         self.frontend.no_server(self, last_error)
         self._close()
 
-    def _balance_key(self, backend: BackendState) -> bytes:
-        """The packed client address for hashing algorithms (balance source)."""
+    def _balance_key(self, backend: BackendState) -> bytes | None:
+        """The key of hashing algorithms: the packed client address (`balance source`,
+        `balance hash src`: the sample as binary, 4 or 16 bytes), the client certificate's
+        first CN (`balance hash ssl_c_s_dn(cn)`: its UTF-8 bytes). None when the session
+        has no such sample (no TLS or no certificate): the next server in turn, as HAProxy."""
         if not backend.hashed:
             return b""
+        if backend.config.hash_expr == "ssl_c_s_dn(cn)":
+            cn = self.ssl_info.cn if self.ssl_info is not None else None
+            return cn.encode() if cn is not None else None
         address = self.peer[0]
         try:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -741,7 +747,7 @@ class ClientSide(asyncio.Protocol):
             return b""
 
     async def _take_slot(
-        self, backend: BackendState, key: bytes, failed: set[str]
+        self, backend: BackendState, key: bytes | None, failed: set[str]
     ) -> ServerState | None:
         """A server whose slot this session now holds, after waiting in a queue if need be;
         None when the session was closed instead (no server, full queue, timeout queue)."""

@@ -66,7 +66,7 @@ def assert_shares(counts: Counter[str], weights: list[int], tolerance: float = 0
 
 def test_registry_names_match_the_config_keyword() -> None:
     assert set(BALANCE_ALGORITHMS) == set(ALGORITHMS)
-    assert set(ALGORITHMS) == {"roundrobin", "static-rr", "leastconn", "source", "first"}
+    assert set(ALGORITHMS) == {"roundrobin", "static-rr", "leastconn", "source", "first", "hash"}
 
 
 @pytest.mark.parametrize("algorithm", ["roundrobin", "static-rr"])

@@ -79,7 +79,9 @@ class Balancer(Protocol[S]):
 
     def set_weight(self, server: S) -> None: ...
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None: ...
+    def pick(self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+        """`key`: the hashing algorithms' key; None when the session has no sample for it."""
+        ...
 
 
 #: `balance <algorithm>` -> the class; lb.config validates `balance` against these names.
@@ -89,12 +91,21 @@ ALGORITHMS: dict[str, type] = {
     "leastconn": LeastConn,
     "source": Source,
     "first": First,
+    "hash": Source,  # `balance hash <expression>`: Source with the hash-type function
 }
 
 
-def create_balancer(algorithm: str, hash_type: str = "map-based") -> Balancer[S]:
+def create_balancer(
+    algorithm: str,
+    hash_type: str = "map-based",
+    hash_function: str = "sdbm",
+    hash_avalanche: bool = False,
+) -> Balancer[S]:
     """A new balancer for `balance <algorithm>` (and `hash-type` for hashing ones)."""
     cls = ALGORITHMS[algorithm]
+    if algorithm == "hash":
+        hashed: Balancer[S] = Source(hash_type, hash_function, hash_avalanche)
+        return hashed
     if cls is Source:
         balancer: Balancer[S] = Source(hash_type)
         return balancer

@@ -48,6 +48,7 @@ BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
 MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
 MAX_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + V2_MAX_LENGTH
 HASH_TYPES = ("map-based", "consistent")
+HASH_FUNCTIONS = ("sdbm", "djb2", "crc32")
 SECTIONS = ("global", "defaults", "frontend", "backend", "listen", "userlist")
 UNSUPPORTED_SECTIONS = (
     "peers",
@@ -1253,6 +1254,34 @@ def _timeout(line: Line, draft: ProxyDraft, report: Report) -> None:
         raise KeywordError(error.message, keyword) from None
 
 
+#: `balance hash <expression>`: the sample expressions lb computes, as written (lower case).
+HASH_EXPRESSIONS = ("src", "ssl_c_s_dn(cn)")
+#: `hash-type <method> <function>`: HAProxy 2.6 also has these, which lb does not compute.
+UNSUPPORTED_HASH_FUNCTIONS = ("wt6", "none")
+
+
+def _hash_expression(expression: str) -> str:
+    """`src` or `ssl_c_s_dn(cn)` (the entry's case does not matter: HAProxy compares it
+    case-insensitively); anything else is refused by name."""
+    supported = " and ".join(f"'{e}'" for e in HASH_EXPRESSIONS)
+    if "," in expression:
+        fetch, converter = expression.split(",", 1)
+        raise KeywordError(
+            f"converter '{converter.split('(')[0]}' in '{expression}' not supported: "
+            f"lb supports the expressions {supported} without converters",
+            "balance hash",
+        )
+    normalized = expression.lower() if expression.lower().startswith("ssl_c_s_dn(") else expression
+    if normalized not in HASH_EXPRESSIONS:
+        fetch = expression.split("(", maxsplit=1)[0]
+        raise KeywordError(
+            f"sample expression '{expression}' not supported: lb supports {supported}"
+            f"{did_you_mean(fetch, ('src', 'ssl_c_s_dn'))}",
+            "balance hash",
+        )
+    return normalized
+
+
 def _balance(line: Line, draft: ProxyDraft, report: Report) -> None:
     if len(line.words) < 2:
         raise KeywordError(f"expects an algorithm: {', '.join(BALANCE_ALGORITHMS)}")
@@ -1263,15 +1292,35 @@ def _balance(line: Line, draft: ProxyDraft, report: Report) -> None:
             f"unknown or unsupported algorithm '{algorithm}'; lb supports {known}"
             f"{did_you_mean(algorithm, BALANCE_ALGORITHMS)}"
         )
-    if len(line.words) > 2:
+    expression: str | None = None
+    if algorithm == "hash":
+        if len(line.words) != 3:
+            raise KeywordError(
+                "'hash' expects one sample expression: "
+                + " or ".join(f"'{e}'" for e in HASH_EXPRESSIONS)
+            )
+        expression = _hash_expression(line.words[2])
+    elif len(line.words) > 2:
         raise KeywordError(f"'{algorithm}' takes no argument")
     draft.values["balance"] = algorithm
+    draft.values["hash_expr"] = expression
 
 
 def _hash_type(line: Line, draft: ProxyDraft, report: Report) -> None:
     if not 2 <= len(line.words) <= 4:
         raise KeywordError("expects 'map-based' or 'consistent' [<function> [<modifier>]]")
     draft.values["hash_type"] = parse_choice(line.words[1], HASH_TYPES)
+    function = line.words[2] if len(line.words) > 2 else "sdbm"
+    if function in UNSUPPORTED_HASH_FUNCTIONS:
+        raise KeywordError(
+            f"hash function '{function}' not supported: lb computes "
+            + ", ".join(f"'{f}'" for f in HASH_FUNCTIONS)
+        )
+    draft.values["hash_function"] = parse_choice(function, HASH_FUNCTIONS)
+    modifier = line.words[3] if len(line.words) > 3 else None
+    if modifier is not None and modifier != "avalanche":
+        raise KeywordError(f"unknown hash modifier '{modifier}': the one modifier is 'avalanche'")
+    draft.values["hash_avalanche"] = modifier == "avalanche"
 
 
 def _backend_name(line: Line, usage: str) -> str:

@@ -279,7 +279,10 @@ class Defaults:
     retries: int = 3
     maxconn: int | None = None
     balance: str = "roundrobin"
+    hash_expr: str | None = None  # `balance hash <expr>`: "src" or "ssl_c_s_dn(cn)"
     hash_type: str = "map-based"
+    hash_function: str = "sdbm"  # `hash-type <method> <function>`
+    hash_avalanche: bool = False  # `hash-type <method> <function> avalanche`
     fullconn: int | None = None
     default_backend: str | None = None
 
@@ -319,7 +322,10 @@ class Backend:
     option: Options = Options()
     log: Logging = Logging()
     balance: str = "roundrobin"
+    hash_expr: str | None = None  # `balance hash <expr>`: "src" or "ssl_c_s_dn(cn)"
     hash_type: str = "map-based"
+    hash_function: str = "sdbm"  # `hash-type <method> <function>`
+    hash_avalanche: bool = False  # `hash-type <method> <function> avalanche`
     retries: int = 3
     fullconn: int | None = None
     listen: bool = False
