@@ -93,10 +93,11 @@ class HandshakeQueue:
     it is still read) costs no handshake at all. HAProxy's scheduler does the same with its
     "heavy" tasklet class, which runs TLS handshakes within a bounded share of each turn."""
 
-    __slots__ = ("scheduled", "waiting")
+    __slots__ = ("due", "scheduled", "waiting")
 
     def __init__(self) -> None:
         self.waiting: deque[ClientSide] = deque()
+        self.due = 0  # how many at the front have seen one more poll since they came
         self.scheduled = False
 
     def __len__(self) -> int:
@@ -106,13 +107,21 @@ class HandshakeQueue:
         self.waiting.append(session)
         if not self.scheduled:
             self.scheduled = True
-            session.loop.call_soon(self._run, session.loop)
+            session.loop.call_soon(self._mark, session.loop)
+
+    def _mark(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A callback that call_soon schedules from a callback runs in the next turn, after
+        # that turn's poll. uvloop reads a ClientHello and the FIN behind it in two polls
+        # (a short read ends one), so each hello waits for one more poll before its turn:
+        # the FIN of a client that gave up closes the session first.
+        self.due = len(self.waiting)
+        loop.call_soon(self._run, loop)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.scheduled = False
         waiting = self.waiting
         deadline = time.perf_counter() + HANDSHAKE_TURN_BUDGET
-        while waiting:
+        while self.due and waiting:
+            self.due -= 1
             session = waiting.popleft()
             if session.closed:
                 continue
@@ -120,9 +129,9 @@ class HandshakeQueue:
             if time.perf_counter() >= deadline:
                 break
         if waiting:
-            # call_soon from a callback runs in the next turn, after its I/O callbacks.
-            self.scheduled = True
-            loop.call_soon(self._run, loop)
+            loop.call_soon(self._mark, loop)
+        else:
+            self.scheduled = False
 
 
 class TimerWheel:

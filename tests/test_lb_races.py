@@ -10,13 +10,17 @@
   before the fix).
 - The server resets its connection and the client sends in the same turn: lb is stopped
   (SIGSTOP) while both happen, then resumed, so that epoll reports them together.
+- A client sends its ClientHello and gives up (FIN) before lb gets to it: lb.datapath's
+  HandshakeQueue drops it without computing an answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -26,7 +30,8 @@ from pathlib import Path
 import pytest
 
 from bench.ports import free_port
-from tests.harness import EchoBackend, Process, run_lb
+from tests.harness import EchoBackend, Process, client_context, run_lb
+from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -193,3 +198,62 @@ def test_connect_timeout_after_connection_made_loses_nothing(tmp_path: Path) -> 
     assert all(" sC " in line for line in lines if " -- " not in line)
     assert results.count(payload) == len(through)
     assert all(result in (payload, b"", None) for result in results)
+
+
+#: Clients that send their ClientHello and give up while lb is busy elsewhere.
+GAVE_UP = 40
+
+
+def test_a_client_that_gave_up_before_its_turn_costs_no_handshake(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """lb.datapath.HandshakeQueue: a ClientHello waits for its turn, and a client whose
+    FIN arrived with it (a device whose connect timeout fired while lb was busy) is dropped
+    before lb computes a ServerHello for it. lb is stopped (SIGSTOP: a loop busy with a
+    storm, without the timing) while 40 clients connect, send a ClientHello and shut down
+    their sending side; then it continues. None of them may receive a byte; a client that
+    stayed is answered as usual. (Before the queue lb answered every one: the key
+    exchange and the signature of a handshake, written to a socket nobody reads.)"""
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    config = (
+        "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+        "    timeout server 30s\n"
+        f"frontend mqtts\n    bind 127.0.0.1:{port} ssl crt {pki.server_allinone} "
+        f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required\n"
+        "    default_backend echo\n"
+        f"backend echo\n    server echo1 127.0.0.1:{backend.port}\n"
+    )
+    device = pki.device(3)
+    context = client_context(device.cert, device.key, pki.root)
+    gave_up: list[socket.socket] = []
+    try:
+        with run_lb(config, tmp_path, port) as lb:
+            os.kill(lb.popen.pid, signal.SIGSTOP)
+            try:
+                for _ in range(GAVE_UP):
+                    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+                    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        tls.do_handshake()
+                    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    conn.sendall(outgoing.read())  # the ClientHello
+                    conn.shutdown(socket.SHUT_WR)
+                    gave_up.append(conn)
+            finally:
+                os.kill(lb.popen.pid, signal.SIGCONT)
+            for conn in gave_up:
+                conn.settimeout(10)
+                assert conn.recv(4096) == b"", "lb answered a client that had given up"
+            # One that stays is served as ever.
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+                context.wrap_socket(raw, server_hostname="localhost") as stayed,
+            ):
+                stayed.sendall(b"ping")
+                assert stayed.recv(16) == b"ping"
+            lb.wait_output("connection closed during the TLS handshake", 10)
+    finally:
+        for conn in gave_up:
+            conn.close()
+        backend.close()
