@@ -344,6 +344,13 @@ def balancer_config(
         raise ValueError(f"{DEMO_CONFIG}: no '{bind.strip()}' line")
     text = text.replace(bind, f"bind 127.0.0.1:{port} ").replace(" certs/", f" {certs}/")
     lines = text.splitlines()
+    for index, line in enumerate(lines):
+        # Other binds (the Prometheus exporter's fixed 8405): a free port of this run's, so
+        # that a demo or another run on this machine does not stop the balancer.
+        words = line.split()
+        if words[:1] == ["bind"] and words[1] != f"127.0.0.1:{port}":
+            host = words[1].rsplit(":", 1)[0]
+            lines[index] = line.replace(words[1], f"{host}:{free_port()}", 1)
     servers = [i for i, line in enumerate(lines) if line.strip().startswith("server ")]
     if not servers:
         raise ValueError(f"{DEMO_CONFIG}: no server line")
