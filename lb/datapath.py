@@ -71,40 +71,46 @@ class Limits:
     timeout_server_fin: float | None = None
 
 
-#: CPU time per event loop turn given to the first flights of TLS handshakes (the server's
-#: key exchange and signature, the costly part) when more wait than one turn can take.
+#: CPU time per event loop turn given to TLS handshakes (the server's key exchange and
+#: signature, the client certificate's verification) when more wait than one turn can take.
 HANDSHAKE_TURN_BUDGET = 0.004
-#: Bytes a client may send before its first flight's turn comes; past them it goes first.
+#: Bytes a client may send before its handshake's turn comes; past them it goes first.
 HELLO_HOLD = TLS_CHUNK
 
 
 class HandshakeQueue:
-    """Where new TLS handshakes wait for their first step, one process's, first come first
-    served, within HANDSHAKE_TURN_BUDGET of each loop turn.
+    """Where the steps of TLS handshakes wait for their turn, one process's: those of
+    handshakes under way first, then new ones, each first come first served, within
+    HANDSHAKE_TURN_BUDGET of CPU per loop turn.
 
-    In a reconnect storm thousands of ClientHellos arrive at once. Answering each as it came
-    spread the CPU over all of them, so every handshake (and every MQTT CONNECT already
-    through one) crawled, the devices' 30 s timeouts fired for nearly all of them together,
-    and the work was done again (the 20,000-device storm: 56,011 handshakes completed and
-    98,509 attempts for 20,000 devices, 4.1x HAProxy's time to bring them back). With the
-    queue, what is already under way goes first (a handshake's second flight, the traffic
-    of established sessions, run by the loop as the data arrives), new handshakes take the
-    rest in the order they came, and a client that gave up while waiting (its FIN is seen:
-    it is still read) costs no handshake at all. HAProxy's scheduler does the same with its
-    "heavy" tasklet class, which runs TLS handshakes within a bounded share of each turn."""
+    In a reconnect storm thousands of handshakes arrive at once. Run as their bytes came,
+    they made loop turns of seconds (uvloop calls every ready socket's callback in one
+    turn): a session whose server connection was made in such a turn sent its PROXY
+    header seconds later, the broker's 3 s header timeout closed it ("closed before
+    CONNACK" on the device, only behind lb), every MQTT CONNECT already through waited as
+    long, the devices' timeouts fired and the work was done again (the 20,000-device
+    storm: 56,011 handshakes completed and 98,509 attempts, 4.1x HAProxy's time to bring
+    them back). Here a turn's I/O callbacks only buffer handshake bytes; the handshakes
+    then take at most the budget, so the relaying of established sessions and the
+    connects to servers are never held behind them, and a client that gave up while
+    waiting (its FIN is read first) costs no handshake. HAProxy does the same with its
+    "heavy" tasklet class (TLS handshakes get a bounded share of each turn) and its
+    maxpollevents (200 events per poll)."""
 
-    __slots__ = ("due", "scheduled", "waiting")
+    __slots__ = ("due_new", "due_started", "new", "scheduled", "started")
 
     def __init__(self) -> None:
-        self.waiting: deque[ClientSide] = deque()
-        self.due = 0  # how many at the front have seen one more poll since they came
+        self.started: deque[ClientSide] = deque()  # the client's later flights
+        self.new: deque[ClientSide] = deque()  # ClientHellos
+        self.due_started = 0  # how many at each front have seen one more poll since they came
+        self.due_new = 0
         self.scheduled = False
 
     def __len__(self) -> int:
-        return len(self.waiting)
+        return len(self.started) + len(self.new)
 
-    def add(self, session: ClientSide) -> None:
-        self.waiting.append(session)
+    def add(self, session: ClientSide, *, new: bool) -> None:
+        (self.new if new else self.started).append(session)
         if not self.scheduled:
             self.scheduled = True
             session.loop.call_soon(self._mark, session.loop)
@@ -112,23 +118,26 @@ class HandshakeQueue:
     def _mark(self, loop: asyncio.AbstractEventLoop) -> None:
         # A callback that call_soon schedules from a callback runs in the next turn, after
         # that turn's poll. uvloop reads a ClientHello and the FIN behind it in two polls
-        # (a short read ends one), so each hello waits for one more poll before its turn:
+        # (a short read ends one), so each step waits for one more poll before its turn:
         # the FIN of a client that gave up closes the session first.
-        self.due = len(self.waiting)
+        self.due_started = len(self.started)
+        self.due_new = len(self.new)
         loop.call_soon(self._run, loop)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        waiting = self.waiting
         deadline = time.perf_counter() + HANDSHAKE_TURN_BUDGET
-        while self.due and waiting:
-            self.due -= 1
-            session = waiting.popleft()
-            if session.closed:
-                continue
-            session.start_handshake()
-            if time.perf_counter() >= deadline:
-                break
-        if waiting:
+        out_of_time = False
+        for waiting, due in ((self.started, "due_started"), (self.new, "due_new")):
+            count = getattr(self, due)
+            while count and waiting and not out_of_time:
+                count -= 1
+                session = waiting.popleft()
+                if session.closed:
+                    continue
+                session.handshake_turn()
+                out_of_time = time.perf_counter() >= deadline
+            setattr(self, due, count)
+        if self.started or self.new:
             loop.call_soon(self._mark, loop)
         else:
             self.scheduled = False
@@ -291,8 +300,8 @@ class ClientSide(asyncio.Protocol):
         self.reading_paused = False  # what the client transport was last told
         self.client_write_blocked = False  # the client's write buffer is full
         self.handshake_done = tls_context is None
-        self.hello: bytearray | None = None  # bytes waiting for their turn (HandshakeQueue)
-        self.hello_started = tls_context is None
+        self.hello: bytearray | None = None  # handshake bytes waiting for their turn
+        self.hello_started = tls_context is None  # the ClientHello was answered
         self.client_eof = False
         self.server_eof = False
         self.closed = False
@@ -399,20 +408,20 @@ class ClientSide(asyncio.Protocol):
         if self.tls is None:
             self._to_server(data)
             return
-        if not self.hello_started:
-            hello = self.hello
-            if hello is None:
+        if not self.handshake_done:
+            held = self.hello
+            if held is None:
                 self.hello = bytearray(data)
-                self.frontend.process.handshakes.add(self)
+                self.frontend.process.handshakes.add(self, new=not self.hello_started)
             else:
-                hello += data
-                if len(hello) > HELLO_HOLD:
-                    self.start_handshake()
+                held += data
+                if len(held) > HELLO_HOLD:
+                    self.handshake_turn()
             return
         self._tls_received(data)
 
-    def start_handshake(self) -> None:
-        """The first flight's turn (HandshakeQueue): answer what the client sent so far."""
+    def handshake_turn(self) -> None:
+        """This handshake's turn (HandshakeQueue): go on with what the client sent."""
         data = self.hello
         self.hello = None
         self.hello_started = True
