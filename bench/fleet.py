@@ -348,6 +348,13 @@ def balancer_config(
     metrics = f"bind {topology.LOCAL_HOST}:{topology.PROMETHEUS_PORT}\n"
     text = text.replace(metrics, f"bind 127.0.0.1:{free_port()}\n")
     lines = text.splitlines()
+    for index, line in enumerate(lines):
+        # Other binds (the Prometheus exporter's fixed 8405): a free port of this run's, so
+        # that a demo or another run on this machine does not stop the balancer.
+        words = line.split()
+        if words[:1] == ["bind"] and words[1] != f"127.0.0.1:{port}":
+            host = words[1].rsplit(":", 1)[0]
+            lines[index] = line.replace(words[1], f"{host}:{free_port()}", 1)
     servers = [i for i, line in enumerate(lines) if line.strip().startswith("server ")]
     if not servers:
         raise ValueError(f"{DEMO_CONFIG}: no server line")

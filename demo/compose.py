@@ -84,8 +84,11 @@ def haproxy_cfg(members: Sequence[Node]) -> str:
 # checks that nothing else differs.
 
 global
-    # HAProxy's default is 2000: devices would be capped at 2000 connections.
-    maxconn 100000
+    # No 'maxconn': as HAProxy 2.6 does, lb takes what its file limit allows, two
+    # descriptors per session (9,976 under 20,000 files, ~524,000 under the systemd
+    # unit's LimitNOFILE=1048576). An explicit maxconn that the limit cannot serve stops
+    # the start ("Cannot raise FD limit ..."); 'nbthread N' spreads it over N worker
+    # processes, each with a limit of its own. (The seed's "default 2000" predates that.)
     log stdout format raw local0
     # A soft stop (SIGUSR1, `docker stop`) lets sessions finish, but MQTT sessions last:
     # close what is left after this long (below the container's stop grace period).

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from lb import proxyproto, tcpcheck
 from lb.config.model import Global, Server, TcpCheckRule
 from lb.health import CheckResult, CheckStatus
+from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.proxy_hmac import HeaderKeys
 from lb.server import BackendState, ServerState
 
@@ -180,8 +181,11 @@ class HealthChecks:
             try:
                 result = await self.check_once(backend, server)
                 before = _shared_health(server)
-                for line in backend.check_done(server, result):
-                    logger.warning("%s", line)
+                if result.status is CheckStatus.SOCKERR:
+                    self._not_run(backend, server, result)
+                else:
+                    for line in backend.check_done(server, result):
+                        logger.warning("%s", line)
                 if self.on_change is not None and _shared_health(server) != before:
                     self.on_change(backend, server)
             except Exception:
@@ -210,6 +214,10 @@ class HealthChecks:
             return CheckResult(CheckStatus.L4TOUT, "", self.loop.time() - started)
         except OSError as error:
             info = os.strerror(error.errno) if error.errno else str(error)
+            if error.errno in RESOURCE_ERRNOS:
+                # No socket for the check: lb is short, the server may be fine.
+                info = f"{resource_words(error.errno)} ({info})"
+                return CheckResult(CheckStatus.SOCKERR, info, self.loop.time() - started)
             return CheckResult(CheckStatus.L4CON, info, self.loop.time() - started)
         duration = self.loop.time() - started
         try:
@@ -273,6 +281,11 @@ class HealthChecks:
                         run.timed_out()
                         continue
                     except OSError as error:
+                        if error.errno in RESOURCE_ERRNOS:
+                            # No socket for the check (as the plain check above): not a
+                            # failure of the server's.
+                            info = f"{resource_words(error.errno)} ({_words(error)})"
+                            return CheckResult(CheckStatus.SOCKERR, info, loop.time() - started)
                         run.connect_failed(_words(error))
                         continue
                     reader, writer = opened
@@ -333,6 +346,25 @@ class HealthChecks:
             self.key_files.mac_key(config),
             force=rule is not None and rule.send_proxy,
         )
+
+    @staticmethod
+    def _not_run(backend: BackendState, server: ServerState, result: CheckResult) -> None:
+        """The check could not open its socket (out of files or memory here): neither a
+        pass nor a failure. The server keeps its state, `show stat` says SOCKERR, and the
+        log says so once until a check runs again. HAProxy 2.6 counts it as a failed check
+        ("Layer4 connection problem, info: \"Too many sockets on the process (Too many open
+        files)\"") and marks a healthy server DOWN, seen with 2.6.12 at a 64-file limit;
+        so did lb, which sent every new device to the one broker left in the fleet run."""
+        if server.check_status != result.status.name:
+            logger.warning(
+                "Health check for %sserver %s/%s not run%s; the server keeps its state.",
+                "backup " if server.config.backup else "",
+                backend.name,
+                server.name,
+                result.describe(),
+            )
+        server.check_status = result.status.name
+        server.last_check = result
 
     async def _tick(self) -> None:
         while True:

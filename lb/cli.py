@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lb import __version__
+from lb import __version__, limits
 from lb.config import Diagnostic, load_config
 from lb.config.errors import format_report
 from lb.config.model import Config
@@ -81,10 +81,14 @@ def key_file_diagnostics(
     return diagnostics
 
 
-def check(paths: Sequence[str]) -> tuple[Config | None, list[Diagnostic]]:
+def check(
+    paths: Sequence[str], *, file_limit: int | None = None
+) -> tuple[Config | None, list[Diagnostic]]:
     """Parse and check the configuration, then load its files: every problem of both steps
     in one report, in file and line order (HAProxy 2.6 loads a `crt` while it parses, so a
-    typo, a bad time and a missing certificate are three errors of one run)."""
+    typo, a bad time and a missing certificate are three errors of one run). With
+    `file_limit` (`-c`, a start, a reload), also warn when that many files per process
+    cannot serve its maxconn (lb.limits)."""
     result = load_config(list(paths))
     diagnostics = list(result.diagnostics)
     model = result.config or result.partial
@@ -94,6 +98,8 @@ def check(paths: Sequence[str]) -> tuple[Config | None, list[Diagnostic]]:
         )
         diagnostics.extend(tls_diagnostics(model, broken))
         diagnostics.extend(key_file_diagnostics(model, broken))
+        if file_limit is not None and result.config is not None:
+            diagnostics.extend(limits.check_diagnostics(result.config, file_limit))
         diagnostics.sort(key=lambda d: d.position)
     has_errors = any(d.is_error for d in diagnostics)
     return (None if has_errors else result.config), diagnostics
@@ -138,7 +144,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config, diagnostics = check(args.files)
+    # -c warns about a maxconn this limit cannot serve; a start says it in HAProxy's words
+    # (and refuses under strict-limits) once the soft limit is raised, below.
+    config, diagnostics = check(args.files, file_limit=limits.hard_limit() if args.check else None)
     stderr, stdout, code = format_report(diagnostics, os.getpid())
     has_warnings = any(d.is_warning for d in diagnostics)
     if args.zero_warning and has_warnings and code == 0:
@@ -153,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if stderr and not args.quiet:
         sys.stderr.write(stderr)
+    files = limits.plan(config, limits.raise_soft_limit(config.global_.fd_hard_limit))
+    if not files.fits:
+        sys.stderr.write(limits.start_report(files, os.getpid()))
+        if files.strict:
+            return 1
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

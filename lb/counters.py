@@ -160,6 +160,7 @@ def take_snapshot(runtime: Runtime) -> CounterSnapshot:
         dropped_logs=sum(f.log.dropped for f in frontends),
         listeners=sum(len(f.listeners) for f in frontends),
         stopping=int(runtime.stopping),
+        resource_errors=runtime.process.resource_errors,
     )
     for f in frontends:
         snapshot.frontends[f.name] = Counter(

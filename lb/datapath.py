@@ -36,12 +36,14 @@ import math
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from OpenSSL import SSL
 
 from lb import proxyproto, tls_io, tls_records
+from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.queue import PendingConnection
 from lb.server import QueueFull
 from lb.tls import BindContext, VerifyFailure, VerifyState, describe_name, handshake_refusal
@@ -71,6 +73,78 @@ class Limits:
     buffer_size: int  # 2 x tune.bufsize: write buffer high-water mark and pre-connect hold
     timeout_client_fin: float | None = None  # once a side is half-closed (HAProxy *-fin)
     timeout_server_fin: float | None = None
+
+
+#: CPU time per event loop turn given to TLS handshakes (the server's key exchange and
+#: signature, the client certificate's verification) when more wait than one turn can take.
+HANDSHAKE_TURN_BUDGET = 0.004
+#: Bytes a client may send before its handshake's turn comes; past them it goes first.
+HELLO_HOLD = TLS_CHUNK
+
+
+class HandshakeQueue:
+    """Where the steps of TLS handshakes wait for their turn, one process's: those of
+    handshakes under way first, then new ones, each first come first served, within
+    HANDSHAKE_TURN_BUDGET of CPU per loop turn.
+
+    In a reconnect storm thousands of handshakes arrive at once. Run as their bytes came,
+    they made loop turns of seconds (uvloop calls every ready socket's callback in one
+    turn): a session whose server connection was made in such a turn sent its PROXY
+    header seconds later, the broker's 3 s header timeout closed it ("closed before
+    CONNACK" on the device, only behind lb), every MQTT CONNECT already through waited as
+    long, the devices' timeouts fired and the work was done again (the 20,000-device
+    storm: 56,011 handshakes completed and 98,509 attempts, 4.1x HAProxy's time to bring
+    them back). Here a turn's I/O callbacks only buffer handshake bytes; the handshakes
+    then take at most the budget, so the relaying of established sessions and the
+    connects to servers are never held behind them, and a client that gave up while
+    waiting (its FIN is read first) costs no handshake. HAProxy does the same with its
+    "heavy" tasklet class (TLS handshakes get a bounded share of each turn) and its
+    maxpollevents (200 events per poll)."""
+
+    __slots__ = ("due_new", "due_started", "new", "scheduled", "started")
+
+    def __init__(self) -> None:
+        self.started: deque[ClientSide] = deque()  # the client's later flights
+        self.new: deque[ClientSide] = deque()  # ClientHellos
+        self.due_started = 0  # how many at each front have seen one more poll since they came
+        self.due_new = 0
+        self.scheduled = False
+
+    def __len__(self) -> int:
+        return len(self.started) + len(self.new)
+
+    def add(self, session: ClientSide, *, new: bool) -> None:
+        (self.new if new else self.started).append(session)
+        if not self.scheduled:
+            self.scheduled = True
+            session.loop.call_soon(self._mark, session.loop)
+
+    def _mark(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A callback that call_soon schedules from a callback runs in the next turn, after
+        # that turn's poll. uvloop reads a ClientHello and the FIN behind it in two polls
+        # (a short read ends one), so each step waits for one more poll before its turn:
+        # the FIN of a client that gave up closes the session first.
+        self.due_started = len(self.started)
+        self.due_new = len(self.new)
+        loop.call_soon(self._run, loop)
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = time.perf_counter() + HANDSHAKE_TURN_BUDGET
+        out_of_time = False
+        for waiting, due in ((self.started, "due_started"), (self.new, "due_new")):
+            count = getattr(self, due)
+            while count and waiting and not out_of_time:
+                count -= 1
+                session = waiting.popleft()
+                if session.closed:
+                    continue
+                session.handshake_turn()
+                out_of_time = time.perf_counter() >= deadline
+            setattr(self, due, count)
+        if self.started or self.new:
+            loop.call_soon(self._mark, loop)
+        else:
+            self.scheduled = False
 
 
 class TimerWheel:
@@ -164,6 +238,8 @@ class ClientSide(asyncio.Protocol):
         "connect_time",
         "frontend",
         "handshake_done",
+        "hello",
+        "hello_started",
         "last_activity",
         "limits",
         "loop",
@@ -232,6 +308,8 @@ class ClientSide(asyncio.Protocol):
         self.reading_paused = False  # what the client transport was last told
         self.client_write_blocked = False  # the client's write buffer is full
         self.handshake_done = tls_context is None
+        self.hello: bytearray | None = None  # handshake bytes waiting for their turn
+        self.hello_started = tls_context is None  # the ClientHello was answered
         self.client_eof = False
         self.server_eof = False
         self.closed = False
@@ -341,6 +419,33 @@ class ClientSide(asyncio.Protocol):
             return
         if isinstance(tls, tls_io.Session):
             self._open(tls, data)
+            return
+        if not self.handshake_done:
+            held = self.hello
+            if held is None:
+                self.hello = bytearray(data)
+                self.frontend.process.handshakes.add(self, new=not self.hello_started)
+            else:
+                held += data
+                if len(held) > HELLO_HOLD:
+                    self.handshake_turn()
+            return
+        self._tls_received(data)
+
+    def handshake_turn(self) -> None:
+        """This handshake's turn (HandshakeQueue): go on with what the client sent."""
+        data = self.hello
+        self.hello = None
+        self.hello_started = True
+        if data is not None and not self.closed:
+            self._tls_received(bytes(data))
+
+    def _tls_received(self, data: bytes) -> None:
+        tls = self.tls
+        if isinstance(tls, tls_io.Session):  # taken over while the bytes waited their turn
+            self._open(tls, data)
+            return
+        if tls is None:
             return
         if len(data) <= TLS_CHUNK:
             self._decrypt(tls, data)
@@ -599,7 +704,7 @@ class ClientSide(asyncio.Protocol):
         self._rearm_timer()
         server = self.server_side
         if server is not None and server.transport is not None:
-            if server.transport.can_write_eof():
+            if not server.transport.is_closing():  # closing: its connection_lost follows
                 server.transport.write_eof()
             if self.server_eof:
                 self._close()
@@ -629,6 +734,7 @@ class ClientSide(asyncio.Protocol):
         retries_left = limits.retries
         server: ServerState | None = None
         last_error = "no server available"
+        resource_deadline: float | None = None  # waiting for a file, until this time
         while True:
             if server is None:
                 server = await self._take_slot(backend, key, failed)
@@ -641,13 +747,36 @@ class ClientSide(asyncio.Protocol):
                 # asyncio.timeout cancels this task at the deadline; wait_for ran the
                 # connect in a task of its own (one task and one future less per session).
                 async with asyncio.timeout(limits.timeout_connect):
-                    await self.loop.create_connection(
+                    _, server_side = await self.loop.create_connection(
                         functools.partial(ServerSide, self, server, self.attempt),
                         server.host,
                         server.port or self.sock[1],
                     )
             except (OSError, TimeoutError) as error:
                 self.attempt += 1  # whatever this attempt still produces is stale
+                if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+                    # Out of files or memory here: no server is to blame and none would do
+                    # better. Accepts pause (lb.frontend) and this session, its handshake
+                    # done, waits for a session to end and tries the same server again.
+                    process = self.frontend.process
+                    process.out_of_resources(
+                        error,
+                        f"backend {backend.name}: connect to {server.name}",
+                        session_held=True,
+                    )
+                    if resource_deadline is None:
+                        resource_deadline = started + (limits.timeout_connect or 5.0)
+                    remaining = resource_deadline - self.loop.time()
+                    if remaining > 0:
+                        await process.files_freed(remaining)
+                        if not self.closed:
+                            continue
+                    if self.closed:
+                        return
+                    self._release_slot(failed=False)
+                    last_error = resource_words(error.errno)
+                    self.termination = "SC"
+                    break
                 timed_out = isinstance(error, TimeoutError)
                 last_error = "connection timeout" if timed_out else _error_words(error)
                 self.termination = "sC" if timed_out else "SC"
@@ -663,10 +792,16 @@ class ClientSide(asyncio.Protocol):
                 else:
                     server.connect_failed()
                 continue
-            if self.closed:  # the client left while we were connecting
-                if self.server_side is not None and self.server_side.transport is not None:
-                    self.server_side.transport.close()
+            if self.closed:  # the client left (or the server hung up) while we were connecting
+                if server_side.transport is not None:
+                    server_side.transport.close()
                 return
+            # Adopted only now, not in ServerSide.connection_made: the timeout can still
+            # cancel this task after connection_made and before it resumes, and uvloop then
+            # closes that transport without a connection_lost; a server side adopted there
+            # held the client's first bytes and was written to once closed ("the handler is
+            # closed", seen at EMFILE in the fleet run; tests/test_lb_races.py).
+            self.server_connected(server_side)
             self.connect_time = self.loop.time() - started
             self.termination = "--"
             return
@@ -678,15 +813,16 @@ class ClientSide(asyncio.Protocol):
         self.frontend.no_server(self, last_error)
         self._close()
 
-    def _balance_key(self, backend: BackendState) -> bytes:
-        """What a hashing algorithm hashes: the packed client address (balance source,
-        balance hash src) or the client certificate's CN (balance hash ssl_c_s_dn(cn); empty
-        without one, and the balancer falls back to round robin)."""
+    def _balance_key(self, backend: BackendState) -> bytes | None:
+        """The key of hashing algorithms: the packed client address (`balance source`,
+        `balance hash src`: the sample as binary, 4 or 16 bytes), the client certificate's
+        first CN (`balance hash ssl_c_s_dn(cn)`: its UTF-8 bytes). None when the session
+        has no such sample (no TLS or no certificate): the next server in turn, as HAProxy."""
         if not backend.hashed:
             return b""
-        if backend.hash_expression == "ssl_c_s_dn(cn)":
-            info = self.ssl_info
-            return info.cn.encode() if info is not None and info.cn else b""
+        if backend.config.hash_expr == "ssl_c_s_dn(cn)":
+            cn = self.ssl_info.cn if self.ssl_info is not None else None
+            return cn.encode() if cn is not None else None
         address = self.peer[0]
         try:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -695,7 +831,7 @@ class ClientSide(asyncio.Protocol):
             return b""
 
     async def _take_slot(
-        self, backend: BackendState, key: bytes, failed: set[str]
+        self, backend: BackendState, key: bytes | None, failed: set[str]
     ) -> ServerState | None:
         """A server whose slot this session now holds, after waiting in a queue if need be;
         None when the session was closed instead (no server, full queue, timeout queue)."""
@@ -979,7 +1115,6 @@ class ServerSide(asyncio.Protocol):
         if self.client.closed:
             transport.close()
             return
-        self.client.server_connected(self)
 
     def data_received(self, data: bytes) -> None:
         self.client.from_server(data)
@@ -998,8 +1133,8 @@ class ServerSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.stale:
-            return
+        if self.stale or self.attempt != self.client.attempt:
+            return  # an attempt the session gave up (timeout): it holds nothing
         self.client._release_slot(failed=False)
         self.client.server_lost(exc)
 

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import ipaddress
 import logging
+import math
 import secrets
 import socket
 from typing import TYPE_CHECKING
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING
 from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
-from lb.datapath import ClientSide, Limits, TimerWheel
+from lb.datapath import ClientSide, HandshakeQueue, Limits, TimerWheel
+from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.log import (
     ERROR_LINE_BURST,
     ERROR_LINE_RATE,
@@ -46,20 +48,46 @@ logger = logging.getLogger(__name__)
 ACCEPT_BATCH = 32
 #: listen(2) backlog: HAProxy uses the frontend maxconn; the kernel caps it at somaxconn.
 DEFAULT_BACKLOG = 4096
-#: After EMFILE/ENFILE, retry accepting after this long instead of spinning.
-ACCEPT_ERROR_PAUSE = 0.1
+#: After EMFILE/ENFILE (or no buffer memory), how long the process holds no more sessions
+#: than it had when it ran out; a later error renews it (HAProxy retries its listeners
+#: after 100 ms; lb takes that long to probe again, one session each time).
+RESOURCE_BACKOFF = 1.0
 
 
 class ProcessLimit:
-    """Global `maxconn`: every listener of the process stops accepting at the limit."""
+    """Global `maxconn` (this worker's share, lb.limits): every listener of the process
+    stops accepting at the limit, and while the process is out of files or memory.
 
-    def __init__(self, maxconn: int | None) -> None:
+    Out of files (EMFILE/ENFILE at accept or at a server connect, which lb.limits' sizing
+    makes rare: files held by what is not a session, a system-wide limit), the process
+    learns what it can hold: no more sessions than it had then (one fewer when a session
+    failed for want of its server-side socket), for RESOURCE_BACKOFF after the last such
+    error. Accepts pause and resume as sessions end under that cap, so a session is
+    accepted only when the files it needs are free (accepting at once, the freed file went
+    to a session that then failed to reach its server, over and over), with no spinning;
+    a session whose server connect found no file waits for one (`files_freed`, within
+    `timeout connect`) rather than being dropped after its handshake. One line when such a
+    burst starts and one when it is over, with the count (the fleet run logged 80,835 lines
+    in 180 s)."""
+
+    def __init__(self, maxconn: int | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.maxconn = maxconn
+        self.loop = loop
         self.current = 0
         self.total = 0
         self.listeners: list[Listener] = []
+        self.cap: int | None = None  # sessions this process can hold now (out of files)
+        self.cap_until = 0.0
+        self.expiry: asyncio.TimerHandle | None = None
+        self.burst_errors = 0  # resource errors since the burst began
+        self.burst_started = 0.0
+        self.resource_errors = 0  # all of them, counted (show activity)
+        self.file_waiters: list[asyncio.Future[None]] = []  # connects waiting for a file
+        self.handshakes = HandshakeQueue()  # new TLS handshakes waiting for their first step
 
     def has_room(self) -> bool:
+        if self.cap is not None and self.current >= self.cap:
+            return False
         return self.maxconn is None or self.current < self.maxconn
 
     def acquire(self) -> None:
@@ -68,8 +96,77 @@ class ProcessLimit:
 
     def release(self) -> None:
         self.current -= 1
+        waiters, self.file_waiters = self.file_waiters, []
+        for waiter in waiters:  # a session's files are free: the waiting connects try again
+            if not waiter.done():
+                waiter.set_result(None)
+        self._resume_all()
+
+    async def files_freed(self, seconds: float) -> None:
+        """Wait until a session ends (freeing its files), at most `seconds`."""
+        assert self.loop is not None
+        waiter = self.loop.create_future()
+        self.file_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(seconds):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            if waiter in self.file_waiters:
+                self.file_waiters.remove(waiter)
+
+    def _resume_all(self) -> None:
         for listener in self.listeners:
             listener.maybe_resume()
+
+    def _now(self) -> float:
+        return self.loop.time() if self.loop is not None else 0.0
+
+    def out_of_resources(self, error: OSError, where: str, *, session_held: bool) -> None:
+        """accept() (`session_held` False) or a session's server connect (True: that
+        session is still counted) failed for want of files or memory: hold no more
+        sessions than now, count it, say so once per burst."""
+        self.resource_errors += 1
+        self.burst_errors += 1
+        cap = max(self.current - (1 if session_held else 0), 0)
+        self.cap = cap if self.cap is None else min(self.cap, cap)
+        self.cap_until = self._now() + RESOURCE_BACKOFF
+        if self.burst_errors == 1:
+            self.burst_started = self._now()
+            logger.warning(
+                "%s: %s (%s) with %d sessions (maxconn %s): no new session until one "
+                "ends, for %.0fs after the last such error; connections wait in the "
+                "kernel's queue",
+                where,
+                resource_words(error.errno),
+                error.strerror,
+                self.current,
+                self.maxconn if self.maxconn is not None else "unset",
+                RESOURCE_BACKOFF,
+            )
+        for listener in self.listeners:
+            listener.pause()
+        if self.expiry is None and self.loop is not None:
+            self.expiry = self.loop.call_at(self.cap_until, self._expire)
+
+    def _expire(self) -> None:
+        self.expiry = None
+        assert self.loop is not None
+        if self._now() < self.cap_until:  # renewed meanwhile
+            self.expiry = self.loop.call_at(self.cap_until, self._expire)
+            return
+        logger.warning(
+            "%d accepts or connects failed for want of files or memory over %.1fs, none in "
+            "the last %.0fs (%d sessions now): accepting up to maxconn again",
+            self.burst_errors,
+            self.cap_until - RESOURCE_BACKOFF - self.burst_started,
+            RESOURCE_BACKOFF,
+            self.current,
+        )
+        self.cap = None
+        self.burst_errors = 0
+        self._resume_all()
 
 
 class Listener:
@@ -126,15 +223,10 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.warning(
-                        "frontend %s: accept failed (%s); pausing accepts for %.1fs",
-                        self.frontend.name,
-                        error.strerror,
-                        ACCEPT_ERROR_PAUSE,
+                if error.errno in RESOURCE_ERRNOS:
+                    self.frontend.process.out_of_resources(
+                        error, f"frontend {self.frontend.name}: accept", session_held=False
                     )
-                    self.pause()
-                    self.loop.call_later(ACCEPT_ERROR_PAUSE, self.maybe_resume)
                     return
                 if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
@@ -237,7 +329,11 @@ class FrontendRuntime:
         self.has_ssl = any(context is not None for context in self.contexts.values())
         self.listeners: list[Listener] = []
         self.current = 0
-        self.maxconn: int | None = config.maxconn
+        # The workers share a frontend's maxconn as they share the global one (lb.limits).
+        workers = global_.nbthread or 1
+        self.maxconn: int | None = (
+            math.ceil(config.maxconn / workers) if config.maxconn is not None else None
+        )
         # Counted from accept (not from connection_made) so that maxconn is exact.
         self.reserved = 0
 

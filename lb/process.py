@@ -24,6 +24,7 @@ from typing import Any
 
 import uvloop
 
+from lb import limits
 from lb.checks import HealthChecks
 from lb.config.model import Config, Frontend
 from lb.control import (
@@ -60,7 +61,9 @@ class Runtime:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config: Config = config
         self.loop = loop
-        self.process = ProcessLimit(config.global_.maxconn)
+        # This worker's share of the global maxconn, within the files it may open.
+        self.files = limits.plan(config, limits.soft_limit())
+        self.process = ProcessLimit(self.files.worker_maxconn, loop)
         self.backends = {b.name: BackendState(b, clock=loop.time) for b in config.backends}
         # proxy-v2-hmac-keys files, read now (lb -c has checked them) and reread on change.
         self.key_files = HeaderKeys(loop.time)

@@ -37,7 +37,9 @@ class PendingConnection:
         "waiter",
     )
 
-    def __init__(self, waiter: Callable[[ServerState], None], key: bytes, sequence: int) -> None:
+    def __init__(
+        self, waiter: Callable[[ServerState], None], key: bytes | None, sequence: int
+    ) -> None:
         self.waiter = waiter
         self.key = key
         self.sequence = sequence  # arrival order across the backend and server queues

@@ -410,8 +410,12 @@ class RuntimeAPI:
             ("Pid", os.getpid()),
             ("Uptime", f"{days}d {hours}h{minutes:02d}m{seconds:02d}s"),
             ("Uptime_sec", uptime),
-            ("Maxconn", runtime.config.global_.maxconn or 0),
-            ("Hard_maxconn", runtime.config.global_.maxconn or 0),
+            # Every worker's share together (HAProxy's process is all its threads); Maxsock
+            # and Ulimit-n are one worker's (lb.limits).
+            ("Maxconn", runtime.files.total_maxconn),
+            ("Hard_maxconn", runtime.files.total_maxconn),
+            ("Maxsock", runtime.files.fixed + 2 * runtime.files.worker_maxconn),
+            ("Ulimit-n", runtime.files.limit),
             ("CurrConns", process["current"]),
             ("CumConns", process["total"]),
             ("CurrSslConns", process["ssl_current"]),
@@ -441,6 +445,9 @@ class RuntimeAPI:
             f"pid: {' '.join(str(s.pid) for s in workers)}\n"
             + row("accepted", [s.process["total"] for s in workers])
             + row("curr_conns", [s.process["current"] for s in workers])
+            # lb's own: accepts and server connects that failed for want of files or
+            # memory (lb.frontend.ProcessLimit); sizing by lb.limits keeps it at 0.
+            + row("resource_errors", [s.process["resource_errors"] for s in workers])
         )
 
     def show_stat(self, totals: CounterSnapshot) -> str:

@@ -208,13 +208,14 @@ class BackendState:
         self.clock: Clock = clock if clock is not None else _no_clock
         self.has_clock = clock is not None
         self.servers: list[ServerState] = []
-        self.balancer: Balancer[ServerState] = create_balancer(config.balance, config.hash_type)
+        self.balancer: Balancer[ServerState] = create_balancer(
+            config.balance, config.hash_type, config.hash_function, config.hash_avalanche
+        )
         self.backup_balancer: Balancer[ServerState] = create_balancer(
-            config.balance, config.hash_type
+            config.balance, config.hash_type, config.hash_function, config.hash_avalanche
         )
         self.dynamic = self.balancer.dynamic
         self.hashed = self.balancer.hashed
-        self.hash_expression = config.hash_expression
         self.queue = ConnectionQueue(None)
         self._sequence = 0
         for server_config in config.servers:
@@ -271,7 +272,7 @@ class BackendState:
 
     # -- choosing a server --------------------------------------------------------------------
 
-    def _choose(self, key: bytes, exclude: frozenset[str]) -> ServerState | Choice:
+    def _choose(self, key: bytes | None, exclude: frozenset[str]) -> ServerState | Choice:
         """A server, or why there is none."""
         if self.usable_count(backup=False):
             candidates = [
@@ -290,14 +291,16 @@ class BackendState:
         first = backups[0]
         return first if first.has_room() or self.hashed else Choice.ALL_FULL
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> ServerState | None:
+    def pick(
+        self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()
+    ) -> ServerState | None:
         """The server a new connection would go to now, without taking its slot."""
         choice = self._choose(key, exclude)
         return choice if isinstance(choice, ServerState) else None
 
     def assign(
         self,
-        key: bytes,
+        key: bytes | None,
         exclude: frozenset[str],
         waiter: Callable[[ServerState], None],
     ) -> ServerState | PendingConnection | QueueFull | None:
@@ -328,7 +331,7 @@ class BackendState:
         return QueueFull(refused) if refused is not None else None
 
     def _enqueue(
-        self, queue: ConnectionQueue, waiter: Callable[[ServerState], None], key: bytes
+        self, queue: ConnectionQueue, waiter: Callable[[ServerState], None], key: bytes | None
     ) -> PendingConnection:
         self._sequence += 1
         pending = PendingConnection(waiter, key, self._sequence)

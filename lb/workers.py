@@ -2,15 +2,22 @@
 
 As HAProxy's master-worker mode (management.txt 4.4): the master parses the configuration,
 opens every listening socket (frontend binds, the Prometheus binds, `stats socket`) and
-forks `nbthread` workers (default 1) that inherit them; the workers share each socket and
-the kernel hands every connection to one of them. The master never touches traffic and
-runs no event loop, so forking from it is safe.
+forks `nbthread` workers (default 1) that inherit them. Each worker has its own socket for
+every traffic bind, all of them bound with SO_REUSEPORT, so the kernel spreads connections
+evenly over the workers by a hash of their addresses: with one shared socket, the worker
+that woke first took a whole burst (one worker held 2 to 3 times the other's sessions in
+the fleet runs). HAProxy 2.6 shares one socket among its threads and evens them out in user
+space (each accepted connection goes to the least loaded thread's queue), which processes
+cannot do cheaply; HAProxy 1.8's nbproc and 2.7's `shards` open one socket per process or
+thread as lb does. The Prometheus binds and `stats socket` stay shared (the lead serves
+them). The master never touches traffic and runs no event loop, so forking from it is safe.
 
 Signals to the master:
 - SIGUSR2 or SIGHUP: reload. The configuration is read and checked again first; a bad one
   is refused with the `-c` messages and the old workers keep serving. Otherwise the sockets
-  of binds that did not change are kept (a connection waiting in their accept queue is never
-  lost), new ones are opened, new workers are forked and, once every new worker says it is
+  of binds that did not change are kept, worker slot by worker slot (a connection waiting in
+  their accept queue is never lost: the new worker #k takes over worker #k's sockets), new
+  ones are opened, new workers are forked and, once every new worker says it is
   ready, the old ones are told to soft-stop: they stop accepting and finish their sessions.
   `hard-stop-after` bounds how long they may take (then SIGTERM). Only then are the sockets
   of dropped binds closed; if the new workers fail, the sockets the new configuration opened
@@ -46,9 +53,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from lb import tls, tls_io
+from lb import limits, tls, tls_io
 from lb.config.errors import Diagnostic, format_report
 from lb.config.model import Config
 from lb.control import GATHER_TIMEOUT, SharedState, WorkerSetup
@@ -111,7 +118,7 @@ SocketAddress = tuple[object, ...]
 class PendingSockets:
     """The sockets of a configuration a reload is trying, before it is committed or aborted."""
 
-    sockets: dict[SocketKey, socket.socket]
+    sockets: list[dict[SocketKey, socket.socket]]  # the sockets of worker #k at [k - 1]
     by_address: dict[SocketAddress, socket.socket]
     opened: list[socket.socket]  # not in the pool before: an abort closes only these
 
@@ -127,40 +134,61 @@ class SocketPool:
 
     by_address: dict[SocketAddress, socket.socket] = field(default_factory=dict)
 
-    def for_config(self, config: Config) -> dict[SocketKey, socket.socket]:
+    def for_config(self, config: Config) -> list[dict[SocketKey, socket.socket]]:
         """The sockets for every bind of `config`, committed at once (the first start)."""
         pending = self.prepare(config)
         self.commit(pending)
         return pending.sockets
 
     def prepare(self, config: Config) -> PendingSockets:
-        """The sockets for every bind of `config`, reusing those of the same address."""
-        wanted: dict[SocketKey, socket.socket] = {}
+        """The sockets for every bind of `config`, reusing those of the same address.
+
+        A traffic bind gets one socket per worker (SO_REUSEPORT, see the module docstring),
+        keyed by the worker's number, so that a reload hands worker #k's accept queue to
+        the new worker #k; a Prometheus bind and a stats socket get one, shared."""
+        workers = config.global_.nbthread or 1
+        wanted: list[dict[SocketKey, socket.socket]] = [{} for _ in range(workers)]
         kept: dict[SocketAddress, socket.socket] = {}
         opened: list[socket.socket] = []
+
+        def get(address: SocketAddress) -> socket.socket | None:
+            sock = kept.get(address) or self.by_address.get(address)
+            if sock is not None:
+                kept[address] = sock
+            return sock
+
+        def new(address: SocketAddress, sock: socket.socket) -> socket.socket:
+            opened.append(sock)
+            kept[address] = sock
+            return sock
+
         try:
             for frontend in config.frontends:
-                if (
-                    frontend.default_backend is None
-                    and frontend.http_request_use_service != "prometheus-exporter"
-                ):
+                traffic = frontend.default_backend is not None
+                if not traffic and frontend.http_request_use_service != "prometheus-exporter":
                     continue
                 for index, bind in enumerate(frontend.binds):
-                    address: SocketAddress = ("tcp", bind.family, bind.host, bind.port)
-                    sock = kept.get(address) or self.by_address.get(address)
-                    if sock is None:
-                        sock = open_listening_socket(bind)
-                        opened.append(sock)
-                    kept[address] = sock
-                    wanted[(frontend.name, index)] = sock
+                    if not traffic:
+                        address: SocketAddress = ("tcp", bind.family, bind.host, bind.port)
+                        sock = get(address) or new(address, open_listening_socket(bind))
+                        for per_worker in wanted:
+                            per_worker[(frontend.name, index)] = sock
+                        continue
+                    # Port 0: the kernel's pick for the first slot is every slot's port.
+                    target = bind
+                    for slot, per_worker in enumerate(wanted):
+                        address = ("tcp", bind.family, bind.host, bind.port, "reuseport", slot)
+                        sock = get(address) or new(
+                            address, open_listening_socket(target, reuse_port=True)
+                        )
+                        if target.port == 0:
+                            target = replace(bind, port=sock.getsockname()[1])
+                        per_worker[(frontend.name, index)] = sock
             for index, stats in enumerate(config.global_.stats_socket):
                 address = ("stats", stats.path, stats.mode)
-                sock = kept.get(address) or self.by_address.get(address)
-                if sock is None:
-                    sock = open_stats_socket(stats)
-                    opened.append(sock)
-                kept[address] = sock
-                wanted[(STATS_SOCKET_KEY, index)] = sock
+                sock = get(address) or new(address, open_stats_socket(stats))
+                for per_worker in wanted:
+                    per_worker[(STATS_SOCKET_KEY, index)] = sock
         except OSError:
             for sock in opened:
                 sock.close()
@@ -291,13 +319,13 @@ class Master:
         logger.info("worker #%d (%d) started (generation %d)", number, pid, self.generation)
 
     def _spawn_generation(
-        self, config: Config, sockets: dict[SocketKey, socket.socket], *, lead: bool
+        self, config: Config, sockets: list[dict[SocketKey, socket.socket]], *, lead: bool
     ) -> None:
         """Fork `nbthread` workers; with `lead`, worker #1 leads from its start."""
         self.generation += 1
         self.current_sockets = sockets
         for number in range(1, (config.global_.nbthread or 1) + 1):
-            self._spawn(config, sockets, number, lead=lead and number == 1)
+            self._spawn(config, sockets[number - 1], number, lead=lead and number == 1)
 
     def _current(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.generation == self.generation]
@@ -330,7 +358,9 @@ class Master:
                     code,
                 )
                 lead = pid == self.lead_pid
-                self._spawn(self.config, self.current_sockets, worker.number, lead=lead)
+                self._spawn(
+                    self.config, self.current_sockets[worker.number - 1], worker.number, lead=lead
+                )
             else:
                 logger.info("worker #%d (%d) exited with code %d", worker.number, pid, code)
 
@@ -559,6 +589,16 @@ class Master:
             # (an expired CRL refuses every device): the log says them, as `lb -c` does.
             level = logging.WARNING if diagnostic.is_warning else logging.INFO
             logger.log(level, "reload: %s", diagnostic.text)
+        files = limits.plan(config, limits.soft_limit())
+        if not files.fits:
+            sys.stderr.write(limits.start_report(files, os.getpid()))
+            sys.stderr.flush()
+            if files.strict:
+                logger.error(
+                    "reload refused: maxconn needs more files than a worker may open "
+                    "(strict-limits); old workers keep serving"
+                )
+                return False
         try:
             pending = self.pool.prepare(config)
         except OSError as error:

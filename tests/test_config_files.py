@@ -53,7 +53,7 @@ def test_bad_configs_report_their_expected_errors(
 def test_seed_004_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir("/")  # paths must not depend on the working directory
     config = load_config([ROOT / "configs" / "haproxy.cfg"], environ={}).config_or_raise()
-    assert config.global_.maxconn == 100000
+    assert config.global_.maxconn is None  # what the file limit allows (lb.limits)
     assert config.global_.log[0].format == "raw"
     metrics, frontend = config.frontends
     assert (metrics.name, metrics.http_request_use_service) == ("prometheus", "prometheus-exporter")

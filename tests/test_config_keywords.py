@@ -464,39 +464,13 @@ def test_no_log_drops_inherited_logging() -> None:
             "defaults",
             "balance uri",
             "'balance' : unknown or unsupported algorithm 'uri'; lb supports 'roundrobin', "
-            "'static-rr', 'leastconn', 'source', 'hash', 'first'",
+            "'static-rr', 'leastconn', 'source', 'first'",
         ),
         ("defaults", "balance source extra", "'balance' : 'source' takes no argument"),
         (
             "defaults",
-            "balance hash",
-            "'balance' : 'hash' expects a sample expression: src or ssl_c_s_dn(cn)",
-        ),
-        (
-            "defaults",
-            "balance hash src extra",
-            "'balance' : 'hash' takes one expression (got 'extra' after it)",
-        ),
-        (
-            "defaults",
-            "balance hash req.hdr(host)",
-            "'balance' : 'balance hash req.hdr(host)': lb evaluates only 'src' and "
-            "'ssl_c_s_dn(cn)' (HAProxy 2.6 takes any sample expression here)",
-        ),
-        (
-            "defaults",
             "hash-type sometimes",
             "'hash-type' : expects one of 'map-based', 'consistent'",
-        ),
-        (
-            "defaults",
-            "hash-type consistent djb2",
-            "'hash-type' : hash function 'djb2' not supported: lb hashes with sdbm",
-        ),
-        (
-            "defaults",
-            "hash-type map-based sdbm avalanche",
-            "'hash-type' : modifier 'avalanche' with 'map-based' not supported",
         ),
         (
             "defaults",
@@ -911,12 +885,13 @@ def test_lint_global_maxconn_below_server_maxconn() -> None:
         "frontend fe\n    bind :1\n    default_backend be\nbackend be\n"
         "    server s1 127.0.0.1:1 maxconn 500000\n    server s2 127.0.0.1:2 maxconn 500000\n"
     )
-    assert warnings(tail) == [
-        "parsing [/cfg/t.cfg:5] : 'server' : 's1' allows maxconn 500000 but global maxconn is "
-        "unset (HAProxy's default is 2000): the whole balancer accepts no more than that; "
-        "raise 'maxconn' in 'global'"
+    assert warnings("global\n    maxconn 1000\n" + tail) == [
+        "parsing [/cfg/t.cfg:7] : 'server' : 's1' allows maxconn 500000 but global maxconn is "
+        "1000: the whole balancer accepts no more than that; raise 'maxconn' in 'global' (or "
+        "leave it out: then it is what the file limit allows)"
     ]
-    assert "global maxconn is 1000" in warnings("global\n    maxconn 1000\n" + tail)[0]
+    # Unset, it is what the file limit allows (lb.limits), as in HAProxy 2.6.
+    assert warnings(tail) == []
     assert warnings("global\n    maxconn 100000\n" + tail) == []
 
 
@@ -1028,28 +1003,3 @@ def test_balance_registry_can_be_replaced(monkeypatch: pytest.MonkeyPatch) -> No
 def test_arbitrary_text_only_yields_diagnostics(text: str) -> None:
     result = load_config_text(text, FILE, environ={"a": "1"})
     assert (result.config is None) == any(d.is_error for d in result.diagnostics)
-
-
-def test_balance_hash_keeps_its_expression_and_defaults_pass_it_on() -> None:
-    config = valid(
-        """
-        defaults
-            balance hash ssl_c_s_dn(CN)
-            hash-type consistent sdbm avalanche
-        listen mqtt
-            bind 127.0.0.1:1883
-            server s1 127.0.0.1:1884
-        listen other
-            bind 127.0.0.1:1885
-            balance roundrobin
-            server s1 127.0.0.1:1886
-        """
-    )
-    mqtt = config.backend("mqtt")
-    assert (mqtt.balance, mqtt.hash_expression, mqtt.hash_type) == (
-        "hash",
-        "ssl_c_s_dn(cn)",
-        "consistent",
-    )
-    other = config.backend("other")
-    assert (other.balance, other.hash_expression) == ("roundrobin", None)

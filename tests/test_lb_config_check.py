@@ -32,7 +32,7 @@ def lb_check(config: str, directory: Path) -> subprocess.CompletedProcess[str]:
 def tls_config(bind_options: str) -> str:
     return f"""
 global
-    maxconn 100000
+    maxconn 5000
 defaults
     mode tcp
     timeout connect 5s

@@ -144,6 +144,25 @@ def test_lb_c_accepts_the_expressions_it_evaluates_and_names_the_rest(
         assert lb.returncode == 0, output
     else:
         assert lb.returncode != 0, output
-        assert f"'balance hash {expression}': lb evaluates only 'src' and 'ssl_c_s_dn(cn)'" in (
-            output
-        ), output
+        refusal = f"sample expression '{expression}' not supported: lb supports 'src' and "
+        assert refusal + "'ssl_c_s_dn(cn)'" in output, output
+
+
+@pytest.mark.skipif(not haproxy_available(), reason="HAProxy 2.6 is not installed")
+def test_a_bare_consistent_hash_type_maps_every_device_as_haproxy(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """`hash-type consistent` without a function is sdbm with avalanche in HAProxy 2.6
+    (cfgparse-listen.c); the ring's points depend on the server ids, not their ports, so lb
+    and HAProxy send each device to the same node (before: lb left out the avalanche and
+    sent all twelve to node 1)."""
+    landed = {}
+    for name, run in (("lb", run_lb), ("haproxy", run_haproxy)):
+        port = free_port()
+        with three_backends() as backends:
+            directory = tmp_path / name
+            directory.mkdir()
+            with run(hash_config(pki, port, backends, "ssl_c_s_dn(cn)"), directory, port):
+                landed[name] = {cn: nodes[0] for cn, nodes in landing(port, backends, pki).items()}
+    assert landed["lb"] == landed["haproxy"], landed
+    assert len(set(landed["lb"].values())) > 1, landed

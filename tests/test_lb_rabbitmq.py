@@ -47,7 +47,7 @@ def lb_config(pki: TestPKI, port: int, servers: Sequence[tuple[str, int]]) -> st
         for name, mqtt_port in servers
     )
     return (
-        "global\n    maxconn 100000\n    log stdout format raw local0\n"
+        "global\n    maxconn 5000\n    log stdout format raw local0\n"
         "    pp2-never-send-local\n"
         "defaults\n    mode tcp\n    log global\n    option tcplog\n"
         "    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n"

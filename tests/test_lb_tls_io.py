@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,17 +207,60 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _serving_process(pids: list[int], lb_port: int, client_port: int) -> int | None:
-    """Which of `pids` holds the accepted socket of the connection from `client_port`."""
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote = fields[1].split(":")[1], fields[2].split(":")[1]
-        if int(local, 16) == lb_port and int(remote, 16) == client_port:
-            inode = fields[9]
-            break
-    if inode is None:
-        return None
+def _serving_process(pids: list[int], lb_port: int, client_port: int) -> int:
+    """Which of `pids` holds the accepted socket of the connection from `client_port`.
+
+    The socket's inode comes from `ss` (sock_diag, filtered in the kernel), not from
+    /proc/net/tcp, which the kernel writes out across several read() calls on a machine
+    with many sockets, each resuming at an offset into its hash table (a socket can be
+    skipped when others come and go in between); a few tries more, bounded, cover an
+    interrupted dump. This lookup once found nothing in loaded runs; should it again, the
+    failure says what it saw."""
+    seen = ""
+    for _ in range(20):
+        seen = subprocess.run(
+            [
+                "ss",
+                "-Htne",
+                "state",
+                "established",
+                f"( sport = :{lb_port} and dport = :{client_port} )",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        match = re.search(r"\bino:(\d+)", seen)
+        if match is not None:
+            owner = _holder(pids, f"socket:[{match.group(1)}]")
+            if owner is not None:
+                return owner
+        time.sleep(0.05)
+    sockets = {pid: _socket_links(pid) for pid in pids}
+    raise AssertionError(
+        f"no worker of {pids} holds the connection 127.0.0.1:{lb_port} <- :{client_port}; "
+        f"ss: {seen.strip() or 'nothing'}; the workers' sockets: {sockets}"
+    )
+
+
+def _socket_links(pid: int) -> list[str]:
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError as error:
+        return [f"({error})"]
+    links = []
+    for descriptor in descriptors:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+        except OSError:
+            continue
+        if link.startswith("socket:"):
+            links.append(link)
+    return links
+
+
+def _holder(pids: list[int], link: str) -> int | None:
     for pid in pids:
         try:
             descriptors = os.listdir(f"/proc/{pid}/fd")
@@ -223,7 +268,7 @@ def _serving_process(pids: list[int], lb_port: int, client_port: int) -> int | N
             continue
         for descriptor in descriptors:
             try:
-                if os.readlink(f"/proc/{pid}/fd/{descriptor}") == f"socket:[{inode}]":
+                if os.readlink(f"/proc/{pid}/fd/{descriptor}") == link:
                     return pid
             except OSError:
                 continue
@@ -290,7 +335,6 @@ def test_tickets_resume_on_either_worker(
             tls.sendall(b"ping")
             assert tls.recv(16) == b"ping"
             worker = _serving_process(workers, port, tls.getsockname()[1])
-            assert worker is not None
             served.append((worker, tls.session_reused))
             if tls.session_reused and issued_by is not None and issued_by != worker:
                 crossed += 1

@@ -148,8 +148,9 @@ def _refused(port: int) -> bool:
     return False
 
 
-def _pool_config(frontends: dict[str, int]) -> Config:
-    text = "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
+def _pool_config(frontends: dict[str, int], workers: int = 1) -> Config:
+    text = f"global\n    nbthread {workers}\n"
+    text += "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n"
     text += "    timeout server 30s\n"
     for name, port in frontends.items():
         text += f"frontend {name}\n    bind 127.0.0.1:{port}\n    default_backend brokers\n"
@@ -174,19 +175,19 @@ def test_socket_pool_reload_is_two_phase() -> None:
     new = _pool_config({"a": port_a, "c": port_c})
     pool = SocketPool()
     try:
-        serving = pool.for_config(old)
+        serving = pool.for_config(old)[0]
         old_addresses = dict(pool.by_address)
 
         # Prepare: the shared bind keeps its socket, the dropped one stays open.
         pending = pool.prepare(new)
-        assert pending.sockets[("a", 0)] is serving[("a", 0)]
-        assert pending.opened == [pending.sockets[("c", 0)]]
+        assert pending.sockets[0][("a", 0)] is serving[("a", 0)]
+        assert pending.opened == [pending.sockets[0][("c", 0)]]
         assert pool.by_address == old_addresses
         assert _accepts(port_a) and _accepts(port_b) and _accepts(port_c)
 
         # Abort: only the socket the new configuration opened is closed.
         pool.abort(pending)
-        assert pending.sockets[("c", 0)].fileno() == -1
+        assert pending.sockets[0][("c", 0)].fileno() == -1
         assert pool.by_address == old_addresses
         assert all(sock.fileno() != -1 for sock in serving.values())
         assert _accepts(port_a) and _accepts(port_b) and _refused(port_c)
@@ -195,9 +196,39 @@ def test_socket_pool_reload_is_two_phase() -> None:
         pending = pool.prepare(new)
         pool.commit(pending)
         assert serving[("b", 0)].fileno() == -1
-        assert pending.sockets[("a", 0)] is serving[("a", 0)]
-        assert set(pool.by_address.values()) == set(pending.sockets.values())
+        assert pending.sockets[0][("a", 0)] is serving[("a", 0)]
+        assert set(pool.by_address.values()) == set(pending.sockets[0].values())
         assert _accepts(port_a) and _refused(port_b) and _accepts(port_c)
     finally:
         pool.close()
     assert _refused(port_a) and _refused(port_c)
+
+
+@pytest.mark.timeout(30)
+def test_socket_pool_one_socket_per_worker() -> None:
+    """Each worker has its own SO_REUSEPORT socket for a traffic bind, on one port; a reload
+    keeps worker #k's socket for the new worker #k (its accept queue is not lost), and one
+    that drops a worker closes only that worker's socket."""
+    port = free_port()
+    pool = SocketPool()
+    try:
+        serving = pool.for_config(_pool_config({"a": port}, workers=2))
+        first, second = serving[0][("a", 0)], serving[1][("a", 0)]
+        assert first is not second
+        for sock in (first, second):
+            assert sock.getsockname() == ("127.0.0.1", port)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+
+        same = pool.prepare(_pool_config({"a": port}, workers=2))
+        assert same.opened == []
+        assert [s[("a", 0)] for s in same.sockets] == [first, second]
+        pool.commit(same)
+
+        fewer = pool.prepare(_pool_config({"a": port}, workers=1))
+        pool.commit(fewer)
+        assert fewer.sockets[0][("a", 0)] is first
+        assert second.fileno() == -1 and first.fileno() != -1
+        assert _accepts(port)
+    finally:
+        pool.close()
+    assert _refused(port)

@@ -13,7 +13,7 @@ and honour only 0 / non-0 changes later, as HAProxy refuses other runtime weight
 Room. Round-robin-like algorithms (roundrobin, static-rr, first, leastconn) skip a server
 that has no free connection slot (`has_room()`: below its maxconn with nothing queued);
 when all are full the caller queues the connection on the backend. Hashing algorithms
-(`source`, `hash`) return the server the key maps to, full or not: the caller queues on that server
+(`source`) return the server the key maps to, full or not: the caller queues on that server
 (HAProxy's assign_server_and_queue). leastconn also returns a full server whose own queue is
 below its explicit maxqueue (`accepts_queued()`), as HAProxy's fwlc does.
 
@@ -28,7 +28,7 @@ from typing import Protocol, TypeVar
 from lb.balance.first import First
 from lb.balance.leastconn import LeastConn
 from lb.balance.roundrobin import RoundRobin
-from lb.balance.source import Hash, Source
+from lb.balance.source import Source
 from lb.balance.static_rr import StaticRoundRobin
 
 #: HAProxy's BE_WEIGHT_SCALE: effective weights count sixteenths of a user weight.
@@ -79,7 +79,9 @@ class Balancer(Protocol[S]):
 
     def set_weight(self, server: S) -> None: ...
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None: ...
+    def pick(self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+        """`key`: the hashing algorithms' key; None when the session has no sample for it."""
+        ...
 
 
 #: `balance <algorithm>` -> the class; lb.config validates `balance` against these names.
@@ -88,16 +90,24 @@ ALGORITHMS: dict[str, type] = {
     "static-rr": StaticRoundRobin,
     "leastconn": LeastConn,
     "source": Source,
-    "hash": Hash,
     "first": First,
+    "hash": Source,  # `balance hash <expression>`: Source with the hash-type function
 }
 
 
-def create_balancer(algorithm: str, hash_type: str = "map-based") -> Balancer[S]:
+def create_balancer(
+    algorithm: str,
+    hash_type: str = "map-based",
+    hash_function: str = "sdbm",
+    hash_avalanche: bool = False,
+) -> Balancer[S]:
     """A new balancer for `balance <algorithm>` (and `hash-type` for hashing ones)."""
     cls = ALGORITHMS[algorithm]
-    if cls is Source or cls is Hash:
-        balancer: Balancer[S] = cls(hash_type)
+    if algorithm == "hash":
+        hashed: Balancer[S] = Source(hash_type, hash_function, hash_avalanche)
+        return hashed
+    if cls is Source:
+        balancer: Balancer[S] = Source(hash_type)
         return balancer
     created: Balancer[S] = cls()
     return created
@@ -109,7 +119,6 @@ __all__ = [
     "WEIGHT_SCALE",
     "Balancer",
     "First",
-    "Hash",
     "LeastConn",
     "RoundRobin",
     "Source",

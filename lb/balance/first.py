@@ -43,7 +43,7 @@ class First(Generic[S]):
     def set_weight(self, server: S) -> None:
         del server
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+    def pick(self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()) -> S | None:
         del key
         for server in self._servers:
             name = server.name

@@ -60,7 +60,7 @@ class LeastConn(Generic[S]):
     def set_weight(self, server: S) -> None:
         self._reposition(server.name)
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+    def pick(self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()) -> S | None:
         del key
         best: S | None = None
         best_load = 0

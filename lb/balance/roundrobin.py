@@ -53,7 +53,7 @@ class RoundRobin(Generic[S]):
     def _weight_of(self, server: S) -> int:
         return server.effective_weight
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+    def pick(self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()) -> S | None:
         del key
         best: S | None = None
         best_score = 0

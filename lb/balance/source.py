@@ -18,6 +18,14 @@ server, chosen by `hash-type`:
   modifier, the key is always avalanched here: raw IPv4 addresses of one subnet would
   otherwise all fall between the same two points of the ring.
 
+`balance hash <expression>` (`Source(hash_type, function=...)`) maps a sample the same way,
+as get_server_expr and get_server_hash do: the sample's bytes go through the `hash-type`
+function (sdbm by default, djb2 or crc32; each byte read as a signed char, as HAProxy's
+`const char *` loops do), then through `full_hash` only with the `avalanche` modifier, as in
+HAProxy. A session without the sample (no client certificate for `ssl_c_s_dn(cn)`) takes the
+next server in turn instead, as HAProxy falls back to map_get_server_rr and
+chash_get_next_server.
+
 A full server is still returned (the caller queues on it); `exclude` (a server that just
 failed) moves on to the next server of the table or the ring, as the chash `avoid` does.
 """
@@ -25,6 +33,7 @@ failed) moves on to the next server of the table or the ring, as the chash `avoi
 from __future__ import annotations
 
 import bisect
+import zlib
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -35,6 +44,8 @@ S = TypeVar("S", bound="Weighted")
 #: lb_chash.c's SRV_EWGHT_RANGE: room for every node of one server (256 weights x 16).
 WEIGHT_RANGE = 256 * 16
 HASH_TYPES = ("map-based", "consistent")
+#: `hash-type <method> <function>`: HAProxy 2.6's functions lb computes (not wt6, none).
+HASH_FUNCTIONS = ("sdbm", "djb2", "crc32")
 MASK32 = 0xFFFFFFFF
 
 
@@ -51,14 +62,6 @@ def full_hash(value: int) -> int:
     return (a * 3221225473) & MASK32
 
 
-def sdbm_hash(key: bytes) -> int:
-    """HAProxy's hash_sdbm (src/hash.c), the default `hash-type` function of `balance hash`."""
-    value = 0
-    for byte in key:
-        value = (byte + (value << 6) + (value << 16) - value) & MASK32
-    return value
-
-
 def address_hash(key: bytes) -> int:
     """XOR of the key's 32-bit big-endian words, as get_server_sh hashes an address."""
     value = 0
@@ -67,13 +70,44 @@ def address_hash(key: bytes) -> int:
     return value
 
 
+def _signed(byte: int) -> int:
+    return byte - 256 if byte > 127 else byte
+
+
+def hash_sdbm(key: bytes) -> int:
+    """HAProxy's hash_sdbm (src/hash.c): hash = c + (hash << 6) + (hash << 16) - hash."""
+    value = 0
+    for byte in key:
+        value = (_signed(byte) + (value << 6) + (value << 16) - value) & MASK32
+    return value
+
+
+def hash_djb2(key: bytes) -> int:
+    """HAProxy's hash_djb2: hash = hash * 33 + c, from 5381."""
+    value = 5381
+    for byte in key:
+        value = ((value << 5) + value + _signed(byte)) & MASK32
+    return value
+
+
+def hash_crc32(key: bytes) -> int:
+    """HAProxy's hash_crc32: the IEEE CRC-32 (reflected 0xEDB88320, inverted), zlib's."""
+    return zlib.crc32(key) & MASK32
+
+
+SAMPLE_HASHES = {"sdbm": hash_sdbm, "djb2": hash_djb2, "crc32": hash_crc32}
+
+
 class Source(Generic[S]):
     __slots__ = (
+        "_avalanche",
         "_dirty",
         "_ids",
         "_points",
         "_ring_keys",
         "_ring_servers",
+        "_rr",
+        "_sample_hash",
         "_servers",
         "_static_weight",
         "_table",
@@ -83,10 +117,18 @@ class Source(Generic[S]):
         "hashed",
     )
 
-    def __init__(self, hash_type: str = "map-based") -> None:
+    def __init__(
+        self, hash_type: str = "map-based", function: str | None = None, avalanche: bool = False
+    ) -> None:
+        """`balance source` without `function`; `balance hash` with the `hash-type`
+        function (and its `avalanche` modifier)."""
         if hash_type not in HASH_TYPES:
             raise ValueError(f"unknown hash-type {hash_type!r}")
         self.consistent = hash_type == "consistent"
+        self._sample_hash = SAMPLE_HASHES[function] if function is not None else None
+        # balance source: always on the ring (see the module docstring); hash: as HAProxy.
+        self._avalanche = avalanche if function is not None else self.consistent
+        self._rr = 0  # the next server in turn for a session without a sample
         self.hashed = True
         self.dynamic = self.consistent  # map-based is static, consistent dynamic
         self._servers: list[S] = []
@@ -175,16 +217,21 @@ class Source(Generic[S]):
 
     # -- picking --------------------------------------------------------------------------
 
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
+    def pick(self, key: bytes | None = b"", exclude: frozenset[str] = frozenset()) -> S | None:
         if self._dirty:
             self._rebuild()
+        if key is None:  # no sample: the next server in turn
+            self._rr += 1
+            if self.consistent:
+                size = len(self._ring_keys)
+                return self._walk_ring(self._rr % size, exclude) if size else None
+            return self._pick_table(self._rr, exclude)
+        value = address_hash(key) if self._sample_hash is None else self._sample_hash(key)
+        if self._avalanche:
+            value = full_hash(value)
         if self.consistent:
-            return self._pick_ring(full_hash(self.key_hash(key)), exclude)
-        return self._pick_table(self.key_hash(key), exclude)
-
-    @staticmethod
-    def key_hash(key: bytes) -> int:
-        return address_hash(key)
+            return self._pick_ring(value, exclude)
+        return self._pick_table(value, exclude)
 
     def _pick_table(self, value: int, exclude: frozenset[str]) -> S | None:
         table = self._table
@@ -208,42 +255,12 @@ class Source(Generic[S]):
         distance_before = (value - keys[before]) & MASK32
         distance_after = (keys[after] - value) & MASK32
         index = before if distance_before <= distance_after else after
+        return self._walk_ring(index, exclude)
+
+    def _walk_ring(self, index: int, exclude: frozenset[str]) -> S | None:
+        size = len(self._ring_keys)
         for step in range(size):
             server = self._ring_servers[(index + step) % size]
-            if server.name not in exclude:
-                return server
-        return None
-
-
-class Hash(Source[S]):
-    """`balance hash <expr>` (HAProxy 2.6): the expression's value, hashed with sdbm (HAProxy's
-    default hash function), picks the server through the same table or ring as `source`.
-    When the value is not available (``key`` empty: no client certificate for
-    ``ssl_c_s_dn(cn)``), round robin applies, as HAProxy documents: a rotating position in the
-    table or on the ring."""
-
-    __slots__ = ("_turn",)
-
-    def __init__(self, hash_type: str = "map-based") -> None:
-        super().__init__(hash_type)
-        self._turn = 0
-
-    @staticmethod
-    def key_hash(key: bytes) -> int:
-        return sdbm_hash(key)
-
-    def pick(self, key: bytes = b"", exclude: frozenset[str] = frozenset()) -> S | None:
-        if key:
-            return super().pick(key, exclude)
-        if self._dirty:
-            self._rebuild()
-        self._turn += 1
-        servers = self._ring_servers if self.consistent else self._table
-        if not servers:
-            return None
-        size = len(servers)
-        for step in range(size):
-            server = servers[(self._turn + step) % size]
             if server.name not in exclude:
                 return server
         return None

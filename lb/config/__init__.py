@@ -75,7 +75,9 @@ __all__ = [
 
 # HAProxy's `invalid_char` rule for proxy and server names.
 _NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
-# Without a global maxconn HAProxy's compiled-in default is 2000 (seed 004).
+# Seed 004: "maxconn defaults to 2000, raise it or devices are capped there". HAProxy 2.6
+# (and lb, lb.limits) compute an unset global maxconn from the file limit instead; a global
+# maxconn set this low below a server's is what the seed warned about.
 _DEFAULT_GLOBAL_MAXCONN = 2000
 
 
@@ -776,7 +778,7 @@ def _lint(
             Diagnostic.notice(origin.file, origin.line, keyword, message, section)
         )
 
-    global_limit = global_.maxconn or _DEFAULT_GLOBAL_MAXCONN
+    global_limit = global_.maxconn
     for backend in backends:
         signed = [s.name for s in backend.servers if "hmac" in s.proxy_v2_options]
         unsigned = [
@@ -828,19 +830,17 @@ def _lint(
             if (
                 not maxconn_warned
                 and server.maxconn is not None
+                and global_limit is not None
                 and global_limit <= _DEFAULT_GLOBAL_MAXCONN
                 and server.maxconn > global_limit
             ):
                 maxconn_warned = True
-                current = (
-                    f"global maxconn is {global_.maxconn}"
-                    if global_.maxconn is not None
-                    else f"global maxconn is unset (HAProxy's default is {_DEFAULT_GLOBAL_MAXCONN})"
-                )
                 warn(
                     server.origin,
                     "server",
-                    f"'{server.name}' allows maxconn {server.maxconn} but {current}: the "
-                    "whole balancer accepts no more than that; raise 'maxconn' in 'global'",
+                    f"'{server.name}' allows maxconn {server.maxconn} but global maxconn is "
+                    f"{global_limit}: the whole balancer accepts no more than that; raise "
+                    "'maxconn' in 'global' (or leave it out: then it is what the file limit "
+                    "allows)",
                     section,
                 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,6 +48,7 @@ BALANCE_ALGORITHMS: tuple[str, ...] = tuple(ALGORITHMS)
 MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
 MAX_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + V2_MAX_LENGTH
 HASH_TYPES = ("map-based", "consistent")
+HASH_FUNCTIONS = ("sdbm", "djb2", "crc32")
 SECTIONS = ("global", "defaults", "frontend", "backend", "listen", "userlist")
 UNSUPPORTED_SECTIONS = (
     "peers",
@@ -481,8 +482,38 @@ def _global_user(name: str) -> GlobalParser:
     return parse
 
 
+def _global_maxconn(line: Line, draft: GlobalDraft, report: Report) -> None:
+    _global_integer("maxconn", 1)(line, draft, report)
+    draft.values["maxconn_origin"] = Origin(line.file, line.lineno)
+
+
+#: Global keywords that take HAProxy's `no` prefix (cfgparse-global.c, KWM_NO).
+GLOBAL_NO_KEYWORDS = ("strict-limits",)
+
+
+def _global_no(line: Line, draft: GlobalDraft, report: Report) -> None:
+    keyword = line.words[1] if len(line.words) > 1 else ""
+    if keyword not in GLOBAL_NO_KEYWORDS:
+        raise KeywordError(
+            f"'no {keyword}' is not supported; 'no' applies to "
+            f"{', '.join(repr(k) for k in GLOBAL_NO_KEYWORDS)}"
+            f"{did_you_mean(keyword, GLOBAL_NO_KEYWORDS)}",
+            "no",
+        )
+    _expect_arguments(line, 1, "no argument after the keyword")
+    draft.values[keyword.replace("-", "_")] = False
+
+
+def _global_strict_limits(line: Line, draft: GlobalDraft, report: Report) -> None:
+    _expect_arguments(line, 0, "no argument")
+    draft.values["strict_limits"] = True
+
+
 GLOBAL_KEYWORDS: dict[str, GlobalParser] = {
-    "maxconn": _global_integer("maxconn", 1),
+    "maxconn": _global_maxconn,
+    "strict-limits": _global_strict_limits,
+    "fd-hard-limit": _global_integer("fd_hard_limit", 1),
+    "no": _global_no,
     "nbthread": _global_integer("nbthread", 1, 4096),
     "daemon": _global_flag("daemon"),
     "log": _global_log,
@@ -1223,6 +1254,34 @@ def _timeout(line: Line, draft: ProxyDraft, report: Report) -> None:
         raise KeywordError(error.message, keyword) from None
 
 
+#: `balance hash <expression>`: the sample expressions lb computes, as written (lower case).
+HASH_EXPRESSIONS = ("src", "ssl_c_s_dn(cn)")
+#: `hash-type <method> <function>`: HAProxy 2.6 also has these, which lb does not compute.
+UNSUPPORTED_HASH_FUNCTIONS = ("wt6", "none")
+
+
+def _hash_expression(expression: str) -> str:
+    """`src` or `ssl_c_s_dn(cn)` (the entry's case does not matter: HAProxy compares it
+    case-insensitively); anything else is refused by name."""
+    supported = " and ".join(f"'{e}'" for e in HASH_EXPRESSIONS)
+    if "," in expression:
+        fetch, converter = expression.split(",", 1)
+        raise KeywordError(
+            f"converter '{converter.split('(')[0]}' in '{expression}' not supported: "
+            f"lb supports the expressions {supported} without converters",
+            "balance hash",
+        )
+    normalized = expression.lower() if expression.lower().startswith("ssl_c_s_dn(") else expression
+    if normalized not in HASH_EXPRESSIONS:
+        fetch = expression.split("(", maxsplit=1)[0]
+        raise KeywordError(
+            f"sample expression '{expression}' not supported: lb supports {supported}"
+            f"{did_you_mean(fetch, ('src', 'ssl_c_s_dn'))}",
+            "balance hash",
+        )
+    return normalized
+
+
 def _balance(line: Line, draft: ProxyDraft, report: Report) -> None:
     if len(line.words) < 2:
         raise KeywordError(f"expects an algorithm: {', '.join(BALANCE_ALGORITHMS)}")
@@ -1233,54 +1292,38 @@ def _balance(line: Line, draft: ProxyDraft, report: Report) -> None:
             f"unknown or unsupported algorithm '{algorithm}'; lb supports {known}"
             f"{did_you_mean(algorithm, BALANCE_ALGORITHMS)}"
         )
+    expression: str | None = None
     if algorithm == "hash":
-        draft.values["hash_expression"] = _hash_expression(line.words[2:])
+        if len(line.words) != 3:
+            raise KeywordError(
+                "'hash' expects one sample expression: "
+                + " or ".join(f"'{e}'" for e in HASH_EXPRESSIONS)
+            )
+        expression = _hash_expression(line.words[2])
     elif len(line.words) > 2:
         raise KeywordError(f"'{algorithm}' takes no argument")
-    else:
-        draft.values["hash_expression"] = None
     draft.values["balance"] = algorithm
-
-
-#: `balance hash <expr>`: the sample expressions lb evaluates (HAProxy 2.6 takes any sample
-#: expression; a device's certificate CN or its address is what keeps a device on one node).
-HASH_EXPRESSIONS = {"src": "src", "ssl_c_s_dn(cn)": "ssl_c_s_dn(cn)"}
-
-
-def _hash_expression(words: Sequence[str]) -> str:
-    if not words:
-        raise KeywordError("'hash' expects a sample expression: src or ssl_c_s_dn(cn)")
-    if len(words) > 1:
-        # HAProxy 2.6: "balance hash takes no other argument (got '...')".
-        raise KeywordError(f"'hash' takes one expression (got '{words[1]}' after it)")
-    expression = words[0]
-    # OpenSSL's names: the entry is CN (or cn, as the issue writes it), commonName.
-    canonical = expression.lower().replace("commonname", "cn")
-    if canonical in HASH_EXPRESSIONS:
-        return HASH_EXPRESSIONS[canonical]
-    raise KeywordError(
-        f"'balance hash {expression}': lb evaluates only 'src' and 'ssl_c_s_dn(cn)' "
-        "(HAProxy 2.6 takes any sample expression here)"
-    )
+    draft.values["hash_expr"] = expression
 
 
 def _hash_type(line: Line, draft: ProxyDraft, report: Report) -> None:
     if not 2 <= len(line.words) <= 4:
         raise KeywordError("expects 'map-based' or 'consistent' [<function> [<modifier>]]")
-    hash_type = parse_choice(line.words[1], HASH_TYPES)
-    # Never parse-and-ignore: lb hashes `balance hash` values with sdbm (HAProxy's default
-    # function) and always avalanches keys on the consistent ring (lb.balance.source).
-    if len(line.words) >= 3 and line.words[2] != "sdbm":
+    draft.values["hash_type"] = parse_choice(line.words[1], HASH_TYPES)
+    function = line.words[2] if len(line.words) > 2 else "sdbm"
+    if function in UNSUPPORTED_HASH_FUNCTIONS:
         raise KeywordError(
-            f"hash function '{line.words[2]}' not supported: lb hashes with sdbm "
-            "(HAProxy's default; leave the function out)"
+            f"hash function '{function}' not supported: lb computes "
+            + ", ".join(f"'{f}'" for f in HASH_FUNCTIONS)
         )
-    if len(line.words) == 4 and (line.words[3] != "avalanche" or hash_type != "consistent"):
-        raise KeywordError(
-            f"modifier '{line.words[3]}' with '{hash_type}' not supported: lb avalanches "
-            "every key on the consistent ring and none in the map-based table"
-        )
-    draft.values["hash_type"] = hash_type
+    draft.values["hash_function"] = parse_choice(function, HASH_FUNCTIONS)
+    modifier = line.words[3] if len(line.words) > 3 else None
+    if modifier is not None and modifier != "avalanche":
+        raise KeywordError(f"unknown hash modifier '{modifier}': the one modifier is 'avalanche'")
+    # HAProxy 2.6 (cfgparse-listen.c): 'hash-type consistent' with no function is sdbm with
+    # the avalanche modifier; with a function, avalanche only when it is written.
+    bare_consistent = len(line.words) == 2 and draft.values["hash_type"] == "consistent"
+    draft.values["hash_avalanche"] = modifier == "avalanche" or bare_consistent
 
 
 def _backend_name(line: Line, usage: str) -> str:

@@ -70,8 +70,11 @@ class Global:
     """The `global` section (HAProxy defaults where one exists)."""
 
     origin: Origin = NOWHERE
-    maxconn: int | None = None  # None: HAProxy derives it from `ulimit -n`
+    maxconn: int | None = None  # None: what the file limit allows (lb.limits)
+    maxconn_origin: Origin | None = None  # where `maxconn` was set, for lb.limits' words
     nbthread: int | None = None  # None: one per CPU
+    strict_limits: bool = True  # HAProxy 2.6: refuse to start when maxconn cannot be met
+    fd_hard_limit: int | None = None  # at most this many files per process
     daemon: bool = False
     log: tuple[LogTarget, ...] = ()
     stats_socket: tuple[StatsSocket, ...] = ()
@@ -276,9 +279,10 @@ class Defaults:
     retries: int = 3
     maxconn: int | None = None
     balance: str = "roundrobin"
-    # `balance hash <expr>`: the sample expression ("src" or "ssl_c_s_dn(cn)").
-    hash_expression: str | None = None
+    hash_expr: str | None = None  # `balance hash <expr>`: "src" or "ssl_c_s_dn(cn)"
     hash_type: str = "map-based"
+    hash_function: str = "sdbm"  # `hash-type <method> <function>`
+    hash_avalanche: bool = False  # `hash-type <method> <function> avalanche`
     fullconn: int | None = None
     default_backend: str | None = None
 
@@ -318,8 +322,10 @@ class Backend:
     option: Options = Options()
     log: Logging = Logging()
     balance: str = "roundrobin"
-    hash_expression: str | None = None  # `balance hash <expr>`, as in Defaults
+    hash_expr: str | None = None  # `balance hash <expr>`: "src" or "ssl_c_s_dn(cn)"
     hash_type: str = "map-based"
+    hash_function: str = "sdbm"  # `hash-type <method> <function>`
+    hash_avalanche: bool = False  # `hash-type <method> <function> avalanche`
     retries: int = 3
     fullconn: int | None = None
     listen: bool = False
