@@ -343,10 +343,6 @@ def balancer_config(
     if bind not in text:
         raise ValueError(f"{DEMO_CONFIG}: no '{bind.strip()}' line")
     text = text.replace(bind, f"bind 127.0.0.1:{port} ").replace(" certs/", f" {certs}/")
-    # The demo's Prometheus port is fixed: a free one, so that a run beside the demo (or
-    # beside another run) does not fail with "cannot listen".
-    metrics = f"bind {topology.LOCAL_HOST}:{topology.PROMETHEUS_PORT}\n"
-    text = text.replace(metrics, f"bind 127.0.0.1:{free_port()}\n")
     lines = text.splitlines()
     for index, line in enumerate(lines):
         # Other binds (the Prometheus exporter's fixed 8405): a free port of this run's, so
