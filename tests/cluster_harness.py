@@ -181,7 +181,7 @@ def lb_config(pki: TestPKI, front: int, nodes: list[ClusterNode]) -> str:
     verify = f"ca-file {pki.intermediate} ca-verify-file {pki.root} verify required"
     return f"""
 global
-    maxconn 10000
+    maxconn 2000
 
 defaults
     mode tcp
