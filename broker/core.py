@@ -213,18 +213,24 @@ class Broker:
         """Claim the connection's client id cluster-wide; ``done`` is called when it is ours
         (maybe later: the session may be coming from another node)."""
         client_id = connection.client_id
-        session = self.sessions.get(client_id)
-        if session is not None and session.connection is not None:
-            # 5.0 section 3.1.4-3: the existing connection with this id is closed first.
-            self.counters.takeovers += 1
-            session.connection.take_over()
-            session = self.sessions.get(client_id)
-        if session is not None and session.moved_to is not None:
-            # Only a forwarding stub is left here: the session itself is elsewhere.
-            self._drop_stub(session)
-            session = None
+        session = self._take_over_locally(client_id)
         local = session is not None and not session.diverged
         self.cluster.claim(client_id, clean_start, local, done)
+
+    def _take_over_locally(self, client_id: str) -> Session | None:
+        """This node's session of ``client_id`` once no connection holds it: a connection
+        with this id is closed first (MQTT 5.0 section 3.1.4-3; 5.0 gets DISCONNECT 0x8E),
+        and a forwarding stub (the session itself is elsewhere) is dropped."""
+        session = self.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            self.counters.takeovers += 1
+            session.connection.take_over()
+            # Detaching the old connection may have ended its session (expiry 0).
+            session = self.sessions.get(client_id)
+        if session is not None and session.moved_to is not None:
+            self._drop_stub(session)
+            session = None
+        return session
 
     def attach(
         self,
@@ -239,15 +245,7 @@ class Broker:
         DISCONNECT 0x8E, MQTT 5.0 section 3.1.4-3).
         """
         client_id = connection.client_id
-        session = self.sessions.get(client_id)
-        if session is not None and session.connection is not None:
-            self.counters.takeovers += 1
-            session.connection.take_over()
-            # Detaching the old connection may have ended its session (expiry 0).
-            session = self.sessions.get(client_id)
-        if session is not None and session.moved_to is not None:
-            self._drop_stub(session)
-            session = None
+        session = self._take_over_locally(client_id)
         will = self.pending_wills.pop(client_id, None)
         if will is not None and clean_start:
             # The old session ends now, so its delayed will is due (section 3.1.2.5).

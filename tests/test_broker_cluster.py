@@ -16,12 +16,11 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +36,12 @@ from broker.config import load_config
 from broker.mqtt import Connack, Connect, Properties
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
 from tests.broker_harness import RawClient
+from tests.cluster_harness import BROKER, V5, V311, wait_for
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
 
-BROKER = Path(sys.executable).parent / "broker"
 COOKIE = "test-cluster-cookie"
-V311 = MQTTProtocolVersion.MQTTv311
-V5 = MQTTProtocolVersion.MQTTv5
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not met within {timeout}s: {what}")
 
 
 class Node:
