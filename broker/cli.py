@@ -29,6 +29,7 @@ from broker import __version__
 from broker.accept import plan_file_limit, raise_file_limit
 from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
+from broker.logs import SecondCachedFormatter, TurnBufferedHandler
 from broker.node import BrokerServer
 from lb.pem import TLSFileError
 from lb.sd_notify import Notifier
@@ -88,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no findCaller (HOWTO)
+    handler = TurnBufferedHandler(sys.stderr)
+    handler.setFormatter(SecondCachedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if arguments.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if arguments.verbose else logging.INFO, handlers=[handler]
     )
     try:
         if arguments.config:
