@@ -16,6 +16,9 @@ Figures (MQTT 3.1.1, 64-byte payloads, raw pre-encoded packets from bench/mqtt_l
   end to end (the publisher's monotonic_ns in the payload, read by the subscriber).
 - idle: RSS KiB per idle connection (CONNECT done, nothing else) at --idle connections, on a
   fresh broker process each repeat.
+- devices: as idle, but each connection as a fleet device holds it: persistent session, keep
+  alive 60 s, one QoS 1 subscription to its own fleet/<id>/commands (RSS KiB per device; in
+  the last --mqtt level).
 - connect: --connectors loops (2 processes), each CONNECT -> CONNACK -> DISCONNECT -> close on
   a new TCP connection, again and again: connections/s and broker CPU µs per connection.
 - backpressure: fan-in at QoS 1 (as fanin_q1) with the send time in every payload: p50/p99
@@ -81,7 +84,7 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 RESULTS = ROOT / "bench" / "results"
 TABLE_BEGIN = "<!-- broker table begin -->"
 TABLE_END = "<!-- broker table end -->"
-FIGURES = ("fanin", "fanout", "latency", "connect", "backpressure", "idle")
+FIGURES = ("fanin", "fanout", "latency", "connect", "backpressure", "idle", "devices")
 BROKERS = ("mosquitto", "broker", "baseline")
 #: --baseline DIR: the source tree whose broker runs as "baseline" (an A/B in the same run)
 BASELINE: list[Path] = []
@@ -315,14 +318,14 @@ def roles_for(
 
 
 def idle_run(
-    name: str, tag: str, args: argparse.Namespace, work: Path, cpus: Any
+    name: str, tag: str, args: argparse.Namespace, work: Path, cpus: Any, kind: str = "idle"
 ) -> dict[str, float]:
     process, port = launch(name, tag, work, cpus)
     roles = []
     per_worker = max(1, args.idle // 2)
     for index, count in enumerate((per_worker, args.idle - per_worker)):
         if count:
-            roles.append(Role("idle", count, name=f"idle{index}"))
+            roles.append(Role(kind, count, name=f"{kind}{index}", version=args.mqtt[-1]))
     time.sleep(0.3)
     before = rss_kib(process.pid)
     workers = start_workers(port, roles)
@@ -375,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             ports: dict[str, int] = {}
             pids: dict[str, int] = {}
-            load = [f for f in args.only if f != "idle"]
+            load = [f for f in args.only if f not in ("idle", "devices")]
             if load:
                 for name in args.brokers:
                     process, port = launch(name, "main", work, broker_cpus)
@@ -409,11 +412,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             values = flow_figure(raw, receivers, qos)
                         runs.append({"repeat": repeat, "figure": label, "broker": name, **values})
                         progress(label, name, repeat, values)
-                if "idle" in args.only:
+                for kind in ("idle", "devices"):
+                    if kind not in args.only:
+                        continue
                     for name in order:
-                        values = idle_run(name, f"idle{repeat}", args, work, broker_cpus)
-                        runs.append({"repeat": repeat, "figure": "idle", "broker": name, **values})
-                        progress("idle", name, repeat, values)
+                        values = idle_run(
+                            name, f"{kind}{repeat}", args, work, broker_cpus, kind.rstrip("s")
+                        )
+                        runs.append({"repeat": repeat, "figure": kind, "broker": name, **values})
+                        progress(kind, name, repeat, values)
         finally:
             for process in reversed(started):
                 stop(process)
@@ -447,6 +454,7 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
         FLOW[2],
     ],
     "idle": [("kib_per_conn", "RSS KiB/conn"), ("held", "connections held")],
+    "devices": [("kib_per_conn", "RSS KiB/device"), ("held", "devices held")],
 }
 #: what every figure's medians must hold (the smoke test checks this)
 REQUIRED = {
@@ -458,6 +466,7 @@ REQUIRED = {
     "connect": ("rate", "cpu_us", "gen_ceiling"),
     "backpressure": ("p50_ms", "p99_ms", "samples", "rate", "delivered"),
     "idle": ("kib_per_conn", "held"),
+    "devices": ("kib_per_conn", "held"),
 }
 
 

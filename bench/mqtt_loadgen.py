@@ -65,12 +65,15 @@ def utf8(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def connect_packet(client_id: str, keep_alive: int = 0, version: int = 4) -> bytes:
+def connect_packet(
+    client_id: str, keep_alive: int = 0, version: int = 4, clean: bool = True
+) -> bytes:
     # 5.0 (section 3.1.2.11): an empty property list, one zero byte, after the keep alive
-    properties = b"\x00" if version == 5 else b""
+    # a persistent 5.0 session needs a Session Expiry Interval (0x11, 4 bytes): one hour
+    properties = (b"\x00" if clean else b"\x05\x11\x00\x00\x0e\x10") if version == 5 else b""
     body = (
         utf8("MQTT")
-        + bytes([version, 0x02])
+        + bytes([version, 0x02 if clean else 0x00])
         + keep_alive.to_bytes(2, "big")
         + properties
         + utf8(client_id)
@@ -122,7 +125,10 @@ def connack_accepted(packet: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Role:
-    """One worker process: `kind` is pub | sub | idle | connect.
+    """One worker process: `kind` is pub | sub | idle | device | connect.
+
+    device: an idle connection as the fleet's devices hold it: persistent session (clean
+    session 0, keep alive 60 s), SUBSCRIBE to fleet/<client id>/commands at QoS 1.
 
     connect: `connections` loops, each CONNECT -> CONNACK -> DISCONNECT -> close on a new TCP
     connection, over and over until the window ends (`sent` counts CONNACKs in the window).
@@ -432,17 +438,26 @@ async def _open(
             )
             assert client.transport is not None
             ack = client.expect()
+            client_id = f"{role.name}-{pid}-{index}-{number}"
+            device = role.kind == "device"
             client.transport.write(
-                connect_packet(f"{role.name}-{pid}-{index}-{number}", version=role.version)
+                connect_packet(
+                    client_id,
+                    keep_alive=60 if device else 0,
+                    version=role.version,
+                    clean=not device,
+                )
             )
             answer = await asyncio.wait_for(ack, max(1.0, deadline - time.monotonic()))
             if not connack_accepted(answer):
                 raise ConnectionError(f"CONNACK {answer.hex()}")
-            if role.kind == "sub":
+            if role.kind in ("sub", "device"):
+                topic = f"fleet/{client_id}/commands" if device else role.topic
+                qos = 1 if device else role.qos
                 ack = client.expect()
-                client.transport.write(subscribe_packet(role.topic, role.qos, version=role.version))
+                client.transport.write(subscribe_packet(topic, qos, version=role.version))
                 answer = await asyncio.wait_for(ack, max(1.0, deadline - time.monotonic()))
-                if answer[0] != 0x90 or answer[-1] != role.qos:
+                if answer[0] != 0x90 or answer[-1] != qos:
                     raise ConnectionError(f"SUBACK {answer.hex()}")
         except (OSError, TimeoutError, ConnectionError):
             counts.errors += 1
