@@ -447,7 +447,12 @@ class MQTTDecoder:
         if available == 0:
             return NEED_DATA
         first = buffer[start]
-        packet_type = self._check_first_byte(first)
+        # PUBLISH after CONNECT, the common packet, needs none of _check_first_byte's checks
+        # (any flags are allowed there; the PUBLISH decoders check them).
+        if first >> 4 == 3 and self.protocol_level is not None:
+            packet_type = PacketType.PUBLISH
+        else:
+            packet_type = self._check_first_byte(first)
         # Remaining Length: read only the bytes that are here; a fifth byte is an error.
         length = 0
         index = 1
@@ -471,7 +476,7 @@ class MQTTDecoder:
             )
         if available < total:
             return NEED_DATA
-        if packet_type == PacketType.PUBLISH and self.protocol_level is not None:
+        if packet_type is PacketType.PUBLISH and self.protocol_level is not None:
             publish = _decode_publish_fast(
                 buffer,
                 start + index,
