@@ -9,15 +9,15 @@ released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
 
 Backpressure (issue 4, "slow consumers"): when routing a QoS 1/2 message takes a connected
 session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``, at most 64
-messages, so that it stays a few milliseconds long), or its queued and
-in-flight payload bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being
-read and waits in ``held_publishers``; it is released when the queue drains to
-``queue_low_water`` (half of the high marks, in messages and in bytes), when the session
-loses its connection, or when the session ends. (Without the byte mark a queue of large messages reached its byte
-bound, and dropped acknowledged messages, long before the count mark paused anyone.) An
-offline session holds nobody: it queues up to its bounds and then drops and
-counts, so a client that never comes back cannot stall its publishers. A cluster peer is a
-holder too (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
+messages, so that it stays a few milliseconds long), or its queued and in-flight payload
+bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being read and waits
+in ``held_publishers``; it is released when the queue drains to ``queue_low_water`` (half of
+the high marks, in messages and in bytes), when the session loses its connection, or when
+the session ends. (Without the byte mark a queue of large messages reached its byte bound,
+and dropped acknowledged messages, long before the count mark paused anyone.) An offline
+session holds nobody: it queues up to its bounds and then drops and counts, so a client that
+never comes back cannot stall its publishers. A cluster peer is a holder too
+(:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
 
 Cluster and store (issue 12): ``version`` is the claim that owns the session
 (:mod:`broker.registry`); ``durable`` sessions (persistent ones on a node with a disk store)
