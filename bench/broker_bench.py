@@ -16,6 +16,17 @@ Figures (MQTT 3.1.1, 64-byte payloads, raw pre-encoded packets from bench/mqtt_l
   end to end (the publisher's monotonic_ns in the payload, read by the subscriber).
 - idle: RSS KiB per idle connection (CONNECT done, nothing else) at --idle connections, on a
   fresh broker process each repeat.
+- devices: as idle, but each connection as a fleet device holds it: persistent session, keep
+  alive 60 s, one QoS 1 subscription to its own fleet/<id>/commands (RSS KiB per device; in
+  the last --mqtt level).
+- connect: --connectors loops (2 processes), each CONNECT -> CONNACK -> DISCONNECT -> close on
+  a new TCP connection, again and again: connections/s and broker CPU µs per connection.
+- backpressure: fan-in at QoS 1 (as fanin_q1) with the send time in every payload: p50/p99
+  from publisher to subscriber, delivered fraction and rate. The single subscriber is the
+  bottleneck, so this measures how long the broker lets its queue grow.
+
+--mqtt 4,5 runs every load figure in MQTT 3.1.1 and in 5.0 (the 5.0 figures are suffixed
+"_v5"; empty property lists, so the bytes differ by one per packet).
 
 CPU is utime+stime from /proc/PID/stat of the broker process over the timed window; RSS is
 VmRSS. The brokers run side by side and are measured in turn (the order alternates between
@@ -73,8 +84,10 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 RESULTS = ROOT / "bench" / "results"
 TABLE_BEGIN = "<!-- broker table begin -->"
 TABLE_END = "<!-- broker table end -->"
-FIGURES = ("fanin", "fanout", "latency", "idle")
-BROKERS = ("mosquitto", "broker")
+FIGURES = ("fanin", "fanout", "latency", "connect", "backpressure", "idle", "devices")
+BROKERS = ("mosquitto", "broker", "baseline")
+#: --baseline DIR: the source tree whose broker runs as "baseline" (an A/B in the same run)
+BASELINE: list[Path] = []
 
 
 # -- brokers ---------------------------------------------------------------------------------
@@ -113,6 +126,13 @@ def launch(name: str, tag: str, work: Path, cpus: set[int] | None) -> tuple[Star
                 f"log_dest file {work / f'mosquitto-{tag}.file.log'}\n"
             )
             command = [MOSQUITTO, "-c", str(config)]
+        elif name == "baseline":
+            # another checkout's broker package, first on sys.path, same interpreter and deps
+            boot = (
+                f"import sys; sys.path.insert(0, {str(BASELINE[0])!r}); "
+                "from broker.cli import main; raise SystemExit(main())"
+            )
+            command = [sys.executable, "-c", boot, "-p", str(port)]
         else:
             command = [str(VENV_BIN / "broker"), "-p", str(port)]
         process = start(f"{name}-{tag}", command, work, cpus)
@@ -129,6 +149,30 @@ def launch(name: str, tag: str, work: Path, cpus: set[int] | None) -> tuple[Star
 
 # -- one measurement -------------------------------------------------------------------------
 
+#: A broker is quiet once it used less than this share of a core over QUIET_SAMPLE seconds.
+QUIET_SHARE = 0.1
+QUIET_SAMPLE = 0.25
+QUIET_TIMEOUT = 60.0
+
+
+def wait_quiet(pid: int, timeout: float = QUIET_TIMEOUT) -> float:
+    """Wait (bounded) until the broker is done with the previous figure; the seconds waited.
+
+    A QoS 0 flood leaves the broker seconds of publishes in its socket buffers that it still
+    routes after the publishers are gone (they were received, so they are delivered); the
+    next figure measured in that time would pay for them.
+    """
+    began = time.monotonic()
+    deadline = began + timeout
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_SAMPLE)
+        now = cpu_seconds(pid)
+        if now - before < QUIET_SHARE * QUIET_SAMPLE:
+            break
+        before = now
+    return time.monotonic() - began
+
 
 def measure(
     port: int,
@@ -138,6 +182,7 @@ def measure(
     duration: float,
 ) -> dict[str, Any]:
     """Run the roles against the broker; broker and generator CPU over the window."""
+    quiet_wait = wait_quiet(broker_pid)
     workers = start_workers(port, roles)
     try:
         wait_ready(workers)
@@ -169,8 +214,10 @@ def measure(
         "generator_cpu": generator_cpu,
         "duration": duration,
         "pub": by_kind.get("pub", {}),
+        "connect": by_kind.get("connect", {}),
         "sub": by_kind.get("sub", {}),
         "latencies_us": latencies,
+        "quiet_wait": quiet_wait,
     }
 
 
@@ -196,6 +243,18 @@ def flow_figure(raw: dict[str, Any], subscribers: int, qos: int) -> dict[str, fl
         else float("nan"),
         "broker_cpu_share": raw["broker_cpu"] / duration,
         "errors": float(raw["errors"]),
+        "quiet_wait": raw["quiet_wait"],
+    }
+
+
+def connect_figure(raw: dict[str, Any]) -> dict[str, float]:
+    done = raw["connect"]["sent"]
+    return {
+        "rate": done / raw["duration"],
+        "cpu_us": raw["broker_cpu"] / done * 1e6 if done else float("nan"),
+        "gen_ceiling": done / raw["generator_cpu"] if raw["generator_cpu"] else float("nan"),
+        "errors": float(raw["errors"]),
+        "quiet_wait": raw["quiet_wait"],
     }
 
 
@@ -209,12 +268,35 @@ def latency_figure(raw: dict[str, Any]) -> dict[str, float]:
         "samples": float(len(values)),
         "cpu_us": raw["broker_cpu"] / len(values) * 1e6,
         "errors": float(raw["errors"]),
+        "quiet_wait": raw["quiet_wait"],
     }
 
 
-def roles_for(figure: str, qos: int, args: argparse.Namespace, cpus: tuple[int, ...]) -> list[Role]:
+def roles_for(
+    figure: str, qos: int, args: argparse.Namespace, cpus: tuple[int, ...], version: int = 4
+) -> list[Role]:
     topic = f"bench/{figure}"
-    common = {"topic": topic, "qos": qos, "payload_size": args.payload, "cpus": cpus}
+    common = {
+        "topic": topic,
+        "qos": qos,
+        "payload_size": args.payload,
+        "cpus": cpus,
+        "version": version,
+    }
+    if figure == "connect":
+        half = args.connectors // 2
+        return [
+            Role("connect", half, name="conA", **common),
+            Role("connect", args.connectors - half, name="conB", **common),
+        ]
+    if figure == "backpressure":
+        half = args.publishers // 2
+        common["qos"] = 1
+        return [
+            Role("sub", 1, name="sub", latency=True, **common),
+            Role("pub", half, name="pubA", stamp=True, **common),
+            Role("pub", args.publishers - half, name="pubB", stamp=True, **common),
+        ]
     if figure == "fanin":
         half = args.publishers // 2
         return [
@@ -236,14 +318,14 @@ def roles_for(figure: str, qos: int, args: argparse.Namespace, cpus: tuple[int, 
 
 
 def idle_run(
-    name: str, tag: str, args: argparse.Namespace, work: Path, cpus: Any
+    name: str, tag: str, args: argparse.Namespace, work: Path, cpus: Any, kind: str = "idle"
 ) -> dict[str, float]:
     process, port = launch(name, tag, work, cpus)
     roles = []
     per_worker = max(1, args.idle // 2)
     for index, count in enumerate((per_worker, args.idle - per_worker)):
         if count:
-            roles.append(Role("idle", count, name=f"idle{index}"))
+            roles.append(Role(kind, count, name=f"{kind}{index}", version=args.mqtt[-1]))
     time.sleep(0.3)
     before = rss_kib(process.pid)
     workers = start_workers(port, roles)
@@ -296,36 +378,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             ports: dict[str, int] = {}
             pids: dict[str, int] = {}
-            load = [f for f in args.only if f != "idle"]
+            load = [f for f in args.only if f not in ("idle", "devices")]
             if load:
                 for name in args.brokers:
                     process, port = launch(name, "main", work, broker_cpus)
                     started.append(process)
                     ports[name], pids[name] = port, process.pid
-            jobs: list[tuple[str, str, int]] = []
-            for figure in load:
-                if figure == "latency":
-                    jobs.append(("latency", figure, 0))
-                else:
-                    jobs.extend((f"{figure}_q{qos}", figure, qos) for qos in args.qos)
+            jobs: list[tuple[str, str, int, int]] = []
+            for version in args.mqtt:
+                suffix = "_v5" if version == 5 else ""
+                for figure in load:
+                    if figure in ("latency", "connect", "backpressure"):
+                        jobs.append((figure + suffix, figure, 0, version))
+                    else:
+                        jobs.extend(
+                            (f"{figure}_q{qos}{suffix}", figure, qos, version) for qos in args.qos
+                        )
             for repeat in range(args.repeats):
                 order = args.brokers if repeat % 2 == 0 else args.brokers[::-1]
-                for label, figure, qos in jobs:
+                for label, figure, qos, version in jobs:
                     for name in order:
-                        roles = roles_for(figure, qos, args, generator_cpus)
+                        roles = roles_for(figure, qos, args, generator_cpus, version)
                         raw = measure(ports[name], pids[name], roles, args.warmup, args.duration)
                         if figure == "latency":
                             values = latency_figure(raw)
+                        elif figure == "connect":
+                            values = connect_figure(raw)
+                        elif figure == "backpressure":
+                            values = latency_figure(raw)
+                            values.update(flow_figure(raw, 1, 1))
                         else:
                             receivers = args.subscribers if figure == "fanout" else 1
                             values = flow_figure(raw, receivers, qos)
                         runs.append({"repeat": repeat, "figure": label, "broker": name, **values})
                         progress(label, name, repeat, values)
-                if "idle" in args.only:
+                for kind in ("idle", "devices"):
+                    if kind not in args.only:
+                        continue
                     for name in order:
-                        values = idle_run(name, f"idle{repeat}", args, work, broker_cpus)
-                        runs.append({"repeat": repeat, "figure": "idle", "broker": name, **values})
-                        progress("idle", name, repeat, values)
+                        values = idle_run(
+                            name, f"{kind}{repeat}", args, work, broker_cpus, kind.rstrip("s")
+                        )
+                        runs.append({"repeat": repeat, "figure": kind, "broker": name, **values})
+                        progress(kind, name, repeat, values)
         finally:
             for process in reversed(started):
                 stop(process)
@@ -351,7 +446,15 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
     "fanin_q1": [*FLOW, ("acked_rate", "publishes acked/s"), ("cpu_us_acked", "CPU µs/publish")],
     "fanout_q1": [("rate", "deliveries/s"), ("cpu_us", "CPU µs/delivery"), FLOW[2]],
     "latency": [("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")],
+    "connect": [("rate", "connections/s"), ("cpu_us", "CPU µs/connection")],
+    "backpressure": [
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("rate", "messages/s"),
+        FLOW[2],
+    ],
     "idle": [("kib_per_conn", "RSS KiB/conn"), ("held", "connections held")],
+    "devices": [("kib_per_conn", "RSS KiB/device"), ("held", "devices held")],
 }
 #: what every figure's medians must hold (the smoke test checks this)
 REQUIRED = {
@@ -360,7 +463,10 @@ REQUIRED = {
     "fanin_q1": ("rate", "cpu_us", "delivered", "gen_ceiling"),
     "fanout_q1": ("rate", "cpu_us", "delivered", "gen_ceiling"),
     "latency": ("p50_ms", "p99_ms", "samples"),
+    "connect": ("rate", "cpu_us", "gen_ceiling"),
+    "backpressure": ("p50_ms", "p99_ms", "samples", "rate", "delivered"),
     "idle": ("kib_per_conn", "held"),
+    "devices": ("kib_per_conn", "held"),
 }
 
 
@@ -385,9 +491,13 @@ def format_table(result: dict[str, Any]) -> str:
     others = [b for b in brokers if b != "mosquitto"]
     header = ["figure", "metric", *brokers, *(f"{b} / mosquitto" for b in others), "gen ceiling"]
     rows = [header, ["---"] * len(header)]
-    for figure, metrics in SHOWN.items():
-        if figure not in result["medians"]:
-            continue
+    shown = [
+        (figure + suffix, metrics)
+        for suffix in ("", "_v5")
+        for figure, metrics in SHOWN.items()
+        if figure + suffix in result["medians"]
+    ]
+    for figure, metrics in shown:
         for metric, label in metrics:
             values = result["medians"][figure].get(metric, {})
             row = [figure, label, *(_number(values.get(b)) for b in brokers)]
@@ -397,8 +507,8 @@ def format_table(result: dict[str, Any]) -> str:
                 row.append(f"{value / base:.2f}" if value is not None and base else "")
             # the generator's ceiling as measured against mosquitto (the faster peer)
             ceiling = result["medians"][figure].get("gen_ceiling", {})
-            shown = ceiling.get("mosquitto", min(ceiling.values())) if ceiling else None
-            row.append(_number(shown) if metric == "rate" else "")
+            limit = ceiling.get("mosquitto", min(ceiling.values())) if ceiling else None
+            row.append(_number(limit) if metric == "rate" else "")
             rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
@@ -459,7 +569,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--payload", type=int, default=64, help="payload bytes (>= 8)")
     parser.add_argument("--latency-rate", type=float, default=2000.0, help="messages/s")
     parser.add_argument("--idle", type=int, default=5000, help="idle connections (RSS figure)")
-    parser.add_argument("--brokers", default=",".join(BROKERS), help="mosquitto,broker")
+    parser.add_argument("--connectors", type=int, default=16, help="connect figure: loops")
+    parser.add_argument("--mqtt", default="4", help="protocol levels: 4 (3.1.1) and/or 5")
+    parser.add_argument("--brokers", default="mosquitto,broker", help="mosquitto,broker")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="source tree (e.g. `git archive main` unpacked) whose broker runs as a third "
+        "broker, 'baseline', interleaved with the others: an A/B in one run",
+    )
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/)")
     parser.add_argument("--workdir", type=Path, help="parent of the scratch folder")
@@ -475,9 +593,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.qos = [int(q) for q in args.qos.split(",") if q]
     if set(args.qos) - {0, 1}:
         parser.error("--qos takes 0 and/or 1")
+    args.mqtt = [int(v) for v in str(args.mqtt).split(",") if v]
+    if not args.mqtt or set(args.mqtt) - {4, 5}:
+        parser.error("--mqtt takes 4 and/or 5")
     args.brokers = [b for b in args.brokers.split(",") if b]
+    if args.baseline is not None:
+        if not (args.baseline / "broker" / "cli.py").exists():
+            parser.error(f"--baseline {args.baseline}: no broker/cli.py there")
+        BASELINE[:] = [args.baseline.resolve()]
+        if "baseline" not in args.brokers:
+            args.brokers.append("baseline")
     if set(args.brokers) - set(BROKERS):
         parser.error(f"--brokers takes {','.join(BROKERS)}")
+    if "baseline" in args.brokers and not BASELINE:
+        parser.error("the baseline broker needs --baseline DIR")
     if args.payload < 8:
         parser.error("--payload must hold the 8-byte timestamp")
     return args

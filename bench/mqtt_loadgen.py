@@ -1,4 +1,4 @@
-"""MQTT 3.1.1 load generator for the broker benchmark: raw packets, pre-encoded, on uvloop.
+"""MQTT 3.1.1 / 5.0 load generator for the broker benchmark: raw packets, pre-encoded, on uvloop.
 
 No MQTT library runs in the hot loop. CONNECT, SUBSCRIBE and PUBLISH are encoded once per
 connection with the few lines below (MQTT 3.1.1 sections 3.1, 3.3, 3.8); a flooding publisher
@@ -65,23 +65,59 @@ def utf8(text: str) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def connect_packet(client_id: str, keep_alive: int = 0) -> bytes:
-    body = utf8("MQTT") + bytes([4, 0x02]) + keep_alive.to_bytes(2, "big") + utf8(client_id)
+def connect_packet(
+    client_id: str, keep_alive: int = 0, version: int = 4, clean: bool = True
+) -> bytes:
+    # 5.0 (section 3.1.2.11): an empty property list, one zero byte, after the keep alive
+    # a persistent 5.0 session needs a Session Expiry Interval (0x11, 4 bytes): one hour
+    properties = (b"\x00" if clean else b"\x05\x11\x00\x00\x0e\x10") if version == 5 else b""
+    body = (
+        utf8("MQTT")
+        + bytes([version, 0x02 if clean else 0x00])
+        + keep_alive.to_bytes(2, "big")
+        + properties
+        + utf8(client_id)
+    )
     return b"\x10" + remaining_length(len(body)) + body
 
 
-def subscribe_packet(topic_filter: str, qos: int, packet_id: int = 1) -> bytes:
-    body = packet_id.to_bytes(2, "big") + utf8(topic_filter) + bytes([qos])
+def subscribe_packet(topic_filter: str, qos: int, packet_id: int = 1, version: int = 4) -> bytes:
+    properties = b"\x00" if version == 5 else b""
+    body = packet_id.to_bytes(2, "big") + properties + utf8(topic_filter) + bytes([qos])
     return b"\x82" + remaining_length(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes, qos: int, packet_id: int = 0) -> bytes:
-    body = utf8(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + payload
+def publish_packet(
+    topic: str, payload: bytes, qos: int, packet_id: int = 0, version: int = 4
+) -> bytes:
+    properties = b"\x00" if version == 5 else b""
+    body = utf8(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + properties + payload
     return bytes([0x30 | (qos << 1)]) + remaining_length(len(body)) + body
 
 
-CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
-SUBACK_SIZE = 5  # one topic filter: 0x90 0x03 id id code
+DISCONNECT = b"\xe0\x00"
+
+
+def packet_end(buffer: bytes | bytearray, index: int) -> int:
+    """End of the complete packet at `index`, or -1 while it is incomplete (2.2.3)."""
+    size = len(buffer)
+    length = 0
+    shift = 0
+    cursor = index + 1
+    while cursor < size and shift <= 21:
+        byte = buffer[cursor]
+        cursor += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            end = cursor + length
+            return end if end <= size else -1
+    return -1
+
+
+def connack_accepted(packet: bytes) -> bool:
+    # 3.1.1: 20 02 flags 00; 5.0: 20 len flags 00 properties (a broker may add properties)
+    return len(packet) >= 4 and packet[0] == 0x20 and packet[3] == 0
 
 
 # -- roles and results -----------------------------------------------------------------------
@@ -89,7 +125,14 @@ SUBACK_SIZE = 5  # one topic filter: 0x90 0x03 id id code
 
 @dataclass(frozen=True)
 class Role:
-    """One worker process: `kind` is pub | sub | idle."""
+    """One worker process: `kind` is pub | sub | idle | device | connect.
+
+    device: an idle connection as the fleet's devices hold it: persistent session (clean
+    session 0, keep alive 60 s), SUBSCRIBE to fleet/<client id>/commands at QoS 1.
+
+    connect: `connections` loops, each CONNECT -> CONNACK -> DISCONNECT -> close on a new TCP
+    connection, over and over until the window ends (`sent` counts CONNACKs in the window).
+    """
 
     kind: str
     connections: int
@@ -101,6 +144,8 @@ class Role:
     latency: bool = False  # subscribers: parse the timestamp of every message
     cpus: tuple[int, ...] = ()
     name: str = "w"
+    version: int = 4  # MQTT protocol level: 4 (3.1.1) or 5 (5.0)
+    stamp: bool = False  # QoS 1 publisher: monotonic_ns() in every payload (latency)
 
 
 @dataclass
@@ -134,7 +179,6 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.window: Window | None = None
         self.setup = bytearray()
-        self.setup_size = 0
         self.setup_done: asyncio.Future[bytes] | None = None
         self.paused = False
         self.lost = False
@@ -143,20 +187,21 @@ class _Client(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
-    def expect(self, size: int) -> asyncio.Future[bytes]:
+    def expect(self) -> asyncio.Future[bytes]:
+        """The next whole packet from the broker (CONNACK, SUBACK)."""
         self.setup.clear()
-        self.setup_size = size
         self.setup_done = asyncio.get_running_loop().create_future()
         return self.setup_done
 
     def data_received(self, data: bytes) -> None:
         if self.setup_done is not None:
             self.setup += data
-            if len(self.setup) >= self.setup_size:
+            end = packet_end(self.setup, 0)
+            if end > 0:
                 done, self.setup_done = self.setup_done, None
-                extra = bytes(self.setup[self.setup_size :])
+                extra = bytes(self.setup[end:])
                 if not done.done():
-                    done.set_result(bytes(self.setup[: self.setup_size]))
+                    done.set_result(bytes(self.setup[:end]))
                 if extra:
                     self.received(extra)
             return
@@ -186,11 +231,13 @@ class Publisher(_Client):
         super().__init__(counts)
         self.role = role
         payload = bytes(role.payload_size)
-        self.batch = publish_packet(role.topic, payload, 0) * FLOOD_BATCH
+        self.batch = publish_packet(role.topic, payload, 0, version=role.version) * FLOOD_BATCH
         self.packets = [
-            publish_packet(role.topic, payload, 1, packet_id)
+            publish_packet(role.topic, payload, 1, packet_id, role.version)
             for packet_id in range(1, PACKET_ID_RING + 1)
         ]
+        # stamped QoS 1: the payload (with its timestamp) starts this many bytes from the end
+        self.payload_offset = len(self.packets[0]) - role.payload_size
         self.next_id = 0
         self.in_flight = 0
         self.ack_bytes = 0
@@ -234,6 +281,14 @@ class Publisher(_Client):
         start = self.next_id
         end = start + count
         packets = self.packets
+        if self.role.stamp:
+            stamp = TIMESTAMP.pack(time.monotonic_ns())
+            offset = self.payload_offset
+            for index in range(start, end):
+                packet = packets[index % PACKET_ID_RING]
+                packets[index % PACKET_ID_RING] = (
+                    packet[:offset] + stamp + packet[offset + TIMESTAMP.size :]
+                )
         if end <= PACKET_ID_RING:
             data = b"".join(packets[start:end])
         else:
@@ -247,7 +302,8 @@ class Publisher(_Client):
             self.counts.sent += count
 
     def received(self, data: bytes) -> None:
-        # A publisher receives only PUBACKs (4 bytes each in 3.1.1).
+        # A publisher receives only PUBACKs (4 bytes each in 3.1.1, and in 5.0 when the
+        # reason is Success without properties, as both brokers send them).
         if not self.role.qos:
             return
         self.ack_bytes += len(data)
@@ -268,7 +324,11 @@ class Publisher(_Client):
             packets = []
             for _ in range(due):
                 stamp = TIMESTAMP.pack(time.monotonic_ns())
-                packets.append(publish_packet(self.role.topic, stamp + rest, self.role.qos, 0))
+                packets.append(
+                    publish_packet(
+                        self.role.topic, stamp + rest, self.role.qos, 0, self.role.version
+                    )
+                )
             self.transport.write(b"".join(packets))
             if self.window.inside(now):
                 self.counts.sent += due
@@ -283,7 +343,9 @@ class Subscriber(_Client):
         super().__init__(counts)
         self.role = role
         # QoS 0 without timestamps: every PUBLISH has this size, so count bytes.
-        self.packet_size = len(publish_packet(role.topic, bytes(role.payload_size), 0))
+        self.packet_size = len(
+            publish_packet(role.topic, bytes(role.payload_size), 0, version=role.version)
+        )
         self.count_bytes = role.qos == 0 and not role.latency
         self.window_bytes = 0
         self.buffer = bytearray()
@@ -332,6 +394,8 @@ class Subscriber(_Client):
                 if (first >> 1) & 3:
                     acks.append(b"\x40\x02" + bytes(buffer[body : body + 2]))
                     body += 2
+                if self.role.version == 5:
+                    body += 1 + buffer[body]  # property length (< 128 here) and properties
                 if self.role.latency and inside and len(latencies) < MAX_SAMPLES:
                     (stamp,) = TIMESTAMP.unpack_from(buffer, body)
                     latencies.append((now_ns - stamp) / 1000)
@@ -373,16 +437,27 @@ async def _open(
                 max(1.0, deadline - time.monotonic()),
             )
             assert client.transport is not None
-            ack = client.expect(len(CONNACK_ACCEPTED))
-            client.transport.write(connect_packet(f"{role.name}-{pid}-{index}-{number}"))
+            ack = client.expect()
+            client_id = f"{role.name}-{pid}-{index}-{number}"
+            device = role.kind == "device"
+            client.transport.write(
+                connect_packet(
+                    client_id,
+                    keep_alive=60 if device else 0,
+                    version=role.version,
+                    clean=not device,
+                )
+            )
             answer = await asyncio.wait_for(ack, max(1.0, deadline - time.monotonic()))
-            if answer != CONNACK_ACCEPTED:
+            if not connack_accepted(answer):
                 raise ConnectionError(f"CONNACK {answer.hex()}")
-            if role.kind == "sub":
-                ack = client.expect(SUBACK_SIZE)
-                client.transport.write(subscribe_packet(role.topic, role.qos))
+            if role.kind in ("sub", "device"):
+                topic = f"fleet/{client_id}/commands" if device else role.topic
+                qos = 1 if device else role.qos
+                ack = client.expect()
+                client.transport.write(subscribe_packet(topic, qos, version=role.version))
                 answer = await asyncio.wait_for(ack, max(1.0, deadline - time.monotonic()))
-                if answer[0] != 0x90 or answer[-1] != role.qos:
+                if answer[0] != 0x90 or answer[-1] != qos:
                     raise ConnectionError(f"SUBACK {answer.hex()}")
         except (OSError, TimeoutError, ConnectionError):
             counts.errors += 1
@@ -396,18 +471,64 @@ async def _open(
     return clients
 
 
+async def _connect_loop(
+    port: int, role: Role, index: int, counts: Counts, window: Window, loop_number: int
+) -> None:
+    """One connect-churn loop (see Role): until window_end, bounded by time. Client ids are
+    unique, so no connection takes over another's session."""
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+    number = 0
+    pid = os.getpid()
+    while time.monotonic() < window.window_end:
+        number += 1
+        client: _Client | None = None
+        try:
+            _transport, opened = await asyncio.wait_for(
+                loop.create_connection(lambda: _Client(counts), "127.0.0.1", port), STEP_TIMEOUT
+            )
+            client = opened
+            assert opened.transport is not None
+            ack = opened.expect()
+            opened.transport.write(
+                connect_packet(
+                    f"{role.name}-{pid}-{index}-{loop_number}-{number}", version=role.version
+                )
+            )
+            answer = await asyncio.wait_for(ack, STEP_TIMEOUT)
+            if not connack_accepted(answer):
+                raise ConnectionError(f"CONNACK {answer.hex()}")
+            opened.transport.write(DISCONNECT)
+            opened.transport.close()
+            if window.inside(time.monotonic()):
+                counts.sent += 1
+        except (OSError, TimeoutError, ConnectionError):
+            counts.errors += 1
+            if client is not None and client.transport is not None:
+                client.transport.abort()
+            await asyncio.sleep(0.01)
+
+
 async def _work(port: int, role: Role, index: int, pipe: Connection) -> dict[str, Any]:
     counts = Counts()
     loop = asyncio.get_running_loop()
     clients: list[_Client] = []
     try:
-        clients = await _open(port, role, index, counts, time.monotonic() + STEP_TIMEOUT)
+        if role.kind != "connect":
+            clients = await _open(port, role, index, counts, time.monotonic() + STEP_TIMEOUT)
         pipe.send(("ready", counts.connected, counts.errors))
         # wait for the window (or the release of idle connections), bounded
         ready = await loop.run_in_executor(None, pipe.poll, STEP_TIMEOUT)
         if not ready:
             raise TimeoutError("no window from the coordinator")
         window = Window(*pipe.recv())
+        if role.kind == "connect":
+            await asyncio.gather(
+                *(
+                    _connect_loop(port, role, index, counts, window, number)
+                    for number in range(role.connections)
+                )
+            )
         for client in clients:
             client.window = window
             if isinstance(client, Publisher):

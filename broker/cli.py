@@ -29,6 +29,7 @@ from broker import __version__
 from broker.accept import plan_file_limit, raise_file_limit
 from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
+from broker.logs import SecondCachedFormatter, TurnBufferedHandler
 from broker.node import BrokerServer
 from lb.pem import TLSFileError
 from lb.sd_notify import Notifier
@@ -80,10 +81,18 @@ async def _run(config: BrokerConfig, notifier: Notifier) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     arguments = _parse_arguments(argv)
+    # The format below uses none of these, and each costs every record: thread and process
+    # names, the pid, and the caller's frame walk (findCaller). Python's logging HOWTO
+    # ("Optimization") names these switches; with two INFO lines per client they were 13%
+    # of the broker's CPU per connection (bench/README.md, broker section).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no findCaller (HOWTO)
+    handler = TurnBufferedHandler(sys.stderr)
+    handler.setFormatter(SecondCachedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if arguments.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if arguments.verbose else logging.INFO, handlers=[handler]
     )
     try:
         if arguments.config:

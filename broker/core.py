@@ -605,24 +605,20 @@ class Broker:
         self, message: Message, publisher: Publisher | None = None, shared: bool = True
     ) -> int:
         sessions = self.sessions
-
-        def connected(client_id: str) -> bool:
-            session = sessions.get(client_id)
-            return session is not None and session.connection is not None
-
         deliveries = self.subscriptions.match(
-            message.topic, message.publisher_client_id, connected, shared
+            message.topic, message.publisher_client_id, self._session_connected, shared
         )
         count = 0
         for delivery in deliveries:
             session = sessions.get(delivery.client_id)
             if session is None:
                 continue
+            identifiers = delivery.subscription_identifiers
             pending = Pending(
                 message,
                 min(message.qos, delivery.qos),
                 message.retain and delivery.retain_as_published,
-                tuple(delivery.subscription_identifiers),
+                tuple(identifiers) if identifiers else (),
             )
             self.deliver_to_session(session, pending, publisher)
             count += 1
@@ -658,6 +654,10 @@ class Broker:
         )
         self.deliver_to_session(session, pending, publisher)
         return 1
+
+    def _session_connected(self, client_id: str) -> bool:
+        session = self.sessions.get(client_id)
+        return session is not None and session.connection is not None
 
     def deliver_to_session(
         self, session: Session, pending: Pending, publisher: Publisher | None = None

@@ -71,6 +71,8 @@ from broker.mqtt import (
     connack_code_for,
     encode,
 )
+from broker.timerwheel import RESOLUTION as WHEEL_RESOLUTION
+from broker.timerwheel import TimerWheel
 from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
 from lb.proxy_hmac import HeaderAuthenticator
 from lb.proxyproto import (
@@ -141,6 +143,8 @@ class Listener:
         self.acceptor: AcceptLoop | None = None
         self.protocols: set[MQTTServerProtocol] = set()
         self.loop = asyncio.get_running_loop()
+        # The PROXY header, CONNECT and keep alive timeouts of every connection.
+        self.wheel: TimerWheel[MQTTServerProtocol] = TimerWheel(self.loop)
         # Connected MQTT clients, what max_connections counts (None: no count limit).
         self.clients = 0
         self.max_connections = config.max_connections
@@ -276,6 +280,7 @@ class Listener:
                 pass
         for protocol in list(self.protocols):
             protocol.abort()
+        self.wheel.close()
         if self.server is not None:
             await self.server.wait_closed()
         self.refusals.flush()
@@ -311,6 +316,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         "reading_paused",
         "socket_address",
         "transport",
+        "wheel_slot",
         "writing_paused",
     )
 
@@ -325,7 +331,9 @@ class MQTTServerProtocol(asyncio.Protocol):
         # log line about the connection carries one, so lines always correlate.
         self.connection_id = secrets.token_hex(16)
         self.connection_id_source = "broker"
+        # The lingering close's timer; every other timeout is an entry in listener.wheel.
         self._timer: asyncio.TimerHandle | None = None
+        self.wheel_slot: int | None = None
         self._timer_callback: Callable[[], None] | None = None
         self._deadline = 0.0
         self._delay = 0.0
@@ -649,30 +657,33 @@ class MQTTServerProtocol(asyncio.Protocol):
         self._deadline = self.loop.time() + delay
         self._delay = delay
         self._extensions = 0
-        self._timer = self.loop.call_later(delay, self._timer_fired)
+        # In the listener's wheel, not a call_later per connection (broker/timerwheel.py).
+        self.listener.wheel.add(self, self._deadline)
 
-    def _timer_fired(self) -> None:
-        self._timer = None
+    def wheel_fired(self) -> None:
         callback = self._timer_callback
         if callback is None or self.closed:
             return
         now = self.loop.time()
-        late = now - self._deadline
+        # The wheel fires up to one slot after the deadline by design; later is lag.
+        late = now - self._deadline - WHEEL_RESOLUTION
         if late > LAG_TOLERANCE and self._extensions < LAG_EXTENSIONS:
             # The loop was busy elsewhere past the deadline (see LAG_TOLERANCE).
             self._extensions += 1
             self.listener.broker.counters.timers_late += 1
             extension = min(late, self._delay)
             self._deadline = now + extension
-            self._timer = self.loop.call_later(extension, self._timer_fired)
+            self.listener.wheel.add(self, self._deadline)
             return
         self._timer_callback = None
         callback()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
+        if self._timer is not None:  # the lingering close's
             self._timer.cancel()
             self._timer = None
+        if self.wheel_slot is not None:
+            self.listener.wheel.discard(self)
         self._timer_callback = None
 
     def _idle_check(self) -> None:

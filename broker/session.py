@@ -8,15 +8,16 @@ counted per client and logged), the QoS 2 packet identifiers the client sent and
 released yet (section 4.3.3), and its expiry (section 3.1.2.11.2).
 
 Backpressure (issue 4, "slow consumers"): when routing a QoS 1/2 message takes a connected
-session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``), or its queued and
-in-flight payload bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being
-read and waits in ``held_publishers``; it is released when the queue drains to
-``queue_low_water`` (1/2, in messages and in bytes), when the session loses its connection,
-or when the session ends. (Without the byte mark a queue of large messages reached its byte
-bound, and dropped acknowledged messages, long before the count mark paused anyone.) An
-offline session holds nobody: it queues up to its bounds and then drops and
-counts, so a client that never comes back cannot stall its publishers. A cluster peer is a
-holder too (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
+session's queue to ``queue_high_water`` (3/4 of ``max_queued_messages``, at most 64
+messages, so that it stays a few milliseconds long), or its queued and in-flight payload
+bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being read and waits
+in ``held_publishers``; it is released when the queue drains to ``queue_low_water`` (half of
+the high marks, in messages and in bytes), when the session loses its connection, or when
+the session ends. (Without the byte mark a queue of large messages reached its byte bound,
+and dropped acknowledged messages, long before the count mark paused anyone.) An offline
+session holds nobody: it queues up to its bounds and then drops and counts, so a client that
+never comes back cannot stall its publishers. A cluster peer is a holder too
+(:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
 
 Cluster and store (issue 12): ``version`` is the claim that owns the session
 (:mod:`broker.registry`); ``durable`` sessions (persistent ones on a node with a disk store)
@@ -60,6 +61,9 @@ MAX_PACKET_ID = 0xFFFF
 # paused, at or below LOW it is resumed. The quarter above HIGH absorbs what publishers not
 # yet paused still route (one message each, as a paused connection handles no more packets).
 QUEUE_HIGH_WATER_FRACTION = 0.75
+# ... and at most this many messages beyond the inflight window, so that the queue stays a
+# few milliseconds of deliveries long (latency under backpressure, issue 13).
+QUEUE_HIGH_WATER_MESSAGES = 64
 QUEUE_LOW_WATER_FRACTION = 0.5
 # Message ids remembered per session that may see a message twice (see SeenIds): as many as
 # the default max_queued_messages.
@@ -174,8 +178,18 @@ class Session:
     reserved: set[int] | None = None
 
     def __post_init__(self) -> None:
-        self.queue_high_water = max(1, int(self.max_queued_messages * QUEUE_HIGH_WATER_FRACTION))
-        self.queue_low_water = int(self.max_queued_messages * QUEUE_LOW_WATER_FRACTION)
+        # Short queues: a message waits in a connected session's queue for about
+        # high water / delivery rate; at 3/4 of 1,000 that was ~100 ms (bench/README.md).
+        self.queue_high_water = max(
+            1,
+            min(
+                int(self.max_queued_messages * QUEUE_HIGH_WATER_FRACTION),
+                QUEUE_HIGH_WATER_MESSAGES,
+            ),
+        )
+        self.queue_low_water = min(
+            int(self.max_queued_messages * QUEUE_LOW_WATER_FRACTION), self.queue_high_water // 2
+        )
 
     @property
     def connected(self) -> bool:

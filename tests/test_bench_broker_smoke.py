@@ -1,5 +1,6 @@
 """The broker benchmark's plumbing, with tiny counts: it starts mosquitto and our broker,
-measures every figure (fan-in and fan-out at QoS 0 and 1, latency, idle RSS) and writes JSON
+measures every figure (fan-in and fan-out at QoS 0 and 1, latency, connect churn, QoS 1 under
+backpressure, idle and device RSS; the load figures in MQTT 3.1.1 and 5.0) and writes JSON
 with each figure for each broker. No timing assertions: the numbers only mean something
 from a full `bench/broker_bench.py` run."""
 
@@ -30,7 +31,12 @@ FIGURES = {
     "fanin_q1": ("rate", "cpu_us", "delivered", "gen_ceiling"),
     "fanout_q1": ("rate", "cpu_us", "delivered", "gen_ceiling"),
     "latency": ("p50_ms", "p99_ms", "samples"),
+    "connect": ("rate", "cpu_us", "gen_ceiling"),
+    "backpressure": ("p50_ms", "p99_ms", "samples", "rate", "delivered"),
     "idle": ("kib_per_conn", "held"),
+    "devices": ("kib_per_conn", "held"),
+    "fanin_q1_v5": ("rate", "cpu_us", "delivered", "gen_ceiling"),
+    "connect_v5": ("rate", "cpu_us", "gen_ceiling"),
 }
 BROKERS = ("mosquitto", "broker")
 
@@ -55,6 +61,10 @@ def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
             "200",
             "--idle",
             "20",
+            "--connectors",
+            "2",
+            "--mqtt",
+            "4,5",
             "--no-pin",
             "--workdir",
             str(tmp_path),
@@ -78,8 +88,19 @@ def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
                 assert isinstance(values[broker], float | int)
     for broker in BROKERS:
         assert medians["idle"]["held"][broker] == 20
+        assert medians["devices"]["held"][broker] == 20
         assert medians["latency"]["samples"][broker] > 0
-        for figure in ("fanin_q0", "fanout_q0", "fanin_q1", "fanout_q1"):
+        assert medians["backpressure"]["samples"][broker] > 0
+        for figure in (
+            "fanin_q0",
+            "fanout_q0",
+            "fanin_q1",
+            "fanout_q1",
+            "connect",
+            "fanin_q0_v5",
+            "fanout_q1_v5",
+            "connect_v5",
+        ):
             rate = medians[figure]["rate"][broker]
             assert math.isfinite(rate) and rate > 0, f"{figure}: nothing delivered by {broker}"
     assert "broker / mosquitto" in result["table"]

@@ -7,7 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker.mqtt import matches
-from broker.subscriptions import RetainedStore, SubscriptionOptions, SubscriptionTrie
+from broker.subscriptions import (
+    MATCH_CACHE_TOPICS,
+    RetainedStore,
+    SubscriptionOptions,
+    SubscriptionTrie,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -132,3 +137,23 @@ def test_retained_store_matching_and_delete() -> None:
     assert store.matching("a/b") == ["1"]
     store.set("a/b", None)
     assert store.matching("a/b") == []
+
+
+def test_match_stays_current_while_topics_are_remembered() -> None:
+    # SubscriptionTrie remembers the matching nodes per topic; every change of the trie's
+    # shape (a new node, a pruned branch) and of its subscribers must still show.
+    trie = SubscriptionTrie()
+    trie.subscribe("a", "x/y", SubscriptionOptions(qos=0))
+    assert [d.client_id for d in trie.match("x/y")] == ["a"]
+    trie.subscribe("b", "x/+", SubscriptionOptions(qos=1))  # new node
+    assert sorted(d.client_id for d in trie.match("x/y")) == ["a", "b"]
+    trie.subscribe("c", "x/y", SubscriptionOptions(qos=0))  # existing node
+    assert sorted(d.client_id for d in trie.match("x/y")) == ["a", "b", "c"]
+    trie.unsubscribe("b", "x/+")  # pruned
+    trie.unsubscribe("a", "x/y")
+    assert [d.client_id for d in trie.match("x/y")] == ["c"]
+    trie.subscribe("d", "$share/g/x/#", SubscriptionOptions(qos=1))
+    assert sorted(d.client_id for d in trie.match("x/y")) == ["c", "d"]
+    for number in range(MATCH_CACHE_TOPICS + 5):  # past the bound: cleared, still right
+        assert trie.match(f"other/{number}") == []
+    assert sorted(d.client_id for d in trie.match("x/y")) == ["c", "d"]

@@ -33,6 +33,7 @@ from broker.mqtt import (
     Unsuback,
     Unsubscribe,
     Will,
+    codec,
     connack_code_for,
     encode,
 )
@@ -756,3 +757,48 @@ def test_enumerations_follow_the_spec() -> None:
     assert len({int(code) for code in ReasonCode}) == 43
     assert repr(EMPTY_PROPERTIES) == "Properties()"
     assert "session_expiry_interval=5" in repr(Properties(session_expiry_interval=5))
+
+
+# --- the PUBLISH fast paths (decode without a Reader, encode in one join) -------------------
+
+
+@pytest.mark.parametrize("level", [3, 4, 5])
+@pytest.mark.parametrize(
+    "publish",
+    [
+        Publish("a/b", b"payload"),
+        Publish("a/b", b"", qos=1, packet_id=7, retain=True),
+        Publish("t" * 300, bytes(200), qos=2, packet_id=65535, dup=True),
+        Publish("a", b"x", properties=Properties(content_type="text/plain")),
+        Publish("a", b"x", qos=1, packet_id=1, properties=Properties(topic_alias=3)),
+    ],
+)
+def test_publish_fast_paths_match_the_general_ones(level: int, publish: Publish) -> None:
+    v5 = level == 5
+    if not v5:
+        publish = Publish(
+            publish.topic, publish.payload, publish.qos, publish.retain, publish.dup,
+            publish.packet_id,
+        )  # fmt: skip
+    flags, parts = codec._encode_publish(publish, v5)
+    body = b"".join(parts)
+    general = bytes((0x30 | flags,)) + encode_variable_byte_integer(len(body)) + body
+    assert encode(publish, level) == general
+    fast = codec._decode_publish_fast(bytearray(body), 0, len(body), flags, v5)
+    # 5.0 with properties defers to the general path (None); otherwise the same record
+    if v5 and publish.properties != EMPTY_PROPERTIES:
+        assert fast is None
+    else:
+        assert fast == publish
+    decoder = MQTTDecoder(protocol_level=level)
+    decoder.feed(general)
+    assert decoder.next_event() == publish
+
+
+def test_publish_fast_encoder_raises_as_the_general_one() -> None:
+    with pytest.raises(ValueError, match="packet identifier exactly when QoS > 0"):
+        encode(Publish("a", b"", qos=1), 4)
+    with pytest.raises(ValueError, match="DUP must be 0 at QoS 0"):
+        encode(Publish("a", b"", dup=True), 5)
+    with pytest.raises(ValueError, match="U\\+0000"):
+        encode(Publish("a\x00", b""), 4)

@@ -42,6 +42,7 @@ from .packets import (
     Unsubscribe,
     Will,
     connack_code_for,
+    record,
 )
 from .topics import (
     SHARED_SUBSCRIPTION_PREFIX,
@@ -93,6 +94,7 @@ __all__ = [
     "matches",
     "misplaced_wildcard",
     "parse_shared",
+    "record",
     "split_shared",
     "validate_topic_filter",
     "validate_topic_name",

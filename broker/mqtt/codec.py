@@ -244,15 +244,22 @@ def _decode_publish(reader: Reader, flags: int, v5: bool) -> Publish:
     return Publish(topic, reader.rest(), qos, bool(flags & 0x01), dup, packet_id, properties)
 
 
-def _decode_publish_311(buffer: bytearray, pos: int, end: int, flags: int) -> Publish | None:
-    """The common 3.1.1 PUBLISH straight from the buffer, without a Reader: about a third of
-    the decode cost (bench/README.md, broker section). None for anything unusual (bad flags,
-    short or invalid topic): the general path decodes it and raises the right error."""
+def _decode_publish_fast(
+    buffer: bytearray, pos: int, end: int, flags: int, v5: bool
+) -> Publish | None:
+    """The common PUBLISH straight from the buffer, without a Reader: about a third of the
+    decode cost (bench/README.md, broker section). In 5.0 only with an empty property list
+    (one zero byte), the usual case. None for anything unusual (bad flags, short or invalid
+    topic, properties): the general path decodes it and raises the right error."""
     qos = (flags >> 1) & 0x03
     if qos == 3 or (flags & 0x08 and not qos) or pos + 2 > end:
         return None
     topic_end = pos + 2 + ((buffer[pos] << 8) | buffer[pos + 1])
     body = topic_end + 2 if qos else topic_end
+    if v5:
+        if body >= end or buffer[body]:
+            return None
+        body += 1
     if body > end or topic_end == pos + 2:
         return None
     try:
@@ -440,7 +447,12 @@ class MQTTDecoder:
         if available == 0:
             return NEED_DATA
         first = buffer[start]
-        packet_type = self._check_first_byte(first)
+        # PUBLISH after CONNECT, the common packet, needs none of _check_first_byte's checks
+        # (any flags are allowed there; the PUBLISH decoders check them).
+        if first >> 4 == 3 and self.protocol_level is not None:
+            packet_type = PacketType.PUBLISH
+        else:
+            packet_type = self._check_first_byte(first)
         # Remaining Length: read only the bytes that are here; a fifth byte is an error.
         length = 0
         index = 1
@@ -464,8 +476,14 @@ class MQTTDecoder:
             )
         if available < total:
             return NEED_DATA
-        if packet_type == PacketType.PUBLISH and self.protocol_level in (3, 4):
-            publish = _decode_publish_311(buffer, start + index, start + total, first & 0x0F)
+        if packet_type is PacketType.PUBLISH and self.protocol_level is not None:
+            publish = _decode_publish_fast(
+                buffer,
+                start + index,
+                start + total,
+                first & 0x0F,
+                self.protocol_level >= _MQTT_5,
+            )
             if publish is not None:
                 if start + total == len(buffer):
                     buffer.clear()
@@ -544,6 +562,8 @@ def encode(packet: Packet, protocol_level: int) -> bytes:
     if protocol_level not in _PROTOCOL_NAMES:
         raise ValueError(f"unsupported protocol level {protocol_level}")
     v5 = protocol_level >= _MQTT_5
+    if type(packet) is Publish:
+        return _encode_publish_direct(packet, v5)
     flags = 0
     parts: list[bytes]
     if isinstance(packet, Publish):
@@ -639,6 +659,35 @@ def _encode_publish(packet: Publish, v5: bool) -> tuple[int, list[bytes]]:
         parts.append(encode_properties(packet.properties, PacketType.PUBLISH))
     parts.append(packet.payload)
     return flags, parts
+
+
+def _encode_publish_direct(packet: Publish, v5: bool) -> bytes:
+    """PUBLISH in one join, without the generic part list: every routed message is encoded
+    at least once (bench/README.md, broker section). Same bytes and errors as the general
+    path, which it uses for the checks that fail."""
+    qos = packet.qos
+    packet_id = packet.packet_id
+    if qos not in (0, 1, 2) or (packet_id is None) != (qos == 0) or (packet.dup and not qos):
+        _encode_publish(packet, v5)  # raises the ValueError that names the problem
+    topic = encode_string(packet.topic)
+    ident = b"" if packet_id is None else encode_u16(_packet_id(packet_id))
+    properties = packet.properties
+    if not v5:
+        encoded_properties = b""
+    elif properties is EMPTY_PROPERTIES:
+        encoded_properties = b"\x00"
+    else:
+        encoded_properties = encode_properties(properties, PacketType.PUBLISH)
+    payload = packet.payload
+    length = len(topic) + len(ident) + len(encoded_properties) + len(payload)
+    first = 0x30 | (packet.dup << 3) | (qos << 1) | int(packet.retain)
+    if length < 0x80:
+        header = bytes((first, length))
+    elif length > MAX_REMAINING_LENGTH:
+        raise ValueError(f"packet body of {length} bytes exceeds {MAX_REMAINING_LENGTH}")
+    else:
+        header = bytes((first,)) + encode_variable_byte_integer(length)
+    return b"".join((header, topic, ident, encoded_properties, payload))
 
 
 def _subscription_options(subscription: Subscription, v5: bool) -> int:

@@ -255,16 +255,16 @@ def check_mqtt(data: bytes) -> None:
         decoder.feed(wire)
         assert decoder.next_event() == packet, (packet, wire)
         assert decoder.next_event() is MQTT_NEED_DATA and decoder.trailing_data == b""
-    if _MQTT_LEVELS[options & 0x03] in (3, 4) and stream:
-        _check_publish_fast_path(stream[0] & 0x0F, stream[1:])
+    if stream:
+        _check_publish_fast_path(stream[0] & 0x0F, stream[1:], _MQTT_LEVELS[options & 0x03] == 5)
 
 
-def _check_publish_fast_path(flags: int, body: bytes) -> None:
-    """_decode_publish_311 either defers (None) or returns what the general path returns."""
-    fast = mqtt_codec._decode_publish_311(bytearray(body), 0, len(body), flags)
+def _check_publish_fast_path(flags: int, body: bytes, v5: bool) -> None:
+    """_decode_publish_fast either defers (None) or returns what the general path returns."""
+    fast = mqtt_codec._decode_publish_fast(bytearray(body), 0, len(body), flags, v5)
     if fast is None:
         return
-    general = mqtt_codec._decode_publish(Reader(memoryview(body), 0, len(body)), flags, False)
+    general = mqtt_codec._decode_publish(Reader(memoryview(body), 0, len(body)), flags, v5)
     assert fast == general, (fast, general)
 
 

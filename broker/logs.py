@@ -1,0 +1,85 @@
+"""The broker's log output: records written once per event-loop turn, not once each.
+
+A connection logs two INFO lines (connected, disconnected). Written one by one, each is a
+``write`` syscall with the handler's flush, plus a ``time.strftime`` for its timestamp:
+together about a fifth of the broker's CPU per connection (bench/README.md, broker section).
+Here a record is formatted at once (so it shows the state of its moment) and joined with the
+others of the same loop turn into one write at the end of the turn. What cannot wait is
+written at once: WARNING and above (with everything before it, so the order holds), records
+from outside the event loop's thread, and a full batch (``MAX_BATCH``). Exit flushes
+(``logging.shutdown``); a killed process loses at most the records of one loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TextIO
+
+__all__ = ["MAX_BATCH", "SecondCachedFormatter", "TurnBufferedHandler"]
+
+#: Records held before they are written regardless of the loop turn.
+MAX_BATCH = 256
+
+
+class TurnBufferedHandler(logging.StreamHandler[TextIO]):
+    """A StreamHandler that writes the records of one event-loop turn in one write."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(text)
+        if record.levelno >= logging.WARNING or len(self._pending) >= MAX_BATCH:
+            self.flush()
+            return
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the event loop's thread (or no loop): now
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._pending:
+                data = "".join(self._pending)
+                self._pending.clear()
+                try:
+                    self.stream.write(data)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr gone (closed pipe): nothing left to tell anyone
+        finally:
+            self.release()
+
+
+class SecondCachedFormatter(logging.Formatter):
+    """``%(asctime)s`` as the default Formatter writes it, with strftime once per second."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return "%s,%03d" % (self._text, record.msecs)  # noqa: UP031  # the default_msec_format
