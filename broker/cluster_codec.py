@@ -587,11 +587,17 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
     if isinstance(frame, Hello):
         if not 0 <= frame.version <= 0xFF:
             raise ValueError(f"protocol version out of range: {frame.version}")
-        return FrameType.HELLO, (
+        common = (
             bytes((frame.version,))
             + encode_string(frame.node)
             + encode_string(frame.cluster)
             + encode_binary(frame.cookie)
+        )
+        if frame.version != PROTOCOL_VERSION:
+            # The fields every version has, as the decoder reads another version's HELLO.
+            return FrameType.HELLO, common
+        return FrameType.HELLO, (
+            common
             + _u64(frame.incarnation)
             + _u64(frame.peer_incarnation)
             + _u64(frame.last_applied)
