@@ -301,6 +301,18 @@ def admin_json(node: topology.Node, path: str) -> Any:
         return json.load(response)
 
 
+def broker_counters(nodes: tuple[topology.Node, ...]) -> dict[str, Any]:
+    """Each node's /api/stats at the end of a phase (its drops, takeovers and forwards: what
+    a figure like commands_acked_undelivered is traced with), or the error reading it."""
+    counters: dict[str, Any] = {}
+    for node in nodes:
+        try:
+            counters[node.name] = admin_json(node, "/api/stats")
+        except (OSError, ValueError) as error:
+            counters[node.name] = {"error": str(error)}
+    return counters
+
+
 def cluster_formed(nodes: tuple[topology.Node, ...]) -> bool:
     for node in nodes:
         try:
@@ -747,6 +759,7 @@ def accounting(reports: list[dict[str, Any]], collected: dict[str, Any]) -> dict
                 if len(lost_examples) < 10:
                     lost_examples.append(f"device-{number:04d}: {sorted(missing)[:5]}")
     commands_acked_total = commands_delivered = commands_early = 0
+    undelivered_examples: list[str] = []
     for number, sequences in commands_acked.items():
         got = set(commands_received.get(number, ()))
         since = subscribed_at.get(number)
@@ -758,6 +771,11 @@ def accounting(reports: list[dict[str, Any]], collected: dict[str, Any]) -> dict
                 commands_early += 1
             else:
                 commands_acked_total += 1
+                if len(undelivered_examples) < 20:
+                    sent_at = command_times.get(sequence, 0.0)
+                    undelivered_examples.append(
+                        f"device-{number:04d}: command {sequence} sent at {sent_at:.3f}"
+                    )
     return {
         "telemetry_sent": sent,
         "telemetry_acked": acked,
@@ -771,6 +789,7 @@ def accounting(reports: list[dict[str, Any]], collected: dict[str, Any]) -> dict
         "commands_acked": commands_acked_total,
         "commands_acked_delivered": commands_delivered,
         "commands_acked_undelivered": commands_acked_total - commands_delivered,
+        "commands_undelivered_examples": undelivered_examples,
     }
 
 
@@ -1077,6 +1096,7 @@ def phase(
             )
         result = {
             "error": error,
+            "broker_counters": broker_counters(nodes),
             "figures": figures,
             "events": run_.events,
             "samples": run_.samples,

@@ -154,7 +154,7 @@ class Link(asyncio.Protocol):
     """One connection of a device. A device outlives its connections: a late
     connection_lost of an old one must not touch the device's new connection."""
 
-    __slots__ = ("decoder", "device", "lost", "transport", "waiter")
+    __slots__ = ("connacked", "decoder", "device", "lost", "transport", "waiter")
 
     def __init__(self, device: Device) -> None:
         self.device = device
@@ -162,6 +162,10 @@ class Link(asyncio.Protocol):
         self.decoder = MQTTDecoder(protocol_level=device.fleet.settings.protocol_level)
         self.waiter: asyncio.Future[Any] | None = None
         self.lost = False
+        # After CONNACK the server sends the session's queued messages at once, before the
+        # device has taken this link as its own (that waits for the coroutine, and SUBACK):
+        # they are the device's from then on, not dropped.
+        self.connacked = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -174,10 +178,11 @@ class Link(asyncio.Protocol):
                 if packet is NEED_DATA:
                     return
                 if self.waiter is not None and isinstance(packet, Connack | Suback):
+                    self.connacked = True
                     if not self.waiter.done():
                         self.waiter.set_result(packet)
-                elif self.device.link is self:
-                    self.device.packet(packet)
+                elif self.device.link is self or self.connacked:
+                    self.device.packet(packet, self)
         except MQTTProtocolError as error:
             self.device.fleet.stats.disconnects[f"bad packet from server: {error}"] += 1
             if self.transport is not None:
@@ -259,13 +264,16 @@ class Device:
 
     # -- MQTT
 
-    def packet(self, packet: Any) -> None:
+    def packet(self, packet: Any, link: Link) -> None:
         if isinstance(packet, Puback):
             if self.inflight.pop(packet.packet_id, None) is not None:
                 self.fleet.stats.acked += 1
         elif isinstance(packet, Publish):
-            if packet.qos and packet.packet_id is not None:
-                self.write(encode(Puback(packet.packet_id), self.fleet.settings.protocol_level))
+            if packet.qos and packet.packet_id is not None and link.transport is not None:
+                # On the link it came by: it may not be the device's own yet (see Link).
+                link.transport.write(
+                    encode(Puback(packet.packet_id), self.fleet.settings.protocol_level)
+                )
             if len(packet.payload) >= COMMAND.size:
                 _number, sequence = COMMAND.unpack_from(packet.payload)
                 if sequence not in self.commands:
