@@ -310,7 +310,13 @@ def test_kill_one_of_three_under_load_then_bring_it_back_with_slowstart(tmp_path
     for backend in (*backends, back):
         backend.close()
     errors = results.count("error") + results.count("bad")
-    assert errors == 0, (errors, len(results))  # refused connects were retried elsewhere
+    # Refused connects are retried elsewhere. What the kill can still cost: a session whose
+    # connect the kernel had completed in s1's backlog when its listening socket closed (the
+    # kernel resets it after lb sent the client's bytes, which a TCP balancer does not replay:
+    # HAProxy neither). At most one such session per load thread, each logged as a server
+    # abort at be/s1.
+    aborted_at_s1 = [line for line in lines if " fe be/s1 " in line and " SD " in line]
+    assert errors <= min(len(workers), len(aborted_at_s1)), (errors, len(results), aborted_at_s1)
     quiet = lines[quiet_from:quiet_to]
     assert len(quiet) > 20
     # After `fall` checks: s1 gets nothing, and nothing needs a retry.
