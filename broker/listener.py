@@ -71,8 +71,6 @@ from broker.mqtt import (
     connack_code_for,
     encode,
 )
-from broker.timerwheel import RESOLUTION as WHEEL_RESOLUTION
-from broker.timerwheel import TimerWheel
 from broker.tls_listener import ReloadingContext, TLSServer, address_text, serve_tls
 from lb.proxy_hmac import HeaderAuthenticator
 from lb.proxyproto import (
@@ -85,6 +83,8 @@ from lb.proxyproto import (
     is_trusted_source,
 )
 from lb.ratelimit import SuppressedLines
+from lb.timerwheel import RESOLUTION as WHEEL_RESOLUTION
+from lb.timerwheel import TimerWheel
 
 __all__ = ["Listener", "MQTTServerProtocol"]
 
@@ -657,7 +657,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         self._deadline = self.loop.time() + delay
         self._delay = delay
         self._extensions = 0
-        # In the listener's wheel, not a call_later per connection (broker/timerwheel.py).
+        # In the listener's wheel, not a call_later per connection (lb/timerwheel.py).
         self.listener.wheel.add(self, self._deadline)
 
     def wheel_fired(self) -> None:

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
 import logging
-import math
 import os
 import socket
 import time
@@ -42,7 +40,7 @@ from typing import TYPE_CHECKING, cast
 
 from OpenSSL import SSL
 
-from lb import proxyproto, tls_io, tls_records
+from lb import proxyproto, timerwheel, tls_io, tls_records
 from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.queue import PendingConnection
 from lb.server import QueueFull
@@ -58,7 +56,7 @@ logger = logging.getLogger(__name__)
 #: Bytes handed to the TLS engine at a time, either way (see lb.tls_io).
 TLS_CHUNK = tls_io.TLS_CHUNK
 #: Granularity of idle timeouts (seconds): a timeout fires at most this late.
-TIMER_RESOLUTION = 0.05
+TIMER_RESOLUTION = timerwheel.RESOLUTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,75 +145,18 @@ class HandshakeQueue:
             self.scheduled = False
 
 
-class TimerWheel:
-    """The idle timeouts of a frontend's sessions, in slots of TIMER_RESOLUTION seconds.
+class TimerWheel(timerwheel.TimerWheel["ClientSide"]):
+    """The idle timeouts of a frontend's sessions (lb.timerwheel: slots of RESOLUTION
+    seconds, one loop timer instead of a TimerHandle per session; about 540 B per session
+    saved, bench/idle_memory.py). When a slot comes, each of its sessions checks its own
+    deadline (`ClientSide.wheel_fired`) and either times out or takes a later slot."""
 
-    One loop timer (for the earliest slot) instead of a TimerHandle per session: a handle,
-    its libuv timer and the bound method cost about 540 B per session, a slot entry a few
-    dozen (bench/idle_memory.py). When a slot comes, each of its sessions checks its own
-    deadline (`ClientSide._on_timer`) and either times out or takes a later slot.
-    """
+    __slots__ = ()
 
-    __slots__ = ("armed", "handle", "loop", "order", "slots")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.slots: dict[int, set[ClientSide]] = {}
-        self.order: list[int] = []  # heap of the slot numbers in `slots`
-        self.handle: asyncio.TimerHandle | None = None
-        self.armed: int | None = None  # the slot `handle` fires for
-
-    def add(self, client: ClientSide, deadline: float) -> None:
-        slot = math.ceil(deadline / TIMER_RESOLUTION)
-        bucket = self.slots.get(slot)
-        if bucket is None:
-            bucket = self.slots[slot] = set()
-            heapq.heappush(self.order, slot)
-            if self.armed is None or slot < self.armed:
-                if self.handle is not None:
-                    self.handle.cancel()
-                self.armed = slot
-                self.handle = self.loop.call_at(slot * TIMER_RESOLUTION, self._fire)
-        bucket.add(client)
-        client.timer_slot = slot
-
-    def discard(self, client: ClientSide) -> None:
-        slot = client.timer_slot
-        if slot is not None:
-            client.timer_slot = None
-            bucket = self.slots.get(slot)
-            if bucket is not None:
-                bucket.discard(client)  # an empty slot is dropped when it comes
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-        self.armed = None
-
-    def _fire(self) -> None:
-        self.handle = None
-        self.armed = None
-        now = self.loop.time() / TIMER_RESOLUTION + 0.02  # call_at rounds to milliseconds
-        due: list[set[ClientSide]] = []
-        order = self.order
-        while order and order[0] <= now:
-            bucket = self.slots.pop(heapq.heappop(order), None)
-            if bucket:
-                due.append(bucket)
-        # Sessions that take a later slot while these run are added after `due` was taken.
-        for bucket in due:
-            for client in bucket:
-                client.timer_slot = None
-                try:
-                    client._on_timer()
-                except Exception:
-                    # One session's failure must not stop every later timeout of the frontend.
-                    logger.exception("%s:%d: idle timeout handling failed", *client.peer)
-                    client.kill("P")
-        if order and self.armed is None:
-            self.armed = order[0]
-            self.handle = self.loop.call_at(order[0] * TIMER_RESOLUTION, self._fire)
+    def failed(self, owner: ClientSide) -> None:
+        # One session's failure must not stop every later timeout of the frontend.
+        logger.exception("%s:%d: idle timeout handling failed", *owner.peer)
+        owner.kill("P")
 
 
 class ClientSide(asyncio.Protocol):
@@ -262,13 +203,13 @@ class ClientSide(asyncio.Protocol):
         "sock",
         "ssl_info",
         "termination",
-        "timer_slot",
         "timers",
         "tls",
         "tls_context",
         "transport",
         "unique_id",
         "verify_state",
+        "wheel_slot",
     )
 
     def __init__(
@@ -329,7 +270,7 @@ class ClientSide(asyncio.Protocol):
         self.attempt = 0  # connect attempts: a late answer to an old one is dropped
         self.termination = "--"
         self.timers = frontend.timers
-        self.timer_slot: int | None = None  # TimerWheel's
+        self.wheel_slot: int | None = None  # TimerWheel's
         self.ssl_info: proxyproto.SSLInfo | None = None
         self.unique_id: str | None = None  # made when first asked for (FrontendRuntime)
         self.session_number = 0  # %rt
@@ -1007,7 +948,7 @@ class ClientSide(asyncio.Protocol):
             self.timers.discard(self)
             self._arm_timer()
 
-    def _on_timer(self) -> None:
+    def wheel_fired(self) -> None:
         """This session's slot of the TimerWheel came: time out, or take a later slot."""
         if self.closed:
             return

@@ -46,6 +46,7 @@ LB_LEAVES = (
     "lb.proxyproto",
     "lb.ratelimit",
     "lb.sd_notify",
+    "lb.timerwheel",
     "lb.tls_codes",
 )
 

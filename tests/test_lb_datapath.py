@@ -298,12 +298,12 @@ def test_timer_wheel_survives_a_failing_session() -> None:
     class Session:
         def __init__(self, fail: bool) -> None:
             self.fail = fail
-            self.timer_slot: int | None = None
+            self.wheel_slot: int | None = None
             self.peer = ("127.0.0.1", 1)
             self.fired = 0
             self.killed: str | None = None
 
-        def _on_timer(self) -> None:
+        def wheel_fired(self) -> None:
             self.fired += 1
             if self.fail:
                 raise RuntimeError("boom")

@@ -1,12 +1,14 @@
 """Per-connection timeouts in slots: one loop timer per listener, not one per connection.
 
-A connection's timer (the PROXY header, CONNECT and keep alive timeouts) as a loop
-``call_later`` costs a TimerHandle, its libuv timer and a bound method: about 600 B per
-connected client (tracemalloc, bench/README.md broker section), and a handle per re-arm.
-Here a timer is an entry in the set of its slot (``RESOLUTION`` seconds wide); one loop timer
-waits for the earliest slot, and when it comes each of the slot's owners is called and checks
-its own deadline (it may take a later slot). A timer therefore fires up to one slot late,
-never early. The same design as lb's ``TimerWheel`` (lb/datapath.py), for any owner.
+A connection's timer as a loop ``call_later`` costs a TimerHandle, its libuv timer and a
+bound method: about 540-600 B per connection (bench/idle_memory.py for lb's sessions,
+tracemalloc in bench/README.md's broker section), and a handle per re-arm. Here a timer is an
+entry in the set of its slot (``RESOLUTION`` seconds wide); one loop timer waits for the
+earliest slot, and when it comes each of the slot's owners is called and checks its own
+deadline (it may take a later slot). A timer therefore fires up to one slot late, never
+early. lb's sessions (idle timeouts, lb.datapath) and the broker's connections (PROXY
+header, CONNECT and keep alive timeouts, broker.listener) use it: a leaf the broker may
+import.
 """
 
 from __future__ import annotations
@@ -95,8 +97,13 @@ class TimerWheel(Generic[OwnerT]):
                 try:
                     owner.wheel_fired()
                 except Exception:
-                    # One owner's failure must not stop every later timeout of the listener.
-                    logger.exception("timer of %r failed", owner)
+                    # One owner's failure must not stop every later timeout of the wheel.
+                    self.failed(owner)
         if order and self.armed is None:
             self.armed = order[0]
             self.handle = self.loop.call_at(order[0] * RESOLUTION, self._fire)
+
+    def failed(self, owner: OwnerT) -> None:
+        """``owner.wheel_fired()`` raised (called in the ``except``): logged with its
+        traceback; a subclass may also end the owner."""
+        logger.exception("timer of %r failed", owner)
