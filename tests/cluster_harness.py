@@ -46,7 +46,76 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "
     raise AssertionError(f"not met within {timeout}s: {what}")
 
 
-class ClusterNode:
+class NodeProcess:
+    """A `broker -c FILE` process with its admin API: started, asked, killed, stopped by
+    the pid it holds. Subclasses make the configuration file."""
+
+    #: Seconds to wait for the admin endpoint, and for a stop before SIGKILL.
+    WAIT = 15.0
+    name: str
+    config: Path
+    log: Path
+    admin_port: int
+    process: subprocess.Popen[bytes] | None
+
+    def start(self) -> None:
+        log = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [str(BROKER), "-c", str(self.config)], stdout=log, stderr=log
+        )
+        log.close()
+        wait_for(self.admin_ready, self.WAIT, f"{self.name} admin endpoint")
+
+    def admin_ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited: {self.log_text()[-3000:]}")
+        try:
+            self.admin("/api/stats")
+        except OSError:
+            return False
+        return True
+
+    def admin(self, path: str, method: str = "GET") -> Any:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def link_states(self) -> dict[str, str]:
+        members = self.admin("/api/cluster")["members"]
+        return {m["name"]: m["state"] for m in members if m["state"] != "self"}
+
+    def all_links_up(self) -> bool:
+        states = self.link_states()
+        return bool(states) and all(state == "up" for state in states.values())
+
+    def stats(self) -> dict[str, int]:
+        result: dict[str, int] = self.admin("/api/stats")
+        return result
+
+    def clients(self) -> list[str]:
+        return [record["client_id"] for record in self.admin("/api/clients")]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(self.WAIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class ClusterNode(NodeProcess):
     """One `broker -c FILE` process: a direct listener, a PROXY listener for lb, admin,
     cluster link, disk store."""
 
@@ -107,62 +176,6 @@ mode = "disk"
 path = "{self.database}"
 """
         )
-
-    def start(self) -> None:
-        log = self.log.open("ab")
-        self.process = subprocess.Popen(
-            [str(BROKER), "-c", str(self.config)], stdout=log, stderr=log
-        )
-        log.close()
-        wait_for(self.admin_ready, 15, f"{self.name} admin endpoint")
-
-    def admin_ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited: {self.log_text()[-3000:]}")
-        try:
-            self.admin("/api/stats")
-        except OSError:
-            return False
-        return True
-
-    def admin(self, path: str, method: str = "GET") -> Any:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        request = urllib.request.Request(url, method=method)
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
-
-    def link_states(self) -> dict[str, str]:
-        members = self.admin("/api/cluster")["members"]
-        return {m["name"]: m["state"] for m in members if m["state"] != "self"}
-
-    def all_links_up(self) -> bool:
-        states = self.link_states()
-        return bool(states) and all(state == "up" for state in states.values())
-
-    def stats(self) -> dict[str, int]:
-        result: dict[str, int] = self.admin("/api/stats")
-        return result
-
-    def clients(self) -> list[str]:
-        return [record["client_id"] for record in self.admin("/api/clients")]
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 def make_nodes(directory: Path, pki: TestPKI, count: int = 3, extra: str = "") -> list[ClusterNode]:

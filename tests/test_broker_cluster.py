@@ -10,15 +10,12 @@ group/others stops the node with a message naming the file and `chmod 600`.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +33,7 @@ from broker.config import load_config
 from broker.mqtt import Connack, Connect, Properties
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
 from tests.broker_harness import RawClient
-from tests.cluster_harness import BROKER, V5, V311, wait_for
+from tests.cluster_harness import BROKER, V5, V311, NodeProcess, wait_for
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,8 +41,10 @@ pytestmark = pytest.mark.timeout(120)
 COOKIE = "test-cluster-cookie"
 
 
-class Node:
+class Node(NodeProcess):
     """One `broker -c FILE` process with its ports and log file."""
+
+    WAIT = 10.0
 
     def __init__(
         self,
@@ -98,54 +97,6 @@ mode = "{self.store_mode}"
 path = "{self.directory / (self.name + ".db")}"
 """
         )
-
-    def start(self) -> None:
-        log = self.log.open("ab")
-        self.process = subprocess.Popen(
-            [str(BROKER), "-c", str(self.config)], stdout=log, stderr=log
-        )
-        log.close()
-        wait_for(self.admin_ready, 10, f"{self.name} admin endpoint")
-
-    def admin_ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"{self.name} exited: {self.log.read_text()}")
-        try:
-            self.admin("/api/stats")
-        except OSError:
-            return False
-        return True
-
-    def admin(self, path: str) -> Any:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return json.loads(response.read())
-
-    def link_states(self) -> dict[str, str]:
-        members = self.admin("/api/cluster")["members"]
-        return {m["name"]: m["state"] for m in members if m["state"] != "self"}
-
-    def all_links_up(self) -> bool:
-        states = self.link_states()
-        return bool(states) and all(state == "up" for state in states.values())
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 class Client:
