@@ -217,16 +217,23 @@ class Broker:
         local = session is not None and not session.diverged
         self.cluster.claim(client_id, clean_start, local, done)
 
+    def _close_connection(self, session: Session) -> Session | None:
+        """Close the connection holding ``session``, if any (a takeover; 5.0 gets
+        DISCONNECT 0x8E); the session afterwards, or None if it ended with its connection
+        (expiry 0)."""
+        if session.connection is None:
+            return session
+        self.counters.takeovers += 1
+        session.connection.take_over()
+        return self.sessions.get(session.client_id)
+
     def _take_over_locally(self, client_id: str) -> Session | None:
         """This node's session of ``client_id`` once no connection holds it: a connection
         with this id is closed first (MQTT 5.0 section 3.1.4-3; 5.0 gets DISCONNECT 0x8E),
         and a forwarding stub (the session itself is elsewhere) is dropped."""
         session = self.sessions.get(client_id)
-        if session is not None and session.connection is not None:
-            self.counters.takeovers += 1
-            session.connection.take_over()
-            # Detaching the old connection may have ended its session (expiry 0).
-            session = self.sessions.get(client_id)
+        if session is not None:
+            session = self._close_connection(session)
         if session is not None and session.moved_to is not None:
             self._drop_stub(session)
             session = None
@@ -362,10 +369,7 @@ class Broker:
         session = self.sessions.get(client_id)
         if session is None or session.moved_to is not None:
             return False
-        if session.connection is not None:
-            self.counters.takeovers += 1
-            session.connection.take_over()
-        session = self.sessions.get(client_id)
+        session = self._close_connection(session)
         if session is not None:
             logger.info("session ended: client_id=%s: %s", client_id, reason)
             self._destroy_session(session)
@@ -380,10 +384,7 @@ class Broker:
         session = self.sessions.get(client_id)
         if session is None or session.moved_to is not None:
             return None
-        if session.connection is not None:
-            self.counters.takeovers += 1
-            session.connection.take_over()
-        session = self.sessions.get(client_id)
+        session = self._close_connection(session)
         if session is None:
             return None  # it ended with its connection (expiry 0)
         self.pending_wills.pop(client_id, None)
