@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import subprocess
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -284,17 +285,29 @@ def s_client(
     )
 
 
-def read_until(process: subprocess.Popen[bytes], wanted: bytes, timeout: float = 20.0) -> bytes:
-    """s_client's output up to and including the line `wanted`."""
-    assert process.stdout is not None
-    seen = b""
-    while wanted not in seen:
-        ready, _, _ = select.select([process.stdout], [], [], timeout)
-        assert ready, f"no {wanted!r} from s_client; got {seen[-2000:]!r}"
-        line = process.stdout.readline()
-        assert line, f"s_client ended before {wanted!r}: {seen[-2000:]!r}"
-        seen += line
-    return seen
+class Output:
+    """s_client's output, read from its pipe's descriptor. select() sees only what is still
+    in the pipe, so no line may wait in a Python buffer between two waits (readline() on
+    process.stdout reads ahead: a line it buffered was never seen again)."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        self.fd = process.stdout.fileno()
+        self.pending = b""
+
+    def until(self, wanted: bytes, timeout: float = 20.0) -> bytes:
+        """The output up to and including the first `wanted` not returned before."""
+        deadline = time.monotonic() + timeout
+        while wanted not in self.pending:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.fd], [], [], max(left, 0.0))
+            assert ready, f"no {wanted!r} from s_client; got {self.pending[-2000:]!r}"
+            chunk = os.read(self.fd, 65536)
+            assert chunk, f"s_client ended before {wanted!r}: {self.pending[-2000:]!r}"
+            self.pending += chunk
+        end = self.pending.index(wanted) + len(wanted)
+        seen, self.pending = self.pending[:end], self.pending[end:]
+        return seen
 
 
 def test_s_client_key_updates_both_ways(pki: TestPKI, tmp_path: Path) -> None:
@@ -305,17 +318,18 @@ def test_s_client_key_updates_both_ways(pki: TestPKI, tmp_path: Path) -> None:
         client = s_client(port, pki, 25, "-tls1_3", messages=True)
         try:
             assert client.stdin is not None
+            output = Output(client)
             client.stdin.write(b"before\n")
             client.stdin.flush()
-            read_until(client, b"before\n")
+            output.until(b"before\n")
             for command, text in ((b"k\n", b"after-k\n"), (b"K\n", b"after-K\n")):
                 # One read of s_client's is one command: the text goes after it is done.
                 client.stdin.write(command)
                 client.stdin.flush()
-                read_until(client, b"KEYUPDATE\n")
+                output.until(b"KEYUPDATE\n")
                 client.stdin.write(text)
                 client.stdin.flush()
-                read_until(client, text)
+                output.until(text)
             client.stdin.close()  # close_notify: lb passes the EOF on, the echo ends
             assert client.wait(20) == 0
         finally:
