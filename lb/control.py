@@ -54,6 +54,7 @@ from lb.pem import TLSFileError, bundle_from_pem, file_signature
 
 if TYPE_CHECKING:
     from lb.server import BackendState, ServerState
+    from lb.shared_counts import SharedCounts
     from lb.tls import BindContext
 
 logger = logging.getLogger(__name__)
@@ -260,6 +261,7 @@ class WorkerSetup:
     number: int
     lead: bool
     shared: SharedState
+    counts: SharedCounts | None = None  # this generation's shared session counts
 
 
 class MasterLink(asyncio.Protocol):

@@ -14,7 +14,6 @@ import asyncio
 import errno
 import ipaddress
 import logging
-import math
 import secrets
 import socket
 from typing import TYPE_CHECKING
@@ -36,6 +35,7 @@ from lb.log import (
     format_connection_error,
 )
 from lb.proxy_hmac import HeaderKeys
+from lb.shared_counts import POLL_INTERVAL, SharedCount
 from lb.tls import BindContext, bind_tls
 from lb.tls_codes import Refusal
 
@@ -55,8 +55,11 @@ RESOURCE_BACKOFF = 1.0
 
 
 class ProcessLimit:
-    """Global `maxconn` (this worker's share, lb.limits): every listener of the process
-    stops accepting at the limit, and while the process is out of files or memory.
+    """Global `maxconn`: every listener of the process stops accepting at the limit, and
+    while the process is out of files or memory. `maxconn` here is what this process may
+    hold (lb.limits: the configured maxconn within what its files allow); with several
+    workers, `shared` is the count of every worker's sessions that the configured maxconn
+    bounds (lb.shared_counts).
 
     Out of files (EMFILE/ENFILE at accept or at a server connect, which lb.limits' sizing
     makes rare: files held by what is not a session, a system-wide limit), the process
@@ -73,6 +76,8 @@ class ProcessLimit:
     def __init__(self, maxconn: int | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.maxconn = maxconn
         self.loop = loop
+        self.shared: SharedCount | None = None
+        self.polling: asyncio.TimerHandle | None = None  # looking at shared counts again
         self.current = 0
         self.total = 0
         self.listeners: list[Listener] = []
@@ -88,14 +93,33 @@ class ProcessLimit:
     def has_room(self) -> bool:
         if self.cap is not None and self.current >= self.cap:
             return False
-        return self.maxconn is None or self.current < self.maxconn
+        if self.maxconn is not None and self.current >= self.maxconn:
+            return False
+        return self.shared is None or self.shared.has_room()
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a place for a connection about to be accepted, if there is one."""
+        if self.cap is not None and self.current >= self.cap:
+            return False
+        if self.maxconn is not None and self.current >= self.maxconn:
+            return False
+        if self.shared is not None and not self.shared.try_add():
+            return False
         self.current += 1
         self.total += 1
+        return True
+
+    def cancel(self) -> None:
+        """Give back a place taken for an accept that brought no connection."""
+        self.current -= 1
+        self.total -= 1
+        if self.shared is not None:
+            self.shared.remove()
 
     def release(self) -> None:
         self.current -= 1
+        if self.shared is not None:
+            self.shared.remove()
         waiters, self.file_waiters = self.file_waiters, []
         for waiter in waiters:  # a session's files are free: the waiting connects try again
             if not waiter.done():
@@ -119,6 +143,21 @@ class ProcessLimit:
     def _resume_all(self) -> None:
         for listener in self.listeners:
             listener.maybe_resume()
+
+    def poll_shared(self) -> None:
+        """A listener paused: with counts shared with other workers, whose sessions end
+        without telling this one, look again every POLL_INTERVAL while any listener waits."""
+        if self.polling is not None or self.loop is None:
+            return
+        if self.shared is None and not any(listener.frontend.shared for listener in self.listeners):
+            return
+        self.polling = self.loop.call_later(POLL_INTERVAL, self._poll)
+
+    def _poll(self) -> None:
+        self.polling = None
+        self._resume_all()
+        if any(not listener.accepting and not listener.closed for listener in self.listeners):
+            self.poll_shared()
 
     def _now(self) -> float:
         return self.loop.time() if self.loop is not None else 0.0
@@ -214,15 +253,22 @@ class Listener:
         self.sock.close()
 
     def _on_readable(self) -> None:
+        frontend = self.frontend
         for _ in range(ACCEPT_BATCH):
-            if not self.frontend.has_room():
+            # A place first, then accept() (HAProxy's listener_accept): with workers
+            # sharing maxconn, checking and then counting would let two of them take the
+            # last place.
+            if not frontend.try_reserve():
                 self.pause()
+                frontend.process.poll_shared()
                 return
             try:
                 connection, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                frontend.cancel_reserve()
                 return
             except OSError as error:
+                frontend.cancel_reserve()
                 if error.errno in RESOURCE_ERRNOS:
                     self.frontend.process.out_of_resources(
                         error, f"frontend {self.frontend.name}: accept", session_held=False
@@ -232,7 +278,6 @@ class Listener:
                     continue
                 raise
             connection.setblocking(False)
-            self.frontend.reserve()
             self.loop.create_task(self._adopt(connection, address))
 
     async def _adopt(self, connection: socket.socket, address: tuple[str, int]) -> None:
@@ -329,11 +374,9 @@ class FrontendRuntime:
         self.has_ssl = any(context is not None for context in self.contexts.values())
         self.listeners: list[Listener] = []
         self.current = 0
-        # The workers share a frontend's maxconn as they share the global one (lb.limits).
-        workers = global_.nbthread or 1
-        self.maxconn: int | None = (
-            math.ceil(config.maxconn / workers) if config.maxconn is not None else None
-        )
+        self.maxconn: int | None = config.maxconn
+        # With several workers, the sessions of all of them (lb.shared_counts).
+        self.shared: SharedCount | None = None
         # Counted from accept (not from connection_made) so that maxconn is exact.
         self.reserved = 0
 
@@ -359,14 +402,36 @@ class FrontendRuntime:
     def has_room(self) -> bool:
         if self.maxconn is not None and self.reserved >= self.maxconn:
             return False
+        if self.shared is not None and not self.shared.has_room():
+            return False
         return self.process.has_room()
 
-    def reserve(self) -> None:
+    def try_reserve(self) -> bool:
+        """A place in this frontend and in the process for a connection about to be
+        accepted; False (nothing taken) when either is full."""
+        if self.maxconn is not None and self.reserved >= self.maxconn:
+            return False
+        shared = self.shared
+        if shared is not None and not shared.try_add():
+            return False
+        if not self.process.try_acquire():
+            if shared is not None:
+                shared.remove()
+            return False
         self.reserved += 1
-        self.process.acquire()
+        return True
+
+    def cancel_reserve(self) -> None:
+        """accept() brought no connection: give the place back, waking nobody."""
+        self.reserved -= 1
+        if self.shared is not None:
+            self.shared.remove()
+        self.process.cancel()
 
     def unreserve(self) -> None:
         self.reserved -= 1
+        if self.shared is not None:
+            self.shared.remove()
         self.process.release()
         for listener in self.listeners:
             listener.maybe_resume()

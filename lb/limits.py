@@ -16,9 +16,11 @@ Without a global `maxconn` it takes what the limit allows, (limit - the rest) / 
 `haproxy -c` says nothing about any of it.
 
 lb's workers are processes, each with a limit of its own, and the `nbthread` workers share
-the global `maxconn` as HAProxy's threads do: each takes ceil(maxconn / nbthread) sessions,
-and the kernel spreads connections evenly over their SO_REUSEPORT sockets (lb.workers). So
-`maxconn 100000` needs 11 workers under a 20,000-file limit, and the words say so. What a
+the global `maxconn` as HAProxy's threads do: one count of all their sessions bounds it
+(lb.shared_counts), and each worker may hold as many as its files allow. The kernel spreads
+connections over their SO_REUSEPORT sockets by hash (lb.workers), evenly on average, so the
+configuration must let each worker hold its even share, ceil(maxconn / nbthread), and
+`maxconn 100000` needs 11 workers under a 20,000-file limit; the words say so. What a
 worker needs besides its sessions is counted as HAProxy counts it: listeners (every socket
 the master gives it), checked servers, log sockets, 10 per stats socket and Prometheus
 listener (their clients), and WORKER_BASE for the process itself.
@@ -88,7 +90,7 @@ class FilePlan:
     fixed: int  # descriptors a worker needs besides its sessions
     maxconn: int | None  # the global maxconn as configured (None: automatic)
     strict: bool  # strict-limits
-    worker_maxconn: int  # sessions one worker takes
+    worker_maxconn: int  # sessions one worker may hold (the workers' sum is bounded by maxconn)
 
     @property
     def share(self) -> int:
@@ -113,7 +115,9 @@ class FilePlan:
 
     @property
     def total_maxconn(self) -> int:
-        return self.worker_maxconn * self.workers
+        """The sessions all workers may hold together."""
+        total = self.worker_maxconn * self.workers
+        return total if self.maxconn is None else min(self.maxconn, total)
 
     @property
     def workers_needed(self) -> int:
@@ -184,9 +188,9 @@ def fixed_descriptors(config: Config) -> int:
 
 
 def plan(config: Config, limit: int) -> FilePlan:
-    """Each worker's maxconn under `limit` files per process, as lb runs it: the
-    configured share when it fits; what fits when it does not (the start refuses it under
-    strict-limits, lb.cli); what fits when maxconn is unset."""
+    """The sessions each worker may hold under `limit` files per process, as lb runs it:
+    the configured maxconn within what fits (a start refuses a maxconn whose even share
+    does not fit under strict-limits, lb.cli); what fits when maxconn is unset."""
     global_ = config.global_
     if global_.fd_hard_limit is not None:
         limit = min(limit, global_.fd_hard_limit)
@@ -196,7 +200,9 @@ def plan(config: Config, limit: int) -> FilePlan:
     if global_.maxconn is None:
         worker_maxconn = max(room, MIN_AUTO_MAXCONN)
     else:
-        worker_maxconn = min(math.ceil(global_.maxconn / workers), max(room, 1))
+        # Any worker may take more than its even share (the hash spreads connections
+        # evenly only on average); the shared count bounds the sum (lb.shared_counts).
+        worker_maxconn = min(global_.maxconn, max(room, 1))
     return FilePlan(limit, workers, fixed, global_.maxconn, global_.strict_limits, worker_maxconn)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import uvloop
 
-from lb import limits
+from lb import limits, shared_counts
 from lb.checks import HealthChecks
 from lb.config.model import Config, Frontend
 from lb.control import (
@@ -45,6 +45,7 @@ from lb.proxy_hmac import HeaderKeys
 from lb.reload import TLSReloader
 from lb.runtime_api import RuntimeAPI, open_stats_socket, session_lines
 from lb.server import BackendState, ServerState
+from lb.shared_counts import SharedCounts
 from lb.tls import BindContext
 
 #: Key of the inherited socket of the n-th `stats socket` line in `Runtime.start(sockets=)`.
@@ -61,7 +62,8 @@ class Runtime:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config: Config = config
         self.loop = loop
-        # This worker's share of the global maxconn, within the files it may open.
+        # What this worker may hold: the global maxconn within the files it may open (with
+        # several workers, their sum is bounded too: share_counts).
         self.files = limits.plan(config, limits.soft_limit())
         self.process = ProcessLimit(self.files.worker_maxconn, loop)
         self.backends = {b.name: BackendState(b, clock=loop.time) for b in config.backends}
@@ -176,6 +178,8 @@ class Runtime:
         that is DOWN or in maintenance stays so across a reload) and open the link."""
         self.worker_number = setup.number
         self.lead = setup.lead
+        if setup.counts is not None:
+            self.share_counts(setup.counts)
         for record in setup.shared.servers.values():
             apply_server_record(self.backends, record)
         for cert in setup.shared.certs.values():
@@ -183,6 +187,18 @@ class Runtime:
         self.link = await MasterLink.open(
             self.loop, setup.control, self.on_master_message, on_master_gone
         )
+
+    def share_counts(self, counts: SharedCounts) -> None:
+        """Count this worker's sessions where every worker's are summed, so that the
+        global and frontend maxconn bound all of them (lb.shared_counts)."""
+        number = self.worker_number
+        maxconn = self.config.global_.maxconn
+        if maxconn is not None:
+            self.process.shared = counts.count(shared_counts.GLOBAL, number, maxconn)
+        for frontend in self.frontends:
+            if frontend.maxconn is not None:
+                name = shared_counts.frontend_count(frontend.name)
+                frontend.shared = counts.count(name, number, frontend.maxconn)
 
     def detach_master(self) -> None:
         if self.link is not None and self.link.transport is not None:

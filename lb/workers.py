@@ -71,6 +71,7 @@ from lb.frontend import open_listening_socket
 from lb.process import STATS_SOCKET_KEY, serve
 from lb.runtime_api import open_stats_socket
 from lb.sd_notify import Notifier
+from lb.shared_counts import SharedCounts
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,8 @@ class Master:
         self.stopping: str | None = None  # "soft" or "hard"
         self.hard_stop_deadline: float | None = None
         self.shared = SharedState()
+        # Each generation's shared session counts (lb.shared_counts), by generation.
+        self.counts: dict[int, SharedCounts] = {}
         # One ticket key for every worker of every generation (see lb.tls.share_ticket_key).
         tls.share_ticket_key(os.urandom(tls_io.OPENSSL_TICKET_KEY_SIZE))
         self.lead_pid: int | None = None
@@ -303,7 +306,8 @@ class Master:
                     self.wakeup.close()
                     self._wakeup_writer.close()
                 # The shared state as the master knows it now is the worker's by fork.
-                setup = WorkerSetup(worker_end, number, lead, self.shared)
+                counts = self.counts.get(self.generation)
+                setup = WorkerSetup(worker_end, number, lead, self.shared, counts)
                 code = worker_main(config, sockets, setup)
             except BaseException:
                 logger.exception("worker %d failed", number)
@@ -323,6 +327,11 @@ class Master:
     ) -> None:
         """Fork `nbthread` workers; with `lead`, worker #1 leads from its start."""
         self.generation += 1
+        live = {worker.generation for worker in self.workers.values()}
+        self.counts = {g: counts for g, counts in self.counts.items() if g in live}
+        counts = SharedCounts.for_config(config)
+        if counts is not None:
+            self.counts[self.generation] = counts
         self.current_sockets = sockets
         for number in range(1, (config.global_.nbthread or 1) + 1):
             self._spawn(config, sockets[number - 1], number, lead=lead and number == 1)
@@ -358,6 +367,9 @@ class Master:
                     code,
                 )
                 lead = pid == self.lead_pid
+                counts = self.counts.get(worker.generation)
+                if counts is not None:  # its sessions died with it
+                    counts.clear_worker(worker.number)
                 self._spawn(
                     self.config, self.current_sockets[worker.number - 1], worker.number, lead=lead
                 )

@@ -213,7 +213,8 @@ def test_unset_maxconn_is_what_the_limit_allows_and_workers_share_it(tmp_path: P
     with _lb(shared, tmp_path, port):
         wait_port(port)
         assert _info(stats)["Maxconn"] == "300"
-        assert _info(stats)["Maxsock"] == str(fixed + 300)
+        # Each worker may hold what its files allow; the shared count bounds the sum.
+        assert _info(stats)["Maxsock"] == str(fixed + PER_SESSION * ((400 - fixed) // 2))
 
 
 def test_out_of_files_pauses_accepts_and_spares_the_checks(tmp_path: Path) -> None:

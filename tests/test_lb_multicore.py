@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import ssl
@@ -433,4 +434,75 @@ def test_connections_spread_evenly_over_workers(tmp_path: Path) -> None:
                 wait_idle(sock)
                 reload(master)
     finally:
+        backend.close()
+
+
+SHARED_MAXCONN = 20
+
+
+def test_global_maxconn_is_one_limit_for_all_workers(tmp_path: Path) -> None:
+    """`maxconn 20` with two workers is 20 sessions in all, wherever the kernel's hash sends
+    them (lb.shared_counts). Worker #2 is stopped while 60 connections are opened: worker #1
+    alone serves 20 of those it was given (each worker took 10 before, and a fleet of N
+    needed a maxconn above N), and none past 20. Worker #2 continues and takes none while
+    the count is full; as served sessions end, the waiting ones are served, those in worker
+    #2's queue too (it learns of room that worker #1 made by looking at the shared count),
+    never more than 20 at once, until all 60 have been."""
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    config = (
+        f"global\n    nbthread 2\n    maxconn {SHARED_MAXCONN}\n"
+        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n"
+        "    timeout server 60s\n"
+        f"frontend plain\n    bind 127.0.0.1:{port}\n    default_backend be\n"
+        f"backend be\n    server s1 127.0.0.1:{backend.port}\n"
+    )
+    waiting: list[socket.socket] = []
+    served: list[socket.socket] = []
+
+    def collect(expected: int, timeout: float = 10.0, more: float = 0.3) -> None:
+        """Move the connections that echo to `served`, until `expected` are (at most
+        `timeout`), then any other that echoes within `more` seconds."""
+        deadline = time.monotonic() + timeout
+        while waiting:
+            if len(served) >= expected:
+                deadline = min(deadline, time.monotonic() + more)
+                more = 0.0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            readable, _, _ = select.select(waiting, [], [], left)
+            for conn in readable:
+                assert conn.recv(16) == b"ping"
+                waiting.remove(conn)
+                served.append(conn)
+
+    try:
+        with run_master(config, tmp_path) as master:
+            stopped = int(re.findall(r"worker #2 \((\d+)\) started", master.output())[-1])
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                for _ in range(3 * SHARED_MAXCONN):
+                    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    conn.sendall(b"ping")
+                    waiting.append(conn)
+                collect(SHARED_MAXCONN)  # worker #1's part of the 60 is ~30: it serves 20
+                assert len(served) == SHARED_MAXCONN
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            collect(SHARED_MAXCONN, more=1.0)  # worker #2 runs again: it takes none
+            assert len(served) == SHARED_MAXCONN
+            for _round in range(10):
+                ended, served[:] = served[:5], served[5:]
+                for conn in ended:
+                    conn.close()
+                collect(min(SHARED_MAXCONN, len(served) + len(waiting)))
+                assert len(served) <= SHARED_MAXCONN
+                if not waiting:
+                    break
+            assert not waiting, f"{len(waiting)} connections never served"
+            assert "Traceback" not in master.output()
+    finally:
+        for conn in waiting + served:
+            conn.close()
         backend.close()

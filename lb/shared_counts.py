@@ -1,0 +1,117 @@
+"""Session counts that the workers of one generation share, so that a `maxconn` (the global
+one, a frontend's) is one limit for all of them, as it is for HAProxy's threads.
+
+Before, each of `nbthread` workers took ceil(maxconn / nbthread) sessions. The kernel spreads
+connections over the workers' SO_REUSEPORT sockets by a hash of their addresses, which is
+even only on average: in the 100,000-device fleet run (15 workers, 6,667 sessions each) the
+workers that filled first kept devices waiting in their accept queues while the others had
+room, and a fleet of N needed a maxconn a little above N. Now each worker may take sessions
+up to what its own files allow (lb.limits), and the configured maxconn bounds their sum.
+
+How: the master maps one anonymous shared block per generation of workers before it forks
+them. Each count has one 8-byte slot per worker, and only that worker writes its slot, so
+there is no lock for a worker killed in the middle to leave held; the master zeroes a dead
+worker's slots before its replacement starts. A worker reserves a place before accept() as
+HAProxy's listener_accept() does (it increments actconn, then accepts): add one to its own
+slot, then read the sum, and take the one back when the sum is past the limit. Two workers
+reserving the last place at once may both take it back (the place stays free; the next
+readable event or the poll below tries again). Neither can take it twice, except that
+Python has no memory fence between the write and the reads: in theory each of two CPUs
+could read the other's slot before seeing the other's write, and the limit would be
+passed by one session per worker at most. Nothing here is on the hot path of a session's
+bytes: one add and one read of `nbthread` slots per accepted connection.
+
+A worker whose listener paused because a shared count was full learns that another worker
+ended a session by looking again every POLL_INTERVAL (HAProxy's threads wake each other's
+listeners, which processes would need a message for; 50 ms of delay at a full maxconn is
+below a device's reconnect backoff). A worker's own sessions ending resume its listeners at
+once, as before.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Sequence
+
+from lb.config.model import Config
+
+#: How often a worker whose listeners wait for a shared count looks at it again.
+POLL_INTERVAL = 0.05
+#: The name of the global maxconn's count; a frontend's is its name after "frontend ".
+GLOBAL = "global"
+SLOT_BYTES = 8
+
+
+def frontend_count(name: str) -> str:
+    return f"frontend {name}"
+
+
+class SharedCounts:
+    """One generation's block: a slot per worker for each named count."""
+
+    def __init__(self, names: Sequence[str], workers: int) -> None:
+        self.names = {name: index for index, name in enumerate(names)}
+        self.workers = workers
+        self.memory = mmap.mmap(-1, max(len(names), 1) * workers * SLOT_BYTES)  # MAP_SHARED
+        self.slots = memoryview(self.memory).cast("q")
+
+    @classmethod
+    def for_config(cls, config: Config) -> SharedCounts | None:
+        """The counts `config`'s workers share, or None with one worker (its own counts are
+        exact) or no maxconn to share."""
+        workers = config.global_.nbthread or 1
+        if workers < 2:
+            return None
+        names = [GLOBAL] if config.global_.maxconn is not None else []
+        names += [frontend_count(f.name) for f in config.frontends if f.maxconn is not None]
+        return cls(names, workers) if names else None
+
+    def count(self, name: str, worker: int, limit: int) -> SharedCount | None:
+        """Worker `worker`'s (1-based) handle on count `name` bounded by `limit`."""
+        index = self.names.get(name)
+        if index is None:
+            return None
+        start = index * self.workers
+        return SharedCount(self.slots, start, start + self.workers, start + worker - 1, limit)
+
+    def clear_worker(self, worker: int) -> None:
+        """Zero worker `worker`'s slots (the master, once that worker is dead)."""
+        for index in self.names.values():
+            self.slots[index * self.workers + worker - 1] = 0
+
+    def totals(self) -> dict[str, int]:
+        return {
+            name: sum(self.slots[i * self.workers : (i + 1) * self.workers])
+            for name, i in self.names.items()
+        }
+
+
+class SharedCount:
+    """One worker's view of one shared count."""
+
+    __slots__ = ("end", "limit", "mine", "slots", "start")
+
+    def __init__(self, slots: memoryview, start: int, end: int, mine: int, limit: int) -> None:
+        self.slots = slots
+        self.start = start
+        self.end = end
+        self.mine = mine
+        self.limit = limit
+
+    def total(self) -> int:
+        return sum(self.slots[self.start : self.end])
+
+    def has_room(self) -> bool:
+        return self.total() < self.limit
+
+    def try_add(self) -> bool:
+        """Reserve one place; False (and nothing reserved) when every place is taken."""
+        slots = self.slots
+        slots[self.mine] += 1
+        if sum(slots[self.start : self.end]) > self.limit:
+            slots[self.mine] -= 1
+            return False
+        return True
+
+    def remove(self) -> None:
+        self.slots[self.mine] -= 1
