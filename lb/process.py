@@ -81,6 +81,7 @@ class Runtime:
         self.counters: ProcessCounters = ProcessCounters()
         self.stopping = False
         self.worker_number = 1
+        self.queue_poll: asyncio.TimerHandle | None = None  # lb.shared_counts
         # The lead runs the health checks and serves the runtime API and Prometheus.
         self.lead = True
         self.link: MasterLink | None = None
@@ -189,8 +190,9 @@ class Runtime:
         )
 
     def share_counts(self, counts: SharedCounts) -> None:
-        """Count this worker's sessions where every worker's are summed, so that the
-        global and frontend maxconn bound all of them (lb.shared_counts)."""
+        """Count this worker's sessions and server connections where every worker's are
+        summed, so that the global, frontend and server maxconn bound all of them
+        (lb.shared_counts)."""
         number = self.worker_number
         maxconn = self.config.global_.maxconn
         if maxconn is not None:
@@ -199,6 +201,29 @@ class Runtime:
             if frontend.maxconn is not None:
                 name = shared_counts.frontend_count(frontend.name)
                 frontend.shared = counts.count(name, number, frontend.maxconn)
+        for backend in self.backends.values():
+            for server in backend.servers:
+                if server.config.maxconn is not None:
+                    name = shared_counts.server_count(backend.name, server.name)
+                    server.shared = counts.count(name, number, server.config.maxconn)
+                    backend.on_queued = self._watch_queues
+
+    def _watch_queues(self) -> None:
+        """A connection waits for a server slot: slots that other workers free do not
+        reach this one, so look again every POLL_INTERVAL while any connection waits."""
+        if self.queue_poll is None:
+            self.queue_poll = self.loop.call_later(shared_counts.POLL_INTERVAL, self._poll_queues)
+
+    def _poll_queues(self) -> None:
+        self.queue_poll = None
+        waiting = False
+        for backend in self.backends.values():
+            if backend.queued:
+                for server in backend.servers:
+                    backend.serve_queues(server)
+                waiting = waiting or backend.queued > 0
+        if waiting:
+            self._watch_queues()
 
     def detach_master(self) -> None:
         if self.link is not None and self.link.transport is not None:

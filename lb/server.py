@@ -38,6 +38,7 @@ from lb.balance import WEIGHT_SCALE, Balancer, create_balancer
 from lb.config.model import Backend, Server
 from lb.health import CheckResult, HealthState
 from lb.queue import ConnectionQueue, PendingConnection
+from lb.shared_counts import SharedCount
 
 Clock = Callable[[], float]
 
@@ -81,6 +82,7 @@ class ServerState:
         "port",
         "queue",
         "sessions",
+        "shared",
         "total_connections",
         "up",
         "up_since",
@@ -103,7 +105,10 @@ class ServerState:
         self.check_status: str | None = None  # L4OK, L4CON, L4TOUT of the last check
         self.last_check: CheckResult | None = None
         self.up_since: float | None = None  # set when a slowstart ramp begins
-        self.active_connections = 0
+        self.active_connections = 0  # this worker's
+        # With several workers, every worker's connections to this server (lb.shared_counts):
+        # its maxconn bounds them all, as HAProxy's threads share a server's.
+        self.shared: SharedCount | None = None
         self.total_connections = 0
         self.failed_connections = 0
         self.queue = ConnectionQueue(self)
@@ -150,14 +155,19 @@ class ServerState:
     def queued_connections(self) -> int:
         return len(self.queue)
 
+    @property
+    def slots_used(self) -> int:
+        """Connections counted against maxconn: this worker's, or every worker's."""
+        return self.active_connections if self.shared is None else self.shared.total()
+
     def has_free_slot(self) -> bool:
         maxconn = self.maxconn_now()
-        return maxconn is None or self.active_connections < maxconn
+        return maxconn is None or self.slots_used < maxconn
 
     def has_room(self) -> bool:
         """A new connection may start now: a free slot and nobody queued ahead."""
         maxconn = self.maxconn_now()
-        return maxconn is None or (not self.queue and self.active_connections < maxconn)
+        return maxconn is None or (not self.queue and self.slots_used < maxconn)
 
     def accepts_queued(self) -> bool:
         """leastconn may queue here: an explicit maxqueue not reached (lb_fwlc.c)."""
@@ -165,17 +175,21 @@ class ServerState:
         maxqueue = self.config.maxqueue
         if maxconn is None or maxqueue <= 0:
             return False
-        return self.active_connections + len(self.queue) < maxconn + maxqueue
+        return self.slots_used + len(self.queue) < maxconn + maxqueue
 
     # -- connections ----------------------------------------------------------------------------
 
     def connection_started(self) -> None:
         self.active_connections += 1
         self.total_connections += 1
+        if self.shared is not None:
+            self.shared.add()
 
     def connection_ended(self, *, failed: bool) -> None:
         """A slot is given back: the next queued connection may take it."""
         self.active_connections -= 1
+        if self.shared is not None:
+            self.shared.remove()
         if failed:
             self.failed_connections += 1
         self.backend.serve_queues(self)
@@ -218,6 +232,9 @@ class BackendState:
         self.hashed = self.balancer.hashed
         self.queue = ConnectionQueue(None)
         self._sequence = 0
+        # Called when a connection starts waiting in a queue: with several workers, slots
+        # that other workers free are noticed by looking again (lb.process).
+        self.on_queued: Callable[[], None] | None = None
         for server_config in config.servers:
             server = ServerState(server_config, self)
             self.servers.append(server)
@@ -336,6 +353,8 @@ class BackendState:
         self._sequence += 1
         pending = PendingConnection(waiter, key, self._sequence)
         queue.push(pending)
+        if self.on_queued is not None:
+            self.on_queued()
         return pending
 
     def abandon(self, pending: PendingConnection) -> None:
@@ -386,8 +405,10 @@ class BackendState:
                 self._grant(pending, choice)
                 return
             choice.queue.push(pending)
-            return
-        self.queue.push(pending)
+        else:
+            self.queue.push(pending)
+        if self.on_queued is not None:
+            self.on_queued()
 
     # -- retries --------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""Session counts that the workers of one generation share, so that a `maxconn` (the global
-one, a frontend's) is one limit for all of them, as it is for HAProxy's threads.
+"""Counts that the workers of one generation share, so that a `maxconn` (the global one, a
+frontend's, a server's) is one limit for all of them, as it is for HAProxy's threads.
 
 Before, each of `nbthread` workers took ceil(maxconn / nbthread) sessions. The kernel spreads
 connections over the workers' SO_REUSEPORT sockets by a hash of their addresses, which is
@@ -20,6 +20,13 @@ Python has no memory fence between the write and the reads: in theory each of tw
 could read the other's slot before seeing the other's write, and the limit would be
 passed by one session per worker at most. Nothing here is on the hot path of a session's
 bytes: one add and one read of `nbthread` slots per accepted connection.
+
+A server's count is checked against its maxconn of the moment (slowstart ramps it) before
+a connection is counted (lb.server), without the take-back: two workers may pass it by one
+each at the same instant, as they could before only by far more (each had the whole
+maxconn). Connections waiting for a server slot stay in the queue of the worker that
+accepted them; a worker with connections queued looks every POLL_INTERVAL for slots that
+others freed (lb.process).
 
 A worker whose listener paused because a shared count was full learns that another worker
 ended a session by looking again every POLL_INTERVAL (HAProxy's threads wake each other's
@@ -46,6 +53,10 @@ def frontend_count(name: str) -> str:
     return f"frontend {name}"
 
 
+def server_count(backend: str, server: str) -> str:
+    return f"server {backend}/{server}"
+
+
 class SharedCounts:
     """One generation's block: a slot per worker for each named count."""
 
@@ -64,6 +75,12 @@ class SharedCounts:
             return None
         names = [GLOBAL] if config.global_.maxconn is not None else []
         names += [frontend_count(f.name) for f in config.frontends if f.maxconn is not None]
+        names += [
+            server_count(backend.name, server.name)
+            for backend in config.backends
+            for server in backend.servers
+            if server.maxconn is not None
+        ]
         return cls(names, workers) if names else None
 
     def count(self, name: str, worker: int, limit: int) -> SharedCount | None:
@@ -112,6 +129,11 @@ class SharedCount:
             slots[self.mine] -= 1
             return False
         return True
+
+    def add(self) -> None:
+        """Count one more, the caller having checked the limit (a server's maxconn moves
+        with slowstart: lb.server checks it)."""
+        self.slots[self.mine] += 1
 
     def remove(self) -> None:
         self.slots[self.mine] -= 1

@@ -440,6 +440,70 @@ def test_connections_spread_evenly_over_workers(tmp_path: Path) -> None:
 SHARED_MAXCONN = 20
 
 
+class Echoes:
+    """Connections that sent b"ping" through lb: those still waiting for the echo, and
+    those served (echoed)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[socket.socket] = []
+        self.served: list[socket.socket] = []
+
+    def open(self, port: int, count: int) -> None:
+        for _ in range(count):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conn.sendall(b"ping")
+            self.waiting.append(conn)
+
+    def collect(self, expected: int, timeout: float = 10.0, more: float = 0.3) -> int:
+        """Move the connections that echo to `served`, until `expected` are (at most
+        `timeout`), then any other that echoes within `more` seconds; how many are served."""
+        deadline = time.monotonic() + timeout
+        while self.waiting:
+            if len(self.served) >= expected:
+                deadline = min(deadline, time.monotonic() + more)
+                more = 0.0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            readable, _, _ = select.select(self.waiting, [], [], left)
+            for conn in readable:
+                assert conn.recv(16) == b"ping"
+                self.waiting.remove(conn)
+                self.served.append(conn)
+        return len(self.served)
+
+    def end(self, count: int) -> None:
+        """Close `count` served connections."""
+        ended, self.served[:] = self.served[:count], self.served[count:]
+        for conn in ended:
+            conn.close()
+
+    def drain(self, limit: int, batch: int = 5) -> None:
+        """End served connections `batch` at a time until every waiting one has been served,
+        never more than `limit` served at once."""
+        for _round in range(40):
+            if not self.waiting:
+                return
+            self.end(batch)
+            pending = len(self.served) + len(self.waiting)
+            assert self.collect(min(limit, pending)) <= limit
+        assert not self.waiting, f"{len(self.waiting)} connections never served"
+
+    def close(self) -> None:
+        for conn in self.waiting + self.served:
+            conn.close()
+
+
+def maxconn_config(port: int, backend: EchoBackend, global_: str, server: str) -> str:
+    return (
+        f"global\n    nbthread 2\n{global_}"
+        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n"
+        "    timeout server 60s\n    timeout queue 60s\n"
+        f"frontend plain\n    bind 127.0.0.1:{port}\n    default_backend be\n"
+        f"backend be\n    server s1 127.0.0.1:{backend.port}{server}\n"
+    )
+
+
 def test_global_maxconn_is_one_limit_for_all_workers(tmp_path: Path) -> None:
     """`maxconn 20` with two workers is 20 sessions in all, wherever the kernel's hash sends
     them (lb.shared_counts). Worker #2 is stopped while 60 connections are opened: worker #1
@@ -450,59 +514,45 @@ def test_global_maxconn_is_one_limit_for_all_workers(tmp_path: Path) -> None:
     never more than 20 at once, until all 60 have been."""
     port = free_port()
     backend = EchoBackend(proxy=False)
-    config = (
-        f"global\n    nbthread 2\n    maxconn {SHARED_MAXCONN}\n"
-        "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n"
-        "    timeout server 60s\n"
-        f"frontend plain\n    bind 127.0.0.1:{port}\n    default_backend be\n"
-        f"backend be\n    server s1 127.0.0.1:{backend.port}\n"
-    )
-    waiting: list[socket.socket] = []
-    served: list[socket.socket] = []
-
-    def collect(expected: int, timeout: float = 10.0, more: float = 0.3) -> None:
-        """Move the connections that echo to `served`, until `expected` are (at most
-        `timeout`), then any other that echoes within `more` seconds."""
-        deadline = time.monotonic() + timeout
-        while waiting:
-            if len(served) >= expected:
-                deadline = min(deadline, time.monotonic() + more)
-                more = 0.0
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            readable, _, _ = select.select(waiting, [], [], left)
-            for conn in readable:
-                assert conn.recv(16) == b"ping"
-                waiting.remove(conn)
-                served.append(conn)
-
+    config = maxconn_config(port, backend, f"    maxconn {SHARED_MAXCONN}\n", "")
+    echoes = Echoes()
     try:
         with run_master(config, tmp_path) as master:
             stopped = int(re.findall(r"worker #2 \((\d+)\) started", master.output())[-1])
             os.kill(stopped, signal.SIGSTOP)
             try:
-                for _ in range(3 * SHARED_MAXCONN):
-                    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
-                    conn.sendall(b"ping")
-                    waiting.append(conn)
-                collect(SHARED_MAXCONN)  # worker #1's part of the 60 is ~30: it serves 20
-                assert len(served) == SHARED_MAXCONN
+                echoes.open(port, 3 * SHARED_MAXCONN)
+                # worker #1's part of the 60 is ~30: it serves 20
+                assert echoes.collect(SHARED_MAXCONN) == SHARED_MAXCONN
             finally:
                 os.kill(stopped, signal.SIGCONT)
-            collect(SHARED_MAXCONN, more=1.0)  # worker #2 runs again: it takes none
-            assert len(served) == SHARED_MAXCONN
-            for _round in range(10):
-                ended, served[:] = served[:5], served[5:]
-                for conn in ended:
-                    conn.close()
-                collect(min(SHARED_MAXCONN, len(served) + len(waiting)))
-                assert len(served) <= SHARED_MAXCONN
-                if not waiting:
-                    break
-            assert not waiting, f"{len(waiting)} connections never served"
+            # worker #2 runs again: the count is full, it takes none
+            assert echoes.collect(SHARED_MAXCONN, more=1.0) == SHARED_MAXCONN
+            echoes.drain(SHARED_MAXCONN)
             assert "Traceback" not in master.output()
     finally:
-        for conn in waiting + served:
-            conn.close()
+        echoes.close()
+        backend.close()
+
+
+def test_server_maxconn_is_one_limit_for_all_workers(tmp_path: Path) -> None:
+    """A server's `maxconn 5` with two workers is 5 connections to it in all, as with
+    HAProxy's threads (each worker opened 5 before: 10). The others wait in the queue of
+    the worker that accepted them and are served as slots free, in either worker (a worker
+    notices a slot that the other freed by looking at the shared count while it has
+    connections queued), never more than 5 at once."""
+    port = free_port()
+    backend = EchoBackend(proxy=False)
+    config = maxconn_config(port, backend, "", " maxconn 5")
+    echoes = Echoes()
+    try:
+        with run_master(config, tmp_path) as master:
+            echoes.open(port, 24)  # both workers get some: the hash of 24 source ports
+            assert echoes.collect(5, more=1.0) == 5
+            assert len(backend.connections) == 5
+            echoes.drain(5)
+            assert len(backend.connections) == 24
+            assert "Traceback" not in master.output()
+    finally:
+        echoes.close()
         backend.close()
