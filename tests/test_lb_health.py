@@ -4,6 +4,7 @@ killed and brought back, PROXY headers on checks, maxconn/maxqueue and timeout q
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -12,9 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from bench.ports import free_port
-from lb.checks import check_header
+from lb.checks import check_header, open_checked
 from lb.config.errors import Origin
 from lb.config.model import Backend, Global, Options, Server
 from lb.health import CheckResult, CheckStatus, HealthState
@@ -370,3 +372,60 @@ def test_maxconn_and_maxqueue_exact_and_timeout_queue(tmp_path: Path) -> None:
     assert int(re.search(r" fe be/a (\d+)/", timed_out).group(1)) >= 500  # type: ignore[union-attr]
     refused_line = next(line for line in lb.output().splitlines() if " SQ " in line)
     assert " fe be/a -1/-1/" in refused_line
+
+
+def test_a_check_the_loop_was_late_for_is_judged_by_the_socket() -> None:
+    """The event loop blocked past a check's connect timeout (a loaded machine) while the
+    kernel completed the connection: libuv runs the expired timer before it polls, so the
+    check looked timed out (all six brokers DOWN at once in a fleet run).
+    lb.checks.open_checked asks the socket first: connected is connected; a connection the
+    kernel has not completed is still a timeout.
+
+    How the connection completes during the block: the listener's accept queue is full, so
+    the check's SYN is dropped and retransmitted after the kernel's initial 1 s RTO; a
+    thread empties the queue from 0.5 s on; the loop is blocked from 0.8 s to 2.6 s, past
+    the 1.5 s timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(4):  # fill the accept queue: the next SYN is dropped
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    time.sleep(0.2)
+    accepted: list[socket.socket] = []
+
+    def empty_the_queue() -> None:
+        time.sleep(0.5)
+        listener.settimeout(0.2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    async def still_dropped() -> None:
+        await open_checked(asyncio.get_running_loop(), "127.0.0.1", address[1], 0.3)
+
+    async def late() -> bool:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.8, time.sleep, 1.8)
+        _reader, writer = await open_checked(loop, "127.0.0.1", address[1], 1.5)
+        writer.close()
+        return True
+
+    emptier = threading.Thread(target=empty_the_queue, daemon=True)
+    try:
+        with pytest.raises(TimeoutError):
+            uvloop.run(still_dropped())
+        emptier.start()
+        assert uvloop.run(late())
+    finally:
+        emptier.join(10)
+        listener.close()
+        for conn in fillers + accepted:
+            conn.close()
