@@ -35,6 +35,7 @@ from typing import Any, NoReturn, Protocol, cast
 from broker.config import ListenerConfig
 from broker.core import Broker
 from broker.hooks import ClaimOutcome, PeerIdentity, Principal
+from broker.logline import log_line
 from broker.message import Message
 from broker.mqtt import (
     EMPTY_PROPERTIES,
@@ -83,6 +84,8 @@ KEEP_ALIVE_FACTOR = 1.5
 # one packet per client per turn; 1,024 keeps fan-out batching: 64 cost QoS 0 fan-out 2.6x
 # CPU per delivery, bench/README.md).
 PACKETS_PER_TURN = 1024
+# The protocol levels' names in the "client connected" line.
+PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 # MQTT 5.0 section 3.2.2.2: the reason codes a CONNACK may carry.
 CONNACK_REASON_CODES = frozenset(
     {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97}
@@ -452,18 +455,16 @@ class ClientConnection:
         if was_connected:
             will = self.will if send_will else None
             broker.detach(self, will, self.will_delay, self.will_expiry, self.principal)
-            duration = broker.clock() - self.connected_at
             level = logging.DEBUG if self.identity.health_check else logging.INFO
-            logger.log(
-                level,
-                "client disconnected: client_id=%s address=%s connection_id=%s reason=%s "
-                "duration=%.1fs",
-                self.client_id,
-                self.address_text,
-                self.connection_id,
-                reason,
-                duration,
-            )
+            if logger.isEnabledFor(level):
+                duration = broker.clock() - self.connected_at
+                log_line(
+                    logger,
+                    level,
+                    f"client disconnected: client_id={self.client_id} "
+                    f"address={self.address_text} connection_id={self.connection_id} "
+                    f"reason={reason} duration={duration:.1f}s",
+                )
         self.will = None
 
     def _send_disconnect(self, reason_code: int, reason: str | None = None) -> None:
@@ -987,21 +988,18 @@ class ClientConnection:
             )
         self._send(Connack(session_present, 0, connack_properties))
         self.io.set_idle_timeout(keep_alive * KEEP_ALIVE_FACTOR if keep_alive else None)
-        logger.log(
-            logging.DEBUG if identity.health_check else logging.INFO,
-            "client connected: client_id=%s username=%s address=%s connection_id=%s cn=%s "
-            "protocol=%s keepalive=%d clean_start=%s session_present=%s listener=%s",
-            client_id,
-            self.username or "-",
-            self.address_text,
-            self.connection_id,
-            identity.certificate_cn or "-",
-            {3: "3.1", 4: "3.1.1", 5: "5.0"}.get(level, str(level)),
-            keep_alive,
-            connect.clean_start,
-            session_present,
-            self.listener.label,
-        )
+        log_level = logging.DEBUG if identity.health_check else logging.INFO
+        if logger.isEnabledFor(log_level):
+            log_line(
+                logger,
+                log_level,
+                f"client connected: client_id={client_id} username={self.username or '-'} "
+                f"address={self.address_text} connection_id={self.connection_id} "
+                f"cn={identity.certificate_cn or '-'} "
+                f"protocol={PROTOCOL_NAMES.get(level, str(level))} keepalive={keep_alive} "
+                f"clean_start={connect.clean_start} session_present={session_present} "
+                f"listener={self.listener.label}",
+            )
 
         # Resume: resend unacknowledged PUBLISH (DUP) and PUBREL (5.0 section 4.4).
         for outgoing in list(session.inflight.values()):
