@@ -944,7 +944,6 @@ class ClientConnection:
         server_keep_alive: int | None,
     ) -> None:
         broker = self.broker
-        settings = broker.settings
         level = self.protocol_level
         identity = self.identity
         client_id = self.client_id
@@ -965,28 +964,28 @@ class ClientConnection:
         self.connected_at = broker.clock()
         broker.counters.connects_accepted += 1
 
-        connack_properties = EMPTY_PROPERTIES
-        if level >= MQTT_5:
-            connack_properties = Properties(
-                session_expiry_interval=expiry if expiry != requested_expiry else None,
-                receive_maximum=settings.receive_maximum
-                if settings.receive_maximum != DEFAULT_RECEIVE_MAXIMUM
-                else None,
-                maximum_qos=settings.maximum_qos if settings.maximum_qos < 2 else None,
-                retain_available=None if settings.retain_available else 0,
-                maximum_packet_size=settings.max_packet_size,
-                assigned_client_identifier=assigned,
-                topic_alias_maximum=settings.topic_alias_maximum or None,
-                wildcard_subscription_available=None
-                if settings.wildcard_subscription_available
-                else 0,
-                subscription_identifier_available=None
-                if settings.subscription_identifier_available
-                else 0,
-                shared_subscription_available=None if settings.shared_subscription_available else 0,
-                server_keep_alive=server_keep_alive,
+        data: bytes | None = None
+        if level < MQTT_5 or (
+            expiry == requested_expiry and assigned is None and server_keep_alive is None
+        ):
+            # Nothing about this client in it: the same bytes for every client of this level
+            # (the 5.0 property encode was ~5% of a connection, bench/README.md issue 13).
+            memo_key = (level, session_present)
+            data = broker.connack_memo.get(memo_key)
+            if data is None:
+                properties = self._connack_properties(expiry, requested_expiry, None, None)
+                data = encode(Connack(session_present, 0, properties), level)
+                broker.connack_memo[memo_key] = data
+        limit = self.client_maximum_packet_size
+        if data is None or (limit and len(data) > limit):
+            # _send shortens or refuses what exceeds the client's Maximum Packet Size.
+            properties = self._connack_properties(
+                expiry, requested_expiry, assigned, server_keep_alive
             )
-        self._send(Connack(session_present, 0, connack_properties))
+            self._send(Connack(session_present, 0, properties))
+        else:
+            broker.counters.bytes_sent += len(data)
+            self.io.write(data)
         self.io.set_idle_timeout(keep_alive * KEEP_ALIVE_FACTOR if keep_alive else None)
         log_level = logging.DEBUG if identity.health_check else logging.INFO
         if logger.isEnabledFor(log_level):
@@ -1010,6 +1009,35 @@ class ClientConnection:
             elif not self._send_publish(outgoing.pending, outgoing.packet_id, dup=True):
                 self._inflight_done(session, outgoing)
         self._pump()
+
+    def _connack_properties(
+        self,
+        expiry: int,
+        requested_expiry: int,
+        assigned: str | None,
+        server_keep_alive: int | None,
+    ) -> Properties:
+        """A CONNACK's properties (5.0 section 3.2.2.3): what differs from the defaults."""
+        if self.protocol_level < MQTT_5:
+            return EMPTY_PROPERTIES
+        settings = self.broker.settings
+        return Properties(
+            session_expiry_interval=expiry if expiry != requested_expiry else None,
+            receive_maximum=settings.receive_maximum
+            if settings.receive_maximum != DEFAULT_RECEIVE_MAXIMUM
+            else None,
+            maximum_qos=settings.maximum_qos if settings.maximum_qos < 2 else None,
+            retain_available=None if settings.retain_available else 0,
+            maximum_packet_size=settings.max_packet_size,
+            assigned_client_identifier=assigned,
+            topic_alias_maximum=settings.topic_alias_maximum or None,
+            wildcard_subscription_available=None if settings.wildcard_subscription_available else 0,
+            subscription_identifier_available=None
+            if settings.subscription_identifier_available
+            else 0,
+            shared_subscription_available=None if settings.shared_subscription_available else 0,
+            server_keep_alive=server_keep_alive,
+        )
 
     def _handle_publish(self, publish: Publish) -> None:
         broker = self.broker

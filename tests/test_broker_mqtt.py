@@ -333,6 +333,35 @@ def test_zero_length_client_id() -> None:
         assert v5.properties.assigned_client_identifier
 
 
+def test_connack_memo_holds_nothing_of_one_client() -> None:
+    """CONNACKs with nothing client-specific are encoded once per (level, session present);
+    an assigned id, a shortened session expiry or a server keep alive is one client's own."""
+    config = make_config(mqtt={"max_keepalive": 100, "session_expiry_max": 60})
+    with running_broker(config) as node:
+        plain = RawClient(node.port()).connect(connect_packet("plain", keep_alive=30))
+        assert isinstance(plain, Connack) and plain.reason_code == 0
+        assert plain.properties.maximum_packet_size is not None
+        own = RawClient(node.port()).connect(
+            connect_packet("", keep_alive=600, properties=Properties(session_expiry_interval=3600))
+        )
+        assert isinstance(own, Connack) and own.reason_code == 0
+        assert own.properties.assigned_client_identifier
+        assert own.properties.server_keep_alive == 100
+        assert own.properties.session_expiry_interval == 60
+        again = RawClient(node.port()).connect(connect_packet("plain-2", keep_alive=30))
+        assert again == plain
+        old = RawClient(node.port(), level=4).connect(connect_packet("old", level=4, keep_alive=30))
+        assert isinstance(old, Connack) and old.reason_code == 0 and not old.session_present
+        back = RawClient(node.port(), level=4).connect(
+            connect_packet("old", level=4, keep_alive=30, clean_start=False)
+        )
+        assert isinstance(back, Connack) and not back.session_present
+        present = RawClient(node.port(), level=4).connect(
+            connect_packet("old", level=4, keep_alive=30, clean_start=False)
+        )
+        assert isinstance(present, Connack) and present.session_present
+
+
 def test_topic_aliases_both_directions() -> None:
     with running_broker(make_config(mqtt={"topic_alias_maximum": 4})) as node:
         subscriber = RawClient(node.port())
