@@ -98,7 +98,10 @@ class ConnectionIO(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, linger: bool = True) -> None:
+        """Close after what was written; ``linger``: read and drop what the client still
+        sends for a while, so that it reads our last packet rather than a reset."""
+        ...
 
     def admit(self) -> bool:
         """Take one of the listener's ``max_connections`` slots for this client (kept until
@@ -440,7 +443,9 @@ class ClientConnection:
 
     # --- closing ----------------------------------------------------------------------------
 
-    def _finish(self, reason: str, send_will: bool, close: bool = True) -> None:
+    def _finish(
+        self, reason: str, send_will: bool, close: bool = True, linger: bool = True
+    ) -> None:
         if self.state == "closed":
             return
         was_connected = self.state == "connected"
@@ -451,7 +456,7 @@ class ClientConnection:
         if self.held_by or self.input_paused or self.store_held:
             self._release_holds()
         if close:
-            self.io.close()
+            self.io.close(linger)
         if was_connected:
             will = self.will if send_will else None
             broker.detach(self, will, self.will_delay, self.will_expiry, self.principal)
@@ -1342,7 +1347,10 @@ class ClientConnection:
         reason = "client sent DISCONNECT"
         if disconnect.reason_code:
             reason += f" 0x{disconnect.reason_code:02X}"
-        self._finish(reason, send_will=with_will)
+        # No lingering close: the client said it is done (it sends nothing after DISCONNECT,
+        # 5.0 section 3.14.4) and nothing of ours follows it. A shutdown, a timer and a last
+        # read saved per connection (bench/README.md issue 13); mosquitto closes at once too.
+        self._finish(reason, send_will=with_will, linger=False)
 
 
 def _is_utf8(payload: bytes) -> bool:

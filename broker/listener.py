@@ -26,7 +26,8 @@ connection gets a :class:`MQTTServerProtocol`, which:
 - closes gracefully after it has spoken (a CONNACK refusal, a DISCONNECT): the write side is
   shut, and what the client still sends is read and discarded for up to ``LINGER_TIME`` or
   ``LINGER_MAX_BYTES`` (HAProxy's and nginx's lingering close), so a client that is still
-  writing reads our last packet instead of a reset;
+  writing reads our last packet instead of a reset; after the client's own DISCONNECT it
+  closes at once (nothing is left to say either way);
 - rate limits the lines a flood can cause (untrusted sources, PROXY timeouts and errors,
   refused TLS handshakes, evictions) with lb.ratelimit: "N similar lines suppressed";
 - implements :class:`broker.connection.ConnectionIO` for the sans-IO connection: writes with
@@ -579,8 +580,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def close(self) -> None:
-        self._close_transport()
+    def close(self, linger: bool = True) -> None:
+        self._close_transport(linger)
 
     def admit(self) -> bool:
         """Take one of the listener's max_connections slots; False when none is left."""

@@ -422,6 +422,28 @@ def test_lingering_close_after_disconnect() -> None:
         wait_for(lambda: node.call(lambda: node.server.listeners[0].active) == 0)  # type: ignore[union-attr]
 
 
+def test_client_disconnect_closes_at_once() -> None:
+    """After the client's own DISCONNECT nothing of ours is left to read and the client
+    sends nothing more (5.0 section 3.14.4): the socket is closed, not lingered on. A
+    client that writes anyway meets a closed socket (a reset), where a lingering close
+    would read and drop its bytes for LINGER_TIME."""
+    with running_broker() as node:
+        raw = RawClient(node.port())
+        raw.connect(connect_packet("leaving"))
+        raw.send(Disconnect())
+        assert raw.receive() is None  # end of stream
+        reset = False
+        for _ in range(100):  # 1 s at most, within LINGER_TIME (2 s)
+            try:
+                raw.send(Pingreq())
+            except (BrokenPipeError, ConnectionResetError):
+                reset = True
+                break
+            time.sleep(0.01)
+        assert reset
+        wait_for(lambda: node.call(lambda: node.server.listeners[0].active) == 0)  # type: ignore[union-attr]
+
+
 def test_paho_still_writing_reads_the_disconnect() -> None:
     """Paho's interop test_flow_control2 with paho itself: QoS 2 publishes past our Receive
     Maximum, the client still writing when DISCONNECT 0x93 comes. Closed at once, paho
