@@ -5,6 +5,7 @@ Every test runs a real node on 127.0.0.1 (port 0) in a background loop thread.
 
 from __future__ import annotations
 
+import gc
 import queue
 import socket
 import time
@@ -17,6 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from broker.connection import ClientConnection
+from broker.listener import MQTTServerProtocol
 from broker.mqtt import (
     Connack,
     Connect,
@@ -34,6 +37,7 @@ from broker.mqtt import (
     Subscription,
     Will,
 )
+from broker.session import Session
 from tests.broker_harness import BrokerThread, RawClient, make_config, running_broker, wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -442,6 +446,46 @@ def test_client_disconnect_closes_at_once() -> None:
             time.sleep(0.01)
         assert reset
         wait_for(lambda: node.call(lambda: node.server.listeners[0].active) == 0)  # type: ignore[union-attr]
+
+
+def test_closed_connections_leave_no_cyclic_garbage() -> None:
+    """A closed connection is freed by reference counting: no cycle is left for the cyclic
+    GC (its collections were ~8% of the CPU per connection while every closed connection
+    was one). Every way out here: DISCONNECT, a refused CONNECT, a dropped socket, a
+    socket that never sent CONNECT, and a 5.0 client with an assigned id."""
+    with running_broker(make_config(mqtt={"max_keepalive": 30})) as node:
+        port = node.port()
+        warm_up = RawClient(port)
+        warm_up.connect(connect_packet("warm-up"))
+        warm_up.close()
+        gc.collect()
+        flags = gc.get_debug()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for number in range(10):
+                leaving = RawClient(port, level=4)
+                leaving.connect(connect_packet(f"leaving-{number}", level=4))
+                leaving.send(Disconnect())
+                assert leaving.receive() is None
+                refused = RawClient(port, level=4)
+                answer = refused.connect(connect_packet(f"r-{number}", level=4, keep_alive=600))
+                assert isinstance(answer, Connack) and answer.reason_code == 2
+                dropped = RawClient(port)
+                dropped.connect(connect_packet("", keep_alive=0))
+                dropped.close()
+                RawClient(port).close()
+                leaving.close()
+                refused.close()
+            wait_for(lambda: node.call(lambda: node.server.listeners[0].active) == 0)  # type: ignore[union-attr]
+            gc.collect()
+            kinds = (ClientConnection, MQTTServerProtocol, Session)
+            left = [type(item).__name__ for item in gc.garbage if isinstance(item, kinds)]
+        finally:
+            gc.set_debug(flags)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == []
 
 
 def test_paho_still_writing_reads_the_disconnect() -> None:
