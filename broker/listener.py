@@ -227,14 +227,18 @@ class Listener:
     def _protocol(self) -> asyncio.Protocol:
         return MQTTServerProtocol(self)
 
-    def _accepted(self, connection: socket.socket, _address: object) -> None:
+    def _accepted(self, connection: socket.socket, address: object) -> None:
         # The event loop makes a transport for an accepted socket only in a coroutine,
         # connect_accepted_socket: it builds the transport and schedules connection_made at
         # once, then waits for it. The coroutine is stepped here, from its waiter's done
         # callback, as a Task would step it, without the Task (its object, two call_soon and
         # a done callback: ~7 µs of ~120 per connection, bench/README.md issue 13).
+        # The peer's address is accept()'s: asking the transport for it costs a
+        # getsockname, a getpeername and a socket object.
         adopting = self.loop.connect_accepted_socket(
-            self._protocol, connection, ssl=self.ssl_context
+            functools.partial(MQTTServerProtocol, self, address),
+            connection,
+            ssl=self.ssl_context,
         )
         self._adopting[adopting] = connection
         self._adopt_step(adopting)
@@ -338,6 +342,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         "lingering",
         "listener",
         "loop",
+        "peer",
         "proxy_decoder",
         "reading_paused",
         "socket_address",
@@ -346,9 +351,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         "writing_paused",
     )
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, peer: Any = None) -> None:
         self.listener = listener
-        self.loop = asyncio.get_running_loop()
+        self.loop = listener.loop
+        # accept()'s address of the peer, when the listener accepted the socket itself.
+        self.peer = peer
         self.transport: asyncio.Transport | None = None
         self.connection: ClientConnection | None = None
         self.proxy_decoder: ProxyProtocolDecoder | None = None
@@ -396,7 +403,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         listener = self.listener
         config = listener.config
         counters = listener.broker.counters
-        peer = transport.get_extra_info("peername")
+        peer = self.peer
+        if peer is None:
+            peer = transport.get_extra_info("peername")
+        else:
+            self.peer = None
         listener.protocols.add(self)
         counters.connections_accepted += 1
         if not peer:
