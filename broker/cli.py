@@ -29,7 +29,7 @@ from broker import __version__
 from broker.accept import plan_file_limit, raise_file_limit
 from broker.cluster import ClusterError, startup_problems
 from broker.config import BrokerConfig, ConfigError, default_config, load_config
-from broker.logs import SecondCachedFormatter, TurnBufferedHandler
+from broker.logs import FORMAT, SecondCachedFormatter, TurnBufferedHandler
 from broker.node import BrokerServer
 from lb.pem import TLSFileError
 from lb.sd_notify import Notifier
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.logMultiprocessing = False
     logging._srcfile = None  # no findCaller (HOWTO)
     handler = TurnBufferedHandler(sys.stderr)
-    handler.setFormatter(SecondCachedFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(SecondCachedFormatter(FORMAT))
     logging.basicConfig(
         level=logging.DEBUG if arguments.verbose else logging.INFO, handlers=[handler]
     )

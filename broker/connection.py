@@ -35,6 +35,7 @@ from typing import Any, NoReturn, Protocol, cast
 from broker.config import ListenerConfig
 from broker.core import Broker
 from broker.hooks import ClaimOutcome, PeerIdentity, Principal
+from broker.logline import log_line
 from broker.message import Message
 from broker.mqtt import (
     EMPTY_PROPERTIES,
@@ -83,6 +84,8 @@ KEEP_ALIVE_FACTOR = 1.5
 # one packet per client per turn; 1,024 keeps fan-out batching: 64 cost QoS 0 fan-out 2.6x
 # CPU per delivery, bench/README.md).
 PACKETS_PER_TURN = 1024
+# The protocol levels' names in the "client connected" line.
+PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 # MQTT 5.0 section 3.2.2.2: the reason codes a CONNACK may carry.
 CONNACK_REASON_CODES = frozenset(
     {0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97}
@@ -95,7 +98,10 @@ class ConnectionIO(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, linger: bool = True) -> None:
+        """Close after what was written; ``linger``: read and drop what the client still
+        sends for a while, so that it reads our last packet rather than a reset."""
+        ...
 
     def admit(self) -> bool:
         """Take one of the listener's ``max_connections`` slots for this client (kept until
@@ -437,7 +443,9 @@ class ClientConnection:
 
     # --- closing ----------------------------------------------------------------------------
 
-    def _finish(self, reason: str, send_will: bool, close: bool = True) -> None:
+    def _finish(
+        self, reason: str, send_will: bool, close: bool = True, linger: bool = True
+    ) -> None:
         if self.state == "closed":
             return
         was_connected = self.state == "connected"
@@ -448,22 +456,20 @@ class ClientConnection:
         if self.held_by or self.input_paused or self.store_held:
             self._release_holds()
         if close:
-            self.io.close()
+            self.io.close(linger)
         if was_connected:
             will = self.will if send_will else None
             broker.detach(self, will, self.will_delay, self.will_expiry, self.principal)
-            duration = broker.clock() - self.connected_at
             level = logging.DEBUG if self.identity.health_check else logging.INFO
-            logger.log(
-                level,
-                "client disconnected: client_id=%s address=%s connection_id=%s reason=%s "
-                "duration=%.1fs",
-                self.client_id,
-                self.address_text,
-                self.connection_id,
-                reason,
-                duration,
-            )
+            if logger.isEnabledFor(level):
+                duration = broker.clock() - self.connected_at
+                log_line(
+                    logger,
+                    level,
+                    f"client disconnected: client_id={self.client_id} "
+                    f"address={self.address_text} connection_id={self.connection_id} "
+                    f"reason={reason} duration={duration:.1f}s",
+                )
         self.will = None
 
     def _send_disconnect(self, reason_code: int, reason: str | None = None) -> None:
@@ -943,7 +949,6 @@ class ClientConnection:
         server_keep_alive: int | None,
     ) -> None:
         broker = self.broker
-        settings = broker.settings
         level = self.protocol_level
         identity = self.identity
         client_id = self.client_id
@@ -964,44 +969,41 @@ class ClientConnection:
         self.connected_at = broker.clock()
         broker.counters.connects_accepted += 1
 
-        connack_properties = EMPTY_PROPERTIES
-        if level >= MQTT_5:
-            connack_properties = Properties(
-                session_expiry_interval=expiry if expiry != requested_expiry else None,
-                receive_maximum=settings.receive_maximum
-                if settings.receive_maximum != DEFAULT_RECEIVE_MAXIMUM
-                else None,
-                maximum_qos=settings.maximum_qos if settings.maximum_qos < 2 else None,
-                retain_available=None if settings.retain_available else 0,
-                maximum_packet_size=settings.max_packet_size,
-                assigned_client_identifier=assigned,
-                topic_alias_maximum=settings.topic_alias_maximum or None,
-                wildcard_subscription_available=None
-                if settings.wildcard_subscription_available
-                else 0,
-                subscription_identifier_available=None
-                if settings.subscription_identifier_available
-                else 0,
-                shared_subscription_available=None if settings.shared_subscription_available else 0,
-                server_keep_alive=server_keep_alive,
+        data: bytes | None = None
+        if level < MQTT_5 or (
+            expiry == requested_expiry and assigned is None and server_keep_alive is None
+        ):
+            # Nothing about this client in it: the same bytes for every client of this level
+            # (the 5.0 property encode was ~5% of a connection, bench/README.md issue 13).
+            memo_key = (level, session_present)
+            data = broker.connack_memo.get(memo_key)
+            if data is None:
+                properties = self._connack_properties(expiry, requested_expiry, None, None)
+                data = encode(Connack(session_present, 0, properties), level)
+                broker.connack_memo[memo_key] = data
+        limit = self.client_maximum_packet_size
+        if data is None or (limit and len(data) > limit):
+            # _send shortens or refuses what exceeds the client's Maximum Packet Size.
+            properties = self._connack_properties(
+                expiry, requested_expiry, assigned, server_keep_alive
             )
-        self._send(Connack(session_present, 0, connack_properties))
+            self._send(Connack(session_present, 0, properties))
+        else:
+            broker.counters.bytes_sent += len(data)
+            self.io.write(data)
         self.io.set_idle_timeout(keep_alive * KEEP_ALIVE_FACTOR if keep_alive else None)
-        logger.log(
-            logging.DEBUG if identity.health_check else logging.INFO,
-            "client connected: client_id=%s username=%s address=%s connection_id=%s cn=%s "
-            "protocol=%s keepalive=%d clean_start=%s session_present=%s listener=%s",
-            client_id,
-            self.username or "-",
-            self.address_text,
-            self.connection_id,
-            identity.certificate_cn or "-",
-            {3: "3.1", 4: "3.1.1", 5: "5.0"}.get(level, str(level)),
-            keep_alive,
-            connect.clean_start,
-            session_present,
-            self.listener.label,
-        )
+        log_level = logging.DEBUG if identity.health_check else logging.INFO
+        if logger.isEnabledFor(log_level):
+            log_line(
+                logger,
+                log_level,
+                f"client connected: client_id={client_id} username={self.username or '-'} "
+                f"address={self.address_text} connection_id={self.connection_id} "
+                f"cn={identity.certificate_cn or '-'} "
+                f"protocol={PROTOCOL_NAMES.get(level, str(level))} keepalive={keep_alive} "
+                f"clean_start={connect.clean_start} session_present={session_present} "
+                f"listener={self.listener.label}",
+            )
 
         # Resume: resend unacknowledged PUBLISH (DUP) and PUBREL (5.0 section 4.4).
         for outgoing in list(session.inflight.values()):
@@ -1012,6 +1014,35 @@ class ClientConnection:
             elif not self._send_publish(outgoing.pending, outgoing.packet_id, dup=True):
                 self._inflight_done(session, outgoing)
         self._pump()
+
+    def _connack_properties(
+        self,
+        expiry: int,
+        requested_expiry: int,
+        assigned: str | None,
+        server_keep_alive: int | None,
+    ) -> Properties:
+        """A CONNACK's properties (5.0 section 3.2.2.3): what differs from the defaults."""
+        if self.protocol_level < MQTT_5:
+            return EMPTY_PROPERTIES
+        settings = self.broker.settings
+        return Properties(
+            session_expiry_interval=expiry if expiry != requested_expiry else None,
+            receive_maximum=settings.receive_maximum
+            if settings.receive_maximum != DEFAULT_RECEIVE_MAXIMUM
+            else None,
+            maximum_qos=settings.maximum_qos if settings.maximum_qos < 2 else None,
+            retain_available=None if settings.retain_available else 0,
+            maximum_packet_size=settings.max_packet_size,
+            assigned_client_identifier=assigned,
+            topic_alias_maximum=settings.topic_alias_maximum or None,
+            wildcard_subscription_available=None if settings.wildcard_subscription_available else 0,
+            subscription_identifier_available=None
+            if settings.subscription_identifier_available
+            else 0,
+            shared_subscription_available=None if settings.shared_subscription_available else 0,
+            server_keep_alive=server_keep_alive,
+        )
 
     def _handle_publish(self, publish: Publish) -> None:
         broker = self.broker
@@ -1316,7 +1347,10 @@ class ClientConnection:
         reason = "client sent DISCONNECT"
         if disconnect.reason_code:
             reason += f" 0x{disconnect.reason_code:02X}"
-        self._finish(reason, send_will=with_will)
+        # No lingering close: the client said it is done (it sends nothing after DISCONNECT,
+        # 5.0 section 3.14.4) and nothing of ours follows it. A shutdown, a timer and a last
+        # read saved per connection (bench/README.md issue 13); mosquitto closes at once too.
+        self._finish(reason, send_will=with_will, linger=False)
 
 
 def _is_utf8(payload: bytes) -> bool:

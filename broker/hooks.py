@@ -66,11 +66,12 @@ prefix (subscribe). When policies change at runtime, call
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Protocol
 
 from broker.cluster_codec import Version
 from broker.message import Message
+from broker.mqtt.packets import record
 
 if TYPE_CHECKING:
     from broker.connection import ClientConnection
@@ -88,7 +89,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built per connection: see broker.mqtt.packets.record
 class PeerIdentity:
     """Who is on the other end of a connection, as far as the transport can tell.
 
@@ -116,7 +117,7 @@ class PeerIdentity:
     connection_id_source: str = "broker"
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built per connection: see broker.mqtt.packets.record
 class Principal:
     """The identity authorization decides on (seed 003): client id, username, attributes."""
 
@@ -138,7 +139,7 @@ class AuthorizationHook(Protocol):
     def authorize_subscribe(self, principal: Principal, topic_filter: str, qos: int) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built per connection: see broker.mqtt.packets.record
 class ClaimOutcome:
     """How a claim on a client id ended (see ``ClusterHook.claim``)."""
 

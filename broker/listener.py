@@ -26,7 +26,8 @@ connection gets a :class:`MQTTServerProtocol`, which:
 - closes gracefully after it has spoken (a CONNACK refusal, a DISCONNECT): the write side is
   shut, and what the client still sends is read and discarded for up to ``LINGER_TIME`` or
   ``LINGER_MAX_BYTES`` (HAProxy's and nginx's lingering close), so a client that is still
-  writing reads our last packet instead of a reset;
+  writing reads our last packet instead of a reset; after the client's own DISCONNECT it
+  closes at once (nothing is left to say either way);
 - rate limits the lines a flood can cause (untrusted sources, PROXY timeouts and errors,
   refused TLS handshakes, evictions) with lb.ratelimit: "N similar lines suppressed";
 - implements :class:`broker.connection.ConnectionIO` for the sans-IO connection: writes with
@@ -46,13 +47,14 @@ and section 3 ("the receiver ... must only accept it from known sources").
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import secrets
+import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 from broker.accept import AcceptLoop, PendingConnections, open_listening_socket
 from broker.config import ListenerConfig, is_loopback_host
@@ -153,8 +155,9 @@ class Listener:
         )
         # Set by stop() while it waits for the lingering closes.
         self._all_closed: asyncio.Event | None = None
-        # Connections being adopted by the event loop (accepted, connection_made not yet run).
-        self._adopting: set[asyncio.Task[None]] = set()
+        # Connections being adopted by the event loop (accepted, connection_made not yet
+        # run): connect_accepted_socket's coroutine -> the accepted socket (see _accepted).
+        self._adopting: dict[Coroutine[Any, Any, object], socket.socket] = {}
         self.refusals = SuppressedLines(
             logger.warning,
             f"listener {config.label}",
@@ -224,19 +227,44 @@ class Listener:
     def _protocol(self) -> asyncio.Protocol:
         return MQTTServerProtocol(self)
 
-    def _accepted(self, connection: socket.socket, _address: object) -> None:
-        task = self.loop.create_task(self._adopt(connection))
-        self._adopting.add(task)
-        task.add_done_callback(self._adopting.discard)
+    def _accepted(self, connection: socket.socket, address: object) -> None:
+        # The event loop makes a transport for an accepted socket only in a coroutine,
+        # connect_accepted_socket: it builds the transport and schedules connection_made at
+        # once, then waits for it. The coroutine is stepped here, from its waiter's done
+        # callback, as a Task would step it, without the Task (its object, two call_soon and
+        # a done callback: ~7 µs of ~120 per connection, bench/README.md issue 13).
+        # The peer's address is accept()'s: asking the transport for it costs a
+        # getsockname, a getpeername and a socket object.
+        adopting = self.loop.connect_accepted_socket(
+            functools.partial(MQTTServerProtocol, self, address),
+            connection,
+            ssl=self.ssl_context,
+        )
+        self._adopting[adopting] = connection
+        self._adopt_step(adopting)
 
-    async def _adopt(self, connection: socket.socket) -> None:
+    def _adopt_step(self, adopting: Coroutine[Any, Any, object], _done: object = None) -> None:
+        connection = self._adopting.get(adopting)
+        if connection is None:
+            return  # closed by stop()
         try:
-            await self.loop.connect_accepted_socket(
-                self._protocol, connection, ssl=self.ssl_context
-            )
+            waiter = adopting.send(None)
+        except StopIteration:
+            del self._adopting[adopting]
+            return
         except OSError as error:
+            del self._adopting[adopting]
             logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
             connection.close()
+            return
+        except BaseException:
+            del self._adopting[adopting]
+            connection.close()
+            raise
+        # A future (`await waiter`); only the event loop's futures are awaited in there.
+        cast(asyncio.Future[object], waiter).add_done_callback(
+            functools.partial(self._adopt_step, adopting)
+        )
 
     def _tls_refused(self, address: tuple[str, int], reason: str) -> None:
         self.refused(
@@ -266,8 +294,10 @@ class Listener:
             self.acceptor.close()
         if self.server is not None:
             self.server.close()
-        for task in list(self._adopting):
-            task.cancel()
+        adopting = list(self._adopting)
+        self._adopting.clear()
+        for coroutine in adopting:
+            coroutine.close()  # its transport is closed (GeneratorExit at its await)
         for protocol in list(self.protocols):
             protocol.shutdown()
         # Lingering closes end by themselves within LINGER_TIME; what is left is cut.
@@ -312,6 +342,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         "lingering",
         "listener",
         "loop",
+        "peer",
         "proxy_decoder",
         "reading_paused",
         "socket_address",
@@ -320,16 +351,18 @@ class MQTTServerProtocol(asyncio.Protocol):
         "writing_paused",
     )
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, peer: Any = None) -> None:
         self.listener = listener
-        self.loop = asyncio.get_running_loop()
+        self.loop = listener.loop
+        # accept()'s address of the peer, when the listener accepted the socket itself.
+        self.peer = peer
         self.transport: asyncio.Transport | None = None
         self.connection: ClientConnection | None = None
         self.proxy_decoder: ProxyProtocolDecoder | None = None
         self.socket_address: tuple[str, int] = ("", 0)
         # Our own id until a PROXY header brings the balancer's (PP2_TYPE_UNIQUE_ID): every
         # log line about the connection carries one, so lines always correlate.
-        self.connection_id = secrets.token_hex(16)
+        self.connection_id = os.urandom(16).hex()  # secrets.token_hex's bytes, fewer calls
         self.connection_id_source = "broker"
         # The lingering close's timer; every other timeout is an entry in listener.wheel.
         self._timer: asyncio.TimerHandle | None = None
@@ -370,7 +403,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         listener = self.listener
         config = listener.config
         counters = listener.broker.counters
-        peer = transport.get_extra_info("peername")
+        peer = self.peer
+        if peer is None:
+            peer = transport.get_extra_info("peername")
+        else:
+            self.peer = None
         listener.protocols.add(self)
         counters.connections_accepted += 1
         if not peer:
@@ -469,6 +506,11 @@ class MQTTServerProtocol(asyncio.Protocol):
         connection = self.connection
         if connection is not None:
             connection.connection_lost(None if exc is None else f"connection error: {exc}")
+            # The connection refers to us (its io): without this cycle, a closed connection
+            # and what it holds (session, decoder, identity: 13 objects) are freed by their
+            # reference counts at once instead of by the cyclic GC, whose collections were
+            # ~8% of the CPU per connection (bench/README.md issue 13).
+            self.connection = None
         elif self.proxy_decoder is not None and not was_closed:
             logger.debug(
                 "connection from %s closed while waiting for the PROXY header",
@@ -554,8 +596,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def close(self) -> None:
-        self._close_transport()
+    def close(self, linger: bool = True) -> None:
+        self._close_transport(linger)
 
     def admit(self) -> bool:
         """Take one of the listener's max_connections slots; False when none is left."""
@@ -745,7 +787,9 @@ class MQTTServerProtocol(asyncio.Protocol):
         verified = False
         tls_version: str | None = None
         chain_subjects: tuple[bytes, ...] = ()
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        ssl_object = None
+        if transport is not None and (self.listener.tls or self.listener.ssl_context):
+            ssl_object = transport.get_extra_info("ssl_object")
         if isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             tls_version = ssl_object.version()
             certificate = ssl_object.getpeercert()

@@ -8,6 +8,11 @@ others of the same loop turn into one write at the end of the turn. What cannot 
 written at once: WARNING and above (with everything before it, so the order holds), records
 from outside the event loop's thread, and a full batch (``MAX_BATCH``). Exit flushes
 (``logging.shutdown``); a killed process loses at most the records of one loop turn.
+
+The per-connection lines are built once, as text, by their caller and handed to
+:func:`broker.logline.log_line`: when such a line reaches only a :class:`TurnBufferedHandler`
+with the broker's own :data:`FORMAT` (the ``broker`` command's setup), it is stamped and
+queued here without a ``LogRecord`` (:meth:`TurnBufferedHandler.write_line`).
 """
 
 from __future__ import annotations
@@ -17,13 +22,17 @@ import logging
 import time
 from typing import TextIO
 
-__all__ = ["MAX_BATCH", "SecondCachedFormatter", "TurnBufferedHandler"]
+from broker.logline import LineHandler
+
+__all__ = ["FORMAT", "MAX_BATCH", "SecondCachedFormatter", "TurnBufferedHandler"]
 
 #: Records held before they are written regardless of the loop turn.
 MAX_BATCH = 256
+#: The broker's log line, which :meth:`TurnBufferedHandler.write_line` writes without a record.
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class TurnBufferedHandler(logging.StreamHandler[TextIO]):
+class TurnBufferedHandler(logging.StreamHandler[TextIO], LineHandler):
     """A StreamHandler that writes the records of one event-loop turn in one write."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -37,8 +46,24 @@ class TurnBufferedHandler(logging.StreamHandler[TextIO]):
         except Exception:
             self.handleError(record)
             return
+        self.queue(text, record.levelno)
+
+    def write_line(self, level: int, name: str, message: str) -> bool:
+        formatter = self.formatter
+        if not isinstance(formatter, SecondCachedFormatter) or not formatter.direct:
+            return False
+        text = formatter.line(level, name, message) + self.terminator
+        self.acquire()
+        try:
+            self.queue(text, level)
+        finally:
+            self.release()
+        return True
+
+    def queue(self, text: str, level: int) -> None:
+        """Write ``text`` (formatted, with its terminator) with the records of this turn."""
         self._pending.append(text)
-        if record.levelno >= logging.WARNING or len(self._pending) >= MAX_BATCH:
+        if level >= logging.WARNING or len(self._pending) >= MAX_BATCH:
             self.flush()
             return
         if self._scheduled:
@@ -74,12 +99,23 @@ class SecondCachedFormatter(logging.Formatter):
         super().__init__(fmt)
         self._second = -1
         self._text = ""
+        #: Whether lines may be written by :meth:`line`, without a record.
+        self.direct = fmt == FORMAT
+
+    def _stamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(created))
+            self._second = second
+        return self._text
+
+    def line(self, level: int, name: str, message: str) -> str:
+        """What :meth:`format` makes of a record of ``message`` (no exception) in FORMAT."""
+        created = time.time()
+        msecs = int((created - int(created)) * 1000)
+        return f"{self._stamp(created)},{msecs:03d} {logging.getLevelName(level)} {name}: {message}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._text = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        return "%s,%03d" % (self._text, record.msecs)  # noqa: UP031  # the default_msec_format
+        return "%s,%03d" % (self._stamp(record.created), record.msecs)  # noqa: UP031  # the default_msec_format

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import threading
 import time
 
 import pytest
 
-from broker.logs import MAX_BATCH, SecondCachedFormatter, TurnBufferedHandler
+from broker.logline import log_line
+from broker.logs import FORMAT, MAX_BATCH, SecondCachedFormatter, TurnBufferedHandler
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -28,9 +30,34 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-def _logger(stream: CountingStream) -> logging.Logger:
-    handler = TurnBufferedHandler(stream)
-    handler.setFormatter(SecondCachedFormatter("%(asctime)s %(levelname)s %(message)s"))
+class RecordCountingHandler(TurnBufferedHandler):
+    """The broker's handler, counting the records it formats."""
+
+    def __init__(self, stream: CountingStream) -> None:
+        super().__init__(stream)
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
+        super().emit(record)
+
+
+class Collecting(logging.Handler):
+    """Another handler beside it (as pytest's caplog is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _logger(
+    stream: CountingStream, fmt: str = "%(asctime)s %(levelname)s %(message)s"
+) -> logging.Logger:
+    handler = RecordCountingHandler(stream)
+    handler.setFormatter(SecondCachedFormatter(fmt))
     logger = logging.getLogger(f"test-logs-{id(stream)}")
     logger.propagate = False
     logger.handlers = [handler]
@@ -96,3 +123,58 @@ def test_timestamp_is_the_default_formatters() -> None:
     formatter = SecondCachedFormatter("%(asctime)s")
     assert formatter.formatTime(record) == default
     assert formatter.formatTime(record) == default  # cached second
+
+
+def _without_time(text: str) -> list[str]:
+    return [line.split(" ", 2)[2] for line in text.splitlines()]
+
+
+def test_log_line_is_written_as_its_record_would_be_without_one() -> None:
+    stream = CountingStream()
+    logger = _logger(stream, FORMAT)
+    handler = logger.handlers[0]
+    assert isinstance(handler, RecordCountingHandler)
+    message = "client connected: client_id=a%sb%%c address=127.0.0.1:1"
+    log_line(logger, logging.INFO, message)  # outside a loop: written at once
+    logger.info(message)  # the record path, no args: no % formatting either
+    assert handler.records == 1
+    first, second = _without_time(stream.getvalue())
+    assert first == second == f"INFO {logger.name}: {message}"
+    stamp = stream.getvalue().split(" ", 2)[:2]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", " ".join(stamp))
+
+    async def main() -> str:
+        log_line(logger, logging.INFO, "in the loop")
+        held = stream.getvalue()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return held
+
+    held = asyncio.run(main())
+    assert "in the loop" not in held
+    assert stream.getvalue().endswith(f"INFO {logger.name}: in the loop\n")
+    assert handler.records == 1
+
+
+def test_log_line_makes_a_record_for_any_other_handler_or_format() -> None:
+    stream = CountingStream()
+    logger = _logger(stream, FORMAT)
+    other = Collecting()
+    logger.addHandler(other)
+    log_line(logger, logging.INFO, "seen by both 100%")
+    assert [record.getMessage() for record in other.records] == ["seen by both 100%"]
+    assert _without_time(stream.getvalue()) == [f"INFO {logger.name}: seen by both 100%"]
+    logger.removeHandler(other)
+
+    stream = CountingStream()
+    logger = _logger(stream)  # a format of its own: the record path
+    log_line(logger, logging.INFO, "own format")
+    handler = logger.handlers[0]
+    assert isinstance(handler, RecordCountingHandler)
+    assert handler.records == 1
+    assert stream.getvalue().endswith(" INFO own format\n")
+
+    logger.setLevel(logging.WARNING)  # callers check isEnabledFor; a record's level still counts
+    logger.handlers[0].setLevel(logging.WARNING)
+    log_line(logger, logging.INFO, "below the handler's level")
+    assert "below the handler" not in stream.getvalue()
