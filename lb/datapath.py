@@ -32,6 +32,7 @@ import asyncio
 import functools
 import logging
 import os
+import select
 import socket
 import time
 from collections import deque
@@ -57,6 +58,9 @@ logger = logging.getLogger(__name__)
 TLS_CHUNK = tls_io.TLS_CHUNK
 #: Granularity of idle timeouts (seconds): a timeout fires at most this late.
 TIMER_RESOLUTION = timerwheel.RESOLUTION
+#: A timeout that came due while bytes waited unread looks again this much later, once the
+#: loop has read them (ClientSide._bytes_waiting).
+LATE_GRACE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -956,8 +960,13 @@ class ClientSide(asyncio.Protocol):
         if timeout is None:
             return
         deadline = self._since() + timeout
-        if self.loop.time() < deadline:
+        now = self.loop.time()
+        if now < deadline:
             self.timers.add(self, deadline)
+            return
+        if self.server_side is not None and self._bytes_waiting():
+            # Late, not idle: the loop ran this timer before it read what came meanwhile.
+            self.timers.add(self, now + LATE_GRACE)
             return
         limits = self.limits
         if self.proxy_decoder is not None:
@@ -977,6 +986,30 @@ class ClientSide(asyncio.Protocol):
         else:
             self.termination = "cD"
         self._close()
+
+    def _bytes_waiting(self) -> bool:
+        """Either side's socket has bytes (or an EOF) that lb has not read yet.
+
+        libuv runs expired timers before it polls for I/O, so after a stall of the loop in
+        an I/O callback (a loaded machine) a session whose peer spoke in time would be
+        closed as idle, its bytes unread (tests/test_lb_races.py): a device sending PINGREQ
+        every 45 s against 60 s timeouts lost its session to a 15 s stall. Asked only when
+        a timeout is due (one poll). A side lb does not read now (the other side is
+        congested) or whose EOF it has read does not count: what it has waits for the other
+        side, which is what the timeout is about."""
+        server = self.server_side
+        sides = (
+            self.transport if not (self.reading_paused or self.client_eof) else None,
+            server.transport
+            if server is not None and not (self.client_write_blocked or self.server_eof)
+            else None,
+        )
+        poller = select.poll()  # not select(): a worker's descriptors pass 1024
+        for side in sides:
+            sock = side.get_extra_info("socket") if side is not None else None
+            if sock is not None and sock.fileno() >= 0:
+                poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def kill(self, cause: str) -> None:
         """Close the session from inside lb (cause "K": killed, e.g. hard stop or a revoked

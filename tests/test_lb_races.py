@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -28,8 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from bench.ports import free_port
+from lb.config import load_config_text
+from lb.process import Runtime
 from tests.harness import EchoBackend, Process, client_context, run_lb
 from tests.pki import TestPKI
 
@@ -257,3 +261,57 @@ def test_a_client_that_gave_up_before_its_turn_costs_no_handshake(
         for conn in gave_up:
             conn.close()
         backend.close()
+
+
+def test_a_timeout_the_loop_was_late_for_spares_a_session_whose_bytes_wait() -> None:
+    """lb's loop stalls in an I/O callback (a loaded machine) past a session's idle timeout
+    while the client sends: libuv then runs the expired timer before it polls again, so the
+    session was closed as idle with the client's bytes unread (devices that ping every
+    45 s against 60 s timeouts lost their sessions to 15 s stalls). lb asks the sockets first
+    (ClientSide._bytes_waiting): the bytes are read and echoed. lb runs in this process,
+    on a uvloop in a thread, so that the stall is a callback of its own loop."""
+    backend = EchoBackend(proxy=False)
+    port = free_port()
+    text = _config(port, backend.port).replace("timeout client 30s", "timeout client 2s")
+    text = text.replace("timeout server 30s", "timeout server 2s")
+    assert "timeout client 2s" in text and "timeout server 2s" in text, text
+    result = load_config_text(text)
+    assert result.config is not None, result.diagnostics
+    loop = uvloop.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        runtime = Runtime(result.config, loop)  # type: ignore[arg-type]
+        runtime.start()
+        started.set()
+        loop.run_forever()
+        runtime.stop_accepting()
+        runtime.close_all_sessions()
+        loop.run_until_complete(asyncio.sleep(0.1))
+
+    poke, stall = socket.socketpair()
+
+    def stalled() -> None:
+        stall.recv(1)
+        time.sleep(2.0)  # as a burst of handshakes in read callbacks would take
+
+    loop.add_reader(stall.fileno(), stalled)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"a")
+            assert client.recv(16) == b"a"
+            time.sleep(1.5)
+            poke.send(b"!")  # the stall, 1.5 s to 3.5 s: an I/O callback's work
+            time.sleep(0.3)
+            client.sendall(b"b")  # in lb's socket buffer before the 2 s timeout
+            assert client.recv(16) == b"b"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        backend.close()
+        poke.close()
+        stall.close()
