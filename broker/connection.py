@@ -701,7 +701,7 @@ class ClientConnection:
     def _pump(self) -> None:
         """Send queued messages while the transport and the client's quota allow."""
         session = self.session
-        if session is None:
+        if session is None or session.idle:  # idle: without making an empty queue
             return
         queue = session.queue
         now = self.broker.clock()
