@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -132,21 +132,22 @@ def _is_exact(topic_filter: str) -> bool:
 
 def _merge(
     merged: dict[str, Delivery],
-    client_id: str,
-    options: SubscriptionOptions,
+    subscribers: Iterable[tuple[str, SubscriptionOptions]],
     publisher_client_id: str | None,
 ) -> None:
-    """Fold one matching subscription into the session's delivery (section 3.3.4)."""
-    if options.no_local and client_id == publisher_client_id:
-        return
-    delivery = merged.get(client_id)
-    if delivery is None:
-        delivery = merged[client_id] = Delivery(client_id, options.qos, False)
-    elif options.qos > delivery.qos:
-        delivery.qos = options.qos
-    delivery.retain_as_published |= options.retain_as_published
-    if options.subscription_identifier is not None:
-        delivery.subscription_identifiers.append(options.subscription_identifier)
+    """Fold matching subscriptions into each session's delivery (section 3.3.4); one call per
+    node or exact filter, the loop inline (a call per subscriber cost fan-out ~5%)."""
+    for client_id, options in subscribers:
+        if options.no_local and client_id == publisher_client_id:
+            continue
+        delivery = merged.get(client_id)
+        if delivery is None:
+            delivery = merged[client_id] = Delivery(client_id, options.qos, False)
+        elif options.qos > delivery.qos:
+            delivery.qos = options.qos
+        delivery.retain_as_published |= options.retain_as_published
+        if options.subscription_identifier is not None:
+            delivery.subscription_identifiers.append(options.subscription_identifier)
 
 
 class _Node:
@@ -337,19 +338,19 @@ class SubscriptionTrie:
         shared_deliveries: list[Delivery] = []
         entry = self._exact.get(topic)
         if entry is not None:
-            if isinstance(entry, tuple):
-                _merge(merged, entry[0], entry[1], publisher_client_id)
-            else:
-                for client_id, options in entry.items():
-                    _merge(merged, client_id, options, publisher_client_id)
+            _merge(
+                merged,
+                (entry,) if isinstance(entry, tuple) else entry.items(),
+                publisher_client_id,
+            )
         nodes = self._matches.get(topic)
         if nodes is None:
             if len(self._matches) >= MATCH_CACHE_TOPICS:
                 self._matches.clear()
             nodes = self._matches[topic] = list(self._matching_nodes(topic))
         for node in nodes:
-            for client_id, options in node.subscribers.items():
-                _merge(merged, client_id, options, publisher_client_id)
+            if node.subscribers:
+                _merge(merged, node.subscribers.items(), publisher_client_id)
             if not shared:
                 continue
             for group in node.shared.values():
