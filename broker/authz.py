@@ -68,7 +68,7 @@ from typing import Final, Literal
 
 import yaml
 
-from broker.hooks import PeerIdentity, Principal
+from broker.hooks import NO_ATTRIBUTES, PeerIdentity, Principal
 from broker.mqtt import misplaced_wildcard, split_shared
 from broker.statestore import (
     STATE_STORE_NOTIFY_PREFIX,
@@ -831,7 +831,7 @@ class PolicyAuthorization:
 
     def principal_attributes(self, identity: PeerIdentity) -> Mapping[str, str]:
         if not self._subjects or not identity.certificate_verified:
-            return {}
+            return NO_ATTRIBUTES
         subjects: list[Subject] = []
         for der in identity.chain_subjects:
             try:
@@ -847,7 +847,7 @@ class PolicyAuthorization:
             for configured, values in self._subjects:
                 if configured == subject:
                     attributes.update(values)
-        return attributes
+        return attributes or NO_ATTRIBUTES
 
     def _linked(self, principal: Principal) -> frozenset[Authentication] | None:
         identity = principal.identity

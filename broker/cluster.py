@@ -135,6 +135,9 @@ DROP_LOG_INTERVAL = 5.0
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
 #: A shared member's key in the cluster-wide trie: node and client id.
 _MEMBER_SEPARATOR = "\x00"
+#: A peer's route in the cluster trie (one object for all: ~190 B per route, and a route is
+#: held by every other node for every device, bench/broker_memory.py).
+ROUTE_OPTIONS = SubscriptionOptions(qos=2)
 #: Member states on the wire (MEMBERS).
 MEMBER_GONE, MEMBER_OFFLINE, MEMBER_ONLINE = 0, 1, 2
 
@@ -999,7 +1002,7 @@ class Cluster:
         if topic_filter in peer.filters:
             return
         peer.filters.add(topic_filter)
-        self.routes.subscribe(peer.name, topic_filter, SubscriptionOptions(qos=2))
+        self.routes.subscribe(peer.name, topic_filter, ROUTE_OPTIONS)
         if store_it and self.broker is not None:
             self.broker.store.set_route(peer.name, topic_filter, True)
 
@@ -1027,7 +1030,7 @@ class Cluster:
             if not any(True for _ in self._member_filters(key)):
                 self.members_online.pop(key, None)
             return
-        self.shared.subscribe(key, shared_filter, SubscriptionOptions(qos=2))
+        self.shared.subscribe(key, shared_filter, ROUTE_OPTIONS)
         self.members_online[key] = online
 
     def _member_filters(self, key: str) -> Iterator[str]:

@@ -133,6 +133,7 @@ class ClientConnection:
     __slots__ = (
         "_acks_waiting",
         "_decoder",
+        "_held_by",
         "_inbound_aliases",
         "_outbound_aliases",
         "_pump_scheduled",
@@ -143,7 +144,6 @@ class ClientConnection:
         "client_topic_alias_maximum",
         "close_reason",
         "connected_at",
-        "held_by",
         "identity",
         "input_paused",
         "io",
@@ -196,7 +196,8 @@ class ClientConnection:
         self.close_reason = ""
         # Backpressure: the subscriber sessions this connection waits on; input is paused
         # while there is any (pause_input/resume_input are called once per transition).
-        self.held_by: set[Holder] = set()
+        # Made when first used (held_by): an empty set is 216 bytes per device.
+        self._held_by: set[Holder] | None = None
         self.input_paused = False
         # Paused while the store's writer is behind (Store.congested).
         self.store_held = False
@@ -342,6 +343,13 @@ class ClientConnection:
                 pass
 
     # --- backpressure (broker.session has the marks) ----------------------------------------
+
+    @property
+    def held_by(self) -> set[Holder]:
+        held_by = self._held_by
+        if held_by is None:
+            held_by = self._held_by = set()
+        return held_by
 
     def hold_for(self, session: Holder, peer: bool = False) -> None:
         """This connection routed QoS 1/2 to ``session``, whose queue passed high water (or
@@ -701,7 +709,7 @@ class ClientConnection:
     def _pump(self) -> None:
         """Send queued messages while the transport and the client's quota allow."""
         session = self.session
-        if session is None:
+        if session is None or session.idle:  # idle: without making an empty queue
             return
         queue = session.queue
         now = self.broker.clock()

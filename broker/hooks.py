@@ -67,6 +67,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol
 
 from broker.cluster_codec import Version
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
     from broker.session import Pending
 
 __all__ = [
+    "NO_ATTRIBUTES",
     "AllowAll",
     "AuthorizationHook",
     "ClaimOutcome",
@@ -117,13 +119,19 @@ class PeerIdentity:
     connection_id_source: str = "broker"
 
 
+#: A principal without attributes (most of them): one shared read-only mapping, not an empty
+#: dict per connection.
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})
+
+
 @record  # built per connection: see broker.mqtt.packets.record
 class Principal:
     """The identity authorization decides on (seed 003): client id, username, attributes."""
 
     client_id: str
     username: str | None
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    # (a factory that hands out the shared mapping: dataclasses refuse it as a plain default)
+    attributes: Mapping[str, str] = field(default_factory=lambda: NO_ATTRIBUTES)
     identity: PeerIdentity | None = None
 
 
@@ -183,7 +191,7 @@ class AllowAll:
     """Default authorization: everything allowed (an anonymous node, like ``mosquitto -p``)."""
 
     def principal_attributes(self, identity: PeerIdentity) -> Mapping[str, str]:
-        return {}
+        return NO_ATTRIBUTES
 
     def authorize_connect(self, principal: Principal) -> bool:
         return True

@@ -149,15 +149,18 @@ class Session:
     max_queued_messages: int
     subscriptions: dict[str, SubscriptionOptions] = field(default_factory=dict)
     inflight: dict[int, Outgoing] = field(default_factory=dict)
-    queue: deque[Pending] = field(default_factory=deque)
-    incoming_qos2: set[int] = field(default_factory=set)
+    # The queue, the QoS 2 ids and the held publishers are made when first used (the
+    # properties below): empty, they cost 760 + 216 + 216 bytes per session, most sessions
+    # of a fleet never use them (bench/broker_memory.py).
+    _queue: deque[Pending] | None = field(default=None, init=False)
+    _incoming_qos2: set[int] | None = field(default=None, init=False)
     expiry_interval: int = 0
     # Set when the session loses its connection; None while connected or never expiring.
     expires_at: float | None = None
     connection: ClientConnection | None = None
     next_packet_id: int = 1
     # Publishing connections paused until this session's queue drains (see module docstring).
-    held_publishers: set[Publisher] = field(default_factory=set)
+    _held_publishers: set[Publisher] | None = field(default=None, init=False)
     queue_high_water: int = field(init=False)
     queue_low_water: int = field(init=False)
     # Payload bytes queued and in flight, and the node's total they are part of.
@@ -195,6 +198,44 @@ class Session:
     def connected(self) -> bool:
         return self.connection is not None
 
+    @property
+    def queue(self) -> deque[Pending]:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        return queue
+
+    @queue.setter
+    def queue(self, queue: deque[Pending]) -> None:
+        self._queue = queue
+
+    @property
+    def incoming_qos2(self) -> set[int]:
+        incoming = self._incoming_qos2
+        if incoming is None:
+            incoming = self._incoming_qos2 = set()
+        return incoming
+
+    @incoming_qos2.setter
+    def incoming_qos2(self, incoming: set[int]) -> None:
+        self._incoming_qos2 = incoming
+
+    @property
+    def held_publishers(self) -> set[Publisher]:
+        held = self._held_publishers
+        if held is None:
+            held = self._held_publishers = set()
+        return held
+
+    @held_publishers.setter
+    def held_publishers(self, held: set[Publisher]) -> None:
+        self._held_publishers = held
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no publisher held (read without making either)."""
+        return not self._queue and not self._held_publishers
+
     def allocate_packet_id(self) -> int | None:
         """A packet identifier not used by any inflight message, or None when all are."""
         reserved = self.reserved
@@ -220,7 +261,7 @@ class Session:
 
     def has_room(self, size: int, max_bytes: int) -> bool:
         """Whether one more delivery of ``size`` payload bytes fits every bound."""
-        if len(self.queue) >= self.max_queued_messages:
+        if self._queue is not None and len(self._queue) >= self.max_queued_messages:
             return False
         if self.queued_bytes + size > max_bytes and self.queued_bytes:
             return False
@@ -230,16 +271,14 @@ class Session:
     def above_high_water(self, max_bytes: int) -> bool:
         """Whether a publisher feeding this connected session should pause."""
         return (
-            len(self.queue) >= self.queue_high_water
-            or self.queued_bytes >= max_bytes * QUEUE_HIGH_WATER_FRACTION
-        )
+            self._queue is not None and len(self._queue) >= self.queue_high_water
+        ) or self.queued_bytes >= max_bytes * QUEUE_HIGH_WATER_FRACTION
 
     def below_low_water(self, max_bytes: int) -> bool:
         """Whether the publishers paused on this session may resume."""
         return (
-            len(self.queue) <= self.queue_low_water
-            and self.queued_bytes <= max_bytes * QUEUE_LOW_WATER_FRACTION
-        )
+            self._queue is None or len(self._queue) <= self.queue_low_water
+        ) and self.queued_bytes <= max_bytes * QUEUE_LOW_WATER_FRACTION
 
     def enqueue(self, pending: Pending, max_bytes: int = 1 << 62) -> bool:
         """Queue a delivery; False when a bound is reached (the caller counts the drop)."""
@@ -252,16 +291,18 @@ class Session:
 
     def release_publishers(self) -> None:
         """Resume every publisher paused on this session (it drained, went offline or ended)."""
-        if not self.held_publishers:
+        publishers = self._held_publishers
+        if not publishers:
             return
-        publishers = self.held_publishers
-        self.held_publishers = set()
+        self._held_publishers = None
         for publisher in publishers:
             publisher.session_released(self)
 
     def discard_expired(self, now: float) -> list[Pending]:
         """Drop queued messages whose expiry passed; returns them (the caller unstores)."""
-        if not any(pending.message.expires_at is not None for pending in self.queue):
+        if not self._queue or not any(
+            pending.message.expires_at is not None for pending in self._queue
+        ):
             return []
         kept: deque[Pending] = deque()
         dropped: list[Pending] = []

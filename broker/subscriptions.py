@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from broker.mqtt import matches, split_shared
+from broker.mqtt import SHARED_SUBSCRIPTION_PREFIX, matches, split_shared
 
 __all__ = [
     "SHARED_STRATEGIES",
@@ -117,6 +117,39 @@ class _SharedGroup:
         return name, self.members[name]
 
 
+#: One subscriber of an exact filter, or several (SubscriptionTrie._exact).
+_Subscribers = tuple[str, SubscriptionOptions] | dict[str, SubscriptionOptions]
+
+
+def _is_exact(topic_filter: str) -> bool:
+    """A filter that matches one topic name only: no wildcard, not shared."""
+    return (
+        "+" not in topic_filter
+        and "#" not in topic_filter
+        and not topic_filter.startswith(SHARED_SUBSCRIPTION_PREFIX)
+    )
+
+
+def _merge(
+    merged: dict[str, Delivery],
+    subscribers: Iterable[tuple[str, SubscriptionOptions]],
+    publisher_client_id: str | None,
+) -> None:
+    """Fold matching subscriptions into each session's delivery (section 3.3.4); one call per
+    node or exact filter, the loop inline (a call per subscriber cost fan-out ~5%)."""
+    for client_id, options in subscribers:
+        if options.no_local and client_id == publisher_client_id:
+            continue
+        delivery = merged.get(client_id)
+        if delivery is None:
+            delivery = merged[client_id] = Delivery(client_id, options.qos, False)
+        elif options.qos > delivery.qos:
+            delivery.qos = options.qos
+        delivery.retain_as_published |= options.retain_as_published
+        if options.subscription_identifier is not None:
+            delivery.subscription_identifiers.append(options.subscription_identifier)
+
+
 class _Node:
     __slots__ = ("children", "shared", "subscribers")
 
@@ -130,30 +163,44 @@ class _Node:
 
 
 class SubscriptionTrie:
-    """Every subscription on this node, keyed by topic filter level."""
+    """Every subscription on this node, keyed by topic filter level.
 
-    __slots__ = ("_filter_counts", "_matches", "_root", "strategy")
+    A filter without wildcards (and not shared) matches one topic name only, so it lives in a
+    dict keyed by the filter (``_exact``) instead of a branch of trie nodes: a fleet's
+    ``fleet/<id>/commands`` cost two nodes with three dicts each (~0.9 KiB, per device and
+    again per replicated cluster route) and costs one dict slot and a tuple now
+    (bench/broker_memory.py). A filter one session holds is kept as the tuple
+    ``(client_id, options)``; a dict of them only when several sessions share it.
+    """
+
+    __slots__ = ("_exact", "_filter_counts", "_matches", "_root", "strategy")
 
     def __init__(self, strategy: str = "round_robin") -> None:
         self.strategy = strategy
         self._root = _Node()
+        # Filters without wildcards -> their subscriber, or a dict of subscribers (see above).
+        self._exact: dict[str, _Subscribers] = {}
         # topic -> the nodes whose filters match it (_matching_nodes), while no node is added
         # or pruned: publishers repeat topics, and the walk was ~6% of fan-in CPU. Bounded by
         # MATCH_CACHE_TOPICS; subscribers are read from the nodes, so they are always current.
         self._matches: dict[str, list[_Node]] = {}
         # Full filter (with $share prefix) -> number of sessions holding it; lets the node
-        # announce a filter to the cluster once, when the first session takes it.
+        # announce a filter to the cluster once, when the first session takes it. Exact
+        # filters are counted by their entry in _exact.
         self._filter_counts: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return sum(self._filter_counts.values())
+        exact = sum(1 if isinstance(entry, tuple) else len(entry) for entry in self._exact.values())
+        return exact + sum(self._filter_counts.values())
 
     def filters(self) -> list[str]:
         """Every distinct filter held by at least one session (shared ones with prefix)."""
-        return list(self._filter_counts)
+        return [*self._exact, *self._filter_counts]
 
     def subscribe(self, client_id: str, topic_filter: str, options: SubscriptionOptions) -> bool:
         """Add or replace; returns True when the session already had this filter."""
+        if _is_exact(topic_filter):
+            return self._subscribe_exact(client_id, topic_filter, options)
         group, inner = split_shared(topic_filter)
         node = self._root
         for level in inner.split("/"):
@@ -175,8 +222,28 @@ class SubscriptionTrie:
             self._filter_counts[topic_filter] = self._filter_counts.get(topic_filter, 0) + 1
         return existed
 
+    def _subscribe_exact(
+        self, client_id: str, topic_filter: str, options: SubscriptionOptions
+    ) -> bool:
+        exact = self._exact
+        entry = exact.get(topic_filter)
+        if entry is None:
+            exact[topic_filter] = (client_id, options)
+            return False
+        if isinstance(entry, tuple):
+            if entry[0] == client_id:
+                exact[topic_filter] = (client_id, options)
+                return True
+            exact[topic_filter] = {entry[0]: entry[1], client_id: options}
+            return False
+        existed = client_id in entry
+        entry[client_id] = options
+        return existed
+
     def unsubscribe(self, client_id: str, topic_filter: str) -> bool:
         """Remove; returns True when the session had this filter."""
+        if _is_exact(topic_filter):
+            return self._unsubscribe_exact(client_id, topic_filter)
         group, inner = split_shared(topic_filter)
         path: list[tuple[_Node, str]] = []
         node = self._root
@@ -209,7 +276,26 @@ class SubscriptionTrie:
             self._matches.clear()
         return True
 
+    def _unsubscribe_exact(self, client_id: str, topic_filter: str) -> bool:
+        exact = self._exact
+        entry = exact.get(topic_filter)
+        if entry is None:
+            return False
+        if isinstance(entry, tuple):
+            if entry[0] != client_id:
+                return False
+            del exact[topic_filter]
+            return True
+        if entry.pop(client_id, None) is None:
+            return False
+        if len(entry) == 1:
+            exact[topic_filter] = next(iter(entry.items()))
+        return True
+
     def count_for(self, topic_filter: str) -> int:
+        entry = self._exact.get(topic_filter)
+        if entry is not None:
+            return 1 if isinstance(entry, tuple) else len(entry)
         return self._filter_counts.get(topic_filter, 0)
 
     def _matching_nodes(self, topic: str) -> Iterator[_Node]:
@@ -250,23 +336,21 @@ class SubscriptionTrie:
         """
         merged: dict[str, Delivery] = {}
         shared_deliveries: list[Delivery] = []
+        entry = self._exact.get(topic)
+        if entry is not None:
+            _merge(
+                merged,
+                (entry,) if isinstance(entry, tuple) else entry.items(),
+                publisher_client_id,
+            )
         nodes = self._matches.get(topic)
         if nodes is None:
             if len(self._matches) >= MATCH_CACHE_TOPICS:
                 self._matches.clear()
             nodes = self._matches[topic] = list(self._matching_nodes(topic))
         for node in nodes:
-            for client_id, options in node.subscribers.items():
-                if options.no_local and client_id == publisher_client_id:
-                    continue
-                delivery = merged.get(client_id)
-                if delivery is None:
-                    delivery = merged[client_id] = Delivery(client_id, options.qos, False)
-                elif options.qos > delivery.qos:
-                    delivery.qos = options.qos
-                delivery.retain_as_published |= options.retain_as_published
-                if options.subscription_identifier is not None:
-                    delivery.subscription_identifiers.append(options.subscription_identifier)
+            if node.subscribers:
+                _merge(merged, node.subscribers.items(), publisher_client_id)
             if not shared:
                 continue
             for group in node.shared.values():

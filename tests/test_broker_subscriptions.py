@@ -157,3 +157,68 @@ def test_match_stays_current_while_topics_are_remembered() -> None:
     for number in range(MATCH_CACHE_TOPICS + 5):  # past the bound: cleared, still right
         assert trie.match(f"other/{number}") == []
     assert sorted(d.client_id for d in trie.match("x/y")) == ["c", "d"]
+
+
+def test_exact_filters_shared_by_sessions_count_and_merge() -> None:
+    # Filters without wildcards live in a table apart from the trie: one subscriber as a
+    # tuple, several as a dict, back to a tuple when one is left.
+    trie = SubscriptionTrie()
+    assert trie.subscribe("a", "fleet/1/commands", SubscriptionOptions(1)) is False
+    assert trie.subscribe("b", "fleet/1/commands", SubscriptionOptions(0)) is False
+    assert trie.subscribe("b", "fleet/1/commands", SubscriptionOptions(2)) is True
+    trie.subscribe("a", "fleet/+/commands", SubscriptionOptions(2, subscription_identifier=7))
+    assert trie.count_for("fleet/1/commands") == 2
+    assert sorted(trie.filters()) == ["fleet/+/commands", "fleet/1/commands"]
+    assert len(trie) == 3
+    deliveries = {d.client_id: d for d in trie.match("fleet/1/commands")}
+    assert (deliveries["a"].qos, deliveries["a"].subscription_identifiers) == (2, [7])
+    assert (deliveries["b"].qos, deliveries["b"].subscription_identifiers) == (2, [])
+    assert trie.unsubscribe("a", "fleet/1/commands") is True
+    assert trie.unsubscribe("a", "fleet/1/commands") is False
+    assert trie.count_for("fleet/1/commands") == 1
+    assert sorted(d.client_id for d in trie.match("fleet/1/commands")) == ["a", "b"]
+    assert trie.unsubscribe("b", "fleet/1/commands") is True
+    assert trie.count_for("fleet/1/commands") == 0
+    assert trie.filters() == ["fleet/+/commands"]
+    # "$" topics: an exact filter names them; wildcards at the first level do not.
+    trie.subscribe("s", "$SYS/x", SubscriptionOptions(0))
+    assert clients(trie, "$SYS/x") == {"s"}
+    assert clients(trie, "$SYS/y") == set()
+
+
+operations = st.lists(
+    st.tuples(
+        st.booleans(),
+        st.sampled_from(["c1", "c2", "c3"]),
+        st.sampled_from(["a", "a/b", "a/+", "#", "$share/g/a/b", "a/b/", "/a"]),
+        st.integers(0, 2),
+    ),
+    max_size=30,
+)
+
+
+@given(operations, st.sampled_from(["a", "a/b", "a/c", "a/b/", "/a", "b"]))
+def test_trie_agrees_with_a_table_of_subscriptions(
+    steps: list[tuple[bool, str, str, int]], topic: str
+) -> None:
+    trie = SubscriptionTrie()
+    model: dict[tuple[str, str], int] = {}
+    for add, client_id, topic_filter, qos in steps:
+        if add:
+            existed = trie.subscribe(client_id, topic_filter, SubscriptionOptions(qos))
+            assert existed == ((client_id, topic_filter) in model)
+            model[client_id, topic_filter] = qos
+        else:
+            removed = trie.unsubscribe(client_id, topic_filter)
+            assert removed == (model.pop((client_id, topic_filter), None) is not None)
+    held = {topic_filter for _, topic_filter in model}
+    assert sorted(trie.filters()) == sorted(held)
+    assert len(trie) == len(model)
+    for topic_filter in held:
+        assert trie.count_for(topic_filter) == sum(f == topic_filter for _, f in model)
+    expected: dict[str, int] = {}
+    for (client_id, topic_filter), qos in model.items():
+        if not topic_filter.startswith("$share/") and matches(topic_filter, topic):
+            expected[client_id] = max(qos, expected.get(client_id, 0))
+    plain = {d.client_id: d.qos for d in trie.match(topic, shared=False)}
+    assert plain == expected
