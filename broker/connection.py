@@ -63,6 +63,7 @@ from broker.mqtt import (
     connack_code_for,
     encode,
     parse_shared,
+    publish_forward_parts,
     validate_topic_filter,
 )
 from broker.session import SESSION_NEVER_EXPIRES, Holder, Outgoing, Pending, Session
@@ -592,6 +593,24 @@ class ClientConnection:
         """Send one PUBLISH; False when it was not sent (expired or too large)."""
         broker = self.broker
         message = pending.message
+        raw = message.raw
+        if (
+            raw is not None
+            and packet_id is None
+            and not message.qos
+            and pending.retain == message.retain
+            and not pending.subscription_identifiers
+            and self._takes_raw(message.raw_level)
+        ):
+            # A QoS 0 message delivered at QoS 0 as it came in: the received bytes are the
+            # PUBLISH to send (no expiry, no properties: Message.raw), without an encode.
+            limit = self.client_maximum_packet_size
+            if not limit or len(raw) <= limit:
+                counters = broker.counters
+                counters.bytes_sent += len(raw)
+                self.io.write(raw)
+                counters.messages_sent += 1
+                return True
         now = broker.clock()
         if message.is_expired(now) and not dup:
             broker.counters.messages_expired += 1
@@ -671,6 +690,17 @@ class ClientConnection:
             broker.publish_memo.clear()
         key = (self.protocol_level, qos, pending.retain)
         parts = broker.publish_memo.get(key)
+        raw = message.raw
+        if (
+            parts is None
+            and raw is not None
+            and qos == message.qos
+            and self._takes_raw(message.raw_level)
+        ):
+            # The received PUBLISH at its own QoS: DUP and RETAIN set as this delivery needs
+            # them, the packet identifier spliced in below; no encode.
+            parts = publish_forward_parts(raw, pending.retain)
+            broker.publish_memo[key] = parts
         if parts is None:
             data = encode(
                 Publish(
@@ -705,6 +735,16 @@ class ClientConnection:
         self.io.write(data)
         counters.messages_sent += 1
         return True
+
+    def _takes_raw(self, raw_level: int) -> bool:
+        """Whether a PUBLISH received at ``raw_level`` is byte for byte the one to send here
+        (Message.raw): the same PUBLISH encoding (3.1 and 3.1.1 share one), and in 5.0 only
+        while we give this client no topic aliases (section 3.3.2.3.4: the publisher's own
+        alias never reaches a subscriber; Message.raw has none)."""
+        level = self.protocol_level
+        if level >= MQTT_5:
+            return raw_level >= MQTT_5 and not self.client_topic_alias_maximum
+        return raw_level < MQTT_5
 
     def _pump(self) -> None:
         """Send queued messages while the transport and the client's quota allow."""
@@ -1125,6 +1165,12 @@ class ClientConnection:
                     broker.node_name,
                     broker.next_seq(),
                 )
+                raw = publish.raw
+                if raw is not None:
+                    # The decoder keeps the bytes of a PUBLISH without properties: they are
+                    # this message exactly, forwarded as they are (_send_publish).
+                    message.raw = raw  # type: ignore[misc]
+                    message.raw_level = self.protocol_level  # type: ignore[misc]
             else:
                 message = Message.from_publish(
                     publish,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import field
 
 from broker.mqtt import Properties, Publish, record
 
@@ -42,6 +43,13 @@ class Message:
     origin_node: str | None = None
     # With origin_node, the message's cluster-wide identity (0: not routed, e.g. an answer).
     seq: int = 0
+    # The PUBLISH it came in as (Publish.raw) and that packet's protocol level, when the
+    # bytes describe this message exactly (no properties, the topic itself, no expiry): a
+    # delivery at the same QoS and level forwards them (issue 13). Not __init__ arguments, so
+    # that dataclasses.replace, and every message built from another (wills, the cluster
+    # link, the store), starts without them.
+    raw: bytes | None = field(default=None, init=False, compare=False, repr=False)
+    raw_level: int = field(default=0, init=False, compare=False, repr=False)
 
     @classmethod
     def from_publish(

@@ -22,7 +22,17 @@ from typing import Any, TypeVar
 import uvloop
 
 from broker.config import BrokerConfig, parse_config
-from broker.mqtt import NEED_DATA, Connect, MQTTDecoder, Packet, encode
+from broker.mqtt import (
+    NEED_DATA,
+    Connect,
+    MQTTDecoder,
+    Packet,
+    Properties,
+    Publish,
+    Subscribe,
+    Subscription,
+    encode,
+)
 from broker.node import BrokerServer
 
 T = TypeVar("T")
@@ -177,6 +187,66 @@ class RawClient:
             return True
         except TimeoutError:
             return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class WireClient:
+    """A blocking MQTT client that reads whole packets as the bytes the broker wrote (for
+    byte-exact checks; RawClient decodes them)."""
+
+    def __init__(self, port: int, level: int, host: str = "127.0.0.1") -> None:
+        self.level = level
+        self.sock = socket.create_connection((host, port), timeout=5)
+        self.buffer = b""
+
+    def connect(self, client_id: str, clean: bool = True, **fields: Any) -> None:
+        name = "MQIsdp" if self.level == 3 else "MQTT"
+        self.send(Connect(name, self.level, clean, 60, client_id, **fields))
+        assert self.packet()[0] == 0x20  # CONNACK
+
+    def send(self, packet: Publish | Subscribe | Connect) -> None:
+        self.sock.sendall(encode(packet, self.level))
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def subscribe(self, *subscriptions: Subscription, identifier: int | None = None) -> None:
+        properties = Properties(
+            subscription_identifiers=() if identifier is None else (identifier,)
+        )
+        self.send(Subscribe(1, subscriptions, properties))
+        assert self.packet()[0] == 0x90  # SUBACK
+
+    def packet(self, timeout: float = 5.0) -> bytes:
+        """The next whole packet, exactly as the broker wrote it."""
+        self.sock.settimeout(timeout)
+        while True:
+            if len(self.buffer) >= 2:
+                length, index, shift = 0, 1, 0
+                while index < len(self.buffer):
+                    byte = self.buffer[index]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    index += 1
+                    if not byte & 0x80:
+                        if len(self.buffer) >= index + length:
+                            packet = self.buffer[: index + length]
+                            self.buffer = self.buffer[index + length :]
+                            return packet
+                        break
+            data = self.sock.recv(65536)
+            if not data:
+                raise AssertionError("connection closed by the broker")
+            self.buffer += data
+
+    def nothing(self, wait: float = 0.3) -> bool:
+        try:
+            self.packet(wait)
+        except TimeoutError:
+            return True
+        return False
 
     def close(self) -> None:
         self.sock.close()

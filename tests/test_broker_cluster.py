@@ -30,9 +30,9 @@ from paho.mqtt.properties import Properties as PahoProperties
 from bench.ports import free_port
 from broker.cluster import default_rpc_port
 from broker.config import load_config
-from broker.mqtt import Connack, Connect, Properties
+from broker.mqtt import Connack, Connect, Properties, Publish, Subscribe, Subscription, encode
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key
-from tests.broker_harness import RawClient
+from tests.broker_harness import RawClient, WireClient
 from tests.cluster_harness import BROKER, V5, V311, NodeProcess, wait_for
 from tests.pki import TestPKI
 
@@ -250,6 +250,55 @@ def test_mqtt5_properties_survive_the_link(cluster: list[Node], clients: list[Cl
     assert received.CorrelationData == b"\x01\x02"
     assert received.PayloadFormatIndicator == 1
     assert 58 <= received.MessageExpiryInterval <= 60
+
+
+def test_publish_crossing_the_link_arrives_as_each_subscriber_must_see_it(
+    cluster: list[Node],
+) -> None:
+    """Issue 13: a node forwards a received PUBLISH as its own bytes when it can. A message
+    from another node has no such bytes; subscribers there get exactly the PUBLISH the spec
+    asks for, and those on the publisher's node the same."""
+    subscribers = []
+    for node in (cluster[0], cluster[1]):
+        for level in (4, 5):
+            client = WireClient(node.mqtt_port, level)
+            client.connect(f"bytes-{node.name}-{level}")
+            client.send(Subscribe(1, (Subscription("bytes/#", 1),)))
+            assert client.packet()[0] == 0x90  # SUBACK
+            subscribers.append((client, level))
+    try:
+        # until node-1 routes to node-2's subscribers: probes, then drain them everywhere
+        probe = WireClient(cluster[0].mqtt_port, 4)
+        probe.connect("bytes-probe")
+        for client, _ in subscribers[2:]:
+            deadline = time.monotonic() + 5
+            while client.nothing(0.1):
+                assert time.monotonic() < deadline, "subscription not known on node-1"
+                probe.send_bytes(encode(Publish("bytes/probe", b""), 4))
+        probe.close()
+        for client, _ in subscribers:
+            while not client.nothing(0.3):
+                pass
+        for level in (4, 5):
+            publisher = WireClient(cluster[0].mqtt_port, level)
+            publisher.connect(f"bytes-pub-{level}")
+            publisher.send_bytes(
+                encode(Publish("bytes/t", b"zero", retain=False), level)
+                + encode(Publish("bytes/t", b"one", 1, dup=True, packet_id=500), level)
+            )
+            assert publisher.packet()[0] == 0x40  # PUBACK
+            for client, subscriber_level in subscribers:
+                assert client.packet() == encode(Publish("bytes/t", b"zero"), subscriber_level)
+                one = client.packet()
+                packet_id = int.from_bytes(one[11:13], "big")
+                assert one == encode(
+                    Publish("bytes/t", b"one", 1, packet_id=packet_id), subscriber_level
+                )
+                client.send_bytes(b"\x40\x02" + one[11:13])  # PUBACK
+            publisher.close()
+    finally:
+        for client, _ in subscribers:
+            client.close()
 
 
 def test_mosquitto_clients_across_nodes(cluster: list[Node]) -> None:

@@ -784,15 +784,20 @@ def test_publish_fast_paths_match_the_general_ones(level: int, publish: Publish)
     body = b"".join(parts)
     general = bytes((0x30 | flags,)) + encode_variable_byte_integer(len(body)) + body
     assert encode(publish, level) == general
-    fast = codec._decode_publish_fast(bytearray(body), 0, len(body), flags, v5)
-    # 5.0 with properties defers to the general path (None); otherwise the same record
+    fast = codec._decode_publish_fast(general, len(general) - len(body), v5)
+    # 5.0 with properties defers to the general path (None); otherwise the same record,
+    # which keeps its wire bytes
     if v5 and publish.properties != EMPTY_PROPERTIES:
         assert fast is None
     else:
         assert fast == publish
+        assert fast is not None and fast.raw == general
     decoder = MQTTDecoder(protocol_level=level)
-    decoder.feed(general)
-    assert decoder.next_event() == publish
+    decoder.feed(general + b"\xc0\x00")  # a PINGREQ after it: raw is this packet only
+    decoded = decoder.next_event()
+    assert decoded == publish
+    assert isinstance(decoded, Publish)
+    assert decoded.raw == (general if fast is not None else None)
 
 
 def test_publish_fast_encoder_raises_as_the_general_one() -> None:

@@ -10,10 +10,12 @@ from .codec import (
     MAX_PACKET_SIZE,
     MAX_REMAINING_LENGTH,
     NEED_DATA,
+    RAW_PUBLISH_MAX,
     REMAINING_LENGTH_MAX_BYTES,
     MQTTDecoder,
     NeedData,
     encode,
+    publish_forward_parts,
 )
 from .packets import (
     EMPTY_PROPERTIES,
@@ -60,6 +62,7 @@ __all__ = [
     "MAX_PACKET_SIZE",
     "MAX_REMAINING_LENGTH",
     "NEED_DATA",
+    "RAW_PUBLISH_MAX",
     "REMAINING_LENGTH_MAX_BYTES",
     "SHARED_SUBSCRIPTION_PREFIX",
     "Auth",
@@ -94,6 +97,7 @@ __all__ = [
     "matches",
     "misplaced_wildcard",
     "parse_shared",
+    "publish_forward_parts",
     "record",
     "split_shared",
     "validate_topic_filter",

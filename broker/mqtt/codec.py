@@ -61,10 +61,12 @@ __all__ = [
     "MAX_PACKET_SIZE",
     "MAX_REMAINING_LENGTH",
     "NEED_DATA",
+    "RAW_PUBLISH_MAX",
     "REMAINING_LENGTH_MAX_BYTES",
     "MQTTDecoder",
     "NeedData",
     "encode",
+    "publish_forward_parts",
 ]
 
 # 3.1.1 section 2.2.3 / 5.0 section 2.1.4: Remaining Length is a Variable Byte Integer of at
@@ -72,6 +74,12 @@ __all__ = [
 REMAINING_LENGTH_MAX_BYTES: Final = VARIABLE_BYTE_INTEGER_MAX_BYTES
 MAX_REMAINING_LENGTH: Final = MAX_VARIABLE_BYTE_INTEGER
 MAX_PACKET_SIZE: Final = 1 + REMAINING_LENGTH_MAX_BYTES + MAX_REMAINING_LENGTH
+
+# A PUBLISH of at most this many bytes is decoded from a copy of its own bytes, which it keeps
+# (Publish.raw) so that the broker can forward them without encoding the packet again
+# (bench/README.md, issue 13). A message queued or retained holds both its payload and these
+# bytes, hence the bound; larger packets decode from the buffer, without `raw`.
+RAW_PUBLISH_MAX: Final = 16_384
 
 # Consumed bytes are dropped from the front of the buffer once they pass this size and half
 # the buffer, so feeding a byte at a time stays linear and a long stream stays bounded.
@@ -244,44 +252,64 @@ def _decode_publish(reader: Reader, flags: int, v5: bool) -> Publish:
     return Publish(topic, reader.rest(), qos, bool(flags & 0x01), dup, packet_id, properties)
 
 
-def _decode_publish_fast(
-    buffer: bytearray, pos: int, end: int, flags: int, v5: bool
-) -> Publish | None:
-    """The common PUBLISH straight from the buffer, without a Reader: about a third of the
-    decode cost (bench/README.md, broker section). In 5.0 only with an empty property list
-    (one zero byte), the usual case. None for anything unusual (bad flags, short or invalid
-    topic, properties): the general path decodes it and raises the right error."""
+def _decode_publish_fast(packet: bytes, pos: int, v5: bool) -> Publish | None:
+    """The common PUBLISH straight from its bytes, without a Reader: about a third of the
+    decode cost (bench/README.md, broker section). `packet` is the whole packet, its body
+    starts at `pos`. In 5.0 only with an empty property list (one zero byte), the usual case.
+    None for anything unusual (bad flags, short or invalid topic, properties): the general
+    path decodes it and raises the right error. The record keeps `packet` as its `raw`."""
+    flags = packet[0] & 0x0F
+    end = len(packet)
     qos = (flags >> 1) & 0x03
     if qos == 3 or (flags & 0x08 and not qos) or pos + 2 > end:
         return None
-    topic_end = pos + 2 + ((buffer[pos] << 8) | buffer[pos + 1])
+    topic_end = pos + 2 + ((packet[pos] << 8) | packet[pos + 1])
     body = topic_end + 2 if qos else topic_end
     if v5:
-        if body >= end or buffer[body]:
+        if body >= end or packet[body]:
             return None
         body += 1
     if body > end or topic_end == pos + 2:
         return None
     try:
-        topic = buffer[pos + 2 : topic_end].decode("utf-8")
+        topic = packet[pos + 2 : topic_end].decode("utf-8")
     except UnicodeDecodeError:
         return None
     if "\x00" in topic or "+" in topic or "#" in topic:
         return None
     packet_id = None
     if qos:
-        packet_id = (buffer[topic_end] << 8) | buffer[topic_end + 1]
+        packet_id = (packet[topic_end] << 8) | packet[topic_end + 1]
         if not packet_id:
             return None
-    return Publish(
+    publish = Publish(
         topic,
-        bytes(buffer[body:end]),
+        packet[body:],
         qos,
         bool(flags & 0x01),
         bool(flags & 0x08),
         packet_id,
         EMPTY_PROPERTIES,
     )
+    # Not an __init__ argument (see Publish.raw); the record is frozen to mypy only.
+    publish.raw = packet  # type: ignore[misc]
+    return publish
+
+
+def publish_forward_parts(raw: bytes, retain: bool) -> tuple[bytes, bytes]:
+    """A received PUBLISH (`Publish.raw`) as it is forwarded at its own QoS and protocol level:
+    DUP cleared (a first delivery, [MQTT-3.3.1-3]), RETAIN as given; at QoS > 0 in two parts,
+    the new packet identifier goes between them (section 3.3.2). At QoS 0 the second part is
+    empty and the first is `raw` itself when nothing changed."""
+    first = raw[0]
+    wanted = (first & 0xF6) | int(retain)
+    if not first & 0x06:
+        return (raw if first == wanted else bytes((wanted,)) + raw[1:]), b""
+    index = 1
+    while raw[index] & 0x80:
+        index += 1
+    split = index + 3 + ((raw[index + 1] << 8) | raw[index + 2])
+    return bytes((wanted,)) + raw[1:split], raw[split + 2 :]
 
 
 _ACK_CLASSES: Final[dict[PacketType, type[Puback | Pubrec | Pubrel | Pubcomp]]] = {
@@ -476,13 +504,15 @@ class MQTTDecoder:
             )
         if available < total:
             return NEED_DATA
-        if packet_type is PacketType.PUBLISH and self.protocol_level is not None:
+        if (
+            packet_type is PacketType.PUBLISH
+            and self.protocol_level is not None
+            and total <= RAW_PUBLISH_MAX
+        ):
+            # One copy of the packet; the payload is sliced from it (no second copy of the
+            # buffer), and it stays on the record as Publish.raw.
             publish = _decode_publish_fast(
-                buffer,
-                start + index,
-                start + total,
-                first & 0x0F,
-                self.protocol_level >= _MQTT_5,
+                bytes(buffer[start : start + total]), index, self.protocol_level >= _MQTT_5
             )
             if publish is not None:
                 if start + total == len(buffer):

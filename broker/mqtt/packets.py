@@ -11,7 +11,7 @@ reason codes) and 3.2.2.3 (3.1.1 CONNACK return codes, Table 3.1 of the 3.1.1 sp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, TypeVar
 
@@ -290,7 +290,14 @@ class Connack:
 
 @record
 class Publish:
-    """PUBLISH (3.1.1 section 3.3, 5.0 section 3.3); `packet_id` is None exactly at QoS 0."""
+    """PUBLISH (3.1.1 section 3.3, 5.0 section 3.3); `packet_id` is None exactly at QoS 0.
+
+    `raw` is the whole packet as received, set by the decoder on the common PUBLISH (no
+    properties, at most `codec.RAW_PUBLISH_MAX` bytes) so that the broker can forward those
+    bytes instead of encoding them again; None otherwise. It is no part of the record's value
+    (not compared, hashed or shown) and not an `__init__` argument, so `dataclasses.replace`
+    drops it: a changed copy never carries bytes that no longer describe it.
+    """
 
     packet_type: ClassVar[PacketType] = PacketType.PUBLISH
     topic: str
@@ -300,6 +307,7 @@ class Publish:
     dup: bool = False
     packet_id: int | None = None
     properties: Properties = EMPTY_PROPERTIES
+    raw: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
 
 @record

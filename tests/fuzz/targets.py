@@ -261,11 +261,13 @@ def check_mqtt(data: bytes) -> None:
 
 def _check_publish_fast_path(flags: int, body: bytes, v5: bool) -> None:
     """_decode_publish_fast either defers (None) or returns what the general path returns."""
-    fast = mqtt_codec._decode_publish_fast(bytearray(body), 0, len(body), flags, v5)
+    packet = bytes((0x30 | flags,)) + body  # the fast path reads only the first byte's flags
+    fast = mqtt_codec._decode_publish_fast(packet, 1, v5)
     if fast is None:
         return
     general = mqtt_codec._decode_publish(Reader(memoryview(body), 0, len(body)), flags, v5)
     assert fast == general, (fast, general)
+    assert fast.raw == packet
 
 
 # --- cluster link (broker/cluster_codec.py) -----------------------------------------------
