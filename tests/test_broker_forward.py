@@ -13,6 +13,7 @@ check that real clients read what we forward.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import shutil
@@ -28,6 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker.mqtt import (
     RAW_PUBLISH_MAX,
+    Disconnect,
     MQTTDecoder,
     Properties,
     Publish,
@@ -414,3 +416,25 @@ def test_mosquitto_clients_read_what_is_forwarded(node: BrokerThread, version: s
             subscriber.kill()
             subscriber.wait(5)
     assert out.decode().splitlines() == ["mq/t zero", "mq/t one", "mq/t two"], err
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_retained_publish_refused_when_retain_is_not_available(qos: int) -> None:
+    with running_broker(make_config(mqtt={"retain_available": False})) as node:
+        subscriber = wire(node, 5, "s")
+        subscriber.subscribe(Subscription("n/#", 0))
+        publisher = wire(node, 5, "pub")
+        publisher.send(Publish("n/1", b"plain", qos, packet_id=1 if qos else None))
+        assert subscriber.packet() == published(5, Publish("n/1", b"plain"))
+        publisher.send(Publish("n/1", b"kept", qos, retain=True, packet_id=2 if qos else None))
+        received = []
+        with contextlib.suppress(AssertionError):  # until the broker closes
+            for _ in range(3):
+                received.append(publisher.packet())
+        # 5.0 section 3.3.1.3: DISCONNECT with Retain not supported (0x9A), then the close
+        assert received[:qos] == [b"\x40\x02\x00\x01"] * qos and len(received) == qos + 1
+        decoder = MQTTDecoder(protocol_level=5)
+        decoder.feed(received[-1])
+        disconnect = decoder.next_event()
+        assert isinstance(disconnect, Disconnect) and disconnect.reason_code == 0x9A
+        assert subscriber.nothing()

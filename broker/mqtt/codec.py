@@ -481,21 +481,28 @@ class MQTTDecoder:
             packet_type = PacketType.PUBLISH
         else:
             packet_type = self._check_first_byte(first)
-        # Remaining Length: read only the bytes that are here; a fifth byte is an error.
-        length = 0
-        index = 1
-        while True:
-            if index >= available:
-                return NEED_DATA
-            byte = buffer[start + index]
-            length |= (byte & 0x7F) << (7 * (index - 1))
-            index += 1
-            if not byte & 0x80:
-                if byte == 0 and index > 2:
-                    raise malformed("remaining length is not in its shortest form")
-                break
-            if index > REMAINING_LENGTH_MAX_BYTES:
-                raise malformed(f"remaining length longer than {REMAINING_LENGTH_MAX_BYTES} bytes")
+        if available < 2:
+            return NEED_DATA
+        # Remaining Length: one byte up to 127 (most packets, without the loop); otherwise
+        # read only the bytes that are here, and a fifth byte is an error.
+        length = buffer[start + 1]
+        index = 2
+        if length & 0x80:
+            length &= 0x7F
+            while True:
+                if index >= available:
+                    return NEED_DATA
+                byte = buffer[start + index]
+                length |= (byte & 0x7F) << (7 * (index - 1))
+                index += 1
+                if not byte & 0x80:
+                    if byte == 0:
+                        raise malformed("remaining length is not in its shortest form")
+                    break
+                if index > REMAINING_LENGTH_MAX_BYTES:
+                    raise malformed(
+                        f"remaining length longer than {REMAINING_LENGTH_MAX_BYTES} bytes"
+                    )
         total = index + length
         if total > self.max_packet_size:
             raise MQTTProtocolError(
