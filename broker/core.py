@@ -613,18 +613,23 @@ class Broker:
             message.topic, message.publisher_client_id, self._session_connected, shared
         )
         count = 0
+        # Once per message rather than per delivery (fan-in: one delivery per message).
+        qos = message.qos
+        retain = message.retain
+        deliver_to_session = self.deliver_to_session
         for delivery in deliveries:
             session = sessions.get(delivery.client_id)
             if session is None:
                 continue
             identifiers = delivery.subscription_identifiers
+            granted = delivery.qos
             pending = Pending(
                 message,
-                min(message.qos, delivery.qos),
-                message.retain and delivery.retain_as_published,
+                granted if granted < qos else qos,
+                retain and delivery.retain_as_published,
                 tuple(identifiers) if identifiers else (),
             )
-            self.deliver_to_session(session, pending, publisher)
+            deliver_to_session(session, pending, publisher)
             count += 1
         return count
 
