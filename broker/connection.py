@@ -593,24 +593,13 @@ class ClientConnection:
         """Send one PUBLISH; False when it was not sent (expired or too large)."""
         broker = self.broker
         message = pending.message
-        raw = message.raw
         if (
-            raw is not None
-            and packet_id is None
+            packet_id is None
             and not message.qos
-            and pending.retain == message.retain
             and not pending.subscription_identifiers
-            and self._takes_raw(message.raw_level)
+            and self._forward_raw(message, pending.retain)
         ):
-            # A QoS 0 message delivered at QoS 0 as it came in: the received bytes are the
-            # PUBLISH to send (no expiry, no properties: Message.raw), without an encode.
-            limit = self.client_maximum_packet_size
-            if not limit or len(raw) <= limit:
-                counters = broker.counters
-                counters.bytes_sent += len(raw)
-                self.io.write(raw)
-                counters.messages_sent += 1
-                return True
+            return True
         now = broker.clock()
         if message.is_expired(now) and not dup:
             broker.counters.messages_expired += 1
@@ -733,6 +722,32 @@ class ClientConnection:
         counters = broker.counters
         counters.bytes_sent += len(data)
         self.io.write(data)
+        counters.messages_sent += 1
+        return True
+
+    def forward(self, message: Message, retain: bool) -> bool:
+        """The core's shortcut for a QoS 0 message delivered at QoS 0 with no subscription
+        identifier (Broker.deliver_local): its received bytes written now, without a
+        Pending. False when it has to take deliver(): something is queued or the transport
+        is full, or the bytes are not this subscriber's PUBLISH."""
+        session = self.session
+        if session is None or session.queue or self.io.write_congested():
+            return False
+        return self._forward_raw(message, retain)
+
+    def _forward_raw(self, message: Message, retain: bool) -> bool:
+        """Write a QoS 0 message's received PUBLISH (Message.raw: no properties, no expiry)
+        as the QoS 0 delivery with RETAIN ``retain``, when those bytes are exactly that
+        delivery here; False otherwise (nothing written)."""
+        raw = message.raw
+        if raw is None or retain != message.retain or not self._takes_raw(message.raw_level):
+            return False
+        limit = self.client_maximum_packet_size
+        if limit and len(raw) > limit:
+            return False  # the slow path counts the drop
+        counters = self.broker.counters
+        counters.bytes_sent += len(raw)
+        self.io.write(raw)
         counters.messages_sent += 1
         return True
 

@@ -617,11 +617,26 @@ class Broker:
         qos = message.qos
         retain = message.retain
         deliver_to_session = self.deliver_to_session
+        # A QoS 0 message with its received bytes: a plain delivery to a connected session
+        # here writes them at once, without a Pending (ClientConnection.forward).
+        raw = message.raw if not qos else None
         for delivery in deliveries:
             session = sessions.get(delivery.client_id)
             if session is None:
                 continue
             identifiers = delivery.subscription_identifiers
+            if (
+                raw is not None
+                and not identifiers
+                and session.moved_to is None
+                and session.seen is None
+            ):
+                connection = session.connection
+                if connection is not None and connection.forward(
+                    message, retain and delivery.retain_as_published
+                ):
+                    count += 1
+                    continue
             granted = delivery.qos
             pending = Pending(
                 message,
