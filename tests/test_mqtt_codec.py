@@ -807,3 +807,22 @@ def test_publish_fast_encoder_raises_as_the_general_one() -> None:
         encode(Publish("a", b"", dup=True), 5)
     with pytest.raises(ValueError, match="U\\+0000"):
         encode(Publish("a\x00", b""), 4)
+
+
+def test_publish_fast_path_topic_names_are_remembered_within_bounds() -> None:
+    first = encode(Publish("cache/a", b"1"), 4)
+    second = encode(Publish("cache/a", b"2"), 4)
+    one = codec._decode_publish_fast(first, 2, False)
+    two = codec._decode_publish_fast(second, 2, False)
+    assert one is not None and two is not None and one.topic is two.topic == "cache/a"
+    long_name = "l" * (codec.TOPIC_NAME_CACHE_BYTES + 1)
+    assert codec._decode_publish_fast(encode(Publish(long_name, b""), 4), 3, False) is not None
+    assert long_name.encode() not in codec._TOPIC_NAMES
+    for index in range(codec.TOPIC_NAME_CACHE_ENTRIES + 10):
+        codec._decode_publish_fast(encode(Publish(f"n/{index}", b""), 4), 2, False)
+        assert len(codec._TOPIC_NAMES) <= codec.TOPIC_NAME_CACHE_ENTRIES
+    # names that fail a check are not remembered, and fail again
+    wildcard = encode(Publish("a", b""), 4).replace(b"\x01a", b"\x01+")
+    assert codec._decode_publish_fast(wildcard, 2, False) is None
+    assert codec._decode_publish_fast(wildcard, 2, False) is None
+    assert b"+" not in codec._TOPIC_NAMES
