@@ -90,18 +90,18 @@ class ProcessLimit:
         self.file_waiters: list[asyncio.Future[None]] = []  # connects waiting for a file
         self.handshakes = HandshakeQueue()  # new TLS handshakes waiting for their first step
 
-    def has_room(self) -> bool:
+    def _own_room(self) -> bool:
+        """Room in this process: below its maxconn and, out of files, below its cap."""
         if self.cap is not None and self.current >= self.cap:
             return False
-        if self.maxconn is not None and self.current >= self.maxconn:
-            return False
-        return self.shared is None or self.shared.has_room()
+        return self.maxconn is None or self.current < self.maxconn
+
+    def has_room(self) -> bool:
+        return self._own_room() and (self.shared is None or self.shared.has_room())
 
     def try_acquire(self) -> bool:
         """Take a place for a connection about to be accepted, if there is one."""
-        if self.cap is not None and self.current >= self.cap:
-            return False
-        if self.maxconn is not None and self.current >= self.maxconn:
+        if not self._own_room():
             return False
         if self.shared is not None and not self.shared.try_add():
             return False
@@ -399,17 +399,18 @@ class FrontendRuntime:
             if listener in self.process.listeners:
                 self.process.listeners.remove(listener)
 
+    def _own_room(self) -> bool:
+        return self.maxconn is None or self.reserved < self.maxconn
+
     def has_room(self) -> bool:
-        if self.maxconn is not None and self.reserved >= self.maxconn:
-            return False
-        if self.shared is not None and not self.shared.has_room():
+        if not self._own_room() or (self.shared is not None and not self.shared.has_room()):
             return False
         return self.process.has_room()
 
     def try_reserve(self) -> bool:
         """A place in this frontend and in the process for a connection about to be
         accepted; False (nothing taken) when either is full."""
-        if self.maxconn is not None and self.reserved >= self.maxconn:
+        if not self._own_room():
             return False
         shared = self.shared
         if shared is not None and not shared.try_add():

@@ -96,12 +96,6 @@ class SharedCounts:
         for index in self.names.values():
             self.slots[index * self.workers + worker - 1] = 0
 
-    def totals(self) -> dict[str, int]:
-        return {
-            name: sum(self.slots[i * self.workers : (i + 1) * self.workers])
-            for name, i in self.names.items()
-        }
-
 
 class SharedCount:
     """One worker's view of one shared count."""
