@@ -27,6 +27,7 @@ import _socket
 import asyncio
 import errno
 import logging
+import os
 import resource
 import socket
 from collections.abc import Callable
@@ -37,6 +38,7 @@ __all__ = [
     "ACCEPT_BATCH",
     "FILE_RESERVE",
     "AcceptLoop",
+    "Accepted",
     "AcceptedSocket",
     "FileLimitPlan",
     "PendingConnections",
@@ -78,6 +80,52 @@ class AcceptedSocket(socket.socket):
     type = _socket.socket.type  # type: ignore[assignment]
 
 
+class Accepted:
+    """One accepted connection's descriptor, before anything adopted it.
+
+    What :class:`AcceptLoop` hands its owner. Who needs a socket object (a TLS handshake)
+    calls :meth:`socket`. The plain MQTT listener gives this object itself to uvloop's
+    ``connect_accepted_socket``, which reads ``family``, ``type`` and ``fileno()`` and, when
+    its transport closes the descriptor, calls ``close()``: a socket object would cost a
+    ``getsockname`` (CPython checks every descriptor it wraps), an ``ioctl`` (setblocking,
+    which libuv's ``uv_tcp_open`` does again) and its construction, ~5 µs of ~80 per
+    connection (bench/README.md issue 13).
+
+    Until :meth:`adopted` it owns the descriptor and :meth:`close` closes it; after, the
+    transport owns it and :meth:`close` does nothing: the transport calls it after its own
+    close, when the number may already belong to another connection.
+    """
+
+    __slots__ = ("_fd", "family", "owned", "proto", "type")
+
+    def __init__(self, fd: int, family: int, kind: int, proto: int) -> None:
+        self._fd = fd
+        self.family = family
+        self.type = kind
+        self.proto = proto
+        #: Whether the descriptor is still ours to close.
+        self.owned = True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def adopted(self) -> None:
+        """A transport took the descriptor (it closes it from now on)."""
+        self.owned = False
+
+    def close(self) -> None:
+        if self.owned:
+            self.owned = False
+            os.close(self._fd)
+
+    def socket(self) -> socket.socket:
+        """A non-blocking socket object that owns the descriptor from now on."""
+        self.owned = False
+        connection = AcceptedSocket(self.family, self.type, self.proto, self._fd)
+        connection.setblocking(False)
+        return connection
+
+
 def open_listening_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A bound, listening, non-blocking TCP socket (IPv6 hosts accept IPv4 too)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -99,9 +147,10 @@ def open_listening_socket(host: str, port: int, backlog: int = BACKLOG) -> socke
 class AcceptLoop:
     """Accepts connections on one listening socket and hands each to ``on_socket``.
 
-    ``on_socket(sock, address)`` takes ownership of the non-blocking socket. The loop pauses
-    at descriptor exhaustion (see the module docstring); the owner calls :meth:`resume` when
-    one of its connections closes, so the pause lasts no longer than needed.
+    ``on_socket(accepted, address)`` takes ownership of the descriptor (:class:`Accepted`).
+    The loop pauses at descriptor exhaustion (see the module docstring); the owner calls
+    :meth:`resume` when one of its connections closes, so the pause lasts no longer than
+    needed.
     """
 
     __slots__ = (
@@ -126,7 +175,7 @@ class AcceptLoop:
     def __init__(
         self,
         listening: socket.socket,
-        on_socket: Callable[[socket.socket, object], None],
+        on_socket: Callable[[Accepted, object], None],
         label: str,
         on_failed: Callable[[], None] | None = None,
     ) -> None:
@@ -222,9 +271,7 @@ class AcceptLoop:
                 logger.error("%s: accept failed, listener stopped: %s", self.label, error)
                 self._pause()
                 return
-            connection = AcceptedSocket(family, kind, proto, descriptor)
-            connection.setblocking(False)
-            self.on_socket(connection, address)
+            self.on_socket(Accepted(descriptor, family, kind, proto), address)
 
     def _out_of_resources(self, error: OSError) -> None:
         self._pause()

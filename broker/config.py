@@ -216,10 +216,12 @@ class ListenerConfig:
     ssl_options: SSLOptions | None = None
     authorization: bool = False
     password_file: Path | None = None
+    #: "kind:name", as log lines and the admin API name the listener (made once: it is in
+    #: every connection's lines).
+    label: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def label(self) -> str:
-        return f"{self.kind}:{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", f"{self.kind}:{self.name}")
 
     @property
     def authentication(self) -> frozenset[Literal["x509", "password"]]:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
 import socket
@@ -56,7 +57,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
-from broker.accept import AcceptLoop, PendingConnections, open_listening_socket
+from broker.accept import Accepted, AcceptLoop, PendingConnections, open_listening_socket
 from broker.config import ListenerConfig, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
@@ -156,8 +157,14 @@ class Listener:
         # Set by stop() while it waits for the lingering closes.
         self._all_closed: asyncio.Event | None = None
         # Connections being adopted by the event loop (accepted, connection_made not yet
-        # run): connect_accepted_socket's coroutine -> the accepted socket (see _accepted).
-        self._adopting: dict[Coroutine[Any, Any, object], socket.socket] = {}
+        # run): connect_accepted_socket's coroutine -> its descriptor (see _accepted).
+        self._adopting: dict[Coroutine[Any, Any, object], Accepted] = {}
+        # Connection ids: this listener's random prefix and a count (see next_connection_id).
+        self._id_prefix = os.urandom(8).hex()
+        self._id_count = itertools.count()
+        # uvloop adopts a descriptor without a socket object (broker.accept.Accepted);
+        # asyncio's own loop needs the socket.
+        self._uvloop = type(self.loop).__module__.startswith("uvloop")
         self.refusals = SuppressedLines(
             logger.warning,
             f"listener {config.label}",
@@ -224,43 +231,65 @@ class Listener:
                 self.port,
             )
 
+    def next_connection_id(self) -> str:
+        """A new connection's id, 32 hex digits: unique across nodes and restarts
+        by the random half, in this listener by the count (os.urandom per connection was a
+        getrandom syscall each)."""
+        return f"{self._id_prefix}{next(self._id_count):016x}"
+
     def _protocol(self) -> asyncio.Protocol:
         return MQTTServerProtocol(self)
 
-    def _accepted(self, connection: socket.socket, address: object) -> None:
+    def _accepted(self, accepted: Accepted, address: object) -> None:
         # The event loop makes a transport for an accepted socket only in a coroutine,
         # connect_accepted_socket: it builds the transport and schedules connection_made at
         # once, then waits for it. The coroutine is stepped here, from its waiter's done
         # callback, as a Task would step it, without the Task (its object, two call_soon and
-        # a done callback: ~7 µs of ~120 per connection, bench/README.md issue 13).
+        # a done callback: ~7 µs of ~120 per connection, bench/README.md issue 13). It gets
+        # the descriptor without a socket object (broker.accept.Accepted says why).
         # The peer's address is accept()'s: asking the transport for it costs a
         # getsockname, a getpeername and a socket object.
+        connection = cast(socket.socket, accepted) if self._uvloop else accepted.socket()
         adopting = self.loop.connect_accepted_socket(
             functools.partial(MQTTServerProtocol, self, address),
             connection,
             ssl=self.ssl_context,
         )
-        self._adopting[adopting] = connection
-        self._adopt_step(adopting)
+        try:
+            waiter = adopting.send(None)
+        except StopIteration:
+            accepted.adopted()
+            return
+        except BaseException as error:
+            # Before the transport took the descriptor (uvloop stores it only once open):
+            # it is still ours to close.
+            connection.close()
+            if isinstance(error, OSError):
+                logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
+                return
+            raise
+        accepted.adopted()
+        self._adopting[adopting] = accepted
+        self._wait_adopted(adopting, waiter)
 
     def _adopt_step(self, adopting: Coroutine[Any, Any, object], _done: object = None) -> None:
-        connection = self._adopting.get(adopting)
-        if connection is None:
+        if adopting not in self._adopting:
             return  # closed by stop()
         try:
             waiter = adopting.send(None)
         except StopIteration:
             del self._adopting[adopting]
             return
-        except OSError as error:
+        except BaseException as error:
+            # The transport owns the descriptor and has closed it.
             del self._adopting[adopting]
-            logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
-            connection.close()
-            return
-        except BaseException:
-            del self._adopting[adopting]
-            connection.close()
+            if isinstance(error, OSError):
+                logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
+                return
             raise
+        self._wait_adopted(adopting, waiter)
+
+    def _wait_adopted(self, adopting: Coroutine[Any, Any, object], waiter: object) -> None:
         # A future (`await waiter`); only the event loop's futures are awaited in there.
         cast(asyncio.Future[object], waiter).add_done_callback(
             functools.partial(self._adopt_step, adopting)
@@ -362,7 +391,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         self.socket_address: tuple[str, int] = ("", 0)
         # Our own id until a PROXY header brings the balancer's (PP2_TYPE_UNIQUE_ID): every
         # log line about the connection carries one, so lines always correlate.
-        self.connection_id = os.urandom(16).hex()  # secrets.token_hex's bytes, fewer calls
+        self.connection_id = listener.next_connection_id()
         self.connection_id_source = "broker"
         # The lingering close's timer; every other timeout is an entry in listener.wheel.
         self._timer: asyncio.TimerHandle | None = None
@@ -782,6 +811,15 @@ class MQTTServerProtocol(asyncio.Protocol):
         return True
 
     def _socket_identity(self) -> PeerIdentity:
+        listener = self.listener
+        if listener.tls is None and listener.ssl_context is None:
+            return PeerIdentity(
+                self.socket_address,
+                self.socket_address,
+                listener.config.label,
+                connection_id=self.connection_id,
+                connection_id_source=self.connection_id_source,
+            )
         transport = self.transport
         cn: str | None = None
         verified = False

@@ -52,12 +52,13 @@ class TurnBufferedHandler(logging.StreamHandler[TextIO], LineHandler):
         formatter = self.formatter
         if not isinstance(formatter, SecondCachedFormatter) or not formatter.direct:
             return False
-        text = formatter.line(level, name, message) + self.terminator
-        self.acquire()
-        try:
-            self.queue(text, level)
-        finally:
-            self.release()
+        text = formatter.line(level, name, message, self.terminator)
+        with self.lock:  # type: ignore[union-attr]  # createLock made it
+            pending = self._pending
+            if self._scheduled and level < logging.WARNING and len(pending) < MAX_BATCH - 1:
+                pending.append(text)  # queue()'s usual case: the turn's write is scheduled
+            else:
+                self.queue(text, level)
         return True
 
     def queue(self, text: str, level: int) -> None:
@@ -109,11 +110,14 @@ class SecondCachedFormatter(logging.Formatter):
             self._second = second
         return self._text
 
-    def line(self, level: int, name: str, message: str) -> str:
-        """What :meth:`format` makes of a record of ``message`` (no exception) in FORMAT."""
+    def line(self, level: int, name: str, message: str, terminator: str = "") -> str:
+        """What :meth:`format` makes of a record of ``message`` (no exception) in FORMAT,
+        followed by ``terminator``."""
         created = time.time()
-        msecs = int((created - int(created)) * 1000)
-        return f"{self._stamp(created)},{msecs:03d} {logging.getLevelName(level)} {name}: {message}"
+        second = int(created)
+        stamp = self._text if second == self._second else self._stamp(created)
+        msecs = int((created - second) * 1000)
+        return f"{stamp},{msecs:03d} {logging.getLevelName(level)} {name}: {message}{terminator}"
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt is not None:

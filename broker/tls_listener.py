@@ -36,7 +36,13 @@ from pathlib import Path
 
 from cryptography import x509
 
-from broker.accept import BACKLOG, AcceptLoop, PendingConnections, open_listening_socket
+from broker.accept import (
+    BACKLOG,
+    Accepted,
+    AcceptLoop,
+    PendingConnections,
+    open_listening_socket,
+)
 from broker.config import BrokerConfig, SSLOptions
 from lb import pem
 from lb.tls_codes import Refusal, refusal_for_reason
@@ -344,7 +350,8 @@ class TLSServer:
         self.acceptor = AcceptLoop(listening, self._accepted, self.label, self.on_accept_failed)
         self.acceptor.start()
 
-    def _accepted(self, connection: socket.socket, address: object) -> None:
+    def _accepted(self, accepted: Accepted, address: object) -> None:
+        connection = accepted.socket()
         task = asyncio.get_running_loop().create_task(self._handshake(connection, address))
         self._handshakes.add(task)
         task.add_done_callback(self._handshake_done)

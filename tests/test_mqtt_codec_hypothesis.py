@@ -35,10 +35,12 @@ from broker.mqtt import (
     Unsuback,
     Unsubscribe,
     Will,
+    codec,
     encode,
 )
 from broker.mqtt.codec import _REASONS
 from broker.mqtt.properties import PROPERTY_TABLE, WILL_PROPERTIES
+from broker.mqtt.wire import Reader
 
 pytestmark = pytest.mark.timeout(120)
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -274,3 +276,52 @@ def test_mutated_streams_raise_only_protocol_errors(level: int, data: st.DataObj
             else:
                 del wire[position]
     _only_protocol_errors(bytes(wire), level, data.draw(st.sampled_from([1, 7, len(wire) + 1])))
+
+
+def _general_connect(packet: bytes, pos: int) -> Connect | MQTTProtocolError:
+    with memoryview(packet) as view:
+        try:
+            return codec._decode_connect(Reader(view, pos, len(packet)))
+        except MQTTProtocolError as error:
+            return error
+
+
+def _fast_connect(packet: bytes, pos: int) -> Connect | MQTTProtocolError | None:
+    try:
+        return codec._decode_connect_fast(packet, pos)
+    except MQTTProtocolError as error:
+        return error
+
+
+def _same(fast: Connect | MQTTProtocolError | None, general: Connect | MQTTProtocolError) -> None:
+    """The fast CONNECT decoder gives the general one's record or error, or defers (None)."""
+    if fast is None:
+        return
+    if isinstance(general, MQTTProtocolError):
+        assert isinstance(fast, MQTTProtocolError), fast
+        assert (fast.reason_code, str(fast), fast.protocol_level) == (
+            general.reason_code,
+            str(general),
+            general.protocol_level,
+        )
+    else:
+        assert fast == general
+
+
+@pytest.mark.parametrize("level", [3, 4, 5])
+@SETTINGS
+@given(data=st.data())
+def test_connect_fast_path_agrees_with_the_general_one(level: int, data: st.DataObject) -> None:
+    connect = data.draw(packets(level, PacketType.CONNECT))
+    wire = bytearray(encode(connect, level))
+    pos = 2 if wire[1] < 0x80 else 3 if wire[2] < 0x80 else 4
+    # Valid as encoded: the fast path gives the same record (3.1 and will properties defer).
+    fast = _fast_connect(bytes(wire), pos)
+    assert fast is None or fast == connect
+    if level != 3 and connect.will is None:
+        assert fast == connect
+    # Changed bytes: the same record or the same error as the general path, or a deferral.
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(pos, len(wire) - 1))
+        wire[position] = data.draw(st.integers(0, 255))
+    _same(_fast_connect(bytes(wire), pos), _general_connect(bytes(wire), pos))

@@ -141,6 +141,15 @@ _SUBACK_311: Final = frozenset({0x00, 0x01, 0x02, 0x80})
 # Indexed by the first byte's high nibble (0 is reserved, rejected before the lookup); a
 # tuple index is cheaper than calling the enum once per packet.
 _PACKET_TYPES: Final[tuple[PacketType, ...]] = (PacketType.CONNECT, *PacketType)
+# Packets that are two bytes, the first and a Remaining Length of 0, at every protocol level
+# once CONNECT is in: the keep alive's PINGREQ/PINGRESP and the usual DISCONNECT (5.0 section
+# 3.14.2.1: reason 0x00, no properties). Made without the Reader and the checks of
+# _check_first_byte, which such a first byte passes anyway.
+_BODILESS: Final[dict[int, type[Pingreq | Pingresp | Disconnect]]] = {
+    PacketType.PINGREQ << 4: Pingreq,
+    PacketType.PINGRESP << 4: Pingresp,
+    PacketType.DISCONNECT << 4: Disconnect,
+}
 
 
 def _check_reason(packet_type: PacketType, code: int) -> None:
@@ -221,6 +230,119 @@ def _decode_connect_rest(reader: Reader, name: str, level: int) -> Connect:
     _done(reader, PacketType.CONNECT)
     return Connect(
         name, level, clean_start, keep_alive, client_id, username, password, will, properties
+    )
+
+
+#: A CONNECT's variable header up to the level: the protocol name "MQTT" (3.1.1 and 5.0).
+_MQTT_NAME: Final = b"\x00\x04MQTT"
+
+
+def _string_at(packet: bytes, index: int) -> tuple[str, int] | None:
+    """The UTF-8 string at ``index`` and the index after it; None for anything wrong (short,
+    not UTF-8, U+0000): the general path then raises the right error."""
+    if index + 2 > len(packet):
+        return None
+    stop = index + 2 + ((packet[index] << 8) | packet[index + 1])
+    if stop > len(packet):
+        return None
+    try:
+        text = packet[index + 2 : stop].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in text:
+        return None
+    return text, stop
+
+
+def _binary_at(packet: bytes, index: int) -> tuple[bytes, int] | None:
+    if index + 2 > len(packet):
+        return None
+    stop = index + 2 + ((packet[index] << 8) | packet[index + 1])
+    if stop > len(packet):
+        return None
+    return packet[index + 2 : stop], stop
+
+
+def _decode_connect_fast(packet: bytes, pos: int) -> Connect | None:
+    """The usual CONNECT (3.1.1 or 5.0) straight from its bytes, without a Reader, as
+    :func:`_decode_publish_fast` does for PUBLISH: the Reader's calls were two thirds of a
+    CONNECT's decode (bench/README.md issue 13). `packet` is the whole packet, its body starts
+    at `pos`. None for anything unusual (MQTT 3.1, a flag or string the general decoder would
+    refuse, will properties): the general path decodes it and raises the right error. A 5.0
+    property list is the general decoder's, on this packet, in the same order."""
+    end = len(packet)
+    if pos + 10 > end or packet[pos : pos + 6] != _MQTT_NAME:
+        return None
+    level = packet[pos + 6]
+    flags = packet[pos + 7]
+    if level not in (4, 5) or flags & 0x01:
+        return None
+    will_flag = flags & 0x04
+    will_qos = (flags >> 3) & 0x03
+    if will_qos == 3 or (not will_flag and flags & 0x38):
+        return None
+    if level == 4 and flags & 0xC0 == 0x40:
+        return None  # a password without a user name [MQTT-3.1.2-22]
+    keep_alive = (packet[pos + 8] << 8) | packet[pos + 9]
+    index = pos + 10
+    properties = EMPTY_PROPERTIES
+    if level == 5:
+        if index >= end:
+            return None
+        if packet[index]:
+            with memoryview(packet) as view:
+                reader = Reader(view, index, end)
+                try:
+                    properties = decode_properties(reader, PacketType.CONNECT)
+                except MQTTProtocolError as error:
+                    if error.protocol_level is None:
+                        error.protocol_level = level  # as _decode_connect says it
+                    raise
+                finally:
+                    reader.view = memoryview(b"")
+                index = reader.pos
+        else:
+            index += 1
+    found = _string_at(packet, index)
+    if found is None:
+        return None
+    client_id, index = found
+    clean_start = bool(flags & 0x02)
+    if not client_id and level == 4 and not clean_start:
+        return None  # [MQTT-3.1.3-8]
+    will = None
+    if will_flag:
+        if level == 5:
+            if index >= end or packet[index]:
+                return None  # will properties: the general path
+            index += 1
+        found = _string_at(packet, index)
+        if found is None:
+            return None
+        topic, index = found
+        if not topic or "+" in topic or "#" in topic:
+            return None
+        payload = _binary_at(packet, index)
+        if payload is None:
+            return None
+        will = Will(topic, payload[0], will_qos, bool(flags & 0x20), EMPTY_PROPERTIES)
+        index = payload[1]
+    username = None
+    if flags & 0x80:
+        found = _string_at(packet, index)
+        if found is None:
+            return None
+        username, index = found
+    password = None
+    if flags & 0x40:
+        secret = _binary_at(packet, index)
+        if secret is None:
+            return None
+        password, index = secret
+    if index != end:
+        return None
+    return Connect(
+        "MQTT", level, clean_start, keep_alive, client_id, username, password, will, properties
     )
 
 
@@ -497,6 +619,15 @@ class MQTTDecoder:
         if first >> 4 == 3 and self.protocol_level is not None:
             packet_type = PacketType.PUBLISH
         else:
+            if available >= 2 and buffer[start + 1] == 0 and self.protocol_level is not None:
+                bodiless = _BODILESS.get(first)
+                if bodiless is not None:
+                    if available == 2:
+                        buffer.clear()
+                        self._offset = 0
+                    else:
+                        self._offset = start + 2
+                    return bodiless()
             packet_type = self._check_first_byte(first)
         if available < 2:
             return NEED_DATA
@@ -528,6 +659,18 @@ class MQTTDecoder:
             )
         if available < total:
             return NEED_DATA
+        if packet_type is PacketType.CONNECT and total <= RAW_PUBLISH_MAX:
+            # One copy of the packet, bounded as PUBLISH's below.
+            connect = _decode_connect_fast(bytes(buffer[start : start + total]), index)
+            if connect is not None:
+                if start + total == len(buffer):
+                    buffer.clear()
+                    self._offset = 0
+                else:
+                    self._offset = start + total
+                self._connect_seen = True
+                self.protocol_level = connect.protocol_level
+                return connect
         if (
             packet_type is PacketType.PUBLISH
             and self.protocol_level is not None
