@@ -8,6 +8,7 @@ start, and ``broker -p`` listens on loopback only.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import resource
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from bench.ports import free_port
-from broker.accept import FILE_RESERVE, plan_file_limit
+from broker.accept import FILE_RESERVE, Accepted, plan_file_limit
 from broker.config import ConfigError, parse_config
 from broker.listener import reachable_from_network
 from broker.mqtt import Connack, Connect, MQTTDecoder, ReasonCode, encode
@@ -480,3 +481,47 @@ def test_anonymous_listener_reachable_from_the_network_is_loud(tmp_path: Path) -
 def test_reachable_from_network(listener: dict[str, Any], reachable: bool) -> None:
     config = parse_config({"listeners": {"tcp": {"a": listener}}}, "x.toml")
     assert reachable_from_network(config.listeners[0]) is reachable
+
+
+def _accepted_descriptor() -> tuple[Accepted, socket.socket, socket.socket]:
+    listening = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listening.getsockname()[:2], timeout=5)
+    fd, _address = listening._accept()  # type: ignore[attr-defined]
+    accepted = Accepted(fd, int(listening.family), int(listening.type), listening.proto)
+    return accepted, listening, client
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_an_accepted_descriptor_is_closed_by_its_owner_until_a_transport_adopts_it() -> None:
+    # Not adopted (connect_accepted_socket failed before the transport opened it): close()
+    # closes the descriptor, once.
+    accepted, listening, client = _accepted_descriptor()
+    fd = accepted.fileno()
+    accepted.close()
+    assert not _is_open(fd)
+    accepted.close()  # nothing left to close: no error, no other descriptor touched
+    client.close()
+    # Adopted: the transport closes it (and then calls close(), when the number may already
+    # be another connection's), so close() leaves it alone.
+    accepted, listening2, client2 = _accepted_descriptor()
+    fd = accepted.fileno()
+    accepted.adopted()
+    accepted.close()
+    assert _is_open(fd)
+    os.close(fd)
+    # A socket object takes it over (the TLS handshake's path): the socket owns it.
+    accepted, listening3, client3 = _accepted_descriptor()
+    connection = accepted.socket()
+    assert not connection.getblocking() and connection.fileno() == accepted.fileno()
+    accepted.close()
+    assert _is_open(connection.fileno())
+    connection.close()
+    for sock in (listening, listening2, client2, listening3, client3):
+        sock.close()
