@@ -9,6 +9,12 @@ handler with the broker's own format), that handler writes it without a record. 
 (another handler such as pytest's caplog, a filter, another format) gets an ordinary record
 with the same message, so what is logged never depends on the path.
 
+Which handler that is is worked out by walking the logger tree, as ``Logger.callHandlers``
+does; a handler that writes its lines at the end of the event-loop turn (``turn_scoped``)
+lets the answer be kept until then: it calls :func:`forget_handlers` when it writes them. So
+a change of handlers takes effect from the next loop turn, and the walk is done once a turn
+rather than once a line.
+
 No asyncio here: the sans-IO connection (broker.connection) logs through this module.
 """
 
@@ -16,11 +22,16 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["LineHandler", "log_line"]
+__all__ = ["LineHandler", "forget_handlers", "log_line"]
 
 
 class LineHandler(logging.Handler):
     """A handler that may take a finished line without a record."""
+
+    #: True when the handler calls :func:`forget_handlers` at the end of every loop turn in
+    #: which it took a line (and whenever it writes at once): then log_line keeps the answer
+    #: of its walk to it until then.
+    turn_scoped = False
 
     def write_line(self, level: int, name: str, message: str) -> bool:
         """Write ``message`` as a record of ``level`` from logger ``name`` would be; False
@@ -48,9 +59,29 @@ def _line_handler(logger: logging.Logger, level: int) -> LineHandler | None:
     return found
 
 
+#: (logger, level) -> the turn-scoped handler its lines reach, until forget_handlers().
+_handlers: dict[tuple[logging.Logger, int], LineHandler] = {}
+
+
+def forget_handlers() -> None:
+    """The loop turn is over (a turn-scoped handler wrote its lines): walk again next time."""
+    _handlers.clear()
+
+
 def log_line(logger: logging.Logger, level: int, message: str) -> None:
     """Log ``message``, already formatted; callers check ``logger.isEnabledFor(level)``
     before they build it. ``message`` is never %-formatted (a "%" in a client id stays)."""
-    handler = _line_handler(logger, level)
-    if handler is None or not handler.write_line(level, logger.name, message):
+    key = (logger, level)
+    handler = _handlers.get(key)
+    if handler is None:
+        handler = _line_handler(logger, level)
+        if handler is None:
+            logger.log(level, message)
+            return
+        if handler.turn_scoped:
+            # Kept before the write: a write made at once forgets it at once.
+            _handlers[key] = handler
+    if not handler.write_line(level, logger.name, message):
+        # Not taken (so no write will forget it): the record path, and walk again next time.
+        _handlers.pop(key, None)
         logger.log(level, message)

@@ -22,7 +22,7 @@ import logging
 import time
 from typing import TextIO
 
-from broker.logline import LineHandler
+from broker.logline import LineHandler, forget_handlers
 
 __all__ = ["FORMAT", "MAX_BATCH", "SecondCachedFormatter", "TurnBufferedHandler"]
 
@@ -34,6 +34,9 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class TurnBufferedHandler(logging.StreamHandler[TextIO], LineHandler):
     """A StreamHandler that writes the records of one event-loop turn in one write."""
+
+    # Every line it takes is written by flush(), at the end of the turn or at once.
+    turn_scoped = True
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -78,6 +81,7 @@ class TurnBufferedHandler(logging.StreamHandler[TextIO], LineHandler):
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
+        forget_handlers()  # the turn is over for log_line's walks too
         self.acquire()
         try:
             self._scheduled = False

@@ -178,3 +178,32 @@ def test_log_line_makes_a_record_for_any_other_handler_or_format() -> None:
     logger.handlers[0].setLevel(logging.WARNING)
     log_line(logger, logging.INFO, "below the handler's level")
     assert "below the handler" not in stream.getvalue()
+
+
+def test_a_handler_added_during_a_loop_turn_gets_lines_from_the_next_turn() -> None:
+    stream = CountingStream()
+    logger = _logger(stream, FORMAT)
+    other = Collecting()
+
+    async def main() -> None:
+        log_line(logger, logging.INFO, "first")  # walks the tree once for this turn
+        logger.addHandler(other)
+        log_line(logger, logging.INFO, "same turn")
+        await asyncio.sleep(0)  # the turn's lines are written: the walk is forgotten
+        await asyncio.sleep(0)
+        log_line(logger, logging.INFO, "next turn")
+        logger.removeHandler(other)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        log_line(logger, logging.INFO, "after removal")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert [record.getMessage() for record in other.records] == ["next turn"]
+    assert [line.split(": ", 1)[1] for line in _without_time(stream.getvalue())] == [
+        "first",
+        "same turn",
+        "next turn",
+        "after removal",
+    ]
