@@ -114,7 +114,8 @@ class PeerIdentity:
     # A balancer health check (PROXY LOCAL): logged at debug level only.
     health_check: bool = False
     # The connection's id: the PROXY header's PP2_TYPE_UNIQUE_ID (lb's or HAProxy's %ID)
-    # when one came, else the listener's own 128 random bits; "broker" tells which.
+    # when one came, else the listener's own (64 random bits and a count); "broker" tells
+    # which.
     connection_id: str = ""
     connection_id_source: str = "broker"
 

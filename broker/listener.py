@@ -14,8 +14,9 @@ connection gets a :class:`MQTTServerProtocol`, which:
   check: accepted, counted, logged at debug level only; a CONNECT after it (lb's ``option
   mqtt-chk``) is answered here with a CONNACK and never becomes a client session. MQTT bytes
   where a header is required, or a header where none is expected, are reported in words;
-- names each connection: the header's PP2_TYPE_UNIQUE_ID (lb's or HAProxy's %ID) or 128
-  random bits of its own, in every log line about it (``connection_id=``);
+- names each connection: the header's PP2_TYPE_UNIQUE_ID (lb's or HAProxy's %ID) or an id
+  of its own (the listener's 64 random bits and a count), in every log line about it
+  (``connection_id=``);
 - counts connected MQTT clients against ``max_connections`` (CONNACK 0x89 / 3.1.1 return
   code 3 past it, decided when the CONNECT is accepted, :meth:`MQTTServerProtocol.admit`),
   and bounds the sockets that are not clients yet separately, in count and bytes
