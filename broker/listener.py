@@ -96,6 +96,8 @@ logger = logging.getLogger(__name__)
 
 # Write buffer marks: above HIGH the transport pauses us; messages then wait in the
 # session's bounded queue instead of this buffer.
+#: Addresses whose PROXY trust a listener remembers (Listener.trusted_source).
+TRUSTED_SOURCES = 1024
 WRITE_BUFFER_HIGH = 256 * 1024
 WRITE_BUFFER_LOW = 64 * 1024
 # First byte of a PROXY v1 ("PROXY ...") or v2 ("\r\n\r\n\0\r\nQUIT\n") header. No MQTT
@@ -160,6 +162,8 @@ class Listener:
         # Connections being adopted by the event loop (accepted, connection_made not yet
         # run): connect_accepted_socket's coroutine -> its descriptor (see _accepted).
         self._adopting: dict[Coroutine[Any, Any, object], Accepted] = {}
+        # PROXY header senders' addresses -> trusted (see trusted_source).
+        self._trusted_sources: dict[str, bool] = {}
         # Connection ids: this listener's random prefix and a count (see next_connection_id).
         self._id_prefix = os.urandom(8).hex()
         self._id_count = itertools.count()
@@ -231,6 +235,18 @@ class Listener:
                 config.host,
                 self.port,
             )
+
+    def trusted_source(self, host: str) -> bool:
+        """May ``host`` send this listener a PROXY header (proxy_protocol_trusted)? Kept per
+        address: the balancers in front are few, and parsing the address each time was ~200
+        Python opcodes per connection. Bounded: forgotten at TRUSTED_SOURCES entries."""
+        trusted = self._trusted_sources.get(host)
+        if trusted is None:
+            if len(self._trusted_sources) >= TRUSTED_SOURCES:
+                self._trusted_sources.clear()
+            trusted = is_trusted_source(host, self.config.proxy_protocol_trusted)
+            self._trusted_sources[host] = trusted
+        return trusted
 
     def next_connection_id(self) -> str:
         """A new connection's id, 32 hex digits: unique across nodes and restarts
@@ -454,7 +470,7 @@ class MQTTServerProtocol(asyncio.Protocol):
         if listener.tls is not None and self._chain_too_deep(listener.tls):
             return
         if config.proxy_protocol:
-            if not is_trusted_source(self.socket_address[0], config.proxy_protocol_trusted):
+            if not listener.trusted_source(self.socket_address[0]):
                 # Decided on the address alone, before any byte is read (proxy-protocol.txt
                 # section 3): whatever this peer sends is never parsed.
                 counters.proxy_untrusted_sources += 1
@@ -650,9 +666,10 @@ class MQTTServerProtocol(asyncio.Protocol):
 
     def set_idle_timeout(self, seconds: float | None) -> None:
         self.idle_timeout = seconds
-        self._cancel_timer()
         if seconds:
-            self._arm(seconds, self._idle_check)
+            self._arm(seconds, self._idle_check)  # replaces the timer armed before
+        else:
+            self._cancel_timer()
 
     def pause_input(self) -> None:
         self.input_paused = True
@@ -724,7 +741,10 @@ class MQTTServerProtocol(asyncio.Protocol):
             self.transport.close()
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
+        """This connection's one timeout from now on (the wheel moves its entry)."""
+        if self._timer is not None:  # the lingering close's
+            self._timer.cancel()
+            self._timer = None
         self._timer_callback = callback
         self._deadline = self.loop.time() + delay
         self._delay = delay
@@ -1018,7 +1038,7 @@ class MQTTServerProtocol(asyncio.Protocol):
             socket_address=self.socket_address,
             listener=self.listener.config.label,
             via_proxy=True,
-            tls=ssl_info is not None and bool(ssl_info.client & ClientFlags.SSL),
+            tls=ssl_info is not None and bool(int(ssl_info.client) & _SSL_FLAG),
             tls_version=None if ssl_info is None else ssl_info.version,
             certificate_cn=ssl_info.cn if ssl_info is not None and verified else None,
             certificate_verified=verified,
@@ -1062,7 +1082,13 @@ class MQTTServerProtocol(asyncio.Protocol):
         return False
 
 
+#: PP2_CLIENT_SSL as an int (`&` on the IntFlag makes a new member each time).
+_SSL_FLAG = int(ClientFlags.SSL)
+#: The control characters _printable replaces: one str.translate, not a generator over the
+#: id's characters (~640 Python opcodes per connection behind lb).
+_CONTROL_CHARACTERS = {code: "?" for code in (*range(0x20), 0x7F)}
+
+
 def _printable(unique_id: bytes) -> str:
     """A PP2_TYPE_UNIQUE_ID for log lines: UTF-8, control characters as '?'."""
-    text = unique_id.decode("utf-8", "replace")
-    return "".join("?" if ord(char) < 0x20 or ord(char) == 0x7F else char for char in text)
+    return unique_id.decode("utf-8", "replace").translate(_CONTROL_CHARACTERS)

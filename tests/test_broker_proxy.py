@@ -71,6 +71,19 @@ def test_header_from_trusted_balancer_sets_address_and_cn(node: BrokerThread) ->
     assert record["socket_address"].startswith("127.0.0.1:")
 
 
+def test_the_balancers_connection_id_is_kept_printable(node: BrokerThread) -> None:
+    # PP2_TYPE_UNIQUE_ID is the balancer's %ID, in every line about the connection: control
+    # characters (and DEL) become "?", invalid UTF-8 U+FFFD, the rest is kept as sent.
+    unique_id = "ab\x01c\x7fd-é\x1b".encode() + b"\xff"
+    header = encode_v2(Command.PROXY, CLIENT, BROKER, ssl=VERIFIED, unique_id=unique_id)
+    raw = RawClient(node.port(), prefix=header)
+    assert isinstance(raw.connect(connect("device-id")), Connack)
+    [record] = [c for c in node.admin_get("/api/clients") if c["client_id"] == "device-id"]
+    assert record["connection_id"] == "ab?c?d-é?\ufffd"
+    assert record["connection_id_source"] == "proxy"
+    assert record["tls_version"] == "TLSv1.3"
+
+
 def test_unverified_certificate_cn_is_not_trusted(node: BrokerThread) -> None:
     failed = SSLInfo(ClientFlags.SSL | ClientFlags.CERT_CONN, 20, version="TLSv1.3", cn="EVIL")
     raw = RawClient(node.port(), prefix=encode_v2(Command.PROXY, CLIENT, BROKER, ssl=failed))
