@@ -16,12 +16,12 @@ the high marks, in messages and in bytes), when the session loses its connection
 the session ends. (Without the byte mark a queue of large messages reached its byte bound,
 and dropped acknowledged messages, long before the count mark paused anyone.) Released
 publishers are served fairly (:class:`HeldPublishers`): they resume in the order they were
-paused, and each may route only its share of the room below high water (the room over the
-number released) before it is paused again. Without the shares the first publishers to run
-refilled the queue and the rest routed one message each per round: with 16 publishers, two got
-70% of the deliveries and the others' messages waited ~30 rounds (bench/README.md, issue 13
-backpressure p99). An offline
-session holds nobody: it queues up to its bounds and then drops and counts, so a client that
+paused, as many as the room below high water gives ``RESUME_SHARE`` messages each (the others
+wait for the next round), and each may route only its share of that room before it is paused
+again. Without the shares the first publishers to run refilled the queue and the rest routed
+one message each per round: with 16 publishers, two got 70% of the deliveries and the others'
+messages waited ~30 rounds (bench/README.md, issue 13 backpressure p99). An offline session
+holds nobody: it queues up to its bounds and then drops and counts, so a client that
 never comes back cannot stall its publishers. A cluster peer is a holder too
 (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
 
@@ -73,6 +73,12 @@ QUEUE_HIGH_WATER_FRACTION = 0.75
 # few milliseconds of deliveries long (latency under backpressure, issue 13).
 QUEUE_HIGH_WATER_MESSAGES = 64
 QUEUE_LOW_WATER_FRACTION = 0.5
+# Fair service of held publishers: each one resumed may route at least this many messages
+# before it is paused again; when the room below high water is smaller than that times the
+# publishers held, only the oldest held are resumed (round robin). Pauses and resumes cost
+# CPU: with every publisher resumed each round (16 of them sharing 32 messages) QoS 1 fan-in
+# took 9% more CPU per message than before (bench/README.md, issue 13 backpressure).
+RESUME_SHARE = 8
 # Message ids remembered per session that may see a message twice (see SeenIds): as many as
 # the default max_queued_messages.
 SEEN_IDS = 1000
@@ -129,23 +135,40 @@ class HeldPublishers:
 
     def add(self, publisher: Publisher) -> None:
         self.waiting[publisher] = None
+        # Paused again (by the mark, or its share used up): what it had left is forgotten.
+        self.shares.pop(publisher, None)
+
+    @property
+    def sharing(self) -> bool:
+        """Whether some publisher released last still has a share to use."""
+        return bool(self.shares)
 
     def discard(self, publisher: Publisher) -> None:
         """The publisher is gone (closed, taken over): neither held nor paced any more."""
         self.waiting.pop(publisher, None)
         self.shares.pop(publisher, None)
 
-    def release(self, holder: Holder, room: int | None = None) -> None:
-        """Resume every paused publisher, oldest first; with ``room`` (what the holder takes
-        before its high-water mark), each may route its share of it before it pauses again."""
+    def release(self, holder: Holder, room: int | None = None, least: int = 1) -> None:
+        """Resume paused publishers, oldest first. Without ``room``, all of them. With ``room``
+        (what the holder takes before its high-water mark), as many as can have ``least`` of
+        it each (at least one publisher), and each may route its share of the room before it
+        pauses again; the others stay paused, first in line for the next release."""
         waiting = self.waiting
         if not waiting:
             return
-        self.waiting = {}
         if room is None:
+            self.waiting = {}
             self.shares = {}
         else:
-            self.shares = dict.fromkeys(waiting, max(1, room // len(waiting)))
+            count = max(1, min(len(waiting), room // least))
+            if count == len(waiting):
+                self.waiting = {}
+            else:
+                resumed = list(waiting)[:count]
+                for publisher in resumed:
+                    del waiting[publisher]
+                waiting = dict.fromkeys(resumed)
+            self.shares = dict.fromkeys(waiting, max(1, room // count))
         for publisher in waiting:
             publisher.session_released(holder)
 
@@ -381,8 +404,12 @@ class Session:
             self._held_publishers = None
             held.release(self)
             return
-        queue = self._queue
-        held.release(self, self.queue_high_water - (len(queue) if queue is not None else 0))
+        queued = len(self._queue) if self._queue is not None else 0
+        if queued and held.sharing:
+            # The publishers released last have not used their shares yet (they run on the
+            # next loop turn): the rest wait for the next round, or until the queue is empty.
+            return
+        held.release(self, self.queue_high_water - queued, RESUME_SHARE)
 
     def discard_expired(self, now: float) -> list[Pending]:
         """Drop queued messages whose expiry passed; returns them (the caller unstores)."""
