@@ -19,9 +19,9 @@ publishers are served fairly (:class:`HeldPublishers`): they resume in the order
 paused, as many as the room below high water gives ``RESUME_SHARE`` messages each (the others
 wait for the next round), and each may route only its share of that room before it is paused
 again. Without the shares the first publishers to run refilled the queue and the rest routed
-one message each per round: with 16 publishers, two got 70% of the deliveries and the others'
-messages waited ~30 rounds (bench/README.md, issue 13 backpressure p99). An offline session
-holds nobody: it queues up to its bounds and then drops and counts, so a client that
+one message each per round: with 16 publishers, two got 70% of the deliveries and each of the
+others' messages waited ~64 rounds (bench/README.md, issue 13 backpressure p99). An offline
+session holds nobody: it queues up to its bounds and then drops and counts, so a client that
 never comes back cannot stall its publishers. A cluster peer is a holder too
 (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
 
