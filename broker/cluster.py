@@ -73,7 +73,7 @@ from broker.message import Message
 from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
 from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges_into
 from broker.reliable import Inbox, InboxVerdict, Outbox
-from broker.session import Holder, Pending, Publisher
+from broker.session import HeldPublishers, Holder, Pending
 from broker.store import StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
@@ -339,8 +339,10 @@ class Peer:
         # The highest seq applied and not yet ACKed, and whether an ACK is on its way.
         self.ack_due = 0
         self.ack_scheduled = False
-        # Publishers paused while too much to this peer is unacknowledged (session.Holder).
-        self.held_publishers: set[Publisher] = set()
+        # Publishers paused while too much to this peer is unacknowledged (session.Holder),
+        # served in the order they were paused, each with its share of the room when the
+        # link drains (the same rule as a session's, broker.session.HeldPublishers).
+        self.held_publishers = HeldPublishers()
         # Cut by an operator: no dialing, inbound links refused.
         self.suspended = False
         self.unlogged_drops = 0
@@ -359,13 +361,10 @@ class Peer:
     def address_text(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def release_publishers(self) -> None:
-        if not self.held_publishers:
-            return
-        publishers = self.held_publishers
-        self.held_publishers = set()
-        for publisher in publishers:
-            publisher.session_released(self)
+    def release_publishers(self, room: int | None = None) -> None:
+        """Resume the paused publishers; ``room``: the unacknowledged bytes the link takes
+        before its high-water mark, shared among them (None: the link went down)."""
+        self.held_publishers.release(self, room)
 
 
 class PeerHold:
@@ -375,16 +374,14 @@ class PeerHold:
     __slots__ = ("held_publishers",)
 
     def __init__(self) -> None:
-        self.held_publishers: set[Publisher] = set()
+        self.held_publishers = HeldPublishers()
 
     @property
     def connection(self) -> ClientConnection | None:
         return None
 
     def release_publishers(self) -> None:
-        publishers, self.held_publishers = self.held_publishers, set()
-        for publisher in publishers:
-            publisher.session_released(self)
+        self.held_publishers.release(self)
 
 
 class RemotePublisher:
@@ -398,6 +395,18 @@ class RemotePublisher:
         self.peer = peer
         self.client_id = client_id
         self.held_by: set[Holder] = set()
+
+    # One per message is made (_apply); equal by node and client id, so that a session's
+    # HeldPublishers knows the publisher again by any of them (its share after a release).
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, RemotePublisher)
+            and other.client_id == self.client_id
+            and other.peer is self.peer
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.peer.name, self.client_id))
 
     def hold_for(self, session: Holder, peer: bool = False) -> None:
         proxy = self.cluster.remote_publishers.get((self.peer.name, self.client_id))
@@ -943,8 +952,9 @@ class Cluster:
         assert broker is not None
         if peer.outbox.ack(seq):
             broker.store.ack_outbox(peer.name, seq)
-        if peer.held_publishers and peer.outbox.bytes <= self.cluster_config.link_high_water // 2:
-            peer.release_publishers()
+        high_water = self.cluster_config.link_high_water
+        if peer.held_publishers and peer.outbox.bytes <= high_water // 2:
+            peer.release_publishers(high_water - peer.outbox.bytes)
         waiters = self.ack_waiters.get(peer.name)
         while waiters and waiters[0][0] <= seq:
             _, callback = waiters.pop(0)
@@ -1496,7 +1506,10 @@ class Cluster:
             count += 1
             if (
                 publisher is not None
-                and peer.outbox.bytes > self.cluster_config.link_high_water
+                and (
+                    peer.outbox.bytes > self.cluster_config.link_high_water
+                    or peer.held_publishers.spent(publisher, len(wire.payload))
+                )
                 and peer not in publisher.held_by
             ):
                 # Issue 14 item 2: the backpressure crosses the link.

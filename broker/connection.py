@@ -798,7 +798,7 @@ class ClientConnection:
         if session.held_publishers and session.below_low_water(
             self.broker.settings.max_queued_bytes
         ):
-            session.release_publishers()
+            session.release_publishers(drained=True)
 
     # --- packets ----------------------------------------------------------------------------
 

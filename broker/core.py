@@ -702,7 +702,10 @@ class Broker:
             if (
                 publisher is not None
                 and pending.qos
-                and session.above_high_water(self.settings.max_queued_bytes)
+                and (
+                    session.above_high_water(self.settings.max_queued_bytes)
+                    or session.share_spent(publisher)
+                )
             ):
                 publisher.hold_for(session)
         elif pending.qos == 0:
@@ -746,7 +749,10 @@ class Broker:
         connection = session.connection
         if connection is not None:
             connection.pump_after_commit()
-            if publisher is not None and session.above_high_water(self.settings.max_queued_bytes):
+            if publisher is not None and (
+                session.above_high_water(self.settings.max_queued_bytes)
+                or session.share_spent(publisher)
+            ):
                 publisher.hold_for(session)
 
     # --- the store --------------------------------------------------------------------------

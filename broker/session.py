@@ -14,7 +14,13 @@ bytes to 3/4 of ``max_queued_bytes``, the publishing connection stops being read
 in ``held_publishers``; it is released when the queue drains to ``queue_low_water`` (half of
 the high marks, in messages and in bytes), when the session loses its connection, or when
 the session ends. (Without the byte mark a queue of large messages reached its byte bound,
-and dropped acknowledged messages, long before the count mark paused anyone.) An offline
+and dropped acknowledged messages, long before the count mark paused anyone.) Released
+publishers are served fairly (:class:`HeldPublishers`): they resume in the order they were
+paused, as many as the room below high water gives ``RESUME_SHARE`` messages each (the others
+wait for the next round), and each may route only its share of that room before it is paused
+again. Without the shares the first publishers to run refilled the queue and the rest routed
+one message each per round: with 16 publishers, two got 70% of the deliveries and each of the
+others' messages waited ~64 rounds (bench/README.md, issue 13 backpressure p99). An offline
 session holds nobody: it queues up to its bounds and then drops and counts, so a client that
 never comes back cannot stall its publishers. A cluster peer is a holder too
 (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
@@ -32,6 +38,7 @@ Pure state: no I/O, no clock. The connection and the core drive it with explicit
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SESSION_NEVER_EXPIRES",
+    "HeldPublishers",
     "Holder",
     "Outgoing",
     "Pending",
@@ -65,6 +73,12 @@ QUEUE_HIGH_WATER_FRACTION = 0.75
 # few milliseconds of deliveries long (latency under backpressure, issue 13).
 QUEUE_HIGH_WATER_MESSAGES = 64
 QUEUE_LOW_WATER_FRACTION = 0.5
+# Fair service of held publishers: each one resumed may route at least this many messages
+# before it is paused again; when the room below high water is smaller than that times the
+# publishers held, only the oldest held are resumed (round robin). Pauses and resumes cost
+# CPU: with every publisher resumed each round (16 of them sharing 32 messages) QoS 1 fan-in
+# took 9% more CPU per message than before (bench/README.md, issue 13 backpressure).
+RESUME_SHARE = 8
 # Message ids remembered per session that may see a message twice (see SeenIds): as many as
 # the default max_queued_messages.
 SEEN_IDS = 1000
@@ -73,7 +87,8 @@ SEEN_IDS = 1000
 class Holder(Protocol):
     """What a publisher can be paused on: a lagging session, or a cluster peer."""
 
-    held_publishers: set[Publisher]
+    @property
+    def held_publishers(self) -> HeldPublishers: ...
 
     @property
     def connection(self) -> ClientConnection | None: ...
@@ -86,6 +101,92 @@ class Publisher(Protocol):
     def hold_for(self, session: Holder, peer: bool = False) -> None: ...
 
     def session_released(self, session: Holder) -> None: ...
+
+
+class HeldPublishers:
+    """The publishers one holder paused, in the order it paused them, and the shares of the
+    ones it released last (fair service under backpressure, issue 13).
+
+    ``release(room)`` resumes them oldest first and gives each ``room // released`` (at least
+    1) of what the holder can take before its high-water mark; ``spent(publisher, cost)``
+    counts what a released publisher routes to the holder and says when its share is used up,
+    so that the holder pauses it again although the mark is not reached. Publishers that were
+    never paused have no share: only the mark paces them. The shares of a release are
+    forgotten at the next one (so at most one entry per publisher released last)."""
+
+    __slots__ = ("shares", "waiting")
+
+    def __init__(self) -> None:
+        # dict as an ordered set: iteration is the order publishers were paused.
+        self.waiting: dict[Publisher, None] = {}
+        self.shares: dict[Publisher, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def __bool__(self) -> bool:
+        return bool(self.waiting)
+
+    def __contains__(self, publisher: object) -> bool:
+        return publisher in self.waiting
+
+    def __iter__(self) -> Iterator[Publisher]:
+        return iter(self.waiting)
+
+    def add(self, publisher: Publisher) -> None:
+        self.waiting[publisher] = None
+        # Paused again (by the mark, or its share used up): what it had left is forgotten.
+        self.shares.pop(publisher, None)
+
+    @property
+    def sharing(self) -> bool:
+        """Whether some publisher released last still has a share to use."""
+        return bool(self.shares)
+
+    def discard(self, publisher: Publisher) -> None:
+        """The publisher is gone (closed, taken over): neither held nor paced any more."""
+        self.waiting.pop(publisher, None)
+        self.shares.pop(publisher, None)
+
+    def release(self, holder: Holder, room: int | None = None, least: int = 1) -> None:
+        """Resume paused publishers, oldest first. Without ``room``, all of them. With ``room``
+        (what the holder takes before its high-water mark), as many as can have ``least`` of
+        it each (at least one publisher), and each may route its share of the room before it
+        pauses again; the others stay paused, first in line for the next release."""
+        waiting = self.waiting
+        if not waiting:
+            return
+        if room is None:
+            self.waiting = {}
+            self.shares = {}
+        else:
+            count = max(1, min(len(waiting), room // least))
+            if count == len(waiting):
+                self.waiting = {}
+            else:
+                resumed = list(waiting)[:count]
+                for publisher in resumed:
+                    del waiting[publisher]
+                waiting = dict.fromkeys(resumed)
+            self.shares = dict.fromkeys(waiting, max(1, room // count))
+        for publisher in waiting:
+            publisher.session_released(holder)
+
+    def spent(self, publisher: Publisher, cost: int = 1) -> bool:
+        """``publisher`` routed ``cost`` more to the holder; True when its share is used up
+        (it is then forgotten: the caller pauses it)."""
+        shares = self.shares
+        if not shares:
+            return False
+        left = shares.get(publisher)
+        if left is None:
+            return False
+        left -= cost
+        if left <= 0:
+            del shares[publisher]
+            return True
+        shares[publisher] = left
+        return False
 
 
 @dataclass(slots=True)
@@ -160,7 +261,7 @@ class Session:
     connection: ClientConnection | None = None
     next_packet_id: int = 1
     # Publishing connections paused until this session's queue drains (see module docstring).
-    _held_publishers: set[Publisher] | None = field(default=None, init=False)
+    _held_publishers: HeldPublishers | None = field(default=None, init=False)
     queue_high_water: int = field(init=False)
     queue_low_water: int = field(init=False)
     # Payload bytes queued and in flight, and the node's total they are part of.
@@ -221,15 +322,11 @@ class Session:
         self._incoming_qos2 = incoming
 
     @property
-    def held_publishers(self) -> set[Publisher]:
+    def held_publishers(self) -> HeldPublishers:
         held = self._held_publishers
         if held is None:
-            held = self._held_publishers = set()
+            held = self._held_publishers = HeldPublishers()
         return held
-
-    @held_publishers.setter
-    def held_publishers(self, held: set[Publisher]) -> None:
-        self._held_publishers = held
 
     @property
     def idle(self) -> bool:
@@ -274,6 +371,12 @@ class Session:
             self._queue is not None and len(self._queue) >= self.queue_high_water
         ) or self.queued_bytes >= max_bytes * QUEUE_HIGH_WATER_FRACTION
 
+    def share_spent(self, publisher: Publisher) -> bool:
+        """``publisher``, released with a share (HeldPublishers), routed one more message
+        here; True when that used the share up."""
+        held = self._held_publishers
+        return held is not None and held.spent(publisher)
+
     def below_low_water(self, max_bytes: int) -> bool:
         """Whether the publishers paused on this session may resume."""
         return (
@@ -289,14 +392,24 @@ class Session:
         self.add_bytes(size)
         return True
 
-    def release_publishers(self) -> None:
-        """Resume every publisher paused on this session (it drained, went offline or ended)."""
-        publishers = self._held_publishers
-        if not publishers:
+    def release_publishers(self, drained: bool = False) -> None:
+        """Resume every publisher paused on this session: it went offline or ended, or
+        (``drained``) its queue drained to low water, and then each gets its share of the
+        room up to high water (HeldPublishers)."""
+        held = self._held_publishers
+        if held is None:
             return
-        self._held_publishers = None
-        for publisher in publishers:
-            publisher.session_released(self)
+        if not drained:
+            # Offline or ended: nothing paces its publishers any more.
+            self._held_publishers = None
+            held.release(self)
+            return
+        queued = len(self._queue) if self._queue is not None else 0
+        if queued and held.sharing:
+            # The publishers released last have not used their shares yet (they run on the
+            # next loop turn): the rest wait for the next round, or until the queue is empty.
+            return
+        held.release(self, self.queue_high_water - queued, RESUME_SHARE)
 
     def discard_expired(self, now: float) -> list[Pending]:
         """Drop queued messages whose expiry passed; returns them (the caller unstores)."""

@@ -438,3 +438,76 @@ def test_held_publisher_taken_over_leaves_no_trace_and_self_subscription_never_h
             False
         )
         loop_client.close()
+
+
+# --- fair service of held publishers (issue 13) ---------------------------------------------
+
+
+def test_publishers_held_by_one_subscriber_share_its_deliveries_fairly() -> None:
+    """Publishers paused on one subscriber resume in the order they were paused (the oldest
+    first, as many as the room below high water gives RESUME_SHARE each), each with its share
+    of that room: while all of them have messages waiting, each gets about the same number
+    delivered, and each is served within a bounded number of rounds. (Before, the same
+    publisher refilled the queue on every release and the others routed one message each
+    per round: with 4 publishers one got ~80% of the deliveries.)"""
+    publishers, per_publisher = 4, 400
+    # High water 30 messages, low water 15: a round is ~15 deliveries, and 4 in flight.
+    config = make_config(admin=False, mqtt={"max_queued_messages": 40, "max_inflight": 4})
+    with running_broker(config) as node:
+        port = node.port()
+        subscriber = connect(port, "fair-subscriber")
+        subscribe(subscriber, 1)
+        high_water = node.call(lambda: session_of(node, "fair-subscriber").queue_high_water)
+        clients = [connect(port, f"fair-publisher-{index}") for index in range(publishers)]
+        # All messages at once: each publisher has 400 in flight against a queue of 30.
+        for index, client in enumerate(clients):
+            client.send_bytes(publish_bytes(index, 0, per_publisher, qos=1))
+        order: list[int] = []
+        payloads: Counter[bytes] = Counter()
+        decoder = MQTTDecoder(protocol_level=LEVEL)
+        subscriber.sock.settimeout(30)
+        deadline = time.monotonic() + 60
+        while len(order) < publishers * per_publisher and time.monotonic() < deadline:
+            packets = read_packets(subscriber.sock, decoder)
+            assert packets is not None, "broker closed the subscriber"
+            acks = []
+            for packet in packets:
+                if isinstance(packet, Publish):
+                    payload = bytes(packet.payload)
+                    payloads[payload] += 1
+                    order.append(int(payload.split(b":", 1)[0]))
+                    assert packet.packet_id is not None
+                    acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+            subscriber.sock.sendall(b"".join(acks))
+        # Everything acknowledged was delivered, once.
+        assert len(order) == publishers * per_publisher
+        assert set(payloads.values()) == {1}
+        assert node.counters()["messages_dropped_queue_full"] == 0
+        assert node.counters()["publishers_paused"] >= publishers
+
+        # While every publisher still had messages waiting (until the first one is done):
+        counts: Counter[int] = Counter()
+        last_seen: dict[int, int] = {}
+        longest_gap = 0
+        for position, publisher in enumerate(order):
+            if publisher in last_seen:
+                longest_gap = max(longest_gap, position - last_seen[publisher])
+            last_seen[publisher] = position
+            counts[publisher] += 1
+            if counts[publisher] == per_publisher:
+                break
+        # ... each got a fair share of the deliveries,
+        assert len(counts) == publishers
+        assert min(counts.values()) * 2 >= max(counts.values()), counts
+        # ... and each made progress within a bounded number of rounds: at least one
+        # publisher is resumed per round, the oldest first, so each waits at most one round per
+        # publisher; a round delivers at most the room below high water plus one message per
+        # publisher resumed.
+        assert longest_gap <= (publishers + 1) * (high_water + publishers), (longest_gap, counts)
+        for client in clients:
+            acknowledged = 0
+            while acknowledged < per_publisher:
+                assert isinstance(client.receive(timeout=30), Puback)
+                acknowledged += 1
+            client.close()
+        subscriber.close()
