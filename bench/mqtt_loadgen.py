@@ -4,7 +4,9 @@ No MQTT library runs in the hot loop. CONNECT, SUBSCRIBE and PUBLISH are encoded
 connection with the few lines below (MQTT 3.1.1 sections 3.1, 3.3, 3.8); a flooding publisher
 writes one pre-joined batch of identical PUBLISH packets per call, a QoS 0 subscriber counts
 bytes (every PUBLISH it receives has the same size), and only QoS 1 and latency subscribers
-parse packets (PUBACKs for one read go out in one write).
+parse packets (PUBACKs for one read go out in one write). A 5.0 QoS 1 publisher keeps no
+more in flight than the broker's Receive Maximum, as the spec requires of a client (the
+CONNACK is decoded with broker.mqtt, once per connection).
 
 A :class:`Role` is one worker process holding ``connections`` connections. Every worker
 follows the same steps so the coordinator measures only the timed window: connect (and
@@ -29,6 +31,8 @@ from multiprocessing.connection import Connection
 from typing import Any, cast
 
 import uvloop
+
+from broker.mqtt import Connack, MQTTDecoder
 
 #: How long a worker waits for the coordinator or the broker at any step.
 STEP_TIMEOUT = 120.0
@@ -118,6 +122,17 @@ def packet_end(buffer: bytes | bytearray, index: int) -> int:
 def connack_accepted(packet: bytes) -> bool:
     # 3.1.1: 20 02 flags 00; 5.0: 20 len flags 00 properties (a broker may add properties)
     return len(packet) >= 4 and packet[0] == 0x20 and packet[3] == 0
+
+
+def receive_maximum(connack: bytes, version: int) -> int | None:
+    """The broker's Receive Maximum (5.0 section 3.2.2.3.3), if its CONNACK says one: a 5.0
+    client keeps no more QoS 1/2 PUBLISH than that unacknowledged [MQTT-3.3.4-9]."""
+    if version != 5:
+        return None
+    decoder = MQTTDecoder(protocol_level=5)
+    decoder.feed(connack)
+    packet = decoder.next_event()
+    return packet.properties.receive_maximum if isinstance(packet, Connack) else None
 
 
 # -- roles and results -----------------------------------------------------------------------
@@ -240,6 +255,8 @@ class Publisher(_Client):
         self.payload_offset = len(self.packets[0]) - role.payload_size
         self.next_id = 0
         self.in_flight = 0
+        # QoS 1 in flight: the role's window, or the broker's Receive Maximum (5.0) if lower
+        self.in_flight_limit = role.window
         self.ack_bytes = 0
         self.header = b""
         self.client_index = client_index
@@ -250,7 +267,7 @@ class Publisher(_Client):
         if self.role.rate:
             loop.call_at(_loop_time_for(loop, window.start), self._pace, window.start, 0)
         elif self.role.qos:
-            loop.call_at(_loop_time_for(loop, window.start), self._send_qos1, self.role.window)
+            loop.call_at(_loop_time_for(loop, window.start), self._send_qos1, self.in_flight_limit)
         else:
             loop.call_at(_loop_time_for(loop, window.start), self._flood)
 
@@ -451,6 +468,9 @@ async def _open(
             answer = await asyncio.wait_for(ack, max(1.0, deadline - time.monotonic()))
             if not connack_accepted(answer):
                 raise ConnectionError(f"CONNACK {answer.hex()}")
+            limit = receive_maximum(answer, role.version)
+            if isinstance(client, Publisher) and limit is not None:
+                client.in_flight_limit = min(client.in_flight_limit, limit)
             if role.kind in ("sub", "device"):
                 topic = f"fleet/{client_id}/commands" if device else role.topic
                 qos = 1 if device else role.qos
