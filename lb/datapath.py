@@ -50,6 +50,7 @@ from lb.tls_codes import Refusal
 
 if TYPE_CHECKING:
     from lb.frontend import FrontendRuntime
+    from lb.heap import HeapTrimmer
     from lb.server import BackendState, ServerState
 
 logger = logging.getLogger(__name__)
@@ -103,14 +104,15 @@ class HandshakeQueue:
     "heavy" tasklet class (TLS handshakes get a bounded share of each turn) and its
     maxpollevents (200 events per poll)."""
 
-    __slots__ = ("due_new", "due_started", "new", "scheduled", "started")
+    __slots__ = ("due_new", "due_started", "new", "scheduled", "started", "trimmer")
 
-    def __init__(self) -> None:
+    def __init__(self, trimmer: HeapTrimmer | None = None) -> None:
         self.started: deque[ClientSide] = deque()  # the client's later flights
         self.new: deque[ClientSide] = deque()  # ClientHellos
         self.due_started = 0  # how many at each front have seen one more poll since they came
         self.due_new = 0
         self.scheduled = False
+        self.trimmer = trimmer  # told how many steps each turn ran (lb.heap)
 
     def __len__(self) -> int:
         return len(self.started) + len(self.new)
@@ -133,6 +135,7 @@ class HandshakeQueue:
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         deadline = time.perf_counter() + HANDSHAKE_TURN_BUDGET
         out_of_time = False
+        steps = 0
         for waiting, due in ((self.started, "due_started"), (self.new, "due_new")):
             count = getattr(self, due)
             while count and waiting and not out_of_time:
@@ -141,8 +144,11 @@ class HandshakeQueue:
                 if session.closed:
                     continue
                 session.handshake_turn()
+                steps += 1
                 out_of_time = time.perf_counter() >= deadline
             setattr(self, due, count)
+        if steps and self.trimmer is not None:
+            self.trimmer.busy(steps)
         if self.started or self.new:
             loop.call_soon(self._mark, loop)
         else:
