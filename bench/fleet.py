@@ -897,7 +897,7 @@ def scenario_storm(run: Run) -> None:
             "storm_refusals": dict(refusals),
             "storm_refusals_total": sum(refusals.values()),
             "storm_attempts": after["attempts"] - before["attempts"],
-            # Machine-wide: only this phase's balancer, brokers and devices listen here now.
+            # Namespace-wide: other processes' listeners (a test suite beside) count too.
             "storm_kernel": {
                 name: after["kernel"][name] - before["kernel"][name]
                 for name in after.get("kernel", {})
