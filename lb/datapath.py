@@ -194,13 +194,14 @@ class HandshakeQueue:
                     if not new:
                         break
                     session = new.pop()
-                    burst.newest_first += 1
+                    newest = True
                 else:
                     session = new.popleft()
+                    newest = False
                 if session.closed:
                     burst.gone += 1
                     continue
-                burst.served(now - session.accept_time)
+                burst.served(now - session.accept_time, newest=newest)
                 session.handshake_turn()
                 steps += 1
                 if time.perf_counter() >= deadline:
@@ -222,7 +223,7 @@ class HandshakeQueue:
     def _log_behind(self, now: float) -> None:
         self.behind_logged = True
         logger.info(
-            "handshake queue: the oldest of %d waiting ClientHellos came %.1fs ago: "
+            "handshake queue: the oldest of %d waiting ClientHellos was accepted %.1fs ago: "
             "newest first until the queue is empty",
             len(self.new),
             now - self.new[0].accept_time,
@@ -258,8 +259,9 @@ class HandshakeBurst:
         self.gone = 0  # clients that closed while their ClientHello waited
         self.longest_wait = 0.0  # from accept to the ClientHello's turn
 
-    def served(self, waited: float) -> None:
+    def served(self, waited: float, *, newest: bool) -> None:
         self.answered += 1
+        self.newest_first += newest
         self.longest_wait = max(self.longest_wait, waited)
 
 
