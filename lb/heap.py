@@ -7,8 +7,9 @@ is done (lb.tls_io), but the freed chunks stay in the heap: glibc shrinks the he
 its top (M_TRIM_THRESHOLD), and the sessions that stayed hold small chunks all through it.
 The 20,000-device storm left lb at 55 KiB RSS per device against 6.2 before it (HAProxy 50
 against 25, bench/README.md). `malloc_trim(0)` gives back every free page of the heap, the
-middle included (madvise MADV_DONTNEED, glibc 2.8 and later); lb's workers run one thread,
-so every allocation is in the main arena, the one it trims.
+middle included (madvise MADV_DONTNEED, glibc 2.8 and later), in every arena: the handshakes
+run on the loop's thread (the main arena), and worker #1 also has libuv's threadpool (four
+threads, for the health checks' address lookups) with arenas of their own.
 
 A trim walks the free lists (milliseconds for a heap of a GiB), so it runs once a burst is
 over: after at least TRIM_AFTER_HANDSHAKES handshake steps, when none has run for
