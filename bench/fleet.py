@@ -139,6 +139,31 @@ def process_table() -> dict[int, tuple[int, int, int]]:
     return table
 
 
+#: The kernel's TCP counters that say a listening socket's queue was full (/proc/net/netstat,
+#: this network namespace, every listener in it): ListenOverflows counts a SYN or a
+#: handshake's last ACK dropped because the listener's accept queue was full, ListenDrops
+#: those and every other drop at a listener, TCPSynRetrans the SYNs clients sent again. A
+#: device whose SYN or ACK was dropped waits 1, 2, 4, 8... s to send it again, inside its
+#: connect timeout: "timeout (TCP+TLS)" with no handshake work spent on it by the balancer.
+KERNEL_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+
+
+def kernel_counters() -> dict[str, int]:
+    """The KERNEL_COUNTERS now (missing ones are left out, e.g. outside Linux)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if not names.startswith("TcpExt:"):
+            continue
+        for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
+            if name in KERNEL_COUNTERS:
+                found[name] = int(value)
+    return found
+
+
 def tree_usage(table: dict[int, tuple[int, int, int]], roots: list[int]) -> tuple[float, int, int]:
     """(CPU seconds, RSS KiB, process count) of `roots` and all their descendants."""
     seen = tree_pids(table, roots)
@@ -480,6 +505,10 @@ def log_summary(paths: list[Path]) -> dict[str, Any]:
                     kind = "too many open files"
                 elif "SSL handshake failure" in line:
                     kind = "ssl handshake failure"
+                elif "handshake queue:" in line:
+                    kind = "handshake queue"
+                elif "heap trimmed" in line:
+                    kind = "heap trim"
                 elif "ALERT" in line:
                     kind = "alert"
                 elif "WARNING" in line or "[WARNING]" in line:
@@ -588,6 +617,7 @@ class Run:
                 "broker_rss_kib": [b[1] for b in brokers],
                 "simulators_cpu_s": round(sims_cpu, 2),
                 "simulators_rss_kib": sims_rss,
+                "kernel": kernel_counters(),
             }
         )
 
@@ -867,6 +897,12 @@ def scenario_storm(run: Run) -> None:
             "storm_refusals": dict(refusals),
             "storm_refusals_total": sum(refusals.values()),
             "storm_attempts": after["attempts"] - before["attempts"],
+            # Namespace-wide: other processes' listeners (a test suite beside) count too.
+            "storm_kernel": {
+                name: after["kernel"][name] - before["kernel"][name]
+                for name in after.get("kernel", {})
+                if name in before.get("kernel", {})
+            },
             "storm_balancer_cpu_us_per_handshake": round(
                 (after["balancer_cpu_s"] - before["balancer_cpu_s"]) / handshakes * 1e6
             )

@@ -22,6 +22,7 @@ from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
 from lb.datapath import ClientSide, HandshakeQueue, Limits, TimerWheel
+from lb.heap import HeapTrimmer
 from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.log import (
     ERROR_LINE_BURST,
@@ -88,7 +89,8 @@ class ProcessLimit:
         self.burst_started = 0.0
         self.resource_errors = 0  # all of them, counted (show activity)
         self.file_waiters: list[asyncio.Future[None]] = []  # connects waiting for a file
-        self.handshakes = HandshakeQueue()  # new TLS handshakes waiting for their first step
+        # TLS handshake steps waiting for their turn; after a burst of them, the heap trim.
+        self.handshakes = HandshakeQueue(HeapTrimmer(loop) if loop is not None else None)
 
     def _own_room(self) -> bool:
         """Room in this process: below its maxconn and, out of files, below its cap."""
