@@ -194,14 +194,13 @@ class HandshakeQueue:
                     if not new:
                         break
                     session = new.pop()
-                    newest = True
+                    burst.newest_first += 1
                 else:
                     session = new.popleft()
-                    newest = False
                 if session.closed:
                     burst.gone += 1
                     continue
-                burst.served(now - session.accept_time, newest=newest)
+                burst.served(now - session.accept_time)
                 session.handshake_turn()
                 steps += 1
                 if time.perf_counter() >= deadline:
@@ -223,7 +222,7 @@ class HandshakeQueue:
     def _log_behind(self, now: float) -> None:
         self.behind_logged = True
         logger.info(
-            "handshake queue: the oldest of %d waiting ClientHellos was accepted %.1fs ago: "
+            "handshake queue: the oldest of %d waiting ClientHellos came %.1fs ago: "
             "newest first until the queue is empty",
             len(self.new),
             now - self.new[0].accept_time,
@@ -259,9 +258,8 @@ class HandshakeBurst:
         self.gone = 0  # clients that closed while their ClientHello waited
         self.longest_wait = 0.0  # from accept to the ClientHello's turn
 
-    def served(self, waited: float, *, newest: bool) -> None:
+    def served(self, waited: float) -> None:
         self.answered += 1
-        self.newest_first += newest
         self.longest_wait = max(self.longest_wait, waited)
 
 
