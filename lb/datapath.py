@@ -84,10 +84,6 @@ HANDSHAKE_TURN_BUDGET = 0.004
 #: How long the oldest ClientHello may wait before new handshakes go newest first
 #: (HandshakeQueue): a second behind is a queue that is not draining within a turn or two.
 NEWEST_FIRST_AFTER = 1.0
-#: Waiting ClientHellos that make newest-first worth a log line: devices send their
-#: ClientHello seconds after the TCP connect in a storm (a median 6.8 s in the 20,000-device
-#: run), so a handful of old ones is common and said nothing but noise (2,198 lines in 6 min).
-NEWEST_FIRST_LOG_AT = 100
 #: Bytes a client may send before its handshake's turn comes; past them it goes first.
 HELLO_HOLD = TLS_CHUNK
 
@@ -118,12 +114,11 @@ class HandshakeQueue:
     and a handshake begun for it is thrown away with the later steps it brings, while the
     newest have their whole timeout ahead of them. Those left waiting cost nothing until
     they either get their turn or leave. One log line when lb falls behind and one when it
-    has caught up, with the counts, when NEWEST_FIRST_LOG_AT or more were waiting."""
+    has caught up, with the counts."""
 
     __slots__ = (
         "arriving_new",
         "arriving_started",
-        "behind_logged",
         "behind_since",
         "burst",
         "new",
@@ -141,7 +136,6 @@ class HandshakeQueue:
         self.scheduled = False
         self.trimmer = trimmer  # told how many steps each turn ran (lb.heap)
         self.behind_since: float | None = None  # newest first since then
-        self.behind_logged = False  # and said so (NEWEST_FIRST_LOG_AT)
         self.burst = HandshakeBurst()
 
     def __len__(self) -> int:
@@ -186,8 +180,6 @@ class HandshakeQueue:
                 if self.behind_since is None and now - new[0].accept_time >= NEWEST_FIRST_AFTER:
                     self._fall_behind(now)
                 if self.behind_since is not None:
-                    if not self.behind_logged and len(new) >= NEWEST_FIRST_LOG_AT:
-                        self._log_behind(now)
                     while new and new[0].closed:  # gone while waiting: let them go
                         new.popleft()
                         burst.gone += 1
@@ -217,10 +209,6 @@ class HandshakeQueue:
 
     def _fall_behind(self, now: float) -> None:
         self.behind_since = now
-        self.behind_logged = False
-
-    def _log_behind(self, now: float) -> None:
-        self.behind_logged = True
         logger.info(
             "handshake queue: the oldest of %d waiting ClientHellos came %.1fs ago: "
             "newest first until the queue is empty",
@@ -231,9 +219,6 @@ class HandshakeQueue:
     def _caught_up(self, now: float) -> None:
         assert self.behind_since is not None
         burst = self.burst
-        if not self.behind_logged:
-            self.behind_since = None
-            return
         logger.info(
             "handshake queue: empty again after %.1fs newest first: %d ClientHellos "
             "answered (%d newest first), %d clients gone while waiting, the oldest answered "
