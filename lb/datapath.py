@@ -81,17 +81,14 @@ class Limits:
 #: CPU time per event loop turn given to TLS handshakes (the server's key exchange and
 #: signature, the client certificate's verification) when more wait than one turn can take.
 HANDSHAKE_TURN_BUDGET = 0.004
-#: How long the oldest ClientHello may wait before new handshakes go newest first
-#: (HandshakeQueue): a second behind is a queue that is not draining within a turn or two.
-NEWEST_FIRST_AFTER = 1.0
 #: Bytes a client may send before its handshake's turn comes; past them it goes first.
 HELLO_HOLD = TLS_CHUNK
 
 
 class HandshakeQueue:
     """Where the steps of TLS handshakes wait for their turn, one process's: those of
-    handshakes under way first, then new ones, within HANDSHAKE_TURN_BUDGET of CPU per loop
-    turn.
+    handshakes under way first, then new ones, each first come first served, within
+    HANDSHAKE_TURN_BUDGET of CPU per loop turn.
 
     In a reconnect storm thousands of handshakes arrive at once. Run as their bytes came,
     they made loop turns of seconds (uvloop calls every ready socket's callback in one
@@ -105,46 +102,23 @@ class HandshakeQueue:
     connects to servers are never held behind them, and a client that gave up while
     waiting (its FIN is read first) costs no handshake. HAProxy does the same with its
     "heavy" tasklet class (TLS handshakes get a bounded share of each turn) and its
-    maxpollevents (200 events per poll).
+    maxpollevents (200 events per poll)."""
 
-    New handshakes go first come first served while lb keeps up. Once the oldest waiting
-    ClientHello's connection was accepted NEWEST_FIRST_AFTER ago (a device's connect
-    timeout counts from about then), the newest go first (adaptive LIFO) until
-    the queue is empty again: a client that has waited long is the one about to give up,
-    and a handshake begun for it is thrown away with the later steps it brings, while the
-    newest have their whole timeout ahead of them. Those left waiting cost nothing until
-    they either get their turn or leave. One log line when lb falls behind and one when it
-    has caught up, with the counts."""
-
-    __slots__ = (
-        "arriving_new",
-        "arriving_started",
-        "behind_since",
-        "burst",
-        "new",
-        "scheduled",
-        "started",
-        "trimmer",
-    )
+    __slots__ = ("due_new", "due_started", "new", "scheduled", "started", "trimmer")
 
     def __init__(self, trimmer: HeapTrimmer | None = None) -> None:
         self.started: deque[ClientSide] = deque()  # the client's later flights
         self.new: deque[ClientSide] = deque()  # ClientHellos
-        # Steps that have not seen one more poll since they came (see _mark).
-        self.arriving_started: list[ClientSide] = []
-        self.arriving_new: list[ClientSide] = []
+        self.due_started = 0  # how many at each front have seen one more poll since they came
+        self.due_new = 0
         self.scheduled = False
         self.trimmer = trimmer  # told how many steps each turn ran (lb.heap)
-        self.behind_since: float | None = None  # newest first since then
-        self.burst = HandshakeBurst()
 
     def __len__(self) -> int:
-        return (
-            len(self.started) + len(self.new) + len(self.arriving_started) + len(self.arriving_new)
-        )
+        return len(self.started) + len(self.new)
 
     def add(self, session: ClientSide, *, new: bool) -> None:
-        (self.arriving_new if new else self.arriving_started).append(session)
+        (self.new if new else self.started).append(session)
         if not self.scheduled:
             self.scheduled = True
             session.loop.call_soon(self._mark, session.loop)
@@ -154,98 +128,31 @@ class HandshakeQueue:
         # that turn's poll. uvloop reads a ClientHello and the FIN behind it in two polls
         # (a short read ends one), so each step waits for one more poll before its turn:
         # the FIN of a client that gave up closes the session first.
-        if self.arriving_started:
-            self.started.extend(self.arriving_started)
-            self.arriving_started.clear()
-        if self.arriving_new:
-            self.new.extend(self.arriving_new)
-            self.arriving_new.clear()
+        self.due_started = len(self.started)
+        self.due_new = len(self.new)
         loop.call_soon(self._run, loop)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         deadline = time.perf_counter() + HANDSHAKE_TURN_BUDGET
+        out_of_time = False
         steps = 0
-        started, new, burst = self.started, self.new, self.burst
-        while started:
-            session = started.popleft()
-            if session.closed:
-                continue
-            session.handshake_turn()
-            steps += 1
-            if time.perf_counter() >= deadline:
-                break
-        else:
-            now = loop.time()
-            while new:
-                if self.behind_since is None and now - new[0].accept_time >= NEWEST_FIRST_AFTER:
-                    self._fall_behind(now)
-                if self.behind_since is not None:
-                    while new and new[0].closed:  # gone while waiting: let them go
-                        new.popleft()
-                        burst.gone += 1
-                    if not new:
-                        break
-                    session = new.pop()
-                    burst.newest_first += 1
-                else:
-                    session = new.popleft()
+        for waiting, due in ((self.started, "due_started"), (self.new, "due_new")):
+            count = getattr(self, due)
+            while count and waiting and not out_of_time:
+                count -= 1
+                session = waiting.popleft()
                 if session.closed:
-                    burst.gone += 1
                     continue
-                burst.served(now - session.accept_time)
                 session.handshake_turn()
                 steps += 1
-                if time.perf_counter() >= deadline:
-                    break
+                out_of_time = time.perf_counter() >= deadline
+            setattr(self, due, count)
         if steps and self.trimmer is not None:
             self.trimmer.busy(steps)
-        if started or new or self.arriving_started or self.arriving_new:
+        if self.started or self.new:
             loop.call_soon(self._mark, loop)
-            return
-        self.scheduled = False
-        if self.behind_since is not None:
-            self._caught_up(loop.time())
-        self.burst = HandshakeBurst()
-
-    def _fall_behind(self, now: float) -> None:
-        self.behind_since = now
-        logger.info(
-            "handshake queue: the oldest of %d waiting ClientHellos came %.1fs ago: "
-            "newest first until the queue is empty",
-            len(self.new),
-            now - self.new[0].accept_time,
-        )
-
-    def _caught_up(self, now: float) -> None:
-        assert self.behind_since is not None
-        burst = self.burst
-        logger.info(
-            "handshake queue: empty again after %.1fs newest first: %d ClientHellos "
-            "answered (%d newest first), %d clients gone while waiting, the oldest answered "
-            "%.1fs after its accept",
-            now - self.behind_since,
-            burst.answered,
-            burst.newest_first,
-            burst.gone,
-            burst.longest_wait,
-        )
-        self.behind_since = None
-
-
-class HandshakeBurst:
-    """What the handshake queue did since it was last empty (for its log lines)."""
-
-    __slots__ = ("answered", "gone", "longest_wait", "newest_first")
-
-    def __init__(self) -> None:
-        self.answered = 0  # ClientHellos that got their turn
-        self.newest_first = 0  # of them, taken from the newest end
-        self.gone = 0  # clients that closed while their ClientHello waited
-        self.longest_wait = 0.0  # from accept to the ClientHello's turn
-
-    def served(self, waited: float) -> None:
-        self.answered += 1
-        self.longest_wait = max(self.longest_wait, waited)
+        else:
+            self.scheduled = False
 
 
 class TimerWheel(timerwheel.TimerWheel["ClientSide"]):
