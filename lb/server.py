@@ -179,6 +179,25 @@ class ServerState:
 
     # -- connections ----------------------------------------------------------------------------
 
+    def try_start(self, *, queued: bool = False) -> bool:
+        """Take a slot for a new connection if there is one (`has_room`; `queued`: a
+        connection taken out of a queue, `has_free_slot`), counted at once. With workers
+        sharing the count, checking and then counting let two of them take the last slot
+        (6 connections under `maxconn 5`); HAProxy counts a server's connections atomically."""
+        maxconn = self.maxconn_now()
+        if maxconn is not None and not queued and self.queue:
+            return False
+        if maxconn is None or self.shared is None:
+            if maxconn is not None and self.active_connections >= maxconn:
+                return False
+            self.connection_started()
+            return True
+        if not self.shared.try_add(maxconn):
+            return False
+        self.active_connections += 1
+        self.total_connections += 1
+        return True
+
     def connection_started(self) -> None:
         self.active_connections += 1
         self.total_connections += 1
@@ -335,8 +354,7 @@ class BackendState:
             if choice is Choice.ALL_FULL:
                 return self._enqueue(self.queue, waiter, key)
             server = choice
-            if server.has_room():
-                server.connection_started()
+            if server.try_start():
                 return server
             maxqueue = server.config.maxqueue
             if maxqueue <= 0 or len(server.queue) < maxqueue:
@@ -375,11 +393,13 @@ class BackendState:
 
         Returns how many came from the backend queue."""
         from_backend = 0
-        while server.usable and server.has_free_slot():
+        while server.usable:
             own = server.queue.first()
             shared = self.queue.first() if self._may_serve_backend_queue(server) else None
             if own is None and shared is None:
                 break
+            if not server.try_start(queued=True):
+                break  # no free slot (in any worker)
             if own is not None and (shared is None or own.sequence < shared.sequence):
                 chosen = own
                 server.queue.remove(own, served=True)
@@ -393,7 +413,7 @@ class BackendState:
 
     @staticmethod
     def _grant(pending: PendingConnection, server: ServerState) -> None:
-        server.connection_started()
+        """`pending` goes to `server`, whose slot it has (try_start)."""
         pending.granted = server
         pending.waiter(server)
 
@@ -401,7 +421,7 @@ class BackendState:
         """Run the choice again for a connection taken out of a queue (redispatch)."""
         choice = self._choose(pending.key, frozenset())
         if isinstance(choice, ServerState):
-            if choice.has_room():
+            if choice.try_start():
                 self._grant(pending, choice)
                 return
             choice.queue.push(pending)

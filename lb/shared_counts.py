@@ -115,18 +115,22 @@ class SharedCount:
     def has_room(self) -> bool:
         return self.total() < self.limit
 
-    def try_add(self) -> bool:
-        """Reserve one place; False (and nothing reserved) when every place is taken."""
+    def try_add(self, limit: int | None = None) -> bool:
+        """Reserve one place; False (and nothing reserved) when every place is taken.
+
+        Counted first, then checked: two workers that reach for the last place at once both
+        see the other's count and both back off (one looks again a moment later), where
+        checking first let both take it. ``limit``: the limit now, when it moves (a server's
+        maxconn during slowstart); the count's own otherwise."""
         slots = self.slots
         slots[self.mine] += 1
-        if sum(slots[self.start : self.end]) > self.limit:
+        if sum(slots[self.start : self.end]) > (self.limit if limit is None else limit):
             slots[self.mine] -= 1
             return False
         return True
 
     def add(self) -> None:
-        """Count one more, the caller having checked the limit (a server's maxconn moves
-        with slowstart: lb.server checks it)."""
+        """Count one more whatever the limit (a connection that has its place already)."""
         self.slots[self.mine] += 1
 
     def remove(self) -> None:

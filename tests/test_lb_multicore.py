@@ -34,6 +34,7 @@ from cryptography.x509.oid import NameOID
 
 from bench.ports import free_port
 from lb.runtime_api import STAT_COLUMNS
+from lb.shared_counts import SharedCounts, server_count
 from tests.harness import VENV_BIN, EchoBackend, Process, client_context, start_process
 from tests.pki import TestPKI
 
@@ -556,3 +557,26 @@ def test_server_maxconn_is_one_limit_for_all_workers(tmp_path: Path) -> None:
     finally:
         echoes.close()
         backend.close()
+
+
+def test_a_shared_count_is_taken_by_counting_first() -> None:
+    """Two workers reaching for the last of 5 places at once: each counts itself first and
+    then looks, so whichever looks second sees both and backs off; neither can see the other
+    absent and take the place too (6 under `maxconn 5` once in CI, when a server's slot was
+    checked and then counted). The interleaving is driven by hand on the real shared memory."""
+    counts = SharedCounts([server_count("be", "s1")], workers=2)
+    first = counts.count(server_count("be", "s1"), 1, 5)
+    second = counts.count(server_count("be", "s1"), 2, 5)
+    assert first is not None and second is not None
+    for _ in range(4):
+        assert first.try_add()
+    # worker 2 has counted itself (the first step of its try_add) when worker 1 looks
+    second.slots[second.mine] += 1
+    assert not first.try_add(), "worker 1 took a place worker 2 holds"
+    assert first.total() == 5
+    second.slots[second.mine] -= 1  # worker 2 backs off in turn (it saw 5 + 1 as well)
+    assert first.try_add() and first.total() == 5
+    assert not second.try_add() and second.total() == 5
+    # a limit that moves (slowstart) is the caller's
+    first.remove()
+    assert not second.try_add(limit=3) and second.try_add(limit=5) and second.total() == 5
