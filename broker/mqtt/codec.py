@@ -237,30 +237,30 @@ def _decode_connect_rest(reader: Reader, name: str, level: int) -> Connect:
 _MQTT_NAME: Final = b"\x00\x04MQTT"
 
 
-def _string_at(packet: bytes, index: int) -> tuple[str, int] | None:
-    """The UTF-8 string at ``index`` and the index after it; None for anything wrong (short,
-    not UTF-8, U+0000): the general path then raises the right error."""
-    if index + 2 > len(packet):
-        return None
-    stop = index + 2 + ((packet[index] << 8) | packet[index + 1])
-    if stop > len(packet):
-        return None
-    try:
-        text = packet[index + 2 : stop].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if "\x00" in text:
-        return None
-    return text, stop
-
-
 def _binary_at(packet: bytes, index: int) -> tuple[bytes, int] | None:
+    """The length-prefixed bytes at ``index`` and the index after them; None when the packet
+    ends first (the general path then raises the right error)."""
     if index + 2 > len(packet):
         return None
     stop = index + 2 + ((packet[index] << 8) | packet[index + 1])
     if stop > len(packet):
         return None
     return packet[index + 2 : stop], stop
+
+
+def _string_at(packet: bytes, index: int) -> tuple[str, int] | None:
+    """The UTF-8 string at ``index`` and the index after it; None for anything wrong (short,
+    not UTF-8, U+0000): the general path then raises the right error."""
+    found = _binary_at(packet, index)
+    if found is None:
+        return None
+    try:
+        text = found[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in text:
+        return None
+    return text, found[1]
 
 
 def _decode_connect_fast(packet: bytes, pos: int) -> Connect | None:
@@ -659,41 +659,27 @@ class MQTTDecoder:
             )
         if available < total:
             return NEED_DATA
-        if packet_type is PacketType.CONNECT and total <= RAW_PUBLISH_MAX:
-            # One copy of the packet, bounded as PUBLISH's below.
-            connect = _decode_connect_fast(bytes(buffer[start : start + total]), index)
-            if connect is not None:
-                if start + total == len(buffer):
-                    buffer.clear()
-                    self._offset = 0
-                else:
-                    self._offset = start + total
-                self._connect_seen = True
-                self.protocol_level = connect.protocol_level
-                return connect
-        if (
-            packet_type is PacketType.PUBLISH
-            and self.protocol_level is not None
-            and total <= RAW_PUBLISH_MAX
-        ):
-            # One copy of the packet; the payload is sliced from it (no second copy of the
-            # buffer), and it stays on the record as Publish.raw.
-            publish = _decode_publish_fast(
-                bytes(buffer[start : start + total]), index, self.protocol_level >= _MQTT_5
-            )
-            if publish is not None:
-                if start + total == len(buffer):
-                    buffer.clear()
-                    self._offset = 0
-                else:
-                    self._offset = start + total
-                return publish
-        with memoryview(buffer) as view:
-            reader = Reader(view, start + index, start + total)
-            try:
-                packet = self._decode(reader, packet_type, first & 0x0F)
-            finally:
-                reader.view = memoryview(b"")
+        packet: Packet | None = None
+        if total <= RAW_PUBLISH_MAX:
+            # The usual PUBLISH and CONNECT straight from one copy of the packet (bounded);
+            # a PUBLISH keeps it as Publish.raw, its payload sliced from it. None: unusual,
+            # the general path below decodes it (and raises the right error).
+            if packet_type is PacketType.PUBLISH and self.protocol_level is not None:
+                packet = _decode_publish_fast(
+                    bytes(buffer[start : start + total]), index, self.protocol_level >= _MQTT_5
+                )
+            elif packet_type is PacketType.CONNECT:
+                packet = _decode_connect_fast(bytes(buffer[start : start + total]), index)
+        if packet is None:
+            with memoryview(buffer) as view:
+                reader = Reader(view, start + index, start + total)
+                try:
+                    packet = self._decode(reader, packet_type, first & 0x0F)
+                finally:
+                    reader.view = memoryview(b"")
+        if packet_type is PacketType.CONNECT and isinstance(packet, Connect):
+            self._connect_seen = True
+            self.protocol_level = packet.protocol_level
         if start + total == len(buffer):
             buffer.clear()
             self._offset = 0
@@ -721,10 +707,7 @@ class MQTTDecoder:
 
     def _decode(self, reader: Reader, packet_type: PacketType, flags: int) -> Packet:
         if packet_type == PacketType.CONNECT:
-            connect = _decode_connect(reader)
-            self._connect_seen = True
-            self.protocol_level = connect.protocol_level
-            return connect
+            return _decode_connect(reader)  # _next_event takes its level
         v5 = self.protocol_level is not None and self.protocol_level >= _MQTT_5
         if packet_type == PacketType.PUBLISH:
             return _decode_publish(reader, flags, v5)
