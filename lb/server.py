@@ -160,10 +160,6 @@ class ServerState:
         """Connections counted against maxconn: this worker's, or every worker's."""
         return self.active_connections if self.shared is None else self.shared.total()
 
-    def has_free_slot(self) -> bool:
-        maxconn = self.maxconn_now()
-        return maxconn is None or self.slots_used < maxconn
-
     def has_room(self) -> bool:
         """A new connection may start now: a free slot and nobody queued ahead."""
         maxconn = self.maxconn_now()
@@ -181,28 +177,25 @@ class ServerState:
 
     def try_start(self, *, queued: bool = False) -> bool:
         """Take a slot for a new connection if there is one (`has_room`; `queued`: a
-        connection taken out of a queue, `has_free_slot`), counted at once. With workers
-        sharing the count, checking and then counting let two of them take the last slot
-        (6 connections under `maxconn 5`); HAProxy counts a server's connections atomically."""
+        connection taken out of a queue, which waits behind nobody), counted at once. With
+        workers sharing the count, checking and then counting let two of them take the last
+        slot (6 connections under `maxconn 5`): the shared count is reserved first and then
+        looked at (SharedCount.try_add), as HAProxy counts a server's connections atomically."""
         maxconn = self.maxconn_now()
-        if maxconn is not None and not queued and self.queue:
-            return False
-        if maxconn is None or self.shared is None:
-            if maxconn is not None and self.active_connections >= maxconn:
+        shared = self.shared
+        if maxconn is not None:
+            if self.queue and not queued:
                 return False
-            self.connection_started()
-            return True
-        if not self.shared.try_add(maxconn):
-            return False
+            if shared is None:
+                if self.active_connections >= maxconn:
+                    return False
+            elif not shared.try_add(maxconn):
+                return False
+        elif shared is not None:
+            shared.add()
         self.active_connections += 1
         self.total_connections += 1
         return True
-
-    def connection_started(self) -> None:
-        self.active_connections += 1
-        self.total_connections += 1
-        if self.shared is not None:
-            self.shared.add()
 
     def connection_ended(self, *, failed: bool) -> None:
         """A slot is given back: the next queued connection may take it."""
