@@ -80,7 +80,6 @@ from lb.proxy_hmac import HeaderAuthenticator
 from lb.proxyproto import (
     NEED_DATA,
     V2_HEADER_LENGTH,
-    ClientFlags,
     ProxyHeader,
     ProxyProtocolDecoder,
     ProxyProtocolError,
@@ -1038,7 +1037,7 @@ class MQTTServerProtocol(asyncio.Protocol):
             socket_address=self.socket_address,
             listener=self.listener.config.label,
             via_proxy=True,
-            tls=ssl_info is not None and bool(int(ssl_info.client) & _SSL_FLAG),
+            tls=ssl_info is not None and ssl_info.over_tls,
             tls_version=None if ssl_info is None else ssl_info.version,
             certificate_cn=ssl_info.cn if ssl_info is not None and verified else None,
             certificate_verified=verified,
@@ -1082,8 +1081,6 @@ class MQTTServerProtocol(asyncio.Protocol):
         return False
 
 
-#: PP2_CLIENT_SSL as an int (`&` on the IntFlag makes a new member each time).
-_SSL_FLAG = int(ClientFlags.SSL)
 #: The control characters _printable replaces: one str.translate, not a generator over the
 #: id's characters (~640 Python opcodes per connection behind lb).
 _CONTROL_CHARACTERS = {code: "?" for code in (*range(0x20), 0x7F)}
