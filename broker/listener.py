@@ -159,8 +159,8 @@ class Listener:
         # Set by stop() while it waits for the lingering closes.
         self._all_closed: asyncio.Event | None = None
         # Connections being adopted by the event loop (accepted, connection_made not yet
-        # run): connect_accepted_socket's coroutine -> its descriptor (see _accepted).
-        self._adopting: dict[Coroutine[Any, Any, object], Accepted] = {}
+        # run): connect_accepted_socket's coroutine -> the descriptor or socket it was given.
+        self._adopting: dict[Coroutine[Any, Any, object], socket.socket] = {}
         # PROXY header senders' addresses -> trusted (see trusted_source).
         self._trusted_sources: dict[str, bool] = {}
         # Connection ids: this listener's random prefix and a count (see next_connection_id).
@@ -271,25 +271,16 @@ class Listener:
             connection,
             ssl=self.ssl_context,
         )
-        try:
-            waiter = adopting.send(None)
-        except StopIteration:
-            accepted.adopted()
-            return
-        except BaseException as error:
-            # Before the transport took the descriptor (uvloop stores it only once open):
-            # it is still ours to close.
-            connection.close()
-            if isinstance(error, OSError):
-                logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
-                return
-            raise
+        self._adopting[adopting] = connection
+        self._adopt_step(adopting)
+        # Once that first step is through, the transport holds the descriptor and closes it
+        # (uvloop stores it only once open): Accepted.close() leaves it alone from now on (a
+        # socket object's second close is harmless). A first step that failed closed it.
         accepted.adopted()
-        self._adopting[adopting] = accepted
-        self._wait_adopted(adopting, waiter)
 
     def _adopt_step(self, adopting: Coroutine[Any, Any, object], _done: object = None) -> None:
-        if adopting not in self._adopting:
+        connection = self._adopting.get(adopting)
+        if connection is None:
             return  # closed by stop()
         try:
             waiter = adopting.send(None)
@@ -297,15 +288,12 @@ class Listener:
             del self._adopting[adopting]
             return
         except BaseException as error:
-            # The transport owns the descriptor and has closed it.
             del self._adopting[adopting]
+            connection.close()  # ours only before the first step is through (see _accepted)
             if isinstance(error, OSError):
                 logger.debug("listener %s: accepted connection lost: %s", self.config.label, error)
                 return
             raise
-        self._wait_adopted(adopting, waiter)
-
-    def _wait_adopted(self, adopting: Coroutine[Any, Any, object], waiter: object) -> None:
         # A future (`await waiter`); only the event loop's futures are awaited in there.
         cast(asyncio.Future[object], waiter).add_done_callback(
             functools.partial(self._adopt_step, adopting)
