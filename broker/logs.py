@@ -57,11 +57,7 @@ class TurnBufferedHandler(logging.StreamHandler[TextIO], LineHandler):
             return False
         text = formatter.line(level, name, message, self.terminator)
         with self.lock:  # type: ignore[union-attr]  # createLock made it
-            pending = self._pending
-            if self._scheduled and level < logging.WARNING and len(pending) < MAX_BATCH - 1:
-                pending.append(text)  # queue()'s usual case: the turn's write is scheduled
-            else:
-                self.queue(text, level)
+            self.queue(text, level)
         return True
 
     def queue(self, text: str, level: int) -> None:
