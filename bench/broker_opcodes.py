@@ -31,9 +31,7 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.broker_memory import device_bytes  # noqa: E402
 from bench.ports import free_port  # noqa: E402
-from broker.mqtt import Connect, Subscribe, Subscription, encode  # noqa: E402
-from lb.proxyproto import ClientFlags, Command, SSLInfo, encode_v2  # noqa: E402
+from bench.run import start, stop, wait_listening  # noqa: E402
+from broker.mqtt import Connect, encode  # noqa: E402
 
 SCENARIOS = ("connect", "reconnect")
 #: Connections opened at once by the driver.
@@ -102,7 +101,6 @@ from broker.cli import main
 raise SystemExit(main())
 """
 
-SSL_FLAGS = ClientFlags.SSL | ClientFlags.CERT_CONN | ClientFlags.CERT_SESS
 DISCONNECT = b"\xe0\x00"
 
 
@@ -117,21 +115,6 @@ def broker_config(port: int, proxy: bool) -> str:
         f'[node]\nname = "opcodes"\n\n[listeners.tcp.default]\nbind = "127.0.0.1:{port}"\n'
         f"{listener}"
     )
-
-
-def device_packets(number: int) -> tuple[bytes, bytes]:
-    """(lb's PROXY v2 header + CONNECT, SUBSCRIBE) of a persistent fleet device."""
-    name = f"device-{number:06d}"
-    header = encode_v2(
-        Command.PROXY,
-        (f"127.0.{number // 250 % 250}.{number % 250 + 2}", 30000 + number % 30000),
-        ("127.0.0.1", 8883),
-        ssl=SSLInfo(client=SSL_FLAGS, verify=0, version="TLSv1.3", cn=name),
-        unique_id=secrets.token_hex(16).encode("ascii"),
-    )
-    connect = encode(Connect("MQTT", 4, False, 60, name), 4)
-    subscribe = encode(Subscribe(1, (Subscription(f"fleet/{name}/commands", 1),)), 4)
-    return header + connect, subscribe
 
 
 async def _churn(port: int, number: int, version: int) -> None:
@@ -167,26 +150,11 @@ async def _device(port: int, packets: tuple[bytes, bytes], subscribe: bool) -> N
 
 
 async def _in_batches(count: int, make: Any) -> None:
-    for start in range(0, count, BATCH):
+    for first in range(0, count, BATCH):
         await asyncio.wait_for(
-            asyncio.gather(*(make(number) for number in range(start, min(count, start + BATCH)))),
+            asyncio.gather(*(make(number) for number in range(first, min(count, first + BATCH)))),
             STEP_TIMEOUT,
         )
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the broker exited ({process.returncode})")
-        try:
-            with open("/proc/net/tcp") as table:
-                if f":{port:04X} 00000000:0000 0A" in table.read():
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"the broker does not listen on {port}")
 
 
 def _counts(output: Path) -> dict[str, Any]:
@@ -206,34 +174,28 @@ def measure(source: Path, scenario: str, version: int, count: int, work: Path) -
     config.write_text(broker_config(port, proxy=scenario == "reconnect"))
     output = work / f"{scenario}-{version}-{os.getpid()}-{time.monotonic_ns()}.json"
     boot = BOOT.format(source=str(source), output=str(output), top=TOP)
-    log = (work / "broker.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-c", boot, "-c", str(config)], stdout=log, stderr=log, cwd=work
+    process = start(
+        f"broker-{scenario}-{version}", [sys.executable, "-c", boot, "-c", str(config)], work, None
     )
     try:
-        _wait_listening(port, process)
+        wait_listening(port, process, STEP_TIMEOUT)
         if scenario == "reconnect":
-            packets = [device_packets(number) for number in range(count)]
+            # the fleet device of broker_memory: lb's PROXY v2 header, CONNECT, SUBSCRIBE
+            packets = [device_bytes(number, proxy=True, chain=False)[:2] for number in range(count)]
             asyncio.run(_in_batches(count, lambda n: _device(port, packets[n], True)))
             time.sleep(0.5)  # the drops are handled before the counter starts
-            process.send_signal(signal.SIGUSR1)
+            process.popen.send_signal(signal.SIGUSR1)
             time.sleep(0.2)
             asyncio.run(_in_batches(count, lambda n: _device(port, packets[n], False)))
         else:
-            process.send_signal(signal.SIGUSR1)
+            process.popen.send_signal(signal.SIGUSR1)
             time.sleep(0.2)
             asyncio.run(_in_batches(count, lambda n: _churn(port, n, version)))
         time.sleep(0.5)  # the last closes are handled
-        process.send_signal(signal.SIGUSR2)
+        process.popen.send_signal(signal.SIGUSR2)
         counts = _counts(output)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=STEP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STEP_TIMEOUT)
-        log.close()
+        stop(process)
     return {
         "opcodes": counts["opcodes"] / count,
         "python_calls": counts["python_calls"] / count,
