@@ -22,7 +22,6 @@ outboxes from it, then the listeners and the cluster start. ``stop`` writes what
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import ssl
 import time
@@ -42,6 +41,7 @@ from broker.mqtt import ReasonCode
 from broker.statestore import StateStore
 from broker.store import StoreError, open_store
 from broker.tls_listener import ReloadingContext, build_server_ssl_context
+from lb.heap import libc_malloc_trim
 from lb.proxy_hmac import HeaderAuthenticator, KeyFile, KeyFileError
 
 __all__ = ["BrokerServer", "default_ssl_context"]
@@ -52,13 +52,12 @@ TICK_INTERVAL = 1.0
 
 
 def malloc_trim() -> Callable[[], object] | None:
-    """glibc's malloc_trim(0): gives freed heap pages back to the system (issue 14 item 1:
-    memory back near the baseline once queued messages are gone); None without glibc."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    """glibc's malloc_trim(0) (lb.heap finds it): gives freed heap pages back to the system
+    (issue 14 item 1: memory back near the baseline once queued messages are gone); None
+    without glibc."""
+    trim = libc_malloc_trim()
+    if trim is None:
         return None
-    trim.argtypes = [ctypes.c_size_t]
     return lambda: trim(0)
 
 
