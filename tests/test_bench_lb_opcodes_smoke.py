@@ -1,0 +1,42 @@
+"""The lb opcode-counting bench's plumbing, with a tiny count: sessions through a counting lb
+worker (the demo's config: mutual TLS, PROXY v2 with the TLS TLVs, a log line per session),
+every figure is there, and the counts name lb's own session path. No thresholds: what a
+count means comes from a full `bench/lb_opcodes.py` run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_counts_python_work_per_session(tmp_path: Path) -> None:
+    output = tmp_path / "opcodes.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "lb_opcodes.py"),
+            "--sessions",
+            "20",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    [figure] = json.loads(output.read_text())["results"]["lb"]
+    assert figure["opcodes"] > 1000 and figure["python_calls"] > 50, figure
+    functions = dict(figure["functions"])
+    # every session is handed to a server with its PROXY header and ends with a log line
+    assert any("FrontendRuntime._proxy_v2" in name for name in functions), functions
+    assert any("FrontendRuntime._record" in name for name in functions), functions
