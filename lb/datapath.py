@@ -544,12 +544,8 @@ class ClientSide(asyncio.Protocol):
             self.transport.write(tickets)
         info = self.ssl_info = tls_io.session_info(tls)
         context = self.tls_context
-        resumed_with_certificate = (
-            info.client & proxyproto.ClientFlags.CERT_SESS
-            and not info.client & proxyproto.ClientFlags.CERT_CONN
-        )
         if (
-            resumed_with_certificate
+            info.certificate_resumed
             and context is not None
             and context.crls
             and self._refuse_revoked_resumption(tls)

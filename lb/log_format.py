@@ -49,9 +49,13 @@ def haproxy_date(epoch: float) -> str:
 # Session records and log-format
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionRecord:
-    """The fields of one session's log line (the log-format variables)."""
+    """The fields of one session's log line (the log-format variables).
+
+    Made and rendered at once for every session, so not frozen: a frozen dataclass sets each
+    of its 33 fields with object.__setattr__ (~170 Python opcodes and 33 C calls a session,
+    bench/lb_opcodes.py)."""
 
     client_ip: str
     client_port: int
@@ -170,6 +174,22 @@ HEX_VARIABLES: dict[str, Renderer] = {
     "pid": lambda r: f"{r.pid or os.getpid():04X}",
 }
 
+#: The variables that print a number (in decimal, or in hex with %{+X}).
+_NUMBERS = (
+    *("cp", "fp", "Tw", "Tc", "Tt", "B", "U", "ac", "fc", "bc", "sc", "rc", "sq", "bq"),
+    *("pid", "Ts", "rt"),
+)
+#: Renderers whose output is never empty and never ends with a space (numbers, the date, the
+#: termination state): a separator after one is a plain space in the template.
+_NEVER_SPACED: frozenset[Renderer] = frozenset(
+    [
+        *(VARIABLES[name] for name in (*_NUMBERS, "t", "ts", "ms")),
+        *(HEX_VARIABLES[name] for name in _NUMBERS if name in HEX_VARIABLES),
+    ]
+)
+
+#: Sample fetches that read the client certificate's names.
+PEER_NAME_FETCHES = ("ssl_c_s_dn", "ssl_c_i_dn")
 _FETCH = re.compile(r"(?P<name>[a-z0-9_.]+)(?:\((?P<args>[^)]*)\))?")
 
 
@@ -180,7 +200,7 @@ def _compile_fetch(text: str) -> Renderer:
         raise LogFormatError(f"unsupported sample expression '%[{text}]'")
     name = match["name"]
     args = [a.strip() for a in (match["args"] or "").split(",") if a.strip()]
-    if name in ("ssl_c_s_dn", "ssl_c_i_dn"):
+    if name in PEER_NAME_FETCHES:
         field_name = "ssl_client_subject" if name == "ssl_c_s_dn" else "ssl_client_issuer"
         if not args:
             return lambda r: _dash(_one_line_dn(getattr(r, field_name)))
@@ -212,12 +232,15 @@ def _compile_fetch(text: str) -> Renderer:
 class LogFormat:
     """A compiled `log-format` (or `unique-id-format`) string (configuration.txt 8.2.4)."""
 
-    __slots__ = ("parts", "text", "variables")
+    __slots__ = ("parts", "renderers", "template", "text", "uses_peer_names", "variables")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.parts: list[str | Renderer] = []
         self.variables: set[str] = set()  # the %names used, for callers that care (%ID)
+        # Whether a fetch reads the client certificate's subject or issuer (the record's
+        # ssl_client_subject/issuer are then worth reading from the certificate).
+        self.uses_peer_names = False
         literal: list[str] = []
         hex_all = False
         index = 0
@@ -257,7 +280,9 @@ class LogFormat:
                 end = text.find("]", index)
                 if end < 0:
                     raise LogFormatError("unterminated '%[' sample expression")
-                self.parts.append(_compile_fetch(text[index + 1 : end]))
+                fetch = text[index + 1 : end]
+                self.parts.append(_compile_fetch(fetch))
+                self.uses_peer_names |= fetch.strip().startswith(PEER_NAME_FETCHES)
                 index = end + 1
                 continue
             match = re.match(r"[A-Za-z]+", text[index:])
@@ -277,19 +302,51 @@ class LogFormat:
             )
             index += len(name)
         end_literal()
+        self._compile()
 
     def render(self, record: SessionRecord) -> str:
-        out: list[str] = []
+        return self.template.format(*[render(record) for render in self.renderers])
+
+    def _compile(self) -> None:
+        """`parts` as one str.format template and its renderers, the separators decided here
+        where they can be: as sess_build_logline's last_isspace, a separator prints a space
+        unless nothing was printed before it or what was printed last ends with one. After a
+        literal or a number that is known now; after a text renderer (a name, a DN entry)
+        the renderer itself adds the space when its output does not end with one. Rendering
+        is then one format call (a loop over the parts cost ~860 Python opcodes a session
+        for the demo's tcplog line)."""
+        template: list[str] = []
+        renderers: list[Renderer] = []
+        last: str | Renderer | None = None  # what the line printed last, so far
         for part in self.parts:
             if part is _SEPARATOR:
-                # sess_build_logline's last_isspace: one space, none first or twice.
-                if out and not out[-1].endswith(" "):
-                    out.append(" ")
+                if last is None or (isinstance(last, str) and last.endswith(" ")):
+                    continue
+                if isinstance(last, str) or last in _NEVER_SPACED:
+                    template.append(" ")
+                    last = " "
+                else:
+                    renderers[-1] = _spaced(renderers[-1])
+                    last = " "  # the renderer's output ends with one now
             elif isinstance(part, str):
-                out.append(part)
+                template.append(part.replace("{", "{{").replace("}", "}}"))
+                last = part
             else:
-                out.append(part(record))
-        return "".join(out)
+                template.append("{}")
+                renderers.append(part)
+                last = part
+        self.template = "".join(template)
+        self.renderers = tuple(renderers)
+
+
+def _spaced(render: Renderer) -> Renderer:
+    """`render` followed by a separator: one space unless its output ends with one."""
+
+    def spaced(record: SessionRecord) -> str:
+        text = render(record)
+        return text if text.endswith(" ") else text + " "
+
+    return spaced
 
 
 TCPLOG = LogFormat(TCPLOG_FORMAT)

@@ -250,6 +250,17 @@ class SSLInfo:
         return bool(int(self.client) & _SSL_BIT)
 
     @property
+    def certificate_used(self) -> bool:
+        """A client certificate was used: this connection's, or its resumed session's
+        (PP2_CLIENT_CERT_SESS; HAProxy's ssl_c_used)."""
+        return bool(int(self.client) & _CERT_SESS_BIT)
+
+    @property
+    def certificate_resumed(self) -> bool:
+        """The client certificate came with a resumed session, not with this connection."""
+        return int(self.client) & _CERT_BITS == _CERT_SESS_BIT
+
+    @property
     def cert_verified(self) -> bool:
         """TLS was used, a client certificate was presented, and it verified."""
         client = int(self.client)
@@ -849,6 +860,7 @@ def _is_der_sequence(data: bytes) -> bool:
 
 _SSL_BIT: Final = int(ClientFlags.SSL)
 _CERT_BITS: Final = int(ClientFlags.CERT_CONN | ClientFlags.CERT_SESS)
+_CERT_SESS_BIT: Final = int(ClientFlags.CERT_SESS)
 
 # Enum lookups by value cost ~0.5 µs each; index prebuilt tuples instead.
 _COMMANDS: Final = (Command.LOCAL, Command.PROXY)

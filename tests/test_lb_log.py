@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from bench.ports import free_port
 from lb.log import (
@@ -30,6 +32,7 @@ from lb.log import (
     TrafficLog,
     frame,
 )
+from lb.log_format import LogFormatError
 from tests.harness import (
     EchoBackend,
     client_context,
@@ -375,6 +378,73 @@ def test_log_format_samples() -> None:
     assert compiled.render(_record(ssl_client_subject=(), ssl_verify=None)) == "- - -- %x -"
     with pytest.raises(ValueError, match="unsupported"):
         LogFormat("%[req.len]")
+
+
+def _render_part_by_part(compiled: LogFormat, record: SessionRecord) -> str:
+    """sess_build_logline's way, one part after the other (what LogFormat.render did before
+    it compiled a template): a separator prints one space unless nothing was printed yet or
+    what was printed last ends with a space."""
+    out: list[str] = []
+    for part in compiled.parts:
+        if part == " ":  # a separator: a run of spaces in the format (literals have none)
+            if out and not out[-1].endswith(" "):
+                out.append(" ")
+        elif isinstance(part, str):
+            out.append(part)
+        else:
+            out.append(part(record))
+    return "".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from(
+            [
+                " ",
+                "  ",
+                "%ci",
+                "%cp",
+                "%ts",
+                "%t",
+                "%ID",
+                "%b",
+                "%s",
+                "%[ssl_c_s_dn(cn)]",
+                "%[ssl_c_s_dn]",
+                "%[ssl_c_used]",
+                "{",
+                "}",
+                "{}",
+                "x",
+                "%%",
+                "%{+X}o",
+                "%Tt",
+            ]
+        ),
+        max_size=12,
+    ),
+    cn=st.sampled_from(["device-001", "", " ", "a b ", "{0}", "tail "]),
+    unique_id=st.sampled_from([None, "", "id ", "abc"]),
+)
+def test_a_compiled_format_prints_what_the_parts_print(
+    pieces: list[str], cn: str, unique_id: str | None
+) -> None:
+    try:
+        compiled = LogFormat("".join(pieces))
+    except LogFormatError:
+        assume(False)  # "%ci" + "x" reads as the unknown variable %cix
+    record = _record(
+        ssl_client_subject=(("O", "emqx"), ("CN", cn)), unique_id=unique_id, server="s "
+    )
+    assert compiled.render(record) == _render_part_by_part(compiled, record)
+
+
+def test_only_a_format_that_shows_names_reads_them() -> None:
+    assert LogFormat("%[ssl_c_s_dn(cn)]").uses_peer_names
+    assert LogFormat("%ci %[ssl_c_i_dn]").uses_peer_names
+    assert not LogFormat("%ci %[ssl_c_used] %ID").uses_peer_names
+    assert not TCPLOG.uses_peer_names
 
 
 def test_syslog_framing() -> None:

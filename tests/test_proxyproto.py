@@ -636,6 +636,20 @@ def test_ssl_info_cert_verified() -> None:
     assert not SSLInfo(ClientFlags.CERT_CONN, 0).cert_verified
 
 
+def test_ssl_info_certificate_used_and_resumed() -> None:
+    """ssl_c_used: a certificate with this connection or its resumed session; resumed: only
+    with the session (the case lb checks against a newer CRL)."""
+    tls = ClientFlags.SSL
+    connection = tls | ClientFlags.CERT_CONN | ClientFlags.CERT_SESS
+    resumed = tls | ClientFlags.CERT_SESS
+    assert SSLInfo(connection, 0).certificate_used
+    assert SSLInfo(resumed, 0).certificate_used
+    assert not SSLInfo(tls, 0).certificate_used
+    assert SSLInfo(resumed, 0).certificate_resumed
+    assert not SSLInfo(connection, 0).certificate_resumed
+    assert not SSLInfo(tls, 0).certificate_resumed
+
+
 # --- hypothesis ------------------------------------------------------------------------------
 
 ipv4 = st.ip_addresses(v=4).map(str)
