@@ -209,16 +209,29 @@ class TLSRecordError(Exception):
 
 def expand_label(secret: bytes, label: bytes, context: bytes, length: int, hash_name: str) -> bytes:
     """HKDF-Expand-Label (RFC 8446 7.1) over HKDF-Expand (RFC 5869 2.3)."""
-    full = b"tls13 " + label
-    info = struct.pack(">HB", length, len(full)) + full + bytes((len(context),)) + context
-    output = b""
-    block = b""
-    counter = 1
+    key = (label, context, length)
+    info = _LABELS.get(key)
+    if info is None:
+        full = b"tls13 " + label
+        info = struct.pack(">HB", length, len(full)) + full + bytes((len(context),)) + context
+        if len(_LABELS) < _LABELS_KEPT:
+            _LABELS[key] = info
+    block = hmac.digest(secret, info + b"\x01", hash_name)
+    if len(block) >= length:  # a key, an IV or a next secret: one block
+        return block[:length]
+    output = block
+    counter = 2
     while len(output) < length:
         block = hmac.digest(secret, block + info + bytes((counter,)), hash_name)
         output += block
         counter += 1
     return output[:length]
+
+
+#: HkdfLabel structures by (label, context, length): the few of the record layer (key, iv,
+#: traffic upd for each suite's lengths) are made once, not per connection.
+_LABELS: dict[tuple[bytes, bytes, int], bytes] = {}
+_LABELS_KEPT = 64
 
 
 def count_records(data: bytes) -> int | None:

@@ -9,7 +9,9 @@ import os
 import struct
 
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,6 +65,18 @@ def test_rfc8448_traffic_keys() -> None:
     assert expand_label(RFC8448_SERVER_APP_SECRET, b"iv", b"", 12, "sha256") == (
         RFC8448_SERVER_APP_IV
     )
+
+
+@pytest.mark.parametrize("length", [1, 12, 16, 32, 33, 64, 100])
+def test_expand_label_is_hkdf_expand_at_every_length(length: int) -> None:
+    """One HMAC block (the record layer's keys and IVs) and several, against cryptography's
+    HKDF-Expand over the same HkdfLabel; the cached labels give the same bytes again."""
+    secret = RFC8448_SERVER_APP_SECRET
+    full = b"tls13 custom"
+    info = struct.pack(">HB", length, len(full)) + full + b"\x03abc"
+    expected = HKDFExpand(hashes.SHA256(), length, info).derive(secret)
+    assert expand_label(secret, b"custom", b"abc", length, "sha256") == expected
+    assert expand_label(secret, b"custom", b"abc", length, "sha256") == expected
 
 
 def test_rfc8448_server_application_record() -> None:
