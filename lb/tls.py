@@ -157,11 +157,15 @@ class VerifyState:
     server_secret: bytes | None = None
 
 
+#: The keylog lines lb keeps (RFC 8446 7.1's application traffic secrets).
+TRAFFIC_SECRET_LABELS = (b"CLIENT_TRAFFIC_SECRET_0", b"SERVER_TRAFFIC_SECRET_0")
+
+
 def _keep_traffic_secrets(connection: SSL.Connection, line: bytes) -> None:
     """SSL_CTX_set_keylog_callback: OpenSSL hands each secret of a handshake over as an NSS
     key log line ("LABEL <client random> <secret>", hex). The two application traffic
-    secrets go to the connection's VerifyState, for lb.tls_io.take_over; the others are
-    dropped. Nothing is written anywhere."""
+    secrets (the lines lb.tls_io.set_keylog passes on) go to the connection's VerifyState,
+    for lb.tls_io.take_over. Nothing is written anywhere."""
     label, _, rest = line.partition(b" ")
     if label == b"CLIENT_TRAFFIC_SECRET_0":
         client = True
@@ -257,13 +261,13 @@ class BindContext:
             "optional": SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE,
             "required": SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
         }[options.verify]
-        context.set_verify(mode, self._verify_callback)
+        tls_io.set_verify(context, mode, self._verify_failed)
         context.set_verify_depth(options.verify_depth)
         if self.ocsp_responses:
             context.set_ocsp_server_callback(self._staple)
         # The TLS 1.3 traffic secrets, so that lb.tls_io.take_over can free each connection's
         # OpenSSL state once its handshake is done (lb.tls_records).
-        context.set_keylog_callback(_keep_traffic_secrets)
+        tls_io.set_keylog(context, TRAFFIC_SECRET_LABELS, _keep_traffic_secrets)
         return context
 
     # -- OCSP stapling and hot reload (lb.reload, the runtime API) ----------------------------
@@ -393,11 +397,11 @@ class BindContext:
 
         context.set_tlsext_servername_callback(select_certificate)
 
-    def _verify_callback(
-        self, connection: SSL.Connection, certificate: crypto.X509, code: int, depth: int, ok: int
+    def _verify_failed(
+        self, connection: SSL.Connection, certificate: crypto.X509, code: int, depth: int
     ) -> bool:
-        if ok:
-            return True
+        """A certificate of the chain did not verify: note the first failure, and go on only
+        when crt-ignore-err (the leaf) or ca-ignore-err (a CA) ignores its error."""
         state = connection.get_app_data()
         cert = certificate.to_cryptography()
         ignore = self.options.crt_ignore_err if depth == 0 else self.options.ca_ignore_err

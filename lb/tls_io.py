@@ -65,6 +65,7 @@ import hashlib
 import logging
 import struct
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -415,22 +416,27 @@ def _drain(bio: Any) -> bytes:
 # What a session says about itself (PROXY v2 TLVs, log lines)
 
 
+_SSL = int(proxyproto.ClientFlags.SSL)
+_CERT_CONN = int(proxyproto.ClientFlags.CERT_CONN)
+_CERT_SESS = int(proxyproto.ClientFlags.CERT_SESS)
+
 #: What a TLS session is while it lasts: OpenSSL's connection, or a Session after take_over.
 Established = SSL.Connection | Session
 
 
 def session_info(tls: SSL.Connection) -> proxyproto.SSLInfo:
     """The PP2_TYPE_SSL facts of an established session (proxy-protocol.txt 2.2.5)."""
-    flags = proxyproto.ClientFlags.SSL
+    # Or'ed as ints and made a ClientFlags once (each `|` on the IntFlag is an enum call).
+    flags = _SSL
     verify = 0
     cn: str | None = None
     certificate = tls.get_peer_certificate()
     ssl = tls._ssl
     if certificate is not None:
-        flags |= proxyproto.ClientFlags.CERT_SESS
+        flags |= _CERT_SESS
         verify = int(lib.SSL_get_verify_result(ssl))
         if not lib.SSL_session_reused(ssl):
-            flags |= proxyproto.ClientFlags.CERT_CONN
+            flags |= _CERT_CONN
         # X509_NAME lookup in OpenSSL: a to_cryptography() parse cost ~5% of lb CPU per
         # resumed handshake (py-spy, bench resume_*), and pyOpenSSL's get_subject() ~8 us
         # (its deprecation warning).
@@ -438,7 +444,7 @@ def session_info(tls: SSL.Connection) -> proxyproto.SSLInfo:
     version = tls.get_protocol_version_name()
     cipher = tls.get_cipher_name()
     return proxyproto.SSLInfo(
-        client=flags,
+        client=proxyproto.ClientFlags(flags),
         verify=verify,
         # One copy of each name for every session (~130 B per session otherwise).
         version=sys.intern(version),
@@ -545,6 +551,72 @@ def verify_error_string(code: int) -> str:
     """OpenSSL's words for an X509_V_ERR id (X509_verify_cert_error_string)."""
     text = lib.X509_verify_cert_error_string(code)
     return str(ffi.string(text).decode("ascii", "replace"))
+
+
+# --------------------------------------------------------------------------------------------
+# The handshake's callbacks, without pyOpenSSL's wrappers
+
+#: The C callbacks of each context: they must live as long as the context (and its SSL_CTX,
+#: which every connection made from it holds).
+_CALLBACKS: weakref.WeakKeyDictionary[SSL.Context, list[Any]] = weakref.WeakKeyDictionary()
+
+#: What a verify callback is told of a certificate that did not verify: the connection, the
+#: certificate, the X509_V_ERR code and its depth in the chain; it answers whether to go on.
+VerifyFailed = Callable[[SSL.Connection, crypto.X509, int, int], bool]
+
+
+def set_verify(context: SSL.Context, mode: int, failed: VerifyFailed) -> None:
+    """SSL_CTX_set_verify with a callback that answers a certificate OpenSSL verified itself
+    and calls `failed` for one it did not (OpenSSL calls it for every certificate of the
+    chain). pyOpenSSL's set_verify wraps each call: a Python X509 for the certificate and a
+    lookup of the connection, ~450 Python opcodes a handshake for three certificates that
+    verified (bench/lb_opcodes.py). An exception in `failed` refuses the certificate, logged.
+    """
+
+    def verify(ok: int, store: Any) -> int:
+        if ok:
+            return 1
+        try:
+            pointer = lib.X509_STORE_CTX_get_current_cert(store)
+            lib.X509_up_ref(pointer)
+            certificate = crypto.X509._from_raw_x509_ptr(pointer)
+            ssl = lib.X509_STORE_CTX_get_ex_data(store, lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+            connection = SSL.Connection._reverse_mapping[ssl]
+            code = lib.X509_STORE_CTX_get_error(store)
+            depth = lib.X509_STORE_CTX_get_error_depth(store)
+            if failed(connection, certificate, code, depth):
+                lib.X509_STORE_CTX_set_error(store, lib.X509_V_OK)
+                return 1
+        except Exception:
+            logger.exception("certificate verify callback failed: the certificate is refused")
+        return 0
+
+    callback = ffi.callback("int (*)(int, X509_STORE_CTX *)", verify)
+    lib.SSL_CTX_set_verify(context._context, mode, callback)
+    _CALLBACKS.setdefault(context, []).append(callback)
+
+
+def set_keylog(
+    context: SSL.Context, labels: tuple[bytes, ...], keep: Callable[[SSL.Connection, bytes], None]
+) -> None:
+    """SSL_CTX_set_keylog_callback that gives `keep` the lines whose label is one of
+    `labels` ("LABEL <client random> <secret>", hex) with their connection. pyOpenSSL's
+    looks up the connection for every line (five a TLS 1.3 handshake) before its callback
+    can look at the label."""
+    prefixes = tuple(label + b" " for label in labels)
+
+    def keylog(ssl: Any, line: Any) -> None:
+        text = ffi.string(line)
+        if not text.startswith(prefixes):
+            return
+        try:
+            keep(SSL.Connection._reverse_mapping[ssl], text)
+        except Exception:
+            logger.exception("keylog callback failed")
+
+    callback = ffi.callback("void (*)(const SSL *, const char *)", keylog)
+    lib.SSL_CTX_set_keylog_callback(context._context, callback)
+    _CALLBACKS.setdefault(context, []).append(callback)
 
 
 # --------------------------------------------------------------------------------------------

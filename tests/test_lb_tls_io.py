@@ -6,7 +6,9 @@ share a ticket key file."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import socket
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from bench.ports import free_port
 from lb import tls_io
@@ -189,6 +191,81 @@ def test_drop_peer_chain_keeps_leaf_and_verified_chain(pki: TestPKI, tmp_path: P
         c.to_cryptography().subject for c in verified
     ]
     assert tls_io.drop_peer_chain(server) == 0
+
+
+# -- the handshake's callbacks ---------------------------------------------------------------
+
+
+def _refusal(context: SSL.Context, client: ssl.SSLContext) -> SSL.Error | None:
+    """An in-memory handshake; the server's error, or None when it completed."""
+    server = SSL.Connection(context, None)
+    server.set_accept_state()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    for _ in range(10):
+        with contextlib.suppress(ssl.SSLError):
+            tls.do_handshake()
+        if outgoing.pending:
+            server.bio_write(outgoing.read())
+        try:
+            server.do_handshake()
+            return None
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as error:
+            return error
+        with contextlib.suppress(SSL.WantReadError):
+            incoming.write(server.bio_read(65536))
+    raise AssertionError("the handshake neither completed nor failed")
+
+
+def test_the_verify_callback_hears_only_of_failures(
+    pki: TestPKI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """tls_io.set_verify: certificates OpenSSL verified never reach the Python callback; one
+    that failed does, with its connection, certificate, error and depth, and the answer
+    decides; a callback that raises refuses the certificate, with a log line."""
+    context = _bind_context(pki, tmp_path, "", "").context
+    heard: list[tuple[SSL.Connection, str, int, int]] = []
+    answer: list[bool | None] = [False]
+
+    def failed(connection: SSL.Connection, certificate: crypto.X509, code: int, depth: int) -> bool:
+        subject = certificate.to_cryptography().subject.rfc4514_string()
+        heard.append((connection, subject, code, depth))
+        if answer[0] is None:
+            raise RuntimeError("broken callback")
+        return answer[0]
+
+    mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    tls_io.set_verify(context, mode, failed)
+    device, expired = pki.device(4), pki.expired
+    assert _refusal(context, client_context(device.chain, device.key, pki.root)) is None
+    assert heard == []
+    assert _refusal(context, client_context(expired.chain, expired.key, pki.root)) is not None
+    [(connection, subject, code, depth)] = heard
+    assert isinstance(connection, SSL.Connection)
+    assert "CN=device-expired" in subject
+    assert (code, depth) == (10, 0)  # X509_V_ERR_CERT_HAS_EXPIRED, the leaf
+    answer[0] = True
+    assert _refusal(context, client_context(expired.chain, expired.key, pki.root)) is None
+    answer[0] = None
+    with caplog.at_level(logging.ERROR, logger="lb.tls_io"):
+        assert _refusal(context, client_context(expired.chain, expired.key, pki.root)) is not None
+    assert "certificate verify callback failed" in caplog.text
+    assert "broken callback" in caplog.text
+
+
+def test_the_keylog_callback_hears_only_its_labels(pki: TestPKI, tmp_path: Path) -> None:
+    context = _bind_context(pki, tmp_path, "", "").context
+    lines: list[bytes] = []
+    tls_io.set_keylog(context, (b"SERVER_TRAFFIC_SECRET_0",), lambda _c, line: lines.append(line))
+    device = pki.device(5)
+    assert _refusal(context, client_context(device.chain, device.key, pki.root)) is None
+    [line] = lines
+    label, random, secret = line.split(b" ")
+    assert label == b"SERVER_TRAFFIC_SECRET_0"
+    assert len(bytes.fromhex(random.decode())) == 32
+    assert len(bytes.fromhex(secret.decode())) in (32, 48)
 
 
 # -- resumption across two workers -------------------------------------------------------------
