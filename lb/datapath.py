@@ -36,7 +36,7 @@ import select
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from OpenSSL import SSL
@@ -76,6 +76,20 @@ class Limits:
     buffer_size: int  # 2 x tune.bufsize: write buffer high-water mark and pre-connect hold
     timeout_client_fin: float | None = None  # once a side is half-closed (HAProxy *-fin)
     timeout_server_fin: float | None = None
+
+    # Worked out once (the timeouts of a session's phases, asked at every timer move):
+    # timeout tunnel when set, else the shorter of timeout client and timeout server, once
+    # both sides are connected; the shorter *-fin timeout once a side is half-closed.
+    data_timeout: float | None = field(init=False, default=None)
+    fin_timeout: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        data = [t for t in (self.timeout_client, self.timeout_server) if t is not None]
+        if self.timeout_tunnel is not None:
+            data = [self.timeout_tunnel]
+        fin = [t for t in (self.timeout_client_fin, self.timeout_server_fin) if t]
+        object.__setattr__(self, "data_timeout", min(data) if data else None)
+        object.__setattr__(self, "fin_timeout", min(fin) if fin else None)
 
 
 #: CPU time per event loop turn given to TLS handshakes (the server's key exchange and
@@ -925,14 +939,9 @@ class ClientSide(asyncio.Protocol):
         limits = self.limits
         if not self.handshake_done or self.server_side is None:
             return limits.timeout_client
-        if self.client_eof or self.server_eof:
-            fin = [t for t in (limits.timeout_client_fin, limits.timeout_server_fin) if t]
-            if fin:
-                return min(fin)
-        if limits.timeout_tunnel is not None:
-            return limits.timeout_tunnel
-        candidates = [t for t in (limits.timeout_client, limits.timeout_server) if t is not None]
-        return min(candidates) if candidates else None
+        if (self.client_eof or self.server_eof) and limits.fin_timeout is not None:
+            return limits.fin_timeout
+        return limits.data_timeout
 
     def _since(self) -> float:
         """Where the current timeout counts from. A handshake (the PROXY header, the TLS
@@ -950,9 +959,13 @@ class ClientSide(asyncio.Protocol):
 
     def _rearm_timer(self) -> None:
         """The session entered a phase with another timeout (data, half-closed)."""
-        if not self.closed:
+        if self.closed:
+            return
+        timeout = self._idle_timeout()
+        if timeout is None:
             self.timers.discard(self)
-            self._arm_timer()
+        else:
+            self.timers.add(self, self._since() + timeout)  # moves the entry
 
     def wheel_fired(self) -> None:
         """This session's slot of the TimerWheel came: time out, or take a later slot."""

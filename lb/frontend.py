@@ -471,20 +471,17 @@ class FrontendRuntime:
         if server is None or (client.connect_time is None and client.server_side is None):
             return
         now = self.loop.time()
-        for counters in (
-            self.process_counters.backend(self.backend.name),
-            self.process_counters.server(self.backend.name, server.name),
-        ):
+        backend_counters = self.process_counters.backend(self.backend.name)
+        server_counters = self.process_counters.server(self.backend.name, server.name)
+        for counters in (backend_counters, server_counters):
             counters.sessions_total += 1
             counters.bytes_in += client.bytes_in
             counters.bytes_out += client.bytes_out
             counters.last_session = now
-        backend_counters = self.process_counters.backend(self.backend.name)
         backend_counters.max_sessions = max(
             backend_counters.max_sessions,
             sum(s.active_connections for s in self.backend.servers),
         )
-        server_counters = self.process_counters.server(self.backend.name, server.name)
         server_counters.max_sessions = max(
             server_counters.max_sessions, server.active_connections + 1
         )
