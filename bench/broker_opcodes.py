@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import opcodes  # noqa: E402
 from bench.broker_memory import device_bytes  # noqa: E402
 from bench.ports import free_port  # noqa: E402
 from bench.run import start, stop, wait_listening  # noqa: E402
@@ -54,52 +55,6 @@ BATCH = 50
 STEP_TIMEOUT = 30.0
 #: Functions listed per scenario.
 TOP = 25
-
-# The counting broker: settrace/setprofile switched by signals, counts by code object.
-BOOT = """
-import collections, json, signal, sys
-sys.path.insert(0, {source!r})
-opcodes = collections.Counter()
-totals = [0, 0]  # Python calls, C calls
-
-def local(frame, event, arg):
-    if event == "opcode":
-        opcodes[frame.f_code] += 1
-    return local
-
-def tracer(frame, event, arg):
-    frame.f_trace_opcodes = True
-    totals[0] += 1
-    return local
-
-def profiler(frame, event, arg):
-    if event == "c_call":
-        totals[1] += 1
-
-def start(signum, frame):
-    opcodes.clear()
-    totals[:] = [0, 0]
-    sys.settrace(tracer)
-    sys.setprofile(profiler)
-
-def stop(signum, frame):
-    sys.settrace(None)
-    sys.setprofile(None)
-    functions = collections.Counter()
-    for code, count in opcodes.items():
-        name = code.co_filename.replace({source!r} + "/", "")
-        functions[f"{{name}}:{{code.co_firstlineno}} {{code.co_qualname}}"] += count
-    with open({output!r} + ".tmp", "w") as file:
-        json.dump({{"opcodes": sum(opcodes.values()), "python_calls": totals[0],
-                   "c_calls": totals[1], "functions": functions.most_common({top})}}, file)
-    import os
-    os.replace({output!r} + ".tmp", {output!r})
-
-signal.signal(signal.SIGUSR1, start)
-signal.signal(signal.SIGUSR2, stop)
-from broker.cli import main
-raise SystemExit(main())
-"""
 
 DISCONNECT = b"\xe0\x00"
 
@@ -157,23 +112,21 @@ async def _in_batches(count: int, make: Any) -> None:
         )
 
 
-def _counts(output: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while time.monotonic() < deadline:
-        if output.exists():
-            result: dict[str, Any] = json.loads(output.read_text())
-            return result
-        time.sleep(0.05)
-    raise TimeoutError("the broker wrote no counts")
-
-
 def measure(source: Path, scenario: str, version: int, count: int, work: Path) -> dict[str, Any]:
     """Run one scenario against a counting broker of ``source``; counts per connection."""
     port = free_port()
     config = work / f"{scenario}.toml"
     config.write_text(broker_config(port, proxy=scenario == "reconnect"))
     output = work / f"{scenario}-{version}-{os.getpid()}-{time.monotonic_ns()}.json"
-    boot = BOOT.format(source=str(source), output=str(output), top=TOP)
+    boot = opcodes.boot(
+        source,
+        output,
+        module="broker.cli",
+        program="broker",
+        start_signal=signal.SIGUSR1,
+        stop_signal=signal.SIGUSR2,
+        top=TOP,
+    )
     process = start(
         f"broker-{scenario}-{version}", [sys.executable, "-c", boot, "-c", str(config)], work, None
     )
@@ -193,15 +146,10 @@ def measure(source: Path, scenario: str, version: int, count: int, work: Path) -
             asyncio.run(_in_batches(count, lambda n: _churn(port, n, version)))
         time.sleep(0.5)  # the last closes are handled
         process.popen.send_signal(signal.SIGUSR2)
-        counts = _counts(output)
+        counts = opcodes.read_counts(output, STEP_TIMEOUT)
     finally:
         stop(process)
-    return {
-        "opcodes": counts["opcodes"] / count,
-        "python_calls": counts["python_calls"] / count,
-        "c_calls": counts["c_calls"] / count,
-        "functions": [(name, opcodes / count) for name, opcodes in counts["functions"]],
-    }
+    return opcodes.per_unit(counts, count)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, by_tree in results.items():
             for name, figure in by_tree.items():
                 print(f"\n{label} {name}: opcodes per connection by function")
-                for function, opcodes in figure["functions"]:
-                    print(f"  {opcodes:7.1f} {function}")
+                for function, count in figure["functions"]:
+                    print(f"  {count:7.1f} {function}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     output = args.output or ROOT / "bench" / "results" / f"broker-opcodes-{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

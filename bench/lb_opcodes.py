@@ -21,6 +21,10 @@ as in a storm's drop. A session counts its accept, handshake, server connect, PR
 the two relayed messages, the log line and the teardown of both sides.
 
 ``--baseline DIR`` runs another source tree's lb the same way (an A/B of the counts).
+``--timed`` measures instead of counting: the worker's CPU time per session, untraced, lb
+pinned to CPU 0 and the devices and backend to CPU 1; with ``--repeats`` and a baseline the
+trees alternate and the medians are printed (OpenSSL's handshake included, so the Python
+part's change is diluted, and the machine's noise is in it).
 Every process is stopped by its pid in ``finally``; every wait is bounded.
 """
 
@@ -32,6 +36,7 @@ import json
 import os
 import signal
 import ssl
+import statistics
 import sys
 import tempfile
 import time
@@ -42,8 +47,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import opcodes  # noqa: E402
 from bench.ports import free_port  # noqa: E402
-from bench.run import Pki, children_of, make_pki, start, stop, wait_listening  # noqa: E402
+from bench.run import Pki, children_of, cpu_seconds, make_pki, start, stop, wait_listening  # noqa: E402
 from broker.mqtt import Connect, encode  # noqa: E402
 
 #: Sessions opened at once by the driver.
@@ -56,53 +62,6 @@ TOP = 30
 COUNT_START = signal.SIGRTMIN + 4
 COUNT_STOP = signal.SIGRTMIN + 5
 DEMO_CONFIG = ROOT / "configs" / "haproxy.cfg"
-
-# The counting lb: settrace/setprofile switched by signals (inherited by the forked worker),
-# counts by code object.
-BOOT = """
-import collections, json, os, signal, sys
-sys.path.insert(0, {source!r})
-opcodes = collections.Counter()
-totals = [0, 0]  # Python calls, C calls
-
-def local(frame, event, arg):
-    if event == "opcode":
-        opcodes[frame.f_code] += 1
-    return local
-
-def tracer(frame, event, arg):
-    frame.f_trace_opcodes = True
-    totals[0] += 1
-    return local
-
-def profiler(frame, event, arg):
-    if event == "c_call":
-        totals[1] += 1
-
-def start(signum, frame):
-    opcodes.clear()
-    totals[:] = [0, 0]
-    sys.settrace(tracer)
-    sys.setprofile(profiler)
-
-def stop(signum, frame):
-    sys.settrace(None)
-    sys.setprofile(None)
-    functions = collections.Counter()
-    for code, count in opcodes.items():
-        name = code.co_filename.replace({source!r} + "/", "")
-        functions[f"{{name}}:{{code.co_firstlineno}} {{code.co_qualname}}"] += count
-    with open({output!r} + ".tmp", "w") as file:
-        json.dump({{"opcodes": sum(opcodes.values()), "python_calls": totals[0],
-                   "c_calls": totals[1], "functions": functions.most_common({top})}}, file)
-    os.replace({output!r} + ".tmp", {output!r})
-
-signal.signal({count_start}, start)
-signal.signal({count_stop}, stop)
-sys.argv[0] = "lb"
-from lb.cli import main
-raise SystemExit(main())
-"""
 
 
 def lb_config(port: int, server_port: int, pki: Pki) -> str:
@@ -158,16 +117,6 @@ async def _sessions(port: int, context: ssl.SSLContext, count: int) -> None:
         await asyncio.gather(*(w.wait_closed() for w in opened), return_exceptions=True)
 
 
-def _counts(output: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while time.monotonic() < deadline:
-        if output.exists():
-            result: dict[str, Any] = json.loads(output.read_text())
-            return result
-        time.sleep(0.05)
-    raise TimeoutError("lb wrote no counts")
-
-
 def _worker(master: int) -> int:
     deadline = time.monotonic() + STEP_TIMEOUT
     while time.monotonic() < deadline:
@@ -178,52 +127,63 @@ def _worker(master: int) -> int:
     raise TimeoutError("lb forked no worker")
 
 
-def measure(source: Path, pki: Pki, count: int, work: Path) -> dict[str, Any]:
-    """Count ``count`` sessions through a counting lb of ``source``; counts per session."""
+def measure(source: Path, pki: Pki, count: int, work: Path, timed: bool) -> dict[str, Any]:
+    """Count ``count`` sessions through a counting lb of ``source``; counts per session. Or,
+    ``timed``, the worker's CPU time per session (utime + stime), untraced, lb on CPU 0 and
+    the devices and the backend on CPU 1."""
     port, server_port = free_port(), free_port()
     config = work / "lb.cfg"
     config.write_text(lb_config(port, server_port, pki))
     output = work / f"counts-{os.getpid()}-{time.monotonic_ns()}.json"
-    boot = BOOT.format(
-        source=str(source),
-        output=str(output),
+    boot = opcodes.boot(
+        source,
+        output,
+        module="lb.cli",
+        program="lb",
+        start_signal=COUNT_START,
+        stop_signal=COUNT_STOP,
         top=TOP,
-        count_start=int(COUNT_START),
-        count_stop=int(COUNT_STOP),
     )
+    cpus = os.sched_getaffinity(0)
+    pinned = timed and {0, 1} <= cpus
     backend = start(
         "backend",
         [sys.executable, str(ROOT / "bench" / "backend.py"), "--ports", str(server_port)],
         work,
-        None,
+        {1} if pinned else None,
     )
     balancer = None
     try:
         wait_listening(server_port, backend, STEP_TIMEOUT)
-        balancer = start("lb", [sys.executable, "-c", boot, "-f", str(config)], work, None)
+        balancer = start(
+            "lb", [sys.executable, "-c", boot, "-f", str(config)], work, {0} if pinned else None
+        )
         wait_listening(port, balancer, STEP_TIMEOUT)
         worker = _worker(balancer.pid)
         context = ssl.create_default_context(cafile=pki.client.ca)
         context.load_cert_chain(pki.client.cert, pki.client.key)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
+        if pinned:
+            os.sched_setaffinity(0, {1})
         asyncio.run(_sessions(port, context, min(BATCH, count)))  # warm: imports, caches
         time.sleep(0.5)
+        if timed:
+            before = cpu_seconds(worker)
+            asyncio.run(_sessions(port, context, count))
+            time.sleep(1.0)  # the last closes are handled
+            return {"cpu_us": (cpu_seconds(worker) - before) / count * 1e6, "pinned": pinned}
         os.kill(worker, COUNT_START)
         time.sleep(0.2)
         asyncio.run(_sessions(port, context, count))
         time.sleep(1.0)  # the last closes are handled
         os.kill(worker, COUNT_STOP)
-        counts = _counts(output)
+        counts = opcodes.read_counts(output, STEP_TIMEOUT)
     finally:
+        os.sched_setaffinity(0, cpus)
         if balancer is not None:
             stop(balancer)
         stop(backend)
-    return {
-        "opcodes": counts["opcodes"] / count,
-        "python_calls": counts["python_calls"] / count,
-        "c_calls": counts["c_calls"] / count,
-        "functions": [(name, opcodes / count) for name, opcodes in counts["functions"]],
-    }
+    return opcodes.per_unit(counts, count)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,8 +196,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pki = make_pki(work / "pki", args.key_type)
         for repeat in range(args.repeats):
             for name, source in trees.items():
-                figure = measure(source, pki, args.sessions, work)
+                figure = measure(source, pki, args.sessions, work, args.timed)
                 results.setdefault(name, []).append(figure)
+                if args.timed:
+                    print(f"[{repeat + 1}] {name:9s} {figure['cpu_us']:7.0f} us CPU per session")
+                    continue
                 print(
                     f"[{repeat + 1}] {name:9s} {figure['opcodes']:7.0f} opcodes "
                     f"{figure['python_calls']:6.1f} Python calls "
@@ -255,6 +218,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", type=Path, help="another source tree, counted the same way")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/)")
     parser.add_argument("--top", action="store_true", help="print the busiest functions")
+    parser.add_argument(
+        "--timed",
+        action="store_true",
+        help="CPU time per session instead of counts (untraced, pinned; use --repeats)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= 5_000:
         parser.error("--sessions: 1 to 5,000 (one worker, two descriptors a session)")
@@ -268,11 +236,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
-    if args.top:
+    if args.timed:
+        for name, figures in results.items():
+            median = statistics.median(f["cpu_us"] for f in figures)
+            print(f"{name}: median {median:.0f} us CPU per session over {len(figures)} runs")
+    elif args.top:
         for name, figures in results.items():
             print(f"\n{name}: opcodes per session by function (first repeat)")
-            for function, opcodes in figures[0]["functions"]:
-                print(f"  {opcodes:7.1f} {function}")
+            for function, count in figures[0]["functions"]:
+                print(f"  {count:7.1f} {function}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     output = args.output or ROOT / "bench" / "results" / f"lb-opcodes-{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
