@@ -186,6 +186,19 @@ def running_from(directory: Path) -> list[str]:
     return found
 
 
+def run_bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run bench/`script` with `args` to its end (a bench smoke test); it must succeed."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-4000:]
+    return completed
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, running_from
+from tests.harness import run_bench, running_from
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 DEVICES = 24
@@ -28,31 +26,24 @@ pytestmark = [
 
 def test_memory_bench_holds_every_device_on_every_broker(tmp_path: Path) -> None:
     output = tmp_path / "result.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "broker_memory.py"),
-            "--nodes",
-            "2",
-            "--devices",
-            str(DEVICES),
-            "--repeats",
-            "1",
-            "--chain-subjects",
-            "--tracemalloc",
-            "--top",
-            "5",
-            "--workdir",
-            str(tmp_path),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
+    run_bench(
+        "broker_memory.py",
+        "--nodes",
+        "2",
+        "--devices",
+        str(DEVICES),
+        "--repeats",
+        "1",
+        "--chain-subjects",
+        "--tracemalloc",
+        "--top",
+        "5",
+        "--workdir",
+        str(tmp_path),
+        "--output",
+        str(output),
         timeout=280,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
     medians = result["medians"]
     for placement in ("node1", "spread"):

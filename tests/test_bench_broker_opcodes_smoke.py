@@ -6,34 +6,25 @@ thresholds: what a count means comes from a full `bench/broker_opcodes.py` run."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import run_bench
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_counts_python_work_per_connection(tmp_path: Path) -> None:
     output = tmp_path / "opcodes.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "broker_opcodes.py"),
-            "--connections",
-            "20",
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
+    run_bench(
+        "broker_opcodes.py",
+        "--connections",
+        "20",
+        "--output",
+        str(output),
         timeout=150,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
     results = json.loads(output.read_text())["results"]
     assert set(results) == {"connect", "connect_v5", "reconnect"}
     for label, by_tree in results.items():

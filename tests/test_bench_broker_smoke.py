@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, running_from
+from tests.harness import run_bench, running_from
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 
@@ -43,40 +41,33 @@ BROKERS = ("mosquitto", "broker")
 
 def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
     output = tmp_path / "result.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "broker_bench.py"),
-            "--repeats",
-            "1",
-            "--duration",
-            "0.4",
-            "--warmup",
-            "0.2",
-            "--publishers",
-            "2",
-            "--subscribers",
-            "2",
-            "--latency-rate",
-            "200",
-            "--idle",
-            "20",
-            "--connectors",
-            "2",
-            "--mqtt",
-            "4,5",
-            "--no-pin",
-            "--workdir",
-            str(tmp_path),
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
+    run_bench(
+        "broker_bench.py",
+        "--repeats",
+        "1",
+        "--duration",
+        "0.4",
+        "--warmup",
+        "0.2",
+        "--publishers",
+        "2",
+        "--subscribers",
+        "2",
+        "--latency-rate",
+        "200",
+        "--idle",
+        "20",
+        "--connectors",
+        "2",
+        "--mqtt",
+        "4,5",
+        "--no-pin",
+        "--workdir",
+        str(tmp_path),
+        "--output",
+        str(output),
         timeout=280,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
     medians = result["medians"]
     for figure, metrics in FIGURES.items():

@@ -6,34 +6,25 @@ count means comes from a full `bench/lb_opcodes.py` run."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import run_bench
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def test_counts_python_work_per_session(tmp_path: Path) -> None:
     output = tmp_path / "opcodes.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "lb_opcodes.py"),
-            "--sessions",
-            "20",
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
+    run_bench(
+        "lb_opcodes.py",
+        "--sessions",
+        "20",
+        "--output",
+        str(output),
         timeout=150,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stdout + completed.stderr
     [figure] = json.loads(output.read_text())["results"]["lb"]
     assert figure["opcodes"] > 1000 and figure["python_calls"] > 50, figure
     functions = dict(figure["functions"])

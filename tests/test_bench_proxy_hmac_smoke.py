@@ -4,34 +4,25 @@ as JSON. No timing assertion: the numbers mean something only from a full run.""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import run_bench
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def test_hmac_bench_measures_both_variants() -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "proxy_hmac_bench.py"),
-            "--rounds",
-            "1",
-            "--number",
-            "200",
-            "--connections",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
+    completed = run_bench(
+        "proxy_hmac_bench.py",
+        "--rounds",
+        "1",
+        "--number",
+        "200",
+        "--connections",
+        "20",
         timeout=110,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(completed.stdout)
     for figure in ("codec", "end_to_end"):
         medians = result[figure]["medians"]

@@ -5,13 +5,11 @@ the numbers themselves only mean something from a full `./dev bench` run."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, running_from
+from tests.harness import run_bench, running_from
 
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(300)]
 
@@ -30,28 +28,21 @@ FIGURES = (
 
 def test_suite_measures_every_figure_for_both_balancers(tmp_path: Path) -> None:
     output = tmp_path / "result.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "run.py"),
-            "--repeats",
-            "1",
-            "--duration",
-            "0.3",
-            "--idle",
-            "20",
-            "--no-pin",
-            "--output",
-            str(output),
-            "--workdir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    completed = run_bench(
+        "run.py",
+        "--repeats",
+        "1",
+        "--duration",
+        "0.3",
+        "--idle",
+        "20",
+        "--no-pin",
+        "--output",
+        str(output),
+        "--workdir",
+        str(tmp_path),
         timeout=280,
-        check=False,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(output.read_text())
     assert result["balancers"] == ["haproxy", "lb"]
     for figure in FIGURES:
