@@ -16,7 +16,8 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
 - storm: ramp, then every device drops at once (--drop devices: each closes its connection;
   --drop balancer: the balancer is stopped and started again) and comes back with
   exponential backoff and full jitter. Time to 99% and 100% back, handshakes/s, refusals by
-  reason (as the devices saw them).
+  reason (as the devices saw them). --storms N: N storms in a row (a settle before each),
+  the figures the medians (one storm's time moves by half from run to run here).
 - node-loss: ramp, telemetry, then SIGKILL of the last broker node. When the balancer marks
   it down (its log line), how many devices came back, and how many QoS 1 messages were
   acknowledged (PUBACK to the device) but never delivered to the collector, and how many
@@ -59,6 +60,7 @@ import re
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -856,21 +858,52 @@ def time_back(run: Run, since: float, target: int, timeout: float) -> dict[str, 
 
 
 def scenario_storm(run: Run) -> None:
+    """Ramp, then --storms storms, each after a settle; the storm_* figures are the medians
+    over the storms (counts of refusals and kernel events: their sums), each storm's own in
+    storm_runs. One storm's time to 100% moved 18-36 s for HAProxy here (bench/README.md)."""
     args = run.args
     run.ramp()
-    run.hold(args.settle)
+    storms = []
+    for number in range(1, args.storms + 1):
+        run.hold(args.settle, prefix="" if number == 1 else f"before_storm_{number}_")
+        storms.append(one_storm(run, number))
+    run.figures["storm_runs"] = storms
+    run.figures.update(combined_storms(storms))
+    run.hold(args.settle, prefix="after_storm_")
+
+
+def combined_storms(storms: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each number over the storms, the sum of each count by reason."""
+    combined: dict[str, Any] = {}
+    for key, value in storms[0].items():
+        values = [storm[key] for storm in storms]
+        if isinstance(value, dict):
+            summed: collections.Counter[str] = collections.Counter()
+            for counts in values:
+                summed.update(counts)
+            combined[key] = dict(summed)
+        elif all(isinstance(v, int | float) for v in values):
+            middle = statistics.median(values)
+            combined[key] = round(middle, 1) if isinstance(middle, float) else middle
+        else:  # a storm that did not end: no median says how long they take
+            combined[key] = None
+    return combined
+
+
+def one_storm(run: Run, number: int) -> dict[str, Any]:
+    args = run.args
     run.sample()
     before = run.latest()
     refusals_before = run.counter("refusals")
     target = before["connected"]
     since = time.monotonic()
     if args.drop == "devices":
-        run.mark("storm: every device closes", devices=target)
+        run.mark(f"storm {number}: every device closes", devices=target)
         run.broadcast("drop")
         for worker in run.simulators:
             worker.status = worker.wait_event("dropped", START_TIMEOUT)[2]
     else:
-        run.mark("storm: balancer restart", devices=target)
+        run.mark(f"storm {number}: balancer restart", devices=target)
         balancer = run.balancer
         balancer.stop(run.started)
         balancer.start(run.started)
@@ -887,31 +920,28 @@ def scenario_storm(run: Run) -> None:
         if b["t"] > a["t"]
     ]
     refusals = run.counter("refusals") - refusals_before
-    run.figures.update(
-        {
-            "storm_devices": target,
-            **{f"storm_{k}": v for k, v in back.items()},
-            "storm_handshakes": handshakes,
-            "storm_handshakes_per_s": round(handshakes / seconds, 1) if seconds else None,
-            "storm_peak_handshakes_per_s": round(max(rates), 1) if rates else None,
-            "storm_refusals": dict(refusals),
-            "storm_refusals_total": sum(refusals.values()),
-            "storm_attempts": after["attempts"] - before["attempts"],
-            # Namespace-wide: other processes' listeners (a test suite beside) count too.
-            "storm_kernel": {
-                name: after["kernel"][name] - before["kernel"][name]
-                for name in after.get("kernel", {})
-                if name in before.get("kernel", {})
-            },
-            "storm_balancer_cpu_us_per_handshake": round(
-                (after["balancer_cpu_s"] - before["balancer_cpu_s"]) / handshakes * 1e6
-            )
-            if handshakes
-            else None,
-        }
-    )
-    run.mark("storm done", **back)
-    run.hold(args.settle, prefix="after_storm_")
+    run.mark(f"storm {number} done", **back)
+    return {
+        "storm_devices": target,
+        **{f"storm_{k}": v for k, v in back.items()},
+        "storm_handshakes": handshakes,
+        "storm_handshakes_per_s": round(handshakes / seconds, 1) if seconds else None,
+        "storm_peak_handshakes_per_s": round(max(rates), 1) if rates else None,
+        "storm_refusals": dict(refusals),
+        "storm_refusals_total": sum(refusals.values()),
+        "storm_attempts": after["attempts"] - before["attempts"],
+        # Namespace-wide: other processes' listeners (a test suite beside) count too.
+        "storm_kernel": {
+            name: after["kernel"][name] - before["kernel"][name]
+            for name in after.get("kernel", {})
+            if name in before.get("kernel", {})
+        },
+        "storm_balancer_cpu_us_per_handshake": round(
+            (after["balancer_cpu_s"] - before["balancer_cpu_s"]) / handshakes * 1e6
+        )
+        if handshakes
+        else None,
+    }
 
 
 class LogWatch:
@@ -1219,6 +1249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ramp-timeout", type=float, default=600.0)
     parser.add_argument("--storm-timeout", type=float, default=600.0)
     parser.add_argument("--drop", choices=("devices", "balancer"), default="devices")
+    parser.add_argument(
+        "--storms", type=int, default=1, help="storms in a row per balancer (medians reported)"
+    )
     parser.add_argument("--reload-every", type=float, default=30.0)
     parser.add_argument("--telemetry-interval", type=float, default=60.0)
     parser.add_argument("--payload-size", type=int, default=64)
@@ -1242,6 +1275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--balancers: lb and/or haproxy, not {','.join(sorted(unknown))}")
     if args.devices < 1 or (args.nodes < 2 and args.scenario == "node-loss"):
         parser.error("node-loss needs at least 2 nodes and 1 device")
+    if not 1 <= args.storms <= 5:
+        parser.error("--storms: 1 to 5")
     return args
 
 
