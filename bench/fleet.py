@@ -1296,8 +1296,15 @@ def summary_lines(result: dict[str, Any]) -> Iterator[str]:
         yield "| " + " | ".join(row) + " |"
 
 
+def _unwind(signum: int, _frame: object) -> None:
+    """SIGTERM (a `kill` of the bench): unwind like Ctrl-C, so that every `finally` stops
+    the processes it started (the default action left lb, HAProxy and the brokers running)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _unwind)
     result = run(args)
     output = args.output
     if output is None:

@@ -9,13 +9,19 @@ samples, and the teardown of every process it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.fleet import combined_storms
-from tests.harness import run_bench, running_from
+from tests.harness import ROOT, run_bench, running_from
 
 HAPROXY = Path("/usr/sbin/haproxy")
 DEVICES = 20
@@ -99,3 +105,58 @@ def test_storms_combine_as_medians_and_sums() -> None:
     # a storm that never came back to 100% has no time: no median is made up for them
     storms[1]["storm_back_100_seconds"] = None
     assert combined_storms(storms)["storm_back_100_seconds"] is None
+
+
+def test_a_killed_run_stops_what_it_started(tmp_path: Path) -> None:
+    """SIGTERM to the bench mid-run: lb, the brokers and the device processes stop too."""
+    log = tmp_path / "fleet.log"
+    with log.open("wb") as output:
+        bench = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "fleet.py"),
+                "ramp",
+                "--devices",
+                "10",
+                "--nodes",
+                "2",
+                "--balancers",
+                "lb",
+                "--hold",
+                "60",
+                "--workdir",
+                str(tmp_path),
+                "--no-plots",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b"ramp done" not in log.read_bytes():
+            assert bench.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        assert running_from(tmp_path) != []
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 20
+        while running_from(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running_from(tmp_path) == []
+    finally:  # a failure here leaks nothing either
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(10)
+        for pid in _pids_from(tmp_path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pids_from(directory: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(directory).encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
