@@ -303,13 +303,11 @@ class BackendState:
 
     def _choose(self, key: bytes | None, exclude: frozenset[str]) -> ServerState | Choice:
         """A server, or why there is none."""
-        if self.usable_count(backup=False):
-            candidates = [
-                s
-                for s in self.servers
-                if not s.config.backup and s.usable and s.effective_weight > 0
-            ]
-            if all(s.name in exclude for s in candidates):
+        candidates = [
+            s for s in self.servers if not s.config.backup and s.usable and s.effective_weight > 0
+        ]
+        if candidates:  # usable_count(backup=False), counted once with the list
+            if exclude and all(s.name in exclude for s in candidates):
                 return Choice.NO_SERVER
             return self.balancer.pick(key, exclude) or Choice.ALL_FULL
         backups = [s for s in self._serving_backups() if s.name not in exclude]
