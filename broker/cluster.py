@@ -420,7 +420,7 @@ class RemotePublisher:
             self.peer.counters.remote_pauses_sent += 1
             self.cluster.send_hold(self.peer, self.client_id, True)
 
-    def session_released(self, session: Holder) -> None:
+    def session_released(self, session: Holder, share: int = 0) -> None:
         self.held_by.discard(session)
         if not self.held_by:
             self.cluster.remote_publishers.pop((self.peer.name, self.client_id), None)

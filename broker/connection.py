@@ -139,6 +139,7 @@ class ClientConnection:
         "_inbound_aliases",
         "_outbound_aliases",
         "_pump_scheduled",
+        "_shared_by",
         "address_text",
         "broker",
         "clean_start",
@@ -206,6 +207,9 @@ class ClientConnection:
         # while there is any (pause_input/resume_input are called once per transition).
         # Made when first used (held_by): an empty set is 216 bytes per device.
         self._held_by: set[Holder] | None = None
+        # The holders that resumed it with a share it has not used up (HeldPublishers): a
+        # share left by a closed connection would keep its holder's next round waiting.
+        self._shared_by: set[Holder] | None = None
         self.input_paused = False
         # Paused while the store's writer is behind (Store.congested).
         self.store_held = False
@@ -367,7 +371,9 @@ class ClientConnection:
             self.broker.counters.backpressure_cycles_skipped += 1
             return
         self.held_by.add(session)
-        session.held_publishers.add(self)
+        session.held_publishers.add(self)  # forgets its share there, if any
+        if self._shared_by is not None:
+            self._shared_by.discard(session)
         if not self.input_paused:
             self.input_paused = True
             counters = self.broker.counters
@@ -375,9 +381,13 @@ class ClientConnection:
             counters.publishers_paused_current += 1
             self.io.pause_input()
 
-    def session_released(self, session: Holder) -> None:
+    def session_released(self, session: Holder, share: int = 0) -> None:
         """``session`` drained to low water, went offline or ended; resume when none is left."""
         self.held_by.discard(session)
+        if share:
+            if self._shared_by is None:
+                self._shared_by = set()
+            self._shared_by.add(session)
         if not self.held_by and self.input_paused and not self.store_held:
             self.input_paused = False
             self.broker.counters.publishers_paused_current -= 1
@@ -401,10 +411,17 @@ class ClientConnection:
         return False
 
     def _release_holds(self) -> None:
-        """Closing: leave every session's waiting set; no resume_input for a closed input."""
+        """Closing: leave every session's waiting set and shares (a share would otherwise keep
+        the session's next round waiting until its queue is empty); no resume_input for a
+        closed input."""
         for session in self.held_by:
             session.held_publishers.discard(self)
         self.held_by.clear()
+        shared_by = self._shared_by
+        if shared_by is not None:
+            self._shared_by = None
+            for session in shared_by:
+                session.held_publishers.discard(self)
         if self.input_paused:
             self.input_paused = False
             self.broker.counters.publishers_paused_current -= 1
@@ -464,7 +481,7 @@ class ClientConnection:
         self.close_reason = reason
         broker = self.broker
         broker.connections.discard(self)
-        if self.held_by or self.input_paused or self.store_held:
+        if self._held_by or self._shared_by or self.input_paused or self.store_held:
             self._release_holds()
         if close:
             self.io.close(linger)

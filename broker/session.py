@@ -100,7 +100,9 @@ class Publisher(Protocol):
 
     def hold_for(self, session: Holder, peer: bool = False) -> None: ...
 
-    def session_released(self, session: Holder) -> None: ...
+    def session_released(self, session: Holder, share: int = 0) -> None:
+        """``share``: what it may route to ``session`` before it is paused again (0: no
+        share, only the mark paces it)."""
 
 
 class HeldPublishers:
@@ -159,6 +161,7 @@ class HeldPublishers:
         if room is None:
             self.waiting = {}
             self.shares = {}
+            share = 0
         else:
             count = max(1, min(len(waiting), room // least))
             if count == len(waiting):
@@ -168,9 +171,10 @@ class HeldPublishers:
                 for publisher in resumed:
                     del waiting[publisher]
                 waiting = dict.fromkeys(resumed)
-            self.shares = dict.fromkeys(waiting, max(1, room // count))
+            share = max(1, room // count)
+            self.shares = dict.fromkeys(waiting, share)
         for publisher in waiting:
-            publisher.session_released(holder)
+            publisher.session_released(holder, share)
 
     def spent(self, publisher: Publisher, cost: int = 1) -> bool:
         """``publisher`` routed ``cost`` more to the holder; True when its share is used up

@@ -440,6 +440,66 @@ def test_held_publisher_taken_over_leaves_no_trace_and_self_subscription_never_h
         loop_client.close()
 
 
+def _released_with_a_share(node: Any, port: int, publisher_id: str) -> tuple[RawClient, RawClient]:
+    """A publisher paused by ``share-holder`` (max_queued_messages 40: high water 30, low
+    water 15; 4 in flight), then resumed with a share it has not used: it sent exactly what
+    took the queue to high water, and the subscriber acknowledged until the queue drained
+    to low water."""
+    subscriber = connect(port, "share-holder")
+    subscribe(subscriber, 1)
+    publisher = connect(port, publisher_id)
+    publisher.send_bytes(publish_bytes(0, 0, 34, qos=1))  # 4 in flight + 30 queued
+
+    def paused() -> bool:
+        return bool(session_of(node, publisher_id).connection.input_paused)
+
+    wait_for(lambda: node.call(paused), timeout=15)
+    decoder = MQTTDecoder(protocol_level=LEVEL)
+    subscriber.sock.settimeout(10)
+    for _ in range(34):
+        if not node.call(paused):
+            break
+        packets = read_packets(subscriber.sock, decoder)
+        assert packets is not None
+        for packet in packets:
+            if isinstance(packet, Publish):
+                assert packet.packet_id is not None
+                subscriber.sock.sendall(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+    wait_for(lambda: not node.call(paused), timeout=15)
+    return subscriber, publisher
+
+
+def test_a_publisher_that_leaves_with_an_unused_share_leaves_no_trace() -> None:
+    """A publisher resumed with a share (HeldPublishers) that closes, or is taken over,
+    before it used it: the subscriber's session forgets the share at once. (It stayed until
+    the next release, and while a share is unused the next round waits: the session's other
+    held publishers were resumed only once its queue was empty.)"""
+    config = make_config(admin=False, mqtt={"max_queued_messages": 40, "max_inflight": 4})
+    with running_broker(config) as node:
+        port = node.port()
+
+        def shares() -> list[str]:
+            held = session_of(node, "share-holder").held_publishers
+            return [publisher.client_id for publisher in [*held.shares, *held.waiting]]
+
+        subscriber, publisher = _released_with_a_share(node, port, "sharing-publisher")
+        assert node.call(shares) == ["sharing-publisher"]
+        publisher.close()
+        wait_for(lambda: "sharing-publisher" not in node.call(lambda: node.broker.sessions))
+        assert node.call(shares) == []
+        subscriber.close()
+
+        # Taken over: the same client id connects again while the first has its share.
+        subscriber, publisher = _released_with_a_share(node, port, "taken-over-publisher")
+        assert node.call(shares) == ["taken-over-publisher"]
+        again = connect(port, "taken-over-publisher")
+        assert node.call(shares) == []
+        assert node.counters()["publishers_paused_current"] == 0
+        again.close()
+        publisher.close()
+        subscriber.close()
+
+
 # --- fair service of held publishers (issue 13) ---------------------------------------------
 
 
