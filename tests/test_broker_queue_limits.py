@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from broker.mqtt import (
     Connack,
     Connect,
     Properties,
+    Puback,
     Publish,
     Suback,
     Subscribe,
@@ -90,6 +92,86 @@ def test_the_node_budget_bounds_every_session_together(caplog: pytest.LogCapture
         assert stats["messages_dropped_acknowledged"] == 80
         node.call(lambda: node.broker.drops.flush(0.0, force=True))
         wait_for(lambda: "max_node_queued_bytes 102400" in caplog.text)
+
+
+def test_queued_payloads_gone_give_the_heap_back_once_per_peak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 14 item 1: 40 MB queued for an offline persistent session and then delivered:
+    once 32 MiB or more of queued payload is gone (RELEASE_MEMORY_AFTER) and at most a
+    quarter of the peak is left, the node calls glibc's malloc_trim (the node's own, as
+    ``broker -c`` wires it), counts it and logs one line; not again without a new peak."""
+    size, count = 1_000_000, 40
+    config = make_config(mqtt={"max_queued_bytes": 64 << 20})
+    with running_broker(config) as node, caplog.at_level(logging.INFO, "broker.core"):
+        assert node.call(lambda: node.broker.release_memory) is not None, "no glibc"
+        persistent_subscriber(node.port(), "away-device", "trim/t")
+        publish_many(node.port(), "trim/t", count, size)
+        # The node's tick (once a second) sees the peak while the session holds it all.
+        wait_for(lambda: node.call(lambda: node.broker.queued_peak) >= size * count, 10)
+        assert node.counters()["memory_releases"] == 0
+
+        # The device comes back and takes its messages: the queue drains to nothing.
+        device = RawClient(node.port(), level=5)
+        connack = device.connect(
+            Connect(
+                "MQTT",
+                5,
+                False,
+                60,
+                "away-device",
+                properties=Properties(session_expiry_interval=3600),
+            )
+        )
+        assert isinstance(connack, Connack) and connack.session_present
+        received = 0
+        while received < count:
+            packet = device.receive(timeout=10)
+            assert isinstance(packet, Publish), packet
+            assert len(packet.payload) == size and packet.packet_id is not None
+            device.send(Puback(packet.packet_id))
+            received += 1
+        wait_for(lambda: node.counters()["memory_releases"] == 1, 10)
+        lines = [
+            record.getMessage()
+            for record in caplog.records
+            if "freed heap given back" in record.getMessage()
+        ]
+        assert len(lines) == 1, lines
+        # The tick that trimmed saw at most a quarter of the peak left (0 once drained).
+        matched = re.fullmatch(
+            rf"queued payloads fell from {size * count} to (\d+) bytes: freed heap given back",
+            lines[0],
+        )
+        assert matched is not None and int(matched[1]) <= size * count // 4, lines
+        wait_for(lambda: node.call(lambda: node.broker.budget.bytes) == 0, 10)
+
+        # No new peak: later ticks (and a burst smaller than RELEASE_MEMORY_AFTER) trim no more.
+        for _ in range(3):
+            node.call(node.broker._maybe_release_memory)
+        device.close()
+        publish_many(node.port(), "trim/t", 8, size)
+        wait_for(lambda: node.call(lambda: node.broker.queued_peak) >= 8 * size, 10)
+        device = RawClient(node.port(), level=5)
+        device.connect(
+            Connect(
+                "MQTT",
+                5,
+                False,
+                60,
+                "away-device",
+                properties=Properties(session_expiry_interval=3600),
+            )
+        )
+        for _ in range(8):
+            packet = device.receive(timeout=10)
+            assert isinstance(packet, Publish) and packet.packet_id is not None
+            device.send(Puback(packet.packet_id))
+        wait_for(lambda: node.call(lambda: node.broker.budget.bytes) == 0, 10)
+        node.call(node.broker._maybe_release_memory)
+        assert node.counters()["memory_releases"] == 1
+        assert sum("freed heap given back" in record.getMessage() for record in caplog.records) == 1
+        device.close()
 
 
 def test_backpressure_crosses_the_cluster_link(pki: TestPKI, tmp_path: Path) -> None:
