@@ -31,8 +31,13 @@ store writes are *reliable frames*: numbered per directed pair, kept in the send
 receiver's HELLO names, applied once by the receiver (high-water committed with the effects,
 then ACKed). The outbox is bounded (``outbox_max_bytes``): past it the oldest frames are
 dropped, counted and logged. Unacknowledged bytes to a peer above ``link_high_water`` pause
-the QoS 1/2 publishers feeding it until they are under half of it (issue 14 item 2). QoS 0
-is best effort: dropped (and counted) while a link is down or its send buffer is full.
+the QoS 1/2 publishers feeding it until they are under half of it (issue 14 item 2), and a
+session behind with a peer's publisher's messages pauses it there with HOLD; both resume
+their publishers oldest first, each with its share (broker.session.HeldPublishers). A
+session's share crosses the link in HOLD(resume) and the publisher's node enforces it,
+counting the publisher's QoS 1/2 messages to that node as the session's node does
+(RemoteShare): paused a round trip later, a resumed publisher would have sent all it had.
+QoS 0 is best effort: dropped (and counted) while a link is down or its send buffer is full.
 
 One owner per client id (:mod:`broker.registry` has the rules and why): a connect claims the
 client id (CLAIM to every up peer) and, with clean start 0 and no session here, waits for
@@ -73,7 +78,7 @@ from broker.message import Message
 from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
 from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges_into
 from broker.reliable import Inbox, InboxVerdict, Outbox
-from broker.session import HeldPublishers, Holder, Pending
+from broker.session import HeldPublishers, Holder, Pending, Session
 from broker.store import StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
@@ -130,6 +135,11 @@ BARE_REFUSAL = "refused"
 #: without the peer's word: a cycle of publishers and subscribers across nodes, which the
 #: single-node cycle check cannot see, must not stall forever.
 REMOTE_HOLD_LIMIT = 5.0
+#: Shares given to publishers on peers with HOLD(resume) and not used up yet, remembered at
+#: most this many (the oldest forgotten: should that publisher still use its share, its node
+#: pauses it and nobody here resumes it before REMOTE_HOLD_LIMIT). A publisher that left its
+#: node with its share unused stays here until then, or until its node's link goes down.
+REMOTE_SHARES_MAX = 65_536
 #: Outbox drops are logged at most this often per peer.
 DROP_LOG_INTERVAL = 5.0
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
@@ -384,9 +394,24 @@ class PeerHold:
         self.held_publishers.release(self)
 
 
+class RemoteShare:
+    """The share a session here gave a publisher on a peer (HOLD(resume) with a share): its
+    QoS 1/2 messages to this node are counted as the peer counts them, since the peer pauses
+    it itself once the share is used (cross-link fairness, issue 13)."""
+
+    __slots__ = ("left", "session")
+
+    def __init__(self, left: int, session: Session) -> None:
+        self.left = left
+        self.session = session
+
+
 class RemotePublisher:
     """A publisher on another node as a local session sees it (session.Publisher): held, it
-    sends HOLD(pause) to that node, released by every session, HOLD(resume)."""
+    sends HOLD(pause) to that node, released by every session, HOLD(resume) with the share
+    of the last one (the publisher's node enforces it: a resumed publisher would otherwise
+    send everything it has until the next HOLD(pause) crossed the link, a round trip later,
+    and the session's shares would pace nobody)."""
 
     __slots__ = ("client_id", "cluster", "held_by", "peer")
 
@@ -409,11 +434,14 @@ class RemotePublisher:
         return hash((self.peer.name, self.client_id))
 
     def hold_for(self, session: Holder, peer: bool = False) -> None:
-        proxy = self.cluster.remote_publishers.get((self.peer.name, self.client_id))
+        key = (self.peer.name, self.client_id)
+        proxy = self.cluster.remote_publishers.get(key)
         if proxy is None:
-            proxy = self.cluster.remote_publishers[(self.peer.name, self.client_id)] = self
+            proxy = self.cluster.remote_publishers[key] = self
         if session in proxy.held_by:
             return
+        # Paused again: a share it still had is over (its node forgets it at HOLD(pause)).
+        self.cluster.remote_shares.pop(key, None)
         proxy.held_by.add(session)
         session.held_publishers.add(proxy)
         if len(proxy.held_by) == 1:
@@ -423,8 +451,16 @@ class RemotePublisher:
     def session_released(self, session: Holder, share: int = 0) -> None:
         self.held_by.discard(session)
         if not self.held_by:
-            self.cluster.remote_publishers.pop((self.peer.name, self.client_id), None)
-            self.cluster.send_hold(self.peer, self.client_id, False)
+            cluster = self.cluster
+            key = (self.peer.name, self.client_id)
+            cluster.remote_publishers.pop(key, None)
+            if share and isinstance(session, Session):
+                shares = cluster.remote_shares
+                shares.pop(key, None)
+                shares[key] = RemoteShare(share, session)
+                if len(shares) > REMOTE_SHARES_MAX:
+                    del shares[next(iter(shares))]
+            cluster.send_hold(self.peer, self.client_id, False, share)
 
 
 @dataclass(slots=True)
@@ -491,6 +527,11 @@ class Cluster:
         # held by sessions on peers, by (peer name, client id).
         self.remote_publishers: dict[tuple[str, str], RemotePublisher] = {}
         self.peer_holds: dict[tuple[str, str], PeerHold] = {}
+        # Issue 13, fair service across the link: the shares sessions here gave publishers on
+        # peers (counted here as there), and what local publishers may still send to a peer
+        # before they pause themselves, by (peer name, client id).
+        self.remote_shares: dict[tuple[str, str], RemoteShare] = {}
+        self.local_shares: dict[tuple[str, str], int] = {}
         # Issue 14 item 7: the CAs above our node certificate, checked once against a
         # client's verified chain (PP2 chain-subjects from lb, or the broker's own TLS).
         self.node_issuers: dict[bytes, str] = {}
@@ -1152,6 +1193,8 @@ class Cluster:
             if message.qos and message.publisher_client_id is not None:
                 publisher = RemotePublisher(self, peer, message.publisher_client_id)
             broker.deliver_from_cluster(message, frame.plain, frame.targets, publisher)
+            if publisher is not None and self.remote_shares:
+                self._share_used(publisher)
         elif isinstance(frame, codec.Transfer):
             peer.counters.transfers_received += 1
             self._transfer_received(peer, frame)
@@ -1191,10 +1234,37 @@ class Cluster:
         while len(self.retained_tombstones) > RETAINED_TOMBSTONES:
             self.retained_tombstones.popitem(last=False)
 
-    def send_hold(self, peer: Peer, client_id: str, pause: bool) -> None:
+    def _share_used(self, publisher: RemotePublisher) -> None:
+        """One more QoS 1/2 message of ``publisher`` arrived: counted against the share it
+        was resumed with, as its node counts it. Used up, its node has paused it: the session
+        that gave it holds it until its next round, or (when it has nothing waiting that
+        would bring that round) resumes it without a share."""
+        key = (publisher.peer.name, publisher.client_id)
+        shared = self.remote_shares.get(key)
+        if shared is None:
+            return
+        shared.left -= 1
+        if shared.left > 0:
+            return
+        del self.remote_shares[key]
+        proxy = self.remote_publishers.get(key)
+        session = shared.session
+        if proxy is not None and session in proxy.held_by:
+            return  # paused again by the session itself (its mark or its own share)
+        broker = self.broker
+        assert broker is not None
+        if session.connection is not None and not session.below_low_water(
+            broker.settings.max_queued_bytes
+        ):
+            publisher.hold_for(session)
+            return
+        session.forget_share(publisher)
+        self.send_hold(publisher.peer, publisher.client_id, False)
+
+    def send_hold(self, peer: Peer, client_id: str, pause: bool, share: int = 0) -> None:
         link = peer.link
         if link is not None and link.established:
-            link.send(codec.encode(codec.Hold(client_id, pause)))
+            link.send(codec.encode(codec.Hold(client_id, pause, share)))
 
     def _hold_received(self, peer: Peer, frame: codec.Hold) -> None:
         broker = self.broker
@@ -1202,14 +1272,26 @@ class Cluster:
         key = (peer.name, frame.client_id)
         if not frame.pause:
             hold = self.peer_holds.pop(key, None)
+            session = broker.sessions.get(frame.client_id)
+            if frame.share and session is not None and session.connection is not None:
+                self.local_shares[key] = frame.share
+            else:
+                self.local_shares.pop(key, None)
             if hold is not None:
                 hold.release_publishers()
             return
+        self.local_shares.pop(key, None)
         session = broker.sessions.get(frame.client_id)
         connection = None if session is None else session.connection
         if connection is None:
             return  # gone meanwhile: nothing to pause
         peer.counters.remote_pauses_received += 1
+        self._pause_for_peer(peer, key, connection)
+
+    def _pause_for_peer(
+        self, peer: Peer, key: tuple[str, str], connection: ClientConnection
+    ) -> None:
+        """Pause a local publisher for a session on ``peer`` (its HOLD, or its share used)."""
         hold = self.peer_holds.get(key)
         if hold is None:
             hold = self.peer_holds[key] = PeerHold()
@@ -1224,7 +1306,12 @@ class Cluster:
         connection.hold_for(hold, peer=True)
 
     def _forget_holds(self, peer: Peer) -> None:
-        """A link went down: its pauses end both ways (they would never be resumed)."""
+        """A link went down: its pauses and shares end both ways (they would never be
+        resumed, and an unused share would keep its session's next round waiting)."""
+        for key in [key for key in self.local_shares if key[0] == peer.name]:
+            del self.local_shares[key]
+        for key in [key for key in self.remote_shares if key[0] == peer.name]:
+            self.remote_shares.pop(key).session.forget_share(RemotePublisher(self, peer, key[1]))
         for key in [key for key in self.peer_holds if key[0] == peer.name]:
             self.peer_holds.pop(key).release_publishers()
         for key in [key for key in self.remote_publishers if key[0] == peer.name]:
@@ -1504,6 +1591,16 @@ class Cluster:
             self.send_reliable(peer, frame)
             peer.counters.messages_forwarded += 1
             count += 1
+            if publisher is not None and self.local_shares:
+                key = (name, publisher.client_id)
+                left = self.local_shares.get(key)
+                if left is not None:
+                    # The peer resumed it with this share and counts the same messages.
+                    if left > 1:
+                        self.local_shares[key] = left - 1
+                    else:
+                        del self.local_shares[key]
+                        self._pause_for_peer(peer, key, publisher)
             if (
                 publisher is not None
                 and (
@@ -1578,6 +1675,9 @@ class Cluster:
 
     def client_disconnected(self, client_id: str) -> None:
         self._member_states(client_id, False)
+        if self.local_shares:
+            for name in self.peers:
+                self.local_shares.pop((name, client_id), None)
 
     def session_ended(self, client_id: str) -> None:
         pass

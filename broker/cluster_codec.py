@@ -44,10 +44,13 @@ Frame types and bodies (protocol version :data:`PROTOCOL_VERSION`):
                  members on the sender.
 ``STATE``        version, key:binary, flags:u8 (bit 0 value present), [value:blob,
                  expires_at:f64 wall clock, 0 = never]. A state store write (seed 003).
-``HOLD``         flags:u8 (bit 0 pause), client_id:string. A session on the sender is past
-                 its high-water mark with messages of this publisher (on the receiver):
-                 pause reading it; without bit 0: resume (issue 14 item 2, the single-node
-                 backpressure across the link).
+``HOLD``         flags:u8 (bit 0 pause, bit 1 share), client_id:string, [share:u32]. A
+                 session on the sender is past its high-water mark with messages of this
+                 publisher (on the receiver): pause reading it; without bit 0: resume
+                 (issue 14 item 2, the single-node backpressure across the link). A resume
+                 with a share (version 3, issue 13) lets the publisher send that many more
+                 QoS 1/2 messages to the sender before the receiver pauses it again itself
+                 (the sender counts the same messages; broker.session.HeldPublishers).
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -130,7 +133,8 @@ __all__ = [
     "encode_sync",
 ]
 
-PROTOCOL_VERSION: Final = 2
+#: 3: HOLD's share (a node of version 2 would refuse the flag mid-link).
+PROTOCOL_VERSION: Final = 3
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -147,6 +151,8 @@ _LENGTH: Final = struct.Struct(">I")
 _STAMP: Final = struct.Struct(">d")
 _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
+_HOLD_PAUSE: Final = 0x01
+_HOLD_SHARE: Final = 0x02
 _U16: Final = struct.Struct(">H")
 _QOS_MASK: Final = 0x03
 _RETAIN_FLAG: Final = 0x04
@@ -413,6 +419,9 @@ class StateWrite:
 class Hold:
     client_id: str
     pause: bool
+    # Resume only: QoS 1/2 messages the publisher may send before it pauses again (0: no
+    # share, it runs until the next pause).
+    share: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,7 +584,14 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
     if isinstance(frame, Ack):
         return FrameType.ACK, _u64(frame.seq)
     if isinstance(frame, Hold):
-        return FrameType.HOLD, bytes((1 if frame.pause else 0,)) + encode_string(frame.client_id)
+        if not frame.share:
+            flags = _HOLD_PAUSE if frame.pause else 0
+            return FrameType.HOLD, bytes((flags,)) + encode_string(frame.client_id)
+        if frame.pause or not 0 < frame.share <= 0xFFFFFFFF:
+            raise ValueError(f"a HOLD share is for a resume, 1..2**32-1: {frame!r}")
+        return FrameType.HOLD, (
+            bytes((_HOLD_SHARE,)) + encode_string(frame.client_id) + _U32.pack(frame.share)
+        )
     if isinstance(frame, Subscribe):
         return FrameType.SUBSCRIBE, encode_string(frame.topic_filter)
     if isinstance(frame, Unsubscribe):
@@ -915,9 +931,18 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         frame = Ack(_read_u64(reader, "the seq"))
     elif frame_type == FrameType.HOLD:
         flags = reader.u8("hold flags")
-        if flags > 1:
+        if flags & ~(_HOLD_PAUSE | _HOLD_SHARE):
             raise ClusterProtocolError(f"reserved hold flags set: 0x{flags:02X}")
-        frame = Hold(reader.string("the client id"), bool(flags))
+        if flags == _HOLD_PAUSE | _HOLD_SHARE:
+            raise ClusterProtocolError("a HOLD pause with a share")
+        client_id = reader.string("the client id")
+        if flags & _HOLD_SHARE:
+            share = reader.u32("the hold share")
+            if not share:
+                raise ClusterProtocolError("a HOLD share of 0")
+            frame = Hold(client_id, False, share)
+        else:
+            frame = Hold(client_id, bool(flags))
     elif frame_type == FrameType.SUBSCRIBE:
         frame = Subscribe(reader.string("the topic filter"))
     elif frame_type == FrameType.UNSUBSCRIBE:

@@ -381,6 +381,12 @@ class Session:
         held = self._held_publishers
         return held is not None and held.spent(publisher)
 
+    def forget_share(self, publisher: Publisher) -> None:
+        """``publisher`` will not use the share this session resumed it with."""
+        held = self._held_publishers
+        if held is not None:
+            held.shares.pop(publisher, None)
+
     def below_low_water(self, max_bytes: int) -> bool:
         """Whether the publishers paused on this session may resume."""
         return (

@@ -119,7 +119,9 @@ class ClusterNode(NodeProcess):
     """One `broker -c FILE` process: a direct listener, a PROXY listener for lb, admin,
     cluster link, disk store."""
 
-    def __init__(self, directory: Path, name: str, pki: TestPKI, extra: str = "") -> None:
+    def __init__(
+        self, directory: Path, name: str, pki: TestPKI, extra: str = "", cluster: str = ""
+    ) -> None:
         self.directory = directory
         self.name = name
         files = pki.node(name)
@@ -133,6 +135,7 @@ class ClusterNode(NodeProcess):
         self.database = directory / f"{name}.db"
         self.process: subprocess.Popen[bytes] | None = None
         self.extra = extra
+        self.cluster = cluster
 
     def write_config(self, peers: list[ClusterNode]) -> None:
         peer_list = ", ".join(f'"{p.name}@127.0.0.1:{p.cluster_port}"' for p in peers)
@@ -160,6 +163,7 @@ name = "chaos"
 bind = "127.0.0.1:{self.cluster_port}"
 peers = [{peer_list}]
 takeover_timeout = "3s"
+{self.cluster}
 
 [cluster.ssl_options]
 cacertfile = "{self.ca}"
@@ -178,8 +182,11 @@ path = "{self.database}"
         )
 
 
-def make_nodes(directory: Path, pki: TestPKI, count: int = 3, extra: str = "") -> list[ClusterNode]:
-    nodes = [ClusterNode(directory, f"node-{n}", pki, extra) for n in range(1, count + 1)]
+def make_nodes(
+    directory: Path, pki: TestPKI, count: int = 3, extra: str = "", cluster: str = ""
+) -> list[ClusterNode]:
+    """``extra`` goes into each node's [mqtt] table, ``cluster`` into its [cluster] table."""
+    nodes = [ClusterNode(directory, f"node-{n}", pki, extra, cluster) for n in range(1, count + 1)]
     for node in nodes:
         node.write_config(nodes)
     return nodes
@@ -229,9 +236,9 @@ def running_lb(pki: TestPKI, directory: Path, nodes: list[ClusterNode]) -> Itera
 
 @contextlib.contextmanager
 def running_cluster(
-    pki: TestPKI, directory: Path, count: int = 3, extra: str = ""
+    pki: TestPKI, directory: Path, count: int = 3, extra: str = "", cluster: str = ""
 ) -> Iterator[list[ClusterNode]]:
-    nodes = make_nodes(directory, pki, count, extra)
+    nodes = make_nodes(directory, pki, count, extra, cluster)
     try:
         for node in nodes:
             node.start()

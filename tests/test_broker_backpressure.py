@@ -42,6 +42,9 @@ from broker.mqtt import (
     encode,
 )
 from tests.broker_harness import RawClient, make_config, running_broker, wait_for
+from tests.cluster_harness import running_cluster
+from tests.cluster_harness import wait_for as wait_until
+from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -571,3 +574,184 @@ def test_publishers_held_by_one_subscriber_share_its_deliveries_fairly() -> None
                 acknowledged += 1
             client.close()
         subscriber.close()
+
+
+def test_publishers_behind_a_cluster_link_share_a_remote_subscriber_fairly(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """The cluster counterpart of the test above: four QoS 1 publishers on node-2, one slow
+    subscriber on node-1, two real nodes over their mutual TLS link. node-1 pauses each
+    publisher with HOLD when the subscriber's queue passes high water and resumes them with
+    their shares (the same rule as on one node: RemotePublisher, known again by node and
+    client id); node-2 pauses them while too much to node-1 is unacknowledged
+    (``link_high_water``) and resumes them each with its share. Every acknowledged message
+    is delivered once, and while all have messages waiting each gets a comparable count.
+
+    node-2 enforces node-1's shares (HOLD(resume) carries the share): before, a publisher
+    resumed by node-1 sent everything it had until the next HOLD(pause) crossed the link, and
+    the deliveries came in runs of ~60 from one publisher (400 against 109 once, until the
+    first publisher was done). ``link_high_water`` is at its lowest: what bounds the first
+    burst, before the first HOLD(pause) reaches node-2, is the link's unacknowledged bytes;
+    at the default 8 MiB, 4 x 400 KiB at once may overflow node-1's queue of 400 (0, 0, 0,
+    33 and 110 acknowledged messages dropped, and counted, in five runs; 101 to 724 in six
+    before the shares crossed the link)."""
+    publishers, per_publisher, size = 4, 400, 1024
+    with running_cluster(
+        pki,
+        tmp_path,
+        2,
+        extra="max_queued_messages = 400\nmax_inflight = 4",
+        cluster="link_high_water = 65536",
+    ) as (near, far):
+        subscriber = connect(near.mqtt_port, "cluster-fair-subscriber")
+        subscribe(subscriber, 1)
+        wait_until(
+            lambda: far.admin("/api/cluster")["members"][1]["remote_filters"] >= 1,
+            10,
+            "node-2 knows node-1's route",
+        )
+        clients = [
+            connect(far.mqtt_port, f"cluster-fair-publisher-{index}") for index in range(publishers)
+        ]
+
+        # Each publisher writes all its messages at once (400 KiB: more than node-2 reads
+        # in one go, so a paused publisher's bytes wait in its socket).
+        def send_all(index: int, client: RawClient) -> None:
+            client.sock.settimeout(60)
+            client.send_bytes(publish_bytes(index, 0, per_publisher, qos=1, size=size))
+
+        senders = [
+            threading.Thread(target=send_all, args=(index, client), daemon=True)
+            for index, client in enumerate(clients)
+        ]
+        for sender in senders:
+            sender.start()
+        order: list[int] = []
+        payloads: Counter[bytes] = Counter()
+        decoder = MQTTDecoder(protocol_level=LEVEL)
+        subscriber.sock.settimeout(30)
+        deadline = time.monotonic() + 90
+        while len(order) < publishers * per_publisher and time.monotonic() < deadline:
+            packets = read_packets(subscriber.sock, decoder)
+            assert packets is not None, "node-1 closed the subscriber"
+            acks = []
+            for packet in packets:
+                if isinstance(packet, Publish):
+                    payload = bytes(packet.payload)
+                    payloads[payload] += 1
+                    order.append(int(payload.split(b":", 1)[0]))
+                    assert packet.packet_id is not None
+                    acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+            subscriber.sock.sendall(b"".join(acks))
+        for sender in senders:
+            sender.join(30)
+        # Everything acknowledged was delivered, once.
+        assert near.stats()["messages_dropped_acknowledged"] == 0, len(order)
+        assert len(order) == publishers * per_publisher, Counter(order)
+        assert set(payloads.values()) == {1}
+        counts: Counter[int] = Counter()
+        for publisher in order:
+            counts[publisher] += 1
+            if counts[publisher] == per_publisher:
+                break
+        # While every publisher still had messages waiting, each got a fair share.
+        assert len(counts) == publishers
+        assert min(counts.values()) * 2 >= max(counts.values()), counts
+        for client in clients:
+            acknowledged = 0
+            while acknowledged < per_publisher:
+                assert isinstance(client.receive(timeout=30), Puback)
+                acknowledged += 1
+            client.close()
+        subscriber.close()
+
+
+def test_a_share_across_the_link_counts_what_the_publishers_node_counts(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """A publisher's node counts its share in messages to the subscriber's node, whichever
+    sessions there they go to; the subscriber's node counts the same (RemoteShare). Two
+    publishers on node-2 alternate between a topic of a slow subscriber and one of a fast
+    one, both on node-1: every message arrives once, and no publisher waited for the
+    REMOTE_HOLD_LIMIT safety valve (had node-1 counted only the slow session's deliveries,
+    node-2 would have paused each publisher at half its share with nobody left to resume
+    it)."""
+    publishers, per_publisher, size = 2, 300, 1024
+    with running_cluster(
+        pki,
+        tmp_path,
+        2,
+        extra="max_queued_messages = 400\nmax_inflight = 4",
+        cluster="link_high_water = 65536",
+    ) as (near, far):
+        slow = connect(near.mqtt_port, "mixed-slow")
+        subscribe(slow, 1)
+        fast = connect(near.mqtt_port, "mixed-fast")
+        subscribe(fast, 1, "bp/other")
+        wait_until(
+            lambda: far.admin("/api/cluster")["members"][1]["remote_filters"] >= 2,
+            10,
+            "node-2 knows node-1's routes",
+        )
+        clients = [
+            connect(far.mqtt_port, f"mixed-publisher-{index}") for index in range(publishers)
+        ]
+
+        def send_all(index: int, client: RawClient) -> None:
+            packets = []
+            for sequence in range(per_publisher):
+                payload = f"{index}:{sequence}:".encode().ljust(size, b".")
+                topic = TOPIC if sequence % 2 == 0 else "bp/other"
+                packets.append(encode(Publish(topic, payload, 1, packet_id=sequence + 1), LEVEL))
+            client.sock.settimeout(60)
+            client.send_bytes(b"".join(packets))
+
+        received: dict[str, Counter[bytes]] = {"slow": Counter(), "fast": Counter()}
+
+        def consume(name: str, client: RawClient, expected: int) -> None:
+            decoder = MQTTDecoder(protocol_level=LEVEL)
+            client.sock.settimeout(30)
+            deadline = time.monotonic() + 90
+            while sum(received[name].values()) < expected and time.monotonic() < deadline:
+                packets = read_packets(client.sock, decoder)
+                if packets is None:
+                    return
+                acks = []
+                for packet in packets:
+                    if isinstance(packet, Publish):
+                        received[name][bytes(packet.payload)] += 1
+                        assert packet.packet_id is not None
+                        acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+                client.sock.sendall(b"".join(acks))
+
+        half = publishers * per_publisher // 2
+        threads = [
+            threading.Thread(target=send_all, args=(index, client), daemon=True)
+            for index, client in enumerate(clients)
+        ]
+        threads.append(threading.Thread(target=consume, args=("fast", fast, half), daemon=True))
+        for thread in threads:
+            thread.start()
+
+        def paused_by_node_1() -> int:
+            counters = far.admin("/api/cluster")["members"][1]["counters"]
+            return int(counters["remote_pauses_received"])
+
+        # The slow subscriber reads nothing until its queue has paused both publishers.
+        wait_until(lambda: paused_by_node_1() >= publishers, 20, "both publishers held")
+        consume("slow", slow, half)
+        for thread in threads:
+            thread.join(30)
+        assert near.stats()["messages_dropped_acknowledged"] == 0
+        assert sum(received["slow"].values()) == sum(received["fast"].values()) == half
+        assert set(received["slow"].values()) == set(received["fast"].values()) == {1}
+        link = far.admin("/api/cluster")["members"][1]["counters"]
+        assert link["remote_pauses_expired"] == 0
+        for client in clients:
+            acknowledged = 0
+            while acknowledged < per_publisher:
+                assert isinstance(client.receive(timeout=30), Puback)
+                acknowledged += 1
+            client.close()
+        slow.close()
+        fast.close()

@@ -54,10 +54,10 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
     (codec.Unsubscribe("#"), b"\x00\x00\x00\x04\x07\x00\x01#"),
     (codec.Close("no"), b"\x00\x00\x00\x05\x02\x00\x02no"),
     (
-        codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
+        codec.Hello(3, "n1", "c", b"k", 9, 8, 3),
         framed(
             1,
-            b"\x02\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQ", 9, 8, 3),
+            b"\x03\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQ", 9, 8, 3),
         ),
     ),
     (codec.Sync(True, ("x", "y/#")), b"\x00\x00\x00\x0a\x05\x01\x00\x01x\x00\x03y/#"),
@@ -84,6 +84,9 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
         framed(18, b"\x01\x00\x01\x02\x00\x0a$share/g/t\x00\x03dev"),
     ),
     (codec.StateWrite(V, b"k", None, None), framed(19, V_BYTES + b"\x00\x01k\x00")),
+    (codec.Hold("dev", True), framed(20, b"\x01\x00\x03dev")),
+    (codec.Hold("dev", False), framed(20, b"\x00\x00\x03dev")),
+    (codec.Hold("dev", False, 8), framed(20, b"\x02\x00\x03dev" + struct.pack(">I", 8))),
 ]
 
 
@@ -236,6 +239,10 @@ def test_sync_is_split_into_reset_and_continuation_frames() -> None:
         (framed(11, struct.pack(">Q", 1) + b"\x00\x00"), "without an inner frame"),
         (framed(14, V_BYTES + b"\x07\x00\x01x"), "unknown claim outcome"),
         (framed(18, b"\x00\x00\x01\x03\x00\x01x\x00\x01y"), "unknown member state"),
+        (framed(20, b"\x04\x00\x01x"), "reserved hold flags"),
+        (framed(20, b"\x03\x00\x01x\x00\x00\x00\x08"), "pause with a share"),
+        (framed(20, b"\x02\x00\x01x\x00\x00\x00\x00"), "share of 0"),
+        (framed(20, b"\x02\x00\x01x\x00\x00"), "malformed frame"),
     ],
 )
 def test_malformed_frames_raise_the_codec_error(data: bytes, words: str) -> None:
