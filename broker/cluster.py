@@ -37,6 +37,9 @@ their publishers oldest first, each with its share (broker.session.HeldPublisher
 session's share crosses the link in HOLD(resume) and the publisher's node enforces it,
 counting the publisher's QoS 1/2 messages to that node as the session's node does
 (RemoteShare): paused a round trip later, a resumed publisher would have sent all it had.
+A link speaks the lower of its two nodes' protocol versions (``[cluster] protocol_version``,
+for rolling upgrades); at version 2 the share stays here: the session counts it alone and
+pauses the publisher again with HOLD, as before version 3.
 QoS 0 is best effort: dropped (and counted) while a link is down or its send buffer is full.
 
 One owner per client id (:mod:`broker.registry` has the rules and why): a connect claims the
@@ -454,6 +457,8 @@ class RemotePublisher:
             cluster = self.cluster
             key = (self.peer.name, self.client_id)
             cluster.remote_publishers.pop(key, None)
+            if not cluster.shares_cross(self.peer):
+                share = 0  # a link of version 2: the peer would refuse it (no share is kept)
             if share and isinstance(session, Session):
                 shares = cluster.remote_shares
                 shares.pop(key, None)
@@ -488,6 +493,8 @@ class Cluster:
             raise ClusterError("no [cluster] section")
         self.config = config
         self.cluster_config: ClusterConfig = config.cluster
+        # Announced in HELLO; a link speaks the lower of its two nodes' (codec.link_version).
+        self.protocol_version = self.cluster_config.protocol_version
         self.node_name = config.node_name
         self.cookie = (config.cookie or "").encode("utf-8")
         self.broker: Broker | None = None
@@ -645,6 +652,18 @@ class Cluster:
             )
             or "none",
         )
+        if self.protocol_version < codec.PROTOCOL_VERSION:
+            logger.warning(
+                "cluster %s: node %s announces cluster protocol version %d ([cluster] "
+                "protocol_version): sessions' shares do not cross its links; once every node "
+                "runs a release that speaks %d, set %d (or remove it) and restart the nodes one "
+                "by one",
+                self.cluster_config.name,
+                self.node_name,
+                self.protocol_version,
+                codec.PROTOCOL_VERSION,
+                codec.PROTOCOL_VERSION,
+            )
         for peer in self.peers.values():
             if peer.dials:
                 self._dial_soon(peer, 0.0)
@@ -789,11 +808,8 @@ class Cluster:
 
     def hello_received(self, link: ClusterLink, hello: codec.Hello) -> str | None:
         """Validate a peer's HELLO; returns the refusal reason, or None when accepted."""
-        if hello.version != codec.PROTOCOL_VERSION:
-            return (
-                f"protocol version {hello.version} not supported "
-                f"(this node speaks {codec.PROTOCOL_VERSION})"
-            )
+        if codec.link_version(self.protocol_version, hello.version) is None:
+            return self._version_refusal(hello)
         # Constant time, and checked before anything about the peer is revealed.
         if not hmac.compare_digest(hello.cookie, self.cookie):
             return "wrong cookie"
@@ -821,11 +837,29 @@ class Cluster:
             )
         return None
 
+    def _version_refusal(self, hello: codec.Hello) -> str:
+        """A peer of a version this node does not speak: both versions, and what to do."""
+        speaks = f"{codec.MIN_PROTOCOL_VERSION} to {codec.PROTOCOL_VERSION}"
+        if hello.version < codec.MIN_PROTOCOL_VERSION:
+            advice = (
+                f"upgrade node {hello.node!r} to a release that speaks version "
+                f"{codec.MIN_PROTOCOL_VERSION} or later"
+            )
+        else:
+            advice = (
+                f"upgrade this node, or set [cluster] protocol_version = "
+                f"{codec.PROTOCOL_VERSION} on node {hello.node!r} until every node is upgraded"
+            )
+        return (
+            f"node {hello.node!r} speaks cluster protocol version {hello.version}, "
+            f"this node {speaks}: {advice}"
+        )
+
     def hello_for(self, peer: Peer) -> bytes:
         inbox = peer.inbox
         return codec.encode(
             codec.Hello(
-                codec.PROTOCOL_VERSION,
+                self.protocol_version,
                 self.node_name,
                 self.cluster_config.name,
                 self.cookie,
@@ -859,11 +893,12 @@ class Cluster:
             self._acked(peer, applied)
         resend = sum(1 for seq, _ in peer.outbox.entries if seq > applied)
         logger.info(
-            "cluster link to %s (%s) is up (%s, %s)%s",
+            "cluster link to %s (%s) is up (%s, %s, protocol version %d)%s",
             peer.name,
             link.address_text,
             link.direction,
             link.tls_version or "?",
+            link.protocol_version,
             f", resending {resend} reliable frames" if resend else "",
         )
         peer.last_error = None
@@ -1260,6 +1295,13 @@ class Cluster:
             return
         session.forget_share(publisher)
         self.send_hold(publisher.peer, publisher.client_id, False)
+
+    def shares_cross(self, peer: Peer) -> bool:
+        """Whether the link to ``peer`` is up and carries HOLD's share (version 3)."""
+        link = peer.link
+        return (
+            link is not None and link.established and link.protocol_version >= codec.SHARE_VERSION
+        )
 
     def send_hold(self, peer: Peer, client_id: str, pause: bool, share: int = 0) -> None:
         link = peer.link
@@ -1719,6 +1761,7 @@ class Cluster:
                     "suspended": peer.suspended,
                     "link_address": None if link is None else link.address_text,
                     "tls_version": None if link is None else link.tls_version,
+                    "protocol_version": None if link is None else link.protocol_version,
                     "last_error": peer.last_error,
                     "remote_filters": len(peer.filters),
                     "remote_shared_members": len(peer.members),
@@ -1735,6 +1778,7 @@ class Cluster:
             "node": self.node_name,
             "cluster": self.cluster_config.name,
             "incarnation": self.incarnation,
+            "protocol_version": self.protocol_version,
             "members": members,
             "claims_waiting": len(self.waiting),
             "inbound_refused": self.refused_inbound,
@@ -1769,6 +1813,7 @@ class ClusterLink(asyncio.Protocol):
         "last_received",
         "peer",
         "peer_names",
+        "protocol_version",
         "refusal",
         "replaced",
         "replaying",
@@ -1787,6 +1832,8 @@ class ClusterLink(asyncio.Protocol):
         self.address_text = "?"
         self.tls_version: str | None = None
         self.peer_names: frozenset[str] = frozenset()  # from the verified peer certificate
+        # Both HELLOs' lower version, once they are known (codec.link_version).
+        self.protocol_version = cluster.protocol_version
         self.established = False
         self.closed = False
         self.replaced = False
@@ -1990,6 +2037,8 @@ class ClusterLink(asyncio.Protocol):
             # Issue 14 item 7: the peer learns nothing about our configuration.
             self.close(self.refusal, told=BARE_REFUSAL)
             return False
+        self.protocol_version = min(self.cluster.protocol_version, frame.version)
+        self.decoder.version = self.protocol_version
         if self.peer is None:
             self.peer = self.cluster.peers[frame.node]
             self.send(self.cluster.hello_for(self.peer))

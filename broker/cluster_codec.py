@@ -9,6 +9,12 @@ The link carries length-prefixed frames over one TLS connection per pair of node
 
 Frame types and bodies (protocol version :data:`PROTOCOL_VERSION`):
 
+A node speaks versions :data:`MIN_PROTOCOL_VERSION` to :data:`PROTOCOL_VERSION` and announces
+one of them in its HELLO (``[cluster] protocol_version``); each link speaks the lower of the
+two announced (:func:`link_version`), as Kafka's inter.broker.protocol.version does, so a
+cluster is upgraded node by node: every node first announces the old version, then the new.
+Version 2 is version 3 without HOLD's share.
+
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
                  is compared in constant time (EMQX's node.cookie). ``last_applied`` is the
@@ -92,8 +98,10 @@ from broker.subscriptions import SubscriptionOptions
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "SHARE_VERSION",
     "Ack",
     "Claim",
     "ClaimReply",
@@ -131,10 +139,17 @@ __all__ = [
     "encode_message",
     "encode_session",
     "encode_sync",
+    "link_version",
 ]
 
-#: 3: HOLD's share (a node of version 2 would refuse the flag mid-link).
+#: The highest version this node speaks. 3: HOLD's share (a node of version 2 would refuse
+#: the flag mid-link, so a link of version 2 never carries it).
 PROTOCOL_VERSION: Final = 3
+#: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
+#: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
+MIN_PROTOCOL_VERSION: Final = 2
+#: The first version whose HOLD(resume) may carry a share.
+SHARE_VERSION: Final = 3
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -315,6 +330,14 @@ class Hello:
     def __repr__(self) -> str:
         # The cookie is a secret: never in a log line.
         return f"Hello(version={self.version}, node={self.node!r}, cluster={self.cluster!r})"
+
+
+def link_version(announced: int, theirs: int) -> int | None:
+    """The version a link speaks: the lower of the two HELLOs' (this node announces
+    ``announced``); None when the peer's is one this node does not speak."""
+    if not MIN_PROTOCOL_VERSION <= theirs <= PROTOCOL_VERSION:
+        return None
+    return min(announced, theirs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,7 +632,7 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
             + encode_string(frame.cluster)
             + encode_binary(frame.cookie)
         )
-        if frame.version != PROTOCOL_VERSION:
+        if not MIN_PROTOCOL_VERSION <= frame.version <= PROTOCOL_VERSION:
             # The fields every version has, as the decoder reads another version's HELLO.
             return FrameType.HELLO, common
         return FrameType.HELLO, (
@@ -956,9 +979,9 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         node = reader.string("the node name")
         cluster = reader.string("the cluster name")
         cookie = reader.binary("the cookie")
-        if version != PROTOCOL_VERSION:
-            # A node of another version: its HELLO is read only as far as the fields every
-            # version has, so the refusal can say which version it speaks.
+        if not MIN_PROTOCOL_VERSION <= version <= PROTOCOL_VERSION:
+            # A node of a version we do not speak: its HELLO is read only as far as the
+            # fields every version has, so the refusal can say which version it speaks.
             return Hello(version, node, cluster, cookie)
         frame = Hello(
             version,
@@ -1048,10 +1071,13 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
 class ClusterDecoder:
     """Bytes in, frames out. ``max_frame_size`` bounds ``length`` (type + body)."""
 
-    __slots__ = ("_buffer", "_failed", "max_frame_size")
+    __slots__ = ("_buffer", "_failed", "max_frame_size", "version")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
+        # The link's version once both HELLOs are known (link_version): a frame that version
+        # does not have is refused as a node of that version refuses it.
+        self.version: int = PROTOCOL_VERSION
         self._buffer = bytearray()
         self._failed = False
 
@@ -1083,7 +1109,13 @@ class ClusterDecoder:
         body = bytes(buffer[FRAME_HEADER_SIZE:end])
         del buffer[:end]
         try:
-            return _decode_body(frame_type, memoryview(body))
+            frame = _decode_body(frame_type, memoryview(body))
+            if self.version < SHARE_VERSION and isinstance(frame, Hold) and frame.share:
+                raise ClusterProtocolError(
+                    f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
+                    f"protocol version {self.version})"
+                )
+            return frame
         except MQTTProtocolError as error:
             self._failed = True
             raise ClusterProtocolError(f"malformed frame: {error}") from None

@@ -61,6 +61,7 @@ Shape (every table and key optional except where noted)::
     takeover_timeout = "5s"        # a connect waits this long for the other nodes' answers
     outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
     link_high_water = 8388608      # unacknowledged bytes to a peer that pause its publishers
+    protocol_version = 3           # announced in HELLO; 2 while a rolling upgrade has nodes of 2
     [cluster.ssl_options]          # as above
 
     [store]                        # issue 12: what survives a SIGKILL (broker/store.py)
@@ -99,6 +100,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from broker.cluster_codec import MIN_PROTOCOL_VERSION, PROTOCOL_VERSION
 from broker.subjects import parse_distinguished_name
 from lb.proxy_hmac import DEFAULT_REPLAY_CACHE, DEFAULT_WINDOW
 from lb.proxyproto import DEFAULT_MAX_HEADER_SIZE, V2_HEADER_LENGTH, V2_MAX_LENGTH
@@ -251,6 +253,9 @@ class ClusterConfig:
     # Issue 14 item 2: unacknowledged bytes to a peer above this pause the QoS 1/2
     # publishers feeding it; they resume below half of it.
     link_high_water: int = 8 * 1024 * 1024
+    # The cluster protocol version announced in HELLO (each link speaks the lower of its two
+    # nodes'): the previous one while a rolling upgrade has nodes that speak only it.
+    protocol_version: int = PROTOCOL_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +331,23 @@ def load_config(path: str | Path) -> BrokerConfig:
         # tomllib parses nested arrays and inline tables by recursion (CPython 3.11).
         raise ConfigError(origin, "(syntax)", "not valid TOML: nested too deeply") from None
     return parse_config(document, origin, base_directory=path.parent)
+
+
+def _parse_protocol_version(reader: _Reader) -> int:
+    """``[cluster] protocol_version``: one of the versions this release speaks."""
+    value = reader.get("protocol_version")
+    if value is None:
+        return PROTOCOL_VERSION
+    versions = range(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in versions:
+        allowed = " or ".join(str(version) for version in versions)
+        raise reader.fail(
+            "protocol_version",
+            f"expected {allowed} (the cluster protocol versions this node speaks; "
+            f"{MIN_PROTOCOL_VERSION} while a rolling upgrade has nodes that speak only it), "
+            f"got {value!r}",
+        )
+    return value
 
 
 class _Reader:
@@ -710,6 +732,7 @@ def parse_config(
             link_high_water=cluster_reader.integer(
                 "link_high_water", defaults.link_high_water, 64 * 1024, 2**40
             ),
+            protocol_version=_parse_protocol_version(cluster_reader),
         )
         cluster_reader.reject_unknown()
         if peers and cookie is None:

@@ -183,10 +183,16 @@ path = "{self.database}"
 
 
 def make_nodes(
-    directory: Path, pki: TestPKI, count: int = 3, extra: str = "", cluster: str = ""
+    directory: Path, pki: TestPKI, count: int = 3, extra: str = "", cluster: str | list[str] = ""
 ) -> list[ClusterNode]:
-    """``extra`` goes into each node's [mqtt] table, ``cluster`` into its [cluster] table."""
-    nodes = [ClusterNode(directory, f"node-{n}", pki, extra, cluster) for n in range(1, count + 1)]
+    """``extra`` goes into each node's [mqtt] table, ``cluster`` into its [cluster] table (a
+    list: one for each node, in order)."""
+    tables = [cluster] * count if isinstance(cluster, str) else cluster
+    assert len(tables) == count, tables
+    nodes = [
+        ClusterNode(directory, f"node-{n}", pki, extra, table)
+        for n, table in enumerate(tables, start=1)
+    ]
     for node in nodes:
         node.write_config(nodes)
     return nodes
@@ -236,7 +242,7 @@ def running_lb(pki: TestPKI, directory: Path, nodes: list[ClusterNode]) -> Itera
 
 @contextlib.contextmanager
 def running_cluster(
-    pki: TestPKI, directory: Path, count: int = 3, extra: str = "", cluster: str = ""
+    pki: TestPKI, directory: Path, count: int = 3, extra: str = "", cluster: str | list[str] = ""
 ) -> Iterator[list[ClusterNode]]:
     nodes = make_nodes(directory, pki, count, extra, cluster)
     try:

@@ -87,6 +87,14 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
     (codec.Hold("dev", True), framed(20, b"\x01\x00\x03dev")),
     (codec.Hold("dev", False), framed(20, b"\x00\x00\x03dev")),
     (codec.Hold("dev", False, 8), framed(20, b"\x02\x00\x03dev" + struct.pack(">I", 8))),
+    # Version 2's HELLO is version 3's (a node speaks both: rolling upgrades).
+    (
+        codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
+        framed(
+            1,
+            b"\x02\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQ", 9, 8, 3),
+        ),
+    ),
 ]
 
 
@@ -129,6 +137,54 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
+    version_4 = framed(1, b"\x04\x00\x02n4\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_4)
+    assert isinstance(hello, codec.Hello)
+    assert (hello.version, hello.node, hello.incarnation) == (4, "n4", 0)
+    assert codec.encode(hello) == version_4
+
+
+@pytest.mark.parametrize(
+    ("announced", "theirs", "spoken"),
+    [
+        (3, 3, 3),  # both upgraded
+        (3, 2, 2),  # a node of version 2 (old, or upgraded with protocol_version = 2)
+        (2, 3, 2),  # this node announces 2 during the upgrade
+        (2, 2, 2),
+        (3, 1, None),  # version 1: TAKEOVER, no reliable frames
+        (2, 1, None),
+        (3, 4, None),  # newer than this release
+        (2, 4, None),
+        (3, 0, None),
+        (3, 255, None),
+    ],
+)
+def test_a_link_speaks_the_lower_version_of_its_two_hellos(
+    announced: int, theirs: int, spoken: int | None
+) -> None:
+    """Kafka's inter.broker.protocol.version: each side computes the same version from both
+    HELLOs; a peer of a version this node does not speak is refused (None)."""
+    assert codec.link_version(announced, theirs) == spoken
+    if spoken is not None:
+        # Both ends agree, whichever announced which.
+        assert codec.link_version(theirs, announced) == spoken
+
+
+def test_a_link_of_version_2_refuses_a_hold_with_a_share_as_a_node_of_version_2_does() -> None:
+    share = codec.encode(codec.Hold("dev", False, 8))
+    plain = codec.encode(codec.Hold("dev", False)) + codec.encode(codec.Hold("dev", True))
+    decoder = codec.ClusterDecoder()
+    decoder.version = 2
+    decoder.feed(plain)
+    assert decoder.next_event() == codec.Hold("dev", False)
+    assert decoder.next_event() == codec.Hold("dev", True)
+    decoder.feed(share)
+    with pytest.raises(codec.ClusterProtocolError, match=r"reserved hold flags set: 0x02 .*2\)"):
+        decoder.next_event()
+    decoder = codec.ClusterDecoder()
+    decoder.version = 3
+    decoder.feed(share)
+    assert decoder.next_event() == codec.Hold("dev", False, 8)
 
 
 def test_publish_carries_mqtt5_properties_and_expiry_time_left() -> None:
