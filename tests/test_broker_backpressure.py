@@ -91,6 +91,32 @@ def read_packets(sock: socket.socket, decoder: MQTTDecoder) -> list[Any] | None:
     return packets
 
 
+def take_deliveries(
+    subscriber: RawClient, total: int, seconds: float
+) -> tuple[list[int], Counter[bytes]]:
+    """Read and acknowledge QoS 1 deliveries of publish_bytes() messages until ``total`` came
+    or ``seconds`` passed: each one's publisher index in the order they came, and how often
+    each payload came."""
+    order: list[int] = []
+    payloads: Counter[bytes] = Counter()
+    decoder = MQTTDecoder(protocol_level=LEVEL)
+    subscriber.sock.settimeout(30)
+    deadline = time.monotonic() + seconds
+    while len(order) < total and time.monotonic() < deadline:
+        packets = read_packets(subscriber.sock, decoder)
+        assert packets is not None, "the broker closed the subscriber"
+        acks = []
+        for packet in packets:
+            if isinstance(packet, Publish):
+                payload = bytes(packet.payload)
+                payloads[payload] += 1
+                order.append(int(payload.split(b":", 1)[0]))
+                assert packet.packet_id is not None
+                acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+        subscriber.sock.sendall(b"".join(acks))
+    return order, payloads
+
+
 def session_of(node: Any, client_id: str) -> Any:
     return node.broker.sessions[client_id]
 
@@ -525,23 +551,7 @@ def test_publishers_held_by_one_subscriber_share_its_deliveries_fairly() -> None
         # All messages at once: each publisher has 400 in flight against a queue of 30.
         for index, client in enumerate(clients):
             client.send_bytes(publish_bytes(index, 0, per_publisher, qos=1))
-        order: list[int] = []
-        payloads: Counter[bytes] = Counter()
-        decoder = MQTTDecoder(protocol_level=LEVEL)
-        subscriber.sock.settimeout(30)
-        deadline = time.monotonic() + 60
-        while len(order) < publishers * per_publisher and time.monotonic() < deadline:
-            packets = read_packets(subscriber.sock, decoder)
-            assert packets is not None, "broker closed the subscriber"
-            acks = []
-            for packet in packets:
-                if isinstance(packet, Publish):
-                    payload = bytes(packet.payload)
-                    payloads[payload] += 1
-                    order.append(int(payload.split(b":", 1)[0]))
-                    assert packet.packet_id is not None
-                    acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
-            subscriber.sock.sendall(b"".join(acks))
+        order, payloads = take_deliveries(subscriber, publishers * per_publisher, 60)
         # Everything acknowledged was delivered, once.
         assert len(order) == publishers * per_publisher
         assert set(payloads.values()) == {1}
@@ -658,23 +668,7 @@ def _fan_in_across_the_link(pki: TestPKI, tmp_path: Path, cluster: str | list[st
         ]
         for sender in senders:
             sender.start()
-        order: list[int] = []
-        payloads: Counter[bytes] = Counter()
-        decoder = MQTTDecoder(protocol_level=LEVEL)
-        subscriber.sock.settimeout(30)
-        deadline = time.monotonic() + 90
-        while len(order) < publishers * per_publisher and time.monotonic() < deadline:
-            packets = read_packets(subscriber.sock, decoder)
-            assert packets is not None, "node-1 closed the subscriber"
-            acks = []
-            for packet in packets:
-                if isinstance(packet, Publish):
-                    payload = bytes(packet.payload)
-                    payloads[payload] += 1
-                    order.append(int(payload.split(b":", 1)[0]))
-                    assert packet.packet_id is not None
-                    acks.append(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
-            subscriber.sock.sendall(b"".join(acks))
+        order, payloads = take_deliveries(subscriber, publishers * per_publisher, 90)
         for sender in senders:
             sender.join(30)
         # Everything acknowledged was delivered, once.

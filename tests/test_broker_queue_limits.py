@@ -94,6 +94,18 @@ def test_the_node_budget_bounds_every_session_together(caplog: pytest.LogCapture
         wait_for(lambda: "max_node_queued_bytes 102400" in caplog.text)
 
 
+def _persistent_device_back(port: int, client_id: str) -> RawClient:
+    """A 5.0 device that comes back to its persistent session (session present)."""
+    device = RawClient(port, level=5)
+    connack = device.connect(
+        Connect(
+            "MQTT", 5, False, 60, client_id, properties=Properties(session_expiry_interval=3600)
+        )
+    )
+    assert isinstance(connack, Connack) and connack.session_present
+    return device
+
+
 def test_queued_payloads_gone_give_the_heap_back_once_per_peak(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -112,18 +124,7 @@ def test_queued_payloads_gone_give_the_heap_back_once_per_peak(
         assert node.counters()["memory_releases"] == 0
 
         # The device comes back and takes its messages: the queue drains to nothing.
-        device = RawClient(node.port(), level=5)
-        connack = device.connect(
-            Connect(
-                "MQTT",
-                5,
-                False,
-                60,
-                "away-device",
-                properties=Properties(session_expiry_interval=3600),
-            )
-        )
-        assert isinstance(connack, Connack) and connack.session_present
+        device = _persistent_device_back(node.port(), "away-device")
         received = 0
         while received < count:
             packet = device.receive(timeout=10)
@@ -152,17 +153,7 @@ def test_queued_payloads_gone_give_the_heap_back_once_per_peak(
         device.close()
         publish_many(node.port(), "trim/t", 8, size)
         wait_for(lambda: node.call(lambda: node.broker.queued_peak) >= 8 * size, 10)
-        device = RawClient(node.port(), level=5)
-        device.connect(
-            Connect(
-                "MQTT",
-                5,
-                False,
-                60,
-                "away-device",
-                properties=Properties(session_expiry_interval=3600),
-            )
-        )
+        device = _persistent_device_back(node.port(), "away-device")
         for _ in range(8):
             packet = device.receive(timeout=10)
             assert isinstance(packet, Publish) and packet.packet_id is not None
