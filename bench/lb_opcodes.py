@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 
 from bench import opcodes  # noqa: E402
 from bench.ports import free_port  # noqa: E402
-from bench.run import Pki, children_of, cpu_seconds, make_pki, start, stop, wait_listening  # noqa: E402
+from bench.run import HAPROXY, Pki, children_of, cpu_seconds, make_pki, start, stop, wait_listening  # noqa: E402
 from broker.mqtt import Connect, encode  # noqa: E402
 
 #: Sessions opened at once by the driver.
@@ -127,16 +127,16 @@ def _worker(master: int) -> int:
     raise TimeoutError("lb forked no worker")
 
 
-def measure(source: Path, pki: Pki, count: int, work: Path, timed: bool) -> dict[str, Any]:
+def measure(source: Path | None, pki: Pki, count: int, work: Path, timed: bool) -> dict[str, Any]:
     """Count ``count`` sessions through a counting lb of ``source``; counts per session. Or,
     ``timed``, the worker's CPU time per session (utime + stime), untraced, lb on CPU 0 and
-    the devices and the backend on CPU 1."""
+    the devices and the backend on CPU 1. Without ``source``: HAProxy (timed only), same config."""
     port, server_port = free_port(), free_port()
     config = work / "lb.cfg"
     config.write_text(lb_config(port, server_port, pki))
     output = work / f"counts-{os.getpid()}-{time.monotonic_ns()}.json"
     boot = opcodes.boot(
-        source,
+        source or ROOT,
         output,
         module="lb.cli",
         program="lb",
@@ -155,11 +155,14 @@ def measure(source: Path, pki: Pki, count: int, work: Path, timed: bool) -> dict
     balancer = None
     try:
         wait_listening(server_port, backend, STEP_TIMEOUT)
-        balancer = start(
-            "lb", [sys.executable, "-c", boot, "-f", str(config)], work, {0} if pinned else None
+        command = (
+            [HAPROXY, "-db", "-f", str(config)]
+            if source is None
+            else [sys.executable, "-c", boot, "-f", str(config)]
         )
+        balancer = start("balancer", command, work, {0} if pinned else None)
         wait_listening(port, balancer, STEP_TIMEOUT)
-        worker = _worker(balancer.pid)
+        worker = balancer.pid if source is None else _worker(balancer.pid)
         context = ssl.create_default_context(cafile=pki.client.ca)
         context.load_cert_chain(pki.client.cert, pki.client.key)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -187,9 +190,11 @@ def measure(source: Path, pki: Pki, count: int, work: Path, timed: bool) -> dict
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    trees = {"lb": ROOT}
+    trees: dict[str, Path | None] = {"lb": ROOT}
     if args.baseline is not None:
         trees["baseline"] = args.baseline.resolve()
+    if args.haproxy:
+        trees["haproxy"] = None
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lb-opcodes-") as scratch:
         work = Path(scratch)
@@ -219,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/)")
     parser.add_argument("--top", action="store_true", help="print the busiest functions")
     parser.add_argument(
+        "--haproxy", action="store_true", help="with --timed: HAProxy too, on the same config"
+    )
+    parser.add_argument(
         "--timed",
         action="store_true",
         help="CPU time per session instead of counts (untraced, pinned; use --repeats)",
@@ -226,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 1 <= args.sessions <= 5_000:
         parser.error("--sessions: 1 to 5,000 (one worker, two descriptors a session)")
+    if args.haproxy and not args.timed:
+        parser.error("--haproxy: with --timed (HAProxy's work is not Python)")
     if not 1 <= args.repeats <= 10:
         parser.error("--repeats: 1 to 10")
     if args.baseline is not None and not (args.baseline / "lb" / "cli.py").exists():
@@ -239,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.timed:
         for name, figures in results.items():
             median = statistics.median(f["cpu_us"] for f in figures)
-            print(f"{name}: median {median:.0f} us CPU per session over {len(figures)} runs")
+            line = f"{name}: median {median:.0f} us CPU per session over {len(figures)} runs"
+            if name != "haproxy" and "haproxy" in results:
+                theirs = statistics.median(f["cpu_us"] for f in results["haproxy"])
+                line += f", {median / theirs:.2f}x HAProxy's"
+            print(line)
     elif args.top:
         for name, figures in results.items():
             print(f"\n{name}: opcodes per session by function (first repeat)")
