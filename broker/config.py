@@ -11,7 +11,8 @@ Shape (every table and key optional except where noted)::
     max_packet_size = 1048576      # bytes, both directions
     receive_maximum = 32           # QoS 2 messages a client may have unreleased
     max_inflight = 32              # outgoing QoS 1/2 in flight (3.1.1; caps 5.0 Receive Maximum)
-    max_queued_messages = 1000     # per session
+    max_queued_messages = 1000     # per session (offline; online, QoS 1/2 of paced publishers
+                                   # in transit may pass it within max_queued_bytes)
     retain_available = true
     topic_alias_maximum = 10
     session_expiry_max = 7200      # seconds; also the expiry of 3.1.1 persistent sessions

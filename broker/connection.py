@@ -318,8 +318,9 @@ class ClientConnection:
         self._send_disconnect(reason_code, reason)
         self._finish(reason, send_will=True)
 
-    def deliver(self, pending: Pending) -> None:
-        """Route a message to this connection: send now, or queue for later (bounded)."""
+    def deliver(self, pending: Pending, counted: bool = True) -> None:
+        """Route a message to this connection: send now, or queue for later (bounded; without
+        ``counted``, by bytes only: see Session.enqueue)."""
         session = self.session
         assert session is not None
         if pending.qos == 0:
@@ -330,7 +331,7 @@ class ClientConnection:
             self._send_publish(pending, None, dup=False)
             return
         if session.queue or self.io.write_congested() or len(session.inflight) >= self.send_quota:
-            if not session.enqueue(pending, self.broker.settings.max_queued_bytes):
+            if not session.enqueue(pending, self.broker.settings.max_queued_bytes, counted):
                 self.broker.dropped(session, pending)
             return
         self._send_inflight(session, pending, queued=False)

@@ -20,7 +20,10 @@ paused, as many as the room below high water gives ``RESUME_SHARE`` messages eac
 wait for the next round), and each may route only its share of that room before it is paused
 again. Without the shares the first publishers to run refilled the queue and the rest routed
 one message each per round: with 16 publishers, two got 70% of the deliveries and each of the
-others' messages waited ~64 rounds (bench/README.md, issue 13 backpressure p99). An offline
+others' messages waited ~64 rounds (bench/README.md, issue 13 backpressure p99). A connected
+session queues the acknowledged messages of publishers it paces past ``max_queued_messages``
+(within the byte bounds): what they sent before their pause reached them (across a cluster
+link a round trip later, up to ``link_high_water``) is not dropped. An offline
 session holds nobody: it queues up to its bounds and then drops and counts, so a client that
 never comes back cannot stall its publishers. A cluster peer is a holder too
 (:class:`Holder`): its unacknowledged bytes pause the publishers feeding it.
@@ -360,9 +363,10 @@ class Session:
         if budget is not None:
             budget.bytes -= size
 
-    def has_room(self, size: int, max_bytes: int) -> bool:
-        """Whether one more delivery of ``size`` payload bytes fits every bound."""
-        if self._queue is not None and len(self._queue) >= self.max_queued_messages:
+    def has_room(self, size: int, max_bytes: int, counted: bool = True) -> bool:
+        """Whether one more delivery of ``size`` payload bytes fits every bound (without
+        ``counted``, the byte bounds only)."""
+        if counted and self._queue is not None and len(self._queue) >= self.max_queued_messages:
             return False
         if self.queued_bytes + size > max_bytes and self.queued_bytes:
             return False
@@ -393,10 +397,12 @@ class Session:
             self._queue is None or len(self._queue) <= self.queue_low_water
         ) and self.queued_bytes <= max_bytes * QUEUE_LOW_WATER_FRACTION
 
-    def enqueue(self, pending: Pending, max_bytes: int = 1 << 62) -> bool:
-        """Queue a delivery; False when a bound is reached (the caller counts the drop)."""
+    def enqueue(self, pending: Pending, max_bytes: int = 1 << 62, counted: bool = True) -> bool:
+        """Queue a delivery; False when a bound is reached (the caller counts the drop).
+        Without ``counted`` only the byte bounds apply: for an acknowledged message of a
+        publisher this session paces (broker.core.deliver_to_session)."""
         size = len(pending.message.payload)
-        if not self.has_room(size, max_bytes):
+        if not self.has_room(size, max_bytes, counted):
             return False
         self.queue.append(pending)
         self.add_bytes(size)
