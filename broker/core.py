@@ -700,10 +700,10 @@ class Broker:
         if connection is not None:
             # A QoS 1/2 message of a publisher this session paces (it pauses it at high
             # water) was acknowledged already; what the publisher sent before the pause
-            # reached it (a round trip later across a cluster link, a read's worth of bytes
-            # here, a share in flight when it is resumed) is queued past max_queued_messages,
+            # reached it (a round trip later across a cluster link, up to link_high_water;
+            # a share in flight when it was resumed) is queued past max_queued_messages,
             # within the byte bounds, rather than dropped (issue 13: 100-900 of 1,600 were,
-            # at the default link_high_water).
+            # at the default link_high_water). A local publisher's pause is immediate.
             connection.deliver(pending, publisher is None or not pending.qos)
             if (
                 publisher is not None
