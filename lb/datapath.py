@@ -953,19 +953,18 @@ class ClientSide(asyncio.Protocol):
         return self.last_activity
 
     def _arm_timer(self) -> None:
-        timeout = self._idle_timeout()
-        if timeout is not None:
-            self.timers.add(self, self._since() + timeout)
-
-    def _rearm_timer(self) -> None:
-        """The session entered a phase with another timeout (data, half-closed)."""
-        if self.closed:
-            return
+        """Put the session in the wheel at its phase's timeout (moving its entry), or take
+        it out when the phase has none."""
         timeout = self._idle_timeout()
         if timeout is None:
             self.timers.discard(self)
         else:
-            self.timers.add(self, self._since() + timeout)  # moves the entry
+            self.timers.add(self, self._since() + timeout)
+
+    def _rearm_timer(self) -> None:
+        """The session entered a phase with another timeout (data, half-closed)."""
+        if not self.closed:
+            self._arm_timer()
 
     def wheel_fired(self) -> None:
         """This session's slot of the TimerWheel came: time out, or take a later slot."""
