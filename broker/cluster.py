@@ -72,7 +72,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from broker import cluster_codec as codec
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
@@ -1350,14 +1350,12 @@ class Cluster:
     def _forget_holds(self, peer: Peer) -> None:
         """A link went down: its pauses and shares end both ways (they would never be
         resumed, and an unused share would keep its session's next round waiting)."""
-        for key in [key for key in self.local_shares if key[0] == peer.name]:
-            del self.local_shares[key]
-        for key in [key for key in self.remote_shares if key[0] == peer.name]:
-            self.remote_shares.pop(key).session.forget_share(RemotePublisher(self, peer, key[1]))
-        for key in [key for key in self.peer_holds if key[0] == peer.name]:
-            self.peer_holds.pop(key).release_publishers()
-        for key in [key for key in self.remote_publishers if key[0] == peer.name]:
-            proxy = self.remote_publishers.pop(key)
+        _take_peers(self.local_shares, peer)
+        for client_id, shared in _take_peers(self.remote_shares, peer):
+            shared.session.forget_share(RemotePublisher(self, peer, client_id))
+        for _, hold in _take_peers(self.peer_holds, peer):
+            hold.release_publishers()
+        for _, proxy in _take_peers(self.remote_publishers, peer):
             for session in proxy.held_by:
                 session.held_publishers.discard(proxy)
             proxy.held_by.clear()
@@ -1789,6 +1787,16 @@ class Cluster:
     def _listen_text(self) -> str:
         port = self.port if self.server is not None else self.cluster_config.port
         return f"{self.cluster_config.host}:{port}"
+
+
+_V = TypeVar("_V")
+
+
+def _take_peers(entries: dict[tuple[str, str], _V], peer: Peer) -> list[tuple[str, _V]]:
+    """The entries of ``peer`` (keyed by peer name and client id) taken out of ``entries``:
+    (client id, value) each (a link that went down ends its holds and shares)."""
+    keys = [key for key in entries if key[0] == peer.name]
+    return [(key[1], entries.pop(key)) for key in keys]
 
 
 def _check_filter(topic_filter: str) -> None:
