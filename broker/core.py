@@ -698,13 +698,7 @@ class Broker:
             self._deliver_durable(session, pending, publisher)
             return
         if connection is not None:
-            # A QoS 1/2 message of a publisher this session paces (it pauses it at high
-            # water) was acknowledged already; what the publisher sent before the pause
-            # reached it (a round trip later across a cluster link, up to link_high_water;
-            # a share in flight when it was resumed) is queued past max_queued_messages,
-            # within the byte bounds, rather than dropped (issue 13: 100-900 of 1,600 were,
-            # at the default link_high_water). A local publisher's pause is immediate.
-            connection.deliver(pending, publisher is None or not pending.qos)
+            connection.deliver(pending, self._counted(session, pending, publisher))
             if (
                 publisher is not None
                 and pending.qos
@@ -718,6 +712,16 @@ class Broker:
             self.counters.messages_dropped_qos0_offline += 1
         elif not session.enqueue(pending, self.settings.max_queued_bytes):
             self.dropped(session, pending)
+
+    @staticmethod
+    def _counted(session: Session, pending: Pending, publisher: Publisher | None) -> bool:
+        """Whether max_queued_messages bounds this delivery (the byte bounds always do). Not
+        for a QoS 1/2 message of a publisher a connected session paces (it pauses it at high
+        water): acknowledged already, what the publisher sent before the pause reached it (a
+        round trip later across a cluster link, up to link_high_water; a share in flight when
+        it was resumed) is queued rather than dropped (issue 13: 100-900 of 1,600 were, at
+        the default link_high_water). A local publisher's pause is immediate."""
+        return publisher is None or not pending.qos or session.connection is None
 
     def dropped(self, session: Session, pending: Pending) -> None:
         """A delivery did not fit the session's or the node's bounds: counted and logged."""
@@ -737,7 +741,7 @@ class Broker:
         self, session: Session, pending: Pending, publisher: Publisher | None
     ) -> None:
         """Queue and store; the connection sends it once the store has committed it."""
-        counted = publisher is None or session.connection is None  # as deliver_to_session
+        counted = self._counted(session, pending, publisher)
         if not session.enqueue(pending, self.settings.max_queued_bytes, counted):
             self.dropped(session, pending)
             return
