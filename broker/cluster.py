@@ -143,6 +143,10 @@ REMOTE_HOLD_LIMIT = 5.0
 #: pauses it and nobody here resumes it before REMOTE_HOLD_LIMIT). A publisher that left its
 #: node with its share unused stays here until then, or until its node's link goes down.
 REMOTE_SHARES_MAX = 65_536
+#: A publisher whose client id is longer than this (UTF-8 bytes) is resumed without a share
+#: (the session counts it alone, as on a link of version 2): with REMOTE_SHARES_MAX, the
+#: shares kept take at most ~65,536 x (256 + ~250) bytes, ~32 MiB, whatever the client ids.
+REMOTE_SHARE_CLIENT_ID_MAX = 256
 #: Outbox drops are logged at most this often per peer.
 DROP_LOG_INTERVAL = 5.0
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
@@ -283,6 +287,7 @@ class LinkCounters:
     remote_pauses_sent: int = 0
     remote_pauses_received: int = 0
     remote_pauses_expired: int = 0
+    remote_shares_forgotten: int = 0  # past REMOTE_SHARES_MAX, the oldest (logged)
     pings_sent: int = 0
 
 
@@ -459,12 +464,14 @@ class RemotePublisher:
             cluster.remote_publishers.pop(key, None)
             if not cluster.shares_cross(self.peer):
                 share = 0  # a link of version 2: the peer would refuse it (no share is kept)
+            elif len(self.client_id.encode()) > REMOTE_SHARE_CLIENT_ID_MAX:
+                share = 0  # kept by the session alone (REMOTE_SHARE_CLIENT_ID_MAX)
             if share and isinstance(session, Session):
                 shares = cluster.remote_shares
                 shares.pop(key, None)
                 shares[key] = RemoteShare(share, session)
                 if len(shares) > REMOTE_SHARES_MAX:
-                    del shares[next(iter(shares))]
+                    cluster.forget_oldest_share()
             cluster.send_hold(self.peer, self.client_id, False, share)
 
 
@@ -539,6 +546,8 @@ class Cluster:
         # before they pause themselves, by (peer name, client id).
         self.remote_shares: dict[tuple[str, str], RemoteShare] = {}
         self.local_shares: dict[tuple[str, str], int] = {}
+        self.shares_forgotten = 0  # since the last log line (forget_oldest_share)
+        self.shares_forgotten_logged = 0.0
         # Issue 14 item 7: the CAs above our node certificate, checked once against a
         # client's verified chain (PP2 chain-subjects from lb, or the broker's own TLS).
         self.node_issuers: dict[bytes, str] = {}
@@ -1295,6 +1304,30 @@ class Cluster:
             return
         session.forget_share(publisher)
         self.send_hold(publisher.peer, publisher.client_id, False)
+
+    def forget_oldest_share(self) -> None:
+        """Past REMOTE_SHARES_MAX: the oldest share is forgotten (should its publisher still
+        use it, its node pauses it and REMOTE_HOLD_LIMIT resumes it), counted on its peer and
+        logged at most once per DROP_LOG_INTERVAL."""
+        key = next(iter(self.remote_shares))
+        del self.remote_shares[key]
+        self.shares_forgotten += 1
+        peer = self.peers.get(key[0])
+        if peer is not None:
+            peer.counters.remote_shares_forgotten += 1
+        now = time.monotonic()
+        if now - self.shares_forgotten_logged >= DROP_LOG_INTERVAL:
+            logger.warning(
+                "cluster %s: more than %d shares given to publishers on peers and not used "
+                "up: the oldest forgotten (%d since the last line; a publisher may wait up to "
+                "%.0f s to be resumed)",
+                self.cluster_config.name,
+                REMOTE_SHARES_MAX,
+                self.shares_forgotten,
+                REMOTE_HOLD_LIMIT,
+            )
+            self.shares_forgotten_logged = now
+            self.shares_forgotten = 0
 
     def shares_cross(self, peer: Peer) -> bool:
         """Whether the link to ``peer`` is up and carries HOLD's share (version 3)."""

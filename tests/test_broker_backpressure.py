@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import select
 import signal
 import socket
@@ -27,6 +28,9 @@ from typing import Any
 import pytest
 
 from bench.ports import free_port
+from broker import cluster as cluster_module
+from broker.cluster import Cluster, RemoteShare
+from broker.config import load_config
 from broker.mqtt import (
     NEED_DATA,
     Connack,
@@ -41,8 +45,9 @@ from broker.mqtt import (
     Subscription,
     encode,
 )
+from broker.session import Session
 from tests.broker_harness import RawClient, make_config, running_broker, wait_for
-from tests.cluster_harness import running_cluster
+from tests.cluster_harness import make_nodes, running_cluster
 from tests.cluster_harness import wait_for as wait_until
 from tests.pki import TestPKI
 
@@ -790,3 +795,24 @@ def test_a_share_across_the_link_counts_what_the_publishers_node_counts(
             client.close()
         slow.close()
         fast.close()
+
+
+def test_shares_kept_for_peers_publishers_are_bounded_counted_and_logged(
+    pki: TestPKI, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past REMOTE_SHARES_MAX the oldest share a session gave a publisher on a peer is
+    forgotten: counted on that peer, and one WARNING line per DROP_LOG_INTERVAL however many
+    (a node's real Cluster, built from a node's config; nothing started)."""
+    monkeypatch.setattr(cluster_module, "REMOTE_SHARES_MAX", 2)
+    node, _ = make_nodes(tmp_path, pki, 2)
+    cluster = Cluster(load_config(node.config))
+    session = Session("subscriber", 10)
+    for number in range(5):
+        cluster.remote_shares[("node-2", f"publisher-{number}")] = RemoteShare(8, session)
+    with caplog.at_level(logging.WARNING, "broker.cluster"):
+        while len(cluster.remote_shares) > cluster_module.REMOTE_SHARES_MAX:
+            cluster.forget_oldest_share()
+    assert list(cluster.remote_shares) == [("node-2", "publisher-3"), ("node-2", "publisher-4")]
+    assert cluster.peers["node-2"].counters.remote_shares_forgotten == 3
+    lines = [r.getMessage() for r in caplog.records if "shares given to" in r.getMessage()]
+    assert len(lines) == 1 and "more than 2 shares" in lines[0], lines
