@@ -88,7 +88,21 @@ Row = Counter[str]
 
 #: Fields whose merge across workers is the largest value, not the sum: a maximum seen by
 #: one worker (so `smax` is a lower bound of the true maximum), and flags.
-MAX_FIELDS = frozenset({"max_sessions", "accepting", "stopping", "listeners"})
+MAX_FIELDS = frozenset(
+    {
+        "max_sessions",
+        "accepting",
+        "stopping",
+        "listeners",
+        # Rates every worker reads over all of them (lb.event_rate): the same number each.
+        "conn_rate",
+        "conn_rate_max",
+        "ssl_rate",
+        "ssl_rate_max",
+        "rate",
+        "rate_max",
+    }
+)
 
 
 @dataclass(slots=True)
@@ -161,7 +175,15 @@ def take_snapshot(runtime: Runtime) -> CounterSnapshot:
         listeners=sum(len(f.listeners) for f in frontends),
         stopping=int(runtime.stopping),
         resource_errors=runtime.process.resource_errors,
+        rate_pauses=runtime.process.rate_pauses,
     )
+    for name, rate in (
+        ("conn_rate", runtime.process.conn_rate),
+        ("ssl_rate", runtime.process.ssl_rate),
+    ):
+        if rate is not None:
+            snapshot.process[name] = rate.rate()
+            snapshot.process[f"{name}_max"] = rate.seen_max
     for f in frontends:
         snapshot.frontends[f.name] = Counter(
             current=f.current,
@@ -175,6 +197,8 @@ def take_snapshot(runtime: Runtime) -> CounterSnapshot:
             revoked_closed=f.counters.revoked_closed,
             dropped_logs=f.log.dropped,
             accepting=int(f.accepting_enabled),
+            rate=f.session_rate.rate(),
+            rate_max=f.session_rate.seen_max,
         )
         snapshot.failures[f.name] = Counter(f.counters.handshake_failures)
     for backend in runtime.backends.values():

@@ -16,12 +16,14 @@ import ipaddress
 import logging
 import secrets
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
 from lb.datapath import ClientSide, HandshakeQueue, Limits, TimerWheel
+from lb.event_rate import SLOTS_PER_WORKER, EventRate, RateWindow
 from lb.heap import HeapTrimmer
 from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.log import (
@@ -53,6 +55,11 @@ DEFAULT_BACKLOG = 4096
 #: than it had when it ran out; a later error renews it (HAProxy retries its listeners
 #: after 100 ms; lb takes that long to probe again, one session each time).
 RESOURCE_BACKOFF = 1.0
+#: A run of pauses for an accept rate limit (`maxsslrate`...) is over after this long
+#: without one: its closing log line then says how many there were.
+RATE_BURST_QUIET = 10.0
+#: While a listener accepts, its rates are read (for their maxima) at most this often.
+RATE_SAMPLE_INTERVAL = 0.1
 
 
 class ProcessLimit:
@@ -91,6 +98,13 @@ class ProcessLimit:
         self.file_waiters: list[asyncio.Future[None]] = []  # connects waiting for a file
         # TLS handshake steps waiting for their turn; after a burst of them, the heap trim.
         self.handshakes = HandshakeQueue(HeapTrimmer(loop) if loop is not None else None)
+        # Accepts per second of every listener (maxconnrate/maxsessrate) and of the SSL
+        # ones (maxsslrate), over every worker: lb.process.Runtime sets them.
+        self.conn_rate: EventRate | None = None
+        self.ssl_rate: EventRate | None = None
+        self.rate_pauses = 0  # listener pauses for an accept rate limit, counted
+        # A run of such pauses per limit (its label): [pauses, first, last].
+        self.rate_bursts: dict[str, list[float]] = {}
 
     def _own_room(self) -> bool:
         """Room in this process: below its maxconn and, out of files, below its cap."""
@@ -191,6 +205,41 @@ class ProcessLimit:
         if self.expiry is None and self.loop is not None:
             self.expiry = self.loop.call_at(self.cap_until, self._expire)
 
+    def rate_paused(self, limit: EventRate) -> None:
+        """A listener paused for an accept rate limit: counted, and one line when a run of
+        such pauses begins and one when it is over (none for RATE_BURST_QUIET), however
+        long the storm."""
+        self.rate_pauses += 1
+        now = self._now()
+        burst = self.rate_bursts.get(limit.label)
+        if burst is not None:
+            burst[0] += 1
+            burst[2] = now
+            return
+        self.rate_bursts[limit.label] = [1, now, now]
+        logger.warning(
+            "%s reached: accepts pause until the rate falls below it; connections wait "
+            "in the kernel's queue",
+            limit.label,
+        )
+        if self.loop is not None:
+            self.loop.call_later(RATE_BURST_QUIET, self._rate_burst_over, limit.label)
+
+    def _rate_burst_over(self, label: str) -> None:
+        assert self.loop is not None
+        pauses, first, last = self.rate_bursts[label]
+        if self._now() - last < RATE_BURST_QUIET:
+            self.loop.call_at(last + RATE_BURST_QUIET, self._rate_burst_over, label)
+            return
+        del self.rate_bursts[label]
+        logger.warning(
+            "%s: accepts paused %d times over %.1fs, none in the last %.0fs",
+            label,
+            pauses,
+            last - first,
+            RATE_BURST_QUIET,
+        )
+
     def _expire(self) -> None:
         self.expiry = None
         assert self.loop is not None
@@ -234,12 +283,20 @@ class Listener:
         self.address = sock.getsockname()
         self.index = frontend.binds.index(bind)
         self.name = bind.name or str(self.index + 1)
+        # This listener's accepts per second, and the rate limits that apply to it.
+        self.window: RateWindow = frontend.bind_windows[self.index]
+        self.rates = frontend.rates(self.index)
+        self.rate_limits = tuple(rate for rate in self.rates if rate.limit is not None)
+        self.rate_wait: asyncio.TimerHandle | None = None  # paused for a rate limit
+        self.sample_at = 0.0  # when the rates are next read for their maxima
 
     def start(self) -> None:
         self.maybe_resume()
 
     def maybe_resume(self) -> None:
-        if self.closed or self.accepting or not self.frontend.has_room():
+        if self.closed or self.accepting or self.rate_wait is not None:
+            return
+        if not self.frontend.has_room():
             return
         self.accepting = True
         self.loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -252,11 +309,38 @@ class Listener:
     def close(self) -> None:
         self.pause()
         self.closed = True
+        if self.rate_wait is not None:
+            self.rate_wait.cancel()
+            self.rate_wait = None
         self.sock.close()
+
+    def _rate_budget(self) -> int:
+        """How many connections the accept rate limits let this listener take now (HAProxy's
+        listener_accept: max_accept lowered to what each limit leaves). At 0 the listener
+        pauses until the rate has fallen enough (lb.event_rate.EventRate.delay): the
+        connections wait in the kernel's queue, none is refused."""
+        now = time.monotonic()
+        budget = ACCEPT_BATCH
+        for limit in self.rate_limits:
+            remain = limit.remain(now)
+            if remain == 0:
+                self.pause()
+                self.rate_wait = self.loop.call_later(limit.delay(now), self._rate_waited)
+                self.frontend.process.rate_paused(limit)
+                return 0
+            budget = min(budget, remain)
+        return budget
+
+    def _rate_waited(self) -> None:
+        self.rate_wait = None
+        self.maybe_resume()
 
     def _on_readable(self) -> None:
         frontend = self.frontend
-        for _ in range(ACCEPT_BATCH):
+        batch = self._rate_budget() if self.rate_limits else ACCEPT_BATCH
+        window = self.window
+        now = 0.0
+        for _ in range(batch):
             # A place first, then accept() (HAProxy's listener_accept): with workers
             # sharing maxconn, checking and then counting would let two of them take the
             # last place.
@@ -279,8 +363,14 @@ class Listener:
                 if error.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            now = time.monotonic()
+            window.add(now)
             connection.setblocking(False)
             self.loop.create_task(self._adopt(connection, address))
+        if now >= self.sample_at:  # (and something was accepted)
+            self.sample_at = now + RATE_SAMPLE_INTERVAL
+            for rate in self.rates:
+                rate.rate(now)  # keeps its largest reading (MaxConnRate, rate_max)
 
     async def _adopt(self, connection: socket.socket, address: tuple[str, int]) -> None:
         context = self.context
@@ -374,6 +464,14 @@ class FrontendRuntime:
             for index, bind in enumerate(config.binds)
         }
         self.has_ssl = any(context is not None for context in self.contexts.values())
+        # Accepts per second of each bind line, this worker's own until lb.process.Runtime
+        # gives it the windows every worker shares (use_rate_windows).
+        own = memoryview(bytearray(8 * SLOTS_PER_WORKER * max(len(self.binds), 1))).cast("q")
+        self.bind_windows: list[RateWindow] = [
+            RateWindow(own, SLOTS_PER_WORKER * index, 1, 0) for index in range(len(self.binds))
+        ]
+        self.session_rate: EventRate
+        self.use_rate_windows(self.bind_windows)
         self.listeners: list[Listener] = []
         self.current = 0
         self.maxconn: int | None = config.maxconn
@@ -383,6 +481,26 @@ class FrontendRuntime:
         self.reserved = 0
 
     # -- listening -------------------------------------------------------------------------
+
+    def use_rate_windows(self, windows: list[RateWindow]) -> None:
+        """Count accepts in `windows` (one per bind line), before the listeners start."""
+        self.bind_windows = windows
+        limit = self.config.rate_limit_sessions
+        self.session_rate = EventRate(
+            windows, limit, f"frontend {self.name}: 'rate-limit sessions {limit}'"
+        )
+
+    def rates(self, index: int) -> tuple[EventRate, ...]:
+        """The rates the `index`-th bind line's accepts count in, with their limits: the
+        process's (maxconnrate, maxsessrate; maxsslrate for an SSL bind) and this
+        frontend's (rate-limit sessions)."""
+        process = self.process
+        candidates = (
+            process.conn_rate,
+            process.ssl_rate if self.contexts[index] is not None else None,
+            self.session_rate,
+        )
+        return tuple(rate for rate in candidates if rate is not None)
 
     def start(
         self, sockets: dict[int, socket.socket] | None = None, reuse_port: bool = False

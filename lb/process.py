@@ -38,6 +38,7 @@ from lb.control import (
 )
 from lb.control_codec import Message
 from lb.counters import CounterSnapshot, ProcessCounters, take_snapshot
+from lb.event_rate import EventRate
 from lb.frontend import FrontendRuntime, ProcessLimit, open_listening_socket
 from lb.log import GlobalLogHandler, TrafficLog, install_global_handler, remove_global_handler
 from lb.prometheus import PrometheusEndpoint
@@ -113,6 +114,46 @@ class Runtime:
                     key_files=self.key_files,
                 )
             )
+
+        self.use_rates(None)
+
+    def use_rates(self, counts: SharedCounts | None) -> None:
+        """Count accepts per second where every worker's are summed (`counts`), or in this
+        worker's own windows, and set the process's rate limits: `maxconnrate` and
+        `maxsessrate` over every listener (one count: every connection lb accepts is a
+        session), `maxsslrate` over the SSL ones (lb.event_rate)."""
+        global_ = self.config.global_
+        windows = []
+        ssl_windows = []
+        for frontend in self.frontends:
+            if counts is not None:
+                frontend.use_rate_windows(
+                    [
+                        counts.rate_window(
+                            shared_counts.listener_rate(frontend.name, index), self.worker_number
+                        )
+                        for index in range(len(frontend.binds))
+                    ]
+                )
+            windows += frontend.bind_windows
+            ssl_windows += [
+                window
+                for index, window in enumerate(frontend.bind_windows)
+                if frontend.contexts[index] is not None
+            ]
+        limits = [
+            (limit, f"'{name} {limit}'")
+            for name, limit in (
+                ("maxconnrate", global_.maxconnrate),
+                ("maxsessrate", global_.maxsessrate),
+            )
+            if limit is not None
+        ]
+        limit, label = min(limits) if limits else (None, "")
+        self.process.conn_rate = EventRate(windows, limit, label)
+        self.process.ssl_rate = EventRate(
+            ssl_windows, global_.maxsslrate, f"'maxsslrate {global_.maxsslrate}'"
+        )
 
     def start(
         self,
@@ -194,6 +235,7 @@ class Runtime:
         summed, so that the global, frontend and server maxconn bound all of them
         (lb.shared_counts)."""
         number = self.worker_number
+        self.use_rates(counts)
         maxconn = self.config.global_.maxconn
         if maxconn is not None:
             self.process.shared = counts.count(shared_counts.GLOBAL, number, maxconn)

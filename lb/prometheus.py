@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 import h11
 
 from lb import http11
-from lb.config.model import Userlist
+from lb.config.model import Global, Userlist
 from lb.counters import (
     CounterSnapshot,
     Row,
@@ -147,6 +147,33 @@ CONNECTION_ERRORS_HELP = (
     "Total number of failed connections to server since the worker process started"
 )
 
+
+def _rate_metrics(
+    kind: str, what: str, row: str, limit: Callable[[Global], int | None]
+) -> tuple[MetricDesc[None], ...]:
+    """HAProxy's current/limit/max rows of one process rate (`row` in the counters)."""
+    return (
+        MetricDesc(
+            f"current_{kind}_rate",
+            "gauge",
+            f"Current number of {what} per second over last elapsed second",
+            counter(row),
+        ),
+        MetricDesc(
+            f"limit_{kind}_rate",
+            "gauge",
+            f"Configured maximum number of {what} per second",
+            value(lambda page, _: limit(page.runtime.config.global_) or 0),
+        ),
+        MetricDesc(
+            f"max_{kind}_rate",
+            "gauge",
+            f"Maximum observed number of {what} per second",
+            counter(f"{row}_max"),
+        ),
+    )
+
+
 PROCESS_METRICS: tuple[MetricDesc[None], ...] = (
     MetricDesc(
         "nbthread",
@@ -168,6 +195,11 @@ PROCESS_METRICS: tuple[MetricDesc[None], ...] = (
         "dropped_logs_total", "counter", "Total number of dropped logs", counter("dropped_logs")
     ),
     MetricDesc("stopping", "gauge", "Non zero means stopping in progress", counter("stopping")),
+    # Every connection lb accepts is a session: the connection and session rates are one
+    # count (lb.event_rate), their limits maxconnrate and maxsessrate.
+    *_rate_metrics("connection", "connections", "conn_rate", lambda g: g.maxconnrate),
+    *_rate_metrics("session", "sessions", "conn_rate", lambda g: g.maxsessrate),
+    *_rate_metrics("ssl", "SSL sessions", "ssl_rate", lambda g: g.maxsslrate),
 )
 
 FRONTEND_METRICS: tuple[MetricDesc[FrontendRuntime], ...] = (
@@ -186,6 +218,24 @@ FRONTEND_METRICS: tuple[MetricDesc[FrontendRuntime], ...] = (
         value(lambda page, f: f.maxconn or page.runtime.config.global_.maxconn or 0),
     ),
     MetricDesc("sessions_total", "counter", SESSIONS_TOTAL_HELP, counter("total")),
+    MetricDesc(
+        "current_session_rate",
+        "gauge",
+        "Current number of sessions per second over last elapsed second",
+        counter("rate"),
+    ),
+    MetricDesc(
+        "limit_session_rate",
+        "gauge",
+        "Configured limit on new sessions per second",
+        value(lambda _, f: f.config.rate_limit_sessions or 0),
+    ),
+    MetricDesc(
+        "max_session_rate",
+        "gauge",
+        "Maximum observed number of sessions per second",
+        counter("rate_max"),
+    ),
     MetricDesc("bytes_in_total", "counter", BYTES_IN_HELP, counter("bytes_in")),
     MetricDesc("bytes_out_total", "counter", BYTES_OUT_HELP, counter("bytes_out")),
     MetricDesc(

@@ -396,6 +396,7 @@ class RuntimeAPI:
     def show_info(self, totals: CounterSnapshot) -> str:
         runtime = self.runtime
         process = totals.process
+        global_ = runtime.config.global_
         started = runtime.counters.started
         uptime = int(time.time() - started)
         days, rest = divmod(uptime, 86400)
@@ -421,6 +422,16 @@ class RuntimeAPI:
             ("CurrSslConns", process["ssl_current"]),
             ("CumSslConns", process["handshakes"]),
             ("SslFrontendHandshakeFailures", process["handshake_failures"]),
+            # Every connection lb accepts is a session: one count for ConnRate and SessRate.
+            ("ConnRate", process["conn_rate"]),
+            ("ConnRateLimit", global_.maxconnrate or 0),
+            ("MaxConnRate", process["conn_rate_max"]),
+            ("SessRate", process["conn_rate"]),
+            ("SessRateLimit", global_.maxsessrate or 0),
+            ("MaxSessRate", process["conn_rate_max"]),
+            ("SslRate", process["ssl_rate"]),
+            ("SslRateLimit", global_.maxsslrate or 0),
+            ("MaxSslRate", process["ssl_rate_max"]),
             ("Stopping", process["stopping"]),
             ("Listeners", process["listeners"]),
             ("DroppedLogs", process["dropped_logs"]),
@@ -448,6 +459,8 @@ class RuntimeAPI:
             # lb's own: accepts and server connects that failed for want of files or
             # memory (lb.frontend.ProcessLimit); sizing by lb.limits keeps it at 0.
             + row("resource_errors", [s.process["resource_errors"] for s in workers])
+            # lb's own: listener pauses at maxconnrate/maxsessrate/maxsslrate/rate-limit.
+            + row("rate_paused", [s.process["rate_pauses"] for s in workers])
         )
 
     def show_stat(self, totals: CounterSnapshot) -> str:
@@ -479,6 +492,11 @@ class RuntimeAPI:
                         "sid": 0,
                         "type": 0,
                         "mode": "tcp",
+                        "rate": fe["rate"],
+                        "rate_lim": f.config.rate_limit_sessions or "",
+                        "rate_max": fe["rate_max"],
+                        "conn_rate": fe["rate"],
+                        "conn_rate_max": fe["rate_max"],
                         "conn_tot": fe["connections_total"],
                         "ssl_sess": fe["handshakes"] if f.has_ssl else "",
                         "ssl_failed_handshake": (fe["handshake_failures"] if f.has_ssl else ""),

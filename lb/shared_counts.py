@@ -33,6 +33,11 @@ ended a session by looking again every POLL_INTERVAL (HAProxy's threads wake eac
 listeners, which processes would need a message for; 50 ms of delay at a full maxconn is
 below a device's reconnect backoff). A worker's own sessions ending resume its listeners at
 once, as before.
+
+The same block holds each listener's accepts per second (lb.event_rate: two slots per
+worker), for `maxconnrate`, `maxsessrate`, `maxsslrate` and `rate-limit sessions`, which
+HAProxy applies to its whole process. With one worker the block is the worker's own
+(`local_rates`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import mmap
 from collections.abc import Sequence
 
 from lb.config.model import Config
+from lb.event_rate import SLOTS_PER_WORKER, RateWindow
 
 #: How often a worker whose listeners wait for a shared count looks at it again.
 POLL_INTERVAL = 0.05
@@ -57,19 +63,36 @@ def server_count(backend: str, server: str) -> str:
     return f"server {backend}/{server}"
 
 
-class SharedCounts:
-    """One generation's block: a slot per worker for each named count."""
+def listener_rate(frontend: str, bind_index: int) -> str:
+    """The name of the accepts-per-second window of a frontend's `bind_index`-th bind line."""
+    return f"rate {frontend}/{bind_index}"
 
-    def __init__(self, names: Sequence[str], workers: int) -> None:
+
+def rate_names(config: Config) -> list[str]:
+    return [
+        listener_rate(frontend.name, index)
+        for frontend in config.frontends
+        for index in range(len(frontend.binds))
+    ]
+
+
+class SharedCounts:
+    """One generation's block: a slot per worker for each named count, then two slots per
+    worker for each named rate window."""
+
+    def __init__(self, names: Sequence[str], workers: int, rates: Sequence[str] = ()) -> None:
         self.names = {name: index for index, name in enumerate(names)}
+        self.rates = {name: index for index, name in enumerate(rates)}
         self.workers = workers
-        self.memory = mmap.mmap(-1, max(len(names), 1) * workers * SLOT_BYTES)  # MAP_SHARED
+        self.rates_start = len(self.names) * workers
+        size = self.rates_start + len(self.rates) * SLOTS_PER_WORKER * workers
+        self.memory = mmap.mmap(-1, max(size, 1) * SLOT_BYTES)  # MAP_SHARED
         self.slots = memoryview(self.memory).cast("q")
 
     @classmethod
     def for_config(cls, config: Config) -> SharedCounts | None:
         """The counts `config`'s workers share, or None with one worker (its own counts are
-        exact) or no maxconn to share."""
+        exact and its rates are its own: `local_rates`)."""
         workers = config.global_.nbthread or 1
         if workers < 2:
             return None
@@ -81,7 +104,12 @@ class SharedCounts:
             for server in backend.servers
             if server.maxconn is not None
         ]
-        return cls(names, workers) if names else None
+        return cls(names, workers, rate_names(config))
+
+    @classmethod
+    def local_rates(cls, config: Config) -> SharedCounts:
+        """A one-worker block of `config`'s rate windows (a worker without others)."""
+        return cls((), 1, rate_names(config))
 
     def count(self, name: str, worker: int, limit: int) -> SharedCount | None:
         """Worker `worker`'s (1-based) handle on count `name` bounded by `limit`."""
@@ -91,10 +119,17 @@ class SharedCounts:
         start = index * self.workers
         return SharedCount(self.slots, start, start + self.workers, start + worker - 1, limit)
 
+    def rate_window(self, name: str, worker: int) -> RateWindow:
+        """Worker `worker`'s (1-based) handle on rate window `name`."""
+        start = self.rates_start + self.rates[name] * SLOTS_PER_WORKER * self.workers
+        return RateWindow(self.slots, start, self.workers, worker - 1)
+
     def clear_worker(self, worker: int) -> None:
         """Zero worker `worker`'s slots (the master, once that worker is dead)."""
         for index in self.names.values():
             self.slots[index * self.workers + worker - 1] = 0
+        for name in self.rates:
+            self.rate_window(name, worker).clear_worker(worker - 1)
 
 
 class SharedCount:

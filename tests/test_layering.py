@@ -28,6 +28,7 @@ SANS_IO = (
     "lb/tls_records.py",
     "lb/health.py",
     "lb/log_format.py",
+    "lb/event_rate.py",
     "lb/mqtt_check.py",
     "lb/tcpcheck.py",
     "lb/balance/*.py",

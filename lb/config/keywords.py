@@ -212,7 +212,17 @@ class Report:
 
 # Global keywords HAProxy refuses to see twice ("'maxconn' already specified").
 GLOBAL_SINGLE_KEYWORDS = frozenset(
-    ("maxconn", "nbthread", "pidfile", "hard-stop-after", "ca-base", "crt-base")
+    (
+        "maxconn",
+        "maxconnrate",
+        "maxsessrate",
+        "maxsslrate",
+        "nbthread",
+        "pidfile",
+        "hard-stop-after",
+        "ca-base",
+        "crt-base",
+    )
 )
 
 
@@ -356,6 +366,15 @@ def _global_integer(name: str, minimum: int, maximum: int | None = None) -> Glob
     def parse(line: Line, draft: GlobalDraft, report: Report) -> None:
         value = _one(line, "an integer")
         draft.values[name] = parse_integer(value, minimum, maximum)
+
+    return parse
+
+
+def _global_rate(name: str) -> GlobalParser:
+    """`maxconnrate` and the like: events per second; 0 (HAProxy's default) is no limit."""
+
+    def parse(line: Line, draft: GlobalDraft, report: Report) -> None:
+        draft.values[name] = parse_integer(_one(line, "an integer (per second)"), 0) or None
 
     return parse
 
@@ -515,6 +534,11 @@ GLOBAL_KEYWORDS: dict[str, GlobalParser] = {
     "fd-hard-limit": _global_integer("fd_hard_limit", 1),
     "no": _global_no,
     "nbthread": _global_integer("nbthread", 1, 4096),
+    # Accepts per second of the whole lb (all workers), as HAProxy's per process: at the
+    # limit the listeners pause (lb.event_rate). maxsslrate counts the SSL binds' only.
+    "maxconnrate": _global_rate("maxconnrate"),
+    "maxsessrate": _global_rate("maxsessrate"),
+    "maxsslrate": _global_rate("maxsslrate"),
     "daemon": _global_flag("daemon"),
     "log": _global_log,
     "stats": _global_stats,
@@ -1492,6 +1516,16 @@ def _unsupported_proxy(reason: str) -> ProxyParser:
     return parse
 
 
+def _rate_limit(line: Line, draft: ProxyDraft, report: Report) -> None:
+    """`rate-limit sessions <rate>`: new sessions per second on the frontend (0: none)."""
+    words = line.words[1:]
+    if len(words) != 2 or words[0] != "sessions":
+        raise KeywordError(
+            "expects 'sessions <rate>' (new sessions per second, the only kind HAProxy has too)"
+        )
+    draft.values["rate_limit_sessions"] = parse_integer(words[1], 0) or None
+
+
 def _integer_value(name: str, minimum: int) -> ProxyParser:
     return _proxy_value(name, lambda value: parse_integer(value, minimum), "an integer")
 
@@ -1511,6 +1545,7 @@ PROXY_KEYWORDS: dict[str, ProxyKeyword] = {
     "timeout": ProxyKeyword(_timeout),
     "retries": ProxyKeyword(_integer_value("retries", 0), frontend=False),
     "maxconn": ProxyKeyword(_integer_value("maxconn", 0), backend=False),
+    "rate-limit": ProxyKeyword(_rate_limit, backend=False),
     "fullconn": ProxyKeyword(_integer_value("fullconn", 1), frontend=False),
     "balance": ProxyKeyword(_balance, frontend=False),
     "hash-type": ProxyKeyword(_hash_type, frontend=False),

@@ -73,6 +73,10 @@ class Global:
     maxconn: int | None = None  # None: what the file limit allows (lb.limits)
     maxconn_origin: Origin | None = None  # where `maxconn` was set, for lb.limits' words
     nbthread: int | None = None  # None: one per CPU
+    # Accepts per second over all workers (None: no limit); maxsslrate: the SSL binds'
+    maxconnrate: int | None = None
+    maxsessrate: int | None = None
+    maxsslrate: int | None = None
     strict_limits: bool = True  # HAProxy 2.6: refuse to start when maxconn cannot be met
     fd_hard_limit: int | None = None  # at most this many files per process
     daemon: bool = False
@@ -278,6 +282,7 @@ class Defaults:
     log: Logging = Logging()
     retries: int = 3
     maxconn: int | None = None
+    rate_limit_sessions: int | None = None  # `rate-limit sessions <rate>` (per second)
     balance: str = "roundrobin"
     hash_expr: str | None = None  # `balance hash <expr>`: "src" or "ssl_c_s_dn(cn)"
     hash_type: str = "map-based"
@@ -299,6 +304,7 @@ class Frontend:
     option: Options = Options()
     log: Logging = Logging()
     maxconn: int | None = None
+    rate_limit_sessions: int | None = None  # `rate-limit sessions <rate>` (per second)
     default_backend: str | None = None  # checked: names a Backend of the Config
     use_backend: tuple[str, ...] = ()  # unconditional only, checked like default_backend
     stats_enable: bool = False
