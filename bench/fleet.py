@@ -373,10 +373,18 @@ def start_cluster(
 
 
 def balancer_config(
-    kind: str, port: int, certs: Path, nodes: tuple[topology.Node, ...], nbthread: int
+    kind: str,
+    port: int,
+    certs: Path,
+    nodes: tuple[topology.Node, ...],
+    nbthread: int,
+    maxsslrate: int | None = None,
+    instances: int = 1,
 ) -> str:
     """configs/haproxy.cfg (the demo's) with this run's port, certificates and nodes; lb
-    gets `nbthread`, HAProxy one thread and the maxconn its file limit allows."""
+    gets `nbthread`, HAProxy one thread and the maxconn its file limit allows. With
+    `maxsslrate` (TLS handshakes per second in all): lb's one limit over its workers, each
+    of HAProxy's `instances` (one process each on the port) its share, rounded up."""
     text = DEMO_CONFIG.read_text()
     bind = f"bind {topology.LOCAL_HOST}:{topology.LB_PORT} "
     if bind not in text:
@@ -411,8 +419,13 @@ def balancer_config(
             if lines[index].split()[:1] == ["maxconn"]:
                 lines[index] = f"    maxconn {(limit - FD_RESERVE) // 2}"
         lines.insert(global_at + 1, "    nbthread 1")
-    elif nbthread > 1:
-        lines.insert(global_at + 1, f"    nbthread {nbthread}")
+        if maxsslrate is not None:
+            lines.insert(global_at + 1, f"    maxsslrate {-(-maxsslrate // instances)}")
+    else:
+        if nbthread > 1:
+            lines.insert(global_at + 1, f"    nbthread {nbthread}")
+        if maxsslrate is not None:
+            lines.insert(global_at + 1, f"    maxsslrate {maxsslrate}")
     return "\n".join(lines) + "\n"
 
 
@@ -1132,7 +1145,11 @@ def phase(
         collector.wait_event("ready", START_TIMEOUT)
         port = free_port()
         config = directory / f"{kind}.cfg"
-        config.write_text(balancer_config(kind, port, certs, nodes, args.lb_nbthread))
+        config.write_text(
+            balancer_config(
+                kind, port, certs, nodes, args.lb_nbthread, args.maxsslrate, args.processes
+            )
+        )
         balancer = Balancer(kind, port, config, directory, args.processes)
         balancer.start(started)
         for worker in simulators:
@@ -1253,6 +1270,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storms", type=int, default=1, help="storms in a row per balancer (medians reported)"
     )
     parser.add_argument("--reload-every", type=float, default=30.0)
+    parser.add_argument(
+        "--maxsslrate",
+        type=int,
+        help="TLS handshakes per second in all (lb: global maxsslrate; each HAProxy "
+        "instance its share)",
+    )
     parser.add_argument("--telemetry-interval", type=float, default=60.0)
     parser.add_argument("--payload-size", type=int, default=64)
     parser.add_argument("--command-rate", type=float, default=10.0, help="commands/s in all")

@@ -20,6 +20,11 @@ resume), sends an MQTT CONNECT and reads it back from the echo; then every devic
 as in a storm's drop. A session counts its accept, handshake, server connect, PROXY header,
 the two relayed messages, the log line and the teardown of both sides.
 
+``--messages K``: each device also sends K MQTT PUBLISH packets (64-byte payload, QoS 0)
+after its CONNECT, one at a time, each read back from the echo: the relay of a fleet's
+steady telemetry through established sessions. (counts(K) - counts(0)) / K is the work
+per message, a record each way; with ``--timed --haproxy``, the CPU of each.
+
 ``--baseline DIR`` runs another source tree's lb the same way (an A/B of the counts).
 ``--timed`` measures instead of counting: the worker's CPU time per session, untraced, lb
 pinned to CPU 0 and the devices and backend to CPU 1; with ``--repeats`` and a baseline the
@@ -50,7 +55,7 @@ if str(ROOT) not in sys.path:
 from bench import opcodes  # noqa: E402
 from bench.ports import free_port  # noqa: E402
 from bench.run import HAPROXY, Pki, children_of, cpu_seconds, make_pki, start, stop, wait_listening  # noqa: E402
-from broker.mqtt import Connect, encode  # noqa: E402
+from broker.mqtt import Connect, Publish, encode  # noqa: E402
 
 #: Sessions opened at once by the driver.
 BATCH = 50
@@ -89,27 +94,34 @@ def lb_config(port: int, server_port: int, pki: Pki) -> str:
 
 
 async def _device(
-    port: int, context: ssl.SSLContext, number: int, opened: list[asyncio.StreamWriter]
+    port: int,
+    context: ssl.SSLContext,
+    number: int,
+    opened: list[asyncio.StreamWriter],
+    messages: int,
 ) -> None:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
     opened.append(writer)
-    hello = encode(Connect("MQTT", 4, False, 60, f"device-{number:05d}"), 4)
-    writer.write(hello)
-    echoed = await asyncio.wait_for(reader.readexactly(len(hello)), STEP_TIMEOUT)
-    if echoed != hello:
-        raise ConnectionError("the echo differs from what was sent")
+    client_id = f"device-{number:05d}"
+    hello = encode(Connect("MQTT", 4, False, 60, client_id), 4)
+    telemetry = encode(Publish(f"fleet/{client_id}/telemetry", bytes(64), 0), 4)
+    for packet in [hello] + [telemetry] * messages:
+        writer.write(packet)
+        echoed = await asyncio.wait_for(reader.readexactly(len(packet)), STEP_TIMEOUT)
+        if echoed != packet:
+            raise ConnectionError("the echo differs from what was sent")
 
 
-async def _sessions(port: int, context: ssl.SSLContext, count: int) -> None:
+async def _sessions(port: int, context: ssl.SSLContext, count: int, messages: int = 0) -> None:
     opened: list[asyncio.StreamWriter] = []
     try:
         for first in range(0, count, BATCH):
             numbers = range(first, min(count, first + BATCH))
             await asyncio.wait_for(
-                asyncio.gather(*(_device(port, context, n, opened) for n in numbers)),
-                STEP_TIMEOUT,
+                asyncio.gather(*(_device(port, context, n, opened, messages) for n in numbers)),
+                STEP_TIMEOUT + messages,
             )
     finally:
         for writer in opened:  # the storm's drop: every device closes
@@ -127,7 +139,9 @@ def _worker(master: int) -> int:
     raise TimeoutError("lb forked no worker")
 
 
-def measure(source: Path | None, pki: Pki, count: int, work: Path, timed: bool) -> dict[str, Any]:
+def measure(
+    source: Path | None, pki: Pki, count: int, work: Path, timed: bool, messages: int = 0
+) -> dict[str, Any]:
     """Count ``count`` sessions through a counting lb of ``source``; counts per session. Or,
     ``timed``, the worker's CPU time per session (utime + stime), untraced, lb on CPU 0 and
     the devices and the backend on CPU 1. Without ``source``: HAProxy (timed only), same config."""
@@ -172,12 +186,12 @@ def measure(source: Path | None, pki: Pki, count: int, work: Path, timed: bool) 
         time.sleep(0.5)
         if timed:
             before = cpu_seconds(worker)
-            asyncio.run(_sessions(port, context, count))
+            asyncio.run(_sessions(port, context, count, messages))
             time.sleep(1.0)  # the last closes are handled
             return {"cpu_us": (cpu_seconds(worker) - before) / count * 1e6, "pinned": pinned}
         os.kill(worker, COUNT_START)
         time.sleep(0.2)
-        asyncio.run(_sessions(port, context, count))
+        asyncio.run(_sessions(port, context, count, messages))
         time.sleep(1.0)  # the last closes are handled
         os.kill(worker, COUNT_STOP)
         counts = opcodes.read_counts(output, STEP_TIMEOUT)
@@ -201,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pki = make_pki(work / "pki", args.key_type)
         for repeat in range(args.repeats):
             for name, source in trees.items():
-                figure = measure(source, pki, args.sessions, work, args.timed)
+                figure = measure(source, pki, args.sessions, work, args.timed, args.messages)
                 results.setdefault(name, []).append(figure)
                 if args.timed:
                     print(f"[{repeat + 1}] {name:9s} {figure['cpu_us']:7.0f} us CPU per session")
@@ -220,6 +234,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=1, help="the counts barely move")
     parser.add_argument("--key-type", choices=("ec", "rsa2048"), default="ec")
+    parser.add_argument(
+        "--messages", type=int, default=0, help="PUBLISH echoed per session after CONNECT"
+    )
     parser.add_argument("--baseline", type=Path, help="another source tree, counted the same way")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/)")
     parser.add_argument("--top", action="store_true", help="print the busiest functions")
@@ -236,6 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sessions: 1 to 5,000 (one worker, two descriptors a session)")
     if args.haproxy and not args.timed:
         parser.error("--haproxy: with --timed (HAProxy's work is not Python)")
+    if not 0 <= args.messages <= 1_000:
+        parser.error("--messages: 0 to 1,000")
     if not 1 <= args.repeats <= 10:
         parser.error("--repeats: 1 to 10")
     if args.baseline is not None and not (args.baseline / "lb" / "cli.py").exists():

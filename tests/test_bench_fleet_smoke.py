@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import combined_storms
+from bench.fleet import balancer_config, combined_storms
+from demo import topology
 from tests.harness import ROOT, run_bench, running_from
 
 HAPROXY = Path("/usr/sbin/haproxy")
@@ -160,3 +161,20 @@ def _pids_from(directory: Path) -> list[int]:
             if entry.name.isdigit() and str(directory).encode() in (entry / "cmdline").read_bytes():
                 pids.append(int(entry.name))
     return pids
+
+
+def test_maxsslrate_is_one_limit_for_lb_and_shared_by_haproxys_instances(tmp_path: Path) -> None:
+    """`--maxsslrate N`: lb's global line says N (one limit over its workers); each of
+    HAProxy's instances (one process each on the port) gets its share, rounded up."""
+    nodes = tuple(
+        topology.node(number, 1883 + number, 18083 + number, 5370 + number) for number in (1, 2)
+    )
+    lb_text = balancer_config("lb", 8883, tmp_path, nodes, 2, maxsslrate=301, instances=2)
+    haproxy_text = balancer_config("haproxy", 8883, tmp_path, nodes, 2, maxsslrate=301, instances=2)
+    assert [
+        words for words in map(str.split, lb_text.splitlines()) if words[:1] == ["maxsslrate"]
+    ] == [["maxsslrate", "301"]]
+    assert [
+        words for words in map(str.split, haproxy_text.splitlines()) if words[:1] == ["maxsslrate"]
+    ] == [["maxsslrate", "151"]]
+    assert "\n    maxsslrate" not in balancer_config("lb", 8883, tmp_path, nodes, 2)

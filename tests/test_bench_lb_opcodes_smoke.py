@@ -21,6 +21,8 @@ def test_counts_python_work_per_session(tmp_path: Path) -> None:
         "lb_opcodes.py",
         "--sessions",
         "20",
+        "--messages",  # and the steady relay's path: telemetry echoed through each session
+        "3",
         "--output",
         str(output),
         timeout=150,
@@ -31,3 +33,4 @@ def test_counts_python_work_per_session(tmp_path: Path) -> None:
     # every session is handed to a server with its PROXY header and ends with a log line
     assert any("FrontendRuntime._proxy_v2" in name for name in functions), functions
     assert any("FrontendRuntime._record" in name for name in functions), functions
+    assert any("Records._open_record" in name for name in functions), functions
