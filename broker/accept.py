@@ -14,7 +14,16 @@ listeners (plain and TLS) and the cluster's TLS server:
   comes first: at most one failed accept per retry, so no busy loop;
 - a run of such failures (a "burst") is one WARNING when it starts and one line when it is
   over (no failure for ``BURST_QUIET`` seconds), with the count and the limit, however long
-  it lasts: no flood.
+  it lasts: no flood;
+- with ``max_conn_rate`` (EMQX's listener option; the MQTT listeners, never the cluster's
+  server) it counts its accepts over a sliding second (lb.event_rate, HAProxy's freq_ctr, in
+  a window of its own: a node is one process) and takes no more per readiness callback than
+  the limit leaves; at the limit it stops reading the socket until the rate is below it
+  (``EventRate.delay``, an exact wait), so connections wait in the kernel's backlog and
+  none is refused. A run of such pauses is one WARNING when it starts and one when it is
+  over (none for ``BURST_QUIET`` seconds), with the count; every pause is counted. The
+  rate wait and the descriptor wait are apart: neither's end resumes accepts while the
+  other (or the owner's ``hold``) still stands.
 
 :func:`raise_file_limit` raises the soft RLIMIT_NOFILE to the hard limit at start, as
 HAProxy does, and :func:`plan_file_limit` says what the listeners' ``max_connections`` need
@@ -30,9 +39,12 @@ import logging
 import os
 import resource
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
+
+from lb.event_rate import SLOTS_PER_WORKER, EventRate, RateWindow
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -157,18 +169,28 @@ class AcceptLoop:
         "_accept",
         "_burst_check",
         "_identity",
+        "_rate_burst_check",
+        "_rate_wait",
         "_retry",
+        "_window",
         "accepting",
+        "batch_time",
         "burst_failures",
         "burst_started",
         "closed",
+        "conn_rate",
         "failed_accepts",
         "held",
         "label",
         "last_failure",
+        "last_rate_pause",
         "loop",
         "on_failed",
+        "on_rate_paused",
         "on_socket",
+        "rate_burst_pauses",
+        "rate_burst_started",
+        "rate_pauses",
         "socket",
     )
 
@@ -178,6 +200,8 @@ class AcceptLoop:
         on_socket: Callable[[Accepted, object], None],
         label: str,
         on_failed: Callable[[], None] | None = None,
+        max_conn_rate: int | None = None,
+        on_rate_paused: Callable[[], None] | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.socket = listening
@@ -201,14 +225,49 @@ class AcceptLoop:
         self.last_failure = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._burst_check: asyncio.TimerHandle | None = None
+        # max_conn_rate: this listener's accepts per second (None: no limit, and nothing is
+        # counted, so an unlimited listener pays nothing per connection for it).
+        self.conn_rate: EventRate | None = None
+        self._window: RateWindow | None = None
+        self.batch_time = 0.0  # when the current accept batch began (max_conn_rate)
+        if max_conn_rate is not None:
+            slots = memoryview(bytearray(8 * SLOTS_PER_WORKER)).cast("Q")
+            self._window = RateWindow(slots, 0, 1, 0)
+            self.conn_rate = EventRate(
+                (self._window,), max_conn_rate, f"max_conn_rate {max_conn_rate}"
+            )
+        #: Called on every pause for max_conn_rate (the node's counter).
+        self.on_rate_paused = on_rate_paused
+        #: Pauses for max_conn_rate since start; the listener's counter.
+        self.rate_pauses = 0
+        self.rate_burst_started: float | None = None
+        self.rate_burst_pauses = 0
+        self.last_rate_pause = 0.0
+        self._rate_wait: asyncio.TimerHandle | None = None
+        self._rate_burst_check: asyncio.TimerHandle | None = None
 
     @property
     def paused(self) -> bool:
         """True while accepts wait for a descriptor to be freed."""
         return self._retry is not None
 
+    @property
+    def rate_paused(self) -> bool:
+        """True while accepts wait for the rate to fall below max_conn_rate."""
+        return self._rate_wait is not None
+
+    def rate(self) -> int | None:
+        """Accepts over the last second (None without max_conn_rate: not counted)."""
+        return None if self.conn_rate is None else self.conn_rate.rate(time.monotonic())
+
     def start(self) -> None:
-        if self.closed or self.accepting or self.held or self._retry is not None:
+        if (
+            self.closed
+            or self.accepting
+            or self.held
+            or self._retry is not None
+            or self._rate_wait is not None
+        ):
             return
         self.accepting = True
         self.loop.add_reader(self.socket.fileno(), self._on_readable)
@@ -223,7 +282,8 @@ class AcceptLoop:
         self.start()
 
     def resume(self) -> None:
-        """A connection closed: if accepts are paused for descriptors, try again now."""
+        """A connection closed: if accepts are paused for descriptors, try again now (unless
+        they also wait for max_conn_rate: that wait goes on)."""
         if self._retry is None or self.closed:
             return
         self._retry.cancel()
@@ -242,18 +302,82 @@ class AcceptLoop:
     def close(self) -> None:
         self._pause()
         self.closed = True
-        for handle in (self._retry, self._burst_check):
+        for handle in (self._retry, self._burst_check, self._rate_wait, self._rate_burst_check):
             if handle is not None:
                 handle.cancel()
-        self._retry = self._burst_check = None
+        self._retry = self._burst_check = self._rate_wait = self._rate_burst_check = None
         if self.burst_started is not None:
             self._burst_over()
+        if self.rate_burst_started is not None:
+            self._rate_burst_over()
         self.socket.close()
+
+    def _rate_budget(self) -> int:
+        """How many connections max_conn_rate lets this listener take now (HAProxy's
+        listener_accept: the batch lowered to what the limit leaves). At 0 the listener stops
+        reading its socket until the rate has fallen below the limit."""
+        conn_rate = self.conn_rate
+        assert conn_rate is not None
+        # One clock reading per batch (its accepts are microseconds apart), which counts them.
+        now = self.batch_time = time.monotonic()
+        remain = conn_rate.remain(now)
+        if remain > 0:
+            return min(remain, ACCEPT_BATCH)
+        self._pause()
+        self._rate_wait = self.loop.call_later(conn_rate.delay(now), self._rate_waited)
+        self._rate_paused(conn_rate)
+        return 0
+
+    def _rate_waited(self) -> None:
+        self._rate_wait = None
+        self.start()
+
+    def _rate_paused(self, conn_rate: EventRate) -> None:
+        self.rate_pauses += 1
+        if self.on_rate_paused is not None:
+            self.on_rate_paused()
+        self.rate_burst_pauses += 1
+        now = self.loop.time()
+        self.last_rate_pause = now
+        if self.rate_burst_started is None:
+            self.rate_burst_started = now
+            logger.warning(
+                "%s: %s reached: accepts pause until the rate falls below it; connections "
+                "wait in the kernel's queue",
+                self.label,
+                conn_rate.label,
+            )
+            self._rate_burst_check = self.loop.call_later(BURST_QUIET, self._check_rate_burst)
+
+    def _check_rate_burst(self) -> None:
+        self._rate_burst_check = None
+        quiet_for = self.loop.time() - self.last_rate_pause
+        if quiet_for < BURST_QUIET:
+            self._rate_burst_check = self.loop.call_later(
+                BURST_QUIET - quiet_for, self._check_rate_burst
+            )
+            return
+        self._rate_burst_over()
+
+    def _rate_burst_over(self) -> None:
+        assert self.rate_burst_started is not None and self.conn_rate is not None
+        logger.warning(
+            "%s: %s: accepts paused %d times over %.1fs, none in the last %.0fs",
+            self.label,
+            self.conn_rate.label,
+            self.rate_burst_pauses,
+            self.last_rate_pause - self.rate_burst_started,
+            BURST_QUIET,
+        )
+        self.rate_burst_started = None
+        self.rate_burst_pauses = 0
 
     def _on_readable(self) -> None:
         accept = self._accept
         family, kind, proto = self._identity
-        for _ in range(ACCEPT_BATCH):
+        window = self._window
+        batch = ACCEPT_BATCH if window is None else self._rate_budget()
+        for _ in range(batch):
             if not self.accepting:
                 return  # on_socket held us
             try:
@@ -271,6 +395,8 @@ class AcceptLoop:
                 logger.error("%s: accept failed, listener stopped: %s", self.label, error)
                 self._pause()
                 return
+            if window is not None:
+                window.add(self.batch_time)
             self.on_socket(Accepted(descriptor, family, kind, proto), address)
 
     def _out_of_resources(self, error: OSError) -> None:

@@ -10,6 +10,9 @@ STYLE.md rule 6):
   address, certificate CN, protocol version, node, listener, keepalive, connected_at (UTC,
   ISO 8601), subscriptions, queues;
 - ``/api/stats``: the node's counters plus gauges (connections, sessions, retained, ...);
+- ``/api/listeners``: each MQTT listener's figures (clients, pending sockets, max_conn_rate,
+  the accept rate under it, pauses for it, failed accepts), also in /metrics as
+  ``broker_listener_*{listener="tcp:default"}``;
 - ``/api/cluster``: whatever the cluster hook reports (``status()`` when it has one);
 - ``/metrics``: the same numbers in Prometheus text format;
 - ``POST /api/authz/reload``: reload the authorization policy file now (seed 003); answers
@@ -44,7 +47,7 @@ from broker.authentication import PasswordFile, PasswordFileError
 from broker.config import AdminConfig, ConfigError, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
-from broker.stats import render_prometheus
+from broker.stats import render_prometheus, render_prometheus_rows
 from broker.tls_listener import address_text
 from lb import http11, pem
 from lb.ratelimit import SuppressedLines
@@ -127,6 +130,8 @@ class AdminServer:
         self.origin = origin
         # Set by the server when an [authorization] section exists (POST /api/authz/reload).
         self.authorization_reload: Callable[[], dict[str, Any]] | None = None
+        # Set by the server: each listener's figures (broker.listener.Listener.status).
+        self.listener_status: Callable[[], list[dict[str, Any]]] | None = None
         # Set by the server on a clustered node: command -> function(peer name).
         self.cluster_commands: dict[str, Callable[[str], dict[str, Any]]] = {}
         self.server: asyncio.Server | None = None
@@ -227,12 +232,32 @@ class AdminServer:
             body = {"node": broker.node_name, "members": []}
             if self.cluster_status is not None:
                 body = self.cluster_status()
+        elif path == "/api/listeners":
+            body = {"node": broker.node_name, "listeners": self._listeners()}
         elif path == "/metrics":
             text = render_prometheus("broker", stats_record(broker), {"node": broker.node_name})
+            text += render_prometheus_rows(
+                "broker_listener",
+                [
+                    (
+                        {"node": broker.node_name, "listener": record["listener"]},
+                        # Figures only; the limits (not counters or gauges) are in the JSON.
+                        {
+                            name: value
+                            for name, value in record.items()
+                            if name not in ("listener", "bind", "max_connections", "max_conn_rate")
+                        },
+                    )
+                    for record in self._listeners()
+                ],
+            )
             return 200, "text/plain; version=0.0.4", text.encode()
         else:
             return 404, "application/json", b'{"error": "not found"}'
         return 200, "application/json", json.dumps(body, indent=1).encode()
+
+    def _listeners(self) -> list[dict[str, Any]]:
+        return [] if self.listener_status is None else self.listener_status()
 
     def _authenticated(self, headers: http11.Headers) -> bool:
         if self.token is None and self.passwords is None:

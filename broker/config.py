@@ -30,6 +30,8 @@ Shape (every table and key optional except where noted)::
     max_connections = 500000       # connected MQTT clients; unset: what the file limit allows
     max_pending_connections = 4096 # sockets not yet clients (TLS, PROXY header, CONNECT)
     max_pending_bytes = 16777216   # what those sockets sent, in bytes (>= max_packet_size)
+    max_conn_rate = 1000           # accepts per second (or "1000/s"); unset: no limit. Past
+                                   # it accepts pause: connections wait in the kernel's queue
     proxy_protocol = true
     proxy_protocol_timeout = 3     # seconds (or "3s", "500ms")
     proxy_protocol_trusted = ["127.0.0.0/8", "::1/128"]
@@ -43,6 +45,7 @@ Shape (every table and key optional except where noted)::
 
     [listeners.ssl.default]
     bind = "0.0.0.0:8883"
+    max_conn_rate = "500/s"        # counted at accept, before the TLS handshake
     [listeners.ssl.default.ssl_options]
     cacertfile = "certs/ca.pem"    # relative paths are relative to the config file
     certfile = "certs/server.pem"
@@ -143,6 +146,10 @@ MIN_PROXY_HEADER_SIZE = V2_HEADER_LENGTH + 216
 # EMQX's names (broker.shared_subscription_strategy); round_robin is our default, as EMQX 5's.
 DEFAULT_STORE_PENDING_BYTES = 64 * 1024 * 1024
 SHARED_SUBSCRIPTION_STRATEGIES = ("round_robin", "random", "sticky", "hash_clientid")
+#: The largest max_conn_rate: lb.event_rate counts a second's events in 32 bits.
+MAX_CONN_RATE = (1 << 31) - 1
+#: EMQX 5's rate periods (emqx_limiter_schema), in seconds: "N/s", "N/10s", "N/m", ...
+RATE_PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class ConfigError(Exception):
@@ -206,6 +213,9 @@ class ListenerConfig:
     # Accepted sockets that are not clients yet (broker.accept.PendingConnections).
     max_pending_connections: int = 4096
     max_pending_bytes: int = DEFAULT_PENDING_BYTES
+    # EMQX's max_conn_rate: connections accepted per second over a sliding second (HAProxy's
+    # maxconnrate, lb.event_rate), on this listener of this node; None: no limit.
+    max_conn_rate: int | None = None
     proxy_protocol: bool = False
     proxy_protocol_timeout: float = 3.0
     proxy_protocol_trusted: tuple[Network, ...] = DEFAULT_TRUSTED
@@ -550,6 +560,7 @@ def _parse_listener(
         port=port,
         max_connections=max_connections,
         max_pending_connections=reader.integer("max_pending_connections", 4096, minimum=1),
+        max_conn_rate=_parse_conn_rate(reader),
         # At least one CONNECT of max_packet_size and a PROXY header must fit.
         max_pending_bytes=reader.integer(
             "max_pending_bytes",
@@ -584,6 +595,40 @@ def _parse_listener(
         )
     reader.reject_unknown()
     return listener
+
+
+def _parse_conn_rate(reader: _Reader) -> int | None:
+    """``max_conn_rate``: EMQX 4's number per second, EMQX 5's ``"N/s"``, or ``"infinity"``
+    (EMQX 5's default: no limit). EMQX 5's other periods (``"N/m"``, ``"N/10s"``) are refused:
+    the limit is a rate over a sliding second (lb.event_rate), which has no room for a longer
+    period's burst, so converting them would change what they mean."""
+    value = reader.get("max_conn_rate")
+    if value is None or value == "infinity":
+        return None
+    expected = (
+        f"expected connections per second, an integer from 1 to {MAX_CONN_RATE} or a string "
+        f'such as "1000/s" (unset or "infinity": no limit), got {value!r}'
+    )
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*", value)
+        if match is None:
+            raise reader.fail("max_conn_rate", expected)
+        count, interval, unit = int(match.group(1)), match.group(2), match.group(3)
+        seconds = int(interval or "1") * RATE_PERIOD_UNITS.get(unit, 0)
+        if seconds == 0 or count == 0:
+            raise reader.fail("max_conn_rate", expected)
+        if seconds != 1:
+            raise reader.fail(
+                "max_conn_rate",
+                f"{value!r} is {count} connections per {interval or 1}{unit}, a period EMQX "
+                "accepts but this broker does not: the limit holds over a sliding second "
+                "(HAProxy's maxconnrate); write a rate per second such as "
+                f'"{max(count // seconds, 1)}/s"',
+            )
+        value = count
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONN_RATE:
+        raise reader.fail("max_conn_rate", expected)
+    return value
 
 
 def _parse_mqtt(reader: _Reader | None) -> MQTTSettings:

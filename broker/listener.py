@@ -23,7 +23,8 @@ connection gets a :class:`MQTTServerProtocol`, which:
   (``max_pending_connections``, ``max_pending_bytes``; broker.accept.PendingConnections):
   silent sockets cost pending slots, never client slots, and the oldest makes room;
 - accepts with :class:`broker.accept.AcceptLoop` (paused, not spinning and not dropping,
-  when the process is out of file descriptors; one log line per burst);
+  when the process is out of file descriptors, and at ``max_conn_rate`` accepts per second;
+  one log line per burst);
 - closes gracefully after it has spoken (a CONNACK refusal, a DISCONNECT): the write side is
   shut, and what the client still sends is read and discarded for up to ``LINGER_TIME`` or
   ``LINGER_MAX_BYTES`` (HAProxy's and nginx's lingering close), so a client that is still
@@ -209,11 +210,20 @@ class Listener:
                 on_refused=self._tls_refused,
                 pending=self.pending,
                 on_accept_failed=self._accept_failed,
+                max_conn_rate=config.max_conn_rate,
+                on_rate_paused=self._rate_paused,
             )
             self.tls.start()
         else:
             listening = open_listening_socket(config.host, config.port)
-            self.acceptor = AcceptLoop(listening, self._accepted, label, self._accept_failed)
+            self.acceptor = AcceptLoop(
+                listening,
+                self._accepted,
+                label,
+                self._accept_failed,
+                config.max_conn_rate,
+                self._rate_paused,
+            )
             self.acceptor.start()
         logger.info(
             "listener %s on %s:%d%s",
@@ -307,6 +317,33 @@ class Listener:
 
     def _accept_failed(self) -> None:
         self.broker.counters.accepts_failed += 1
+
+    def _rate_paused(self) -> None:
+        self.broker.counters.accepts_paused_max_conn_rate += 1
+
+    @property
+    def accept_loop(self) -> AcceptLoop | None:
+        """The loop accepting this listener's connections (plain or TLS)."""
+        if self.acceptor is not None:
+            return self.acceptor
+        return None if self.server is None else self.server.acceptor
+
+    def status(self) -> dict[str, Any]:
+        """What the admin API shows of this listener (/api/listeners, /metrics)."""
+        config = self.config
+        acceptor = self.accept_loop
+        return {
+            "listener": config.label,
+            "bind": f"{config.host}:{self.port}",
+            "clients_current": self.clients,
+            "max_connections": self.max_connections,
+            "pending_connections_current": len(self.pending),
+            "max_conn_rate": config.max_conn_rate,
+            # Accepts over the last second; counted only under max_conn_rate (None without).
+            "conn_rate_current": None if acceptor is None else acceptor.rate(),
+            "accepts_paused_max_conn_rate": 0 if acceptor is None else acceptor.rate_pauses,
+            "accepts_failed": 0 if acceptor is None else acceptor.failed_accepts,
+        }
 
     def _evicted(self) -> None:
         self.broker.counters.pending_connections_evicted += 1

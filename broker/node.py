@@ -162,6 +162,7 @@ class BrokerServer:
                 config=config.admin,
                 origin=config.origin,
             )
+            self.admin.listener_status = self.listener_status
             if self.authorization is not None:
                 self.admin.authorization_reload = self.reload_authorization
             if self.cluster is not None:
@@ -273,6 +274,10 @@ class BrokerServer:
         except Exception:
             logger.exception("broker tick failed")
         self._ticker = asyncio.get_running_loop().call_later(TICK_INTERVAL, self._tick)
+
+    def listener_status(self) -> list[dict[str, Any]]:
+        """Each listener's figures (the admin API's /api/listeners and /metrics)."""
+        return [listener.status() for listener in self.listeners]
 
     def listener(self, name: str) -> Listener:
         for listener in self.listeners:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-__all__ = ["Counters", "render_prometheus"]
+__all__ = ["Counters", "render_prometheus", "render_prometheus_rows"]
 
 
 @dataclass(slots=True)
@@ -80,6 +80,9 @@ class Counters:
     tls_chain_too_deep: int = 0
     timers_late: int = 0
     accepts_failed: int = 0
+    # Accept pauses for a listener's max_conn_rate (every listener's; /api/listeners has
+    # each one's): the connections waited in the kernel's queue, none was refused.
+    accepts_paused_max_conn_rate: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -100,3 +103,24 @@ def render_prometheus(prefix: str, values: dict[str, int], labels: dict[str, str
         lines.append(f"# TYPE {metric} {kind}")
         lines.append(f"{metric}{{{label_text}}} {value}")
     return "\n".join(lines) + "\n"
+
+
+def render_prometheus_rows(
+    prefix: str, rows: list[tuple[dict[str, str], dict[str, int | None]]]
+) -> str:
+    """One family per value name over several labelled rows (a node's listeners): the text
+    format wants every sample of a family after its one TYPE line. A None value (a figure
+    the row does not have) is left out."""
+    families: dict[str, list[str]] = {}
+    for labels, values in rows:
+        for name, value in values.items():
+            if value is None:
+                continue
+            sample = render_prometheus(prefix, {name: value}, labels).splitlines()
+            family = families.setdefault(sample[0], [])
+            family.append(sample[1])
+    lines: list[str] = []
+    for type_line, samples in families.items():
+        lines.append(type_line)
+        lines.extend(samples)
+    return "".join(line + "\n" for line in lines)

@@ -324,9 +324,14 @@ class TLSServer:
         max_handshakes: int | None = None,
         pending: PendingConnections | None = None,
         on_accept_failed: Callable[[], None] | None = None,
+        max_conn_rate: int | None = None,
+        on_rate_paused: Callable[[], None] | None = None,
     ) -> None:
         self.context = context
         self.on_accept_failed = on_accept_failed
+        # An MQTT listener's max_conn_rate (broker.accept); the cluster's server has none.
+        self.max_conn_rate = max_conn_rate
+        self.on_rate_paused = on_rate_paused
         # Handshakes in flight at most: beyond it connections wait in the kernel's backlog,
         # so a ClientHello flood cannot make unbounded tasks and SSL objects (lb's Listener
         # does the same at maxconn).
@@ -347,7 +352,14 @@ class TLSServer:
         listening = open_listening_socket(host, port, backlog)
         self.sockets = [listening]
         # Accepts pause at descriptor exhaustion and resume as handshakes end (broker.accept).
-        self.acceptor = AcceptLoop(listening, self._accepted, self.label, self.on_accept_failed)
+        self.acceptor = AcceptLoop(
+            listening,
+            self._accepted,
+            self.label,
+            self.on_accept_failed,
+            self.max_conn_rate,
+            self.on_rate_paused,
+        )
         self.acceptor.start()
 
     def _accepted(self, accepted: Accepted, address: object) -> None:
@@ -438,6 +450,8 @@ async def serve_tls(
     max_handshakes: int | None = None,
     pending: PendingConnections | None = None,
     on_accept_failed: Callable[[], None] | None = None,
+    max_conn_rate: int | None = None,
+    on_rate_paused: Callable[[], None] | None = None,
 ) -> TLSServer:
     """Listen on ``host:port``; every connection gets the current context of ``contexts``."""
 
@@ -452,6 +466,8 @@ async def serve_tls(
         max_handshakes=max_handshakes,
         pending=pending,
         on_accept_failed=on_accept_failed,
+        max_conn_rate=max_conn_rate,
+        on_rate_paused=on_rate_paused,
     )
     await server.start(host, port)
     return server

@@ -349,12 +349,14 @@ def write_config(path: Path, port: int, extra: str = "") -> Path:
     return path
 
 
-def test_out_of_descriptors_pauses_accepts_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate", ["", "max_conn_rate = 100000\n"])
+def test_out_of_descriptors_pauses_accepts_with_one_line(tmp_path: Path, rate: str) -> None:
     """With 64 descriptors and max_connections 1000, 100 clients: those past the limit wait
     in the backlog (libuv used to accept and close them without a word) and get in as others
-    leave; one WARNING for the whole burst, no busy loop."""
+    leave; one WARNING for the whole burst, no busy loop. The same with a max_conn_rate that
+    counts every accept but is not reached (the two pauses are apart)."""
     port = free_port()
-    config = write_config(tmp_path / "b.toml", port, "max_connections = 1000\n")
+    config = write_config(tmp_path / "b.toml", port, "max_connections = 1000\n" + rate)
     process = start_broker(["-c", str(config)], (64, 64))
     clients: list[RawClient] = []
     try:

@@ -41,6 +41,7 @@ NETWORK = ("asyncio", "socket", "ssl", "uvloop")
 #: What broker may import from lb: modules that need nothing else of lb.
 LB_LEAVES = (
     "lb",
+    "lb.event_rate",
     "lb.heap",
     "lb.http11",
     "lb.pem",
