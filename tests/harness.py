@@ -313,6 +313,18 @@ def run_haproxy(
         process.stop()
 
 
+def socat(path: Path, command: str) -> str:
+    """One command to lb's runtime API over its unix socket, with socat as operators do."""
+    return subprocess.run(
+        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"],
+        input=command + "\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    ).stdout
+
+
 def client_context(
     cert: Path | None = None, key: Path | None = None, ca: Path | None = None
 ) -> ssl.SSLContext:

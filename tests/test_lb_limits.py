@@ -37,6 +37,7 @@ from tests.harness import (
     EchoBackend,
     Process,
     haproxy_available,
+    socat,
     start_process,
     wait_port,
 )
@@ -66,19 +67,8 @@ def _planned(text: str, limit: int) -> tuple[int, int]:
     return fixed_descriptors(config), files.worker_maxconn
 
 
-def _socat(path: Path, command: str) -> str:
-    return subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"],
-        input=command + "\n",
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
-
-
 def _info(path: Path) -> dict[str, str]:
-    lines = _socat(path, "show info").splitlines()
+    lines = socat(path, "show info").splitlines()
     return dict(line.split(": ", 1) for line in lines if ": " in line)
 
 
@@ -272,7 +262,7 @@ def test_out_of_files_pauses_accepts_and_spares_the_checks(tmp_path: Path) -> No
             late[0].settimeout(10)
             assert late[0].recv(16) == b"ping"
             lb.wait_output("accepting up to maxconn again", 5)
-            activity = _socat(stats, "show activity")
+            activity = socat(stats, "show activity")
             output = lb.output()
     finally:
         for sock in (*clients, *hogs, *late):

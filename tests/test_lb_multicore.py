@@ -19,7 +19,6 @@ import select
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.request
@@ -35,7 +34,7 @@ from cryptography.x509.oid import NameOID
 from bench.ports import free_port
 from lb.runtime_api import STAT_COLUMNS
 from lb.shared_counts import SharedCounts, server_count
-from tests.harness import VENV_BIN, EchoBackend, Process, client_context, start_process
+from tests.harness import VENV_BIN, EchoBackend, Process, client_context, socat, start_process
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(240)
@@ -87,18 +86,6 @@ def assert_one_checker(arrivals: list[float]) -> None:
     assert gaps * INTER * 0.75 <= span, (
         f"{len(arrivals)} checks in {span:.3f}s: more than one per {INTER}s interval"
     )
-
-
-def socat(path: Path, command: str) -> str:
-    result = subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"],
-        input=command + "\n",
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    )
-    return result.stdout
 
 
 def accepted(sock: Path) -> list[int]:

@@ -26,7 +26,7 @@ from cryptography.x509 import ocsp
 
 from bench.ports import free_port
 from lb.pki.certs import Issued
-from tests.harness import HAPROXY, VENV_BIN, Process, run_haproxy, run_lb
+from tests.harness import HAPROXY, VENV_BIN, Process, run_haproxy, run_lb, socat
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,17 +106,6 @@ def stapled(text: str) -> dict[str, str]:
         ):
             fields[name] = value.strip()
     return fields
-
-
-def socat(path: Path, command: str) -> str:
-    return subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"],
-        input=command + "\n",
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
 
 
 def config_text(crt: Path, port: int, socket_path: Path, extra_global: str = "") -> str:

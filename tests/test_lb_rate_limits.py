@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from lb.config import load_config_text
 from lb.event_rate import MIN_DELAY, EventRate, RateWindow
 from lb.runtime_api import STAT_COLUMNS
 from lb.shared_counts import SharedCounts, listener_rate
-from tests.harness import EchoBackend, client_context, run_lb
+from tests.harness import EchoBackend, client_context, run_lb, socat
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -194,17 +193,6 @@ def test_rate_limit_in_a_backend_is_ignored_with_a_warning() -> None:
 # -- a running lb ------------------------------------------------------------------------------
 
 
-def _socat(path: Path, command: str) -> str:
-    return subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"],
-        input=command + "\n",
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    ).stdout
-
-
 def _burst(port: int, count: int, connect: object = None) -> tuple[list[float], list[str]]:
     """`count` clients at once, each sends and waits for its echo: when each got it (seconds
     after the start, before the first connect) and what failed."""
@@ -260,17 +248,17 @@ def test_rate_limit_sessions_holds_the_listener(tmp_path: Path) -> None:
             free_done, free_errors = _burst(other, 15)
             assert free_errors == [] and len(free_done) == 15
 
-            stat = _socat(sock, "show stat").splitlines()
+            stat = socat(sock, "show stat").splitlines()
             column = {name: index for index, name in enumerate(STAT_COLUMNS)}
             rows = {tuple(line.split(",")[:2]): line.split(",") for line in stat[1:] if line}
             limited, free = rows[("limited", "FRONTEND")], rows[("free", "FRONTEND")]
             assert limited[column["rate_lim"]] == "5" and free[column["rate_lim"]] == ""
             assert 1 <= int(limited[column["rate_max"]]) <= 15
             assert limited[column["stot"]] == "15"
-            activity = _socat(sock, "show activity")
+            activity = socat(sock, "show activity")
             paused = next(line for line in activity.splitlines() if line.startswith("rate_paused"))
             assert int(paused.split()[1]) >= 1
-            info = _socat(sock, "show info")
+            info = socat(sock, "show info")
             assert "ConnRateLimit: 0\n" in info and "MaxConnRate: " in info
             lines = [line for line in lb.stderr.splitlines() if "'rate-limit sessions 5'" in line]
             assert len(lines) == 1 and "frontend limited" in lines[0], lines
@@ -310,7 +298,7 @@ def test_maxsslrate_is_one_limit_for_two_workers(pki: TestPKI, tmp_path: Path) -
             assert done[-1] >= 0.5, done
             plain_done, plain_errors = _burst(plain, 12)
             assert plain_errors == [] and len(plain_done) == 12
-            info = _socat(sock, "show info")
+            info = socat(sock, "show info")
             assert "SslRateLimit: 4\n" in info
             max_ssl = int(info.split("MaxSslRate: ")[1].split()[0])
             assert 1 <= max_ssl <= 12

@@ -5,7 +5,6 @@ listeners."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -13,22 +12,10 @@ import pytest
 
 from bench.ports import free_port
 from lb.runtime_api import STAT_COLUMNS
-from tests.harness import EchoBackend, client_context, run_lb, tls_outcome
+from tests.harness import EchoBackend, client_context, run_lb, socat, tls_outcome
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def socat(path: Path, command: str) -> str:
-    result = subprocess.run(
-        ["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"],
-        input=command + "\n",
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=True,
-    )
-    return result.stdout
 
 
 def test_runtime_api_and_prometheus(pki: TestPKI, tmp_path: Path) -> None:
