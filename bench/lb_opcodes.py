@@ -20,10 +20,13 @@ resume), sends an MQTT CONNECT and reads it back from the echo; then every devic
 as in a storm's drop. A session counts its accept, handshake, server connect, PROXY header,
 the two relayed messages, the log line and the teardown of both sides.
 
-``--messages K``: each device also sends K MQTT PUBLISH packets (64-byte payload, QoS 0)
-after its CONNECT, one at a time, each read back from the echo: the relay of a fleet's
-steady telemetry through established sessions. (counts(K) - counts(0)) / K is the work
-per message, a record each way; with ``--timed --haproxy``, the CPU of each.
+``--messages K``: once every session is up, K rounds in which each device sends an MQTT
+PUBLISH (64-byte payload, QoS 0) and reads it back from the echo, BATCH devices at a time:
+the relay of a fleet's steady telemetry through established sessions. (counts(K) -
+counts(0)) / K / sessions is the work per message, a record each way; with ``--timed
+--haproxy``, the CPU of each. With more sessions than lb keeps record ciphers for
+(lb.tls_records.ActiveKeys: 256 to 512 connections) every message finds its connection's
+cipher objects gone, as a fleet's quiet devices do; with fewer, they are kept.
 
 ``--baseline DIR`` runs another source tree's lb the same way (an A/B of the counts).
 ``--timed`` measures instead of counting: the worker's CPU time per session, untraced, lb
@@ -57,8 +60,10 @@ from bench.ports import free_port  # noqa: E402
 from bench.run import HAPROXY, Pki, children_of, cpu_seconds, make_pki, start, stop, wait_listening  # noqa: E402
 from broker.mqtt import Connect, Publish, encode  # noqa: E402
 
-#: Sessions opened at once by the driver.
+#: Sessions opened (and messages sent) at once by the driver.
 BATCH = 50
+#: A device's streams and its number.
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter, int]
 #: Bound of every wait (a process's start, a session's answer, the counts file).
 STEP_TIMEOUT = 60.0
 #: Functions listed.
@@ -93,40 +98,53 @@ def lb_config(port: int, server_port: int, pki: Pki) -> str:
     return text
 
 
-async def _device(
-    port: int,
-    context: ssl.SSLContext,
-    number: int,
-    opened: list[asyncio.StreamWriter],
-    messages: int,
-) -> None:
+async def _device(port: int, context: ssl.SSLContext, number: int, opened: list[Stream]) -> None:
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", port, ssl=context, server_hostname="localhost"
     )
-    opened.append(writer)
-    client_id = f"device-{number:05d}"
-    hello = encode(Connect("MQTT", 4, False, 60, client_id), 4)
-    telemetry = encode(Publish(f"fleet/{client_id}/telemetry", bytes(64), 0), 4)
-    for packet in [hello] + [telemetry] * messages:
-        writer.write(packet)
-        echoed = await asyncio.wait_for(reader.readexactly(len(packet)), STEP_TIMEOUT)
-        if echoed != packet:
-            raise ConnectionError("the echo differs from what was sent")
+    opened.append((reader, writer, number))
+    hello = encode(Connect("MQTT", 4, False, 60, f"device-{number:05d}"), 4)
+    await _echo(reader, writer, hello)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, packet: bytes) -> None:
+    writer.write(packet)
+    echoed = await asyncio.wait_for(reader.readexactly(len(packet)), STEP_TIMEOUT)
+    if echoed != packet:
+        raise ConnectionError("the echo differs from what was sent")
 
 
 async def _sessions(port: int, context: ssl.SSLContext, count: int, messages: int = 0) -> None:
-    opened: list[asyncio.StreamWriter] = []
+    """`count` sessions, BATCH at a time; then `messages` rounds in which every session
+    echoes one PUBLISH (BATCH at a time), so that between two messages of a session the
+    others send theirs, as in a fleet; then every device closes."""
+    opened: list[Stream] = []
     try:
         for first in range(0, count, BATCH):
             numbers = range(first, min(count, first + BATCH))
             await asyncio.wait_for(
-                asyncio.gather(*(_device(port, context, n, opened, messages) for n in numbers)),
-                STEP_TIMEOUT + messages,
+                asyncio.gather(*(_device(port, context, n, opened) for n in numbers)),
+                STEP_TIMEOUT,
             )
+        for _ in range(messages):
+            for first in range(0, len(opened), BATCH):
+                await asyncio.wait_for(
+                    asyncio.gather(
+                        *(
+                            _echo(reader, writer, _telemetry(number))
+                            for reader, writer, number in opened[first : first + BATCH]
+                        )
+                    ),
+                    STEP_TIMEOUT,
+                )
     finally:
-        for writer in opened:  # the storm's drop: every device closes
+        for _, writer, _ in opened:  # the storm's drop: every device closes
             writer.close()
-        await asyncio.gather(*(w.wait_closed() for w in opened), return_exceptions=True)
+        await asyncio.gather(*(w.wait_closed() for _, w, _ in opened), return_exceptions=True)
+
+
+def _telemetry(number: int) -> bytes:
+    return encode(Publish(f"fleet/device-{number:05d}/telemetry", bytes(64), 0), 4)
 
 
 def _worker(master: int) -> int:

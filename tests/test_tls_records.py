@@ -178,6 +178,7 @@ def test_key_update_requested_is_answered_and_both_sides_go_on() -> None:
     assert server.open(forge(client, key_update(1))) == b""
     client.write_secret = client._next_secret(client.write_secret)  # what the client did
     client.write_iv, client.write_seq, client.write_aead = client._iv(client.write_secret), 0, None
+    client.write_key = client._key_bytes(client.write_secret)
     assert server.read_secret != old_read and server.read_seq == 0
     answer = server.take_output()
     assert count_records(answer) == 1
