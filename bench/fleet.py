@@ -24,7 +24,10 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   commands were acknowledged to the collector but never reached their device.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
-  reload, are counted.
+  reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
+  their sessions, as a seamless reload does) unless --keep-hard-stop: with it, both
+  balancers end an old process's sessions 20 s after each reload, and those disconnects
+  count against the reload too.
 
 Processes: the devices run in --simulators forked processes (bench/fleet_devices.py, uvloop,
 stdlib ssl, the project's MQTT codec), spread over source addresses 127.0.0.2... (one per
@@ -89,6 +92,7 @@ from bench.fleet_devices import (  # noqa: E402
 from bench.ports import free_port  # noqa: E402
 from bench.run import HAPROXY, Started, haproxy_version, start, stop, wait_listening  # noqa: E402
 from demo import topology  # noqa: E402
+from lb.config.keywords import parse_time  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
@@ -380,11 +384,16 @@ def balancer_config(
     nbthread: int,
     maxsslrate: int | None = None,
     instances: int = 1,
+    hard_stop: bool = True,
 ) -> str:
     """configs/haproxy.cfg (the demo's) with this run's port, certificates and nodes; lb
     gets `nbthread`, HAProxy one thread and the maxconn its file limit allows. With
     `maxsslrate` (TLS handshakes per second in all): lb's one limit over its workers, each
-    of HAProxy's `instances` (one process each on the port) its share, rounded up."""
+    of HAProxy's `instances` (one process each on the port) its share, rounded up. Without
+    `hard_stop`, the demo's `hard-stop-after` goes: after a reload the old processes keep
+    their sessions until the devices leave (both balancers end every session of an old
+    process that many seconds after the reload, which a device on a long-lived connection
+    counts as a disconnect)."""
     text = DEMO_CONFIG.read_text()
     bind = f"bind {topology.LOCAL_HOST}:{topology.LB_PORT} "
     if bind not in text:
@@ -408,6 +417,8 @@ def balancer_config(
         for node in nodes
     ]
     lines = lines[: servers[0]] + made + lines[servers[-1] + 1 :]
+    if not hard_stop:
+        lines = [line for line in lines if line.split()[:1] != ["hard-stop-after"]]
     global_at = lines.index("global")
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if kind == "haproxy":
@@ -427,6 +438,15 @@ def balancer_config(
         if maxsslrate is not None:
             lines.insert(global_at + 1, f"    maxsslrate {maxsslrate}")
     return "\n".join(lines) + "\n"
+
+
+def hard_stop_after(config: str) -> float:
+    """The config's `hard-stop-after` in seconds (0 without one)."""
+    for line in config.splitlines():
+        words = line.split()
+        if words[:1] == ["hard-stop-after"] and len(words) == 2:
+            return parse_time(words[1])
+    return 0.0
 
 
 @dataclass
@@ -1147,7 +1167,14 @@ def phase(
         config = directory / f"{kind}.cfg"
         config.write_text(
             balancer_config(
-                kind, port, certs, nodes, args.lb_nbthread, args.maxsslrate, args.processes
+                kind,
+                port,
+                certs,
+                nodes,
+                args.lb_nbthread,
+                args.maxsslrate,
+                args.processes,
+                hard_stop=args.scenario != "reload" or args.keep_hard_stop,
             )
         )
         balancer = Balancer(kind, port, config, directory, args.processes)
@@ -1174,8 +1201,10 @@ def phase(
         figures = run_.figures
         disconnects, reloads = run_.disconnect_times, run_.reload_times
         if reloads:
+            # A reload's disconnects come at once or, with hard-stop-after, that much later.
+            window = RELOAD_WINDOW + hard_stop_after(config.read_text())
             figures["reload_disconnects"] = sum(
-                1 for t in disconnects if any(0 <= t - r <= RELOAD_WINDOW for r in reloads)
+                1 for t in disconnects if any(0 <= t - r <= window for r in reloads)
             )
         result = {
             "error": error,
@@ -1270,6 +1299,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storms", type=int, default=1, help="storms in a row per balancer (medians reported)"
     )
     parser.add_argument("--reload-every", type=float, default=30.0)
+    parser.add_argument(
+        "--keep-hard-stop",
+        action="store_true",
+        help="reload: keep the demo's hard-stop-after (old processes end their sessions "
+        "that long after each reload); by default it goes, as for seamless reloads",
+    )
     parser.add_argument(
         "--maxsslrate",
         type=int,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.fleet import balancer_config, combined_storms
+from bench.fleet import balancer_config, combined_storms, hard_stop_after
 from demo import topology
 from tests.harness import ROOT, run_bench, running_from
 
@@ -178,3 +178,16 @@ def test_maxsslrate_is_one_limit_for_lb_and_shared_by_haproxys_instances(tmp_pat
         words for words in map(str.split, haproxy_text.splitlines()) if words[:1] == ["maxsslrate"]
     ] == [["maxsslrate", "151"]]
     assert "\n    maxsslrate" not in balancer_config("lb", 8883, tmp_path, nodes, 2)
+
+
+def test_reload_configs_lose_hard_stop_after_unless_kept(tmp_path: Path) -> None:
+    """The demo's `hard-stop-after 20s` ends an old process's sessions 20 s after a reload:
+    the reload scenario takes it out (both balancers alike) unless asked to keep it, and
+    then counts the disconnects that come that much later against the reload."""
+    nodes = (topology.node(1, 1884, 18084, 5371),)
+    kept = balancer_config("lb", 8883, tmp_path, nodes, 2)
+    assert hard_stop_after(kept) == 20.0
+    for kind in ("lb", "haproxy"):
+        assert (
+            hard_stop_after(balancer_config(kind, 8883, tmp_path, nodes, 2, hard_stop=False)) == 0
+        )
