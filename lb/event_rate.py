@@ -125,9 +125,7 @@ class EventRate:
         the limit less the rate rounded down, as HAProxy's freq_ctr_remain."""
         if self.limit is None:
             return 1 << 31
-        rate = math.floor(self.estimate(now))
-        self.seen_max = max(self.seen_max, rate)
-        return max(self.limit - rate, 0)
+        return max(self.limit - self.rate(now), 0)
 
     def delay(self, now: float) -> float:
         """Seconds from `now` until `remain` is at least 1 (the rate is below the limit),
