@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from lb.event_rate import SLOTS_PER_WORKER, EventRate, RateWindow
+from lb.ratelimit import Burst
 
 __all__ = [
     "ACCEPT_BATCH",
@@ -167,30 +168,24 @@ class AcceptLoop:
 
     __slots__ = (
         "_accept",
-        "_burst_check",
         "_identity",
-        "_rate_burst_check",
         "_rate_wait",
         "_retry",
         "_window",
         "accepting",
         "batch_time",
-        "burst_failures",
-        "burst_started",
         "closed",
         "conn_rate",
         "failed_accepts",
+        "failures",
         "held",
         "label",
-        "last_failure",
-        "last_rate_pause",
         "loop",
         "on_failed",
         "on_rate_paused",
         "on_socket",
-        "rate_burst_pauses",
-        "rate_burst_started",
         "rate_pauses",
+        "rate_runs",
         "socket",
     )
 
@@ -220,11 +215,11 @@ class AcceptLoop:
         self.held = False
         #: Failed accepts (out of descriptors) since start; the listener's counter.
         self.failed_accepts = 0
-        self.burst_started: float | None = None
-        self.burst_failures = 0
-        self.last_failure = 0.0
+        # A run of failed accepts (one line when it starts, one when it is over).
+        self.failures = Burst(
+            BURST_QUIET, self.loop.time, self.loop.call_later, self._failures_over
+        )
         self._retry: asyncio.TimerHandle | None = None
-        self._burst_check: asyncio.TimerHandle | None = None
         # max_conn_rate: this listener's accepts per second (None: no limit, and nothing is
         # counted, so an unlimited listener pays nothing per connection for it).
         self.conn_rate: EventRate | None = None
@@ -240,11 +235,9 @@ class AcceptLoop:
         self.on_rate_paused = on_rate_paused
         #: Pauses for max_conn_rate since start; the listener's counter.
         self.rate_pauses = 0
-        self.rate_burst_started: float | None = None
-        self.rate_burst_pauses = 0
-        self.last_rate_pause = 0.0
+        # A run of such pauses (told as the failures are).
+        self.rate_runs = Burst(BURST_QUIET, self.loop.time, self.loop.call_later, self._rate_over)
         self._rate_wait: asyncio.TimerHandle | None = None
-        self._rate_burst_check: asyncio.TimerHandle | None = None
 
     @property
     def paused(self) -> bool:
@@ -302,14 +295,12 @@ class AcceptLoop:
     def close(self) -> None:
         self._pause()
         self.closed = True
-        for handle in (self._retry, self._burst_check, self._rate_wait, self._rate_burst_check):
+        for handle in (self._retry, self._rate_wait):
             if handle is not None:
                 handle.cancel()
-        self._retry = self._burst_check = self._rate_wait = self._rate_burst_check = None
-        if self.burst_started is not None:
-            self._burst_over()
-        if self.rate_burst_started is not None:
-            self._rate_burst_over()
+        self._retry = self._rate_wait = None
+        self.failures.end()
+        self.rate_runs.end()
         self.socket.close()
 
     def _rate_budget(self) -> int:
@@ -336,41 +327,24 @@ class AcceptLoop:
         self.rate_pauses += 1
         if self.on_rate_paused is not None:
             self.on_rate_paused()
-        self.rate_burst_pauses += 1
-        now = self.loop.time()
-        self.last_rate_pause = now
-        if self.rate_burst_started is None:
-            self.rate_burst_started = now
+        if self.rate_runs.add():
             logger.warning(
                 "%s: %s reached: accepts pause until the rate falls below it; connections "
                 "wait in the kernel's queue",
                 self.label,
                 conn_rate.label,
             )
-            self._rate_burst_check = self.loop.call_later(BURST_QUIET, self._check_rate_burst)
 
-    def _check_rate_burst(self) -> None:
-        self._rate_burst_check = None
-        quiet_for = self.loop.time() - self.last_rate_pause
-        if quiet_for < BURST_QUIET:
-            self._rate_burst_check = self.loop.call_later(
-                BURST_QUIET - quiet_for, self._check_rate_burst
-            )
-            return
-        self._rate_burst_over()
-
-    def _rate_burst_over(self) -> None:
-        assert self.rate_burst_started is not None and self.conn_rate is not None
+    def _rate_over(self, pauses: int, seconds: float) -> None:
+        assert self.conn_rate is not None
         logger.warning(
             "%s: %s: accepts paused %d times over %.1fs, none in the last %.0fs",
             self.label,
             self.conn_rate.label,
-            self.rate_burst_pauses,
-            self.last_rate_pause - self.rate_burst_started,
-            BURST_QUIET,
+            pauses,
+            seconds,
+            self.rate_runs.quiet,
         )
-        self.rate_burst_started = None
-        self.rate_burst_pauses = 0
 
     def _on_readable(self) -> None:
         accept = self._accept
@@ -404,11 +378,7 @@ class AcceptLoop:
         self.failed_accepts += 1
         if self.on_failed is not None:
             self.on_failed()
-        self.burst_failures += 1
-        now = self.loop.time()
-        self.last_failure = now
-        if self.burst_started is None:
-            self.burst_started = now
+        if self.failures.add():
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             logger.warning(
                 "%s: accept failed: %s (file limit %s, hard %s): accepts paused until a "
@@ -420,27 +390,15 @@ class AcceptLoop:
                 _limit_text(hard),
                 ACCEPT_RETRY_DELAY,
             )
-            self._burst_check = self.loop.call_later(BURST_QUIET, self._check_burst)
         self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._retry_now)
 
-    def _check_burst(self) -> None:
-        self._burst_check = None
-        quiet_for = self.loop.time() - self.last_failure
-        if quiet_for < BURST_QUIET:
-            self._burst_check = self.loop.call_later(BURST_QUIET - quiet_for, self._check_burst)
-            return
-        self._burst_over()
-
-    def _burst_over(self) -> None:
-        assert self.burst_started is not None
+    def _failures_over(self, failures: int, seconds: float) -> None:
         logger.warning(
             "%s: burst over: %d accepts failed for lack of file descriptors in %.1fs",
             self.label,
-            self.burst_failures,
-            self.last_failure - self.burst_started,
+            failures,
+            seconds,
         )
-        self.burst_started = None
-        self.burst_failures = 0
 
 
 class PendingConnections:

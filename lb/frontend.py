@@ -38,6 +38,7 @@ from lb.log import (
     format_connection_error,
 )
 from lb.proxy_hmac import HeaderKeys
+from lb.ratelimit import Burst
 from lb.shared_counts import POLL_INTERVAL, SharedCount
 from lb.tls import BindContext, bind_tls
 from lb.tls_codes import Refusal
@@ -103,8 +104,8 @@ class ProcessLimit:
         self.conn_rate: EventRate | None = None
         self.ssl_rate: EventRate | None = None
         self.rate_pauses = 0  # listener pauses for an accept rate limit, counted
-        # A run of such pauses per limit (its label): [pauses, first, last].
-        self.rate_bursts: dict[str, list[float]] = {}
+        # A run of such pauses per limit (by its label).
+        self.rate_bursts: dict[str, Burst] = {}
 
     def _own_room(self) -> bool:
         """Room in this process: below its maxconn and, out of files, below its cap."""
@@ -210,35 +211,31 @@ class ProcessLimit:
         such pauses begins and one when it is over (none for RATE_BURST_QUIET), however
         long the storm."""
         self.rate_pauses += 1
-        now = self._now()
         burst = self.rate_bursts.get(limit.label)
-        if burst is not None:
-            burst[0] += 1
-            burst[2] = now
-            return
-        self.rate_bursts[limit.label] = [1, now, now]
-        logger.warning(
-            "%s reached: accepts pause until the rate falls below it; connections wait "
-            "in the kernel's queue",
-            limit.label,
-        )
-        if self.loop is not None:
-            self.loop.call_later(RATE_BURST_QUIET, self._rate_burst_over, limit.label)
+        if burst is None:
+            label = limit.label
 
-    def _rate_burst_over(self, label: str) -> None:
-        assert self.loop is not None
-        pauses, first, last = self.rate_bursts[label]
-        if self._now() - last < RATE_BURST_QUIET:
-            self.loop.call_at(last + RATE_BURST_QUIET, self._rate_burst_over, label)
-            return
-        del self.rate_bursts[label]
-        logger.warning(
-            "%s: accepts paused %d times over %.1fs, none in the last %.0fs",
-            label,
-            pauses,
-            last - first,
-            RATE_BURST_QUIET,
-        )
+            def over(pauses: int, seconds: float) -> None:
+                logger.warning(
+                    "%s: accepts paused %d times over %.1fs, none in the last %.0fs",
+                    label,
+                    pauses,
+                    seconds,
+                    RATE_BURST_QUIET,
+                )
+
+            burst = self.rate_bursts[label] = Burst(
+                RATE_BURST_QUIET,
+                self._now,
+                None if self.loop is None else self.loop.call_later,
+                over,
+            )
+        if burst.add():
+            logger.warning(
+                "%s reached: accepts pause until the rate falls below it; connections wait "
+                "in the kernel's queue",
+                limit.label,
+            )
 
     def _expire(self) -> None:
         self.expiry = None

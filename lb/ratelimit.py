@@ -5,7 +5,8 @@ PROXY header that never comes, a source that is not trusted): 2,000 silent socke
 write 2,000 lines. `RateLimiter` lets a burst through, then a steady rate, and counts the
 rest; `SuppressedLines` puts one kind of line through it and reports what it held back as
 "N similar lines suppressed", every `interval` seconds while the flood lasts and once more
-when it is over (or at `flush`).
+when it is over (or at `flush`). `Burst` tells a run of events (accepts paused at a rate
+limit, accepts failed for want of files) in two lines, when it begins and when it is over.
 
 This is a leaf module (it imports nothing else of lb), so the broker uses it too
 (tests/test_layering.py); the clock and the scheduler are passed in, so it has no event loop.
@@ -14,8 +15,16 @@ This is a leaf module (it imports nothing else of lb), so the broker uses it too
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["DEFAULT_BURST", "DEFAULT_RATE", "REPORT_INTERVAL", "RateLimiter", "SuppressedLines"]
+__all__ = [
+    "DEFAULT_BURST",
+    "DEFAULT_RATE",
+    "REPORT_INTERVAL",
+    "Burst",
+    "RateLimiter",
+    "SuppressedLines",
+]
 
 #: A burst of this many lines at once, then this many per second (lb's refused handshakes).
 DEFAULT_BURST = 20
@@ -115,3 +124,64 @@ class SuppressedLines:
     def flush(self) -> None:
         """At stop: report now what a pending report would have said."""
         self.report()
+
+
+class _Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Burst:
+    """A run of events (accepts paused at a rate limit, accepts failed for want of files)
+    told in two lines however long it lasts: the caller writes the first when `add` says the
+    run began, and `on_over(count, seconds)` is called once none came for `quiet` seconds
+    (or at `end`), with how many there were and over how long.
+
+    `schedule(delay, callback)` is the event loop's call_later (None: the run is never told
+    over, for objects that have no loop)."""
+
+    __slots__ = ("_check", "clock", "count", "first", "last", "on_over", "quiet", "schedule")
+
+    def __init__(
+        self,
+        quiet: float,
+        clock: Callable[[], float],
+        schedule: Callable[[float, Callable[[], None]], _Cancellable] | None,
+        on_over: Callable[[int, float], None],
+    ) -> None:
+        self.quiet = quiet
+        self.clock = clock
+        self.schedule = schedule
+        self.on_over = on_over
+        self.count = 0  # events in the run (0: no run)
+        self.first = self.last = 0.0
+        self._check: _Cancellable | None = None
+
+    def add(self) -> bool:
+        """One more event; True when it began a run (write its first line then)."""
+        now = self.clock()
+        self.last = now
+        self.count += 1
+        if self.count > 1:
+            return False
+        self.first = now
+        if self.schedule is not None:
+            self._check = self.schedule(self.quiet, self._look)
+        return True
+
+    def _look(self) -> None:
+        quiet_for = self.clock() - self.last
+        if quiet_for < self.quiet:
+            assert self.schedule is not None
+            self._check = self.schedule(self.quiet - quiet_for, self._look)
+            return
+        self._check = None
+        self.end()
+
+    def end(self) -> None:
+        """Tell the run over now, if there is one (at stop)."""
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
+        if self.count:
+            count, self.count = self.count, 0
+            self.on_over(count, self.last - self.first)

@@ -13,7 +13,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ from lb.log import (
     frame,
 )
 from lb.log_format import LogFormatError
+from lb.ratelimit import Burst
 from tests.harness import (
     EchoBackend,
     client_context,
@@ -484,3 +485,40 @@ def test_rate_limiter_and_suppressed_report() -> None:
     limiter = RateLimiter(2.0, 1, lambda: now[0])
     assert limiter.allow() and not limiter.allow()
     assert limiter.take_suppressed() == 1
+
+
+def test_burst_is_told_when_it_begins_and_when_it_is_over() -> None:
+    """A run of events: `add` says which began it; the end is told once none came for
+    `quiet` seconds (looked at again when one came meanwhile), or at `end`, with the count
+    and the span; a new run then begins afresh."""
+
+    class Handle:
+        def __init__(self, delay: float, callback: Callable[[], None]) -> None:
+            self.delay, self.callback, self.cancelled = delay, callback, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    now = [100.0]
+    handles: list[Handle] = []
+    told: list[tuple[int, float]] = []
+
+    def schedule(delay: float, callback: Callable[[], None]) -> Handle:
+        handles.append(Handle(delay, callback))
+        return handles[-1]
+
+    burst = Burst(10.0, lambda: now[0], schedule, lambda count, span: told.append((count, span)))
+    assert burst.add() and not burst.add()
+    now[0] = 104.0
+    assert not burst.add()
+    now[0] = 110.0
+    handles[-1].callback()  # 6 s since the last: not over, looked at 4 s later
+    assert told == [] and handles[-1].delay == 4.0
+    now[0] = 114.0
+    handles[-1].callback()
+    assert told == [(3, 4.0)]
+    assert burst.add()  # a new run
+    burst.end()  # at stop: told now, its look cancelled
+    assert told[-1] == (1, 0.0) and handles[-1].cancelled
+    burst.end()
+    assert len(told) == 2
