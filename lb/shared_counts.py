@@ -36,8 +36,8 @@ once, as before.
 
 The same block holds each listener's accepts per second (lb.event_rate: two slots per
 worker), for `maxconnrate`, `maxsessrate`, `maxsslrate` and `rate-limit sessions`, which
-HAProxy applies to its whole process. With one worker the block is the worker's own
-(`local_rates`).
+HAProxy applies to its whole process. With one worker there is no block: each frontend
+counts in windows of its own (lb.frontend.FrontendRuntime).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class SharedCounts:
     @classmethod
     def for_config(cls, config: Config) -> SharedCounts | None:
         """The counts `config`'s workers share, or None with one worker (its own counts are
-        exact and its rates are its own: `local_rates`)."""
+        exact and its rates its own)."""
         workers = config.global_.nbthread or 1
         if workers < 2:
             return None
@@ -105,11 +105,6 @@ class SharedCounts:
             if server.maxconn is not None
         ]
         return cls(names, workers, rate_names(config))
-
-    @classmethod
-    def local_rates(cls, config: Config) -> SharedCounts:
-        """A one-worker block of `config`'s rate windows (a worker without others)."""
-        return cls((), 1, rate_names(config))
 
     def count(self, name: str, worker: int, limit: int) -> SharedCount | None:
         """Worker `worker`'s (1-based) handle on count `name` bounded by `limit`."""
