@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from lb.event_rate import SLOTS_PER_WORKER, EventRate, RateWindow
+from lb.event_rate import EventRate, RateWindow, own_windows
 from lb.ratelimit import Burst
 
 __all__ = [
@@ -226,8 +226,7 @@ class AcceptLoop:
         self._window: RateWindow | None = None
         self.batch_time = 0.0  # when the current accept batch began (max_conn_rate)
         if max_conn_rate is not None:
-            slots = memoryview(bytearray(8 * SLOTS_PER_WORKER)).cast("Q")
-            self._window = RateWindow(slots, 0, 1, 0)
+            [self._window] = own_windows(1)
             self.conn_rate = EventRate(
                 (self._window,), max_conn_rate, f"max_conn_rate {max_conn_rate}"
             )

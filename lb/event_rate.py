@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Sequence
 
-__all__ = ["SLOTS_PER_WORKER", "EventRate", "RateWindow"]
+__all__ = ["SLOTS_PER_WORKER", "EventRate", "RateWindow", "own_windows"]
 
 #: Slots per worker in a window: one for even seconds, one for odd ones.
 SLOTS_PER_WORKER = 2
@@ -80,6 +80,12 @@ class RateWindow:
         """Forget worker `worker`'s events (it is gone; the master zeroes its slots)."""
         index = self.start + SLOTS_PER_WORKER * worker
         self.slots[index] = self.slots[index + 1] = 0
+
+
+def own_windows(count: int) -> list[RateWindow]:
+    """`count` windows of one process, in memory no other process sees."""
+    slots = memoryview(bytearray(8 * SLOTS_PER_WORKER * max(count, 1))).cast("q")
+    return [RateWindow(slots, SLOTS_PER_WORKER * index, 1, 0) for index in range(count)]
 
 
 class EventRate:

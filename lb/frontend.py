@@ -23,7 +23,7 @@ from lb import proxyproto, tls_io
 from lb.config.model import Bind, Frontend, Global, Server
 from lb.counters import FrontendCounters, ProcessCounters
 from lb.datapath import ClientSide, HandshakeQueue, Limits, TimerWheel
-from lb.event_rate import SLOTS_PER_WORKER, EventRate, RateWindow
+from lb.event_rate import EventRate, RateWindow, own_windows
 from lb.heap import HeapTrimmer
 from lb.limits import RESOURCE_ERRNOS, resource_words
 from lb.log import (
@@ -463,10 +463,7 @@ class FrontendRuntime:
         self.has_ssl = any(context is not None for context in self.contexts.values())
         # Accepts per second of each bind line, this worker's own until lb.process.Runtime
         # gives it the windows every worker shares (use_rate_windows).
-        own = memoryview(bytearray(8 * SLOTS_PER_WORKER * max(len(self.binds), 1))).cast("q")
-        self.bind_windows: list[RateWindow] = [
-            RateWindow(own, SLOTS_PER_WORKER * index, 1, 0) for index in range(len(self.binds))
-        ]
+        self.bind_windows: list[RateWindow] = own_windows(len(self.binds))
         self.session_rate: EventRate
         self.use_rate_windows(self.bind_windows)
         self.listeners: list[Listener] = []
