@@ -52,6 +52,14 @@ diverged; when the links are back, OWNED lists are exchanged and the older copy 
 queued and in-flight messages into the newer (de-duplicated by message id: QoS 1 may arrive
 twice at such a heal, QoS 2 not, within the last 1,000 messages of that session).
 
+Sessions are replicated (issue 13, :mod:`broker.replica`): each node's persistent sessions
+are copied to its backup (the next node by name) as REPLICA frames, and what promises a
+session write waits for the backup's REPLICA_ACK. A claim for a client id whose owner is
+down is answered by the backup with a TRANSFER of its copy (or the copy is installed when
+the device reconnected to the backup); QoS 1/2 messages for a down node's plain subscribers
+also go to its backup (REPLICA_PUBLISH), as do the unacknowledged ones in our outbox to it
+when its link drops.
+
 Retained messages are replicated with their wall-clock change time; on a resync the newer
 one wins. The asyncio part (protocols, timers, TLS) lives here; the frame codec is sans-IO
 in :mod:`broker.cluster_codec`, the claim rules in :mod:`broker.registry`, the seq/ack
@@ -63,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hmac
+import itertools
 import logging
 import random
 import re
@@ -81,8 +90,15 @@ from broker.message import Message
 from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
 from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges_into
 from broker.reliable import Inbox, InboxVerdict, Outbox
+from broker.replica import (
+    REPLICA_FRAME_BYTES,
+    Replicas,
+    ReplicatedStore,
+    Replicator,
+    backup_of,
+)
 from broker.session import HeldPublishers, Holder, Pending, Session
-from broker.store import StoredState
+from broker.store import Store, StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 from broker.tls_listener import (
     ReloadingContext,
@@ -149,6 +165,8 @@ REMOTE_SHARES_MAX = 65_536
 REMOTE_SHARE_CLIENT_ID_MAX = 256
 #: Outbox drops are logged at most this often per peer.
 DROP_LOG_INTERVAL = 5.0
+#: Seconds between two looks for expired copies of sessions of nodes that are down.
+REPLICA_SWEEP_INTERVAL = 30.0
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
 #: A shared member's key in the cluster-wide trie: node and client id.
 _MEMBER_SEPARATOR = "\x00"
@@ -289,6 +307,7 @@ class LinkCounters:
     remote_pauses_expired: int = 0
     remote_shares_forgotten: int = 0  # past REMOTE_SHARES_MAX, the oldest (logged)
     pings_sent: int = 0
+    failover_sent: int = 0  # REPLICA_PUBLISH: messages for a node that is down, to its backup
 
 
 def certificate_names(certificate: dict[str, Any] | None) -> frozenset[str]:
@@ -552,11 +571,37 @@ class Cluster:
         # client's verified chain (PP2 chain-subjects from lb, or the broker's own TLS).
         self.node_issuers: dict[bytes, str] = {}
         self.client_ca_warned = False
+        # Issue 13, session replication (broker.replica): our backup keeps copies of our
+        # persistent sessions; we keep those of the nodes whose backup we are.
+        self.replicating = (
+            self.cluster_config.session_replicas > 0
+            and self.protocol_version >= codec.REPLICA_VERSION
+            and bool(self.peers)
+        )
+        names = [self.node_name, *self.peers]
+        self.backups = {name: backup_of(name, names) for name in names}
+        self.backup = self.backups[self.node_name] if self.replicating else None
+        self.replicator = Replicator()
+        self.replicator.on_pending = self._replica_pending
+        self.replica_flush_scheduled = False
+        # Bumped at each link to the backup: a snapshot of an older link stops.
+        self.replica_epoch = 0
+        self.replicas = Replicas(config.mqtt.max_queued_messages, config.mqtt.max_queued_bytes)
+        # Wall clock when each peer's link went down (a copy's expiry counts from it).
+        self.down_since: dict[str, float] = {}
+        self.replica_sweeper: asyncio.TimerHandle | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def attach(self, broker: Broker) -> None:
         self.broker = broker
+
+    def replicated(self, store: Store) -> Store:
+        """The node's store, wrapped so that session writes reach the backup too (or the
+        store itself when this node keeps no copies elsewhere)."""
+        if self.backup is None:
+            return store
+        return ReplicatedStore(store, self.replicator)
 
     def restore(self, state: StoredState) -> None:
         """Outboxes, inbox high-waters, routes and our incarnation from the store."""
@@ -662,20 +707,35 @@ class Cluster:
             or "none",
         )
         if self.protocol_version < codec.PROTOCOL_VERSION:
+            lacks = ["its persistent sessions are not copied to another node"]
+            if self.protocol_version < codec.SHARE_VERSION:
+                lacks.append("sessions' shares do not cross its links")
             logger.warning(
                 "cluster %s: node %s announces cluster protocol version %d ([cluster] "
-                "protocol_version): sessions' shares do not cross its links; once every node "
-                "runs a release that speaks %d, set %d (or remove it) and restart the nodes one "
-                "by one",
+                "protocol_version): %s; once every node runs a release that speaks %d, set %d "
+                "(or remove it) and restart the nodes one by one",
                 self.cluster_config.name,
                 self.node_name,
                 self.protocol_version,
+                ", ".join(lacks),
                 codec.PROTOCOL_VERSION,
                 codec.PROTOCOL_VERSION,
             )
+        if self.backup is not None:
+            logger.info(
+                "cluster %s: node %s replicates its persistent sessions to %s",
+                self.cluster_config.name,
+                self.node_name,
+                self.backup,
+            )
+        now = time.time()
         for peer in self.peers.values():
+            self.down_since[peer.name] = now
             if peer.dials:
                 self._dial_soon(peer, 0.0)
+        self.replica_sweeper = asyncio.get_running_loop().call_later(
+            REPLICA_SWEEP_INTERVAL, self._sweep_replicas
+        )
 
     @property
     def port(self) -> int:
@@ -684,6 +744,9 @@ class Cluster:
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.replica_sweeper is not None:
+            self.replica_sweeper.cancel()
+            self.replica_sweeper = None
         for contexts in (self.server_contexts, self.client_contexts):
             if contexts is not None:
                 contexts.stop()
@@ -918,7 +981,11 @@ class Cluster:
             link.send(frame)
         for frame in codec.encode_owned(self._owned()):
             link.send(frame)
-        link.start_backlog(applied, self._retained_frames())
+        self.down_since.pop(peer.name, None)
+        backlog = self._retained_frames()
+        if peer.name == self.backup and link.protocol_version >= codec.REPLICA_VERSION:
+            backlog = itertools.chain(backlog, self._start_replication(link))
+        link.start_backlog(applied, backlog)
 
     def link_lost(self, link: ClusterLink, reason: str) -> None:
         self.accepting.discard(link)
@@ -931,7 +998,24 @@ class Cluster:
             return
         peer.link = None
         peer.counters.disconnects += 1
+        self.down_since[peer.name] = time.time()
+        if peer.name == self.backup and self.replicator.active:
+            # One copy from now on, as on a single node: nothing waits for the backup.
+            for callback in self.replicator.stop():
+                callback()
         self._release_waiters(peer)
+        if self.replicating:
+            self._failover_outbox(peer)
+        if peer.name in self.replicas.parked:
+            queued, dropped = self.replicas.owner_down(peer.name, time.monotonic())
+            self._failover_dropped(peer.name, dropped)
+            if queued:
+                logger.info(
+                    "cluster: %d messages for sessions of %s, parked while only their sender "
+                    "had lost it, queued for our copies",
+                    queued,
+                    peer.name,
+                )
         self._forget_holds(peer)
         # Routes stay: messages for the peer's persistent sessions wait in its outbox. Its
         # shared members stay too, but are picked only when no other member is reachable.
@@ -994,6 +1078,183 @@ class Cluster:
         # has it, and drops it on the newer deletion (its copy is older).
         for topic, changed_at in list(self.retained_tombstones.items()):
             yield codec.encode(codec.Retain(topic, None, changed_at))
+
+    # --- session replication (broker.replica) -------------------------------------------------
+
+    def _start_replication(self, link: ClusterLink) -> Iterator[bytes]:
+        """The link to our backup is up: a reset now, then (as the link drains) a snapshot of
+        every persistent session; writes from now on go as they are made."""
+        replicator = self.replicator
+        replicator.start()
+        self.replica_epoch += 1
+        link.send(codec.encode(replicator.frame((), reset=True)))
+        return self._snapshot(self.replica_epoch)
+
+    def _snapshot(self, epoch: int) -> Iterator[bytes]:
+        broker = self.broker
+        assert broker is not None
+        replicator = self.replicator
+        client_ids = list(broker.sessions)
+        ops: list[codec.ReplicaOp] = []
+        size = sessions = 0
+        started = time.monotonic()
+        for client_id in client_ids:
+            if epoch != self.replica_epoch:
+                return
+            session = broker.sessions.get(client_id)
+            if session is None or not session.durable or session.moved_to is not None:
+                continue
+            sessions += 1
+            for op in self._session_ops(session):
+                ops.append(op)
+                size += len(op.data) + 32
+            if size >= REPLICA_FRAME_BYTES:
+                yield codec.encode(replicator.frame(tuple(ops)))
+                ops, size = [], 0
+        if epoch != self.replica_epoch:
+            return
+        if ops:
+            yield codec.encode(replicator.frame(tuple(ops)))
+        replicator.snapshot_sent()
+        logger.info(
+            "cluster: %d persistent sessions sent to %s (our backup) in %.1fs",
+            sessions,
+            self.backup,
+            time.monotonic() - started,
+        )
+
+    def _session_ops(self, session: Session) -> Iterator[codec.ReplicaOp]:
+        """The writes that make ``session`` on the backup (as broker.core stores it)."""
+        broker = self.broker
+        assert broker is not None
+        client_id = session.client_id
+        record = broker.session_record(session, deliveries=False)
+        yield codec.ReplicaOp(
+            codec.ReplicaOpKind.SAVE, client_id, data=codec.encode_session(record)
+        )
+        for packet_id in session.incoming_qos2:
+            yield codec.ReplicaOp(codec.ReplicaOpKind.INCOMING_ADD, client_id, packet_id=packet_id)
+        for outgoing in session.inflight.values():
+            pending = outgoing.pending
+            if pending.key:
+                record_bytes = codec.encode_delivery(
+                    broker.delivery_record(pending, outgoing.packet_id, True, outgoing.released)
+                )
+                yield codec.ReplicaOp(
+                    codec.ReplicaOpKind.DELIVERY_ADD, client_id, pending.key, data=record_bytes
+                )
+        for pending in session.queue:
+            if pending.key:
+                record_bytes = codec.encode_delivery(
+                    broker.delivery_record(pending, pending.packet_id)
+                )
+                yield codec.ReplicaOp(
+                    codec.ReplicaOpKind.DELIVERY_ADD, client_id, pending.key, data=record_bytes
+                )
+
+    def _replica_pending(self) -> None:
+        if not self.replica_flush_scheduled:
+            self.replica_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_replica)
+
+    def _flush_replica(self) -> None:
+        """Once per loop turn: the session writes made in it, to the backup."""
+        self.replica_flush_scheduled = False
+        replicator = self.replicator
+        peer = None if self.backup is None else self.peers.get(self.backup)
+        link = None if peer is None else peer.link
+        if link is None or not link.established or not replicator.active:
+            return
+        for frame in replicator.frames():
+            if not link.send(codec.encode(frame)):
+                return  # the link closed (link_lost stopped the replicator)
+
+    def _failover_outbox(self, peer: Peer) -> None:
+        """The link to ``peer`` dropped: the messages it had not acknowledged may have died
+        with it, so they go to its backup too (the copies are de-duplicated there)."""
+        if not peer.outbox or self.backups.get(peer.name) is None:
+            return
+        copied = 0
+        for _, data in peer.outbox.entries:
+            decoder = codec.ClusterDecoder(len(data))
+            decoder.feed(data)
+            frame = decoder.next_event()
+            if not isinstance(frame, codec.Reliable):
+                continue
+            inner = frame.frame
+            if isinstance(inner, codec.Publish) and inner.plain and inner.message.qos:
+                self._send_failover(peer.name, inner.message)
+                copied += 1
+        if copied:
+            logger.info(
+                "cluster: %d unacknowledged messages for %s also sent to its backup %s",
+                copied,
+                peer.name,
+                self.backups[peer.name],
+            )
+
+    def _send_failover(self, origin: str, message: codec.WireMessage) -> None:
+        """A QoS 1/2 message for ``origin``'s subscribers while it is down: to its backup."""
+        backup = self.backups.get(origin)
+        if backup is None:
+            return
+        if backup == self.node_name:
+            self._failover_here(origin, message)
+            return
+        peer = self.peers.get(backup)
+        if peer is None or peer.link is None or not peer.link.established:
+            return  # the backup is down too: the message waits in origin's outbox alone
+        if peer.link.protocol_version < codec.REPLICA_VERSION:
+            return
+        peer.counters.failover_sent += 1
+        self.send_reliable(peer, codec.ReplicaPublish(origin, message))
+
+    def _failover_here(self, origin: str, message: codec.WireMessage) -> None:
+        peer = self.peers.get(origin)
+        if peer is not None and peer.up:
+            # Only the sender lost its link to the owner (so far): parked (broker.replica).
+            self.replicas.park(origin, message, time.monotonic())
+            return
+        self._failover_dropped(origin, self.replicas.failover(origin, message)[1])
+
+    def _failover_dropped(self, origin: str, dropped: list[str]) -> None:
+        broker = self.broker
+        assert broker is not None
+        for client_id in dropped:
+            broker.counters.messages_dropped_queue_full += 1
+            broker.counters.messages_dropped_acknowledged += 1
+            broker.drops.record(client_id, f"queue full: the copy of its session ({origin} down)")
+
+    def _orphaned_copy(self, client_id: str, claimer: str | None) -> str | None:
+        """The owner of our copy of ``client_id`` when that owner is down (the copy is
+        then the session), else None."""
+        origin = self.replicas.find(client_id)
+        if origin is None or origin == claimer:
+            return None
+        peer = self.peers.get(origin)
+        if peer is not None and peer.up:
+            return None
+        return origin
+
+    def _sweep_replicas(self) -> None:
+        now = time.time()
+        for origin in list(self.replicas.parked):
+            self.replicas.discard_parked(origin, time.monotonic())
+        for origin in list(self.replicas.origins):
+            since = self.down_since.get(origin)
+            if since is None:
+                continue  # up: its copies end when it deletes them
+            expired = self.replicas.expire(origin, since, now)
+            if expired:
+                logger.info(
+                    "cluster: %d copies of sessions of %s (down since %s) expired",
+                    expired,
+                    origin,
+                    time.strftime("%H:%M:%S", time.localtime(since)),
+                )
+        self.replica_sweeper = asyncio.get_running_loop().call_later(
+            REPLICA_SWEEP_INTERVAL, self._sweep_replicas
+        )
 
     # --- reliable frames ---------------------------------------------------------------------
 
@@ -1214,6 +1475,13 @@ class Cluster:
         elif isinstance(frame, codec.Retain):
             counters.retained_received += 1
             self._retained_received(frame)
+        elif isinstance(frame, codec.Replica):
+            self.replicas.apply(peer.name, frame)
+            link.send(codec.encode(codec.ReplicaAck(frame.seq)))
+        elif isinstance(frame, codec.ReplicaAck):
+            if peer.name == self.backup:
+                for callback in self.replicator.ack(frame.seq):
+                    callback()
         elif isinstance(frame, codec.Ping):
             link.send(codec.encode(codec.Pong()))
         elif isinstance(frame, codec.Pong):
@@ -1248,6 +1516,8 @@ class Cluster:
             broker.lamport.observe(frame.version)
             if self.state_handler is not None:
                 self.state_handler(frame)
+        elif isinstance(frame, codec.ReplicaPublish):
+            self._failover_here(frame.origin, frame.message)
         else:
             raise codec.ClusterProtocolError(
                 f"{type(frame).__name__} is not sent as a reliable frame"
@@ -1426,6 +1696,22 @@ class Cluster:
             if earlier.timer is not None:
                 earlier.timer.cancel()
             earlier.done(ClaimOutcome(earlier.claim.version, rejected=True))
+        if not local and self.replicas.origins:
+            origin = self._orphaned_copy(client_id, None)
+            if origin is not None and clean_start:
+                self.replicas.drop(client_id)
+            elif origin is not None:
+                record = self.replicas.take(origin, client_id)
+                if record is not None and broker.install_session(record, merge=False):
+                    self.replicas.counters.installed_here += 1
+                    local = True
+                    logger.info(
+                        "session of client_id=%s taken from our copy (its node %s is down; "
+                        "%d queued or in flight)",
+                        client_id,
+                        origin,
+                        len(record.deliveries),
+                    )
         up = [peer for peer in self.peers.values() if peer.up]
         unreachable = len(up) < len(self.peers)
         data = codec.encode(codec.Claim(client_id, version, clean_start))
@@ -1491,6 +1777,25 @@ class Cluster:
         owned = None
         if session is not None and session.moved_to is None:
             owned = session.version or Version(0, "")
+        elif waiting is None and self.replicas.origins:
+            origin = self._orphaned_copy(client_id, peer.name)
+            if origin is not None and frame.clean_start:
+                self.replicas.drop(client_id)
+            elif origin is not None:
+                record = self.replicas.take(origin, client_id)
+                if record is not None:
+                    self.replicas.counters.handed_over += 1
+                    peer.counters.transfers_sent += 1
+                    logger.info(
+                        "session of client_id=%s handed over to node %s from our copy (its "
+                        "node %s is down; %d queued or in flight)",
+                        client_id,
+                        peer.name,
+                        origin,
+                        len(record.deliveries),
+                    )
+                    self.send_reliable(peer, codec.Transfer(frame.version, False, record))
+                    return
         decision = decide(owned, None if waiting is None else waiting.claim.version, frame.version)
         if decision is ClaimDecision.DEFER:
             assert waiting is not None
@@ -1651,6 +1956,9 @@ class Cluster:
                 continue
             if wire is None:
                 wire = codec.WireMessage.from_message(message, broker.clock(), self.node_name)
+            if message.qos and self.replicating and name in plain and not peer.up:
+                # Issue 13: the node may be gone for good; its backup keeps its sessions.
+                self._send_failover(name, wire)
             frame = codec.Publish(wire, name in plain, tuple(targets.get(name, ())))
             if message.qos == 0:
                 link = peer.link
@@ -1814,6 +2122,11 @@ class Cluster:
             "claims_waiting": len(self.waiting),
             "inbound_refused": self.refused_inbound,
             "store": None if broker is None else broker.store.status(),
+            "replication": {
+                "backup": self.backup,
+                "sending": self.replicator.status(),
+                "copies": self.replicas.status(),
+            },
             "tls": None if self.server_contexts is None else self.server_contexts.status(),
         }
 

@@ -13,7 +13,8 @@ A node speaks versions :data:`MIN_PROTOCOL_VERSION` to :data:`PROTOCOL_VERSION` 
 one of them in its HELLO (``[cluster] protocol_version``); each link speaks the lower of the
 two announced (:func:`link_version`), as Kafka's inter.broker.protocol.version does, so a
 cluster is upgraded node by node: every node first announces the old version, then the new.
-Version 2 is version 3 without HOLD's share.
+Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
+frames (a link of version 3 carries no session replication).
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -57,6 +58,18 @@ Version 2 is version 3 without HOLD's share.
                  with a share (version 3, issue 13) lets the publisher send that many more
                  QoS 1/2 messages to the sender before the receiver pauses it again itself
                  (the sender counts the same messages; broker.session.HeldPublishers).
+``REPLICA``      seq:u64, flags:u8 (bit 0 reset), count:u32 x op. Version 4: the sender's
+                 persistent sessions as its store writes them, to its backup node
+                 (:mod:`broker.replica`). An op is kind:u8, client_id:string, then by kind:
+                 1 SAVE session record:blob (no deliveries); 2 DELETE nothing; 3/4 INCOMING
+                 add/remove packet_id:u16; 5 DELIVERY_ADD key:u64, delivery record:blob;
+                 6 DELIVERY_UPDATE key:u64, packet_id:u16, flags:u8 (bit 0 in flight, bit 1
+                 PUBREL sent); 7 DELIVERY_REMOVE key:u64. Reset: forget every replica of the
+                 sender first (the first REPLICA after a link comes up, before its snapshot).
+``REPLICA_ACK``  seq:u64. Every REPLICA frame up to seq is applied.
+``REPLICA_PUBLISH`` origin:string, message. Reliable. Version 4: a QoS 1/2 message for the
+                 plain subscribers of ``origin``, a node the sender cannot reach; the
+                 receiver is its backup and queues it for the replicas of its sessions.
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -101,6 +114,7 @@ __all__ = [
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "REPLICA_VERSION",
     "SHARE_VERSION",
     "Ack",
     "Claim",
@@ -121,6 +135,11 @@ __all__ = [
     "Pong",
     "Publish",
     "Reliable",
+    "Replica",
+    "ReplicaAck",
+    "ReplicaOp",
+    "ReplicaOpKind",
+    "ReplicaPublish",
     "Retain",
     "SessionRecord",
     "StateWrite",
@@ -143,13 +162,16 @@ __all__ = [
 ]
 
 #: The highest version this node speaks. 3: HOLD's share (a node of version 2 would refuse
-#: the flag mid-link, so a link of version 2 never carries it).
-PROTOCOL_VERSION: Final = 3
+#: the flag mid-link, so a link of version 2 never carries it). 4: REPLICA, REPLICA_ACK and
+#: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types).
+PROTOCOL_VERSION: Final = 4
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
 MIN_PROTOCOL_VERSION: Final = 2
 #: The first version whose HOLD(resume) may carry a share.
 SHARE_VERSION: Final = 3
+#: The first version with session replication (REPLICA, REPLICA_ACK, REPLICA_PUBLISH).
+REPLICA_VERSION: Final = 4
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -181,6 +203,8 @@ _PLAIN_FLAG: Final = 0x01
 _CLEAN_START_FLAG: Final = 0x01
 _MERGE_FLAG: Final = 0x01
 _WILL_FLAG: Final = 0x01
+_OP_INFLIGHT: Final = 0x01
+_OP_RELEASED: Final = 0x02
 _DIVERGED_FLAG: Final = 0x02
 
 
@@ -205,6 +229,21 @@ class FrameType(IntEnum):
     MEMBERS = 18
     STATE = 19
     HOLD = 20
+    REPLICA = 21
+    REPLICA_ACK = 22
+    REPLICA_PUBLISH = 23
+
+
+class ReplicaOpKind(IntEnum):
+    """What a REPLICA op does to the backup's copy (the store's session writes)."""
+
+    SAVE = 1
+    DELETE = 2
+    INCOMING_ADD = 3
+    INCOMING_REMOVE = 4
+    DELIVERY_ADD = 5
+    DELIVERY_UPDATE = 6
+    DELIVERY_REMOVE = 7
 
 
 class ClusterProtocolError(Exception):
@@ -448,6 +487,38 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaOp:
+    """One write to a replicated session. ``data`` is the encoded session record (SAVE, no
+    deliveries) or delivery record (DELIVERY_ADD), kept as bytes by the backup."""
+
+    kind: ReplicaOpKind
+    client_id: str
+    key: int = 0
+    packet_id: int = 0
+    inflight: bool = False
+    released: bool = False
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    seq: int
+    reset: bool
+    ops: tuple[ReplicaOp, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAck:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPublish:
+    origin: str
+    message: WireMessage
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -473,6 +544,9 @@ Frame = (
     | Members
     | StateWrite
     | Hold
+    | Replica
+    | ReplicaAck
+    | ReplicaPublish
 )
 
 
@@ -700,7 +774,39 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
         return FrameType.STATE, (
             body + bytes((_PRESENT_FLAG,)) + _blob(frame.value) + _stamp(frame.expires_at or 0.0)
         )
+    if isinstance(frame, Replica):
+        return FrameType.REPLICA, (
+            _u64(frame.seq)
+            + bytes((_RESET_FLAG if frame.reset else 0,))
+            + _U32.pack(len(frame.ops))
+            + b"".join(_replica_op(op) for op in frame.ops)
+        )
+    if isinstance(frame, ReplicaAck):
+        return FrameType.REPLICA_ACK, _u64(frame.seq)
+    if isinstance(frame, ReplicaPublish):
+        return FrameType.REPLICA_PUBLISH, (
+            encode_string(frame.origin) + encode_message(frame.message)
+        )
     raise TypeError(f"not a cluster frame: {frame!r}")
+
+
+def _replica_op(op: ReplicaOp) -> bytes:
+    head = bytes((op.kind,)) + encode_string(op.client_id)
+    kind = op.kind
+    if kind == ReplicaOpKind.SAVE:
+        return head + _blob(op.data)
+    if kind == ReplicaOpKind.DELETE:
+        return head
+    if kind in (ReplicaOpKind.INCOMING_ADD, ReplicaOpKind.INCOMING_REMOVE):
+        return head + _U16.pack(op.packet_id)
+    if kind == ReplicaOpKind.DELIVERY_ADD:
+        return head + _u64(op.key) + _blob(op.data)
+    if kind == ReplicaOpKind.DELIVERY_UPDATE:
+        flags = (_OP_INFLIGHT if op.inflight else 0) | (_OP_RELEASED if op.released else 0)
+        return head + _u64(op.key) + _U16.pack(op.packet_id) + bytes((flags,))
+    if kind == ReplicaOpKind.DELIVERY_REMOVE:
+        return head + _u64(op.key)
+    raise ValueError(f"unknown replica op kind {kind!r}")
 
 
 def encode(frame: Frame) -> bytes:
@@ -897,6 +1003,51 @@ def _read_session(reader: Reader) -> SessionRecord:
     )
 
 
+#: The frames a link below REPLICA_VERSION does not carry.
+_REPLICA_TYPES: Final[dict[type, FrameType]] = {
+    Replica: FrameType.REPLICA,
+    ReplicaAck: FrameType.REPLICA_ACK,
+    ReplicaPublish: FrameType.REPLICA_PUBLISH,
+}
+
+
+def _read_replica_op(reader: Reader) -> ReplicaOp:
+    kind = reader.u8("the op kind")
+    if not ReplicaOpKind.SAVE <= kind <= ReplicaOpKind.DELIVERY_REMOVE:
+        raise ClusterProtocolError(f"unknown replica op kind {kind}")
+    op_kind = ReplicaOpKind(kind)
+    client_id = reader.string("the client id")
+    if op_kind == ReplicaOpKind.SAVE:
+        data = _read_blob(reader, "a session record")
+        record = decode_session(data)  # checked here: a bad record closes the link now
+        if record.client_id != client_id or record.deliveries:
+            raise ClusterProtocolError("a replicated session record of another client id")
+        return ReplicaOp(op_kind, client_id, data=data)
+    if op_kind == ReplicaOpKind.DELETE:
+        return ReplicaOp(op_kind, client_id)
+    if op_kind in (ReplicaOpKind.INCOMING_ADD, ReplicaOpKind.INCOMING_REMOVE):
+        return ReplicaOp(op_kind, client_id, packet_id=reader.u16("the packet id"))
+    key = _read_u64(reader, "the delivery key")
+    if op_kind == ReplicaOpKind.DELIVERY_ADD:
+        data = _read_blob(reader, "a delivery record")
+        decode_delivery(data)
+        return ReplicaOp(op_kind, client_id, key, data=data)
+    if op_kind == ReplicaOpKind.DELIVERY_UPDATE:
+        packet_id = reader.u16("the packet id")
+        flags = reader.u8("the delivery flags")
+        if flags & ~(_OP_INFLIGHT | _OP_RELEASED):
+            raise ClusterProtocolError(f"reserved delivery update flags set: 0x{flags:02X}")
+        return ReplicaOp(
+            op_kind,
+            client_id,
+            key,
+            packet_id,
+            bool(flags & _OP_INFLIGHT),
+            bool(flags & _OP_RELEASED),
+        )
+    return ReplicaOp(op_kind, client_id, key)
+
+
 def _whole(data: bytes, read: object) -> object:
     view = memoryview(data)
     reader = Reader(view, 0, len(view))
@@ -1059,6 +1210,17 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
             frame = StateWrite(claim_version, key, value, expires_at or None)
         else:
             frame = StateWrite(claim_version, key, None, None)
+    elif frame_type == FrameType.REPLICA:
+        seq = _read_u64(reader, "the replica seq")
+        flags = reader.u8("replica flags")
+        if flags & ~_RESET_FLAG:
+            raise ClusterProtocolError(f"reserved replica flags set: 0x{flags:02X}")
+        ops = tuple(_read_replica_op(reader) for _ in range(reader.u32("the op count")))
+        frame = Replica(seq, bool(flags), ops)
+    elif frame_type == FrameType.REPLICA_ACK:
+        frame = ReplicaAck(_read_u64(reader, "the replica seq"))
+    elif frame_type == FrameType.REPLICA_PUBLISH:
+        frame = ReplicaPublish(reader.string("the origin node"), _read_message(reader))
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():
@@ -1115,6 +1277,12 @@ class ClusterDecoder:
                     f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
                     f"protocol version {self.version})"
                 )
+            if self.version < REPLICA_VERSION:
+                inner = frame.frame if isinstance(frame, Reliable) else frame
+                kind = _REPLICA_TYPES.get(type(inner))
+                if kind is not None:
+                    # As a node of that version reads it.
+                    raise ClusterProtocolError(f"unknown frame type {int(kind)}")
             return frame
         except MQTTProtocolError as error:
             self._failed = True

@@ -65,7 +65,10 @@ Shape (every table and key optional except where noted)::
     takeover_timeout = "5s"        # a connect waits this long for the other nodes' answers
     outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
     link_high_water = 8388608      # unacknowledged bytes to a peer that pause its publishers
-    protocol_version = 3           # announced in HELLO; 2 while a rolling upgrade has nodes of 2
+    protocol_version = 4           # announced in HELLO; the old one while a rolling upgrade
+                                   # has nodes that speak only it
+    session_replicas = 1           # copies of each persistent session on other nodes (0 or 1;
+                                   # broker/replica.py): survives the loss of a node
     [cluster.ssl_options]          # as above
 
     [store]                        # issue 12: what survives a SIGKILL (broker/store.py)
@@ -267,6 +270,8 @@ class ClusterConfig:
     # The cluster protocol version announced in HELLO (each link speaks the lower of its two
     # nodes'): the previous one while a rolling upgrade has nodes that speak only it.
     protocol_version: int = PROTOCOL_VERSION
+    # Issue 13: copies of each persistent session kept on other nodes (broker.replica).
+    session_replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +362,20 @@ def _parse_protocol_version(reader: _Reader) -> int:
             f"expected {allowed} (the cluster protocol versions this node speaks; "
             f"{MIN_PROTOCOL_VERSION} while a rolling upgrade has nodes that speak only it), "
             f"got {value!r}",
+        )
+    return value
+
+
+def _parse_session_replicas(reader: _Reader) -> int:
+    """``[cluster] session_replicas``: 0 (none) or 1 (one copy, on the next node)."""
+    value = reader.get("session_replicas")
+    if value is None:
+        return 1  # the default: one copy
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
+        raise reader.fail(
+            "session_replicas",
+            f"expected 0 (no copies) or 1 (each persistent session also kept by the next "
+            f"node; more copies are not supported), got {value!r}",
         )
     return value
 
@@ -779,6 +798,7 @@ def parse_config(
                 "link_high_water", defaults.link_high_water, 64 * 1024, 2**40
             ),
             protocol_version=_parse_protocol_version(cluster_reader),
+            session_replicas=_parse_session_replicas(cluster_reader),
         )
         cluster_reader.reject_unknown()
         if peers and cookie is None:

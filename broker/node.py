@@ -93,6 +93,9 @@ class BrokerServer:
             self.store = open_store(config.store)
         except StoreError as error:
             raise ConfigError(config.origin, "store.path", str(error)) from None
+        if self.cluster is not None:
+            # Issue 13: persistent sessions' writes also go to the backup node.
+            self.store = self.cluster.replicated(self.store)
         self.broker = Broker(
             config.mqtt,
             config.node_name,

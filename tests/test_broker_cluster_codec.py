@@ -87,6 +87,34 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
     (codec.Hold("dev", True), framed(20, b"\x01\x00\x03dev")),
     (codec.Hold("dev", False), framed(20, b"\x00\x00\x03dev")),
     (codec.Hold("dev", False, 8), framed(20, b"\x02\x00\x03dev" + struct.pack(">I", 8))),
+    # Version 4: session replication (broker.replica).
+    (
+        codec.Replica(
+            9,
+            True,
+            (
+                codec.ReplicaOp(codec.ReplicaOpKind.DELETE, "dev"),
+                codec.ReplicaOp(codec.ReplicaOpKind.INCOMING_ADD, "dev", packet_id=5),
+                codec.ReplicaOp(codec.ReplicaOpKind.DELIVERY_UPDATE, "dev", 3, 7, True, True),
+                codec.ReplicaOp(codec.ReplicaOpKind.DELIVERY_REMOVE, "dev", 4),
+            ),
+        ),
+        framed(
+            21,
+            struct.pack(">QBI", 9, 1, 4)
+            + b"\x02\x00\x03dev"
+            + b"\x03\x00\x03dev\x00\x05"
+            + b"\x06\x00\x03dev"
+            + struct.pack(">QHB", 3, 7, 3)
+            + b"\x07\x00\x03dev"
+            + struct.pack(">Q", 4),
+        ),
+    ),
+    (codec.ReplicaAck(9), framed(22, struct.pack(">Q", 9))),
+    (
+        codec.Reliable(2, codec.ReplicaPublish("n3", MESSAGE)),
+        framed(11, struct.pack(">Q", 2) + framed(23, b"\x00\x02n3" + MESSAGE_BYTES)),
+    ),
     # Version 2's HELLO is version 3's (a node speaks both: rolling upgrades).
     (
         codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
@@ -137,24 +165,27 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_4 = framed(1, b"\x04\x00\x02n4\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_4)
+    version_5 = framed(1, b"\x05\x00\x02n5\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_5)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (4, "n4", 0)
-    assert codec.encode(hello) == version_4
+    assert (hello.version, hello.node, hello.incarnation) == (5, "n5", 0)
+    assert codec.encode(hello) == version_5
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (3, 3, 3),  # both upgraded
+        (4, 4, 4),  # both upgraded
+        (4, 3, 3),  # a node of version 3: no session replication on that link
+        (3, 4, 3),  # this node announces 3 during the upgrade
+        (3, 3, 3),
         (3, 2, 2),  # a node of version 2 (old, or upgraded with protocol_version = 2)
         (2, 3, 2),  # this node announces 2 during the upgrade
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (3, 4, None),  # newer than this release
-        (2, 4, None),
+        (4, 5, None),  # newer than this release
+        (2, 5, None),
         (3, 0, None),
         (3, 255, None),
     ],
@@ -299,6 +330,25 @@ def test_sync_is_split_into_reset_and_continuation_frames() -> None:
         (framed(20, b"\x03\x00\x01x\x00\x00\x00\x08"), "pause with a share"),
         (framed(20, b"\x02\x00\x01x\x00\x00\x00\x00"), "share of 0"),
         (framed(20, b"\x02\x00\x01x\x00\x00"), "malformed frame"),
+        (framed(21, struct.pack(">QBI", 1, 2, 0)), "reserved replica flags"),
+        (framed(21, struct.pack(">QBI", 1, 0, 1) + b"\x08\x00\x01x"), "unknown replica op"),
+        (
+            framed(
+                21, struct.pack(">QBI", 1, 0, 1) + b"\x06\x00\x01x" + struct.pack(">QHB", 1, 1, 4)
+            ),
+            "reserved delivery update flags",
+        ),
+        (
+            framed(
+                21,
+                struct.pack(">QBI", 1, 0, 1)
+                + b"\x05\x00\x01x"
+                + struct.pack(">QI", 1, 1)
+                + b"\x03",
+            ),
+            "bad delivery flags 0x03",
+        ),
+        (framed(21, struct.pack(">QBI", 1, 0, 2) + b"\x02\x00\x01x"), "malformed frame"),
     ],
 )
 def test_malformed_frames_raise_the_codec_error(data: bytes, words: str) -> None:
@@ -381,3 +431,40 @@ def test_random_bytes_raise_only_the_codec_error(data: bytes) -> None:
             pass
     except codec.ClusterProtocolError:
         pass
+
+
+def test_a_replicated_session_record_is_checked_when_it_arrives() -> None:
+    """A SAVE op's record is decoded by the receiving codec: a bad one (or one of another
+    client id, or one carrying deliveries) closes the link then, not at a handover later."""
+    record = codec.SessionRecord("dev", 60, None, V)
+    good = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(record))
+    (frame,), _ = decode_all(codec.encode(codec.Replica(1, False, (good,))))
+    assert frame == codec.Replica(1, False, (good,))
+    other = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "eve", data=good.data)
+    with_delivery = codec.SessionRecord(
+        "dev", 60, None, V, deliveries=(codec.DeliveryRecord(MESSAGE, 1, False),)
+    )
+    full = codec.ReplicaOp(
+        codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(with_delivery)
+    )
+    truncated = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=good.data[:-1])
+    for op in (other, full, truncated):
+        decoder = codec.ClusterDecoder()
+        decoder.feed(codec.encode(codec.Replica(1, False, (op,))))
+        with pytest.raises(codec.ClusterProtocolError):
+            decoder.next_event()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_link_below_version_4_refuses_replica_frames_as_an_old_node_does(version: int) -> None:
+    frames = [
+        (codec.Replica(1, True, ()), 21),
+        (codec.ReplicaAck(1), 22),
+        (codec.Reliable(1, codec.ReplicaPublish("n1", MESSAGE)), 23),
+    ]
+    for frame, frame_type in frames:
+        decoder = codec.ClusterDecoder()
+        decoder.version = version
+        decoder.feed(codec.encode(frame))
+        with pytest.raises(codec.ClusterProtocolError, match=f"unknown frame type {frame_type}"):
+            decoder.next_event()

@@ -1,13 +1,13 @@
-"""A rolling upgrade of the broker cluster (cluster protocol versions 2 and 3): real nodes over
+"""A rolling upgrade of the broker cluster (cluster protocol versions 2 to 4): real nodes over
 their real mutual TLS link (tests/cluster_harness.py).
 
-A node speaks versions 2 and 3 and announces ``[cluster] protocol_version`` (default 3) in its
+A node speaks versions 2 to 4 and announces ``[cluster] protocol_version`` (default 4) in its
 HELLO; each link speaks the lower of its two nodes' (broker.cluster_codec.link_version), as
-Kafka's inter.broker.protocol.version does. A node announcing 2 and one announcing 3 form a
-cluster and route both ways; set back to 3 and restarted, the link speaks 3. A HELLO of
-version 1, or above what this node speaks, is refused with a line that names the peer, both
-versions and what to do. (The fan-in load over a link of version 2 is in
-tests/test_broker_backpressure.py.)
+Kafka's inter.broker.protocol.version does. A node announcing 3 and one announcing 4 form a
+cluster and route both ways, without session replication (version 4's); set back to 4 and
+restarted, the link speaks 4 and sessions are copied. A HELLO of version 1, or above what
+this node speaks, is refused with a line that names the peer, both versions and what to do.
+(The fan-in load over a link of version 2 is in tests/test_broker_backpressure.py.)
 """
 
 from __future__ import annotations
@@ -70,33 +70,63 @@ def _route_both_ways(first_port: int, second_port: int, tag: str) -> None:
         far.stop()
 
 
-def test_a_node_announcing_2_and_one_announcing_3_form_a_cluster_then_upgrade(
+def _persistent_session(node: ClusterNode, client_id: str) -> None:
+    device = Device(client_id)
+    device.connect(node.mqtt_port)
+    device.subscribe([(f"cmd/{client_id}", 1)])
+    device.stop()
+
+
+def test_a_node_announcing_3_and_one_announcing_4_form_a_cluster_then_upgrade(
     pki: TestPKI, tmp_path: Path
 ) -> None:
-    """The operator's procedure: node-1 runs the new release with protocol_version = 2 while
-    node-2 announces 3 (as it would once upgraded): the link speaks 2, messages cross it both
-    ways, and node-1 says at start that shares do not cross its links. protocol_version
-    removed and node-1 restarted: the link speaks 3."""
-    with running_cluster(pki, tmp_path, 2, cluster=["protocol_version = 2", ""]) as nodes:
+    """The operator's procedure: node-1 runs the new release with protocol_version = 3 while
+    node-2 announces 4 (as it would once upgraded): the link speaks 3, messages cross it both
+    ways, no session is replicated over it, and node-1 says at start what version 3 lacks.
+    protocol_version removed and node-1 restarted: the link speaks 4 and node-1's
+    persistent sessions are copied to node-2."""
+    with running_cluster(pki, tmp_path, 2, cluster=["protocol_version = 3", ""]) as nodes:
         first, second = nodes
-        assert _link_versions(first) == (2, 2)
-        assert _link_versions(second) == (3, 2)
-        assert "is up (" in first.log_text() and "protocol version 2)" in first.log_text()
+        assert _link_versions(first) == (3, 3)
+        assert _link_versions(second) == (4, 3)
+        assert "is up (" in first.log_text() and "protocol version 3)" in first.log_text()
         assert (
-            "announces cluster protocol version 2 ([cluster] protocol_version): sessions' "
-            "shares do not cross its links" in first.log_text()
+            "announces cluster protocol version 3 ([cluster] protocol_version): its "
+            "persistent sessions are not copied to another node" in first.log_text()
         )
         assert "announces cluster protocol version" not in second.log_text()
-        _route_both_ways(first.mqtt_port, second.mqtt_port, "v2")
+        _route_both_ways(first.mqtt_port, second.mqtt_port, "v3")
+        _persistent_session(first, "before-upgrade")
+        _persistent_session(second, "before-upgrade-2")
+        for node in nodes:
+            replication = node.admin("/api/cluster")["replication"]
+            assert not replication["sending"]["active"]
+            assert replication["copies"]["sessions"] == {}
 
         first.stop()
         first.cluster = ""
         first.write_config(nodes)
         first.start()
         wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
-        assert _link_versions(first) == (3, 3)
-        assert _link_versions(second) == (3, 3)
-        _route_both_ways(first.mqtt_port, second.mqtt_port, "v3")
+        assert _link_versions(first) == (4, 4)
+        assert _link_versions(second) == (4, 4)
+        _route_both_ways(first.mqtt_port, second.mqtt_port, "v4")
+        # The disk store kept node-1's session: the snapshot copies it to node-2, and
+        # node-2's session goes the other way.
+        wait_for(
+            lambda: (
+                second.admin("/api/cluster")["replication"]["copies"]["sessions"] == {"node-1": 1}
+            ),
+            10,
+            "node-1's session copied to node-2",
+        )
+        wait_for(
+            lambda: (
+                first.admin("/api/cluster")["replication"]["copies"]["sessions"] == {"node-2": 1}
+            ),
+            10,
+            "node-2's session copied to node-1",
+        )
         for node in nodes:
             assert "protocol error" not in node.log_text()
 
@@ -129,8 +159,8 @@ def _hello_of_version(pki: TestPKI, port: int, name: str, version: int) -> list[
     [
         (1, "upgrade node 'node-2' to a release that speaks version 2 or later"),
         (
-            4,
-            "upgrade this node, or set [cluster] protocol_version = 3 on node 'node-2' until "
+            5,
+            "upgrade this node, or set [cluster] protocol_version = 4 on node 'node-2' until "
             "every node is upgraded",
         ),
     ],
@@ -139,7 +169,7 @@ def test_a_hello_of_a_version_this_node_does_not_speak_is_refused_with_what_to_d
     pki: TestPKI, tmp_path: Path, version: int, advice: str
 ) -> None:
     """node-2 (its real certificate) says HELLO with version 1 (before CLAIM and reliable
-    frames) or 4 (newer than this release): node-1 refuses it before reading further, logs
+    frames) or 5 (newer than this release): node-1 refuses it before reading further, logs
     a line naming the peer, both versions and what to do, and tells the peer only
     "refused"."""
     nodes = make_nodes(tmp_path, pki, 2)
@@ -150,7 +180,7 @@ def test_a_hello_of_a_version_this_node_does_not_speak_is_refused_with_what_to_d
         assert frames == [codec.Close("refused")]
         expected = (
             f"(node 'node-2') refused: node 'node-2' speaks cluster protocol version {version}, "
-            f"this node 2 to 3: {advice}"
+            f"this node 2 to 4: {advice}"
         )
         wait_for(lambda: expected in first.log_text(), 10, "the refusal logged")
         member = first.admin("/api/cluster")["members"][1]

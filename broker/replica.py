@@ -1,0 +1,714 @@
+"""Session replication: each node's persistent sessions copied to one other node, so that a
+node lost for good does not take with it what its sessions held (issue 13: "lose nothing it
+acknowledged", for messages TO devices).
+
+Who keeps whose copy: the *backup* of a node is the next node after it in the sorted list of
+the cluster's node names (a ring; every node computes the same from ``[cluster] peers``).
+``[cluster] session_replicas = 0`` turns replication off; the default 1 keeps one copy, so
+the cluster survives the loss of any one node (HiveMQ's replication factor 2, counting the
+owner; EMQX 5's open-source edition keeps none).
+
+What is copied: exactly what the node's store writes for a persistent session (its record,
+its QoS 2 packet ids not yet released, its queued and in-flight deliveries, each under its
+store key), as REPLICA frames over the cluster link (:mod:`broker.cluster_codec`). The owner
+wraps its store in :class:`ReplicatedStore`: every write also becomes an op for the backup,
+batched once per loop turn, and ``after_commit`` (the PUBACK, PUBREC, SUBACK or cluster ACK
+that promises the write) waits for the backup's REPLICA_ACK as well as for the disk. When the
+link comes up the owner sends a reset and then a snapshot of every persistent session,
+generated as the link drains (so it reflects the sessions as they are when sent, and writes
+after each one apply on top); promises made meanwhile wait for the snapshot's end. While the
+link to the backup is down nothing waits for it: one copy, as on a single node.
+
+The backup keeps the copies as the owner's encoded records (:class:`Replicas`), and acts on
+them only when the owner is down (its link to it is down):
+
+- a device of the owner reconnects elsewhere: the claim for its client id reaches the backup,
+  which hands the copy over as a TRANSFER (as the owner would have), or installs it itself
+  when the device reconnected to it;
+- a QoS 1/2 message for the owner's plain subscribers while it is down: the publishing node
+  sends it to the owner's outbox as before AND to the backup (REPLICA_PUBLISH), which queues it
+  for the copies whose subscriptions match; when the link to a node drops, the frames it had
+  not acknowledged go to its backup the same way. Copies of one message reaching a session
+  twice are delivered once (by message id, when the copy is handed over). A backup that
+  still reaches the owner (only the sender lost it) parks such messages for PARKED_SECONDS:
+  if its own link to the owner drops by then they are queued, else the owner had them and
+  they are discarded (so a live owner's copies do not fill with what it delivered).
+
+Copies of an owner that is gone are dropped when they expire (their Session Expiry Interval
+counted from when the owner went down, or their own deadline). Pure state here; the link
+I/O is :mod:`broker.cluster`'s.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from broker import cluster_codec as codec
+from broker.cluster_codec import ReplicaOp, ReplicaOpKind
+from broker.session import SESSION_NEVER_EXPIRES
+from broker.store import Store, StoredState
+from broker.subscriptions import SubscriptionTrie
+
+__all__ = [
+    "REPLICA_FRAME_BYTES",
+    "Replicas",
+    "ReplicatedStore",
+    "Replicator",
+    "backup_of",
+]
+
+#: Ops are cut into REPLICA frames of about this many bytes (far below any frame limit; a
+#: single op may be larger: a delivery of a message up to max_packet_size).
+REPLICA_FRAME_BYTES = 256 * 1024
+#: Failover deliveries are keyed above the owner's keys (which count up from 1), so that a
+#: handed-over copy lists the owner's deliveries first, in its order, then these.
+FAILOVER_KEY_BASE = 1 << 62
+#: Failover messages that arrive while this node still reaches their owner (the sender lost
+#: its link to it first) wait this long for our link to drop too; then they are the owner's
+#: (it got them from the sender, or will: it is alive) and are discarded. Twice the link's
+#: silence timeout: a dead owner is noticed by then.
+PARKED_SECONDS = 30.0
+#: At most this many parked messages per owner (and max_queued_bytes of payload).
+PARKED_MESSAGES = 10_000
+
+
+def backup_of(node: str, nodes: Iterable[str]) -> str | None:
+    """The node that keeps ``node``'s copies: the next name after it, sorted, in a ring."""
+    ring = sorted(set(nodes) | {node})
+    if len(ring) < 2:
+        return None
+    return ring[(ring.index(node) + 1) % len(ring)]
+
+
+def _op_size(op: ReplicaOp) -> int:
+    return len(op.data) + len(op.client_id) + 16
+
+
+# --- the owner's side --------------------------------------------------------------------
+
+
+class Replicator:
+    """Writes waiting to go to the backup, and the promises waiting for its REPLICA_ACK.
+
+    ``added`` counts every op taken. Each frame records how many had gone into frames when
+    it was cut (``sent``: seq, that count); an ACK of its seq makes them ``acked``, and a
+    promise made when ``added`` was N runs once ``acked`` >= N. While a snapshot is being
+    sent (``syncing``, then until its last frame is acked) no promise runs: the ops of a
+    session the snapshot has not reached yet are not kept by the backup. Promises run in the
+    order they were made (they are the PUBACKs of one connection, among others: MQTT 5.0
+    section 4.6)."""
+
+    __slots__ = (
+        "acked",
+        "acked_seq",
+        "active",
+        "added",
+        "bytes",
+        "frames_sent",
+        "on_pending",
+        "ops",
+        "ops_sent",
+        "sent",
+        "seq",
+        "sync_end",
+        "syncing",
+        "taken",
+        "waiters",
+    )
+
+    def __init__(self) -> None:
+        # The link to the backup is up (and speaks version 4): ops are kept and sent.
+        self.active = False
+        self.ops: list[ReplicaOp] = []
+        self.bytes = 0
+        self.added = 0
+        self.taken = 0
+        self.acked = 0
+        self.seq = 0
+        self.acked_seq = 0
+        self.sent: deque[tuple[int, int]] = deque()
+        self.waiters: deque[tuple[int, Callable[[], None]]] = deque()
+        self.syncing = False
+        self.sync_end = 0
+        # Called when the first op of a batch is taken (the cluster flushes in a loop turn).
+        self.on_pending: Callable[[], None] | None = None
+        self.frames_sent = 0
+        self.ops_sent = 0
+
+    def add(self, op: ReplicaOp) -> None:
+        if not self.active:
+            return  # the snapshot after the link comes back carries it
+        self.ops.append(op)
+        self.bytes += _op_size(op)
+        self.added += 1
+        if len(self.ops) == 1 and self.on_pending is not None:
+            self.on_pending()
+
+    def frames(self, reset: bool = False) -> Iterator[codec.Replica]:
+        """The ops taken so far cut into frames (at least one frame when ``reset``)."""
+        ops, self.ops, self.bytes = self.ops, [], 0
+        start = 0
+        while start < len(ops) or reset:
+            size = 0
+            end = start
+            while end < len(ops) and (end == start or size < REPLICA_FRAME_BYTES):
+                size += _op_size(ops[end])
+                end += 1
+            self.taken += end - start
+            yield self.frame(tuple(ops[start:end]), reset)
+            reset = False
+            start = end
+
+    def frame(self, ops: tuple[ReplicaOp, ...], reset: bool = False) -> codec.Replica:
+        """Number a frame (a snapshot's frames carry ops that were never ``add``-ed)."""
+        self.seq += 1
+        self.sent.append((self.seq, self.taken))
+        self.frames_sent += 1
+        self.ops_sent += len(ops)
+        return codec.Replica(self.seq, reset, ops)
+
+    def start(self) -> None:
+        """The link to the backup is up: a reset and a snapshot follow."""
+        self.active = True
+        self.syncing = True
+
+    def snapshot_sent(self) -> None:
+        self.syncing = False
+        self.sync_end = self.seq
+
+    def stop(self) -> list[Callable[[], None]]:
+        """The link to the backup is down: nothing waits for it (returned to be run)."""
+        self.active = False
+        self.syncing = False
+        self.ops.clear()
+        self.bytes = 0
+        self.sent.clear()
+        self.taken = self.acked = self.added
+        released = [callback for _, callback in self.waiters]
+        self.waiters.clear()
+        return released
+
+    def _settled(self) -> bool:
+        return not self.syncing and self.acked_seq >= self.sync_end
+
+    def when_acked(self, target: int | None, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the ops up to ``target`` are acked (None: at once, but not
+        before the promises waiting already)."""
+        waiters = self.waiters
+        if target is None or (target <= self.acked and self._settled()):
+            if not waiters:
+                callback()
+                return
+            target = waiters[-1][0]
+        waiters.append((target, callback))
+
+    def target(self) -> int | None:
+        """What a promise made now waits for: every op taken so far, or nothing."""
+        if not self.active or (self.added <= self.acked and self._settled()):
+            return None
+        return self.added
+
+    def ack(self, seq: int) -> list[Callable[[], None]]:
+        """A REPLICA_ACK; returns the promises now due, in order."""
+        if seq <= self.acked_seq or seq > self.seq:
+            return []
+        self.acked_seq = seq
+        sent = self.sent
+        while sent and sent[0][0] <= seq:
+            self.acked = max(self.acked, sent.popleft()[1])
+        due: list[Callable[[], None]] = []
+        if not self._settled():
+            return due
+        waiters = self.waiters
+        while waiters and waiters[0][0] <= self.acked:
+            due.append(waiters.popleft()[1])
+        return due
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "syncing": self.syncing,
+            "seq": self.seq,
+            "acked_seq": self.acked_seq,
+            "frames_sent": self.frames_sent,
+            "ops_sent": self.ops_sent,
+            "ops_waiting": len(self.ops),
+            "promises_waiting": len(self.waiters),
+        }
+
+
+class ReplicatedStore(Store):
+    """The node's store with every session write also sent to the backup; a promise
+    (``after_commit``) waits for both. Sessions are replicated whether or not the node has
+    a disk, so ``durable`` is true: a persistent session's writes are made either way."""
+
+    durable = True
+
+    def __init__(self, inner: Store, replicator: Replicator) -> None:
+        # Not Store.__init__: generation, waiting, congested and committed_key are the
+        # inner store's (with the replicated writes counted in generation).
+        self.inner = inner
+        self.replicator = replicator
+        self._writes = 0
+
+    # The inner store's state, as the core and the connections read it.
+    @property
+    def generation(self) -> int:  # type: ignore[override]
+        return self.inner.generation + self._writes
+
+    @property
+    def waiting(self) -> set[Any]:  # type: ignore[override]
+        return self.inner.waiting
+
+    @property
+    def congested(self) -> bool:  # type: ignore[override]
+        return self.inner.congested
+
+    @property
+    def committed_key(self) -> int:
+        return self.inner.committed_key
+
+    @committed_key.setter
+    def committed_key(self, key: int) -> None:
+        self.inner.committed_key = key
+
+    @property
+    def errors(self) -> int:  # type: ignore[override]
+        return self.inner.errors
+
+    @property
+    def commits(self) -> int:  # type: ignore[override]
+        return self.inner.commits
+
+    def load(self) -> StoredState:
+        return self.inner.load()
+
+    def start(self, loop: Any) -> None:
+        self.inner.start(loop)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        replicator = self.replicator
+        target = replicator.target()
+        if target is None and not replicator.waiters:
+            self.inner.after_commit(callback)
+            return
+        self.inner.after_commit(lambda: replicator.when_acked(target, callback))
+
+    def pending(self) -> bool:
+        return self.inner.pending() or bool(self.replicator.waiters)
+
+    def status(self) -> dict[str, Any]:
+        status = self.inner.status()
+        status["replication"] = self.replicator.status()
+        return status
+
+    def _write(self, op: ReplicaOp) -> None:
+        self._writes += 1
+        self.replicator.add(op)
+
+    # Session writes: the inner store's, and the backup's.
+    def save_session(self, record: codec.SessionRecord) -> None:
+        self.inner.save_session(record)
+        self._write(
+            ReplicaOp(ReplicaOpKind.SAVE, record.client_id, data=codec.encode_session(record))
+        )
+
+    def delete_session(self, client_id: str) -> None:
+        self.inner.delete_session(client_id)
+        self._write(ReplicaOp(ReplicaOpKind.DELETE, client_id))
+
+    def add_incoming(self, client_id: str, packet_id: int) -> None:
+        self.inner.add_incoming(client_id, packet_id)
+        self._write(ReplicaOp(ReplicaOpKind.INCOMING_ADD, client_id, packet_id=packet_id))
+
+    def remove_incoming(self, client_id: str, packet_id: int) -> None:
+        self.inner.remove_incoming(client_id, packet_id)
+        self._write(ReplicaOp(ReplicaOpKind.INCOMING_REMOVE, client_id, packet_id=packet_id))
+
+    def add_delivery(self, client_id: str, key: int, record: codec.DeliveryRecord) -> None:
+        self.inner.add_delivery(client_id, key, record)
+        self._write(
+            ReplicaOp(
+                ReplicaOpKind.DELIVERY_ADD, client_id, key, data=codec.encode_delivery(record)
+            )
+        )
+
+    def update_delivery(
+        self, client_id: str, key: int, packet_id: int, inflight: bool, released: bool
+    ) -> None:
+        self.inner.update_delivery(client_id, key, packet_id, inflight, released)
+        self._write(
+            ReplicaOp(ReplicaOpKind.DELIVERY_UPDATE, client_id, key, packet_id, inflight, released)
+        )
+
+    def remove_delivery(self, client_id: str, key: int, message_id: str) -> None:
+        self.inner.remove_delivery(client_id, key, message_id)
+        self._write(ReplicaOp(ReplicaOpKind.DELIVERY_REMOVE, client_id, key))
+
+    # Node writes: the inner store's alone.
+    def set_meta(self, key: str, value: bytes) -> None:
+        self.inner.set_meta(key, value)
+
+    def set_retained(
+        self, topic: str, message: codec.WireMessage | None, changed_at: float
+    ) -> None:
+        self.inner.set_retained(topic, message, changed_at)
+
+    def add_outbox(self, peer: str, seq: int, data: bytes) -> None:
+        self.inner.add_outbox(peer, seq, data)
+
+    def ack_outbox(self, peer: str, seq: int) -> None:
+        self.inner.ack_outbox(peer, seq)
+
+    def drop_outbox(self, peer: str, seqs: Iterable[int]) -> None:
+        self.inner.drop_outbox(peer, seqs)
+
+    def set_route(self, peer: str, topic_filter: str, present: bool) -> None:
+        self.inner.set_route(peer, topic_filter, present)
+
+    def clear_routes(self, peer: str) -> None:
+        self.inner.clear_routes(peer)
+
+    def set_state(
+        self, key: bytes, value: bytes | None, expires_at: float | None, version: codec.Version
+    ) -> None:
+        self.inner.set_state(key, value, expires_at, version)
+
+
+# --- the backup's side -------------------------------------------------------------------
+
+
+class ReplicaSession:
+    """The copy of one session: its record (as the owner encoded it), QoS 2 packet ids,
+    deliveries by store key (encoded), and what they weigh."""
+
+    __slots__ = ("deliveries", "expires_at", "expiry_interval", "filters", "incoming", "record")
+
+    def __init__(self, record: bytes, decoded: codec.SessionRecord) -> None:
+        self.record = record
+        self.expiry_interval = decoded.expiry_interval
+        self.expires_at = decoded.expires_at
+        self.filters = decoded.subscriptions
+        self.incoming: set[int] | None = None
+        self.deliveries: dict[int, bytes] = {}
+
+
+@dataclass(slots=True)
+class ReplicaCounters:
+    frames_applied: int = 0
+    ops_applied: int = 0
+    resets: int = 0
+    handed_over: int = 0
+    installed_here: int = 0
+    dropped_clean_start: int = 0
+    expired: int = 0
+    failover_messages: int = 0
+    failover_deliveries: int = 0
+    failover_dropped: int = 0
+    failover_parked: int = 0
+    parked_discarded: int = 0  # the owner stayed up: it had them
+    parked_dropped: int = 0  # past PARKED_MESSAGES or max_queued_bytes
+
+
+class Replicas:
+    """The copies this node keeps, by owner and client id."""
+
+    def __init__(self, max_queued_messages: int, max_queued_bytes: int) -> None:
+        self.max_queued_messages = max_queued_messages
+        self.max_queued_bytes = max_queued_bytes
+        self.origins: dict[str, dict[str, ReplicaSession]] = {}
+        # Built when a failover message first needs it (owner down), kept up to date after.
+        self.tries: dict[str, SubscriptionTrie] = {}
+        self.bytes = 0
+        self.next_failover_key = FAILOVER_KEY_BASE
+        self.counters = ReplicaCounters()
+        # Failover messages for owners this node still reaches: (monotonic time, message).
+        self.parked: dict[str, deque[tuple[float, codec.WireMessage]]] = {}
+        self.parked_bytes: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return sum(len(sessions) for sessions in self.origins.values())
+
+    # --- REPLICA frames -----------------------------------------------------------------
+
+    def apply(self, origin: str, frame: codec.Replica) -> None:
+        counters = self.counters
+        counters.frames_applied += 1
+        if frame.reset:
+            counters.resets += 1
+            self.reset(origin)
+        sessions = self.origins.setdefault(origin, {})
+        for op in frame.ops:
+            counters.ops_applied += 1
+            kind = op.kind
+            if kind == ReplicaOpKind.SAVE:
+                self._save(origin, sessions, op)
+                continue
+            copy = sessions.get(op.client_id)
+            if copy is None:
+                # Not sent yet in the snapshot under way: it comes whole, with this write.
+                continue
+            if kind == ReplicaOpKind.DELIVERY_ADD:
+                old = copy.deliveries.get(op.key)
+                copy.deliveries[op.key] = op.data
+                self.bytes += len(op.data) - (0 if old is None else len(old))
+            elif kind == ReplicaOpKind.DELIVERY_REMOVE:
+                data = copy.deliveries.pop(op.key, None)
+                if data is not None:
+                    self.bytes -= len(data)
+            elif kind == ReplicaOpKind.DELIVERY_UPDATE:
+                data = copy.deliveries.get(op.key)
+                if data is not None:
+                    delivery = codec.decode_delivery(data)
+                    updated = codec.encode_delivery(
+                        codec.DeliveryRecord(
+                            delivery.message,
+                            delivery.qos,
+                            delivery.retain,
+                            delivery.subscription_identifiers,
+                            op.packet_id,
+                            op.inflight,
+                            op.released,
+                        )
+                    )
+                    copy.deliveries[op.key] = updated
+                    self.bytes += len(updated) - len(data)
+            elif kind == ReplicaOpKind.INCOMING_ADD:
+                if copy.incoming is None:
+                    copy.incoming = set()
+                copy.incoming.add(op.packet_id)
+            elif kind == ReplicaOpKind.INCOMING_REMOVE:
+                if copy.incoming is not None:
+                    copy.incoming.discard(op.packet_id)
+            elif kind == ReplicaOpKind.DELETE:
+                self._remove(origin, op.client_id)
+
+    def _save(self, origin: str, sessions: dict[str, ReplicaSession], op: ReplicaOp) -> None:
+        decoded = codec.decode_session(op.data)
+        copy = sessions.get(op.client_id)
+        if copy is None:
+            copy = sessions[op.client_id] = ReplicaSession(op.data, decoded)
+            self.bytes += len(op.data)
+            self._index(origin, op.client_id, (), decoded.subscriptions)
+            return
+        self.bytes += len(op.data) - len(copy.record)
+        self._index(origin, op.client_id, copy.filters, decoded.subscriptions)
+        copy.record = op.data
+        copy.expiry_interval = decoded.expiry_interval
+        copy.expires_at = decoded.expires_at
+        copy.filters = decoded.subscriptions
+
+    def _index(
+        self,
+        origin: str,
+        client_id: str,
+        old: tuple[tuple[str, Any], ...],
+        new: tuple[tuple[str, Any], ...],
+    ) -> None:
+        trie = self.tries.get(origin)
+        if trie is None or old == new:
+            return
+        for topic_filter, _ in old:
+            trie.unsubscribe(client_id, topic_filter)
+        for topic_filter, options in new:
+            if not topic_filter.startswith("$share/"):
+                trie.subscribe(client_id, topic_filter, options)
+
+    def _remove(self, origin: str, client_id: str) -> ReplicaSession | None:
+        sessions = self.origins.get(origin)
+        if sessions is None:
+            return None
+        copy = sessions.pop(client_id, None)
+        if copy is None:
+            return None
+        self.bytes -= len(copy.record) + sum(len(data) for data in copy.deliveries.values())
+        self._index(origin, client_id, copy.filters, ())
+        return copy
+
+    def reset(self, origin: str) -> None:
+        """The owner starts its snapshot: forget every copy of its sessions."""
+        sessions = self.origins.pop(origin, None)
+        self.tries.pop(origin, None)
+        self.discard_parked(origin)
+        if sessions:
+            for copy in sessions.values():
+                self.bytes -= len(copy.record) + sum(len(d) for d in copy.deliveries.values())
+
+    # --- when the owner is down ---------------------------------------------------------
+
+    def find(self, client_id: str) -> str | None:
+        """The owner whose copy of ``client_id`` this node keeps, if any."""
+        for origin, sessions in self.origins.items():
+            if client_id in sessions:
+                return origin
+        return None
+
+    def take(self, origin: str, client_id: str) -> codec.SessionRecord | None:
+        """Remove the copy and make it a session record (deliveries in key order, a message
+        that reached it twice once)."""
+        copy = self._remove(origin, client_id)
+        if copy is None:
+            return None
+        record = codec.decode_session(copy.record)
+        deliveries: list[codec.DeliveryRecord] = []
+        seen: set[tuple[str, int]] = set()
+        for key in sorted(copy.deliveries):
+            delivery = codec.decode_delivery(copy.deliveries[key])
+            message = delivery.message
+            if message.seq:
+                message_id = (message.origin_node, message.seq)
+                if message_id in seen:
+                    continue
+                seen.add(message_id)
+            deliveries.append(delivery)
+        return codec.SessionRecord(
+            record.client_id,
+            record.expiry_interval,
+            record.expires_at,
+            record.version,
+            record.next_packet_id,
+            record.subscriptions,
+            tuple(sorted(copy.incoming or ())),
+            record.will,
+            record.diverged,
+            tuple(deliveries),
+        )
+
+    def drop(self, client_id: str) -> bool:
+        """A clean start of ``client_id`` somewhere: its copies go."""
+        origin = self.find(client_id)
+        if origin is None:
+            return False
+        self._remove(origin, client_id)
+        self.counters.dropped_clean_start += 1
+        return True
+
+    def failover(self, origin: str, message: codec.WireMessage) -> tuple[int, list[str]]:
+        """A QoS 1/2 message for ``origin``'s plain subscribers while it is down: queued for
+        the copies whose subscriptions match. Returns (deliveries queued, client ids whose
+        bounds dropped it)."""
+        sessions = self.origins.get(origin)
+        self.counters.failover_messages += 1
+        if not sessions:
+            return 0, []
+        trie = self.tries.get(origin)
+        if trie is None:
+            trie = self.tries[origin] = SubscriptionTrie()
+            for client_id, copy in sessions.items():
+                for topic_filter, options in copy.filters:
+                    if not topic_filter.startswith("$share/"):
+                        trie.subscribe(client_id, topic_filter, options)
+        queued = 0
+        dropped: list[str] = []
+        for delivery in trie.match(message.topic, message.publisher_client_id, shared=False):
+            target = sessions.get(delivery.client_id)
+            if target is None:
+                continue
+            copy = target
+            size = len(message.payload)
+            held = sum(len(data) for data in copy.deliveries.values())
+            if (
+                len(copy.deliveries) >= self.max_queued_messages
+                or held + size > self.max_queued_bytes
+            ):
+                self.counters.failover_dropped += 1
+                dropped.append(delivery.client_id)
+                continue
+            qos = min(delivery.qos, message.qos)
+            if not qos:
+                continue
+            data = codec.encode_delivery(
+                codec.DeliveryRecord(
+                    message,
+                    qos,
+                    message.retain and delivery.retain_as_published,
+                    tuple(delivery.subscription_identifiers),
+                )
+            )
+            key = self.next_failover_key
+            self.next_failover_key = key + 1
+            copy.deliveries[key] = data
+            self.bytes += len(data)
+            queued += 1
+        self.counters.failover_deliveries += queued
+        return queued, dropped
+
+    def park(self, origin: str, message: codec.WireMessage, now: float) -> None:
+        """A failover message for an owner this node still reaches: kept PARKED_SECONDS in
+        case our link to it drops too (it died: :meth:`owner_down` queues them)."""
+        parked = self.parked.setdefault(origin, deque())
+        parked.append((now, message))
+        size = self.parked_bytes.get(origin, 0) + len(message.payload)
+        self.counters.failover_parked += 1
+        while parked and (len(parked) > PARKED_MESSAGES or size > self.max_queued_bytes):
+            _, old = parked.popleft()
+            size -= len(old.payload)
+            self.counters.parked_dropped += 1
+        self.parked_bytes[origin] = size
+
+    def owner_down(self, origin: str, now: float) -> tuple[int, list[str]]:
+        """Our link to ``origin`` dropped: the messages parked for it lately are queued."""
+        parked = self.parked.pop(origin, None)
+        self.parked_bytes.pop(origin, None)
+        queued = 0
+        dropped: list[str] = []
+        for when, message in parked or ():
+            if now - when > PARKED_SECONDS:
+                self.counters.parked_discarded += 1
+                continue
+            count, full = self.failover(origin, message)
+            queued += count
+            dropped.extend(full)
+        return queued, dropped
+
+    def discard_parked(self, origin: str, now: float | None = None) -> None:
+        """Forget what was parked for ``origin`` (older than PARKED_SECONDS, or all)."""
+        parked = self.parked.get(origin)
+        if not parked:
+            return
+        while parked and (now is None or now - parked[0][0] > PARKED_SECONDS):
+            _, message = parked.popleft()
+            self.parked_bytes[origin] -= len(message.payload)
+            self.counters.parked_discarded += 1
+        if not parked:
+            del self.parked[origin]
+            del self.parked_bytes[origin]
+
+    def expire(self, origin: str, down_since: float, now: float) -> int:
+        """Drop the copies of a node that is down whose session has expired (wall clock):
+        a connected session's expiry counts from when the owner went down."""
+        sessions = self.origins.get(origin)
+        if not sessions:
+            return 0
+        gone = []
+        for client_id, copy in sessions.items():
+            if copy.expiry_interval == SESSION_NEVER_EXPIRES:
+                continue
+            deadline = copy.expires_at or down_since + copy.expiry_interval
+            if deadline <= now:
+                gone.append(client_id)
+        for client_id in gone:
+            self._remove(origin, client_id)
+        self.counters.expired += len(gone)
+        return len(gone)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "sessions": {origin: len(sessions) for origin, sessions in self.origins.items()},
+            "deliveries": sum(
+                len(copy.deliveries)
+                for sessions in self.origins.values()
+                for copy in sessions.values()
+            ),
+            "bytes": self.bytes,
+            "parked": {origin: len(parked) for origin, parked in self.parked.items()},
+            "counters": {
+                name: getattr(self.counters, name) for name in ReplicaCounters.__dataclass_fields__
+            },
+        }

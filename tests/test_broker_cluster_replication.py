@@ -1,0 +1,222 @@
+"""Issue 13, session replication, over real processes: a node killed with SIGKILL and never
+restarted does not take its persistent sessions with it.
+
+Three nodes; the backup of node-1 is node-2 (the next name, broker.replica.backup_of). A
+device's session lives on node-1 with QoS 1 and 2 messages queued; node-1 is killed; more
+messages are published for the device while node-1 is down; the device comes back on another
+node with clean start 0 and finds its session (session_present 1) with every message, once:
+through node-2's copy, handed over (device on node-3) or taken there (device on node-2).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster_harness import V5, V311, ClusterNode, Device, running_cluster, wait_for
+from tests.pki import TestPKI
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@pytest.fixture
+def nodes(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ClusterNode]]:
+    with running_cluster(pki, tmp_path_factory.mktemp("replica")) as running:
+        yield running
+
+
+def _replication(node: ClusterNode) -> dict[str, Any]:
+    status: dict[str, Any] = node.admin("/api/cluster")["replication"]
+    return status
+
+
+def _copies(node: ClusterNode, origin: str) -> int:
+    sessions: dict[str, int] = _replication(node)["copies"]["sessions"]
+    return sessions.get(origin, 0)
+
+
+def _publish(node: ClusterNode, messages: list[tuple[str, str, int]]) -> None:
+    publisher = Device(f"pub-{time.monotonic_ns()}", V5, clean=True)
+    publisher.connect(node.mqtt_port)
+    for topic, payload, qos in messages:
+        publisher.publish(topic, payload, qos)
+    wait_for(lambda: len(publisher.acked) >= len(messages), 15, "publisher acknowledged")
+    publisher.stop()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "comes_back_on"), [(V5, "node-3"), (V311, "node-2"), (V5, "node-2")]
+)
+def test_a_session_outlives_its_node(
+    nodes: list[ClusterNode], protocol: Any, comes_back_on: str
+) -> None:
+    owner, backup, other = nodes
+    assert _replication(owner)["backup"] == "node-2"
+    assert _replication(other)["backup"] == "node-1"
+    client_id = f"dev-{comes_back_on}-{protocol.value}"
+    device = Device(client_id, protocol)
+    assert not device.connect(owner.mqtt_port)
+    device.subscribe([(f"cmd/{client_id}/1", 1), (f"cmd/{client_id}/2", 2)])
+    device.stop()
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+
+    before = [(f"cmd/{client_id}/{1 + n % 2}", f"before-{n}", 1 + n % 2) for n in range(6)]
+    _publish(other, before)
+    wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 6, 10, "six deliveries copied")
+    owner.kill()
+    wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-1 down on node-3")
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
+    after = [(f"cmd/{client_id}/{1 + n % 2}", f"after-{n}", 1 + n % 2) for n in range(4)]
+    _publish(other, after)
+
+    target = backup if comes_back_on == "node-2" else other
+    again = Device(client_id, protocol)
+    assert again.connect(target.mqtt_port), "the session was lost with its node"
+    got = again.received(want=10)
+    again.stop()
+    counts = Counter(got)
+    assert sorted(counts) == sorted(payload for _, payload, _ in before + after)
+    assert set(counts.values()) == {1}, f"duplicates: {got}"
+    assert _copies(backup, "node-1") == 0
+    copies = _replication(backup)["copies"]["counters"]
+    if comes_back_on == "node-2":
+        assert copies["installed_here"] == 1
+        assert "taken from our copy (its node node-1 is down" in backup.log_text()
+    else:
+        assert copies["handed_over"] == 1
+        assert "handed over to node node-3 from our copy" in backup.log_text()
+    assert copies["failover_deliveries"] == 4
+
+
+def test_a_connected_device_loses_nothing_published_while_it_moves(
+    nodes: list[ClusterNode],
+) -> None:
+    """The device is connected to node-1 when it dies; what is published for it before it
+    is back (on node-3) reaches it there."""
+    owner, backup, other = nodes
+    device = Device("mover", V5, subscriptions=[("cmd/mover", 1)])
+    assert not device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/mover", 1)])
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    _publish(other, [("cmd/mover", f"live-{n}", 1) for n in range(3)])
+    assert sorted(device.received(want=3)) == ["live-0", "live-1", "live-2"]
+    device.client.loop_stop()  # the device sees nothing more of node-1
+    owner.kill()
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down")
+    _publish(other, [("cmd/mover", f"moving-{n}", 1) for n in range(5)])
+    again = Device("mover", V5)
+    assert again.connect(other.mqtt_port)
+    got = again.received(want=5)
+    again.stop()
+    assert sorted(got) == [f"moving-{n}" for n in range(5)]
+
+
+def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-3 loses node-1 (an operator cuts the link) while node-2 still reaches it: what
+    node-3 publishes for node-1's session is parked on node-2. node-1 then dies: node-2's
+    link drops too and the parked message joins the copy, which the device finds on node-3.
+    (Had node-1 lived, it would have had the message from node-3's outbox.)"""
+    owner, backup, other = nodes
+    device = Device("parked", V5)
+    device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/parked", 1)])
+    device.stop()
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    other.admin("/api/cluster/peers/node-1/disconnect", "POST")
+    wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-3 cut from node-1")
+    _publish(other, [("cmd/parked", "while-cut", 1)])
+    wait_for(lambda: _replication(backup)["copies"]["parked"] == {"node-1": 1}, 10, "parked")
+    assert _replication(backup)["copies"]["deliveries"] == 0
+    owner.kill()
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down")
+    wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 1, 10, "queued")
+    assert "parked while only their sender had lost it" in backup.log_text()
+    again = Device("parked", V5)
+    assert again.connect(other.mqtt_port)
+    assert again.received(want=1) == ["while-cut"]
+    again.stop()
+
+
+def test_a_clean_start_ends_the_copy(nodes: list[ClusterNode]) -> None:
+    owner, backup, other = nodes
+    device = Device("cleaner", V5)
+    device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/cleaner", 1)])
+    device.stop()
+    _publish(other, [("cmd/cleaner", "old", 1)])
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    owner.kill()
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down")
+    fresh = Device("cleaner", V5, clean=True)
+    assert not fresh.connect(other.mqtt_port)
+    assert fresh.received(quiet=1.0) == []
+    fresh.stop()
+    wait_for(lambda: _copies(backup, "node-1") == 0, 10, "the copy dropped")
+    assert _replication(backup)["copies"]["counters"]["dropped_clean_start"] == 1
+
+
+def test_the_copy_follows_the_owner_while_it_lives(nodes: list[ClusterNode]) -> None:
+    """Delivered and acknowledged messages leave the copy; a session that moves between live
+    nodes is deleted from its old owner's backup and copied to its new owner's."""
+    owner, backup, other = nodes
+    device = Device("follower", V5)
+    device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/follower", 1)])
+    device.stop()
+    _publish(other, [("cmd/follower", f"m{n}", 1) for n in range(4)])
+    wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 4, 10, "4 copied")
+    again = Device("follower", V5)
+    assert again.connect(owner.mqtt_port)
+    assert sorted(again.received(want=4)) == ["m0", "m1", "m2", "m3"]
+    again.stop()
+    wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 0, 10, "acked: gone")
+    # Moved to node-3 (a live takeover): node-3's backup, node-1, keeps it now.
+    moved = Device("follower", V5)
+    assert moved.connect(other.mqtt_port)
+    moved.stop()
+    wait_for(lambda: _copies(backup, "node-1") == 0, 10, "node-2's copy deleted")
+    wait_for(lambda: _copies(owner, "node-3") == 1, 10, "node-1 keeps node-3's copy")
+    sending = _replication(other)["sending"]
+    assert sending["active"] and not sending["syncing"]
+
+
+def test_a_backup_that_restarts_gets_the_snapshot(nodes: list[ClusterNode]) -> None:
+    owner, backup, other = nodes
+    for number in range(20):
+        device = Device(f"snap-{number}", V311)
+        device.connect(owner.mqtt_port)
+        device.subscribe([(f"cmd/snap-{number}", 1)])
+        device.stop()
+    _publish(other, [(f"cmd/snap-{n}", "queued", 1) for n in range(20)])
+    wait_for(lambda: _copies(backup, "node-1") == 20, 10, "20 copies")
+    backup.kill()
+    backup.database.unlink()  # a new life without its store: it knows nothing
+    backup.start()
+    wait_for(lambda: _copies(backup, "node-1") == 20, 20, "the snapshot")
+    assert _replication(backup)["copies"]["deliveries"] == 20
+    assert "persistent sessions sent to node-2 (our backup)" in owner.log_text()
+
+
+def test_no_copies_when_turned_off(pki: TestPKI, tmp_path_factory: pytest.TempPathFactory) -> None:
+    directory = tmp_path_factory.mktemp("no-replica")
+    with running_cluster(pki, directory, count=2, cluster="session_replicas = 0") as nodes:
+        owner, other = nodes
+        device = Device("solo", V5)
+        device.connect(owner.mqtt_port)
+        device.subscribe([("cmd/solo", 1)])
+        device.stop()
+        _publish(other, [("cmd/solo", "one", 1)])
+        status = _replication(other)
+        assert status["backup"] is None
+        assert status["copies"]["sessions"] == {}
+        owner.kill()
+        wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-1 down")
+        again = Device("solo", V5)
+        assert not again.connect(other.mqtt_port)  # as before replication: a fresh session
+        again.stop()

@@ -1,0 +1,298 @@
+"""broker.replica's bookkeeping, pure (the processes are in test_broker_cluster_replication.py):
+the owner's promises wait for the backup's REPLICA_ACK in the order they were made, and for
+a snapshot's end; the backup's copies follow the owner's writes, take failover messages
+within the session bounds, hand over with a message that reached them twice once, and expire.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import cluster_codec as codec
+from broker.cluster_codec import ReplicaOp, ReplicaOpKind
+from broker.mqtt import Properties
+from broker.replica import (
+    FAILOVER_KEY_BASE,
+    PARKED_SECONDS,
+    REPLICA_FRAME_BYTES,
+    Replicas,
+    ReplicatedStore,
+    Replicator,
+    backup_of,
+)
+from broker.store import MemoryStore
+from broker.subscriptions import SubscriptionOptions
+
+V = codec.Version(1, "node-1")
+
+
+def message(
+    seq: int, topic: str = "cmd/dev", payload: bytes = b"x", qos: int = 1
+) -> codec.WireMessage:
+    return codec.WireMessage(topic, payload, qos, False, Properties(), "node-3", "pub", seq)
+
+
+def save(
+    client_id: str = "dev", filters: tuple[str, ...] = ("cmd/dev",), expiry: int = 60
+) -> ReplicaOp:
+    record = codec.SessionRecord(
+        client_id,
+        expiry,
+        None,
+        V,
+        subscriptions=tuple((f, SubscriptionOptions(qos=1)) for f in filters),
+    )
+    return ReplicaOp(ReplicaOpKind.SAVE, client_id, data=codec.encode_session(record))
+
+
+def add(key: int, seq: int, client_id: str = "dev") -> ReplicaOp:
+    data = codec.encode_delivery(codec.DeliveryRecord(message(seq), 1, False))
+    return ReplicaOp(ReplicaOpKind.DELIVERY_ADD, client_id, key, data=data)
+
+
+def test_the_backup_is_the_next_node_in_a_ring() -> None:
+    nodes = ["node-2", "node-3", "node-1"]
+    assert [backup_of(n, nodes) for n in ("node-1", "node-2", "node-3")] == [
+        "node-2",
+        "node-3",
+        "node-1",
+    ]
+    assert backup_of("solo", ["solo"]) is None
+    assert backup_of("a", ["b"]) == "b" and backup_of("b", ["a"]) == "a"
+
+
+def test_promises_wait_for_the_ack_of_their_writes_in_order() -> None:
+    replicator = Replicator()
+    flushes: list[int] = []
+    replicator.on_pending = lambda: flushes.append(1)
+    ran: list[str] = []
+    # Inactive (no link to the backup): nothing is kept, nothing waits.
+    replicator.add(add(1, 1))
+    assert replicator.target() is None and not replicator.ops
+    replicator.when_acked(replicator.target(), lambda: ran.append("idle"))
+    assert ran == ["idle"]
+
+    replicator.start()
+    reset = replicator.frame((), reset=True)
+    assert reset.reset and reset.seq == 1
+    replicator.snapshot_sent()  # an empty snapshot, no frame after the reset
+    replicator.add(add(1, 1))
+    replicator.add(add(2, 2))
+    assert flushes == [1]  # one flush per batch
+    first = replicator.target()
+    replicator.when_acked(first, lambda: ran.append("first"))
+    (frame,) = replicator.frames()
+    assert frame.seq == 2 and len(frame.ops) == 2
+    replicator.add(add(3, 3))
+    replicator.when_acked(replicator.target(), lambda: ran.append("second"))
+    # A promise with nothing of its own still waits behind the ones before it.
+    replicator.when_acked(None, lambda: ran.append("third"))
+    for callback in replicator.ack(1):  # the reset: not the writes
+        callback()
+    assert ran == ["idle"]
+    for callback in replicator.ack(2):
+        callback()
+    assert ran == ["idle", "first"]
+    (frame,) = replicator.frames()
+    for callback in replicator.ack(frame.seq):
+        callback()
+    assert ran == ["idle", "first", "second", "third"]
+    assert replicator.ack(frame.seq) == []  # a repeated ACK
+    assert replicator.ack(99) == []  # one for a frame never sent
+    assert replicator.target() is None
+
+
+def test_nothing_is_promised_before_the_snapshot_is_acked() -> None:
+    """A write to a session the snapshot has not reached is skipped by the backup (the
+    session comes whole later): its promise waits for the snapshot's last frame."""
+    replicator = Replicator()
+    ran: list[str] = []
+    replicator.start()
+    replicator.frame((), reset=True)
+    snapshot = replicator.frame((save(),))  # as Cluster._snapshot numbers its frames
+    replicator.add(add(1, 1))
+    replicator.when_acked(replicator.target(), lambda: ran.append("live"))
+    (live,) = replicator.frames()
+    assert replicator.ack(live.seq) == []  # acked, but the snapshot is not over
+    last = replicator.frame((save("other"),))
+    replicator.snapshot_sent()
+    assert snapshot.seq < live.seq < last.seq
+    replicator.when_acked(replicator.target(), lambda: ran.append("after"))
+    for callback in replicator.ack(last.seq):
+        callback()
+    assert ran == ["live", "after"]
+    assert not replicator.waiters
+
+
+def test_a_link_lost_releases_every_promise() -> None:
+    replicator = Replicator()
+    ran: list[int] = []
+    replicator.start()
+    replicator.snapshot_sent()
+    for number in range(3):
+        replicator.add(add(number + 1, number + 1))
+        replicator.when_acked(replicator.target(), lambda n=number: ran.append(n))
+    for callback in replicator.stop():
+        callback()
+    assert ran == [0, 1, 2]
+    assert not replicator.active and replicator.target() is None
+    replicator.add(add(9, 9))  # kept by nobody: the next snapshot carries it
+    assert not replicator.ops
+
+
+def test_large_batches_are_cut_into_frames() -> None:
+    replicator = Replicator()
+    replicator.start()
+    replicator.snapshot_sent()
+    big = codec.encode_delivery(codec.DeliveryRecord(message(1, payload=b"p" * 100_000), 1, False))
+    for key in range(1, 8):
+        replicator.add(ReplicaOp(ReplicaOpKind.DELIVERY_ADD, "dev", key, data=big))
+    frames = list(replicator.frames())
+    assert len(frames) == 3  # ~100 KB ops, about REPLICA_FRAME_BYTES a frame
+    assert all(len(codec.encode(f)) < 2 * REPLICA_FRAME_BYTES for f in frames)
+    assert sum(len(f.ops) for f in frames) == 7
+    assert [f.seq for f in frames] == [1, 2, 3]
+
+
+def test_the_replicated_store_counts_writes_and_waits_for_both() -> None:
+    replicator = Replicator()
+    store = ReplicatedStore(MemoryStore(), replicator)
+    assert store.durable
+    before = store.generation
+    store.save_session(codec.SessionRecord("dev", 60, None, V))
+    store.add_delivery("dev", 1, codec.DeliveryRecord(message(1), 1, False))
+    assert store.generation == before + 2
+    ran: list[str] = []
+    store.after_commit(lambda: ran.append("inactive"))
+    assert ran == ["inactive"]
+    replicator.start()
+    replicator.snapshot_sent()
+    store.update_delivery("dev", 1, 4, True, False)
+    store.remove_incoming("dev", 4)
+    store.after_commit(lambda: ran.append("replicated"))
+    assert ran == ["inactive"] and store.pending()
+    frames = list(replicator.frames())
+    assert [op.kind for op in frames[0].ops] == [
+        ReplicaOpKind.DELIVERY_UPDATE,
+        ReplicaOpKind.INCOMING_REMOVE,
+    ]
+    for callback in replicator.ack(frames[-1].seq):
+        callback()
+    assert ran == ["inactive", "replicated"]
+    store.set_meta("k", b"v")  # a node write: not replicated
+    assert not replicator.ops
+
+
+def test_copies_follow_the_owners_writes() -> None:
+    replicas = Replicas(max_queued_messages=10, max_queued_bytes=1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save(), add(1, 1), add(2, 2))))
+    replicas.apply(
+        "node-1",
+        codec.Replica(
+            2,
+            False,
+            (
+                ReplicaOp(ReplicaOpKind.DELIVERY_REMOVE, "dev", 1),
+                ReplicaOp(ReplicaOpKind.DELIVERY_UPDATE, "dev", 2, 7, True, False),
+                ReplicaOp(ReplicaOpKind.INCOMING_ADD, "dev", packet_id=3),
+                add(5, 5, client_id="unknown"),  # not in the snapshot yet: skipped
+            ),
+        ),
+    )
+    assert replicas.find("dev") == "node-1" and replicas.find("unknown") is None
+    assert len(replicas) == 1 and replicas.bytes > 0
+    record = replicas.take("node-1", "dev")
+    assert record is not None
+    assert record.incoming_qos2 == (3,)
+    (delivery,) = record.deliveries
+    assert (delivery.message.seq, delivery.packet_id, delivery.inflight) == (2, 7, True)
+    assert replicas.bytes == 0 and len(replicas) == 0
+    assert replicas.take("node-1", "dev") is None
+    # DELETE, and a reset: the owner's snapshot starts over.
+    replicas.apply("node-1", codec.Replica(3, False, (save("a"), save("b"))))
+    replicas.apply("node-1", codec.Replica(4, False, (ReplicaOp(ReplicaOpKind.DELETE, "a"),)))
+    assert replicas.status()["sessions"] == {"node-1": 1}
+    replicas.apply("node-1", codec.Replica(5, True, ()))
+    assert len(replicas) == 0 and replicas.bytes == 0
+    assert replicas.counters.resets == 2
+
+
+def test_failover_messages_queue_within_bounds_and_hand_over_once() -> None:
+    replicas = Replicas(max_queued_messages=3, max_queued_bytes=1000)
+    replicas.apply(
+        "node-1",
+        codec.Replica(1, True, (save("dev", ("cmd/#",)), save("other", ("else",)), add(1, 1))),
+    )
+    # The owner had seq 1 already: the copy of it is queued, and handed over once.
+    assert replicas.failover("node-1", message(1)) == (1, [])
+    assert replicas.failover("node-1", message(2, qos=2)) == (1, [])
+    assert replicas.failover("node-1", message(3, topic="nobody")) == (0, [])
+    assert replicas.failover("node-1", message(4)) == (0, ["dev"])  # 3 queued: full
+    assert replicas.failover("node-9", message(5)) == (0, [])
+    record = replicas.take("node-1", "dev")
+    assert record is not None
+    assert [(d.message.seq, d.qos) for d in record.deliveries] == [(1, 1), (2, 1)]
+    counters = replicas.counters
+    assert (counters.failover_deliveries, counters.failover_dropped) == (2, 1)
+    # The trie follows SAVE and take: "dev" is gone, a new subscriber of "else" is found.
+    replicas.apply("node-1", codec.Replica(2, False, (save("other", ("else", "cmd/x")),)))
+    assert replicas.failover("node-1", message(6, topic="cmd/x")) == (1, [])
+    assert replicas.failover("node-1", message(7, topic="cmd/dev")) == (0, [])
+    assert max(replicas.origins["node-1"]["other"].deliveries) >= FAILOVER_KEY_BASE
+
+
+def test_a_failover_message_counts_against_the_byte_bound() -> None:
+    replicas = Replicas(max_queued_messages=100, max_queued_bytes=300)
+    replicas.apply("node-1", codec.Replica(1, True, (save(),)))
+    assert replicas.failover("node-1", message(1, payload=b"p" * 200)) == (1, [])
+    assert replicas.failover("node-1", message(2, payload=b"p" * 200)) == (0, ["dev"])
+
+
+@pytest.mark.parametrize(
+    ("expiry", "expires_in", "gone"),
+    [(60, None, True), (7200, None, False), (0xFFFFFFFF, None, False), (7200, 30.0, True)],
+)
+def test_copies_of_a_node_that_is_down_expire(
+    expiry: int, expires_in: float | None, gone: bool
+) -> None:
+    """A connected session's expiry counts from when its owner went down; an offline one's
+    deadline is its own; 0xFFFFFFFF never expires."""
+    replicas = Replicas(10, 1000)
+    now = 1_000_000.0
+    record = codec.SessionRecord(
+        "dev", expiry, None if expires_in is None else now - 3600 + expires_in, V
+    )
+    op = ReplicaOp(ReplicaOpKind.SAVE, "dev", data=codec.encode_session(record))
+    replicas.apply("node-1", codec.Replica(1, True, (op,)))
+    down_since = now - 3600
+    assert replicas.expire("node-1", down_since, now) == (1 if gone else 0)
+    assert (replicas.find("dev") is None) == gone
+
+
+def test_parked_failover_messages_are_queued_if_the_owner_goes_down_in_time() -> None:
+    """The sender lost the owner, this node has not (yet): the messages wait PARKED_SECONDS
+    for our link to drop too; after that they were the owner's, and go."""
+    replicas = Replicas(10, 1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save(),)))
+    replicas.park("node-1", message(1), now=100.0)
+    replicas.park("node-1", message(2), now=125.0)
+    assert replicas.status()["parked"] == {"node-1": 2}
+    queued, dropped = replicas.owner_down("node-1", now=100.0 + PARKED_SECONDS + 1)
+    assert (queued, dropped) == (1, [])  # the first one waited too long
+    assert replicas.counters.parked_discarded == 1
+    record = replicas.take("node-1", "dev")
+    assert record is not None and [d.message.seq for d in record.deliveries] == [2]
+    assert replicas.parked == {}
+
+
+def test_parked_messages_of_an_owner_that_stays_up_are_discarded_and_bounded() -> None:
+    replicas = Replicas(10, 250)
+    replicas.apply("node-1", codec.Replica(1, True, (save(),)))
+    for seq in range(1, 4):
+        replicas.park("node-1", message(seq, payload=b"p" * 100), now=float(seq))
+    assert len(replicas.parked["node-1"]) == 2  # 300 bytes > max_queued_bytes 250
+    assert replicas.counters.parked_dropped == 1
+    replicas.discard_parked("node-1", now=2.5 + PARKED_SECONDS)  # seq 2 is old, 3 is not
+    assert [m.seq for _, m in replicas.parked["node-1"]] == [3]
+    replicas.apply("node-1", codec.Replica(2, True, ()))  # the owner's new snapshot
+    assert replicas.parked == {} and replicas.parked_bytes == {}
