@@ -23,7 +23,10 @@ Figures (MQTT 3.1.1 over raw sockets from this process, 64-byte payloads):
   mode and against mosquitto are printed beside.
 - ``cluster``: the same flow with the publisher on node A and the subscriber on node B of a
   2-node cluster, memory mode against disk mode (the outbox, the receiver's commit before
-  its ACK).
+  its ACK), each with session replication (the default: B's writes for the subscriber's
+  session go to A, its backup, and its ACKs wait for A's) and without it
+  (``session_replicas = 0``): messages per second and the CPU µs per message of both nodes
+  together.
 
 Each number is the median of ``--repeats``; variants run interleaved, their order
 alternating. Every process started here runs in its own process group and is killed in
@@ -93,6 +96,8 @@ def wait_port(port: int, process: Started, timeout: float = 30.0) -> None:
 def node_config(
     work: Path, name: str, port: int, store: str, cluster: list[tuple[str, int]] | None
 ) -> Path:
+    """``store``: memory, disk or disk-full, and "-noreplica" for ``session_replicas = 0``."""
+    store, unreplicated, _ = store.partition("-noreplica")
     text = f'[node]\nname = "{name}"\ncookie = "bench"\n\n'
     text += "[mqtt]\nmax_queued_messages = 100000\nmax_inflight = 64\n\n"
     text += f'[listeners.tcp.default]\nbind = "127.0.0.1:{port}"\n\n'
@@ -105,7 +110,8 @@ def node_config(
     if cluster is not None:
         own = dict(cluster)[name]
         peers = ", ".join(f'"{n}@127.0.0.1:{p}"' for n, p in cluster)
-        text += f'[cluster]\nbind = "127.0.0.1:{own}"\npeers = [{peers}]\n\n'
+        text += f'[cluster]\nbind = "127.0.0.1:{own}"\npeers = [{peers}]\n'
+        text += "session_replicas = 0\n\n" if unreplicated else "\n"
         text += "[cluster.ssl_options]\n"
         text += f'cacertfile = "{work / "root.pem"}"\n'
         text += f'certfile = "{work / (name + ".pem")}"\nkeyfile = "{work / (name + "-key.pem")}"\n'
@@ -305,22 +311,37 @@ def durability_figures(
 
 
 def cluster_figures(args: argparse.Namespace, work: Path, cpus: set[int] | None) -> dict[str, Any]:
-    variants = ["memory", "disk"]
-    runs: dict[str, list[float]] = {v: [] for v in variants}
+    variants = ["memory", "memory-noreplica", "disk", "disk-noreplica"]
+    runs: dict[str, dict[str, list[float]]] = {v: {"rate": [], "cpu": []} for v in variants}
     for repeat in range(args.repeats):
         order = variants if repeat % 2 == 0 else list(reversed(variants))
         for variant in order:
             with brokers(work, variant, 2, cpus) as started:
-                (_, a), (_, b) = started
+                (first, a), (second, b) = started
+                before = cpu_seconds(first.pid) + cpu_seconds(second.pid)
                 elapsed = asyncio.run(flow(a, b, args.messages, args.window))
-            runs[variant].append(args.messages / elapsed)
+                cpu = cpu_seconds(first.pid) + cpu_seconds(second.pid) - before
+            runs[variant]["rate"].append(args.messages / elapsed)
+            runs[variant]["cpu"].append(cpu / args.messages * 1e6)
             print(f"cluster {variant} #{repeat}: {args.messages / elapsed:,.0f}/s", file=sys.stderr)
     result: dict[str, dict[str, float]] = {
-        v: {"messages_per_second": round(statistics.median(r))} for v, r in runs.items()
+        v: {
+            "messages_per_second": round(statistics.median(r["rate"])),
+            "cpu_us_per_message": round(statistics.median(r["cpu"]), 1),
+        }
+        for v, r in runs.items()
     }
     result["disk"]["rate_vs_memory"] = round(
         result["disk"]["messages_per_second"] / result["memory"]["messages_per_second"], 2
     )
+    for store in ("memory", "disk"):
+        replicated, alone = result[store], result[f"{store}-noreplica"]
+        replicated["rate_vs_noreplica"] = round(
+            replicated["messages_per_second"] / alone["messages_per_second"], 2
+        )
+        replicated["cpu_vs_noreplica"] = round(
+            replicated["cpu_us_per_message"] / alone["cpu_us_per_message"], 2
+        )
     return result
 
 

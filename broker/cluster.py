@@ -91,6 +91,7 @@ from broker.mqtt import MQTTProtocolError, split_shared, validate_topic_filter
 from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges_into
 from broker.reliable import Inbox, InboxVerdict, Outbox
 from broker.replica import (
+    LINGER_SECONDS,
     REPLICA_FRAME_BYTES,
     Replicas,
     ReplicatedStore,
@@ -583,7 +584,7 @@ class Cluster:
         self.backup = self.backups[self.node_name] if self.replicating else None
         self.replicator = Replicator()
         self.replicator.on_pending = self._replica_pending
-        self.replica_flush_scheduled = False
+        self.replica_flush: asyncio.Handle | None = None
         # Bumped at each link to the backup: a snapshot of an older link stops.
         self.replica_epoch = 0
         self.replicas = Replicas(config.mqtt.max_queued_messages, config.mqtt.max_queued_bytes)
@@ -958,6 +959,16 @@ class Cluster:
             # time): its seqs start over.
             peer.ack_due = 0
             self._save_inbox(peer)
+        orphans = self.replicas.orphan(peer.name, hello.incarnation)
+        if orphans is not None:
+            self.down_since[orphans] = time.time()
+            logger.warning(
+                "cluster: node %s restarted without its sessions (a new incarnation): our %d "
+                "copies of them stay here as %s's, handed over when their devices come back",
+                peer.name,
+                len(self.replicas.origins[orphans]),
+                orphans,
+            )
         # Where the peer stands with our frames: everything up to last_applied is applied,
         # if it speaks of this incarnation of ours; otherwise it has none of them.
         applied = hello.last_applied if hello.peer_incarnation == self.incarnation else 0
@@ -1152,14 +1163,30 @@ class Cluster:
                     codec.ReplicaOpKind.DELIVERY_ADD, client_id, pending.key, data=record_bytes
                 )
 
-    def _replica_pending(self) -> None:
-        if not self.replica_flush_scheduled:
-            self.replica_flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_replica)
+    def _replica_pending(self, linger: bool | None) -> None:
+        """broker.replica.Replicator.on_pending: send the batch after the linger (True) or
+        now (False, it is large), or run the promises a cancelled add let through (None)."""
+        loop = asyncio.get_running_loop()
+        if linger is None:
+            loop.call_soon(self._replica_due)
+            return
+        flush = self.replica_flush
+        if flush is not None:
+            if linger:
+                return
+            flush.cancel()
+        if linger:
+            self.replica_flush = loop.call_later(LINGER_SECONDS, self._flush_replica)
+        else:
+            self.replica_flush = loop.call_soon(self._flush_replica)
+
+    def _replica_due(self) -> None:
+        for callback in self.replicator.due():
+            callback()
 
     def _flush_replica(self) -> None:
-        """Once per loop turn: the session writes made in it, to the backup."""
-        self.replica_flush_scheduled = False
+        """The session writes of the last LINGER_SECONDS, to the backup."""
+        self.replica_flush = None
         replicator = self.replicator
         peer = None if self.backup is None else self.peers.get(self.backup)
         link = None if peer is None else peer.link
@@ -1168,6 +1195,7 @@ class Cluster:
         for frame in replicator.frames():
             if not link.send(codec.encode(frame)):
                 return  # the link closed (link_lost stopped the replicator)
+        self._replica_due()  # promises whose ops were all cancelled
 
     def _failover_outbox(self, peer: Peer) -> None:
         """The link to ``peer`` dropped: the messages it had not acknowledged may have died
@@ -1235,6 +1263,21 @@ class Cluster:
         if peer is not None and peer.up:
             return None
         return origin
+
+    def _take_copy(self, origin: str, client_id: str) -> codec.SessionRecord | None:
+        """Our copy of ``client_id`` as a session record (removed from the copies)."""
+        replicas = self.replicas
+        before = replicas.counters.undecodable
+        record = replicas.take(origin, client_id)
+        if replicas.counters.undecodable > before:
+            logger.error(
+                "client_id=%s: %d deliveries of the copy of node %s did not decode and are "
+                "dropped (a bug on that node: please report it)",
+                client_id,
+                replicas.counters.undecodable - before,
+                origin,
+            )
+        return record
 
     def _sweep_replicas(self) -> None:
         now = time.time()
@@ -1476,7 +1519,7 @@ class Cluster:
             counters.retained_received += 1
             self._retained_received(frame)
         elif isinstance(frame, codec.Replica):
-            self.replicas.apply(peer.name, frame)
+            self.replicas.apply(peer.name, frame, peer.inbox.incarnation)
             link.send(codec.encode(codec.ReplicaAck(frame.seq)))
         elif isinstance(frame, codec.ReplicaAck):
             if peer.name == self.backup:
@@ -1701,7 +1744,7 @@ class Cluster:
             if origin is not None and clean_start:
                 self.replicas.drop(client_id)
             elif origin is not None:
-                record = self.replicas.take(origin, client_id)
+                record = self._take_copy(origin, client_id)
                 if record is not None and broker.install_session(record, merge=False):
                     self.replicas.counters.installed_here += 1
                     local = True
@@ -1782,7 +1825,7 @@ class Cluster:
             if origin is not None and frame.clean_start:
                 self.replicas.drop(client_id)
             elif origin is not None:
-                record = self.replicas.take(origin, client_id)
+                record = self._take_copy(origin, client_id)
                 if record is not None:
                     self.replicas.counters.handed_over += 1
                     peer.counters.transfers_sent += 1
@@ -1886,7 +1929,10 @@ class Cluster:
         for client_id, theirs in frame.entries:
             broker.lamport.observe(theirs)
             session = broker.sessions.get(client_id)
-            if session is None or session.moved_to is not None or session.version is None:
+            if session is None or session.moved_to is not None:
+                self._merge_copy(peer, client_id, theirs)
+                continue
+            if session.version is None:
                 continue
             if client_id in self.waiting or not merges_into(session.version, theirs):
                 continue
@@ -1902,6 +1948,30 @@ class Cluster:
                 len(record.deliveries),
             )
             self.send_reliable(peer, codec.Transfer(theirs, True, record))
+
+    def _merge_copy(self, peer: Peer, client_id: str, theirs: Version) -> None:
+        """``peer`` owns ``client_id`` and we keep a copy of it whose owner is down (or
+        restarted without it): the device came back where its claim could not reach us (a
+        fresh session), so the copy's messages are merged into that session."""
+        if not self.replicas.origins:
+            return
+        origin = self._orphaned_copy(client_id, peer.name)
+        if origin is None:
+            return
+        record = self._take_copy(origin, client_id)
+        if record is None:
+            return
+        self.replicas.counters.merged += 1
+        peer.counters.merges_sent += 1
+        logger.info(
+            "client_id=%s: node %s holds a fresh session; the %d messages of our copy (its node "
+            "%s is down) merged into it",
+            client_id,
+            peer.name,
+            len(record.deliveries),
+            origin,
+        )
+        self.send_reliable(peer, codec.Transfer(theirs, True, record))
 
     def _deliver_received(self, peer: Peer, frame: codec.Deliver) -> None:
         broker = self.broker

@@ -99,7 +99,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Final
 
@@ -489,7 +489,9 @@ class Hold:
 @dataclass(frozen=True, slots=True)
 class ReplicaOp:
     """One write to a replicated session. ``data`` is the encoded session record (SAVE, no
-    deliveries) or delivery record (DELIVERY_ADD), kept as bytes by the backup."""
+    deliveries) or delivery record (DELIVERY_ADD), kept as bytes by the backup. The owner may
+    give the delivery as ``record`` instead, encoded only if the op is sent (a delivery
+    acknowledged before its op left is never encoded; broker.replica.Replicator)."""
 
     kind: ReplicaOpKind
     client_id: str
@@ -498,6 +500,7 @@ class ReplicaOp:
     inflight: bool = False
     released: bool = False
     data: bytes = b""
+    record: DeliveryRecord | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,7 +803,8 @@ def _replica_op(op: ReplicaOp) -> bytes:
     if kind in (ReplicaOpKind.INCOMING_ADD, ReplicaOpKind.INCOMING_REMOVE):
         return head + _U16.pack(op.packet_id)
     if kind == ReplicaOpKind.DELIVERY_ADD:
-        return head + _u64(op.key) + _blob(op.data)
+        data = op.data if op.record is None else encode_delivery(op.record)
+        return head + _u64(op.key) + _blob(data)
     if kind == ReplicaOpKind.DELIVERY_UPDATE:
         flags = (_OP_INFLIGHT if op.inflight else 0) | (_OP_RELEASED if op.released else 0)
         return head + _u64(op.key) + _U16.pack(op.packet_id) + bytes((flags,))
@@ -1029,9 +1033,9 @@ def _read_replica_op(reader: Reader) -> ReplicaOp:
         return ReplicaOp(op_kind, client_id, packet_id=reader.u16("the packet id"))
     key = _read_u64(reader, "the delivery key")
     if op_kind == ReplicaOpKind.DELIVERY_ADD:
-        data = _read_blob(reader, "a delivery record")
-        decode_delivery(data)
-        return ReplicaOp(op_kind, client_id, key, data=data)
+        # Kept as bytes and decoded when used (a handover): one per message, so not here
+        # (20 us each); broker.replica drops one that does not decode then, and counts it.
+        return ReplicaOp(op_kind, client_id, key, data=_read_blob(reader, "a delivery record"))
     if op_kind == ReplicaOpKind.DELIVERY_UPDATE:
         packet_id = reader.u16("the packet id")
         flags = reader.u8("the delivery flags")

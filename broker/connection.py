@@ -336,11 +336,16 @@ class ClientConnection:
             return
         self._send_inflight(session, pending, queued=False)
 
-    def pump_after_commit(self) -> None:
-        """Durable deliveries were queued: send them once the store has them."""
+    def pump_after_commit(self, replicated: bool = False) -> None:
+        """Durable deliveries were queued: send them once the store has them (and, with
+        ``replicated``, the backup node too: broker.replica)."""
         if not self._pump_scheduled:
             self._pump_scheduled = True
-            self.broker.store.after_commit(self._pump_committed)
+            store = self.broker.store
+            if replicated:
+                store.after_commit(self._pump_committed)
+            else:
+                store.after_local_commit(self._pump_committed)
 
     def _pump_committed(self) -> None:
         self._pump_scheduled = False
@@ -807,9 +812,16 @@ class ClientConnection:
                 continue
             if len(session.inflight) >= self.send_quota:
                 break
-            if pending.key > self.broker.store.committed_key:
+            store = self.broker.store
+            if pending.key > store.committed_key:
                 # Stored but not on disk yet: it leaves once the store has it.
                 self.pump_after_commit()
+                break
+            if pending.qos == 2 and pending.key > store.replicated_key:
+                # Issue 13: a QoS 2 packet id reaches the client once the backup node has it
+                # too. A device holding an id its session's copy never had would take the
+                # next message with that id for a duplicate, once the session moved.
+                self.pump_after_commit(replicated=True)
                 break
             queue.popleft()
             self._send_inflight(session, pending, queued=True)

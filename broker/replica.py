@@ -50,7 +50,7 @@ from broker import cluster_codec as codec
 from broker.cluster_codec import ReplicaOp, ReplicaOpKind
 from broker.session import SESSION_NEVER_EXPIRES
 from broker.store import Store, StoredState
-from broker.subscriptions import SubscriptionTrie
+from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 
 __all__ = [
     "REPLICA_FRAME_BYTES",
@@ -61,8 +61,13 @@ __all__ = [
 ]
 
 #: Ops are cut into REPLICA frames of about this many bytes (far below any frame limit; a
-#: single op may be larger: a delivery of a message up to max_packet_size).
+#: single op may be larger: a delivery of a message up to max_packet_size); a batch this
+#: large is sent at once rather than after LINGER_SECONDS.
 REPLICA_FRAME_BYTES = 256 * 1024
+#: How long ops wait before they are sent: a delivery acknowledged by its client within it is
+#: never copied (Kafka's linger.ms is 5 ms by default). A promise waits at most this plus a
+#: round trip to the backup; one whose ops were all cancelled, no longer than the client.
+LINGER_SECONDS = 0.005
 #: Failover deliveries are keyed above the owner's keys (which count up from 1), so that a
 #: handed-over copy lists the owner's deliveries first, in its order, then these.
 FAILOVER_KEY_BASE = 1 << 62
@@ -84,7 +89,9 @@ def backup_of(node: str, nodes: Iterable[str]) -> str | None:
 
 
 def _op_size(op: ReplicaOp) -> int:
-    return len(op.data) + len(op.client_id) + 16
+    record = op.record
+    size = len(op.data) if record is None else len(record.message.payload) + 64
+    return size + len(op.client_id) + 16
 
 
 # --- the owner's side --------------------------------------------------------------------
@@ -93,20 +100,30 @@ def _op_size(op: ReplicaOp) -> int:
 class Replicator:
     """Writes waiting to go to the backup, and the promises waiting for its REPLICA_ACK.
 
-    ``added`` counts every op taken. Each frame records how many had gone into frames when
-    it was cut (``sent``: seq, that count); an ACK of its seq makes them ``acked``, and a
-    promise made when ``added`` was N runs once ``acked`` >= N. While a snapshot is being
-    sent (``syncing``, then until its last frame is acked) no promise runs: the ops of a
-    session the snapshot has not reached yet are not kept by the backup. Promises run in the
-    order they were made (they are the PUBACKs of one connection, among others: MQTT 5.0
-    section 4.6)."""
+    Ops wait LINGER_SECONDS before they are sent (or less, past REPLICA_FRAME_BYTES): a
+    delivery the client acknowledges meanwhile (DELIVERY_REMOVE of an add still here) cancels
+    its add, and neither is sent nor encoded. A subscriber that keeps up (the fleet's
+    collector) then costs its backup nothing per message; one that does not has its queue
+    copied after LINGER_SECONDS.
+
+    ``added`` counts every op taken (its index); a promise made when ``added`` was N runs
+    once every op before N is acknowledged by the backup or cancelled (``settled``). Each
+    frame records how many ops had been cut into frames when it was cut (``sent``: seq, that
+    count, the highest delivery key in it). While a snapshot is being sent (``syncing``, then
+    until its last frame is acked) no promise runs: the ops of a session the snapshot has not
+    reached yet are not kept by the backup. Promises run in the order they were made (they
+    are the PUBACKs of one connection, among others: MQTT 5.0 section 4.6)."""
 
     __slots__ = (
         "acked",
+        "acked_key",
         "acked_seq",
         "active",
         "added",
+        "adds",
         "bytes",
+        "cancelled",
+        "first_live",
         "frames_sent",
         "on_pending",
         "ops",
@@ -122,34 +139,100 @@ class Replicator:
     def __init__(self) -> None:
         # The link to the backup is up (and speaks version 4): ops are kept and sent.
         self.active = False
-        self.ops: list[ReplicaOp] = []
+        # Ops not sent yet (None: cancelled); ops[i] has index taken + i.
+        self.ops: list[ReplicaOp | None] = []
+        # DELIVERY_ADD ops not sent yet: (client id, key) -> position in ops.
+        self.adds: dict[tuple[str, int], int] = {}
+        # The index of the first op not sent and not cancelled (added when there is none).
+        self.first_live = 0
+        # Bytes taken since the last batch left (cancelled ones too): past
+        # REPLICA_FRAME_BYTES the batch leaves at once.
         self.bytes = 0
         self.added = 0
         self.taken = 0
         self.acked = 0
+        self.acked_key = 0
         self.seq = 0
         self.acked_seq = 0
-        self.sent: deque[tuple[int, int]] = deque()
+        self.sent: deque[tuple[int, int, int]] = deque()
         self.waiters: deque[tuple[int, Callable[[], None]]] = deque()
         self.syncing = False
         self.sync_end = 0
-        # Called when the first op of a batch is taken (the cluster flushes in a loop turn).
-        self.on_pending: Callable[[], None] | None = None
+        # Called with True when the first op of a batch is taken (send within the linger),
+        # False when the batch should go now (it is large), None when an add was cancelled
+        # (promises may be due).
+        self.on_pending: Callable[[bool | None], None] | None = None
         self.frames_sent = 0
         self.ops_sent = 0
+        self.cancelled = 0
 
     def add(self, op: ReplicaOp) -> None:
         if not self.active:
             return  # the snapshot after the link comes back carries it
-        self.ops.append(op)
-        self.bytes += _op_size(op)
+        ops = self.ops
+        if op.kind == ReplicaOpKind.DELIVERY_REMOVE:
+            position = self.adds.pop((op.client_id, op.key), None)
+            if position is not None:
+                self._cancel(position, op)
+                return
+        elif op.kind == ReplicaOpKind.DELIVERY_ADD:
+            self.adds[(op.client_id, op.key)] = len(ops)
+        if not ops or self.first_live == self.added:
+            self.first_live = self.added
+        ops.append(op)
         self.added += 1
-        if len(self.ops) == 1 and self.on_pending is not None:
-            self.on_pending()
+        if op.record is not None:
+            self.bytes += len(op.record.message.payload) + 64
+        elif op.data:
+            self.bytes += len(op.data)
+        if self.on_pending is not None:
+            if len(ops) == 1:
+                self.on_pending(True)
+            elif self.bytes >= REPLICA_FRAME_BYTES:
+                self.on_pending(False)
+
+    def _cancel(self, position: int, remove: ReplicaOp) -> None:
+        """The delivery was acknowledged before its add was sent: neither goes."""
+        ops = self.ops
+        added = ops[position]
+        assert added is not None
+        ops[position] = None
+        self.cancelled += 1
+        record = added.record
+        if record is not None and record.qos == 2:
+            # Updates of it still here go too (PUBREL sent; only QoS 2 has them).
+            for index in range(position + 1, len(ops)):
+                later = ops[index]
+                if (
+                    later is not None
+                    and later.kind == ReplicaOpKind.DELIVERY_UPDATE
+                    and later.key == remove.key
+                    and later.client_id == remove.client_id
+                ):
+                    ops[index] = None
+        if self.taken + position == self.first_live:
+            index = position
+            while index < len(ops) and ops[index] is None:
+                index += 1
+            self.first_live = self.taken + index if index < len(ops) else self.added
+            if self.waiters and self.on_pending is not None:
+                self.on_pending(None)
 
     def frames(self, reset: bool = False) -> Iterator[codec.Replica]:
         """The ops taken so far cut into frames (at least one frame when ``reset``)."""
-        ops, self.ops, self.bytes = self.ops, [], 0
+        ops = [op for op in self.ops if op is not None]
+        self.taken += len(self.ops)
+        self.ops, self.bytes = [], 0
+        self.adds.clear()
+        self.first_live = self.added
+        if not ops and not reset:
+            # Every op was cancelled: settled once what was sent before is acked.
+            if self.sent:
+                seq, _, key = self.sent[-1]
+                self.sent[-1] = (seq, self.taken, key)
+            else:
+                self.acked = self.taken
+            return
         start = 0
         while start < len(ops) or reset:
             size = 0
@@ -157,7 +240,6 @@ class Replicator:
             while end < len(ops) and (end == start or size < REPLICA_FRAME_BYTES):
                 size += _op_size(ops[end])
                 end += 1
-            self.taken += end - start
             yield self.frame(tuple(ops[start:end]), reset)
             reset = False
             start = end
@@ -165,7 +247,8 @@ class Replicator:
     def frame(self, ops: tuple[ReplicaOp, ...], reset: bool = False) -> codec.Replica:
         """Number a frame (a snapshot's frames carry ops that were never ``add``-ed)."""
         self.seq += 1
-        self.sent.append((self.seq, self.taken))
+        key = max((op.key for op in ops if op.kind == ReplicaOpKind.DELIVERY_ADD), default=0)
+        self.sent.append((self.seq, self.taken, key))
         self.frames_sent += 1
         self.ops_sent += len(ops)
         return codec.Replica(self.seq, reset, ops)
@@ -184,21 +267,34 @@ class Replicator:
         self.active = False
         self.syncing = False
         self.ops.clear()
+        self.adds.clear()
         self.bytes = 0
         self.sent.clear()
-        self.taken = self.acked = self.added
+        self.taken = self.acked = self.first_live = self.added
         released = [callback for _, callback in self.waiters]
         self.waiters.clear()
         return released
 
-    def _settled(self) -> bool:
+    def _ready(self) -> bool:
         return not self.syncing and self.acked_seq >= self.sync_end
 
+    def settled(self) -> int:
+        """Every op before this index is acknowledged by the backup or cancelled."""
+        if self.acked < self.taken:
+            return self.acked
+        return self.first_live if self.ops else self.added
+
+    def replicated_key(self) -> int:
+        """Every delivery key up to this one is with the backup (or nobody waits for it)."""
+        if not self.active:
+            return 1 << 62
+        return self.acked_key if self._ready() else 0
+
     def when_acked(self, target: int | None, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the ops up to ``target`` are acked (None: at once, but not
-        before the promises waiting already)."""
+        """Run ``callback`` once the ops before ``target`` are settled (None: at once, but
+        not before the promises waiting already)."""
         waiters = self.waiters
-        if target is None or (target <= self.acked and self._settled()):
+        if target is None or (self._ready() and target <= self.settled()):
             if not waiters:
                 callback()
                 return
@@ -207,7 +303,7 @@ class Replicator:
 
     def target(self) -> int | None:
         """What a promise made now waits for: every op taken so far, or nothing."""
-        if not self.active or (self.added <= self.acked and self._settled()):
+        if not self.active or (self._ready() and self.added <= self.settled()):
             return None
         return self.added
 
@@ -218,12 +314,19 @@ class Replicator:
         self.acked_seq = seq
         sent = self.sent
         while sent and sent[0][0] <= seq:
-            self.acked = max(self.acked, sent.popleft()[1])
+            _, through, key = sent.popleft()
+            self.acked = max(self.acked, through)
+            self.acked_key = max(self.acked_key, key)
+        return self.due()
+
+    def due(self) -> list[Callable[[], None]]:
+        """The promises whose ops are all settled now, in order."""
         due: list[Callable[[], None]] = []
-        if not self._settled():
+        if not self._ready():
             return due
+        settled = self.settled()
         waiters = self.waiters
-        while waiters and waiters[0][0] <= self.acked:
+        while waiters and waiters[0][0] <= settled:
             due.append(waiters.popleft()[1])
         return due
 
@@ -235,7 +338,8 @@ class Replicator:
             "acked_seq": self.acked_seq,
             "frames_sent": self.frames_sent,
             "ops_sent": self.ops_sent,
-            "ops_waiting": len(self.ops),
+            "ops_cancelled": self.cancelled,
+            "ops_waiting": sum(1 for op in self.ops if op is not None),
             "promises_waiting": len(self.waiters),
         }
 
@@ -292,6 +396,13 @@ class ReplicatedStore(Store):
     async def close(self) -> None:
         await self.inner.close()
 
+    @property
+    def replicated_key(self) -> int:  # type: ignore[override]
+        return self.replicator.replicated_key()
+
+    def after_local_commit(self, callback: Callable[[], None]) -> None:
+        self.inner.after_commit(callback)
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         replicator = self.replicator
         target = replicator.target()
@@ -333,11 +444,7 @@ class ReplicatedStore(Store):
 
     def add_delivery(self, client_id: str, key: int, record: codec.DeliveryRecord) -> None:
         self.inner.add_delivery(client_id, key, record)
-        self._write(
-            ReplicaOp(
-                ReplicaOpKind.DELIVERY_ADD, client_id, key, data=codec.encode_delivery(record)
-            )
-        )
+        self._write(ReplicaOp(ReplicaOpKind.DELIVERY_ADD, client_id, key, record=record))
 
     def update_delivery(
         self, client_id: str, key: int, packet_id: int, inflight: bool, released: bool
@@ -384,17 +491,22 @@ class ReplicatedStore(Store):
 # --- the backup's side -------------------------------------------------------------------
 
 
+def _filters(record: bytes) -> tuple[tuple[str, SubscriptionOptions], ...]:
+    """A copy's subscriptions, read from its record when a failover message needs them
+    (the copies do not keep them decoded: ~200 bytes a session)."""
+    return codec.decode_session(record).subscriptions
+
+
 class ReplicaSession:
     """The copy of one session: its record (as the owner encoded it), QoS 2 packet ids,
     deliveries by store key (encoded), and what they weigh."""
 
-    __slots__ = ("deliveries", "expires_at", "expiry_interval", "filters", "incoming", "record")
+    __slots__ = ("deliveries", "expires_at", "expiry_interval", "incoming", "record")
 
     def __init__(self, record: bytes, decoded: codec.SessionRecord) -> None:
         self.record = record
         self.expiry_interval = decoded.expiry_interval
         self.expires_at = decoded.expires_at
-        self.filters = decoded.subscriptions
         self.incoming: set[int] | None = None
         self.deliveries: dict[int, bytes] = {}
 
@@ -406,6 +518,8 @@ class ReplicaCounters:
     resets: int = 0
     handed_over: int = 0
     installed_here: int = 0
+    merged: int = 0  # into a fresh session made where the claim could not reach us
+    undecodable: int = 0  # delivery records that did not decode when used (dropped)
     dropped_clean_start: int = 0
     expired: int = 0
     failover_messages: int = 0
@@ -428,6 +542,9 @@ class Replicas:
         self.bytes = 0
         self.next_failover_key = FAILOVER_KEY_BASE
         self.counters = ReplicaCounters()
+        # The owner's incarnation the copies are of (broker.reliable: a node that restarts
+        # without its store starts a new one, and its old sessions are only here).
+        self.incarnations: dict[str, int] = {}
         # Failover messages for owners this node still reaches: (monotonic time, message).
         self.parked: dict[str, deque[tuple[float, codec.WireMessage]]] = {}
         self.parked_bytes: dict[str, int] = {}
@@ -437,12 +554,13 @@ class Replicas:
 
     # --- REPLICA frames -----------------------------------------------------------------
 
-    def apply(self, origin: str, frame: codec.Replica) -> None:
+    def apply(self, origin: str, frame: codec.Replica, incarnation: int = 0) -> None:
         counters = self.counters
         counters.frames_applied += 1
         if frame.reset:
             counters.resets += 1
             self.reset(origin)
+            self.incarnations[origin] = incarnation
         sessions = self.origins.setdefault(origin, {})
         for op in frame.ops:
             counters.ops_applied += 1
@@ -465,7 +583,13 @@ class Replicas:
             elif kind == ReplicaOpKind.DELIVERY_UPDATE:
                 data = copy.deliveries.get(op.key)
                 if data is not None:
-                    delivery = codec.decode_delivery(data)
+                    try:
+                        delivery = codec.decode_delivery(data)
+                    except codec.ClusterProtocolError:
+                        self.counters.undecodable += 1
+                        del copy.deliveries[op.key]
+                        self.bytes -= len(data)
+                        continue
                     updated = codec.encode_delivery(
                         codec.DeliveryRecord(
                             delivery.message,
@@ -498,11 +622,11 @@ class Replicas:
             self._index(origin, op.client_id, (), decoded.subscriptions)
             return
         self.bytes += len(op.data) - len(copy.record)
-        self._index(origin, op.client_id, copy.filters, decoded.subscriptions)
+        if origin in self.tries:
+            self._index(origin, op.client_id, _filters(copy.record), decoded.subscriptions)
         copy.record = op.data
         copy.expiry_interval = decoded.expiry_interval
         copy.expires_at = decoded.expires_at
-        copy.filters = decoded.subscriptions
 
     def _index(
         self,
@@ -528,7 +652,8 @@ class Replicas:
         if copy is None:
             return None
         self.bytes -= len(copy.record) + sum(len(data) for data in copy.deliveries.values())
-        self._index(origin, client_id, copy.filters, ())
+        if origin in self.tries:
+            self._index(origin, client_id, _filters(copy.record), ())
         return copy
 
     def reset(self, origin: str) -> None:
@@ -539,6 +664,21 @@ class Replicas:
         if sessions:
             for copy in sessions.values():
                 self.bytes -= len(copy.record) + sum(len(d) for d in copy.deliveries.values())
+
+    def orphan(self, origin: str, incarnation: int) -> str | None:
+        """``origin`` is back as a new incarnation (it restarted without its store): its
+        copies are kept apart, under "origin#old incarnation", as the sessions of a node that
+        is gone (its new life resets ``origin``). Returns that name, or None."""
+        old = self.incarnations.get(origin)
+        if old is None or old == incarnation or not self.origins.get(origin):
+            return None
+        name = f"{origin}#{old}"
+        self.origins[name] = self.origins.pop(origin)
+        trie = self.tries.pop(origin, None)
+        if trie is not None:
+            self.tries[name] = trie
+        del self.incarnations[origin]
+        return name
 
     # --- when the owner is down ---------------------------------------------------------
 
@@ -559,7 +699,11 @@ class Replicas:
         deliveries: list[codec.DeliveryRecord] = []
         seen: set[tuple[str, int]] = set()
         for key in sorted(copy.deliveries):
-            delivery = codec.decode_delivery(copy.deliveries[key])
+            try:
+                delivery = codec.decode_delivery(copy.deliveries[key])
+            except codec.ClusterProtocolError:
+                self.counters.undecodable += 1  # the owner's bug; the cluster logs the count
+                continue
             message = delivery.message
             if message.seq:
                 message_id = (message.origin_node, message.seq)
@@ -601,7 +745,7 @@ class Replicas:
         if trie is None:
             trie = self.tries[origin] = SubscriptionTrie()
             for client_id, copy in sessions.items():
-                for topic_filter, options in copy.filters:
+                for topic_filter, options in _filters(copy.record):
                     if not topic_filter.startswith("$share/"):
                         trie.subscribe(client_id, topic_filter, options)
         queued = 0
@@ -700,7 +844,9 @@ class Replicas:
 
     def status(self) -> dict[str, Any]:
         return {
-            "sessions": {origin: len(sessions) for origin, sessions in self.origins.items()},
+            "sessions": {
+                origin: len(sessions) for origin, sessions in self.origins.items() if sessions
+            },
             "deliveries": sum(
                 len(copy.deliveries)
                 for sessions in self.origins.values()

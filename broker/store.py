@@ -157,6 +157,8 @@ class Store:
     congested = False
     # Every delivery key up to this one is on disk (deliveries are keyed in order).
     committed_key = 1 << 62
+    # ... and with the backup node (broker.replica.ReplicatedStore; no backup here).
+    replicated_key = 1 << 62
 
     def __init__(self) -> None:
         # Bumped by every operation: the connection compares it around a publish to learn
@@ -176,6 +178,10 @@ class Store:
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         callback()
+
+    def after_local_commit(self, callback: Callable[[], None]) -> None:
+        """After this node's own commit only (not a backup's: broker.replica)."""
+        self.after_commit(callback)
 
     def pending(self) -> bool:
         return False

@@ -338,16 +338,6 @@ def test_sync_is_split_into_reset_and_continuation_frames() -> None:
             ),
             "reserved delivery update flags",
         ),
-        (
-            framed(
-                21,
-                struct.pack(">QBI", 1, 0, 1)
-                + b"\x05\x00\x01x"
-                + struct.pack(">QI", 1, 1)
-                + b"\x03",
-            ),
-            "bad delivery flags 0x03",
-        ),
         (framed(21, struct.pack(">QBI", 1, 0, 2) + b"\x02\x00\x01x"), "malformed frame"),
     ],
 )

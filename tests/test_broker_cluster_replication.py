@@ -143,6 +143,56 @@ def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     again.stop()
 
 
+def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-1 is killed and comes back empty (its database gone: a new incarnation). Its
+    snapshot to node-2 is empty, but node-2 keeps the old copies apart and hands the device's
+    over when the device reconnects, here to node-1 itself."""
+    owner, backup, other = nodes
+    device = Device("reborn", V311)
+    device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/reborn", 1)])
+    device.stop()
+    _publish(other, [("cmd/reborn", f"r{n}", 1) for n in range(3)])
+    wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 3, 10, "copied")
+    owner.kill()
+    owner.database.unlink()
+    owner.start()
+    wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
+    wait_for(lambda: _copies(backup, "node-1") == 0, 10, "node-1's empty snapshot")
+    orphans = _replication(backup)["copies"]["sessions"]
+    assert list(orphans.values()) == [1] and next(iter(orphans)).startswith("node-1#")
+    assert "restarted without its sessions (a new incarnation)" in backup.log_text()
+    again = Device("reborn", V311)
+    assert again.connect(owner.mqtt_port)
+    assert sorted(again.received(want=3)) == ["r0", "r1", "r2"]
+    again.stop()
+
+
+def test_a_copy_merges_into_a_fresh_session_its_claim_did_not_reach(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-1 dies while node-3 cannot reach node-2 either: the device reconnecting to node-3
+    gets a fresh session; once node-3 and node-2 meet, the copy's messages are merged in."""
+    owner, backup, other = nodes
+    device = Device("merger", V5)
+    device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/merger", 1)])
+    device.stop()
+    _publish(other, [("cmd/merger", f"q{n}", 1) for n in range(3)])
+    wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 3, 10, "copied")
+    owner.kill()
+    other.admin("/api/cluster/peers/node-2/disconnect", "POST")
+    wait_for(lambda: other.link_states().get("node-2") == "down", 10, "node-3 cut from node-2")
+    again = Device("merger", V5, subscriptions=[("cmd/merger", 1)])
+    assert not again.connect(other.mqtt_port)  # nobody reachable had it: fresh
+    other.admin("/api/cluster/peers/node-2/connect", "POST")
+    assert sorted(again.received(want=3, timeout=30)) == ["q0", "q1", "q2"]
+    again.stop()
+    assert _replication(backup)["copies"]["counters"]["merged"] == 1
+
+
 def test_a_clean_start_ends_the_copy(nodes: list[ClusterNode]) -> None:
     owner, backup, other = nodes
     device = Device("cleaner", V5)

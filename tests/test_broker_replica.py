@@ -63,8 +63,8 @@ def test_the_backup_is_the_next_node_in_a_ring() -> None:
 
 def test_promises_wait_for_the_ack_of_their_writes_in_order() -> None:
     replicator = Replicator()
-    flushes: list[int] = []
-    replicator.on_pending = lambda: flushes.append(1)
+    flushes: list[bool | None] = []
+    replicator.on_pending = flushes.append
     ran: list[str] = []
     # Inactive (no link to the backup): nothing is kept, nothing waits.
     replicator.add(add(1, 1))
@@ -78,7 +78,7 @@ def test_promises_wait_for_the_ack_of_their_writes_in_order() -> None:
     replicator.snapshot_sent()  # an empty snapshot, no frame after the reset
     replicator.add(add(1, 1))
     replicator.add(add(2, 2))
-    assert flushes == [1]  # one flush per batch
+    assert flushes == [True]  # one flush per batch, after the linger
     first = replicator.target()
     replicator.when_acked(first, lambda: ran.append("first"))
     (frame,) = replicator.frames()
@@ -296,3 +296,118 @@ def test_parked_messages_of_an_owner_that_stays_up_are_discarded_and_bounded() -
     assert [m.seq for _, m in replicas.parked["node-1"]] == [3]
     replicas.apply("node-1", codec.Replica(2, True, ()))  # the owner's new snapshot
     assert replicas.parked == {} and replicas.parked_bytes == {}
+
+
+def test_copies_of_an_owner_that_restarted_empty_are_kept_apart() -> None:
+    replicas = Replicas(10, 1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save(), add(1, 1))), incarnation=7)
+    assert replicas.orphan("node-1", 7) is None  # the same life (it kept its store)
+    assert replicas.orphan("node-2", 9) is None  # no copies of that node
+    name = replicas.orphan("node-1", 8)
+    assert name == "node-1#7"
+    replicas.apply("node-1", codec.Replica(1, True, ()), incarnation=8)  # its empty snapshot
+    assert replicas.status()["sessions"] == {"node-1#7": 1}
+    assert replicas.find("dev") == "node-1#7"
+    assert replicas.failover("node-1#7", message(2)) == (1, [])  # its trie came along
+    record = replicas.take("node-1#7", "dev")
+    assert record is not None and [d.message.seq for d in record.deliveries] == [1, 2]
+
+
+def test_a_delivery_that_does_not_decode_is_dropped_at_the_handover_and_counted() -> None:
+    """Delivery records are kept as the owner sent them and decoded when used (one per
+    message: not checked on arrival); one that does not decode then is dropped, not the
+    session."""
+    replicas = Replicas(10, 1000)
+    broken = ReplicaOp(ReplicaOpKind.DELIVERY_ADD, "dev", 2, data=b"\x03")
+    replicas.apply("node-1", codec.Replica(1, True, (save(), add(1, 1), broken, add(3, 3))))
+    record = replicas.take("node-1", "dev")
+    assert record is not None and [d.message.seq for d in record.deliveries] == [1, 3]
+    assert replicas.counters.undecodable == 1
+    replicas.apply("node-1", codec.Replica(2, False, (save(), broken)))
+    update = ReplicaOp(ReplicaOpKind.DELIVERY_UPDATE, "dev", 2, 5, True, False)
+    replicas.apply("node-1", codec.Replica(3, False, (update,)))
+    assert replicas.counters.undecodable == 2 and replicas.bytes == len(save().data)
+
+
+def remove(key: int, client_id: str = "dev") -> ReplicaOp:
+    return ReplicaOp(ReplicaOpKind.DELIVERY_REMOVE, client_id, key)
+
+
+def test_a_delivery_acknowledged_within_the_linger_is_never_sent() -> None:
+    """The add and its remove cancel out before the batch leaves: no frame, no encoding,
+    and the promise that waited for the add runs when the client acknowledges."""
+    replicator = Replicator()
+    calls: list[bool | None] = []
+    replicator.on_pending = calls.append
+    replicator.start()
+    replicator.snapshot_sent()
+    ran: list[str] = []
+    record = codec.DeliveryRecord(message(1), 1, False)
+    replicator.add(ReplicaOp(ReplicaOpKind.DELIVERY_ADD, "dev", 1, record=record))
+    replicator.when_acked(replicator.target(), lambda: ran.append("puback"))
+    assert ran == [] and calls == [True]
+    replicator.add(remove(1))
+    assert calls == [True, None]  # promises may be due
+    for callback in replicator.due():
+        callback()
+    assert ran == ["puback"]
+    assert list(replicator.frames()) == []
+    assert replicator.cancelled == 1 and replicator.ops_sent == 0
+    assert replicator.target() is None
+    # A remove of an add already sent goes as a remove.
+    replicator.add(add(2, 2))
+    (sent,) = replicator.frames()
+    assert [op.kind for op in sent.ops] == [ReplicaOpKind.DELIVERY_ADD]
+    replicator.add(remove(2))
+    (removal,) = replicator.frames()
+    assert [op.kind for op in removal.ops] == [ReplicaOpKind.DELIVERY_REMOVE]
+    assert replicator.ack(removal.seq) == [] and replicator.target() is None
+
+
+def test_cancelled_ops_after_a_frame_in_flight_wait_for_its_ack() -> None:
+    replicator = Replicator()
+    replicator.start()
+    replicator.snapshot_sent()
+    ran: list[str] = []
+    replicator.add(add(1, 1))
+    (first,) = replicator.frames()
+    replicator.add(add(2, 2))
+    replicator.when_acked(replicator.target(), lambda: ran.append("both"))
+    replicator.add(remove(2))  # cancelled, but the add of 1 is not acked yet
+    assert replicator.due() == []
+    assert list(replicator.frames()) == []
+    for callback in replicator.ack(first.seq):
+        callback()
+    assert ran == ["both"]
+
+
+def test_a_live_op_behind_a_cancelled_one_still_holds_its_promise() -> None:
+    replicator = Replicator()
+    replicator.start()
+    replicator.snapshot_sent()
+    ran: list[str] = []
+    replicator.add(add(1, 1))
+    replicator.add(add(2, 2))
+    replicator.when_acked(replicator.target(), lambda: ran.append("p"))
+    replicator.add(remove(1))
+    assert replicator.due() == []  # the add of 2 is not settled
+    (frame,) = replicator.frames()
+    assert [op.key for op in frame.ops] == [2]
+    for callback in replicator.ack(frame.seq):
+        callback()
+    assert ran == ["p"]
+
+
+def test_qos2_deliveries_wait_for_the_replicated_key() -> None:
+    replicator = Replicator()
+    assert replicator.replicated_key() == 1 << 62  # no backup: nothing to wait for
+    replicator.start()
+    assert replicator.replicated_key() == 0  # the snapshot is not through
+    replicator.snapshot_sent()
+    replicator.add(add(7, 1))
+    (frame,) = replicator.frames()
+    assert replicator.replicated_key() == 0
+    replicator.ack(frame.seq)
+    assert replicator.replicated_key() == 7
+    replicator.stop()
+    assert replicator.replicated_key() == 1 << 62
