@@ -435,10 +435,13 @@ class Records:
         seq = self.write_seq
         if size > MAX_PLAINTEXT or seq >= KEY_UPDATE_AFTER or self.output is not None:
             return self._seal_all(data)
-        # One record under the current key (a relayed message): `_seal` written out.
+        # One record under the current key (a relayed message): `_seal` and `_write_cipher`
+        # written out.
         aead = self.write_aead
-        if aead is None or self not in ACTIVE.young:
-            aead = self._write_cipher()
+        if aead is None:
+            aead = self.write_aead = self.suite.aead(self.write_key)
+        if self not in ACTIVE.young:
+            ACTIVE.touch(self)
         header = _HEADER.pack(_APPLICATION_DATA, LEGACY_RECORD_VERSION, size + _SEALED)
         self.write_seq = seq + 1
         return header + aead.encrypt(
@@ -523,9 +526,11 @@ class Records:
                 and self.handshake is None
                 and seq < SEQUENCE_LIMIT
             ):
-                aead = self.read_aead
-                if aead is None or self not in ACTIVE.young:
-                    aead = self._read_cipher()
+                aead = self.read_aead  # `_read_cipher` written out
+                if aead is None:
+                    aead = self.read_aead = self.suite.aead(self.read_key)
+                if self not in ACTIVE.young:
+                    ACTIVE.touch(self)
                 try:
                     inner = aead.decrypt(
                         (self.read_iv ^ seq).to_bytes(IV_LENGTH),
