@@ -314,6 +314,11 @@ class Records:
     the whole records in it; `peer_closed` turns True at the peer's close_notify. `seal(data)`
     returns records for `data`. `take_output()` returns records made while reading (the
     answer to a KeyUpdate that asked for one), to be sent before anything else.
+
+    Both have a fast path for the steady relay, one whole application_data record per read
+    and one record per write, that makes the general path's checks in fewer steps (about
+    250 opcodes a message echoed, against 430; bench/README.md); tests/test_lb_tls_relay.py
+    compares the two on real records.
     """
 
     __slots__ = (
