@@ -1143,7 +1143,7 @@ class Cluster:
         yield codec.ReplicaOp(
             codec.ReplicaOpKind.SAVE, client_id, data=codec.encode_session(record)
         )
-        for packet_id in session.incoming_qos2:
+        for packet_id in session.incoming_ids():
             yield codec.ReplicaOp(codec.ReplicaOpKind.INCOMING_ADD, client_id, packet_id=packet_id)
         for outgoing in session.inflight.values():
             pending = outgoing.pending
@@ -1154,7 +1154,7 @@ class Cluster:
                 yield codec.ReplicaOp(
                     codec.ReplicaOpKind.DELIVERY_ADD, client_id, pending.key, data=record_bytes
                 )
-        for pending in session.queue:
+        for pending in session.queued():
             if pending.key:
                 record_bytes = codec.encode_delivery(
                     broker.delivery_record(pending, pending.packet_id)

@@ -348,7 +348,8 @@ class Broker:
 
     def _forget_bytes(self, session: Session) -> None:
         session.remove_bytes(session.queued_bytes)
-        session.queue.clear()
+        if session.queued():
+            session.queue.clear()
         session.inflight.clear()
 
     def _drop_stub(self, session: Session) -> None:
@@ -397,7 +398,8 @@ class Broker:
             session.durable = False
         self._forget_bytes(session)
         session.release_publishers()
-        session.incoming_qos2.clear()
+        if session.incoming_ids():
+            session.incoming_qos2.clear()
         session.moved_to = node
         session.moved_until = self.clock() + MOVED_GRACE
         self.counters.sessions_transferred_out += 1
@@ -437,7 +439,7 @@ class Broker:
                 self.counters.sessions_expired += 1
                 logger.info("session expired: client_id=%s", session.client_id)
                 self._destroy_session(session)
-            elif session.connection is None and session.queue:
+            elif session.connection is None and session.queued():
                 expired = session.discard_expired(now)
                 if expired:
                     self.counters.messages_expired += len(expired)
@@ -817,7 +819,7 @@ class Broker:
                     self.delivery_record(o.pending, o.packet_id, True, o.released)
                     for o in session.inflight.values()
                 ]
-                + [self.delivery_record(p, p.packet_id) for p in session.queue]
+                + [self.delivery_record(p, p.packet_id) for p in session.queued()]
             )
         return codec.SessionRecord(
             session.client_id,
@@ -826,7 +828,7 @@ class Broker:
             session.version or Version(0, self.node_name),
             session.next_packet_id,
             tuple(session.subscriptions.items()),
-            tuple(sorted(session.incoming_qos2)),
+            tuple(sorted(session.incoming_ids())),
             will,
             session.diverged,
             records,
@@ -838,7 +840,7 @@ class Broker:
     def _store_everything(self, session: Session) -> None:
         """A session became durable (or arrived): write its record and all it holds."""
         self._save_session(session)
-        for packet_id in session.incoming_qos2:
+        for packet_id in session.incoming_ids():
             self.store.add_incoming(session.client_id, packet_id)
         for outgoing in session.inflight.values():
             pending = outgoing.pending
@@ -850,13 +852,13 @@ class Broker:
                 key,
                 self.delivery_record(pending, outgoing.packet_id, True, outgoing.released),
             )
-        for pending in session.queue:
+        for pending in session.queued():
             self.store_pending(session, pending)
 
     def _unstore_everything(self, session: Session) -> None:
         for outgoing in session.inflight.values():
             self.unstore_pending(session, outgoing.pending)
-        for pending in session.queue:
+        for pending in session.queued():
             self.unstore_pending(session, pending)
         self.store.delete_session(session.client_id)
 
@@ -886,7 +888,8 @@ class Broker:
         session.version = record.version
         session.expiry_interval = record.expiry_interval
         session.next_packet_id = record.next_packet_id or 1
-        session.incoming_qos2 = set(record.incoming_qos2)
+        if record.incoming_qos2:
+            session.incoming_qos2 = set(record.incoming_qos2)
         session.seen = SeenIds()
         session.seen_until = now + MOVED_GRACE
         for topic_filter, options in record.subscriptions:
@@ -963,7 +966,8 @@ class Broker:
             session.diverged = record.diverged
             if record.diverged:
                 session.seen = SeenIds()
-            session.incoming_qos2 = set(stored.incoming)
+            if stored.incoming:
+                session.incoming_qos2 = set(stored.incoming)
             session.durable = True
             if record.expires_at is not None:
                 session.expires_at = now + (record.expires_at - wall)

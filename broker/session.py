@@ -335,6 +335,14 @@ class Session:
             held = self._held_publishers = HeldPublishers()
         return held
 
+    def queued(self) -> deque[Pending] | tuple[()]:
+        """The queue, read without making one (an empty session costs no deque)."""
+        return self._queue or ()
+
+    def incoming_ids(self) -> set[int] | tuple[()]:
+        """The QoS 2 packet ids not released yet, read without making the set."""
+        return self._incoming_qos2 or ()
+
     @property
     def idle(self) -> bool:
         """Nothing queued and no publisher held (read without making either)."""
