@@ -387,3 +387,40 @@ def test_active_keys_drop_cipher_objects_of_quiet_connections() -> None:
         assert len(keys.young) + len(keys.old) <= 2 * keys.limit
     finally:
         tls_records.ACTIVE = original
+
+
+def test_active_keys_keep_a_connection_used_again_in_the_old_generation() -> None:
+    """A connection of the old generation used again before the generation ends keeps its
+    cipher objects (it is in the young one, though still in the old); the others of the old
+    generation lose theirs; the connections holding cipher objects stay within 2 x limit."""
+    keys = ActiveKeys(limit=4)
+    pairs = [pair() for _ in range(40)]
+    # The clients' records made first, under the process's ActiveKeys: only the servers'
+    # reads count in `keys`.
+    records = [[client.seal(b"%d" % n) for n in range(5)] for _, client in pairs]
+    servers = [server for server, _ in pairs]
+    read = [0] * len(servers)
+
+    def read_next(number: int) -> None:
+        sequence = read[number]
+        read[number] += 1
+        assert servers[number].open(records[number][sequence]) == b"%d" % sequence
+
+    original, tls_records.ACTIVE = tls_records.ACTIVE, keys
+    try:
+        for number in range(4):  # one generation
+            read_next(number)
+        assert set(keys.old) == set(servers[:4]) and not keys.young
+        read_next(0)  # young again, still in old
+        for number in range(4, 7):  # the young generation fills up: the old one ends
+            read_next(number)
+        assert servers[0].read_aead is not None
+        assert all(server.read_aead is None for server in servers[1:4])
+        for _ in range(3):
+            for number in range(len(servers)):
+                read_next(number)
+                holding = [s for s in servers if s.read_aead is not None]
+                assert len(holding) <= 2 * keys.limit
+                assert set(holding) <= set(keys.young) | set(keys.old)
+    finally:
+        tls_records.ACTIVE = original
