@@ -275,7 +275,8 @@ class ActiveKeys:
     with `in`, no method call, and leaves a connection it moves in `old` (the end of the
     generation skips those in `young`), so a quiet device's message, which finds its
     connection in neither, costs one C call here (len) rather than three (add, discard,
-    len; bench/README.md). The callers test `records in ACTIVE.young` before they call.
+    len; bench/README.md). The callers test `records in ACTIVE.young` before they call;
+    Records' fast paths do touch's work themselves (a Python call less a quiet message).
     """
 
     __slots__ = ("limit", "old", "young")
@@ -291,10 +292,16 @@ class ActiveKeys:
             return
         young[records] = None
         if len(young) >= self.limit:
-            for stale in self.old.keys() - young.keys():  # the difference made in C
-                stale.read_aead = stale.write_aead = None
-            self.old = young
-            self.young = {}
+            self.next_generation()
+
+    def next_generation(self) -> None:
+        """`young` is full: it becomes `old`, and the connections of the old `old` not used
+        since drop their cipher objects."""
+        young = self.young
+        for stale in self.old.keys() - young.keys():  # the difference made in C
+            stale.read_aead = stale.write_aead = None
+        self.old = young
+        self.young = {}
 
     def forget(self, records: Records) -> None:
         self.young.pop(records, None)
@@ -449,8 +456,11 @@ class Records:
         aead = self.write_aead
         if aead is None:
             aead = self.write_aead = self.suite.aead(self.write_key)
-        if self not in ACTIVE.young:
-            ACTIVE.touch(self)
+        young = ACTIVE.young  # ActiveKeys.touch written out
+        if self not in young:
+            young[self] = None
+            if len(young) >= ACTIVE.limit:
+                ACTIVE.next_generation()
         header = _HEADER.pack(_APPLICATION_DATA, LEGACY_RECORD_VERSION, size + _SEALED)
         self.write_seq = seq + 1
         return header + aead.encrypt(
@@ -538,8 +548,11 @@ class Records:
                 aead = self.read_aead  # `_read_cipher` written out
                 if aead is None:
                     aead = self.read_aead = self.suite.aead(self.read_key)
-                if self not in ACTIVE.young:
-                    ACTIVE.touch(self)
+                young = ACTIVE.young  # ActiveKeys.touch written out
+                if self not in young:
+                    young[self] = None
+                    if len(young) >= ACTIVE.limit:
+                        ACTIVE.next_generation()
                 try:
                     inner = aead.decrypt(
                         (self.read_iv ^ seq).to_bytes(IV_LENGTH),
