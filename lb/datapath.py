@@ -14,6 +14,10 @@ The TLS engine is pyOpenSSL rather than the `ssl` module so that a refused hands
 explained (see lb.tls); it is driven through lb.tls_io, which holds every use of pyOpenSSL's
 internals. Once a TLS 1.3 handshake is done, lb.tls_io.take_over frees OpenSSL's connection
 and the session's records go through lb.tls_records (`tls` is then a tls_io.Session).
+The steady relay of such a session, a record from the client and the server's answer, has a
+short path: `ClientSide.data_received` and `ServerSide.data_received` each do the whole of
+their direction when the server is connected and reading the record made nothing else to do
+(a KeyUpdate to answer, close_notify), and hand everything else to the general path.
 Timeouts are lazy: activity only stamps the time, and a
 `TimerWheel` per frontend (one loop timer for the earliest slot of TIMER_RESOLUTION seconds)
 checks a session's deadline when its slot comes; a session that was active meanwhile goes

@@ -312,6 +312,7 @@ class ActiveKeys:
 #: This process's (one event loop's) cipher objects.
 ACTIVE = ActiveKeys()
 
+#: Records.state. _OPEN is 0: lb.datapath's short path tests `records.state` for false.
 _OPEN, _PEER_CLOSED, _FAILED = 0, 1, 2
 
 
