@@ -97,6 +97,7 @@ from broker.replica import (
     ReplicatedStore,
     Replicator,
     backup_of,
+    op_size,
 )
 from broker.session import HeldPublishers, Holder, Pending, Session
 from broker.store import Store, StoredState
@@ -1118,7 +1119,7 @@ class Cluster:
             sessions += 1
             for op in self._session_ops(session):
                 ops.append(op)
-                size += len(op.data) + 32
+                size += op_size(op)
             if size >= REPLICA_FRAME_BYTES:
                 yield codec.encode(replicator.frame(tuple(ops)))
                 ops, size = [], 0
@@ -1253,20 +1254,24 @@ class Cluster:
             broker.counters.messages_dropped_acknowledged += 1
             broker.drops.record(client_id, f"queue full: the copy of its session ({origin} down)")
 
-    def _orphaned_copy(self, client_id: str, claimer: str | None) -> str | None:
-        """The owner of our copy of ``client_id`` when that owner is down (the copy is
-        then the session), else None."""
-        origin = self.replicas.find(client_id)
+    def _orphaned_copy(
+        self, client_id: str, claimer: str | None, clean_start: bool = False
+    ) -> tuple[str, codec.SessionRecord] | None:
+        """Our copy of ``client_id`` when its owner is down (the copy is then the session;
+        ``claimer`` is not that owner): its owner and its record, taken out of the copies.
+        A clean start ends the copy instead (None)."""
+        replicas = self.replicas
+        if not replicas.origins:
+            return None
+        origin = replicas.find(client_id)
         if origin is None or origin == claimer:
             return None
         peer = self.peers.get(origin)
         if peer is not None and peer.up:
             return None
-        return origin
-
-    def _take_copy(self, origin: str, client_id: str) -> codec.SessionRecord | None:
-        """Our copy of ``client_id`` as a session record (removed from the copies)."""
-        replicas = self.replicas
+        if clean_start:
+            replicas.drop(client_id)
+            return None
         before = replicas.counters.undecodable
         record = replicas.take(origin, client_id)
         if replicas.counters.undecodable > before:
@@ -1277,7 +1282,7 @@ class Cluster:
                 replicas.counters.undecodable - before,
                 origin,
             )
-        return record
+        return None if record is None else (origin, record)
 
     def _sweep_replicas(self) -> None:
         now = time.time()
@@ -1739,22 +1744,19 @@ class Cluster:
             if earlier.timer is not None:
                 earlier.timer.cancel()
             earlier.done(ClaimOutcome(earlier.claim.version, rejected=True))
-        if not local and self.replicas.origins:
-            origin = self._orphaned_copy(client_id, None)
-            if origin is not None and clean_start:
-                self.replicas.drop(client_id)
-            elif origin is not None:
-                record = self._take_copy(origin, client_id)
-                if record is not None and broker.install_session(record, merge=False):
-                    self.replicas.counters.installed_here += 1
-                    local = True
-                    logger.info(
-                        "session of client_id=%s taken from our copy (its node %s is down; "
-                        "%d queued or in flight)",
-                        client_id,
-                        origin,
-                        len(record.deliveries),
-                    )
+        copy = None if local else self._orphaned_copy(client_id, None, clean_start)
+        if copy is not None:
+            origin, record = copy
+            if broker.install_session(record, merge=False):
+                self.replicas.counters.installed_here += 1
+                local = True
+                logger.info(
+                    "session of client_id=%s taken from our copy (its node %s is down; "
+                    "%d queued or in flight)",
+                    client_id,
+                    origin,
+                    len(record.deliveries),
+                )
         up = [peer for peer in self.peers.values() if peer.up]
         unreachable = len(up) < len(self.peers)
         data = codec.encode(codec.Claim(client_id, version, clean_start))
@@ -1820,25 +1822,22 @@ class Cluster:
         owned = None
         if session is not None and session.moved_to is None:
             owned = session.version or Version(0, "")
-        elif waiting is None and self.replicas.origins:
-            origin = self._orphaned_copy(client_id, peer.name)
-            if origin is not None and frame.clean_start:
-                self.replicas.drop(client_id)
-            elif origin is not None:
-                record = self._take_copy(origin, client_id)
-                if record is not None:
-                    self.replicas.counters.handed_over += 1
-                    peer.counters.transfers_sent += 1
-                    logger.info(
-                        "session of client_id=%s handed over to node %s from our copy (its "
-                        "node %s is down; %d queued or in flight)",
-                        client_id,
-                        peer.name,
-                        origin,
-                        len(record.deliveries),
-                    )
-                    self.send_reliable(peer, codec.Transfer(frame.version, False, record))
-                    return
+        elif waiting is None:
+            copy = self._orphaned_copy(client_id, peer.name, frame.clean_start)
+            if copy is not None:
+                origin, copied = copy
+                self.replicas.counters.handed_over += 1
+                peer.counters.transfers_sent += 1
+                logger.info(
+                    "session of client_id=%s handed over to node %s from our copy (its node "
+                    "%s is down; %d queued or in flight)",
+                    client_id,
+                    peer.name,
+                    origin,
+                    len(copied.deliveries),
+                )
+                self.send_reliable(peer, codec.Transfer(frame.version, False, copied))
+                return
         decision = decide(owned, None if waiting is None else waiting.claim.version, frame.version)
         if decision is ClaimDecision.DEFER:
             assert waiting is not None
@@ -1953,14 +1952,10 @@ class Cluster:
         """``peer`` owns ``client_id`` and we keep a copy of it whose owner is down (or
         restarted without it): the device came back where its claim could not reach us (a
         fresh session), so the copy's messages are merged into that session."""
-        if not self.replicas.origins:
+        copy = self._orphaned_copy(client_id, peer.name)
+        if copy is None:
             return
-        origin = self._orphaned_copy(client_id, peer.name)
-        if origin is None:
-            return
-        record = self._take_copy(origin, client_id)
-        if record is None:
-            return
+        origin, record = copy
         self.replicas.counters.merged += 1
         peer.counters.merges_sent += 1
         logger.info(

@@ -58,6 +58,7 @@ __all__ = [
     "ReplicatedStore",
     "Replicator",
     "backup_of",
+    "op_size",
 ]
 
 #: Ops are cut into REPLICA frames of about this many bytes (far below any frame limit; a
@@ -88,7 +89,9 @@ def backup_of(node: str, nodes: Iterable[str]) -> str | None:
     return ring[(ring.index(node) + 1) % len(ring)]
 
 
-def _op_size(op: ReplicaOp) -> int:
+def op_size(op: ReplicaOp) -> int:
+    """About what an op weighs in a REPLICA frame (a record to be encoded: its payload and
+    a delivery's overhead)."""
     record = op.record
     size = len(op.data) if record is None else len(record.message.payload) + 64
     return size + len(op.client_id) + 16
@@ -181,10 +184,7 @@ class Replicator:
             self.first_live = self.added
         ops.append(op)
         self.added += 1
-        if op.record is not None:
-            self.bytes += len(op.record.message.payload) + 64
-        elif op.data:
-            self.bytes += len(op.data)
+        self.bytes += op_size(op)
         if self.on_pending is not None:
             if len(ops) == 1:
                 self.on_pending(True)
@@ -238,7 +238,7 @@ class Replicator:
             size = 0
             end = start
             while end < len(ops) and (end == start or size < REPLICA_FRAME_BYTES):
-                size += _op_size(ops[end])
+                size += op_size(ops[end])
                 end += 1
             yield self.frame(tuple(ops[start:end]), reset)
             reset = False
@@ -510,6 +510,10 @@ class ReplicaSession:
         self.incoming: set[int] | None = None
         self.deliveries: dict[int, bytes] = {}
 
+    def size(self) -> int:
+        """The bytes it keeps: its record and its deliveries."""
+        return len(self.record) + sum(len(data) for data in self.deliveries.values())
+
 
 @dataclass(slots=True)
 class ReplicaCounters:
@@ -651,7 +655,7 @@ class Replicas:
         copy = sessions.pop(client_id, None)
         if copy is None:
             return None
-        self.bytes -= len(copy.record) + sum(len(data) for data in copy.deliveries.values())
+        self.bytes -= copy.size()
         if origin in self.tries:
             self._index(origin, client_id, _filters(copy.record), ())
         return copy
@@ -663,7 +667,7 @@ class Replicas:
         self.discard_parked(origin)
         if sessions:
             for copy in sessions.values():
-                self.bytes -= len(copy.record) + sum(len(d) for d in copy.deliveries.values())
+                self.bytes -= copy.size()
 
     def orphan(self, origin: str, incarnation: int) -> str | None:
         """``origin`` is back as a new incarnation (it restarted without its store): its

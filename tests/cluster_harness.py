@@ -386,3 +386,12 @@ class Device:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def offline_session(node: ClusterNode, client_id: str, protocol: MQTTProtocolVersion = V5) -> None:
+    """A persistent session on ``node`` subscribed to ``cmd/<client_id>`` at QoS 1, its device
+    gone (the session waits offline)."""
+    device = Device(client_id, protocol)
+    device.connect(node.mqtt_port)
+    device.subscribe([(f"cmd/{client_id}", 1)])
+    device.stop()

@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from tests.cluster_harness import V5, V311, ClusterNode, Device, running_cluster, wait_for
+from tests.cluster_harness import (
+    V5,
+    V311,
+    ClusterNode,
+    Device,
+    offline_session,
+    running_cluster,
+    wait_for,
+)
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(150)
@@ -123,10 +131,7 @@ def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     link drops too and the parked message joins the copy, which the device finds on node-3.
     (Had node-1 lived, it would have had the message from node-3's outbox.)"""
     owner, backup, other = nodes
-    device = Device("parked", V5)
-    device.connect(owner.mqtt_port)
-    device.subscribe([("cmd/parked", 1)])
-    device.stop()
+    offline_session(owner, "parked", V5)
     wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
     other.admin("/api/cluster/peers/node-1/disconnect", "POST")
     wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-3 cut from node-1")
@@ -150,10 +155,7 @@ def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
     snapshot to node-2 is empty, but node-2 keeps the old copies apart and hands the device's
     over when the device reconnects, here to node-1 itself."""
     owner, backup, other = nodes
-    device = Device("reborn", V311)
-    device.connect(owner.mqtt_port)
-    device.subscribe([("cmd/reborn", 1)])
-    device.stop()
+    offline_session(owner, "reborn", V311)
     _publish(other, [("cmd/reborn", f"r{n}", 1) for n in range(3)])
     wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 3, 10, "copied")
     owner.kill()
@@ -176,10 +178,7 @@ def test_a_copy_merges_into_a_fresh_session_its_claim_did_not_reach(
     """node-1 dies while node-3 cannot reach node-2 either: the device reconnecting to node-3
     gets a fresh session; once node-3 and node-2 meet, the copy's messages are merged in."""
     owner, backup, other = nodes
-    device = Device("merger", V5)
-    device.connect(owner.mqtt_port)
-    device.subscribe([("cmd/merger", 1)])
-    device.stop()
+    offline_session(owner, "merger", V5)
     _publish(other, [("cmd/merger", f"q{n}", 1) for n in range(3)])
     wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 3, 10, "copied")
     owner.kill()
@@ -195,10 +194,7 @@ def test_a_copy_merges_into_a_fresh_session_its_claim_did_not_reach(
 
 def test_a_clean_start_ends_the_copy(nodes: list[ClusterNode]) -> None:
     owner, backup, other = nodes
-    device = Device("cleaner", V5)
-    device.connect(owner.mqtt_port)
-    device.subscribe([("cmd/cleaner", 1)])
-    device.stop()
+    offline_session(owner, "cleaner", V5)
     _publish(other, [("cmd/cleaner", "old", 1)])
     wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
     owner.kill()
@@ -215,10 +211,7 @@ def test_the_copy_follows_the_owner_while_it_lives(nodes: list[ClusterNode]) -> 
     """Delivered and acknowledged messages leave the copy; a session that moves between live
     nodes is deleted from its old owner's backup and copied to its new owner's."""
     owner, backup, other = nodes
-    device = Device("follower", V5)
-    device.connect(owner.mqtt_port)
-    device.subscribe([("cmd/follower", 1)])
-    device.stop()
+    offline_session(owner, "follower", V5)
     _publish(other, [("cmd/follower", f"m{n}", 1) for n in range(4)])
     wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 4, 10, "4 copied")
     again = Device("follower", V5)
@@ -239,10 +232,7 @@ def test_the_copy_follows_the_owner_while_it_lives(nodes: list[ClusterNode]) -> 
 def test_a_backup_that_restarts_gets_the_snapshot(nodes: list[ClusterNode]) -> None:
     owner, backup, other = nodes
     for number in range(20):
-        device = Device(f"snap-{number}", V311)
-        device.connect(owner.mqtt_port)
-        device.subscribe([(f"cmd/snap-{number}", 1)])
-        device.stop()
+        offline_session(owner, f"snap-{number}", V311)
     _publish(other, [(f"cmd/snap-{n}", "queued", 1) for n in range(20)])
     wait_for(lambda: _copies(backup, "node-1") == 20, 10, "20 copies")
     backup.kill()
@@ -257,10 +247,7 @@ def test_no_copies_when_turned_off(pki: TestPKI, tmp_path_factory: pytest.TempPa
     directory = tmp_path_factory.mktemp("no-replica")
     with running_cluster(pki, directory, count=2, cluster="session_replicas = 0") as nodes:
         owner, other = nodes
-        device = Device("solo", V5)
-        device.connect(owner.mqtt_port)
-        device.subscribe([("cmd/solo", 1)])
-        device.stop()
+        offline_session(owner, "solo", V5)
         _publish(other, [("cmd/solo", "one", 1)])
         status = _replication(other)
         assert status["backup"] is None

@@ -24,6 +24,7 @@ from tests.cluster_harness import (
     ClusterNode,
     Device,
     make_nodes,
+    offline_session,
     running_cluster,
     wait_for,
 )
@@ -70,13 +71,6 @@ def _route_both_ways(first_port: int, second_port: int, tag: str) -> None:
         far.stop()
 
 
-def _persistent_session(node: ClusterNode, client_id: str) -> None:
-    device = Device(client_id)
-    device.connect(node.mqtt_port)
-    device.subscribe([(f"cmd/{client_id}", 1)])
-    device.stop()
-
-
 def test_a_node_announcing_3_and_one_announcing_4_form_a_cluster_then_upgrade(
     pki: TestPKI, tmp_path: Path
 ) -> None:
@@ -96,8 +90,8 @@ def test_a_node_announcing_3_and_one_announcing_4_form_a_cluster_then_upgrade(
         )
         assert "announces cluster protocol version" not in second.log_text()
         _route_both_ways(first.mqtt_port, second.mqtt_port, "v3")
-        _persistent_session(first, "before-upgrade")
-        _persistent_session(second, "before-upgrade-2")
+        offline_session(first, "before-upgrade")
+        offline_session(second, "before-upgrade-2")
         for node in nodes:
             replication = node.admin("/api/cluster")["replication"]
             assert not replication["sending"]["active"]
