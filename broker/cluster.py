@@ -92,6 +92,7 @@ from broker.registry import ClaimDecision, PendingClaim, Version, decide, merges
 from broker.reliable import Inbox, InboxVerdict, Outbox
 from broker.replica import (
     LINGER_SECONDS,
+    PARKED_MESSAGES,
     REPLICA_FRAME_BYTES,
     Replicas,
     ReplicatedStore,
@@ -592,6 +593,7 @@ class Cluster:
         # Wall clock when each peer's link went down (a copy's expiry counts from it).
         self.down_since: dict[str, float] = {}
         self.replica_sweeper: asyncio.TimerHandle | None = None
+        self.parked_drop_logged = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -1242,7 +1244,21 @@ class Cluster:
         peer = self.peers.get(origin)
         if peer is not None and peer.up:
             # Only the sender lost its link to the owner (so far): parked (broker.replica).
-            self.replicas.park(origin, message, time.monotonic())
+            replicas = self.replicas
+            before = replicas.counters.parked_dropped
+            now = time.monotonic()
+            replicas.park(origin, message, now)
+            if replicas.counters.parked_dropped > before and (
+                now - self.parked_drop_logged >= DROP_LOG_INTERVAL
+            ):
+                self.parked_drop_logged = now
+                logger.warning(
+                    "cluster: messages parked for %s (its sender lost it, we have not) past "
+                    "%d or max_queued_bytes: the oldest dropped (%d in all)",
+                    origin,
+                    PARKED_MESSAGES,
+                    replicas.counters.parked_dropped,
+                )
             return
         self._failover_dropped(origin, self.replicas.failover(origin, message)[1])
 

@@ -53,6 +53,8 @@ from broker.store import Store, StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
 
 __all__ = [
+    "LINGER_SECONDS",
+    "PARKED_MESSAGES",
     "REPLICA_FRAME_BYTES",
     "Replicas",
     "ReplicatedStore",

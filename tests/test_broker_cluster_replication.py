@@ -148,6 +148,28 @@ def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     again.stop()
 
 
+def test_parked_messages_are_bounded_in_bytes_logged_and_counted(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """max_queued_bytes 4096: of three 1,500-byte messages parked for node-1, the oldest
+    goes (counted, one warning line), the two newest stay."""
+    directory = tmp_path_factory.mktemp("parked-bound")
+    with running_cluster(pki, directory, extra="max_queued_bytes = 4096") as nodes:
+        owner, backup, other = nodes
+        offline_session(owner, "bounded", V5)
+        wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+        other.admin("/api/cluster/peers/node-1/disconnect", "POST")
+        wait_for(lambda: other.link_states().get("node-1") == "down", 10, "cut from node-1")
+        _publish(other, [("cmd/bounded", f"{n}" * 1500, 1) for n in range(3)])
+        wait_for(
+            lambda: _replication(backup)["copies"]["counters"]["parked_dropped"] == 1,
+            10,
+            "one parked message dropped",
+        )
+        assert _replication(backup)["copies"]["parked"] == {"node-1": 2}
+        assert "the oldest dropped (1 in all)" in backup.log_text()
+
+
 def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
     nodes: list[ClusterNode],
 ) -> None:
