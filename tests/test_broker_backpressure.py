@@ -45,7 +45,7 @@ from broker.mqtt import (
     Subscription,
     encode,
 )
-from broker.session import Session
+from broker.session import HeldPublishers, Holder, Session
 from tests.broker_harness import RawClient, make_config, running_broker, wait_for
 from tests.cluster_harness import make_nodes, running_cluster
 from tests.cluster_harness import wait_for as wait_until
@@ -591,6 +591,67 @@ def test_publishers_held_by_one_subscriber_share_its_deliveries_fairly() -> None
         subscriber.close()
 
 
+class _Resumed:
+    """A publisher as HeldPublishers sees it, keeping the shares it is resumed with."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.shares: list[int] = []
+
+    def hold_for(self, session: Holder, peer: bool = False) -> None:
+        pass
+
+    def session_released(self, session: Holder, share: int = 0) -> None:
+        self.shares.append(share)
+
+
+def test_a_release_divides_the_room_among_the_publishers_still_using_their_shares() -> None:
+    """A publisher resumed while others of the last release have not used their shares yet
+    gets its part of the room, not all of it: the others will route theirs into the same
+    room. (A publisher on a peer uses its share a link's round trip after its release, so
+    the subscriber's queue could drain with the others' shares still on their way; the one
+    publisher resumed then took the whole room, 64 deliveries in a row against the others'
+    8, and the cross-link fairness test read 400 against 154 once.)"""
+    holder = Session("subscriber", 100)
+    first, second, third = (_Resumed(name) for name in ("first", "second", "third"))
+    held = HeldPublishers()
+    for publisher in (first, second, third):
+        held.add(publisher)
+    held.release(holder, 48, least=8)
+    assert [first.shares, second.shares, third.shares] == [[16], [16], [16]]
+
+    # The first used its share and was paused again; the other two have not yet.
+    assert not any(held.spent(first) for _ in range(15)) and held.spent(first)
+    held.add(first)
+    held.release(holder, 48, least=8)
+    assert first.shares == [16, 16]  # not 48
+    # Those two are paced by the mark alone now (their shares are forgotten, as before).
+    assert held.shares == {first: 16}
+
+    # Nobody else sharing: the whole room is one publisher's.
+    for _ in range(16):
+        held.spent(first)
+    held.add(first)
+    held.release(holder, 48, least=8)
+    assert first.shares == [16, 16, 48]
+
+    # Room for fewer publishers than are waiting and sharing: one is resumed, with at least
+    # one message, and the others wait first in line.
+    held = HeldPublishers()
+    held.add(second)
+    held.release(holder, 10, least=8)
+    assert second.shares == [16, 10]
+    held.add(first)
+    held.add(third)
+    held.release(holder, 10, least=8)
+    assert first.shares == [16, 16, 48, 5] and third.shares == [16]
+    assert list(held) == [third]
+
+
+# The fan-in across a link: publishers on node-2, messages each.
+FAN_IN_PUBLISHERS, FAN_IN_MESSAGES = 4, 400
+
+
 def test_publishers_behind_a_cluster_link_share_a_remote_subscriber_fairly(
     pki: TestPKI, tmp_path: Path
 ) -> None:
@@ -608,10 +669,22 @@ def test_publishers_behind_a_cluster_link_share_a_remote_subscriber_fairly(
     first publisher was done). ``link_high_water`` is at its lowest, so that the shares, not
     the link's unacknowledged bytes, pace the publishers (the default's first burst is the
     next test's)."""
-    counts = _fan_in_across_the_link(pki, tmp_path, "link_high_water = 65536")
-    # While every publisher still had messages waiting, each got a fair share.
-    assert len(counts) == 4
-    assert min(counts.values()) * 2 >= max(counts.values()), counts
+    order = _fan_in_across_the_link(pki, tmp_path, "link_high_water = 65536")
+    # Counted from the first delivery of the last publisher to start (a thread that ran late
+    # had nothing waiting before: the others' bursts until then, a link window each, are not
+    # unfairness) until the first one had all of its own: while every publisher had messages
+    # waiting, each got a fair share.
+    started = max(order.index(publisher) for publisher in range(FAN_IN_PUBLISHERS))
+    counts = Counter(order[:started])
+    assert max(counts.values()) < FAN_IN_MESSAGES, counts  # all started before one ended
+    window: Counter[int] = Counter()
+    for publisher in order[started:]:
+        counts[publisher] += 1
+        window[publisher] += 1
+        if counts[publisher] == FAN_IN_MESSAGES:
+            break
+    assert len(window) == FAN_IN_PUBLISHERS
+    assert min(window.values()) * 2 >= max(window.values()), (window, counts)
 
 
 def test_the_fan_in_across_the_link_loses_nothing_at_the_default_high_water(
@@ -647,11 +720,11 @@ def test_the_fan_in_across_a_link_of_version_2_loses_nothing(
         assert "protocol version 2)" in log  # the link-up line says what the link speaks
 
 
-def _fan_in_across_the_link(pki: TestPKI, tmp_path: Path, cluster: str | list[str]) -> Counter[int]:
+def _fan_in_across_the_link(pki: TestPKI, tmp_path: Path, cluster: str | list[str]) -> list[int]:
     """4 publishers x 400 QoS 1 of 1 KiB on node-2, a subscriber on node-1 with a queue of 400
     and 4 in flight: every acknowledged message delivered once, the link up throughout;
-    returns each publisher's deliveries until the first publisher had all of its own."""
-    publishers, per_publisher, size = 4, 400, 1024
+    returns the publisher of each delivery in the order they came."""
+    publishers, per_publisher, size = FAN_IN_PUBLISHERS, FAN_IN_MESSAGES, 1024
     with running_cluster(
         pki,
         tmp_path,
@@ -671,10 +744,17 @@ def _fan_in_across_the_link(pki: TestPKI, tmp_path: Path, cluster: str | list[st
         ]
 
         # Each publisher writes all its messages at once (400 KiB: more than node-2 reads
-        # in one go, so a paused publisher's bytes wait in its socket).
+        # in one go, so a paused publisher's bytes wait in its socket), all as close
+        # together as threads allow.
+        batches = [
+            publish_bytes(index, 0, per_publisher, qos=1, size=size) for index in range(publishers)
+        ]
+        start = threading.Barrier(publishers)
+
         def send_all(index: int, client: RawClient) -> None:
             client.sock.settimeout(60)
-            client.send_bytes(publish_bytes(index, 0, per_publisher, qos=1, size=size))
+            start.wait(30)
+            client.send_bytes(batches[index])
 
         senders = [
             threading.Thread(target=send_all, args=(index, client), daemon=True)
@@ -689,11 +769,6 @@ def _fan_in_across_the_link(pki: TestPKI, tmp_path: Path, cluster: str | list[st
         assert near.stats()["messages_dropped_acknowledged"] == 0, len(order)
         assert len(order) == publishers * per_publisher, Counter(order)
         assert set(payloads.values()) == {1}
-        counts: Counter[int] = Counter()
-        for publisher in order:
-            counts[publisher] += 1
-            if counts[publisher] == per_publisher:
-                break
         for client in clients:
             acknowledged = 0
             while acknowledged < per_publisher:
@@ -703,7 +778,7 @@ def _fan_in_across_the_link(pki: TestPKI, tmp_path: Path, cluster: str | list[st
         subscriber.close()
         for node in (near, far):
             assert node.admin("/api/cluster")["members"][1]["counters"]["connects"] == 1
-        return counts
+        return order
 
 
 def test_a_share_across_the_link_counts_what_the_publishers_node_counts(
