@@ -109,7 +109,11 @@ class Replicator:
     delivery the client acknowledges meanwhile (DELIVERY_REMOVE of an add still here) cancels
     its add, and neither is sent nor encoded. A subscriber that keeps up (the fleet's
     collector) then costs its backup nothing per message; one that does not has its queue
-    copied after LINGER_SECONDS.
+    copied after LINGER_SECONDS. A session record saved again while its last save is still
+    here takes that save's place (a connect and its SUBSCRIBE write the record twice within
+    a round trip): one SAVE goes, with the newer record. The ops between them touch the
+    session's deliveries and packet ids, which a SAVE leaves alone, so the copy ends the
+    same; a DELETE between them ends the coalescing (the later save then follows it).
 
     ``added`` counts every op taken (its index); a promise made when ``added`` was N runs
     once every op before N is acknowledged by the backup or cancelled (``settled``). Each
@@ -128,11 +132,13 @@ class Replicator:
         "adds",
         "bytes",
         "cancelled",
+        "coalesced",
         "first_live",
         "frames_sent",
         "on_pending",
         "ops",
         "ops_sent",
+        "saves",
         "sent",
         "seq",
         "sync_end",
@@ -148,6 +154,8 @@ class Replicator:
         self.ops: list[ReplicaOp | None] = []
         # DELIVERY_ADD ops not sent yet: (client id, key) -> position in ops.
         self.adds: dict[tuple[str, int], int] = {}
+        # SAVE ops not sent yet: client id -> position in ops.
+        self.saves: dict[str, int] = {}
         # The index of the first op not sent and not cancelled (added when there is none).
         self.first_live = 0
         # Bytes taken since the last batch left (cancelled ones too): past
@@ -170,6 +178,7 @@ class Replicator:
         self.frames_sent = 0
         self.ops_sent = 0
         self.cancelled = 0
+        self.coalesced = 0
 
     def add(self, op: ReplicaOp) -> None:
         if not self.active:
@@ -182,6 +191,18 @@ class Replicator:
                 return
         elif op.kind == ReplicaOpKind.DELIVERY_ADD:
             self.adds[(op.client_id, op.key)] = len(ops)
+        elif op.kind == ReplicaOpKind.SAVE:
+            position = self.saves.get(op.client_id)
+            if position is not None:
+                earlier = ops[position]
+                assert earlier is not None
+                ops[position] = op
+                self.bytes += op_size(op) - op_size(earlier)
+                self.coalesced += 1
+                return
+            self.saves[op.client_id] = len(ops)
+        elif op.kind == ReplicaOpKind.DELETE:
+            self.saves.pop(op.client_id, None)
         if not ops or self.first_live == self.added:
             self.first_live = self.added
         ops.append(op)
@@ -226,6 +247,7 @@ class Replicator:
         self.taken += len(self.ops)
         self.ops, self.bytes = [], 0
         self.adds.clear()
+        self.saves.clear()
         self.first_live = self.added
         if not ops and not reset:
             # Every op was cancelled: settled once what was sent before is acked.
@@ -270,6 +292,7 @@ class Replicator:
         self.syncing = False
         self.ops.clear()
         self.adds.clear()
+        self.saves.clear()
         self.bytes = 0
         self.sent.clear()
         self.taken = self.acked = self.first_live = self.added
@@ -341,6 +364,7 @@ class Replicator:
             "frames_sent": self.frames_sent,
             "ops_sent": self.ops_sent,
             "ops_cancelled": self.cancelled,
+            "saves_coalesced": self.coalesced,
             "ops_waiting": sum(1 for op in self.ops if op is not None),
             "promises_waiting": len(self.waiters),
         }

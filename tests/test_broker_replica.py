@@ -402,6 +402,54 @@ def test_a_live_op_behind_a_cancelled_one_still_holds_its_promise() -> None:
     assert ran == ["p"]
 
 
+def test_a_record_saved_again_within_the_linger_goes_once() -> None:
+    """A connect and its SUBSCRIBE write the record twice within a round trip: the later
+    SAVE takes the earlier one's place while it is still here, and the copy ends as it would
+    have with both (the ops between them leave the record alone). A DELETE between two saves
+    ends it: the session is deleted, then made again."""
+    writes = [
+        save("dev", ("cmd/dev",)),
+        add(1, 1),
+        ReplicaOp(ReplicaOpKind.INCOMING_ADD, "dev", packet_id=3),
+        save("dev", ("cmd/dev", "cfg/dev")),
+        save("gone"),
+        ReplicaOp(ReplicaOpKind.DELETE, "gone"),
+        save("gone", ("cfg/gone",)),
+    ]
+    replicator = Replicator()
+    replicator.start()
+    replicator.snapshot_sent()
+    ran: list[str] = []
+    replicator.add(writes[0])
+    replicator.when_acked(replicator.target(), lambda: ran.append("connack"))
+    for op in writes[1:]:
+        replicator.add(op)
+    replicator.when_acked(replicator.target(), lambda: ran.append("suback"))
+    assert replicator.status()["saves_coalesced"] == 1
+    (frame,) = replicator.frames()
+    assert frame.ops == (writes[3], *writes[1:3], *writes[4:])
+    assert ran == []
+    for callback in replicator.ack(frame.seq):
+        callback()
+    assert ran == ["connack", "suback"]
+
+    # The copy is the one the writes one by one make.
+    coalesced = Replicas(max_queued_messages=10, max_queued_bytes=10_000)
+    coalesced.apply("node-1", codec.Replica(1, True, frame.ops))
+    one_by_one = Replicas(max_queued_messages=10, max_queued_bytes=10_000)
+    one_by_one.apply("node-1", codec.Replica(1, True, ()))
+    for seq, op in enumerate(writes, 2):
+        one_by_one.apply("node-1", codec.Replica(seq, False, (op,)))
+    assert coalesced.bytes == one_by_one.bytes
+    for client_id in ("dev", "gone"):
+        assert coalesced.take("node-1", client_id) == one_by_one.take("node-1", client_id)
+
+    # A save after its batch left is sent again.
+    replicator.add(save("dev"))
+    (later,) = replicator.frames()
+    assert later.ops == (save("dev"),)
+
+
 def test_qos2_deliveries_wait_for_the_replicated_key() -> None:
     replicator = Replicator()
     assert replicator.replicated_key() == 1 << 62  # no backup: nothing to wait for
