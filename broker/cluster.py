@@ -94,6 +94,7 @@ from broker.replica import (
     LINGER_SECONDS,
     PARKED_MESSAGES,
     REPLICA_FRAME_BYTES,
+    Forwarded,
     Replicas,
     ReplicatedStore,
     Replicator,
@@ -586,6 +587,8 @@ class Cluster:
         self.backup = self.backups[self.node_name] if self.replicating else None
         self.replicator = Replicator()
         self.replicator.on_pending = self._replica_pending
+        # Publishers' acknowledgements waiting for peers to have what we sent them.
+        self.forwarded = Forwarded()
         self.replica_flush: asyncio.Handle | None = None
         # Bumped at each link to the backup: a snapshot of an older link stops.
         self.replica_epoch = 0
@@ -605,7 +608,7 @@ class Cluster:
         store itself when this node keeps no copies elsewhere)."""
         if self.backup is None:
             return store
-        return ReplicatedStore(store, self.replicator)
+        return ReplicatedStore(store, self.replicator, self.forwarded)
 
     def restore(self, state: StoredState) -> None:
         """Outboxes, inbox high-waters, routes and our incarnation from the store."""
@@ -1020,6 +1023,14 @@ class Cluster:
         self._release_waiters(peer)
         if self.replicating:
             self._failover_outbox(peer)
+            # Acknowledgements waiting for it now wait for its backup, which got its frames.
+            backup = self.backups.get(peer.name)
+            target = None if backup is None else self.peers.get(backup)
+            moved = None
+            if target is not None and target.link is not None and target.link.established:
+                moved = target.name
+            for callback in self.forwarded.link_lost(peer.name, moved):
+                callback()
         if peer.name in self.replicas.parked:
             queued, dropped = self.replicas.owner_down(peer.name, time.monotonic())
             self._failover_dropped(peer.name, dropped)
@@ -1353,8 +1364,11 @@ class Cluster:
                 peer.last_drop_log = now
                 peer.unlogged_drops = 0
         link = peer.link
-        if link is not None and link.established and not link.replaying:
-            link.send(data)
+        if link is not None and link.established:
+            if self.replicating:
+                self.forwarded.sent_frame(peer.name, seq)
+            if not link.replaying:
+                link.send(data)
         return seq
 
     def _acked(self, peer: Peer, seq: int) -> None:
@@ -1369,6 +1383,9 @@ class Cluster:
         while waiters and waiters[0][0] <= seq:
             _, callback = waiters.pop(0)
             callback()
+        if self.replicating:
+            for callback in self.forwarded.acked_frame(peer.name, seq):
+                callback()
 
     def when_applied(self, seqs: dict[str, int], callback: Callable[[], None]) -> None:
         """Call ``callback`` once every named peer has ACKed its seq (or its link dropped)."""
@@ -2213,6 +2230,7 @@ class Cluster:
                 "backup": self.backup,
                 "sending": self.replicator.status(),
                 "copies": self.replicas.status(),
+                "forwarded": self.forwarded.status(),
             },
             "tls": None if self.server_contexts is None else self.server_contexts.status(),
         }

@@ -460,11 +460,12 @@ class ClientConnection:
 
     def _ack(self, data: bytes, wait: bool) -> None:
         """Write an acknowledgement now, or (``wait``, or one is already waiting) once the
-        store has committed everything queued so far: they stay in order."""
+        store has committed everything queued so far, and the peers have the messages sent
+        to them (Store.after_acknowledged): they stay in order."""
         if wait or self._acks_waiting:
             self._acks_waiting += 1
             self.broker.counters.acks_after_commit += 1
-            self.broker.store.after_commit(lambda: self._ack_committed(data))
+            self.broker.store.after_acknowledged(lambda: self._ack_committed(data))
             return
         self.broker.counters.bytes_sent += len(data)
         self.io.write(data)

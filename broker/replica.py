@@ -34,6 +34,13 @@ them only when the owner is down (its link to it is down):
   if its own link to the owner drops by then they are queued, else the owner had them and
   they are discarded (so a live owner's copies do not fill with what it delivered).
 
+Messages FROM devices: a QoS 1/2 message a device published here that went to a peer (its
+subscribers there, or a shared member) left in a reliable frame of that peer's outbox; in
+memory mode nothing else held it. Its PUBACK or PUBREC now waits until the peers the node was
+sending to have acknowledged those frames (:class:`Forwarded`), so a node lost for good right
+after acknowledging loses nothing: the peer has it. When a link drops meanwhile, its frames go
+to its backup as above and the acknowledgement waits for the backup instead.
+
 Copies of an owner that is gone are dropped when they expire (their Session Expiry Interval
 counted from when the owner went down, or their own deadline). Pure state here; the link
 I/O is :mod:`broker.cluster`'s.
@@ -370,6 +377,77 @@ class Replicator:
         }
 
 
+class Forwarded:
+    """The acknowledgements to publishers that wait for peers to have what this node sent
+    them (reliable frames, numbered per peer): each waits for every peer's frames sent before
+    it, while that peer's link is up. When a link drops, its waits move to the frames sent to
+    its backup by then (the frames it had not acknowledged were sent there: broker.cluster),
+    or end (no backup, or we are it). They run in the order they were made, as the PUBACKs of
+    one connection must (MQTT 5.0 section 4.6).
+
+    Only a client's acknowledgements wait here, never the link's own ACK: two nodes sending
+    each other messages would otherwise each wait for the other's ACK before sending theirs."""
+
+    __slots__ = ("acked", "outstanding", "sent", "waited", "waiters")
+
+    def __init__(self) -> None:
+        # The last frame sent to each peer while its link was up, and the last it acked.
+        self.sent: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
+        # The peers with frames sent and not acked yet: their last frame.
+        self.outstanding: dict[str, int] = {}
+        self.waiters: deque[tuple[dict[str, int], Callable[[], None]]] = deque()
+        self.waited = 0
+
+    def sent_frame(self, peer: str, seq: int) -> None:
+        self.sent[peer] = seq
+        self.outstanding[peer] = seq
+
+    def when_forwarded(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the frames sent so far are acknowledged (at once if none
+        is outstanding and nothing waits before it)."""
+        if not self.outstanding and not self.waiters:
+            callback()
+            return
+        self.waited += 1
+        self.waiters.append((self.outstanding.copy(), callback))
+
+    def acked_frame(self, peer: str, seq: int) -> list[Callable[[], None]]:
+        """A peer's link ACK: the waits now over, in order."""
+        if seq <= self.acked.get(peer, 0):
+            return []
+        self.acked[peer] = seq
+        if seq >= self.outstanding.get(peer, seq + 1):
+            del self.outstanding[peer]
+        return self._due() if self.waiters else []
+
+    def link_lost(self, peer: str, backup: str | None) -> list[Callable[[], None]]:
+        """``peer``'s link dropped, after its unacknowledged frames were sent to ``backup``
+        (None: nowhere, or here): the waits on it move there or end."""
+        self.sent.pop(peer, None)
+        self.acked.pop(peer, None)
+        self.outstanding.pop(peer, None)
+        moved = None if backup is None else self.outstanding.get(backup)
+        for targets, _ in self.waiters:
+            if targets.pop(peer, None) is not None and backup is not None and moved is not None:
+                targets[backup] = max(targets.get(backup, 0), moved)
+        return self._due()
+
+    def _due(self) -> list[Callable[[], None]]:
+        waiters = self.waiters
+        acked = self.acked
+        due: list[Callable[[], None]] = []
+        while waiters:
+            for peer, seq in waiters[0][0].items():
+                if acked.get(peer, 0) < seq:
+                    return due
+            due.append(waiters.popleft()[1])
+        return due
+
+    def status(self) -> dict[str, Any]:
+        return {"waiting": len(self.waiters), "waited": self.waited}
+
+
 class ReplicatedStore(Store):
     """The node's store with every session write also sent to the backup; a promise
     (``after_commit``) waits for both. Sessions are replicated whether or not the node has
@@ -377,11 +455,15 @@ class ReplicatedStore(Store):
 
     durable = True
 
-    def __init__(self, inner: Store, replicator: Replicator) -> None:
+    def __init__(
+        self, inner: Store, replicator: Replicator, forwarded: Forwarded | None = None
+    ) -> None:
         # Not Store.__init__: generation, waiting, congested and committed_key are the
-        # inner store's (with the replicated writes counted in generation).
+        # inner store's (with the replicated writes and outbox entries counted in
+        # generation: a publish that made either waits for its promise).
         self.inner = inner
         self.replicator = replicator
+        self.forwarded = forwarded if forwarded is not None else Forwarded()
         self._writes = 0
 
     # The inner store's state, as the core and the connections read it.
@@ -437,8 +519,12 @@ class ReplicatedStore(Store):
             return
         self.inner.after_commit(lambda: replicator.when_acked(target, callback))
 
+    def after_acknowledged(self, callback: Callable[[], None]) -> None:
+        forwarded = self.forwarded
+        self.after_commit(lambda: forwarded.when_forwarded(callback))
+
     def pending(self) -> bool:
-        return self.inner.pending() or bool(self.replicator.waiters)
+        return self.inner.pending() or bool(self.replicator.waiters) or bool(self.forwarded.waiters)
 
     def status(self) -> dict[str, Any]:
         status = self.inner.status()
@@ -495,6 +581,7 @@ class ReplicatedStore(Store):
 
     def add_outbox(self, peer: str, seq: int, data: bytes) -> None:
         self.inner.add_outbox(peer, seq, data)
+        self._writes += 1  # a publish that sent a frame waits for the peer (Forwarded)
 
     def ack_outbox(self, peer: str, seq: int) -> None:
         self.inner.ack_outbox(peer, seq)

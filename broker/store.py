@@ -183,6 +183,11 @@ class Store:
         """After this node's own commit only (not a backup's: broker.replica)."""
         self.after_commit(callback)
 
+    def after_acknowledged(self, callback: Callable[[], None]) -> None:
+        """For a client's PUBACK, PUBREC or PUBCOMP: after the commit, and (broker.replica)
+        once the peers this node sent messages to have them."""
+        self.after_commit(callback)
+
     def pending(self) -> bool:
         return False
 

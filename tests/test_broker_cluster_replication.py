@@ -10,6 +10,7 @@ through node-2's copy, handed over (device on node-3) or taken there (device on 
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -121,6 +122,39 @@ def test_a_connected_device_loses_nothing_published_while_it_moves(
     got = again.received(want=5)
     again.stop()
     assert sorted(got) == [f"moving-{n}" for n in range(5)]
+
+
+def test_a_publish_for_another_node_is_acknowledged_once_a_node_other_than_ours_has_it(
+    nodes: list[ClusterNode],
+) -> None:
+    """Messages FROM devices (broker.replica.Forwarded): a device on node-3 publishes for a
+    session on node-1, and in memory mode node-3's outbox was the message's only home when the
+    PUBACK went (node-3 lost for good then would have lost it). The PUBACK now waits for
+    node-1's link ACK. node-1 frozen (SIGSTOP: the link stays up, nothing is acknowledged):
+    no PUBACK. node-1 killed: node-3 sends the frame to node-1's backup, node-2, and the
+    PUBACK follows node-2's ACK. The device finds the message there, once."""
+    owner, backup, other = nodes
+    offline_session(owner, "forwarded", V5)
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    publisher = Device("forwarding-publisher", V5, clean=True)
+    publisher.connect(other.mqtt_port)
+    publisher.publish("cmd/forwarded", "before", 1)
+    wait_for(lambda: publisher.acked == ["before"], 10, "acknowledged while node-1 answers")
+    assert owner.process is not None
+    owner.process.send_signal(signal.SIGSTOP)
+    try:
+        publisher.publish("cmd/forwarded", "frozen", 1)
+        time.sleep(1.5)
+        assert publisher.acked == ["before"]  # node-1 has not acknowledged it
+        assert _replication(other)["forwarded"]["waiting"] >= 1
+    finally:
+        owner.kill()  # a stopped process dies too; its sockets close
+    wait_for(lambda: publisher.acked == ["before", "frozen"], 15, "acknowledged via node-2")
+    publisher.stop()
+    again = Device("forwarded", V5)
+    assert again.connect(backup.mqtt_port)
+    assert sorted(again.received(want=2)) == ["before", "frozen"]
+    again.stop()
 
 
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(

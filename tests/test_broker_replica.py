@@ -19,6 +19,7 @@ from broker.replica import (
     FAILOVER_KEY_BASE,
     PARKED_SECONDS,
     REPLICA_FRAME_BYTES,
+    Forwarded,
     Replicas,
     ReplicatedStore,
     Replicator,
@@ -448,6 +449,54 @@ def test_a_record_saved_again_within_the_linger_goes_once() -> None:
     replicator.add(save("dev"))
     (later,) = replicator.frames()
     assert later.ops == (save("dev"),)
+
+
+def test_acknowledgements_wait_for_the_peers_to_have_what_was_sent_in_order() -> None:
+    """A publisher's PUBACK waits for every frame sent before it to be acknowledged by its
+    peer, and runs after the PUBACKs made before it (one connection's acknowledgements keep
+    the order of its PUBLISHes) even when its own frames were acknowledged first."""
+    forwarded = Forwarded()
+    ran: list[str] = []
+    forwarded.when_forwarded(lambda: ran.append("nothing sent"))
+    assert ran == ["nothing sent"]
+    forwarded.sent_frame("node-1", 10)
+    forwarded.when_forwarded(lambda: ran.append("a"))
+    forwarded.sent_frame("node-2", 4)
+    forwarded.when_forwarded(lambda: ran.append("b"))  # node-1's 10 and node-2's 4
+    forwarded.when_forwarded(lambda: ran.append("c"))
+    assert forwarded.acked_frame("node-2", 4) == []  # "a" still waits for node-1
+    assert forwarded.acked_frame("node-1", 9) == []
+    for callback in forwarded.acked_frame("node-1", 10):
+        callback()
+    assert ran == ["nothing sent", "a", "b", "c"]
+    assert forwarded.acked_frame("node-1", 10) == []  # the same ACK again
+    forwarded.when_forwarded(lambda: ran.append("all acked"))
+    assert ran[-1] == "all acked"
+    assert forwarded.status() == {"waiting": 0, "waited": 3}
+
+
+def test_a_lost_link_moves_the_waits_to_the_backup_or_ends_them() -> None:
+    """node-1's link drops with frames unacknowledged: they were sent to its backup (node-2)
+    meanwhile, so the waits on node-1 wait for node-2's frames sent by then; with no backup
+    to send to (down, or this node is it) they end."""
+    forwarded = Forwarded()
+    ran: list[str] = []
+    forwarded.sent_frame("node-1", 7)
+    forwarded.when_forwarded(lambda: ran.append("to node-1"))
+    forwarded.sent_frame("node-2", 3)  # the failover copy of node-1's frame 7
+    forwarded.sent_frame("node-3", 5)
+    forwarded.when_forwarded(lambda: ran.append("to node-3 too"))
+    assert forwarded.link_lost("node-1", "node-2") == []
+    assert forwarded.acked_frame("node-2", 2) == []
+    due = forwarded.acked_frame("node-2", 3)
+    assert len(due) == 1
+    due[0]()
+    assert ran == ["to node-1"]
+    # node-3 drops with nowhere to send its frames: what waited for it alone ends.
+    for callback in forwarded.link_lost("node-3", None):
+        callback()
+    assert ran == ["to node-1", "to node-3 too"]
+    assert forwarded.sent == {"node-2": 3}
 
 
 def test_qos2_deliveries_wait_for_the_replicated_key() -> None:
