@@ -357,12 +357,18 @@ def cluster_formed(nodes: tuple[topology.Node, ...]) -> bool:
 
 
 def start_cluster(
-    nodes: tuple[topology.Node, ...], certs: Path, work: Path, started: list[Started]
+    nodes: tuple[topology.Node, ...],
+    certs: Path,
+    work: Path,
+    started: list[Started],
+    session_replicas: int | None = None,
 ) -> list[Started]:
     brokers = []
     for node in nodes:
         config = work / f"{node.name}.toml"
-        config.write_text(topology.broker_config(node, nodes, certs=str(certs)))
+        config.write_text(
+            topology.broker_config(node, nodes, certs=str(certs), session_replicas=session_replicas)
+        )
         broker = start(node.name, [str(VENV_BIN / "broker"), "-c", str(config)], work, None)
         started.append(broker)
         brokers.append(broker)
@@ -1156,7 +1162,7 @@ def phase(
     directory.mkdir()
     nodes = cluster_nodes(args.nodes)
     print(f"  {kind}: starting {args.nodes} brokers", flush=True)
-    brokers = start_cluster(nodes, certs, directory, started)
+    brokers = start_cluster(nodes, certs, directory, started, args.session_replicas)
     collector = fork(
         f"collector-{kind}", collector_main, settings, args.devices, nodes[0].mqtt_port
     )
@@ -1317,6 +1323,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keepalive", type=int, default=60, help="PINGREQ after 0.75 of it")
     parser.add_argument("--mqtt", type=int, choices=(4, 5), default=4, help="4 = 3.1.1, 5 = 5.0")
     parser.add_argument("--clean-start", action="store_true", help="clean sessions instead")
+    parser.add_argument(
+        "--session-replicas",
+        type=int,
+        choices=(0, 1),
+        help="the brokers' [cluster] session_replicas (default: theirs, 1)",
+    )
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--backoff-base", type=float, default=1.0)
     parser.add_argument("--backoff-cap", type=float, default=60.0)

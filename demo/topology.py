@@ -186,12 +186,14 @@ def broker_config(
     trusted: Sequence[str] = ("127.0.0.0/8", "::1/128"),
     peer_host: Callable[[Node], str] | None = None,
     header: str | None = None,
+    session_replicas: int | None = None,
 ) -> str:
     """The TOML of one node of a cluster of `members` (configs/broker-N.toml for NODES):
     MQTT with PROXY protocol from `trusted`, the cluster over mutual TLS, the admin API, all
     bound on `host`. `certs` is where the node certificates are, relative to the file or
     absolute; peers are dialled at `peer_host(peer)` (default: `host`). demo/compose.py makes
-    the container variant with other addresses and its own `header` comment."""
+    the container variant with other addresses and its own `header` comment.
+    `session_replicas` is written when given (the broker's default, 1, otherwise)."""
     number = member.certificate.rsplit("-", 1)[1]
     peers = ", ".join(
         f'"{other.name}@{peer_host(other) if peer_host else host}:{other.cluster_port}"'
@@ -205,6 +207,7 @@ def broker_config(
             "seed 002: cluster RPC over mutual TLS).\n"
         )
     trusted_list = ", ".join(f'"{network}"' for network in trusted)
+    replicas = "" if session_replicas is None else f"session_replicas = {session_replicas}\n"
     return f"""{header}
 [node]
 name = "{member.name}"
@@ -232,7 +235,7 @@ peer_cert_as_username = "cn"
 name = "{CLUSTER_NAME}"
 bind = "{host}:{member.cluster_port}"
 peers = [{peers}]
-
+{replicas}
 [cluster.ssl_options]
 cacertfile = "{certs}/{ROOT_CA}.pem"
 certfile = "{certs}/{member.certificate}.pem"
