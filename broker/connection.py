@@ -465,7 +465,7 @@ class ClientConnection:
         if wait or self._acks_waiting:
             self._acks_waiting += 1
             self.broker.counters.acks_after_commit += 1
-            self.broker.store.after_acknowledged(lambda: self._ack_committed(data))
+            self.broker.store.after_acknowledged(lambda: self._ack_committed(data), self)
             return
         self.broker.counters.bytes_sent += len(data)
         self.io.write(data)

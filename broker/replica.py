@@ -379,16 +379,20 @@ class Replicator:
 
 class Forwarded:
     """The acknowledgements to publishers that wait for peers to have what this node sent
-    them (reliable frames, numbered per peer): each waits for every peer's frames sent before
-    it, while that peer's link is up. When a link drops, its waits move to the frames sent to
-    its backup by then (the frames it had not acknowledged were sent there: broker.cluster),
-    or end (no backup, or we are it). They run in the order they were made, as the PUBACKs of
-    one connection must (MQTT 5.0 section 4.6).
+    them (reliable frames, numbered per peer). Each waits for the frames sent since the last
+    wait was made (the frames of its own message, and whatever went out just before it) to
+    be acknowledged, while their peer's link is up, and after the acknowledgements of the
+    same connection made before it (MQTT 5.0 section 4.6: PUBACKs in the order of their
+    PUBLISHes). So a peer that stops answering holds the acknowledgements of the messages
+    sent to it, and those of their connections behind them, until its link times out; not
+    every publisher's. When a link drops, its waits move to the frames sent to its backup by
+    then (the frames it had not acknowledged were sent there: broker.cluster), or end (no
+    backup, or we are it).
 
     Only a client's acknowledgements wait here, never the link's own ACK: two nodes sending
     each other messages would otherwise each wait for the other's ACK before sending theirs."""
 
-    __slots__ = ("acked", "outstanding", "sent", "waited", "waiters")
+    __slots__ = ("acked", "outstanding", "recent", "sent", "waited", "waiting")
 
     def __init__(self) -> None:
         # The last frame sent to each peer while its link was up, and the last it acked.
@@ -396,30 +400,50 @@ class Forwarded:
         self.acked: dict[str, int] = {}
         # The peers with frames sent and not acked yet: their last frame.
         self.outstanding: dict[str, int] = {}
-        self.waiters: deque[tuple[dict[str, int], Callable[[], None]]] = deque()
+        # The last frame sent to each peer since the last wait was made.
+        self.recent: dict[str, int] = {}
+        # Per connection (any key), its waits in order: (peer -> frame, callback).
+        self.waiting: dict[object, deque[tuple[dict[str, int], Callable[[], None]]]] = {}
         self.waited = 0
 
     def sent_frame(self, peer: str, seq: int) -> None:
         self.sent[peer] = seq
         self.outstanding[peer] = seq
+        self.recent[peer] = seq
 
-    def when_forwarded(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once the frames sent so far are acknowledged (at once if none
-        is outstanding and nothing waits before it)."""
-        if not self.outstanding and not self.waiters:
-            callback()
-            return
+    def take(self) -> dict[str, int]:
+        """The frames a wait made now waits for (taken when the message was routed: the
+        wait itself is made after the commit, when others may have been sent)."""
+        recent = self.recent
+        if not recent:
+            return recent
+        self.recent = {}
+        acked = self.acked
+        return {peer: seq for peer, seq in recent.items() if seq > acked.get(peer, 0)}
+
+    def when_forwarded(
+        self, key: object, targets: dict[str, int], callback: Callable[[], None]
+    ) -> None:
+        """Run ``callback`` once ``targets`` (from take()) are acknowledged and ``key``'s
+        earlier waits have run (at once if nothing is left to wait for)."""
+        queue = self.waiting.get(key)
+        if queue is None:
+            acked = self.acked
+            if all(acked.get(peer, 0) >= seq for peer, seq in targets.items()):
+                callback()
+                return
+            queue = self.waiting[key] = deque()
         self.waited += 1
-        self.waiters.append((self.outstanding.copy(), callback))
+        queue.append((targets, callback))
 
     def acked_frame(self, peer: str, seq: int) -> list[Callable[[], None]]:
-        """A peer's link ACK: the waits now over, in order."""
+        """A peer's link ACK: the waits now over, each connection's in order."""
         if seq <= self.acked.get(peer, 0):
             return []
         self.acked[peer] = seq
         if seq >= self.outstanding.get(peer, seq + 1):
             del self.outstanding[peer]
-        return self._due() if self.waiters else []
+        return self._due() if self.waiting else []
 
     def link_lost(self, peer: str, backup: str | None) -> list[Callable[[], None]]:
         """``peer``'s link dropped, after its unacknowledged frames were sent to ``backup``
@@ -427,25 +451,35 @@ class Forwarded:
         self.sent.pop(peer, None)
         self.acked.pop(peer, None)
         self.outstanding.pop(peer, None)
+        self.recent.pop(peer, None)
         moved = None if backup is None else self.outstanding.get(backup)
-        for targets, _ in self.waiters:
-            if targets.pop(peer, None) is not None and backup is not None and moved is not None:
-                targets[backup] = max(targets.get(backup, 0), moved)
+        for queue in self.waiting.values():
+            for targets, _ in queue:
+                if targets.pop(peer, None) is not None and backup is not None and moved:
+                    targets[backup] = max(targets.get(backup, 0), moved)
         return self._due()
 
     def _due(self) -> list[Callable[[], None]]:
-        waiters = self.waiters
         acked = self.acked
         due: list[Callable[[], None]] = []
-        while waiters:
-            for peer, seq in waiters[0][0].items():
-                if acked.get(peer, 0) < seq:
-                    return due
-            due.append(waiters.popleft()[1])
+        done = []
+        for key, queue in self.waiting.items():
+            while queue:
+                if any(acked.get(peer, 0) < seq for peer, seq in queue[0][0].items()):
+                    break
+                due.append(queue.popleft()[1])
+            if not queue:
+                done.append(key)
+        for key in done:
+            del self.waiting[key]
         return due
 
     def status(self) -> dict[str, Any]:
-        return {"waiting": len(self.waiters), "waited": self.waited}
+        return {
+            "waiting": sum(len(queue) for queue in self.waiting.values()),
+            "connections_waiting": len(self.waiting),
+            "waited": self.waited,
+        }
 
 
 class ReplicatedStore(Store):
@@ -519,12 +553,13 @@ class ReplicatedStore(Store):
             return
         self.inner.after_commit(lambda: replicator.when_acked(target, callback))
 
-    def after_acknowledged(self, callback: Callable[[], None]) -> None:
+    def after_acknowledged(self, callback: Callable[[], None], key: object = None) -> None:
         forwarded = self.forwarded
-        self.after_commit(lambda: forwarded.when_forwarded(callback))
+        targets = forwarded.take()
+        self.after_commit(lambda: forwarded.when_forwarded(key, targets, callback))
 
     def pending(self) -> bool:
-        return self.inner.pending() or bool(self.replicator.waiters) or bool(self.forwarded.waiters)
+        return self.inner.pending() or bool(self.replicator.waiters) or bool(self.forwarded.waiting)
 
     def status(self) -> dict[str, Any]:
         status = self.inner.status()

@@ -183,9 +183,10 @@ class Store:
         """After this node's own commit only (not a backup's: broker.replica)."""
         self.after_commit(callback)
 
-    def after_acknowledged(self, callback: Callable[[], None]) -> None:
+    def after_acknowledged(self, callback: Callable[[], None], key: object = None) -> None:
         """For a client's PUBACK, PUBREC or PUBCOMP: after the commit, and (broker.replica)
-        once the peers this node sent messages to have them."""
+        once the peers its message went to have it, after the earlier ones of ``key`` (its
+        connection)."""
         self.after_commit(callback)
 
     def pending(self) -> bool:

@@ -132,10 +132,15 @@ def test_a_publish_for_another_node_is_acknowledged_once_a_node_other_than_ours_
     PUBACK went (node-3 lost for good then would have lost it). The PUBACK now waits for
     node-1's link ACK. node-1 frozen (SIGSTOP: the link stays up, nothing is acknowledged):
     no PUBACK. node-1 killed: node-3 sends the frame to node-1's backup, node-2, and the
-    PUBACK follows node-2's ACK. The device finds the message there, once."""
+    PUBACK follows node-2's ACK. The device finds the message there, once. Meanwhile another
+    device's message for node-2 was acknowledged: node-1's silence holds only what went to
+    it."""
     owner, backup, other = nodes
     offline_session(owner, "forwarded", V5)
+    offline_session(backup, "elsewhere", V5)
     wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    neighbour = Device("neighbouring-publisher", V5, clean=True)
+    neighbour.connect(other.mqtt_port)
     publisher = Device("forwarding-publisher", V5, clean=True)
     publisher.connect(other.mqtt_port)
     publisher.publish("cmd/forwarded", "before", 1)
@@ -144,13 +149,17 @@ def test_a_publish_for_another_node_is_acknowledged_once_a_node_other_than_ours_
     owner.process.send_signal(signal.SIGSTOP)
     try:
         publisher.publish("cmd/forwarded", "frozen", 1)
-        time.sleep(1.5)
+        # Another device's message for node-2 is not held by node-1's silence.
+        neighbour.publish("cmd/elsewhere", "meanwhile", 1)
+        wait_for(lambda: neighbour.acked == ["meanwhile"], 10, "acknowledged by node-2")
+        time.sleep(1.0)
         assert publisher.acked == ["before"]  # node-1 has not acknowledged it
         assert _replication(other)["forwarded"]["waiting"] >= 1
     finally:
         owner.kill()  # a stopped process dies too; its sockets close
     wait_for(lambda: publisher.acked == ["before", "frozen"], 15, "acknowledged via node-2")
     publisher.stop()
+    neighbour.stop()
     again = Device("forwarded", V5)
     assert again.connect(backup.mqtt_port)
     assert sorted(again.received(want=2)) == ["before", "frozen"]

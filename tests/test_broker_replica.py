@@ -451,28 +451,41 @@ def test_a_record_saved_again_within_the_linger_goes_once() -> None:
     assert later.ops == (save("dev"),)
 
 
-def test_acknowledgements_wait_for_the_peers_to_have_what_was_sent_in_order() -> None:
-    """A publisher's PUBACK waits for every frame sent before it to be acknowledged by its
-    peer, and runs after the PUBACKs made before it (one connection's acknowledgements keep
-    the order of its PUBLISHes) even when its own frames were acknowledged first."""
+def test_acknowledgements_wait_for_the_peers_their_messages_went_to_in_order() -> None:
+    """A publisher's PUBACK waits for the frames sent for its message (taken when it was
+    routed) to be acknowledged by their peers, and after the PUBACKs of its connection made
+    before it (one connection's acknowledgements keep the order of its PUBLISHes), not after
+    other connections': a peer that does not answer holds only what went to it."""
     forwarded = Forwarded()
     ran: list[str] = []
-    forwarded.when_forwarded(lambda: ran.append("nothing sent"))
-    assert ran == ["nothing sent"]
+    forwarded.when_forwarded("a", forwarded.take(), lambda: ran.append("a: nothing sent"))
+    assert ran == ["a: nothing sent"]
     forwarded.sent_frame("node-1", 10)
-    forwarded.when_forwarded(lambda: ran.append("a"))
+    to_node_1 = forwarded.take()
     forwarded.sent_frame("node-2", 4)
-    forwarded.when_forwarded(lambda: ran.append("b"))  # node-1's 10 and node-2's 4
-    forwarded.when_forwarded(lambda: ran.append("c"))
-    assert forwarded.acked_frame("node-2", 4) == []  # "a" still waits for node-1
+    to_node_2 = forwarded.take()
+    # Made after the commit, in the order of the publishes.
+    forwarded.when_forwarded("a", to_node_1, lambda: ran.append("a: to node-1"))
+    forwarded.when_forwarded("b", to_node_2, lambda: ran.append("b: to node-2"))
+    forwarded.when_forwarded("a", forwarded.take(), lambda: ran.append("a: local"))
+    forwarded.when_forwarded("c", forwarded.take(), lambda: ran.append("c: local"))
+    assert ran == ["a: nothing sent", "c: local"]  # c waits for nobody
+    for callback in forwarded.acked_frame("node-2", 4):
+        callback()
+    assert ran[-1] == "b: to node-2"  # node-1 is silent: only a waits for it
     assert forwarded.acked_frame("node-1", 9) == []
     for callback in forwarded.acked_frame("node-1", 10):
         callback()
-    assert ran == ["nothing sent", "a", "b", "c"]
+    assert ran[-2:] == ["a: to node-1", "a: local"]
     assert forwarded.acked_frame("node-1", 10) == []  # the same ACK again
-    forwarded.when_forwarded(lambda: ran.append("all acked"))
-    assert ran[-1] == "all acked"
-    assert forwarded.status() == {"waiting": 0, "waited": 3}
+    assert forwarded.status() == {"waiting": 0, "connections_waiting": 0, "waited": 3}
+    # Frames acknowledged before their wait is made are not waited for.
+    forwarded.sent_frame("node-1", 11)
+    targets = forwarded.take()
+    for callback in forwarded.acked_frame("node-1", 11):
+        callback()
+    forwarded.when_forwarded("a", targets, lambda: ran.append("a: acked already"))
+    assert ran[-1] == "a: acked already"
 
 
 def test_a_lost_link_moves_the_waits_to_the_backup_or_ends_them() -> None:
@@ -482,21 +495,19 @@ def test_a_lost_link_moves_the_waits_to_the_backup_or_ends_them() -> None:
     forwarded = Forwarded()
     ran: list[str] = []
     forwarded.sent_frame("node-1", 7)
-    forwarded.when_forwarded(lambda: ran.append("to node-1"))
-    forwarded.sent_frame("node-2", 3)  # the failover copy of node-1's frame 7
+    forwarded.when_forwarded("a", forwarded.take(), lambda: ran.append("to node-1"))
     forwarded.sent_frame("node-3", 5)
-    forwarded.when_forwarded(lambda: ran.append("to node-3 too"))
+    forwarded.when_forwarded("b", forwarded.take(), lambda: ran.append("to node-3"))
+    forwarded.sent_frame("node-2", 3)  # the failover copy of node-1's frame 7
     assert forwarded.link_lost("node-1", "node-2") == []
     assert forwarded.acked_frame("node-2", 2) == []
-    due = forwarded.acked_frame("node-2", 3)
-    assert len(due) == 1
-    due[0]()
+    assert [callback() for callback in forwarded.acked_frame("node-2", 3)] == [None]
     assert ran == ["to node-1"]
-    # node-3 drops with nowhere to send its frames: what waited for it alone ends.
+    # node-3 drops with nowhere to send its frames: what waited for it ends.
     for callback in forwarded.link_lost("node-3", None):
         callback()
-    assert ran == ["to node-1", "to node-3 too"]
-    assert forwarded.sent == {"node-2": 3}
+    assert ran == ["to node-1", "to node-3"]
+    assert forwarded.sent == {"node-2": 3} and not forwarded.waiting
 
 
 def test_qos2_deliveries_wait_for_the_replicated_key() -> None:
