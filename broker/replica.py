@@ -416,10 +416,9 @@ class Forwarded:
         wait itself is made after the commit, when others may have been sent)."""
         recent = self.recent
         if not recent:
-            return recent
+            return {}
         self.recent = {}
-        acked = self.acked
-        return {peer: seq for peer, seq in recent.items() if seq > acked.get(peer, 0)}
+        return recent
 
     def when_forwarded(
         self, key: object, targets: dict[str, int], callback: Callable[[], None]
@@ -427,14 +426,17 @@ class Forwarded:
         """Run ``callback`` once ``targets`` (from take()) are acknowledged and ``key``'s
         earlier waits have run (at once if nothing is left to wait for)."""
         queue = self.waiting.get(key)
-        if queue is None:
-            acked = self.acked
-            if all(acked.get(peer, 0) >= seq for peer, seq in targets.items()):
-                callback()
-                return
-            queue = self.waiting[key] = deque()
         self.waited += 1
-        queue.append((targets, callback))
+        if queue is not None:
+            queue.append((targets, callback))
+            return
+        acked = self.acked
+        for peer, seq in targets.items():
+            if acked.get(peer, 0) < seq:
+                self.waiting[key] = deque(((targets, callback),))
+                return
+        self.waited -= 1
+        callback()
 
     def acked_frame(self, peer: str, seq: int) -> list[Callable[[], None]]:
         """A peer's link ACK: the waits now over, each connection's in order."""
@@ -462,16 +464,24 @@ class Forwarded:
     def _due(self) -> list[Callable[[], None]]:
         acked = self.acked
         due: list[Callable[[], None]] = []
-        done = []
+        done = None
         for key, queue in self.waiting.items():
             while queue:
-                if any(acked.get(peer, 0) < seq for peer, seq in queue[0][0].items()):
-                    break
-                due.append(queue.popleft()[1])
+                for peer, seq in queue[0][0].items():
+                    if acked.get(peer, 0) < seq:
+                        break
+                else:
+                    due.append(queue.popleft()[1])
+                    continue
+                break
             if not queue:
-                done.append(key)
-        for key in done:
-            del self.waiting[key]
+                if done is None:
+                    done = [key]
+                else:
+                    done.append(key)
+        if done is not None:
+            for key in done:
+                del self.waiting[key]
         return due
 
     def status(self) -> dict[str, Any]:

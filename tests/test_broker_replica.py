@@ -486,6 +486,16 @@ def test_acknowledgements_wait_for_the_peers_their_messages_went_to_in_order() -
         callback()
     forwarded.when_forwarded("a", targets, lambda: ran.append("a: acked already"))
     assert ran[-1] == "a: acked already"
+    # A message that sent nothing waits for nothing sent after it was routed.
+    forwarded.sent_frame("node-1", 12)
+    first = forwarded.take()
+    second = forwarded.take()
+    forwarded.sent_frame("node-2", 5)
+    forwarded.when_forwarded("b", first, lambda: ran.append("b: first"))
+    forwarded.when_forwarded("b", second, lambda: ran.append("b: second"))
+    for callback in forwarded.acked_frame("node-1", 12):
+        callback()
+    assert ran[-2:] == ["b: first", "b: second"]
 
 
 def test_a_lost_link_moves_the_waits_to_the_backup_or_ends_them() -> None:
