@@ -90,7 +90,15 @@ from bench.fleet_devices import (  # noqa: E402
     sources_for,
 )
 from bench.ports import free_port  # noqa: E402
-from bench.run import HAPROXY, Started, haproxy_version, start, stop, wait_listening  # noqa: E402
+from bench.run import (  # noqa: E402
+    HAPROXY,
+    Started,
+    haproxy_version,
+    source_tree,
+    start,
+    stop,
+    wait_listening,
+)
 from demo import topology  # noqa: E402
 from lb.config.keywords import parse_time  # noqa: E402
 
@@ -1103,6 +1111,7 @@ def plan(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     plan(args)
+    source = source_tree()
     work = Path(tempfile.mkdtemp(prefix="lb-fleet-", dir=args.workdir))
     certs = args.certs or work / "certs"
     certs.mkdir(parents=True, exist_ok=True)
@@ -1146,7 +1155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             for kind in phases:  # the logs were summarised; the certificates may be reused
                 shutil.rmtree(work / kind, ignore_errors=True)
-    return report(args, phases, pki_seconds, work)
+    return report(args, phases, pki_seconds, work, source)
 
 
 def phase(
@@ -1239,7 +1248,11 @@ def phase(
 
 
 def report(
-    args: argparse.Namespace, phases: dict[str, Any], pki_seconds: float, work: Path
+    args: argparse.Namespace,
+    phases: dict[str, Any],
+    pki_seconds: float,
+    work: Path,
+    source: dict[str, Any],
 ) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     if "lb" in phases and "haproxy" in phases:
@@ -1255,6 +1268,13 @@ def report(
             numbers = isinstance(value, int | float) and isinstance(other, int | float)
             if numbers and other and not isinstance(value, bool):
                 ratios[key] = round(value / other, 3)
+    end = source_tree()
+    if end != source:
+        print(
+            f"fleet: WARNING the tree changed during the run ({source} -> {end}): the phases "
+            "may have run different code",
+            flush=True,
+        )
     return {
         "suite": "fleet",
         "scenario": args.scenario,
@@ -1268,6 +1288,7 @@ def report(
             "haproxy": haproxy_version(),
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "source": {"start": source, "end": end},
         "pki_seconds": round(pki_seconds, 1),
         "work": str(work),
         "phases": phases,

@@ -647,6 +647,35 @@ def report(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, An
     return result
 
 
+def source_tree() -> dict[str, Any]:
+    """The commit the processes of a run come from, the files of lb/, broker/ and demo/
+    changed from it, and PYTHONPATH (an A/B runs a tree through it). The processes import
+    the tree as it is when each starts: an edit during a fleet run changes the code of the
+    phases started after it, so a run records this at its start and at its end."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "lb", "broker", "demo"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        commit, status = "", []
+    return {
+        "commit": commit or None,
+        "changed": sorted(line[3:] for line in status),
+        "pythonpath": os.environ.get("PYTHONPATH"),
+    }
+
+
 def haproxy_version() -> str:
     try:
         output = subprocess.run(

@@ -88,6 +88,11 @@ def test_storm_through_both_balancers_counts_every_device_and_message(tmp_path: 
         assert [e["event"] for e in phase["events"]][:2] == ["ramp", "ramp done"]
     assert result["phases"]["haproxy"]["balancer"]["instances"] == 1
     assert "storm_back_connected" in result["ratios"]
+    # The code the processes ran: recorded at the start and the end (an edit in between
+    # would have changed the phases started after it).
+    source = result["source"]
+    assert set(source["start"]) == set(source["end"]) == {"commit", "changed", "pythonpath"}
+    assert source["start"]["commit"] == source["end"]["commit"]
     # every process the suite started is gone
     assert running_from(tmp_path) == []
 
