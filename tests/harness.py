@@ -167,7 +167,20 @@ class EchoBackend:
 
     def close(self) -> None:
         self.closed = True
-        self.sock.close()
+        close_listener(self.sock, self.thread)
+
+
+def close_listener(sock: socket.socket, thread: threading.Thread) -> None:
+    """Stop a test server's accept thread, then free its socket. Closed at once, the
+    descriptor could be reused by the next test's server while the thread was about to call
+    accept() on that number: the old server then took the new one's connections (a test saw
+    "1 of 2 connections" at its backend while its data had been echoed, by the previous
+    test's backend). shutdown() makes a waiting accept() fail; the descriptor is closed once
+    the thread is gone."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    thread.join(5)
+    sock.close()
 
 
 def running_from(directory: Path) -> list[str]:

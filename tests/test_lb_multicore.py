@@ -34,7 +34,15 @@ from cryptography.x509.oid import NameOID
 from bench.ports import free_port
 from lb.runtime_api import STAT_COLUMNS
 from lb.shared_counts import SharedCounts, server_count
-from tests.harness import VENV_BIN, EchoBackend, Process, client_context, socat, start_process
+from tests.harness import (
+    VENV_BIN,
+    EchoBackend,
+    Process,
+    client_context,
+    close_listener,
+    socat,
+    start_process,
+)
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(240)
@@ -76,7 +84,7 @@ class CheckCounter:
             time.sleep(0.02)
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self.thread)
 
 
 def assert_one_checker(arrivals: list[float]) -> None:

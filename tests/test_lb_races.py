@@ -34,7 +34,7 @@ import uvloop
 from bench.ports import free_port
 from lb.config import load_config_text
 from lb.process import Runtime
-from tests.harness import EchoBackend, Process, client_context, run_lb
+from tests.harness import EchoBackend, Process, client_context, close_listener, run_lb
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,7 +75,7 @@ class ResettingBackend:
         connection.close()
 
     def close(self) -> None:
-        self.sock.close()
+        close_listener(self.sock, self.thread)
         with self.lock:
             for connection in self.connections:
                 connection.close()

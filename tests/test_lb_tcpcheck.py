@@ -22,7 +22,7 @@ from lb.health import CheckStatus
 from lb.mqtt_check import MQTT_CHECK_KEEPALIVE, connack_rule, encode_connect
 from lb.tcpcheck import Connect, Finished, Receive, Send, TcpCheck, mqtt_check
 from tests.broker_harness import BrokerThread, make_config, running_broker
-from tests.harness import run_haproxy, run_lb
+from tests.harness import close_listener, run_haproxy, run_lb
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -291,7 +291,8 @@ class Scripted:
         self.sock.listen(64)
         self.port = int(self.sock.getsockname()[1])
         self.stopped = False
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
 
     def _serve(self) -> None:
         while not self.stopped:
@@ -316,7 +317,7 @@ class Scripted:
 
     def stop(self) -> None:
         self.stopped = True
-        self.sock.close()
+        close_listener(self.sock, self.thread)
 
 
 @pytest.fixture

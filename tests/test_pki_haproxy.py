@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from bench.ports import free_port
+from tests.harness import close_listener
 from tests.pki import DeviceFiles, TestPKI
 
 HAPROXY = shutil.which("haproxy") or (
@@ -61,7 +62,7 @@ class EchoServer:
                 pass
 
     def close(self) -> None:
-        self.listener.close()
+        close_listener(self.listener, self._thread)
 
 
 @dataclass
