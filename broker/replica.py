@@ -392,11 +392,10 @@ class Forwarded:
     Only a client's acknowledgements wait here, never the link's own ACK: two nodes sending
     each other messages would otherwise each wait for the other's ACK before sending theirs."""
 
-    __slots__ = ("acked", "outstanding", "recent", "sent", "waited", "waiting")
+    __slots__ = ("acked", "outstanding", "recent", "waited", "waiting")
 
     def __init__(self) -> None:
-        # The last frame sent to each peer while its link was up, and the last it acked.
-        self.sent: dict[str, int] = {}
+        # The last frame each peer acknowledged while its link was up.
         self.acked: dict[str, int] = {}
         # The peers with frames sent and not acked yet: their last frame.
         self.outstanding: dict[str, int] = {}
@@ -407,7 +406,6 @@ class Forwarded:
         self.waited = 0
 
     def sent_frame(self, peer: str, seq: int) -> None:
-        self.sent[peer] = seq
         self.outstanding[peer] = seq
         self.recent[peer] = seq
 
@@ -426,17 +424,19 @@ class Forwarded:
         """Run ``callback`` once ``targets`` (from take()) are acknowledged and ``key``'s
         earlier waits have run (at once if nothing is left to wait for)."""
         queue = self.waiting.get(key)
-        self.waited += 1
-        if queue is not None:
-            queue.append((targets, callback))
+        if queue is None and self._reached(targets):
+            callback()
             return
+        self.waited += 1
+        if queue is None:
+            self.waiting[key] = deque(((targets, callback),))
+        else:
+            queue.append((targets, callback))
+
+    def _reached(self, targets: dict[str, int]) -> bool:
+        """Whether every peer in ``targets`` acknowledged its frame."""
         acked = self.acked
-        for peer, seq in targets.items():
-            if acked.get(peer, 0) < seq:
-                self.waiting[key] = deque(((targets, callback),))
-                return
-        self.waited -= 1
-        callback()
+        return all(acked.get(peer, 0) >= seq for peer, seq in targets.items())
 
     def acked_frame(self, peer: str, seq: int) -> list[Callable[[], None]]:
         """A peer's link ACK: the waits now over, each connection's in order."""
@@ -450,7 +450,6 @@ class Forwarded:
     def link_lost(self, peer: str, backup: str | None) -> list[Callable[[], None]]:
         """``peer``'s link dropped, after its unacknowledged frames were sent to ``backup``
         (None: nowhere, or here): the waits on it move there or end."""
-        self.sent.pop(peer, None)
         self.acked.pop(peer, None)
         self.outstanding.pop(peer, None)
         self.recent.pop(peer, None)
@@ -462,26 +461,15 @@ class Forwarded:
         return self._due()
 
     def _due(self) -> list[Callable[[], None]]:
-        acked = self.acked
         due: list[Callable[[], None]] = []
-        done = None
+        emptied = []
         for key, queue in self.waiting.items():
-            while queue:
-                for peer, seq in queue[0][0].items():
-                    if acked.get(peer, 0) < seq:
-                        break
-                else:
-                    due.append(queue.popleft()[1])
-                    continue
-                break
+            while queue and self._reached(queue[0][0]):
+                due.append(queue.popleft()[1])
             if not queue:
-                if done is None:
-                    done = [key]
-                else:
-                    done.append(key)
-        if done is not None:
-            for key in done:
-                del self.waiting[key]
+                emptied.append(key)
+        for key in emptied:
+            del self.waiting[key]
         return due
 
     def status(self) -> dict[str, Any]:

@@ -517,7 +517,9 @@ def test_a_lost_link_moves_the_waits_to_the_backup_or_ends_them() -> None:
     for callback in forwarded.link_lost("node-3", None):
         callback()
     assert ran == ["to node-1", "to node-3"]
-    assert forwarded.sent == {"node-2": 3} and not forwarded.waiting
+    # node-1 and node-3 are forgotten; node-2 acknowledged everything sent to it.
+    assert forwarded.acked == {"node-2": 3} and not forwarded.outstanding
+    assert not forwarded.waiting
 
 
 def test_qos2_deliveries_wait_for_the_replicated_key() -> None:
