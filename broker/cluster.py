@@ -1026,9 +1026,7 @@ class Cluster:
             # Acknowledgements waiting for it now wait for its backup, which got its frames.
             backup = self.backups.get(peer.name)
             target = None if backup is None else self.peers.get(backup)
-            moved = None
-            if target is not None and target.link is not None and target.link.established:
-                moved = target.name
+            moved = target.name if target is not None and target.up else None
             for callback in self.forwarded.link_lost(peer.name, moved):
                 callback()
         if peer.name in self.replicas.parked:
