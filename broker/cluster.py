@@ -79,7 +79,7 @@ import secrets
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -714,7 +714,10 @@ class Cluster:
             or "none",
         )
         if self.protocol_version < codec.PROTOCOL_VERSION:
-            lacks = ["its persistent sessions are not copied to another node"]
+            if self.protocol_version < codec.REPLICA_VERSION:
+                lacks = ["its persistent sessions are not copied to another node"]
+            else:
+                lacks = ["shared members' messages for a node that is down miss its backup"]
             if self.protocol_version < codec.SHARE_VERSION:
                 lacks.append("sessions' shares do not cross its links")
             logger.warning(
@@ -1030,8 +1033,10 @@ class Cluster:
             for callback in self.forwarded.link_lost(peer.name, moved):
                 callback()
         if peer.name in self.replicas.parked:
-            queued, dropped = self.replicas.owner_down(peer.name, time.monotonic())
+            queued, dropped, elsewhere = self.replicas.owner_down(peer.name, time.monotonic())
             self._failover_dropped(peer.name, dropped)
+            for message, members in elsewhere:
+                self._redispatch(peer.name, message, members)
             if queued:
                 logger.info(
                     "cluster: %d messages for sessions of %s, parked while only their sender "
@@ -1041,7 +1046,8 @@ class Cluster:
                 )
         self._forget_holds(peer)
         # Routes stay: messages for the peer's persistent sessions wait in its outbox. Its
-        # shared members stay too, but are picked only when no other member is reachable.
+        # shared members stay too, but are picked only when no other member is reachable
+        # (replicating, what they are sent also goes to the peer's backup: REPLICA_SHARED).
         peer.release_publishers()
         for waiting in list(self.waiting.values()):
             if peer.name in waiting.claim.waiting:
@@ -1222,8 +1228,8 @@ class Cluster:
             if not isinstance(frame, codec.Reliable):
                 continue
             inner = frame.frame
-            if isinstance(inner, codec.Publish) and inner.plain and inner.message.qos:
-                self._send_failover(peer.name, inner.message)
+            if isinstance(inner, codec.Publish) and inner.message.qos:
+                self._send_failover(peer.name, inner.message, inner.plain, inner.targets)
                 copied += 1
         if copied:
             logger.info(
@@ -1233,30 +1239,49 @@ class Cluster:
                 self.backups[peer.name],
             )
 
-    def _send_failover(self, origin: str, message: codec.WireMessage) -> None:
-        """A QoS 1/2 message for ``origin``'s subscribers while it is down: to its backup."""
+    def _send_failover(
+        self,
+        origin: str,
+        message: codec.WireMessage,
+        plain: bool = True,
+        targets: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """A QoS 1/2 message for ``origin``'s plain subscribers (``plain``) and shared
+        members (``targets``) while it is down: to its backup."""
         backup = self.backups.get(origin)
         if backup is None:
             return
         if backup == self.node_name:
-            self._failover_here(origin, message)
+            self._failover_here(origin, message, plain, targets)
             return
         peer = self.peers.get(backup)
         if peer is None or peer.link is None or not peer.link.established:
             return  # the backup is down too: the message waits in origin's outbox alone
-        if peer.link.protocol_version < codec.REPLICA_VERSION:
-            return
-        peer.counters.failover_sent += 1
-        self.send_reliable(peer, codec.ReplicaPublish(origin, message))
+        version = peer.link.protocol_version
+        if plain and version >= codec.REPLICA_VERSION:
+            peer.counters.failover_sent += 1
+            self.send_reliable(peer, codec.ReplicaPublish(origin, message))
+        if targets and version >= codec.SHARED_FAILOVER_VERSION:
+            peer.counters.failover_sent += 1
+            self.send_reliable(peer, codec.ReplicaShared(origin, targets, message))
 
-    def _failover_here(self, origin: str, message: codec.WireMessage) -> None:
+    def _failover_here(
+        self,
+        origin: str,
+        message: codec.WireMessage,
+        plain: bool = True,
+        targets: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        replicas = self.replicas
         peer = self.peers.get(origin)
         if peer is not None and peer.up:
             # Only the sender lost its link to the owner (so far): parked (broker.replica).
-            replicas = self.replicas
             before = replicas.counters.parked_dropped
             now = time.monotonic()
-            replicas.park(origin, message, now)
+            if plain:
+                replicas.park(origin, message, now)
+            if targets:
+                replicas.park(origin, message, now, targets)
             if replicas.counters.parked_dropped > before and (
                 now - self.parked_drop_logged >= DROP_LOG_INTERVAL
             ):
@@ -1269,7 +1294,61 @@ class Cluster:
                     replicas.counters.parked_dropped,
                 )
             return
-        self._failover_dropped(origin, self.replicas.failover(origin, message)[1])
+        if plain:
+            self._failover_dropped(origin, replicas.failover(origin, message)[1])
+        if targets:
+            _, dropped, missing = replicas.failover_shared(origin, message, targets)
+            self._failover_dropped(origin, dropped)
+            self._redispatch(origin, message, missing)
+
+    def _redispatch(
+        self, origin: str, message: codec.WireMessage, members: Iterable[tuple[str, str]]
+    ) -> None:
+        """A message for shared members of ``origin`` (down) of which we keep no copy: their
+        session ended with their node, so it goes to another member of each group that is
+        reachable, or else to another member on ``origin`` whose copy we keep (MQTT 5.0
+        section 4.8.2); with neither it is dropped, counted and recorded."""
+        broker = self.broker
+        assert broker is not None
+        for shared_filter, client_id in members:
+            picked = self.shared.pick_member(
+                shared_filter, message.publisher_client_id, self._member_available
+            )
+            if picked is not None and self._member_available(picked[0]):
+                node, member = picked[0].split(_MEMBER_SEPARATOR, 1)
+                peer = self.peers.get(node)
+                if node == self.node_name:
+                    broker.deliver_shared(
+                        shared_filter, member, message.to_message(broker.clock()), None
+                    )
+                elif peer is not None:
+                    frame = codec.Publish(message, False, ((shared_filter, member),))
+                    self.send_reliable(peer, frame)
+                self.replicas.counters.failover_redispatched += 1
+                continue
+            if self._queue_for_another_copy(origin, shared_filter, client_id, message):
+                continue
+            broker.counters.messages_dropped_no_member += 1
+            broker.drops.record(
+                f"{shared_filter} ({client_id} gone with {origin})", "no shared member left"
+            )
+
+    def _queue_for_another_copy(
+        self, origin: str, shared_filter: str, client_id: str, message: codec.WireMessage
+    ) -> bool:
+        group = self.shared.group(shared_filter)
+        prefix = f"{origin}{_MEMBER_SEPARATOR}"
+        for key in () if group is None else list(group.members):
+            member = key[len(prefix) :]
+            if not key.startswith(prefix) or member == client_id:
+                continue
+            _, dropped, missing = self.replicas.failover_shared(
+                origin, message, ((shared_filter, member),)
+            )
+            if not missing:
+                self._failover_dropped(origin, dropped)
+                return True
+        return False
 
     def _failover_dropped(self, origin: str, dropped: list[str]) -> None:
         broker = self.broker
@@ -1597,6 +1676,14 @@ class Cluster:
                 self.state_handler(frame)
         elif isinstance(frame, codec.ReplicaPublish):
             self._failover_here(frame.origin, frame.message)
+        elif isinstance(frame, codec.ReplicaShared):
+            for shared_filter, _ in frame.targets:
+                _check_filter(shared_filter)
+                if split_shared(shared_filter)[0] is None:
+                    raise codec.ClusterProtocolError(
+                        f"REPLICA_SHARED with a plain filter {shared_filter!r}"
+                    )
+            self._failover_here(frame.origin, frame.message, False, frame.targets)
         else:
             raise codec.ClusterProtocolError(
                 f"{type(frame).__name__} is not sent as a reliable frame"
@@ -2058,10 +2145,11 @@ class Cluster:
                 continue
             if wire is None:
                 wire = codec.WireMessage.from_message(message, broker.clock(), self.node_name)
-            if message.qos and self.replicating and name in plain and not peer.up:
+            members = tuple(targets.get(name, ()))
+            if message.qos and self.replicating and not peer.up:
                 # Issue 13: the node may be gone for good; its backup keeps its sessions.
-                self._send_failover(name, wire)
-            frame = codec.Publish(wire, name in plain, tuple(targets.get(name, ())))
+                self._send_failover(name, wire, name in plain, members)
+            frame = codec.Publish(wire, name in plain, members)
             if message.qos == 0:
                 link = peer.link
                 if link is None or not link.established:

@@ -14,7 +14,8 @@ one of them in its HELLO (``[cluster] protocol_version``); each link speaks the 
 two announced (:func:`link_version`), as Kafka's inter.broker.protocol.version does, so a
 cluster is upgraded node by node: every node first announces the old version, then the new.
 Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
-frames (a link of version 3 carries no session replication).
+frames (a link of version 3 carries no session replication); version 4 is version 5 without
+REPLICA_SHARED.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -70,6 +71,11 @@ frames (a link of version 3 carries no session replication).
 ``REPLICA_PUBLISH`` origin:string, message. Reliable. Version 4: a QoS 1/2 message for the
                  plain subscribers of ``origin``, a node the sender cannot reach; the
                  receiver is its backup and queues it for the replicas of its sessions.
+``REPLICA_SHARED`` origin:string, count:u16, count x (shared filter:string, client id:string),
+                 message. Reliable. Version 5: the same for members of shared subscriptions
+                 on ``origin``: queued for the replica of each named member's session; a
+                 member without one (its session ended with its node) has the message sent
+                 to another member of its group (MQTT 5.0 section 4.8.2).
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -115,6 +121,7 @@ __all__ = [
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "REPLICA_VERSION",
+    "SHARED_FAILOVER_VERSION",
     "SHARE_VERSION",
     "Ack",
     "Claim",
@@ -140,6 +147,7 @@ __all__ = [
     "ReplicaOp",
     "ReplicaOpKind",
     "ReplicaPublish",
+    "ReplicaShared",
     "Retain",
     "SessionRecord",
     "StateWrite",
@@ -163,8 +171,9 @@ __all__ = [
 
 #: The highest version this node speaks. 3: HOLD's share (a node of version 2 would refuse
 #: the flag mid-link, so a link of version 2 never carries it). 4: REPLICA, REPLICA_ACK and
-#: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types).
-PROTOCOL_VERSION: Final = 4
+#: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types). 5:
+#: REPLICA_SHARED (shared subscriptions' messages for a node that is down).
+PROTOCOL_VERSION: Final = 5
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
 MIN_PROTOCOL_VERSION: Final = 2
@@ -172,6 +181,8 @@ MIN_PROTOCOL_VERSION: Final = 2
 SHARE_VERSION: Final = 3
 #: The first version with session replication (REPLICA, REPLICA_ACK, REPLICA_PUBLISH).
 REPLICA_VERSION: Final = 4
+#: The first version with REPLICA_SHARED.
+SHARED_FAILOVER_VERSION: Final = 5
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -232,6 +243,7 @@ class FrameType(IntEnum):
     REPLICA = 21
     REPLICA_ACK = 22
     REPLICA_PUBLISH = 23
+    REPLICA_SHARED = 24
 
 
 class ReplicaOpKind(IntEnum):
@@ -522,6 +534,14 @@ class ReplicaPublish:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaShared:
+    origin: str
+    # (shared filter with its $share/group/ prefix, client id) of members on ``origin``.
+    targets: tuple[tuple[str, str], ...]
+    message: WireMessage
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -550,6 +570,7 @@ Frame = (
     | Replica
     | ReplicaAck
     | ReplicaPublish
+    | ReplicaShared
 )
 
 
@@ -662,6 +683,23 @@ def encode_session(session: SessionRecord) -> bytes:
     return b"".join(parts)
 
 
+def _targets(targets: tuple[tuple[str, str], ...]) -> bytes:
+    """count:u16, count x (shared filter, client id): PUBLISH's and REPLICA_SHARED's."""
+    if len(targets) > 0xFFFF:
+        raise ValueError("more than 65535 shared targets")
+    return _U16.pack(len(targets)) + b"".join(
+        encode_string(topic_filter) + encode_string(client_id)
+        for topic_filter, client_id in targets
+    )
+
+
+def _read_targets(reader: Reader) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (reader.string("a shared filter"), reader.string("a client id"))
+        for _ in range(reader.u16("the target count"))
+    )
+
+
 def _strings(values: tuple[str, ...]) -> bytes:
     return b"".join(encode_string(value) for value in values)
 
@@ -670,15 +708,9 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
     if isinstance(frame, Reliable):
         return FrameType.RELIABLE, _u64(frame.seq) + encode(frame.frame)
     if isinstance(frame, Publish):
-        if len(frame.targets) > 0xFFFF:
-            raise ValueError("more than 65535 shared targets")
         return FrameType.PUBLISH, (
             bytes((_PLAIN_FLAG if frame.plain else 0,))
-            + _U16.pack(len(frame.targets))
-            + b"".join(
-                encode_string(topic_filter) + encode_string(client_id)
-                for topic_filter, client_id in frame.targets
-            )
+            + _targets(frame.targets)
             + encode_message(frame.message)
         )
     if isinstance(frame, Ack):
@@ -789,6 +821,12 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
     if isinstance(frame, ReplicaPublish):
         return FrameType.REPLICA_PUBLISH, (
             encode_string(frame.origin) + encode_message(frame.message)
+        )
+    if isinstance(frame, ReplicaShared):
+        if not frame.targets:
+            raise ValueError("REPLICA_SHARED without a member")
+        return FrameType.REPLICA_SHARED, (
+            encode_string(frame.origin) + _targets(frame.targets) + encode_message(frame.message)
         )
     raise TypeError(f"not a cluster frame: {frame!r}")
 
@@ -1007,11 +1045,13 @@ def _read_session(reader: Reader) -> SessionRecord:
     )
 
 
-#: The frames a link below REPLICA_VERSION does not carry.
+#: The frames a link below REPLICA_VERSION does not carry (REPLICA_SHARED: below
+#: SHARED_FAILOVER_VERSION).
 _REPLICA_TYPES: Final[dict[type, FrameType]] = {
     Replica: FrameType.REPLICA,
     ReplicaAck: FrameType.REPLICA_ACK,
     ReplicaPublish: FrameType.REPLICA_PUBLISH,
+    ReplicaShared: FrameType.REPLICA_SHARED,
 }
 
 
@@ -1100,10 +1140,7 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         flags = reader.u8("publish flags")
         if flags & ~_PLAIN_FLAG:
             raise ClusterProtocolError(f"reserved publish flags set: 0x{flags:02X}")
-        targets = tuple(
-            (reader.string("a shared filter"), reader.string("a client id"))
-            for _ in range(reader.u16("the target count"))
-        )
+        targets = _read_targets(reader)
         frame = Publish(_read_message(reader), bool(flags & _PLAIN_FLAG), targets)
     elif frame_type == FrameType.ACK:
         frame = Ack(_read_u64(reader, "the seq"))
@@ -1225,6 +1262,12 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         frame = ReplicaAck(_read_u64(reader, "the replica seq"))
     elif frame_type == FrameType.REPLICA_PUBLISH:
         frame = ReplicaPublish(reader.string("the origin node"), _read_message(reader))
+    elif frame_type == FrameType.REPLICA_SHARED:
+        origin = reader.string("the origin node")
+        targets = _read_targets(reader)
+        if not targets:
+            raise ClusterProtocolError("REPLICA_SHARED without a member")
+        frame = ReplicaShared(origin, targets, _read_message(reader))
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():
@@ -1281,10 +1324,12 @@ class ClusterDecoder:
                     f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
                     f"protocol version {self.version})"
                 )
-            if self.version < REPLICA_VERSION:
+            if self.version < SHARED_FAILOVER_VERSION:
                 inner = frame.frame if isinstance(frame, Reliable) else frame
                 kind = _REPLICA_TYPES.get(type(inner))
-                if kind is not None:
+                if kind is not None and (
+                    self.version < REPLICA_VERSION or kind == FrameType.REPLICA_SHARED
+                ):
                     # As a node of that version reads it.
                     raise ClusterProtocolError(f"unknown frame type {int(kind)}")
             return frame

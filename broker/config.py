@@ -65,7 +65,7 @@ Shape (every table and key optional except where noted)::
     takeover_timeout = "5s"        # a connect waits this long for the other nodes' answers
     outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
     link_high_water = 8388608      # unacknowledged bytes to a peer that pause its publishers
-    protocol_version = 4           # announced in HELLO; the old one while a rolling upgrade
+    protocol_version = 5           # announced in HELLO; the old one while a rolling upgrade
                                    # has nodes that speak only it
     session_replicas = 1           # copies of each persistent session on other nodes (0 or 1;
                                    # broker/replica.py): survives the loss of a node

@@ -32,7 +32,13 @@ them only when the owner is down (its link to it is down):
   twice are delivered once (by message id, when the copy is handed over). A backup that
   still reaches the owner (only the sender lost it) parks such messages for PARKED_SECONDS:
   if its own link to the owner drops by then they are queued, else the owner had them and
-  they are discarded (so a live owner's copies do not fill with what it delivered).
+  they are discarded (so a live owner's copies do not fill with what it delivered);
+- a QoS 1/2 message for a member of a shared subscription on the owner (the only members of
+  its group are there, or the frame was unacknowledged when the link dropped): the same, as
+  REPLICA_SHARED naming the member; it is queued for the member's copy, or, when the backup
+  has none (a session that ended with its node), sent to another member of the group (MQTT
+  5.0 section 4.8.2: "If the Client's Session terminates before the Client reconnects, the
+  Server SHOULD send the Application Message to another Client").
 
 Messages FROM devices: a QoS 1/2 message a device published here that went to a peer (its
 subscribers there, or a shared member) left in a reliable frame of that peer's outbox; in
@@ -88,6 +94,9 @@ FAILOVER_KEY_BASE = 1 << 62
 PARKED_SECONDS = 30.0
 #: At most this many parked messages per owner (and max_queued_bytes of payload).
 PARKED_MESSAGES = 10_000
+
+#: Shared members a failover message is for: (shared filter, client id).
+Targets = tuple[tuple[str, str], ...]
 
 
 def backup_of(node: str, nodes: Iterable[str]) -> str | None:
@@ -675,6 +684,8 @@ class ReplicaCounters:
     failover_messages: int = 0
     failover_deliveries: int = 0
     failover_dropped: int = 0
+    # Shared members' messages sent on to another member (their session ended with their node).
+    failover_redispatched: int = 0
     failover_parked: int = 0
     parked_discarded: int = 0  # the owner stayed up: it had them
     parked_dropped: int = 0  # past PARKED_MESSAGES or max_queued_bytes
@@ -695,8 +706,9 @@ class Replicas:
         # The owner's incarnation the copies are of (broker.reliable: a node that restarts
         # without its store starts a new one, and its old sessions are only here).
         self.incarnations: dict[str, int] = {}
-        # Failover messages for owners this node still reaches: (monotonic time, message).
-        self.parked: dict[str, deque[tuple[float, codec.WireMessage]]] = {}
+        # Failover messages for owners this node still reaches: (monotonic time, message,
+        # the shared members it is for; () for the plain subscribers).
+        self.parked: dict[str, deque[tuple[float, codec.WireMessage, Targets]]] = {}
         self.parked_bytes: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -894,72 +906,125 @@ class Replicas:
         trie = self.tries.get(origin)
         if trie is None:
             trie = self.tries[origin] = SubscriptionTrie()
-            for client_id, copy in sessions.items():
-                for topic_filter, options in _filters(copy.record):
+            for client_id, kept in sessions.items():
+                for topic_filter, options in _filters(kept.record):
                     if not topic_filter.startswith("$share/"):
                         trie.subscribe(client_id, topic_filter, options)
         queued = 0
         dropped: list[str] = []
         for delivery in trie.match(message.topic, message.publisher_client_id, shared=False):
-            target = sessions.get(delivery.client_id)
-            if target is None:
+            copy = sessions.get(delivery.client_id)
+            if copy is None:
                 continue
-            copy = target
-            size = len(message.payload)
-            held = sum(len(data) for data in copy.deliveries.values())
-            if (
-                len(copy.deliveries) >= self.max_queued_messages
-                or held + size > self.max_queued_bytes
+            if not self._queue(
+                copy,
+                message,
+                min(delivery.qos, message.qos),
+                message.retain and delivery.retain_as_published,
+                tuple(delivery.subscription_identifiers),
             ):
-                self.counters.failover_dropped += 1
                 dropped.append(delivery.client_id)
-                continue
-            qos = min(delivery.qos, message.qos)
-            if not qos:
-                continue
-            data = codec.encode_delivery(
-                codec.DeliveryRecord(
-                    message,
-                    qos,
-                    message.retain and delivery.retain_as_published,
-                    tuple(delivery.subscription_identifiers),
-                )
-            )
-            key = self.next_failover_key
-            self.next_failover_key = key + 1
-            copy.deliveries[key] = data
-            self.bytes += len(data)
-            queued += 1
+            elif delivery.qos:
+                queued += 1
         self.counters.failover_deliveries += queued
         return queued, dropped
 
-    def park(self, origin: str, message: codec.WireMessage, now: float) -> None:
-        """A failover message for an owner this node still reaches: kept PARKED_SECONDS in
-        case our link to it drops too (it died: :meth:`owner_down` queues them)."""
+    def failover_shared(
+        self, origin: str, message: codec.WireMessage, targets: Targets
+    ) -> tuple[int, list[str], list[tuple[str, str]]]:
+        """A QoS 1/2 message for shared members on ``origin`` while it is down: queued for
+        each member's copy with that subscription. Returns (deliveries queued, client ids
+        whose bounds dropped it, the targets without a copy here: for another member)."""
+        sessions = self.origins.get(origin) or {}
+        self.counters.failover_messages += 1
+        queued = 0
+        dropped: list[str] = []
+        missing: list[tuple[str, str]] = []
+        for shared_filter, client_id in targets:
+            copy = sessions.get(client_id)
+            options = None if copy is None else dict(_filters(copy.record)).get(shared_filter)
+            if copy is None or options is None:
+                missing.append((shared_filter, client_id))
+                continue
+            identifier = options.subscription_identifier
+            if not self._queue(
+                copy,
+                message,
+                min(options.qos, message.qos),
+                message.retain and options.retain_as_published,
+                () if identifier is None else (identifier,),
+            ):
+                dropped.append(client_id)
+            elif options.qos:
+                queued += 1
+        self.counters.failover_deliveries += queued
+        return queued, dropped, missing
+
+    def _queue(
+        self,
+        copy: ReplicaSession,
+        message: codec.WireMessage,
+        qos: int,
+        retain: bool,
+        identifiers: tuple[int, ...],
+    ) -> bool:
+        """One failover delivery into a copy; False when its bounds drop it."""
+        held = sum(len(data) for data in copy.deliveries.values())
+        if (
+            len(copy.deliveries) >= self.max_queued_messages
+            or held + len(message.payload) > self.max_queued_bytes
+        ):
+            self.counters.failover_dropped += 1
+            return False
+        if not qos:
+            return True  # a QoS 0 subscription: a copy keeps no QoS 0 delivery
+        data = codec.encode_delivery(codec.DeliveryRecord(message, qos, retain, identifiers))
+        key = self.next_failover_key
+        self.next_failover_key = key + 1
+        copy.deliveries[key] = data
+        self.bytes += len(data)
+        return True
+
+    def park(
+        self, origin: str, message: codec.WireMessage, now: float, targets: Targets = ()
+    ) -> None:
+        """A failover message for an owner this node still reaches (for its plain
+        subscribers, or the shared ``targets``): kept PARKED_SECONDS in case our link to it
+        drops too (it died: :meth:`owner_down` queues them)."""
         parked = self.parked.setdefault(origin, deque())
-        parked.append((now, message))
+        parked.append((now, message, targets))
         size = self.parked_bytes.get(origin, 0) + len(message.payload)
         self.counters.failover_parked += 1
         while parked and (len(parked) > PARKED_MESSAGES or size > self.max_queued_bytes):
-            _, old = parked.popleft()
+            _, old, _ = parked.popleft()
             size -= len(old.payload)
             self.counters.parked_dropped += 1
         self.parked_bytes[origin] = size
 
-    def owner_down(self, origin: str, now: float) -> tuple[int, list[str]]:
-        """Our link to ``origin`` dropped: the messages parked for it lately are queued."""
+    def owner_down(
+        self, origin: str, now: float
+    ) -> tuple[int, list[str], list[tuple[codec.WireMessage, list[tuple[str, str]]]]]:
+        """Our link to ``origin`` dropped: the messages parked for it lately are queued.
+        Returns (deliveries queued, client ids whose bounds dropped one, and the messages
+        for shared members without a copy here, with those members)."""
         parked = self.parked.pop(origin, None)
         self.parked_bytes.pop(origin, None)
         queued = 0
         dropped: list[str] = []
-        for when, message in parked or ():
+        elsewhere: list[tuple[codec.WireMessage, list[tuple[str, str]]]] = []
+        for when, message, targets in parked or ():
             if now - when > PARKED_SECONDS:
                 self.counters.parked_discarded += 1
                 continue
-            count, full = self.failover(origin, message)
+            if targets:
+                count, full, missing = self.failover_shared(origin, message, targets)
+                if missing:
+                    elsewhere.append((message, missing))
+            else:
+                count, full = self.failover(origin, message)
             queued += count
             dropped.extend(full)
-        return queued, dropped
+        return queued, dropped, elsewhere
 
     def discard_parked(self, origin: str, now: float | None = None) -> None:
         """Forget what was parked for ``origin`` (older than PARKED_SECONDS, or all)."""
@@ -967,7 +1032,7 @@ class Replicas:
         if not parked:
             return
         while parked and (now is None or now - parked[0][0] > PARKED_SECONDS):
-            _, message = parked.popleft()
+            _, message, _ = parked.popleft()
             self.parked_bytes[origin] -= len(message.payload)
             self.counters.parked_discarded += 1
         if not parked:

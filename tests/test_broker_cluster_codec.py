@@ -115,6 +115,14 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
         codec.Reliable(2, codec.ReplicaPublish("n3", MESSAGE)),
         framed(11, struct.pack(">Q", 2) + framed(23, b"\x00\x02n3" + MESSAGE_BYTES)),
     ),
+    (
+        codec.Reliable(3, codec.ReplicaShared("n3", (("$share/g/t/+", "w1"),), MESSAGE)),
+        framed(
+            11,
+            struct.pack(">Q", 3)
+            + framed(24, b"\x00\x02n3\x00\x01\x00\x0c$share/g/t/+\x00\x02w1" + MESSAGE_BYTES),
+        ),
+    ),
     # Version 2's HELLO is version 3's (a node speaks both: rolling upgrades).
     (
         codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
@@ -165,17 +173,20 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_5 = framed(1, b"\x05\x00\x02n5\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_5)
+    version_6 = framed(1, b"\x06\x00\x02n6\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_6)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (5, "n5", 0)
-    assert codec.encode(hello) == version_5
+    assert (hello.version, hello.node, hello.incarnation) == (6, "n6", 0)
+    assert codec.encode(hello) == version_6
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (4, 4, 4),  # both upgraded
+        (5, 5, 5),  # both upgraded
+        (5, 4, 4),  # a node of version 4: no REPLICA_SHARED on that link
+        (4, 5, 4),  # this node announces 4 during the upgrade
+        (4, 4, 4),
         (4, 3, 3),  # a node of version 3: no session replication on that link
         (3, 4, 3),  # this node announces 3 during the upgrade
         (3, 3, 3),
@@ -184,8 +195,8 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (4, 5, None),  # newer than this release
-        (2, 5, None),
+        (5, 6, None),  # newer than this release
+        (2, 6, None),
         (3, 0, None),
         (3, 255, None),
     ],
@@ -451,6 +462,7 @@ def test_a_link_below_version_4_refuses_replica_frames_as_an_old_node_does(versi
         (codec.Replica(1, True, ()), 21),
         (codec.ReplicaAck(1), 22),
         (codec.Reliable(1, codec.ReplicaPublish("n1", MESSAGE)), 23),
+        (codec.Reliable(1, codec.ReplicaShared("n1", (("$share/g/t", "w"),), MESSAGE)), 24),
     ]
     for frame, frame_type in frames:
         decoder = codec.ClusterDecoder()
@@ -458,3 +470,29 @@ def test_a_link_below_version_4_refuses_replica_frames_as_an_old_node_does(versi
         decoder.feed(codec.encode(frame))
         with pytest.raises(codec.ClusterProtocolError, match=f"unknown frame type {frame_type}"):
             decoder.next_event()
+
+
+def test_a_link_of_version_4_refuses_replica_shared_and_carries_the_rest() -> None:
+    """Version 5 added REPLICA_SHARED only: a link of version 4 refuses it as a node of
+    version 4 does (an unknown type), and still carries the other replica frames."""
+    shared = codec.Reliable(1, codec.ReplicaShared("n1", (("$share/g/t", "w"),), MESSAGE))
+    decoder = codec.ClusterDecoder()
+    decoder.version = 4
+    decoder.feed(codec.encode(codec.Reliable(1, codec.ReplicaPublish("n1", MESSAGE))))
+    assert isinstance(decoder.next_event(), codec.Reliable)
+    decoder.feed(codec.encode(shared))
+    with pytest.raises(codec.ClusterProtocolError, match="unknown frame type 24"):
+        decoder.next_event()
+    decoder = codec.ClusterDecoder()
+    decoder.version = 5
+    decoder.feed(codec.encode(shared))
+    assert decoder.next_event() == shared
+
+
+def test_replica_shared_names_at_least_one_member() -> None:
+    with pytest.raises(ValueError, match="without a member"):
+        codec.encode(codec.ReplicaShared("n1", (), MESSAGE))
+    decoder = codec.ClusterDecoder()
+    decoder.feed(framed(24, b"\x00\x02n1\x00\x00" + MESSAGE_BYTES))
+    with pytest.raises(codec.ClusterProtocolError, match="REPLICA_SHARED without a member"):
+        decoder.next_event()

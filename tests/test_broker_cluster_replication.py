@@ -166,6 +166,90 @@ def test_a_publish_for_another_node_is_acknowledged_once_a_node_other_than_ours_
     again.stop()
 
 
+def _shared_members(node: ClusterNode, peer: str) -> int:
+    for member in node.admin("/api/cluster")["members"]:
+        if member.get("name") == peer:
+            return int(member.get("remote_shared_members", 0))
+    return 0
+
+
+@pytest.mark.parametrize("comes_back_on", ["node-2", "node-3"])
+def test_a_shared_group_whose_members_were_on_the_lost_node_keeps_its_messages(
+    nodes: list[ClusterNode], comes_back_on: str
+) -> None:
+    """The only member of $share/workers/jobs/# has its persistent session on node-1, which
+    is killed. What a device on node-3 publishes for the group meanwhile is acknowledged
+    (by node-2, node-1's backup, which queues it for its copy of the member's session: MQTT
+    5.0 section 4.8.2, the server waits for the member to reconnect) and the member finds
+    every message, once, when it comes back on node-2 or node-3. Before REPLICA_SHARED the
+    messages waited in node-3's outbox to node-1 and were lost with it."""
+    owner, backup, other = nodes
+    worker = Device(f"worker-{comes_back_on}", V5)
+    assert not worker.connect(owner.mqtt_port)
+    worker.subscribe([("$share/workers/jobs/#", 1)])
+    worker.stop()
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    wait_for(lambda: _shared_members(other, "node-1") == 1, 10, "the member known on node-3")
+    _publish(other, [("jobs/a", "before", 1)])
+    owner.kill()
+    wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-1 down on node-3")
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
+    _publish(other, [(f"jobs/{n}", f"after-{n}", 1) for n in range(5)])
+    target = backup if comes_back_on == "node-2" else other
+    again = Device(worker.client_id, V5)
+    assert again.connect(target.mqtt_port), "the session was lost with its node"
+    got = again.received(want=6)
+    again.stop()
+    assert sorted(got) == ["after-0", "after-1", "after-2", "after-3", "after-4", "before"]
+    copies = _replication(backup)["copies"]["counters"]
+    assert copies["failover_deliveries"] == 5
+    assert copies["failover_redispatched"] == 0
+
+
+def test_unacknowledged_messages_for_a_member_whose_session_died_go_to_another_member(
+    nodes: list[ClusterNode],
+) -> None:
+    """$share/pool/tasks has a member with a clean session on node-1 and one on node-3; a
+    device on node-3 publishes while node-1 is frozen (SIGSTOP: the link stays up), so round
+    robin sends every other message into node-3's outbox to node-1, unacknowledged, and
+    their PUBACKs (and, in order, the later ones) wait. node-1 killed: those frames go to
+    node-2, its backup, which keeps no copy of a clean session (it ended with its node) and
+    sends each message to the other member (MQTT 5.0 section 4.8.2: "If the Client's
+    Session terminates before the Client reconnects, the Server SHOULD send the Application
+    Message to another Client"). Every message is acknowledged and the member on node-3 gets
+    all of them, once."""
+    owner, backup, other = nodes
+    doomed = Device("pool-doomed", V5, clean=True)
+    doomed.connect(owner.mqtt_port)
+    doomed.subscribe([("$share/pool/tasks", 1)])
+    survivor = Device("pool-survivor", V5, clean=True)
+    survivor.connect(other.mqtt_port)
+    survivor.subscribe([("$share/pool/tasks", 1)])
+    wait_for(lambda: _shared_members(other, "node-1") == 1, 10, "the member known on node-3")
+    publisher = Device("pool-publisher", V5, clean=True)
+    publisher.connect(other.mqtt_port)
+    assert owner.process is not None
+    owner.process.send_signal(signal.SIGSTOP)
+    try:
+        for n in range(10):
+            publisher.publish("tasks", f"task-{n}", 1)
+        got = survivor.received(want=5, timeout=10)
+        assert len(got) == 5
+        # PUBACKs go in order (MQTT 4.6): from the first message for node-1 on, they wait.
+        assert len(publisher.acked) <= 1
+    finally:
+        owner.kill()
+    wait_for(lambda: len(publisher.acked) == 10, 15, "all acknowledged once node-2 has them")
+    got += survivor.received(want=5)
+    publisher.stop()
+    survivor.stop()
+    doomed.client.loop_stop()
+    assert sorted(got) == sorted(f"task-{n}" for n in range(10))
+    copies = _replication(backup)["copies"]["counters"]
+    assert copies["failover_redispatched"] == 5
+    assert "unacknowledged messages for node-1 also sent to its backup node-2" in other.log_text()
+
+
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     nodes: list[ClusterNode],
 ) -> None:

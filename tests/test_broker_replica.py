@@ -282,8 +282,8 @@ def test_parked_failover_messages_are_queued_if_the_owner_goes_down_in_time() ->
     replicas.park("node-1", message(1), now=100.0)
     replicas.park("node-1", message(2), now=125.0)
     assert replicas.status()["parked"] == {"node-1": 2}
-    queued, dropped = replicas.owner_down("node-1", now=100.0 + PARKED_SECONDS + 1)
-    assert (queued, dropped) == (1, [])  # the first one waited too long
+    queued, dropped, elsewhere = replicas.owner_down("node-1", now=100.0 + PARKED_SECONDS + 1)
+    assert (queued, dropped, elsewhere) == (1, [], [])  # the first one waited too long
     assert replicas.counters.parked_discarded == 1
     record = replicas.take("node-1", "dev")
     assert record is not None and [d.message.seq for d in record.deliveries] == [2]
@@ -298,7 +298,7 @@ def test_parked_messages_of_an_owner_that_stays_up_are_discarded_and_bounded() -
     assert len(replicas.parked["node-1"]) == 2  # 300 bytes > max_queued_bytes 250
     assert replicas.counters.parked_dropped == 1
     replicas.discard_parked("node-1", now=2.5 + PARKED_SECONDS)  # seq 2 is old, 3 is not
-    assert [m.seq for _, m in replicas.parked["node-1"]] == [3]
+    assert [m.seq for _, m, _ in replicas.parked["node-1"]] == [3]
     replicas.apply("node-1", codec.Replica(2, True, ()))  # the owner's new snapshot
     assert replicas.parked == {} and replicas.parked_bytes == {}
 
@@ -563,3 +563,69 @@ def test_a_replicated_session_costs_no_empty_queue_or_id_set() -> None:
         ReplicaOpKind.SAVE,
         ReplicaOpKind.DELETE,
     ]
+
+
+def test_a_message_for_shared_members_of_a_node_that_is_down_is_queued_for_their_copies() -> None:
+    """REPLICA_SHARED: each named member's copy with that shared subscription gets the
+    message with the subscription's options (QoS, identifier, retain as published); a member
+    without a copy here, or whose copy lacks the subscription, is handed back for another
+    member; a full copy drops it and says whose."""
+    replicas = Replicas(max_queued_messages=2, max_queued_bytes=1000)
+    worker = codec.SessionRecord(
+        "w1",
+        60,
+        None,
+        V,
+        subscriptions=(("$share/g/jobs/+", SubscriptionOptions(qos=2, subscription_identifier=7)),),
+    )
+    replicas.apply(
+        "node-1",
+        codec.Replica(
+            1,
+            True,
+            (ReplicaOp(ReplicaOpKind.SAVE, "w1", data=codec.encode_session(worker)), save("w2")),
+        ),
+    )
+    shared = message(1, topic="jobs/a", qos=2)
+    queued, dropped, missing = replicas.failover_shared(
+        "node-1",
+        shared,
+        (("$share/g/jobs/+", "w1"), ("$share/g/jobs/+", "w2"), ("$share/g/jobs/+", "w3")),
+    )
+    assert (queued, dropped) == (1, [])
+    assert missing == [("$share/g/jobs/+", "w2"), ("$share/g/jobs/+", "w3")]
+    # Not matched as a plain subscription: a plain failover leaves the member alone.
+    assert replicas.failover("node-1", message(2, topic="jobs/a")) == (0, [])
+    assert replicas.failover_shared(
+        "node-1", message(3, topic="jobs/a"), (("$share/g/jobs/+", "w1"),)
+    )[:2] == (1, [])
+    assert replicas.failover_shared(
+        "node-1", message(4, topic="jobs/a"), (("$share/g/jobs/+", "w1"),)
+    )[:2] == (0, ["w1"])
+    record = replicas.take("node-1", "w1")
+    assert record is not None
+    assert [(d.message.seq, d.qos, d.subscription_identifiers) for d in record.deliveries] == [
+        (1, 2, (7,)),
+        (3, 1, (7,)),
+    ]
+    # The owner's copies gone altogether (none kept): every member is handed back.
+    assert replicas.failover_shared("node-9", shared, (("$share/g/jobs/+", "w1"),)) == (
+        0,
+        [],
+        [("$share/g/jobs/+", "w1")],
+    )
+
+
+def test_parked_messages_for_shared_members_keep_their_members() -> None:
+    """Parked while the owner is still reached here, then the owner goes down: queued for
+    the member's copy, and the member without one is handed back with its message."""
+    replicas = Replicas(10, 1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save("w1", ("$share/g/jobs/#",)),)))
+    replicas.park("node-1", message(1, topic="jobs/x"), 100.0, (("$share/g/jobs/#", "w1"),))
+    replicas.park("node-1", message(2, topic="jobs/x"), 100.0, (("$share/g/jobs/#", "gone"),))
+    replicas.park("node-1", message(3, topic="cmd/dev"), 100.0)
+    queued, dropped, elsewhere = replicas.owner_down("node-1", now=101.0)
+    assert (queued, dropped) == (1, [])
+    assert [(m.seq, members) for m, members in elsewhere] == [(2, [("$share/g/jobs/#", "gone")])]
+    record = replicas.take("node-1", "w1")
+    assert record is not None and [d.message.seq for d in record.deliveries] == [1]
