@@ -118,7 +118,7 @@ from lb.pem import TLSFileError
 
 if TYPE_CHECKING:
     from broker.connection import ClientConnection
-    from broker.core import Broker
+    from broker.core import Broker, PendingWill
 
 __all__ = [
     "RPC_BASE_PORT",
@@ -597,6 +597,9 @@ class Cluster:
         self.down_since: dict[str, float] = {}
         self.replica_sweeper: asyncio.TimerHandle | None = None
         self.parked_drop_logged = 0.0
+        # Delayed wills of a lost node's clients we publish unless they come back, or the
+        # node does: client id -> (node, the will, whether it was an offline session's).
+        self.lost_wills: dict[str, tuple[str, PendingWill, bool]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -1024,6 +1027,8 @@ class Cluster:
             for callback in self.replicator.stop():
                 callback()
         self._release_waiters(peer)
+        if peer.name in self.replicas.wills or peer.name in self.replicas.origins:
+            self._publish_lost_wills(peer.name)
         if self.replicating:
             self._failover_outbox(peer)
             # Acknowledgements waiting for it now wait for its backup, which got its frames.
@@ -1114,7 +1119,7 @@ class Cluster:
         """The link to our backup is up: a reset now, then (as the link drains) a snapshot of
         every persistent session; writes from now on go as they are made."""
         replicator = self.replicator
-        replicator.start()
+        replicator.start(wills=link.protocol_version >= codec.FAILOVER_VERSION)
         self.replica_epoch += 1
         link.send(codec.encode(replicator.frame((), reset=True)))
         return self._snapshot(self.replica_epoch)
@@ -1131,7 +1136,13 @@ class Cluster:
             if epoch != self.replica_epoch:
                 return
             session = broker.sessions.get(client_id)
-            if session is None or not session.durable or session.moved_to is not None:
+            if session is None or session.moved_to is not None:
+                continue
+            will = self._will_op(session) if replicator.wills else None
+            if will is not None:
+                ops.append(will)
+                size += op_size(will)
+            if not session.durable:
                 continue
             sessions += 1
             for op in self._session_ops(session):
@@ -1180,6 +1191,87 @@ class Cluster:
                 yield codec.ReplicaOp(
                     codec.ReplicaOpKind.DELIVERY_ADD, client_id, pending.key, data=record_bytes
                 )
+
+    def _will_op(self, session: Session) -> codec.ReplicaOp | None:
+        """WILL_SET for the will of ``session``'s connection, when it has one its client may
+        publish (the backup publishes it if we are lost while the client is connected)."""
+        broker = self.broker
+        assert broker is not None
+        connection = session.connection
+        if connection is None or connection.will is None or connection.principal is None:
+            return None
+        will = connection.will
+        if not broker.authorization.authorize_publish(
+            connection.principal, will.topic, will.qos, will.retain
+        ):
+            return None  # we would not publish it either
+        live = codec.LiveWill(
+            min(connection.will_delay, session.expiry_interval),
+            connection.will_expiry,
+            codec.WireMessage.from_message(will, broker.clock(), self.node_name),
+        )
+        session.will_copied = True
+        return codec.ReplicaOp(
+            codec.ReplicaOpKind.WILL_SET, session.client_id, data=codec.encode_live_will(live)
+        )
+
+    def _publish_lost_wills(self, origin: str) -> None:
+        """Our link to ``origin``, whose backup we are, dropped: the wills of its clients
+        that were connected are due (their connections ended without DISCONNECT), at once or
+        after their Will Delay Interval, as ``origin`` would have published them; so are the
+        delayed wills of its offline sessions, at their time. A client that connects again
+        first (anywhere: its claim reaches us) cancels its delayed will."""
+        broker = self.broker
+        assert broker is not None
+        live, delayed = self.replicas.wills_due(origin)
+        now = broker.clock()
+        wall = time.time()
+        due = [
+            (cid, will.message, float(will.delay), will.expiry_interval, False)
+            for cid, will in live
+        ]
+        due.extend(
+            (cid, will.message, max(0.0, will.publish_at - wall), will.expiry_interval, True)
+            for cid, will in delayed
+        )
+        published = waiting = 0
+        for client_id, message, delay, expiry, offline in due:
+            pending = broker.schedule_will(client_id, message.to_message(now), delay, expiry)
+            if pending is None:
+                published += 1
+            else:
+                waiting += 1
+                self.lost_wills[client_id] = (origin, pending, offline)
+        if published or waiting:
+            logger.info(
+                "cluster: node %s is down: %d wills of its clients published, %d to be "
+                "published after their delay unless the client comes back",
+                origin,
+                published,
+                waiting,
+            )
+
+    def _owner_back(self, origin: str, frame: codec.Replica, same_life: bool) -> None:
+        """``origin``, whose delayed wills we hold since its link dropped, replicates to us
+        again. Not ours to publish: the wills of offline sessions when it is the same life
+        (it kept its store, or never died: it has them), and a will it copies again (that
+        client is connected there)."""
+        broker = self.broker
+        assert broker is not None
+        back: list[str] = []
+        if frame.reset and same_life:
+            back = [
+                client_id
+                for client_id, (node, _, offline) in self.lost_wills.items()
+                if node == origin and offline
+            ]
+        back.extend(op.client_id for op in frame.ops if op.kind == codec.ReplicaOpKind.WILL_SET)
+        for client_id in back:
+            held = self.lost_wills.get(client_id)
+            if held is not None and held[0] == origin:
+                del self.lost_wills[client_id]
+                if broker.pending_wills.get(client_id) is held[1]:
+                    del broker.pending_wills[client_id]
 
     def _replica_pending(self, linger: bool | None) -> None:
         """broker.replica.Replicator.on_pending: send the batch after the linger (True) or
@@ -1261,7 +1353,7 @@ class Cluster:
         if plain and version >= codec.REPLICA_VERSION:
             peer.counters.failover_sent += 1
             self.send_reliable(peer, codec.ReplicaPublish(origin, message))
-        if targets and version >= codec.SHARED_FAILOVER_VERSION:
+        if targets and version >= codec.FAILOVER_VERSION:
             peer.counters.failover_sent += 1
             self.send_reliable(peer, codec.ReplicaShared(origin, targets, message))
 
@@ -1389,6 +1481,12 @@ class Cluster:
         return None if record is None else (origin, record)
 
     def _sweep_replicas(self) -> None:
+        if self.lost_wills:
+            broker = self.broker
+            assert broker is not None
+            for client_id, (_, pending, _) in list(self.lost_wills.items()):
+                if broker.pending_wills.get(client_id) is not pending:
+                    del self.lost_wills[client_id]  # published, or the client came back
         now = time.time()
         for origin in list(self.replicas.parked):
             self.replicas.discard_parked(origin, time.monotonic())
@@ -1634,7 +1732,10 @@ class Cluster:
             counters.retained_received += 1
             self._retained_received(frame)
         elif isinstance(frame, codec.Replica):
+            same_life = self.replicas.incarnations.get(peer.name) == peer.inbox.incarnation
             self.replicas.apply(peer.name, frame, peer.inbox.incarnation)
+            if self.lost_wills:
+                self._owner_back(peer.name, frame, same_life)
             link.send(codec.encode(codec.ReplicaAck(frame.seq)))
         elif isinstance(frame, codec.ReplicaAck):
             if peer.name == self.backup:
@@ -1943,6 +2044,10 @@ class Cluster:
         client_id = frame.client_id
         waiting = self.waiting.get(client_id)
         session = broker.sessions.get(client_id)
+        if (session is None or session.moved_to is not None) and client_id in broker.pending_wills:
+            # A will we hold for a lost node (its backup): the client is back.
+            self.lost_wills.pop(client_id, None)
+            broker.claimed_elsewhere(client_id, frame.clean_start)
         owned = None
         if session is not None and session.moved_to is None:
             owned = session.version or Version(0, "")
@@ -2226,6 +2331,13 @@ class Cluster:
 
     def client_connected(self, client_id: str, version: Version) -> None:
         self._member_states(client_id, True)
+        if self.replicator.wills:
+            broker = self.broker
+            assert broker is not None
+            session = broker.sessions.get(client_id)
+            will = None if session is None else self._will_op(session)
+            if will is not None:
+                self.replicator.add(will)
 
     def check_client_chain(self, client_id: str, chain_subjects: tuple[bytes, ...]) -> None:
         """Warn once when a client's certificate comes from a CA that signs our node."""
@@ -2246,6 +2358,12 @@ class Cluster:
 
     def client_disconnected(self, client_id: str) -> None:
         self._member_states(client_id, False)
+        broker = self.broker
+        session = None if broker is None else broker.sessions.get(client_id)
+        if session is not None and session.will_copied:
+            # Published or kept by us now (or dropped with a DISCONNECT): not the backup's.
+            session.will_copied = False
+            self.replicator.add(codec.ReplicaOp(codec.ReplicaOpKind.WILL_CLEAR, client_id))
         if self.local_shares:
             for name in self.peers:
                 self.local_shares.pop((name, client_id), None)

@@ -15,7 +15,7 @@ two announced (:func:`link_version`), as Kafka's inter.broker.protocol.version d
 cluster is upgraded node by node: every node first announces the old version, then the new.
 Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
 frames (a link of version 3 carries no session replication); version 4 is version 5 without
-REPLICA_SHARED.
+REPLICA_SHARED and the WILL ops.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -65,8 +65,11 @@ REPLICA_SHARED.
                  1 SAVE session record:blob (no deliveries); 2 DELETE nothing; 3/4 INCOMING
                  add/remove packet_id:u16; 5 DELIVERY_ADD key:u64, delivery record:blob;
                  6 DELIVERY_UPDATE key:u64, packet_id:u16, flags:u8 (bit 0 in flight, bit 1
-                 PUBREL sent); 7 DELIVERY_REMOVE key:u64. Reset: forget every replica of the
-                 sender first (the first REPLICA after a link comes up, before its snapshot).
+                 PUBREL sent); 7 DELIVERY_REMOVE key:u64; version 5: 8 WILL_SET will:blob
+                 (the will of a connected client, any session: a live will below); 9
+                 WILL_CLEAR nothing (its connection ended: the owner published or kept it).
+                 Reset: forget every replica of the sender first (the first REPLICA after a
+                 link comes up, before its snapshot).
 ``REPLICA_ACK``  seq:u64. Every REPLICA frame up to seq is applied.
 ``REPLICA_PUBLISH`` origin:string, message. Reliable. Version 4: a QoS 1/2 message for the
                  plain subscribers of ``origin``, a node the sender cannot reach; the
@@ -86,6 +89,10 @@ hop (version 1 sent whole seconds rounded up: 60 arrived as 61).
 
 A delivery record is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 in flight, bit 4 PUBREL
 sent), packet_id:u16 (0: none yet), count:u8, count x subscription identifier:u32, message.
+
+A live will (WILL_SET) is delay:u32 (the Will Delay Interval, at most the session's expiry),
+expiry:u32 (0xFFFFFFFF none), message. The owner copies only a will its client may publish
+(authorized when copied, as it would be when published).
 
 A session record (TRANSFER, and the store's session rows) is client_id:string,
 expiry_interval:u32, expires_at:f64 (wall clock, 0 = none), version, next_packet_id:u16,
@@ -117,11 +124,11 @@ from broker.subscriptions import SubscriptionOptions
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "FAILOVER_VERSION",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "REPLICA_VERSION",
-    "SHARED_FAILOVER_VERSION",
     "SHARE_VERSION",
     "Ack",
     "Claim",
@@ -135,6 +142,7 @@ __all__ = [
     "FrameType",
     "Hello",
     "Hold",
+    "LiveWill",
     "Members",
     "NeedData",
     "Owned",
@@ -159,10 +167,12 @@ __all__ = [
     "WillRecord",
     "WireMessage",
     "decode_delivery",
+    "decode_live_will",
     "decode_message",
     "decode_session",
     "encode",
     "encode_delivery",
+    "encode_live_will",
     "encode_message",
     "encode_session",
     "encode_sync",
@@ -172,7 +182,7 @@ __all__ = [
 #: The highest version this node speaks. 3: HOLD's share (a node of version 2 would refuse
 #: the flag mid-link, so a link of version 2 never carries it). 4: REPLICA, REPLICA_ACK and
 #: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types). 5:
-#: REPLICA_SHARED (shared subscriptions' messages for a node that is down).
+#: REPLICA_SHARED (shared subscriptions' messages for a node that is down) and the WILL ops.
 PROTOCOL_VERSION: Final = 5
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
@@ -181,8 +191,9 @@ MIN_PROTOCOL_VERSION: Final = 2
 SHARE_VERSION: Final = 3
 #: The first version with session replication (REPLICA, REPLICA_ACK, REPLICA_PUBLISH).
 REPLICA_VERSION: Final = 4
-#: The first version with REPLICA_SHARED.
-SHARED_FAILOVER_VERSION: Final = 5
+#: The first version with REPLICA_SHARED and the WILL_SET and WILL_CLEAR replica ops: a
+#: backup takes a lost node's shared members' messages and publishes its clients' wills.
+FAILOVER_VERSION: Final = 5
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -256,6 +267,8 @@ class ReplicaOpKind(IntEnum):
     DELIVERY_ADD = 5
     DELIVERY_UPDATE = 6
     DELIVERY_REMOVE = 7
+    WILL_SET = 8
+    WILL_CLEAR = 9
 
 
 class ClusterProtocolError(Exception):
@@ -348,6 +361,16 @@ class WillRecord:
     """A will waiting for its delay (MQTT 5.0 section 3.1.3.2.2), on the wall clock."""
 
     publish_at: float
+    expiry_interval: int | None
+    message: WireMessage
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWill:
+    """The will of a connected client (MQTT 5.0 section 3.1.3.2), kept by its node's backup,
+    which publishes it if the node is lost while the client is connected (WILL_SET)."""
+
+    delay: int
     expiry_interval: int | None
     message: WireMessage
 
@@ -683,6 +706,23 @@ def encode_session(session: SessionRecord) -> bytes:
     return b"".join(parts)
 
 
+def encode_live_will(will: LiveWill) -> bytes:
+    expiry = NO_WILL_EXPIRY if will.expiry_interval is None else will.expiry_interval
+    return _U32.pack(will.delay) + _U32.pack(expiry) + encode_message(will.message)
+
+
+def _read_live_will(reader: Reader) -> LiveWill:
+    delay = reader.u32("the will delay")
+    expiry = reader.u32("the will expiry")
+    return LiveWill(delay, None if expiry == NO_WILL_EXPIRY else expiry, _read_message(reader))
+
+
+def decode_live_will(data: bytes) -> LiveWill:
+    value = _whole(data, _read_live_will)
+    assert isinstance(value, LiveWill)
+    return value
+
+
 def _targets(targets: tuple[tuple[str, str], ...]) -> bytes:
     """count:u16, count x (shared filter, client id): PUBLISH's and REPLICA_SHARED's."""
     if len(targets) > 0xFFFF:
@@ -836,8 +876,10 @@ def _replica_op(op: ReplicaOp) -> bytes:
     kind = op.kind
     if kind == ReplicaOpKind.SAVE:
         return head + _blob(op.data)
-    if kind == ReplicaOpKind.DELETE:
+    if kind in (ReplicaOpKind.DELETE, ReplicaOpKind.WILL_CLEAR):
         return head
+    if kind == ReplicaOpKind.WILL_SET:
+        return head + _blob(op.data)
     if kind in (ReplicaOpKind.INCOMING_ADD, ReplicaOpKind.INCOMING_REMOVE):
         return head + _U16.pack(op.packet_id)
     if kind == ReplicaOpKind.DELIVERY_ADD:
@@ -1046,7 +1088,7 @@ def _read_session(reader: Reader) -> SessionRecord:
 
 
 #: The frames a link below REPLICA_VERSION does not carry (REPLICA_SHARED: below
-#: SHARED_FAILOVER_VERSION).
+#: FAILOVER_VERSION).
 _REPLICA_TYPES: Final[dict[type, FrameType]] = {
     Replica: FrameType.REPLICA,
     ReplicaAck: FrameType.REPLICA_ACK,
@@ -1057,7 +1099,7 @@ _REPLICA_TYPES: Final[dict[type, FrameType]] = {
 
 def _read_replica_op(reader: Reader) -> ReplicaOp:
     kind = reader.u8("the op kind")
-    if not ReplicaOpKind.SAVE <= kind <= ReplicaOpKind.DELIVERY_REMOVE:
+    if not ReplicaOpKind.SAVE <= kind <= ReplicaOpKind.WILL_CLEAR:
         raise ClusterProtocolError(f"unknown replica op kind {kind}")
     op_kind = ReplicaOpKind(kind)
     client_id = reader.string("the client id")
@@ -1067,8 +1109,12 @@ def _read_replica_op(reader: Reader) -> ReplicaOp:
         if record.client_id != client_id or record.deliveries:
             raise ClusterProtocolError("a replicated session record of another client id")
         return ReplicaOp(op_kind, client_id, data=data)
-    if op_kind == ReplicaOpKind.DELETE:
+    if op_kind in (ReplicaOpKind.DELETE, ReplicaOpKind.WILL_CLEAR):
         return ReplicaOp(op_kind, client_id)
+    if op_kind == ReplicaOpKind.WILL_SET:
+        data = _read_blob(reader, "a live will")
+        decode_live_will(data)  # checked here: a bad will closes the link now
+        return ReplicaOp(op_kind, client_id, data=data)
     if op_kind in (ReplicaOpKind.INCOMING_ADD, ReplicaOpKind.INCOMING_REMOVE):
         return ReplicaOp(op_kind, client_id, packet_id=reader.u16("the packet id"))
     key = _read_u64(reader, "the delivery key")
@@ -1324,7 +1370,7 @@ class ClusterDecoder:
                     f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
                     f"protocol version {self.version})"
                 )
-            if self.version < SHARED_FAILOVER_VERSION:
+            if self.version < FAILOVER_VERSION:
                 inner = frame.frame if isinstance(frame, Reliable) else frame
                 kind = _REPLICA_TYPES.get(type(inner))
                 if kind is not None and (
@@ -1332,6 +1378,10 @@ class ClusterDecoder:
                 ):
                     # As a node of that version reads it.
                     raise ClusterProtocolError(f"unknown frame type {int(kind)}")
+                if isinstance(inner, Replica):
+                    for op in inner.ops:
+                        if op.kind >= ReplicaOpKind.WILL_SET:
+                            raise ClusterProtocolError(f"unknown replica op kind {int(op.kind)}")
             return frame
         except MQTTProtocolError as error:
             self._failed = True

@@ -466,6 +466,32 @@ class Broker:
                     queued,
                 )
 
+    def schedule_will(
+        self, client_id: str, message: Message, delay: float, expiry_interval: int | None
+    ) -> PendingWill | None:
+        """A will this node publishes for another (broker.cluster: a lost node whose backup
+        we are; the owner authorized it): now when ``delay`` is 0, else then unless the
+        client comes back first. None when published now, or when a will of this node's own
+        session for ``client_id`` waits already (it wins)."""
+        if client_id in self.pending_wills:
+            return None
+        pending = PendingWill(
+            self.clock() + delay, message, Principal(client_id, None), expiry_interval
+        )
+        if delay <= 0:
+            self._publish_will(pending)
+            return None
+        self.pending_wills[client_id] = pending
+        return pending
+
+    def claimed_elsewhere(self, client_id: str, clean_start: bool) -> None:
+        """``client_id`` connected on another node and has no session here: a will waiting
+        here for it (schedule_will) is dropped, the client is back, or published now when
+        the new connection ends its session (clean start, section 3.1.2.5)."""
+        pending = self.pending_wills.pop(client_id, None)
+        if pending is not None and clean_start:
+            self._publish_will(pending)
+
     def _publish_will(self, pending: PendingWill) -> None:
         message = pending.message
         if not self.authorization.authorize_publish(
@@ -483,6 +509,9 @@ class Broker:
             expires_at=None
             if pending.expiry_interval is None
             else self.clock() + pending.expiry_interval,
+            # It enters the cluster here now (a will restored from another node's record
+            # would otherwise carry that node's name with our seq: another message's id).
+            origin_node=self.node_name,
             seq=self.next_seq(),
         )
         self.counters.wills_published += 1

@@ -40,6 +40,15 @@ them only when the owner is down (its link to it is down):
   5.0 section 4.8.2: "If the Client's Session terminates before the Client reconnects, the
   Server SHOULD send the Application Message to another Client").
 
+Wills: the owner also copies the will of each connected client (any session, clean ones
+too: WILL_SET when it connects, WILL_CLEAR when its connection ends and the will is the
+owner's to publish or drop). When the backup's link to the owner drops, those wills are due
+(the connections ended without DISCONNECT): the backup publishes them, at once or after
+their Will Delay Interval, and the delayed wills of the offline sessions it keeps copies of
+at their time; a client that connects again meanwhile (its claim reaches the backup) cancels
+its delayed will, and so does the owner coming back (its snapshot copies the will of a client
+still connected there; the same incarnation has its offline sessions' wills).
+
 Messages FROM devices: a QoS 1/2 message a device published here that went to a peer (its
 subscribers there, or a shared member) left in a reliable frame of that peer's outbox; in
 memory mode nothing else held it. Its PUBACK or PUBREC now waits until the peers the node was
@@ -161,11 +170,14 @@ class Replicator:
         "syncing",
         "taken",
         "waiters",
+        "wills",
     )
 
     def __init__(self) -> None:
         # The link to the backup is up (and speaks version 4): ops are kept and sent.
         self.active = False
+        # ... and speaks version 5: the wills of connected clients go too (WILL_SET/CLEAR).
+        self.wills = False
         # Ops not sent yet (None: cancelled); ops[i] has index taken + i.
         self.ops: list[ReplicaOp | None] = []
         # DELIVERY_ADD ops not sent yet: (client id, key) -> position in ops.
@@ -293,10 +305,12 @@ class Replicator:
         self.ops_sent += len(ops)
         return codec.Replica(self.seq, reset, ops)
 
-    def start(self) -> None:
-        """The link to the backup is up: a reset and a snapshot follow."""
+    def start(self, wills: bool = False) -> None:
+        """The link to the backup is up: a reset and a snapshot follow (``wills``: the link
+        carries the WILL ops)."""
         self.active = True
         self.syncing = True
+        self.wills = wills
 
     def snapshot_sent(self) -> None:
         self.syncing = False
@@ -305,6 +319,7 @@ class Replicator:
     def stop(self) -> list[Callable[[], None]]:
         """The link to the backup is down: nothing waits for it (returned to be run)."""
         self.active = False
+        self.wills = False
         self.syncing = False
         self.ops.clear()
         self.adds.clear()
@@ -656,12 +671,14 @@ class ReplicaSession:
     """The copy of one session: its record (as the owner encoded it), QoS 2 packet ids,
     deliveries by store key (encoded), and what they weigh."""
 
-    __slots__ = ("deliveries", "expires_at", "expiry_interval", "incoming", "record")
+    __slots__ = ("deliveries", "expires_at", "expiry_interval", "incoming", "record", "will")
 
     def __init__(self, record: bytes, decoded: codec.SessionRecord) -> None:
         self.record = record
         self.expiry_interval = decoded.expiry_interval
         self.expires_at = decoded.expires_at
+        # The session's delayed will (its client gone, the delay running), from the record.
+        self.will = decoded.will
         self.incoming: set[int] | None = None
         self.deliveries: dict[int, bytes] = {}
 
@@ -706,6 +723,8 @@ class Replicas:
         # The owner's incarnation the copies are of (broker.reliable: a node that restarts
         # without its store starts a new one, and its old sessions are only here).
         self.incarnations: dict[str, int] = {}
+        # The wills of the owners' connected clients (encoded codec.LiveWill), by client id.
+        self.wills: dict[str, dict[str, bytes]] = {}
         # Failover messages for owners this node still reaches: (monotonic time, message,
         # the shared members it is for; () for the plain subscribers).
         self.parked: dict[str, deque[tuple[float, codec.WireMessage, Targets]]] = {}
@@ -729,6 +748,16 @@ class Replicas:
             kind = op.kind
             if kind == ReplicaOpKind.SAVE:
                 self._save(origin, sessions, op)
+                continue
+            if kind == ReplicaOpKind.WILL_SET:
+                old_will = self.wills.setdefault(origin, {}).get(op.client_id)
+                self.wills[origin][op.client_id] = op.data
+                self.bytes += len(op.data) - (0 if old_will is None else len(old_will))
+                continue
+            if kind == ReplicaOpKind.WILL_CLEAR:
+                kept = self.wills.get(origin, {}).pop(op.client_id, None)
+                if kept is not None:
+                    self.bytes -= len(kept)
                 continue
             copy = sessions.get(op.client_id)
             if copy is None:
@@ -789,6 +818,7 @@ class Replicas:
         copy.record = op.data
         copy.expiry_interval = decoded.expiry_interval
         copy.expires_at = decoded.expires_at
+        copy.will = decoded.will
 
     def _index(
         self,
@@ -826,6 +856,9 @@ class Replicas:
         if sessions:
             for copy in sessions.values():
                 self.bytes -= copy.size()
+        wills = self.wills.pop(origin, None)
+        if wills:
+            self.bytes -= sum(len(data) for data in wills.values())
 
     def orphan(self, origin: str, incarnation: int) -> str | None:
         """``origin`` is back as a new incarnation (it restarted without its store): its
@@ -843,6 +876,27 @@ class Replicas:
         return name
 
     # --- when the owner is down ---------------------------------------------------------
+
+    def wills_due(
+        self, origin: str
+    ) -> tuple[list[tuple[str, codec.LiveWill]], list[tuple[str, codec.WillRecord]]]:
+        """Our link to ``origin`` dropped: the wills of its clients that were connected (now
+        due: their connections ended without a DISCONNECT), taken out; and the delayed
+        wills of its offline sessions we keep copies of (due at their time, unless the
+        session is claimed first). A will that does not decode is counted and skipped."""
+        live: list[tuple[str, codec.LiveWill]] = []
+        for client_id, data in (self.wills.pop(origin, None) or {}).items():
+            self.bytes -= len(data)
+            try:
+                live.append((client_id, codec.decode_live_will(data)))
+            except codec.ClusterProtocolError:
+                self.counters.undecodable += 1
+        delayed = [
+            (client_id, copy.will)
+            for client_id, copy in (self.origins.get(origin) or {}).items()
+            if copy.will is not None
+        ]
+        return live, delayed
 
     def find(self, client_id: str) -> str | None:
         """The owner whose copy of ``client_id`` this node keeps, if any."""
@@ -1069,6 +1123,7 @@ class Replicas:
             ),
             "bytes": self.bytes,
             "parked": {origin: len(parked) for origin, parked in self.parked.items()},
+            "wills": {origin: len(wills) for origin, wills in self.wills.items() if wills},
             "counters": {
                 name: getattr(self.counters, name) for name in ReplicaCounters.__dataclass_fields__
             },

@@ -292,6 +292,8 @@ class Session:
     seen_until: float = 0.0
     # Created fresh while a node that may hold its older copy was unreachable.
     diverged: bool = False
+    # Its connection's will is with our backup (WILL_SET sent: WILL_CLEAR when it ends).
+    will_copied: bool = False
     # Packet ids given to stored QoS 2 deliveries still in the queue (see Pending).
     reserved: set[int] | None = None
 

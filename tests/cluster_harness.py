@@ -268,7 +268,10 @@ class Device:
         server_ca: Path | None = None,
         clean: bool = False,
         subscriptions: list[tuple[str, int]] | None = None,
+        will: tuple[str, str] | None = None,
+        will_delay: int = 0,
     ) -> None:
+        """``will``: (topic, payload) at QoS 1, with ``will_delay`` seconds (5.0)."""
         self.client_id = client_id
         self.protocol = protocol
         self.clean = clean
@@ -289,6 +292,12 @@ class Device:
             context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_ca))
             context.load_cert_chain(str(device.cert), str(device.key))
             self.client.tls_set_context(context)
+        if will is not None:
+            properties = None
+            if protocol == V5:
+                properties = PahoProperties(PacketTypes.WILLMESSAGE)
+                properties.WillDelayInterval = will_delay
+            self.client.will_set(will[0], will[1], 1, properties=properties)
         self.client.reconnect_delay_set(0.1, 1.0)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connacks: queue.Queue[tuple[bool, Any]] = queue.Queue()

@@ -115,6 +115,29 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
         codec.Reliable(2, codec.ReplicaPublish("n3", MESSAGE)),
         framed(11, struct.pack(">Q", 2) + framed(23, b"\x00\x02n3" + MESSAGE_BYTES)),
     ),
+    # Version 5: a will (delay 2 s, no expiry) copied, then cleared.
+    (
+        codec.Replica(
+            10,
+            False,
+            (
+                codec.ReplicaOp(
+                    codec.ReplicaOpKind.WILL_SET,
+                    "dev",
+                    data=codec.encode_live_will(codec.LiveWill(2, None, MESSAGE)),
+                ),
+                codec.ReplicaOp(codec.ReplicaOpKind.WILL_CLEAR, "dev"),
+            ),
+        ),
+        framed(
+            21,
+            struct.pack(">QBI", 10, 0, 2)
+            + b"\x08\x00\x03dev"
+            + struct.pack(">III", 8 + len(MESSAGE_BYTES), 2, 0xFFFFFFFF)
+            + MESSAGE_BYTES
+            + b"\x09\x00\x03dev",
+        ),
+    ),
     (
         codec.Reliable(3, codec.ReplicaShared("n3", (("$share/g/t/+", "w1"),), MESSAGE)),
         framed(
@@ -342,7 +365,7 @@ def test_sync_is_split_into_reset_and_continuation_frames() -> None:
         (framed(20, b"\x02\x00\x01x\x00\x00\x00\x00"), "share of 0"),
         (framed(20, b"\x02\x00\x01x\x00\x00"), "malformed frame"),
         (framed(21, struct.pack(">QBI", 1, 2, 0)), "reserved replica flags"),
-        (framed(21, struct.pack(">QBI", 1, 0, 1) + b"\x08\x00\x01x"), "unknown replica op"),
+        (framed(21, struct.pack(">QBI", 1, 0, 1) + b"\x0a\x00\x01x"), "unknown replica op kind 10"),
         (
             framed(
                 21, struct.pack(">QBI", 1, 0, 1) + b"\x06\x00\x01x" + struct.pack(">QHB", 1, 1, 4)
@@ -487,6 +510,32 @@ def test_a_link_of_version_4_refuses_replica_shared_and_carries_the_rest() -> No
     decoder.version = 5
     decoder.feed(codec.encode(shared))
     assert decoder.next_event() == shared
+
+
+def test_a_link_of_version_4_refuses_will_ops_as_a_node_of_version_4_does() -> None:
+    will = codec.ReplicaOp(
+        codec.ReplicaOpKind.WILL_SET,
+        "dev",
+        data=codec.encode_live_will(codec.LiveWill(0, 60, MESSAGE)),
+    )
+    for op, kind in ((will, 8), (codec.ReplicaOp(codec.ReplicaOpKind.WILL_CLEAR, "dev"), 9)):
+        decoder = codec.ClusterDecoder()
+        decoder.version = 4
+        decoder.feed(codec.encode(codec.Replica(1, False, (op,))))
+        with pytest.raises(codec.ClusterProtocolError, match=f"unknown replica op kind {kind}"):
+            decoder.next_event()
+    decoder = codec.ClusterDecoder()
+    decoder.feed(codec.encode(codec.Replica(1, False, (will,))))
+    assert decoder.next_event() == codec.Replica(1, False, (will,))
+    assert codec.decode_live_will(will.data) == codec.LiveWill(0, 60, MESSAGE)
+
+
+def test_a_live_will_that_does_not_decode_closes_the_link() -> None:
+    broken = codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, "dev", data=b"\x00\x00\x00\x01")
+    decoder = codec.ClusterDecoder()
+    decoder.feed(codec.encode(codec.Replica(1, False, (broken,))))
+    with pytest.raises(codec.ClusterProtocolError):
+        decoder.next_event()
 
 
 def test_replica_shared_names_at_least_one_member() -> None:

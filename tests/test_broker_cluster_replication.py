@@ -250,6 +250,101 @@ def test_unacknowledged_messages_for_a_member_whose_session_died_go_to_another_m
     assert "unacknowledged messages for node-1 also sent to its backup node-2" in other.log_text()
 
 
+def _wills(node: ClusterNode, origin: str) -> int:
+    wills: dict[str, int] = _replication(node)["copies"]["wills"]
+    return wills.get(origin, 0)
+
+
+def _status_watcher(publishing: ClusterNode, watching: ClusterNode) -> Device:
+    """A subscriber to status/# on ``watching`` whose route ``publishing`` knows."""
+    watcher = Device(f"watcher-{time.monotonic_ns()}", V5, clean=True)
+    watcher.connect(watching.mqtt_port)
+    watcher.subscribe([("status/#", 1)])
+    prober = Device(f"prober-{time.monotonic_ns()}", V5, clean=True)
+    prober.connect(publishing.mqtt_port)
+    for attempt in range(20):  # the route crosses the link within a second
+        prober.publish("status/probe", f"probe-{attempt}", 1)
+        if watcher.received(quiet=0.25, timeout=0.5):
+            break
+    prober.stop()
+    watcher.received(quiet=0.5)
+    return watcher
+
+
+def _drop(device: Device) -> None:
+    """The device's connection ends without DISCONNECT (its loop stopped first)."""
+    device.client.loop_stop()
+    sock = device.client.socket()
+    assert sock is not None
+    sock.close()
+
+
+def test_the_wills_of_a_lost_nodes_clients_are_published_by_its_backup(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-1 is killed with four clients that set a will: its backup, node-2, publishes
+    what node-1 would have (their connections ended without DISCONNECT): a 3.1.1 clean
+    session's at once; a 5.0 session's with Will Delay 2 two seconds later; not that of a
+    client that connects again (on node-3) within its 5 s delay; not that of one that had
+    left with DISCONNECT; and the delayed will of an offline session node-1 kept (its
+    client dropped 4 s before) at its time. Each once, seen by a subscriber on node-3."""
+    owner, backup, other = nodes
+    watcher = _status_watcher(backup, other)
+    sudden = Device("will-sudden", V311, clean=True, will=("status/sudden", "sudden-gone"))
+    slow = Device("will-slow", V5, will=("status/slow", "slow-gone"), will_delay=2)
+    back = Device("will-back", V5, will=("status/back", "back-gone"), will_delay=5)
+    polite = Device("will-polite", V5, clean=True, will=("status/polite", "polite-gone"))
+    dropped = Device("will-dropped", V5, will=("status/dropped", "dropped-gone"), will_delay=6)
+    for device in (sudden, slow, back, polite, dropped):
+        device.connect(owner.mqtt_port)
+    wait_for(lambda: _wills(backup, "node-1") == 5, 10, "five wills copied to node-2")
+    polite.stop()  # DISCONNECT: no will, and its copy goes
+    _drop(dropped)  # node-1 waits 6 s
+    wait_for(lambda: _wills(backup, "node-1") == 3, 10, "two wills cleared on node-2")
+    time.sleep(2)
+    for device in (sudden, slow, back):
+        device.client.loop_stop()  # they see nothing more of node-1
+    owner.kill()
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
+    again = Device("will-back", V5)
+    assert again.connect(other.mqtt_port)  # within its 5 s: no will
+    got = watcher.received(quiet=7.0, timeout=30)
+    again.stop()
+    watcher.stop()
+    assert sorted(got) == ["dropped-gone", "slow-gone", "sudden-gone"]
+    assert (
+        "node node-1 is down: 1 wills of its clients published, 3 to be published after "
+        "their delay unless the client comes back" in backup.log_text()
+    )
+    assert _wills(backup, "node-1") == 0
+
+
+def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_store(
+    nodes: list[ClusterNode],
+) -> None:
+    """An offline session's delayed will (its client dropped) is due on node-1 in 4 s.
+    node-1 is killed, and node-2 takes the will over from its copy; node-1 restarts at once
+    with its store (the same incarnation: it has the will again) and its snapshot reaches
+    node-2, which then leaves the will to it. Published once, by node-1."""
+    owner, backup, other = nodes
+    watcher = _status_watcher(owner, other)
+    device = Device("will-restart", V5, will=("status/restart", "restart-gone"), will_delay=4)
+    device.connect(owner.mqtt_port)
+    wait_for(lambda: _wills(backup, "node-1") == 1, 10, "the will copied to node-2")
+    _drop(device)
+    wait_for(lambda: _wills(backup, "node-1") == 0, 10, "the live will cleared")
+    owner.kill()
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
+    assert "1 to be published after their delay" in backup.log_text()
+    owner.start()
+    wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
+    got = watcher.received(quiet=6.0, timeout=30)
+    watcher.stop()
+    assert got == ["restart-gone"]
+    assert "will published: client_id=will-restart" in owner.log_text()
+    assert "will published: client_id=will-restart" not in backup.log_text()
+
+
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     nodes: list[ClusterNode],
 ) -> None:

@@ -629,3 +629,51 @@ def test_parked_messages_for_shared_members_keep_their_members() -> None:
     assert [(m.seq, members) for m, members in elsewhere] == [(2, [("$share/g/jobs/#", "gone")])]
     record = replicas.take("node-1", "w1")
     assert record is not None and [d.message.seq for d in record.deliveries] == [1]
+
+
+def will_op(client_id: str, delay: int = 0) -> ReplicaOp:
+    live = codec.LiveWill(delay, None, message(1, topic=f"status/{client_id}"))
+    return ReplicaOp(ReplicaOpKind.WILL_SET, client_id, data=codec.encode_live_will(live))
+
+
+def test_the_wills_of_connected_clients_are_kept_apart_from_the_copies_and_due_with_the_owner() -> (
+    None
+):
+    """WILL_SET/WILL_CLEAR keep the wills of the owner's connected clients (clean sessions
+    too: no copy needed), weighed in ``bytes``; a reset forgets them. When the owner is
+    lost, wills_due hands them over once, with the delayed wills of its offline copies."""
+    replicas = Replicas(10, 1000)
+    offline = codec.SessionRecord(
+        "parked",
+        600,
+        None,
+        V,
+        will=codec.WillRecord(1234.5, 30, message(2, topic="status/parked")),
+    )
+    replicas.apply(
+        "node-1",
+        codec.Replica(
+            1,
+            True,
+            (
+                will_op("a"),
+                will_op("b", delay=5),
+                will_op("c"),
+                ReplicaOp(ReplicaOpKind.SAVE, "parked", data=codec.encode_session(offline)),
+                save("plain"),
+            ),
+        ),
+    )
+    replicas.apply("node-1", codec.Replica(2, False, (ReplicaOp(ReplicaOpKind.WILL_CLEAR, "c"),)))
+    assert replicas.status()["wills"] == {"node-1": 2}
+    live, delayed = replicas.wills_due("node-1")
+    assert [(client_id, will.delay) for client_id, will in live] == [("a", 0), ("b", 5)]
+    assert live[0][1].message.topic == "status/a"
+    assert [(client_id, will.publish_at) for client_id, will in delayed] == [("parked", 1234.5)]
+    assert replicas.wills_due("node-1")[0] == []  # handed over once
+    assert replicas.status()["wills"] == {}
+    replicas.reset("node-1")
+    assert replicas.bytes == 0
+    replicas.apply("node-2", codec.Replica(1, True, (will_op("x"),)))
+    replicas.reset("node-2")
+    assert replicas.bytes == 0 and replicas.status()["wills"] == {}
