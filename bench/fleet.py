@@ -21,7 +21,9 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
 - node-loss: ramp, telemetry, then SIGKILL of the last broker node. When the balancer marks
   it down (its log line), how many devices came back, and how many QoS 1 messages were
   acknowledged (PUBACK to the device) but never delivered to the collector, and how many
-  commands were acknowledged to the collector but never reached their device.
+  commands were acknowledged to the collector but never reached their device. With
+  --wills every device sets a QoS 1 will and the collector counts what is published: the
+  killed node's devices' wills come from its backup (broker.replica).
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -658,6 +660,7 @@ class Run:
                 "published": self.total("published"),
                 "acked": self.total("acked"),
                 "delivered": int(collector.get("telemetry_received", 0)),
+                "wills": int(collector.get("wills", 0)),
                 "commands_received": self.total("commands_received"),
                 "balancer_cpu_s": round(cpu, 2),
                 "balancer_rss_kib": rss,
@@ -977,6 +980,7 @@ def one_storm(run: Run, number: int) -> dict[str, Any]:
         "storm_refusals": dict(refusals),
         "storm_refusals_total": sum(refusals.values()),
         "storm_attempts": after["attempts"] - before["attempts"],
+        "storm_wills": after["wills"] - before["wills"],
         # Namespace-wide: other processes' listeners (a test suite beside) count too.
         "storm_kernel": {
             name: after["kernel"][name] - before["kernel"][name]
@@ -1056,6 +1060,9 @@ def scenario_node_loss(run: Run) -> None:
             "node_back_99_seconds": round(marks["99"], 1) if marks["99"] is not None else None,
             "node_back_100_seconds": round(marks["100"], 1) if marks["100"] is not None else None,
             "node_refusals": dict(run.counter("refusals")),
+            # --wills: published for the killed node's devices (by its backup) and for any
+            # other connection that ended without DISCONNECT meanwhile.
+            "node_wills": run.latest()["wills"] - before["wills"],
         }
     )
     run.hold(args.hold, prefix="after_loss_")
@@ -1129,6 +1136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         backoff_base=args.backoff_base,
         backoff_cap=args.backoff_cap,
         ramp_concurrency=args.ramp_concurrency,
+        wills=args.wills,
     )
     sources = sources_for(args.devices, args.devices_per_source)
     simulators: list[Worker] = []
@@ -1344,6 +1352,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keepalive", type=int, default=60, help="PINGREQ after 0.75 of it")
     parser.add_argument("--mqtt", type=int, choices=(4, 5), default=4, help="4 = 3.1.1, 5 = 5.0")
     parser.add_argument("--clean-start", action="store_true", help="clean sessions instead")
+    parser.add_argument(
+        "--wills",
+        action="store_true",
+        help="every device sets a QoS 1 will (fleet/<id>/status); the collector counts them",
+    )
     parser.add_argument(
         "--session-replicas",
         type=int,

@@ -58,6 +58,7 @@ from broker.mqtt.packets import (
     Suback,
     Subscribe,
     Subscription,
+    Will,
 )
 from lb.proxyproto import Command, encode_v2
 
@@ -67,6 +68,8 @@ STATUS_INTERVAL = 1.0
 TELEMETRY = struct.Struct(">IIQ")
 #: Command payload head: device number, command sequence.
 COMMAND = struct.Struct(">II")
+#: Will payload: device number.
+WILL = struct.Struct(">I")
 #: How long a process waits for anything from the coordinator before giving up.
 IDLE_LIMIT = 3600.0
 #: Seconds between two batches of the collector's commands.
@@ -97,6 +100,7 @@ class DeviceSettings:
     backoff_cap: float = 60.0  # retries within [0, min(cap, base * 2**n)] s
     max_inflight: int = 32  # unacknowledged QoS 1 telemetry per device
     ramp_concurrency: int = 32  # connects in flight per process during a ramp
+    wills: bool = False  # a QoS 1 will to fleet/<id>/status (delay 0), counted by the collector
 
 
 @dataclass(frozen=True)
@@ -458,12 +462,16 @@ class Simulator:
         properties = Properties()
         if settings.protocol_level == 5:
             properties = Properties(session_expiry_interval=settings.session_expiry)
+        will = None
+        if settings.wills:
+            will = Will(f"fleet/{device.name}/status", WILL.pack(device.number), 1)
         connect = Connect(
             "MQTT",
             settings.protocol_level,
             settings.clean_start,
             settings.keep_alive,
             device.name,
+            will=will,
             properties=properties,
         )
         return encode(connect, settings.protocol_level)
@@ -667,7 +675,10 @@ class CollectorLink(asyncio.Protocol):
             if isinstance(packet, Publish):
                 if packet.packet_id is not None:
                     acks.append(encode(Puback(packet.packet_id), level))
-                self.collector.telemetry_received(packet.payload)
+                if packet.topic.endswith("/status"):
+                    self.collector.will_received(packet.payload)
+                else:
+                    self.collector.telemetry_received(packet.payload)
             elif isinstance(packet, Puback):
                 self.collector.command_acked(packet.packet_id)
             elif self.waiter is not None and not self.waiter.done():
@@ -706,6 +717,8 @@ class Collector:
         self.command_times: dict[int, float] = {}  # sequence -> when it was sent
         self.commands_sent = 0
         self.lost = 0
+        # Wills received (devices' connections that ended without DISCONNECT), per device.
+        self.wills: collections.Counter[int] = collections.Counter()
         self.done = asyncio.Event()
 
     def telemetry_received(self, payload: bytes) -> None:
@@ -718,6 +731,10 @@ class Collector:
         else:
             seen.add(sequence)
             self.telemetry += 1
+
+    def will_received(self, payload: bytes) -> None:
+        if len(payload) == WILL.size:
+            self.wills[WILL.unpack(payload)[0]] += 1
 
     def command_acked(self, packet_id: int) -> None:
         entry = self.commands_inflight.pop(packet_id, None)
@@ -743,9 +760,12 @@ class Collector:
             connack = await link.request(encode(connect, level))
             if not isinstance(connack, Connack) or connack.reason_code != 0:
                 raise ConnectionError(f"collector refused: {connack}")
-            subscribe = Subscribe(1, (Subscription(f"$share/{SHARE_GROUP}/fleet/+/telemetry", 1),))
+            subscriptions = [Subscription(f"$share/{SHARE_GROUP}/fleet/+/telemetry", 1)]
+            if self.settings.wills:
+                subscriptions.append(Subscription(f"$share/{SHARE_GROUP}/fleet/+/status", 1))
+            subscribe = Subscribe(1, tuple(subscriptions))
             suback = await link.request(encode(subscribe, level))
-            if not isinstance(suback, Suback) or suback.reason_codes[0] >= 0x80:
+            if not isinstance(suback, Suback) or any(code >= 0x80 for code in suback.reason_codes):
                 raise ConnectionError(f"collector subscription refused: {suback}")
             self.links.append(link)
 
@@ -794,6 +814,8 @@ class Collector:
             "commands_sent": self.commands_sent,
             "commands_acked": sum(len(s) for s in self.commands_acked.values()),
             "links_lost": self.lost,
+            "wills": sum(self.wills.values()),
+            "wills_devices": len(self.wills),
         }
 
     def final_report(self) -> dict[str, Any]:
