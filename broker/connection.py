@@ -86,6 +86,12 @@ KEEP_ALIVE_FACTOR = 1.5
 # one packet per client per turn; 1,024 keeps fan-out batching: 64 cost QoS 0 fan-out 2.6x
 # CPU per delivery, bench/README.md).
 PACKETS_PER_TURN = 1024
+#: A connection with this many acknowledgements waiting (for the store's commit, the backup,
+#: the peers its messages went to: Store.after_acknowledged) is not read until half of them
+#: have gone, so the waits stay bounded when the disk or a peer stops answering (a frozen
+#: peer holds them until its link times out). A 5.0 client keeps within Receive Maximum
+#: anyway; a 3.1.1 client has no such limit.
+ACKS_WAITING_MAX = 1024
 # The protocol levels' names in the "client connected" line.
 PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 # MQTT 5.0 section 3.2.2.2: the reason codes a CONNACK may carry.
@@ -140,6 +146,7 @@ class ClientConnection:
         "_outbound_aliases",
         "_pump_scheduled",
         "_shared_by",
+        "acks_held",
         "address_text",
         "broker",
         "clean_start",
@@ -215,6 +222,8 @@ class ClientConnection:
         self.store_held = False
         # Acknowledgements waiting for a store commit: later ones queue behind them.
         self._acks_waiting = 0
+        # Paused with ACKS_WAITING_MAX of them waiting.
+        self.acks_held = False
         # A _pump is already asked for after the next commit (durable deliveries).
         self._pump_scheduled = False
         broker.connections.add(self)
@@ -394,11 +403,7 @@ class ClientConnection:
             if self._shared_by is None:
                 self._shared_by = set()
             self._shared_by.add(session)
-        if not self.held_by and self.input_paused and not self.store_held:
-            self.input_paused = False
-            self.broker.counters.publishers_paused_current -= 1
-            if self.state != "closed":
-                self.io.resume_input()
+        self._resume_if_free()
 
     def _waited_on_by(self, subscriber: ClientConnection) -> bool:
         """True when ``subscriber`` is this connection or waits on it through held publishers."""
@@ -434,6 +439,34 @@ class ClientConnection:
         if self.store_held:
             self.store_held = False
             self.broker.store.waiting.discard(self)
+        self.acks_held = False
+
+    def _hold_for_acks(self) -> None:
+        """ACKS_WAITING_MAX acknowledgements wait: read nothing more until half have gone."""
+        if self.state == "closed":
+            return
+        self.acks_held = True
+        counters = self.broker.counters
+        counters.publishers_paused_acks += 1
+        if not self.input_paused:
+            self.input_paused = True
+            counters.publishers_paused += 1
+            counters.publishers_paused_current += 1
+            self.io.pause_input()
+
+    def _ack_done(self) -> None:
+        self._acks_waiting -= 1
+        if self.acks_held and self._acks_waiting <= ACKS_WAITING_MAX // 2:
+            self.acks_held = False
+            self._resume_if_free()
+
+    def _resume_if_free(self) -> None:
+        """Resume reading once nothing holds this connection any more."""
+        if self.input_paused and not self._held_by and not self.store_held and not self.acks_held:
+            self.input_paused = False
+            self.broker.counters.publishers_paused_current -= 1
+            if self.state != "closed":
+                self.io.resume_input()
 
     def _hold_for_store(self) -> None:
         """The store's writer is behind: read nothing more until it catches up."""
@@ -450,11 +483,7 @@ class ClientConnection:
 
     def store_released(self) -> None:
         self.store_held = False
-        if not self.held_by and self.input_paused:
-            self.input_paused = False
-            self.broker.counters.publishers_paused_current -= 1
-            if self.state != "closed":
-                self.io.resume_input()
+        self._resume_if_free()
 
     # --- acknowledgements after the store committed --------------------------------------
 
@@ -466,12 +495,14 @@ class ClientConnection:
             self._acks_waiting += 1
             self.broker.counters.acks_after_commit += 1
             self.broker.store.after_acknowledged(lambda: self._ack_committed(data), self)
+            if self._acks_waiting >= ACKS_WAITING_MAX and not self.acks_held:
+                self._hold_for_acks()
             return
         self.broker.counters.bytes_sent += len(data)
         self.io.write(data)
 
     def _ack_committed(self, data: bytes) -> None:
-        self._acks_waiting -= 1
+        self._ack_done()
         if self.state != "closed":
             self.broker.counters.bytes_sent += len(data)
             self.io.write(data)
@@ -1444,7 +1475,7 @@ class ClientConnection:
         waited: bool,
     ) -> None:
         if waited:
-            self._acks_waiting -= 1
+            self._ack_done()
             if self.state != "connected":
                 return
         try:

@@ -65,6 +65,8 @@ class Counters:
     # how many are paused now (a gauge), and pauses skipped because they would deadlock.
     publishers_paused: int = 0
     publishers_paused_current: int = 0
+    # ... of which for ACKS_WAITING_MAX acknowledgements waiting (broker.connection).
+    publishers_paused_acks: int = 0
     backpressure_cycles_skipped: int = 0
     messages_no_subscribers: int = 0
     wills_published: int = 0

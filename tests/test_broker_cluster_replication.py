@@ -345,6 +345,51 @@ def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_stor
     assert "will published: client_id=will-restart" not in backup.log_text()
 
 
+def test_a_publisher_whose_acknowledgements_wait_on_a_frozen_node_is_paused(
+    nodes: list[ClusterNode],
+) -> None:
+    """A 3.1.1 publisher with no in-flight limit on node-3 sends one message for a session on
+    node-1, frozen (SIGSTOP), then 3,000 for a subscriber on node-2. Its PUBACKs go in
+    order, so all wait behind the first; with ACKS_WAITING_MAX (1,024) waiting node-3 stops
+    reading it (the waits stay bounded: without the cap all 3,000 would cross while node-1
+    is frozen, their PUBACKs held until its link times out). node-1 killed: the first goes
+    to its backup, every PUBACK comes, and the subscriber gets all 3,000 once."""
+    owner, backup, other = nodes
+    offline_session(owner, "frozen-session", V311)
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    subscriber = Device("bulk-subscriber", V311, clean=True)
+    subscriber.connect(backup.mqtt_port)
+    subscriber.subscribe([("bulk", 1)])
+    publisher = Device("bulk-publisher", V311, clean=True)
+    publisher.client.max_inflight_messages_set(0)  # no limit
+    publisher.client.max_queued_messages_set(0)
+    publisher.connect(other.mqtt_port)
+    for attempt in range(20):  # node-2's route reaches node-3 within a second
+        publisher.publish("bulk", f"probe-{attempt}", 1)
+        if subscriber.received(quiet=0.25, timeout=0.5):
+            break
+    subscriber.received(quiet=0.5)
+    acked_before = len(publisher.acked)
+    assert owner.process is not None
+    owner.process.send_signal(signal.SIGSTOP)
+    try:
+        publisher.publish("cmd/frozen-session", "frozen", 1)
+        for n in range(3000):
+            publisher.publish("bulk", f"bulk-{n}", 1)
+        got = subscriber.received(quiet=2.0, timeout=30)
+        stats = other.admin("/api/stats")
+        assert stats["publishers_paused_acks"] >= 1, stats
+        assert 1000 <= len(got) < 3000, len(got)
+        assert len(publisher.acked) == acked_before
+    finally:
+        owner.kill()
+    wait_for(lambda: len(publisher.acked) == acked_before + 3001, 30, "every PUBACK")
+    got += subscriber.received(want=3000 - len(got), timeout=30)
+    publisher.stop()
+    subscriber.stop()
+    assert sorted(got) == sorted(f"bulk-{n}" for n in range(3000))
+
+
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     nodes: list[ClusterNode],
 ) -> None:
