@@ -74,6 +74,8 @@ from bench.run import (  # noqa: E402
     _number,
     cpu_seconds,
     rss_kib,
+    source_span,
+    source_tree,
     start,
     stop,
     write_table,
@@ -618,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.table_from.read_text())
         print(report(saved["runs"], argparse.Namespace(**saved["settings"]))["table"])
         return 0
+    source = source_tree()
     result = run(args)
+    result["source"] = source_span(source, "broker bench")
     output = args.output
     if output is None:
         RESULTS.mkdir(parents=True, exist_ok=True)

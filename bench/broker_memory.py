@@ -71,7 +71,15 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 from bench.broker_bench import MOSQUITTO, mosquitto_version, raise_nofile, wait_quiet  # noqa: E402
 from bench.ports import free_port  # noqa: E402
-from bench.run import Started, rss_kib, start, stop, wait_listening  # noqa: E402
+from bench.run import (  # noqa: E402
+    Started,
+    rss_kib,
+    source_span,
+    source_tree,
+    start,
+    stop,
+    wait_listening,
+)
 from broker.mqtt import Connect, Publish, Subscribe, Subscription, encode  # noqa: E402
 from demo import topology  # noqa: E402
 from lb.pki.certs import make_intermediate, make_node, make_root, write_certs, write_key  # noqa: E402
@@ -590,7 +598,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    source = source_tree()
     result = run(args)
+    result["source"] = source_span(source, "broker memory")
     text = json.dumps(result, indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n")

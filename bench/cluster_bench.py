@@ -53,7 +53,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import Started, cpu_seconds, start, stop  # noqa: E402
+from bench.run import (  # noqa: E402
+    Started,
+    cpu_seconds,
+    source_span,
+    source_tree,
+    start,
+    stop,
+)
 from broker.mqtt import (  # noqa: E402
     NEED_DATA,
     Connack,
@@ -419,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = [f for f in args.only.split(",") if f]
     work = Path(tempfile.mkdtemp(prefix="cluster-bench-"))
     results: dict[str, Any] = {"settings": vars(args)}
+    source = source_tree()
     try:
         if "takeover" in figures:
             results["takeover"] = takeover_figures(args, work, cpus)
@@ -428,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             results["cluster"] = cluster_figures(args, work, cpus)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    results["source"] = source_span(source, "cluster bench")
     print(json.dumps(results, indent=1))
     return 0
 

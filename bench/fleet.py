@@ -96,6 +96,7 @@ from bench.run import (  # noqa: E402
     HAPROXY,
     Started,
     haproxy_version,
+    source_span,
     source_tree,
     start,
     stop,
@@ -1276,13 +1277,7 @@ def report(
             numbers = isinstance(value, int | float) and isinstance(other, int | float)
             if numbers and other and not isinstance(value, bool):
                 ratios[key] = round(value / other, 3)
-    end = source_tree()
-    if end != source:
-        print(
-            f"fleet: WARNING the tree changed during the run ({source} -> {end}): the phases "
-            "may have run different code",
-            flush=True,
-        )
+    span = source_span(source, "fleet")
     return {
         "suite": "fleet",
         "scenario": args.scenario,
@@ -1296,7 +1291,7 @@ def report(
             "haproxy": haproxy_version(),
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "source": {"start": source, "end": end},
+        "source": span,
         "pki_seconds": round(pki_seconds, 1),
         "work": str(work),
         "phases": phases,

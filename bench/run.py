@@ -676,6 +676,20 @@ def source_tree() -> dict[str, Any]:
     }
 
 
+def source_span(start: dict[str, Any], what: str) -> dict[str, Any]:
+    """{"start", "end"} of a run that began at ``start`` (source_tree()), with a warning when
+    the tree changed meanwhile (processes started after the edit ran other code)."""
+    end = source_tree()
+    if end != start:
+        print(
+            f"{what}: WARNING the tree changed during the run ({start} -> {end}): its parts "
+            "may have run different code",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {"start": start, "end": end}
+
+
 def haproxy_version() -> str:
     try:
         output = subprocess.run(
@@ -773,7 +787,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return fleet.main(rest)
     args = parse_args(rest)
+    source = source_tree()
     result = run(args)
+    result["source"] = source_span(source, "bench")
     output = args.output
     if output is None:
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,8 @@ def test_memory_bench_holds_every_device_on_every_broker(tmp_path: Path) -> None
     )
     result = json.loads(output.read_text())
     medians = result["medians"]
+    # The code it ran: the commit and changed files at its start and its end.
+    assert result["source"]["start"]["commit"] == result["source"]["end"]["commit"]
     for placement in ("node1", "spread"):
         figures = medians[placement]["broker"]
         assert figures["held"] == DEVICES and figures["errors"] == 0

@@ -95,5 +95,7 @@ def test_suite_measures_every_figure_for_both_brokers(tmp_path: Path) -> None:
             rate = medians[figure]["rate"][broker]
             assert math.isfinite(rate) and rate > 0, f"{figure}: nothing delivered by {broker}"
     assert "broker / mosquitto" in result["table"]
+    # The code it ran: the commit and changed files at its start and its end.
+    assert result["source"]["start"]["commit"] == result["source"]["end"]["commit"]
     # every process the suite started is gone
     assert running_from(tmp_path) == []

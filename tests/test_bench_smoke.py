@@ -45,6 +45,8 @@ def test_suite_measures_every_figure_for_both_balancers(tmp_path: Path) -> None:
     )
     result = json.loads(output.read_text())
     assert result["balancers"] == ["haproxy", "lb"]
+    # The code it ran: the commit and changed files at its start and its end.
+    assert result["source"]["start"]["commit"] == result["source"]["end"]["commit"]
     for figure in FIGURES:
         assert set(result["medians"][figure]["errors"]) == {"haproxy", "lb"}, figure
     for balancer in ("haproxy", "lb"):
