@@ -1236,6 +1236,8 @@ class Cluster:
         )
         published = waiting = 0
         for client_id, message, delay, expiry, offline in due:
+            if client_id in broker.pending_wills:
+                continue  # a session of ours has its own will waiting: it wins
             pending = broker.schedule_will(client_id, message.to_message(now), delay, expiry)
             if pending is None:
                 published += 1

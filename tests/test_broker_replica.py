@@ -14,6 +14,7 @@ from broker import cluster_codec as codec
 from broker.cluster_codec import ReplicaOp, ReplicaOpKind
 from broker.config import MQTTSettings
 from broker.core import Broker
+from broker.message import Message
 from broker.mqtt import Properties
 from broker.replica import (
     FAILOVER_KEY_BASE,
@@ -677,3 +678,35 @@ def test_the_wills_of_connected_clients_are_kept_apart_from_the_copies_and_due_w
     replicas.apply("node-2", codec.Replica(1, True, (will_op("x"),)))
     replicas.reset("node-2")
     assert replicas.bytes == 0 and replicas.status()["wills"] == {}
+
+
+def test_a_will_taken_over_from_a_lost_node_waits_its_delay_unless_the_client_is_back() -> None:
+    """Broker.schedule_will (the backup publishing a lost node's wills): delay 0 at once,
+    else at its time; claimed_elsewhere drops it (the client is back) or publishes it now
+    (a clean start ends the session, MQTT 5.0 section 3.1.2.5); a will of a session of this
+    node waiting for the same client id wins. Published wills enter the cluster here: this
+    node's name and seq, not the lost node's."""
+    now = [100.0]
+    broker = Broker(MQTTSettings(), "node-2", lambda: now[0], time.time)
+    published: list[Message] = []
+    broker.publish = published.append  # type: ignore[method-assign,assignment]
+
+    def will(client_id: str) -> Message:
+        return Message(
+            f"status/{client_id}", b"gone", 1, False, Properties(), None, client_id, "node-1", 7
+        )
+
+    assert broker.schedule_will("a", will("a"), 0, None) is None
+    for client_id in ("b", "c", "d"):
+        assert broker.schedule_will(client_id, will(client_id), 5, 30) is not None
+    assert broker.schedule_will("d", will("d"), 0, None) is None  # "d" waits already
+    assert [m.topic for m in published] == ["status/a"]
+    broker.claimed_elsewhere("b", clean_start=False)
+    broker.claimed_elsewhere("c", clean_start=True)
+    assert [m.topic for m in published] == ["status/a", "status/c"]
+    now[0] = 106.0
+    broker.tick()
+    assert [m.topic for m in published] == ["status/a", "status/c", "status/d"]
+    assert {m.origin_node for m in published} == {"node-2"}
+    assert all(m.seq != 7 for m in published)
+    assert published[-1].expires_at == 136.0
