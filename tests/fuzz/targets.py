@@ -398,26 +398,20 @@ def check_haproxy_cfg(data: bytes) -> None:
 
 # --- broker TOML (broker/config.py) -------------------------------------------------------
 
-_scratch: Path | None = None
-
-
-def _scratch_file(name: str) -> Path:
-    global _scratch  # one directory per process, made on first use
-    if _scratch is None:
-        _scratch = Path(tempfile.mkdtemp(prefix="fuzz-"))
-    return _scratch / name
-
 
 def check_broker_toml(data: bytes) -> None:
     """The broker's config loader (``broker -c``): any file gives a BrokerConfig or a
-    ConfigError that names the file and a key; nothing else escapes."""
-    path = _scratch_file("broker.toml")
-    path.write_bytes(data)
-    try:
-        config = broker_config.load_config(path)
-    except broker_config.ConfigError as error:
-        assert error.origin == str(path) and error.key and error.message, error
-        return
+    ConfigError that names the file and a key; nothing else escapes. The file is in a
+    directory of its own, gone after each input (libFuzzer ends its process without
+    Python's exit handlers: a directory kept for the process outlived it)."""
+    with tempfile.TemporaryDirectory(prefix="fuzz-") as scratch:
+        path = Path(scratch) / "broker.toml"
+        path.write_bytes(data)
+        try:
+            config = broker_config.load_config(path)
+        except broker_config.ConfigError as error:
+            assert error.origin == str(path) and error.key and error.message, error
+            return
     assert config.listeners
 
 
