@@ -98,6 +98,7 @@ from broker.replica import (
     Replicas,
     ReplicatedStore,
     Replicator,
+    Targets,
     backup_of,
     op_size,
 )
@@ -1234,16 +1235,15 @@ class Cluster:
             (cid, will.message, max(0.0, will.publish_at - wall), will.expiry_interval, True)
             for cid, will in delayed
         )
-        published = waiting = 0
+        before = broker.counters.wills_published
+        waiting = 0
         for client_id, message, delay, expiry, offline in due:
-            if client_id in broker.pending_wills:
-                continue  # a session of ours has its own will waiting: it wins
+            # None: published now, or a will of a session of ours waits already (it wins).
             pending = broker.schedule_will(client_id, message.to_message(now), delay, expiry)
-            if pending is None:
-                published += 1
-            else:
+            if pending is not None:
                 waiting += 1
                 self.lost_wills[client_id] = (origin, pending, offline)
+        published = broker.counters.wills_published - before
         if published or waiting:
             logger.info(
                 "cluster: node %s is down: %d wills of its clients published, %d to be "
@@ -1338,7 +1338,7 @@ class Cluster:
         origin: str,
         message: codec.WireMessage,
         plain: bool = True,
-        targets: tuple[tuple[str, str], ...] = (),
+        targets: Targets = (),
     ) -> None:
         """A QoS 1/2 message for ``origin``'s plain subscribers (``plain``) and shared
         members (``targets``) while it is down: to its backup."""
@@ -1364,7 +1364,7 @@ class Cluster:
         origin: str,
         message: codec.WireMessage,
         plain: bool = True,
-        targets: tuple[tuple[str, str], ...] = (),
+        targets: Targets = (),
     ) -> None:
         replicas = self.replicas
         peer = self.peers.get(origin)
@@ -1781,11 +1781,7 @@ class Cluster:
             self._failover_here(frame.origin, frame.message)
         elif isinstance(frame, codec.ReplicaShared):
             for shared_filter, _ in frame.targets:
-                _check_filter(shared_filter)
-                if split_shared(shared_filter)[0] is None:
-                    raise codec.ClusterProtocolError(
-                        f"REPLICA_SHARED with a plain filter {shared_filter!r}"
-                    )
+                _check_shared_filter(shared_filter, "REPLICA_SHARED")
             self._failover_here(frame.origin, frame.message, False, frame.targets)
         else:
             raise codec.ClusterProtocolError(
@@ -1942,9 +1938,7 @@ class Cluster:
         if frame.reset:
             self._drop_members(peer)
         for state, shared_filter, client_id in frame.entries:
-            _check_filter(shared_filter)
-            if split_shared(shared_filter)[0] is None:
-                raise codec.ClusterProtocolError(f"MEMBERS with a plain filter {shared_filter!r}")
+            _check_shared_filter(shared_filter, "MEMBERS")
             if state == MEMBER_GONE:
                 peer.members.discard((shared_filter, client_id))
                 self._set_member(peer.name, shared_filter, client_id, None)
@@ -2461,6 +2455,13 @@ def _check_filter(topic_filter: str) -> None:
         validate_topic_filter(topic_filter)
     except MQTTProtocolError as error:
         raise codec.ClusterProtocolError(f"invalid topic filter from peer: {error}") from None
+
+
+def _check_shared_filter(shared_filter: str, frame: str) -> None:
+    """A filter a peer's ``frame`` names as a shared subscription's: valid, $share/group/."""
+    _check_filter(shared_filter)
+    if split_shared(shared_filter)[0] is None:
+        raise codec.ClusterProtocolError(f"{frame} with a plain filter {shared_filter!r}")
 
 
 class ClusterLink(asyncio.Protocol):

@@ -389,12 +389,7 @@ class ClientConnection:
         session.held_publishers.add(self)  # forgets its share there, if any
         if self._shared_by is not None:
             self._shared_by.discard(session)
-        if not self.input_paused:
-            self.input_paused = True
-            counters = self.broker.counters
-            counters.publishers_paused += 1
-            counters.publishers_paused_current += 1
-            self.io.pause_input()
+        self._pause_input()
 
     def session_released(self, session: Holder, share: int = 0) -> None:
         """``session`` drained to low water, went offline or ended; resume when none is left."""
@@ -446,19 +441,24 @@ class ClientConnection:
         if self.state == "closed":
             return
         self.acks_held = True
-        counters = self.broker.counters
-        counters.publishers_paused_acks += 1
-        if not self.input_paused:
-            self.input_paused = True
-            counters.publishers_paused += 1
-            counters.publishers_paused_current += 1
-            self.io.pause_input()
+        self.broker.counters.publishers_paused_acks += 1
+        self._pause_input()
 
     def _ack_done(self) -> None:
         self._acks_waiting -= 1
         if self.acks_held and self._acks_waiting <= ACKS_WAITING_MAX // 2:
             self.acks_held = False
             self._resume_if_free()
+
+    def _pause_input(self) -> None:
+        """Read nothing more (a session's queue, the store or the acknowledgements hold
+        this connection); _resume_if_free undoes it when none holds it any more."""
+        if not self.input_paused:
+            self.input_paused = True
+            counters = self.broker.counters
+            counters.publishers_paused += 1
+            counters.publishers_paused_current += 1
+            self.io.pause_input()
 
     def _resume_if_free(self) -> None:
         """Resume reading once nothing holds this connection any more."""
@@ -474,12 +474,7 @@ class ClientConnection:
             return
         self.store_held = True
         self.broker.store.waiting.add(self)
-        if not self.input_paused:
-            self.input_paused = True
-            counters = self.broker.counters
-            counters.publishers_paused += 1
-            counters.publishers_paused_current += 1
-            self.io.pause_input()
+        self._pause_input()
 
     def store_released(self) -> None:
         self.store_held = False

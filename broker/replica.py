@@ -750,8 +750,9 @@ class Replicas:
                 self._save(origin, sessions, op)
                 continue
             if kind == ReplicaOpKind.WILL_SET:
-                old_will = self.wills.setdefault(origin, {}).get(op.client_id)
-                self.wills[origin][op.client_id] = op.data
+                wills = self.wills.setdefault(origin, {})
+                old_will = wills.get(op.client_id)
+                wills[op.client_id] = op.data
                 self.bytes += len(op.data) - (0 if old_will is None else len(old_will))
                 continue
             if kind == ReplicaOpKind.WILL_CLEAR:
