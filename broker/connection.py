@@ -92,6 +92,8 @@ PACKETS_PER_TURN = 1024
 #: peer holds them until its link times out). A 5.0 client keeps within Receive Maximum
 #: anyway; a 3.1.1 client has no such limit.
 ACKS_WAITING_MAX = 1024
+#: At most one log line per this many seconds for such pauses (each is counted).
+ACKS_PAUSE_LOG_INTERVAL = 5.0
 # The protocol levels' names in the "client connected" line.
 PROTOCOL_NAMES = {3: "3.1", 4: "3.1.1", 5: "5.0"}
 # MQTT 5.0 section 3.2.2.2: the reason codes a CONNACK may carry.
@@ -441,8 +443,21 @@ class ClientConnection:
         if self.state == "closed":
             return
         self.acks_held = True
-        self.broker.counters.publishers_paused_acks += 1
+        broker = self.broker
+        broker.counters.publishers_paused_acks += 1
         self._pause_input()
+        now = broker.clock()
+        if now - broker.acks_pause_logged >= ACKS_PAUSE_LOG_INTERVAL:
+            broker.acks_pause_logged = now
+            logger.warning(
+                "client_id=%s address=%s: %d acknowledgements wait (for the disk, the backup "
+                "or a peer that is not answering): not read until half have gone (%d such "
+                "pauses in all)",
+                self.client_id,
+                self.address_text,
+                self._acks_waiting,
+                broker.counters.publishers_paused_acks,
+            )
 
     def _ack_done(self) -> None:
         self._acks_waiting -= 1

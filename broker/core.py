@@ -185,6 +185,8 @@ class Broker:
         # Issue 14 item 1: payload bytes queued and in flight in every session.
         self.budget = QueueBudget(settings.max_node_queued_bytes)
         self.drops = DropLog()
+        # When broker.connection last logged a publisher paused for its acknowledgements.
+        self.acks_pause_logged = float("-inf")
         self.queued_peak = 0
         # Set by the net layer where the C library has malloc_trim.
         self.release_memory: Callable[[], object] | None = None

@@ -379,6 +379,8 @@ def test_a_publisher_whose_acknowledgements_wait_on_a_frozen_node_is_paused(
         got = subscriber.received(quiet=2.0, timeout=30)
         stats = other.admin("/api/stats")
         assert stats["publishers_paused_acks"] >= 1, stats
+        assert "client_id=bulk-publisher address=" in other.log_text()
+        assert "acknowledgements wait (for the disk, the backup" in other.log_text()
         assert 1000 <= len(got) < 3000, len(got)
         assert len(publisher.acked) == acked_before
     finally:
