@@ -92,11 +92,18 @@ DROP_LOG_CLIENTS = 10
 
 @dataclass(slots=True)
 class PendingWill:
-    """A will waiting for its Will Delay Interval (MQTT 5.0 section 3.1.3.2.2)."""
+    """A will waiting for its Will Delay Interval (MQTT 5.0 section 3.1.3.2.2).
+
+    Authorized when its connection ended: a will the client may not publish is not kept, so
+    none is written to the store or copied to a backup. ``principal`` is that connection's,
+    asked again when the will is published (a policy reload in between may change the
+    answer); None for a will this node did not see set (read back from the store, or a lost
+    node's), which the node that recorded it authorized then."""
 
     publish_at: float
     message: Message
-    principal: Principal
+    client_id: str
+    principal: Principal | None
     # Message Expiry Interval of the will, counted from when it is published.
     expiry_interval: int | None = None
 
@@ -316,14 +323,22 @@ class Broker:
         session.release_publishers()
         now = self.clock()
         expiry = session.expiry_interval
-        if will is not None and principal is not None:
+        client_id = session.client_id
+        if (
+            will is not None
+            and principal is not None
+            and self._will_authorized(client_id, principal, will)
+        ):
             delay = min(will_delay, expiry)
-            pending = PendingWill(now + delay, will, principal, will_expiry)
+            # A delayed will is asked again when it is published; one due now was just asked.
+            pending = PendingWill(
+                now + delay, will, client_id, principal if delay > 0 else None, will_expiry
+            )
             if delay <= 0:
                 self._publish_will(pending)
             else:
-                self.pending_wills[session.client_id] = pending
-        self.cluster.client_disconnected(session.client_id)
+                self.pending_wills[client_id] = pending
+        self.cluster.client_disconnected(client_id)
         if expiry == 0:
             self._destroy_session(session)
             return
@@ -477,9 +492,7 @@ class Broker:
         session for ``client_id`` waits already (it wins)."""
         if client_id in self.pending_wills:
             return None
-        pending = PendingWill(
-            self.clock() + delay, message, Principal(client_id, None), expiry_interval
-        )
+        pending = PendingWill(self.clock() + delay, message, client_id, None, expiry_interval)
         if delay <= 0:
             self._publish_will(pending)
             return None
@@ -494,17 +507,24 @@ class Broker:
         if pending is not None and clean_start:
             self._publish_will(pending)
 
+    def _will_authorized(
+        self, client_id: str, principal: Principal | None, message: Message
+    ) -> bool:
+        """May ``principal`` publish its will? True without a principal (the will's node
+        authorized it; see PendingWill)."""
+        if principal is None or self.authorization.authorize_publish(
+            principal, message.topic, message.qos, message.retain
+        ):
+            return True
+        self.counters.authorization_denied += 1
+        logger.info(
+            "will not published: client_id=%s topic=%s: not authorized", client_id, message.topic
+        )
+        return False
+
     def _publish_will(self, pending: PendingWill) -> None:
         message = pending.message
-        if not self.authorization.authorize_publish(
-            pending.principal, message.topic, message.qos, message.retain
-        ):
-            self.counters.authorization_denied += 1
-            logger.info(
-                "will not published: client_id=%s topic=%s: not authorized",
-                pending.principal.client_id,
-                message.topic,
-            )
+        if not self._will_authorized(pending.client_id, pending.principal, message):
             return
         message = dataclasses.replace(
             message,
@@ -517,9 +537,7 @@ class Broker:
             seq=self.next_seq(),
         )
         self.counters.wills_published += 1
-        logger.info(
-            "will published: client_id=%s topic=%s", pending.principal.client_id, message.topic
-        )
+        logger.info("will published: client_id=%s topic=%s", pending.client_id, message.topic)
         self.publish(message)
 
     # --- subscriptions ----------------------------------------------------------------------
@@ -1017,7 +1035,8 @@ class Broker:
                 self.pending_wills[record.client_id] = PendingWill(
                     now + max(0.0, will.publish_at - wall),
                     will.message.to_message(now),
-                    Principal(record.client_id, None),
+                    record.client_id,
+                    None,
                     will.expiry_interval,
                 )
         self.next_delivery_key = max_key + 1
