@@ -1761,7 +1761,7 @@ class Cluster:
             peer.counters.messages_received += 1
             message = frame.message.to_message(broker.clock())
             for shared_filter, _ in frame.targets:
-                _check_filter(shared_filter)
+                _check_shared_filter(shared_filter, "PUBLISH")
             publisher = None
             if message.qos and message.publisher_client_id is not None:
                 publisher = RemotePublisher(self, peer, message.publisher_client_id)

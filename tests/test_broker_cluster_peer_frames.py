@@ -1,0 +1,116 @@
+"""What a real node does with frames a peer should never send, over a real cluster link.
+
+node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
+and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
+dials: its name sorts first). A frame naming a plain filter where a shared subscription's
+belongs (PUBLISH's targets, MEMBERS, REPLICA_SHARED) closes that link with a CLOSE and a log
+line naming the frame and the filter; node-2 keeps running and takes the next link. The same
+frames with a $share/ filter keep the link (a PING after them gets its PONG).
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker import cluster_codec as codec
+from broker.mqtt import Properties
+from tests.cluster_harness import COOKIE, ClusterNode, make_nodes, wait_for
+from tests.pki import TestPKI
+
+pytestmark = pytest.mark.timeout(60)
+
+MESSAGE = codec.WireMessage("a/b", b"x", 1, False, Properties(), "node-1", "pub", 1)
+_incarnations = itertools.count(int(time.time()))
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ClusterNode, ClusterNode]]:
+    """node-2 running; node-1's files (certificate, configured port) for the fake peer."""
+    fake, node = make_nodes(tmp_path_factory.mktemp("peer-frames"), pki, count=2)
+    node.start()
+    try:
+        yield fake, node
+    finally:
+        node.stop()
+
+
+class FakePeer:
+    """node-1's side of a link: HELLO both ways, then frames as the test writes them."""
+
+    def __init__(self, fake: ClusterNode, node: ClusterNode) -> None:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(fake.ca))
+        context.check_hostname = False
+        context.load_cert_chain(str(fake.cert), str(fake.key))
+        raw = socket.create_connection(("127.0.0.1", node.cluster_port), timeout=5)
+        self.sock = context.wrap_socket(raw)
+        self.decoder = codec.ClusterDecoder()
+        hello = codec.Hello(
+            codec.PROTOCOL_VERSION, "node-1", "chaos", COOKIE.encode(), next(_incarnations)
+        )
+        self.send(hello)
+        first = self.frame(codec.Hello)
+        assert isinstance(first, codec.Hello) and first.node == "node-2", first
+
+    def send(self, frame: codec.Frame) -> None:
+        self.sock.sendall(codec.encode(frame))
+
+    def frame(self, wanted: type) -> codec.Frame | None:
+        """The next frame of type ``wanted`` or CLOSE, skipping the rest (node-2's SYNC,
+        OWNED, ...); None when node-2 closed the connection."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            event = self.decoder.next_event()
+            if isinstance(event, codec.NeedData):
+                data = self.sock.recv(65536)
+                if not data:
+                    return None
+                self.decoder.feed(data)
+                continue
+            if isinstance(event, (wanted, codec.Close)):
+                return event
+        raise AssertionError("no frame within 10 s")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def frames_naming(shared_filter: str, seq: int) -> dict[str, codec.Frame]:
+    """Each frame naming ``shared_filter``; a reliable one with ``seq`` (node-2 skips a seq
+    it applied already)."""
+    return {
+        "PUBLISH": codec.Publish(MESSAGE, False, ((shared_filter, "member"),)),
+        "MEMBERS": codec.Members(False, ((1, shared_filter, "member"),)),
+        "REPLICA_SHARED": codec.Reliable(
+            seq, codec.ReplicaShared("node-1", ((shared_filter, "member"),), MESSAGE)
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["PUBLISH", "MEMBERS", "REPLICA_SHARED"])
+def test_a_plain_filter_where_a_shared_one_belongs_closes_only_that_link(
+    cluster: tuple[ClusterNode, ClusterNode], name: str
+) -> None:
+    fake, node = cluster
+    peer = FakePeer(fake, node)
+    peer.send(frames_naming("$share/group/a/b", 1)[name])
+    peer.send(codec.Ping())
+    assert isinstance(peer.frame(codec.Pong), codec.Pong)  # accepted: the link stays
+    peer.send(frames_naming("a/b", 2)[name])
+    close = peer.frame(codec.Close)
+    peer.close()
+    assert isinstance(close, codec.Close) and "protocol error" in close.reason, close
+    line = f"protocol error: {name} with a plain filter 'a/b'"
+    wait_for(lambda: line in node.log_text(), 5, line)
+    # node-2 is up and takes node-1's next link.
+    again = FakePeer(fake, node)
+    again.send(codec.Ping())
+    assert isinstance(again.frame(codec.Pong), codec.Pong)
+    again.close()
