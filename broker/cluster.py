@@ -557,6 +557,8 @@ class Cluster:
             config.mqtt.max_packet_size + config.mqtt.max_queued_bytes + FRAME_OVERHEAD
         )
         self.stopping = False
+        # Set while drain() waits (a stop, after the clients are gone).
+        self.draining: asyncio.Event | None = None
         # Received STATE writes go to the state store (set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
         # Reliable frames whose application waits for every up peer's ACK: seq per peer.
@@ -755,6 +757,41 @@ class Cluster:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+    def drained(self) -> bool:
+        """Every peer that is up has acknowledged our reliable frames, and the backup (when
+        up) every replica op: closing the links now leaves nothing only this node holds."""
+        if any(peer.up and peer.outbox for peer in self.peers.values()):
+            return False
+        backup = self.peers.get(self.backup) if self.backup is not None else None
+        return backup is None or not backup.up or self.replicator.target() is None
+
+    async def drain(self) -> None:
+        """At a stop, once the clients are gone: until drained() (the caller bounds it)."""
+        if self.drained():
+            return
+        self.draining = asyncio.Event()
+        try:
+            await self.draining.wait()
+        finally:
+            self.draining = None
+
+    def _drain_progress(self) -> None:
+        """An ACK came or a link went: drain() may be over."""
+        if self.draining is not None and self.drained():
+            self.draining.set()
+
+    def log_undrained(self, seconds: float) -> None:
+        """drain() did not end within ``seconds``: what the links take with them."""
+        waiting = {
+            peer.name: len(peer.outbox) for peer in self.peers.values() if peer.up and peer.outbox
+        }
+        logger.warning(
+            "cluster: stopping with reliable frames unacknowledged after %gs: %s; replica ops %s",
+            seconds,
+            ", ".join(f"{name} {count}" for name, count in sorted(waiting.items())) or "none",
+            "acknowledged" if self.replicator.target() is None else "waiting",
+        )
 
     async def stop(self) -> None:
         self.stopping = True
@@ -1067,6 +1104,7 @@ class Cluster:
         else:
             self._link_failed(peer, link.refusal or reason)
         self._redial(peer)
+        self._drain_progress()
 
     def _announced_filters(self) -> list[str]:
         assert self.broker is not None
@@ -1563,6 +1601,7 @@ class Cluster:
         if self.replicating:
             for callback in self.forwarded.acked_frame(peer.name, seq):
                 callback()
+        self._drain_progress()
 
     def when_applied(self, seqs: dict[str, int], callback: Callable[[], None]) -> None:
         """Call ``callback`` once every named peer has ACKed its seq (or its link dropped)."""
@@ -1743,6 +1782,7 @@ class Cluster:
             if peer.name == self.backup:
                 for callback in self.replicator.ack(frame.seq):
                     callback()
+                self._drain_progress()
         elif isinstance(frame, codec.Ping):
             link.send(codec.encode(codec.Pong()))
         elif isinstance(frame, codec.Pong):
