@@ -15,6 +15,12 @@ node cookie, RPC ports 5370+N):
 - A dialer that loses its link redials with capped exponential backoff and jitter. Idle links
   exchange PING/PONG and a silent one is closed. An operator can cut and restore one link
   (``POST /api/cluster/peers/NAME/disconnect`` and ``/connect`` on the admin API).
+- Start and stop (issue 13, rolling restarts): at link up each side sends its SYNC, MEMBERS
+  and OWNED, then a PING; the peer's PONG comes after its own, so the peer is *synced*.
+  A starting node opens its MQTT listeners (broker.node) once every peer is synced or known
+  to be unreachable (our dial failed, a HELLO was refused), at most ``join_timeout``
+  (join()). A stopping node closes its clients first, then waits until its peers and its
+  backup have acknowledged what it sent (drain(), bounded by the caller), then the links.
 
 Routing: each node announces its non-shared filters (SYNC, SUBSCRIBE, UNSUBSCRIBE) and its
 shared subscription members (MEMBERS). A message accepted from a local client is delivered
@@ -349,6 +355,7 @@ class Peer:
         "last_drop_log",
         "last_error",
         "link",
+        "link_failed",
         "members",
         "name",
         "outbox",
@@ -356,6 +363,7 @@ class Peer:
         "state",
         "state_since",
         "suspended",
+        "synced",
         "unlogged_drops",
     )
 
@@ -387,6 +395,11 @@ class Peer:
         self.held_publishers = HeldPublishers()
         # Cut by an operator: no dialing, inbound links refused.
         self.suspended = False
+        # The link is up and the peer's routes, members and owned sessions are here (its
+        # PONG to the PING we sent at link up came after them); and the last try at a link
+        # failed (our dial, or a HELLO refused either way): Cluster.join waits for neither.
+        self.synced = False
+        self.link_failed = False
         self.unlogged_drops = 0
         self.last_drop_log = 0.0
 
@@ -557,7 +570,9 @@ class Cluster:
             config.mqtt.max_packet_size + config.mqtt.max_queued_bytes + FRAME_OVERHEAD
         )
         self.stopping = False
-        # Set while drain() waits (a stop, after the clients are gone).
+        # Set while join() waits (a start, before the listeners open) and while drain()
+        # waits (a stop, after the clients are gone).
+        self.joining: asyncio.Event | None = None
         self.draining: asyncio.Event | None = None
         # Received STATE writes go to the state store (set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
@@ -766,6 +781,32 @@ class Cluster:
         backup = self.peers.get(self.backup) if self.backup is not None else None
         return backup is None or not backup.up or self.replicator.target() is None
 
+    def unjoined(self) -> list[str]:
+        """Peers a starting node waits for before it serves clients: not synced, not known
+        to be unreachable (our dial failed: nobody listens there; or a HELLO was refused),
+        not cut by an operator. A peer that dials us is waited for until it does (or
+        join_timeout)."""
+        return [
+            peer.name
+            for peer in self.peers.values()
+            if not (peer.synced or peer.suspended or peer.link_failed)
+        ]
+
+    async def join(self) -> None:
+        """At start, before the listeners open: until unjoined() is empty (the caller bounds
+        it with join_timeout)."""
+        if not self.unjoined():
+            return
+        self.joining = asyncio.Event()
+        try:
+            await self.joining.wait()
+        finally:
+            self.joining = None
+
+    def _join_progress(self) -> None:
+        if self.joining is not None and not self.unjoined():
+            self.joining.set()
+
     async def drain(self) -> None:
         """At a stop, once the clients are gone: until drained() (the caller bounds it)."""
         if self.drained():
@@ -897,8 +938,10 @@ class Cluster:
             else:
                 reason = str(error)
             self._link_failed(peer, reason)
+            peer.link_failed = True
             peer.dial_task = None  # this task is ending: let _redial schedule the next one
             self._redial(peer)
+            self._join_progress()
 
     def _link_failed(self, peer: Peer, reason: str) -> None:
         """Log a failure once per distinct reason: a peer that is down does not spam."""
@@ -1042,6 +1085,11 @@ class Cluster:
             link.send(frame)
         for frame in codec.encode_owned(self._owned()):
             link.send(frame)
+        # The peer's PONG comes after its own SYNC, MEMBERS and OWNED (it sent them when it
+        # read our HELLO, before this PING): then it is synced (join).
+        peer.synced = False
+        peer.link_failed = False
+        link.send(codec.encode(codec.Ping()))
         self.down_since.pop(peer.name, None)
         backlog = self._retained_frames()
         if peer.name == self.backup and link.protocol_version >= codec.REPLICA_VERSION:
@@ -1053,11 +1101,15 @@ class Cluster:
         peer = link.peer
         if peer is None or peer.link is not link:
             # Never established (refused either way, timed out) or replaced.
-            if peer is not None and peer.link is None and link.direction == "outbound":
-                self._link_failed(peer, link.refusal or reason)
-                self._redial(peer)
+            if peer is not None and peer.link is None:
+                peer.link_failed = True
+                if link.direction == "outbound":
+                    self._link_failed(peer, link.refusal or reason)
+                    self._redial(peer)
+                self._join_progress()
             return
         peer.link = None
+        peer.synced = False
         peer.counters.disconnects += 1
         self.down_since[peer.name] = time.time()
         if peer.name == self.backup and self.replicator.active:
@@ -1786,7 +1838,9 @@ class Cluster:
         elif isinstance(frame, codec.Ping):
             link.send(codec.encode(codec.Pong()))
         elif isinstance(frame, codec.Pong):
-            pass
+            if not peer.synced:
+                peer.synced = True
+                self._join_progress()
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE

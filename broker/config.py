@@ -63,6 +63,8 @@ Shape (every table and key optional except where noted)::
     bind = "127.0.0.1:5371"
     peers = ["broker-2@127.0.0.1:5372"]
     takeover_timeout = "5s"        # a connect waits this long for the other nodes' answers
+    join_timeout = "10s"           # at start, clients wait (listeners closed) this long at most
+                                   # for the links to the running peers; "0s": no wait
     outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
     link_high_water = 8388608      # unacknowledged bytes to a peer that pause its publishers
     protocol_version = 5           # announced in HELLO; the old one while a rolling upgrade
@@ -262,6 +264,11 @@ class ClusterConfig:
     ssl_options: SSLOptions | None = None
     # Issue 12: how long a connect waits for the other nodes' answers to its claim.
     takeover_timeout: float = 5.0
+    # Issue 13: at start the listeners open once every running peer is linked and has sent
+    # its routes, members and owned sessions (a restarted node that served clients first
+    # made fresh sessions for them, and dropped their messages for want of routes), or
+    # after this long.
+    join_timeout: float = 10.0
     # Reliable frames kept per peer until acknowledged (also while it is down).
     outbox_max_bytes: int = 256 * 1024 * 1024
     # Issue 14 item 2: unacknowledged bytes to a peer above this pause the QoS 1/2
@@ -425,8 +432,9 @@ class _Reader:
             raise self.fail(name, f"expected an integer from {minimum} to {maximum}, got {value}")
         return value
 
-    def duration(self, name: str, default: float) -> float:
-        """Seconds as a number, or a string with a unit: "500ms", "3s", "2m", "1h"."""
+    def duration(self, name: str, default: float, zero: bool = False) -> float:
+        """Seconds as a number, or a string with a unit: "500ms", "3s", "2m", "1h"; more
+        than 0 unless ``zero`` (then 0 means "none")."""
         value = self.get(name)
         if value is None:
             return default
@@ -442,8 +450,9 @@ class _Reader:
             seconds = float(match.group(1)) * scale
         else:
             raise self.fail(name, f'expected a duration such as 3 or "3s", got {value!r}')
-        if seconds <= 0:
-            raise self.fail(name, f"expected a positive duration, got {value!r}")
+        if seconds < 0 or (seconds == 0 and not zero):
+            expected = "a duration of 0 or more" if zero else "a positive duration"
+            raise self.fail(name, f"expected {expected}, got {value!r}")
         return seconds
 
     def table_at(self, name: str) -> _Reader | None:
@@ -791,6 +800,7 @@ def parse_config(
             if ssl_reader is None
             else _parse_ssl_options(ssl_reader, base_directory),
             takeover_timeout=cluster_reader.duration("takeover_timeout", defaults.takeover_timeout),
+            join_timeout=cluster_reader.duration("join_timeout", defaults.join_timeout, zero=True),
             outbox_max_bytes=cluster_reader.integer(
                 "outbox_max_bytes", defaults.outbox_max_bytes, 1024 * 1024, 2**44
             ),

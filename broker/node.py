@@ -16,7 +16,9 @@ state store (:mod:`broker.statestore`) on its request topic.
 
 ``[store]`` (issue 12, :mod:`broker.store`): the store is opened and read back before
 anything listens; the core and the cluster rebuild sessions, queues, retained messages and
-outboxes from it, then the listeners and the cluster start. ``stop`` closes the listeners
+outboxes from it. Then the cluster starts, and the listeners open once the node has joined it
+(every running peer linked and synced, at most ``[cluster] join_timeout``), then the admin
+endpoint. ``stop`` closes the listeners
 first (5.0 clients get DISCONNECT 0x8B), lets the cluster have what they sent acknowledged
 (at most ``STOP_DRAIN_TIMEOUT``), closes the links, and writes what is queued.
 """
@@ -253,6 +255,9 @@ class BrokerServer:
 
     async def start(self) -> None:
         try:
+            if self.cluster is not None:
+                await self.cluster.start()
+                await self._join()
             for listener_config in self.config.listeners:
                 listener = Listener(
                     listener_config,
@@ -262,8 +267,6 @@ class BrokerServer:
                 )
                 await listener.start()
                 self.listeners.append(listener)
-            if self.cluster is not None:
-                await self.cluster.start()
             if self.admin is not None:
                 await self.admin.start()
         except BaseException:
@@ -292,6 +295,36 @@ class BrokerServer:
             if listener.config.name == name:
                 return listener
         raise KeyError(name)
+
+    async def _join(self) -> None:
+        """Clients wait (the listeners are not open yet) until the running peers are linked
+        and have sent their routes, members and owned sessions, at most join_timeout: a node
+        that served first made fresh sessions for devices whose sessions live on, and dropped
+        their messages for want of the cluster's routes."""
+        cluster = self.cluster
+        assert cluster is not None
+        timeout = cluster.cluster_config.join_timeout
+        if not cluster.peers or timeout <= 0:
+            return
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await cluster.join()
+        except TimeoutError:
+            logger.warning(
+                "cluster: serving clients after join_timeout %gs without %s (no link yet)",
+                timeout,
+                ", ".join(cluster.unjoined()),
+            )
+            return
+        linked = sum(1 for peer in cluster.peers.values() if peer.synced)
+        logger.info(
+            "cluster: joined in %.1fs: %d of %d peers linked and synced (the others are not "
+            "running), serving clients",
+            time.monotonic() - started,
+            linked,
+            len(cluster.peers),
+        )
 
     async def stop(self) -> None:
         if self._ticker is not None:

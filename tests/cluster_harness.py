@@ -59,11 +59,19 @@ class NodeProcess:
     process: subprocess.Popen[bytes] | None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
         log = self.log.open("ab")
         self.process = subprocess.Popen(
             [str(BROKER), "-c", str(self.config)], stdout=log, stderr=log
         )
         log.close()
+
+    def wait_ready(self) -> None:
+        """The admin endpoint answers: the node has joined its cluster (or join_timeout
+        passed) and its listeners are open (broker.node starts the admin endpoint last)."""
         wait_for(self.admin_ready, self.WAIT, f"{self.name} admin endpoint")
 
     def admin_ready(self) -> bool:
@@ -136,6 +144,8 @@ class ClusterNode(NodeProcess):
         self.process: subprocess.Popen[bytes] | None = None
         self.extra = extra
         self.cluster = cluster
+        # "memory": the demo's mode (a restart loses what the node had; its backup has it).
+        self.store_mode = "disk"
 
     def write_config(self, peers: list[ClusterNode]) -> None:
         peer_list = ", ".join(f'"{p.name}@127.0.0.1:{p.cluster_port}"' for p in peers)
@@ -176,17 +186,22 @@ fail_if_no_peer_cert = true
 bind = "127.0.0.1:{self.admin_port}"
 
 [store]
-mode = "disk"
+mode = "{self.store_mode}"
 path = "{self.database}"
 """
         )
 
 
 def make_nodes(
-    directory: Path, pki: TestPKI, count: int = 3, extra: str = "", cluster: str | list[str] = ""
+    directory: Path,
+    pki: TestPKI,
+    count: int = 3,
+    extra: str = "",
+    cluster: str | list[str] = "",
+    store: str = "disk",
 ) -> list[ClusterNode]:
     """``extra`` goes into each node's [mqtt] table, ``cluster`` into its [cluster] table (a
-    list: one for each node, in order)."""
+    list: one for each node, in order), ``store`` is their [store] mode."""
     tables = [cluster] * count if isinstance(cluster, str) else cluster
     assert len(tables) == count, tables
     nodes = [
@@ -194,6 +209,7 @@ def make_nodes(
         for n, table in enumerate(tables, start=1)
     ]
     for node in nodes:
+        node.store_mode = store
         node.write_config(nodes)
     return nodes
 
@@ -242,12 +258,21 @@ def running_lb(pki: TestPKI, directory: Path, nodes: list[ClusterNode]) -> Itera
 
 @contextlib.contextmanager
 def running_cluster(
-    pki: TestPKI, directory: Path, count: int = 3, extra: str = "", cluster: str | list[str] = ""
+    pki: TestPKI,
+    directory: Path,
+    count: int = 3,
+    extra: str = "",
+    cluster: str | list[str] = "",
+    store: str = "disk",
 ) -> Iterator[list[ClusterNode]]:
-    nodes = make_nodes(directory, pki, count, extra, cluster)
+    nodes = make_nodes(directory, pki, count, extra, cluster, store)
     try:
+        # All at once, as a cluster comes up (a node waits at start for the peers that
+        # dial it: started one by one, each would wait for the backoff of the ones before).
         for node in nodes:
-            node.start()
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
         wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "all links up")
         yield nodes
     finally:

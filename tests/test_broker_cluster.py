@@ -65,6 +65,7 @@ class Node(NodeProcess):
         self.log = directory / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.store_mode = "disk"
+        self.join_timeout = "10s"
 
     def write_config(self, peers: list[Node]) -> None:
         peer_list = ", ".join(f'"{p.name}@127.0.0.1:{p.cluster_port}"' for p in peers)
@@ -81,6 +82,7 @@ bind = "127.0.0.1:{self.mqtt_port}"
 name = "test-cluster"
 bind = "127.0.0.1:{self.cluster_port}"
 peers = [{peer_list}]
+join_timeout = "{self.join_timeout}"
 
 [cluster.ssl_options]
 cacertfile = "{self.ca}"
@@ -485,7 +487,10 @@ def test_node_certificate_from_a_rogue_ca_is_refused(pki: TestPKI, tmp_path: Pat
     nodes = make_cluster(tmp_path, pki, ["node-a", "node-b"])
     dialer, acceptor = nodes
     dialer.cert, dialer.key = cert, key
-    dialer.write_config(nodes)
+    # node-b cannot tell whose TLS handshake failed: it waits join_timeout for node-a.
+    acceptor.join_timeout = "1s"
+    for node in nodes:
+        node.write_config(nodes)
     try:
         for node in nodes:
             node.start()

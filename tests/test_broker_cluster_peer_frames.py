@@ -34,7 +34,9 @@ def cluster(
     pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ClusterNode, ClusterNode]]:
     """node-2 running; node-1's files (certificate, configured port) for the fake peer."""
-    fake, node = make_nodes(tmp_path_factory.mktemp("peer-frames"), pki, count=2)
+    # join_timeout 0: node-2 would otherwise wait for node-1 (it dials) before serving.
+    directory = tmp_path_factory.mktemp("peer-frames")
+    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"')
     node.start()
     try:
         yield fake, node

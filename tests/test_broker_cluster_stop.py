@@ -1,9 +1,11 @@
 """A node stopped and started again (SIGTERM, as systemd, docker stop and a rolling upgrade
-do), over real processes: three nodes clustered over mutual TLS, paho-mqtt clients.
+do), over real processes: three nodes clustered over mutual TLS, paho-mqtt and raw clients.
 
 At a stop the node closes its clients first, while its cluster links are up: their wills
 reach every node (not only the stopping node's own, departing, subscribers), once; then it
 waits until its peers and its backup have acknowledged what it sent, and closes the links.
+At a start it opens its listeners once it has joined: every running peer linked and synced
+(routes, shared members, owned sessions), at most [cluster] join_timeout.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from collections import Counter
 
 import pytest
 
-from tests.cluster_harness import V5, V311, Device, running_cluster
+from broker.mqtt import Connack, Connect, Puback, Publish
+from tests.broker_harness import RawClient
+from tests.cluster_harness import V5, V311, Device, make_nodes, running_cluster
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,3 +53,75 @@ def test_the_wills_of_a_stopping_nodes_clients_reach_the_cluster_once(
         assert log.count("will published: client_id=stop-") == 5
         assert "stopping with reliable frames unacknowledged" not in log
         assert "will published" not in backup.log_text()
+
+
+def connect_when_listening(port: int, client_id: str, timeout: float = 30.0) -> RawClient:
+    """A 3.1.1 client connected as soon as the port accepts (refused until it listens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client = RawClient(port, level=4)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+    connack = client.connect(Connect("MQTT", 4, True, 60, client_id))
+    assert isinstance(connack, Connack) and connack.reason_code == 0, connack
+    return client
+
+
+def test_a_restarted_node_serves_clients_once_it_has_the_clusters_routes(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 (memory store, as the demo's) stops and starts again (node-1 and node-2 dial
+    it, with their backoff). A publisher connects to node-3 the moment its port accepts and
+    at once publishes a QoS 1 message for a subscriber on node-1: node-3 opens its
+    listeners only once both peers are linked and have sent their routes, so the message
+    reaches the subscriber. (Serving first, node-3 acknowledged it and dropped it: no route
+    to node-1 yet.)"""
+    directory = tmp_path_factory.mktemp("join")
+    with running_cluster(pki, directory, store="memory") as nodes:
+        subscriber_node, _, restarted = nodes
+        subscriber = Device("join-subscriber", V5)
+        subscriber.connect(subscriber_node.mqtt_port)
+        subscriber.subscribe([("join/#", 1)])
+        restarted.stop()
+        time.sleep(1.0)  # the dialers back off a little
+        restarted.launch()
+        publisher = connect_when_listening(restarted.mqtt_port, "join-publisher")
+        publisher.send(Publish("join/first", b"first", 1, packet_id=1))
+        assert isinstance(publisher.receive(), Puback)
+        publisher.close()
+        assert subscriber.received(quiet=2.0, timeout=10) == ["first"]
+        subscriber.stop()
+        restarted.wait_ready()
+        assert "cluster: joined in" in restarted.log_text()
+        assert "2 of 2 peers linked and synced" in restarted.log_text()
+
+
+def test_a_node_whose_peers_do_not_run_serves_after_join_timeout_or_at_once(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Alone, node-3 (whose peers dial it) serves after join_timeout, and says which peers
+    it did not hear from; node-1 (which dials them: refused) serves at once."""
+    directory = tmp_path_factory.mktemp("join-alone")
+    nodes = make_nodes(directory, pki, count=3, cluster='join_timeout = "2s"')
+    first, _, last = nodes
+    try:
+        started = time.monotonic()
+        last.start()
+        waited = time.monotonic() - started
+        connect_when_listening(last.mqtt_port, "alone").close()
+        assert (
+            "serving clients after join_timeout 2s without node-1, node-2 (no link yet)"
+            in last.log_text()
+        )
+        assert waited >= 2.0
+        last.stop()
+        first.start()
+        connect_when_listening(first.mqtt_port, "first").close()
+        assert "0 of 2 peers linked and synced (the others are not running)" in first.log_text()
+    finally:
+        for node in nodes:
+            node.stop()
