@@ -19,8 +19,10 @@ node cookie, RPC ports 5370+N):
   and OWNED, then a PING; the peer's PONG comes after its own, so the peer is *synced*.
   A starting node opens its MQTT listeners (broker.node) once every peer is synced or known
   to be unreachable (our dial failed, a HELLO was refused), at most ``join_timeout``
-  (join()). A stopping node closes its clients first, then waits until its peers and its
-  backup have acknowledged what it sent (drain(), bounded by the caller), then the links.
+  (join()). A node back without its store (a new incarnation) gets its sessions back from
+  its backup (TRANSFERs, before the backup's PONG). A stopping node closes its clients
+  first, then waits until its peers and its backup have acknowledged what it sent (drain(),
+  bounded by the caller), then the links; it does not take its peers for lost.
 
 Routing: each node announces its non-shared filters (SYNC, SUBSCRIBE, UNSUBSCRIBE) and its
 shared subscription members (MEMBERS). A message accepted from a local client is delivered
@@ -1054,14 +1056,7 @@ class Cluster:
             self._save_inbox(peer)
         orphans = self.replicas.orphan(peer.name, hello.incarnation)
         if orphans is not None:
-            self.down_since[orphans] = time.time()
-            logger.warning(
-                "cluster: node %s restarted without its sessions (a new incarnation): our %d "
-                "copies of them stay here as %s's, handed over when their devices come back",
-                peer.name,
-                len(self.replicas.origins[orphans]),
-                orphans,
-            )
+            self._hand_back(peer, orphans)
         # Where the peer stands with our frames: everything up to last_applied is applied,
         # if it speaks of this incarnation of ours; otherwise it has none of them.
         applied = hello.last_applied if hello.peer_incarnation == self.incarnation else 0
@@ -1111,6 +1106,11 @@ class Cluster:
         peer.link = None
         peer.synced = False
         peer.counters.disconnects += 1
+        if self.stopping:
+            # We close the link: the peer is not lost (no failover, no wills of its clients).
+            logger.info("cluster link to %s (%s) closed: %s", peer.name, link.address_text, reason)
+            self._set_state(peer, LinkState.DOWN)
+            return
         self.down_since[peer.name] = time.time()
         if peer.name == self.backup and self.replicator.active:
             # One copy from now on, as on a single node: nothing waits for the backup.
@@ -1541,6 +1541,40 @@ class Cluster:
             broker.counters.messages_dropped_queue_full += 1
             broker.counters.messages_dropped_acknowledged += 1
             broker.drops.record(client_id, f"queue full: the copy of its session ({origin} down)")
+
+    def _hand_back(self, peer: Peer, orphans: str) -> None:
+        """``peer`` is back as a new incarnation (restarted without its store, as in memory
+        mode) and we keep copies of its sessions (now under ``orphans``): each goes back to
+        it as a TRANSFER, so its devices find their sessions there and the other nodes route
+        their messages to it again (its SUBSCRIBEs as it installs them). Sent as reliable
+        frames after what our outbox resends to it (messages routed to it while it was
+        down, which reached the copies too): those find no session there yet and are
+        dropped, the copies deliver them once. Before, the copies stayed here until their
+        devices came back, and nothing published meanwhile was routed to them (the peer's
+        SYNC had reset its routes). Their delayed wills stay scheduled here (the device's
+        claim, wherever it connects, cancels them)."""
+        replicas = self.replicas
+        sessions = replicas.origins.get(orphans) or {}
+        count = deliveries = 0
+        for client_id in list(sessions):
+            record = replicas.take(orphans, client_id)
+            if record is None:
+                continue
+            count += 1
+            deliveries += len(record.deliveries)
+            peer.counters.transfers_sent += 1
+            self.send_reliable(peer, codec.Transfer(record.version, False, record))
+        replicas.counters.handed_back += count
+        if not replicas.origins.get(orphans):
+            replicas.origins.pop(orphans, None)
+            replicas.tries.pop(orphans, None)
+        logger.warning(
+            "cluster: node %s restarted without its sessions (a new incarnation): our %d "
+            "copies of them (%d queued or in flight) handed back to it",
+            peer.name,
+            count,
+            deliveries,
+        )
 
     def _orphaned_copy(
         self, client_id: str, claimer: str | None, clean_start: bool = False

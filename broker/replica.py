@@ -693,6 +693,8 @@ class ReplicaCounters:
     ops_applied: int = 0
     resets: int = 0
     handed_over: int = 0
+    # Copies given back to their node, restarted without its sessions (Cluster._hand_back).
+    handed_back: int = 0
     installed_here: int = 0
     merged: int = 0  # into a fresh session made where the claim could not reach us
     undecodable: int = 0  # delivery records that did not decode when used (dropped)
@@ -863,8 +865,9 @@ class Replicas:
 
     def orphan(self, origin: str, incarnation: int) -> str | None:
         """``origin`` is back as a new incarnation (it restarted without its store): its
-        copies are kept apart, under "origin#old incarnation", as the sessions of a node that
-        is gone (its new life resets ``origin``). Returns that name, or None."""
+        copies are put apart, under "origin#old incarnation", as the sessions of a node that
+        is gone (its new life resets ``origin``; broker.cluster hands them back to it at
+        once: Cluster._hand_back). Returns that name, or None."""
         old = self.incarnations.get(origin)
         if old is None or old == incarnation or not self.origins.get(origin):
             return None

@@ -442,9 +442,12 @@ def test_parked_messages_are_bounded_in_bytes_logged_and_counted(
 def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
     nodes: list[ClusterNode],
 ) -> None:
-    """node-1 is killed and comes back empty (its database gone: a new incarnation). Its
-    snapshot to node-2 is empty, but node-2 keeps the old copies apart and hands the device's
-    over when the device reconnects, here to node-1 itself."""
+    """node-1 is killed and comes back empty (its database gone: a new incarnation, as a
+    memory-mode node's restart). node-2, its backup, hands its copies back: node-1 has the
+    session again (and copies it to node-2 again), so a message published for it on node-3
+    after the restart, before the device is back, is routed there; the device back on
+    node-3 finds all four, once. (Before, the copies stayed on node-2 until their devices
+    came back, and node-1's empty SYNC had taken their routes: "after" was lost.)"""
     owner, backup, other = nodes
     offline_session(owner, "reborn", V311)
     _publish(other, [("cmd/reborn", f"r{n}", 1) for n in range(3)])
@@ -453,13 +456,18 @@ def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
     owner.database.unlink()
     owner.start()
     wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
-    wait_for(lambda: _copies(backup, "node-1") == 0, 10, "node-1's empty snapshot")
-    orphans = _replication(backup)["copies"]["sessions"]
-    assert list(orphans.values()) == [1] and next(iter(orphans)).startswith("node-1#")
-    assert "restarted without its sessions (a new incarnation)" in backup.log_text()
+    assert (
+        "restarted without its sessions (a new incarnation): our 1 copies of them (3 queued "
+        "or in flight) handed back to it" in backup.log_text()
+    )
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "node-1's session copied again")
+    copies = _replication(backup)["copies"]
+    assert not any(name.startswith("node-1#") for name in copies["sessions"]), copies
+    assert copies["counters"]["handed_back"] == 1
+    _publish(other, [("cmd/reborn", "after", 1)])
     again = Device("reborn", V311)
-    assert again.connect(owner.mqtt_port)
-    assert sorted(again.received(want=3)) == ["r0", "r1", "r2"]
+    assert again.connect(other.mqtt_port)
+    assert sorted(again.received(want=4)) == ["after", "r0", "r1", "r2"]
     again.stop()
 
 

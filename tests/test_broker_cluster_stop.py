@@ -30,7 +30,9 @@ def test_the_wills_of_a_stopping_nodes_clients_reach_the_cluster_once(
     """Five clients with a will on node-3, a subscriber to the wills on node-1; node-3 gets
     SIGTERM. Every will arrives, once: published by node-3 while its links are up (with
     session_replicas = 0 there is no backup to publish them; with 1 the backup has their
-    copies cleared before the links close, so it publishes none again)."""
+    copies cleared before the links close, so it publishes none again). node-3, the backup
+    of node-2, does not take node-2 for lost when it closes their link: the will of a
+    client on node-2 is not published."""
     directory = tmp_path_factory.mktemp(f"stop-wills-{replicas}")
     with running_cluster(pki, directory, cluster=f"session_replicas = {replicas}") as nodes:
         watcher_node, backup, stopping = nodes
@@ -43,14 +45,20 @@ def test_the_wills_of_a_stopping_nodes_clients_reach_the_cluster_once(
         ]
         for device in devices:
             device.connect(stopping.mqtt_port)
+        # node-3 is node-2's backup: it keeps this client's will, and must not publish it
+        # when it closes its own link to node-2.
+        bystander = Device("bystander", V311, clean=True, will=("status/bystander", "false"))
+        bystander.connect(backup.mqtt_port)
         # node-1 knows node-3's routes for the watcher's filter before anything is published
         time.sleep(1.0)
         stopping.stop()
         got = watcher.received(quiet=3.0, timeout=20)
         watcher.stop()
+        bystander.stop()
         assert Counter(got) == Counter(f"gone-{n}" for n in range(5)), got
         log = stopping.log_text()
         assert log.count("will published: client_id=stop-") == 5
+        assert "client_id=bystander" not in log
         assert "stopping with reliable frames unacknowledged" not in log
         assert "will published" not in backup.log_text()
 
