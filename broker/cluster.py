@@ -339,6 +339,30 @@ def certificate_names(certificate: dict[str, Any] | None) -> frozenset[str]:
     return frozenset(names)
 
 
+class Awaited:
+    """A condition a start or a stop waits for (``await wait()``), without polling: the
+    events that may make it true call ``check()``."""
+
+    __slots__ = ("condition", "event")
+
+    def __init__(self, condition: Callable[[], bool]) -> None:
+        self.condition = condition
+        self.event: asyncio.Event | None = None
+
+    async def wait(self) -> None:
+        if self.condition():
+            return
+        self.event = asyncio.Event()
+        try:
+            await self.event.wait()
+        finally:
+            self.event = None
+
+    def check(self) -> None:
+        if self.event is not None and self.condition():
+            self.event.set()
+
+
 class Peer:
     """One configured peer node, its (at most one) link, and what we keep for it."""
 
@@ -572,10 +596,10 @@ class Cluster:
             config.mqtt.max_packet_size + config.mqtt.max_queued_bytes + FRAME_OVERHEAD
         )
         self.stopping = False
-        # Set while join() waits (a start, before the listeners open) and while drain()
-        # waits (a stop, after the clients are gone).
-        self.joining: asyncio.Event | None = None
-        self.draining: asyncio.Event | None = None
+        # What join() waits for (a start, before the listeners open) and drain() (a stop,
+        # after the clients are gone); the link events that may end them check them.
+        self.joined = Awaited(lambda: not self.unjoined())
+        self.drained_all = Awaited(self.drained)
         # Received STATE writes go to the state store (set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
         # Reliable frames whose application waits for every up peer's ACK: seq per peer.
@@ -797,32 +821,11 @@ class Cluster:
     async def join(self) -> None:
         """At start, before the listeners open: until unjoined() is empty (the caller bounds
         it with join_timeout)."""
-        if not self.unjoined():
-            return
-        self.joining = asyncio.Event()
-        try:
-            await self.joining.wait()
-        finally:
-            self.joining = None
-
-    def _join_progress(self) -> None:
-        if self.joining is not None and not self.unjoined():
-            self.joining.set()
+        await self.joined.wait()
 
     async def drain(self) -> None:
         """At a stop, once the clients are gone: until drained() (the caller bounds it)."""
-        if self.drained():
-            return
-        self.draining = asyncio.Event()
-        try:
-            await self.draining.wait()
-        finally:
-            self.draining = None
-
-    def _drain_progress(self) -> None:
-        """An ACK came or a link went: drain() may be over."""
-        if self.draining is not None and self.drained():
-            self.draining.set()
+        await self.drained_all.wait()
 
     def log_undrained(self, seconds: float) -> None:
         """drain() did not end within ``seconds``: what the links take with them."""
@@ -943,7 +946,7 @@ class Cluster:
             peer.link_failed = True
             peer.dial_task = None  # this task is ending: let _redial schedule the next one
             self._redial(peer)
-            self._join_progress()
+            self.joined.check()
 
     def _link_failed(self, peer: Peer, reason: str) -> None:
         """Log a failure once per distinct reason: a peer that is down does not spam."""
@@ -1101,7 +1104,7 @@ class Cluster:
                 if link.direction == "outbound":
                     self._link_failed(peer, link.refusal or reason)
                     self._redial(peer)
-                self._join_progress()
+                self.joined.check()
             return
         peer.link = None
         peer.synced = False
@@ -1156,7 +1159,7 @@ class Cluster:
         else:
             self._link_failed(peer, link.refusal or reason)
         self._redial(peer)
-        self._drain_progress()
+        self.drained_all.check()
 
     def _announced_filters(self) -> list[str]:
         assert self.broker is not None
@@ -1687,7 +1690,7 @@ class Cluster:
         if self.replicating:
             for callback in self.forwarded.acked_frame(peer.name, seq):
                 callback()
-        self._drain_progress()
+        self.drained_all.check()
 
     def when_applied(self, seqs: dict[str, int], callback: Callable[[], None]) -> None:
         """Call ``callback`` once every named peer has ACKed its seq (or its link dropped)."""
@@ -1868,13 +1871,13 @@ class Cluster:
             if peer.name == self.backup:
                 for callback in self.replicator.ack(frame.seq):
                     callback()
-                self._drain_progress()
+                self.drained_all.check()
         elif isinstance(frame, codec.Ping):
             link.send(codec.encode(codec.Pong()))
         elif isinstance(frame, codec.Pong):
             if not peer.synced:
                 peer.synced = True
-                self._join_progress()
+                self.joined.check()
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE
