@@ -5,6 +5,7 @@ K-node broker cluster, in one of four scenarios, with a JSON result and PNG plot
     ./dev bench --suite fleet storm --devices 50000 --nodes 6 --drop devices
     ./dev bench --suite fleet node-loss --devices 20000 --nodes 3
     ./dev bench --suite fleet reload --devices 20000 --nodes 3 --hold 120 --reload-every 30
+    ./dev bench --suite fleet restart --devices 20000 --nodes 3 --hold 30
 
 Scenarios (each runs for every balancer in --balancers, one after the other, on the same
 certificates, the same simulator processes and a fresh broker cluster of the same config):
@@ -24,6 +25,14 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   commands were acknowledged to the collector but never reached their device. With
   --wills every device sets a QoS 1 will and the collector counts what is published: the
   killed node's devices' wills come from its backup (broker.replica).
+- restart: ramp, telemetry, then a rolling restart of the brokers as an upgrade does it:
+  each node from the last to node-2 in turn is stopped (SIGTERM, as systemd or docker stop
+  do) and started again on the same config, and the next waits until the cluster has formed
+  again and every device is back. Per restart: how long the stop took, the devices it
+  dropped, time to 99% and 100% back, when the node rejoined, the wills published (with
+  --wills), and whether the balancer marked it down; the telemetry and commands figures
+  cover the whole roll. node-1 is not restarted: it carries the collector (the fleet's
+  backend, connected straight to it), whose own reconnects would be measured instead.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -108,7 +117,7 @@ from lb.config.keywords import parse_time  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 DEMO_CONFIG = ROOT / topology.LB_CONFIG
-SCENARIOS = ("ramp", "storm", "node-loss", "reload")
+SCENARIOS = ("ramp", "storm", "node-loss", "reload", "restart")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 #: Connections one HAProxy process takes before its file limit (two descriptors each).
@@ -1069,6 +1078,76 @@ def scenario_node_loss(run: Run) -> None:
     run.hold(args.hold, prefix="after_loss_")
 
 
+def restart_node(run: Run, index: int) -> dict[str, Any]:
+    """SIGTERM broker ``index``, start it again on its config, wait for the cluster and the
+    devices (bounded by --storm-timeout); the figures of this restart."""
+    args = run.args
+    node, old = run.nodes[index], run.brokers[index]
+    run.sample()
+    before = run.latest()
+    refusals_before = run.counter("refusals")
+    target = before["connected"]
+    watch = LogWatch(run.balancer.logs(), f"/{node.server} is DOWN")
+    run.mark("SIGTERM", node=node.name, pid=old.pid)
+    since = time.monotonic()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(old.pid, signal.SIGTERM)
+    try:
+        old.popen.wait(START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stop(old)  # SIGKILL: said in the figures as a stop that took the whole bound
+    stop_seconds = time.monotonic() - since
+    if old in run.started:
+        run.started.remove(old)
+    command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
+    new = start(node.name, command, run.directory, None, append=True)
+    run.started.append(new)
+    run.brokers[index] = new
+    wait_listening(node.mqtt_port, new, START_TIMEOUT)
+    run.mark("started again", node=node.name, pid=new.pid)
+    rejoined: float | None = None
+
+    def check() -> bool:
+        nonlocal rejoined
+        if rejoined is None and cluster_formed(run.nodes):
+            rejoined = time.monotonic() - since
+            run.mark("cluster formed", node=node.name)
+        return rejoined is not None
+
+    run.wait(args.storm_timeout, check)
+    left = max(0.0, args.storm_timeout - (time.monotonic() - since))
+    back = time_back(run, since, target, left)
+    run.sample()
+    after = run.latest()
+    run.mark("restart done", node=node.name, **back)
+    return {
+        "node": node.name,
+        "stop_seconds": round(stop_seconds, 1),
+        "rejoined_seconds": round(rejoined, 1) if rejoined is not None else None,
+        "marked_down": watch(),
+        "devices_dropped": after["disconnects"] - before["disconnects"],
+        **back,
+        "wills": after["wills"] - before["wills"],
+        "refusals": dict(run.counter("refusals") - refusals_before),
+    }
+
+
+def scenario_restart(run: Run) -> None:
+    args = run.args
+    run.ramp()
+    run.hold(args.settle)
+    restarts = []
+    for index in range(len(run.nodes) - 1, 0, -1):
+        restarts.append(restart_node(run, index))
+        run.hold(args.settle, prefix=f"after_{run.nodes[index].name}_")
+    run.figures["restarts"] = restarts
+    for key in ("stop_seconds", "back_100_seconds", "devices_dropped", "wills"):
+        values = [r[key] for r in restarts]
+        if values and all(isinstance(v, int | float) for v in values):
+            run.figures[f"restart_{key}_max"] = max(values)
+    run.hold(args.hold, prefix="after_restarts_")
+
+
 def scenario_reload(run: Run) -> None:
     args = run.args
     run.ramp()
@@ -1093,6 +1172,7 @@ SCENARIO_STEPS: dict[str, Callable[[Run], None]] = {
     "storm": scenario_storm,
     "node-loss": scenario_node_loss,
     "reload": scenario_reload,
+    "restart": scenario_restart,
 }
 
 
@@ -1372,8 +1452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.balancers) - {"lb", "haproxy"}
     if unknown or not args.balancers:
         parser.error(f"--balancers: lb and/or haproxy, not {','.join(sorted(unknown))}")
-    if args.devices < 1 or (args.nodes < 2 and args.scenario == "node-loss"):
-        parser.error("node-loss needs at least 2 nodes and 1 device")
+    if args.devices < 1 or (args.nodes < 2 and args.scenario in ("node-loss", "restart")):
+        parser.error(f"{args.scenario} needs at least 2 nodes and 1 device")
     if not 1 <= args.storms <= 5:
         parser.error("--storms: 1 to 5")
     return args

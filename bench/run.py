@@ -136,9 +136,12 @@ class Started:
         return self.popen.pid
 
 
-def start(name: str, args: list[str], directory: Path, cpus: set[int] | None) -> Started:
+def start(
+    name: str, args: list[str], directory: Path, cpus: set[int] | None, append: bool = False
+) -> Started:
+    """``append``: keep the log of an earlier process of this name (a restart)."""
     log = directory / f"{name}.log"
-    with log.open("wb") as output:
+    with log.open("ab" if append else "wb") as output:
         popen = subprocess.Popen(
             args,
             stdout=output,

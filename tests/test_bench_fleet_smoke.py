@@ -196,3 +196,58 @@ def test_reload_configs_lose_hard_stop_after_unless_kept(tmp_path: Path) -> None
         assert (
             hard_stop_after(balancer_config(kind, 8883, tmp_path, nodes, 2, hard_stop=False)) == 0
         )
+
+
+def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """The restart scenario through lb: node-3 then node-2 stopped (SIGTERM) and started
+    again under telemetry and commands; every device back after each, every acknowledged
+    message delivered, and each restart's figures in the JSON."""
+    output = tmp_path / "fleet.json"
+    run_bench(
+        "fleet.py",
+        "restart",
+        "--devices",
+        str(DEVICES),
+        "--nodes",
+        "3",
+        "--balancers",
+        "lb",
+        "--settle",
+        "3",
+        "--hold",
+        "3",
+        "--telemetry-interval",
+        "0.5",
+        "--command-rate",
+        "20",
+        "--storm-timeout",
+        "60",
+        "--ramp-timeout",
+        "60",
+        "--wills",
+        "--workdir",
+        str(tmp_path),
+        "--output",
+        str(output),
+        "--no-plots",
+        timeout=280,
+    )
+    result = json.loads(output.read_text())
+    assert result["scenario"] == "restart"
+    phase = result["phases"]["lb"]
+    figures = phase["figures"]
+    assert phase["error"] is None, phase["error"]
+    restarts = figures["restarts"]
+    assert [r["node"] for r in restarts] == ["broker-3", "broker-2"]
+    for restart in restarts:
+        assert restart["devices_dropped"] > 0, restart
+        assert restart["back_connected"] == DEVICES, restart
+        assert restart["rejoined_seconds"] is not None, restart
+        # 3.1.1 devices without a Will Delay: each dropped device's will, once.
+        assert restart["wills"] == restart["devices_dropped"], restart
+    assert figures["after_restarts_held"] == DEVICES
+    assert figures["telemetry_acked"] > 0
+    assert figures["telemetry_acked_lost"] == 0, figures["telemetry_lost_examples"]
+    assert figures["commands_acked"] > 0
+    assert figures["commands_acked_undelivered"] == 0, figures["commands_undelivered_examples"]
+    assert running_from(tmp_path) == []
