@@ -599,6 +599,8 @@ class Cluster:
         # What join() waits for (a start, before the listeners open) and drain() (a stop,
         # after the clients are gone); the link events that may end them check them.
         self.joined = Awaited(lambda: not self.unjoined())
+        # Peers' claims that came while our backup's link was up and not yet synced.
+        self.claims_before_sync: list[tuple[Peer, codec.Claim]] = []
         self.drained_all = Awaited(self.drained)
         # Received STATE writes go to the state store (set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
@@ -1109,6 +1111,8 @@ class Cluster:
         peer.link = None
         peer.synced = False
         peer.counters.disconnects += 1
+        if self.claims_before_sync and peer.name == self.backup:
+            self._answer_claims_before_sync()
         if self.stopping:
             # We close the link: the peer is not lost (no failover, no wills of its clients).
             logger.info("cluster link to %s (%s) closed: %s", peer.name, link.address_text, reason)
@@ -1878,6 +1882,8 @@ class Cluster:
             if not peer.synced:
                 peer.synced = True
                 self.joined.check()
+                if peer.name == self.backup:
+                    self._answer_claims_before_sync()
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE
@@ -2168,6 +2174,26 @@ class Cluster:
         assert broker is not None
         peer.counters.claims_received += 1
         broker.lamport.observe(frame.version)
+        backup = self.peers.get(self.backup) if self.backup is not None else None
+        if backup is not None and backup.up and not backup.synced:
+            # Our backup's link just came up: when we restarted without our sessions it is
+            # handing them back (TRANSFERs, before its PONG). Answered now, a claim for one
+            # of them would find none here, and the session would be left behind here.
+            self.claims_before_sync.append((peer, frame))
+            return
+        self._answer_claim(peer, frame)
+
+    def _answer_claims_before_sync(self) -> None:
+        """Our backup's PONG (or its link went): the claims that waited are answered, in
+        order."""
+        claims, self.claims_before_sync = self.claims_before_sync, []
+        for peer, frame in claims:
+            if peer.up:
+                self._answer_claim(peer, frame)
+
+    def _answer_claim(self, peer: Peer, frame: codec.Claim) -> None:
+        broker = self.broker
+        assert broker is not None
         client_id = frame.client_id
         waiting = self.waiting.get(client_id)
         session = broker.sessions.get(client_id)

@@ -1,4 +1,5 @@
-"""What a real node does with frames a peer should never send, over a real cluster link.
+"""What a real node does with frames from a peer, over a real cluster link: frames a peer
+should never send, and a claim that comes while its backup hands its sessions back.
 
 node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
 and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
@@ -20,6 +21,7 @@ import pytest
 
 from broker import cluster_codec as codec
 from broker.mqtt import Properties
+from broker.subscriptions import SubscriptionOptions
 from tests.cluster_harness import COOKIE, ClusterNode, make_nodes, wait_for
 from tests.pki import TestPKI
 
@@ -80,6 +82,27 @@ class FakePeer:
                 return event
         raise AssertionError("no frame within 10 s")
 
+    def frames_for(self, seconds: float) -> list[codec.Frame]:
+        """Every frame node-2 sends within ``seconds``."""
+        got: list[codec.Frame] = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            event = self.decoder.next_event()
+            if not isinstance(event, codec.NeedData):
+                got.append(event)
+                continue
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            finally:
+                self.sock.settimeout(5)
+            if not data:
+                break
+            self.decoder.feed(data)
+        return got
+
     def close(self) -> None:
         self.sock.close()
 
@@ -116,3 +139,41 @@ def test_a_plain_filter_where_a_shared_one_belongs_closes_only_that_link(
     again.send(codec.Ping())
     assert isinstance(again.frame(codec.Pong), codec.Pong)
     again.close()
+
+
+def test_a_claim_waits_until_the_backup_has_handed_the_sessions_back(
+    cluster: tuple[ClusterNode, ClusterNode],
+) -> None:
+    """node-1 (this test) is node-2's backup. At link up node-2 sends its PING; until
+    node-1's PONG, node-1 may be handing node-2's sessions back (node-2 restarted without
+    them: TRANSFERs come before the PONG). A claim for "dev" that comes then is not
+    answered at once (node-2 has no "dev" yet: it would answer "none" and the session handed
+    back would be left behind on node-2); once "dev" is handed back and the PONG comes,
+    node-2 answers by handing "dev" over to the claimer, its queued message with it."""
+    fake, node = cluster
+    peer = FakePeer(fake, node)
+    peer.send(codec.Claim("dev", codec.Version(1_000_000, "node-1"), False))
+    early = peer.frames_for(1.0)
+    assert not any(isinstance(frame, codec.ClaimReply) for frame in early), early
+    queued = codec.DeliveryRecord(MESSAGE, 1, False)
+    record = codec.SessionRecord(
+        "dev",
+        3600,
+        None,
+        codec.Version(5, "node-2"),
+        subscriptions=(("a/b", SubscriptionOptions(1)),),
+        deliveries=(queued,),
+    )
+    peer.send(codec.Reliable(10, codec.Transfer(record.version, False, record)))
+    peer.send(codec.Pong())
+    answers = [
+        frame.frame
+        for frame in peer.frames_for(3.0)
+        if isinstance(frame, codec.Reliable) and isinstance(frame.frame, codec.Transfer)
+    ]
+    peer.close()
+    assert len(answers) == 1, answers
+    transfer = answers[0]
+    assert transfer.session.client_id == "dev"
+    assert [d.message.payload for d in transfer.session.deliveries] == [MESSAGE.payload]
+    wait_for(lambda: "session of client_id=dev handed over to node node-1" in node.log_text(), 5)
