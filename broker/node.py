@@ -18,9 +18,9 @@ state store (:mod:`broker.statestore`) on its request topic.
 anything listens; the core and the cluster rebuild sessions, queues, retained messages and
 outboxes from it. Then the cluster starts, and the listeners open once the node has joined it
 (every running peer linked and synced, at most ``[cluster] join_timeout``), then the admin
-endpoint. ``stop`` closes the listeners
-first (5.0 clients get DISCONNECT 0x8B), lets the cluster have what they sent acknowledged
-(at most ``STOP_DRAIN_TIMEOUT``), closes the links, and writes what is queued.
+endpoint. ``stop`` closes the listeners first (5.0 clients get DISCONNECT 0x8B), lets the
+cluster have what they sent acknowledged (at most ``STOP_DRAIN_TIMEOUT``), closes the
+links, and writes what is queued.
 """
 
 from __future__ import annotations
@@ -333,10 +333,10 @@ class BrokerServer:
         if self._policy_poller is not None:
             self._policy_poller.cancel()
             self._policy_poller = None
-        # The clients go first, while the links are up: what they published reaches the
-        # peers and the backup before the links close (a PUBACK waiting on a link was sent
-        # when the link closed, for a message left in this node's outbox), and their wills
-        # and ended sessions travel the cluster.
+        # The clients go first, while the links are up: what they published, their wills
+        # and their ended sessions reach the peers and the backup before the links close
+        # (links first, a node without a backup published its clients' wills to its own
+        # departing subscribers only).
         for listener in self.listeners:
             await listener.stop()
         if self.cluster is not None:
