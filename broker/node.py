@@ -319,11 +319,11 @@ class BrokerServer:
             return
         linked = sum(1 for peer in cluster.peers.values() if peer.synced)
         logger.info(
-            "cluster: joined in %.1fs: %d of %d peers linked and synced (the others are not "
-            "running), serving clients",
+            "cluster: joined in %.1fs: %d of %d peers linked and synced%s, serving clients",
             time.monotonic() - started,
             linked,
             len(cluster.peers),
+            "" if linked == len(cluster.peers) else " (no link to the others: not running)",
         )
 
     async def stop(self) -> None:

@@ -129,7 +129,10 @@ def test_a_node_whose_peers_do_not_run_serves_after_join_timeout_or_at_once(
         last.stop()
         first.start()
         connect_when_listening(first.mqtt_port, "first").close()
-        assert "0 of 2 peers linked and synced (the others are not running)" in first.log_text()
+        assert (
+            "0 of 2 peers linked and synced (no link to the others: not running)"
+            in first.log_text()
+        )
     finally:
         for node in nodes:
             node.stop()
