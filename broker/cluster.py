@@ -20,7 +20,10 @@ node cookie, RPC ports 5370+N):
   A starting node opens its MQTT listeners (broker.node) once every peer is synced or known
   to be unreachable (our dial failed, a HELLO was refused), at most ``join_timeout``
   (join()). A node back without its store (a new incarnation) gets its sessions back from
-  its backup (TRANSFERs, before the backup's PONG). A stopping node closes its clients
+  its backup (TRANSFERs, before the backup's PONG); until that PONG (or the backup is
+  unreachable, or the join is over) a node that started without sessions sends no SYNC,
+  MEMBERS or OWNED (the peers keep its old routes) and holds the peers' reliable frames and
+  PUBLISHes unapplied (backup_settled() applies them in order). A stopping node closes its clients
   first, then waits until its peers and its backup have acknowledged what it sent (drain(),
   bounded by the caller), then the links; it does not take its peers for lost.
 
@@ -601,6 +604,14 @@ class Cluster:
         self.joined = Awaited(lambda: not self.unjoined())
         # Peers' claims that came while our backup's link was up and not yet synced.
         self.claims_before_sync: list[tuple[Peer, codec.Claim]] = []
+        # Started without sessions (memory mode, a new store), replicating: until our backup
+        # has handed back the copies of our sessions (its PONG; or it is unreachable, or the
+        # join is over) our routes are not announced (the peers keep the old ones: their
+        # messages for our sessions keep coming here), and the peers' reliable frames and
+        # messages wait (the sessions they are for are not here yet). See _hand_back.
+        self.awaiting_backup = False
+        self.state_deferred: set[str] = set()
+        self.held_frames: list[tuple[ClusterLink, codec.Frame]] = []
         self.drained_all = Awaited(self.drained)
         # Received STATE writes go to the state store (set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
@@ -787,6 +798,8 @@ class Cluster:
                 self.node_name,
                 self.backup,
             )
+            broker = self.broker
+            self.awaiting_backup = broker is not None and not broker.sessions
         now = time.time()
         for peer in self.peers.values():
             self.down_since[peer.name] = now
@@ -949,6 +962,8 @@ class Cluster:
             peer.dial_task = None  # this task is ending: let _redial schedule the next one
             self._redial(peer)
             self.joined.check()
+            if peer.name == self.backup:
+                self.backup_settled()
 
     def _link_failed(self, peer: Peer, reason: str) -> None:
         """Log a failure once per distinct reason: a peer that is down does not spam."""
@@ -1079,12 +1094,10 @@ class Cluster:
         )
         peer.last_error = None
         self._set_state(peer, LinkState.UP)
-        for frame in codec.encode_sync(self._announced_filters()):
-            link.send(frame)
-        for frame in codec.encode_members(self._local_members()):
-            link.send(frame)
-        for frame in codec.encode_owned(self._owned()):
-            link.send(frame)
+        if self.awaiting_backup:
+            self.state_deferred.add(peer.name)
+        else:
+            self._send_state(link)
         # The peer's PONG comes after its own SYNC, MEMBERS and OWNED (it sent them when it
         # read our HELLO, before this PING): then it is synced (join).
         peer.synced = False
@@ -1107,12 +1120,17 @@ class Cluster:
                     self._link_failed(peer, link.refusal or reason)
                     self._redial(peer)
                 self.joined.check()
+                if peer.name == self.backup:
+                    self.backup_settled()
             return
         peer.link = None
         peer.synced = False
         peer.counters.disconnects += 1
-        if self.claims_before_sync and peer.name == self.backup:
-            self._answer_claims_before_sync()
+        if peer.name == self.backup:
+            if self.awaiting_backup:
+                self.backup_settled()
+            elif self.claims_before_sync:
+                self._answer_claims_before_sync()
         if self.stopping:
             # We close the link: the peer is not lost (no failover, no wills of its clients).
             logger.info("cluster link to %s (%s) closed: %s", peer.name, link.address_text, reason)
@@ -1549,6 +1567,50 @@ class Cluster:
             broker.counters.messages_dropped_acknowledged += 1
             broker.drops.record(client_id, f"queue full: the copy of its session ({origin} down)")
 
+    def _send_state(self, link: ClusterLink) -> None:
+        """Our routes, shared members and owned client ids, as at link up."""
+        for frame in codec.encode_sync(self._announced_filters()):
+            link.send(frame)
+        for frame in codec.encode_members(self._local_members()):
+            link.send(frame)
+        for frame in codec.encode_owned(self._owned()):
+            link.send(frame)
+
+    def backup_settled(self) -> None:
+        """Our backup has handed back what it had of our sessions (its PONG), or will not
+        (unreachable, the join is over): our routes go out, the peers' frames that waited
+        are applied in order, then the claims that waited are answered."""
+        if not self.awaiting_backup:
+            return
+        self.awaiting_backup = False
+        deferred, self.state_deferred = self.state_deferred, set()
+        for name in sorted(deferred):
+            link = self.peers[name].link
+            if link is not None and link.established:
+                self._send_state(link)
+        held, self.held_frames = self.held_frames, []
+        applied: set[str] = set()
+        for link, frame in held:
+            sender = link.peer
+            if sender is None or sender.link is not link or link.closed:
+                continue  # its link went: the peer resends what we did not acknowledge
+            try:
+                if self.frame_received(link, sender, frame):
+                    applied.add(sender.name)
+            except codec.ClusterProtocolError as error:
+                logger.warning("cluster link %s: protocol error: %s", link._who(), error)
+                link.close(f"protocol error: {error}")
+        for name in sorted(applied):
+            self.applied_batch(self.peers[name])
+        if held or deferred:
+            logger.info(
+                "cluster: our backup has handed back our sessions: routes sent to %d peers, "
+                "%d of their frames that waited applied",
+                len(deferred),
+                len(held),
+            )
+        self._answer_claims_before_sync()
+
     def _hand_back(self, peer: Peer, orphans: str) -> None:
         """``peer`` is back as a new incarnation (restarted without its store, as in memory
         mode) and we keep copies of its sessions (now under ``orphans``): each goes back to
@@ -1817,6 +1879,13 @@ class Cluster:
         """Handle one frame; True when it was a reliable frame that was applied."""
         broker = self.broker
         assert broker is not None
+        if (
+            self.awaiting_backup
+            and peer.name != self.backup
+            and isinstance(frame, codec.Reliable | codec.Publish)
+        ):
+            self.held_frames.append((link, frame))  # backup_settled() applies them
+            return False
         counters = peer.counters
         if isinstance(frame, codec.Reliable):
             counters.reliable_received += 1
@@ -1883,7 +1952,10 @@ class Cluster:
                 peer.synced = True
                 self.joined.check()
                 if peer.name == self.backup:
-                    self._answer_claims_before_sync()
+                    if self.awaiting_backup:
+                        self.backup_settled()
+                    else:
+                        self._answer_claims_before_sync()
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE
@@ -2175,7 +2247,7 @@ class Cluster:
         peer.counters.claims_received += 1
         broker.lamport.observe(frame.version)
         backup = self.peers.get(self.backup) if self.backup is not None else None
-        if backup is not None and backup.up and not backup.synced:
+        if self.awaiting_backup or (backup is not None and backup.up and not backup.synced):
             # Our backup's link just came up: when we restarted without our sessions it is
             # handing them back (TRANSFERs, before its PONG). Answered now, a claim for one
             # of them would find none here, and the session would be left behind here.

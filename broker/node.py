@@ -258,6 +258,7 @@ class BrokerServer:
             if self.cluster is not None:
                 await self.cluster.start()
                 await self._join()
+                self.cluster.backup_settled()  # if the join ended first (join_timeout)
             for listener_config in self.config.listeners:
                 listener = Listener(
                     listener_config,

@@ -10,14 +10,16 @@ At a start it opens its listeners once it has joined: every running peer linked 
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections import Counter
 
 import pytest
 
-from broker.mqtt import Connack, Connect, Puback, Publish
+from broker.mqtt import Connack, Connect, Puback, Publish, Suback, Subscribe, Subscription
 from tests.broker_harness import RawClient
-from tests.cluster_harness import V5, V311, Device, make_nodes, running_cluster
+from tests.cluster_harness import V5, V311, Device, make_nodes, running_cluster, wait_for
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,3 +138,85 @@ def test_a_node_whose_peers_do_not_run_serves_after_join_timeout_or_at_once(
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_messages_for_a_restarted_nodes_sessions_published_during_its_return_are_kept(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 (memory store) holds 100 offline sessions, each subscribed to its own
+    cmd/<id> at QoS 1; node-1 (its backup) keeps their copies. node-3 stops and starts
+    again while a publisher on node-2 sends QoS 1 messages round the 100 topics, before,
+    during and after node-3's return; node-2's link to node-3 comes up 2 s before node-1's
+    (the hand-back). Every message node-2 acknowledged is in its session: the devices
+    reconnect on node-3, which has their sessions back, and get them all. (node-3 sent
+    node-2 its empty SYNC at once, and node-2's messages went nowhere until node-3 had its
+    sessions back; now node-3 announces its routes and takes node-2's frames only then.)"""
+    directory = tmp_path_factory.mktemp("return")
+    with running_cluster(pki, directory, store="memory") as nodes:
+        backup, publisher_node, restarted = nodes
+        names = [f"ret-{n:03d}" for n in range(100)]
+        for name in names:
+            client = RawClient(restarted.mqtt_port, level=4)
+            client.connect(Connect("MQTT", 4, False, 60, name))
+            client.send(Subscribe(1, (Subscription(f"cmd/{name}", 1),)))
+            assert isinstance(client.receive(), Suback)
+            client.close()
+        wait_for(
+            lambda: (
+                backup.admin("/api/cluster")["replication"]["copies"]["sessions"].get("node-3")
+                == 100
+            ),
+            10,
+            "100 copies on node-1",
+        )
+        publisher = Device("ret-publisher", V5, clean=True)
+        publisher.client.max_inflight_messages_set(100)
+        publisher.connect(publisher_node.mqtt_port)
+        stop_publishing = threading.Event()
+
+        def publish() -> None:
+            for n in itertools.count():
+                if stop_publishing.is_set() or n >= 20_000:
+                    return
+                publisher.publish(f"cmd/{names[n % 100]}", f"{n}", 1)
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=publish)
+        thread.start()
+        try:
+            time.sleep(0.5)
+            restarted.stop()
+            # node-1 does not dial the restarted node-3 until told: node-2's link to it comes
+            # up first and the hand-back comes 2 s later.
+            backup.admin("/api/cluster/peers/node-3/disconnect", "POST")
+            restarted.launch()
+            wait_for(
+                lambda: publisher_node.link_states().get("node-3") == "up", 15, "node-2 to node-3"
+            )
+            time.sleep(2.0)
+            backup.admin("/api/cluster/peers/node-3/connect", "POST")
+            restarted.wait_ready()
+            time.sleep(1.0)
+        finally:
+            stop_publishing.set()
+            thread.join()
+        wait_for(lambda: not publisher.pending, 15, "every message acknowledged")
+        acked = set(publisher.acked)
+        publisher.stop()
+        got: set[str] = set()
+        for name in names:
+            client = RawClient(restarted.mqtt_port, level=4)
+            connack = client.connect(Connect("MQTT", 4, False, 60, name))
+            assert isinstance(connack, Connack) and connack.session_present, (name, connack)
+            while True:
+                try:
+                    packet = client.receive(timeout=0.3)
+                except TimeoutError:
+                    break
+                assert isinstance(packet, Publish), packet
+                got.add(packet.payload.decode())
+                if packet.packet_id is not None:
+                    client.send(Puback(packet.packet_id))
+            client.close()
+        assert len(acked) > 300, len(acked)
+        assert acked <= got, sorted(acked - got, key=int)[:20]
