@@ -23,9 +23,9 @@ node cookie, RPC ports 5370+N):
   its backup (TRANSFERs, before the backup's PONG); until that PONG (or the backup is
   unreachable, or the join is over) a node that started without sessions sends no SYNC,
   MEMBERS or OWNED (the peers keep its old routes) and holds the peers' reliable frames and
-  PUBLISHes unapplied (backup_settled() applies them in order). A stopping node closes its clients
-  first, then waits until its peers and its backup have acknowledged what it sent (drain(),
-  bounded by the caller), then the links; it does not take its peers for lost.
+  PUBLISHes unapplied (backup_settled() applies them in order). A stopping node closes its
+  clients first, then waits until its peers and its backup have acknowledged what it sent
+  (drain(), bounded by the caller), then the links; it does not take its peers for lost.
 
 Routing: each node announces its non-shared filters (SYNC, SUBSCRIBE, UNSUBSCRIBE) and its
 shared subscription members (MEMBERS). A message accepted from a local client is delivered
@@ -814,12 +814,17 @@ class Cluster:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
+    @property
+    def backup_peer(self) -> Peer | None:
+        """The peer that keeps copies of our sessions (None when not replicating)."""
+        return None if self.backup is None else self.peers.get(self.backup)
+
     def drained(self) -> bool:
         """Every peer that is up has acknowledged our reliable frames, and the backup (when
         up) every replica op: closing the links now leaves nothing only this node holds."""
         if any(peer.up and peer.outbox for peer in self.peers.values()):
             return False
-        backup = self.peers.get(self.backup) if self.backup is not None else None
+        backup = self.backup_peer
         return backup is None or not backup.up or self.replicator.target() is None
 
     def unjoined(self) -> list[str]:
@@ -963,7 +968,7 @@ class Cluster:
             self._redial(peer)
             self.joined.check()
             if peer.name == self.backup:
-                self.backup_settled()
+                self._backup_news()
 
     def _link_failed(self, peer: Peer, reason: str) -> None:
         """Log a failure once per distinct reason: a peer that is down does not spam."""
@@ -1121,16 +1126,13 @@ class Cluster:
                     self._redial(peer)
                 self.joined.check()
                 if peer.name == self.backup:
-                    self.backup_settled()
+                    self._backup_news()
             return
         peer.link = None
         peer.synced = False
         peer.counters.disconnects += 1
         if peer.name == self.backup:
-            if self.awaiting_backup:
-                self.backup_settled()
-            elif self.claims_before_sync:
-                self._answer_claims_before_sync()
+            self._backup_news()
         if self.stopping:
             # We close the link: the peer is not lost (no failover, no wills of its clients).
             logger.info("cluster link to %s (%s) closed: %s", peer.name, link.address_text, reason)
@@ -1415,7 +1417,7 @@ class Cluster:
         """The session writes of the last LINGER_SECONDS, to the backup."""
         self.replica_flush = None
         replicator = self.replicator
-        peer = None if self.backup is None else self.peers.get(self.backup)
+        peer = self.backup_peer
         link = None if peer is None else peer.link
         if link is None or not link.established or not replicator.active:
             return
@@ -1576,6 +1578,13 @@ class Cluster:
         for frame in codec.encode_owned(self._owned()):
             link.send(frame)
 
+    def _backup_news(self) -> None:
+        """Our backup's PONG, or its link failed or went: what waited on it goes on."""
+        if self.awaiting_backup:
+            self.backup_settled()
+        else:
+            self._answer_claims_before_sync()
+
     def backup_settled(self) -> None:
         """Our backup has handed back what it had of our sessions (its PONG), or will not
         (unreachable, the join is over): our routes go out, the peers' frames that waited
@@ -1598,8 +1607,7 @@ class Cluster:
                 if self.frame_received(link, sender, frame):
                     applied.add(sender.name)
             except codec.ClusterProtocolError as error:
-                logger.warning("cluster link %s: protocol error: %s", link._who(), error)
-                link.close(f"protocol error: {error}")
+                link.protocol_error(error)
         for name in sorted(applied):
             self.applied_batch(self.peers[name])
         if held or deferred:
@@ -1622,27 +1630,17 @@ class Cluster:
         devices came back, and nothing published meanwhile was routed to them (the peer's
         SYNC had reset its routes). Their delayed wills stay scheduled here (the device's
         claim, wherever it connects, cancels them)."""
-        replicas = self.replicas
-        sessions = replicas.origins.get(orphans) or {}
-        count = deliveries = 0
-        for client_id in list(sessions):
-            record = replicas.take(orphans, client_id)
-            if record is None:
-                continue
-            count += 1
-            deliveries += len(record.deliveries)
+        records = self.replicas.take_all(orphans)
+        for record in records:
             peer.counters.transfers_sent += 1
             self.send_reliable(peer, codec.Transfer(record.version, False, record))
-        replicas.counters.handed_back += count
-        if not replicas.origins.get(orphans):
-            replicas.origins.pop(orphans, None)
-            replicas.tries.pop(orphans, None)
+        self.replicas.counters.handed_back += len(records)
         logger.warning(
             "cluster: node %s restarted without its sessions (a new incarnation): our %d "
             "copies of them (%d queued or in flight) handed back to it",
             peer.name,
-            count,
-            deliveries,
+            len(records),
+            sum(len(record.deliveries) for record in records),
         )
 
     def _orphaned_copy(
@@ -1952,10 +1950,7 @@ class Cluster:
                 peer.synced = True
                 self.joined.check()
                 if peer.name == self.backup:
-                    if self.awaiting_backup:
-                        self.backup_settled()
-                    else:
-                        self._answer_claims_before_sync()
+                    self._backup_news()
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE
@@ -2246,7 +2241,7 @@ class Cluster:
         assert broker is not None
         peer.counters.claims_received += 1
         broker.lamport.observe(frame.version)
-        backup = self.peers.get(self.backup) if self.backup is not None else None
+        backup = self.backup_peer
         if self.awaiting_backup or (backup is not None and backup.up and not backup.synced):
             # Our backup's link just came up: when we restarted without our sessions it is
             # handing them back (TRANSFERs, before its PONG). Answered now, a claim for one
@@ -2780,13 +2775,17 @@ class ClusterLink(asyncio.Protocol):
                 assert not isinstance(frame, codec.NeedData)
                 applied |= self._frame(frame)
         except codec.ClusterProtocolError as error:
-            logger.warning("cluster link %s: protocol error: %s", self._who(), error)
-            self.close(f"protocol error: {error}")
+            self.protocol_error(error)
         except Exception:
             logger.exception("cluster link %s: internal error", self._who())
             self.close("internal error")
         if applied and self.peer is not None:
             self.cluster.applied_batch(self.peer)
+
+    def protocol_error(self, error: codec.ClusterProtocolError) -> None:
+        """A frame of the peer's broke the protocol: logged, and this link closes."""
+        logger.warning("cluster link %s: protocol error: %s", self._who(), error)
+        self.close(f"protocol error: {error}")
 
     def eof_received(self) -> bool | None:
         return False

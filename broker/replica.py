@@ -863,6 +863,19 @@ class Replicas:
         if wills:
             self.bytes -= sum(len(data) for data in wills.values())
 
+    def take_all(self, origin: str) -> list[codec.SessionRecord]:
+        """Remove every copy of ``origin`` as session records (take()), and ``origin`` with
+        them."""
+        records = []
+        for client_id in list(self.origins.get(origin) or ()):
+            record = self.take(origin, client_id)
+            if record is not None:
+                records.append(record)
+        if not self.origins.get(origin):
+            self.origins.pop(origin, None)
+            self.tries.pop(origin, None)
+        return records
+
     def orphan(self, origin: str, incarnation: int) -> str | None:
         """``origin`` is back as a new incarnation (it restarted without its store): its
         copies are put apart, under "origin#old incarnation", as the sessions of a node that
