@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,30 +31,26 @@ DEVICES = 20
 pytestmark = [pytest.mark.haproxy, pytest.mark.timeout(300)]
 
 
-@pytest.mark.skipif(not HAPROXY.exists(), reason="needs Debian's haproxy package")
-def test_storm_through_both_balancers_counts_every_device_and_message(tmp_path: Path) -> None:
+def run_fleet(tmp_path: Path, scenario: str, *flags: str) -> dict[str, Any]:
+    """bench/fleet.py SCENARIO with DEVICES devices, the short settle, telemetry, commands
+    and bounds every smoke run here uses, and ``flags``; its JSON result."""
     output = tmp_path / "fleet.json"
     run_bench(
         "fleet.py",
-        "storm",
+        scenario,
         "--devices",
         str(DEVICES),
-        "--nodes",
-        "2",
         "--settle",
         "3",
         "--telemetry-interval",
         "0.5",
         "--command-rate",
         "20",
-        "--backoff-base",
-        "0.5",
         "--storm-timeout",
         "60",
-        "--storms",
-        "2",
         "--ramp-timeout",
         "60",
+        *flags,
         "--workdir",
         str(tmp_path),
         "--output",
@@ -61,7 +58,13 @@ def test_storm_through_both_balancers_counts_every_device_and_message(tmp_path: 
         "--no-plots",
         timeout=280,
     )
-    result = json.loads(output.read_text())
+    result: dict[str, Any] = json.loads(output.read_text())
+    return result
+
+
+@pytest.mark.skipif(not HAPROXY.exists(), reason="needs Debian's haproxy package")
+def test_storm_through_both_balancers_counts_every_device_and_message(tmp_path: Path) -> None:
+    result = run_fleet(tmp_path, "storm", "--nodes", "2", "--backoff-base", "0.5", "--storms", "2")
     assert result["scenario"] == "storm"
     assert list(result["phases"]) == ["lb", "haproxy"]
     for kind, phase in result["phases"].items():
@@ -202,37 +205,9 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(tmp_path: P
     """The restart scenario through lb: node-3 then node-2 stopped (SIGTERM) and started
     again under telemetry and commands; every device back after each, every acknowledged
     telemetry message delivered, and each restart's figures in the JSON."""
-    output = tmp_path / "fleet.json"
-    run_bench(
-        "fleet.py",
-        "restart",
-        "--devices",
-        str(DEVICES),
-        "--nodes",
-        "3",
-        "--balancers",
-        "lb",
-        "--settle",
-        "3",
-        "--hold",
-        "3",
-        "--telemetry-interval",
-        "0.5",
-        "--command-rate",
-        "20",
-        "--storm-timeout",
-        "60",
-        "--ramp-timeout",
-        "60",
-        "--wills",
-        "--workdir",
-        str(tmp_path),
-        "--output",
-        str(output),
-        "--no-plots",
-        timeout=280,
+    result = run_fleet(
+        tmp_path, "restart", "--nodes", "3", "--balancers", "lb", "--hold", "3", "--wills"
     )
-    result = json.loads(output.read_text())
     assert result["scenario"] == "restart"
     phase = result["phases"]["lb"]
     figures = phase["figures"]
