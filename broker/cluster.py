@@ -1157,6 +1157,7 @@ class Cluster:
         if peer.name in self.replicas.parked:
             queued, dropped, elsewhere = self.replicas.owner_down(peer.name, time.monotonic())
             self._failover_dropped(peer.name, dropped)
+            self._forward_moved()
             for message, members in elsewhere:
                 self._redispatch(peer.name, message, members)
             if queued:
@@ -1505,12 +1506,25 @@ class Cluster:
                     replicas.counters.parked_dropped,
                 )
             return
+        now = time.monotonic()
         if plain:
-            self._failover_dropped(origin, replicas.failover(origin, message)[1])
+            self._failover_dropped(origin, replicas.failover(origin, message, now)[1])
         if targets:
-            _, dropped, missing = replicas.failover_shared(origin, message, targets)
+            _, dropped, missing = replicas.failover_shared(origin, message, targets, now)
             self._failover_dropped(origin, dropped)
             self._redispatch(origin, message, missing)
+        self._forward_moved()
+
+    def _forward_moved(self) -> None:
+        """Failover messages for copies we handed over (broker.replica.MovedCopy): on to
+        the node the session went to, after its TRANSFER (or to it here)."""
+        for node, client_id, delivery in self.replicas.take_forwards():
+            if node == self.node_name:
+                self._deliver_here(client_id, delivery)
+                continue
+            peer = self.peers.get(node)
+            if peer is not None:
+                self.send_reliable(peer, codec.Deliver(client_id, delivery))
 
     def _redispatch(
         self, origin: str, message: codec.WireMessage, members: Iterable[tuple[str, str]]
@@ -1554,7 +1568,7 @@ class Cluster:
             if not key.startswith(prefix) or member == client_id:
                 continue
             _, dropped, missing = self.replicas.failover_shared(
-                origin, message, ((shared_filter, member),)
+                origin, message, ((shared_filter, member),), time.monotonic()
             )
             if not missing:
                 self._failover_dropped(origin, dropped)
@@ -1647,8 +1661,9 @@ class Cluster:
         self, client_id: str, claimer: str | None, clean_start: bool = False
     ) -> tuple[str, codec.SessionRecord] | None:
         """Our copy of ``client_id`` when its owner is down (the copy is then the session;
-        ``claimer`` is not that owner): its owner and its record, taken out of the copies.
-        A clean start ends the copy instead (None)."""
+        ``claimer`` is not that owner, None for us): its owner and its record, taken out of
+        the copies (a stub stays, which sends on to the claimer what still arrives for the
+        copy). A clean start ends the copy instead (None)."""
         replicas = self.replicas
         if not replicas.origins:
             return None
@@ -1662,7 +1677,7 @@ class Cluster:
             replicas.drop(client_id)
             return None
         before = replicas.counters.undecodable
-        record = replicas.take(origin, client_id)
+        record = replicas.take(origin, client_id, claimer or self.node_name, now=time.monotonic())
         if replicas.counters.undecodable > before:
             logger.error(
                 "client_id=%s: %d deliveries of the copy of node %s did not decode and are "
@@ -1683,6 +1698,7 @@ class Cluster:
         now = time.time()
         for origin in list(self.replicas.parked):
             self.replicas.discard_parked(origin, time.monotonic())
+        self.replicas.forget_moved(time.monotonic())
         for origin in list(self.replicas.origins):
             since = self.down_since.get(origin)
             if since is None:
@@ -2418,15 +2434,17 @@ class Cluster:
         self.send_reliable(peer, codec.Transfer(theirs, True, record))
 
     def _deliver_received(self, peer: Peer, frame: codec.Deliver) -> None:
+        peer.counters.deliveries_forwarded += 1
+        self._deliver_here(frame.client_id, frame.delivery)
+
+    def _deliver_here(self, client_id: str, delivery: codec.DeliveryRecord) -> None:
         broker = self.broker
         assert broker is not None
-        peer.counters.deliveries_forwarded += 1
-        session = broker.sessions.get(frame.client_id)
-        delivery = frame.delivery
+        session = broker.sessions.get(client_id)
         if session is None:
             broker.counters.messages_dropped_queue_full += 1
             if delivery.qos:
-                broker.drops.record(frame.client_id, "forwarded to a session that is gone")
+                broker.drops.record(client_id, "forwarded to a session that is gone")
             return
         message = delivery.message.to_message(broker.clock())
         broker.deliver_to_session(

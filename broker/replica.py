@@ -24,7 +24,12 @@ them only when the owner is down (its link to it is down):
 
 - a device of the owner reconnects elsewhere: the claim for its client id reaches the backup,
   which hands the copy over as a TRANSFER (as the owner would have), or installs it itself
-  when the device reconnected to it;
+  when the device reconnected to it. The copy stays behind as a forwarding stub for
+  MOVED_GRACE (:class:`MovedCopy`, as the owner's stub of a session it hands over): a
+  failover message for it that arrives after the handover (routed to the down owner before
+  its sender had the session's new route: the claim, the TRANSFER and the SUBSCRIBE that
+  follows are round trips) goes on to the session's node, which delivers a message it had
+  already once (by message id);
 - a QoS 1/2 message for the owner's plain subscribers while it is down: the publishing node
   sends it to the owner's outbox as before AND to the backup (REPLICA_PUBLISH), which queues it
   for the copies whose subscriptions match; when the link to a node drops, the frames it had
@@ -70,6 +75,7 @@ from typing import Any
 
 from broker import cluster_codec as codec
 from broker.cluster_codec import ReplicaOp, ReplicaOpKind
+from broker.core import MOVED_GRACE
 from broker.session import SESSION_NEVER_EXPIRES
 from broker.store import Store, StoredState
 from broker.subscriptions import SubscriptionOptions, SubscriptionTrie
@@ -78,6 +84,7 @@ __all__ = [
     "LINGER_SECONDS",
     "PARKED_MESSAGES",
     "REPLICA_FRAME_BYTES",
+    "MovedCopy",
     "Replicas",
     "ReplicatedStore",
     "Replicator",
@@ -106,6 +113,8 @@ PARKED_MESSAGES = 10_000
 
 #: Shared members a failover message is for: (shared filter, client id).
 Targets = tuple[tuple[str, str], ...]
+#: A failover message for a copy handed over: (the session's node, client id, delivery).
+Forward = tuple[str, str, codec.DeliveryRecord]
 
 
 def backup_of(node: str, nodes: Iterable[str]) -> str | None:
@@ -687,6 +696,18 @@ class ReplicaSession:
         return len(self.record) + sum(len(data) for data in self.deliveries.values())
 
 
+class MovedCopy:
+    """A copy handed over (or installed here): where its session went, until when failover
+    messages for it are sent on there, and its record (its subscriptions)."""
+
+    __slots__ = ("node", "record", "until")
+
+    def __init__(self, node: str, record: bytes, until: float) -> None:
+        self.node = node
+        self.record = record
+        self.until = until
+
+
 @dataclass(slots=True)
 class ReplicaCounters:
     frames_applied: int = 0
@@ -703,6 +724,8 @@ class ReplicaCounters:
     failover_messages: int = 0
     failover_deliveries: int = 0
     failover_dropped: int = 0
+    # Failover messages for a copy handed over, sent on to its session's node (MovedCopy).
+    failover_forwarded: int = 0
     # Shared members' messages sent on to another member (their session ended with their node).
     failover_redispatched: int = 0
     failover_parked: int = 0
@@ -731,6 +754,11 @@ class Replicas:
         # the shared members it is for; () for the plain subscribers).
         self.parked: dict[str, deque[tuple[float, codec.WireMessage, Targets]]] = {}
         self.parked_bytes: dict[str, int] = {}
+        # Copies handed over lately, by owner and client id (their filters stay in the
+        # owner's trie until they are forgotten), and what failover sent on to them, for the
+        # cluster to send (take_forwards()).
+        self.moved: dict[str, dict[str, MovedCopy]] = {}
+        self.forwards: list[Forward] = []
 
     def __len__(self) -> int:
         return sum(len(sessions) for sessions in self.origins.values())
@@ -839,7 +867,9 @@ class Replicas:
             if not topic_filter.startswith("$share/"):
                 trie.subscribe(client_id, topic_filter, options)
 
-    def _remove(self, origin: str, client_id: str) -> ReplicaSession | None:
+    def _remove(
+        self, origin: str, client_id: str, keep_index: bool = False
+    ) -> ReplicaSession | None:
         sessions = self.origins.get(origin)
         if sessions is None:
             return None
@@ -847,7 +877,7 @@ class Replicas:
         if copy is None:
             return None
         self.bytes -= copy.size()
-        if origin in self.tries:
+        if origin in self.tries and not keep_index:
             self._index(origin, client_id, _filters(copy.record), ())
         return copy
 
@@ -855,6 +885,7 @@ class Replicas:
         """The owner starts its snapshot: forget every copy of its sessions."""
         sessions = self.origins.pop(origin, None)
         self.tries.pop(origin, None)
+        self.moved.pop(origin, None)
         self.discard_parked(origin)
         if sessions:
             for copy in sessions.values():
@@ -889,6 +920,9 @@ class Replicas:
         trie = self.tries.pop(origin, None)
         if trie is not None:
             self.tries[name] = trie
+        moved = self.moved.pop(origin, None)
+        if moved is not None:
+            self.moved[name] = moved
         del self.incarnations[origin]
         return name
 
@@ -922,12 +956,19 @@ class Replicas:
                 return origin
         return None
 
-    def take(self, origin: str, client_id: str) -> codec.SessionRecord | None:
+    def take(
+        self, origin: str, client_id: str, moved_to: str | None = None, now: float = 0.0
+    ) -> codec.SessionRecord | None:
         """Remove the copy and make it a session record (deliveries in key order, a message
-        that reached it twice once)."""
-        copy = self._remove(origin, client_id)
+        that reached it twice once). ``moved_to``: the node the session goes to (a claim);
+        the copy stays a forwarding stub for MOVED_GRACE from ``now`` (monotonic)."""
+        copy = self._remove(origin, client_id, keep_index=moved_to is not None)
         if copy is None:
             return None
+        if moved_to is not None:
+            self.moved.setdefault(origin, {})[client_id] = MovedCopy(
+                moved_to, copy.record, now + MOVED_GRACE
+            )
         record = codec.decode_session(copy.record)
         deliveries: list[codec.DeliveryRecord] = []
         seen: set[tuple[str, int]] = set()
@@ -958,7 +999,12 @@ class Replicas:
         )
 
     def drop(self, client_id: str) -> bool:
-        """A clean start of ``client_id`` somewhere: its copies go."""
+        """A clean start of ``client_id`` somewhere: its copies go (and a stub of one handed
+        over: the session it went to ends)."""
+        for stub_origin, moved in self.moved.items():
+            if client_id in moved:
+                self._forget_moved(stub_origin, client_id)
+                break
         origin = self.find(client_id)
         if origin is None:
             return False
@@ -966,34 +1012,37 @@ class Replicas:
         self.counters.dropped_clean_start += 1
         return True
 
-    def failover(self, origin: str, message: codec.WireMessage) -> tuple[int, list[str]]:
+    def failover(
+        self, origin: str, message: codec.WireMessage, now: float
+    ) -> tuple[int, list[str]]:
         """A QoS 1/2 message for ``origin``'s plain subscribers while it is down: queued for
-        the copies whose subscriptions match. Returns (deliveries queued, client ids whose
-        bounds dropped it)."""
-        sessions = self.origins.get(origin)
+        the copies whose subscriptions match (and sent on for the copies handed over: see
+        take_forwards()). Returns (deliveries queued, client ids whose bounds dropped it)."""
+        sessions = self.origins.get(origin) or {}
+        moved = self.moved.get(origin) or {}
         self.counters.failover_messages += 1
-        if not sessions:
+        if not sessions and not moved:
             return 0, []
         trie = self.tries.get(origin)
         if trie is None:
             trie = self.tries[origin] = SubscriptionTrie()
-            for client_id, kept in sessions.items():
-                for topic_filter, options in _filters(kept.record):
+            records = {client_id: copy.record for client_id, copy in sessions.items()}
+            records.update((client_id, stub.record) for client_id, stub in moved.items())
+            for client_id, record in records.items():
+                for topic_filter, options in _filters(record):
                     if not topic_filter.startswith("$share/"):
                         trie.subscribe(client_id, topic_filter, options)
         queued = 0
         dropped: list[str] = []
         for delivery in trie.match(message.topic, message.publisher_client_id, shared=False):
+            qos = min(delivery.qos, message.qos)
+            retain = message.retain and delivery.retain_as_published
+            identifiers = tuple(delivery.subscription_identifiers)
             copy = sessions.get(delivery.client_id)
             if copy is None:
+                self._forward(origin, delivery.client_id, message, qos, retain, identifiers, now)
                 continue
-            if not self._queue(
-                copy,
-                message,
-                min(delivery.qos, message.qos),
-                message.retain and delivery.retain_as_published,
-                tuple(delivery.subscription_identifiers),
-            ):
+            if not self._queue(copy, message, qos, retain, identifiers):
                 dropped.append(delivery.client_id)
             elif delivery.qos:
                 queued += 1
@@ -1001,35 +1050,84 @@ class Replicas:
         return queued, dropped
 
     def failover_shared(
-        self, origin: str, message: codec.WireMessage, targets: Targets
+        self, origin: str, message: codec.WireMessage, targets: Targets, now: float
     ) -> tuple[int, list[str], list[tuple[str, str]]]:
         """A QoS 1/2 message for shared members on ``origin`` while it is down: queued for
-        each member's copy with that subscription. Returns (deliveries queued, client ids
-        whose bounds dropped it, the targets without a copy here: for another member)."""
+        each member's copy with that subscription (or sent on to a member whose copy was
+        handed over). Returns (deliveries queued, client ids whose bounds dropped it, the
+        targets without a copy here: for another member)."""
         sessions = self.origins.get(origin) or {}
+        moved = self.moved.get(origin) or {}
         self.counters.failover_messages += 1
         queued = 0
         dropped: list[str] = []
         missing: list[tuple[str, str]] = []
         for shared_filter, client_id in targets:
-            copy = sessions.get(client_id)
-            options = None if copy is None else dict(_filters(copy.record)).get(shared_filter)
-            if copy is None or options is None:
+            kept: ReplicaSession | MovedCopy | None = sessions.get(client_id)
+            if kept is None:
+                kept = moved.get(client_id)
+                if kept is not None and kept.until <= now:
+                    kept = None
+            options = None if kept is None else dict(_filters(kept.record)).get(shared_filter)
+            if kept is None or options is None:
                 missing.append((shared_filter, client_id))
                 continue
             identifier = options.subscription_identifier
-            if not self._queue(
-                copy,
-                message,
-                min(options.qos, message.qos),
-                message.retain and options.retain_as_published,
-                () if identifier is None else (identifier,),
-            ):
+            qos = min(options.qos, message.qos)
+            retain = message.retain and options.retain_as_published
+            identifiers = () if identifier is None else (identifier,)
+            if isinstance(kept, MovedCopy):
+                self._forward(origin, client_id, message, qos, retain, identifiers, now)
+                continue
+            if not self._queue(kept, message, qos, retain, identifiers):
                 dropped.append(client_id)
             elif options.qos:
                 queued += 1
         self.counters.failover_deliveries += queued
         return queued, dropped, missing
+
+    def _forward(
+        self,
+        origin: str,
+        client_id: str,
+        message: codec.WireMessage,
+        qos: int,
+        retain: bool,
+        identifiers: tuple[int, ...],
+        now: float,
+    ) -> None:
+        moved = self.moved.get(origin, {}).get(client_id)
+        if moved is None or moved.until <= now or not qos:
+            return
+        self.counters.failover_forwarded += 1
+        record = codec.DeliveryRecord(message, qos, retain, identifiers)
+        self.forwards.append((moved.node, client_id, record))
+
+    def take_forwards(self) -> list[Forward]:
+        """The failover messages for copies handed over since the last call: (the session's
+        node, client id, delivery), to send there as DELIVER (or deliver here)."""
+        forwards, self.forwards = self.forwards, []
+        return forwards
+
+    def forget_moved(self, now: float) -> int:
+        """Forget the stubs of copies handed over whose MOVED_GRACE is over; how many."""
+        gone = [
+            (origin, client_id)
+            for origin, moved in self.moved.items()
+            for client_id, stub in moved.items()
+            if stub.until <= now
+        ]
+        for origin, client_id in gone:
+            self._forget_moved(origin, client_id)
+        return len(gone)
+
+    def _forget_moved(self, origin: str, client_id: str) -> None:
+        moved = self.moved[origin]
+        stub = moved.pop(client_id)
+        if not moved:
+            del self.moved[origin]
+        if origin in self.tries and client_id not in self.origins.get(origin, {}):
+            self._index(origin, client_id, _filters(stub.record), ())
 
     def _queue(
         self,
@@ -1088,11 +1186,11 @@ class Replicas:
                 self.counters.parked_discarded += 1
                 continue
             if targets:
-                count, full, missing = self.failover_shared(origin, message, targets)
+                count, full, missing = self.failover_shared(origin, message, targets, now)
                 if missing:
                     elsewhere.append((message, missing))
             else:
-                count, full = self.failover(origin, message)
+                count, full = self.failover(origin, message, now)
             queued += count
             dropped.extend(full)
         return queued, dropped, elsewhere
@@ -1140,6 +1238,7 @@ class Replicas:
             ),
             "bytes": self.bytes,
             "parked": {origin: len(parked) for origin, parked in self.parked.items()},
+            "moved": {origin: len(moved) for origin, moved in self.moved.items()},
             "wills": {origin: len(wills) for origin, wills in self.wills.items() if wills},
             "counters": {
                 name: getattr(self.counters, name) for name in ReplicaCounters.__dataclass_fields__

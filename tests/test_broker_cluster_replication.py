@@ -11,6 +11,7 @@ through node-2's copy, handed over (device on node-3) or taken there (device on 
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -122,6 +123,60 @@ def test_a_connected_device_loses_nothing_published_while_it_moves(
     got = again.received(want=5)
     again.stop()
     assert sorted(got) == [f"moving-{n}" for n in range(5)]
+
+
+@pytest.mark.parametrize("comes_back_on", ["node-2", "node-3"])
+def test_what_is_published_while_the_copy_is_handed_over_reaches_the_session(
+    nodes: list[ClusterNode], comes_back_on: str
+) -> None:
+    """node-1 is down; its device comes back on node-3 (or on node-2, its backup) while
+    publishers on node-2 and node-3 send it a command every half millisecond. Messages
+    routed to node-1 before their node had the session's new route go to node-1's outbox and
+    to node-2; node-2 had handed the copy over (or installed it) by then, so they went
+    nowhere: before the forwarding stub (broker.replica.MovedCopy) 2-19 of ~1,500 acknowledged
+    commands were never delivered. Each is delivered, once."""
+    owner, backup, other = nodes
+    offline_session(owner, "handover", V5)
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    owner.kill()
+    wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-1 down on node-3")
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
+    publishers = []
+    for node in (backup, other):
+        publisher = Device(f"commander-{node.name}", V5, clean=True)
+        publisher.connect(node.mqtt_port)
+        publishers.append(publisher)
+    stop = threading.Event()
+
+    def command(publisher: Device) -> None:
+        for n in range(3_000):
+            if stop.is_set():
+                break
+            publisher.publish("cmd/handover", f"{publisher.client_id}-{n}", 1)
+            time.sleep(0.0005)
+
+    threads = [threading.Thread(target=command, args=(publisher,)) for publisher in publishers]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        again = Device("handover", V5)
+        target = backup if comes_back_on == "node-2" else other
+        assert again.connect(target.mqtt_port), "the session was lost with its node"
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    for publisher in publishers:
+        wait_for(lambda publisher=publisher: not publisher.pending, 15, "commands acknowledged")
+        publisher.stop()
+    acknowledged = [payload for publisher in publishers for payload in publisher.acked]
+    got = Counter(again.received(want=len(acknowledged), quiet=1.0))
+    again.stop()
+    assert sorted(set(acknowledged) - set(got)) == []
+    assert [payload for payload, count in got.items() if count > 1] == []
+    assert _replication(backup)["copies"]["counters"]["failover_forwarded"] > 0
 
 
 def test_a_publish_for_another_node_is_acknowledged_once_a_node_other_than_ours_has_it(

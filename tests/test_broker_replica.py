@@ -13,7 +13,7 @@ import pytest
 from broker import cluster_codec as codec
 from broker.cluster_codec import ReplicaOp, ReplicaOpKind
 from broker.config import MQTTSettings
-from broker.core import Broker
+from broker.core import MOVED_GRACE, Broker
 from broker.message import Message
 from broker.mqtt import Properties
 from broker.replica import (
@@ -230,11 +230,11 @@ def test_failover_messages_queue_within_bounds_and_hand_over_once() -> None:
         codec.Replica(1, True, (save("dev", ("cmd/#",)), save("other", ("else",)), add(1, 1))),
     )
     # The owner had seq 1 already: the copy of it is queued, and handed over once.
-    assert replicas.failover("node-1", message(1)) == (1, [])
-    assert replicas.failover("node-1", message(2, qos=2)) == (1, [])
-    assert replicas.failover("node-1", message(3, topic="nobody")) == (0, [])
-    assert replicas.failover("node-1", message(4)) == (0, ["dev"])  # 3 queued: full
-    assert replicas.failover("node-9", message(5)) == (0, [])
+    assert replicas.failover("node-1", message(1), 0.0) == (1, [])
+    assert replicas.failover("node-1", message(2, qos=2), 0.0) == (1, [])
+    assert replicas.failover("node-1", message(3, topic="nobody"), 0.0) == (0, [])
+    assert replicas.failover("node-1", message(4), 0.0) == (0, ["dev"])  # 3 queued: full
+    assert replicas.failover("node-9", message(5), 0.0) == (0, [])
     record = replicas.take("node-1", "dev")
     assert record is not None
     assert [(d.message.seq, d.qos) for d in record.deliveries] == [(1, 1), (2, 1)]
@@ -242,16 +242,64 @@ def test_failover_messages_queue_within_bounds_and_hand_over_once() -> None:
     assert (counters.failover_deliveries, counters.failover_dropped) == (2, 1)
     # The trie follows SAVE and take: "dev" is gone, a new subscriber of "else" is found.
     replicas.apply("node-1", codec.Replica(2, False, (save("other", ("else", "cmd/x")),)))
-    assert replicas.failover("node-1", message(6, topic="cmd/x")) == (1, [])
-    assert replicas.failover("node-1", message(7, topic="cmd/dev")) == (0, [])
+    assert replicas.failover("node-1", message(6, topic="cmd/x"), 0.0) == (1, [])
+    assert replicas.failover("node-1", message(7, topic="cmd/dev"), 0.0) == (0, [])
     assert max(replicas.origins["node-1"]["other"].deliveries) >= FAILOVER_KEY_BASE
+
+
+@pytest.mark.parametrize("trie_before", [True, False])
+def test_a_copy_handed_over_sends_on_what_still_arrives_for_it_for_a_grace(
+    trie_before: bool,
+) -> None:
+    """A failover message for a copy already handed over (routed to the down owner before
+    its sender knew the session moved) is sent on to the session's node, for its plain and
+    shared subscriptions, until MOVED_GRACE is over; then the stub and its routes go. The
+    owner's trie is built when the first failover message needs it: before or after the
+    handover, the stub is in it."""
+    replicas = Replicas(max_queued_messages=10, max_queued_bytes=1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save("dev", ("cmd/dev", "$share/g/jobs")),)))
+    if trie_before:
+        assert replicas.failover("node-1", message(1), 0.0) == (1, [])
+    record = replicas.take("node-1", "dev", moved_to="node-3", now=100.0)
+    assert record is not None and len(record.deliveries) == int(trie_before)
+    assert replicas.find("dev") is None and replicas.status()["moved"] == {"node-1": 1}
+    assert replicas.failover("node-1", message(2), 101.0) == (0, [])
+    shared = replicas.failover_shared(
+        "node-1", message(3, topic="jobs"), (("$share/g/jobs", "dev"),), 102.0
+    )
+    assert shared == (0, [], [])
+    assert replicas.failover("node-1", message(4, topic="nobody"), 102.0) == (0, [])
+    forwards = replicas.take_forwards()
+    assert [(node, client_id, d.message.seq, d.qos) for node, client_id, d in forwards] == [
+        ("node-3", "dev", 2, 1),
+        ("node-3", "dev", 3, 1),
+    ]
+    assert replicas.take_forwards() == [] and replicas.counters.failover_forwarded == 2
+    # The grace is over: nothing is sent on; the member is handed back for another member.
+    late = 100.0 + MOVED_GRACE
+    assert replicas.failover("node-1", message(5), late) == (0, [])
+    assert replicas.failover_shared(
+        "node-1", message(6, topic="jobs"), (("$share/g/jobs", "dev"),), late
+    ) == (0, [], [("$share/g/jobs", "dev")])
+    assert replicas.take_forwards() == []
+    assert replicas.forget_moved(late) == 1 and replicas.moved == {}
+    assert list(replicas.tries["node-1"].match("cmd/dev", None, shared=False)) == []
+
+
+def test_a_clean_start_ends_the_stub_of_a_copy_handed_over() -> None:
+    replicas = Replicas(max_queued_messages=10, max_queued_bytes=1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save(),)))
+    assert replicas.take("node-1", "dev", moved_to="node-2", now=0.0) is not None
+    assert replicas.drop("dev") is False  # no copy left, the stub goes all the same
+    assert replicas.failover("node-1", message(1), 1.0) == (0, [])
+    assert replicas.take_forwards() == [] and replicas.moved == {}
 
 
 def test_a_failover_message_counts_against_the_byte_bound() -> None:
     replicas = Replicas(max_queued_messages=100, max_queued_bytes=300)
     replicas.apply("node-1", codec.Replica(1, True, (save(),)))
-    assert replicas.failover("node-1", message(1, payload=b"p" * 200)) == (1, [])
-    assert replicas.failover("node-1", message(2, payload=b"p" * 200)) == (0, ["dev"])
+    assert replicas.failover("node-1", message(1, payload=b"p" * 200), 0.0) == (1, [])
+    assert replicas.failover("node-1", message(2, payload=b"p" * 200), 0.0) == (0, ["dev"])
 
 
 @pytest.mark.parametrize(
@@ -314,7 +362,7 @@ def test_copies_of_an_owner_that_restarted_empty_are_kept_apart() -> None:
     replicas.apply("node-1", codec.Replica(1, True, ()), incarnation=8)  # its empty snapshot
     assert replicas.status()["sessions"] == {"node-1#7": 1}
     assert replicas.find("dev") == "node-1#7"
-    assert replicas.failover("node-1#7", message(2)) == (1, [])  # its trie came along
+    assert replicas.failover("node-1#7", message(2), 0.0) == (1, [])  # its trie came along
     record = replicas.take("node-1#7", "dev")
     assert record is not None and [d.message.seq for d in record.deliveries] == [1, 2]
 
@@ -592,16 +640,17 @@ def test_a_message_for_shared_members_of_a_node_that_is_down_is_queued_for_their
         "node-1",
         shared,
         (("$share/g/jobs/+", "w1"), ("$share/g/jobs/+", "w2"), ("$share/g/jobs/+", "w3")),
+        0.0,
     )
     assert (queued, dropped) == (1, [])
     assert missing == [("$share/g/jobs/+", "w2"), ("$share/g/jobs/+", "w3")]
     # Not matched as a plain subscription: a plain failover leaves the member alone.
-    assert replicas.failover("node-1", message(2, topic="jobs/a")) == (0, [])
+    assert replicas.failover("node-1", message(2, topic="jobs/a"), 0.0) == (0, [])
     assert replicas.failover_shared(
-        "node-1", message(3, topic="jobs/a"), (("$share/g/jobs/+", "w1"),)
+        "node-1", message(3, topic="jobs/a"), (("$share/g/jobs/+", "w1"),), 0.0
     )[:2] == (1, [])
     assert replicas.failover_shared(
-        "node-1", message(4, topic="jobs/a"), (("$share/g/jobs/+", "w1"),)
+        "node-1", message(4, topic="jobs/a"), (("$share/g/jobs/+", "w1"),), 0.0
     )[:2] == (0, ["w1"])
     record = replicas.take("node-1", "w1")
     assert record is not None
@@ -610,7 +659,7 @@ def test_a_message_for_shared_members_of_a_node_that_is_down_is_queued_for_their
         (3, 1, (7,)),
     ]
     # The owner's copies gone altogether (none kept): every member is handed back.
-    assert replicas.failover_shared("node-9", shared, (("$share/g/jobs/+", "w1"),)) == (
+    assert replicas.failover_shared("node-9", shared, (("$share/g/jobs/+", "w1"),), 0.0) == (
         0,
         [],
         [("$share/g/jobs/+", "w1")],
