@@ -23,7 +23,8 @@ node cookie, RPC ports 5370+N):
   its backup (TRANSFERs, before the backup's PONG); until that PONG (or the backup is
   unreachable, or the join is over) a node that started without sessions sends no SYNC,
   MEMBERS or OWNED (the peers keep its old routes) and holds the peers' reliable frames and
-  PUBLISHes unapplied (backup_settled() applies them in order). A stopping node closes its
+  PUBLISHes unapplied (backup_settled() applies them in order; past HELD_BYTES_MAX held it
+  stops reading the links they come on, and TCP holds the rest). A stopping node closes its
   clients first, then waits until its peers and its backup have acknowledged what it sent
   (drain(), bounded by the caller), then the links; it does not take its peers for lost.
 
@@ -183,6 +184,10 @@ REMOTE_SHARE_CLIENT_ID_MAX = 256
 DROP_LOG_INTERVAL = 5.0
 #: Seconds between two looks for expired copies of sessions of nodes that are down.
 REPLICA_SWEEP_INTERVAL = 30.0
+#: Peers' frames held unapplied while our backup hands our sessions back (held_frames,
+#: claims_before_sync: at most join_timeout) past this many bytes: we stop reading the links
+#: they come on (TCP pushes back; the peers keep them in their outboxes) until it is done.
+HELD_BYTES_MAX = 16 * 1024 * 1024
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
 #: A shared member's key in the cluster-wide trie: node and client id.
 _MEMBER_SEPARATOR = "\x00"
@@ -323,6 +328,8 @@ class LinkCounters:
     remote_pauses_expired: int = 0
     remote_shares_forgotten: int = 0  # past REMOTE_SHARES_MAX, the oldest (logged)
     pings_sent: int = 0
+    # Times we stopped reading this peer's link: past HELD_BYTES_MAX held for our backup.
+    held_paused: int = 0
     failover_sent: int = 0  # REPLICA_PUBLISH: messages for a node that is down, to its backup
 
 
@@ -612,6 +619,10 @@ class Cluster:
         self.awaiting_backup = False
         self.state_deferred: set[str] = set()
         self.held_frames: list[tuple[ClusterLink, codec.Frame]] = []
+        # What held_frames and claims_before_sync weigh, and the links we stopped reading
+        # past HELD_BYTES_MAX.
+        self.held_bytes = 0
+        self.held_paused: set[ClusterLink] = set()
         self.drained_all = Awaited(self.drained)
         # Received STATE writes go to the state store (set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
@@ -1899,6 +1910,7 @@ class Cluster:
             and isinstance(frame, codec.Reliable | codec.Publish)
         ):
             self.held_frames.append((link, frame))  # backup_settled() applies them
+            self._held(link, peer)
             return False
         counters = peer.counters
         if isinstance(frame, codec.Reliable):
@@ -2263,16 +2275,48 @@ class Cluster:
             # handing them back (TRANSFERs, before its PONG). Answered now, a claim for one
             # of them would find none here, and the session would be left behind here.
             self.claims_before_sync.append((peer, frame))
+            if peer.link is not None:
+                self._held(peer.link, peer)
             return
         self._answer_claim(peer, frame)
 
+    def _held(self, link: ClusterLink, peer: Peer) -> None:
+        """A frame of ``link`` (its size: link.frame_size) waits for our backup: past
+        HELD_BYTES_MAX in all, the link is not read until it is done
+        (_answer_claims_before_sync)."""
+        self.held_bytes += link.frame_size
+        if (
+            self.held_bytes <= HELD_BYTES_MAX
+            or link in self.held_paused
+            or link.closed
+            or link.transport is None
+        ):
+            return
+        link.transport.pause_reading()
+        self.held_paused.add(link)
+        peer.counters.held_paused += 1
+        logger.warning(
+            "cluster: %d bytes of our peers' frames wait for our backup to hand back our "
+            "sessions (%d frames, %d claims): not reading from %s until it is done",
+            self.held_bytes,
+            len(self.held_frames),
+            len(self.claims_before_sync),
+            peer.name,
+        )
+
     def _answer_claims_before_sync(self) -> None:
         """Our backup's PONG (or its link went): the claims that waited are answered, in
-        order."""
+        order, and the links we stopped reading meanwhile are read again."""
         claims, self.claims_before_sync = self.claims_before_sync, []
         for peer, frame in claims:
             if peer.up:
                 self._answer_claim(peer, frame)
+        self.held_bytes = 0
+        paused, self.held_paused = self.held_paused, set()
+        for link in paused:
+            if not link.closed and link.transport is not None:
+                link.last_received = asyncio.get_running_loop().time()
+                link.transport.resume_reading()
 
     def _answer_claim(self, peer: Peer, frame: codec.Claim) -> None:
         broker = self.broker
@@ -2718,6 +2762,7 @@ class ClusterLink(asyncio.Protocol):
         "decoder",
         "direction",
         "established",
+        "frame_size",
         "last_received",
         "peer",
         "peer_names",
@@ -2748,6 +2793,7 @@ class ClusterLink(asyncio.Protocol):
         self.refusal: str | None = None
         self.writing_paused = False
         self.last_received = 0.0
+        self.frame_size = 0  # of the frame being handled (Cluster._held)
         self._ping_handle: asyncio.TimerHandle | None = None
         # After HELLO: the outbox is resent from this seq, then the retained messages,
         # paced by the transport's buffer; new reliable frames wait in the outbox meanwhile.
@@ -2785,12 +2831,15 @@ class ClusterLink(asyncio.Protocol):
             self.peer.counters.bytes_received += len(data)
         applied = False
         try:
-            self.decoder.feed(data)
+            decoder = self.decoder
+            decoder.feed(data)
             while not self.closed:
-                frame = self.decoder.next_event()
+                buffered = decoder.buffered
+                frame = decoder.next_event()
                 if frame is codec.NEED_DATA:
                     break
                 assert not isinstance(frame, codec.NeedData)
+                self.frame_size = buffered - decoder.buffered
                 applied |= self._frame(frame)
         except codec.ClusterProtocolError as error:
             self.protocol_error(error)
@@ -2975,7 +3024,7 @@ class ClusterLink(asyncio.Protocol):
         if self.closed:
             return
         silent = asyncio.get_running_loop().time() - self.last_received
-        if silent > LINK_TIMEOUT:
+        if silent > LINK_TIMEOUT and self not in self.cluster.held_paused:
             logger.warning("cluster link %s: nothing received for %.0fs", self._who(), silent)
             self.close(f"nothing received for {silent:.0f}s")
             return

@@ -1346,6 +1346,11 @@ class ClusterDecoder:
             raise ClusterProtocolError("the decoder failed earlier and accepts no more input")
         self._buffer += data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet returned as frames."""
+        return len(self._buffer)
+
     def next_event(self) -> Frame | NeedData:
         if self._failed:
             raise ClusterProtocolError("the decoder failed earlier and accepts no more input")

@@ -1,5 +1,6 @@
 """What a real node does with frames from a peer, over a real cluster link: frames a peer
-should never send, and a claim that comes while its backup hands its sessions back.
+should never send, a claim that comes while its backup hands its sessions back, and frames
+past what a node holds while it waits for that.
 
 node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
 and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
@@ -16,10 +17,12 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from broker import cluster_codec as codec
+from broker.cluster import HELD_BYTES_MAX
 from broker.mqtt import Properties
 from broker.subscriptions import SubscriptionOptions
 from tests.cluster_harness import COOKIE, ClusterNode, make_nodes, wait_for
@@ -47,7 +50,8 @@ def cluster(
 
 
 class FakePeer:
-    """node-1's side of a link: HELLO both ways, then frames as the test writes them."""
+    """``fake``'s side of a link to ``node`` (node-1's, by default): HELLO both ways, then
+    frames as the test writes them."""
 
     def __init__(self, fake: ClusterNode, node: ClusterNode) -> None:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(fake.ca))
@@ -57,11 +61,11 @@ class FakePeer:
         self.sock = context.wrap_socket(raw)
         self.decoder = codec.ClusterDecoder()
         hello = codec.Hello(
-            codec.PROTOCOL_VERSION, "node-1", "chaos", COOKIE.encode(), next(_incarnations)
+            codec.PROTOCOL_VERSION, fake.name, "chaos", COOKIE.encode(), next(_incarnations)
         )
         self.send(hello)
         first = self.frame(codec.Hello)
-        assert isinstance(first, codec.Hello) and first.node == "node-2", first
+        assert isinstance(first, codec.Hello) and first.node == node.name, first
 
     def send(self, frame: codec.Frame) -> None:
         self.sock.sendall(codec.encode(frame))
@@ -177,3 +181,91 @@ def test_a_claim_waits_until_the_backup_has_handed_the_sessions_back(
     assert transfer.session.client_id == "dev"
     assert [d.message.payload for d in transfer.session.deliveries] == [MESSAGE.payload]
     wait_for(lambda: "session of client_id=dev handed over to node node-1" in node.log_text(), 5)
+
+
+def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_nothing(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real and starts without sessions (memory mode); node-1 (its backup) and
+    node-2 are this test. Until node-1's PONG, node-3 holds node-2's reliable frames
+    unapplied (node-1 may be handing sessions back). node-2 sends 40 MiB of them: past
+    HELD_BYTES_MAX held, node-3 stops reading node-2's link (a log line, a counter) and the
+    rest waits in the sockets, not in node-3's memory; node-2's sending stalls. node-1's PONG:
+    node-3 applies what it held, reads again, and acknowledges every frame."""
+    directory = tmp_path_factory.mktemp("held")
+    backup, sender, node = make_nodes(
+        directory, pki, count=3, cluster='join_timeout = "30s"', store="memory"
+    )
+    node.launch()
+    try:
+        wait_for(lambda: _accepts(node.cluster_port), 10, "node-3's cluster port")
+        holder = FakePeer(backup, node)
+        peer = FakePeer(sender, node)
+        payload = b"p" * 65_536
+        frames = [
+            codec.encode(
+                codec.Reliable(
+                    seq,
+                    codec.Publish(
+                        codec.WireMessage(
+                            "nobody/listens", payload, 1, False, Properties(), "node-2", "p", seq
+                        ),
+                        True,
+                    ),
+                )
+            )
+            for seq in range(1, 641)
+        ]
+        assert sum(map(len, frames)) > 2 * HELD_BYTES_MAX
+        sent = _send_until_stalled(peer.sock, b"".join(frames), stall=2.0)
+        assert sent < sum(map(len, frames)), "node-3 read everything it was sent"
+        line = "not reading from node-2 until it is done"
+        wait_for(lambda: line in node.log_text(), 5, line)
+        holder.send(codec.Pong())  # node-1 has handed back what it had (nothing)
+        for frame in holder.frames_for(0.5):
+            if isinstance(frame, codec.Replica):  # node-3's (empty) snapshot: acknowledged
+                holder.send(codec.ReplicaAck(frame.seq))
+        peer.sock.sendall(b"".join(frames)[sent:])
+        acked = 0
+        deadline = time.monotonic() + 30
+        while acked < len(frames) and time.monotonic() < deadline:
+            frame = peer.frame(codec.Ack)
+            assert isinstance(frame, codec.Ack), frame
+            acked = frame.seq
+        assert acked == len(frames)
+        for fake in (holder, peer):
+            fake.send(codec.Pong())  # answers node-3's PING: node-3 has joined
+        wait_for(node.admin_ready, 10, "node-3 serving")
+        counters: dict[str, Any] = {
+            member["name"]: member.get("counters")
+            for member in node.admin("/api/cluster")["members"]
+        }
+        assert counters["node-2"]["held_paused"] == 1
+        assert counters["node-2"]["messages_received"] == len(frames)
+        holder.close()
+        peer.close()
+    finally:
+        node.stop()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _send_until_stalled(sock: ssl.SSLSocket, data: bytes, stall: float) -> int:
+    """Send ``data`` until it is all sent or nothing more goes for ``stall`` seconds; how
+    many bytes went."""
+    sent = 0
+    sock.settimeout(stall)
+    try:
+        while sent < len(data):
+            sent += sock.send(data[sent : sent + 65_536])
+    except TimeoutError:
+        pass
+    finally:
+        sock.settimeout(5)
+    return sent
