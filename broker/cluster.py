@@ -1676,6 +1676,8 @@ class Cluster:
         the copies (a stub stays, which sends on to the claimer what still arrives for the
         copy). A clean start ends the copy instead (None)."""
         replicas = self.replicas
+        if clean_start and replicas.moved:
+            replicas.drop_moved(client_id)
         if not replicas.origins:
             return None
         origin = replicas.find(client_id)

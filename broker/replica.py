@@ -920,9 +920,6 @@ class Replicas:
         trie = self.tries.pop(origin, None)
         if trie is not None:
             self.tries[name] = trie
-        moved = self.moved.pop(origin, None)
-        if moved is not None:
-            self.moved[name] = moved
         del self.incarnations[origin]
         return name
 
@@ -999,12 +996,7 @@ class Replicas:
         )
 
     def drop(self, client_id: str) -> bool:
-        """A clean start of ``client_id`` somewhere: its copies go (and a stub of one handed
-        over: the session it went to ends)."""
-        for stub_origin, moved in self.moved.items():
-            if client_id in moved:
-                self._forget_moved(stub_origin, client_id)
-                break
+        """A clean start of ``client_id`` somewhere: its copies go."""
         origin = self.find(client_id)
         if origin is None:
             return False
@@ -1120,6 +1112,13 @@ class Replicas:
         for origin, client_id in gone:
             self._forget_moved(origin, client_id)
         return len(gone)
+
+    def drop_moved(self, client_id: str) -> None:
+        """A clean start of ``client_id`` somewhere: the session a stub sends on to ends."""
+        for origin, moved in self.moved.items():
+            if client_id in moved:
+                self._forget_moved(origin, client_id)
+                return
 
     def _forget_moved(self, origin: str, client_id: str) -> None:
         moved = self.moved[origin]

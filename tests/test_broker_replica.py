@@ -290,7 +290,7 @@ def test_a_clean_start_ends_the_stub_of_a_copy_handed_over() -> None:
     replicas = Replicas(max_queued_messages=10, max_queued_bytes=1000)
     replicas.apply("node-1", codec.Replica(1, True, (save(),)))
     assert replicas.take("node-1", "dev", moved_to="node-2", now=0.0) is not None
-    assert replicas.drop("dev") is False  # no copy left, the stub goes all the same
+    replicas.drop_moved("dev")
     assert replicas.failover("node-1", message(1), 1.0) == (0, [])
     assert replicas.take_forwards() == [] and replicas.moved == {}
 
