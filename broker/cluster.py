@@ -1091,8 +1091,6 @@ class Cluster:
             peer.ack_due = 0
             self._save_inbox(peer)
         orphans = self.replicas.orphan(peer.name, hello.incarnation)
-        if orphans is not None:
-            self._hand_back(peer, orphans)
         # Where the peer stands with our frames: everything up to last_applied is applied,
         # if it speaks of this incarnation of ours; otherwise it has none of them.
         applied = hello.last_applied if hello.peer_incarnation == self.incarnation else 0
@@ -1124,6 +1122,10 @@ class Cluster:
         if peer.name == self.backup and link.protocol_version >= codec.REPLICA_VERSION:
             backlog = itertools.chain(backlog, self._start_replication(link))
         link.start_backlog(applied, backlog)
+        if orphans is not None:
+            # After the outbox's frames in seq order (a new inbox takes its first frame's
+            # seq as its count: sent ahead, these would have made the older ones duplicates).
+            self._hand_back(peer, orphans)
 
     def link_lost(self, link: ClusterLink, reason: str) -> None:
         self.accepting.discard(link)
@@ -1974,7 +1976,7 @@ class Cluster:
                     callback()
                 self.drained_all.check()
         elif isinstance(frame, codec.Ping):
-            link.send(codec.encode(codec.Pong()))
+            link.pong()
         elif isinstance(frame, codec.Pong):
             if not peer.synced:
                 peer.synced = True
@@ -2768,6 +2770,7 @@ class ClusterLink(asyncio.Protocol):
         "last_received",
         "peer",
         "peer_names",
+        "pong_due",
         "protocol_version",
         "refusal",
         "replaced",
@@ -2796,6 +2799,7 @@ class ClusterLink(asyncio.Protocol):
         self.writing_paused = False
         self.last_received = 0.0
         self.frame_size = 0  # of the frame being handled (Cluster._held)
+        self.pong_due = False
         self._ping_handle: asyncio.TimerHandle | None = None
         # After HELLO: the outbox is resent from this seq, then the retained messages,
         # paced by the transport's buffer; new reliable frames wait in the outbox meanwhile.
@@ -2943,6 +2947,8 @@ class ClusterLink(asyncio.Protocol):
             if self.writing_paused or self.closed:
                 return
             self.replaying = False
+            if self.pong_due:
+                self.pong()
         backlog = self._backlog
         while backlog is not None and not self.writing_paused and not self.closed:
             retained = next(backlog, None)
@@ -2951,6 +2957,16 @@ class ClusterLink(asyncio.Protocol):
                 return
             self.send(retained)
             peer.counters.retained_sent += 1
+
+    def pong(self) -> None:
+        """Answer a PING, after the reliable frames we resend at link up: a peer is synced
+        (Cluster.join, backup_settled) once it has our outbox, and a restarted node's backup
+        has handed its sessions back by then."""
+        if self.replaying:
+            self.pong_due = True
+            return
+        self.pong_due = False
+        self.send(codec.encode(codec.Pong()))
 
     def close(self, reason: str, send_close: bool = True, told: str | None = None) -> None:
         """Close the link; the peer is sent CLOSE with ``told`` (default: ``reason``)."""

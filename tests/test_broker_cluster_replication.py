@@ -501,20 +501,33 @@ def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
     memory-mode node's restart). node-2, its backup, hands its copies back: node-1 has the
     session again (and copies it to node-2 again), so a message published for it on node-3
     after the restart, before the device is back, is routed there; the device back on
-    node-3 finds all four, once. (Before, the copies stayed on node-2 until their devices
-    came back, and node-1's empty SYNC had taken their routes: "after" was lost.)"""
+    node-3 finds all five, once. (Before, the copies stayed on node-2 until their devices
+    came back, and node-1's empty SYNC had taken their routes: "after" was lost.) The one
+    published on node-2 while node-1 was down waits in node-2's outbox to node-1 too: it is
+    resent before the hand-back, and each of node-2's frames reaches node-1 once (the
+    TRANSFER went ahead of the outbox, and again in it, and the older frames were taken for
+    duplicates)."""
     owner, backup, other = nodes
     offline_session(owner, "reborn", V311)
     _publish(other, [("cmd/reborn", f"r{n}", 1) for n in range(3)])
     wait_for(lambda: _replication(backup)["copies"]["deliveries"] == 3, 10, "copied")
     owner.kill()
+    wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
+    _publish(backup, [("cmd/reborn", "down", 1)])
     owner.database.unlink()
     owner.start()
     wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
     assert (
-        "restarted without its sessions (a new incarnation): our 1 copies of them (3 queued "
+        "restarted without its sessions (a new incarnation): our 1 copies of them (4 queued "
         "or in flight) handed back to it" in backup.log_text()
     )
+    from_backup = next(
+        member["counters"]
+        for member in owner.admin("/api/cluster")["members"]
+        if member["name"] == "node-2"
+    )
+    assert from_backup["reliable_duplicates"] == 0, from_backup
+    assert from_backup["transfers_received"] == 1, from_backup
     wait_for(lambda: _copies(backup, "node-1") == 1, 10, "node-1's session copied again")
     copies = _replication(backup)["copies"]
     assert not any(name.startswith("node-1#") for name in copies["sessions"]), copies
@@ -522,7 +535,7 @@ def test_an_owner_restarted_without_its_store_gets_its_sessions_back(
     _publish(other, [("cmd/reborn", "after", 1)])
     again = Device("reborn", V311)
     assert again.connect(other.mqtt_port)
-    assert sorted(again.received(want=4)) == ["after", "r0", "r1", "r2"]
+    assert sorted(again.received(want=5)) == ["after", "down", "r0", "r1", "r2"]
     again.stop()
 
 
