@@ -83,7 +83,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import hmac
-import itertools
 import logging
 import random
 import re
@@ -1118,10 +1117,10 @@ class Cluster:
         peer.link_failed = False
         link.send(codec.encode(codec.Ping()))
         self.down_since.pop(peer.name, None)
-        backlog = self._retained_frames()
+        snapshot: Iterator[bytes] = iter(())
         if peer.name == self.backup and link.protocol_version >= codec.REPLICA_VERSION:
-            backlog = itertools.chain(backlog, self._start_replication(link))
-        link.start_backlog(applied, backlog)
+            snapshot = self._start_replication(link)
+        link.start_backlog(applied, self._retained_frames(), snapshot)
         if orphans is not None:
             # After the outbox's frames in seq order (a new inbox takes its first frame's
             # seq as its count: sent ahead, these would have made the older ones duplicates).
@@ -2758,8 +2757,9 @@ class ClusterLink(asyncio.Protocol):
     """One TLS connection between two nodes, either direction, after the TLS handshake."""
 
     __slots__ = (
-        "_backlog",
         "_ping_handle",
+        "_retained",
+        "_snapshot",
         "address_text",
         "closed",
         "cluster",
@@ -2805,7 +2805,8 @@ class ClusterLink(asyncio.Protocol):
         # paced by the transport's buffer; new reliable frames wait in the outbox meanwhile.
         self.replaying = False
         self.resend_from = 0
-        self._backlog: Iterator[bytes] | None = None
+        self._retained: Iterator[bytes] | None = None
+        self._snapshot: Iterator[bytes] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -2865,7 +2866,7 @@ class ClusterLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self._backlog = None
+        self._retained = self._snapshot = None
         was_closed = self.closed
         self.closed = True
         self.transport = None
@@ -2919,11 +2920,15 @@ class ClusterLink(asyncio.Protocol):
             return False
         return self.send(data)
 
-    def start_backlog(self, applied: int, retained: Iterator[bytes]) -> None:
-        """Resend the outbox after ``applied``, then the retained messages."""
+    def start_backlog(
+        self, applied: int, retained: Iterator[bytes], snapshot: Iterator[bytes]
+    ) -> None:
+        """Resend the outbox after ``applied``, then the retained messages, then (to our
+        backup) the snapshot of our sessions."""
         self.replaying = True
         self.resend_from = applied + 1
-        self._backlog = retained
+        self._retained = retained
+        self._snapshot = snapshot
         self._pump_backlog()
 
     def _pump_backlog(self) -> None:
@@ -2947,22 +2952,28 @@ class ClusterLink(asyncio.Protocol):
             if self.writing_paused or self.closed:
                 return
             self.replaying = False
-            if self.pong_due:
-                self.pong()
-        backlog = self._backlog
-        while backlog is not None and not self.writing_paused and not self.closed:
-            retained = next(backlog, None)
+        while self._retained is not None and not self.writing_paused and not self.closed:
+            retained = next(self._retained, None)
             if retained is None:
-                self._backlog = None
-                return
+                self._retained = None
+                if self.pong_due:
+                    self.pong()
+                break
             self.send(retained)
             peer.counters.retained_sent += 1
+        while self._snapshot is not None and not self.writing_paused and not self.closed:
+            frame = next(self._snapshot, None)
+            if frame is None:
+                self._snapshot = None
+                return
+            self.send(frame)
 
     def pong(self) -> None:
-        """Answer a PING, after the reliable frames we resend at link up: a peer is synced
-        (Cluster.join, backup_settled) once it has our outbox, and a restarted node's backup
-        has handed its sessions back by then."""
-        if self.replaying:
+        """Answer a PING, after the reliable frames we resend at link up and our retained
+        messages: a peer is synced (Cluster.join, backup_settled) once it has our outbox
+        and our retained messages (a device subscribing the moment the restarted node serves
+        gets them), and a restarted node's backup has handed its sessions back by then."""
+        if self.replaying or self._retained is not None:
             self.pong_due = True
             return
         self.pong_due = False

@@ -1,6 +1,7 @@
 """What a real node does with frames from a peer, over a real cluster link: frames a peer
-should never send, a claim that comes while its backup hands its sessions back, and frames
-past what a node holds while it waits for that.
+should never send, a claim that comes while its backup hands its sessions back, frames past
+what a node holds while it waits for that, and the PONG that comes after a node's retained
+messages.
 
 node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
 and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
@@ -23,8 +24,9 @@ import pytest
 
 from broker import cluster_codec as codec
 from broker.cluster import HELD_BYTES_MAX
-from broker.mqtt import Properties
+from broker.mqtt import Connect, Properties, Puback, Publish
 from broker.subscriptions import SubscriptionOptions
+from tests.broker_harness import RawClient
 from tests.cluster_harness import COOKIE, ClusterNode, make_nodes, wait_for
 from tests.pki import TestPKI
 
@@ -243,6 +245,39 @@ def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_not
         assert counters["node-2"]["held_paused"] == 1
         assert counters["node-2"]["messages_received"] == len(frames)
         holder.close()
+        peer.close()
+    finally:
+        node.stop()
+
+
+def test_a_ping_at_link_up_is_answered_after_the_retained_messages(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-2 keeps 20,000 retained messages of 1 KB (20 MB: more than the link's buffer
+    and the sockets' take at once). At link up it sends them all to node-1 (this test),
+    which sends its PING at once: the PONG comes after the last of them, so a node that
+    joins on its peers' PONGs has their retained messages before it serves (a device
+    subscribing on it at once gets them). Before, the PONG went out as soon as the PING was
+    read, ahead of what the link had still to send (here ~2,000 of them)."""
+    directory = tmp_path_factory.mktemp("retained-pong")
+    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"', store="memory")
+    node.start()
+    try:
+        count = 20_000
+        publisher = RawClient(node.mqtt_port, level=4)
+        publisher.connect(Connect("MQTT", 4, True, 60, "retainer"))
+        for n in range(count - 1):
+            publisher.send(Publish(f"kept/{n}", b"r" * 1_000, 0, retain=True))
+        publisher.send(Publish(f"kept/{count - 1}", b"r" * 1_000, 1, retain=True, packet_id=1))
+        assert isinstance(publisher.receive(timeout=30), Puback)  # after the others
+        publisher.close()
+        peer = FakePeer(fake, node)
+        peer.send(codec.Ping())
+        retained = 0
+        while not isinstance(frame := peer.frame(codec.Retain | codec.Pong), codec.Pong):
+            assert isinstance(frame, codec.Retain), frame
+            retained += 1
+        assert retained == count
         peer.close()
     finally:
         node.stop()
