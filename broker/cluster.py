@@ -2286,10 +2286,11 @@ class Cluster:
     def _held(self, link: ClusterLink, peer: Peer) -> None:
         """A frame of ``link`` (its size: link.frame_size) waits for our backup: past
         HELD_BYTES_MAX in all, the link is not read until it is done
-        (_answer_claims_before_sync)."""
+        (_answer_claims_before_sync). Never our backup's: its PONG is what we wait for."""
         self.held_bytes += link.frame_size
         if (
             self.held_bytes <= HELD_BYTES_MAX
+            or peer.name == self.backup
             or link in self.held_paused
             or link.closed
             or link.transport is None

@@ -192,8 +192,9 @@ def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_not
     node-2 are this test. Until node-1's PONG, node-3 holds node-2's reliable frames
     unapplied (node-1 may be handing sessions back). node-2 sends 40 MiB of them: past
     HELD_BYTES_MAX held, node-3 stops reading node-2's link (a log line, a counter) and the
-    rest waits in the sockets, not in node-3's memory; node-2's sending stalls. node-1's PONG:
-    node-3 applies what it held, reads again, and acknowledges every frame."""
+    rest waits in the sockets, not in node-3's memory; node-2's sending stalls. A claim from
+    node-1 then waits as well, but node-1's link is never paused. node-1's PONG: node-3
+    answers the claim, applies what it held, reads again, and acknowledges every frame."""
     directory = tmp_path_factory.mktemp("held")
     backup, sender, node = make_nodes(
         directory, pki, count=3, cluster='join_timeout = "30s"', store="memory"
@@ -223,10 +224,17 @@ def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_not
         assert sent < sum(map(len, frames)), "node-3 read everything it was sent"
         line = "not reading from node-2 until it is done"
         wait_for(lambda: line in node.log_text(), 5, line)
+        # A claim from node-1 waits too, past the bound, but node-1's link is still read:
+        # its PONG is what node-3 waits for.
+        holder.send(codec.Claim("somebody", codec.Version(1_000_000, "node-1"), False))
         holder.send(codec.Pong())  # node-1 has handed back what it had (nothing)
-        for frame in holder.frames_for(0.5):
+        answers = []
+        for frame in holder.frames_for(1.0):
             if isinstance(frame, codec.Replica):  # node-3's (empty) snapshot: acknowledged
                 holder.send(codec.ReplicaAck(frame.seq))
+            elif isinstance(frame, codec.ClaimReply):
+                answers.append(frame.client_id)
+        assert answers == ["somebody"]
         peer.sock.sendall(b"".join(frames)[sent:])
         acked = 0
         deadline = time.monotonic() + 30
