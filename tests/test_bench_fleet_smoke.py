@@ -227,8 +227,12 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(tmp_path: P
     assert figures["telemetry_acked_lost"] == 0, figures["telemetry_lost_examples"]
     assert figures["commands_acked"] > 0
     # Not == 0: with the machine busy (this beside the rest of the suite) one run in about
-    # six left one command undelivered, sent during broker-2's restart (not traced yet;
-    # bench/README "A rolling restart of the brokers"). The full runs there count them.
+    # six left one command undelivered, sent during broker-2's restart. A window that lost
+    # such commands (a copy handed over while messages for it were on their way to the
+    # backup) was found and closed since (test_broker_cluster_replication's
+    # test_what_is_published_while_the_copy_is_handed_over_reaches_the_session), and six
+    # loaded runs after it left none; that it was this one is not shown (bench/README "A
+    # rolling restart of the brokers"). The full runs there count them.
     assert figures["commands_acked_delivered"] > 0
     assert figures["commands_acked_undelivered"] <= 2, figures["commands_undelivered_examples"]
     assert running_from(tmp_path) == []
