@@ -1169,9 +1169,9 @@ class Cluster:
         if peer.name in self.replicas.parked:
             queued, dropped, elsewhere = self.replicas.owner_down(peer.name, time.monotonic())
             self._failover_dropped(peer.name, dropped)
-            self._forward_moved()
             for message, members in elsewhere:
                 self._redispatch(peer.name, message, members)
+            self._forward_moved()
             if queued:
                 logger.info(
                     "cluster: %d messages for sessions of %s, parked while only their sender "
