@@ -623,8 +623,10 @@ class Cluster:
         self.held_bytes = 0
         self.held_paused: set[ClusterLink] = set()
         self.drained_all = Awaited(self.drained)
-        # Received STATE writes go to the state store (set by broker.statestore).
+        # Received STATE writes go to the state store, and a new incarnation of a peer gets
+        # its keys and tombstones as STATE writes (both set by broker.statestore).
         self.state_handler: Callable[[codec.StateWrite], None] | None = None
+        self.state_snapshot: Callable[[], list[codec.StateWrite]] | None = None
         # Reliable frames whose application waits for every up peer's ACK: seq per peer.
         self.ack_waiters: dict[str, list[tuple[int, Callable[[], None]]]] = {}
         # Issue 14 item 2: publishers on peers held by sessions here, and local publishers
@@ -1084,7 +1086,8 @@ class Cluster:
         peer.counters.connects += 1
         broker = self.broker
         assert broker is not None
-        if peer.inbox.peer_incarnation(hello.incarnation):
+        new_life = peer.inbox.peer_incarnation(hello.incarnation)
+        if new_life:
             # A new life of the peer (it started without its store, or for the first
             # time): its seqs start over.
             peer.ack_due = 0
@@ -1121,10 +1124,29 @@ class Cluster:
         if peer.name == self.backup and link.protocol_version >= codec.REPLICA_VERSION:
             snapshot = self._start_replication(link)
         link.start_backlog(applied, self._retained_frames(), snapshot)
+        # After the outbox's frames in seq order (a new inbox takes its first frame's seq as
+        # its count: sent ahead, these would have made the older ones duplicates), and before
+        # our PONG (ClusterLink.pong): the peer has them when it joins.
         if orphans is not None:
-            # After the outbox's frames in seq order (a new inbox takes its first frame's
-            # seq as its count: sent ahead, these would have made the older ones duplicates).
             self._hand_back(peer, orphans)
+        if new_life and self.state_snapshot is not None:
+            self._send_state_store(peer)
+
+    def _send_state_store(self, peer: Peer) -> None:
+        """``peer`` is a new incarnation (it restarted without its store, or is new): it
+        has none of the state store's keys but those written while it was down (our
+        outbox), so it gets every key and tombstone as a STATE write, applied only where
+        newer (a rolling restart in memory mode lost the keys node by node)."""
+        assert self.state_snapshot is not None
+        writes = self.state_snapshot()
+        for write in writes:
+            self.send_reliable(peer, write)
+        if writes:
+            logger.info(
+                "cluster: %d state store keys and tombstones sent to %s (a new incarnation)",
+                len(writes),
+                peer.name,
+            )
 
     def link_lost(self, link: ClusterLink, reason: str) -> None:
         self.accepting.discard(link)

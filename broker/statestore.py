@@ -31,7 +31,10 @@ peer that is down). The answer to the writer goes out once the local store has c
 and every peer that was up has applied it (its ACK), so a read on any node after the answer
 sees the write. A node applies a write only if its version is newer than what it has for
 the key (deletions leave a versioned tombstone), so concurrent writes to one key end with
-the same value everywhere: the highest version wins. KEYNOTIFY fires on the node where the
+the same value everywhere: the highest version wins. A node that starts without its store
+(memory mode, a new node) gets every key and tombstone from each peer at link up, before it
+joins (:meth:`StateStore.snapshot`, ``Cluster._send_state_store``), so the keys survive a
+rolling restart in memory mode. KEYNOTIFY fires on the node where the
 watcher is registered, for writes made on any node. NX/NEX and VDEL compare against this
 node's copy: two writers racing on two nodes can both see their condition hold; the highest
 version still wins everywhere. Expiry (PX) is a wall-clock deadline, so nodes agree on it
@@ -196,6 +199,7 @@ class StateStore:
         self._replicated: dict[str, int] | None = None
         if cluster is not None:
             cluster.state_handler = self.apply_remote
+            cluster.state_snapshot = self.snapshot
 
     def restore(self, state: StoredState) -> None:
         now = self.clock()
@@ -348,6 +352,20 @@ class StateStore:
                 if peer.up:
                     replicated[peer.name] = seq
         self._replicated = replicated
+
+    def snapshot(self) -> list[StateWrite]:
+        """Every live key and every tombstone as a STATE write, for a node that starts
+        without them (broker.cluster sends them at link up)."""
+        now = self.clock()
+        writes = [
+            StateWrite(entry.version or Version(0, ""), key, entry.value, entry.expires_at)
+            for key, entry in self.entries.items()
+            if entry.expires_at is None or entry.expires_at > now
+        ]
+        writes.extend(
+            StateWrite(version, key, None, None) for key, version in self.tombstones.items()
+        )
+        return writes
 
     def apply_remote(self, write: StateWrite) -> None:
         """A write made on another node (a STATE frame): applied if it is the newest."""

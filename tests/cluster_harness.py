@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
 from bench.ports import free_port
+from broker.statestore import STATE_STORE_REQUEST_TOPIC, encode_array
 from tests.harness import VENV_BIN, Process, start_process
 from tests.pki import DeviceFiles, TestPKI
 
@@ -420,6 +421,26 @@ class Device:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def state_request(device: Device, command: list[bytes], correlation: bytes) -> bytes:
+    """A state store request (RESP3 ``command``) from ``device``, which subscribed to
+    ``answers/<its client id>``; the answer's payload."""
+    properties = PahoProperties(PacketTypes.PUBLISH)
+    properties.ResponseTopic = f"answers/{device.client_id}"
+    properties.CorrelationData = correlation
+    device.client.publish(
+        STATE_STORE_REQUEST_TOPIC, encode_array(command), 1, properties=properties
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            message = device.messages.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if message.properties.CorrelationData == correlation:  # type: ignore[union-attr]
+            return bytes(message.payload)
+    raise AssertionError(f"no answer to {command}")
 
 
 def offline_session(node: ClusterNode, client_id: str, protocol: MQTTProtocolVersion = V5) -> None:

@@ -12,7 +12,6 @@ robin, PROXY v2) behaves as one broker.
 
 from __future__ import annotations
 
-import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,11 +19,16 @@ from pathlib import Path
 
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties as PahoProperties
 
-from broker.statestore import STATE_STORE_REQUEST_TOPIC, encode_array
-from tests.cluster_harness import V5, V311, ClusterNode, Device, running_cluster, running_lb
+from tests.cluster_harness import (
+    V5,
+    V311,
+    ClusterNode,
+    Device,
+    running_cluster,
+    running_lb,
+    state_request,
+)
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(150)
@@ -165,24 +169,6 @@ def test_shared_strategies_spread_or_stick(pki: TestPKI, tmp_path: Path) -> None
             assert sorted(counts) == [0, 20], (strategy, counts)
 
 
-def _state_request(device: Device, command: list[bytes], correlation: bytes) -> bytes:
-    properties = PahoProperties(PacketTypes.PUBLISH)
-    properties.ResponseTopic = f"answers/{device.client_id}"
-    properties.CorrelationData = correlation
-    device.client.publish(
-        STATE_STORE_REQUEST_TOPIC, encode_array(command), 1, properties=properties
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            message = device.messages.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        if message.properties.CorrelationData == correlation:  # type: ignore[union-attr]
-            return bytes(message.payload)
-    raise AssertionError(f"no answer to {command}")
-
-
 def test_state_store_answers_the_same_on_every_node(
     topology: tuple[list[ClusterNode], int],
 ) -> None:
@@ -195,13 +181,13 @@ def test_state_store_answers_the_same_on_every_node(
             device.subscribe([(f"answers/state-{index}", 1)])
             devices.append(device)
         writer, *readers = devices
-        assert _state_request(writer, [b"SET", b"site", b"north"], b"1") == b"+OK\r\n"
+        assert state_request(writer, [b"SET", b"site", b"north"], b"1") == b"+OK\r\n"
         # Answered after every node applied it: a read anywhere sees it at once.
         for number, reader in enumerate(readers):
-            answer = _state_request(reader, [b"GET", b"site"], b"g%d" % number)
+            answer = state_request(reader, [b"GET", b"site"], b"g%d" % number)
             assert answer == b"$5\r\nnorth\r\n"
-        assert _state_request(readers[0], [b"DEL", b"site"], b"d") == b":1\r\n"
-        assert _state_request(writer, [b"GET", b"site"], b"g") == b"$-1\r\n"
+        assert state_request(readers[0], [b"DEL", b"site"], b"d") == b":1\r\n"
+        assert state_request(writer, [b"GET", b"site"], b"g") == b"$-1\r\n"
     finally:
         for device in devices:
             device.stop()

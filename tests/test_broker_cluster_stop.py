@@ -19,7 +19,16 @@ import pytest
 
 from broker.mqtt import Connack, Connect, Puback, Publish, Suback, Subscribe, Subscription
 from tests.broker_harness import RawClient
-from tests.cluster_harness import V5, V311, Device, make_nodes, running_cluster, wait_for
+from tests.cluster_harness import (
+    V5,
+    V311,
+    ClusterNode,
+    Device,
+    make_nodes,
+    running_cluster,
+    state_request,
+    wait_for,
+)
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,6 +117,46 @@ def test_a_restarted_node_serves_clients_once_it_has_the_clusters_routes(
         restarted.wait_ready()
         assert "cluster: joined in" in restarted.log_text()
         assert "2 of 2 peers linked and synced" in restarted.log_text()
+
+
+def test_the_state_store_keeps_its_keys_through_a_rolling_restart(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Memory mode (the demo's): a key set on node-1, another set and deleted; then node-3,
+    node-2 and node-1 stop and start again in turn, each once the one before serves. A read
+    on each node the moment it serves finds the key, and not the deleted one; after the
+    last restart (no node has run since the key was written) every node still answers it.
+    A node that starts without its store gets every key and tombstone from each peer at
+    link up, before it joins. (Before, a restarted node had only what was written while it
+    was down: the first read after a restart answered $-1, and after the last restart the
+    key was gone everywhere.)"""
+    directory = tmp_path_factory.mktemp("state-restart")
+    with running_cluster(pki, directory, store="memory") as nodes:
+
+        def reader(node: ClusterNode, name: str) -> Device:
+            device = Device(name, V5, clean=True)
+            device.connect(node.mqtt_port)
+            device.subscribe([(f"answers/{name}", 1)])
+            return device
+
+        writer = reader(nodes[0], "state-writer")
+        assert state_request(writer, [b"SET", b"site", b"north"], b"s") == b"+OK\r\n"
+        assert state_request(writer, [b"SET", b"gone", b"x"], b"t") == b"+OK\r\n"
+        assert state_request(writer, [b"DEL", b"gone"], b"u") == b":1\r\n"
+        writer.stop()
+        for number, node in enumerate(reversed(nodes)):
+            node.stop()
+            node.start()
+            device = reader(node, f"state-reader-{number}")
+            try:
+                assert state_request(device, [b"GET", b"site"], b"g") == b"$5\r\nnorth\r\n"
+                assert state_request(device, [b"GET", b"gone"], b"h") == b"$-1\r\n"
+            finally:
+                device.stop()
+        for number, node in enumerate(nodes):
+            device = reader(node, f"state-after-{number}")
+            assert state_request(device, [b"GET", b"site"], b"a") == b"$5\r\nnorth\r\n"
+            device.stop()
 
 
 def test_a_node_whose_peers_do_not_run_serves_after_join_timeout_or_at_once(
