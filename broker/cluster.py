@@ -1699,7 +1699,7 @@ class Cluster:
         the copies (a stub stays, which sends on to the claimer what still arrives for the
         copy). A clean start ends the copy instead (None)."""
         replicas = self.replicas
-        if clean_start and replicas.moved:
+        if clean_start:
             replicas.drop_moved(client_id)
         if not replicas.origins:
             return None
@@ -2306,10 +2306,10 @@ class Cluster:
         self._answer_claim(peer, frame)
 
     def _held(self, link: ClusterLink, peer: Peer) -> None:
-        """A frame of ``link`` (its size: link.frame_size) waits for our backup: past
+        """The frame ``link`` just read (decoder.frame_size) waits for our backup: past
         HELD_BYTES_MAX in all, the link is not read until it is done
         (_answer_claims_before_sync). Never our backup's: its PONG is what we wait for."""
-        self.held_bytes += link.frame_size
+        self.held_bytes += link.decoder.frame_size
         if (
             self.held_bytes <= HELD_BYTES_MAX
             or peer.name == self.backup
@@ -2789,7 +2789,6 @@ class ClusterLink(asyncio.Protocol):
         "decoder",
         "direction",
         "established",
-        "frame_size",
         "last_received",
         "peer",
         "peer_names",
@@ -2821,7 +2820,6 @@ class ClusterLink(asyncio.Protocol):
         self.refusal: str | None = None
         self.writing_paused = False
         self.last_received = 0.0
-        self.frame_size = 0  # of the frame being handled (Cluster._held)
         self.pong_due = False
         self._ping_handle: asyncio.TimerHandle | None = None
         # After HELLO: the outbox is resent from this seq, then the retained messages,
@@ -2861,15 +2859,12 @@ class ClusterLink(asyncio.Protocol):
             self.peer.counters.bytes_received += len(data)
         applied = False
         try:
-            decoder = self.decoder
-            decoder.feed(data)
+            self.decoder.feed(data)
             while not self.closed:
-                buffered = decoder.buffered
-                frame = decoder.next_event()
+                frame = self.decoder.next_event()
                 if frame is codec.NEED_DATA:
                     break
                 assert not isinstance(frame, codec.NeedData)
-                self.frame_size = buffered - decoder.buffered
                 applied |= self._frame(frame)
         except codec.ClusterProtocolError as error:
             self.protocol_error(error)

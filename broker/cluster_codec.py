@@ -1326,7 +1326,7 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
 class ClusterDecoder:
     """Bytes in, frames out. ``max_frame_size`` bounds ``length`` (type + body)."""
 
-    __slots__ = ("_buffer", "_failed", "max_frame_size", "version")
+    __slots__ = ("_buffer", "_failed", "frame_size", "max_frame_size", "version")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = max_frame_size
@@ -1335,6 +1335,8 @@ class ClusterDecoder:
         self.version: int = PROTOCOL_VERSION
         self._buffer = bytearray()
         self._failed = False
+        # The bytes of the frame next_event() returned last (length field included).
+        self.frame_size = 0
 
     @property
     def trailing_data(self) -> bytes:
@@ -1345,11 +1347,6 @@ class ClusterDecoder:
         if self._failed:
             raise ClusterProtocolError("the decoder failed earlier and accepts no more input")
         self._buffer += data
-
-    @property
-    def buffered(self) -> int:
-        """Bytes fed and not yet returned as frames."""
-        return len(self._buffer)
 
     def next_event(self) -> Frame | NeedData:
         if self._failed:
@@ -1368,6 +1365,7 @@ class ClusterDecoder:
         frame_type = buffer[_LENGTH.size]
         body = bytes(buffer[FRAME_HEADER_SIZE:end])
         del buffer[:end]
+        self.frame_size = end
         try:
             frame = _decode_body(frame_type, memoryview(body))
             if self.version < SHARE_VERSION and isinstance(frame, Hold) and frame.share:

@@ -185,6 +185,16 @@ def test_all_vectors_in_one_stream() -> None:
     assert decode_all(stream)[0] == [frame for frame, _ in VECTORS]
 
 
+def test_the_decoder_tells_each_frames_size() -> None:
+    """Read whole, each frame's bytes (length field included): what a node holding frames
+    for its backup counts (broker.cluster HELD_BYTES_MAX)."""
+    decoder = codec.ClusterDecoder()
+    decoder.feed(b"".join(data for _, data in VECTORS))
+    for _, data in VECTORS:
+        assert not isinstance(decoder.next_event(), codec.NeedData)
+        assert decoder.frame_size == len(data)
+
+
 def test_hello_repr_hides_the_cookie() -> None:
     assert "secret" not in repr(codec.Hello(2, "n", "c", b"secret"))
 
