@@ -708,6 +708,11 @@ class MovedCopy:
         self.until = until
 
 
+def _live(stub: MovedCopy | None, now: float) -> MovedCopy | None:
+    """``stub`` while its MOVED_GRACE lasts."""
+    return stub if stub is not None and stub.until > now else None
+
+
 @dataclass(slots=True)
 class ReplicaCounters:
     frames_applied: int = 0
@@ -1032,7 +1037,9 @@ class Replicas:
             identifiers = tuple(delivery.subscription_identifiers)
             copy = sessions.get(delivery.client_id)
             if copy is None:
-                self._forward(origin, delivery.client_id, message, qos, retain, identifiers, now)
+                stub = _live(moved.get(delivery.client_id), now)
+                if stub is not None:
+                    self._forward(stub, delivery.client_id, message, qos, retain, identifiers)
                 continue
             if not self._queue(copy, message, qos, retain, identifiers):
                 dropped.append(delivery.client_id)
@@ -1057,9 +1064,7 @@ class Replicas:
         for shared_filter, client_id in targets:
             kept: ReplicaSession | MovedCopy | None = sessions.get(client_id)
             if kept is None:
-                kept = moved.get(client_id)
-                if kept is not None and kept.until <= now:
-                    kept = None
+                kept = _live(moved.get(client_id), now)
             options = None if kept is None else dict(_filters(kept.record)).get(shared_filter)
             if kept is None or options is None:
                 missing.append((shared_filter, client_id))
@@ -1069,7 +1074,7 @@ class Replicas:
             retain = message.retain and options.retain_as_published
             identifiers = () if identifier is None else (identifier,)
             if isinstance(kept, MovedCopy):
-                self._forward(origin, client_id, message, qos, retain, identifiers, now)
+                self._forward(kept, client_id, message, qos, retain, identifiers)
                 continue
             if not self._queue(kept, message, qos, retain, identifiers):
                 dropped.append(client_id)
@@ -1080,20 +1085,20 @@ class Replicas:
 
     def _forward(
         self,
-        origin: str,
+        stub: MovedCopy,
         client_id: str,
         message: codec.WireMessage,
         qos: int,
         retain: bool,
         identifiers: tuple[int, ...],
-        now: float,
     ) -> None:
-        moved = self.moved.get(origin, {}).get(client_id)
-        if moved is None or moved.until <= now or not qos:
+        """A failover delivery for a copy handed over: to its session's node (a QoS 0
+        subscription gets none, as a copy keeps none)."""
+        if not qos:
             return
         self.counters.failover_forwarded += 1
         record = codec.DeliveryRecord(message, qos, retain, identifiers)
-        self.forwards.append((moved.node, client_id, record))
+        self.forwards.append((stub.node, client_id, record))
 
     def take_forwards(self) -> list[Forward]:
         """The failover messages for copies handed over since the last call: (the session's

@@ -28,6 +28,7 @@ from broker.mqtt import Connect, Properties, Puback, Publish
 from broker.subscriptions import SubscriptionOptions
 from tests.broker_harness import RawClient
 from tests.cluster_harness import COOKIE, ClusterNode, make_nodes, wait_for
+from tests.harness import wait_port
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(60)
@@ -201,7 +202,7 @@ def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_not
     )
     node.launch()
     try:
-        wait_for(lambda: _accepts(node.cluster_port), 10, "node-3's cluster port")
+        wait_port(node.cluster_port)
         holder = FakePeer(backup, node)
         peer = FakePeer(sender, node)
         payload = b"p" * 65_536
@@ -289,14 +290,6 @@ def test_a_ping_at_link_up_is_answered_after_the_retained_messages(
         peer.close()
     finally:
         node.stop()
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def _send_until_stalled(sock: ssl.SSLSocket, data: bytes, stall: float) -> int:
