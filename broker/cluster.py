@@ -184,9 +184,11 @@ DROP_LOG_INTERVAL = 5.0
 #: Seconds between two looks for expired copies of sessions of nodes that are down.
 REPLICA_SWEEP_INTERVAL = 30.0
 #: Peers' frames held unapplied while our backup hands our sessions back (held_frames,
-#: claims_before_sync: at most join_timeout) past this many bytes: we stop reading the links
-#: they come on (TCP pushes back; the peers keep them in their outboxes) until it is done.
+#: claims_before_sync: at most join_timeout) past this many bytes, or this many frames (a
+#: small frame costs ~300 bytes held as objects): we stop reading the links they come on
+#: (TCP pushes back; the peers keep them in their outboxes) until it is done.
 HELD_BYTES_MAX = 16 * 1024 * 1024
+HELD_FRAMES_MAX = 65_536
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
 #: A shared member's key in the cluster-wide trie: node and client id.
 _MEMBER_SEPARATOR = "\x00"
@@ -327,7 +329,8 @@ class LinkCounters:
     remote_pauses_expired: int = 0
     remote_shares_forgotten: int = 0  # past REMOTE_SHARES_MAX, the oldest (logged)
     pings_sent: int = 0
-    # Times we stopped reading this peer's link: past HELD_BYTES_MAX held for our backup.
+    # Times we stopped reading this peer's link: past HELD_BYTES_MAX or HELD_FRAMES_MAX held
+    # for our backup.
     held_paused: int = 0
     failover_sent: int = 0  # REPLICA_PUBLISH: messages for a node that is down, to its backup
 
@@ -2307,11 +2310,12 @@ class Cluster:
 
     def _held(self, link: ClusterLink, peer: Peer) -> None:
         """The frame ``link`` just read (decoder.frame_size) waits for our backup: past
-        HELD_BYTES_MAX in all, the link is not read until it is done
+        HELD_BYTES_MAX or HELD_FRAMES_MAX in all, the link is not read until it is done
         (_answer_claims_before_sync). Never our backup's: its PONG is what we wait for."""
         self.held_bytes += link.decoder.frame_size
+        held = len(self.held_frames) + len(self.claims_before_sync)
         if (
-            self.held_bytes <= HELD_BYTES_MAX
+            (self.held_bytes <= HELD_BYTES_MAX and held <= HELD_FRAMES_MAX)
             or peer.name == self.backup
             or link in self.held_paused
             or link.closed
@@ -2323,10 +2327,13 @@ class Cluster:
         peer.counters.held_paused += 1
         logger.warning(
             "cluster: %d bytes of our peers' frames wait for our backup to hand back our "
-            "sessions (%d frames, %d claims): not reading from %s until it is done",
+            "sessions (%d frames, %d claims; at most %d bytes or %d frames): not reading "
+            "from %s until it is done",
             self.held_bytes,
             len(self.held_frames),
             len(self.claims_before_sync),
+            HELD_BYTES_MAX,
+            HELD_FRAMES_MAX,
             peer.name,
         )
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from broker import cluster_codec as codec
-from broker.cluster import HELD_BYTES_MAX
+from broker.cluster import HELD_BYTES_MAX, HELD_FRAMES_MAX
 from broker.mqtt import Connect, Properties, Puback, Publish
 from broker.subscriptions import SubscriptionOptions
 from tests.broker_harness import RawClient
@@ -186,14 +186,16 @@ def test_a_claim_waits_until_the_backup_has_handed_the_sessions_back(
     wait_for(lambda: "session of client_id=dev handed over to node node-1" in node.log_text(), 5)
 
 
+@pytest.mark.parametrize("size", ["bytes", "frames"])
 def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_nothing(
-    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory, size: str
 ) -> None:
     """node-3 is real and starts without sessions (memory mode); node-1 (its backup) and
     node-2 are this test. Until node-1's PONG, node-3 holds node-2's reliable frames
-    unapplied (node-1 may be handing sessions back). node-2 sends 40 MiB of them: past
-    HELD_BYTES_MAX held, node-3 stops reading node-2's link (a log line, a counter) and the
-    rest waits in the sockets, not in node-3's memory; node-2's sending stalls. A claim from
+    unapplied (node-1 may be handing sessions back). node-2 sends 40 MiB of them (or
+    HELD_FRAMES_MAX + 10,000 small ones): past HELD_BYTES_MAX (HELD_FRAMES_MAX) held, node-3
+    stops reading node-2's link (a log line, a counter) and the rest waits in the sockets,
+    not in node-3's memory; node-2's sending of the 40 MiB stalls. A claim from
     node-1 then waits as well, but node-1's link is never paused. node-1's PONG: node-3
     answers the claim, applies what it held, reads again, and acknowledges every frame."""
     directory = tmp_path_factory.mktemp("held")
@@ -205,7 +207,9 @@ def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_not
         wait_port(node.cluster_port)
         holder = FakePeer(backup, node)
         peer = FakePeer(sender, node)
-        payload = b"p" * 65_536
+        payload, count = (
+            (b"p" * 65_536, 640) if size == "bytes" else (b"p", HELD_FRAMES_MAX + 10_000)
+        )
         frames = [
             codec.encode(
                 codec.Reliable(
@@ -218,11 +222,14 @@ def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_not
                     ),
                 )
             )
-            for seq in range(1, 641)
+            for seq in range(1, count + 1)
         ]
-        assert sum(map(len, frames)) > 2 * HELD_BYTES_MAX
         sent = _send_until_stalled(peer.sock, b"".join(frames), stall=2.0)
-        assert sent < sum(map(len, frames)), "node-3 read everything it was sent"
+        if size == "bytes":
+            assert sum(map(len, frames)) > 2 * HELD_BYTES_MAX
+            assert sent < sum(map(len, frames)), "node-3 read everything it was sent"
+        else:
+            assert sum(map(len, frames)) < HELD_BYTES_MAX
         line = "not reading from node-2 until it is done"
         wait_for(lambda: line in node.log_text(), 5, line)
         # A claim from node-1 waits too, past the bound, but node-1's link is still read:
