@@ -70,7 +70,8 @@ session write waits for the backup's REPLICA_ACK. A claim for a client id whose 
 down is answered by the backup with a TRANSFER of its copy (or the copy is installed when
 the device reconnected to the backup); QoS 1/2 messages for a down node's plain subscribers
 also go to its backup (REPLICA_PUBLISH), as do the unacknowledged ones in our outbox to it
-when its link drops.
+when its link drops; so do the DELIVERs a forwarding stub passes on to a session's new node
+(REPLICA_DELIVER, queued for the backup's copy of that session).
 
 Retained messages are replicated with their wall-clock change time; on a resync the newer
 one wins. The asyncio part (protocols, timers, TLS) lives here; the frame codec is sans-IO
@@ -105,6 +106,7 @@ from broker.replica import (
     LINGER_SECONDS,
     PARKED_MESSAGES,
     REPLICA_FRAME_BYTES,
+    Delivered,
     Forwarded,
     Replicas,
     ReplicatedStore,
@@ -669,6 +671,8 @@ class Cluster:
         self.down_since: dict[str, float] = {}
         self.replica_sweeper: asyncio.TimerHandle | None = None
         self.parked_drop_logged = 0.0
+        # Inside _failover_delivery_here's sending on (a loop guard).
+        self.delivering_failover = False
         # Delayed wills of a lost node's clients we publish unless they come back, or the
         # node does: client id -> (node, the will, whether it was an offline session's).
         self.lost_wills: dict[str, tuple[str, PendingWill, bool]] = {}
@@ -792,7 +796,14 @@ class Cluster:
             if self.protocol_version < codec.REPLICA_VERSION:
                 lacks = ["its persistent sessions are not copied to another node"]
             else:
-                lacks = ["shared members' messages for a node that is down miss its backup"]
+                lacks = [
+                    "messages passed on to a session's new node miss that node's backup while "
+                    "it is down"
+                ]
+                if self.protocol_version < codec.FAILOVER_VERSION:
+                    lacks.insert(
+                        0, "shared members' messages for a node that is down miss its backup"
+                    )
             if self.protocol_version < codec.SHARE_VERSION:
                 lacks.append("sessions' shares do not cross its links")
             logger.warning(
@@ -1480,6 +1491,9 @@ class Cluster:
             if isinstance(inner, codec.Publish) and inner.message.qos:
                 self._send_failover(peer.name, inner.message, inner.plain, inner.targets)
                 copied += 1
+            elif isinstance(inner, codec.Deliver) and inner.delivery.qos:
+                self._send_failover_delivery(peer.name, inner.client_id, inner.delivery)
+                copied += 1
         if copied:
             logger.info(
                 "cluster: %d unacknowledged messages for %s also sent to its backup %s",
@@ -1514,6 +1528,77 @@ class Cluster:
             peer.counters.failover_sent += 1
             self.send_reliable(peer, codec.ReplicaShared(origin, targets, message))
 
+    def _send_failover_delivery(
+        self, origin: str, client_id: str, delivery: codec.DeliveryRecord
+    ) -> None:
+        """A DELIVER for ``client_id``'s session, which moved to ``origin``, while ``origin``
+        is down: to its backup (REPLICA_DELIVER), which keeps a copy of the session."""
+        backup = self.backups.get(origin)
+        if backup is None:
+            return
+        if backup == self.node_name:
+            self._failover_delivery_here(origin, client_id, delivery)
+            return
+        peer = self.peers.get(backup)
+        if peer is None or peer.link is None or not peer.link.established:
+            return  # the backup is down too: the delivery waits in origin's outbox alone
+        if peer.link.protocol_version >= codec.DELIVER_FAILOVER_VERSION:
+            peer.counters.failover_sent += 1
+            self.send_reliable(peer, codec.ReplicaDeliver(origin, client_id, delivery))
+
+    def _failover_delivery_here(
+        self, origin: str, client_id: str, delivery: codec.DeliveryRecord
+    ) -> None:
+        """A DELIVER for ``origin`` (down) that its sender sent us, its backup: queued for
+        our copy of the session (or sent on, when we handed the copy over)."""
+        now = time.monotonic()
+        if self._park(origin, delivery.message, now, [Delivered(client_id, delivery)]):
+            return
+        if self.delivering_failover:
+            # Sent on to a session here that is itself a stub for ``origin`` (it came back,
+            # took the session and died again before copying it to us): it would come back
+            # here. It waits in origin's outbox, as it would without a backup.
+            return
+        # No copy here: a session that is not persistent (it ends with its node) or ended.
+        _, full = self.replicas.failover_delivery(origin, client_id, delivery, now)
+        if full:
+            self._failover_dropped(origin, [client_id])
+        self.delivering_failover = True
+        try:
+            self._forward_moved()
+        finally:
+            self.delivering_failover = False
+
+    def _park(
+        self,
+        origin: str,
+        message: codec.WireMessage,
+        now: float,
+        targets: Iterable[Targets | Delivered],
+    ) -> bool:
+        """Park a failover message (for each of ``targets``: () the plain subscribers,
+        shared members or one session) when we still reach its owner (only the sender lost
+        its link to it, so far: broker.replica); False otherwise."""
+        peer = self.peers.get(origin)
+        if peer is None or not peer.up:
+            return False
+        replicas = self.replicas
+        before = replicas.counters.parked_dropped
+        for target in targets:
+            replicas.park(origin, message, now, target)
+        if replicas.counters.parked_dropped > before and (
+            now - self.parked_drop_logged >= DROP_LOG_INTERVAL
+        ):
+            self.parked_drop_logged = now
+            logger.warning(
+                "cluster: messages parked for %s (its sender lost it, we have not) past "
+                "%d or max_queued_bytes: the oldest dropped (%d in all)",
+                origin,
+                PARKED_MESSAGES,
+                replicas.counters.parked_dropped,
+            )
+        return True
+
     def _failover_here(
         self,
         origin: str,
@@ -1522,28 +1607,12 @@ class Cluster:
         targets: Targets = (),
     ) -> None:
         replicas = self.replicas
-        peer = self.peers.get(origin)
-        if peer is not None and peer.up:
-            # Only the sender lost its link to the owner (so far): parked (broker.replica).
-            before = replicas.counters.parked_dropped
-            now = time.monotonic()
-            if plain:
-                replicas.park(origin, message, now)
-            if targets:
-                replicas.park(origin, message, now, targets)
-            if replicas.counters.parked_dropped > before and (
-                now - self.parked_drop_logged >= DROP_LOG_INTERVAL
-            ):
-                self.parked_drop_logged = now
-                logger.warning(
-                    "cluster: messages parked for %s (its sender lost it, we have not) past "
-                    "%d or max_queued_bytes: the oldest dropped (%d in all)",
-                    origin,
-                    PARKED_MESSAGES,
-                    replicas.counters.parked_dropped,
-                )
-            return
         now = time.monotonic()
+        kinds: list[Targets | Delivered] = [()] if plain else []
+        if targets:
+            kinds.append(targets)
+        if self._park(origin, message, now, kinds):
+            return
         if plain:
             self._failover_dropped(origin, replicas.failover(origin, message, now)[1])
         if targets:
@@ -1559,9 +1628,17 @@ class Cluster:
             if node == self.node_name:
                 self._deliver_here(client_id, delivery)
                 continue
-            peer = self.peers.get(node)
-            if peer is not None:
-                self.send_reliable(peer, codec.Deliver(client_id, delivery))
+            self._send_deliver(node, client_id, delivery)
+
+    def _send_deliver(self, node: str, client_id: str, delivery: codec.DeliveryRecord) -> None:
+        """A QoS 1/2 delivery for a session that moved to ``node``; while ``node`` is down
+        also to its backup (it may be gone for good, and the session's copy with it)."""
+        peer = self.peers.get(node)
+        if peer is None:
+            return
+        if self.replicating and not peer.up:
+            self._send_failover_delivery(node, client_id, delivery)
+        self.send_reliable(peer, codec.Deliver(client_id, delivery))
 
     def _redispatch(
         self, origin: str, message: codec.WireMessage, members: Iterable[tuple[str, str]]
@@ -2043,6 +2120,8 @@ class Cluster:
             for shared_filter, _ in frame.targets:
                 _check_shared_filter(shared_filter, "REPLICA_SHARED")
             self._failover_here(frame.origin, frame.message, False, frame.targets)
+        elif isinstance(frame, codec.ReplicaDeliver):
+            self._failover_delivery_here(frame.origin, frame.client_id, frame.delivery)
         else:
             raise codec.ClusterProtocolError(
                 f"{type(frame).__name__} is not sent as a reliable frame"
@@ -2617,7 +2696,7 @@ class Cluster:
             if link is not None and link.established:
                 link.send(codec.encode(codec.Deliver(client_id, record)))
             return
-        self.send_reliable(peer, codec.Deliver(client_id, record))
+        self._send_deliver(node, client_id, record)
 
     def subscription_added(self, topic_filter: str) -> None:
         if split_shared(topic_filter)[0] is None:

@@ -15,7 +15,7 @@ two announced (:func:`link_version`), as Kafka's inter.broker.protocol.version d
 cluster is upgraded node by node: every node first announces the old version, then the new.
 Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
 frames (a link of version 3 carries no session replication); version 4 is version 5 without
-REPLICA_SHARED and the WILL ops.
+REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -79,6 +79,11 @@ REPLICA_SHARED and the WILL ops.
                  on ``origin``: queued for the replica of each named member's session; a
                  member without one (its session ended with its node) has the message sent
                  to another member of its group (MQTT 5.0 section 4.8.2).
+``REPLICA_DELIVER`` origin:string, client_id:string, delivery record. Reliable. Version 6: a
+                 DELIVER for ``origin`` (a delivery for a session that moved there, passed
+                 on by its old node) while the sender cannot reach it, or one it had not
+                 acknowledged when the link dropped: the receiver is its backup and queues it
+                 for its copy of the session (or sends it on, when it handed the copy over).
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -124,6 +129,7 @@ from broker.subscriptions import SubscriptionOptions
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "DELIVER_FAILOVER_VERSION",
     "FAILOVER_VERSION",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
@@ -152,6 +158,7 @@ __all__ = [
     "Reliable",
     "Replica",
     "ReplicaAck",
+    "ReplicaDeliver",
     "ReplicaOp",
     "ReplicaOpKind",
     "ReplicaPublish",
@@ -183,7 +190,8 @@ __all__ = [
 #: the flag mid-link, so a link of version 2 never carries it). 4: REPLICA, REPLICA_ACK and
 #: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types). 5:
 #: REPLICA_SHARED (shared subscriptions' messages for a node that is down) and the WILL ops.
-PROTOCOL_VERSION: Final = 5
+#: 6: REPLICA_DELIVER (a DELIVER for a node that is down, to its backup).
+PROTOCOL_VERSION: Final = 6
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
 MIN_PROTOCOL_VERSION: Final = 2
@@ -194,6 +202,9 @@ REPLICA_VERSION: Final = 4
 #: The first version with REPLICA_SHARED and the WILL_SET and WILL_CLEAR replica ops: a
 #: backup takes a lost node's shared members' messages and publishes its clients' wills.
 FAILOVER_VERSION: Final = 5
+#: The first version with REPLICA_DELIVER: a DELIVER for a node that is down goes to its
+#: backup too.
+DELIVER_FAILOVER_VERSION: Final = 6
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -255,6 +266,7 @@ class FrameType(IntEnum):
     REPLICA_ACK = 22
     REPLICA_PUBLISH = 23
     REPLICA_SHARED = 24
+    REPLICA_DELIVER = 25
 
 
 class ReplicaOpKind(IntEnum):
@@ -565,6 +577,13 @@ class ReplicaShared:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaDeliver:
+    origin: str
+    client_id: str
+    delivery: DeliveryRecord
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -594,6 +613,7 @@ Frame = (
     | ReplicaAck
     | ReplicaPublish
     | ReplicaShared
+    | ReplicaDeliver
 )
 
 
@@ -868,6 +888,12 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
         return FrameType.REPLICA_SHARED, (
             encode_string(frame.origin) + _targets(frame.targets) + encode_message(frame.message)
         )
+    if isinstance(frame, ReplicaDeliver):
+        return FrameType.REPLICA_DELIVER, (
+            encode_string(frame.origin)
+            + encode_string(frame.client_id)
+            + encode_delivery(frame.delivery)
+        )
     raise TypeError(f"not a cluster frame: {frame!r}")
 
 
@@ -1088,12 +1114,13 @@ def _read_session(reader: Reader) -> SessionRecord:
 
 
 #: The frames a link below REPLICA_VERSION does not carry (REPLICA_SHARED: below
-#: FAILOVER_VERSION).
+#: FAILOVER_VERSION; REPLICA_DELIVER: below DELIVER_FAILOVER_VERSION).
 _REPLICA_TYPES: Final[dict[type, FrameType]] = {
     Replica: FrameType.REPLICA,
     ReplicaAck: FrameType.REPLICA_ACK,
     ReplicaPublish: FrameType.REPLICA_PUBLISH,
     ReplicaShared: FrameType.REPLICA_SHARED,
+    ReplicaDeliver: FrameType.REPLICA_DELIVER,
 }
 
 
@@ -1314,6 +1341,9 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         if not targets:
             raise ClusterProtocolError("REPLICA_SHARED without a member")
         frame = ReplicaShared(origin, targets, _read_message(reader))
+    elif frame_type == FrameType.REPLICA_DELIVER:
+        origin = reader.string("the origin node")
+        frame = ReplicaDeliver(origin, reader.string("the client id"), _read_delivery(reader))
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():
@@ -1373,15 +1403,17 @@ class ClusterDecoder:
                     f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
                     f"protocol version {self.version})"
                 )
-            if self.version < FAILOVER_VERSION:
+            if self.version < DELIVER_FAILOVER_VERSION:
                 inner = frame.frame if isinstance(frame, Reliable) else frame
                 kind = _REPLICA_TYPES.get(type(inner))
                 if kind is not None and (
-                    self.version < REPLICA_VERSION or kind == FrameType.REPLICA_SHARED
+                    self.version < REPLICA_VERSION
+                    or kind == FrameType.REPLICA_DELIVER
+                    or (kind == FrameType.REPLICA_SHARED and self.version < FAILOVER_VERSION)
                 ):
                     # As a node of that version reads it.
                     raise ClusterProtocolError(f"unknown frame type {int(kind)}")
-                if isinstance(inner, Replica):
+                if isinstance(inner, Replica) and self.version < FAILOVER_VERSION:
                     for op in inner.ops:
                         if op.kind >= ReplicaOpKind.WILL_SET:
                             raise ClusterProtocolError(f"unknown replica op kind {int(op.kind)}")

@@ -38,6 +38,11 @@ them only when the owner is down (its link to it is down):
   still reaches the owner (only the sender lost it) parks such messages for PARKED_SECONDS:
   if its own link to the owner drops by then they are queued, else the owner had them and
   they are discarded (so a live owner's copies do not fill with what it delivered);
+- a DELIVER for the owner (a forwarding stub on a session's old node passing a message on
+  to the session's new node, the owner) while it is down, or unacknowledged when the link
+  dropped: the same, as REPLICA_DELIVER naming the session; it is queued for that session's
+  copy (sent on when the copy was handed over; nothing when there is none: a session that
+  is not persistent ends with its node);
 - a QoS 1/2 message for a member of a shared subscription on the owner (the only members of
   its group are there, or the frame was unacknowledged when the link dropped): the same, as
   REPLICA_SHARED naming the member; it is queued for the member's copy, or, when the backup
@@ -84,6 +89,7 @@ __all__ = [
     "LINGER_SECONDS",
     "PARKED_MESSAGES",
     "REPLICA_FRAME_BYTES",
+    "Delivered",
     "MovedCopy",
     "Replicas",
     "ReplicatedStore",
@@ -115,6 +121,19 @@ PARKED_MESSAGES = 10_000
 Targets = tuple[tuple[str, str], ...]
 #: A failover message for a copy handed over: (the session's node, client id, delivery).
 Forward = tuple[str, str, codec.DeliveryRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A failover delivery for one session (REPLICA_DELIVER), parked."""
+
+    client_id: str
+    delivery: codec.DeliveryRecord
+
+
+#: A parked failover message: (monotonic time, message, the shared members it is for; () for
+#: the plain subscribers; or the one session it is for).
+Parked = tuple[float, codec.WireMessage, Targets | Delivered]
 
 
 def backup_of(node: str, nodes: Iterable[str]) -> str | None:
@@ -755,9 +774,8 @@ class Replicas:
         self.incarnations: dict[str, int] = {}
         # The wills of the owners' connected clients (encoded codec.LiveWill), by client id.
         self.wills: dict[str, dict[str, bytes]] = {}
-        # Failover messages for owners this node still reaches: (monotonic time, message,
-        # the shared members it is for; () for the plain subscribers).
-        self.parked: dict[str, deque[tuple[float, codec.WireMessage, Targets]]] = {}
+        # Failover messages for owners this node still reaches.
+        self.parked: dict[str, deque[Parked]] = {}
         self.parked_bytes: dict[str, int] = {}
         # Copies handed over lately, by owner and client id (their filters stay in the
         # owner's trie until they are forgotten), and what failover sent on to them, for the
@@ -1083,6 +1101,28 @@ class Replicas:
         self.counters.failover_deliveries += queued
         return queued, dropped, missing
 
+    def failover_delivery(
+        self, origin: str, client_id: str, delivery: codec.DeliveryRecord, now: float
+    ) -> tuple[bool, bool]:
+        """A DELIVER for ``client_id``, whose session moved to ``origin``, while ``origin`` is
+        down (REPLICA_DELIVER): queued for its copy (or sent on, when the copy was handed
+        over). Returns (queued or sent on, dropped by the copy's bounds); (False, False):
+        no copy of that session here."""
+        self.counters.failover_messages += 1
+        copy = (self.origins.get(origin) or {}).get(client_id)
+        qos, retain = delivery.qos, delivery.retain
+        identifiers = delivery.subscription_identifiers
+        if copy is None:
+            stub = _live((self.moved.get(origin) or {}).get(client_id), now)
+            if stub is None:
+                return False, False
+            self._forward(stub, client_id, delivery.message, qos, retain, identifiers)
+            return True, False
+        if not self._queue(copy, delivery.message, qos, retain, identifiers):
+            return False, True
+        self.counters.failover_deliveries += 1
+        return True, False
+
     def _forward(
         self,
         stub: MovedCopy,
@@ -1159,11 +1199,16 @@ class Replicas:
         return True
 
     def park(
-        self, origin: str, message: codec.WireMessage, now: float, targets: Targets = ()
+        self,
+        origin: str,
+        message: codec.WireMessage,
+        now: float,
+        targets: Targets | Delivered = (),
     ) -> None:
         """A failover message for an owner this node still reaches (for its plain
-        subscribers, or the shared ``targets``): kept PARKED_SECONDS in case our link to it
-        drops too (it died: :meth:`owner_down` queues them)."""
+        subscribers, the shared ``targets``, or one session's delivery): kept
+        PARKED_SECONDS in case our link to it drops too (it died: :meth:`owner_down` queues
+        them)."""
         parked = self.parked.setdefault(origin, deque())
         parked.append((now, message, targets))
         size = self.parked_bytes.get(origin, 0) + len(message.payload)
@@ -1189,7 +1234,11 @@ class Replicas:
             if now - when > PARKED_SECONDS:
                 self.counters.parked_discarded += 1
                 continue
-            if targets:
+            if isinstance(targets, Delivered):
+                client_id = targets.client_id
+                done, full_copy = self.failover_delivery(origin, client_id, targets.delivery, now)
+                count, full = int(done), [client_id] if full_copy else []
+            elif targets:
                 count, full, missing = self.failover_shared(origin, message, targets, now)
                 if missing:
                     elsewhere.append((message, missing))

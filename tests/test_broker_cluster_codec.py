@@ -146,6 +146,17 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
             + framed(24, b"\x00\x02n3\x00\x01\x00\x0c$share/g/t/+\x00\x02w1" + MESSAGE_BYTES),
         ),
     ),
+    # Version 6: a DELIVER for node n3 (down), to its backup: QoS 1, subscription id 7.
+    (
+        codec.Reliable(
+            4, codec.ReplicaDeliver("n3", "dev", codec.DeliveryRecord(MESSAGE, 1, False, (7,)))
+        ),
+        framed(
+            11,
+            struct.pack(">Q", 4)
+            + framed(25, b"\x00\x02n3\x00\x03dev\x01\x00\x00\x01\x00\x00\x00\x07" + MESSAGE_BYTES),
+        ),
+    ),
     # Version 2's HELLO is version 3's (a node speaks both: rolling upgrades).
     (
         codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
@@ -206,17 +217,20 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_6 = framed(1, b"\x06\x00\x02n6\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_6)
+    version_7 = framed(1, b"\x07\x00\x02n7\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_7)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (6, "n6", 0)
-    assert codec.encode(hello) == version_6
+    assert (hello.version, hello.node, hello.incarnation) == (7, "n7", 0)
+    assert codec.encode(hello) == version_7
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (5, 5, 5),  # both upgraded
+        (6, 6, 6),  # both upgraded
+        (6, 5, 5),  # a node of version 5: no REPLICA_DELIVER on that link
+        (5, 6, 5),  # this node announces 5 during the upgrade
+        (5, 5, 5),
         (5, 4, 4),  # a node of version 4: no REPLICA_SHARED on that link
         (4, 5, 4),  # this node announces 4 during the upgrade
         (4, 4, 4),
@@ -228,8 +242,8 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (5, 6, None),  # newer than this release
-        (2, 6, None),
+        (6, 7, None),  # newer than this release
+        (2, 7, None),
         (3, 0, None),
         (3, 255, None),
     ],
@@ -496,6 +510,12 @@ def test_a_link_below_version_4_refuses_replica_frames_as_an_old_node_does(versi
         (codec.ReplicaAck(1), 22),
         (codec.Reliable(1, codec.ReplicaPublish("n1", MESSAGE)), 23),
         (codec.Reliable(1, codec.ReplicaShared("n1", (("$share/g/t", "w"),), MESSAGE)), 24),
+        (
+            codec.Reliable(
+                1, codec.ReplicaDeliver("n1", "dev", codec.DeliveryRecord(MESSAGE, 1, False))
+            ),
+            25,
+        ),
     ]
     for frame, frame_type in frames:
         decoder = codec.ClusterDecoder()
@@ -519,6 +539,30 @@ def test_a_link_of_version_4_refuses_replica_shared_and_carries_the_rest() -> No
     decoder = codec.ClusterDecoder()
     decoder.version = 5
     decoder.feed(codec.encode(shared))
+    assert decoder.next_event() == shared
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_link_below_version_6_refuses_replica_deliver_as_an_old_node_does(version: int) -> None:
+    """Version 6 added REPLICA_DELIVER only: a link of version 5 (or 4) refuses it as such a
+    node does (an unknown type); version 5 still carries REPLICA_SHARED and the will ops."""
+    delivery = codec.DeliveryRecord(MESSAGE, 1, False)
+    frame = codec.Reliable(1, codec.ReplicaDeliver("n1", "dev", delivery))
+    decoder = codec.ClusterDecoder()
+    decoder.version = version
+    decoder.feed(codec.encode(frame))
+    with pytest.raises(codec.ClusterProtocolError, match="unknown frame type 25"):
+        decoder.next_event()
+    decoder = codec.ClusterDecoder()
+    decoder.version = 6
+    decoder.feed(codec.encode(frame))
+    assert decoder.next_event() == frame
+    will = codec.ReplicaOp(codec.ReplicaOpKind.WILL_CLEAR, "dev")
+    shared = codec.Reliable(2, codec.ReplicaShared("n1", (("$share/g/t", "w"),), MESSAGE))
+    decoder = codec.ClusterDecoder()
+    decoder.version = 5
+    decoder.feed(codec.encode(codec.Replica(1, False, (will,))) + codec.encode(shared))
+    assert decoder.next_event() == codec.Replica(1, False, (will,))
     assert decoder.next_event() == shared
 
 

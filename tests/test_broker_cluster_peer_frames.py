@@ -1,7 +1,7 @@
 """What a real node does with frames from a peer, over a real cluster link: frames a peer
 should never send, a claim that comes while its backup hands its sessions back, frames past
-what a node holds while it waits for that, and the PONG that comes after a node's retained
-messages.
+what a node holds while it waits for that, the PONG that comes after a node's retained
+messages, and what a forwarding stub passes on to a session's new node once that node dies.
 
 node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
 and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
@@ -13,6 +13,7 @@ frames with a $share/ filter keep the link (a PING after them gets its PONG).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import socket
 import ssl
@@ -27,7 +28,14 @@ from broker.cluster import HELD_BYTES_MAX, HELD_FRAMES_MAX
 from broker.mqtt import Connect, Properties, Puback, Publish
 from broker.subscriptions import SubscriptionOptions
 from tests.broker_harness import RawClient
-from tests.cluster_harness import COOKIE, ClusterNode, make_nodes, wait_for
+from tests.cluster_harness import (
+    COOKIE,
+    ClusterNode,
+    Device,
+    make_nodes,
+    offline_session,
+    wait_for,
+)
 from tests.harness import wait_port
 from tests.pki import TestPKI
 
@@ -62,6 +70,7 @@ class FakePeer:
         context.load_cert_chain(str(fake.cert), str(fake.key))
         raw = socket.create_connection(("127.0.0.1", node.cluster_port), timeout=5)
         self.sock = context.wrap_socket(raw)
+        self.name = fake.name
         self.decoder = codec.ClusterDecoder()
         hello = codec.Hello(
             codec.PROTOCOL_VERSION, fake.name, "chaos", COOKIE.encode(), next(_incarnations)
@@ -295,6 +304,184 @@ def test_a_ping_at_link_up_is_answered_after_the_retained_messages(
             retained += 1
         assert retained == count
         peer.close()
+    finally:
+        node.stop()
+
+
+def _next(peer: FakePeer, wanted: type) -> codec.Frame:
+    """The next frame of type ``wanted`` (a RELIABLE one: whose inner frame is of that type),
+    answering the PINGs and acknowledging the REPLICA frames before it as a peer does."""
+    while True:
+        frame = peer.frame(codec.Replica | codec.Reliable | codec.Ping)
+        assert frame is not None and not isinstance(frame, codec.Close), frame
+        if isinstance(frame, codec.Ping):
+            peer.send(codec.Pong())
+        elif isinstance(frame, codec.Replica):
+            peer.send(codec.ReplicaAck(frame.seq))
+        elif isinstance(frame, codec.Reliable) and isinstance(frame.frame, wanted):
+            return frame
+
+
+def _take_over(peer: FakePeer, client_id: str) -> codec.SessionRecord:
+    """``peer`` claims ``client_id``'s session (its device reconnected there): the real node
+    hands it over and keeps a forwarding stub; ``peer`` acknowledges the TRANSFER."""
+    # Newer than the session's version (node-2's Lamport clock starts at its wall clock).
+    peer.send(codec.Claim(client_id, codec.Version(1 << 60, peer.name), False))
+    reliable = _next(peer, codec.Transfer)
+    assert isinstance(reliable, codec.Reliable) and isinstance(reliable.frame, codec.Transfer)
+    peer.send(codec.Ack(reliable.seq))
+    return reliable.frame.session
+
+
+def _lose(peer: FakePeer, node: ClusterNode) -> None:
+    """``peer`` dies: its link closes, and ``node`` has seen it."""
+    peer.close()
+    wait_for(lambda: node.link_states()[peer.name] != "up", 10, f"{peer.name} down")
+
+
+@pytest.mark.parametrize("when", ["down", "unacknowledged"])
+def test_a_delivery_for_a_session_whose_new_node_dies_is_kept_by_its_backup(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory, when: str
+) -> None:
+    """node-2 is real (memory mode); node-1 is this test, and each is the other's backup.
+    A device's session on node-2 moves to node-1 (its device reconnected there: node-1
+    claims it, node-2 hands it over and keeps a forwarding stub) and node-1 copies it back to
+    node-2, its backup. Then node-1 dies for good, and a QoS 1 command for the device is
+    published on node-2 while it is down (``down``; or just before, its DELIVER still
+    unacknowledged: ``unacknowledged``). node-1 never announced the device's filter, so the
+    only way the command goes is the stub's DELIVER, to node-1's outbox, where nothing
+    would ever take it. Now it also goes to node-1's backup (here node-2 itself), which
+    queues it for its copy: the device, back on node-2, gets its session and the command.
+    Before, the session came back without it: acknowledged to the publisher, lost."""
+    directory = tmp_path_factory.mktemp(f"deliver-{when}")
+    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"', store="memory")
+    node.start()
+    try:
+        offline_session(node, "dev")
+        peer = FakePeer(fake, node)
+        moved = _take_over(peer, "dev")
+        assert [topic for topic, _ in moved.subscriptions] == ["cmd/dev"]
+        # node-1 copies the session to its backup, node-2 (REPLICA: a reset, then the record).
+        saved = dataclasses.replace(moved, deliveries=())
+        op = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(saved))
+        peer.send(codec.Replica(1, True, (op,)))
+        assert peer.frame(codec.ReplicaAck) == codec.ReplicaAck(1)
+        publisher = Device("publisher", clean=True)
+        publisher.connect(node.mqtt_port)
+        try:
+            if when == "down":
+                _lose(peer, node)
+                publisher.publish("cmd/dev", "command", 1)
+            else:
+                publisher.publish("cmd/dev", "command", 1)
+                deliver = _next(peer, codec.Deliver)  # not acknowledged: node-1 dies
+                assert isinstance(deliver, codec.Reliable)
+                assert isinstance(deliver.frame, codec.Deliver)
+                assert deliver.frame.delivery.message.payload == b"command"
+                _lose(peer, node)
+            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
+        finally:
+            publisher.stop()
+        device = Device("dev")
+        try:
+            assert device.connect(node.mqtt_port) is True  # the copy, installed here
+            assert device.received(want=1, timeout=10) == ["command"]
+        finally:
+            device.stop()
+        copies = node.admin("/api/cluster")["replication"]["copies"]["counters"]
+        assert copies["installed_here"] == 1
+        assert copies["failover_deliveries"] == 1
+        if when == "unacknowledged":
+            line = "1 unacknowledged messages for node-1 also sent to its backup node-2"
+            assert line in node.log_text()
+    finally:
+        node.stop()
+
+
+def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-2 is real, node-1 (this test) dies twice. node-1's session "dev" is copied to
+    node-2; node-1 dies and the device comes back on node-2, which installs the copy (and
+    keeps a stub of it, to send on there what still comes for it). node-1 comes back, takes
+    the session (node-2 keeps a stub pointing at node-1) and dies before copying it. A
+    command published on node-2 then goes by the stub to node-1, down, so to node-1's backup,
+    node-2, whose copy's stub sends it on to node-2, whose stub... The chain stops there: the
+    command waits in node-1's outbox, the node and the publisher go on."""
+    directory = tmp_path_factory.mktemp("deliver-loop")
+    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"', store="memory")
+    node.start()
+    try:
+        peer = FakePeer(fake, node)
+        record = codec.SessionRecord(
+            "dev",
+            3600,
+            None,
+            codec.Version(1 << 59, "node-1"),
+            subscriptions=(("cmd/dev", SubscriptionOptions(1)),),
+        )
+        op = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(record))
+        peer.send(codec.Replica(1, True, (op,)))
+        assert peer.frame(codec.ReplicaAck) == codec.ReplicaAck(1)
+        _lose(peer, node)
+        device = Device("dev")
+        assert device.connect(node.mqtt_port) is True  # the copy, installed on node-2
+        device.stop()
+        peer = FakePeer(fake, node)
+        _take_over(peer, "dev")
+        _lose(peer, node)
+        publisher = Device("publisher", clean=True)
+        publisher.connect(node.mqtt_port)
+        try:
+            publisher.publish("cmd/dev", "command", 1)
+            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
+        finally:
+            publisher.stop()
+        assert node.admin_ready()
+        assert "Traceback" not in node.log_text()
+    finally:
+        node.stop()
+
+
+def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real; node-1 and node-2 (node-1's backup) are this test. A session on
+    node-3 moves to node-1, which dies; a QoS 1 command published on node-3 for it then goes
+    by the stub's DELIVER to node-1's outbox and, as REPLICA_DELIVER naming node-1 and the
+    client id, to node-2, which acknowledges it."""
+    directory = tmp_path_factory.mktemp("deliver-backup")
+    owner, backup, node = make_nodes(
+        directory, pki, count=3, cluster='join_timeout = "0s"', store="memory"
+    )
+    node.start()
+    try:
+        offline_session(node, "dev")
+        keeper = FakePeer(backup, node)
+        peer = FakePeer(owner, node)
+        _take_over(peer, "dev")
+        _lose(peer, node)
+        publisher = Device("publisher", clean=True)
+        publisher.connect(node.mqtt_port)
+        try:
+            publisher.publish("cmd/dev", "command", 1)
+            reliable = _next(keeper, codec.ReplicaDeliver)
+            assert isinstance(reliable, codec.Reliable)
+            frame = reliable.frame
+            assert isinstance(frame, codec.ReplicaDeliver)
+            assert (frame.origin, frame.client_id) == ("node-1", "dev")
+            assert (frame.delivery.message.topic, frame.delivery.message.payload) == (
+                "cmd/dev",
+                b"command",
+            )
+            assert frame.delivery.qos == 1
+            keeper.send(codec.Ack(reliable.seq))
+            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
+        finally:
+            publisher.stop()
+        member = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-2"]
+        assert member["counters"]["failover_sent"] == 1
+        keeper.close()
     finally:
         node.stop()
 

@@ -20,6 +20,7 @@ from broker.replica import (
     FAILOVER_KEY_BASE,
     PARKED_SECONDS,
     REPLICA_FRAME_BYTES,
+    Delivered,
     Forwarded,
     Replicas,
     ReplicatedStore,
@@ -678,6 +679,50 @@ def test_parked_messages_for_shared_members_keep_their_members() -> None:
     assert (queued, dropped) == (1, [])
     assert [(m.seq, members) for m, members in elsewhere] == [(2, [("$share/g/jobs/#", "gone")])]
     record = replicas.take("node-1", "w1")
+    assert record is not None and [d.message.seq for d in record.deliveries] == [1]
+
+
+def test_a_delivery_for_a_session_of_a_node_that_is_down_is_queued_for_its_copy() -> None:
+    """REPLICA_DELIVER: a DELIVER for one session (a stub passed it on to the owner, which
+    is down) goes into that session's copy whatever its subscriptions match, with the
+    delivery's QoS and subscription identifiers, within the copy's bounds; for a copy handed
+    over it is sent on; without a copy (a session that is not persistent) nothing."""
+    replicas = Replicas(max_queued_messages=2, max_queued_bytes=1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save("dev"), save("other"))))
+    delivery = codec.DeliveryRecord(message(1, topic="elsewhere", qos=2), 1, True, (7,))
+    assert replicas.failover_delivery("node-1", "dev", delivery, 0.0) == (True, False)
+    assert replicas.failover_delivery("node-1", "nobody", delivery, 0.0) == (False, False)
+    assert replicas.failover_delivery("node-9", "dev", delivery, 0.0) == (False, False)
+    second = codec.DeliveryRecord(message(2), 2, False)
+    assert replicas.failover_delivery("node-1", "dev", second, 0.0) == (True, False)
+    third = codec.DeliveryRecord(message(3), 1, False)
+    assert replicas.failover_delivery("node-1", "dev", third, 0.0) == (False, True)  # full
+    record = replicas.take("node-1", "dev")
+    assert record is not None
+    assert [
+        (d.message.seq, d.message.topic, d.qos, d.retain, d.subscription_identifiers)
+        for d in record.deliveries
+    ] == [(1, "elsewhere", 1, True, (7,)), (2, "cmd/dev", 2, False, ())]
+    counters = replicas.counters
+    assert (counters.failover_deliveries, counters.failover_dropped) == (2, 1)
+    assert replicas.take("node-1", "other", moved_to="node-3", now=10.0) is not None
+    assert replicas.failover_delivery("node-1", "other", third, 11.0) == (True, False)
+    assert [(n, c, d.message.seq) for n, c, d in replicas.take_forwards()] == [
+        ("node-3", "other", 3)
+    ]
+    late = 10.0 + MOVED_GRACE
+    assert replicas.failover_delivery("node-1", "other", third, late) == (False, False)
+
+
+def test_a_parked_delivery_is_queued_for_its_session_if_the_owner_goes_down() -> None:
+    replicas = Replicas(10, 1000)
+    replicas.apply("node-1", codec.Replica(1, True, (save("dev"),)))
+    delivery = codec.DeliveryRecord(message(1, topic="x"), 1, False)
+    replicas.park("node-1", delivery.message, 100.0, Delivered("dev", delivery))
+    replicas.park("node-1", delivery.message, 100.0, Delivered("gone", delivery))
+    assert replicas.status()["parked"] == {"node-1": 2}
+    assert replicas.owner_down("node-1", now=101.0) == (1, [], [])
+    record = replicas.take("node-1", "dev")
     assert record is not None and [d.message.seq for d in record.deliveries] == [1]
 
 
