@@ -179,6 +179,39 @@ def test_what_is_published_while_the_copy_is_handed_over_reaches_the_session(
     assert _replication(backup)["copies"]["counters"]["failover_forwarded"] > 0
 
 
+def test_a_session_outlives_two_nodes_lost_one_after_the_other(
+    nodes: list[ClusterNode],
+) -> None:
+    """One node lost at a time, twice: node-1 dies, its device comes back on node-2 (node-1's
+    backup: the copy is installed there, and copied on to node-3, node-2's backup) and goes
+    offline; commands are queued for it on node-2; node-2 dies too. The device, back on
+    node-3 (the last node), finds its session with every command published for it since it
+    left node-2, before node-2's loss and after it, each once."""
+    first, second, last = nodes
+    offline_session(first, "twice", V5)
+    wait_for(lambda: _copies(second, "node-1") == 1, 10, "the copy on node-2")
+    _publish(last, [("cmd/twice", f"first-{n}", 1) for n in range(3)])
+    first.kill()
+    for node in (second, last):
+        wait_for(lambda node=node: node.link_states().get("node-1") == "down", 10, "node-1 down")
+    device = Device("twice", V5)
+    assert device.connect(second.mqtt_port), "the session was lost with node-1"
+    assert sorted(device.received(want=3)) == [f"first-{n}" for n in range(3)]
+    device.stop()
+    wait_for(lambda: _copies(last, "node-2") == 1, 10, "the session copied on to node-3")
+    _publish(last, [("cmd/twice", f"second-{n}", 1) for n in range(3)])
+    wait_for(lambda: _replication(last)["copies"]["deliveries"] == 3, 10, "queued on node-2")
+    second.kill()
+    wait_for(lambda: last.link_states().get("node-2") == "down", 10, "node-2 down")
+    _publish(last, [("cmd/twice", f"third-{n}", 1) for n in range(3)])
+    again = Device("twice", V5)
+    assert again.connect(last.mqtt_port), "the session was lost with node-2"
+    got = again.received(want=6)
+    again.stop()
+    assert sorted(got) == [f"second-{n}" for n in range(3)] + [f"third-{n}" for n in range(3)]
+    assert _replication(last)["copies"]["counters"]["installed_here"] == 1
+
+
 def test_a_publish_for_another_node_is_acknowledged_once_a_node_other_than_ours_has_it(
     nodes: list[ClusterNode],
 ) -> None:
