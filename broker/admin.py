@@ -19,6 +19,9 @@ STYLE.md rule 6):
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
 - ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
   one peer and keep it down, or let it come back (issue 12: operators, and the chaos test).
+- ``POST /api/evacuation?rate=N``: move this node's clients to the other nodes, N per
+  second (default 500), listeners closed (broker.evacuation); ``GET`` tells how far it is,
+  ``DELETE`` ends it (the listeners open again).
 
 What it shows (client addresses and CNs) and what it does (a policy reload disconnects
 clients) is not for everyone: with ``token_file`` (``Authorization: Bearer TOKEN``) or
@@ -38,6 +41,7 @@ import hmac
 import http
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +51,7 @@ from broker.authentication import PasswordFile, PasswordFileError
 from broker.config import AdminConfig, ConfigError, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
+from broker.evacuation import MAX_RATE
 from broker.stats import render_prometheus, render_prometheus_rows
 from broker.tls_listener import address_text
 from lb import http11, pem
@@ -134,6 +139,8 @@ class AdminServer:
         self.listener_status: Callable[[], list[dict[str, Any]]] | None = None
         # Set by the server on a clustered node: command -> function(peer name).
         self.cluster_commands: dict[str, Callable[[str], dict[str, Any]]] = {}
+        # Set by the server: /api/evacuation (method, rate or None) -> status.
+        self.evacuation: Callable[[str, float | None], dict[str, Any]] | None = None
         self.server: asyncio.Server | None = None
         self.token: bytes | None = None
         self.passwords: PasswordFile | None = None
@@ -210,7 +217,7 @@ class AdminServer:
         if self.refusals is not None:
             self.refusals.flush()
 
-    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    def _route(self, method: str, path: str, query: str = "") -> tuple[int, str, bytes]:
         broker = self.broker
         if method == "POST" and path == "/api/authz/reload":
             if self.authorization_reload is None:
@@ -222,6 +229,8 @@ class AdminServer:
             )
         if method == "POST" and path.startswith("/api/cluster/peers/"):
             return self._cluster_command(path)
+        if path == "/api/evacuation" and self.evacuation is not None:
+            return self._evacuation_command(method, query)
         if method not in ("GET", "HEAD"):
             return 405, "application/json", b'{"error": "GET only"}'
         if path == "/api/clients":
@@ -296,6 +305,23 @@ class AdminServer:
         except KeyError:
             return 404, "application/json", b'{"error": "no such peer"}'
 
+    def _evacuation_command(self, method: str, query: str) -> tuple[int, str, bytes]:
+        assert self.evacuation is not None
+        if method not in ("GET", "HEAD", "POST", "DELETE"):
+            return 405, "application/json", b'{"error": "GET, POST or DELETE"}'
+        fields = urllib.parse.parse_qs(query)
+        rate = None
+        if method == "POST" and "rate" in fields:
+            try:
+                rate = float(fields["rate"][-1])
+            except ValueError:
+                rate = 0.0
+            if not 0 < rate <= MAX_RATE:
+                error = f"rate: clients per second, more than 0 and at most {MAX_RATE:g}"
+                return 400, "application/json", json.dumps({"error": error}).encode()
+        body = self.evacuation(method, rate)
+        return 200, "application/json", json.dumps(body, indent=1).encode()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
         peer = (str(peername[0]), int(peername[1])) if peername else ("?", 0)
@@ -318,14 +344,14 @@ class AdminServer:
                 return
             if request is None:
                 return
-            target = request.target.decode("ascii", "replace").split("?", 1)[0]
+            target, _, query = request.target.decode("ascii", "replace").partition("?")
             method = request.method.decode("ascii", "replace")
             if not self._authenticated(request.headers):
                 self._refused(peer, f"401 for {method} {target}")
                 body = b'{"error": "authentication required"}'
                 await self._respond(writer, connection, 401, body, self._challenge())
                 return
-            status, content_type, body = self._route(method, target)
+            status, content_type, body = self._route(method, target, query)
             await http11.respond(
                 writer,
                 connection,

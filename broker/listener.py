@@ -157,6 +157,8 @@ class Listener:
         self.pending = PendingConnections(
             config.max_pending_connections, config.max_pending_bytes, self._evicted
         )
+        # The bound port, once listening (kept while an evacuation closes the socket).
+        self._port = 0
         # Set by stop() while it waits for the lingering closes.
         self._all_closed: asyncio.Event | None = None
         # Connections being adopted by the event loop (accepted, connection_made not yet
@@ -186,6 +188,8 @@ class Listener:
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
+        if self._port:
+            return self._port
         if self.acceptor is not None:
             sockname = self.acceptor.socket.getsockname()
         else:
@@ -215,16 +219,8 @@ class Listener:
             )
             self.tls.start()
         else:
-            listening = open_listening_socket(config.host, config.port)
-            self.acceptor = AcceptLoop(
-                listening,
-                self._accepted,
-                label,
-                self._accept_failed,
-                config.max_conn_rate,
-                self._rate_paused,
-            )
-            self.acceptor.start()
+            self._accept_on(open_listening_socket(config.host, config.port))
+        self._port = self.port
         logger.info(
             "listener %s on %s:%d%s",
             config.label,
@@ -244,6 +240,54 @@ class Listener:
                 config.host,
                 self.port,
             )
+
+    def _accept_on(self, listening: socket.socket) -> None:
+        config = self.config
+        self.acceptor = AcceptLoop(
+            listening,
+            self._accepted,
+            f"listener {config.label}",
+            self._accept_failed,
+            config.max_conn_rate,
+            self._rate_paused,
+        )
+        self.acceptor.start()
+
+    @property
+    def accepting(self) -> bool:
+        """False while an evacuation keeps the listening socket closed."""
+        acceptor = self.accept_loop
+        return acceptor is not None and not acceptor.closed
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket (an evacuation, broker.evacuation): a new connection is
+        refused, so a balancer sends it to another node at once and its health checks mark
+        this one down; the connections here stay."""
+        if not self.accepting:
+            return
+        if self.server is not None:
+            self.server.stop_accepting()
+        elif self.acceptor is not None:
+            self.acceptor.close()
+        logger.info(
+            "listener %s on %s:%d: not accepting (evacuation)",
+            self.config.label,
+            self.config.host,
+            self._port,
+        )
+
+    def start_accepting(self) -> None:
+        """Listen again on the same port (the evacuation ended)."""
+        if self.accepting:
+            return
+        listening = open_listening_socket(self.config.host, self._port)
+        if self.server is not None:
+            self.server.listen(listening)
+        else:
+            self._accept_on(listening)
+        logger.info(
+            "listener %s on %s:%d: accepting again", self.config.label, self.config.host, self._port
+        )
 
     def trusted_source(self, host: str) -> bool:
         """May ``host`` send this listener a PROXY header (proxy_protocol_trusted)? Kept per
@@ -343,6 +387,8 @@ class Listener:
             "conn_rate_current": None if acceptor is None else acceptor.rate(),
             "accepts_paused_max_conn_rate": 0 if acceptor is None else acceptor.rate_pauses,
             "accepts_failed": 0 if acceptor is None else acceptor.failed_accepts,
+            # 0 while an evacuation keeps the listening socket closed.
+            "accepting_current": int(self.accepting),
         }
 
     def _evicted(self) -> None:

@@ -39,6 +39,7 @@ from broker.authz import PolicyAuthorization, PolicyError, ReloadResult, X509Att
 from broker.cluster import Cluster
 from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions, config_warnings
 from broker.core import Broker
+from broker.evacuation import Evacuation
 from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
@@ -56,6 +57,8 @@ TICK_INTERVAL = 1.0
 #: At a stop, after the clients are gone: how long the cluster may take to have what this node
 #: sent acknowledged (its peers' and its backup's), before the links close.
 STOP_DRAIN_TIMEOUT = 5.0
+#: Clients per second an evacuation disconnects unless told (EMQX's conn-evict-rate: 500).
+DEFAULT_EVACUATION_RATE = 500.0
 
 
 def malloc_trim() -> Callable[[], object] | None:
@@ -181,6 +184,29 @@ class BrokerServer:
                     "connect": self.cluster.resume,
                 }
         self._ticker: asyncio.TimerHandle | None = None
+        self.evacuation: Evacuation | None = None
+        if self.admin is not None:
+            self.admin.evacuation = self.evacuation_command
+
+    # --- evacuation (broker.evacuation) ------------------------------------------------------
+
+    def evacuation_command(self, method: str, rate: float | None) -> dict[str, Any]:
+        """The admin API's /api/evacuation: POST starts one (or sets the rate of the one
+        under way), DELETE ends it (the listeners open again), GET tells."""
+        evacuation = self.evacuation
+        if method == "POST":
+            rate = DEFAULT_EVACUATION_RATE if rate is None else rate
+            if evacuation is not None and evacuation.state != "ended":
+                evacuation.set_rate(rate)
+            else:
+                evacuation = self.evacuation = Evacuation(
+                    self.broker, self.listeners, rate, asyncio.get_running_loop()
+                )
+        elif method == "DELETE" and evacuation is not None and evacuation.state != "ended":
+            evacuation.end()
+        if evacuation is None:
+            return {"node": self.config.node_name, "state": "none"}
+        return evacuation.status()
 
     # --- authorization (seed 003) -----------------------------------------------------------
 
@@ -331,6 +357,8 @@ class BrokerServer:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        if self.evacuation is not None:
+            self.evacuation.end(listen=False)
         if self._policy_poller is not None:
             self._policy_poller.cancel()
             self._policy_poller = None

@@ -85,6 +85,8 @@ class Counters:
     # Accept pauses for a listener's max_conn_rate (every listener's; /api/listeners has
     # each one's): the connections waited in the kernel's queue, none was refused.
     accepts_paused_max_conn_rate: int = 0
+    # Clients disconnected by an evacuation (broker.evacuation), to reconnect elsewhere.
+    clients_evacuated: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

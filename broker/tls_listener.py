@@ -349,7 +349,10 @@ class TLSServer:
         self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int, backlog: int = BACKLOG) -> None:
-        listening = open_listening_socket(host, port, backlog)
+        self.listen(open_listening_socket(host, port, backlog))
+
+    def listen(self, listening: socket.socket) -> None:
+        """Accept on ``listening`` (at start, or again after :meth:`stop_accepting`)."""
         self.sockets = [listening]
         # Accepts pause at descriptor exhaustion and resume as handshakes end (broker.accept).
         self.acceptor = AcceptLoop(
@@ -428,6 +431,11 @@ class TLSServer:
                 self.label,
                 reason,
             )
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; the handshakes in progress go on."""
+        if self.acceptor is not None:
+            self.acceptor.close()
 
     def close(self) -> None:
         if self.acceptor is not None:

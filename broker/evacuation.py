@@ -1,0 +1,145 @@
+"""Node evacuation: move a node's devices to the other nodes before maintenance, at a bounded
+rate (EMQX's ``emqx ctl rebalance start --evacuation``; HAProxy's side of it is ``set server
+... state drain``). ``POST /api/evacuation?rate=N`` on the admin API starts it.
+
+1. The MQTT listeners close their listening sockets (broker.listener.Listener.stop_accepting):
+   a new connection is refused, so the balancer sends it to another node at once (lb moves
+   on after a refusal; HAProxy with ``option redispatch``) and its health checks mark this
+   node down.
+2. Connected clients are disconnected, at most ``rate`` per second (MQTT 5.0: DISCONNECT
+   0x9C, Use another server). Each device reconnects through the balancer to another node,
+   whose claim takes its session from this node, which is alive: a live hand-over (TRANSFER
+   and a forwarding stub, broker.cluster), not the backup's failover, and no storm of
+   reconnections at once as when the node stops. A client's will is due as at any
+   disconnection by the server (MQTT 5.0 section 3.1.2.5): one with a Will Delay Interval
+   that reconnects within it has none published.
+3. When no client is left the evacuation is done. Offline sessions stay here: their
+   devices' claims take them from here, or from the backup's copies once the node is
+   stopped. The listeners stay closed until the evacuation is ended (``DELETE
+   /api/evacuation``) or the node stops.
+
+No I/O here beyond the listeners' and connections' own methods; the clock is the loop's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from broker.core import Broker
+from broker.mqtt import ReasonCode
+
+__all__ = ["MAX_RATE", "TICK", "Evacuation"]
+
+logger = logging.getLogger(__name__)
+
+#: Clients are disconnected in batches this often (seconds): rate x TICK each, at least one.
+TICK = 0.1
+#: The highest rate accepted (clients per second).
+MAX_RATE = 100_000.0
+
+
+class Accepting(Protocol):
+    """What the evacuation needs of a listener."""
+
+    def stop_accepting(self) -> None: ...
+
+    def start_accepting(self) -> None: ...
+
+
+class Evacuation:
+    """One evacuation of this node: started at construction, ticking until no client is
+    connected, or :meth:`end`."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        listeners: Iterable[Accepting],
+        rate: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.broker = broker
+        self.listeners = list(listeners)
+        self.rate = rate
+        self.loop = loop
+        self.state = "evacuating"
+        self.started = loop.time()
+        self.finished: float | None = None
+        self.clients_at_start = len(list(broker.connected_clients()))
+        self.evicted = 0
+        self._budget = 0.0
+        self._last = self.started
+        for listener in self.listeners:
+            listener.stop_accepting()
+        logger.info(
+            "evacuation of node %s: %d clients to move to other nodes at %s per second; "
+            "listeners closed",
+            broker.node_name,
+            self.clients_at_start,
+            f"{rate:g}",
+        )
+        self._timer: asyncio.Handle | None = loop.call_soon(self._tick)
+
+    def set_rate(self, rate: float) -> None:
+        self.rate = rate
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        # A token bucket: a burst of at most one tick's worth (at least one client).
+        self._budget = min(
+            self._budget + (now - self._last) * self.rate, max(1.0, self.rate * TICK)
+        )
+        self._last = now
+        connected = list(self.broker.connected_clients())
+        batch = connected[: int(self._budget)]
+        for connection in batch:
+            connection.disconnect(ReasonCode.USE_ANOTHER_SERVER, "evacuation: use another server")
+        self._budget -= len(batch)
+        self.evicted += len(batch)
+        self.broker.counters.clients_evacuated += len(batch)
+        if len(batch) == len(connected):
+            self.state = "done"
+            self.finished = now
+            logger.info(
+                "evacuation of node %s done: %d clients moved off in %.1fs; listeners stay "
+                "closed until DELETE /api/evacuation or the node stops",
+                self.broker.node_name,
+                self.evicted,
+                now - self.started,
+            )
+            return
+        self._timer = self.loop.call_later(TICK, self._tick)
+
+    def end(self, listen: bool = True) -> None:
+        """Stop evacuating (if still at it) and, with ``listen``, listen again (not when the
+        node stops)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.state == "evacuating":
+            self.finished = self.loop.time()
+        self.state = "ended"
+        if not listen:
+            return
+        for listener in self.listeners:
+            listener.start_accepting()
+        logger.info(
+            "evacuation of node %s ended after %d clients: listeners open",
+            self.broker.node_name,
+            self.evicted,
+        )
+
+    def status(self) -> dict[str, Any]:
+        end = self.finished if self.finished is not None else self.loop.time()
+        return {
+            "node": self.broker.node_name,
+            "state": self.state,
+            "rate": self.rate,
+            "clients_at_start": self.clients_at_start,
+            "evicted": self.evicted,
+            "clients_left": len(list(self.broker.connected_clients())),
+            "seconds": round(end - self.started, 3),
+        }
