@@ -33,6 +33,10 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   --wills), and whether the balancer marked it down; the telemetry and commands figures
   cover the whole roll. node-1 is not restarted: it carries the collector (the fleet's
   backend, connected straight to it), whose own reconnects would be measured instead.
+  With --evacuate-rate R each node is first evacuated (POST /api/evacuation?rate=R,
+  broker.evacuation: its devices told to use another server, R per second) and stopped once
+  empty; the restart's figures then count from the evacuation's start, with how long it
+  took and the peak handshake rate (what the evacuation spreads out).
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -346,10 +350,10 @@ def cluster_nodes(count: int) -> tuple[topology.Node, ...]:
     )
 
 
-def admin_json(node: topology.Node, path: str) -> Any:
+def admin_json(node: topology.Node, path: str, method: str = "GET") -> Any:
     url = f"http://127.0.0.1:{node.admin_port}{path}"
-    with urllib.request.urlopen(url, timeout=2.0) as response:
-        return json.load(response)
+    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=2.0) as r:
+        return json.load(r)
 
 
 def broker_counters(nodes: tuple[topology.Node, ...]) -> dict[str, Any]:
@@ -950,6 +954,17 @@ def combined_storms(storms: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
+def peak_handshakes(run: Run, since: dict[str, Any]) -> float | None:
+    """The highest handshake rate between two samples after the sample ``since``."""
+    samples = [s for s in run.samples if s["t"] >= since["t"]]
+    rates = [
+        (b["handshakes"] - a["handshakes"]) / (b["t"] - a["t"])
+        for a, b in itertools.pairwise(samples)
+        if b["t"] > a["t"]
+    ]
+    return round(max(rates), 1) if rates else None
+
+
 def one_storm(run: Run, number: int) -> dict[str, Any]:
     args = run.args
     run.sample()
@@ -973,12 +988,7 @@ def one_storm(run: Run, number: int) -> dict[str, Any]:
     after = run.latest()
     seconds = time.monotonic() - since
     handshakes = after["handshakes"] - before["handshakes"]
-    storm_samples = [s for s in run.samples if s["t"] >= before["t"]]
-    rates = [
-        (b["handshakes"] - a["handshakes"]) / (b["t"] - a["t"])
-        for a, b in itertools.pairwise(storm_samples)
-        if b["t"] > a["t"]
-    ]
+    peak = peak_handshakes(run, before)
     refusals = run.counter("refusals") - refusals_before
     run.mark(f"storm {number} done", **back)
     return {
@@ -986,7 +996,7 @@ def one_storm(run: Run, number: int) -> dict[str, Any]:
         **{f"storm_{k}": v for k, v in back.items()},
         "storm_handshakes": handshakes,
         "storm_handshakes_per_s": round(handshakes / seconds, 1) if seconds else None,
-        "storm_peak_handshakes_per_s": round(max(rates), 1) if rates else None,
+        "storm_peak_handshakes_per_s": peak,
         "storm_refusals": dict(refusals),
         "storm_refusals_total": sum(refusals.values()),
         "storm_attempts": after["attempts"] - before["attempts"],
@@ -1088,15 +1098,31 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     refusals_before = run.counter("refusals")
     target = before["connected"]
     watch = LogWatch(run.balancer.logs(), f"/{node.server} is DOWN")
-    run.mark("SIGTERM", node=node.name, pid=old.pid)
     since = time.monotonic()
+    evacuated: float | None = None
+    if args.evacuate_rate:
+        # broker.evacuation: its devices moved off at the rate, then the stop finds none.
+        run.mark("evacuation", node=node.name, rate=args.evacuate_rate)
+        admin_json(node, f"/api/evacuation?rate={args.evacuate_rate:g}", "POST")
+
+        def done() -> bool:
+            try:
+                return bool(admin_json(node, "/api/evacuation").get("state") == "done")
+            except (OSError, ValueError):
+                return False
+
+        if run.wait(args.storm_timeout, done):
+            evacuated = time.monotonic() - since
+        run.mark("evacuated", node=node.name, seconds=evacuated)
+    run.mark("SIGTERM", node=node.name, pid=old.pid)
+    stopping = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(old.pid, signal.SIGTERM)
     try:
         old.popen.wait(START_TIMEOUT)
     except subprocess.TimeoutExpired:
         stop(old)  # SIGKILL: said in the figures as a stop that took the whole bound
-    stop_seconds = time.monotonic() - since
+    stop_seconds = time.monotonic() - stopping
     if old in run.started:
         run.started.remove(old)
     command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
@@ -1122,6 +1148,7 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     run.mark("restart done", node=node.name, **back)
     return {
         "node": node.name,
+        "evacuate_seconds": round(evacuated, 1) if evacuated is not None else None,
         "stop_seconds": round(stop_seconds, 1),
         "rejoined_seconds": round(rejoined, 1) if rejoined is not None else None,
         "marked_down": watch(),
@@ -1129,6 +1156,7 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
         **back,
         "wills": after["wills"] - before["wills"],
         "refusals": dict(run.counter("refusals") - refusals_before),
+        "peak_handshakes_per_s": peak_handshakes(run, before),
     }
 
 
@@ -1141,7 +1169,14 @@ def scenario_restart(run: Run) -> None:
         restarts.append(restart_node(run, index))
         run.hold(args.settle, prefix=f"after_{run.nodes[index].name}_")
     run.figures["restarts"] = restarts
-    for key in ("stop_seconds", "back_100_seconds", "devices_dropped", "wills"):
+    for key in (
+        "evacuate_seconds",
+        "stop_seconds",
+        "back_100_seconds",
+        "devices_dropped",
+        "wills",
+        "peak_handshakes_per_s",
+    ):
         values = [r[key] for r in restarts]
         if values and all(isinstance(v, int | float) for v in values):
             run.figures[f"restart_{key}_max"] = max(values)
@@ -1409,6 +1444,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storms", type=int, default=1, help="storms in a row per balancer (medians reported)"
     )
     parser.add_argument("--reload-every", type=float, default=30.0)
+    parser.add_argument(
+        "--evacuate-rate",
+        type=float,
+        default=0.0,
+        help="restart: evacuate each node first at this many clients per second "
+        "(POST /api/evacuation), then stop it; 0: stop it at once",
+    )
     parser.add_argument(
         "--keep-hard-stop",
         action="store_true",

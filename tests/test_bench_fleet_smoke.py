@@ -201,12 +201,18 @@ def test_reload_configs_lose_hard_stop_after_unless_kept(tmp_path: Path) -> None
         )
 
 
-def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("evacuate", [False, True], ids=["stop", "evacuate-then-stop"])
+def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
+    tmp_path: Path, evacuate: bool
+) -> None:
     """The restart scenario through lb: node-3 then node-2 stopped (SIGTERM) and started
     again under telemetry and commands; every device back after each, every acknowledged
-    telemetry message delivered, and each restart's figures in the JSON."""
+    telemetry message delivered, and each restart's figures in the JSON. With
+    --evacuate-rate, each node is evacuated first (10 devices a second) and stopped once
+    empty."""
+    flags = ["--evacuate-rate", "10"] if evacuate else []
     result = run_fleet(
-        tmp_path, "restart", "--nodes", "3", "--balancers", "lb", "--hold", "3", "--wills"
+        tmp_path, "restart", "--nodes", "3", "--balancers", "lb", "--hold", "3", "--wills", *flags
     )
     assert result["scenario"] == "restart"
     phase = result["phases"]["lb"]
@@ -216,6 +222,7 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(tmp_path: P
     assert [r["node"] for r in restarts] == ["broker-3", "broker-2"]
     for restart in restarts:
         assert restart["devices_dropped"] > 0, restart
+        assert (restart["evacuate_seconds"] is not None) == evacuate, restart
         assert restart["back_connected"] == DEVICES, restart
         assert restart["rejoined_seconds"] is not None, restart
         # 3.1.1 devices without a Will Delay: each dropped device's will, once (those the
