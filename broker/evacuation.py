@@ -13,7 +13,9 @@ rate (EMQX's ``emqx ctl rebalance start --evacuation``; HAProxy's side of it is 
    reconnections at once as when the node stops. A client's will is due as at any
    disconnection by the server (MQTT 5.0 section 3.1.2.5): one with a Will Delay Interval
    that reconnects within it has none published.
-3. When no client is left the evacuation is done. Offline sessions stay here: their
+3. When no client is left the evacuation is done (one whose TLS handshake or CONNECT was
+   under way when the listeners closed is moved off when it connects). Offline sessions
+   stay here: their
    devices' claims take them from here, or from the backup's copies once the node is
    stopped. The listeners stay closed until the evacuation is ended (``DELETE
    /api/evacuation``) or the node stops.
@@ -100,7 +102,7 @@ class Evacuation:
         self._budget -= len(batch)
         self.evicted += len(batch)
         self.broker.counters.clients_evacuated += len(batch)
-        if len(batch) == len(connected):
+        if self.state == "evacuating" and len(batch) == len(connected):
             self.state = "done"
             self.finished = now
             logger.info(
@@ -110,7 +112,8 @@ class Evacuation:
                 self.evicted,
                 now - self.started,
             )
-            return
+        # Done, it goes on ticking: a client whose TLS handshake or CONNECT was under way
+        # when the listeners closed is moved off too.
         self._timer = self.loop.call_later(TICK, self._tick)
 
     def end(self, listen: bool = True) -> None:

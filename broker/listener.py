@@ -280,7 +280,17 @@ class Listener:
         """Listen again on the same port (the evacuation ended)."""
         if self.accepting:
             return
-        listening = open_listening_socket(self.config.host, self._port)
+        try:
+            listening = open_listening_socket(self.config.host, self._port)
+        except OSError as error:
+            logger.error(
+                "listener %s: cannot listen on %s:%d again: %s (restart the node)",
+                self.config.label,
+                self.config.host,
+                self._port,
+                error.strerror or error,
+            )
+            return
         if self.server is not None:
             self.server.listen(listening)
         else:

@@ -136,6 +136,41 @@ def test_an_evacuation_of_an_empty_node_is_done_at_once_and_a_second_post_sets_t
         _request(node, "DELETE")
 
 
+def test_a_client_that_connects_after_the_listeners_closed_is_moved_off_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A socket accepted before the evacuation whose CONNECT comes after it is done gets its
+    CONNACK, then DISCONNECT 0x9C. A port taken meanwhile by another process: the end of the
+    evacuation says it cannot listen again, and the node goes on."""
+    with running_broker() as node:
+        port = node.port()
+        late = RawClient(port, 5)
+        wait_for(
+            lambda: (
+                node.admin_get("/api/listeners")["listeners"][0]["pending_connections_current"] == 1
+            )
+        )
+        _request(node, "POST", "?rate=100")
+        wait_for(lambda: _request(node, "GET")[1]["state"] == "done")
+        answer = late.connect(Connect("MQTT", 5, True, 60, "late"))
+        assert isinstance(answer, Connack) and answer.reason_code == 0
+        disconnect = late.receive()
+        assert isinstance(disconnect, Disconnect), disconnect
+        assert disconnect.reason_code == ReasonCode.USE_ANOTHER_SERVER
+        late.close()
+        assert _request(node, "GET")[1]["evicted"] == 1
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        try:
+            assert _request(node, "DELETE")[1]["state"] == "ended"
+        finally:
+            squatter.close()
+        line = f"listener tcp:default: cannot listen on 127.0.0.1:{port} again"
+        assert any(line in record.getMessage() for record in caplog.records)
+        assert node.admin_get("/api/listeners")["listeners"][0]["accepting_current"] == 0
+
+
 def test_an_evacuation_closes_a_tls_listener_and_its_end_opens_it_again(pki: TestPKI) -> None:
     """The same for an ssl listener (its handshakes run per connection, broker.tls_listener):
     the connected device is told to use another server, the port refuses, then takes a
