@@ -160,6 +160,8 @@ def test_a_client_that_connects_after_the_listeners_closed_is_moved_off_too(
         late.close()
         assert _request(node, "GET")[1]["evicted"] == 1
         squatter = socket.socket()
+        # As the node's own sockets: a connection of the port's in TIME_WAIT does not stop it.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         try:
