@@ -19,8 +19,9 @@ STYLE.md rule 6):
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
 - ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
   one peer and keep it down, or let it come back (issue 12: operators, and the chaos test).
-- ``POST /api/evacuation?rate=N``: move this node's clients to the other nodes, N per
-  second (default 500), listeners closed (broker.evacuation); ``GET`` tells how far it is,
+- ``POST /api/evacuation?rate=N&wait_takeover=S``: move this node's clients to the other
+  nodes, N per second (default 500), listeners closed, then wait at most S seconds (default
+  60) for their sessions to follow them (broker.evacuation); ``GET`` tells how far it is,
   ``DELETE`` ends it (the listeners open again).
 
 What it shows (client addresses and CNs) and what it does (a policy reload disconnects
@@ -51,7 +52,7 @@ from broker.authentication import PasswordFile, PasswordFileError
 from broker.config import AdminConfig, ConfigError, is_loopback_host
 from broker.connection import ClientConnection
 from broker.core import Broker
-from broker.evacuation import MAX_RATE
+from broker.evacuation import MAX_RATE, MAX_WAIT_TAKEOVER
 from broker.stats import render_prometheus, render_prometheus_rows
 from broker.tls_listener import address_text
 from lb import http11, pem
@@ -139,8 +140,9 @@ class AdminServer:
         self.listener_status: Callable[[], list[dict[str, Any]]] | None = None
         # Set by the server on a clustered node: command -> function(peer name).
         self.cluster_commands: dict[str, Callable[[str], dict[str, Any]]] = {}
-        # Set by the server: /api/evacuation (method, rate or None) -> status.
-        self.evacuation: Callable[[str, float | None], dict[str, Any]] | None = None
+        # Set by the server: /api/evacuation (method, rate, wait_takeover; None: not given)
+        # -> status.
+        self.evacuation: Callable[[str, float | None, float | None], dict[str, Any]] | None = None
         self.server: asyncio.Server | None = None
         self.token: bytes | None = None
         self.passwords: PasswordFile | None = None
@@ -310,16 +312,24 @@ class AdminServer:
         if method not in ("GET", "HEAD", "POST", "DELETE"):
             return 405, "application/json", b'{"error": "GET, POST or DELETE"}'
         fields = urllib.parse.parse_qs(query)
-        rate = None
-        if method == "POST" and "rate" in fields:
+        values: dict[str, float | None] = {"rate": None, "wait_takeover": None}
+        bounds = {
+            "rate": (False, MAX_RATE, "clients per second, more than 0"),
+            "wait_takeover": (True, MAX_WAIT_TAKEOVER, "seconds, 0"),
+        }
+        for name, (zero, highest, words) in bounds.items():
+            if method != "POST" or name not in fields:
+                continue
             try:
-                rate = float(fields["rate"][-1])
+                value = float(fields[name][-1])
             except ValueError:
-                rate = 0.0
-            if not 0 < rate <= MAX_RATE:
-                error = f"rate: clients per second, more than 0 and at most {MAX_RATE:g}"
+                value = -1.0
+            above_lowest = value >= 0 if zero else value > 0
+            if not above_lowest or value > highest:
+                error = f"{name}: {words} to {highest:g}"
                 return 400, "application/json", json.dumps({"error": error}).encode()
-        body = self.evacuation(method, rate)
+            values[name] = value
+        body = self.evacuation(method, values["rate"], values["wait_takeover"])
         return 200, "application/json", json.dumps(body, indent=1).encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -13,9 +13,12 @@ rate (EMQX's ``emqx ctl rebalance start --evacuation``; HAProxy's side of it is 
    reconnections at once as when the node stops. A client's will is due as at any
    disconnection by the server (MQTT 5.0 section 3.1.2.5): one with a Will Delay Interval
    that reconnects within it has none published.
-3. When no client is left the evacuation is done (one whose TLS handshake or CONNECT was
-   under way when the listeners closed is moved off when it connects). Offline sessions
-   stay here: their
+3. When no client is left, the evacuation waits (state "waiting_takeover", at most
+   ``wait_takeover`` seconds, EMQX's default 60) until the persistent sessions of the clients
+   it moved off have been taken to other nodes by their devices, so that a stop then takes
+   none with it: the node is done. (A client whose TLS handshake or CONNECT was under way
+   when the listeners closed is moved off when it connects, done or not.) Other offline
+   sessions stay here: their
    devices' claims take them from here, or from the backup's copies once the node is
    stopped. The listeners stay closed until the evacuation is ended (``DELETE
    /api/evacuation``) or the node stops.
@@ -33,7 +36,7 @@ from typing import Any, Protocol
 from broker.core import Broker
 from broker.mqtt import ReasonCode
 
-__all__ = ["MAX_RATE", "TICK", "Evacuation"]
+__all__ = ["MAX_RATE", "MAX_WAIT_TAKEOVER", "TICK", "WAIT_TAKEOVER", "Evacuation"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,11 @@ logger = logging.getLogger(__name__)
 TICK = 0.1
 #: The highest rate accepted (clients per second).
 MAX_RATE = 100_000.0
+#: How long the sessions of the clients moved off wait, at most, for their devices to take
+#: them to another node before the evacuation is done (EMQX's --wait-takeover: 60 s).
+WAIT_TAKEOVER = 60.0
+#: The longest wait_takeover accepted (seconds).
+MAX_WAIT_TAKEOVER = 3600.0
 
 
 class Accepting(Protocol):
@@ -52,8 +60,9 @@ class Accepting(Protocol):
 
 
 class Evacuation:
-    """One evacuation of this node: started at construction, ticking until no client is
-    connected, or :meth:`end`."""
+    """One evacuation of this node: started at construction; "evacuating" until no client is
+    connected, "waiting_takeover" until their persistent sessions have gone to other nodes
+    (or ``wait_takeover`` passed), then "done"; "ended" by :meth:`end`."""
 
     def __init__(
         self,
@@ -61,12 +70,17 @@ class Evacuation:
         listeners: Iterable[Accepting],
         rate: float,
         loop: asyncio.AbstractEventLoop,
+        wait_takeover: float = WAIT_TAKEOVER,
     ) -> None:
         self.broker = broker
         self.listeners = list(listeners)
         self.rate = rate
+        self.wait_takeover = wait_takeover
         self.loop = loop
         self.state = "evacuating"
+        # Client ids moved off whose session may still be here (not yet taken elsewhere).
+        self.waiting: set[str] = set()
+        self.evicted_at: float | None = None  # when the last connected client was moved off
         self.started = loop.time()
         self.finished: float | None = None
         self.clients_at_start = len(list(broker.connected_clients()))
@@ -84,8 +98,20 @@ class Evacuation:
         )
         self._timer: asyncio.Handle | None = loop.call_soon(self._tick)
 
-    def set_rate(self, rate: float) -> None:
+    def set_rate(self, rate: float, wait_takeover: float | None = None) -> None:
         self.rate = rate
+        if wait_takeover is not None:
+            self.wait_takeover = wait_takeover
+
+    def _sessions_left(self) -> int:
+        """How many of the clients moved off still have their session here (not taken by
+        another node: no device came back for it yet); forgets the others."""
+        sessions = self.broker.sessions
+        for client_id in list(self.waiting):
+            session = sessions.get(client_id)
+            if session is None or session.moved_to is not None:
+                self.waiting.discard(client_id)
+        return len(self.waiting)
 
     def _tick(self) -> None:
         self._timer = None
@@ -98,20 +124,39 @@ class Evacuation:
         connected = list(self.broker.connected_clients())
         batch = connected[: int(self._budget)]
         for connection in batch:
+            if connection.client_id:
+                self.waiting.add(connection.client_id)
             connection.disconnect(ReasonCode.USE_ANOTHER_SERVER, "evacuation: use another server")
         self._budget -= len(batch)
         self.evicted += len(batch)
         self.broker.counters.clients_evacuated += len(batch)
         if self.state == "evacuating" and len(batch) == len(connected):
-            self.state = "done"
-            self.finished = now
+            self.state = "waiting_takeover"
+            self.evicted_at = now
             logger.info(
-                "evacuation of node %s done: %d clients moved off in %.1fs; listeners stay "
-                "closed until DELETE /api/evacuation or the node stops",
+                "evacuation of node %s: %d clients moved off in %.1fs; waiting at most %gs "
+                "for their devices to take their sessions to other nodes",
                 self.broker.node_name,
                 self.evicted,
                 now - self.started,
+                self.wait_takeover,
             )
+        if self.state == "waiting_takeover":
+            assert self.evicted_at is not None
+            left = self._sessions_left()
+            if not left or now - self.evicted_at >= self.wait_takeover:
+                self.state = "done"
+                self.finished = now
+                logger.info(
+                    "evacuation of node %s done in %.1fs: %d clients moved off, %d sessions "
+                    "left here (their devices did not come back within wait_takeover; once "
+                    "the node stops, its backup keeps them); listeners stay closed until "
+                    "DELETE /api/evacuation or the node stops",
+                    self.broker.node_name,
+                    now - self.started,
+                    self.evicted,
+                    left,
+                )
         # Done, it goes on ticking: a client whose TLS handshake or CONNECT was under way
         # when the listeners closed is moved off too.
         self._timer = self.loop.call_later(TICK, self._tick)
@@ -122,7 +167,7 @@ class Evacuation:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self.state == "evacuating":
+        if self.state in ("evacuating", "waiting_takeover"):
             self.finished = self.loop.time()
         self.state = "ended"
         if not listen:
@@ -144,5 +189,8 @@ class Evacuation:
             "clients_at_start": self.clients_at_start,
             "evicted": self.evicted,
             "clients_left": len(list(self.broker.connected_clients())),
+            "wait_takeover": self.wait_takeover,
+            # Sessions of clients moved off not yet taken to another node by their device.
+            "sessions_left": len(self.waiting),
             "seconds": round(end - self.started, 3),
         }

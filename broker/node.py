@@ -39,7 +39,7 @@ from broker.authz import PolicyAuthorization, PolicyError, ReloadResult, X509Att
 from broker.cluster import Cluster
 from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions, config_warnings
 from broker.core import Broker
-from broker.evacuation import Evacuation
+from broker.evacuation import WAIT_TAKEOVER, Evacuation
 from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
@@ -190,17 +190,23 @@ class BrokerServer:
 
     # --- evacuation (broker.evacuation) ------------------------------------------------------
 
-    def evacuation_command(self, method: str, rate: float | None) -> dict[str, Any]:
-        """The admin API's /api/evacuation: POST starts one (or sets the rate of the one
-        under way), DELETE ends it (the listeners open again), GET tells."""
+    def evacuation_command(
+        self, method: str, rate: float | None, wait_takeover: float | None
+    ) -> dict[str, Any]:
+        """The admin API's /api/evacuation: POST starts one (or sets the rate and wait of the
+        one under way), DELETE ends it (the listeners open again), GET tells."""
         evacuation = self.evacuation
         if method == "POST":
             rate = DEFAULT_EVACUATION_RATE if rate is None else rate
             if evacuation is not None and evacuation.state != "ended":
-                evacuation.set_rate(rate)
+                evacuation.set_rate(rate, wait_takeover)
             else:
                 evacuation = self.evacuation = Evacuation(
-                    self.broker, self.listeners, rate, asyncio.get_running_loop()
+                    self.broker,
+                    self.listeners,
+                    rate,
+                    asyncio.get_running_loop(),
+                    WAIT_TAKEOVER if wait_takeover is None else wait_takeover,
                 )
         elif method == "DELETE" and evacuation is not None and evacuation.state != "ended":
             evacuation.end()

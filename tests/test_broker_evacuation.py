@@ -27,7 +27,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker.mqtt import Connack, Connect, Disconnect, ReasonCode, encode
+from broker.mqtt import Connack, Connect, Disconnect, Properties, ReasonCode, encode
 from tests.broker_harness import BrokerThread, RawClient, running_broker, wait_for
 from tests.cluster_harness import V5, Device, running_cluster, running_lb
 from tests.cluster_harness import wait_for as wait_until
@@ -78,9 +78,13 @@ def test_an_evacuation_moves_the_clients_off_at_its_rate_and_closes_the_listener
             level = client.level
             answer = client.connect(Connect("MQTT", level, True, 60, f"client-{number}"))
             assert isinstance(answer, Connack) and answer.reason_code == 0, answer
-        for query in ("?rate=0", "?rate=-5", "?rate=abc", "?rate=1e9"):
+        for query in ("?rate=0", "?rate=-5", "?rate=abc", "?rate=1e9", "?rate=nan"):
             status, body = _request(node, "POST", query)
-            assert status == 400 and body["error"].startswith("rate: clients per second"), query
+            assert status == 400, query
+            assert body["error"] == "rate: clients per second, more than 0 to 100000", query
+        for query in ("?wait_takeover=-1", "?wait_takeover=7200", "?rate=5&wait_takeover=x"):
+            status, body = _request(node, "POST", query)
+            assert (status, body["error"]) == (400, "wait_takeover: seconds, 0 to 3600"), query
         status, body = _request(node, "POST", "?rate=20")
         assert status == 200 and body["state"] == "evacuating"
         assert body["clients_at_start"] == 12
@@ -116,18 +120,28 @@ def test_an_evacuation_moves_the_clients_off_at_its_rate_and_closes_the_listener
             client.close()
 
 
-def test_an_evacuation_of_an_empty_node_is_done_at_once_and_a_second_post_sets_the_rate() -> None:
+def test_an_evacuation_waits_for_persistent_sessions_to_be_taken_elsewhere() -> None:
+    """A persistent session (Session Expiry 3600) whose client was moved off keeps the
+    evacuation in "waiting_takeover": no device takes it here (one node), so it is done
+    after wait_takeover with the session left. A second POST sets the rate and the wait of
+    the evacuation under way; an empty node is done at once."""
     with running_broker() as node:
         client = RawClient(node.port(), 5)
-        client.connect(Connect("MQTT", 5, True, 60, "slow"))
-        status, body = _request(node, "POST", "?rate=0.5")
-        assert status == 200 and body["rate"] == 0.5
-        assert _request(node, "POST", "?rate=50")[1]["rate"] == 50
-        wait_for(lambda: _request(node, "GET")[1]["state"] == "done")
+        properties = Properties(session_expiry_interval=3600)
+        client.connect(Connect("MQTT", 5, False, 60, "kept", properties=properties))
+        status, body = _request(node, "POST", "?rate=0.5&wait_takeover=30")
+        assert status == 200 and (body["rate"], body["wait_takeover"]) == (0.5, 30)
+        body = _request(node, "POST", "?rate=50&wait_takeover=0.5")[1]
+        assert (body["rate"], body["wait_takeover"]) == (50, 0.5)
+        wait_for(lambda: _request(node, "GET")[1]["state"] == "waiting_takeover")
         disconnect = client.receive()
         assert isinstance(disconnect, Disconnect)
         assert disconnect.reason_code == ReasonCode.USE_ANOTHER_SERVER
         client.close()
+        wait_for(lambda: _request(node, "GET")[1]["state"] == "done")
+        done = _request(node, "GET")[1]
+        assert (done["evicted"], done["sessions_left"]) == (1, 1)
+        assert done["seconds"] >= 0.5
         _request(node, "DELETE")
         status, body = _request(node, "POST")  # the default rate
         assert status == 200 and body["rate"] == 500.0
@@ -267,5 +281,7 @@ def test_an_evacuated_nodes_devices_keep_their_sessions_on_the_other_nodes(
             assert twice <= resent, (device.client_id, twice, resent)
             assert device in moved or not twice, device.client_id
         log = first.log_text()
-        assert "evacuation of node node-1 done: 3 clients moved off" in log
+        assert "evacuation of node node-1: 3 clients moved off in" in log
+        assert "3 clients moved off, 0 sessions left here" in log
+        assert first.admin("/api/evacuation")["sessions_left"] == 0
         assert log.count("reason=evacuation: use another server") == 3
