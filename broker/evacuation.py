@@ -149,8 +149,8 @@ class Evacuation:
                 self.finished = now
                 logger.info(
                     "evacuation of node %s done in %.1fs: %d clients moved off, %d sessions "
-                    "left here (their devices did not come back within wait_takeover; once "
-                    "the node stops, its backup keeps them); listeners stay closed until "
+                    "left here (of devices that did not come back within wait_takeover: its "
+                    "backup keeps them once the node stops); listeners stay closed until "
                     "DELETE /api/evacuation or the node stops",
                     self.broker.node_name,
                     now - self.started,
