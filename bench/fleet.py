@@ -1277,8 +1277,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for worker in simulators:
             worker.stop()
         if not args.keep:
-            for kind in phases:  # the logs were summarised; the certificates may be reused
+            # The logs were summarised. The certificates go too (150 MB at 20,000 devices,
+            # left in /tmp by every run before) unless they are --certs DIR's, to reuse.
+            for kind in phases:
                 shutil.rmtree(work / kind, ignore_errors=True)
+            if args.certs is None:
+                shutil.rmtree(work, ignore_errors=True)
     return report(args, phases, pki_seconds, work, source)
 
 
@@ -1488,7 +1492,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help="parent of the scratch folder (/tmp)")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/...)")
     parser.add_argument("--no-plots", dest="plots", action="store_false")
-    parser.add_argument("--keep", action="store_true", help="keep the processes' logs")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work folder: the processes' logs, the certificates",
+    )
     args = parser.parse_args(argv)
     args.balancers = [b for b in args.balancers.split(",") if b]
     unknown = set(args.balancers) - {"lb", "haproxy"}
