@@ -1559,7 +1559,8 @@ class Cluster:
             # took the session and died again before copying it to us): it would come back
             # here. It waits in origin's outbox, as it would without a backup.
             return
-        # No copy here: a session that is not persistent (it ends with its node) or ended.
+        # Neither queued nor sent on when we keep no copy of the session: one that is not
+        # persistent ends with its node, and so does what was for it.
         _, full = self.replicas.failover_delivery(origin, client_id, delivery, now)
         if full:
             self._failover_dropped(origin, [client_id])
