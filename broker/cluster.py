@@ -1145,6 +1145,29 @@ class Cluster:
             self._hand_back(peer, orphans)
         if new_life and self.state_snapshot is not None:
             self._send_state_store(peer)
+        self._claim_from_late_peer(peer)
+
+    def _claim_from_late_peer(self, peer: Peer) -> None:
+        """``peer`` is up while connects here wait for the answers to their claims: it was
+        down when they claimed (or its link went since it answered), and it may hold their
+        sessions (restarted, its backup handed them back to it; or its link was cut). Each
+        claim goes to it too and waits for its answer. Before, such a claim settled without
+        it (a fresh session), and the peer's OWNED at link up was skipped for a client id
+        whose claim was under way: the session there, with what was queued for it, stayed
+        behind (found in the fleet's rolling restart: QoS 1 commands acknowledged, queued on
+        the restarted node, never delivered)."""
+        link = peer.link
+        if not self.waiting or link is None:
+            return
+        for waiting in self.waiting.values():
+            claim = waiting.claim
+            if peer.name in claim.waiting:
+                continue
+            claim.waiting.add(peer.name)
+            peer.counters.claims_sent += 1
+            link.send(codec.encode(codec.Claim(claim.client_id, claim.version, claim.clean_start)))
+            # Unreachable only if some peer still is (each that comes up is asked).
+            waiting.unreachable = any(not other.up for other in self.peers.values())
 
     def _send_state_store(self, peer: Peer) -> None:
         """``peer`` is a new incarnation (it restarted without its store, or is new): it

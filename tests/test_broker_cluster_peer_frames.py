@@ -1,7 +1,8 @@
 """What a real node does with frames from a peer, over a real cluster link: frames a peer
 should never send, a claim that comes while its backup hands its sessions back, frames past
 what a node holds while it waits for that, the PONG that comes after a node's retained
-messages, and what a forwarding stub passes on to a session's new node once that node dies.
+messages, what a forwarding stub passes on to a session's new node once that node dies, and
+a claim under way when the session's node comes up.
 
 node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
 and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
@@ -25,7 +26,7 @@ import pytest
 
 from broker import cluster_codec as codec
 from broker.cluster import HELD_BYTES_MAX, HELD_FRAMES_MAX
-from broker.mqtt import Connect, Properties, Puback, Publish
+from broker.mqtt import Connack, Connect, Properties, Puback, Publish
 from broker.subscriptions import SubscriptionOptions
 from tests.broker_harness import RawClient
 from tests.cluster_harness import (
@@ -499,3 +500,58 @@ def _send_until_stalled(sock: ssl.SSLSocket, data: bytes, stall: float) -> int:
     finally:
         sock.settimeout(5)
     return sent
+
+
+def test_a_claim_under_way_goes_to_a_peer_that_comes_up_meanwhile(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real; node-1 and node-2 are this test. node-1 is down when the device
+    connects on node-3, so node-3 claims "dev" from node-2 only, which takes its time to
+    answer. node-1 comes up meanwhile holding the session, a queued command in it (as a node
+    restarted while its backup handed its sessions back to it). node-3 claims "dev" from
+    node-1 too: node-1 hands the session over, and the device gets it (session_present) and
+    the command. Found in the fleet's rolling restart (3 commands of a device queued on the
+    restarted broker-2, never delivered): before, the claim settled on node-2's answer alone
+    as a fresh session, node-1 was never asked, and node-1's OWNED at link up was skipped
+    because the claim was under way."""
+    directory = tmp_path_factory.mktemp("late-claim")
+    owner, slow, node = make_nodes(
+        directory, pki, count=3, cluster='join_timeout = "0s"', store="memory"
+    )
+    node.start()
+    try:
+        keeper = FakePeer(slow, node)
+        client = RawClient(node.mqtt_port, 5)
+        properties = Properties(session_expiry_interval=3600)
+        client.send(Connect("MQTT", 5, False, 60, "dev", properties=properties))
+        asked = keeper.frame(codec.Claim)
+        assert isinstance(asked, codec.Claim) and asked.client_id == "dev", asked
+        peer = FakePeer(owner, node)
+        claim = peer.frame(codec.Claim)
+        assert isinstance(claim, codec.Claim), claim
+        assert (claim.client_id, claim.version) == ("dev", asked.version)
+        queued = codec.DeliveryRecord(
+            codec.WireMessage("cmd/dev", b"command", 1, False, Properties(), "node-1", "p", 1),
+            1,
+            False,
+        )
+        record = codec.SessionRecord(
+            "dev",
+            3600,
+            None,
+            codec.Version(5, "node-1"),
+            subscriptions=(("cmd/dev", SubscriptionOptions(1)),),
+            deliveries=(queued,),
+        )
+        peer.send(codec.Reliable(1, codec.Transfer(claim.version, False, record)))
+        keeper.send(codec.ClaimReply("dev", asked.version, False))
+        connack = client.receive(timeout=10)
+        assert isinstance(connack, Connack) and connack.reason_code == 0, connack
+        assert connack.session_present
+        publish = client.receive(timeout=10)
+        assert isinstance(publish, Publish) and publish.payload == b"command", publish
+        client.close()
+        peer.close()
+        keeper.close()
+    finally:
+        node.stop()
