@@ -1100,16 +1100,19 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     watch = LogWatch(run.balancer.logs(), f"/{node.server} is DOWN")
     since = time.monotonic()
     evacuated: float | None = None
+    evacuation: dict[str, Any] = {}
     if args.evacuate_rate:
         # broker.evacuation: its devices moved off at the rate, then the stop finds none.
         run.mark("evacuation", node=node.name, rate=args.evacuate_rate)
         admin_json(node, f"/api/evacuation?rate={args.evacuate_rate:g}", "POST")
 
         def done() -> bool:
+            nonlocal evacuation
             try:
-                return bool(admin_json(node, "/api/evacuation").get("state") == "done")
+                evacuation = admin_json(node, "/api/evacuation")
             except (OSError, ValueError):
                 return False
+            return evacuation.get("state") == "done"
 
         if run.wait(args.storm_timeout, done):
             evacuated = time.monotonic() - since
@@ -1149,6 +1152,9 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     return {
         "node": node.name,
         "evacuate_seconds": round(evacuated, 1) if evacuated is not None else None,
+        # Offline sessions the evacuation migrated to other nodes, and those it left.
+        "sessions_migrated": evacuation.get("sessions_migrated"),
+        "sessions_left": evacuation.get("sessions_left"),
         "stop_seconds": round(stop_seconds, 1),
         "rejoined_seconds": round(rejoined, 1) if rejoined is not None else None,
         "marked_down": watch(),

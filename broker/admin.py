@@ -19,10 +19,12 @@ STYLE.md rule 6):
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
 - ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
   one peer and keep it down, or let it come back (issue 12: operators, and the chaos test).
-- ``POST /api/evacuation?rate=N&wait_takeover=S``: move this node's clients to the other
-  nodes, N per second (default 500), listeners closed, then wait at most S seconds (default
-  60) for their sessions to follow them (broker.evacuation); ``GET`` tells how far it is,
-  ``DELETE`` ends it (the listeners open again).
+- ``POST /api/evacuation?rate=N&wait_takeover=S&session_rate=M&migrate_to=NODE,...``: move
+  this node's clients to the other nodes, N per second (default 500), listeners closed, then
+  wait at most S seconds (default 60) for their sessions to follow them, then migrate the
+  sessions still here to the other nodes (or those named), M per second (default 500)
+  (broker.evacuation); ``GET`` tells how far it is, ``DELETE`` ends it (the listeners open
+  again).
 
 What it shows (client addresses and CNs) and what it does (a policy reload disconnects
 clients) is not for everyone: with ``token_file`` (``Authorization: Bearer TOKEN``) or
@@ -140,9 +142,10 @@ class AdminServer:
         self.listener_status: Callable[[], list[dict[str, Any]]] | None = None
         # Set by the server on a clustered node: command -> function(peer name).
         self.cluster_commands: dict[str, Callable[[str], dict[str, Any]]] = {}
-        # Set by the server: /api/evacuation (method, rate, wait_takeover; None: not given)
-        # -> status.
-        self.evacuation: Callable[[str, float | None, float | None], dict[str, Any]] | None = None
+        # Set by the server: /api/evacuation (method, the POST's parameters given: rate,
+        # wait_takeover, session_rate as floats, migrate_to as a list of node names) ->
+        # status; ValueError (its text the answer's error) for a value it refuses.
+        self.evacuation: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
         self.server: asyncio.Server | None = None
         self.token: bytes | None = None
         self.passwords: PasswordFile | None = None
@@ -311,14 +314,15 @@ class AdminServer:
         assert self.evacuation is not None
         if method not in ("GET", "HEAD", "POST", "DELETE"):
             return 405, "application/json", b'{"error": "GET, POST or DELETE"}'
-        fields = urllib.parse.parse_qs(query)
-        values: dict[str, float | None] = {"rate": None, "wait_takeover": None}
+        fields = urllib.parse.parse_qs(query) if method == "POST" else {}
+        values: dict[str, Any] = {}
         bounds = {
             "rate": (False, MAX_RATE, "clients per second, more than 0"),
             "wait_takeover": (True, MAX_WAIT_TAKEOVER, "seconds, 0"),
+            "session_rate": (False, MAX_RATE, "sessions per second, more than 0"),
         }
         for name, (zero, highest, words) in bounds.items():
-            if method != "POST" or name not in fields:
+            if name not in fields:
                 continue
             try:
                 value = float(fields[name][-1])
@@ -326,10 +330,16 @@ class AdminServer:
                 value = -1.0
             above_lowest = value >= 0 if zero else value > 0
             if not above_lowest or value > highest:
-                error = f"{name}: {words} to {highest:g}"
-                return 400, "application/json", json.dumps({"error": error}).encode()
+                return _error(400, f"{name}: {words} to {highest:g}")
             values[name] = value
-        body = self.evacuation(method, values["rate"], values["wait_takeover"])
+        if "migrate_to" in fields:
+            values["migrate_to"] = [
+                name.strip() for name in fields["migrate_to"][-1].split(",") if name.strip()
+            ]
+        try:
+            body = self.evacuation(method, values)
+        except ValueError as error:
+            return _error(400, str(error))
         return 200, "application/json", json.dumps(body, indent=1).encode()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -393,3 +403,7 @@ class AdminServer:
             body,
             [*(headers or []), ("connection", "close")],
         )
+
+
+def _error(status: int, text: str) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps({"error": text}).encode()

@@ -82,6 +82,7 @@ bookkeeping in :mod:`broker.reliable`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import hmac
 import logging
@@ -615,6 +616,8 @@ class Cluster:
         self.joined = Awaited(lambda: not self.unjoined())
         # Peers' claims that came while our backup's link was up and not yet synced.
         self.claims_before_sync: list[tuple[Peer, codec.Claim]] = []
+        # The last TRANSFER's seq per peer we migrated sessions to (broker.evacuation).
+        self.migrated: dict[str, int] = {}
         # Started without sessions (memory mode, a new store), replicating: until our backup
         # has handed back the copies of our sessions (its PONG; or it is unreachable, or the
         # join is over) our routes are not announced (the peers keep the old ones: their
@@ -1785,7 +1788,10 @@ class Cluster:
         records = self.replicas.take_all(orphans)
         for record in records:
             peer.counters.transfers_sent += 1
-            self.send_reliable(peer, codec.Transfer(record.version, False, record))
+            # Without its delayed will, which stays scheduled here (an unsolicited TRANSFER
+            # with a will is a migration's: the receiver schedules it).
+            without_will = dataclasses.replace(record, will=None)
+            self.send_reliable(peer, codec.Transfer(record.version, False, without_will))
         self.replicas.counters.handed_back += len(records)
         logger.warning(
             "cluster: node %s restarted without its sessions (a new incarnation): our %d "
@@ -2508,6 +2514,52 @@ class Cluster:
                     return
         self._reply(peer, frame, rejected=False)
 
+    # --- migration (broker.evacuation) ----------------------------------------------------
+
+    def migration_targets(self) -> list[str]:
+        """The peers an evacuated node's offline sessions may go to: those that are up and
+        synced, by name."""
+        return sorted(name for name, peer in self.peers.items() if peer.up and peer.synced)
+
+    def migrate_session(self, client_id: str, node: str) -> bool:
+        """Give the offline session ``client_id`` to ``node`` unasked (an evacuation: no
+        device came back for it): a TRANSFER with its queue and delayed will, and a
+        forwarding stub here, as for a claim. The other nodes route to it once ``node``
+        announces its subscriptions; what still reaches us meanwhile the stub sends on. False
+        when it cannot go now (``node`` is not up, a claim for it is under way, the session
+        is connected, not here, or a stub)."""
+        broker = self.broker
+        assert broker is not None
+        peer = self.peers.get(node)
+        session = broker.sessions.get(client_id)
+        if (
+            peer is None
+            or not peer.up
+            or client_id in self.waiting
+            or session is None
+            or session.moved_to is not None
+            or session.connection is not None
+        ):
+            return False
+        record = broker.hand_over(client_id, node, with_will=True)
+        if record is None:
+            return False
+        peer.counters.transfers_sent += 1
+        self.migrated[node] = self.send_reliable(
+            peer, codec.Transfer(record.version, False, record)
+        )
+        return True
+
+    def migrations_acknowledged(self) -> bool:
+        """Every node we migrated sessions to has acknowledged their TRANSFERs (or is down:
+        its outbox keeps them)."""
+        for name, seq in self.migrated.items():
+            peer = self.peers[name]
+            entries = peer.outbox.entries
+            if peer.up and entries and entries[0][0] <= seq:
+                return False
+        return True
+
     def _reply(self, peer: Peer, frame: codec.Claim, rejected: bool) -> None:
         link = peer.link
         if link is not None and link.established:
@@ -2554,10 +2606,14 @@ class Cluster:
                 peer.name,
             )
         else:
-            broker.install_session(record, merge=False)
+            # Not answering a claim of ours: a migration (an evacuated node's offline
+            # session, with its delayed will) or a hand-back (without).
+            migrated = waiting is None
+            broker.install_session(record, merge=False, with_will=migrated)
             logger.info(
-                "session of client_id=%s taken over from node %s (%d queued or in flight)",
+                "session of client_id=%s %s node %s (%d queued or in flight)",
                 client_id,
+                "moved here by" if migrated else "taken over from",
                 peer.name,
                 len(record.deliveries),
             )

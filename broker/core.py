@@ -396,11 +396,15 @@ class Broker:
             self._destroy_session(session)
         return True
 
-    def hand_over(self, client_id: str, node: str) -> codec.SessionRecord | None:
+    def hand_over(
+        self, client_id: str, node: str, with_will: bool = False
+    ) -> codec.SessionRecord | None:
         """Give the session to ``node`` (it claimed the client id with clean start 0).
 
         The connection here is closed (5.0: DISCONNECT 0x8E), its delayed will dropped (the
-        client is back, section 3.1.2.5), and the session becomes a forwarding stub.
+        client is back, section 3.1.2.5), and the session becomes a forwarding stub. With
+        ``with_will`` (a migration: the client is not back) the delayed will goes with the
+        record instead, for ``node`` to publish at its time.
         """
         session = self.sessions.get(client_id)
         if session is None or session.moved_to is not None:
@@ -408,8 +412,10 @@ class Broker:
         session = self._close_connection(session)
         if session is None:
             return None  # it ended with its connection (expiry 0)
-        self.pending_wills.pop(client_id, None)
         record = self.session_record(session, deliveries=True)
+        self.pending_wills.pop(client_id, None)
+        if not with_will:
+            record = dataclasses.replace(record, will=None)
         if session.durable:
             self._unstore_everything(session)
             session.durable = False
@@ -911,11 +917,15 @@ class Broker:
             self.unstore_pending(session, pending)
         self.store.delete_session(session.client_id)
 
-    def install_session(self, record: codec.SessionRecord, merge: bool) -> Session | None:
+    def install_session(
+        self, record: codec.SessionRecord, merge: bool, with_will: bool = False
+    ) -> Session | None:
         """A session from another node (TRANSFER) or from a stale copy (merge).
 
         A transfer replaces what is here; a merge adds the deliveries the session has not
-        seen (by message id) to the session it is merged into, if it still is here.
+        seen (by message id) to the session it is merged into, if it still is here. With
+        ``with_will`` (a migration: the client is offline) the record's delayed will is
+        published here at its time unless the client comes back first.
         """
         client_id = record.client_id
         self.lamport.observe(record.version)
@@ -947,6 +957,10 @@ class Broker:
             session.expires_at = now + (record.expires_at - self.wall_clock())
         for delivery in record.deliveries:
             self._install_delivery(session, delivery, now)
+        will = record.will
+        if with_will and will is not None:
+            delay = max(0.0, will.publish_at - self.wall_clock())
+            self.schedule_will(client_id, will.message.to_message(now), delay, will.expiry_interval)
         session.durable = self.store.durable and session.expiry_interval > 0
         if session.durable:
             self._store_everything(session)

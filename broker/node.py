@@ -39,7 +39,7 @@ from broker.authz import PolicyAuthorization, PolicyError, ReloadResult, X509Att
 from broker.cluster import Cluster
 from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions, config_warnings
 from broker.core import Broker
-from broker.evacuation import WAIT_TAKEOVER, Evacuation
+from broker.evacuation import SESSION_RATE, WAIT_TAKEOVER, Evacuation
 from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
@@ -190,23 +190,37 @@ class BrokerServer:
 
     # --- evacuation (broker.evacuation) ------------------------------------------------------
 
-    def evacuation_command(
-        self, method: str, rate: float | None, wait_takeover: float | None
-    ) -> dict[str, Any]:
-        """The admin API's /api/evacuation: POST starts one (or sets the rate and wait of the
-        one under way), DELETE ends it (the listeners open again), GET tells."""
+    def evacuation_command(self, method: str, values: dict[str, Any]) -> dict[str, Any]:
+        """The admin API's /api/evacuation: POST starts one (or sets the rates, wait and
+        targets of the one under way), DELETE ends it (the listeners open again), GET tells.
+        ``values``: the POST's parameters given (broker.admin). ValueError for a migrate_to
+        naming no peer of this node."""
         evacuation = self.evacuation
+        migrate_to: list[str] | None = values.get("migrate_to")
+        if migrate_to is not None:
+            peers = set() if self.cluster is None else set(self.cluster.peers)
+            unknown = sorted(set(migrate_to) - peers)
+            if unknown or not migrate_to:
+                raise ValueError(
+                    f"migrate_to: {', '.join(unknown) or 'empty'}: not a peer of this node "
+                    f"({', '.join(sorted(peers)) or 'none'})"
+                )
         if method == "POST":
-            rate = DEFAULT_EVACUATION_RATE if rate is None else rate
+            rate = values.get("rate", DEFAULT_EVACUATION_RATE)
             if evacuation is not None and evacuation.state != "ended":
-                evacuation.set_rate(rate, wait_takeover)
+                evacuation.set_rate(
+                    rate, values.get("wait_takeover"), values.get("session_rate"), migrate_to
+                )
             else:
                 evacuation = self.evacuation = Evacuation(
                     self.broker,
                     self.listeners,
                     rate,
                     asyncio.get_running_loop(),
-                    WAIT_TAKEOVER if wait_takeover is None else wait_takeover,
+                    values.get("wait_takeover", WAIT_TAKEOVER),
+                    mover=self.cluster,
+                    session_rate=values.get("session_rate", SESSION_RATE),
+                    migrate_to=migrate_to or (),
                 )
         elif method == "DELETE" and evacuation is not None and evacuation.state != "ended":
             evacuation.end()

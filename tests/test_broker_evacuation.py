@@ -27,9 +27,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker.mqtt import Connack, Connect, Disconnect, Properties, ReasonCode, encode
+from broker.mqtt import Connack, Connect, Disconnect, Properties, ReasonCode, Will, encode
 from tests.broker_harness import BrokerThread, RawClient, running_broker, wait_for
-from tests.cluster_harness import V5, Device, running_cluster, running_lb
+from tests.cluster_harness import V5, Device, offline_session, running_cluster, running_lb
 from tests.cluster_harness import wait_for as wait_until
 from tests.pki import TestPKI
 from tests.test_broker_tls import client_context, handshake, tls_node
@@ -85,6 +85,15 @@ def test_an_evacuation_moves_the_clients_off_at_its_rate_and_closes_the_listener
         for query in ("?wait_takeover=-1", "?wait_takeover=7200", "?rate=5&wait_takeover=x"):
             status, body = _request(node, "POST", query)
             assert (status, body["error"]) == (400, "wait_takeover: seconds, 0 to 3600"), query
+        for query in ("?session_rate=0", "?session_rate=x"):
+            status, body = _request(node, "POST", query)
+            error = "session_rate: sessions per second, more than 0 to 100000"
+            assert (status, body["error"]) == (400, error), query
+        # One node, no cluster: no node to migrate to.
+        status, body = _request(node, "POST", "?migrate_to=node-2")
+        error = "migrate_to: node-2: not a peer of this node (none)"
+        assert (status, body["error"]) == (400, error)
+        assert _request(node, "GET")[1]["state"] == "none"  # nothing started by a bad request
         status, body = _request(node, "POST", "?rate=20")
         assert status == 200 and body["state"] == "evacuating"
         assert body["clients_at_start"] == 12
@@ -282,6 +291,75 @@ def test_an_evacuated_nodes_devices_keep_their_sessions_on_the_other_nodes(
             assert device in moved or not twice, device.client_id
         log = first.log_text()
         assert "evacuation of node node-1: 3 clients moved off in" in log
-        assert "3 clients moved off, 0 sessions left here" in log
+        assert "3 clients moved off, 0 sessions migrated, 0 sessions left here" in log
         assert first.admin("/api/evacuation")["sessions_left"] == 0
         assert log.count("reason=evacuation: use another server") == 3
+
+
+def test_an_evacuation_migrates_the_sessions_left_with_their_queues_and_wills(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """Three nodes. node-1 keeps four offline persistent sessions (subscribed to their
+    command topics, a command queued for each) and one whose client dropped without
+    DISCONNECT, its will delayed 3 s. Evacuated with wait_takeover=0 and migrate_to=node-2:
+    no client to move off, so the five sessions are migrated to node-2 (EMQX's --migrate-to,
+    --sess-evict-rate), node-1 is done with none left, and node-2 publishes the delayed will
+    at its time (once, not node-1). A second command published on node-3 then goes to
+    node-2. node-1 stops; each device connects on node-3, whose claim takes its session
+    from node-2: session_present, both commands, once."""
+    with running_cluster(pki, tmp_path, 3) as nodes:
+        first, second, last = nodes
+        names = [f"mig-{n}" for n in range(4)]
+        for name in names:
+            offline_session(first, name)
+        willing = RawClient(first.mqtt_port, 5)
+        will = Will("status/willing", b"gone", 1, properties=Properties(will_delay_interval=3))
+        answer = willing.connect(
+            Connect(
+                "MQTT",
+                5,
+                False,
+                60,
+                "willing",
+                will=will,
+                properties=Properties(session_expiry_interval=3600),
+            )
+        )
+        assert isinstance(answer, Connack) and answer.reason_code == 0, answer
+        willing.close()  # no DISCONNECT: the will is due in 3 s
+        watcher = Device("watcher", clean=True)
+        watcher.connect(last.mqtt_port)
+        watcher.subscribe([("status/#", 1)])
+        publisher = Device("commander", clean=True)
+        publisher.connect(last.mqtt_port)
+        for name in names:
+            publisher.publish(f"cmd/{name}", f"{name}:before", 1)
+        wait_until(lambda: len(publisher.acked) == 4, 10, "commands acknowledged")
+        wait_until(lambda: len(first.clients()) == 0, 10, "willing gone from node-1")
+        started = first.admin(
+            "/api/evacuation?wait_takeover=0&session_rate=20&migrate_to=node-2", "POST"
+        )
+        assert started["migrate_to"] == ["node-2"] and started["session_rate"] == 20
+        wait_until(lambda: first.admin("/api/evacuation")["state"] == "done", 10, "migrated")
+        done = first.admin("/api/evacuation")
+        assert (done["sessions_migrated"], done["sessions_left"]) == (5, 0), done
+        for name in [*names, "willing"]:
+            line = f"session of client_id={name} moved here by node node-1"
+            assert line in second.log_text(), line
+        assert "5 sessions migrated, 0 sessions left here" in first.log_text()
+        got = _messages(watcher, 1, quiet=4.0)
+        watcher.stop()
+        assert [m.payload for m in got] == [b"gone"]
+        assert "will published: client_id=willing" in second.log_text()
+        assert "will published: client_id=willing" not in first.log_text()
+        for name in names:
+            publisher.publish(f"cmd/{name}", f"{name}:after", 1)
+        wait_until(lambda: len(publisher.acked) == 8, 10, "commands acknowledged")
+        publisher.stop()
+        first.stop()
+        for name in names:
+            device = Device(name)
+            assert device.connect(last.mqtt_port) is True, name  # session_present
+            got = _messages(device, 2)
+            device.stop()
+            assert sorted(m.payload.decode() for m in got) == [f"{name}:after", f"{name}:before"]
