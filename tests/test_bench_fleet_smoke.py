@@ -233,13 +233,13 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
     assert figures["telemetry_acked"] > 0
     assert figures["telemetry_acked_lost"] == 0, figures["telemetry_lost_examples"]
     assert figures["commands_acked"] > 0
-    # Not == 0: with the machine busy (this beside the rest of the suite) one run in about
-    # six left one command undelivered, sent during broker-2's restart. A window that lost
-    # such commands (a copy handed over while messages for it were on their way to the
-    # backup) was found and closed since (test_broker_cluster_replication's
-    # test_what_is_published_while_the_copy_is_handed_over_reaches_the_session), and six
-    # loaded runs after it left none; that it was this one is not shown (bench/README "A
-    # rolling restart of the brokers"). The full runs there count them.
+    # Every acknowledged command reached its device. Until 9c18333 about one loaded run in
+    # six left one or a few undelivered, sent during broker-2's restart: a device that
+    # reconnected on another node while broker-2 restarted claimed its session without
+    # asking broker-2, to which its backup had just handed the session back with the
+    # commands queued in it (test_broker_cluster_peer_frames'
+    # test_a_claim_under_way_goes_to_a_peer_that_comes_up_meanwhile; bench/README "A rolling
+    # restart of the brokers": 2 of 18 runs of 600 devices before, 0 of 24 after).
     assert figures["commands_acked_delivered"] > 0
-    assert figures["commands_acked_undelivered"] <= 2, figures["commands_undelivered_examples"]
+    assert figures["commands_acked_undelivered"] == 0, figures["commands_undelivered_examples"]
     assert running_from(tmp_path) == []
