@@ -363,3 +363,64 @@ def test_an_evacuation_migrates_the_sessions_left_with_their_queues_and_wills(
             got = _messages(device, 2)
             device.stop()
             assert sorted(m.payload.decode() for m in got) == [f"{name}:after", f"{name}:before"]
+
+
+def test_devices_that_come_back_while_their_sessions_migrate_keep_them(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """The race between a migration and the device's own claim: 40 offline sessions on
+    node-1, commands for each published on node-3 every 50 ms throughout. node-1 is
+    evacuated (wait_takeover 0, 20 sessions a second to node-2 and node-3), and while its
+    sessions migrate the devices come back, one every 50 ms, on node-2 or node-3 in turn:
+    some claim a session still on node-1, some one on its way, some one already moved.
+    Each finds its session (session_present) and every command acknowledged to the
+    publisher, duplicates only as QoS 1 resends (DUP)."""
+    with running_cluster(pki, tmp_path, 3) as nodes:
+        first, second, last = nodes
+        names = [f"race-{n:02d}" for n in range(40)]
+        for name in names:
+            offline_session(first, name)
+        publisher = Device("commander", clean=True)
+        publisher.connect(last.mqtt_port)
+        stop = threading.Event()
+
+        def command() -> None:
+            for n in range(400):
+                if stop.is_set():
+                    break
+                for name in names:
+                    publisher.publish(f"cmd/{name}", f"{name}:{n}", 1)
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=command)
+        thread.start()
+        devices: list[Device] = []
+        presents: list[bool] = []
+        try:
+            time.sleep(0.3)
+            first.admin("/api/evacuation?wait_takeover=0&session_rate=20", "POST")
+            for number, name in enumerate(names):
+                device = Device(name)
+                devices.append(device)
+                presents.append(device.connect((second, last)[number % 2].mqtt_port))
+                time.sleep(0.05)
+            wait_until(lambda: first.admin("/api/evacuation")["state"] == "done", 15, "done")
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            thread.join()
+        wait_until(lambda: not publisher.pending, 15, "commands acknowledged")
+        publisher.stop()
+        done = first.admin("/api/evacuation")
+        assert done["sessions_left"] == 0, done
+        assert done["sessions_migrated"] > 0, done  # some went before their device came
+        assert presents == [True] * len(names)
+        for device in devices:
+            mine = {p for p in publisher.acked if p.startswith(f"{device.client_id}:")}
+            got = _messages(device, len(mine), quiet=0.3)
+            device.stop()
+            payloads = Counter(message.payload.decode() for message in got)
+            assert sorted(mine - set(payloads)) == [], device.client_id
+            twice = {payload for payload, count in payloads.items() if count > 1}
+            resent = {message.payload.decode() for message in got if message.dup}
+            assert twice <= resent, (device.client_id, twice, resent)
