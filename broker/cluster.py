@@ -192,6 +192,11 @@ REPLICA_SWEEP_INTERVAL = 30.0
 #: (TCP pushes back; the peers keep them in their outboxes) until it is done.
 HELD_BYTES_MAX = 16 * 1024 * 1024
 HELD_FRAMES_MAX = 65_536
+#: Claims this node answered "no session here" are remembered this long (seconds), at most
+#: this many: a session migrated here unasked (an evacuation) that arrives after such a
+#: claim goes on to the claimer (Cluster._migrated_to_claimer).
+CLAIMS_ANSWERED_SECONDS = 10.0
+CLAIMS_ANSWERED_MAX = 10_000
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
 #: A shared member's key in the cluster-wide trie: node and client id.
 _MEMBER_SEPARATOR = "\x00"
@@ -618,6 +623,8 @@ class Cluster:
         self.claims_before_sync: list[tuple[Peer, codec.Claim]] = []
         # The last TRANSFER's seq per peer we migrated sessions to (broker.evacuation).
         self.migrated: dict[str, int] = {}
+        # Claims we answered with no session here: client id -> (claimer, version, when).
+        self.claims_answered: OrderedDict[str, tuple[str, Version, float]] = OrderedDict()
         # Started without sessions (memory mode, a new store), replicating: until our backup
         # has handed back the copies of our sessions (its PONG; or it is unreachable, or the
         # join is over) our routes are not announced (the peers keep the old ones: their
@@ -2512,6 +2519,8 @@ class Cluster:
                     )
                     self.send_reliable(peer, codec.Transfer(frame.version, False, record))
                     return
+        if owned is None and not frame.clean_start:
+            self._note_claim_answered(peer, frame)
         self._reply(peer, frame, rejected=False)
 
     # --- migration (broker.evacuation) ----------------------------------------------------
@@ -2558,6 +2567,54 @@ class Cluster:
             entries = peer.outbox.entries
             if peer.up and entries and entries[0][0] <= seq:
                 return False
+        return True
+
+    def _note_claim_answered(self, peer: Peer, frame: codec.Claim) -> None:
+        """We answer ``peer``'s claim with no session here: remembered a while (see
+        _migrated_to_claimer)."""
+        answered = self.claims_answered
+        answered.pop(frame.client_id, None)
+        answered[frame.client_id] = (peer.name, frame.version, time.monotonic())
+        while len(answered) > CLAIMS_ANSWERED_MAX:
+            answered.popitem(last=False)
+
+    def _migrated_to_claimer(self, peer: Peer, record: codec.SessionRecord) -> bool:
+        """A session ``peer`` migrated here unasked (an evacuation), when a newer claim for
+        it came here first (its device reconnected on a third node while the TRANSFER was on
+        its way: we answered "none", the claimer made a fresh session). It goes on to the
+        claimer, merged into that session as after a split (its queued messages; the device
+        resubscribed on session_present 0), and the will is dropped (the client is back).
+        True when sent on."""
+        answered = self.claims_answered.pop(record.client_id, None)
+        if answered is None:
+            return False
+        name, version, when = answered
+        claimer = self.peers.get(name)
+        if (
+            time.monotonic() - when > CLAIMS_ANSWERED_SECONDS
+            or not version > record.version
+            or claimer is None
+            or not claimer.up
+        ):
+            return False
+        broker = self.broker
+        assert broker is not None
+        # Installed, then handed over: a stub stays here for what the migrating node's stub
+        # still sends on to us (DELIVER), as for any session that moved.
+        broker.install_session(record, merge=False)
+        moved = broker.hand_over(record.client_id, name)
+        if moved is None:
+            return True  # ended at once (expiry 0): nothing to send
+        claimer.counters.merges_sent += 1
+        logger.info(
+            "client_id=%s: its session, migrated here by node %s, went on to node %s, whose "
+            "newer claim came first (%d messages merged into its session there)",
+            record.client_id,
+            peer.name,
+            name,
+            len(moved.deliveries),
+        )
+        self.send_reliable(claimer, codec.Transfer(version, True, moved))
         return True
 
     def _reply(self, peer: Peer, frame: codec.Claim, rejected: bool) -> None:
@@ -2609,6 +2666,8 @@ class Cluster:
             # Not answering a claim of ours: a migration (an evacuated node's offline
             # session, with its delayed will) or a hand-back (without).
             migrated = waiting is None
+            if migrated and self._migrated_to_claimer(peer, record):
+                return
             broker.install_session(record, merge=False, with_will=migrated)
             logger.info(
                 "session of client_id=%s %s node %s (%d queued or in flight)",

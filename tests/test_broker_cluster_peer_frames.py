@@ -555,3 +555,57 @@ def test_a_claim_under_way_goes_to_a_peer_that_comes_up_meanwhile(
         keeper.close()
     finally:
         node.stop()
+
+
+def test_a_session_migrated_after_a_newer_claim_goes_on_to_the_claimer(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real; node-1 (an evacuated node migrating its sessions) and node-2 (where
+    the device reconnected) are this test. node-2's claim for "dev" reaches node-3 before
+    node-1's TRANSFER of the session (migrated unasked, with a queued command): node-3 answers
+    "none" (node-2 made a fresh session). When the TRANSFER comes, node-3 sends the session
+    on to node-2, merged into the fresh one (its version: node-2's claim's), the command in
+    it, and keeps a stub that sends on what node-1's stub still sends here. Before, node-3
+    installed it and kept it: two sessions, the command never delivered."""
+    directory = tmp_path_factory.mktemp("migrated-late")
+    migrating, claimer, node = make_nodes(
+        directory, pki, count=3, cluster='join_timeout = "0s"', store="memory"
+    )
+    node.start()
+    try:
+        device_node = FakePeer(claimer, node)
+        version = codec.Version(1 << 60, "node-2")
+        device_node.send(codec.Claim("dev", version, False))
+        reply = device_node.frame(codec.ClaimReply)
+        assert reply == codec.ClaimReply("dev", version, False), reply
+        evacuated = FakePeer(migrating, node)
+        record = codec.SessionRecord(
+            "dev",
+            3600,
+            None,
+            codec.Version(5, "node-1"),
+            subscriptions=(("cmd/dev", SubscriptionOptions(1)),),
+            deliveries=(codec.DeliveryRecord(MESSAGE, 1, False),),
+        )
+        evacuated.send(codec.Reliable(1, codec.Transfer(record.version, False, record)))
+        reliable = _next(device_node, codec.Transfer)
+        assert isinstance(reliable, codec.Reliable) and isinstance(reliable.frame, codec.Transfer)
+        transfer = reliable.frame
+        assert (transfer.version, transfer.merge) == (version, True)
+        assert transfer.session.client_id == "dev"
+        assert [d.message.payload for d in transfer.session.deliveries] == [MESSAGE.payload]
+        device_node.send(codec.Ack(reliable.seq))
+        line = "client_id=dev: its session, migrated here by node node-1, went on to node node-2"
+        wait_for(lambda: line in node.log_text(), 5, line)
+        # What node-1's stub still sends on to us for "dev" goes on to node-2 (our stub).
+        later = dataclasses.replace(MESSAGE, topic="cmd/dev", payload=b"later")
+        delivery = codec.DeliveryRecord(later, 1, False)
+        evacuated.send(codec.Reliable(2, codec.Deliver("dev", delivery)))
+        reliable = _next(device_node, codec.Deliver)
+        assert isinstance(reliable, codec.Reliable) and isinstance(reliable.frame, codec.Deliver)
+        assert reliable.frame.client_id == "dev"
+        assert reliable.frame.delivery.message.payload == b"later"
+        evacuated.close()
+        device_node.close()
+    finally:
+        node.stop()
