@@ -3,7 +3,9 @@
 
 ``-p PORT`` without a config is mosquitto 2.0's "local only mode": one anonymous listener on
 127.0.0.1, said so in the log; remote access needs a config file that names a listener.
-SIGTERM and SIGINT stop the node cleanly (5.0 clients get DISCONNECT 0x8B). Under systemd
+SIGTERM and SIGINT stop the node cleanly (5.0 clients get DISCONNECT 0x8B); with ``[cluster]
+stop_evacuation`` the node is evacuated first (broker.evacuation), and a second signal cuts
+that short. Under systemd
 (``Type=notify``, packaging/broker@.service) it says READY=1 once it serves and STOPPING=1
 when it stops, with STATUS= lines (lb.sd_notify).
 
@@ -67,8 +69,16 @@ async def _run(config: BrokerConfig, notifier: Notifier) -> None:
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stop_signal() -> None:
+        # The first stops (after an evacuation, with [cluster] stop_evacuation); another
+        # cuts that evacuation short.
+        if stop.is_set():
+            server.hurry()
+        stop.set()
+
     for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
+        loop.add_signal_handler(signal_number, stop_signal)
     listeners = ", ".join(f"{listener.host}:{listener.port}" for listener in config.listeners)
     notifier.ready(f"node {config.node_name}: MQTT on {listeners}")
     try:

@@ -71,6 +71,9 @@ Shape (every table and key optional except where noted)::
                                    # has nodes that speak only it
     session_replicas = 1           # copies of each persistent session on other nodes (0 or 1;
                                    # broker/replica.py): survives the loss of a node
+    stop_evacuation = "0s"         # a stop (SIGTERM) first evacuates the node for at most this
+                                   # long (broker/evacuation.py); "0s": clients dropped at once
+    stop_evacuation_rate = 500     # clients (and then sessions) moved off per second
     [cluster.ssl_options]          # as above
 
     [store]                        # issue 12: what survives a SIGKILL (broker/store.py)
@@ -279,6 +282,10 @@ class ClusterConfig:
     protocol_version: int = PROTOCOL_VERSION
     # Issue 13: copies of each persistent session kept on other nodes (broker.replica).
     session_replicas: int = 1
+    # Issue 13: a stop first evacuates the node (broker.evacuation) for at most this long
+    # (0: off), moving clients and then sessions off at this rate.
+    stop_evacuation: float = 0.0
+    stop_evacuation_rate: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -809,6 +816,12 @@ def parse_config(
             ),
             protocol_version=_parse_protocol_version(cluster_reader),
             session_replicas=_parse_session_replicas(cluster_reader),
+            stop_evacuation=cluster_reader.duration(
+                "stop_evacuation", defaults.stop_evacuation, zero=True
+            ),
+            stop_evacuation_rate=cluster_reader.integer(
+                "stop_evacuation_rate", defaults.stop_evacuation_rate, 1, 100_000
+            ),
         )
         cluster_reader.reject_unknown()
         if peers and cookie is None:

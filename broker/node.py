@@ -18,7 +18,9 @@ state store (:mod:`broker.statestore`) on its request topic.
 anything listens; the core and the cluster rebuild sessions, queues, retained messages and
 outboxes from it. Then the cluster starts, and the listeners open once the node has joined it
 (every running peer linked and synced, at most ``[cluster] join_timeout``), then the admin
-endpoint. ``stop`` closes the listeners first (5.0 clients get DISCONNECT 0x8B), lets the
+endpoint. ``stop`` evacuates the node first when ``[cluster] stop_evacuation`` says so
+(broker.evacuation: clients moved off, then sessions migrated, at a bounded rate and for a
+bounded time), closes the listeners (5.0 clients get DISCONNECT 0x8B), lets the
 cluster have what they sent acknowledged (at most ``STOP_DRAIN_TIMEOUT``), closes the
 links, and writes what is queued.
 """
@@ -26,6 +28,7 @@ links, and writes what is queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -40,6 +43,7 @@ from broker.cluster import Cluster
 from broker.config import BrokerConfig, ConfigError, ListenerConfig, SSLOptions, config_warnings
 from broker.core import Broker
 from broker.evacuation import SESSION_RATE, WAIT_TAKEOVER, Evacuation
+from broker.evacuation import TICK as EVACUATION_TICK
 from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
@@ -185,6 +189,7 @@ class BrokerServer:
                 }
         self._ticker: asyncio.TimerHandle | None = None
         self.evacuation: Evacuation | None = None
+        self._hurry = asyncio.Event()
         if self.admin is not None:
             self.admin.evacuation = self.evacuation_command
 
@@ -373,7 +378,69 @@ class BrokerServer:
             "" if linked == len(cluster.peers) else " (no link to the others: not running)",
         )
 
+    def hurry(self) -> None:
+        """A second stop signal: an evacuation under way at the stop is cut short."""
+        self._hurry.set()
+
+    async def _evacuate_before_stop(self) -> None:
+        """``[cluster] stop_evacuation``: a stop first evacuates the node (as ``POST
+        /api/evacuation``, or goes on with the one under way), for at most that long (or
+        until :meth:`hurry`): clients moved off and then sessions migrated, both at
+        ``stop_evacuation_rate`` per second, a third of the time at most waiting for the
+        devices to take their sessions themselves. Not when no other node is up to take
+        them."""
+        cluster, settings = self.cluster, self.config.cluster
+        if cluster is None or settings is None or settings.stop_evacuation <= 0:
+            return
+        bound = settings.stop_evacuation
+        if not cluster.migration_targets():
+            logger.warning("stop: no other node of the cluster is up: no evacuation")
+            return
+        loop = asyncio.get_running_loop()
+        evacuation = self.evacuation
+        if evacuation is None or evacuation.state == "ended":
+            rate = float(settings.stop_evacuation_rate)
+            evacuation = self.evacuation = Evacuation(
+                self.broker,
+                self.listeners,
+                rate,
+                loop,
+                bound / 3,
+                mover=cluster,
+                session_rate=rate,
+            )
+        deadline = loop.time() + bound
+        while evacuation.state != "done" and not self._hurry.is_set():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), min(left, EVACUATION_TICK))
+        status = evacuation.status()
+        if evacuation.state == "done":
+            logger.info(
+                "stop: node %s evacuated in %.1fs (%d clients moved off, %d sessions migrated)",
+                self.config.node_name,
+                status["seconds"],
+                status["evicted"],
+                status["sessions_migrated"],
+            )
+        else:
+            logger.warning(
+                "stop: the evacuation of node %s is not done (%s after %.1fs; %s): %d clients "
+                "and %d sessions left go with the stop",
+                self.config.node_name,
+                status["state"],
+                status["seconds"],
+                "cut short by a second signal"
+                if self._hurry.is_set()
+                else f"stop_evacuation {bound:g}s",
+                status["clients_left"],
+                status["sessions_left"],
+            )
+
     async def stop(self) -> None:
+        await self._evacuate_before_stop()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None

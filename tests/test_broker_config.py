@@ -105,6 +105,25 @@ def test_duplicate_bind_is_refused() -> None:
         parse_config(document, "dup.toml")
 
 
+def test_stop_evacuation_is_off_unless_said() -> None:
+    """``[cluster] stop_evacuation`` (a duration, "0s" by default: a stop drops the clients
+    at once) and ``stop_evacuation_rate`` (clients and sessions per second, 1 to 100,000)."""
+    document: dict[str, object] = {"listeners": {"tcp": {"a": {"bind": "127.0.0.1:1"}}}}
+    config = parse_config({**document, "cluster": {}}, "c.toml")
+    assert config.cluster is not None
+    assert (config.cluster.stop_evacuation, config.cluster.stop_evacuation_rate) == (0.0, 500)
+    table = {"stop_evacuation": "2m", "stop_evacuation_rate": 200}
+    config = parse_config({**document, "cluster": table}, "c.toml")
+    assert config.cluster is not None
+    assert (config.cluster.stop_evacuation, config.cluster.stop_evacuation_rate) == (120.0, 200)
+    for key, value, words in (
+        ("stop_evacuation", "soon", "expected a duration"),
+        ("stop_evacuation_rate", 0, "expected an integer from 1 to 100000, got 0"),
+    ):
+        with pytest.raises(ConfigError, match=f"c.toml: 'cluster.{key}': {words}"):
+            parse_config({**document, "cluster": {key: value}}, "c.toml")
+
+
 def test_cluster_protocol_version_is_2_to_6() -> None:
     """``[cluster] protocol_version``: the version a node announces in HELLO, 6 unless said
     (an older one while a rolling upgrade has nodes that speak only it); anything else names

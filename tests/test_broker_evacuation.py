@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import socket
 import threading
 import time
@@ -424,3 +425,99 @@ def test_devices_that_come_back_while_their_sessions_migrate_keep_them(
             twice = {payload for payload, count in payloads.items() if count > 1}
             resent = {message.payload.decode() for message in got if message.dup}
             assert twice <= resent, (device.client_id, twice, resent)
+
+
+def test_a_stop_evacuates_the_node_first_with_stop_evacuation(pki: TestPKI, tmp_path: Path) -> None:
+    """``[cluster] stop_evacuation = "20s"``, ``stop_evacuation_rate = 10``: SIGTERM to
+    node-1 (three devices on it through lb, one offline session with a queued command,
+    commands to every device every 50 ms from node-3) moves its clients off at the rate and
+    migrates the offline session before the node stops. Every device is back on node-2 or
+    node-3 with session_present and every acknowledged command; the offline device finds
+    its session and its command there."""
+    settings = 'stop_evacuation = "20s"\nstop_evacuation_rate = 10'
+    with (
+        running_cluster(pki, tmp_path, 3, cluster=settings) as nodes,
+        running_lb(pki, tmp_path, nodes) as front,
+    ):
+        first, second, last = nodes
+        offline_session(first, "asleep")
+        files = pki.devices(6)
+        devices = [Device(f"dev-{n}", V5, files[n], pki.root) for n in range(6)]
+        for device in devices:
+            assert not device.connect(front)
+            device.subscribe([(f"cmd/{device.client_id}", 1)])
+        on_first = set(first.clients())
+        assert len(on_first) == 2, on_first
+        publisher = Device("commander", V5, clean=True)
+        publisher.connect(last.mqtt_port)
+        publisher.publish("cmd/asleep", "asleep:queued", 1)
+        stop = threading.Event()
+
+        def command() -> None:
+            for n in range(1_000):
+                if stop.is_set():
+                    break
+                for device in devices:
+                    publisher.publish(f"cmd/{device.client_id}", f"{device.client_id}:{n}", 1)
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=command)
+        thread.start()
+        try:
+            time.sleep(0.3)
+            first.stop()  # SIGTERM; waits for the process
+            wait_until(
+                lambda: sum(len(node.clients()) for node in (second, last)) == 7,
+                15,
+                "six devices and the publisher on node-2 and node-3",
+            )
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            thread.join()
+        wait_until(lambda: not publisher.pending, 15, "commands acknowledged")
+        publisher.stop()
+        log = first.log_text()
+        assert "stop: node node-1 evacuated in" in log, log[-2000:]
+        assert "(2 clients moved off, 1 sessions migrated)" in log
+        assert log.count("reason=evacuation: use another server") == 2
+        for device in devices:
+            if device.client_id in on_first:
+                connacks = []
+                while not device.connacks.empty():
+                    connacks.append(device.connacks.get()[0])
+                assert connacks == [True], (device.client_id, connacks)  # session_present
+            mine = {p for p in publisher.acked if p.startswith(f"{device.client_id}:")}
+            got = _messages(device, len(mine), quiet=0.3)
+            device.stop()
+            payloads = Counter(message.payload.decode() for message in got)
+            assert sorted(mine - set(payloads)) == [], device.client_id
+            twice = {payload for payload, count in payloads.items() if count > 1}
+            resent = {message.payload.decode() for message in got if message.dup}
+            assert twice <= resent, (device.client_id, twice, resent)
+        asleep = Device("asleep")
+        assert asleep.connect(second.mqtt_port) is True
+        assert asleep.received(want=1) == ["asleep:queued"]
+        asleep.stop()
+
+
+def test_a_second_signal_cuts_the_stop_evacuation_short(pki: TestPKI, tmp_path: Path) -> None:
+    """stop_evacuation at 1 client a second, five clients: a second SIGTERM right after the
+    first stops the node without moving the rest off one by one; the log says so."""
+    settings = 'stop_evacuation = "60s"\nstop_evacuation_rate = 1'
+    with running_cluster(pki, tmp_path, 2, cluster=settings) as nodes:
+        first = nodes[0]
+        clients = [RawClient(first.mqtt_port, 5) for _ in range(5)]
+        for number, client in enumerate(clients):
+            answer = client.connect(Connect("MQTT", 5, True, 60, f"slow-{number}"))
+            assert isinstance(answer, Connack) and answer.reason_code == 0, answer
+        assert first.process is not None
+        first.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "evacuation of node node-1: 5 clients" in first.log_text(), 10)
+        first.process.send_signal(signal.SIGTERM)
+        first.process.wait(15)
+        log = first.log_text()
+        assert "stop: the evacuation of node node-1 is not done" in log, log[-2000:]
+        assert "cut short by a second signal" in log
+        for client in clients:
+            client.close()
