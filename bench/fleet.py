@@ -36,7 +36,9 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   With --evacuate-rate R each node is first evacuated (POST /api/evacuation?rate=R,
   broker.evacuation: its devices told to use another server, R per second) and stopped once
   empty; the restart's figures then count from the evacuation's start, with how long it
-  took and the peak handshake rate (what the evacuation spreads out).
+  took and the peak handshake rate (what the evacuation spreads out). With --stop-evacuation
+  S the brokers do that themselves at SIGTERM (``[cluster] stop_evacuation = S``, at
+  --evacuate-rate or 500 per second): the stop's time includes the evacuation.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -386,12 +388,19 @@ def start_cluster(
     work: Path,
     started: list[Started],
     session_replicas: int | None = None,
+    stop_evacuation: tuple[float, int] | None = None,
 ) -> list[Started]:
     brokers = []
     for node in nodes:
         config = work / f"{node.name}.toml"
         config.write_text(
-            topology.broker_config(node, nodes, certs=str(certs), session_replicas=session_replicas)
+            topology.broker_config(
+                node,
+                nodes,
+                certs=str(certs),
+                session_replicas=session_replicas,
+                stop_evacuation=stop_evacuation,
+            )
         )
         broker = start(node.name, [str(VENV_BIN / "broker"), "-c", str(config)], work, None)
         started.append(broker)
@@ -1101,7 +1110,7 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     since = time.monotonic()
     evacuated: float | None = None
     evacuation: dict[str, Any] = {}
-    if args.evacuate_rate:
+    if args.evacuate_rate and not args.stop_evacuation:
         # broker.evacuation: its devices moved off at the rate, then the stop finds none.
         run.mark("evacuation", node=node.name, rate=args.evacuate_rate)
         admin_json(node, f"/api/evacuation?rate={args.evacuate_rate:g}", "POST")
@@ -1122,10 +1131,18 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(old.pid, signal.SIGTERM)
     try:
-        old.popen.wait(START_TIMEOUT)
+        old.popen.wait(START_TIMEOUT + args.stop_evacuation)
     except subprocess.TimeoutExpired:
         stop(old)  # SIGKILL: said in the figures as a stop that took the whole bound
     stop_seconds = time.monotonic() - stopping
+    if args.stop_evacuation:
+        # The node's own account of its evacuation at the stop (broker.node), its last one.
+        lines = [
+            line
+            for line in old.log.read_text(errors="replace").splitlines()
+            if "stop: node " in line or "stop: the evacuation of node" in line
+        ]
+        evacuation = {"stop_line": lines[-1].split(": ", 1)[-1] if lines else None}
     if old in run.started:
         run.started.remove(old)
     command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
@@ -1152,9 +1169,11 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
     return {
         "node": node.name,
         "evacuate_seconds": round(evacuated, 1) if evacuated is not None else None,
-        # Offline sessions the evacuation migrated to other nodes, and those it left.
+        # Offline sessions the evacuation migrated to other nodes, and those it left; with
+        # --stop-evacuation, the node's log line on it instead.
         "sessions_migrated": evacuation.get("sessions_migrated"),
         "sessions_left": evacuation.get("sessions_left"),
+        "stop_evacuation": evacuation.get("stop_line"),
         "stop_seconds": round(stop_seconds, 1),
         "rejoined_seconds": round(rejoined, 1) if rejoined is not None else None,
         "marked_down": watch(),
@@ -1305,7 +1324,12 @@ def phase(
     directory.mkdir()
     nodes = cluster_nodes(args.nodes)
     print(f"  {kind}: starting {args.nodes} brokers", flush=True)
-    brokers = start_cluster(nodes, certs, directory, started, args.session_replicas)
+    stop_evacuation = None
+    if args.stop_evacuation:
+        stop_evacuation = (args.stop_evacuation, int(args.evacuate_rate or 500))
+    brokers = start_cluster(
+        nodes, certs, directory, started, args.session_replicas, stop_evacuation
+    )
     collector = fork(
         f"collector-{kind}", collector_main, settings, args.devices, nodes[0].mqtt_port
     )
@@ -1460,6 +1484,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="restart: evacuate each node first at this many clients per second "
         "(POST /api/evacuation), then stop it; 0: stop it at once",
+    )
+    parser.add_argument(
+        "--stop-evacuation",
+        type=float,
+        default=0.0,
+        help="restart: the brokers' [cluster] stop_evacuation in seconds (each evacuates "
+        "itself at SIGTERM, at --evacuate-rate or 500 per second); 0: not set",
     )
     parser.add_argument(
         "--keep-hard-stop",

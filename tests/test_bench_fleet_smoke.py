@@ -201,16 +201,23 @@ def test_reload_configs_lose_hard_stop_after_unless_kept(tmp_path: Path) -> None
         )
 
 
-@pytest.mark.parametrize("evacuate", [False, True], ids=["stop", "evacuate-then-stop"])
+@pytest.mark.parametrize(
+    "evacuate", ["", "api", "stop"], ids=["stop", "evacuate-then-stop", "stop-evacuation"]
+)
 def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
-    tmp_path: Path, evacuate: bool
+    tmp_path: Path, evacuate: str
 ) -> None:
     """The restart scenario through lb: node-3 then node-2 stopped (SIGTERM) and started
     again under telemetry and commands; every device back after each, every acknowledged
     telemetry message delivered, and each restart's figures in the JSON. With
-    --evacuate-rate, each node is evacuated first (10 devices a second) and stopped once
-    empty."""
-    flags = ["--evacuate-rate", "10"] if evacuate else []
+    --evacuate-rate, each node is evacuated first (10 devices a second, the admin API) and
+    stopped once empty; with --stop-evacuation too, the brokers evacuate themselves at the
+    SIGTERM (``[cluster] stop_evacuation``)."""
+    flags = {
+        "": [],
+        "api": ["--evacuate-rate", "10"],
+        "stop": ["--evacuate-rate", "10", "--stop-evacuation", "20"],
+    }[evacuate]
     result = run_fleet(
         tmp_path, "restart", "--nodes", "3", "--balancers", "lb", "--hold", "3", "--wills", *flags
     )
@@ -222,7 +229,10 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
     assert [r["node"] for r in restarts] == ["broker-3", "broker-2"]
     for restart in restarts:
         assert restart["devices_dropped"] > 0, restart
-        assert (restart["evacuate_seconds"] is not None) == evacuate, restart
+        assert (restart["evacuate_seconds"] is not None) == (evacuate == "api"), restart
+        if evacuate == "stop":
+            line = restart["stop_evacuation"]
+            assert line.startswith(f"stop: node {restart['node']} evacuated in"), restart
         assert restart["back_connected"] == DEVICES, restart
         assert restart["rejoined_seconds"] is not None, restart
         # 3.1.1 devices without a Will Delay: each dropped device's will, once (those the
