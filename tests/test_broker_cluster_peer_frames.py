@@ -61,6 +61,25 @@ def cluster(
         node.stop()
 
 
+def _session(
+    version: codec.Version, topic: str = "cmd/dev", *payloads: bytes
+) -> codec.SessionRecord:
+    """The record of the persistent session "dev" (Session Expiry 3600) at ``version``,
+    subscribed to ``topic`` at QoS 1, a QoS 1 message queued for each of ``payloads``."""
+    queued = tuple(
+        codec.DeliveryRecord(dataclasses.replace(MESSAGE, topic=topic, payload=payload), 1, False)
+        for payload in payloads
+    )
+    return codec.SessionRecord(
+        "dev",
+        3600,
+        None,
+        version,
+        subscriptions=((topic, SubscriptionOptions(1)),),
+        deliveries=queued,
+    )
+
+
 class FakePeer:
     """``fake``'s side of a link to ``node`` (node-1's, by default): HELLO both ways, then
     frames as the test writes them."""
@@ -172,15 +191,7 @@ def test_a_claim_waits_until_the_backup_has_handed_the_sessions_back(
     peer.send(codec.Claim("dev", codec.Version(1_000_000, "node-1"), False))
     early = peer.frames_for(1.0)
     assert not any(isinstance(frame, codec.ClaimReply) for frame in early), early
-    queued = codec.DeliveryRecord(MESSAGE, 1, False)
-    record = codec.SessionRecord(
-        "dev",
-        3600,
-        None,
-        codec.Version(5, "node-2"),
-        subscriptions=(("a/b", SubscriptionOptions(1)),),
-        deliveries=(queued,),
-    )
+    record = _session(codec.Version(5, "node-2"), "a/b", MESSAGE.payload)
     peer.send(codec.Reliable(10, codec.Transfer(record.version, False, record)))
     peer.send(codec.Pong())
     answers = [
@@ -414,13 +425,7 @@ def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
     node.start()
     try:
         peer = FakePeer(fake, node)
-        record = codec.SessionRecord(
-            "dev",
-            3600,
-            None,
-            codec.Version(1 << 59, "node-1"),
-            subscriptions=(("cmd/dev", SubscriptionOptions(1)),),
-        )
+        record = _session(codec.Version(1 << 59, "node-1"))
         op = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(record))
         peer.send(codec.Replica(1, True, (op,)))
         assert peer.frame(codec.ReplicaAck) == codec.ReplicaAck(1)
@@ -530,19 +535,7 @@ def test_a_claim_under_way_goes_to_a_peer_that_comes_up_meanwhile(
         claim = peer.frame(codec.Claim)
         assert isinstance(claim, codec.Claim), claim
         assert (claim.client_id, claim.version) == ("dev", asked.version)
-        queued = codec.DeliveryRecord(
-            codec.WireMessage("cmd/dev", b"command", 1, False, Properties(), "node-1", "p", 1),
-            1,
-            False,
-        )
-        record = codec.SessionRecord(
-            "dev",
-            3600,
-            None,
-            codec.Version(5, "node-1"),
-            subscriptions=(("cmd/dev", SubscriptionOptions(1)),),
-            deliveries=(queued,),
-        )
+        record = _session(codec.Version(5, "node-1"), "cmd/dev", b"command")
         peer.send(codec.Reliable(1, codec.Transfer(claim.version, False, record)))
         keeper.send(codec.ClaimReply("dev", asked.version, False))
         connack = client.receive(timeout=10)
@@ -579,14 +572,7 @@ def test_a_session_migrated_after_a_newer_claim_goes_on_to_the_claimer(
         reply = device_node.frame(codec.ClaimReply)
         assert reply == codec.ClaimReply("dev", version, False), reply
         evacuated = FakePeer(migrating, node)
-        record = codec.SessionRecord(
-            "dev",
-            3600,
-            None,
-            codec.Version(5, "node-1"),
-            subscriptions=(("cmd/dev", SubscriptionOptions(1)),),
-            deliveries=(codec.DeliveryRecord(MESSAGE, 1, False),),
-        )
+        record = _session(codec.Version(5, "node-1"), "cmd/dev", MESSAGE.payload)
         evacuated.send(codec.Reliable(1, codec.Transfer(record.version, False, record)))
         reliable = _next(device_node, codec.Transfer)
         assert isinstance(reliable, codec.Reliable) and isinstance(reliable.frame, codec.Transfer)

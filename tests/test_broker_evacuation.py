@@ -69,6 +69,63 @@ def _messages(device: Device, want: int, quiet: float = 1.0) -> list[mqtt.MQTTMe
     return got
 
 
+class Commander:
+    """A publisher on ``port`` that, once started, sends each of ``client_ids`` a QoS 1
+    command ("<client id>:<round>") on cmd/<client id> every ``interval`` seconds (at most
+    2,000 rounds) until stopped."""
+
+    def __init__(self, port: int, client_ids: list[str], interval: float) -> None:
+        self.publisher = Device("commander", V5, clean=True)
+        self.publisher.connect(port)
+        self.client_ids = client_ids
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._send)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _send(self) -> None:
+        for number in range(2_000):
+            if self.stopping.is_set():
+                break
+            for client_id in self.client_ids:
+                self.publisher.publish(f"cmd/{client_id}", f"{client_id}:{number}", 1)
+            time.sleep(self.interval)
+
+    def stop(self) -> list[str]:
+        """Stop sending; once every command is acknowledged, the acknowledged ones."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        wait_until(lambda: not self.publisher.pending, 15, "commands acknowledged")
+        self.publisher.stop()
+        return list(self.publisher.acked)
+
+
+def _every_command_arrived(device: Device, acked: list[str], quiet: float = 1.0) -> set[str]:
+    """Every command in ``acked`` for ``device`` reached it (the device is stopped after);
+    the ones that came twice, each a QoS 1 resend marked DUP (one in flight when the
+    device's connection was closed: at least once)."""
+    mine = {payload for payload in acked if payload.startswith(f"{device.client_id}:")}
+    got = _messages(device, len(mine), quiet)
+    device.stop()
+    payloads = Counter(message.payload.decode() for message in got)
+    assert sorted(mine - set(payloads)) == [], device.client_id
+    twice = {payload for payload, count in payloads.items() if count > 1}
+    resent = {message.payload.decode() for message in got if message.dup}
+    assert twice <= resent, (device.client_id, twice, resent)
+    return twice
+
+
+def _session_present(device: Device) -> list[bool]:
+    """The session_present of each CONNACK ``device`` got since its first."""
+    connacks = []
+    while not device.connacks.empty():
+        connacks.append(device.connacks.get()[0])
+    return connacks
+
+
 def test_an_evacuation_moves_the_clients_off_at_its_rate_and_closes_the_listener() -> None:
     with running_broker() as node:
         port = node.port()
@@ -240,20 +297,8 @@ def test_an_evacuated_nodes_devices_keep_their_sessions_on_the_other_nodes(
             device.subscribe([(f"cmd/{device.client_id}", 1)])
         on_first = set(first.clients())
         assert len(on_first) == 3, on_first
-        publisher = Device("commander", V5, clean=True)
-        publisher.connect(last.mqtt_port)
-        stop = threading.Event()
-
-        def command() -> None:
-            for n in range(2_000):
-                if stop.is_set():
-                    break
-                for device in devices:
-                    publisher.publish(f"cmd/{device.client_id}", f"{device.client_id}:{n}", 1)
-                time.sleep(0.02)
-
-        thread = threading.Thread(target=command)
-        thread.start()
+        commander = Commander(last.mqtt_port, [device.client_id for device in devices], 0.02)
+        commander.start()
         try:
             time.sleep(0.3)
             started = first.admin("/api/evacuation?rate=4", "POST")
@@ -266,29 +311,13 @@ def test_an_evacuated_nodes_devices_keep_their_sessions_on_the_other_nodes(
             )
             time.sleep(0.3)
         finally:
-            stop.set()
-            thread.join()
-        wait_until(lambda: not publisher.pending, 15, "commands acknowledged")
-        publisher.stop()
+            acked = commander.stop()
         assert first.clients() == []
         moved = [device for device in devices if device.client_id in on_first]
         for device in moved:
-            connacks = []
-            while not device.connacks.empty():
-                connacks.append(device.connacks.get()[0])
-            assert connacks == [True], (device.client_id, connacks)  # session_present
+            assert _session_present(device) == [True], device.client_id
         for device in devices:
-            mine = {p for p in publisher.acked if p.startswith(f"{device.client_id}:")}
-            got = _messages(device, len(mine))
-            device.stop()
-            payloads = Counter(message.payload.decode() for message in got)
-            assert sorted(mine - set(payloads)) == [], device.client_id
-            # QoS 1 is at least once: a command in flight when node-1 closed the connection
-            # (its PUBACK not back yet) is sent again from the session, marked DUP; nothing
-            # else arrives twice.
-            twice = {payload for payload, count in payloads.items() if count > 1}
-            resent = {message.payload.decode() for message in got if message.dup}
-            assert twice <= resent, (device.client_id, twice, resent)
+            twice = _every_command_arrived(device, acked)
             assert device in moved or not twice, device.client_id
         log = first.log_text()
         assert "evacuation of node node-1: 3 clients moved off in" in log
@@ -381,20 +410,8 @@ def test_devices_that_come_back_while_their_sessions_migrate_keep_them(
         names = [f"race-{n:02d}" for n in range(40)]
         for name in names:
             offline_session(first, name)
-        publisher = Device("commander", clean=True)
-        publisher.connect(last.mqtt_port)
-        stop = threading.Event()
-
-        def command() -> None:
-            for n in range(400):
-                if stop.is_set():
-                    break
-                for name in names:
-                    publisher.publish(f"cmd/{name}", f"{name}:{n}", 1)
-                time.sleep(0.05)
-
-        thread = threading.Thread(target=command)
-        thread.start()
+        commander = Commander(last.mqtt_port, names, 0.05)
+        commander.start()
         devices: list[Device] = []
         presents: list[bool] = []
         try:
@@ -408,23 +425,13 @@ def test_devices_that_come_back_while_their_sessions_migrate_keep_them(
             wait_until(lambda: first.admin("/api/evacuation")["state"] == "done", 15, "done")
             time.sleep(0.5)
         finally:
-            stop.set()
-            thread.join()
-        wait_until(lambda: not publisher.pending, 15, "commands acknowledged")
-        publisher.stop()
+            acked = commander.stop()
         done = first.admin("/api/evacuation")
         assert done["sessions_left"] == 0, done
         assert done["sessions_migrated"] > 0, done  # some went before their device came
         assert presents == [True] * len(names)
         for device in devices:
-            mine = {p for p in publisher.acked if p.startswith(f"{device.client_id}:")}
-            got = _messages(device, len(mine), quiet=0.3)
-            device.stop()
-            payloads = Counter(message.payload.decode() for message in got)
-            assert sorted(mine - set(payloads)) == [], device.client_id
-            twice = {payload for payload, count in payloads.items() if count > 1}
-            resent = {message.payload.decode() for message in got if message.dup}
-            assert twice <= resent, (device.client_id, twice, resent)
+            _every_command_arrived(device, acked, quiet=0.3)
 
 
 def test_a_stop_evacuates_the_node_first_with_stop_evacuation(pki: TestPKI, tmp_path: Path) -> None:
@@ -448,21 +455,9 @@ def test_a_stop_evacuates_the_node_first_with_stop_evacuation(pki: TestPKI, tmp_
             device.subscribe([(f"cmd/{device.client_id}", 1)])
         on_first = set(first.clients())
         assert len(on_first) == 2, on_first
-        publisher = Device("commander", V5, clean=True)
-        publisher.connect(last.mqtt_port)
-        publisher.publish("cmd/asleep", "asleep:queued", 1)
-        stop = threading.Event()
-
-        def command() -> None:
-            for n in range(1_000):
-                if stop.is_set():
-                    break
-                for device in devices:
-                    publisher.publish(f"cmd/{device.client_id}", f"{device.client_id}:{n}", 1)
-                time.sleep(0.05)
-
-        thread = threading.Thread(target=command)
-        thread.start()
+        commander = Commander(last.mqtt_port, [device.client_id for device in devices], 0.05)
+        commander.publisher.publish("cmd/asleep", "asleep:queued", 1)
+        commander.start()
         try:
             time.sleep(0.3)
             first.stop()  # SIGTERM; waits for the process
@@ -473,28 +468,15 @@ def test_a_stop_evacuates_the_node_first_with_stop_evacuation(pki: TestPKI, tmp_
             )
             time.sleep(0.3)
         finally:
-            stop.set()
-            thread.join()
-        wait_until(lambda: not publisher.pending, 15, "commands acknowledged")
-        publisher.stop()
+            acked = commander.stop()
         log = first.log_text()
         assert "stop: node node-1 evacuated in" in log, log[-2000:]
         assert "(2 clients moved off, 1 sessions migrated)" in log
         assert log.count("reason=evacuation: use another server") == 2
         for device in devices:
             if device.client_id in on_first:
-                connacks = []
-                while not device.connacks.empty():
-                    connacks.append(device.connacks.get()[0])
-                assert connacks == [True], (device.client_id, connacks)  # session_present
-            mine = {p for p in publisher.acked if p.startswith(f"{device.client_id}:")}
-            got = _messages(device, len(mine), quiet=0.3)
-            device.stop()
-            payloads = Counter(message.payload.decode() for message in got)
-            assert sorted(mine - set(payloads)) == [], device.client_id
-            twice = {payload for payload, count in payloads.items() if count > 1}
-            resent = {message.payload.decode() for message in got if message.dup}
-            assert twice <= resent, (device.client_id, twice, resent)
+                assert _session_present(device) == [True], device.client_id
+            _every_command_arrived(device, acked, quiet=0.3)
         asleep = Device("asleep")
         assert asleep.connect(second.mqtt_port) is True
         assert asleep.received(want=1) == ["asleep:queued"]
