@@ -218,8 +218,20 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
         "api": ["--evacuate-rate", "10"],
         "stop": ["--evacuate-rate", "10", "--stop-evacuation", "20"],
     }[evacuate]
+    # --keep: the brokers' logs stay in tmp_path (pytest keeps the last runs' folders), so a
+    # failure below can be traced.
     result = run_fleet(
-        tmp_path, "restart", "--nodes", "3", "--balancers", "lb", "--hold", "3", "--wills", *flags
+        tmp_path,
+        "restart",
+        "--nodes",
+        "3",
+        "--balancers",
+        "lb",
+        "--hold",
+        "3",
+        "--wills",
+        "--keep",
+        *flags,
     )
     assert result["scenario"] == "restart"
     phase = result["phases"]["lb"]
