@@ -193,10 +193,13 @@ REPLICA_SWEEP_INTERVAL = 30.0
 HELD_BYTES_MAX = 16 * 1024 * 1024
 HELD_FRAMES_MAX = 65_536
 #: Claims this node answered "no session here" are remembered this long (seconds), at most
-#: this many: a session migrated here unasked (an evacuation) that arrives after such a
-#: claim goes on to the claimer (Cluster._migrated_to_claimer).
+#: this many and this many bytes of client ids: a session migrated here unasked (an
+#: evacuation) that arrives after such a claim goes on to the claimer
+#: (Cluster._migrated_to_claimer). Past either bound the oldest is forgotten (counted on its
+#: claimer, logged).
 CLAIMS_ANSWERED_SECONDS = 10.0
 CLAIMS_ANSWERED_MAX = 10_000
+CLAIMS_ANSWERED_BYTES = 1024 * 1024
 _NODE_SUFFIX = re.compile(r"(\d+)(?:@.*)?$")
 #: A shared member's key in the cluster-wide trie: node and client id.
 _MEMBER_SEPARATOR = "\x00"
@@ -336,6 +339,9 @@ class LinkCounters:
     remote_pauses_received: int = 0
     remote_pauses_expired: int = 0
     remote_shares_forgotten: int = 0  # past REMOTE_SHARES_MAX, the oldest (logged)
+    # Its claims we answered "none" forgotten within CLAIMS_ANSWERED_SECONDS, past
+    # CLAIMS_ANSWERED_MAX or CLAIMS_ANSWERED_BYTES (logged).
+    claims_answered_forgotten: int = 0
     pings_sent: int = 0
     # Times we stopped reading this peer's link: past HELD_BYTES_MAX or HELD_FRAMES_MAX held
     # for our backup.
@@ -623,8 +629,12 @@ class Cluster:
         self.claims_before_sync: list[tuple[Peer, codec.Claim]] = []
         # The last TRANSFER's seq per peer we migrated sessions to (broker.evacuation).
         self.migrated: dict[str, int] = {}
-        # Claims we answered with no session here: client id -> (claimer, version, when).
+        # Claims we answered with no session here: client id -> (claimer, version, when),
+        # oldest first; the bytes of their client ids; those forgotten since the last line.
         self.claims_answered: OrderedDict[str, tuple[str, Version, float]] = OrderedDict()
+        self.claims_answered_bytes = 0
+        self.claims_forgotten = 0
+        self.claims_forgotten_logged = 0.0
         # Started without sessions (memory mode, a new store), replicating: until our backup
         # has handed back the copies of our sessions (its PONG; or it is unreachable, or the
         # join is over) our routes are not announced (the peers keep the old ones: their
@@ -2572,11 +2582,51 @@ class Cluster:
     def _note_claim_answered(self, peer: Peer, frame: codec.Claim) -> None:
         """We answer ``peer``'s claim with no session here: remembered a while (see
         _migrated_to_claimer)."""
+        now = time.monotonic()
+        self._forget_claim_answered(frame.client_id)
+        self.claims_answered[frame.client_id] = (peer.name, frame.version, now)
+        self.claims_answered_bytes += len(frame.client_id.encode())
         answered = self.claims_answered
-        answered.pop(frame.client_id, None)
-        answered[frame.client_id] = (peer.name, frame.version, time.monotonic())
-        while len(answered) > CLAIMS_ANSWERED_MAX:
-            answered.popitem(last=False)
+        while answered:
+            client_id, (name, _, when) = next(iter(answered.items()))
+            expired = now - when > CLAIMS_ANSWERED_SECONDS
+            if not expired and (
+                len(answered) <= CLAIMS_ANSWERED_MAX
+                and self.claims_answered_bytes <= CLAIMS_ANSWERED_BYTES
+            ):
+                break
+            self._forget_claim_answered(client_id)
+            if not expired:
+                self._claim_answered_forgotten(name, now)
+
+    def _forget_claim_answered(self, client_id: str) -> tuple[str, Version, float] | None:
+        """Take ``client_id`` out of claims_answered (and its bytes); what it was."""
+        answered = self.claims_answered.pop(client_id, None)
+        if answered is not None:
+            self.claims_answered_bytes -= len(client_id.encode())
+        return answered
+
+    def _claim_answered_forgotten(self, name: str, now: float) -> None:
+        """Past CLAIMS_ANSWERED_MAX or CLAIMS_ANSWERED_BYTES: the oldest answered claim (of
+        ``name``) was forgotten before its time; counted on its peer, logged at most once per
+        DROP_LOG_INTERVAL."""
+        self.claims_forgotten += 1
+        peer = self.peers.get(name)
+        if peer is not None:
+            peer.counters.claims_answered_forgotten += 1
+        if now - self.claims_forgotten_logged >= DROP_LOG_INTERVAL:
+            logger.warning(
+                "cluster: more than %d claims (or %d bytes of client ids) answered with no "
+                "session here within %gs: the oldest forgotten (%d since the last line; a "
+                "session migrated here after one of them stays here instead of following "
+                "its device)",
+                CLAIMS_ANSWERED_MAX,
+                CLAIMS_ANSWERED_BYTES,
+                CLAIMS_ANSWERED_SECONDS,
+                self.claims_forgotten,
+            )
+            self.claims_forgotten_logged = now
+            self.claims_forgotten = 0
 
     def _migrated_to_claimer(self, peer: Peer, record: codec.SessionRecord) -> bool:
         """A session ``peer`` migrated here unasked (an evacuation), when a newer claim for
@@ -2585,7 +2635,7 @@ class Cluster:
         claimer, merged into that session as after a split (its queued messages; the device
         resubscribed on session_present 0), and the will is dropped (the client is back).
         True when sent on."""
-        answered = self.claims_answered.pop(record.client_id, None)
+        answered = self._forget_claim_answered(record.client_id)
         if answered is None:
             return False
         name, version, when = answered
@@ -2961,6 +3011,8 @@ class Cluster:
             "protocol_version": self.protocol_version,
             "members": members,
             "claims_waiting": len(self.waiting),
+            "claims_answered": len(self.claims_answered),
+            "claims_answered_bytes": self.claims_answered_bytes,
             "inbound_refused": self.refused_inbound,
             "store": None if broker is None else broker.store.status(),
             "replication": {

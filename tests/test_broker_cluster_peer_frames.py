@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from broker import cluster_codec as codec
-from broker.cluster import HELD_BYTES_MAX, HELD_FRAMES_MAX
+from broker.cluster import CLAIMS_ANSWERED_BYTES, HELD_BYTES_MAX, HELD_FRAMES_MAX
 from broker.mqtt import Connack, Connect, Properties, Puback, Publish
 from broker.subscriptions import SubscriptionOptions
 from tests.broker_harness import RawClient
@@ -595,3 +595,30 @@ def test_a_session_migrated_after_a_newer_claim_goes_on_to_the_claimer(
         device_node.close()
     finally:
         node.stop()
+
+
+def test_claims_answered_none_are_remembered_within_a_byte_bound(
+    cluster: tuple[ClusterNode, ClusterNode],
+) -> None:
+    """A node remembers the claims it answered with no session (for a session migrated to it
+    after one): at most CLAIMS_ANSWERED_BYTES of client ids. node-1 claims 20 client ids of
+    60,000 bytes each: all are answered, the node keeps the 17 that fit in 1 MiB, the 3
+    oldest beyond it are forgotten, counted on node-1 and logged."""
+    fake, node = cluster
+    before = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-1"]
+    peer = FakePeer(fake, node)
+    peer.send(codec.Pong())  # node-1 is node-2's backup: synced, so claims are answered
+    version = codec.Version(1 << 61, "node-1")
+    names = [f"long-{n:02d}-" + "x" * (60_000 - 8) for n in range(20)]
+    for name in names:
+        peer.send(codec.Claim(name, version, False))
+    for name in names:
+        assert peer.frame(codec.ClaimReply) == codec.ClaimReply(name, version, False)
+    status = node.admin("/api/cluster")
+    member = {m["name"]: m for m in status["members"]}["node-1"]
+    forgotten = member["counters"]["claims_answered_forgotten"]
+    assert forgotten - before["counters"]["claims_answered_forgotten"] == 3
+    assert status["claims_answered_bytes"] <= CLAIMS_ANSWERED_BYTES
+    line = "claims (or 1048576 bytes of client ids) answered with no session here"
+    wait_for(lambda: line in node.log_text(), 5, line)
+    peer.close()
