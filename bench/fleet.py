@@ -38,7 +38,7 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   empty; the restart's figures then count from the evacuation's start, with how long it
   took and the peak handshake rate (what the evacuation spreads out). With --stop-evacuation
   S the brokers do that themselves at SIGTERM (``[cluster] stop_evacuation = S``, at
-  --evacuate-rate or 500 per second): the stop's time includes the evacuation.
+  --evacuate-rate or the brokers' default rate): the stop's time includes the evacuation.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -388,7 +388,7 @@ def start_cluster(
     work: Path,
     started: list[Started],
     session_replicas: int | None = None,
-    stop_evacuation: tuple[float, int] | None = None,
+    stop_evacuation: tuple[float, int | None] | None = None,
 ) -> list[Started]:
     brokers = []
     for node in nodes:
@@ -1326,7 +1326,9 @@ def phase(
     print(f"  {kind}: starting {args.nodes} brokers", flush=True)
     stop_evacuation = None
     if args.stop_evacuation:
-        stop_evacuation = (args.stop_evacuation, int(args.evacuate_rate or 500))
+        # Without --evacuate-rate, the brokers' own default rate.
+        rate = int(args.evacuate_rate) if args.evacuate_rate else None
+        stop_evacuation = (args.stop_evacuation, rate)
     brokers = start_cluster(
         nodes, certs, directory, started, args.session_replicas, stop_evacuation
     )
@@ -1490,7 +1492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="restart: the brokers' [cluster] stop_evacuation in seconds (each evacuates "
-        "itself at SIGTERM, at --evacuate-rate or 500 per second); 0: not set",
+        "itself at SIGTERM, at --evacuate-rate or the brokers' default); 0: not set",
     )
     parser.add_argument(
         "--keep-hard-stop",

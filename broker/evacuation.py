@@ -66,6 +66,12 @@ MAX_WAIT_TAKEOVER = 3600.0
 SESSION_RATE = 500.0
 
 
+def _refill(budget: float, elapsed: float, rate: float) -> float:
+    """A token bucket of clients (or sessions) to move: ``budget`` after ``elapsed`` seconds
+    at ``rate`` per second, a burst of at most one tick's worth (at least one)."""
+    return min(budget + elapsed * rate, max(1.0, rate * TICK))
+
+
 class Accepting(Protocol):
     """What the evacuation needs of a listener."""
 
@@ -176,8 +182,7 @@ class Evacuation:
         now = self.loop.time()
         elapsed = now - self._last
         self._last = now
-        # A token bucket: a burst of at most one tick's worth (at least one client).
-        self._budget = min(self._budget + elapsed * self.rate, max(1.0, self.rate * TICK))
+        self._budget = _refill(self._budget, elapsed, self.rate)
         connected = list(self.broker.connected_clients())
         batch = connected[: int(self._budget)]
         for connection in batch:
@@ -237,10 +242,7 @@ class Evacuation:
         """One tick's worth of sessions to the target nodes in turn; done once none is left
         and the targets acknowledged them."""
         assert self.mover is not None
-        self._session_budget = min(
-            self._session_budget + elapsed * self.session_rate,
-            max(1.0, self.session_rate * TICK),
-        )
+        self._session_budget = _refill(self._session_budget, elapsed, self.session_rate)
         targets = self._targets() if self.to_migrate else []
         if self.to_migrate and not targets:
             logger.warning(

@@ -187,7 +187,7 @@ def broker_config(
     peer_host: Callable[[Node], str] | None = None,
     header: str | None = None,
     session_replicas: int | None = None,
-    stop_evacuation: tuple[float, int] | None = None,
+    stop_evacuation: tuple[float, int | None] | None = None,
 ) -> str:
     """The TOML of one node of a cluster of `members` (configs/broker-N.toml for NODES):
     MQTT with PROXY protocol from `trusted`, the cluster over mutual TLS, the admin API, all
@@ -195,7 +195,8 @@ def broker_config(
     absolute; peers are dialled at `peer_host(peer)` (default: `host`). demo/compose.py makes
     the container variant with other addresses and its own `header` comment.
     `session_replicas` is written when given (the broker's default, 1, otherwise), and
-    `stop_evacuation` as (seconds, clients per second) when given (bench/fleet.py)."""
+    `stop_evacuation` as (seconds, clients per second or None: the broker's default) when
+    given (bench/fleet.py)."""
     number = member.certificate.rsplit("-", 1)[1]
     peers = ", ".join(
         f'"{other.name}@{peer_host(other) if peer_host else host}:{other.cluster_port}"'
@@ -212,7 +213,9 @@ def broker_config(
     replicas = "" if session_replicas is None else f"session_replicas = {session_replicas}\n"
     if stop_evacuation is not None:
         seconds, rate = stop_evacuation
-        replicas += f'stop_evacuation = "{seconds:g}s"\nstop_evacuation_rate = {rate}\n'
+        replicas += f'stop_evacuation = "{seconds:g}s"\n'
+        if rate is not None:
+            replicas += f"stop_evacuation_rate = {rate}\n"
     return f"""{header}
 [node]
 name = "{member.name}"

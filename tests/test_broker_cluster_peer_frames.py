@@ -14,6 +14,7 @@ frames with a $share/ filter keep the link (a PING after them gets its PONG).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import socket
@@ -78,6 +79,27 @@ def _session(
         subscriptions=((topic, SubscriptionOptions(1)),),
         deliveries=queued,
     )
+
+
+@contextlib.contextmanager
+def _real_node(
+    tmp_path_factory: pytest.TempPathFactory, pki: TestPKI, name: str, count: int
+) -> Iterator[list[ClusterNode]]:
+    """``count`` nodes' files in a fresh folder ``name``: the last one running for real
+    (memory mode, join_timeout 0: it serves without waiting for the others, whom the test
+    plays with FakePeer), stopped at the end."""
+    nodes = make_nodes(
+        tmp_path_factory.mktemp(name),
+        pki,
+        count=count,
+        cluster='join_timeout = "0s"',
+        store="memory",
+    )
+    nodes[-1].start()
+    try:
+        yield nodes
+    finally:
+        nodes[-1].stop()
 
 
 class FakePeer:
@@ -296,10 +318,7 @@ def test_a_ping_at_link_up_is_answered_after_the_retained_messages(
     joins on its peers' PONGs has their retained messages before it serves (a device
     subscribing on it at once gets them). Before, the PONG went out as soon as the PING was
     read, ahead of what the link had still to send (here ~2,000 of them)."""
-    directory = tmp_path_factory.mktemp("retained-pong")
-    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"', store="memory")
-    node.start()
-    try:
+    with _real_node(tmp_path_factory, pki, "retained-pong", 2) as (fake, node):
         count = 20_000
         publisher = RawClient(node.mqtt_port, level=4)
         publisher.connect(Connect("MQTT", 4, True, 60, "retainer"))
@@ -316,8 +335,6 @@ def test_a_ping_at_link_up_is_answered_after_the_retained_messages(
             retained += 1
         assert retained == count
         peer.close()
-    finally:
-        node.stop()
 
 
 def _next(peer: FakePeer, wanted: type) -> codec.Frame:
@@ -365,10 +382,7 @@ def test_a_delivery_for_a_session_whose_new_node_dies_is_kept_by_its_backup(
     would ever take it. Now it also goes to node-1's backup (here node-2 itself), which
     queues it for its copy: the device, back on node-2, gets its session and the command.
     Before, the session came back without it: acknowledged to the publisher, lost."""
-    directory = tmp_path_factory.mktemp(f"deliver-{when}")
-    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"', store="memory")
-    node.start()
-    try:
+    with _real_node(tmp_path_factory, pki, f"deliver-{when}", 2) as (fake, node):
         offline_session(node, "dev")
         peer = FakePeer(fake, node)
         moved = _take_over(peer, "dev")
@@ -406,8 +420,6 @@ def test_a_delivery_for_a_session_whose_new_node_dies_is_kept_by_its_backup(
         if when == "unacknowledged":
             line = "1 unacknowledged messages for node-1 also sent to its backup node-2"
             assert line in node.log_text()
-    finally:
-        node.stop()
 
 
 def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
@@ -420,10 +432,7 @@ def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
     command published on node-2 then goes by the stub to node-1, down, so to node-1's backup,
     node-2, whose copy's stub sends it on to node-2, whose stub... The chain stops there: the
     command waits in node-1's outbox, the node and the publisher go on."""
-    directory = tmp_path_factory.mktemp("deliver-loop")
-    fake, node = make_nodes(directory, pki, count=2, cluster='join_timeout = "0s"', store="memory")
-    node.start()
-    try:
+    with _real_node(tmp_path_factory, pki, "deliver-loop", 2) as (fake, node):
         peer = FakePeer(fake, node)
         record = _session(codec.Version(1 << 59, "node-1"))
         op = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(record))
@@ -445,8 +454,6 @@ def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
             publisher.stop()
         assert node.admin_ready()
         assert "Traceback" not in node.log_text()
-    finally:
-        node.stop()
 
 
 def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
@@ -456,12 +463,7 @@ def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
     node-3 moves to node-1, which dies; a QoS 1 command published on node-3 for it then goes
     by the stub's DELIVER to node-1's outbox and, as REPLICA_DELIVER naming node-1 and the
     client id, to node-2, which acknowledges it."""
-    directory = tmp_path_factory.mktemp("deliver-backup")
-    owner, backup, node = make_nodes(
-        directory, pki, count=3, cluster='join_timeout = "0s"', store="memory"
-    )
-    node.start()
-    try:
+    with _real_node(tmp_path_factory, pki, "deliver-backup", 3) as (owner, backup, node):
         offline_session(node, "dev")
         keeper = FakePeer(backup, node)
         peer = FakePeer(owner, node)
@@ -488,8 +490,6 @@ def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
         member = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-2"]
         assert member["counters"]["failover_sent"] == 1
         keeper.close()
-    finally:
-        node.stop()
 
 
 def _send_until_stalled(sock: ssl.SSLSocket, data: bytes, stall: float) -> int:
@@ -519,12 +519,7 @@ def test_a_claim_under_way_goes_to_a_peer_that_comes_up_meanwhile(
     restarted broker-2, never delivered): before, the claim settled on node-2's answer alone
     as a fresh session, node-1 was never asked, and node-1's OWNED at link up was skipped
     because the claim was under way."""
-    directory = tmp_path_factory.mktemp("late-claim")
-    owner, slow, node = make_nodes(
-        directory, pki, count=3, cluster='join_timeout = "0s"', store="memory"
-    )
-    node.start()
-    try:
+    with _real_node(tmp_path_factory, pki, "late-claim", 3) as (owner, slow, node):
         keeper = FakePeer(slow, node)
         client = RawClient(node.mqtt_port, 5)
         properties = Properties(session_expiry_interval=3600)
@@ -546,8 +541,6 @@ def test_a_claim_under_way_goes_to_a_peer_that_comes_up_meanwhile(
         client.close()
         peer.close()
         keeper.close()
-    finally:
-        node.stop()
 
 
 def test_a_session_migrated_after_a_newer_claim_goes_on_to_the_claimer(
@@ -560,12 +553,7 @@ def test_a_session_migrated_after_a_newer_claim_goes_on_to_the_claimer(
     on to node-2, merged into the fresh one (its version: node-2's claim's), the command in
     it, and keeps a stub that sends on what node-1's stub still sends here. Before, node-3
     installed it and kept it: two sessions, the command never delivered."""
-    directory = tmp_path_factory.mktemp("migrated-late")
-    migrating, claimer, node = make_nodes(
-        directory, pki, count=3, cluster='join_timeout = "0s"', store="memory"
-    )
-    node.start()
-    try:
+    with _real_node(tmp_path_factory, pki, "migrated-late", 3) as (migrating, claimer, node):
         device_node = FakePeer(claimer, node)
         version = codec.Version(1 << 60, "node-2")
         device_node.send(codec.Claim("dev", version, False))
@@ -593,8 +581,6 @@ def test_a_session_migrated_after_a_newer_claim_goes_on_to_the_claimer(
         assert reliable.frame.delivery.message.payload == b"later"
         evacuated.close()
         device_node.close()
-    finally:
-        node.stop()
 
 
 def test_claims_answered_none_are_remembered_within_a_byte_bound(

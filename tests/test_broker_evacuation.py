@@ -118,6 +118,22 @@ def _every_command_arrived(device: Device, acked: list[str], quiet: float = 1.0)
     return twice
 
 
+def _devices_through(front: int, pki: TestPKI, prefix: str, count: int) -> list[Device]:
+    """``count`` devices ("<prefix>-N", their own certificates, 5.0, persistent sessions)
+    connected through lb on ``front``, each subscribed to its command topic at QoS 1 (and
+    subscribing again should a CONNACK say session_present 0)."""
+    files = pki.devices(count)
+    devices = []
+    for number in range(count):
+        client_id = f"{prefix}-{number}"
+        topics = [(f"cmd/{client_id}", 1)]
+        device = Device(client_id, V5, files[number], pki.root, subscriptions=topics)
+        assert not device.connect(front)
+        device.subscribe(topics)
+        devices.append(device)
+    return devices
+
+
 def _session_present(device: Device) -> list[bool]:
     """The session_present of each CONNACK ``device`` got since its first."""
     connacks = []
@@ -287,14 +303,7 @@ def test_an_evacuated_nodes_devices_keep_their_sessions_on_the_other_nodes(
     when it was in flight at the disconnection (resent, DUP)."""
     with running_cluster(pki, tmp_path, 3) as nodes, running_lb(pki, tmp_path, nodes) as front:
         first, _, last = nodes
-        files = pki.devices(9)
-        devices = [
-            Device(f"evac-{n}", V5, files[n], pki.root, subscriptions=[(f"cmd/evac-{n}", 1)])
-            for n in range(9)
-        ]
-        for device in devices:
-            assert not device.connect(front)
-            device.subscribe([(f"cmd/{device.client_id}", 1)])
+        devices = _devices_through(front, pki, "evac", 9)
         on_first = set(first.clients())
         assert len(on_first) == 3, on_first
         commander = Commander(last.mqtt_port, [device.client_id for device in devices], 0.02)
@@ -448,11 +457,7 @@ def test_a_stop_evacuates_the_node_first_with_stop_evacuation(pki: TestPKI, tmp_
     ):
         first, second, last = nodes
         offline_session(first, "asleep")
-        files = pki.devices(6)
-        devices = [Device(f"dev-{n}", V5, files[n], pki.root) for n in range(6)]
-        for device in devices:
-            assert not device.connect(front)
-            device.subscribe([(f"cmd/{device.client_id}", 1)])
+        devices = _devices_through(front, pki, "dev", 6)
         on_first = set(first.clients())
         assert len(on_first) == 2, on_first
         commander = Commander(last.mqtt_port, [device.client_id for device in devices], 0.05)
