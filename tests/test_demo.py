@@ -158,6 +158,9 @@ def test_a_taken_port_is_named_with_its_holder_before_anything_starts() -> None:
     where = topology.layout(base)
     taken = where.nodes[1].mqtt_port
     with socket.socket() as squatter:
+        # As the demo's own listeners: a connection of the port's left in TIME_WAIT by an
+        # earlier test does not stop it (seen in CI: EADDRINUSE on this bind).
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind((topology.LOCAL_HOST, taken))
         squatter.listen()
         result = _run_demo("--base-port", str(base), timeout=60)
