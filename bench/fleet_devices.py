@@ -255,15 +255,25 @@ class Device:
         fleet.disconnect_times.append(time.time())
         fleet.retry(self)
 
-    def close_now(self) -> None:
-        """The device closes its connection itself (drop, stop): not a disconnect."""
+    def close_now(self, graceful: bool = False) -> None:
+        """The device closes its connection itself (drop, stop): not a disconnect. Dropped
+        (the default) it just goes, and the broker publishes its will; ``graceful`` (the
+        fleet's end) it sends DISCONNECT first, as a device that is shut down does: no will.
+        Before, the end's 20,000 wills at once overflowed the collector's queues after the
+        accounting, and the brokers counted thousands of acknowledged messages dropped."""
         self.cancel_timer()
         link, self.link = self.link, None
-        if self.state == CONNECTED:
+        connected = self.state == CONNECTED
+        if connected:
             self.fleet.stats.connected -= 1
         if self.state in (CONNECTED, WAITING):
             self.state = IDLE
-        if link is not None and link.transport is not None:
+        if link is None or link.transport is None:
+            return
+        if graceful and connected:
+            link.transport.write(encode(Disconnect(), self.fleet.settings.protocol_level))
+            link.transport.close()  # after the DISCONNECT, with TLS close_notify
+        else:
             link.transport.abort()
 
     # -- MQTT
@@ -609,7 +619,7 @@ class Simulator:
             self.reconnect = False
             self.telemetry = False
             for device in self.devices:
-                device.close_now()
+                device.close_now(graceful=True)
             self.pipe.send(("closed", len(self.pending)))
         elif name == "stop":
             self.done.set()
