@@ -71,7 +71,9 @@ down is answered by the backup with a TRANSFER of its copy (or the copy is insta
 the device reconnected to the backup); QoS 1/2 messages for a down node's plain subscribers
 also go to its backup (REPLICA_PUBLISH), as do the unacknowledged ones in our outbox to it
 when its link drops; so do the DELIVERs a forwarding stub passes on to a session's new node
-(REPLICA_DELIVER, queued for the backup's copy of that session).
+(REPLICA_DELIVER, queued for the backup's copy of that session), and a TRANSFER the node had
+not acknowledged when its link dropped (REPLICA_TRANSFER: the backup keeps the session as a
+copy of that node's, as if it had installed and replicated it).
 
 Retained messages are replicated with their wall-clock change time; on a resync the newer
 one wins. The asyncio part (protocols, timers, TLS) lives here; the frame codec is sans-IO
@@ -1245,6 +1247,8 @@ class Cluster:
             moved = target.name if target is not None and target.up else None
             for callback in self.forwarded.link_lost(peer.name, moved):
                 callback()
+        for record, dropped_here in self.replicas.adopt_parked(peer.name, time.monotonic()):
+            self._adopted(peer.name, record, dropped_here)
         if peer.name in self.replicas.parked:
             queued, dropped, elsewhere = self.replicas.owner_down(peer.name, time.monotonic())
             self._failover_dropped(peer.name, dropped)
@@ -1537,6 +1541,11 @@ class Cluster:
             elif isinstance(inner, codec.Deliver) and inner.delivery.qos:
                 self._send_failover_delivery(peer.name, inner.client_id, inner.delivery)
                 copied += 1
+            elif isinstance(inner, codec.Transfer):
+                # A session handed over to it (a claim's, a migration's, a merge): removed
+                # here when sent, it would end with the peer.
+                self._send_failover_transfer(peer.name, inner.session)
+                copied += 1
         if copied:
             logger.info(
                 "cluster: %d unacknowledged messages for %s also sent to its backup %s",
@@ -1588,6 +1597,71 @@ class Cluster:
         if peer.link.protocol_version >= codec.DELIVER_FAILOVER_VERSION:
             peer.counters.failover_sent += 1
             self.send_reliable(peer, codec.ReplicaDeliver(origin, client_id, delivery))
+
+    def _send_failover_transfer(self, origin: str, record: codec.SessionRecord) -> None:
+        """A TRANSFER to ``origin`` that it had not acknowledged when our link to it
+        dropped: to its backup (REPLICA_TRANSFER), which keeps the session as a copy of
+        ``origin``'s, as if ``origin`` had installed and replicated it."""
+        backup = self.backups.get(origin)
+        if backup is None:
+            return
+        if backup == self.node_name:
+            self._failover_transfer_here(origin, record)
+            return
+        peer = self.peers.get(backup)
+        if peer is None or peer.link is None or not peer.link.established:
+            return  # the backup is down too: the TRANSFER waits in origin's outbox alone
+        if peer.link.protocol_version >= codec.TRANSFER_FAILOVER_VERSION:
+            peer.counters.failover_sent += 1
+            self.send_reliable(peer, codec.ReplicaTransfer(origin, record))
+
+    def _failover_transfer_here(self, origin: str, record: codec.SessionRecord) -> None:
+        """A session handed over to ``origin`` (whose backup we are) that its sender lost
+        before ``origin`` acknowledged it: parked while we still reach ``origin`` (it has it,
+        or will: the sender's outbox resends it), else kept as a copy of ``origin``'s."""
+        peer = self.peers.get(origin)
+        if peer is not None and peer.up:
+            self.replicas.park_session(origin, record, time.monotonic())
+            return
+        adopted, dropped = self.replicas.adopt(origin, record)
+        if adopted:
+            self._adopted(origin, record, dropped)
+
+    def _adopted(self, origin: str, record: codec.SessionRecord, dropped: int) -> None:
+        """``record`` is now our copy of a session of ``origin`` (down): its delayed will is
+        scheduled as for ``origin``'s other offline sessions, and a claim we answered "none"
+        meanwhile (its device reconnected elsewhere first) gets it merged in."""
+        broker = self.broker
+        assert broker is not None
+        client_id = record.client_id
+        if dropped:
+            self._failover_dropped(origin, [client_id] * dropped)
+        logger.info(
+            "client_id=%s: its session, handed over to node %s, which was lost before it "
+            "acknowledged it, kept here as a copy (%d queued or in flight)",
+            client_id,
+            origin,
+            len(record.deliveries),
+        )
+        will = record.will
+        if will is not None:
+            delay = max(0.0, will.publish_at - time.time())
+            message = will.message.to_message(broker.clock())
+            pending = broker.schedule_will(client_id, message, delay, will.expiry_interval)
+            if pending is not None:
+                self.lost_wills[client_id] = (origin, pending, True)
+        answered = self._forget_claim_answered(client_id)
+        if answered is None:
+            return
+        name, version, when = answered
+        claimer = self.peers.get(name)
+        if (
+            time.monotonic() - when <= CLAIMS_ANSWERED_SECONDS
+            and version > record.version
+            and claimer is not None
+            and claimer.up
+        ):
+            self._merge_copy(claimer, client_id, version)
 
     def _failover_delivery_here(
         self, origin: str, client_id: str, delivery: codec.DeliveryRecord
@@ -1859,7 +1933,7 @@ class Cluster:
                 if broker.pending_wills.get(client_id) is not pending:
                     del self.lost_wills[client_id]  # published, or the client came back
         now = time.time()
-        for origin in list(self.replicas.parked):
+        for origin in list(self.replicas.parked.keys() | self.replicas.parked_sessions.keys()):
             self.replicas.discard_parked(origin, time.monotonic())
         self.replicas.forget_moved(time.monotonic())
         for origin in list(self.replicas.origins):
@@ -2169,6 +2243,8 @@ class Cluster:
             self._failover_here(frame.origin, frame.message, False, frame.targets)
         elif isinstance(frame, codec.ReplicaDeliver):
             self._failover_delivery_here(frame.origin, frame.client_id, frame.delivery)
+        elif isinstance(frame, codec.ReplicaTransfer):
+            self._failover_transfer_here(frame.origin, frame.session)
         else:
             raise codec.ClusterProtocolError(
                 f"{type(frame).__name__} is not sent as a reliable frame"

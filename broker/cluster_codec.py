@@ -15,7 +15,8 @@ two announced (:func:`link_version`), as Kafka's inter.broker.protocol.version d
 cluster is upgraded node by node: every node first announces the old version, then the new.
 Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
 frames (a link of version 3 carries no session replication); version 4 is version 5 without
-REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER.
+REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER; version 6 is
+version 7 without REPLICA_TRANSFER.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -84,6 +85,13 @@ REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER.
                  on by its old node) while the sender cannot reach it, or one it had not
                  acknowledged when the link dropped: the receiver is its backup and queues it
                  for its copy of the session (or sends it on, when it handed the copy over).
+``REPLICA_TRANSFER`` origin:string, session record. Reliable. Version 7: a TRANSFER to
+                 ``origin`` (a session handed over for a claim, or migrated) that ``origin``
+                 had not acknowledged when the sender's link to it dropped: it may have died
+                 with the session. The receiver is its backup and keeps the session as a copy
+                 of ``origin``'s (unless it has one already), as if ``origin`` had installed
+                 and replicated it; while the receiver still reaches ``origin`` it only holds
+                 it a while, in case its own link drops too.
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -136,6 +144,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REPLICA_VERSION",
     "SHARE_VERSION",
+    "TRANSFER_FAILOVER_VERSION",
     "Ack",
     "Claim",
     "ClaimReply",
@@ -163,6 +172,7 @@ __all__ = [
     "ReplicaOpKind",
     "ReplicaPublish",
     "ReplicaShared",
+    "ReplicaTransfer",
     "Retain",
     "SessionRecord",
     "StateWrite",
@@ -190,8 +200,9 @@ __all__ = [
 #: the flag mid-link, so a link of version 2 never carries it). 4: REPLICA, REPLICA_ACK and
 #: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types). 5:
 #: REPLICA_SHARED (shared subscriptions' messages for a node that is down) and the WILL ops.
-#: 6: REPLICA_DELIVER (a DELIVER for a node that is down, to its backup).
-PROTOCOL_VERSION: Final = 6
+#: 6: REPLICA_DELIVER (a DELIVER for a node that is down, to its backup). 7: REPLICA_TRANSFER
+#: (a TRANSFER that a node lost did not acknowledge, to its backup).
+PROTOCOL_VERSION: Final = 7
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
 MIN_PROTOCOL_VERSION: Final = 2
@@ -205,6 +216,9 @@ FAILOVER_VERSION: Final = 5
 #: The first version with REPLICA_DELIVER: a DELIVER for a node that is down goes to its
 #: backup too.
 DELIVER_FAILOVER_VERSION: Final = 6
+#: The first version with REPLICA_TRANSFER: a TRANSFER unacknowledged by a node whose link
+#: dropped goes to its backup.
+TRANSFER_FAILOVER_VERSION: Final = 7
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -267,6 +281,7 @@ class FrameType(IntEnum):
     REPLICA_PUBLISH = 23
     REPLICA_SHARED = 24
     REPLICA_DELIVER = 25
+    REPLICA_TRANSFER = 26
 
 
 class ReplicaOpKind(IntEnum):
@@ -584,6 +599,12 @@ class ReplicaDeliver:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaTransfer:
+    origin: str
+    session: SessionRecord
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -614,6 +635,7 @@ Frame = (
     | ReplicaPublish
     | ReplicaShared
     | ReplicaDeliver
+    | ReplicaTransfer
 )
 
 
@@ -894,6 +916,10 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
             + encode_string(frame.client_id)
             + encode_delivery(frame.delivery)
         )
+    if isinstance(frame, ReplicaTransfer):
+        return FrameType.REPLICA_TRANSFER, (
+            encode_string(frame.origin) + encode_session(frame.session)
+        )
     raise TypeError(f"not a cluster frame: {frame!r}")
 
 
@@ -1114,13 +1140,15 @@ def _read_session(reader: Reader) -> SessionRecord:
 
 
 #: The frames a link below REPLICA_VERSION does not carry (REPLICA_SHARED: below
-#: FAILOVER_VERSION; REPLICA_DELIVER: below DELIVER_FAILOVER_VERSION).
+#: FAILOVER_VERSION; REPLICA_DELIVER: below DELIVER_FAILOVER_VERSION; REPLICA_TRANSFER: below
+#: TRANSFER_FAILOVER_VERSION).
 _REPLICA_TYPES: Final[dict[type, FrameType]] = {
     Replica: FrameType.REPLICA,
     ReplicaAck: FrameType.REPLICA_ACK,
     ReplicaPublish: FrameType.REPLICA_PUBLISH,
     ReplicaShared: FrameType.REPLICA_SHARED,
     ReplicaDeliver: FrameType.REPLICA_DELIVER,
+    ReplicaTransfer: FrameType.REPLICA_TRANSFER,
 }
 
 
@@ -1344,6 +1372,8 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
     elif frame_type == FrameType.REPLICA_DELIVER:
         origin = reader.string("the origin node")
         frame = ReplicaDeliver(origin, reader.string("the client id"), _read_delivery(reader))
+    elif frame_type == FrameType.REPLICA_TRANSFER:
+        frame = ReplicaTransfer(reader.string("the origin node"), _read_session(reader))
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():
@@ -1403,12 +1433,16 @@ class ClusterDecoder:
                     f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
                     f"protocol version {self.version})"
                 )
-            if self.version < DELIVER_FAILOVER_VERSION:
+            if self.version < TRANSFER_FAILOVER_VERSION:
                 inner = frame.frame if isinstance(frame, Reliable) else frame
                 kind = _REPLICA_TYPES.get(type(inner))
                 if kind is not None and (
                     self.version < REPLICA_VERSION
-                    or kind == FrameType.REPLICA_DELIVER
+                    or kind == FrameType.REPLICA_TRANSFER
+                    or (
+                        kind == FrameType.REPLICA_DELIVER
+                        and self.version < DELIVER_FAILOVER_VERSION
+                    )
                     or (kind == FrameType.REPLICA_SHARED and self.version < FAILOVER_VERSION)
                 ):
                     # As a node of that version reads it.

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from broker import cluster_codec as codec
@@ -116,6 +116,9 @@ FAILOVER_KEY_BASE = 1 << 62
 PARKED_SECONDS = 30.0
 #: At most this many parked messages per owner (and max_queued_bytes of payload).
 PARKED_MESSAGES = 10_000
+#: At most this many sessions parked per owner (REPLICA_TRANSFER while we reach it): the
+#: TRANSFERs of one round trip, a claim's or an evacuation's (session_rate per second).
+PARKED_SESSIONS = 10_000
 
 #: Shared members a failover message is for: (shared filter, client id).
 Targets = tuple[tuple[str, str], ...]
@@ -755,6 +758,13 @@ class ReplicaCounters:
     failover_parked: int = 0
     parked_discarded: int = 0  # the owner stayed up: it had them
     parked_dropped: int = 0  # past PARKED_MESSAGES or max_queued_bytes
+    # Sessions handed over to an owner that was lost before it acknowledged them
+    # (REPLICA_TRANSFER), kept as its copies; those we had a copy of already (it had them).
+    adopted: int = 0
+    adopted_known: int = 0
+    # Such sessions held while we still reached the owner, and those past PARKED_SESSIONS.
+    sessions_parked: int = 0
+    sessions_parked_dropped: int = 0
 
 
 class Replicas:
@@ -777,6 +787,9 @@ class Replicas:
         # Failover messages for owners this node still reaches.
         self.parked: dict[str, deque[Parked]] = {}
         self.parked_bytes: dict[str, int] = {}
+        # Sessions handed over to owners this node still reaches (REPLICA_TRANSFER), by
+        # owner and client id: (monotonic time, record), oldest first.
+        self.parked_sessions: dict[str, dict[str, tuple[float, codec.SessionRecord]]] = {}
         # Copies handed over lately, by owner and client id (their filters stay in the
         # owner's trie until they are forgotten), and what failover sent on to them, for the
         # cluster to send (take_forwards()).
@@ -910,6 +923,7 @@ class Replicas:
         self.tries.pop(origin, None)
         self.moved.pop(origin, None)
         self.discard_parked(origin)
+        self.parked_sessions.pop(origin, None)
         if sessions:
             for copy in sessions.values():
                 self.bytes -= copy.size()
@@ -1248,8 +1262,66 @@ class Replicas:
             dropped.extend(full)
         return queued, dropped, elsewhere
 
+    def adopt(self, origin: str, record: codec.SessionRecord) -> tuple[bool, int]:
+        """A session handed over to ``origin`` (a claim's or a migration's TRANSFER) that
+        ``origin`` had not acknowledged when its sender lost its link to it
+        (REPLICA_TRANSFER; ``origin`` may have died with it): kept as a copy of ``origin``'s
+        session, as if ``origin`` had installed and replicated it, unless we keep a copy of
+        it already (``origin`` did install it: its copy is the newer). Its deliveries queue
+        as failover ones, within the copy's bounds. Returns (adopted, deliveries dropped)."""
+        sessions = self.origins.setdefault(origin, {})
+        client_id = record.client_id
+        if client_id in sessions:
+            self.counters.adopted_known += 1
+            return False, 0
+        bare = replace(record, deliveries=(), incoming_qos2=())
+        data = codec.encode_session(bare)
+        copy = sessions[client_id] = ReplicaSession(data, bare)
+        copy.incoming = set(record.incoming_qos2) or None
+        self.bytes += len(data)
+        self._index(origin, client_id, (), bare.subscriptions)
+        dropped = 0
+        for delivery in record.deliveries:
+            message, identifiers = delivery.message, delivery.subscription_identifiers
+            if not self._queue(copy, message, delivery.qos, delivery.retain, identifiers):
+                dropped += 1
+        self.counters.adopted += 1
+        return True, dropped
+
+    def park_session(self, origin: str, record: codec.SessionRecord, now: float) -> None:
+        """A REPLICA_TRANSFER for an owner this node still reaches (only its sender lost
+        it): kept PARKED_SECONDS in case our link to it drops too (:meth:`adopt_parked`),
+        PARKED_SESSIONS per owner at most (the oldest go first)."""
+        parked = self.parked_sessions.setdefault(origin, {})
+        parked.pop(record.client_id, None)
+        parked[record.client_id] = (now, record)
+        self.counters.sessions_parked += 1
+        while len(parked) > PARKED_SESSIONS:
+            del parked[next(iter(parked))]
+            self.counters.sessions_parked_dropped += 1
+
+    def adopt_parked(self, origin: str, now: float) -> list[tuple[codec.SessionRecord, int]]:
+        """Our link to ``origin`` dropped: the sessions parked for it lately are adopted
+        (:meth:`adopt`). Returns each adopted record with the deliveries its bounds dropped."""
+        adopted = []
+        for when, record in (self.parked_sessions.pop(origin, None) or {}).values():
+            if now - when > PARKED_SECONDS:
+                continue
+            done, dropped = self.adopt(origin, record)
+            if done:
+                adopted.append((record, dropped))
+        return adopted
+
     def discard_parked(self, origin: str, now: float | None = None) -> None:
         """Forget what was parked for ``origin`` (older than PARKED_SECONDS, or all)."""
+        sessions = self.parked_sessions.get(origin)
+        if sessions:
+            for client_id, (when, _) in list(sessions.items()):
+                if now is not None and now - when <= PARKED_SECONDS:
+                    break
+                del sessions[client_id]
+        if sessions is not None and not sessions:
+            del self.parked_sessions[origin]
         parked = self.parked.get(origin)
         if not parked:
             return
@@ -1291,6 +1363,9 @@ class Replicas:
             ),
             "bytes": self.bytes,
             "parked": {origin: len(parked) for origin, parked in self.parked.items()},
+            "parked_sessions": {
+                origin: len(sessions) for origin, sessions in self.parked_sessions.items()
+            },
             "moved": {origin: len(moved) for origin, moved in self.moved.items()},
             "wills": {origin: len(wills) for origin, wills in self.wills.items() if wills},
             "counters": {

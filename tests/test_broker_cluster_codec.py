@@ -217,17 +217,20 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_7 = framed(1, b"\x07\x00\x02n7\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_7)
+    version_8 = framed(1, b"\x08\x00\x02n8\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_8)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (7, "n7", 0)
-    assert codec.encode(hello) == version_7
+    assert (hello.version, hello.node, hello.incarnation) == (8, "n8", 0)
+    assert codec.encode(hello) == version_8
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (6, 6, 6),  # both upgraded
+        (7, 7, 7),  # both upgraded
+        (7, 6, 6),  # a node of version 6: no REPLICA_TRANSFER on that link
+        (6, 7, 6),  # this node announces 6 during the upgrade
+        (6, 6, 6),
         (6, 5, 5),  # a node of version 5: no REPLICA_DELIVER on that link
         (5, 6, 5),  # this node announces 5 during the upgrade
         (5, 5, 5),
@@ -242,8 +245,8 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (6, 7, None),  # newer than this release
-        (2, 7, None),
+        (7, 8, None),  # newer than this release
+        (2, 8, None),
         (3, 0, None),
         (3, 255, None),
     ],
@@ -338,6 +341,11 @@ def test_session_record_round_trip() -> None:
     assert decode_all(codec.encode(frame)) == ([frame], b"")
     frame2 = codec.Deliver("dev", delivery)
     assert decode_all(codec.encode(frame2)) == ([frame2], b"")
+    # Version 7: a TRANSFER that node n3 did not acknowledge, to n3's backup.
+    frame3 = codec.Reliable(5, codec.ReplicaTransfer("n3", record))
+    assert decode_all(codec.encode(frame3)) == ([frame3], b"")
+    assert codec.encode(frame3)[4] == codec.FrameType.RELIABLE
+    assert codec.encode(frame3)[17:22] == bytes([26]) + b"\x00\x02n3"  # length, type, origin
 
 
 def test_owned_and_members_are_split_into_bounded_frames() -> None:
@@ -564,6 +572,29 @@ def test_a_link_below_version_6_refuses_replica_deliver_as_an_old_node_does(vers
     decoder.feed(codec.encode(codec.Replica(1, False, (will,))) + codec.encode(shared))
     assert decoder.next_event() == codec.Replica(1, False, (will,))
     assert decoder.next_event() == shared
+
+
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_a_link_below_version_7_refuses_replica_transfer_as_an_old_node_does(version: int) -> None:
+    """Version 7 added REPLICA_TRANSFER only: a link of version 6 (or older) refuses it as
+    such a node does (an unknown type); version 6 still carries REPLICA_DELIVER."""
+    frame = codec.Reliable(1, codec.ReplicaTransfer("n1", codec.SessionRecord("dev", 60, None, V)))
+    decoder = codec.ClusterDecoder()
+    decoder.version = version
+    decoder.feed(codec.encode(frame))
+    with pytest.raises(codec.ClusterProtocolError, match="unknown frame type 26"):
+        decoder.next_event()
+    decoder = codec.ClusterDecoder()
+    decoder.version = 7
+    decoder.feed(codec.encode(frame))
+    assert decoder.next_event() == frame
+    deliver = codec.Reliable(
+        2, codec.ReplicaDeliver("n1", "dev", codec.DeliveryRecord(MESSAGE, 1, False))
+    )
+    decoder = codec.ClusterDecoder()
+    decoder.version = 6
+    decoder.feed(codec.encode(deliver))
+    assert decoder.next_event() == deliver
 
 
 def test_a_link_of_version_4_refuses_will_ops_as_a_node_of_version_4_does() -> None:

@@ -492,6 +492,89 @@ def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
         keeper.close()
 
 
+def _hand_over_unacknowledged(peer: FakePeer, client_id: str) -> codec.SessionRecord:
+    """``peer`` claims ``client_id``'s session and reads the TRANSFER without acknowledging
+    it (it dies next)."""
+    peer.send(codec.Claim(client_id, codec.Version(1 << 60, peer.name), False))
+    reliable = _next(peer, codec.Transfer)
+    assert isinstance(reliable, codec.Reliable) and isinstance(reliable.frame, codec.Transfer)
+    return reliable.frame.session
+
+
+def test_a_session_handed_to_a_node_that_dies_before_acknowledging_it_is_kept_by_its_backup(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-2 is real (memory mode); node-1 is this test, and each is the other's backup.
+    A device's offline session on node-2 holds a QoS 1 command; node-1 claims the session
+    (its device reconnected there), node-2 hands it over (TRANSFER, removed here, a stub
+    kept) and node-1 dies before acknowledging it. node-2, node-1's backup, keeps the session
+    as a copy of node-1's; a second command, sent on by the stub, queues there too; the
+    device, back on node-2, gets its session and both commands. Before, the TRANSFER waited
+    in node-1's outbox and went nowhere: a fresh session, both commands lost."""
+    with _real_node(tmp_path_factory, pki, "transfer-lost", 2) as (fake, node):
+        offline_session(node, "dev")
+        publisher = Device("publisher", clean=True)
+        publisher.connect(node.mqtt_port)
+        try:
+            publisher.publish("cmd/dev", "first", 1)
+            wait_for(lambda: publisher.acked == ["first"], 10, "the first command acknowledged")
+            peer = FakePeer(fake, node)
+            handed = _hand_over_unacknowledged(peer, "dev")
+            assert [d.message.payload for d in handed.deliveries] == [b"first"]
+            _lose(peer, node)
+            publisher.publish("cmd/dev", "second", 1)
+            wait_for(lambda: publisher.acked == ["first", "second"], 10, "the second one")
+        finally:
+            publisher.stop()
+        line = (
+            "client_id=dev: its session, handed over to node node-1, which was lost before it "
+            "acknowledged it, kept here as a copy (1 queued or in flight)"
+        )
+        wait_for(lambda: line in node.log_text(), 10, "the session adopted")
+        device = Device("dev")
+        try:
+            assert device.connect(node.mqtt_port) is True  # the copy, installed here
+            assert device.received(want=2, timeout=10) == ["first", "second"]
+        finally:
+            device.stop()
+        copies = node.admin("/api/cluster")["replication"]["copies"]["counters"]
+        assert copies["adopted"] == 1
+        assert copies["installed_here"] == 1
+
+
+def test_a_transfer_a_node_did_not_acknowledge_goes_to_its_backup_over_the_link(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real; node-1 and node-2 (node-1's backup) are this test. node-3 hands a
+    session with a queued command over to node-1, which dies before acknowledging the
+    TRANSFER: the session goes to node-2 as REPLICA_TRANSFER naming node-1, with the
+    command, and node-2 acknowledges it."""
+    with _real_node(tmp_path_factory, pki, "transfer-backup", 3) as (owner, backup, node):
+        offline_session(node, "dev")
+        publisher = Device("publisher", clean=True)
+        publisher.connect(node.mqtt_port)
+        try:
+            publisher.publish("cmd/dev", "command", 1)
+            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
+        finally:
+            publisher.stop()
+        keeper = FakePeer(backup, node)
+        peer = FakePeer(owner, node)
+        handed = _hand_over_unacknowledged(peer, "dev")
+        _lose(peer, node)
+        reliable = _next(keeper, codec.ReplicaTransfer)
+        assert isinstance(reliable, codec.Reliable)
+        frame = reliable.frame
+        assert isinstance(frame, codec.ReplicaTransfer)
+        assert frame.origin == "node-1"
+        assert frame.session == handed
+        assert [d.message.payload for d in frame.session.deliveries] == [b"command"]
+        keeper.send(codec.Ack(reliable.seq))
+        member = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-2"]
+        assert member["counters"]["failover_sent"] == 1
+        keeper.close()
+
+
 def _send_until_stalled(sock: ssl.SSLSocket, data: bytes, stall: float) -> int:
     """Send ``data`` until it is all sent or nothing more goes for ``stall`` seconds; how
     many bytes went."""

@@ -726,6 +726,46 @@ def test_a_parked_delivery_is_queued_for_its_session_if_the_owner_goes_down() ->
     assert record is not None and [d.message.seq for d in record.deliveries] == [1]
 
 
+def test_a_session_handed_to_a_lost_node_is_adopted_as_its_copy_unless_it_has_one() -> None:
+    """REPLICA_TRANSFER: a session handed over to node-1 that node-1 did not acknowledge
+    before its sender lost it becomes our copy of node-1's session (record, QoS 2 packet
+    ids, queued deliveries in order, within the copy's bounds), failover messages for its
+    subscriptions reach it, and a take hands it over whole. A session node-1 replicated to
+    us already is its own, newer: not replaced. While we still reach node-1 it is parked
+    PARKED_SECONDS (adopted if node-1 goes down then, forgotten otherwise)."""
+    replicas = Replicas(max_queued_messages=2, max_queued_bytes=1000)
+    queued = tuple(codec.DeliveryRecord(message(seq), 1, False) for seq in (1, 2, 3))
+    record = codec.SessionRecord(
+        "dev",
+        3600,
+        None,
+        V,
+        subscriptions=(("cmd/dev", SubscriptionOptions(qos=1)),),
+        incoming_qos2=(5,),
+        deliveries=queued,
+    )
+    assert replicas.adopt("node-1", record) == (True, 1)  # the third past max_queued_messages
+    assert replicas.find("dev") == "node-1"
+    assert replicas.failover("node-1", message(4), 0.0) == (0, ["dev"])  # full already
+    taken = replicas.take("node-1", "dev")
+    assert taken is not None
+    assert [d.message.seq for d in taken.deliveries] == [1, 2]
+    assert taken.incoming_qos2 == (5,)
+    assert taken.subscriptions == record.subscriptions
+    replicas.apply("node-1", codec.Replica(1, True, (save("dev"),)))
+    assert replicas.adopt("node-1", record) == (False, 0)  # node-1's own copy stays
+    assert (replicas.counters.adopted, replicas.counters.adopted_known) == (1, 1)
+    other = codec.SessionRecord("other", 60, None, V)
+    replicas.park_session("node-2", other, 100.0)
+    assert replicas.status()["parked_sessions"] == {"node-2": 1}
+    assert [r.client_id for r, _ in replicas.adopt_parked("node-2", 101.0)] == ["other"]
+    assert replicas.find("other") == "node-2"
+    replicas.park_session("node-3", other, 100.0)
+    replicas.discard_parked("node-3", 100.0 + PARKED_SECONDS + 1)
+    assert replicas.adopt_parked("node-3", 100.0 + PARKED_SECONDS + 1) == []
+    assert replicas.status()["parked_sessions"] == {}
+
+
 def will_op(client_id: str, delay: int = 0) -> ReplicaOp:
     live = codec.LiveWill(delay, None, message(1, topic=f"status/{client_id}"))
     return ReplicaOp(ReplicaOpKind.WILL_SET, client_id, data=codec.encode_live_will(live))
