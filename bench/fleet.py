@@ -138,6 +138,8 @@ REPORT_TIMEOUT = 300.0
 #: After telemetry stops: wait until the collector's count is still for this long.
 DRAIN_QUIET = 3.0
 DRAIN_TIMEOUT = 60.0
+#: At the drain: wait this long at most (and --storm-timeout) for every device to be back.
+DRAIN_BACK_TIMEOUT = 120.0
 #: A disconnect within this many seconds after a reload is counted against the reload.
 RELOAD_WINDOW = 10.0
 #: A progress line every this many samples.
@@ -804,15 +806,35 @@ class Run:
         self.figures.update({prefix + key: value for key, value in figures.items()})
 
     def finish(self) -> dict[str, Any]:
-        """Telemetry off, drain, the reports, then every device closes."""
+        """Telemetry off, every device back (bounded), drain, the reports, then every device
+        closes."""
         self.broadcast("telemetry", False)
         self.collector.send("commands", 0)
         self.mark("drain")
+        # The devices a restart or a storm dropped last may still be in their backoff (or a
+        # loaded simulator has not noticed them gone yet): the commands queued in their
+        # sessions reach them once they are back, and would otherwise count as undelivered
+        # (seen: three 2,000-device restart fleets at once, the simulators saturated, ended
+        # with hundreds of devices still away and as many commands "undelivered").
+        reached = max((sample["connected"] for sample in self.samples), default=0)
+        asked = time.time()
+
+        def back() -> bool:
+            fresh = all(w.status.get("time", 0) > asked for w in self.simulators)
+            return fresh and self.total("connected") >= reached
+
+        self.wait(min(self.args.storm_timeout, DRAIN_BACK_TIMEOUT), back)
+        self.figures["drain_connected"] = self.total("connected")
+        self.figures["drain_connected_before"] = reached
         last, still_since = -1, time.monotonic()
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while time.monotonic() < deadline:
             self.poll()
-            now = int(self.collector.status.get("telemetry_received", 0)) + self.total("acked")
+            now = (
+                int(self.collector.status.get("telemetry_received", 0))
+                + self.total("acked")
+                + self.total("commands_received")
+            )
             if now != last:
                 last, still_since = now, time.monotonic()
             elif time.monotonic() - still_since >= DRAIN_QUIET:

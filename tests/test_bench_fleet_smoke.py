@@ -252,6 +252,7 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
         # busy machine moves some there, so no more than one each here).
         assert restart["wills"] <= restart["devices_dropped"], restart
     assert figures["after_restarts_held"] == DEVICES
+    assert figures["drain_connected"] == figures["drain_connected_before"] == DEVICES
     assert figures["telemetry_acked"] > 0
     assert figures["telemetry_acked_lost"] == 0, figures["telemetry_lost_examples"]
     assert figures["commands_acked"] > 0
