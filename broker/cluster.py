@@ -1585,35 +1585,39 @@ class Cluster:
     ) -> None:
         """A DELIVER for ``client_id``'s session, which moved to ``origin``, while ``origin``
         is down: to its backup (REPLICA_DELIVER), which keeps a copy of the session."""
-        backup = self.backups.get(origin)
-        if backup is None:
-            return
-        if backup == self.node_name:
+        peer = self._failover_backup(origin, codec.DELIVER_FAILOVER_VERSION)
+        if peer is self:
             self._failover_delivery_here(origin, client_id, delivery)
-            return
-        peer = self.peers.get(backup)
-        if peer is None or peer.link is None or not peer.link.established:
-            return  # the backup is down too: the delivery waits in origin's outbox alone
-        if peer.link.protocol_version >= codec.DELIVER_FAILOVER_VERSION:
-            peer.counters.failover_sent += 1
+        elif isinstance(peer, Peer):
             self.send_reliable(peer, codec.ReplicaDeliver(origin, client_id, delivery))
 
     def _send_failover_transfer(self, origin: str, record: codec.SessionRecord) -> None:
         """A TRANSFER to ``origin`` that it had not acknowledged when our link to it
         dropped: to its backup (REPLICA_TRANSFER), which keeps the session as a copy of
         ``origin``'s, as if ``origin`` had installed and replicated it."""
+        peer = self._failover_backup(origin, codec.TRANSFER_FAILOVER_VERSION)
+        if peer is self:
+            self._failover_transfer_here(origin, record)
+        elif isinstance(peer, Peer):
+            self.send_reliable(peer, codec.ReplicaTransfer(origin, record))
+
+    def _failover_backup(self, origin: str, version: int) -> Peer | Cluster | None:
+        """Where a frame for ``origin`` (down, or its link dropped) goes instead: to us
+        (``self``: we are its backup), to its backup's peer (counted) when that link is up
+        and speaks ``version``, or nowhere (None: it waits in origin's outbox alone)."""
         backup = self.backups.get(origin)
         if backup is None:
-            return
+            return None
         if backup == self.node_name:
-            self._failover_transfer_here(origin, record)
-            return
+            return self
         peer = self.peers.get(backup)
-        if peer is None or peer.link is None or not peer.link.established:
-            return  # the backup is down too: the TRANSFER waits in origin's outbox alone
-        if peer.link.protocol_version >= codec.TRANSFER_FAILOVER_VERSION:
-            peer.counters.failover_sent += 1
-            self.send_reliable(peer, codec.ReplicaTransfer(origin, record))
+        link = None if peer is None else peer.link
+        if peer is None or link is None or not link.established:
+            return None
+        if link.protocol_version < version:
+            return None
+        peer.counters.failover_sent += 1
+        return peer
 
     def _failover_transfer_here(self, origin: str, record: codec.SessionRecord) -> None:
         """A session handed over to ``origin`` (whose backup we are) that its sender lost

@@ -362,6 +362,17 @@ def _take_over(peer: FakePeer, client_id: str) -> codec.SessionRecord:
     return reliable.frame.session
 
 
+def _command(node: ClusterNode) -> None:
+    """A QoS 1 "command" to cmd/dev, published on ``node`` and acknowledged."""
+    publisher = Device("publisher", clean=True)
+    publisher.connect(node.mqtt_port)
+    try:
+        publisher.publish("cmd/dev", "command", 1)
+        wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
+    finally:
+        publisher.stop()
+
+
 def _lose(peer: FakePeer, node: ClusterNode) -> None:
     """``peer`` dies: its link closes, and ``node`` has seen it."""
     peer.close()
@@ -445,13 +456,7 @@ def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
         peer = FakePeer(fake, node)
         _take_over(peer, "dev")
         _lose(peer, node)
-        publisher = Device("publisher", clean=True)
-        publisher.connect(node.mqtt_port)
-        try:
-            publisher.publish("cmd/dev", "command", 1)
-            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
-        finally:
-            publisher.stop()
+        _command(node)
         assert node.admin_ready()
         assert "Traceback" not in node.log_text()
 
@@ -551,13 +556,7 @@ def test_a_transfer_a_node_did_not_acknowledge_goes_to_its_backup_over_the_link(
     command, and node-2 acknowledges it."""
     with _real_node(tmp_path_factory, pki, "transfer-backup", 3) as (owner, backup, node):
         offline_session(node, "dev")
-        publisher = Device("publisher", clean=True)
-        publisher.connect(node.mqtt_port)
-        try:
-            publisher.publish("cmd/dev", "command", 1)
-            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
-        finally:
-            publisher.stop()
+        _command(node)
         keeper = FakePeer(backup, node)
         peer = FakePeer(owner, node)
         handed = _hand_over_unacknowledged(peer, "dev")
