@@ -645,6 +645,9 @@ class Cluster:
         self.awaiting_backup = False
         self.state_deferred: set[str] = set()
         self.held_frames: list[tuple[ClusterLink, codec.Frame]] = []
+        # DELIVERs from our backup, before its PONG, for sessions not here (yet): its outbox
+        # resent before its hand-back; delivered after its PONG (_deliver_received).
+        self.delivers_before_hand_back: list[tuple[str, codec.DeliveryRecord]] = []
         # What held_frames and claims_before_sync weigh, and the links we stopped reading
         # past HELD_BYTES_MAX.
         self.held_bytes = 0
@@ -1834,6 +1837,9 @@ class Cluster:
             self.backup_settled()
         else:
             self._answer_claims_before_sync()
+        early, self.delivers_before_hand_back = self.delivers_before_hand_back, []
+        for client_id, delivery in early:
+            self._deliver_here(client_id, delivery)
 
     def backup_settled(self) -> None:
         """Our backup has handed back what it had of our sessions (its PONG), or will not
@@ -2860,6 +2866,22 @@ class Cluster:
 
     def _deliver_received(self, peer: Peer, frame: codec.Deliver) -> None:
         peer.counters.deliveries_forwarded += 1
+        broker = self.broker
+        assert broker is not None
+        if (
+            peer.name == self.backup
+            and not peer.synced
+            and frame.client_id not in broker.sessions
+            and len(self.delivers_before_hand_back) < HELD_FRAMES_MAX
+        ):
+            # Before its PONG our backup resends its outbox (what its forwarding stubs passed
+            # on to us while we were down), then, if we restarted without our sessions, it
+            # hands them back, its copies holding the same messages: delivered after the
+            # PONG, where the session drops the second of each. Before, each was
+            # dropped here as "forwarded to a session that is gone" (counted, a WARNING):
+            # a false alarm at a rolling restart (seen in the fleet's).
+            self.delivers_before_hand_back.append((frame.client_id, frame.delivery))
+            return
         self._deliver_here(frame.client_id, frame.delivery)
 
     def _deliver_here(self, client_id: str, delivery: codec.DeliveryRecord) -> None:

@@ -229,6 +229,37 @@ def test_a_claim_waits_until_the_backup_has_handed_the_sessions_back(
     wait_for(lambda: "session of client_id=dev handed over to node node-1" in node.log_text(), 5)
 
 
+def test_what_the_backup_resends_before_its_hand_back_is_delivered_after_it_once(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-2 is real and starts without sessions (memory mode); node-1 (this test) is its
+    backup. At link up node-1 resends its outbox first: a DELIVER its forwarding stub passed
+    on for "dev" while node-2 was down; then it hands "dev" back, its copy holding the same
+    message; then its PONG. node-2 delivers the DELIVER after the hand-back, where the
+    session drops it as the second of that message: the device gets the command once, and
+    nothing is counted or logged as dropped. Before, the DELIVER was dropped on arrival as
+    "forwarded to a session that is gone" (a WARNING, a drop counted) at every such restart."""
+    with _real_node(tmp_path_factory, pki, "deliver-before-hand-back", 2) as (fake, node):
+        peer = FakePeer(fake, node)
+        command = dataclasses.replace(MESSAGE, topic="cmd/dev", payload=b"command")
+        peer.send(codec.Reliable(1, codec.Deliver("dev", codec.DeliveryRecord(command, 1, False))))
+        record = _session(codec.Version(5, "node-2"), "cmd/dev", b"command")
+        peer.send(codec.Reliable(2, codec.Transfer(record.version, False, record)))
+        peer.send(codec.Pong())
+        wait_for(lambda: "session of client_id=dev" in node.log_text(), 10, "dev handed back")
+        device = Device("dev")
+        try:
+            assert device.connect(node.mqtt_port) is True
+            assert device.received(quiet=1.0, want=1) == ["command"]
+        finally:
+            device.stop()
+        peer.close()
+        counters = node.stats()
+        assert counters["messages_dropped_queue_full"] == 0
+        assert counters["messages_duplicates_dropped"] == 1
+        assert "forwarded to a session that is gone" not in node.log_text()
+
+
 @pytest.mark.parametrize("size", ["bytes", "frames"])
 def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_nothing(
     pki: TestPKI, tmp_path_factory: pytest.TempPathFactory, size: str
