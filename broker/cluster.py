@@ -1925,6 +1925,14 @@ class Cluster:
             return None
         before = replicas.counters.undecodable
         record = replicas.take(origin, client_id, claimer or self.node_name, now=time.monotonic())
+        broker = self.broker
+        stub = None if broker is None else broker.sessions.get(client_id)
+        if claimer is not None and stub is not None and stub.moved_to == origin:
+            # Our own forwarding stub for it (we handed the session to ``origin`` before)
+            # follows it to its new node: it sent to ``origin``, which, back without its
+            # sessions, dropped each as "forwarded to a session that is gone" (the fleet's
+            # rolling restart, for as long as the stub lasted).
+            stub.moved_to = claimer
         if replicas.counters.undecodable > before:
             logger.error(
                 "client_id=%s: %d deliveries of the copy of node %s did not decode and are "

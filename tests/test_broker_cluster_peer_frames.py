@@ -492,6 +492,47 @@ def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
         assert "Traceback" not in node.log_text()
 
 
+def test_a_stub_follows_its_session_when_the_backup_hands_the_copy_on(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real; node-1 and node-2 are this test, and node-3 is node-2's backup. The
+    session "dev" moves from node-3 to node-2 (a stub stays on node-3, pointing at node-2),
+    node-2 copies it to node-3 and dies; the device reconnects on node-1, which claims the
+    session: node-3 hands its copy over to node-1. node-2 comes back without its sessions. A
+    command published on node-3 then goes by the stub to node-1, where the session is.
+    Before, the stub still pointed at node-2, which dropped it ("forwarded to a session that
+    is gone")."""
+    with _real_node(tmp_path_factory, pki, "stub-follows", 3) as (claimer_files, owner_files, node):
+        offline_session(node, "dev")
+        owner = FakePeer(owner_files, node)
+        moved = _take_over(owner, "dev")
+        saved = dataclasses.replace(moved, deliveries=())
+        op = codec.ReplicaOp(codec.ReplicaOpKind.SAVE, "dev", data=codec.encode_session(saved))
+        owner.send(codec.Replica(1, True, (op,)))
+        assert owner.frame(codec.ReplicaAck) == codec.ReplicaAck(1)
+        _lose(owner, node)
+        claimer = FakePeer(claimer_files, node)
+        handed = _take_over(claimer, "dev")
+        assert handed.client_id == "dev"
+        owner = FakePeer(owner_files, node)  # back, a new incarnation
+        wait_for(lambda: node.link_states()["node-2"] == "up", 10, "node-2 back")
+        publisher = Device("publisher", clean=True)
+        publisher.connect(node.mqtt_port)
+        try:
+            publisher.publish("cmd/dev", "command", 1)
+            reliable = _next(claimer, codec.Deliver)
+            assert isinstance(reliable, codec.Reliable)
+            assert isinstance(reliable.frame, codec.Deliver)
+            assert reliable.frame.client_id == "dev"
+            assert reliable.frame.delivery.message.payload == b"command"
+            claimer.send(codec.Ack(reliable.seq))
+            wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
+        finally:
+            publisher.stop()
+        owner.close()
+        claimer.close()
+
+
 def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
     pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
