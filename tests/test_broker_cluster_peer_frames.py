@@ -1,8 +1,9 @@
 """What a real node does with frames from a peer, over a real cluster link: frames a peer
 should never send, a claim that comes while its backup hands its sessions back, frames past
 what a node holds while it waits for that, the PONG that comes after a node's retained
-messages, what a forwarding stub passes on to a session's new node once that node dies, and
-a claim under way when the session's node comes up.
+messages, what a forwarding stub passes on to a session's new node once that node dies, a
+claim under way when the session's node comes up, and a session handed over to a node that
+dies before acknowledging it (REPLICA_TRANSFER).
 
 node-2 is a real `broker -c FILE` process; node-1 is this test, holding node-1's certificate
 and the cookie, speaking the cluster protocol with broker.cluster_codec over mutual TLS (node-1
@@ -490,6 +491,45 @@ def test_a_stub_that_points_back_at_its_own_node_does_not_loop(
         _command(node)
         assert node.admin_ready()
         assert "Traceback" not in node.log_text()
+
+
+def test_a_transfer_for_a_node_still_reached_waits_and_is_kept_once_that_node_is_lost(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-3 is real and node-2's backup; node-1 and node-2 are this test. node-1 lost its
+    link to node-2 with a TRANSFER of "dev" unacknowledged and sends it to node-3 as
+    REPLICA_TRANSFER; node-3 still reaches node-2 (it may have it, or get it when node-1's
+    link is back), so it parks the session. Then node-2 is lost to node-3 too: the parked
+    session becomes node-3's copy of node-2's, and the device, back on node-3, gets it with
+    its queued command."""
+    with _real_node(tmp_path_factory, pki, "transfer-parked", 3) as (sender, owner, node):
+        owner_peer = FakePeer(owner, node)
+        sender_peer = FakePeer(sender, node)
+        record = _session(codec.Version(1 << 59, "node-1"), "cmd/dev", b"command")
+        sender_peer.send(codec.Reliable(1, codec.ReplicaTransfer("node-2", record)))
+        # node-1 is node-3's backup too: node-3's ACK waits for its REPLICA_ACKs.
+        while (frame := sender_peer.frame(codec.Replica | codec.Ack | codec.Ping)) != codec.Ack(1):
+            assert frame is not None and not isinstance(frame, codec.Close), frame
+            if isinstance(frame, codec.Replica):
+                sender_peer.send(codec.ReplicaAck(frame.seq))
+            elif isinstance(frame, codec.Ping):
+                sender_peer.send(codec.Pong())
+        copies = node.admin("/api/cluster")["replication"]["copies"]
+        assert copies["parked_sessions"] == {"node-2": 1}
+        assert copies["counters"]["sessions_parked"] == 1
+        _lose(owner_peer, node)
+        line = (
+            "client_id=dev: its session, handed over to node node-2, which was lost before it "
+            "acknowledged it, kept here as a copy (1 queued or in flight)"
+        )
+        wait_for(lambda: line in node.log_text(), 10, "the parked session adopted")
+        device = Device("dev")
+        try:
+            assert device.connect(node.mqtt_port) is True
+            assert device.received(want=1, timeout=10) == ["command"]
+        finally:
+            device.stop()
+        sender_peer.close()
 
 
 def test_a_stub_follows_its_session_when_the_backup_hands_the_copy_on(
