@@ -293,7 +293,12 @@ def test_reset_during_the_handshake_is_logged_as_haproxy(
             ]
         lines[name] = found
     for theirs, ours in zip(lines["haproxy"], lines["lb"], strict=True):
-        assert theirs.endswith("] fe/1: SSL handshake failure"), theirs
+        # HAProxy says which it saw first: OpenSSL's failure, or (seen once in CI, on a
+        # loaded machine) the reset itself as "Connection error during SSL handshake"
+        # (CO_ER_SSL_ABORT).
+        assert theirs.endswith(
+            ("] fe/1: SSL handshake failure", "] fe/1: Connection error during SSL handshake")
+        ), theirs
         assert "] fe/1: SSL handshake failure: connection reset by the client during the " in ours
         assert ours.endswith("TLS handshake (Connection reset by peer)"), ours
 
