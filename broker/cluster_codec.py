@@ -1139,16 +1139,16 @@ def _read_session(reader: Reader) -> SessionRecord:
     )
 
 
-#: The frames a link below REPLICA_VERSION does not carry (REPLICA_SHARED: below
-#: FAILOVER_VERSION; REPLICA_DELIVER: below DELIVER_FAILOVER_VERSION; REPLICA_TRANSFER: below
-#: TRANSFER_FAILOVER_VERSION).
-_REPLICA_TYPES: Final[dict[type, FrameType]] = {
-    Replica: FrameType.REPLICA,
-    ReplicaAck: FrameType.REPLICA_ACK,
-    ReplicaPublish: FrameType.REPLICA_PUBLISH,
-    ReplicaShared: FrameType.REPLICA_SHARED,
-    ReplicaDeliver: FrameType.REPLICA_DELIVER,
-    ReplicaTransfer: FrameType.REPLICA_TRANSFER,
+#: The frames that came with a version after the lowest, each with its type and the first
+#: version that carries it: a link of a lower version refuses it as a node of that version
+#: does (an unknown type).
+_SINCE: Final[dict[type, tuple[FrameType, int]]] = {
+    Replica: (FrameType.REPLICA, REPLICA_VERSION),
+    ReplicaAck: (FrameType.REPLICA_ACK, REPLICA_VERSION),
+    ReplicaPublish: (FrameType.REPLICA_PUBLISH, REPLICA_VERSION),
+    ReplicaShared: (FrameType.REPLICA_SHARED, FAILOVER_VERSION),
+    ReplicaDeliver: (FrameType.REPLICA_DELIVER, DELIVER_FAILOVER_VERSION),
+    ReplicaTransfer: (FrameType.REPLICA_TRANSFER, TRANSFER_FAILOVER_VERSION),
 }
 
 
@@ -1433,20 +1433,12 @@ class ClusterDecoder:
                     f"reserved hold flags set: 0x{_HOLD_SHARE:02X} (a share on a link of "
                     f"protocol version {self.version})"
                 )
-            if self.version < TRANSFER_FAILOVER_VERSION:
+            if self.version < PROTOCOL_VERSION:
                 inner = frame.frame if isinstance(frame, Reliable) else frame
-                kind = _REPLICA_TYPES.get(type(inner))
-                if kind is not None and (
-                    self.version < REPLICA_VERSION
-                    or kind == FrameType.REPLICA_TRANSFER
-                    or (
-                        kind == FrameType.REPLICA_DELIVER
-                        and self.version < DELIVER_FAILOVER_VERSION
-                    )
-                    or (kind == FrameType.REPLICA_SHARED and self.version < FAILOVER_VERSION)
-                ):
+                since = _SINCE.get(type(inner))
+                if since is not None and self.version < since[1]:
                     # As a node of that version reads it.
-                    raise ClusterProtocolError(f"unknown frame type {int(kind)}")
+                    raise ClusterProtocolError(f"unknown frame type {int(since[0])}")
                 if isinstance(inner, Replica) and self.version < FAILOVER_VERSION:
                     for op in inner.ops:
                         if op.kind >= ReplicaOpKind.WILL_SET:

@@ -550,51 +550,54 @@ def test_a_link_of_version_4_refuses_replica_shared_and_carries_the_rest() -> No
     assert decoder.next_event() == shared
 
 
-@pytest.mark.parametrize("version", [4, 5])
-def test_a_link_below_version_6_refuses_replica_deliver_as_an_old_node_does(version: int) -> None:
-    """Version 6 added REPLICA_DELIVER only: a link of version 5 (or 4) refuses it as such a
-    node does (an unknown type); version 5 still carries REPLICA_SHARED and the will ops."""
-    delivery = codec.DeliveryRecord(MESSAGE, 1, False)
-    frame = codec.Reliable(1, codec.ReplicaDeliver("n1", "dev", delivery))
+def _decoder(version: int, *frames: codec.Frame) -> codec.ClusterDecoder:
+    """A decoder of a link of ``version``, fed ``frames``."""
     decoder = codec.ClusterDecoder()
     decoder.version = version
-    decoder.feed(codec.encode(frame))
-    with pytest.raises(codec.ClusterProtocolError, match="unknown frame type 25"):
-        decoder.next_event()
-    decoder = codec.ClusterDecoder()
-    decoder.version = 6
-    decoder.feed(codec.encode(frame))
-    assert decoder.next_event() == frame
-    will = codec.ReplicaOp(codec.ReplicaOpKind.WILL_CLEAR, "dev")
+    decoder.feed(b"".join(codec.encode(frame) for frame in frames))
+    return decoder
+
+
+@pytest.mark.parametrize(
+    ("frame", "frame_type", "since"),
+    [
+        (
+            codec.Reliable(
+                1, codec.ReplicaDeliver("n1", "dev", codec.DeliveryRecord(MESSAGE, 1, False))
+            ),
+            25,
+            6,
+        ),
+        (
+            codec.Reliable(1, codec.ReplicaTransfer("n1", codec.SessionRecord("dev", 60, None, V))),
+            26,
+            7,
+        ),
+    ],
+)
+def test_a_link_below_a_frames_version_refuses_it_as_an_old_node_does(
+    frame: codec.Frame, frame_type: int, since: int
+) -> None:
+    """Version 6 added REPLICA_DELIVER only, version 7 REPLICA_TRANSFER only: a link of a
+    lower version (down to 4, the first with replication) refuses it as such a node does (an
+    unknown type); a link of its version carries it."""
+    for version in range(codec.REPLICA_VERSION, since):
+        with pytest.raises(codec.ClusterProtocolError, match=f"unknown frame type {frame_type}"):
+            _decoder(version, frame).next_event()
+    assert _decoder(since, frame).next_event() == frame
+
+
+def test_the_version_before_a_new_frame_still_carries_the_older_ones() -> None:
+    """Version 5 carries REPLICA_SHARED and the will ops; version 6 carries REPLICA_DELIVER."""
+    will = codec.Replica(1, False, (codec.ReplicaOp(codec.ReplicaOpKind.WILL_CLEAR, "dev"),))
     shared = codec.Reliable(2, codec.ReplicaShared("n1", (("$share/g/t", "w"),), MESSAGE))
-    decoder = codec.ClusterDecoder()
-    decoder.version = 5
-    decoder.feed(codec.encode(codec.Replica(1, False, (will,))) + codec.encode(shared))
-    assert decoder.next_event() == codec.Replica(1, False, (will,))
+    decoder = _decoder(5, will, shared)
+    assert decoder.next_event() == will
     assert decoder.next_event() == shared
-
-
-@pytest.mark.parametrize("version", [4, 5, 6])
-def test_a_link_below_version_7_refuses_replica_transfer_as_an_old_node_does(version: int) -> None:
-    """Version 7 added REPLICA_TRANSFER only: a link of version 6 (or older) refuses it as
-    such a node does (an unknown type); version 6 still carries REPLICA_DELIVER."""
-    frame = codec.Reliable(1, codec.ReplicaTransfer("n1", codec.SessionRecord("dev", 60, None, V)))
-    decoder = codec.ClusterDecoder()
-    decoder.version = version
-    decoder.feed(codec.encode(frame))
-    with pytest.raises(codec.ClusterProtocolError, match="unknown frame type 26"):
-        decoder.next_event()
-    decoder = codec.ClusterDecoder()
-    decoder.version = 7
-    decoder.feed(codec.encode(frame))
-    assert decoder.next_event() == frame
     deliver = codec.Reliable(
         2, codec.ReplicaDeliver("n1", "dev", codec.DeliveryRecord(MESSAGE, 1, False))
     )
-    decoder = codec.ClusterDecoder()
-    decoder.version = 6
-    decoder.feed(codec.encode(deliver))
-    assert decoder.next_event() == deliver
+    assert _decoder(6, deliver).next_event() == deliver
 
 
 def test_a_link_of_version_4_refuses_will_ops_as_a_node_of_version_4_does() -> None:

@@ -248,12 +248,7 @@ def test_what_the_backup_resends_before_its_hand_back_is_delivered_after_it_once
         peer.send(codec.Reliable(2, codec.Transfer(record.version, False, record)))
         peer.send(codec.Pong())
         wait_for(lambda: "session of client_id=dev" in node.log_text(), 10, "dev handed back")
-        device = Device("dev")
-        try:
-            assert device.connect(node.mqtt_port) is True
-            assert device.received(quiet=1.0, want=1) == ["command"]
-        finally:
-            device.stop()
+        _session_back(node, "command", quiet=1.0)
         peer.close()
         counters = node.stats()
         assert counters["messages_dropped_queue_full"] == 0
@@ -405,6 +400,17 @@ def _command(node: ClusterNode) -> None:
         publisher.stop()
 
 
+def _session_back(node: ClusterNode, *payloads: str, quiet: float = 0.5) -> None:
+    """The device "dev" connects to ``node``: its session is there (session_present) and it
+    gets ``payloads``, in order, and nothing more within ``quiet`` seconds."""
+    device = Device("dev")
+    try:
+        assert device.connect(node.mqtt_port) is True
+        assert device.received(quiet=quiet, timeout=10, want=len(payloads)) == list(payloads)
+    finally:
+        device.stop()
+
+
 def _lose(peer: FakePeer, node: ClusterNode) -> None:
     """``peer`` dies: its link closes, and ``node`` has seen it."""
     peer.close()
@@ -451,12 +457,7 @@ def test_a_delivery_for_a_session_whose_new_node_dies_is_kept_by_its_backup(
             wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
         finally:
             publisher.stop()
-        device = Device("dev")
-        try:
-            assert device.connect(node.mqtt_port) is True  # the copy, installed here
-            assert device.received(want=1, timeout=10) == ["command"]
-        finally:
-            device.stop()
+        _session_back(node, "command")  # the copy, installed here
         copies = node.admin("/api/cluster")["replication"]["copies"]["counters"]
         assert copies["installed_here"] == 1
         assert copies["failover_deliveries"] == 1
@@ -523,12 +524,7 @@ def test_a_transfer_for_a_node_still_reached_waits_and_is_kept_once_that_node_is
             "acknowledged it, kept here as a copy (1 queued or in flight)"
         )
         wait_for(lambda: line in node.log_text(), 10, "the parked session adopted")
-        device = Device("dev")
-        try:
-            assert device.connect(node.mqtt_port) is True
-            assert device.received(want=1, timeout=10) == ["command"]
-        finally:
-            device.stop()
+        _session_back(node, "command")
         sender_peer.close()
 
 
@@ -648,12 +644,7 @@ def test_a_session_handed_to_a_node_that_dies_before_acknowledging_it_is_kept_by
             "acknowledged it, kept here as a copy (1 queued or in flight)"
         )
         wait_for(lambda: line in node.log_text(), 10, "the session adopted")
-        device = Device("dev")
-        try:
-            assert device.connect(node.mqtt_port) is True  # the copy, installed here
-            assert device.received(want=2, timeout=10) == ["first", "second"]
-        finally:
-            device.stop()
+        _session_back(node, "first", "second")  # the copy, installed here
         copies = node.admin("/api/cluster")["replication"]["copies"]["counters"]
         assert copies["adopted"] == 1
         assert copies["installed_here"] == 1
