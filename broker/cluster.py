@@ -1454,11 +1454,8 @@ class Cluster:
         before = broker.counters.wills_published
         waiting = 0
         for client_id, message, delay, expiry, offline in due:
-            # None: published now, or a will of a session of ours waits already (it wins).
-            pending = broker.schedule_will(client_id, message.to_message(now), delay, expiry)
-            if pending is not None:
+            if self._schedule_lost_will(origin, client_id, message, now, delay, expiry, offline):
                 waiting += 1
-                self.lost_wills[client_id] = (origin, pending, offline)
         published = broker.counters.wills_published - before
         if published or waiting:
             logger.info(
@@ -1468,6 +1465,27 @@ class Cluster:
                 published,
                 waiting,
             )
+
+    def _schedule_lost_will(
+        self,
+        origin: str,
+        client_id: str,
+        message: codec.WireMessage,
+        now: float,
+        delay: float,
+        expiry: int | None,
+        offline: bool,
+    ) -> bool:
+        """A will of a client of ``origin`` (lost), published in ``delay`` seconds unless
+        the client comes back first (then True: it waits, in lost_wills); False when it was
+        published now, or a will of a session of ours waits already (it wins)."""
+        broker = self.broker
+        assert broker is not None
+        pending = broker.schedule_will(client_id, message.to_message(now), delay, expiry)
+        if pending is None:
+            return False
+        self.lost_wills[client_id] = (origin, pending, offline)
+        return True
 
     def _owner_back(self, origin: str, frame: codec.Replica, same_life: bool) -> None:
         """``origin``, whose delayed wills we hold since its link dropped, replicates to us
@@ -1653,22 +1671,13 @@ class Cluster:
         will = record.will
         if will is not None:
             delay = max(0.0, will.publish_at - time.time())
-            message = will.message.to_message(broker.clock())
-            pending = broker.schedule_will(client_id, message, delay, will.expiry_interval)
-            if pending is not None:
-                self.lost_wills[client_id] = (origin, pending, True)
-        answered = self._forget_claim_answered(client_id)
-        if answered is None:
-            return
-        name, version, when = answered
-        claimer = self.peers.get(name)
-        if (
-            time.monotonic() - when <= CLAIMS_ANSWERED_SECONDS
-            and version > record.version
-            and claimer is not None
-            and claimer.up
-        ):
-            self._merge_copy(claimer, client_id, version)
+            self._schedule_lost_will(
+                origin, client_id, will.message, broker.clock(), delay, will.expiry_interval, True
+            )
+        newer = self._newer_claim_answered(client_id, record.version)
+        if newer is not None:
+            claimer, claimed = newer
+            self._merge_copy(claimer, client_id, claimed)
 
     def _failover_delivery_here(
         self, origin: str, client_id: str, delivery: codec.DeliveryRecord
@@ -2693,6 +2702,26 @@ class Cluster:
             if not expired:
                 self._claim_answered_forgotten(name, now)
 
+    def _newer_claim_answered(
+        self, client_id: str, version: Version
+    ) -> tuple[Peer, Version] | None:
+        """A claim for ``client_id`` newer than ``version`` that we answered "none" within
+        CLAIMS_ANSWERED_SECONDS, its claimer still up: (the claimer, the claim's version).
+        Taken out of claims_answered either way."""
+        answered = self._forget_claim_answered(client_id)
+        if answered is None:
+            return None
+        name, claimed, when = answered
+        claimer = self.peers.get(name)
+        if (
+            time.monotonic() - when > CLAIMS_ANSWERED_SECONDS
+            or not claimed > version
+            or claimer is None
+            or not claimer.up
+        ):
+            return None
+        return claimer, claimed
+
     def _forget_claim_answered(self, client_id: str) -> tuple[str, Version, float] | None:
         """Take ``client_id`` out of claims_answered (and its bytes); what it was."""
         answered = self.claims_answered.pop(client_id, None)
@@ -2729,18 +2758,11 @@ class Cluster:
         claimer, merged into that session as after a split (its queued messages; the device
         resubscribed on session_present 0), and the will is dropped (the client is back).
         True when sent on."""
-        answered = self._forget_claim_answered(record.client_id)
-        if answered is None:
+        newer = self._newer_claim_answered(record.client_id, record.version)
+        if newer is None:
             return False
-        name, version, when = answered
-        claimer = self.peers.get(name)
-        if (
-            time.monotonic() - when > CLAIMS_ANSWERED_SECONDS
-            or not version > record.version
-            or claimer is None
-            or not claimer.up
-        ):
-            return False
+        claimer, version = newer
+        name = claimer.name
         broker = self.broker
         assert broker is not None
         # Installed, then handed over: a stub stays here for what the migrating node's stub
