@@ -108,6 +108,8 @@ from broker.reliable import Inbox, InboxVerdict, Outbox
 from broker.replica import (
     LINGER_SECONDS,
     PARKED_MESSAGES,
+    PARKED_SESSIONS,
+    PARKED_SESSIONS_BYTES,
     REPLICA_FRAME_BYTES,
     Delivered,
     Forwarded,
@@ -648,6 +650,7 @@ class Cluster:
         # DELIVERs from our backup, before its PONG, for sessions not here (yet): its outbox
         # resent before its hand-back; delivered after its PONG (_deliver_received).
         self.delivers_before_hand_back: list[tuple[str, codec.DeliveryRecord]] = []
+        self.delivers_before_hand_back_bytes = 0
         # What held_frames and claims_before_sync weigh, and the links we stopped reading
         # past HELD_BYTES_MAX.
         self.held_bytes = 0
@@ -1646,7 +1649,14 @@ class Cluster:
         or will: the sender's outbox resends it), else kept as a copy of ``origin``'s."""
         peer = self.peers.get(origin)
         if peer is not None and peer.up:
-            self.replicas.park_session(origin, record, time.monotonic())
+            counters = self.replicas.counters
+            before = counters.sessions_parked_dropped
+            now = time.monotonic()
+            self.replicas.park_session(origin, record, now)
+            bound = f"{PARKED_SESSIONS} or {PARKED_SESSIONS_BYTES} bytes"
+            self._parked_dropped(
+                now, origin, "sessions", bound, before, counters.sessions_parked_dropped
+            )
             return
         adopted, dropped = self.replicas.adopt(origin, record)
         if adopted:
@@ -1716,22 +1726,30 @@ class Cluster:
         peer = self.peers.get(origin)
         if peer is None or not peer.up:
             return False
-        replicas = self.replicas
-        before = replicas.counters.parked_dropped
+        counters = self.replicas.counters
+        before = counters.parked_dropped
         for target in targets:
-            replicas.park(origin, message, now, target)
-        if replicas.counters.parked_dropped > before and (
-            now - self.parked_drop_logged >= DROP_LOG_INTERVAL
-        ):
-            self.parked_drop_logged = now
-            logger.warning(
-                "cluster: messages parked for %s (its sender lost it, we have not) past "
-                "%d or max_queued_bytes: the oldest dropped (%d in all)",
-                origin,
-                PARKED_MESSAGES,
-                replicas.counters.parked_dropped,
-            )
+            self.replicas.park(origin, message, now, target)
+        bound = f"{PARKED_MESSAGES} or max_queued_bytes"
+        self._parked_dropped(now, origin, "messages", bound, before, counters.parked_dropped)
         return True
+
+    def _parked_dropped(
+        self, now: float, origin: str, what: str, bound: str, before: int, dropped: int
+    ) -> None:
+        """Parked ``what`` for ``origin`` went past ``bound`` (``dropped`` in all, ``before``
+        until now): a line at most once per DROP_LOG_INTERVAL."""
+        if dropped <= before or now - self.parked_drop_logged < DROP_LOG_INTERVAL:
+            return
+        self.parked_drop_logged = now
+        logger.warning(
+            "cluster: %s parked for %s (the sender lost it, we have not) past %s: the oldest "
+            "dropped (%d in all)",
+            what,
+            origin,
+            bound,
+            dropped,
+        )
 
     def _failover_here(
         self,
@@ -1847,6 +1865,7 @@ class Cluster:
         else:
             self._answer_claims_before_sync()
         early, self.delivers_before_hand_back = self.delivers_before_hand_back, []
+        self.delivers_before_hand_back_bytes = 0
         for client_id, delivery in early:
             self._deliver_here(client_id, delivery)
 
@@ -2903,6 +2922,7 @@ class Cluster:
             and not peer.synced
             and frame.client_id not in broker.sessions
             and len(self.delivers_before_hand_back) < HELD_FRAMES_MAX
+            and self.delivers_before_hand_back_bytes < HELD_BYTES_MAX
         ):
             # Before its PONG our backup resends its outbox (what its forwarding stubs passed
             # on to us while we were down), then, if we restarted without our sessions, it
@@ -2910,7 +2930,10 @@ class Cluster:
             # PONG, where the session drops the second of each. Before, each was
             # dropped here as "forwarded to a session that is gone" (counted, a WARNING):
             # a false alarm at a rolling restart (seen in the fleet's).
+            # Past HELD_FRAMES_MAX or HELD_BYTES_MAX, delivered at once (as before: dropped
+            # when the session is not here, counted and logged).
             self.delivers_before_hand_back.append((frame.client_id, frame.delivery))
+            self.delivers_before_hand_back_bytes += len(frame.delivery.message.payload)
             return
         self._deliver_here(frame.client_id, frame.delivery)
 

@@ -117,8 +117,10 @@ PARKED_SECONDS = 30.0
 #: At most this many parked messages per owner (and max_queued_bytes of payload).
 PARKED_MESSAGES = 10_000
 #: At most this many sessions parked per owner (REPLICA_TRANSFER while we reach it): the
-#: TRANSFERs of one round trip, a claim's or an evacuation's (session_rate per second).
+#: TRANSFERs of one round trip, a claim's or an evacuation's (session_rate per second); and
+#: this many bytes of them (client ids and queued payloads).
 PARKED_SESSIONS = 10_000
+PARKED_SESSIONS_BYTES = 64 * 1024 * 1024
 
 #: Shared members a failover message is for: (shared filter, client id).
 Targets = tuple[tuple[str, str], ...]
@@ -137,6 +139,11 @@ class Delivered:
 #: A parked failover message: (monotonic time, message, the shared members it is for; () for
 #: the plain subscribers; or the one session it is for).
 Parked = tuple[float, codec.WireMessage, Targets | Delivered]
+
+
+def _record_size(record: codec.SessionRecord) -> int:
+    """What a parked session weighs: its client id and its queued payloads."""
+    return len(record.client_id) + sum(len(d.message.payload) for d in record.deliveries)
 
 
 def backup_of(node: str, nodes: Iterable[str]) -> str | None:
@@ -762,7 +769,8 @@ class ReplicaCounters:
     # (REPLICA_TRANSFER), kept as its copies; those we had a copy of already (it had them).
     adopted: int = 0
     adopted_known: int = 0
-    # Such sessions held while we still reached the owner, and those past PARKED_SESSIONS.
+    # Such sessions held while we still reached the owner, and those past PARKED_SESSIONS
+    # or PARKED_SESSIONS_BYTES (the oldest).
     sessions_parked: int = 0
     sessions_parked_dropped: int = 0
 
@@ -790,6 +798,7 @@ class Replicas:
         # Sessions handed over to owners this node still reaches (REPLICA_TRANSFER), by
         # owner and client id: (monotonic time, record), oldest first.
         self.parked_sessions: dict[str, dict[str, tuple[float, codec.SessionRecord]]] = {}
+        self.parked_sessions_bytes: dict[str, int] = {}
         # Copies handed over lately, by owner and client id (their filters stay in the
         # owner's trie until they are forgotten), and what failover sent on to them, for the
         # cluster to send (take_forwards()).
@@ -924,6 +933,7 @@ class Replicas:
         self.moved.pop(origin, None)
         self.discard_parked(origin)
         self.parked_sessions.pop(origin, None)
+        self.parked_sessions_bytes.pop(origin, None)
         if sessions:
             for copy in sessions.values():
                 self.bytes -= copy.size()
@@ -1293,17 +1303,24 @@ class Replicas:
         it): kept PARKED_SECONDS in case our link to it drops too (:meth:`adopt_parked`),
         PARKED_SESSIONS per owner at most (the oldest go first)."""
         parked = self.parked_sessions.setdefault(origin, {})
-        parked.pop(record.client_id, None)
+        size = self.parked_sessions_bytes.get(origin, 0)
+        old = parked.pop(record.client_id, None)
+        if old is not None:
+            size -= _record_size(old[1])
         parked[record.client_id] = (now, record)
+        size += _record_size(record)
         self.counters.sessions_parked += 1
-        while len(parked) > PARKED_SESSIONS:
-            del parked[next(iter(parked))]
+        while parked and (len(parked) > PARKED_SESSIONS or size > PARKED_SESSIONS_BYTES):
+            oldest = next(iter(parked))
+            size -= _record_size(parked.pop(oldest)[1])
             self.counters.sessions_parked_dropped += 1
+        self.parked_sessions_bytes[origin] = size
 
     def adopt_parked(self, origin: str, now: float) -> list[tuple[codec.SessionRecord, int]]:
         """Our link to ``origin`` dropped: the sessions parked for it lately are adopted
         (:meth:`adopt`). Returns each adopted record with the deliveries its bounds dropped."""
         adopted = []
+        self.parked_sessions_bytes.pop(origin, None)
         for when, record in (self.parked_sessions.pop(origin, None) or {}).values():
             if now - when > PARKED_SECONDS:
                 continue
@@ -1316,12 +1333,14 @@ class Replicas:
         """Forget what was parked for ``origin`` (older than PARKED_SECONDS, or all)."""
         sessions = self.parked_sessions.get(origin)
         if sessions:
-            for client_id, (when, _) in list(sessions.items()):
+            for client_id, (when, record) in list(sessions.items()):
                 if now is not None and now - when <= PARKED_SECONDS:
                     break
                 del sessions[client_id]
+                self.parked_sessions_bytes[origin] -= _record_size(record)
         if sessions is not None and not sessions:
             del self.parked_sessions[origin]
+            del self.parked_sessions_bytes[origin]
         parked = self.parked.get(origin)
         if not parked:
             return

@@ -256,6 +256,29 @@ def test_what_the_backup_resends_before_its_hand_back_is_delivered_after_it_once
         assert "forwarded to a session that is gone" not in node.log_text()
 
 
+def test_the_backups_deliveries_held_for_its_pong_are_bounded_in_bytes(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """node-2 is real; node-1 (this test) is its backup. Before its PONG node-1 sends
+    HELD_BYTES_MAX / 512 KiB + 1 DELIVERs of 512 KiB for a session node-2 does not have:
+    node-2 holds them until the PONG up to HELD_BYTES_MAX and delivers the one past it at
+    once (dropped, counted, logged: the session is not there); after the PONG the held ones
+    are delivered too (dropped the same way)."""
+    size = 512 * 1024
+    count = HELD_BYTES_MAX // size + 1
+    with _real_node(tmp_path_factory, pki, "deliver-before-pong-bytes", 2) as (fake, node):
+        peer = FakePeer(fake, node)
+        big = dataclasses.replace(MESSAGE, topic="cmd/gone", payload=b"x" * size)
+        for seq in range(1, count + 1):
+            delivery = codec.DeliveryRecord(dataclasses.replace(big, seq=seq), 1, False)
+            peer.send(codec.Reliable(seq, codec.Deliver("gone", delivery)))
+        wait_for(lambda: node.stats()["messages_dropped_queue_full"] == 1, 10, "one at once")
+        peer.send(codec.Pong())
+        wait_for(lambda: node.stats()["messages_dropped_queue_full"] == count, 10, "the rest")
+        wait_for(lambda: "forwarded to a session that is gone" in node.log_text(), 10, "logged")
+        peer.close()
+
+
 @pytest.mark.parametrize("size", ["bytes", "frames"])
 def test_frames_held_for_the_backup_past_the_bound_stop_the_reading_and_lose_nothing(
     pki: TestPKI, tmp_path_factory: pytest.TempPathFactory, size: str

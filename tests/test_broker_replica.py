@@ -11,6 +11,7 @@ import time
 import pytest
 
 from broker import cluster_codec as codec
+from broker import replica as replica_module
 from broker.cluster_codec import ReplicaOp, ReplicaOpKind
 from broker.config import MQTTSettings
 from broker.core import MOVED_GRACE, Broker
@@ -764,6 +765,29 @@ def test_a_session_handed_to_a_lost_node_is_adopted_as_its_copy_unless_it_has_on
     replicas.discard_parked("node-3", 100.0 + PARKED_SECONDS + 1)
     assert replicas.adopt_parked("node-3", 100.0 + PARKED_SECONDS + 1) == []
     assert replicas.status()["parked_sessions"] == {}
+
+
+def test_parked_sessions_are_bounded_in_bytes_the_oldest_dropped_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PARKED_SESSIONS_BYTES of client ids and queued payloads per owner: past it the
+    oldest parked session goes, counted; a session parked again replaces its old weight."""
+    monkeypatch.setattr(replica_module, "PARKED_SESSIONS_BYTES", 250)
+    replicas = Replicas(10, 1000)
+
+    def session(client_id: str) -> codec.SessionRecord:
+        queued = (codec.DeliveryRecord(message(1, payload=b"p" * 100), 1, False),)
+        return codec.SessionRecord(client_id, 60, None, V, deliveries=queued)
+
+    replicas.park_session("node-2", session("aa"), 1.0)  # 102 bytes
+    replicas.park_session("node-2", session("aa"), 2.0)  # again: still 102
+    replicas.park_session("node-2", session("bb"), 3.0)  # 204
+    assert replicas.counters.sessions_parked_dropped == 0
+    replicas.park_session("node-2", session("cc"), 4.0)  # 306: "aa" goes
+    assert replicas.counters.sessions_parked_dropped == 1
+    assert replicas.parked_sessions_bytes == {"node-2": 204}
+    assert [r.client_id for r, _ in replicas.adopt_parked("node-2", 5.0)] == ["bb", "cc"]
+    assert replicas.parked_sessions_bytes == {}
 
 
 def will_op(client_id: str, delay: int = 0) -> ReplicaOp:
