@@ -449,16 +449,21 @@ class Forwarded:
     sent to it, and those of their connections behind them, until its link times out; not
     every publisher's. When a link drops, its waits move to the frames sent to its backup by
     then (the frames it had not acknowledged were sent there: broker.cluster), or end (no
-    backup, or we are it).
+    backup, or we are it). A wait made after the drop for frames sent before it (its
+    message was routed before, its commit ended after) goes the same way.
 
     Only a client's acknowledgements wait here, never the link's own ACK: two nodes sending
     each other messages would otherwise each wait for the other's ACK before sending theirs."""
 
-    __slots__ = ("acked", "outstanding", "recent", "waited", "waiting")
+    __slots__ = ("acked", "lost", "outstanding", "recent", "waited", "waiting")
 
     def __init__(self) -> None:
         # The last frame each peer acknowledged while its link was up.
         self.acked: dict[str, int] = {}
+        # Each peer whose link dropped: the last frame it had acknowledged and the last one
+        # sent to it by then, and where the waits on the rest went (its backup's last frame
+        # by then; None: they ended).
+        self.lost: dict[str, tuple[int, int, tuple[str, int] | None]] = {}
         # The peers with frames sent and not acked yet: their last frame.
         self.outstanding: dict[str, int] = {}
         # The last frame sent to each peer since the last wait was made.
@@ -485,6 +490,8 @@ class Forwarded:
     ) -> None:
         """Run ``callback`` once ``targets`` (from take()) are acknowledged and ``key``'s
         earlier waits have run (at once if nothing is left to wait for)."""
+        if self.lost:
+            targets = self._since_lost(targets)
         queue = self.waiting.get(key)
         if queue is None and self._reached(targets):
             callback()
@@ -494,6 +501,27 @@ class Forwarded:
             self.waiting[key] = deque(((targets, callback),))
         else:
             queue.append((targets, callback))
+
+    def _since_lost(self, targets: dict[str, int]) -> dict[str, int]:
+        """``targets`` with each frame sent to a peer before its link dropped replaced by
+        where link_lost moved the waits on it (following later drops), or left out if the
+        peer had acknowledged it or nothing went anywhere."""
+        lost = self.lost
+        if not any(peer in lost and seq <= lost[peer][1] for peer, seq in targets.items()):
+            return targets
+        moved: dict[str, int] = {}
+        for peer, seq in targets.items():
+            target: tuple[str, int] | None = (peer, seq)
+            for _ in range(len(lost)):  # a chain of drops (each peer once: no cycle)
+                if target is None or target[0] not in lost:
+                    break
+                acked, sent, backup = lost[target[0]]
+                if target[1] > sent:
+                    break
+                target = None if target[1] <= acked else backup
+            if target is not None:
+                moved[target[0]] = max(moved.get(target[0], 0), target[1])
+        return moved
 
     def _reached(self, targets: dict[str, int]) -> bool:
         """Whether every peer in ``targets`` acknowledged its frame."""
@@ -512,10 +540,11 @@ class Forwarded:
     def link_lost(self, peer: str, backup: str | None) -> list[Callable[[], None]]:
         """``peer``'s link dropped, after its unacknowledged frames were sent to ``backup``
         (None: nowhere, or here): the waits on it move there or end."""
-        self.acked.pop(peer, None)
-        self.outstanding.pop(peer, None)
+        acked = self.acked.pop(peer, 0)
+        sent = self.outstanding.pop(peer, acked)
         self.recent.pop(peer, None)
         moved = None if backup is None else self.outstanding.get(backup)
+        self.lost[peer] = (acked, sent, None if backup is None or not moved else (backup, moved))
         for queue in self.waiting.values():
             for targets, _ in queue:
                 if targets.pop(peer, None) is not None and backup is not None and moved:

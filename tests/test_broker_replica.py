@@ -573,6 +573,54 @@ def test_a_lost_link_moves_the_waits_to_the_backup_or_ends_them() -> None:
     assert not forwarded.waiting
 
 
+def test_a_wait_made_after_its_link_dropped_follows_the_frames_to_the_backup() -> None:
+    """A message routed to node-1 before its link dropped, whose commit (the disk, the
+    backup's REPLICA_ACK) ends after: its wait is made after link_lost, so it waits for
+    where node-1's unacknowledged frames went by then (node-2's failover copies), along a
+    chain of drops (node-2 lost too: node-3), or not at all (node-1 had the frame, or they
+    went nowhere). Before, it waited for node-1, gone for good, and the publisher's PUBACK
+    never came (a stop-evacuation test, 1 run in 12 on a loaded machine)."""
+    forwarded = Forwarded()
+    ran: list[str] = []
+    forwarded.sent_frame("node-1", 7)
+    had_it = forwarded.take()
+    for callback in forwarded.acked_frame("node-1", 7):
+        callback()
+    forwarded.sent_frame("node-1", 8)
+    routed = forwarded.take()
+    forwarded.sent_frame("node-1", 9)
+    routed_later = forwarded.take()
+    forwarded.sent_frame("node-2", 3)  # the failover copies of node-1's frames 8 and 9
+    assert forwarded.link_lost("node-1", "node-2") == []
+    # The commits end now.
+    forwarded.when_forwarded("a", had_it, lambda: ran.append("a"))
+    assert ran == ["a"]
+    forwarded.when_forwarded("b", routed, lambda: ran.append("b"))
+    assert ran == ["a"]  # for node-2's frame 3
+    # node-2 drops too, its frames (node-1's with them) sent to node-3.
+    forwarded.sent_frame("node-3", 20)
+    assert forwarded.link_lost("node-2", "node-3") == []
+    forwarded.when_forwarded("c", routed_later, lambda: ran.append("c"))
+    assert ran == ["a"]
+    for callback in forwarded.acked_frame("node-3", 20):
+        callback()
+    assert ran == ["a", "b", "c"]
+    # Frames sent to node-1 on a new link are waited for as before.
+    forwarded.sent_frame("node-1", 10)
+    forwarded.when_forwarded("d", forwarded.take(), lambda: ran.append("d"))
+    assert ran[-1] == "c"
+    for callback in forwarded.acked_frame("node-1", 10):
+        callback()
+    assert ran[-1] == "d"
+    # node-1 drops again with nowhere to send its frames: a wait made after ends at once.
+    forwarded.sent_frame("node-1", 11)
+    routed = forwarded.take()
+    assert forwarded.link_lost("node-1", None) == []
+    forwarded.when_forwarded("e", routed, lambda: ran.append("e"))
+    assert ran[-1] == "e"
+    assert not forwarded.waiting
+
+
 def test_qos2_deliveries_wait_for_the_replicated_key() -> None:
     replicator = Replicator()
     assert replicator.replicated_key() == 1 << 62  # no backup: nothing to wait for
