@@ -1551,7 +1551,7 @@ class Cluster:
         with it, so they go to its backup too (the copies are de-duplicated there)."""
         if not peer.outbox or self.backups.get(peer.name) is None:
             return
-        copied = 0
+        messages = sessions = 0
         for _, data in peer.outbox.entries:
             decoder = codec.ClusterDecoder(len(data))
             decoder.feed(data)
@@ -1561,19 +1561,22 @@ class Cluster:
             inner = frame.frame
             if isinstance(inner, codec.Publish) and inner.message.qos:
                 self._send_failover(peer.name, inner.message, inner.plain, inner.targets)
-                copied += 1
+                messages += 1
             elif isinstance(inner, codec.Deliver) and inner.delivery.qos:
                 self._send_failover_delivery(peer.name, inner.client_id, inner.delivery)
-                copied += 1
+                messages += 1
             elif isinstance(inner, codec.Transfer):
                 # A session handed over to it (a claim's, a migration's, a merge): removed
                 # here when sent, it would end with the peer.
                 self._send_failover_transfer(peer.name, inner.session)
-                copied += 1
+                sessions += 1
+        copied = [f"{messages} unacknowledged messages"] if messages else []
+        if sessions:
+            copied.append(f"{sessions} unacknowledged sessions (TRANSFER)")
         if copied:
             logger.info(
-                "cluster: %d unacknowledged messages for %s also sent to its backup %s",
-                copied,
+                "cluster: %s for %s also sent to its backup %s",
+                " and ".join(copied),
                 peer.name,
                 self.backups[peer.name],
             )
