@@ -43,7 +43,8 @@ store writes are *reliable frames*: numbered per directed pair, kept in the send
 receiver's HELLO names, applied once by the receiver (high-water committed with the effects,
 then ACKed). The outbox is bounded (``outbox_max_bytes``): past it the oldest frames are
 dropped, counted and logged. Unacknowledged bytes to a peer above ``link_high_water`` pause
-the QoS 1/2 publishers feeding it until they are under half of it (issue 14 item 2), and a
+the QoS 1/2 publishers feeding it while its link is up until they are under half of it
+(issue 14 item 2; a peer that is down drains nothing, its outbox's bound holds), and a
 session behind with a peer's publisher's messages pauses it there with HOLD; both resume
 their publishers oldest first, each with its share (broker.session.HeldPublishers). A
 session's share crosses the link in HOLD(resume) and the publisher's node enforces it,
@@ -3020,13 +3021,16 @@ class Cluster:
                         self._pause_for_peer(peer, key, publisher)
             if (
                 publisher is not None
+                and peer.up
                 and (
                     peer.outbox.bytes > self.cluster_config.link_high_water
                     or peer.held_publishers.spent(publisher, len(wire.payload))
                 )
                 and peer not in publisher.held_by
             ):
-                # Issue 14 item 2: the backpressure crosses the link.
+                # Issue 14 item 2: the backpressure crosses the link. Not to a peer that is
+                # down: nothing drains its outbox until it is back, maybe never (its
+                # sessions' copies are with its backup); the outbox's own bound holds.
                 peer.counters.publishers_paused += 1
                 publisher.hold_for(peer, peer=True)
         return count

@@ -480,6 +480,34 @@ def test_a_publisher_whose_acknowledgements_wait_on_a_frozen_node_is_paused(
     assert sorted(got) == sorted(f"bulk-{n}" for n in range(3000))
 
 
+def test_a_lost_node_does_not_pause_the_publishers_of_its_sessions(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``link_high_water`` (64 KiB here) paces publishers to a peer that is slow to
+    acknowledge; a peer that is down acknowledges nothing until it is back, maybe never. A
+    publisher on node-3 sends 300 commands of 1 KiB for a session of node-1, killed: each
+    waits in node-3's outbox for node-1 and goes to node-1's backup, so every one is
+    acknowledged, and the device back on node-3 gets them all. Before, the publisher was
+    paused for good once 64 KiB waited for node-1 (61 acknowledged, 239 never)."""
+    with running_cluster(
+        pki, tmp_path_factory.mktemp("lost-pause"), cluster="link_high_water = 65536"
+    ) as (owner, backup, other):
+        offline_session(owner, "asleep")
+        wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+        owner.kill()
+        wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-1 down")
+        commands = [("cmd/asleep", f"{n}:".ljust(1024, "."), 1) for n in range(300)]
+        _publish(other, commands)
+        member = {m["name"]: m for m in other.admin("/api/cluster")["members"]}["node-1"]
+        assert member["outbox_bytes"] > 300 * 1024
+        assert member["counters"]["publishers_paused"] == 0
+        device = Device("asleep", V5)
+        assert device.connect(other.mqtt_port), "the session was lost with its node"
+        got = device.received(want=300)
+        device.stop()
+        assert sorted(got) == sorted(payload for _, payload, _ in commands)
+
+
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
     nodes: list[ClusterNode],
 ) -> None:
