@@ -33,6 +33,7 @@ from tests.harness import VENV_BIN, Process, start_process
 from tests.pki import DeviceFiles, TestPKI
 
 BROKER = Path(sys.executable).parent / "broker"
+SLOW_DISK_BROKER = Path(__file__).with_name("slow_disk_broker.py")
 COOKIE = "chaos-cluster-cookie"
 V311 = MQTTProtocolVersion.MQTTv311
 V5 = MQTTProtocolVersion.MQTTv5
@@ -58,6 +59,8 @@ class NodeProcess:
     log: Path
     admin_port: int
     process: subprocess.Popen[bytes] | None
+    #: Seconds each store commit's callbacks run late (tests/slow_disk_broker.py); 0: none.
+    commit_delay = 0.0
 
     def start(self) -> None:
         self.launch()
@@ -65,9 +68,10 @@ class NodeProcess:
 
     def launch(self) -> None:
         log = self.log.open("ab")
-        self.process = subprocess.Popen(
-            [str(BROKER), "-c", str(self.config)], stdout=log, stderr=log
-        )
+        command = [str(BROKER), "-c", str(self.config)]
+        if self.commit_delay:
+            command[:1] = [sys.executable, str(SLOW_DISK_BROKER), str(self.commit_delay)]
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
         log.close()
 
     def wait_ready(self) -> None:
@@ -265,8 +269,12 @@ def running_cluster(
     extra: str = "",
     cluster: str | list[str] = "",
     store: str = "disk",
+    commit_delay: float = 0.0,
 ) -> Iterator[list[ClusterNode]]:
+    """``commit_delay``: each node on a slow disk (tests/slow_disk_broker.py)."""
     nodes = make_nodes(directory, pki, count, extra, cluster, store)
+    for node in nodes:
+        node.commit_delay = commit_delay
     try:
         # All at once, as a cluster comes up (a node waits at start for the peers that
         # dial it: started one by one, each would wait for the backoff of the ones before).
