@@ -1553,7 +1553,10 @@ class Cluster:
         if not peer.outbox or self.backups.get(peer.name) is None:
             return
         messages = sessions = 0
-        for _, data in peer.outbox.entries:
+        # A copy of the entries: a failover here passes messages on to where our copies'
+        # sessions went (broker.replica.MovedCopy), which adds to an outbox (to this peer's,
+        # should a stub point at it) while we go through them.
+        for _, data in list(peer.outbox.entries):
             decoder = codec.ClusterDecoder(len(data))
             decoder.feed(data)
             frame = decoder.next_event()
