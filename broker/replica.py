@@ -539,16 +539,17 @@ class Forwarded:
 
     def link_lost(self, peer: str, backup: str | None) -> list[Callable[[], None]]:
         """``peer``'s link dropped, after its unacknowledged frames were sent to ``backup``
-        (None: nowhere, or here): the waits on it move there or end."""
+        (None: nowhere, or here): the waits on it move there, or end (nothing went there,
+        or the peer had acknowledged their frames)."""
         acked = self.acked.pop(peer, 0)
         sent = self.outstanding.pop(peer, acked)
         self.recent.pop(peer, None)
         moved = None if backup is None else self.outstanding.get(backup)
         self.lost[peer] = (acked, sent, None if backup is None or not moved else (backup, moved))
-        for queue in self.waiting.values():
-            for targets, _ in queue:
-                if targets.pop(peer, None) is not None and backup is not None and moved:
-                    targets[backup] = max(targets.get(backup, 0), moved)
+        # The waits made already go where a wait made from now on goes (_since_lost).
+        for key, queue in self.waiting.items():
+            if any(peer in targets for targets, _ in queue):
+                self.waiting[key] = deque((self._since_lost(t), call) for t, call in queue)
         return self._due()
 
     def _due(self) -> list[Callable[[], None]]:
