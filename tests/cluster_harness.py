@@ -99,6 +99,11 @@ class NodeProcess:
         members = self.admin("/api/cluster")["members"]
         return {m["name"]: m["state"] for m in members if m["state"] != "self"}
 
+    def member(self, name: str) -> dict[str, Any]:
+        """Peer ``name``'s entry in /api/cluster's members (its link, counters, outbox)."""
+        members = self.admin("/api/cluster")["members"]
+        return next(member for member in members if member["name"] == name)
+
     def all_links_up(self) -> bool:
         states = self.link_states()
         return bool(states) and all(state == "up" for state in states.values())

@@ -623,7 +623,7 @@ def test_a_delivery_for_a_node_that_is_down_goes_to_its_backup_over_the_link(
             wait_for(lambda: publisher.acked == ["command"], 10, "the command acknowledged")
         finally:
             publisher.stop()
-        member = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-2"]
+        member = node.member("node-2")
         assert member["counters"]["failover_sent"] == 1
         keeper.close()
 
@@ -695,7 +695,7 @@ def test_a_transfer_a_node_did_not_acknowledge_goes_to_its_backup_over_the_link(
         assert frame.session == handed
         assert [d.message.payload for d in frame.session.deliveries] == [b"command"]
         keeper.send(codec.Ack(reliable.seq))
-        member = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-2"]
+        member = node.member("node-2")
         assert member["counters"]["failover_sent"] == 1
         line = "1 unacknowledged sessions (TRANSFER) for node-1 also sent to its backup node-2"
         assert line in node.log_text()
@@ -801,7 +801,7 @@ def test_claims_answered_none_are_remembered_within_a_byte_bound(
     60,000 bytes each: all are answered, the node keeps the 17 that fit in 1 MiB, the 3
     oldest beyond it are forgotten, counted on node-1 and logged."""
     fake, node = cluster
-    before = {m["name"]: m for m in node.admin("/api/cluster")["members"]}["node-1"]
+    before = node.member("node-1")
     peer = FakePeer(fake, node)
     peer.send(codec.Pong())  # node-1 is node-2's backup: synced, so claims are answered
     version = codec.Version(1 << 61, "node-1")

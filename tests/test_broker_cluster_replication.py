@@ -498,7 +498,7 @@ def test_a_lost_node_does_not_pause_the_publishers_of_its_sessions(
         wait_for(lambda: other.link_states().get("node-1") == "down", 10, "node-1 down")
         commands = [("cmd/asleep", f"{n}:".ljust(1024, "."), 1) for n in range(300)]
         _publish(other, commands)
-        member = {m["name"]: m for m in other.admin("/api/cluster")["members"]}["node-1"]
+        member = other.member("node-1")
         assert member["outbox_bytes"] > 300 * 1024
         assert member["counters"]["publishers_paused"] == 0
         device = Device("asleep", V5)
