@@ -25,6 +25,9 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   commands were acknowledged to the collector but never reached their device. With
   --wills every device sets a QoS 1 will and the collector counts what is published: the
   killed node's devices' wills come from its backup (broker.replica).
+  With --forget the killed node is then forgotten on the others (POST
+  /api/cluster/peers/NAME/forget) and the fleet held again: what each node kept for it
+  before and after, and that nothing acknowledged was lost meanwhile.
 - restart: ramp, telemetry, then a rolling restart of the brokers as an upgrade does it:
   each node from the last to node-2 in turn is stopped (SIGTERM, as systemd or docker stop
   do) and started again on the same config, and the next waits until the cluster has formed
@@ -1117,6 +1120,40 @@ def scenario_node_loss(run: Run) -> None:
         }
     )
     run.hold(args.hold, prefix="after_loss_")
+    if args.forget:
+        forget_node(run, victim_node)
+
+
+def forget_node(run: Run, victim: topology.Node) -> None:
+    """--forget: ``victim`` (killed) forgotten on every other node (POST
+    /api/cluster/peers/NAME/forget: its outbox there discarded, nothing more kept for it),
+    then another hold: what each node kept for it before and after, and what it did not
+    keep since (the commands for its former devices; they go to its backup and their new
+    nodes). The run's undelivered and lost figures cover both holds."""
+
+    def kept() -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for node in run.nodes:
+            if node == victim:
+                continue
+            members = admin_json(node, "/api/cluster").get("members", [])
+            member = next(m for m in members if m.get("name") == victim.name)
+            found[node.name] = {
+                "outbox_frames": member["outbox_frames"],
+                "outbox_bytes": member["outbox_bytes"],
+                "forgotten_not_kept": member["counters"].get("forgotten_not_kept", 0),
+            }
+        return found
+
+    before = kept()
+    run.mark("forget", node=victim.name)
+    for node in run.nodes:
+        if node != victim:
+            admin_json(node, f"/api/cluster/peers/{victim.name}/forget", "POST")
+    run.figures["forget_kept_before"] = before
+    run.figures["forget_kept_after"] = kept()
+    run.hold(run.args.hold, prefix="after_forget_")
+    run.figures["forget_kept_end"] = kept()
 
 
 def restart_node(run: Run, index: int) -> dict[str, Any]:
@@ -1515,6 +1552,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="restart: the brokers' [cluster] stop_evacuation in seconds (each evacuates "
         "itself at SIGTERM, at --evacuate-rate or the brokers' default); 0: not set",
+    )
+    parser.add_argument(
+        "--forget",
+        action="store_true",
+        help="node-loss: after the hold, forget the killed node on the others (POST "
+        "/api/cluster/peers/NAME/forget) and hold again",
     )
     parser.add_argument(
         "--keep-hard-stop",

@@ -19,6 +19,8 @@ STYLE.md rule 6):
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
 - ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
   one peer and keep it down, or let it come back (issue 12: operators, and the chaos test).
+- ``POST /api/cluster/peers/NAME/forget``: forget a peer that is down for good (EMQX's
+  ``cluster force-leave``; broker.cluster.Cluster.forget); 409 while it is up.
 - ``POST /api/evacuation?rate=N&wait_takeover=S&session_rate=M&migrate_to=NODE,...``: move
   this node's clients to the other nodes, N per second (default 500), listeners closed, then
   wait at most S seconds (default 60) for their sessions to follow them, then migrate the
@@ -309,6 +311,8 @@ class AdminServer:
             return 200, "application/json", json.dumps(command(pieces[4])).encode()
         except KeyError:
             return 404, "application/json", b'{"error": "no such peer"}'
+        except ValueError as error:
+            return _error(409, str(error))
 
     def _evacuation_command(self, method: str, query: str) -> tuple[int, str, bytes]:
         assert self.evacuation is not None

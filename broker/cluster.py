@@ -35,7 +35,11 @@ shared group cluster-wide one member is picked (``[mqtt] shared_subscription_str
 round_robin, random, sticky, hash_clientid, preferring connected members) and the message
 goes to that member's node tagged with it. A message from the cluster is never forwarded
 again: no loops, no duplicates. The routes of a peer that is down are kept (and stored), so
-messages for its persistent sessions wait in its outbox.
+messages for its persistent sessions wait in its outbox, until it is *forgotten* (forget():
+``POST /api/cluster/peers/NAME/forget``, or ``[cluster] autoclean`` after it was down that
+long, as EMQX's force-leave and autoclean): then its outbox goes and nothing more is kept
+for it (its backup's copies get what is for its sessions, and without a backup its routes
+go), and it may link again only as a new incarnation (its HELLO's incarnation differs).
 
 QoS 1/2 across links (:mod:`broker.reliable`): QoS 1/2 PUBLISH, TRANSFER, DELIVER and state
 store writes are *reliable frames*: numbered per directed pair, kept in the sender's outbox
@@ -352,6 +356,9 @@ class LinkCounters:
     # for our backup.
     held_paused: int = 0
     failover_sent: int = 0  # REPLICA_PUBLISH: messages for a node that is down, to its backup
+    # Forgotten (Cluster.forget): reliable frames not kept for it (messages for its
+    # sessions among them: replicating, their QoS 1/2 ones went to its backup).
+    forgotten_not_kept: int = 0
 
 
 def certificate_names(certificate: dict[str, Any] | None) -> frozenset[str]:
@@ -401,11 +408,14 @@ class Peer:
         "ack_due",
         "ack_scheduled",
         "attempts",
+        "autoclean_handle",
         "counters",
         "dial_handle",
         "dial_task",
         "dials",
         "filters",
+        "forgotten",
+        "forgotten_at",
         "held_publishers",
         "host",
         "inbox",
@@ -459,6 +469,11 @@ class Peer:
         self.link_failed = False
         self.unlogged_drops = 0
         self.last_drop_log = 0.0
+        # Forgotten (Cluster.forget: an operator, or autoclean): the incarnation it had
+        # then (0: never met), which may not link again, and when; None: not forgotten.
+        self.forgotten: int | None = None
+        self.forgotten_at = 0.0
+        self.autoclean_handle: asyncio.TimerHandle | None = None
 
     @property
     def connection(self) -> ClientConnection | None:
@@ -738,6 +753,10 @@ class Cluster:
                 peer.inbox = Inbox(int(peer_incarnation), int(applied))
             for topic_filter in state.routes.get(peer.name, ()):
                 self._add_route(peer, topic_filter, store_it=False)
+            forgotten = state.meta.get(f"forgotten:{peer.name}")
+            if forgotten:
+                incarnation_text, at = forgotten.decode().split(":")
+                peer.forgotten, peer.forgotten_at = int(incarnation_text), float(at)
             if peer.outbox:
                 logger.info(
                     "cluster: %d reliable frames (%d bytes) for %s wait in the outbox",
@@ -858,6 +877,7 @@ class Cluster:
         now = time.time()
         for peer in self.peers.values():
             self.down_since[peer.name] = now
+            self._autoclean_later(peer)
             if peer.dials:
                 self._dial_soon(peer, 0.0)
         self.replica_sweeper = asyncio.get_running_loop().call_later(
@@ -929,6 +949,9 @@ class Cluster:
                 waiting.timer.cancel()
         self.waiting.clear()
         for peer in self.peers.values():
+            if peer.autoclean_handle is not None:
+                peer.autoclean_handle.cancel()
+                peer.autoclean_handle = None
             if peer.dial_handle is not None:
                 peer.dial_handle.cancel()
                 peer.dial_handle = None
@@ -970,6 +993,77 @@ class Cluster:
         if peer.dials and peer.link is None:
             self._dial_soon(peer, 0.0)
         return {"peer": name, "suspended": False}
+
+    def forget(self, name: str, by: str = "an operator") -> dict[str, Any]:
+        """Forget ``name``, a peer that is down for good (EMQX's ``cluster force-leave``; the
+        admin API, or ``autoclean``): what waits in its outbox goes, and nothing more is
+        kept for it. Replicating, its routes stay and the QoS 1/2 messages for its sessions
+        go on to its backup (whose copies are its sessions now); without a backup its routes
+        and shared members go too. It may link again only as a new incarnation (started
+        without its store: its backup hands its sessions back), as what it missed is gone.
+        Raises KeyError (no such peer) or ValueError (it is up)."""
+        peer = self.peers.get(name)
+        if peer is None:
+            raise KeyError(name)
+        if peer.up:
+            raise ValueError(
+                f"node {name!r} is up: only a node that is down (for good) can be forgotten"
+            )
+        if peer.forgotten is None:
+            self._forget(peer, by)
+        return {"peer": name, "forgotten": True, "since": peer.forgotten_at}
+
+    def _forget(self, peer: Peer, by: str) -> None:
+        broker = self.broker
+        assert broker is not None
+        outbox = peer.outbox
+        frames, size = len(outbox), outbox.bytes
+        outbox.ack(outbox.seq)
+        broker.store.ack_outbox(peer.name, outbox.seq)
+        peer.forgotten, peer.forgotten_at = peer.inbox.incarnation, time.time()
+        broker.store.set_meta(
+            f"forgotten:{peer.name}", f"{peer.forgotten}:{peer.forgotten_at}".encode()
+        )
+        if peer.autoclean_handle is not None:
+            peer.autoclean_handle.cancel()
+            peer.autoclean_handle = None
+        backup = self.backups.get(peer.name) if self.replicating else None
+        if backup is None:
+            routes = len(peer.filters)
+            self._drop_routes(peer)
+            self._drop_members(peer)
+            kept = f"its {routes} routes dropped: messages for its sessions are not kept"
+        elif backup == self.node_name:
+            kept = "messages for its sessions go to our copies of them only"
+        else:
+            kept = f"messages for its sessions go to its backup {backup} only"
+        peer.release_publishers()
+        since = self.down_since.get(peer.name)
+        logger.warning(
+            "cluster: node %s forgotten by %s (down since %s): %d reliable frames (%d bytes) "
+            "that waited for it discarded; %s; it may link again only as a new incarnation "
+            "(started without its store)",
+            peer.name,
+            by,
+            "?" if since is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),
+            frames,
+            size,
+            kept,
+        )
+        self.drained_all.check()
+
+    def _autoclean_later(self, peer: Peer) -> None:
+        """``peer`` is down: forgotten after ``autoclean`` unless it is back first."""
+        delay = self.cluster_config.autoclean
+        if not delay or peer.forgotten is not None or peer.autoclean_handle is not None:
+            return
+
+        def autoclean() -> None:
+            peer.autoclean_handle = None
+            if not peer.up and peer.forgotten is None and not self.stopping:
+                self._forget(peer, f"autoclean (down for {delay:g} s)")
+
+        peer.autoclean_handle = asyncio.get_running_loop().call_later(delay, autoclean)
 
     # --- dialing -----------------------------------------------------------------------------
 
@@ -1083,7 +1177,19 @@ class Cluster:
                 f"the certificate of node {hello.node!r} names neither it nor its address "
                 f"{peer.host} (subjectAltName/CN: {names})"
             )
+        if peer.forgotten is not None and hello.incarnation == peer.forgotten:
+            # Checked last: a peer refused for it has passed the others, and is told why.
+            return self.forgotten_refusal(peer)
         return None
+
+    def forgotten_refusal(self, peer: Peer) -> str:
+        """Why ``peer``, forgotten, is refused while it keeps its store."""
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer.forgotten_at))
+        return (
+            f"node {peer.name!r} was forgotten by node {self.node_name!r} at {at} and kept its "
+            "store (the same incarnation): what was kept for it is gone; start it without its "
+            "store to rejoin (its backup hands its sessions back)"
+        )
 
     def _version_refusal(self, hello: codec.Hello) -> str:
         """A peer of a version this node does not speak: both versions, and what to do."""
@@ -1129,6 +1235,17 @@ class Cluster:
         peer.counters.connects += 1
         broker = self.broker
         assert broker is not None
+        if peer.autoclean_handle is not None:
+            peer.autoclean_handle.cancel()
+            peer.autoclean_handle = None
+        if peer.forgotten is not None:
+            # A new incarnation (hello_received refused the one forgotten).
+            peer.forgotten = None
+            broker.store.set_meta(f"forgotten:{peer.name}", b"")
+            logger.warning(
+                "cluster: node %s, forgotten, is back as a new incarnation: a member again",
+                peer.name,
+            )
         new_life = peer.inbox.peer_incarnation(hello.incarnation)
         if new_life:
             # A new life of the peer (it started without its store, or for the first
@@ -1239,6 +1356,7 @@ class Cluster:
             self._set_state(peer, LinkState.DOWN)
             return
         self.down_since[peer.name] = time.time()
+        self._autoclean_later(peer)
         if peer.name == self.backup and self.replicator.active:
             # One copy from now on, as on a single node: nothing waits for the backup.
             for callback in self.replicator.stop():
@@ -2008,9 +2126,13 @@ class Cluster:
     # --- reliable frames ---------------------------------------------------------------------
 
     def send_reliable(self, peer: Peer, frame: codec.Frame) -> int:
-        """Number, keep (and store) and send ``frame``; returns its seq."""
+        """Number, keep (and store) and send ``frame``; returns its seq (0: not kept, the
+        peer is forgotten)."""
         broker = self.broker
         assert broker is not None
+        if peer.forgotten is not None:
+            peer.counters.forgotten_not_kept += 1
+            return 0
         outbox = peer.outbox
         seq = outbox.next_seq()
         data = codec.encode(codec.Reliable(seq, frame))
@@ -2027,13 +2149,19 @@ class Cluster:
             peer.unlogged_drops += len(dropped)
             now = time.monotonic()
             if now - peer.last_drop_log >= DROP_LOG_INTERVAL:
+                backup = self.backups.get(peer.name) if self.replicating else None
                 logger.warning(
                     "cluster outbox to %s over outbox_max_bytes %d: %d oldest reliable frames "
-                    "dropped (messages for its sessions lost; %d in all)",
+                    "dropped (%d in all): messages for its sessions lost%s",
                     peer.name,
                     outbox.limit,
                     peer.unlogged_drops,
                     peer.counters.outbox_dropped,
+                    ""
+                    if backup is None or peer.up
+                    else f" unless its backup {backup} has them (sent there while {peer.name} "
+                    f"is down); if {peer.name} is gone for good, forget it (POST "
+                    f"/api/cluster/peers/{peer.name}/forget, or [cluster] autoclean)",
                 )
                 peer.last_drop_log = now
                 peer.unlogged_drops = 0
@@ -2999,6 +3127,9 @@ class Cluster:
             if message.qos and self.replicating and not peer.up:
                 # Issue 13: the node may be gone for good; its backup keeps its sessions.
                 self._send_failover(name, wire, name in plain, members)
+            if peer.forgotten is not None:
+                peer.counters.forgotten_not_kept += 1
+                continue
             frame = codec.Publish(wire, name in plain, members)
             if message.qos == 0:
                 link = peer.link
@@ -3154,6 +3285,7 @@ class Cluster:
                     "since": peer.state_since,
                     "direction": "dial" if peer.dials else "accept",
                     "suspended": peer.suspended,
+                    "forgotten": peer.forgotten is not None,
                     "link_address": None if link is None else link.address_text,
                     "tls_version": None if link is None else link.tls_version,
                     "protocol_version": None if link is None else link.protocol_version,
@@ -3484,8 +3616,11 @@ class ClusterLink(asyncio.Protocol):
                 refusal,
             )
             self.refusal = f"refused: {refusal}"
-            # Issue 14 item 7: the peer learns nothing about our configuration.
-            self.close(self.refusal, told=BARE_REFUSAL)
+            # Issue 14 item 7: the peer learns nothing about our configuration, but a
+            # forgotten one (it passed every other check) learns what to do.
+            peer = self.cluster.peers.get(frame.node)
+            forgotten = peer is not None and refusal == self.cluster.forgotten_refusal(peer)
+            self.close(self.refusal, told=refusal if forgotten else BARE_REFUSAL)
             return False
         self.protocol_version = min(self.cluster.protocol_version, frame.version)
         self.decoder.version = self.protocol_version

@@ -74,6 +74,8 @@ Shape (every table and key optional except where noted)::
     stop_evacuation = "0s"         # a stop (SIGTERM) first evacuates the node for at most this
                                    # long (broker/evacuation.py); "0s": clients dropped at once
     stop_evacuation_rate = 500     # clients (and then sessions) moved off per second
+    autoclean = "0s"               # a peer down this long is forgotten (EMQX's cluster.autoclean;
+                                   # broker/cluster.py Cluster.forget); "0s": never, the default
     [cluster.ssl_options]          # as above
 
     [store]                        # issue 12: what survives a SIGKILL (broker/store.py)
@@ -286,6 +288,11 @@ class ClusterConfig:
     # (0: off), moving clients and then sessions off at this rate.
     stop_evacuation: float = 0.0
     stop_evacuation_rate: int = 500
+    # Issue 13: a peer down this long is forgotten (Cluster.forget), as EMQX's
+    # cluster.autoclean; 0: never (the default: EMQX's is 24h, but a node forgotten here
+    # rejoins only without its store, so after a long split each side would keep refusing
+    # the other until an operator acts).
+    autoclean: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -822,6 +829,7 @@ def parse_config(
             stop_evacuation_rate=cluster_reader.integer(
                 "stop_evacuation_rate", defaults.stop_evacuation_rate, 1, 100_000
             ),
+            autoclean=cluster_reader.duration("autoclean", defaults.autoclean, zero=True),
         )
         cluster_reader.reject_unknown()
         if peers and cookie is None:

@@ -186,6 +186,7 @@ class BrokerServer:
                 self.admin.cluster_commands = {
                     "disconnect": self.cluster.suspend,
                     "connect": self.cluster.resume,
+                    "forget": self.cluster.forget,
                 }
         self._ticker: asyncio.TimerHandle | None = None
         self.evacuation: Evacuation | None = None

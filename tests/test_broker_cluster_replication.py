@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.error
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -506,6 +507,91 @@ def test_a_lost_node_does_not_pause_the_publishers_of_its_sessions(
         got = device.received(want=300)
         device.stop()
         assert sorted(got) == sorted(payload for _, payload, _ in commands)
+
+
+def _forget(node: ClusterNode, peer: str) -> dict[str, Any]:
+    result: dict[str, Any] = node.admin(f"/api/cluster/peers/{peer}/forget", "POST")
+    return result
+
+
+def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_store(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-1 is killed for good; commands for its offline session wait in node-3's outbox
+    to node-1 (and go to node-2, its backup). Forgotten on node-2 and node-3 (EMQX's
+    ``cluster force-leave``; refused for a node that is up), node-3 discards that outbox and
+    keeps nothing more for node-1, also after its own restart: the commands published since
+    reach only the backup, and the device, back, gets every one. node-1 restarted with its
+    store is refused (what was kept for it is gone); started without it, it is a member again
+    and its routes work."""
+    owner, backup, other = nodes
+    offline_session(owner, "forgotten")
+    wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
+    owner.kill()
+    for node in (backup, other):
+        wait_for(lambda node=node: node.link_states().get("node-1") == "down", 10, "node-1 down")
+    _publish(other, [("cmd/forgotten", f"before-{n}", 1) for n in range(3)])
+    assert other.member("node-1")["outbox_frames"] >= 3
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        _forget(other, "node-2")
+    assert refused.value.code == 409
+    assert not other.member("node-2")["forgotten"]
+    for node in (backup, other):
+        assert _forget(node, "node-1")["forgotten"]
+    member = other.member("node-1")
+    assert (member["forgotten"], member["outbox_frames"], member["outbox_bytes"]) == (True, 0, 0)
+    assert "node node-1 forgotten by an operator" in other.log_text()
+    assert "messages for its sessions go to its backup node-2 only" in other.log_text()
+    other.stop()
+    other.start()
+    wait_for(lambda: other.link_states().get("node-2") == "up", 20, "node-3 back")
+    assert other.member("node-1")["forgotten"], "forgotten is kept in the store"
+    _publish(other, [("cmd/forgotten", f"after-{n}", 1) for n in range(3)])
+    member = other.member("node-1")
+    assert member["outbox_frames"] == 0
+    assert member["counters"]["forgotten_not_kept"] >= 3
+    device = Device("forgotten", V5)
+    assert device.connect(other.mqtt_port), "the session was lost with its node"
+    got = device.received(want=6)
+    device.stop()
+    assert sorted(got) == [f"after-{n}" for n in range(3)] + [f"before-{n}" for n in range(3)]
+    owner.start()
+    wait_for(lambda: "kept its store (the same incarnation)" in backup.log_text(), 15, "refused")
+    assert owner.link_states() == {"node-2": "down", "node-3": "down"}
+    told = "refused by the peer: node 'node-1' was forgotten by node 'node-2' at "
+    wait_for(lambda: told in owner.log_text(), 10, "node-1 told why")
+    owner.kill()
+    owner.database.unlink()
+    owner.start()
+    wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "node-1 a member again")
+    assert not other.member("node-1")["forgotten"]
+    assert "node node-1, forgotten, is back as a new incarnation" in other.log_text()
+    device = Device("fresh", V5, clean=True)
+    device.connect(owner.mqtt_port)
+    device.subscribe([("cmd/fresh", 1)])
+    wait_for(lambda: other.member("node-1")["remote_filters"] >= 1, 10, "its route on node-3")
+    _publish(other, [("cmd/fresh", "routed", 1)])
+    assert device.received(want=1) == ["routed"]
+    device.stop()
+
+
+def test_autoclean_forgets_a_lost_node_and_without_a_backup_its_routes(
+    pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``autoclean = "2s"``, ``session_replicas = 0``: node-1, killed, is forgotten by the
+    others two seconds later; with no backup to send its messages to, its routes go too."""
+    cluster = 'autoclean = "2s"\nsession_replicas = 0'
+    with running_cluster(pki, tmp_path_factory.mktemp("autoclean"), cluster=cluster) as nodes:
+        owner, _, other = nodes
+        offline_session(owner, "cleaned")
+        wait_for(lambda: other.member("node-1")["remote_filters"] == 1, 10, "its route")
+        owner.kill()
+        wait_for(lambda: other.member("node-1")["forgotten"], 15, "node-1 forgotten")
+        assert other.member("node-1")["remote_filters"] == 0
+        assert "node node-1 forgotten by autoclean (down for 2 s)" in other.log_text()
+        assert "its 1 routes dropped: messages for its sessions are not kept" in other.log_text()
+        _publish(other, [("cmd/cleaned", "nowhere", 1)])
+        assert other.member("node-1")["outbox_frames"] == 0
 
 
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(

@@ -124,6 +124,20 @@ def test_stop_evacuation_is_off_unless_said() -> None:
             parse_config({**document, "cluster": {key: value}}, "c.toml")
 
 
+def test_autoclean_is_off_unless_said() -> None:
+    """``[cluster] autoclean``: a peer down this long is forgotten (EMQX's cluster.autoclean);
+    "0s", the default, never."""
+    document: dict[str, object] = {"listeners": {"tcp": {"a": {"bind": "127.0.0.1:1"}}}}
+    config = parse_config({**document, "cluster": {}}, "c.toml")
+    assert config.cluster is not None and config.cluster.autoclean == 0.0
+    for value, seconds in (("24h", 86400.0), ("0s", 0.0), (90, 90.0)):
+        config = parse_config({**document, "cluster": {"autoclean": value}}, "c.toml")
+        assert config.cluster is not None and config.cluster.autoclean == seconds
+    for value, words in (("a day", "expected a duration"), (-1, "expected a duration of 0")):
+        with pytest.raises(ConfigError, match=f"c.toml: 'cluster.autoclean': {words}"):
+            parse_config({**document, "cluster": {"autoclean": value}}, "c.toml")
+
+
 def test_cluster_protocol_version_is_2_to_7() -> None:
     """``[cluster] protocol_version``: the version a node announces in HELLO, 7 unless said
     (an older one while a rolling upgrade has nodes that speak only it); anything else names
