@@ -39,7 +39,8 @@ messages for its persistent sessions wait in its outbox, until it is *forgotten*
 ``POST /api/cluster/peers/NAME/forget``, or ``[cluster] autoclean`` after it was down that
 long, as EMQX's force-leave and autoclean): then its outbox goes and nothing more is kept
 for it (its backup's copies get what is for its sessions, and without a backup its routes
-go), and it may link again only as a new incarnation (its HELLO's incarnation differs).
+go), the backups close the ring over it (_reform_ring), and it may link again only as a new
+incarnation (its HELLO's incarnation differs).
 
 QoS 1/2 across links (:mod:`broker.reliable`): QoS 1/2 PUBLISH, TRANSFER, DELIVER and state
 store writes are *reliable frames*: numbered per directed pair, kept in the sender's outbox
@@ -768,6 +769,8 @@ class Cluster:
             for topic_filter in session.subscriptions:
                 if split_shared(topic_filter)[0] is not None:
                     self._set_member(self.node_name, topic_filter, session.client_id, False)
+        if any(peer.forgotten is not None for peer in self.peers.values()):
+            self._reform_ring()
 
     @staticmethod
     def check(config: BrokerConfig) -> list[str]:
@@ -1050,7 +1053,50 @@ class Cluster:
             size,
             kept,
         )
+        self._reform_ring()
         self.drained_all.check()
+
+    def _reform_ring(self, start_now: bool = True) -> None:
+        """The backups over the nodes not forgotten (broker.replica.backup_of; a forgotten
+        node keeps the backup it had, which holds its copies): after a node is forgotten the
+        node before it gets a backup again, so the cluster survives the loss of another node;
+        when it is back, the ring is as configured again. Our backup may move
+        (_backup_moved; ``start_now``: start replicating to it here, else the caller does)."""
+        if not self.replicating:
+            return
+        names = [self.node_name]
+        names.extend(peer.name for peer in self.peers.values() if peer.forgotten is None)
+        for name in names:
+            self.backups[name] = backup_of(name, names)
+        backup = self.backups[self.node_name]
+        if backup != self.backup:
+            self._backup_moved(backup, start_now)
+
+    def _backup_moved(self, backup: str | None, start_now: bool) -> None:
+        """Our backup is now ``backup``: the old one, when up, is told to drop our copies (a
+        REPLICA reset with no ops: it keeps nothing of ours that would go stale), and the new
+        one gets a reset and a snapshot once its link is up. Promises waiting for the old one
+        wait for the new one's snapshot (broker.replica.Replicator) when its link is up, else
+        nothing waits for a backup (as when its link drops)."""
+        old = self.backup_peer
+        if old is not None and old.link is not None and old.link.established:
+            old.link.send(codec.encode(codec.Replica(0, True, ())))
+        previous, self.backup = self.backup, backup
+        peer = self.backup_peer
+        link = None if peer is None else peer.link
+        up = link is not None and link.established
+        replicating = up and link is not None and link.protocol_version >= codec.REPLICA_VERSION
+        if not replicating and self.replicator.active:
+            for callback in self.replicator.stop():
+                callback()
+        logger.warning(
+            "cluster: our backup is now %s (was %s)%s",
+            backup or "none",
+            previous,
+            ": our sessions are copied to it" if replicating else "",
+        )
+        if replicating and start_now and link is not None:
+            link.start_snapshot(self._start_replication(link))
 
     def _autoclean_later(self, peer: Peer) -> None:
         """``peer`` is down: forgotten after ``autoclean`` unless it is back first."""
@@ -1246,6 +1292,7 @@ class Cluster:
                 "cluster: node %s, forgotten, is back as a new incarnation: a member again",
                 peer.name,
             )
+            self._reform_ring(start_now=False)
         new_life = peer.inbox.peer_incarnation(hello.incarnation)
         if new_life:
             # A new life of the peer (it started without its store, or for the first
@@ -3520,6 +3567,12 @@ class ClusterLink(asyncio.Protocol):
         self.replaying = True
         self.resend_from = applied + 1
         self._retained = retained
+        self._snapshot = snapshot
+        self._pump_backlog()
+
+    def start_snapshot(self, snapshot: Iterator[bytes]) -> None:
+        """A snapshot of our sessions on a link that is up (our backup moved to its peer),
+        sent as the link drains, after what the backlog still has to send."""
         self._snapshot = snapshot
         self._pump_backlog()
 

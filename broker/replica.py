@@ -3,7 +3,9 @@ node lost for good does not take with it what its sessions held (issue 13: "lose
 acknowledged", for messages TO devices).
 
 Who keeps whose copy: the *backup* of a node is the next node after it in the sorted list of
-the cluster's node names (a ring; every node computes the same from ``[cluster] peers``).
+the cluster's node names (a ring; every node computes the same from ``[cluster] peers``),
+leaving out the nodes forgotten (broker.cluster.Cluster.forget: a node lost for good; the
+ring closes over it, and opens again when it is back without its store).
 ``[cluster] session_replicas = 0`` turns replication off; the default 1 keeps one copy, so
 the cluster survives the loss of any one node (HiveMQ's replication factor 2, counting the
 owner; EMQX 5's open-source edition keeps none).

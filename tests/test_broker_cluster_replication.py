@@ -546,6 +546,7 @@ def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_stor
     other.start()
     wait_for(lambda: other.link_states().get("node-2") == "up", 20, "node-3 back")
     assert other.member("node-1")["forgotten"], "forgotten is kept in the store"
+    assert _replication(other)["backup"] == "node-2", "the ring closed over node-1"
     _publish(other, [("cmd/forgotten", f"after-{n}", 1) for n in range(3)])
     member = other.member("node-1")
     assert member["outbox_frames"] == 0
@@ -573,6 +574,63 @@ def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_stor
     _publish(other, [("cmd/fresh", "routed", 1)])
     assert device.received(want=1) == ["routed"]
     device.stop()
+
+
+def test_once_a_lost_node_is_forgotten_the_node_it_backed_up_survives_a_loss_too(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-3 is node-2's backup (and node-1 node-3's). node-3 dies: node-2's sessions have
+    no copy elsewhere. Forgotten on node-1 and node-2, the ring closes over them: node-1 is
+    node-2's backup now and gets its snapshot. node-2 dies too: its device, back on node-1,
+    finds its session with every command queued on node-2, before node-3's loss and after.
+    (Before, node-2 stayed without a backup while node-3 was away: its session went with it.)"""
+    first, second, third = nodes
+    offline_session(second, "second", V5)
+    wait_for(lambda: _copies(third, "node-2") == 1, 10, "the copy on node-3")
+    _publish(first, [("cmd/second", f"before-{n}", 1) for n in range(3)])
+    third.kill()
+    for node in (first, second):
+        wait_for(lambda node=node: node.link_states().get("node-3") == "down", 10, "node-3 down")
+        _forget(node, "node-3")
+    wait_for(lambda: _copies(first, "node-2") == 1, 10, "node-2's session copied to node-1")
+    assert _replication(second)["backup"] == "node-1"
+    assert "our backup is now node-1 (was node-3): our sessions are copied to it" in (
+        second.log_text()
+    )
+    _publish(first, [("cmd/second", f"after-{n}", 1) for n in range(3)])
+    second.kill()
+    wait_for(lambda: first.link_states().get("node-2") == "down", 10, "node-2 down")
+    device = Device("second", V5)
+    assert device.connect(first.mqtt_port), "the session was lost with node-2"
+    got = device.received(want=6)
+    device.stop()
+    assert sorted(got) == [f"after-{n}" for n in range(3)] + [f"before-{n}" for n in range(3)]
+
+
+def test_a_forgotten_node_back_without_its_store_is_a_backup_again(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-3 forgotten, node-2's copies go to node-1; node-3 back as a new incarnation: the
+    ring is as configured again, node-2 copies its sessions to node-3 and node-1 drops the
+    ones it kept (they would go stale)."""
+    first, second, third = nodes
+    offline_session(second, "ring", V5)
+    wait_for(lambda: _copies(third, "node-2") == 1, 10, "the copy on node-3")
+    third.kill()
+    for node in (first, second):
+        wait_for(lambda node=node: node.link_states().get("node-3") == "down", 10, "node-3 down")
+        _forget(node, "node-3")
+    wait_for(lambda: _copies(first, "node-2") == 1, 10, "node-2's session copied to node-1")
+    third.database.unlink()
+    third.start()
+    wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "node-3 a member again")
+    wait_for(lambda: _copies(third, "node-2") == 1, 10, "node-2's session copied to node-3")
+    wait_for(lambda: _copies(first, "node-2") == 0, 10, "node-1's copy dropped")
+    assert _replication(second)["backup"] == "node-3"
+    assert "our backup is now node-3 (was node-1)" in second.log_text()
+    _publish(first, [("cmd/ring", "queued", 1)])
+    wait_for(lambda: _replication(third)["copies"]["deliveries"] == 1, 10, "copied to node-3")
+    assert _replication(first)["copies"]["deliveries"] == 0
 
 
 def test_autoclean_forgets_a_lost_node_and_without_a_backup_its_routes(
