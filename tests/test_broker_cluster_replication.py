@@ -59,6 +59,14 @@ def _publish(node: ClusterNode, messages: list[tuple[str, str, int]]) -> None:
     publisher.stop()
 
 
+def _kill(lost: ClusterNode, *seen_by: ClusterNode) -> None:
+    """SIGKILL ``lost`` and wait until each of ``seen_by`` has its link to it down."""
+    lost.kill()
+    down = lost.name
+    for node in seen_by:
+        wait_for(lambda node=node: node.link_states().get(down) == "down", 10, f"{down} down")
+
+
 @pytest.mark.parametrize(
     ("protocol", "comes_back_on"), [(V5, "node-3"), (V311, "node-2"), (V5, "node-2")]
 )
@@ -192,9 +200,7 @@ def test_a_session_outlives_two_nodes_lost_one_after_the_other(
     offline_session(first, "twice", V5)
     wait_for(lambda: _copies(second, "node-1") == 1, 10, "the copy on node-2")
     _publish(last, [("cmd/twice", f"first-{n}", 1) for n in range(3)])
-    first.kill()
-    for node in (second, last):
-        wait_for(lambda node=node: node.link_states().get("node-1") == "down", 10, "node-1 down")
+    _kill(first, second, last)
     device = Device("twice", V5)
     assert device.connect(second.mqtt_port), "the session was lost with node-1"
     assert sorted(device.received(want=3)) == [f"first-{n}" for n in range(3)]
@@ -527,9 +533,7 @@ def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_stor
     owner, backup, other = nodes
     offline_session(owner, "forgotten")
     wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
-    owner.kill()
-    for node in (backup, other):
-        wait_for(lambda node=node: node.link_states().get("node-1") == "down", 10, "node-1 down")
+    _kill(owner, backup, other)
     _publish(other, [("cmd/forgotten", f"before-{n}", 1) for n in range(3)])
     assert other.member("node-1")["outbox_frames"] >= 3
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -588,9 +592,8 @@ def test_once_a_lost_node_is_forgotten_the_node_it_backed_up_survives_a_loss_too
     offline_session(second, "second", V5)
     wait_for(lambda: _copies(third, "node-2") == 1, 10, "the copy on node-3")
     _publish(first, [("cmd/second", f"before-{n}", 1) for n in range(3)])
-    third.kill()
+    _kill(third, first, second)
     for node in (first, second):
-        wait_for(lambda node=node: node.link_states().get("node-3") == "down", 10, "node-3 down")
         _forget(node, "node-3")
     wait_for(lambda: _copies(first, "node-2") == 1, 10, "node-2's session copied to node-1")
     assert _replication(second)["backup"] == "node-1"
@@ -616,9 +619,8 @@ def test_a_forgotten_node_back_without_its_store_is_a_backup_again(
     first, second, third = nodes
     offline_session(second, "ring", V5)
     wait_for(lambda: _copies(third, "node-2") == 1, 10, "the copy on node-3")
-    third.kill()
+    _kill(third, first, second)
     for node in (first, second):
-        wait_for(lambda node=node: node.link_states().get("node-3") == "down", 10, "node-3 down")
         _forget(node, "node-3")
     wait_for(lambda: _copies(first, "node-2") == 1, 10, "node-2's session copied to node-1")
     third.database.unlink()
