@@ -3672,7 +3672,11 @@ class ClusterLink(asyncio.Protocol):
             # Issue 14 item 7: the peer learns nothing about our configuration, but a
             # forgotten one (it passed every other check) learns what to do.
             peer = self.cluster.peers.get(frame.node)
-            forgotten = peer is not None and refusal == self.cluster.forgotten_refusal(peer)
+            forgotten = (
+                peer is not None
+                and peer.forgotten is not None
+                and refusal == self.cluster.forgotten_refusal(peer)
+            )
             self.close(self.refusal, told=refusal if forgotten else BARE_REFUSAL)
             return False
         self.protocol_version = min(self.cluster.protocol_version, frame.version)
