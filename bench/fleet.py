@@ -27,7 +27,9 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   killed node's devices' wills come from its backup (broker.replica).
   With --forget the killed node is then forgotten on the others (POST
   /api/cluster/peers/NAME/forget) and the fleet held again: what each node kept for it
-  before and after, and that nothing acknowledged was lost meanwhile.
+  before and after, and that nothing acknowledged was lost meanwhile. With --lose-again the
+  node before it (whose sessions it kept copies of) is then killed too: with --forget its
+  backup has moved and its devices find their sessions; without, they are lost with it.
 - restart: ramp, telemetry, then a rolling restart of the brokers as an upgrade does it:
   each node from the last to node-2 in turn is stopped (SIGTERM, as systemd or docker stop
   do) and started again on the same config, and the next waits until the cluster has formed
@@ -1074,9 +1076,25 @@ def scenario_node_loss(run: Run) -> None:
     args = run.args
     run.ramp()
     run.hold(args.settle)
-    victim_node, victim = run.nodes[-1], run.brokers[-1]
+    lose_node(run, len(run.nodes) - 1)
+    run.hold(args.hold, prefix="after_loss_")
+    if args.forget:
+        forget_node(run, run.nodes[-1])
+    if args.lose_again:
+        # The node whose backup the first one was: with --forget its sessions were copied
+        # to the next node since; without, they have no copy but its own.
+        lose_node(run, len(run.nodes) - 2, "second_")
+        run.hold(args.hold, prefix="after_second_loss_")
+
+
+def lose_node(run: Run, index: int, prefix: str = "") -> None:
+    """SIGKILL broker ``index`` under load; when the balancer marks it down and its devices
+    are back (figures under ``prefix``)."""
+    args = run.args
+    victim_node, victim = run.nodes[index], run.brokers[index]
     run.sample()
     before = run.latest()
+    present_before = run.total("sessions_present")
     run.mark("SIGKILL", node=victim_node.name, pid=victim.pid)
     since = time.monotonic()
     with contextlib.suppress(ProcessLookupError):
@@ -1106,22 +1124,21 @@ def scenario_node_loss(run: Run) -> None:
     run.wait(args.storm_timeout, check)
     run.sample()
     run.mark("after the loss", connected=run.total("connected"))
-    run.figures.update(
-        {
-            "node_killed": victim_node.name,
-            "node_devices_dropped": run.latest()["disconnects"] - before["disconnects"],
-            "node_marked_down_seconds": round(marked, 1) if marked is not None else None,
-            "node_back_99_seconds": round(marks["99"], 1) if marks["99"] is not None else None,
-            "node_back_100_seconds": round(marks["100"], 1) if marks["100"] is not None else None,
-            "node_refusals": dict(run.counter("refusals")),
-            # --wills: published for the killed node's devices (by its backup) and for any
-            # other connection that ended without DISCONNECT meanwhile.
-            "node_wills": run.latest()["wills"] - before["wills"],
-        }
-    )
-    run.hold(args.hold, prefix="after_loss_")
-    if args.forget:
-        forget_node(run, victim_node)
+    figures = {
+        "node_killed": victim_node.name,
+        "node_devices_dropped": run.latest()["disconnects"] - before["disconnects"],
+        "node_marked_down_seconds": round(marked, 1) if marked is not None else None,
+        "node_back_99_seconds": round(marks["99"], 1) if marks["99"] is not None else None,
+        "node_back_100_seconds": round(marks["100"], 1) if marks["100"] is not None else None,
+        "node_refusals": dict(run.counter("refusals")),
+        # --wills: published for the killed node's devices (by its backup) and for any
+        # other connection that ended without DISCONNECT meanwhile.
+        "node_wills": run.latest()["wills"] - before["wills"],
+        # Devices back with session_present=1 (their session found): the killed node's
+        # devices, when its backup had their sessions.
+        "node_sessions_present": run.total("sessions_present") - present_before,
+    }
+    run.figures.update({prefix + key: value for key, value in figures.items()})
 
 
 def forget_node(run: Run, victim: topology.Node) -> None:
@@ -1558,6 +1575,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="node-loss: after the hold, forget the killed node on the others (POST "
         "/api/cluster/peers/NAME/forget) and hold again",
+    )
+    parser.add_argument(
+        "--lose-again",
+        action="store_true",
+        help="node-loss: then SIGKILL the node before the first in the ring too (the one "
+        "whose backup it was; with --forget its backup has moved)",
     )
     parser.add_argument(
         "--keep-hard-stop",
