@@ -102,7 +102,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from broker import cluster_codec as codec
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
@@ -177,6 +177,23 @@ SEND_QUEUE_LIMIT = 32 * 1024 * 1024
 FRAME_OVERHEAD = 4 * 65_536
 #: Retained deletions remembered (topic -> time) so a resync does not bring them back.
 RETAINED_TOMBSTONES = 10_000
+#: What a node announcing an older protocol version lacks, by the version that brought it
+#: (the replication ones only once it replicates at all).
+_OLDER_VERSIONS_LACK: Final = (
+    (codec.REPLICA_VERSION, "its persistent sessions are not copied to another node"),
+    (codec.FAILOVER_VERSION, "shared members' messages for a node that is down miss its backup"),
+    (
+        codec.DELIVER_FAILOVER_VERSION,
+        "messages passed on to a session's new node miss that node's backup while it is down",
+    ),
+    (
+        codec.TRANSFER_FAILOVER_VERSION,
+        "a session handed over to a node that dies before acknowledging it misses that node's "
+        "backup",
+    ),
+    (codec.FORGET_VERSION, "a node forgotten on one node is not forgotten on the others"),
+    (codec.SHARE_VERSION, "sessions' shares do not cross its links"),
+)
 #: What a refused peer is told (issue 14 item 7): nothing about our configuration.
 BARE_REFUSAL = "refused"
 #: A publisher paused for a session on another node (HOLD) is resumed after this long even
@@ -844,19 +861,16 @@ class Cluster:
             or "none",
         )
         if self.protocol_version < codec.PROTOCOL_VERSION:
-            if self.protocol_version < codec.REPLICA_VERSION:
-                lacks = ["its persistent sessions are not copied to another node"]
-            else:
-                lacks = [
-                    "messages passed on to a session's new node miss that node's backup while "
-                    "it is down"
-                ]
-                if self.protocol_version < codec.FAILOVER_VERSION:
-                    lacks.insert(
-                        0, "shared members' messages for a node that is down miss its backup"
-                    )
-            if self.protocol_version < codec.SHARE_VERSION:
-                lacks.append("sessions' shares do not cross its links")
+            version = self.protocol_version
+            lacks = [
+                text
+                for since, text in _OLDER_VERSIONS_LACK
+                if version < since
+                and (
+                    version >= codec.REPLICA_VERSION
+                    or not codec.REPLICA_VERSION < since < codec.FORGET_VERSION
+                )
+            ]
             logger.warning(
                 "cluster %s: node %s announces cluster protocol version %d ([cluster] "
                 "protocol_version): %s; once every node runs a release that speaks %d, set %d "
@@ -999,12 +1013,13 @@ class Cluster:
 
     def forget(self, name: str, by: str = "an operator") -> dict[str, Any]:
         """Forget ``name``, a peer that is down for good (EMQX's ``cluster force-leave``; the
-        admin API, or ``autoclean``): what waits in its outbox goes, and nothing more is
-        kept for it. Replicating, its routes stay and the QoS 1/2 messages for its sessions
-        go on to its backup (whose copies are its sessions now); without a backup its routes
-        and shared members go too. It may link again only as a new incarnation (started
-        without its store: its backup hands its sessions back), as what it missed is gone.
-        Raises KeyError (no such peer) or ValueError (it is up)."""
+        admin API, or ``autoclean``), here and on the other nodes (FORGET, on links of
+        version 8: each forgets it too unless it still reaches it): what waits in its outbox
+        goes, and nothing more is kept for it. Replicating, its routes stay and the QoS 1/2
+        messages for its sessions go on to its backup (whose copies are its sessions now);
+        without a backup its routes and shared members go too. It may link again only as a
+        new incarnation (started without its store: its backup hands its sessions back), as
+        what it missed is gone. Raises KeyError (no such peer) or ValueError (it is up)."""
         peer = self.peers.get(name)
         if peer is None:
             raise KeyError(name)
@@ -1016,7 +1031,9 @@ class Cluster:
             self._forget(peer, by)
         return {"peer": name, "forgotten": True, "since": peer.forgotten_at}
 
-    def _forget(self, peer: Peer, by: str) -> None:
+    def _forget(self, peer: Peer, by: str, tell: bool = True) -> None:
+        """Forget ``peer`` (forget()); ``tell``: the other nodes too (not when one of them
+        told us)."""
         broker = self.broker
         assert broker is not None
         outbox = peer.outbox
@@ -1053,8 +1070,38 @@ class Cluster:
             size,
             kept,
         )
+        if tell:
+            frame = codec.encode(codec.Forget(peer.name))
+            for _, link in self._up_links():
+                if link.protocol_version >= codec.FORGET_VERSION:
+                    link.send(frame)
         self._reform_ring()
         self.drained_all.check()
+
+    def _send_forgotten(self, link: ClusterLink) -> None:
+        """At link up: the nodes we have forgotten (FORGET), for a peer that was away when
+        we did (or whose link dropped before it had the frame)."""
+        if link.protocol_version < codec.FORGET_VERSION:
+            return
+        for peer in self.peers.values():
+            if peer.forgotten is not None:
+                link.send(codec.encode(codec.Forget(peer.name)))
+
+    def _forget_received(self, peer: Peer, frame: codec.Forget) -> None:
+        """``peer`` has forgotten ``frame.node``: so do we, unless our link to it is up (it
+        is not lost; logged) or it is us (the peer took us for lost while its link to us was
+        down; that link is up now)."""
+        target = self.peers.get(frame.node)
+        if target is None or target.forgotten is not None:
+            return
+        if target.up:
+            logger.warning(
+                "cluster: node %s has forgotten node %s, whose link is up here: not forgotten here",
+                peer.name,
+                target.name,
+            )
+            return
+        self._forget(target, f"node {peer.name}", tell=False)
 
     def _reform_ring(self, start_now: bool = True) -> None:
         """The backups over the nodes not forgotten (broker.replica.backup_of; a forgotten
@@ -1321,6 +1368,7 @@ class Cluster:
             self.state_deferred.add(peer.name)
         else:
             self._send_state(link)
+        self._send_forgotten(link)
         # The peer's PONG comes after its own SYNC, MEMBERS and OWNED (it sent them when it
         # read our HELLO, before this PING): then it is synced (join).
         peer.synced = False
@@ -2433,6 +2481,8 @@ class Cluster:
                 self.joined.check()
                 if peer.name == self.backup:
                     self._backup_news()
+        elif isinstance(frame, codec.Forget):
+            self._forget_received(peer, frame)
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE

@@ -16,7 +16,7 @@ cluster is upgraded node by node: every node first announces the old version, th
 Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
 frames (a link of version 3 carries no session replication); version 4 is version 5 without
 REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER; version 6 is
-version 7 without REPLICA_TRANSFER.
+version 7 without REPLICA_TRANSFER; version 7 is version 8 without FORGET.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -92,6 +92,10 @@ version 7 without REPLICA_TRANSFER.
                  of ``origin``'s (unless it has one already), as if ``origin`` had installed
                  and replicated it; while the receiver still reaches ``origin`` it only holds
                  it a while, in case its own link drops too.
+``FORGET``       node:string. Version 8: the sender has forgotten ``node`` (an operator's
+                 force-leave, or autoclean: lost for good; broker.cluster.Cluster.forget).
+                 Sent when it does, and at each link up for every node it has forgotten; the
+                 receiver forgets it too unless its own link to it is up (it is not lost).
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -139,6 +143,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
     "DELIVER_FAILOVER_VERSION",
     "FAILOVER_VERSION",
+    "FORGET_VERSION",
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
@@ -153,6 +158,7 @@ __all__ = [
     "ClusterProtocolError",
     "Deliver",
     "DeliveryRecord",
+    "Forget",
     "Frame",
     "FrameType",
     "Hello",
@@ -201,8 +207,9 @@ __all__ = [
 #: REPLICA_PUBLISH (session replication; a node of version 3 refuses the frame types). 5:
 #: REPLICA_SHARED (shared subscriptions' messages for a node that is down) and the WILL ops.
 #: 6: REPLICA_DELIVER (a DELIVER for a node that is down, to its backup). 7: REPLICA_TRANSFER
-#: (a TRANSFER that a node lost did not acknowledge, to its backup).
-PROTOCOL_VERSION: Final = 7
+#: (a TRANSFER that a node lost did not acknowledge, to its backup). 8: FORGET (a node
+#: forgotten on one node is forgotten on all).
+PROTOCOL_VERSION: Final = 8
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
 MIN_PROTOCOL_VERSION: Final = 2
@@ -219,6 +226,8 @@ DELIVER_FAILOVER_VERSION: Final = 6
 #: The first version with REPLICA_TRANSFER: a TRANSFER unacknowledged by a node whose link
 #: dropped goes to its backup.
 TRANSFER_FAILOVER_VERSION: Final = 7
+#: The first version with FORGET.
+FORGET_VERSION: Final = 8
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -282,6 +291,7 @@ class FrameType(IntEnum):
     REPLICA_SHARED = 24
     REPLICA_DELIVER = 25
     REPLICA_TRANSFER = 26
+    FORGET = 27
 
 
 class ReplicaOpKind(IntEnum):
@@ -605,6 +615,11 @@ class ReplicaTransfer:
 
 
 @dataclass(frozen=True, slots=True)
+class Forget:
+    node: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -636,6 +651,7 @@ Frame = (
     | ReplicaShared
     | ReplicaDeliver
     | ReplicaTransfer
+    | Forget
 )
 
 
@@ -834,6 +850,8 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
         )
     if isinstance(frame, Close):
         return FrameType.CLOSE, encode_string(frame.reason)
+    if isinstance(frame, Forget):
+        return FrameType.FORGET, encode_string(frame.node)
     if isinstance(frame, Sync):
         flags = _RESET_FLAG if frame.reset else 0
         return FrameType.SYNC, bytes((flags,)) + _strings(frame.filters)
@@ -1149,6 +1167,7 @@ _SINCE: Final[dict[type, tuple[FrameType, int]]] = {
     ReplicaShared: (FrameType.REPLICA_SHARED, FAILOVER_VERSION),
     ReplicaDeliver: (FrameType.REPLICA_DELIVER, DELIVER_FAILOVER_VERSION),
     ReplicaTransfer: (FrameType.REPLICA_TRANSFER, TRANSFER_FAILOVER_VERSION),
+    Forget: (FrameType.FORGET, FORGET_VERSION),
 }
 
 
@@ -1374,6 +1393,8 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         frame = ReplicaDeliver(origin, reader.string("the client id"), _read_delivery(reader))
     elif frame_type == FrameType.REPLICA_TRANSFER:
         frame = ReplicaTransfer(reader.string("the origin node"), _read_session(reader))
+    elif frame_type == FrameType.FORGET:
+        frame = Forget(reader.string("the node"))
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():

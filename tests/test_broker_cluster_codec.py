@@ -217,17 +217,20 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_8 = framed(1, b"\x08\x00\x02n8\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_8)
+    version_9 = framed(1, b"\x09\x00\x02n9\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_9)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (8, "n8", 0)
-    assert codec.encode(hello) == version_8
+    assert (hello.version, hello.node, hello.incarnation) == (9, "n9", 0)
+    assert codec.encode(hello) == version_9
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (7, 7, 7),  # both upgraded
+        (8, 8, 8),  # both upgraded
+        (8, 7, 7),  # a node of version 7: no FORGET on that link
+        (7, 8, 7),  # this node announces 7 during the upgrade
+        (7, 7, 7),
         (7, 6, 6),  # a node of version 6: no REPLICA_TRANSFER on that link
         (6, 7, 6),  # this node announces 6 during the upgrade
         (6, 6, 6),
@@ -245,8 +248,8 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (7, 8, None),  # newer than this release
-        (2, 8, None),
+        (8, 9, None),  # newer than this release
+        (2, 9, None),
         (3, 0, None),
         (3, 255, None),
     ],
@@ -573,14 +576,15 @@ def _decoder(version: int, *frames: codec.Frame) -> codec.ClusterDecoder:
             26,
             7,
         ),
+        (codec.Forget("node-3"), 27, 8),
     ],
 )
 def test_a_link_below_a_frames_version_refuses_it_as_an_old_node_does(
     frame: codec.Frame, frame_type: int, since: int
 ) -> None:
-    """Version 6 added REPLICA_DELIVER only, version 7 REPLICA_TRANSFER only: a link of a
-    lower version (down to 4, the first with replication) refuses it as such a node does (an
-    unknown type); a link of its version carries it."""
+    """Version 6 added REPLICA_DELIVER only, version 7 REPLICA_TRANSFER only, version 8 FORGET
+    only: a link of a lower version (down to 4, the first with replication) refuses it as
+    such a node does (an unknown type); a link of its version carries it."""
     for version in range(codec.REPLICA_VERSION, since):
         with pytest.raises(codec.ClusterProtocolError, match=f"unknown frame type {frame_type}"):
             _decoder(version, frame).next_event()
@@ -632,4 +636,15 @@ def test_replica_shared_names_at_least_one_member() -> None:
     decoder = codec.ClusterDecoder()
     decoder.feed(framed(24, b"\x00\x02n1\x00\x00" + MESSAGE_BYTES))
     with pytest.raises(codec.ClusterProtocolError, match="REPLICA_SHARED without a member"):
+        decoder.next_event()
+
+
+def test_forget_names_a_node_and_nothing_else() -> None:
+    """FORGET: the node's name as a string; bytes after it are a protocol error."""
+    frame = codec.Forget("node-3")
+    assert codec.encode(frame) == framed(27, b"\x00\x06node-3")
+    assert _decoder(codec.PROTOCOL_VERSION, frame).next_event() == frame
+    decoder = codec.ClusterDecoder()
+    decoder.feed(framed(27, b"\x00\x06node-3\x00"))
+    with pytest.raises(codec.ClusterProtocolError, match="1 unexpected bytes after a FORGET"):
         decoder.next_event()

@@ -524,12 +524,12 @@ def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_stor
     nodes: list[ClusterNode],
 ) -> None:
     """node-1 is killed for good; commands for its offline session wait in node-3's outbox
-    to node-1 (and go to node-2, its backup). Forgotten on node-2 and node-3 (EMQX's
-    ``cluster force-leave``; refused for a node that is up), node-3 discards that outbox and
-    keeps nothing more for node-1, also after its own restart: the commands published since
-    reach only the backup, and the device, back, gets every one. node-1 restarted with its
-    store is refused (what was kept for it is gone); started without it, it is a member again
-    and its routes work."""
+    to node-1 (and go to node-2, its backup). Forgotten on node-3 (EMQX's ``cluster
+    force-leave``; refused for a node that is up), and so on node-2 (FORGET), node-3
+    discards that outbox and keeps nothing more for node-1, also after its own restart: the
+    commands published since reach only the backup, and the device, back, gets every one.
+    node-1 restarted with its store is refused (what was kept for it is gone); started
+    without it, it is a member again and its routes work."""
     owner, backup, other = nodes
     offline_session(owner, "forgotten")
     wait_for(lambda: _copies(backup, "node-1") == 1, 10, "the copy on node-2")
@@ -540,12 +540,13 @@ def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_stor
         _forget(other, "node-2")
     assert refused.value.code == 409
     assert not other.member("node-2")["forgotten"]
-    for node in (backup, other):
-        assert _forget(node, "node-1")["forgotten"]
+    assert _forget(other, "node-1")["forgotten"]
     member = other.member("node-1")
     assert (member["forgotten"], member["outbox_frames"], member["outbox_bytes"]) == (True, 0, 0)
     assert "node node-1 forgotten by an operator" in other.log_text()
     assert "messages for its sessions go to its backup node-2 only" in other.log_text()
+    wait_for(lambda: backup.member("node-1")["forgotten"], 10, "node-2 told (FORGET)")
+    assert "node node-1 forgotten by node node-3" in backup.log_text()
     other.stop()
     other.start()
     wait_for(lambda: other.link_states().get("node-2") == "up", 20, "node-3 back")
@@ -584,17 +585,17 @@ def test_once_a_lost_node_is_forgotten_the_node_it_backed_up_survives_a_loss_too
     nodes: list[ClusterNode],
 ) -> None:
     """node-3 is node-2's backup (and node-1 node-3's). node-3 dies: node-2's sessions have
-    no copy elsewhere. Forgotten on node-1 and node-2, the ring closes over them: node-1 is
-    node-2's backup now and gets its snapshot. node-2 dies too: its device, back on node-1,
-    finds its session with every command queued on node-2, before node-3's loss and after.
-    (Before, node-2 stayed without a backup while node-3 was away: its session went with it.)"""
+    no copy elsewhere. Forgotten (on node-1, which tells node-2), the ring closes over them:
+    node-1 is node-2's backup now and gets its snapshot. node-2 dies too: its device, back
+    on node-1, finds its session with every command queued on node-2, before node-3's loss
+    and after. (Before, node-2 stayed without a backup while node-3 was away: its session
+    went with it.)"""
     first, second, third = nodes
     offline_session(second, "second", V5)
     wait_for(lambda: _copies(third, "node-2") == 1, 10, "the copy on node-3")
     _publish(first, [("cmd/second", f"before-{n}", 1) for n in range(3)])
     _kill(third, first, second)
-    for node in (first, second):
-        _forget(node, "node-3")
+    _forget(first, "node-3")  # and node-2 is told
     wait_for(lambda: _copies(first, "node-2") == 1, 10, "node-2's session copied to node-1")
     assert _replication(second)["backup"] == "node-1"
     assert "our backup is now node-1 (was node-3): our sessions are copied to it" in (
@@ -620,8 +621,7 @@ def test_a_forgotten_node_back_without_its_store_is_a_backup_again(
     offline_session(second, "ring", V5)
     wait_for(lambda: _copies(third, "node-2") == 1, 10, "the copy on node-3")
     _kill(third, first, second)
-    for node in (first, second):
-        _forget(node, "node-3")
+    _forget(first, "node-3")  # and node-2 is told
     wait_for(lambda: _copies(first, "node-2") == 1, 10, "node-2's session copied to node-1")
     third.database.unlink()
     third.start()
@@ -635,14 +635,30 @@ def test_a_forgotten_node_back_without_its_store_is_a_backup_again(
     assert _replication(first)["copies"]["deliveries"] == 0
 
 
+def test_a_node_is_not_forgotten_where_its_link_is_up(nodes: list[ClusterNode]) -> None:
+    """node-3's link to node-1 is cut (an operator) and node-3 forgets node-1; node-2, told,
+    still reaches node-1: it keeps it, and says so."""
+    _, second, third = nodes
+    third.admin("/api/cluster/peers/node-1/disconnect", "POST")
+    wait_for(lambda: third.link_states().get("node-1") == "down", 10, "node-3 cut from node-1")
+    _forget(third, "node-1")
+    told = "node node-3 has forgotten node node-1, whose link is up here: not forgotten here"
+    wait_for(lambda: told in second.log_text(), 10, "node-2 told")
+    assert not second.member("node-1")["forgotten"]
+    assert _replication(second)["backup"] == "node-3"
+    assert second.link_states() == {"node-1": "up", "node-3": "up"}
+
+
 def test_autoclean_forgets_a_lost_node_and_without_a_backup_its_routes(
     pki: TestPKI, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """``autoclean = "2s"``, ``session_replicas = 0``: node-1, killed, is forgotten by the
-    others two seconds later; with no backup to send its messages to, its routes go too."""
-    cluster = 'autoclean = "2s"\nsession_replicas = 0'
+    """``session_replicas = 0``, and node-3 with ``autoclean = "2s"``: node-1, killed, is
+    forgotten by node-3 two seconds later, and by node-2 when node-3 tells it; with no backup
+    to send its messages to, its routes go too."""
+    plain = "session_replicas = 0"
+    cluster = [plain, plain, f'{plain}\nautoclean = "2s"']
     with running_cluster(pki, tmp_path_factory.mktemp("autoclean"), cluster=cluster) as nodes:
-        owner, _, other = nodes
+        owner, told, other = nodes
         offline_session(owner, "cleaned")
         wait_for(lambda: other.member("node-1")["remote_filters"] == 1, 10, "its route")
         owner.kill()
@@ -652,6 +668,9 @@ def test_autoclean_forgets_a_lost_node_and_without_a_backup_its_routes(
         assert "its 1 routes dropped: messages for its sessions are not kept" in other.log_text()
         _publish(other, [("cmd/cleaned", "nowhere", 1)])
         assert other.member("node-1")["outbox_frames"] == 0
+        wait_for(lambda: told.member("node-1")["forgotten"], 10, "node-2 told (FORGET)")
+        assert "node node-1 forgotten by node node-3" in told.log_text()
+        assert told.member("node-1")["remote_filters"] == 0
 
 
 def test_a_message_for_a_node_only_its_sender_lost_waits_at_the_backup(
