@@ -25,8 +25,8 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   commands were acknowledged to the collector but never reached their device. With
   --wills every device sets a QoS 1 will and the collector counts what is published: the
   killed node's devices' wills come from its backup (broker.replica).
-  With --forget the killed node is then forgotten on the others (POST
-  /api/cluster/peers/NAME/forget) and the fleet held again: what each node kept for it
+  With --forget the killed node is then forgotten (POST /api/cluster/peers/NAME/forget on
+  one node, which tells the others) and the fleet held again: what each node kept for it
   before and after, and that nothing acknowledged was lost meanwhile. With --lose-again the
   node before it (whose sessions it kept copies of) is then killed too: with --forget its
   backup has moved and its devices find their sessions; without, they are lost with it.
@@ -1142,8 +1142,8 @@ def lose_node(run: Run, index: int, prefix: str = "") -> None:
 
 
 def forget_node(run: Run, victim: topology.Node) -> None:
-    """--forget: ``victim`` (killed) forgotten on every other node (POST
-    /api/cluster/peers/NAME/forget: its outbox there discarded, nothing more kept for it),
+    """--forget: ``victim`` (killed) forgotten (POST /api/cluster/peers/NAME/forget on one
+    node, which tells the others: its outbox there discarded, nothing more kept for it),
     then another hold: what each node kept for it before and after, and what it did not
     keep since (the commands for its former devices; they go to its backup and their new
     nodes). The run's undelivered and lost figures cover both holds."""
@@ -1162,11 +1162,25 @@ def forget_node(run: Run, victim: topology.Node) -> None:
             }
         return found
 
+    def forgotten_everywhere() -> bool:
+        for node in run.nodes:
+            if node == victim:
+                continue
+            members = admin_json(node, "/api/cluster").get("members", [])
+            if not any(m.get("name") == victim.name and m.get("forgotten") for m in members):
+                return False
+        return True
+
     before = kept()
-    run.mark("forget", node=victim.name)
-    for node in run.nodes:
-        if node != victim:
-            admin_json(node, f"/api/cluster/peers/{victim.name}/forget", "POST")
+    # On one node: it tells the others (FORGET, cluster protocol 8).
+    told_by = next(node for node in run.nodes if node != victim)
+    run.mark("forget", node=victim.name, on=told_by.name)
+    since = time.monotonic()
+    admin_json(told_by, f"/api/cluster/peers/{victim.name}/forget", "POST")
+    everywhere = run.wait(START_TIMEOUT, forgotten_everywhere)
+    run.figures["forget_everywhere_seconds"] = (
+        round(time.monotonic() - since, 2) if everywhere else None
+    )
     run.figures["forget_kept_before"] = before
     run.figures["forget_kept_after"] = kept()
     run.hold(run.args.hold, prefix="after_forget_")
