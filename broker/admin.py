@@ -14,7 +14,8 @@ STYLE.md rule 6):
   the accept rate under it, pauses for it, failed accepts), also in /metrics as
   ``broker_listener_*{listener="tcp:default"}``;
 - ``/api/cluster``: whatever the cluster hook reports (``status()`` when it has one);
-- ``/metrics``: the same numbers in Prometheus text format;
+- ``/metrics``: the same numbers in Prometheus text format, and each cluster peer's link
+  counters and gauges as ``broker_cluster_peer_*{peer="NAME"}``;
 - ``POST /api/authz/reload``: reload the authorization policy file now (seed 003); answers
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
 - ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
@@ -267,6 +268,10 @@ class AdminServer:
                     for record in self._listeners()
                 ],
             )
+            if self.cluster_status is not None:
+                text += render_prometheus_rows(
+                    "broker_cluster_peer", _peer_rows(broker.node_name, self.cluster_status())
+                )
             return 200, "text/plain; version=0.0.4", text.encode()
         else:
             return 404, "application/json", b'{"error": "not found"}'
@@ -407,6 +412,29 @@ class AdminServer:
             body,
             [*(headers or []), ("connection", "close")],
         )
+
+
+def _peer_rows(
+    node: str, status: dict[str, Any]
+) -> list[tuple[dict[str, str], dict[str, int | None]]]:
+    """/metrics' ``broker_cluster_peer_*``: each peer's link counters (/api/cluster's members)
+    and gauges: up, forgotten, what its outbox and send queue hold, its routes."""
+    rows: list[tuple[dict[str, str], dict[str, int | None]]] = []
+    for member in status.get("members", []):
+        if member.get("state") == "self":
+            continue
+        values: dict[str, int | None] = {
+            "up_current": int(member["state"] == "up"),
+            "forgotten_current": int(bool(member.get("forgotten"))),
+            "outbox_frames_current": member["outbox_frames"],
+            "outbox_bytes_current": member["outbox_bytes"],
+            "send_queue_bytes_current": member["send_queue_bytes"],
+            "remote_filters_current": member["remote_filters"],
+            "publishers_paused_current": member["publishers_paused_current"],
+        }
+        values.update(member["counters"])
+        rows.append(({"node": node, "peer": member["name"]}, values))
+    return rows
 
 
 def _error(status: int, text: str) -> tuple[int, str, bytes]:
