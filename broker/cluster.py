@@ -177,22 +177,28 @@ SEND_QUEUE_LIMIT = 32 * 1024 * 1024
 FRAME_OVERHEAD = 4 * 65_536
 #: Retained deletions remembered (topic -> time) so a resync does not bring them back.
 RETAINED_TOMBSTONES = 10_000
-#: What a node announcing an older protocol version lacks, by the version that brought it
-#: (the replication ones only once it replicates at all).
+#: What a node announcing an older protocol version lacks: the version that brought it,
+#: whether it is about replication (said only of a version that replicates at all), what.
 _OLDER_VERSIONS_LACK: Final = (
-    (codec.REPLICA_VERSION, "its persistent sessions are not copied to another node"),
-    (codec.FAILOVER_VERSION, "shared members' messages for a node that is down miss its backup"),
+    (codec.REPLICA_VERSION, False, "its persistent sessions are not copied to another node"),
+    (
+        codec.FAILOVER_VERSION,
+        True,
+        "shared members' messages for a node that is down miss its backup",
+    ),
     (
         codec.DELIVER_FAILOVER_VERSION,
+        True,
         "messages passed on to a session's new node miss that node's backup while it is down",
     ),
     (
         codec.TRANSFER_FAILOVER_VERSION,
+        True,
         "a session handed over to a node that dies before acknowledging it misses that node's "
         "backup",
     ),
-    (codec.FORGET_VERSION, "a node forgotten on one node is not forgotten on the others"),
-    (codec.SHARE_VERSION, "sessions' shares do not cross its links"),
+    (codec.FORGET_VERSION, False, "a node forgotten on one node is not forgotten on the others"),
+    (codec.SHARE_VERSION, False, "sessions' shares do not cross its links"),
 )
 #: What a refused peer is told (issue 14 item 7): nothing about our configuration.
 BARE_REFUSAL = "refused"
@@ -493,6 +499,12 @@ class Peer:
         self.forgotten_at = 0.0
         self.autoclean_handle: asyncio.TimerHandle | None = None
 
+    def cancel_autoclean(self) -> None:
+        """It is back, forgotten, or we stop: no autoclean timer runs for it."""
+        if self.autoclean_handle is not None:
+            self.autoclean_handle.cancel()
+            self.autoclean_handle = None
+
     @property
     def connection(self) -> ClientConnection | None:
         return None  # session.Holder: a peer is never a subscriber connection
@@ -786,8 +798,7 @@ class Cluster:
             for topic_filter in session.subscriptions:
                 if split_shared(topic_filter)[0] is not None:
                     self._set_member(self.node_name, topic_filter, session.client_id, False)
-        if any(peer.forgotten is not None for peer in self.peers.values()):
-            self._reform_ring()
+        self._reform_ring()  # over the peers forgotten, read back above
 
     @staticmethod
     def check(config: BrokerConfig) -> list[str]:
@@ -862,14 +873,11 @@ class Cluster:
         )
         if self.protocol_version < codec.PROTOCOL_VERSION:
             version = self.protocol_version
+            replicates = version >= codec.REPLICA_VERSION
             lacks = [
                 text
-                for since, text in _OLDER_VERSIONS_LACK
-                if version < since
-                and (
-                    version >= codec.REPLICA_VERSION
-                    or not codec.REPLICA_VERSION < since < codec.FORGET_VERSION
-                )
+                for since, replication, text in _OLDER_VERSIONS_LACK
+                if version < since and (replicates or not replication)
             ]
             logger.warning(
                 "cluster %s: node %s announces cluster protocol version %d ([cluster] "
@@ -966,9 +974,7 @@ class Cluster:
                 waiting.timer.cancel()
         self.waiting.clear()
         for peer in self.peers.values():
-            if peer.autoclean_handle is not None:
-                peer.autoclean_handle.cancel()
-                peer.autoclean_handle = None
+            peer.cancel_autoclean()
             if peer.dial_handle is not None:
                 peer.dial_handle.cancel()
                 peer.dial_handle = None
@@ -1044,9 +1050,7 @@ class Cluster:
         broker.store.set_meta(
             f"forgotten:{peer.name}", f"{peer.forgotten}:{peer.forgotten_at}".encode()
         )
-        if peer.autoclean_handle is not None:
-            peer.autoclean_handle.cancel()
-            peer.autoclean_handle = None
+        peer.cancel_autoclean()
         backup = self.backups.get(peer.name) if self.replicating else None
         if backup is None:
             routes = len(peer.filters)
@@ -1057,7 +1061,6 @@ class Cluster:
             kept = "messages for its sessions go to our copies of them only"
         else:
             kept = f"messages for its sessions go to its backup {backup} only"
-        peer.release_publishers()
         since = self.down_since.get(peer.name)
         logger.warning(
             "cluster: node %s forgotten by %s (down since %s): %d reliable frames (%d bytes) "
@@ -1126,23 +1129,24 @@ class Cluster:
         wait for the new one's snapshot (broker.replica.Replicator) when its link is up, else
         nothing waits for a backup (as when its link drops)."""
         old = self.backup_peer
-        if old is not None and old.link is not None and old.link.established:
+        if old is not None and old.link is not None and old.up:
             old.link.send(codec.encode(codec.Replica(0, True, ())))
         previous, self.backup = self.backup, backup
         peer = self.backup_peer
-        link = None if peer is None else peer.link
-        up = link is not None and link.established
-        replicating = up and link is not None and link.protocol_version >= codec.REPLICA_VERSION
-        if not replicating and self.replicator.active:
+        # The link to the new backup, when it is up and carries replication.
+        link = peer.link if peer is not None and peer.up else None
+        if link is not None and link.protocol_version < codec.REPLICA_VERSION:
+            link = None
+        if link is None and self.replicator.active:
             for callback in self.replicator.stop():
                 callback()
         logger.warning(
             "cluster: our backup is now %s (was %s)%s",
             backup or "none",
             previous,
-            ": our sessions are copied to it" if replicating else "",
+            "" if link is None else ": our sessions are copied to it",
         )
-        if replicating and start_now and link is not None:
+        if link is not None and start_now:
             link.start_snapshot(self._start_replication(link))
 
     def _autoclean_later(self, peer: Peer) -> None:
@@ -1241,8 +1245,27 @@ class Cluster:
 
     # --- link events (called by ClusterLink) ---------------------------------------------------
 
-    def hello_received(self, link: ClusterLink, hello: codec.Hello) -> str | None:
-        """Validate a peer's HELLO; returns the refusal reason, or None when accepted."""
+    def hello_received(self, link: ClusterLink, hello: codec.Hello) -> tuple[str, str] | None:
+        """Validate a peer's HELLO; returns the refusal (the reason, logged here, and what
+        the peer is told), or None when accepted. Issue 14 item 7: a peer is told nothing
+        about our configuration, but a forgotten one, checked after it passed every other
+        check, learns what to do."""
+        refusal = self._hello_refusal(link, hello)
+        if refusal is not None:
+            return refusal, BARE_REFUSAL
+        peer = self.peers[hello.node]
+        if peer.forgotten is not None and hello.incarnation == peer.forgotten:
+            at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer.forgotten_at))
+            refusal = (
+                f"node {peer.name!r} was forgotten by node {self.node_name!r} at {at} and kept "
+                "its store (the same incarnation): what was kept for it is gone; start it "
+                "without its store to rejoin (its backup hands its sessions back)"
+            )
+            return refusal, refusal
+        return None
+
+    def _hello_refusal(self, link: ClusterLink, hello: codec.Hello) -> str | None:
+        """Why a peer's HELLO is refused (nothing of it is told to the peer), or None."""
         if codec.link_version(self.protocol_version, hello.version) is None:
             return self._version_refusal(hello)
         # Constant time, and checked before anything about the peer is revealed.
@@ -1270,19 +1293,7 @@ class Cluster:
                 f"the certificate of node {hello.node!r} names neither it nor its address "
                 f"{peer.host} (subjectAltName/CN: {names})"
             )
-        if peer.forgotten is not None and hello.incarnation == peer.forgotten:
-            # Checked last: a peer refused for it has passed the others, and is told why.
-            return self.forgotten_refusal(peer)
         return None
-
-    def forgotten_refusal(self, peer: Peer) -> str:
-        """Why ``peer``, forgotten, is refused while it keeps its store."""
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(peer.forgotten_at))
-        return (
-            f"node {peer.name!r} was forgotten by node {self.node_name!r} at {at} and kept its "
-            "store (the same incarnation): what was kept for it is gone; start it without its "
-            "store to rejoin (its backup hands its sessions back)"
-        )
 
     def _version_refusal(self, hello: codec.Hello) -> str:
         """A peer of a version this node does not speak: both versions, and what to do."""
@@ -1328,9 +1339,7 @@ class Cluster:
         peer.counters.connects += 1
         broker = self.broker
         assert broker is not None
-        if peer.autoclean_handle is not None:
-            peer.autoclean_handle.cancel()
-            peer.autoclean_handle = None
+        peer.cancel_autoclean()
         if peer.forgotten is not None:
             # A new incarnation (hello_received refused the one forgotten).
             peer.forgotten = None
@@ -3706,8 +3715,9 @@ class ClusterLink(asyncio.Protocol):
             raise codec.ClusterProtocolError(
                 f"expected HELLO first, got {type(frame).__name__.upper()}"
             )
-        refusal = self.cluster.hello_received(self, frame)
-        if refusal is not None:
+        refused = self.cluster.hello_received(self, frame)
+        if refused is not None:
+            refusal, told = refused
             if self.peer is None and frame.node in self.cluster.peers:
                 self.peer = self.cluster.peers[frame.node]
                 self.peer.counters.refused += 1
@@ -3719,15 +3729,7 @@ class ClusterLink(asyncio.Protocol):
                 refusal,
             )
             self.refusal = f"refused: {refusal}"
-            # Issue 14 item 7: the peer learns nothing about our configuration, but a
-            # forgotten one (it passed every other check) learns what to do.
-            peer = self.cluster.peers.get(frame.node)
-            forgotten = (
-                peer is not None
-                and peer.forgotten is not None
-                and refusal == self.cluster.forgotten_refusal(peer)
-            )
-            self.close(self.refusal, told=refusal if forgotten else BARE_REFUSAL)
+            self.close(self.refusal, told=told)
             return False
         self.protocol_version = min(self.cluster.protocol_version, frame.version)
         self.decoder.version = self.protocol_version
