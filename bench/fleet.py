@@ -1148,28 +1148,27 @@ def forget_node(run: Run, victim: topology.Node) -> None:
     keep since (the commands for its former devices; they go to its backup and their new
     nodes). The run's undelivered and lost figures cover both holds."""
 
-    def kept() -> dict[str, dict[str, Any]]:
+    def entries() -> dict[str, dict[str, Any]]:
+        """The victim's entry in each survivor's /api/cluster members."""
         found: dict[str, dict[str, Any]] = {}
         for node in run.nodes:
-            if node == victim:
-                continue
-            members = admin_json(node, "/api/cluster").get("members", [])
-            member = next(m for m in members if m.get("name") == victim.name)
-            found[node.name] = {
+            if node != victim:
+                members = admin_json(node, "/api/cluster").get("members", [])
+                found[node.name] = next(m for m in members if m.get("name") == victim.name)
+        return found
+
+    def kept() -> dict[str, dict[str, Any]]:
+        return {
+            name: {
                 "outbox_frames": member["outbox_frames"],
                 "outbox_bytes": member["outbox_bytes"],
                 "forgotten_not_kept": member["counters"].get("forgotten_not_kept", 0),
             }
-        return found
+            for name, member in entries().items()
+        }
 
     def forgotten_everywhere() -> bool:
-        for node in run.nodes:
-            if node == victim:
-                continue
-            members = admin_json(node, "/api/cluster").get("members", [])
-            if not any(m.get("name") == victim.name and m.get("forgotten") for m in members):
-                return False
-        return True
+        return all(member.get("forgotten") for member in entries().values())
 
     before = kept()
     # On one node: it tells the others (FORGET, cluster protocol 8).
