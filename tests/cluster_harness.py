@@ -90,10 +90,13 @@ class NodeProcess:
         return True
 
     def admin(self, path: str, method: str = "GET") -> Any:
+        """The admin API's answer: JSON under /api/, text elsewhere (/metrics), as
+        tests/broker_harness.py's admin_get."""
         url = f"http://127.0.0.1:{self.admin_port}{path}"
         request = urllib.request.Request(url, method=method)
         with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
+            body = response.read()
+        return json.loads(body) if path.startswith("/api/") else body.decode()
 
     def link_states(self) -> dict[str, str]:
         members = self.admin("/api/cluster")["members"]

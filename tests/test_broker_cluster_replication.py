@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -548,9 +547,7 @@ def test_a_node_forgotten_keeps_nothing_for_it_and_rejoins_only_without_its_stor
     assert "messages for its sessions go to its backup node-2 only" in other.log_text()
     wait_for(lambda: backup.member("node-1")["forgotten"], 10, "node-2 told (FORGET)")
     assert "node node-1 forgotten by node node-3" in backup.log_text()
-    url = f"http://127.0.0.1:{other.admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        metrics = response.read().decode()
+    metrics = other.admin("/metrics")
     labels = '{node="node-3",peer="node-1"}'
     for sample in (
         f"broker_cluster_peer_forgotten_current{labels} 1",
