@@ -1,11 +1,12 @@
 """Fleet scale: N devices with their own certificates through lb (or HAProxy 2.6) into a
-K-node broker cluster, in one of four scenarios, with a JSON result and PNG plots.
+K-node broker cluster, in one of six scenarios, with a JSON result and PNG plots.
 
     ./dev bench --suite fleet ramp --devices 20000 --nodes 3 --hold 60
     ./dev bench --suite fleet storm --devices 50000 --nodes 6 --drop devices
     ./dev bench --suite fleet node-loss --devices 20000 --nodes 3
     ./dev bench --suite fleet reload --devices 20000 --nodes 3 --hold 120 --reload-every 30
     ./dev bench --suite fleet restart --devices 20000 --nodes 3 --hold 30
+    ./dev bench --suite fleet partition --devices 6000 --nodes 3 --split 30 --split-drop 0.3
 
 Scenarios (each runs for every balancer in --balancers, one after the other, on the same
 certificates, the same simulator processes and a fresh broker cluster of the same config):
@@ -44,6 +45,16 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   took and the peak handshake rate (what the evacuation spreads out). With --stop-evacuation
   S the brokers do that themselves at SIGTERM (``[cluster] stop_evacuation = S``, at
   --evacuate-rate or the brokers' default rate): the stop's time includes the evacuation.
+- partition: ramp, telemetry, then the last node cut off from every other node for --split
+  seconds (on it, each link suspended: POST /api/cluster/peers/NAME/disconnect), as a
+  network split between the brokers while the balancer still reaches them all; then the
+  links restored (.../connect), the time until the cluster has formed again, and a hold.
+  The other nodes take it for lost (its backup publishes the wills of its clients, still
+  connected: counted with --wills, as split_wills). With --split-drop F, at the split's
+  middle a fraction F of the devices drop and come back through the balancer, many on the
+  side of the split their session is not on (claimed from the isolated node's backup, or a
+  fresh session there): at the heal the nodes merge the sessions. Telemetry and commands
+  are counted across all of it.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -128,7 +139,7 @@ from lb.config.keywords import parse_time  # noqa: E402
 VENV_BIN = Path(sys.executable).parent
 RESULTS = ROOT / "bench" / "results"
 DEMO_CONFIG = ROOT / topology.LB_CONFIG
-SCENARIOS = ("ramp", "storm", "node-loss", "reload", "restart")
+SCENARIOS = ("ramp", "storm", "node-loss", "reload", "restart", "partition")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 #: Connections one HAProxy process takes before its file limit (two descriptors each).
@@ -1297,6 +1308,60 @@ def scenario_restart(run: Run) -> None:
     run.hold(args.hold, prefix="after_restarts_")
 
 
+def scenario_partition(run: Run) -> None:
+    args = run.args
+    run.ramp()
+    run.hold(args.settle)
+    isolated, others = run.nodes[-1], run.nodes[:-1]
+    run.sample()
+    before = run.latest()
+    present_before = run.total("sessions_present")
+    run.mark("split", node=isolated.name)
+    for node in others:
+        admin_json(isolated, f"/api/cluster/peers/{node.name}/disconnect", "POST")
+    dropped: list[int] = []
+    wills_before_drop: list[int] = []
+
+    def drop_at_half(elapsed: float) -> None:
+        if args.split_drop and not dropped and elapsed >= args.split / 2:
+            run.sample()
+            wills_before_drop.append(run.latest()["wills"] - before["wills"])
+            run.broadcast("drop", args.split_drop)
+            for worker in run.simulators:
+                count, worker.status = worker.wait_event("dropped", START_TIMEOUT)[1:3]
+                dropped.append(count)
+            run.mark("devices dropped", devices=sum(dropped), fraction=args.split_drop)
+
+    run.hold(args.split, drop_at_half, prefix="split_")
+    run.sample()
+    during = run.latest()
+    run.mark("heal", node=isolated.name)
+    since = time.monotonic()
+    for node in others:
+        admin_json(isolated, f"/api/cluster/peers/{node.name}/connect", "POST")
+    formed = run.wait(args.storm_timeout, lambda: cluster_formed(run.nodes))
+    healed = time.monotonic() - since
+    run.mark("cluster formed", seconds=round(healed, 2))
+    back = time_back(run, since, before["connected"], args.storm_timeout)
+    run.figures.update(
+        {
+            "split_node": isolated.name,
+            "split_seconds": args.split,
+            # The isolated node's backup takes it for lost and publishes its clients'
+            # wills (--wills; README "the backup takes the loss of its link to a node for
+            # the node's death"): those clients were still connected.
+            "split_wills": wills_before_drop[0]
+            if wills_before_drop
+            else during["wills"] - before["wills"],
+            "split_devices_dropped": sum(dropped),
+            "split_sessions_present": run.total("sessions_present") - present_before,
+            "heal_seconds": round(healed, 2) if formed else None,
+            **{f"heal_{key}": value for key, value in back.items()},
+        }
+    )
+    run.hold(args.hold, prefix="after_heal_")
+
+
 def scenario_reload(run: Run) -> None:
     args = run.args
     run.ramp()
@@ -1322,6 +1387,7 @@ SCENARIO_STEPS: dict[str, Callable[[Run], None]] = {
     "node-loss": scenario_node_loss,
     "reload": scenario_reload,
     "restart": scenario_restart,
+    "partition": scenario_partition,
 }
 
 
@@ -1596,6 +1662,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "whose backup it was; with --forget its backup has moved)",
     )
     parser.add_argument(
+        "--split", type=float, default=20.0, help="partition: seconds the node is cut off"
+    )
+    parser.add_argument(
+        "--split-drop",
+        type=float,
+        default=0.0,
+        help="partition: the fraction of the devices that drop at the split's middle (0-1)",
+    )
+    parser.add_argument(
         "--keep-hard-stop",
         action="store_true",
         help="reload: keep the demo's hard-stop-after (old processes end their sessions "
@@ -1642,8 +1717,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.balancers) - {"lb", "haproxy"}
     if unknown or not args.balancers:
         parser.error(f"--balancers: lb and/or haproxy, not {','.join(sorted(unknown))}")
-    if args.devices < 1 or (args.nodes < 2 and args.scenario in ("node-loss", "restart")):
+    if args.devices < 1 or (
+        args.nodes < 2 and args.scenario in ("node-loss", "restart", "partition")
+    ):
         parser.error(f"{args.scenario} needs at least 2 nodes and 1 device")
+    if not 0.0 <= args.split_drop <= 1.0:
+        parser.error("--split-drop: a fraction, 0 to 1")
     if not 1 <= args.storms <= 5:
         parser.error("--storms: 1 to 5")
     return args

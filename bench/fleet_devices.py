@@ -544,11 +544,12 @@ class Simulator:
                 due = min(device.next_publish, device.last_write + idle_limit)
                 device.timer = self.loop.call_later(max(0.0, due - now), device.tick)
 
-    def drop(self) -> int:
-        """Every connected device closes its connection now, then comes back with backoff."""
+    def drop(self, fraction: float = 1.0) -> int:
+        """Every connected device (or each with probability ``fraction``) closes its
+        connection now, then comes back with backoff."""
         dropped = 0
         for device in self.devices:
-            if device.state == CONNECTED:
+            if device.state == CONNECTED and (fraction >= 1.0 or random.random() < fraction):
                 device.close_now()
                 device.attempt = 0
                 self.retry(device)
@@ -612,7 +613,8 @@ class Simulator:
             if self.telemetry and self.settings.telemetry_interval > 0:
                 self.spread_telemetry()
         elif name == "drop":
-            self.pipe.send(("dropped", self.drop(), self.status()))
+            fraction = float(message[1]) if len(message) > 1 else 1.0
+            self.pipe.send(("dropped", self.drop(fraction), self.status()))
         elif name == "report":  # big: through a file, the pipe gets its name
             self.pipe.send(("report", write_report(message[1], self.final_report())))
         elif name == "close":  # stop reconnecting and close every connection
