@@ -54,7 +54,10 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   middle a fraction F of the devices drop and come back through the balancer, many on the
   side of the split their session is not on (claimed from the isolated node's backup, or a
   fresh session there): at the heal the nodes merge the sessions. Telemetry and commands
-  are counted across all of it.
+  are counted across all of it. With --partition-handling pause_minority the isolated node
+  closes its devices' connections and its listeners instead (broker.partition): they
+  reconnect through the balancer to the others with their sessions, and their wills are
+  true.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -407,6 +410,7 @@ def start_cluster(
     started: list[Started],
     session_replicas: int | None = None,
     stop_evacuation: tuple[float, int | None] | None = None,
+    partition_handling: str | None = None,
 ) -> list[Started]:
     brokers = []
     for node in nodes:
@@ -418,6 +422,7 @@ def start_cluster(
                 certs=str(certs),
                 session_replicas=session_replicas,
                 stop_evacuation=stop_evacuation,
+                partition_handling=partition_handling,
             )
         )
         broker = start(node.name, [str(VENV_BIN / "broker"), "-c", str(config)], work, None)
@@ -1360,6 +1365,19 @@ def scenario_partition(run: Run) -> None:
         }
     )
     run.hold(args.hold, prefix="after_heal_")
+    # --wills: over the split, the heal and the hold after it, the wills the collector got
+    # against the device connections that ended: the wills beyond them were published for
+    # devices that never disconnected (a will the simulator's own drop did not cause).
+    run.sample()
+    end = run.latest()
+    wills, ended = end["wills"] - before["wills"], end["disconnects"] - before["disconnects"]
+    run.figures.update(
+        {
+            "partition_wills": wills,
+            "partition_disconnects": ended,
+            "partition_wills_without_disconnect": max(0, wills - ended),
+        }
+    )
 
 
 def scenario_reload(run: Run) -> None:
@@ -1485,7 +1503,13 @@ def phase(
         rate = int(args.evacuate_rate) if args.evacuate_rate else None
         stop_evacuation = (args.stop_evacuation, rate)
     brokers = start_cluster(
-        nodes, certs, directory, started, args.session_replicas, stop_evacuation
+        nodes,
+        certs,
+        directory,
+        started,
+        args.session_replicas,
+        stop_evacuation,
+        args.partition_handling,
     )
     collector = fork(
         f"collector-{kind}", collector_main, settings, args.devices, nodes[0].mqtt_port
@@ -1663,6 +1687,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--split", type=float, default=20.0, help="partition: seconds the node is cut off"
+    )
+    parser.add_argument(
+        "--partition-handling",
+        choices=("ignore", "pause_minority"),
+        help="the brokers' [cluster] partition_handling (default: theirs, ignore)",
     )
     parser.add_argument(
         "--split-drop",

@@ -144,6 +144,7 @@ from lb.pem import TLSFileError
 if TYPE_CHECKING:
     from broker.connection import ClientConnection
     from broker.core import Broker, PendingWill
+    from broker.partition import MinorityPause
 
 __all__ = [
     "RPC_BASE_PORT",
@@ -750,6 +751,13 @@ class Cluster:
         # Delayed wills of a lost node's clients we publish unless they come back, or the
         # node does: client id -> (node, the will, whether it was an offline session's).
         self.lost_wills: dict[str, tuple[str, PendingWill, bool]] = {}
+        # partition_handling pause_minority (broker.partition, set by broker.node): whether
+        # this node reaches no more than half the cluster, and the lost peers whose clients'
+        # wills wait for it to reach a majority again.
+        self.pause: MinorityPause | None = None
+        self.minority = False
+        self.lost_in_minority: set[str] = set()
+        self.lost_in_minority_handle: asyncio.TimerHandle | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -899,6 +907,7 @@ class Cluster:
             )
             broker = self.broker
             self.awaiting_backup = broker is not None and not broker.sessions
+        self._check_majority()  # pause_minority: paused until the peers are reached
         now = time.time()
         for peer in self.peers.values():
             self.down_since[peer.name] = now
@@ -964,6 +973,9 @@ class Cluster:
         if self.replica_sweeper is not None:
             self.replica_sweeper.cancel()
             self.replica_sweeper = None
+        if self.lost_in_minority_handle is not None:
+            self.lost_in_minority_handle.cancel()
+            self.lost_in_minority_handle = None
         for contexts in (self.server_contexts, self.client_contexts):
             if contexts is not None:
                 contexts.stop()
@@ -1079,6 +1091,7 @@ class Cluster:
                 if link.protocol_version >= codec.FORGET_VERSION:
                     link.send(frame)
         self._reform_ring()
+        self._check_majority()
         self.drained_all.check()
 
     def _send_forgotten(self, link: ClusterLink) -> None:
@@ -1157,8 +1170,17 @@ class Cluster:
 
         def autoclean() -> None:
             peer.autoclean_handle = None
-            if not peer.up and peer.forgotten is None and not self.stopping:
-                self._forget(peer, f"autoclean (down for {delay:g} s)")
+            if peer.up or peer.forgotten is not None or self.stopping:
+                return
+            if self.minority:
+                # A minority forgetting the majority would make itself one.
+                logger.warning(
+                    "cluster: autoclean of node %s waits: this node is in a minority",
+                    peer.name,
+                )
+                self._autoclean_later(peer)
+                return
+            self._forget(peer, f"autoclean (down for {delay:g} s)")
 
         peer.autoclean_handle = asyncio.get_running_loop().call_later(delay, autoclean)
 
@@ -1466,8 +1488,18 @@ class Cluster:
             for callback in self.replicator.stop():
                 callback()
         self._release_waiters(peer)
+        self._check_majority()
         if peer.name in self.replicas.wills or peer.name in self.replicas.origins:
-            self._publish_lost_wills(peer.name)
+            if self.minority:
+                # broker.partition: more likely we are cut off than it is dead.
+                self.lost_in_minority.add(peer.name)
+                logger.warning(
+                    "cluster: node %s is down, but this node is in a minority: the wills "
+                    "of its clients wait until it reaches a majority again",
+                    peer.name,
+                )
+            else:
+                self._publish_lost_wills(peer.name)
         if self.replicating:
             self._failover_outbox(peer)
             # Acknowledgements waiting for it now wait for its backup, which got its frames.
@@ -1657,6 +1689,53 @@ class Cluster:
         return codec.ReplicaOp(
             codec.ReplicaOpKind.WILL_SET, session.client_id, data=codec.encode_live_will(live)
         )
+
+    def _check_majority(self) -> None:
+        """partition_handling pause_minority (broker.partition): does this node reach more
+        than half the nodes not forgotten, itself included (each peer linked and synced)?
+        Tells the pause. Back in a majority, the wills of the peers lost meanwhile are
+        published for those still down ``join_timeout`` later (the links of a heal come up
+        one by one: the first may make the majority while the others are on their way)."""
+        pause = self.pause
+        if pause is None or self.stopping:
+            return
+        members = [peer for peer in self.peers.values() if peer.forgotten is None]
+        reached = sorted(peer.name for peer in members if peer.up and peer.synced)
+        minority = (len(reached) + 1) * 2 <= len(members) + 1
+        why = f"{len(reached) + 1} of {len(members) + 1} nodes" + (
+            f" ({', '.join(reached)} and itself)" if reached else " (itself)"
+        )
+        regained = self.minority and not minority
+        self.minority = minority
+        pause.update(minority, why, self._wills_are_ours)
+        handle = self.lost_in_minority_handle
+        if minority and handle is not None:
+            handle.cancel()
+            self.lost_in_minority_handle = None
+        elif regained and self.lost_in_minority and handle is None:
+            self.lost_in_minority_handle = asyncio.get_running_loop().call_later(
+                self.cluster_config.join_timeout, self._lost_in_minority_due
+            )
+
+    def _lost_in_minority_due(self) -> None:
+        """Back in a majority for ``join_timeout``: the peers lost while we were in a
+        minority and still down are taken for lost now (their clients' wills)."""
+        self.lost_in_minority_handle = None
+        for name in sorted(self.lost_in_minority):
+            peer = self.peers.get(name)
+            if peer is not None and not peer.up:
+                logger.warning(
+                    "cluster: node %s, lost while this node was in a minority, is still down",
+                    name,
+                )
+                self._publish_lost_wills(name)
+        self.lost_in_minority.clear()
+
+    def _wills_are_ours(self) -> bool:
+        """Are the wills of our clients ours to publish when a pause closes them? Not when
+        our backup is down: it took us for lost and published them."""
+        backup = self.backup_peer
+        return backup is None or backup.up
 
     def _publish_lost_wills(self, origin: str) -> None:
         """Our link to ``origin``, whose backup we are, dropped: the wills of its clients
@@ -2488,6 +2567,7 @@ class Cluster:
             if not peer.synced:
                 peer.synced = True
                 self.joined.check()
+                self._check_majority()
                 if peer.name == self.backup:
                     self._backup_news()
         elif isinstance(frame, codec.Forget):
@@ -3425,6 +3505,9 @@ class Cluster:
                 "forwarded": self.forwarded.status(),
             },
             "tls": None if self.server_contexts is None else self.server_contexts.status(),
+            "partition": {"partition_handling": "ignore"}
+            if self.pause is None
+            else self.pause.status(),
         }
 
     def _listen_text(self) -> str:

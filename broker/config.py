@@ -76,6 +76,9 @@ Shape (every table and key optional except where noted)::
     stop_evacuation_rate = 500     # clients (and then sessions) moved off per second
     autoclean = "0s"               # a peer down this long is forgotten (EMQX's cluster.autoclean;
                                    # broker/cluster.py Cluster.forget); "0s": never, the default
+    partition_handling = "ignore"  # "pause_minority": a node that reaches no more than half
+                                   # the cluster closes its clients and listeners until it
+                                   # does (broker/partition.py; 3 nodes or more)
     [cluster.ssl_options]          # as above
 
     [store]                        # issue 12: what survives a SIGKILL (broker/store.py)
@@ -293,6 +296,11 @@ class ClusterConfig:
     # rejoins only without its store, so after a long split each side would keep refusing
     # the other until an operator acts).
     autoclean: float = 0.0
+    # What a node does when it reaches no more than half the cluster (RabbitMQ's
+    # cluster_partition_handling): "ignore" serves on (both sides of a split serve and
+    # merge at the heal), "pause_minority" closes its clients and listeners until it
+    # reaches a majority again (broker.partition).
+    partition_handling: Literal["ignore", "pause_minority"] = "ignore"
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,6 +407,20 @@ def _parse_session_replicas(reader: _Reader) -> int:
             f"node; more copies are not supported), got {value!r}",
         )
     return value
+
+
+def _parse_partition_handling(reader: _Reader) -> Literal["ignore", "pause_minority"]:
+    """``[cluster] partition_handling``: "ignore" (the default) or "pause_minority"."""
+    value = reader.string("partition_handling", "ignore")
+    if value == "pause_minority":
+        return "pause_minority"
+    if value != "ignore":
+        raise reader.fail(
+            "partition_handling",
+            f'expected "ignore" (both sides of a split serve) or "pause_minority" (a node '
+            f"that reaches no more than half the cluster stops serving), got {value!r}",
+        )
+    return "ignore"
 
 
 class _Reader:
@@ -830,6 +852,7 @@ def parse_config(
                 "stop_evacuation_rate", defaults.stop_evacuation_rate, 1, 100_000
             ),
             autoclean=cluster_reader.duration("autoclean", defaults.autoclean, zero=True),
+            partition_handling=_parse_partition_handling(cluster_reader),
         )
         cluster_reader.reject_unknown()
         if peers and cookie is None:
@@ -884,16 +907,32 @@ def parse_config(
 def config_warnings(config: BrokerConfig) -> list[str]:
     """What is valid but probably not meant, said at start: PROXY listeners of which some
     check lb's HMAC and others do not (a forger uses the latter)."""
+    warnings = []
     proxied = [listener for listener in config.listeners if listener.proxy_protocol]
     keyed = [listener.label for listener in proxied if listener.proxy_protocol_hmac_keys]
     open_ = [listener.label for listener in proxied if not listener.proxy_protocol_hmac_keys]
     if keyed and open_:
-        return [
+        warnings.append(
             f"{config.origin}: listeners {', '.join(keyed)} require an HMAC in the PROXY header "
             f"(proxy_protocol_hmac_keys) but {', '.join(open_)} do not: a host in "
             "proxy_protocol_trusted can still claim any device there"
-        ]
-    return []
+        )
+    cluster = config.cluster
+    if cluster is not None and cluster.partition_handling == "pause_minority":
+        if len(cluster.peers) < 2:
+            warnings.append(
+                f'{config.origin}: [cluster] partition_handling = "pause_minority" in a '
+                f"cluster of {len(cluster.peers) + 1} nodes: half is not a majority, so a "
+                "node stops serving whenever another is down (a restart too); it needs 3 "
+                "nodes or more"
+            )
+        elif (len(cluster.peers) + 1) % 2 == 0:
+            warnings.append(
+                f'{config.origin}: [cluster] partition_handling = "pause_minority" in a '
+                f"cluster of {len(cluster.peers) + 1} nodes: a split into two halves stops "
+                "every node (half is not a majority); an odd number of nodes avoids it"
+            )
+    return warnings
 
 
 def _parse_authorization(reader: _Reader | None, base: Path) -> AuthorizationConfig | None:

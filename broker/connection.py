@@ -325,9 +325,12 @@ class ClientConnection:
         self._send_disconnect(ReasonCode.SESSION_TAKEN_OVER)
         self._finish("session taken over", send_will=True)
 
-    def disconnect(self, reason_code: int, reason: str) -> None:
+    def disconnect(self, reason_code: int, reason: str, send_will: bool = True) -> None:
+        """Close the connection from the server's side (5.0: DISCONNECT ``reason_code``);
+        its will is due unless ``send_will`` is False (broker.partition: another node
+        publishes it)."""
         self._send_disconnect(reason_code, reason)
-        self._finish(reason, send_will=True)
+        self._finish(reason, send_will=send_will)
 
     def deliver(self, pending: Pending, counted: bool = True) -> None:
         """Route a message to this connection: send now, or queue for later (bounded; without

@@ -429,16 +429,21 @@ class Broker:
         return record
 
     def disconnect_clients(
-        self, predicate: Callable[[ClientConnection], bool], reason_code: int, reason: str
+        self,
+        predicate: Callable[[ClientConnection], bool],
+        reason_code: int,
+        reason: str,
+        send_will: bool = True,
     ) -> int:
-        """Close every connected client matching ``predicate`` (5.0: DISCONNECT reason)."""
+        """Close every connected client matching ``predicate`` (5.0: DISCONNECT reason),
+        their wills due unless ``send_will`` is False."""
         selected = [
             connection
             for connection in list(self.connections)
             if connection.connected and predicate(connection)
         ]
         for connection in selected:
-            connection.disconnect(reason_code, reason)
+            connection.disconnect(reason_code, reason, send_will)
         return len(selected)
 
     def tick(self) -> None:

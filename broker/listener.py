@@ -259,10 +259,11 @@ class Listener:
         acceptor = self.accept_loop
         return acceptor is not None and not acceptor.closed
 
-    def stop_accepting(self) -> None:
-        """Close the listening socket (an evacuation, broker.evacuation): a new connection is
-        refused, so a balancer sends it to another node at once and its health checks mark
-        this one down; the connections here stay."""
+    def stop_accepting(self, why: str = "evacuation") -> None:
+        """Close the listening socket (an evacuation, broker.evacuation; a node paused in a
+        minority, broker.partition): a new connection is refused, so a balancer sends it to
+        another node at once and its health checks mark this one down; the connections here
+        stay."""
         if not self.accepting:
             return
         if self.server is not None:
@@ -270,10 +271,11 @@ class Listener:
         elif self.acceptor is not None:
             self.acceptor.close()
         logger.info(
-            "listener %s on %s:%d: not accepting (evacuation)",
+            "listener %s on %s:%d: not accepting (%s)",
             self.config.label,
             self.config.host,
             self._port,
+            why,
         )
 
     def start_accepting(self) -> None:

@@ -47,6 +47,7 @@ from broker.evacuation import TICK as EVACUATION_TICK
 from broker.hooks import AuthorizationHook, ClusterHook
 from broker.listener import Listener
 from broker.mqtt import ReasonCode
+from broker.partition import MinorityPause
 from broker.statestore import StateStore
 from broker.store import StoreError, open_store
 from broker.tls_listener import ReloadingContext, build_server_ssl_context
@@ -169,6 +170,15 @@ class BrokerServer:
         self.store.start(loop)
         self.ssl_context_factory = ssl_context_factory
         self.listeners: list[Listener] = []
+        self.evacuation: Evacuation | None = None
+        # [cluster] partition_handling = "pause_minority" (broker.partition).
+        self.pause: MinorityPause | None = None
+        if self.cluster is not None and self.cluster.cluster_config.partition_handling == (
+            "pause_minority"
+        ):
+            self.pause = self.cluster.pause = MinorityPause(
+                self.broker, self.listeners, loop, self._evacuating
+            )
         self.admin: AdminServer | None = None
         if config.admin is not None:
             self.admin = AdminServer(
@@ -189,12 +199,15 @@ class BrokerServer:
                     "forget": self.cluster.forget,
                 }
         self._ticker: asyncio.TimerHandle | None = None
-        self.evacuation: Evacuation | None = None
         self._hurry = asyncio.Event()
         if self.admin is not None:
             self.admin.evacuation = self.evacuation_command
 
     # --- evacuation (broker.evacuation) ------------------------------------------------------
+
+    def _evacuating(self) -> bool:
+        """An evacuation keeps the listeners closed (a pause that ends leaves them so)."""
+        return self.evacuation is not None and self.evacuation.state != "ended"
 
     def evacuation_command(self, method: str, values: dict[str, Any]) -> dict[str, Any]:
         """The admin API's /api/evacuation: POST starts one (or sets the rates, wait and
@@ -229,7 +242,8 @@ class BrokerServer:
                     migrate_to=migrate_to or (),
                 )
         elif method == "DELETE" and evacuation is not None and evacuation.state != "ended":
-            evacuation.end()
+            # Paused in a minority (broker.partition): the listeners open when it ends.
+            evacuation.end(listen=self.pause is None or not self.pause.paused)
         if evacuation is None:
             return {"node": self.config.node_name, "state": "none"}
         return evacuation.status()
@@ -320,6 +334,8 @@ class BrokerServer:
                 )
                 await listener.start()
                 self.listeners.append(listener)
+            if self.pause is not None:
+                self.pause.listening_started()
             if self.admin is not None:
                 await self.admin.start()
         except BaseException:
@@ -441,6 +457,8 @@ class BrokerServer:
             )
 
     async def stop(self) -> None:
+        if self.pause is not None:
+            self.pause.cancel()
         await self._evacuate_before_stop()
         if self._ticker is not None:
             self._ticker.cancel()

@@ -188,6 +188,7 @@ def broker_config(
     header: str | None = None,
     session_replicas: int | None = None,
     stop_evacuation: tuple[float, int | None] | None = None,
+    partition_handling: str | None = None,
 ) -> str:
     """The TOML of one node of a cluster of `members` (configs/broker-N.toml for NODES):
     MQTT with PROXY protocol from `trusted`, the cluster over mutual TLS, the admin API, all
@@ -196,7 +197,7 @@ def broker_config(
     the container variant with other addresses and its own `header` comment.
     `session_replicas` is written when given (the broker's default, 1, otherwise), and
     `stop_evacuation` as (seconds, clients per second or None: the broker's default) when
-    given (bench/fleet.py)."""
+    given, and `partition_handling` when given (bench/fleet.py)."""
     number = member.certificate.rsplit("-", 1)[1]
     peers = ", ".join(
         f'"{other.name}@{peer_host(other) if peer_host else host}:{other.cluster_port}"'
@@ -216,6 +217,8 @@ def broker_config(
         replicas += f'stop_evacuation = "{seconds:g}s"\n'
         if rate is not None:
             replicas += f"stop_evacuation_rate = {rate}\n"
+    if partition_handling is not None:
+        replicas += f'partition_handling = "{partition_handling}"\n'
     return f"""{header}
 [node]
 name = "{member.name}"
