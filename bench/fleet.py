@@ -1366,11 +1366,12 @@ def scenario_partition(run: Run) -> None:
     )
     run.hold(args.hold, prefix="after_heal_")
     # --wills: over the split, the heal and the hold after it, the wills the collector got
-    # against the device connections that ended: the wills beyond them were published for
-    # devices that never disconnected (a will the simulator's own drop did not cause).
+    # against the device connections that ended (closed by a broker, or dropped by the
+    # simulator): the wills beyond them were published for devices still connected.
     run.sample()
     end = run.latest()
-    wills, ended = end["wills"] - before["wills"], end["disconnects"] - before["disconnects"]
+    wills = end["wills"] - before["wills"]
+    ended = end["disconnects"] - before["disconnects"] + sum(dropped)
     run.figures.update(
         {
             "partition_wills": wills,

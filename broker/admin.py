@@ -15,7 +15,9 @@ STYLE.md rule 6):
   ``broker_listener_*{listener="tcp:default"}``;
 - ``/api/cluster``: whatever the cluster hook reports (``status()`` when it has one);
 - ``/metrics``: the same numbers in Prometheus text format, and each cluster peer's link
-  counters and gauges as ``broker_cluster_peer_*{peer="NAME"}``;
+  counters and gauges as ``broker_cluster_peer_*{peer="NAME"}``, and with
+  ``partition_handling = "pause_minority"`` whether the node is paused
+  (``broker_cluster_partition_*``, broker.partition);
 - ``POST /api/authz/reload``: reload the authorization policy file now (seed 003); answers
   {changed, error, rules, disconnected}; 404 when the node has no ``[authorization]``.
 - ``POST /api/cluster/peers/NAME/disconnect`` and ``.../connect``: cut the cluster link to
@@ -269,8 +271,12 @@ class AdminServer:
                 ],
             )
             if self.cluster_status is not None:
+                status = self.cluster_status()
                 text += render_prometheus_rows(
-                    "broker_cluster_peer", _peer_rows(broker.node_name, self.cluster_status())
+                    "broker_cluster_peer", _peer_rows(broker.node_name, status)
+                )
+                text += render_prometheus_rows(
+                    "broker_cluster_partition", _partition_rows(broker.node_name, status)
                 )
             return 200, "text/plain; version=0.0.4", text.encode()
         else:
@@ -435,6 +441,22 @@ def _peer_rows(
         values.update(member["counters"])
         rows.append(({"node": node, "peer": member["name"]}, values))
     return rows
+
+
+def _partition_rows(
+    node: str, status: dict[str, Any]
+) -> list[tuple[dict[str, str], dict[str, int | None]]]:
+    """/metrics' ``broker_cluster_partition_*`` with pause_minority (broker.partition):
+    whether the node is paused, how often it was, the clients a pause closed."""
+    partition = status.get("partition") or {}
+    if "paused" not in partition:
+        return []
+    values: dict[str, int | None] = {
+        "paused_current": int(partition["paused"]),
+        "pauses": partition["pauses"],
+        "clients_closed": partition["clients_closed"],
+    }
+    return [({"node": node}, values)]
 
 
 def _error(status: int, text: str) -> tuple[int, str, bytes]:

@@ -273,13 +273,19 @@ def test_a_rolling_restart_of_the_brokers_loses_nothing_acknowledged(
     assert running_from(tmp_path) == []
 
 
-def test_a_partition_of_one_node_heals_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("handling", ["ignore", "pause_minority"])
+def test_a_partition_of_one_node_heals_and_loses_nothing_acknowledged(
+    tmp_path: Path, handling: str
+) -> None:
     """The partition scenario through lb: node-3 cut off from both other nodes for 6 s
     (its links suspended by the admin API) under telemetry and commands, half the devices
     dropping in the middle of it and coming back through lb (many on the other side of
     their session), then the links restored: the cluster forms again, every device is back,
     and every acknowledged telemetry message and command was delivered (the sessions that
-    diverged merged at the heal)."""
+    diverged merged at the heal). With "ignore" wills are published for devices that never
+    disconnected (node-3's by its backup, node-2's by node-3); with "pause_minority" node-3
+    closes its devices' connections and a will is published for each connection that
+    ended, none for a device still connected."""
     result = run_fleet(
         tmp_path,
         "partition",
@@ -293,6 +299,8 @@ def test_a_partition_of_one_node_heals_and_loses_nothing_acknowledged(tmp_path: 
         "6",
         "--split-drop",
         "0.5",
+        "--partition-handling",
+        handling,
         "--wills",
         "--keep",
     )
@@ -308,4 +316,9 @@ def test_a_partition_of_one_node_heals_and_loses_nothing_acknowledged(tmp_path: 
     assert figures["telemetry_acked_lost"] == 0, figures["telemetry_lost_examples"]
     assert figures["commands_acked_delivered"] > 0
     assert figures["commands_acked_undelivered"] == 0, figures["commands_undelivered_examples"]
+    if handling == "ignore":
+        assert figures["partition_wills_without_disconnect"] > 0, figures
+    else:
+        assert figures["partition_disconnects"] >= figures["split_devices_dropped"] + 1
+        assert figures["partition_wills_without_disconnect"] == 0, figures
     assert running_from(tmp_path) == []

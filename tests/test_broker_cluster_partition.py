@@ -127,6 +127,11 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_devices_move_with_their_s
         status = _partition(cut)
         assert status["reaches"] == "1 of 3 nodes (itself)"
         assert status["pauses"] == 1 and status["clients_closed"] == len(on_cut)
+        metrics = cut.admin("/metrics")
+        assert 'broker_cluster_partition_paused_current{node="node-3"} 1' in metrics
+        assert f'broker_cluster_partition_clients_closed_total{{node="node-3"}} {len(on_cut)}' in (
+            metrics
+        )
         assert not _accepts(cut)
         # Its devices are back through lb on node-1 and node-2, with their sessions.
         elsewhere = lambda: set(first.clients()) | set(second.clients())  # noqa: E731
