@@ -45,8 +45,9 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   took and the peak handshake rate (what the evacuation spreads out). With --stop-evacuation
   S the brokers do that themselves at SIGTERM (``[cluster] stop_evacuation = S``, at
   --evacuate-rate or the brokers' default rate): the stop's time includes the evacuation.
-- partition: ramp, telemetry, then the last node cut off from every other node for --split
-  seconds (on it, each link suspended: POST /api/cluster/peers/NAME/disconnect), as a
+- partition: ramp, telemetry, then the last node (--split-nodes K: the last K, which still
+  reach each other) cut off from every other node for --split seconds (on it, each link
+  suspended: POST /api/cluster/peers/NAME/disconnect), as a
   network split between the brokers while the balancer still reaches them all; then the
   links restored (.../connect), the time until the cluster has formed again, and a hold.
   The other nodes take it for lost (its backup publishes the wills of its clients, still
@@ -1317,17 +1318,31 @@ def scenario_partition(run: Run) -> None:
     args = run.args
     run.ramp()
     run.hold(args.settle)
-    isolated, others = run.nodes[-1], run.nodes[:-1]
+    # The last --split-nodes nodes, cut off from the others (they still reach each other).
+    isolated = run.nodes[len(run.nodes) - args.split_nodes :]
+    others = run.nodes[: len(run.nodes) - args.split_nodes]
+    names = ",".join(node.name for node in isolated)
     run.sample()
     before = run.latest()
     present_before = run.total("sessions_present")
-    run.mark("split", node=isolated.name)
-    for node in others:
-        admin_json(isolated, f"/api/cluster/peers/{node.name}/disconnect", "POST")
+    run.mark("split", nodes=names)
+    split_wall = time.time()
+    for node in isolated:
+        for other in others:
+            admin_json(node, f"/api/cluster/peers/{other.name}/disconnect", "POST")
     dropped: list[int] = []
     wills_before_drop: list[int] = []
+    # pause_minority: the devices the isolated nodes closed (before the drop), and when all
+    # were back.
+    closed = 0
+    all_back: float | None = None
 
     def drop_at_half(elapsed: float) -> None:
+        nonlocal closed, all_back
+        if all(w.status.get("time", 0) > split_wall for w in run.simulators) and not dropped:
+            closed = sum(run.counter("disconnects").values()) - before["disconnects"]
+            if closed and all_back is None and run.total("connected") >= before["connected"]:
+                all_back = elapsed
         if args.split_drop and not dropped and elapsed >= args.split / 2:
             run.sample()
             wills_before_drop.append(run.latest()["wills"] - before["wills"])
@@ -1340,18 +1355,23 @@ def scenario_partition(run: Run) -> None:
     run.hold(args.split, drop_at_half, prefix="split_")
     run.sample()
     during = run.latest()
-    run.mark("heal", node=isolated.name)
+    run.mark("heal", nodes=names)
     since = time.monotonic()
-    for node in others:
-        admin_json(isolated, f"/api/cluster/peers/{node.name}/connect", "POST")
+    for node in isolated:
+        for other in others:
+            admin_json(node, f"/api/cluster/peers/{other.name}/connect", "POST")
     formed = run.wait(args.storm_timeout, lambda: cluster_formed(run.nodes))
     healed = time.monotonic() - since
     run.mark("cluster formed", seconds=round(healed, 2))
     back = time_back(run, since, before["connected"], args.storm_timeout)
     run.figures.update(
         {
-            "split_node": isolated.name,
+            "split_nodes": names,
             "split_seconds": args.split,
+            # pause_minority: the devices away at most before the drop (those the isolated
+            # nodes closed), and seconds from the split until all were back.
+            "split_devices_closed": closed,
+            "split_back_seconds": round(all_back, 1) if all_back is not None else None,
             # The isolated node's backup takes it for lost and publishes its clients'
             # wills (--wills; README "the backup takes the loss of its link to a node for
             # the node's death"): those clients were still connected.
@@ -1695,6 +1715,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the brokers' [cluster] partition_handling (default: theirs, ignore)",
     )
     parser.add_argument(
+        "--split-nodes",
+        type=int,
+        default=1,
+        help="partition: how many nodes (the last ones) are cut off from the others",
+    )
+    parser.add_argument(
         "--split-drop",
         type=float,
         default=0.0,
@@ -1751,6 +1777,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.nodes < 2 and args.scenario in ("node-loss", "restart", "partition")
     ):
         parser.error(f"{args.scenario} needs at least 2 nodes and 1 device")
+    if args.scenario == "partition" and not 1 <= args.split_nodes < args.nodes:
+        parser.error("--split-nodes: 1 to --nodes - 1")
     if not 0.0 <= args.split_drop <= 1.0:
         parser.error("--split-drop: a fraction, 0 to 1")
     if not 1 <= args.storms <= 5:
