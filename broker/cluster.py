@@ -199,6 +199,11 @@ _OLDER_VERSIONS_LACK: Final = (
         "backup",
     ),
     (codec.FORGET_VERSION, False, "a node forgotten on one node is not forgotten on the others"),
+    (
+        codec.REACH_VERSION,
+        True,
+        "a backup that lost only its own link to a node publishes its clients' wills",
+    ),
     (codec.SHARE_VERSION, False, "sessions' shares do not cross its links"),
 )
 #: What a refused peer is told (issue 14 item 7): nothing about our configuration.
@@ -758,6 +763,10 @@ class Cluster:
         self.minority = False
         self.lost_in_minority: set[str] = set()
         self.lost_in_minority_handle: asyncio.TimerHandle | None = None
+        # REACH (protocol 9): node -> the peers whose links reach it, by their word; the
+        # nodes we lost that another still reaches (their clients' wills wait for that).
+        self.reached_by: dict[str, set[str]] = {}
+        self.lost_but_reached: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -1400,6 +1409,7 @@ class Cluster:
         else:
             self._send_state(link)
         self._send_forgotten(link)
+        self._send_reach(link)
         # The peer's PONG comes after its own SYNC, MEMBERS and OWNED (it sent them when it
         # read our HELLO, before this PING): then it is synced (join).
         peer.synced = False
@@ -1488,18 +1498,14 @@ class Cluster:
             for callback in self.replicator.stop():
                 callback()
         self._release_waiters(peer)
+        self._tell_reach(peer.name, False)
         self._check_majority()
-        if peer.name in self.replicas.wills or peer.name in self.replicas.origins:
-            if self.minority:
-                # broker.partition: more likely we are cut off than it is dead.
-                self.lost_in_minority.add(peer.name)
-                logger.warning(
-                    "cluster: node %s is down, but this node is in a minority: the wills "
-                    "of its clients wait until it reaches a majority again",
-                    peer.name,
-                )
-            else:
-                self._publish_lost_wills(peer.name)
+        self._peer_lost(peer.name)
+        # What it told us it reaches counts no more.
+        for name in [name for name, seen in self.reached_by.items() if peer.name in seen]:
+            self.reached_by[name].discard(peer.name)
+            if name in self.lost_but_reached and not self.reached_by[name]:
+                self._peer_lost(name)
         if self.replicating:
             self._failover_outbox(peer)
             # Acknowledgements waiting for it now wait for its backup, which got its frames.
@@ -1690,6 +1696,70 @@ class Cluster:
             codec.ReplicaOpKind.WILL_SET, session.client_id, data=codec.encode_live_will(live)
         )
 
+    def _peer_lost(self, name: str) -> None:
+        """Our link to ``name`` is down (or its last other link is, by their word): if we are
+        its backup, the wills of its clients are due (_publish_lost_wills), unless we are in
+        a minority (broker.partition: more likely we are cut off than it is dead) or another
+        node still reaches it (REACH: only our link broke); then they wait."""
+        if name not in self.replicas.wills and name not in self.replicas.origins:
+            return
+        peer = self.peers.get(name)
+        if peer is None or peer.up:
+            return
+        if self.minority:
+            if name not in self.lost_in_minority:
+                self.lost_in_minority.add(name)
+                logger.warning(
+                    "cluster: node %s is down, but this node is in a minority: the wills "
+                    "of its clients wait until it reaches a majority again",
+                    name,
+                )
+            return
+        seen = self.reached_by.get(name)
+        if seen:
+            if name not in self.lost_but_reached:
+                self.lost_but_reached.add(name)
+                logger.warning(
+                    "cluster: our link to node %s is down, but %s still reach%s it: the wills "
+                    "of its clients wait until no node does",
+                    name,
+                    ", ".join(sorted(seen)),
+                    "" if len(seen) > 1 else "es",
+                )
+            return
+        if self.lost_but_reached:
+            self.lost_but_reached.discard(name)
+        self._publish_lost_wills(name)
+
+    def _tell_reach(self, name: str, up: bool) -> None:
+        """REACH (protocol 9): our link to ``name`` is up (synced) or down, told to every
+        other peer whose link is up."""
+        frame = codec.encode(codec.Reach(name, up))
+        for other, link in self._up_links():
+            if other.name != name and link.protocol_version >= codec.REACH_VERSION:
+                link.send(frame)
+
+    def _send_reach(self, link: ClusterLink) -> None:
+        """At link up: the peers we reach, for the new link's peer."""
+        if link.protocol_version < codec.REACH_VERSION:
+            return
+        for peer in self.peers.values():
+            if peer.link is not link and peer.up and peer.synced:
+                link.send(codec.encode(codec.Reach(peer.name, True)))
+
+    def _reach_received(self, peer: Peer, frame: codec.Reach) -> None:
+        """``peer``'s link to ``frame.node`` is up or down; a node we lost that nobody
+        reaches any more is lost (its clients' wills, when we are its backup)."""
+        if frame.node == self.node_name or frame.node not in self.peers:
+            return
+        seen = self.reached_by.setdefault(frame.node, set())
+        if frame.up:
+            seen.add(peer.name)
+            return
+        seen.discard(peer.name)
+        if not seen and frame.node in self.lost_but_reached:
+            self._peer_lost(frame.node)
+
     def _check_majority(self) -> None:
         """partition_handling pause_minority (broker.partition): does this node reach more
         than half the nodes not forgotten, itself included (each peer linked and synced)?
@@ -1721,15 +1791,15 @@ class Cluster:
         """Back in a majority for ``join_timeout``: the peers lost while we were in a
         minority and still down are taken for lost now (their clients' wills)."""
         self.lost_in_minority_handle = None
-        for name in sorted(self.lost_in_minority):
+        lost, self.lost_in_minority = sorted(self.lost_in_minority), set()
+        for name in lost:
             peer = self.peers.get(name)
             if peer is not None and not peer.up:
                 logger.warning(
                     "cluster: node %s, lost while this node was in a minority, is still down",
                     name,
                 )
-                self._publish_lost_wills(name)
-        self.lost_in_minority.clear()
+                self._peer_lost(name)
 
     def _wills_are_ours(self) -> bool:
         """Are the wills of our clients ours to publish when a pause closes them? Not when
@@ -2567,11 +2637,15 @@ class Cluster:
             if not peer.synced:
                 peer.synced = True
                 self.joined.check()
+                self.lost_but_reached.discard(peer.name)
+                self._tell_reach(peer.name, True)
                 self._check_majority()
                 if peer.name == self.backup:
                     self._backup_news()
         elif isinstance(frame, codec.Forget):
             self._forget_received(peer, frame)
+        elif isinstance(frame, codec.Reach):
+            self._reach_received(peer, frame)
         elif isinstance(frame, codec.Close):
             link.close(f"closed by {peer.name}: {frame.reason}", send_close=False)
         else:  # HELLO after the handshake, or a frame that only travels as RELIABLE
@@ -3472,6 +3546,8 @@ class Cluster:
                     "direction": "dial" if peer.dials else "accept",
                     "suspended": peer.suspended,
                     "forgotten": peer.forgotten is not None,
+                    # REACH (protocol 9): the other peers whose links reach it, by their word.
+                    "reached_by": sorted(self.reached_by.get(peer.name, ())),
                     "link_address": None if link is None else link.address_text,
                     "tls_version": None if link is None else link.tls_version,
                     "protocol_version": None if link is None else link.protocol_version,

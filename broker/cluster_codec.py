@@ -16,7 +16,8 @@ cluster is upgraded node by node: every node first announces the old version, th
 Version 2 is version 3 without HOLD's share; version 3 is version 4 without the REPLICA
 frames (a link of version 3 carries no session replication); version 4 is version 5 without
 REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER; version 6 is
-version 7 without REPLICA_TRANSFER; version 7 is version 8 without FORGET.
+version 7 without REPLICA_TRANSFER; version 7 is version 8 without FORGET; version 8 is
+version 9 without REACH.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
                  peer_incarnation:u64, last_applied:u64. Sent by both ends first; the cookie
@@ -96,6 +97,12 @@ version 7 without REPLICA_TRANSFER; version 7 is version 8 without FORGET.
                  force-leave, or autoclean: lost for good; broker.cluster.Cluster.forget).
                  Sent when it does, and at each link up for every node it has forgotten; the
                  receiver forgets it too unless its own link to it is up (it is not lost).
+``REACH``        flags:u8 (bit 0: up), node:string. Version 9: the sender's link to ``node``
+                 is up (linked and synced) or not. Sent on every link when one of the
+                 sender's links comes up or drops, and at each link up for every node it
+                 reaches. A node that lost its own link to a node whose backup it is does
+                 not take it for dead (publish its clients' wills) while another node
+                 reaches it: only their link broke.
 
 A message is flags:u8 (bits 0-1 QoS, bit 2 RETAIN, bit 3 publisher present, bit 4 expiry
 present), seq:u64, topic:string, origin node:string, [publisher client id:string],
@@ -147,6 +154,7 @@ __all__ = [
     "MIN_PROTOCOL_VERSION",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "REACH_VERSION",
     "REPLICA_VERSION",
     "SHARE_VERSION",
     "TRANSFER_FAILOVER_VERSION",
@@ -170,6 +178,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Publish",
+    "Reach",
     "Reliable",
     "Replica",
     "ReplicaAck",
@@ -208,8 +217,8 @@ __all__ = [
 #: REPLICA_SHARED (shared subscriptions' messages for a node that is down) and the WILL ops.
 #: 6: REPLICA_DELIVER (a DELIVER for a node that is down, to its backup). 7: REPLICA_TRANSFER
 #: (a TRANSFER that a node lost did not acknowledge, to its backup). 8: FORGET (a node
-#: forgotten on one node is forgotten on all).
-PROTOCOL_VERSION: Final = 8
+#: forgotten on one node is forgotten on all). 9: REACH (what each node's links reach).
+PROTOCOL_VERSION: Final = 9
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
 MIN_PROTOCOL_VERSION: Final = 2
@@ -228,6 +237,8 @@ DELIVER_FAILOVER_VERSION: Final = 6
 TRANSFER_FAILOVER_VERSION: Final = 7
 #: The first version with FORGET.
 FORGET_VERSION: Final = 8
+#: The first version with REACH.
+REACH_VERSION: Final = 9
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
 #: A PUBLISH frame is at most an MQTT packet (max_packet_size) plus the node names; the
@@ -246,6 +257,7 @@ _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
 _HOLD_PAUSE: Final = 0x01
 _HOLD_SHARE: Final = 0x02
+_REACH_UP: Final = 0x01
 _U16: Final = struct.Struct(">H")
 _QOS_MASK: Final = 0x03
 _RETAIN_FLAG: Final = 0x04
@@ -292,6 +304,7 @@ class FrameType(IntEnum):
     REPLICA_DELIVER = 25
     REPLICA_TRANSFER = 26
     FORGET = 27
+    REACH = 28
 
 
 class ReplicaOpKind(IntEnum):
@@ -620,6 +633,14 @@ class Forget:
 
 
 @dataclass(frozen=True, slots=True)
+class Reach:
+    """The sender's link to ``node`` is ``up`` (linked and synced), or not."""
+
+    node: str
+    up: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Reliable:
     seq: int
     frame: Frame
@@ -652,6 +673,7 @@ Frame = (
     | ReplicaDeliver
     | ReplicaTransfer
     | Forget
+    | Reach
 )
 
 
@@ -852,6 +874,8 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
         return FrameType.CLOSE, encode_string(frame.reason)
     if isinstance(frame, Forget):
         return FrameType.FORGET, encode_string(frame.node)
+    if isinstance(frame, Reach):
+        return FrameType.REACH, bytes((_REACH_UP if frame.up else 0,)) + encode_string(frame.node)
     if isinstance(frame, Sync):
         flags = _RESET_FLAG if frame.reset else 0
         return FrameType.SYNC, bytes((flags,)) + _strings(frame.filters)
@@ -1168,6 +1192,7 @@ _SINCE: Final[dict[type, tuple[FrameType, int]]] = {
     ReplicaDeliver: (FrameType.REPLICA_DELIVER, DELIVER_FAILOVER_VERSION),
     ReplicaTransfer: (FrameType.REPLICA_TRANSFER, TRANSFER_FAILOVER_VERSION),
     Forget: (FrameType.FORGET, FORGET_VERSION),
+    Reach: (FrameType.REACH, REACH_VERSION),
 }
 
 
@@ -1395,6 +1420,11 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
         frame = ReplicaTransfer(reader.string("the origin node"), _read_session(reader))
     elif frame_type == FrameType.FORGET:
         frame = Forget(reader.string("the node"))
+    elif frame_type == FrameType.REACH:
+        flags = reader.u8("the flags")
+        if flags & ~_REACH_UP:
+            raise ClusterProtocolError(f"REACH with unknown flags {flags:#04x}")
+        frame = Reach(reader.string("the node"), bool(flags & _REACH_UP))
     else:
         raise ClusterProtocolError(f"unknown frame type {frame_type}")
     if reader.remaining():

@@ -217,17 +217,20 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_9 = framed(1, b"\x09\x00\x02n9\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_9)
+    version_10 = framed(1, b"\x0a\x00\x03n10\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_10)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (9, "n9", 0)
-    assert codec.encode(hello) == version_9
+    assert (hello.version, hello.node, hello.incarnation) == (10, "n10", 0)
+    assert codec.encode(hello) == version_10
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (8, 8, 8),  # both upgraded
+        (9, 9, 9),  # both upgraded
+        (9, 8, 8),  # a node of version 8: no REACH on that link
+        (8, 9, 8),  # this node announces 8 during the upgrade
+        (8, 8, 8),
         (8, 7, 7),  # a node of version 7: no FORGET on that link
         (7, 8, 7),  # this node announces 7 during the upgrade
         (7, 7, 7),
@@ -248,8 +251,8 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (8, 9, None),  # newer than this release
-        (2, 9, None),
+        (9, 10, None),  # newer than this release
+        (2, 10, None),
         (3, 0, None),
         (3, 255, None),
     ],
@@ -577,14 +580,16 @@ def _decoder(version: int, *frames: codec.Frame) -> codec.ClusterDecoder:
             7,
         ),
         (codec.Forget("node-3"), 27, 8),
+        (codec.Reach("node-3", True), 28, 9),
     ],
 )
 def test_a_link_below_a_frames_version_refuses_it_as_an_old_node_does(
     frame: codec.Frame, frame_type: int, since: int
 ) -> None:
     """Version 6 added REPLICA_DELIVER only, version 7 REPLICA_TRANSFER only, version 8 FORGET
-    only: a link of a lower version (down to 4, the first with replication) refuses it as
-    such a node does (an unknown type); a link of its version carries it."""
+    only, version 9 REACH only: a link of a lower version (down to 4, the first with
+    replication) refuses it as such a node does (an unknown type); a link of its version
+    carries it."""
     for version in range(codec.REPLICA_VERSION, since):
         with pytest.raises(codec.ClusterProtocolError, match=f"unknown frame type {frame_type}"):
             _decoder(version, frame).next_event()
@@ -648,3 +653,20 @@ def test_forget_names_a_node_and_nothing_else() -> None:
     decoder.feed(framed(27, b"\x00\x06node-3\x00"))
     with pytest.raises(codec.ClusterProtocolError, match="1 unexpected bytes after a FORGET"):
         decoder.next_event()
+
+
+def test_reach_says_up_or_down_and_nothing_else() -> None:
+    """REACH: a flags byte (bit 0: up) and the node's name; another flag, or bytes after the
+    name, are a protocol error."""
+    for up, flags in ((True, b"\x01"), (False, b"\x00")):
+        frame = codec.Reach("node-3", up)
+        assert codec.encode(frame) == framed(28, flags + b"\x00\x06node-3")
+        assert _decoder(codec.PROTOCOL_VERSION, frame).next_event() == frame
+    for body, error in (
+        (b"\x03\x00\x06node-3", "REACH with unknown flags 0x03"),
+        (b"\x01\x00\x06node-3\x00", "1 unexpected bytes after a REACH"),
+    ):
+        decoder = codec.ClusterDecoder()
+        decoder.feed(framed(28, body))
+        with pytest.raises(codec.ClusterProtocolError, match=error):
+            decoder.next_event()

@@ -220,3 +220,50 @@ def test_partition_handling_is_ignore_unless_said_and_warned_about_when_it_canno
     )
     assert three.cluster is not None and three.cluster.partition_handling == "pause_minority"
     assert config_warnings(three) == []
+
+
+def test_a_backup_that_lost_only_its_own_link_to_a_node_waits_for_its_wills(
+    pki: TestPKI, tmp_path: Any
+) -> None:
+    """A partial split (partition_handling "ignore", the default): node-3's link to node-1,
+    its backup, cut; node-2 reaches both. node-2 tells node-1 it still reaches node-3 (REACH,
+    protocol 9), so node-1 does not take node-3 for dead: no will of node-3's client, which
+    is connected there all along (before protocol 9, node-1 published it at the cut).
+    node-3 then killed: node-2 says it reaches it no more, and node-1 publishes the will,
+    once."""
+    with running_cluster(pki, tmp_path) as nodes:
+        first, second, third = nodes
+        watcher = Device("watcher", V5, subscriptions=[("status/#", 1)])
+        watcher.connect(second.mqtt_port)
+        watcher.subscribe([("status/#", 1)])
+        prober = Device("prober", V5, clean=True)
+        prober.connect(first.mqtt_port)
+        for attempt in range(20):  # the watcher's route reaches node-1 within a second
+            prober.publish("status/probe", f"probe-{attempt}", 1)
+            if watcher.received(quiet=0.25, timeout=0.5):
+                break
+        prober.stop()
+        watcher.received(quiet=0.5)
+        device = Device("reached", V311, clean=True, will=("status/reached", "reached-gone"))
+        device.connect(third.mqtt_port)
+        wait_for(
+            lambda: (
+                first.admin("/api/cluster")["replication"]["copies"]["wills"].get("node-3") == 1
+            ),
+            10,
+            "the will copied to node-1",
+        )
+        wait_for(lambda: first.member("node-3")["reached_by"] == ["node-2"], 10, "node-2's REACH")
+        third.admin("/api/cluster/peers/node-1/disconnect", "POST")
+        wait_for(lambda: first.link_states()["node-3"] == "down", 10, "node-3 down on node-1")
+        assert watcher.received(quiet=3.0, timeout=5) == []
+        assert device.connected.is_set()
+        assert (
+            "our link to node node-3 is down, but node-2 still reaches it: the wills of its "
+            "clients wait until no node does" in first.log_text()
+        )
+        third.kill()
+        got = watcher.received(quiet=3.0, timeout=20, want=1)
+        device.client.loop_stop()
+        watcher.stop()
+        assert got == ["reached-gone"]
