@@ -1707,29 +1707,23 @@ class Cluster:
         if peer is None or peer.up:
             return
         if self.minority:
-            if name not in self.lost_in_minority:
-                self.lost_in_minority.add(name)
-                logger.warning(
-                    "cluster: node %s is down, but this node is in a minority: the wills "
-                    "of its clients wait until it reaches a majority again",
-                    name,
-                )
+            why = f"node {name} is down, but this node is in a minority"
+            self._wills_wait(name, self.lost_in_minority, why, "it reaches a majority again")
             return
         seen = self.reached_by.get(name)
         if seen:
-            if name not in self.lost_but_reached:
-                self.lost_but_reached.add(name)
-                logger.warning(
-                    "cluster: our link to node %s is down, but %s still reach%s it: the wills "
-                    "of its clients wait until no node does",
-                    name,
-                    ", ".join(sorted(seen)),
-                    "" if len(seen) > 1 else "es",
-                )
+            why = f"our link to node {name} is down, but {', '.join(sorted(seen))} still "
+            why += "reach it" if len(seen) > 1 else "reaches it"
+            self._wills_wait(name, self.lost_but_reached, why, "no node does")
             return
-        if self.lost_but_reached:
-            self.lost_but_reached.discard(name)
+        self.lost_but_reached.discard(name)
         self._publish_lost_wills(name)
+
+    def _wills_wait(self, name: str, waiting: set[str], why: str, until: str) -> None:
+        """The wills of ``name``'s clients wait (in ``waiting``), said once."""
+        if name not in waiting:
+            waiting.add(name)
+            logger.warning("cluster: %s: the wills of its clients wait until %s", why, until)
 
     def _tell_reach(self, name: str, up: bool) -> None:
         """REACH (protocol 9): our link to ``name`` is up (synced) or down, told to every

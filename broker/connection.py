@@ -943,6 +943,9 @@ class ClientConnection:
             # client stays anonymous, so a username is only ever a verified identity.
             self.username = identity.certificate_cn if identity.certificate_verified else None
 
+        if broker.refusing_connects is not None:
+            # A connection accepted before the node paused (broker.partition).
+            self._refuse(connect, ReasonCode.USE_ANOTHER_SERVER, broker.refusing_connects)
         if properties.authentication_method is not None:
             self._refuse(
                 connect,

@@ -197,6 +197,9 @@ class Broker:
         self.queued_peak = 0
         # Set by the net layer where the C library has malloc_trim.
         self.release_memory: Callable[[], object] | None = None
+        # Why a CONNECT is refused now (5.0: CONNACK 0x9C, Use another server; 3.1.1: 3,
+        # Server unavailable), or None: a node paused in a minority (broker.partition).
+        self.refusing_connects: str | None = None
         # CONNACKs that accept and say nothing about one client (the 5.0 properties come
         # from the settings alone), encoded once: (protocol level, session present) -> bytes.
         self.connack_memo: dict[tuple[int, bool], bytes] = {}

@@ -14,7 +14,9 @@ the cluster steps aside:
 - its MQTT listeners close their listening sockets (as an evacuation's do): the balancer's
   health checks mark it down, and a new connection is refused, so lb moves on to another
   node at once (HAProxy with ``option redispatch``);
-- its clients are disconnected (MQTT 5.0: DISCONNECT 0x9C, Use another server): each
+- its clients are disconnected (MQTT 5.0: DISCONNECT 0x9C, Use another server), and a
+  connection accepted before the pause is refused at its CONNECT (5.0: CONNACK 0x9C;
+  3.1.1: 3, Server unavailable): each
   reconnects through the balancer to the majority, where its session is found in the
   backup's copy (or, when the backup is on the minority's side too, a fresh one that the heal
   merges with this node's). So the wills the backup publishes are true: these connections
@@ -97,6 +99,9 @@ class MinorityPause:
 
     def _pause(self) -> None:
         self.paused_since = self.loop.time()
+        # A client whose handshake was under way when the listeners closed is refused at
+        # its CONNECT.
+        self.broker.refusing_connects = "node paused in a minority of the cluster"
         for listener in self.listeners:
             listener.stop_accepting("paused in a minority of the cluster")
         # The backup, if this node reaches it, did not lose us: the wills are ours to
@@ -132,6 +137,7 @@ class MinorityPause:
         assert self.paused_since is not None
         seconds = self.loop.time() - self.paused_since
         self.paused_since = None
+        self.broker.refusing_connects = None
         if self.evacuating():
             logger.warning(
                 "cluster: node %s reaches a majority again (%s) after %.1fs paused; an "

@@ -13,6 +13,7 @@ node-1 (true: their connections ended), and node-2's devices' wills not at all.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from broker.config import ConfigError, config_warnings, parse_config
+from broker.mqtt import Connect, encode
 from tests.cluster_harness import (
     V5,
     V311,
@@ -122,8 +124,16 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_devices_move_with_their_s
             "node-2's wills on node-3",
         )
 
+        # Two connections accepted before the pause, their CONNECT sent after it.
+        late = [socket.create_connection(("127.0.0.1", cut.mqtt_port), timeout=5) for _ in "ab"]
         _cut(cut, [first, second], "disconnect")
         wait_for(lambda: _partition(cut)["paused"], 10, "node-3 paused")
+        for sock, level, code in zip(late, (5, 4), (b"\x9c", b"\x03"), strict=True):
+            sock.sendall(encode(Connect("MQTT", level, True, 30, f"late-{level}"), level))
+            connack = sock.recv(64)
+            assert connack[:1] == b"\x20" and connack[3:4] == code, connack  # refused
+            assert sock.recv(64) == b""  # and closed
+            sock.close()
         status = _partition(cut)
         assert status["reaches"] == "1 of 3 nodes (itself)"
         assert status["pauses"] == 1 and status["clients_closed"] == len(on_cut)
