@@ -79,7 +79,11 @@ also go to its backup (REPLICA_PUBLISH), as do the unacknowledged ones in our ou
 when its link drops; so do the DELIVERs a forwarding stub passes on to a session's new node
 (REPLICA_DELIVER, queued for the backup's copy of that session), and a TRANSFER the node had
 not acknowledged when its link dropped (REPLICA_TRANSFER: the backup keeps the session as a
-copy of that node's, as if it had installed and replicated it).
+copy of that node's, as if it had installed and replicated it). The backup of a node whose
+link drops publishes the wills of its clients (_peer_lost), unless another node still
+reaches it (REACH, protocol 9: each node tells the others what its links reach; only our
+link broke) or this node is in a minority with ``partition_handling = "pause_minority"``
+(broker.partition): then they wait until no node reaches it, or a majority is back.
 
 Retained messages are replicated with their wall-clock change time; on a resync the newer
 one wins. The asyncio part (protocols, timers, TLS) lives here; the frame codec is sans-IO
