@@ -919,18 +919,19 @@ def config_warnings(config: BrokerConfig) -> list[str]:
         )
     cluster = config.cluster
     if cluster is not None and cluster.partition_handling == "pause_minority":
-        if len(cluster.peers) < 2:
+        # The peers may name this node too (one list for every node's config).
+        nodes = len({name for name, _, _ in cluster.peers} | {config.node_name})
+        if nodes < 3:
             warnings.append(
                 f'{config.origin}: [cluster] partition_handling = "pause_minority" in a '
-                f"cluster of {len(cluster.peers) + 1} nodes: half is not a majority, so a "
-                "node stops serving whenever another is down (a restart too); it needs 3 "
-                "nodes or more"
+                f"cluster of {nodes} nodes: half is not a majority, so a node stops serving "
+                "whenever another is down (a restart too); it needs 3 nodes or more"
             )
-        elif (len(cluster.peers) + 1) % 2 == 0:
+        elif nodes % 2 == 0:
             warnings.append(
                 f'{config.origin}: [cluster] partition_handling = "pause_minority" in a '
-                f"cluster of {len(cluster.peers) + 1} nodes: a split into two halves stops "
-                "every node (half is not a majority); an odd number of nodes avoids it"
+                f"cluster of {nodes} nodes: a split into two halves stops every node (half "
+                "is not a majority); an odd number of nodes avoids it"
             )
     return warnings
 

@@ -78,6 +78,9 @@ class MinorityPause:
         self._backup_reached: Callable[[], bool] = lambda: False
         self._scheduled: asyncio.Handle | None = None
         self._stopped = False
+        # The listeners have opened (the node's start is over): before, a pause only
+        # waits, said once at INFO, and its end is the start's to apply.
+        self._serving = False
 
     @property
     def paused(self) -> bool:
@@ -102,6 +105,14 @@ class MinorityPause:
         # A client whose handshake was under way when the listeners closed is refused at
         # its CONNECT.
         self.broker.refusing_connects = "node paused in a minority of the cluster"
+        if not self._serving:
+            logger.info(
+                "cluster: node %s waits until it reaches a majority before it serves "
+                "(partition_handling pause_minority): it reaches %s",
+                self.broker.node_name,
+                self._why,
+            )
+            return
         for listener in self.listeners:
             listener.stop_accepting("paused in a minority of the cluster")
         # The backup, if this node reaches it, did not lose us: the wills are ours to
@@ -114,14 +125,6 @@ class MinorityPause:
             send_will=send_will,
         )
         self.clients_closed += closed
-        if not self.listeners:  # starting: nothing served yet
-            logger.info(
-                "cluster: node %s waits until it reaches a majority before it serves "
-                "(partition_handling pause_minority): it reaches %s",
-                self.broker.node_name,
-                self._why,
-            )
-            return
         self.pauses += 1
         logger.warning(
             "cluster: node %s paused (partition_handling pause_minority): it reaches %s; "
@@ -138,6 +141,11 @@ class MinorityPause:
         seconds = self.loop.time() - self.paused_since
         self.paused_since = None
         self.broker.refusing_connects = None
+        if not self._serving:
+            logger.info(
+                "cluster: node %s reaches a majority (%s)", self.broker.node_name, self._why
+            )
+            return
         if self.evacuating():
             logger.warning(
                 "cluster: node %s reaches a majority again (%s) after %.1fs paused; an "
@@ -145,11 +153,6 @@ class MinorityPause:
                 self.broker.node_name,
                 self._why,
                 seconds,
-            )
-            return
-        if not self.listeners:  # starting: they open after the join
-            logger.info(
-                "cluster: node %s reaches a majority (%s)", self.broker.node_name, self._why
             )
             return
         for listener in self.listeners:
@@ -162,11 +165,28 @@ class MinorityPause:
         )
 
     def listening_started(self) -> None:
-        """The node's listeners have just opened (at the start, after the join): closed
-        again at once while it is paused."""
-        if self.paused:
-            for listener in self.listeners:
-                listener.stop_accepting("paused in a minority of the cluster")
+        """The node's listeners have just opened (at the start, after the join): the
+        latest word applies now (an update still scheduled is applied here), closing them
+        again at once while the node is in a minority."""
+        self._serving = True
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+            self._scheduled = None
+        if not self._minority:
+            self.paused_since = None
+            self.broker.refusing_connects = None
+            return
+        if self.paused_since is None:
+            self.paused_since = self.loop.time()
+        self.broker.refusing_connects = "node paused in a minority of the cluster"
+        for listener in self.listeners:
+            listener.stop_accepting("paused in a minority of the cluster")
+        logger.warning(
+            "cluster: node %s does not serve: it reaches %s (partition_handling "
+            "pause_minority); listeners closed until it reaches a majority",
+            self.broker.node_name,
+            self._why,
+        )
 
     def cancel(self) -> None:
         """The node stops: nothing more is applied (no listener opens again)."""

@@ -180,7 +180,8 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_devices_move_with_their_s
 def test_the_last_node_up_pauses_until_another_comes_back(pki: TestPKI, tmp_path: Any) -> None:
     """node-2 and node-3 stopped: node-1 alone reaches 1 of 3 and pauses (its client
     disconnected, its listener closed); node-2 started again makes a majority and node-1
-    serves again."""
+    serves again. Then all stopped and node-1 started alone: it does not serve until node-2
+    is started too."""
     with running_cluster(pki, tmp_path, cluster=PAUSE) as nodes:
         first, second, third = nodes
         device = Device("lonely", V5)
@@ -197,6 +198,16 @@ def test_the_last_node_up_pauses_until_another_comes_back(pki: TestPKI, tmp_path
         wait_for(device.connected.is_set, 10, "its client back")
         device.stop()
         assert _partition(first)["pauses"] == 1
+        # A node that starts alone does not serve until it reaches a majority.
+        for node in nodes:
+            node.stop()
+        first.start()
+        assert _partition(first)["paused"]
+        assert not _accepts(first)
+        assert "node node-1 does not serve: it reaches 1 of 3 nodes (itself)" in (first.log_text())
+        second.start()
+        wait_for(lambda: not _partition(first)["paused"], 20, "node-1 serving")
+        assert _accepts(first)
 
 
 def test_partition_handling_is_ignore_unless_said_and_warned_about_when_it_cannot_work() -> None:
@@ -230,6 +241,13 @@ def test_partition_handling_is_ignore_unless_said_and_warned_about_when_it_canno
     )
     assert three.cluster is not None and three.cluster.partition_handling == "pause_minority"
     assert config_warnings(three) == []
+    # One peers list for every node's config (this node in it too): still 3 nodes.
+    everyone = ["n1@127.0.0.1:5371", *peers[:2]]
+    same = parse_config(
+        {**document, "cluster": {"peers": everyone, "partition_handling": "pause_minority"}},
+        "c.toml",
+    )
+    assert config_warnings(same) == []
 
 
 def test_a_backup_that_lost_only_its_own_link_to_a_node_waits_for_its_wills(
