@@ -178,8 +178,16 @@ class HealthChecks:
         return server.health.interval(config.inter, config.fastinter, config.downinter)
 
     async def _run(self, backend: BackendState, server: ServerState, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         await asyncio.sleep(delay)
         while True:
+            if task.cancelling():
+                # A cancel that asyncio.wait_for swallowed: in Python 3.11 it returns the
+                # inner result when the cancel arrives as that completes (gh-86296), and the
+                # loop went on checking. Seen once: a stopped worker left behind, stuck in
+                # asyncio's final cancel of its tasks, checking every 200 ms for good.
+                raise asyncio.CancelledError
             try:
                 result = await self.check_once(backend, server)
                 before = _shared_health(server)

@@ -458,6 +458,7 @@ def serve(
         for waiter in waiters:
             waiter.cancel()
         finishing = True
+        runtime.health_checks.stop()
         runtime.detach_master()
         lifecycle_logger.info("stopped")
         return 0

@@ -16,7 +16,7 @@ import pytest
 import uvloop
 
 from bench.ports import free_port
-from lb.checks import check_header, open_checked
+from lb.checks import HealthChecks, check_header, open_checked
 from lb.config.errors import Origin
 from lb.config.model import Backend, Global, Options, Server
 from lb.health import CheckResult, CheckStatus, HealthState
@@ -429,3 +429,48 @@ def test_a_check_the_loop_was_late_for_is_judged_by_the_socket() -> None:
         listener.close()
         for conn in fillers + accepted:
             conn.close()
+
+
+def test_a_check_loop_ends_when_asyncio_swallows_its_cancel() -> None:
+    """Python 3.11's asyncio.wait_for returns the inner result when a cancel arrives as that
+    completes (gh-86296): a check's connect or close can swallow the cancel of the check
+    loop's task. The loop went on checking, and a worker that had stopped never exited (seen
+    once in a clean-clone CI run: a worker left behind, stuck in asyncio's final cancel of
+    its tasks, checking every 200 ms 15 minutes later). Here a check swallows the cancel as
+    wait_for does: the loop still ends, and stop() ends it too."""
+
+    async def scenario() -> tuple[int, bool]:
+        loop = asyncio.get_running_loop()
+        backend = make_backend(checked("s1", inter=0.01), checked("s2", inter=0.01))
+        checks = HealthChecks(loop, [backend], Global())
+        ran = swallowed = 0
+        both_in = asyncio.Event()
+
+        async def check_once(backend: BackendState, server: object) -> CheckResult:
+            nonlocal ran, swallowed
+            ran += 1
+            if ran == 2:
+                both_in.set()
+            try:
+                await asyncio.sleep(10.0)
+            except asyncio.CancelledError:
+                swallowed += 1  # the inner future had completed: its result, not the cancel
+            return PASSED
+
+        checks.check_once = check_once  # type: ignore[method-assign]
+        checks.start()
+        await asyncio.wait_for(both_in.wait(), 5.0)  # both loops inside a check
+        tasks = list(checks.tasks)
+        checks.stop()
+        done, _ = await asyncio.wait(tasks, timeout=2.0)
+        return swallowed, len(done) == len(tasks) and all(t.cancelled() for t in tasks)
+
+    # Not uvloop.run: its final cancel of every task would hang on such a loop, as the
+    # worker did; a loop closed with a task still pending only warns.
+    loop = uvloop.new_event_loop()
+    try:
+        swallowed, ended = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert swallowed == 2
+    assert ended
