@@ -100,12 +100,17 @@ class MinorityPause:
         elif not self._minority and self.paused:
             self._resume()
 
+    def _refuse_clients(self) -> None:
+        """Listeners closed, and a client whose handshake was under way when they closed
+        refused at its CONNECT."""
+        self.broker.refusing_connects = "node paused in a minority of the cluster"
+        for listener in self.listeners:
+            listener.stop_accepting("paused in a minority of the cluster")
+
     def _pause(self) -> None:
         self.paused_since = self.loop.time()
-        # A client whose handshake was under way when the listeners closed is refused at
-        # its CONNECT.
-        self.broker.refusing_connects = "node paused in a minority of the cluster"
         if not self._serving:
+            self.broker.refusing_connects = "node paused in a minority of the cluster"
             logger.info(
                 "cluster: node %s waits until it reaches a majority before it serves "
                 "(partition_handling pause_minority): it reaches %s",
@@ -113,8 +118,7 @@ class MinorityPause:
                 self._why,
             )
             return
-        for listener in self.listeners:
-            listener.stop_accepting("paused in a minority of the cluster")
+        self._refuse_clients()
         # The backup, if this node reaches it, did not lose us: the wills are ours to
         # publish. Otherwise it took us for lost and has published them.
         send_will = self._backup_reached()
@@ -178,9 +182,7 @@ class MinorityPause:
             return
         if self.paused_since is None:
             self.paused_since = self.loop.time()
-        self.broker.refusing_connects = "node paused in a minority of the cluster"
-        for listener in self.listeners:
-            listener.stop_accepting("paused in a minority of the cluster")
+        self._refuse_clients()
         logger.warning(
             "cluster: node %s does not serve: it reaches %s (partition_handling "
             "pause_minority); listeners closed until it reaches a majority",
