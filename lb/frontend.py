@@ -38,7 +38,7 @@ from lb.log import (
     format_connection_error,
 )
 from lb.proxy_hmac import HeaderKeys
-from lb.ratelimit import Burst
+from lb.ratelimit import Burst, SuppressedLines
 from lb.shared_counts import POLL_INTERVAL, SharedCount
 from lb.tls import BindContext, bind_tls
 from lb.tls_codes import Refusal
@@ -434,6 +434,15 @@ class FrontendRuntime:
         self.logs_unique_id = self.log_format is not None and "ID" in self.log_format.variables
         self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
         self.oversize_lines: RateLimiter | None = None  # made at the first oversize header
+        # Every server down (a blackout of the brokers): each device's retry would add a
+        # warning to its session's log line; a burst, then a rate, and the count.
+        self.no_server_lines = SuppressedLines(
+            logger.warning,
+            f"frontend {config.name}",
+            "connections no server could take",
+            loop.time,
+            loop.call_later,
+        )
         self.key_files = key_files if key_files is not None else HeaderKeys(loop.time)
         self.counters = FrontendCounters()
         self.process_counters = counters if counters is not None else ProcessCounters()
@@ -508,6 +517,7 @@ class FrontendRuntime:
 
     def stop_accepting(self) -> None:
         self.accepting_enabled = False
+        self.no_server_lines.flush()
         for listener in self.listeners:
             listener.close()
             if listener in self.process.listeners:
@@ -717,13 +727,10 @@ class FrontendRuntime:
         )
 
     def no_server(self, client: ClientSide, reason: str) -> None:
-        logger.warning(
-            "%s:%d frontend %s: no server of backend %s could take the connection (%s)",
-            client.peer[0],
-            client.peer[1],
-            self.name,
-            self.backend.name,
-            reason,
+        """Said beside the session's own log line (termination SC), rate limited."""
+        self.no_server_lines.emit(
+            f"{client.peer[0]}:{client.peer[1]} frontend {self.name}: no server of backend "
+            f"{self.backend.name} could take the connection ({reason})"
         )
 
     # -- per-session answers for the data path -------------------------------------------------

@@ -247,6 +247,31 @@ def test_no_server_closes_client_promptly_and_logs(tmp_path: Path) -> None:
         lb.wait_output("be/<NOSRV>", 5)
 
 
+def test_no_server_warnings_do_not_flood_while_every_server_is_down(tmp_path: Path) -> None:
+    """A blackout of the brokers: every device's retry gets its session line (SC, as
+    HAProxy's), but the warning beside it only in a burst, then the count at stop."""
+    port = free_port()
+    servers = f"    server dead 127.0.0.1:{free_port()}"
+    tries = 200
+    with run_lb(plain_config(port, servers), tmp_path, port) as lb:
+        for _ in range(tries):
+            assert answer_before_close(port, b"anyone?") == b""
+        lb.wait_output("be/<NOSRV>", 5)
+        deadline = time.monotonic() + 10
+        while lb.output().count("be/<NOSRV>") < tries and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lb.stop()
+    output = lb.output()
+    assert output.count("be/<NOSRV>") == tries, output
+    warned = output.count("no server of backend be could take the connection")
+    assert 20 <= warned < tries, output
+    suppressed = re.search(
+        r"frontend fe: (\d+) similar lines suppressed \(connections no server could take", output
+    )
+    assert suppressed is not None, output
+    assert warned + int(suppressed.group(1)) == tries, output
+
+
 def test_global_maxconn_keeps_extra_connections_in_the_backlog(tmp_path: Path) -> None:
     backend = EchoBackend(proxy=False)
     port = free_port()
