@@ -661,8 +661,9 @@ def refusal_reason(phase: str, error: BaseException) -> str:
 class CollectorLink(asyncio.Protocol):
     """One of the collector's connections (a member of its shared subscription)."""
 
-    def __init__(self, collector: Collector) -> None:
+    def __init__(self, collector: Collector, index: int) -> None:
         self.collector = collector
+        self.index = index
         self.transport: asyncio.Transport | None = None
         self.decoder = MQTTDecoder(protocol_level=collector.settings.protocol_level)
         self.waiter: asyncio.Future[Any] | None = None
@@ -671,10 +672,12 @@ class CollectorLink(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
+        connected, self.transport = self.transport is not None, None
         self.collector.lost += 1
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_exception(ConnectionError("collector connection closed"))
+        if connected and self in self.collector.links:
+            self.collector.relink(self.index)
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
@@ -718,6 +721,9 @@ class Collector:
         self.settings = settings
         self.devices = devices
         self.links: list[CollectorLink] = []
+        self.port = 0
+        self.relinks: dict[int, asyncio.Task[None]] = {}
+        self.relinked = 0
         self.received: dict[int, set[int]] = collections.defaultdict(set)
         self.duplicates = 0
         self.telemetry = 0
@@ -754,32 +760,82 @@ class Collector:
             self.commands_acked[entry[0]].add(entry[1])
 
     async def start(self, port: int) -> None:
+        self.port = port
+        for index in range(1, COLLECTOR_LINKS + 1):
+            self.links.append(await self.connect(index))
+
+    async def connect(self, index: int) -> CollectorLink:
+        """Link `index` (1..COLLECTOR_LINKS): its persistent session (client id
+        fleet-collector-INDEX), subscribed when the broker had none for it."""
         loop = asyncio.get_running_loop()
         level = self.settings.protocol_level
         properties = Properties(session_expiry_interval=7200) if level == 5 else Properties()
-        for index in range(1, COLLECTOR_LINKS + 1):
-            link = CollectorLink(self)
-            await asyncio.wait_for(
-                loop.create_connection(lambda link=link: link, "127.0.0.1", port), STEP_TIMEOUT
-            )
+        link = CollectorLink(self, index)
+        await asyncio.wait_for(
+            loop.create_connection(lambda: link, "127.0.0.1", self.port), STEP_TIMEOUT
+        )
+        try:
             assert link.transport is not None
             # the header lb would send; the node trusts 127.0.0.0/8 (demo config)
             link.transport.write(
-                encode_v2(Command.PROXY, ("127.0.0.1", index), ("127.0.0.1", port))
+                encode_v2(Command.PROXY, ("127.0.0.1", index), ("127.0.0.1", self.port))
             )
             client_id = f"fleet-collector-{index}"
             connect = Connect("MQTT", level, False, 0, client_id, properties=properties)
             connack = await link.request(encode(connect, level))
             if not isinstance(connack, Connack) or connack.reason_code != 0:
                 raise ConnectionError(f"collector refused: {connack}")
-            subscriptions = [Subscription(f"$share/{SHARE_GROUP}/fleet/+/telemetry", 1)]
-            if self.settings.wills:
-                subscriptions.append(Subscription(f"$share/{SHARE_GROUP}/fleet/+/status", 1))
-            subscribe = Subscribe(1, tuple(subscriptions))
-            suback = await link.request(encode(subscribe, level))
-            if not isinstance(suback, Suback) or any(code >= 0x80 for code in suback.reason_codes):
-                raise ConnectionError(f"collector subscription refused: {suback}")
-            self.links.append(link)
+            if not connack.session_present:
+                subscriptions = [Subscription(f"$share/{SHARE_GROUP}/fleet/+/telemetry", 1)]
+                if self.settings.wills:
+                    subscriptions.append(Subscription(f"$share/{SHARE_GROUP}/fleet/+/status", 1))
+                suback = await link.request(encode(Subscribe(1, tuple(subscriptions)), level))
+                if not isinstance(suback, Suback) or any(
+                    code >= 0x80 for code in suback.reason_codes
+                ):
+                    raise ConnectionError(f"collector subscription refused: {suback}")
+        except BaseException:
+            if link.transport is not None:
+                link.transport.abort()
+            raise
+        return link
+
+    def relink(self, index: int) -> None:
+        """Link `index` dropped (its broker node stopped): connect it again, every
+        RELINK_INTERVAL for at most RELINK_TIMEOUT, as a backend with a persistent session
+        does; the commands it had not seen acknowledged go again (DUP set)."""
+        if self.done.is_set() or index in self.relinks:
+            return
+
+        async def again() -> None:
+            deadline = time.monotonic() + RELINK_TIMEOUT
+            try:
+                while not self.done.is_set() and time.monotonic() < deadline:
+                    await asyncio.sleep(RELINK_INTERVAL)
+                    try:
+                        link = await self.connect(index)
+                    except (OSError, ConnectionError, TimeoutError, MQTTProtocolError):
+                        continue
+                    self.links[index - 1] = link
+                    self.relinked += 1
+                    if index == 1:
+                        self.resend_commands(link)
+                    return
+            finally:
+                del self.relinks[index]
+
+        self.relinks[index] = asyncio.get_running_loop().create_task(again())
+
+    def resend_commands(self, link: CollectorLink) -> None:
+        level = self.settings.protocol_level
+        packets = []
+        for packet_id, (number, sequence) in self.commands_inflight.items():
+            payload = COMMAND.pack(number, sequence) + b"reboot"
+            topic = f"fleet/{device_name(number)}/commands"
+            packet = Publish(topic, payload, qos=1, packet_id=packet_id, dup=True)
+            packets.append(encode(packet, level))
+        if packets and link.transport is not None:
+            link.transport.write(b"".join(packets))
 
     async def publish_commands(self) -> None:
         """Commands at `command_rate` per second to random devices (bounded by `done`)."""
@@ -814,6 +870,8 @@ class Collector:
                 transport.write(b"".join(packets))
 
     def close(self) -> None:
+        for task in self.relinks.values():
+            task.cancel()
         for link in self.links:
             if link.transport is not None:
                 link.transport.abort()
@@ -826,6 +884,7 @@ class Collector:
             "commands_sent": self.commands_sent,
             "commands_acked": sum(len(s) for s in self.commands_acked.values()),
             "links_lost": self.lost,
+            "links_relinked": self.relinked,
             "wills": sum(self.wills.values()),
             "wills_devices": len(self.wills),
         }
@@ -844,6 +903,10 @@ COLLECTOR_LINKS = 8
 SHARE_GROUP = "fleet-collector"
 #: How long the collector waits for its broker at any step.
 STEP_TIMEOUT = 30.0
+#: A dropped collector link is connected again every RELINK_INTERVAL seconds, for at most
+#: RELINK_TIMEOUT (its node stopped: the blackout scenario's outage and restart).
+RELINK_INTERVAL = 0.5
+RELINK_TIMEOUT = 900.0
 
 
 async def collector_main(

@@ -189,6 +189,7 @@ def broker_config(
     session_replicas: int | None = None,
     stop_evacuation: tuple[float, int | None] | None = None,
     partition_handling: str | None = None,
+    store_path: str | None = None,
 ) -> str:
     """The TOML of one node of a cluster of `members` (configs/broker-N.toml for NODES):
     MQTT with PROXY protocol from `trusted`, the cluster over mutual TLS, the admin API, all
@@ -197,7 +198,8 @@ def broker_config(
     the container variant with other addresses and its own `header` comment.
     `session_replicas` is written when given (the broker's default, 1, otherwise), and
     `stop_evacuation` as (seconds, clients per second or None: the broker's default) when
-    given, and `partition_handling` when given (bench/fleet.py)."""
+    given, `partition_handling` when given, and with `store_path` a disk store there
+    (`[store] mode = "disk"`, bench/fleet.py)."""
     number = member.certificate.rsplit("-", 1)[1]
     peers = ", ".join(
         f'"{other.name}@{peer_host(other) if peer_host else host}:{other.cluster_port}"'
@@ -258,7 +260,14 @@ depth = 10
 
 [admin]
 bind = "{host}:{member.admin_port}"
-{_admin_anonymous(host)}"""
+{_admin_anonymous(host)}{_store(store_path)}"""
+
+
+def _store(path: str | None) -> str:
+    """A disk store at `path` (broker.store: sessions and messages survive a SIGKILL)."""
+    if path is None:
+        return ""
+    return f'\n[store]\nmode = "disk"\npath = "{path}"\n'
 
 
 def _admin_anonymous(host: str) -> str:

@@ -325,3 +325,47 @@ def test_a_partition_of_one_node_heals_and_loses_nothing_acknowledged(
         assert figures["split_back_seconds"] is not None, figures
         assert figures["partition_wills_without_disconnect"] == 0, figures
     assert running_from(tmp_path) == []
+
+
+def test_a_blackout_of_every_broker_with_disk_stores_loses_nothing_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """The blackout scenario through lb: every node SIGKILLed at once under telemetry and
+    commands, 3 s without a broker, every node started again on its disk store. The cluster
+    forms, every device is back with its session, the collector back on its persistent
+    sessions (it resends the commands it had not seen acknowledged), and every acknowledged
+    telemetry message and command was delivered."""
+    result = run_fleet(
+        tmp_path,
+        "blackout",
+        "--nodes",
+        "3",
+        "--balancers",
+        "lb",
+        "--store",
+        "disk",
+        "--outage",
+        "3",
+        "--hold",
+        "3",
+        "--backoff-base",
+        "0.5",
+        "--backoff-cap",
+        "4",
+        "--keep",
+    )
+    phase = result["phases"]["lb"]
+    figures = phase["figures"]
+    assert phase["error"] is None, phase["error"]
+    assert figures["blackout_devices_dropped"] >= DEVICES, figures
+    assert figures["blackout_formed_seconds"] is not None, figures
+    assert figures["blackout_back_connected"] == DEVICES, figures
+    # Every device found its session on the store of the node that had it.
+    assert figures["blackout_sessions_present"] == DEVICES, figures
+    assert figures["blackout_collector_relinked"] == 8, figures
+    assert figures["after_blackout_held"] == DEVICES
+    assert figures["telemetry_acked"] > 0
+    assert figures["telemetry_acked_lost"] == 0, figures["telemetry_lost_examples"]
+    assert figures["commands_acked_delivered"] > 0
+    assert figures["commands_acked_undelivered"] == 0, figures["commands_undelivered_examples"]
+    assert running_from(tmp_path) == []
