@@ -64,7 +64,8 @@ Shape (every table and key optional except where noted)::
     peers = ["broker-2@127.0.0.1:5372"]
     takeover_timeout = "5s"        # a connect waits this long for the other nodes' answers
     join_timeout = "10s"           # at start, clients wait (listeners closed) this long at most
-                                   # for the links to the running peers; "0s": no wait
+                                   # for the links to the running peers (restarted
+                                   # on a disk store: to every peer); "0s": no wait
     outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
     link_high_water = 8388608      # unacknowledged bytes to a peer (up) that pause its publishers
     protocol_version = 9           # announced in HELLO; the old one while a rolling upgrade

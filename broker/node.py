@@ -375,6 +375,12 @@ class BrokerServer:
         timeout = cluster.cluster_config.join_timeout
         if not cluster.peers or timeout <= 0:
             return
+        if cluster.restarted_on_store:
+            logger.info(
+                "cluster: restarted on the store: waiting up to %gs for every peer, also where "
+                "nobody listens yet (they may be starting too), before serving clients",
+                timeout,
+            )
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):

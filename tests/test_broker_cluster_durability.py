@@ -9,6 +9,10 @@ messages, retained messages and the cluster outboxes.
   subscriber's node is cut) wait in its outbox on disk: the node is killed, restarted, the
   link restored, and the subscriber gets them.
 - A link dropped while messages flow: nothing lost, nothing twice at QoS 2.
+- Every node killed at once and started again one after the other (a whole-cluster restart):
+  the first one up waits for the others before it serves, so a device whose session is in
+  another node's store finds it there; a peer that never comes back delays it by
+  join_timeout.
 """
 
 from __future__ import annotations
@@ -16,10 +20,19 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.cluster_harness import V5, V311, ClusterNode, Device, running_cluster, wait_for
+from tests.cluster_harness import (
+    V5,
+    V311,
+    ClusterNode,
+    Device,
+    make_nodes,
+    running_cluster,
+    wait_for,
+)
 from tests.pki import TestPKI
 
 pytestmark = pytest.mark.timeout(150)
@@ -133,3 +146,56 @@ def test_a_dropped_link_loses_nothing_and_duplicates_no_qos2(nodes: list[Cluster
     counts = Counter(got)
     assert sorted(counts) == sorted(sent)
     assert set(counts.values()) == {1}, f"duplicates: {got}"
+
+
+def test_after_a_whole_cluster_kill_the_first_node_up_waits_for_the_others(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """The fleet's blackout: node-1 started first on its store does not serve while node-2,
+    which holds a device's session, is not up yet (it used to: nobody listening there was
+    "not running", and the device got a fresh session on node-1); once node-2 is up the
+    device finds its session and its queued message through node-1. Then node-3 is lost for
+    good and node-1 restarted: it serves after join_timeout, and says without which peer."""
+    nodes = make_nodes(tmp_path, pki, cluster='join_timeout = "4s"')
+    try:
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+        wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "all links up")
+        first, owner, third = nodes
+        device = Device("blackout-device", V311)
+        device.connect(owner.mqtt_port)
+        device.subscribe([("blackout/cmd", 1)])
+        device.stop()
+        publisher = Device("blackout-pub", V5, clean=True)
+        publisher.connect(third.mqtt_port)
+        publisher.publish("blackout/cmd", "queued-before-the-blackout", 1)
+        _acked(publisher, 1)
+        publisher.stop()
+
+        for node in nodes:
+            node.kill()
+        first.launch()
+        time.sleep(1.5)
+        # Its dials to node-2 and node-3 are refused: it waits for them all the same.
+        assert not first.admin_ready(), first.log_text()[-2000:]
+        owner.launch()
+        third.launch()
+        for node in nodes:
+            node.wait_ready()
+        assert "joined in" in first.log_text().rsplit("restored from the store", 1)[-1]
+        again = Device("blackout-device", V311)
+        assert again.connect(first.mqtt_port), "the session in node-2's store was not found"
+        assert again.received(want=1) == ["queued-before-the-blackout"]
+        again.stop()
+
+        third.kill()  # lost for good
+        first.kill()
+        since = time.monotonic()
+        first.start()
+        assert time.monotonic() - since >= 3.5, "node-1 did not wait for node-3"
+        assert "serving clients after join_timeout 4s without node-3" in first.log_text()
+    finally:
+        for node in nodes:
+            node.stop()
