@@ -63,14 +63,14 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
 - blackout: ramp, telemetry, then every broker node SIGKILLed at once (a power loss of the
   brokers' rack; the balancer stays up and marks them down), --outage seconds without a
   broker (the devices keep retrying with their backoff, refused), then every node started
-  again on its config. With --store disk (each node's store in the run's folder,
-  `synchronous = "normal"`: what survives a SIGKILL) the devices find their sessions, and
-  nothing acknowledged is lost; in memory mode (the demo's) the sessions and what was queued
-  died with the nodes. Figures: when the balancer marked every node down, when the nodes
-  listened and the cluster had formed again (from their start), time to 99% and 100% back,
-  sessions found, refusals by reason, wills. The collector (connected straight to node-1)
-  connects again to its persistent sessions and sends the commands it had not seen
-  acknowledged again.
+  again on its config (--stagger S apart, node-1 first). With --store disk (each node's
+  store in the run's folder, `synchronous = "normal"`: what survives a SIGKILL) the devices
+  find their sessions, and nothing acknowledged is lost; in memory mode (the demo's) the
+  sessions and what was queued died with the nodes. Figures: when the balancer marked every
+  node down, when the nodes listened and the cluster had formed again (from their start),
+  time to 99% and 100% back, sessions found, refusals by reason, wills. The collector
+  (connected straight to node-1) connects again to its persistent sessions and sends the
+  commands it had not seen acknowledged again.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
   master) every --reload-every seconds; device disconnects during the hold, and near each
   reload, are counted. The demo's `hard-stop-after 20s` is taken out (old processes keep
@@ -1451,9 +1451,11 @@ def scenario_blackout(run: Run) -> None:
         return False  # the outage lasts its time
 
     run.wait(args.outage, all_down)
-    run.mark("start every node")
+    run.mark("start every node", stagger=args.stagger)
     restarted = time.monotonic()
     for index, node in enumerate(run.nodes):
+        if index:
+            run.wait(args.stagger)  # as a host's services come up, one after the other
         command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
         broker = start(node.name, command, run.directory, None, append=True)
         run.started.append(broker)
@@ -1472,6 +1474,7 @@ def scenario_blackout(run: Run) -> None:
     figures = {
         "marked_down_seconds": round(marked, 1) if marked is not None else None,
         "outage_seconds": args.outage,
+        "stagger_seconds": args.stagger,
         "listening_seconds": round(listening, 1),
         "formed_seconds": round(formed_seconds, 1) if formed else None,
         **back,
@@ -1817,6 +1820,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--outage", type=float, default=10.0, help="blackout: seconds without any broker"
+    )
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        help="blackout: seconds between the nodes' starts (node-1 first)",
     )
     parser.add_argument(
         "--store",
