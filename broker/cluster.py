@@ -177,6 +177,10 @@ LINK_TIMEOUT = 15.0
 WRITE_BUFFER_HIGH = 1024 * 1024
 WRITE_BUFFER_LOW = 256 * 1024
 SEND_QUEUE_LIMIT = 32 * 1024 * 1024
+#: A link's frames of one loop turn go to the TLS transport as one write (one TLS record and
+#: send per turn, not per frame), or at once past this many bytes (the transport's buffer
+#: limits then pause the writers as before).
+COALESCE_BYTES = 64 * 1024
 #: Frames of protocol overhead on top of the node's max_packet_size (a TRANSFER carries a
 #: whole session: its queue is bounded by max_queued_bytes, which the limit adds).
 FRAME_OVERHEAD = 4 * 65_536
@@ -355,6 +359,8 @@ class LinkCounters:
     frames_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    # Writes to the TLS transport: a loop turn's frames go in one (ClusterLink._flush).
+    writes: int = 0
     messages_forwarded: int = 0
     messages_received: int = 0
     messages_dropped_qos0_queue_full: int = 0
@@ -3644,6 +3650,10 @@ class ClusterLink(asyncio.Protocol):
     """One TLS connection between two nodes, either direction, after the TLS handshake."""
 
     __slots__ = (
+        "_flush_scheduled",
+        "_loop",
+        "_pending",
+        "_pending_bytes",
         "_ping_handle",
         "_retained",
         "_snapshot",
@@ -3692,6 +3702,11 @@ class ClusterLink(asyncio.Protocol):
         self.resend_from = 0
         self._retained: Iterator[bytes] | None = None
         self._snapshot: Iterator[bytes] | None = None
+        # This turn's frames, written at its end (_flush) or past COALESCE_BYTES.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -3706,7 +3721,7 @@ class ClusterLink(asyncio.Protocol):
             self.tls_version = ssl_object.version()
             self.peer_names = certificate_names(ssl_object.getpeercert())
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.last_received = loop.time()
         if self.peer is None:
             self.cluster.accepting.add(self)
@@ -3749,6 +3764,8 @@ class ClusterLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._retained = self._snapshot = None
+        self._pending.clear()
+        self._pending_bytes = 0
         was_closed = self.closed
         self.closed = True
         self.transport = None
@@ -3771,13 +3788,15 @@ class ClusterLink(asyncio.Protocol):
     # --- sending -----------------------------------------------------------------------------
 
     def queued_bytes(self) -> int:
-        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+        if self.transport is None:
+            return 0
+        return self.transport.get_write_buffer_size() + self._pending_bytes
 
     def send(self, data: bytes) -> bool:
         transport = self.transport
         if transport is None or self.closed:
             return False
-        if transport.get_write_buffer_size() + len(data) > SEND_QUEUE_LIMIT:
+        if transport.get_write_buffer_size() + self._pending_bytes + len(data) > SEND_QUEUE_LIMIT:
             if self.peer is not None:
                 self.peer.counters.send_queue_overflows += 1
             logger.warning(
@@ -3788,11 +3807,32 @@ class ClusterLink(asyncio.Protocol):
             )
             self.close("send queue overflow")
             return False
-        transport.write(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= COALESCE_BYTES:
+            self._flush()
+        elif not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         if self.peer is not None:
             self.peer.counters.frames_sent += 1
             self.peer.counters.bytes_sent += len(data)
         return True
+
+    def _flush(self) -> None:
+        """The frames sent since the last flush, to the transport in one write (a burst's
+        pacing, pause_writing, comes from that write as it did per frame)."""
+        self._flush_scheduled = False
+        pending = self._pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self._pending_bytes = 0
+        if self.transport is not None:
+            self.transport.write(data)
+            if self.peer is not None:
+                self.peer.counters.writes += 1
 
     def send_message(self, data: bytes) -> bool:
         """A QoS 0 PUBLISH frame: dropped (and counted) while the queue is above HIGH."""
@@ -3871,6 +3911,7 @@ class ClusterLink(asyncio.Protocol):
         """Close the link; the peer is sent CLOSE with ``told`` (default: ``reason``)."""
         if self.closed:
             return
+        self._flush()  # what was sent before the CLOSE goes first
         if send_close and self.transport is not None:
             self.transport.write(codec.encode(codec.Close(told or reason)))
         self.refusal = self.refusal or reason

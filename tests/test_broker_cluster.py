@@ -303,6 +303,44 @@ def test_publish_crossing_the_link_arrives_as_each_subscriber_must_see_it(
             client.close()
 
 
+def test_a_turns_frames_cross_the_link_in_one_write_in_order(cluster: list[Node]) -> None:
+    """200 QoS 0 PUBLISHes read by node-1 in one go become 200 frames to node-2 written
+    together (a TLS record and a send per loop turn, not per frame: ClusterLink._flush),
+    and node-2's subscriber gets every one, in order."""
+    subscriber = WireClient(cluster[1].mqtt_port, 4)
+    subscriber.connect("coalesce-sub")
+    subscriber.send(Subscribe(1, (Subscription("coalesce/#", 0),)))
+    assert subscriber.packet()[0] == 0x90  # SUBACK
+    publisher = WireClient(cluster[0].mqtt_port, 4)
+    publisher.connect("coalesce-pub")
+    try:
+        deadline = time.monotonic() + 5
+        while subscriber.nothing(0.1):  # until node-1 routes to node-2's subscriber
+            assert time.monotonic() < deadline, "subscription not known on node-1"
+            publisher.send_bytes(encode(Publish("coalesce/probe", b""), 4))
+        while not subscriber.nothing(0.3):
+            pass
+
+        def link() -> dict[str, int]:
+            counters: dict[str, int] = cluster[0].member(cluster[1].name)["counters"]
+            return counters
+
+        before = link()
+        publisher.send_bytes(
+            b"".join(encode(Publish("coalesce/t", b"%d" % n), 4) for n in range(200))
+        )
+        got = [subscriber.packet() for _ in range(200)]
+        assert got == [encode(Publish("coalesce/t", b"%d" % n), 4) for n in range(200)]
+        after = link()
+        frames = after["frames_sent"] - before["frames_sent"]
+        writes = after["writes"] - before["writes"]
+        assert frames >= 200, (before, after)
+        assert 1 <= writes <= frames // 4, (before, after)
+    finally:
+        publisher.close()
+        subscriber.close()
+
+
 def test_mosquitto_clients_across_nodes(cluster: list[Node]) -> None:
     if shutil.which("mosquitto_sub") is None:
         pytest.skip("mosquitto-clients not installed")
