@@ -392,13 +392,32 @@ def admin_json(node: topology.Node, path: str, method: str = "GET") -> Any:
         return json.load(r)
 
 
+#: Each node's cluster link counters summed over its peers, at the end of a phase: what the
+#: cluster's own traffic cost (frames and TLS writes per device).
+LINK_COUNTERS = (
+    "frames_sent",
+    "writes",
+    "bytes_sent",
+    "acks_sent",
+    "reliable_sent",
+    "claims_sent",
+    "transfers_sent",
+)
+
+
 def broker_counters(nodes: tuple[topology.Node, ...]) -> dict[str, Any]:
     """Each node's /api/stats at the end of a phase (its drops, takeovers and forwards: what
-    a figure like commands_acked_undelivered is traced with), or the error reading it."""
+    a figure like commands_acked_undelivered is traced with) with its cluster links'
+    LINK_COUNTERS (as ``links``), or the error reading them."""
     counters: dict[str, Any] = {}
     for node in nodes:
         try:
-            counters[node.name] = admin_json(node, "/api/stats")
+            stats = admin_json(node, "/api/cluster")
+            links = collections.Counter[str]()
+            for member in stats.get("members", []):
+                for key in LINK_COUNTERS:
+                    links[key] += int(member.get("counters", {}).get(key, 0))
+            counters[node.name] = {**admin_json(node, "/api/stats"), "links": dict(links)}
         except (OSError, ValueError) as error:
             counters[node.name] = {"error": str(error)}
     return counters
