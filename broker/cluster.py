@@ -109,6 +109,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from broker import cluster_codec as codec
+from broker import coalesce
 from broker.config import BrokerConfig, ClusterConfig, SSLOptions
 from broker.hooks import ClaimOutcome
 from broker.message import Message
@@ -3650,10 +3651,10 @@ class ClusterLink(asyncio.Protocol):
     """One TLS connection between two nodes, either direction, after the TLS handshake."""
 
     __slots__ = (
-        "_flush_scheduled",
+        "_flush_handle",
         "_loop",
-        "_pending",
-        "_pending_bytes",
+        "_out",
+        "_out_bytes",
         "_ping_handle",
         "_retained",
         "_snapshot",
@@ -3703,9 +3704,9 @@ class ClusterLink(asyncio.Protocol):
         self._retained: Iterator[bytes] | None = None
         self._snapshot: Iterator[bytes] | None = None
         # This turn's frames, written at its end (_flush) or past COALESCE_BYTES.
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._flush_scheduled = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
@@ -3764,8 +3765,7 @@ class ClusterLink(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._retained = self._snapshot = None
-        self._pending.clear()
-        self._pending_bytes = 0
+        coalesce.drop_unwritten(self)
         was_closed = self.closed
         self.closed = True
         self.transport = None
@@ -3790,13 +3790,13 @@ class ClusterLink(asyncio.Protocol):
     def queued_bytes(self) -> int:
         if self.transport is None:
             return 0
-        return self.transport.get_write_buffer_size() + self._pending_bytes
+        return self.transport.get_write_buffer_size() + self._out_bytes
 
     def send(self, data: bytes) -> bool:
         transport = self.transport
         if transport is None or self.closed:
             return False
-        if transport.get_write_buffer_size() + self._pending_bytes + len(data) > SEND_QUEUE_LIMIT:
+        if transport.get_write_buffer_size() + self._out_bytes + len(data) > SEND_QUEUE_LIMIT:
             if self.peer is not None:
                 self.peer.counters.send_queue_overflows += 1
             logger.warning(
@@ -3807,32 +3807,24 @@ class ClusterLink(asyncio.Protocol):
             )
             self.close("send queue overflow")
             return False
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= COALESCE_BYTES:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= COALESCE_BYTES:
             self._flush()
-        elif not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        elif self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
         if self.peer is not None:
             self.peer.counters.frames_sent += 1
             self.peer.counters.bytes_sent += len(data)
         return True
 
-    def _flush(self) -> None:
-        """The frames sent since the last flush, to the transport in one write (a burst's
-        pacing, pause_writing, comes from that write as it did per frame)."""
-        self._flush_scheduled = False
-        pending = self._pending
-        if not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self._pending_bytes = 0
-        if self.transport is not None:
-            self.transport.write(data)
-            if self.peer is not None:
-                self.peer.counters.writes += 1
+    def _flush(self) -> bool:
+        """The frames sent since the last flush, in one write (broker.coalesce; a burst's
+        pacing, pause_writing, comes from that write as it did per frame), counted."""
+        wrote = coalesce.flush(self)
+        if wrote and self.peer is not None:
+            self.peer.counters.writes += 1
+        return wrote
 
     def send_message(self, data: bytes) -> bool:
         """A QoS 0 PUBLISH frame: dropped (and counted) while the queue is above HIGH."""

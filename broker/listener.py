@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
+from broker import coalesce
 from broker.accept import Accepted, AcceptLoop, PendingConnections, open_listening_socket
 from broker.config import ListenerConfig, is_loopback_host
 from broker.connection import ClientConnection
@@ -614,14 +615,10 @@ class MQTTServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        coalesce.drop_unwritten(self)
         if self._backlog_handle is not None:
             self._backlog_handle.cancel()
             self._backlog_handle = None
-        self._out.clear()
-        self._out_bytes = 0
         listener = self.listener
         listener.protocols.discard(self)
         listener.pending.remove(self)
@@ -711,18 +708,8 @@ class MQTTServerProtocol(asyncio.Protocol):
         elif self._flush_handle is None:
             self._flush_handle = self.loop.call_soon(self._flush)
 
-    def _flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        out = self._out
-        if not out:
-            return
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        self._out_bytes = 0
-        if self.transport is not None:
-            self.transport.write(data)
+    #: The turn's packets in one write (broker.coalesce, shared with the cluster links).
+    _flush = coalesce.flush
 
     def close(self, linger: bool = True) -> None:
         self._close_transport(linger)
