@@ -975,21 +975,14 @@ class Cluster:
         nodes start within a moment of each other, and the first one up, serving at once,
         made fresh sessions (session present 0) for the devices whose sessions are in the
         stores of the nodes not up yet (seen in the fleet's blackout: 90 of 6,000)."""
-        waits_for_starting = self.restarted_on_store
-        return [
-            peer.name
-            for peer in self.peers.values()
-            if not (
-                peer.synced
-                or peer.suspended
-                or (
-                    peer.link_failed
-                    and not (
-                        waits_for_starting and peer.nobody_listening and peer.forgotten is None
-                    )
-                )
-            )
-        ]
+        return [peer.name for peer in self.peers.values() if self._joins_wait_for(peer)]
+
+    def _joins_wait_for(self, peer: Peer) -> bool:
+        if peer.synced or peer.suspended:
+            return False
+        if not peer.link_failed:
+            return True
+        return self.restarted_on_store and peer.nobody_listening and peer.forgotten is None
 
     async def join(self) -> None:
         """At start, before the listeners open: until unjoined() is empty (the caller bounds
