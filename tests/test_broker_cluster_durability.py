@@ -29,7 +29,6 @@ from tests.cluster_harness import (
     V311,
     ClusterNode,
     Device,
-    make_nodes,
     running_cluster,
     wait_for,
 )
@@ -156,13 +155,7 @@ def test_after_a_whole_cluster_kill_the_first_node_up_waits_for_the_others(
     "not running", and the device got a fresh session on node-1); once node-2 is up the
     device finds its session and its queued message through node-1. Then node-3 is lost for
     good and node-1 restarted: it serves after join_timeout, and says without which peer."""
-    nodes = make_nodes(tmp_path, pki, cluster='join_timeout = "4s"')
-    try:
-        for node in nodes:
-            node.launch()
-        for node in nodes:
-            node.wait_ready()
-        wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "all links up")
+    with running_cluster(pki, tmp_path, cluster='join_timeout = "4s"') as nodes:
         first, owner, third = nodes
         device = Device("blackout-device", V311)
         device.connect(owner.mqtt_port)
@@ -196,6 +189,3 @@ def test_after_a_whole_cluster_kill_the_first_node_up_waits_for_the_others(
         first.start()
         assert time.monotonic() - since >= 3.5, "node-1 did not wait for node-3"
         assert "serving clients after join_timeout 4s without node-3" in first.log_text()
-    finally:
-        for node in nodes:
-            node.stop()
