@@ -1238,6 +1238,12 @@ def forget_node(run: Run, victim: topology.Node) -> None:
     run.figures["forget_kept_end"] = kept()
 
 
+def start_again(run: Run, node: topology.Node) -> Started:
+    """Broker ``node`` started again on its config in the run's folder (its log appended)."""
+    command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
+    return start(node.name, command, run.directory, None, append=True)
+
+
 def restart_node(run: Run, index: int) -> dict[str, Any]:
     """SIGTERM broker ``index``, start it again on its config, wait for the cluster and the
     devices (bounded by --storm-timeout); the figures of this restart."""
@@ -1286,8 +1292,7 @@ def restart_node(run: Run, index: int) -> dict[str, Any]:
         evacuation = {"stop_line": lines[-1].split(": ", 1)[-1] if lines else None}
     if old in run.started:
         run.started.remove(old)
-    command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
-    new = start(node.name, command, run.directory, None, append=True)
+    new = start_again(run, node)
     run.started.append(new)
     run.brokers[index] = new
     wait_listening(node.mqtt_port, new, START_TIMEOUT)
@@ -1475,8 +1480,7 @@ def scenario_blackout(run: Run) -> None:
     for index, node in enumerate(run.nodes):
         if index:
             run.wait(args.stagger)  # as a host's services come up, one after the other
-        command = [str(VENV_BIN / "broker"), "-c", str(run.directory / f"{node.name}.toml")]
-        broker = start(node.name, command, run.directory, None, append=True)
+        broker = start_again(run, node)
         run.started.append(broker)
         run.brokers[index] = broker
     for node, broker in zip(run.nodes, run.brokers, strict=True):
