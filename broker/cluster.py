@@ -213,6 +213,12 @@ _OLDER_VERSIONS_LACK: Final = (
         True,
         "a backup that lost only its own link to a node publishes its clients' wills",
     ),
+    (
+        codec.BOOT_VERSION,
+        True,
+        "a node restarted on its store publishes the wills of the clients connected at its "
+        "crash even when its backup already did",
+    ),
     (codec.SHARE_VERSION, False, "sessions' shares do not cross its links"),
 )
 #: What a refused peer is told (issue 14 item 7): nothing about our configuration.
@@ -450,6 +456,7 @@ class Peer:
         "ack_scheduled",
         "attempts",
         "autoclean_handle",
+        "boot",
         "counters",
         "dial_handle",
         "dial_task",
@@ -519,6 +526,8 @@ class Peer:
         self.forgotten: int | None = None
         self.forgotten_at = 0.0
         self.autoclean_handle: asyncio.TimerHandle | None = None
+        # Its HELLO's boot (0: none yet, or a version 9 link): which run of its process.
+        self.boot = 0
 
     def cancel_autoclean(self) -> None:
         """It is back, forgotten, or we stop: no autoclean timer runs for it."""
@@ -684,6 +693,14 @@ class Cluster:
         self.retained_tombstones: OrderedDict[str, float] = OrderedDict()
         self.waiting: dict[str, Waiting] = {}
         self.incarnation = secrets.randbits(63) or 1
+        # This run of the process (HELLO, version 10): the incarnation outlives a restart on
+        # the store, the boot does not.
+        self.boot = secrets.randbits(63) or 1
+        # "node:boot" of the backup that holds the wills of our connected clients (WILL_SET,
+        # its snapshot sent), "" when none does; kept in the store's meta as "wills_backup",
+        # and read back at start into wills_at_crash_with (crash_wills_holder).
+        self.wills_held_by = ""
+        self.wills_at_crash_with = ""
         self.server: TLSServer | None = None
         self.server_contexts: ReloadingContext | None = None
         self.client_contexts: ReloadingContext | None = None
@@ -809,6 +826,7 @@ class Cluster:
             self.restarted_on_store = True
         elif store.durable:
             store.set_meta("incarnation", str(self.incarnation).encode())
+        self.wills_at_crash_with = self.wills_held_by = state.meta.get("wills_backup", b"").decode()
         for peer in self.peers.values():
             peer.outbox.seq = int(state.meta.get(f"outbox:{peer.name}", b"0") or 0)
             for seq, data in state.outbox.get(peer.name, []):
@@ -1182,6 +1200,7 @@ class Cluster:
         if old is not None and old.link is not None and old.up:
             old.link.send(codec.encode(codec.Replica(0, True, ())))
         previous, self.backup = self.backup, backup
+        self._wills_held("")  # the old one dropped them with its copies (the reset above)
         peer = self.backup_peer
         # The link to the new backup, when it is up and carries replication.
         link = peer.link if peer is not None and peer.up else None
@@ -1384,6 +1403,7 @@ class Cluster:
                 self.incarnation,
                 inbox.incarnation,
                 inbox.applied,
+                self.boot,
             )
         )
 
@@ -1395,6 +1415,7 @@ class Cluster:
             old.close("replaced by a new link")
         self.accepting.discard(link)
         peer.link = link
+        peer.boot = hello.boot
         peer.attempts = 0
         peer.counters.connects += 1
         broker = self.broker
@@ -1526,6 +1547,7 @@ class Cluster:
         self._autoclean_later(peer)
         if peer.name == self.backup and self.replicator.active:
             # One copy from now on, as on a single node: nothing waits for the backup.
+            self._wills_held("")
             for callback in self.replicator.stop():
                 callback()
         self._release_waiters(peer)
@@ -1668,6 +1690,9 @@ class Cluster:
         if ops:
             yield codec.encode(replicator.frame(tuple(ops)))
         replicator.snapshot_sent()
+        backup = self.backup_peer
+        if replicator.wills and backup is not None and backup.boot:
+            self._wills_held(f"{backup.name}:{backup.boot}")
         logger.info(
             "cluster: %d persistent sessions sent to %s (our backup) in %.1fs",
             sessions,
@@ -1709,23 +1734,36 @@ class Cluster:
         publish (the backup publishes it if we are lost while the client is connected)."""
         broker = self.broker
         assert broker is not None
-        connection = session.connection
-        if connection is None or connection.will is None or connection.principal is None:
+        will = broker.live_will(session)
+        if will is None:
             return None
-        will = connection.will
-        if not broker.authorization.authorize_publish(
-            connection.principal, will.topic, will.qos, will.retain
-        ):
-            return None  # we would not publish it either
-        live = codec.LiveWill(
-            min(connection.will_delay, session.expiry_interval),
-            connection.will_expiry,
-            codec.WireMessage.from_message(will, broker.clock(), self.node_name),
-        )
         session.will_copied = True
-        return codec.ReplicaOp(
-            codec.ReplicaOpKind.WILL_SET, session.client_id, data=codec.encode_live_will(live)
-        )
+        return codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, session.client_id, data=will)
+
+    def _wills_held(self, holder: str) -> None:
+        """Our backup holds the wills of our connected clients now (``holder``: its name and
+        boot), or no node does (""): kept in the store for crash_wills_holder."""
+        if holder != self.wills_held_by:
+            self.wills_held_by = holder
+            if self.broker is not None:
+                self.broker.store.set_meta("wills_backup", holder.encode())
+
+    def crash_wills_holder(self) -> str | None:
+        """After the join, once: the node that published the wills of the clients connected
+        when this node last stopped without ending their connections (broker.core.Broker.
+        settle_wills_at_crash), or None when this node is to. The backup that held them then
+        did if it is linked now and still the same process (its boot); a backup that
+        restarted meanwhile (the whole cluster went down) lost its copies with it, and a
+        backup not reached is taken for the same."""
+        name, _, boot = self.wills_at_crash_with.partition(":")
+        self.wills_at_crash_with = ""
+        broker = self.broker
+        assert broker is not None
+        broker.store.set_meta("wills_backup", self.wills_held_by.encode())
+        peer = self.peers.get(name)
+        if peer is None or not peer.up or not boot.isdigit() or peer.boot != int(boot):
+            return None
+        return name
 
     def _peer_lost(self, name: str) -> None:
         """Our link to ``name`` is down (or its last other link is, by their word): if we are
@@ -3493,15 +3531,16 @@ class Cluster:
             if split_shared(topic_filter)[0] is not None:
                 self.member_changed(topic_filter, client_id, connected)
 
-    def client_connected(self, client_id: str, version: Version) -> None:
+    def client_connected(self, client_id: str, version: Version, will: bytes | None) -> None:
         self._member_states(client_id, True)
-        if self.replicator.wills:
+        if will is not None and self.replicator.wills:
             broker = self.broker
             assert broker is not None
             session = broker.sessions.get(client_id)
-            will = None if session is None else self._will_op(session)
-            if will is not None:
-                self.replicator.add(will)
+            if session is not None:
+                session.will_copied = True
+                op = codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, client_id, data=will)
+                self.replicator.add(op)
 
     def check_client_chain(self, client_id: str, chain_subjects: tuple[bytes, ...]) -> None:
         """Warn once when a client's certificate comes from a CA that signs our node."""

@@ -68,7 +68,7 @@ Shape (every table and key optional except where noted)::
                                    # on a disk store: to every peer); "0s": no wait
     outbox_max_bytes = 268435456   # per peer: reliable frames kept until acknowledged
     link_high_water = 8388608      # unacknowledged bytes to a peer (up) that pause its publishers
-    protocol_version = 9           # announced in HELLO; the old one while a rolling upgrade
+    protocol_version = 10          # announced in HELLO; the old one while a rolling upgrade
                                    # has nodes that speak only it
     session_replicas = 1           # copies of each persistent session on other nodes (0 or 1;
                                    # broker/replica.py): survives the loss of a node

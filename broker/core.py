@@ -170,6 +170,10 @@ class Broker:
         # Wall-clock time each retained topic last changed (the cluster's newest-wins rule).
         self.retained_changed_at: dict[str, float] = {}
         self.pending_wills: dict[str, PendingWill] = {}
+        # Read back at start (restore): the wills of the clients connected when the node
+        # stopped without ending their connections (encoded codec.LiveWill), until
+        # settle_wills_at_crash.
+        self.wills_at_crash: dict[str, bytes] = {}
         # Every open connection, CONNECT received or not, for the admin API and shutdown.
         self.connections: set[ClientConnection] = set()
         # Topics a service of this node answers itself (the state store, seed 003): a
@@ -296,7 +300,11 @@ class Broker:
             session.durable = False
         elif durable:
             self._save_session(session)
-        self.cluster.client_connected(client_id, outcome.version)
+        live = None if connection.will is None else self.live_will(session)
+        if live is not None and self.store.keeps_wills:
+            self.store.set_will(client_id, live)
+            session.will_stored = True
+        self.cluster.client_connected(client_id, outcome.version, live)
         chain = connection.identity.chain_subjects
         if chain:
             check = getattr(self.cluster, "check_client_chain", None)
@@ -341,6 +349,10 @@ class Broker:
                 self._publish_will(pending)
             else:
                 self.pending_wills[client_id] = pending
+        if session.will_stored:
+            # Published, scheduled or dropped by now: not due again after a crash.
+            session.will_stored = False
+            self.store.clear_will(client_id)
         self.cluster.client_disconnected(client_id)
         if expiry == 0:
             self._destroy_session(session)
@@ -496,6 +508,74 @@ class Broker:
                     peak,
                     queued,
                 )
+
+    def live_will(self, session: Session) -> bytes | None:
+        """The will of ``session``'s connection as kept while it is connected (in the store,
+        and by our backup: WILL_SET), encoded, when it has one its client may publish."""
+        connection = session.connection
+        if connection is None or connection.will is None or connection.principal is None:
+            return None
+        will = connection.will
+        if not self.authorization.authorize_publish(
+            connection.principal, will.topic, will.qos, will.retain
+        ):
+            return None  # not published at its time either
+        return codec.encode_live_will(
+            codec.LiveWill(
+                min(connection.will_delay, session.expiry_interval),
+                connection.will_expiry,
+                codec.WireMessage.from_message(will, self.clock(), self.node_name),
+            )
+        )
+
+    def settle_wills_at_crash(self, holder: str | None) -> None:
+        """The wills of the clients connected when this node last stopped without ending
+        their connections (a crash: its store still has them): due now, or after their Will
+        Delay Interval unless the client comes back first, as if their connections had
+        ended at this start; or left to ``holder``, the backup that had them then and is
+        still the same process (it published them when its link to us dropped)."""
+        wills, self.wills_at_crash = self.wills_at_crash, {}
+        if not wills:
+            return
+        for client_id in wills:
+            session = self.sessions.get(client_id)
+            if session is None or not session.will_stored:
+                self.store.clear_will(client_id)
+        if holder is not None:
+            logger.info(
+                "%d wills of clients connected when this node stopped: left to node %s, our "
+                "backup then and still up, which published them when our link dropped",
+                len(wills),
+                holder,
+            )
+            return
+        now = self.clock()
+        before = self.counters.wills_published
+        waiting = 0
+        for client_id, data in wills.items():
+            try:
+                live = codec.decode_live_will(data)
+            except codec.ClusterProtocolError as error:
+                logger.warning(
+                    "will of client_id=%s in the store does not decode, dropped: %s",
+                    client_id,
+                    error,
+                )
+                continue
+            session = self.sessions.get(client_id)
+            if live.delay > 0 and session is not None and session.connection is not None:
+                continue  # the client is back (here) within its Will Delay Interval
+            message = live.message.to_message(now)
+            if self.schedule_will(client_id, message, live.delay, live.expiry_interval):
+                waiting += 1
+        logger.info(
+            "%d wills of clients connected when this node stopped (their connections ended "
+            "with it): %d published, %d to be published after their delay unless the client "
+            "comes back",
+            len(wills),
+            self.counters.wills_published - before,
+            waiting,
+        )
 
     def schedule_will(
         self, client_id: str, message: Message, delay: float, expiry_interval: int | None
@@ -1062,6 +1142,7 @@ class Broker:
                     will.expiry_interval,
                 )
         self.next_delivery_key = max_key + 1
+        self.wills_at_crash = dict(state.wills)
         # What was read back is on disk, of course.
         self.store.committed_key = max(self.store.committed_key, max_key)
         for topic, wire, changed_at in state.retained:

@@ -15,10 +15,11 @@ The core calls the :class:`ClusterHook` when something local must reach other no
     it over (TRANSFER, installed with :meth:`Broker.install_session` before ``done`` runs).
     ``local`` says a session for the id is already here (no need to wait for a transfer).
     Call ``done(ClaimOutcome)`` once the id is ours (at once on a single node).
-``client_connected(client_id, version)`` / ``client_disconnected(client_id)`` /
+``client_connected(client_id, version, will)`` / ``client_disconnected(client_id)`` /
 ``session_ended(client_id)``
     A connection took the session / left it / the session is gone (shared group members
-    are preferred while connected).
+    are preferred while connected). ``will`` is the connection's will, authorized and
+    encoded (:meth:`Broker.live_will`), or None.
 ``route(message, publisher) -> int``
     Deliver a message accepted here (from a local client, or a will): to local subscribers
     (:meth:`Broker.deliver_local`) and to every other node with a matching subscription; one
@@ -169,7 +170,7 @@ class ClusterHook(Protocol):
         done: Callable[[ClaimOutcome], None],
     ) -> None: ...
 
-    def client_connected(self, client_id: str, version: Version) -> None: ...
+    def client_connected(self, client_id: str, version: Version, will: bytes | None) -> None: ...
 
     def client_disconnected(self, client_id: str) -> None: ...
 
@@ -219,7 +220,7 @@ class LocalOnlyCluster:
     ) -> None:
         done(ClaimOutcome(self.broker.claim_version()))
 
-    def client_connected(self, client_id: str, version: Version) -> None:
+    def client_connected(self, client_id: str, version: Version, will: bytes | None) -> None:
         pass
 
     def client_disconnected(self, client_id: str) -> None:

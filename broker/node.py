@@ -325,6 +325,9 @@ class BrokerServer:
                 await self.cluster.start()
                 await self._join()
                 self.cluster.backup_settled()  # if the join ended first (join_timeout)
+            self.broker.settle_wills_at_crash(
+                None if self.cluster is None else self.cluster.crash_wills_holder()
+            )
             for listener_config in self.config.listeners:
                 listener = Listener(
                     listener_config,

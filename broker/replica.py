@@ -59,7 +59,12 @@ owner's to publish or drop). When the backup's link to the owner drops, those wi
 their Will Delay Interval, and the delayed wills of the offline sessions it keeps copies of
 at their time; a client that connects again meanwhile (its claim reaches the backup) cancels
 its delayed will, and so does the owner coming back (its snapshot copies the will of a client
-still connected there; the same incarnation has its offline sessions' wills).
+still connected there; the same incarnation has its offline sessions' wills). An owner with a
+disk store also keeps its connected clients' wills there (broker.store): restarted after a
+crash, it publishes them itself unless the backup that held them then is still the same
+process (the boot of its HELLO, recorded as the store's ``wills_backup`` once the snapshot
+is sent), which published them when its link to the owner dropped (a whole-cluster kill
+takes the backups' copies too).
 
 Messages FROM devices: a QoS 1/2 message a device published here that went to a peer (its
 subscribers there, or a shared member) left in a reliable frame of that peer's outbox; in
@@ -697,9 +702,20 @@ class ReplicatedStore(Store):
         self.inner.remove_delivery(client_id, key, message_id)
         self._write(ReplicaOp(ReplicaOpKind.DELIVERY_REMOVE, client_id, key))
 
-    # Node writes: the inner store's alone.
+    # Node writes: the inner store's alone (a connected client's will reaches the backup as
+    # WILL_SET from broker.cluster, whether or not the node has a disk).
+    @property
+    def keeps_wills(self) -> bool:  # type: ignore[override]
+        return self.inner.keeps_wills
+
     def set_meta(self, key: str, value: bytes) -> None:
         self.inner.set_meta(key, value)
+
+    def set_will(self, client_id: str, data: bytes) -> None:
+        self.inner.set_will(client_id, data)
+
+    def clear_will(self, client_id: str) -> None:
+        self.inner.clear_will(client_id)
 
     def set_retained(
         self, topic: str, message: codec.WireMessage | None, changed_at: float

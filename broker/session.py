@@ -294,6 +294,8 @@ class Session:
     diverged: bool = False
     # Its connection's will is with our backup (WILL_SET sent: WILL_CLEAR when it ends).
     will_copied: bool = False
+    # ... and in the node's store (Store.set_will: cleared when the connection ends).
+    will_stored: bool = False
     # Packet ids given to stored QoS 2 deliveries still in the queue (see Pending).
     reserved: set[int] | None = None
 

@@ -17,6 +17,10 @@ Session 0; a clean session with expiry 0 is never written):
   ``messages``: each message once, however many sessions it is queued for (the store counts
   references and deletes a message with its last delivery);
 - ``retained`` messages with their changed_at, ``state``: the seed 003 state store;
+- ``wills``: the will of each connected client (any session, clean ones too; the encoded
+  :class:`broker.cluster_codec.LiveWill`, authorized), written at its CONNECT and removed
+  when its connection ends: what is left at a start are the wills of the clients connected
+  when the node died, due then (broker.core.Broker.settle_wills_at_crash);
 - ``outbox``: reliable cluster frames not yet acknowledged by each peer, ``routes``: the
   filters of each peer (kept while it is down, so its persistent sessions' messages wait in
   the outbox), ``meta``: the node's incarnation, its message id block, the inbox high-water
@@ -82,6 +86,7 @@ CREATE TABLE IF NOT EXISTS routes (peer TEXT, filter TEXT, PRIMARY KEY (peer, fi
 CREATE TABLE IF NOT EXISTS state (
     key BLOB PRIMARY KEY, value BLOB, expires_at REAL, counter INTEGER, node TEXT)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS wills (client_id TEXT PRIMARY KEY, will BLOB) WITHOUT ROWID;
 """
 # Delivery flags (the deliveries.flags column).
 _QOS_MASK = 0x03
@@ -124,6 +129,8 @@ class StoredState:
     routes: dict[str, set[str]] = field(default_factory=dict)
     # key -> (value, expires_at wall clock, version)
     state: dict[bytes, tuple[bytes, float | None, codec.Version]] = field(default_factory=dict)
+    # client id -> encoded codec.LiveWill: the clients connected when the node stopped.
+    wills: dict[str, bytes] = field(default_factory=dict)
 
 
 def _message_id(message: codec.WireMessage) -> str:
@@ -152,6 +159,9 @@ class Store:
     """The interface the core and the cluster write through (the memory store's no-ops)."""
 
     durable = False
+    # Whether set_will writes anything (a disk): the wills of connected clients are kept
+    # only where they outlive the process.
+    keeps_wills = False
     errors = 0
     commits = 0
     congested = False
@@ -247,6 +257,12 @@ class Store:
     ) -> None:
         pass
 
+    def set_will(self, client_id: str, data: bytes) -> None:
+        pass
+
+    def clear_will(self, client_id: str) -> None:
+        pass
+
 
 class MemoryStore(Store):
     """``mode = "memory"``: nothing is written; every callback runs at once."""
@@ -256,6 +272,7 @@ class DiskStore(Store):
     """SQLite in WAL mode, written by one thread, one transaction per loop turn."""
 
     durable = True
+    keeps_wills = True
 
     def __init__(self, config: StoreConfig) -> None:
         super().__init__()
@@ -394,6 +411,8 @@ class DiskStore(Store):
                 expires_at or None,
                 codec.Version(counter, node),
             )
+        for client_id, will in connection.execute("SELECT client_id, will FROM wills"):
+            state.wills[client_id] = bytes(will)
         return state
 
     # --- the writer -------------------------------------------------------------------------
@@ -663,6 +682,12 @@ class DiskStore(Store):
             (key, value, expires_at or 0.0, version.counter, version.node),
             len(key) + len(value),
         )
+
+    def set_will(self, client_id: str, data: bytes) -> None:
+        self._add("INSERT OR REPLACE INTO wills VALUES (?, ?)", (client_id, data), len(data))
+
+    def clear_will(self, client_id: str) -> None:
+        self._add("DELETE FROM wills WHERE client_id=?", (client_id,))
 
 
 def _run(callback: Callable[[], None]) -> None:

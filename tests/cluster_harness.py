@@ -312,8 +312,10 @@ class Device:
         subscriptions: list[tuple[str, int]] | None = None,
         will: tuple[str, str] | None = None,
         will_delay: int = 0,
+        will_retain: bool = False,
     ) -> None:
-        """``will``: (topic, payload) at QoS 1, with ``will_delay`` seconds (5.0)."""
+        """``will``: (topic, payload) at QoS 1, with ``will_delay`` seconds (5.0), retained
+        with ``will_retain``."""
         self.client_id = client_id
         self.protocol = protocol
         self.clean = clean
@@ -339,7 +341,7 @@ class Device:
             if protocol == V5:
                 properties = PahoProperties(PacketTypes.WILLMESSAGE)
                 properties.WillDelayInterval = will_delay
-            self.client.will_set(will[0], will[1], 1, properties=properties)
+            self.client.will_set(will[0], will[1], 1, will_retain, properties)
         self.client.reconnect_delay_set(0.1, 1.0)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connacks: queue.Queue[tuple[bool, Any]] = queue.Queue()

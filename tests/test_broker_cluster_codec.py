@@ -157,6 +157,14 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
             + framed(25, b"\x00\x02n3\x00\x03dev\x01\x00\x00\x01\x00\x00\x00\x07" + MESSAGE_BYTES),
         ),
     ),
+    # Version 10's HELLO has the sender's boot after version 9's fields.
+    (
+        codec.Hello(10, "n1", "c", b"k", 9, 8, 3, 77),
+        framed(
+            1,
+            b"\x0a\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQQ", 9, 8, 3, 77),
+        ),
+    ),
     # Version 2's HELLO is version 3's (a node speaks both: rolling upgrades).
     (
         codec.Hello(2, "n1", "c", b"k", 9, 8, 3),
@@ -217,17 +225,20 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
     assert (hello.version, hello.node) == (1, "n1")
     # encode is decode's inverse for it too: the fields every version has (fuzz finding).
     assert codec.encode(hello) == version_1
-    version_10 = framed(1, b"\x0a\x00\x03n10\x00\x01c\x00\x01k")
-    (hello,), _ = decode_all(version_10)
+    version_11 = framed(1, b"\x0b\x00\x03n11\x00\x01c\x00\x01k")
+    (hello,), _ = decode_all(version_11)
     assert isinstance(hello, codec.Hello)
-    assert (hello.version, hello.node, hello.incarnation) == (10, "n10", 0)
-    assert codec.encode(hello) == version_10
+    assert (hello.version, hello.node, hello.incarnation) == (11, "n11", 0)
+    assert codec.encode(hello) == version_11
 
 
 @pytest.mark.parametrize(
     ("announced", "theirs", "spoken"),
     [
-        (9, 9, 9),  # both upgraded
+        (10, 10, 10),  # both upgraded
+        (10, 9, 9),  # a node of version 9: no boot in its HELLO
+        (9, 10, 9),  # this node announces 9 during the upgrade
+        (9, 9, 9),
         (9, 8, 8),  # a node of version 8: no REACH on that link
         (8, 9, 8),  # this node announces 8 during the upgrade
         (8, 8, 8),
@@ -251,8 +262,8 @@ def test_hello_of_another_version_is_read_far_enough_to_refuse_it() -> None:
         (2, 2, 2),
         (3, 1, None),  # version 1: TAKEOVER, no reliable frames
         (2, 1, None),
-        (9, 10, None),  # newer than this release
-        (2, 10, None),
+        (10, 11, None),  # newer than this release
+        (2, 11, None),
         (3, 0, None),
         (3, 255, None),
     ],

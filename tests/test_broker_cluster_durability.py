@@ -12,11 +12,12 @@ messages, retained messages and the cluster outboxes.
 - Every node killed at once and started again one after the other (a whole-cluster restart):
   the first one up waits for the others before it serves, so a device whose session is in
   another node's store finds it there; a peer that never comes back delays it by
-  join_timeout.
+  join_timeout. The wills of the clients connected at the kill are published once after it.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -189,3 +190,77 @@ def test_after_a_whole_cluster_kill_the_first_node_up_waits_for_the_others(
         first.start()
         assert time.monotonic() - since >= 3.5, "node-1 did not wait for node-3"
         assert "serving clients after join_timeout 4s without node-3" in first.log_text()
+
+
+def _retained(node: ClusterNode, topic_filter: str, quiet: float = 1.0) -> dict[str, str]:
+    """The retained messages under ``topic_filter``, as a new subscriber on ``node`` gets them."""
+    reader = Device(f"reader-{time.monotonic_ns()}", V5, clean=True)
+    reader.connect(node.mqtt_port)
+    reader.subscribe([(topic_filter, 1)])
+    got: dict[str, str] = {}
+    try:
+        while True:
+            message = reader.messages.get(timeout=quiet)
+            got[message.topic] = message.payload.decode()
+    except queue.Empty:
+        pass
+    reader.stop()
+    return got
+
+
+def test_the_wills_of_clients_connected_at_a_whole_cluster_kill_are_published_after_it(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """Every node killed with clients connected that set a retained will, then started
+    again. Their backups died too, so each node publishes the wills its store kept for its
+    own clients (as their connections ended with it; mosquitto 2.0 and the nodes before
+    this publish none): a 3.1.1 client's at once, a 5.0 client's after its Will Delay of 2
+    s; not that of a client back within its delay of 60 s, nor that of one that left with
+    DISCONNECT before the kill. Each once, on one node."""
+    with running_cluster(pki, tmp_path) as nodes:
+        first, second, third = nodes
+        sudden = Device(
+            "crash-sudden", V311, clean=True, will=("wills/sudden", "off"), will_retain=True
+        )
+        slow = Device("crash-slow", V5, will=("wills/slow", "off"), will_delay=2, will_retain=True)
+        back = Device("crash-back", V5, will=("wills/back", "off"), will_delay=60, will_retain=True)
+        polite = Device(
+            "crash-polite", V5, clean=True, will=("wills/polite", "off"), will_retain=True
+        )
+        for device, node in ((sudden, first), (slow, second), (back, third), (polite, first)):
+            device.connect(node.mqtt_port)
+        polite.stop()  # DISCONNECT: no will
+        wait_for(
+            lambda: (
+                sum(
+                    sum(node.admin("/api/cluster")["replication"]["copies"]["wills"].values())
+                    for node in nodes
+                )
+                == 3
+            ),
+            10,
+            "three wills copied to the backups",
+        )
+        time.sleep(0.3)  # ... and committed to the owners' stores (the same loop turn)
+        for device in (sudden, slow, back):
+            device.client.loop_stop()
+        for node in nodes:
+            node.kill()
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+        again = Device("crash-back", V5)
+        assert again.connect(second.mqtt_port), "its session in node-3's store"
+        again.stop()
+        wait_for(lambda: "wills/slow" in _retained(first, "wills/#", 0.5), 15, "the slow will")
+        time.sleep(1.0)
+        assert _retained(third, "wills/#") == {"wills/sudden": "off", "wills/slow": "off"}
+        logs = "".join(node.log_text() for node in nodes)
+        for client_id, count in (("sudden", 1), ("slow", 1), ("back", 0), ("polite", 0)):
+            assert logs.count(f"will published: client_id=crash-{client_id} ") == count
+        assert (
+            "1 wills of clients connected when this node stopped (their connections ended "
+            "with it): 1 published, 0 to be published after their delay" in first.log_text()
+        )
+        assert "0 published, 1 to be published after their delay" in second.log_text()

@@ -440,6 +440,35 @@ def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_stor
     assert "will published: client_id=will-restart" not in backup.log_text()
 
 
+def test_a_crashed_nodes_client_will_is_published_once_when_the_node_restarts_on_its_store(
+    nodes: list[ClusterNode],
+) -> None:
+    """node-1 is killed with a client connected that set a will: its backup, node-2,
+    publishes it. node-1 restarts on its store, which also kept that will (the wills of
+    connected clients outlive a crash there, for when no backup has them): node-2 is still
+    the same process it copied the will to, so node-1 leaves it to node-2. Once, by
+    node-2."""
+    owner, backup, other = nodes
+    watcher = _status_watcher(backup, other)
+    device = Device("crash-once", V311, clean=True, will=("status/crash-once", "crash-gone"))
+    device.connect(owner.mqtt_port)
+    wait_for(lambda: _wills(backup, "node-1") == 1, 10, "the will copied to node-2")
+    time.sleep(0.3)  # and committed to node-1's store (the same loop turn)
+    device.client.loop_stop()
+    owner.kill()
+    assert watcher.received(quiet=2.0, timeout=20) == ["crash-gone"]
+    owner.start()
+    wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
+    got = watcher.received(quiet=3.0, timeout=10)
+    watcher.stop()
+    assert got == []
+    assert (
+        "1 wills of clients connected when this node stopped: left to node node-2"
+        in owner.log_text()
+    )
+    assert "will published: client_id=crash-once" not in owner.log_text()
+
+
 def test_a_publisher_whose_acknowledgements_wait_on_a_frozen_node_is_paused(
     nodes: list[ClusterNode],
 ) -> None:

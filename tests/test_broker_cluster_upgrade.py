@@ -1,11 +1,11 @@
-"""A rolling upgrade of the broker cluster (cluster protocol versions 2 to 9): real nodes over
+"""A rolling upgrade of the broker cluster (cluster protocol versions 2 to 10): real nodes over
 their real mutual TLS link (tests/cluster_harness.py).
 
-A node speaks versions 2 to 9 and announces ``[cluster] protocol_version`` (default 9) in its
+A node speaks versions 2 to 10 and announces ``[cluster] protocol_version`` (default 10) in its
 HELLO; each link speaks the lower of its two nodes' (broker.cluster_codec.link_version), as
-Kafka's inter.broker.protocol.version does. A node announcing 3 and one announcing 9 form a
-cluster and route both ways, without session replication (version 4's); set back to 9 and
-restarted, the link speaks 9 and sessions are copied. A HELLO of version 1, or above what
+Kafka's inter.broker.protocol.version does. A node announcing 3 and one announcing 10 form a
+cluster and route both ways, without session replication (version 4's); set back to 10 and
+restarted, the link speaks 10 and sessions are copied. A HELLO of version 1, or above what
 this node speaks, is refused with a line that names the peer, both versions and what to do.
 (The fan-in load over a link of version 2 is in tests/test_broker_backpressure.py.)
 """
@@ -71,18 +71,18 @@ def _route_both_ways(first_port: int, second_port: int, tag: str) -> None:
         far.stop()
 
 
-def test_a_node_announcing_3_and_one_announcing_9_form_a_cluster_then_upgrade(
+def test_a_node_announcing_3_and_one_announcing_10_form_a_cluster_then_upgrade(
     pki: TestPKI, tmp_path: Path
 ) -> None:
     """The operator's procedure: node-1 runs the new release with protocol_version = 3 while
-    node-2 announces 9 (as it would once upgraded): the link speaks 3, messages cross it both
+    node-2 announces 10 (as it would once upgraded): the link speaks 3, messages cross it both
     ways, no session is replicated over it, and node-1 says at start what version 3 lacks.
-    protocol_version removed and node-1 restarted: the link speaks 9 and node-1's
+    protocol_version removed and node-1 restarted: the link speaks 10 and node-1's
     persistent sessions are copied to node-2."""
     with running_cluster(pki, tmp_path, 2, cluster=["protocol_version = 3", ""]) as nodes:
         first, second = nodes
         assert _link_versions(first) == (3, 3)
-        assert _link_versions(second) == (9, 3)
+        assert _link_versions(second) == (10, 3)
         assert "is up (" in first.log_text() and "protocol version 3)" in first.log_text()
         assert (
             "announces cluster protocol version 3 ([cluster] protocol_version): its "
@@ -102,9 +102,9 @@ def test_a_node_announcing_3_and_one_announcing_9_form_a_cluster_then_upgrade(
         first.write_config(nodes)
         first.start()
         wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
-        assert _link_versions(first) == (9, 9)
-        assert _link_versions(second) == (9, 9)
-        _route_both_ways(first.mqtt_port, second.mqtt_port, "v9")
+        assert _link_versions(first) == (10, 10)
+        assert _link_versions(second) == (10, 10)
+        _route_both_ways(first.mqtt_port, second.mqtt_port, "v10")
         # The disk store kept node-1's session: the snapshot copies it to node-2, and
         # node-2's session goes the other way.
         wait_for(
@@ -153,8 +153,8 @@ def _hello_of_version(pki: TestPKI, port: int, name: str, version: int) -> list[
     [
         (1, "upgrade node 'node-2' to a release that speaks version 2 or later"),
         (
-            10,
-            "upgrade this node, or set [cluster] protocol_version = 9 on node 'node-2' until "
+            11,
+            "upgrade this node, or set [cluster] protocol_version = 10 on node 'node-2' until "
             "every node is upgraded",
         ),
     ],
@@ -163,7 +163,7 @@ def test_a_hello_of_a_version_this_node_does_not_speak_is_refused_with_what_to_d
     pki: TestPKI, tmp_path: Path, version: int, advice: str
 ) -> None:
     """node-2 (its real certificate) says HELLO with version 1 (before CLAIM and reliable
-    frames) or 10 (newer than this release): node-1 refuses it before reading further, logs
+    frames) or 11 (newer than this release): node-1 refuses it before reading further, logs
     a line naming the peer, both versions and what to do, and tells the peer only
     "refused"."""
     nodes = make_nodes(tmp_path, pki, 2)
@@ -174,7 +174,7 @@ def test_a_hello_of_a_version_this_node_does_not_speak_is_refused_with_what_to_d
         assert frames == [codec.Close("refused")]
         expected = (
             f"(node 'node-2') refused: node 'node-2' speaks cluster protocol version {version}, "
-            f"this node 2 to 9: {advice}"
+            f"this node 2 to 10: {advice}"
         )
         wait_for(lambda: expected in first.log_text(), 10, "the refusal logged")
         member = first.admin("/api/cluster")["members"][1]

@@ -138,8 +138,8 @@ def test_autoclean_is_off_unless_said() -> None:
             parse_config({**document, "cluster": {"autoclean": value}}, "c.toml")
 
 
-def test_cluster_protocol_version_is_2_to_9() -> None:
-    """``[cluster] protocol_version``: the version a node announces in HELLO, 9 unless said
+def test_cluster_protocol_version_is_2_to_10() -> None:
+    """``[cluster] protocol_version``: the version a node announces in HELLO, 10 unless said
     (an older one while a rolling upgrade has nodes that speak only it); anything else names
     the key and what is allowed."""
 
@@ -147,14 +147,14 @@ def test_cluster_protocol_version_is_2_to_9() -> None:
         return {"listeners": {"tcp": {"a": {"bind": "127.0.0.1:1"}}}, "cluster": table}
 
     config = parse_config(cluster(), "c.toml")
-    assert config.cluster is not None and config.cluster.protocol_version == 9
+    assert config.cluster is not None and config.cluster.protocol_version == 10
     config = parse_config(cluster(protocol_version=2), "c.toml")
     assert config.cluster is not None and config.cluster.protocol_version == 2
-    for value in (1, 10, "3", True, 2.0):
+    for value in (1, 11, "3", True, 2.0):
         with pytest.raises(ConfigError) as caught:
             parse_config(cluster(protocol_version=value), "c.toml")
         assert str(caught.value).startswith(
             "c.toml: 'cluster.protocol_version': expected 2 or 3 or 4 or 5 or 6 or 7 or 8 or 9 "
-            "(the cluster protocol versions"
+            "or 10 (the cluster protocol versions"
         )
         assert str(caught.value).endswith(f"got {value!r}")

@@ -171,3 +171,25 @@ def test_a_promise_made_after_commit_survives_sigkill(tmp_path: Path) -> None:
     assert promised >= 50
     (session_rows,) = [store_at(path)._connection.execute("SELECT COUNT(*) FROM deliveries")]
     assert session_rows.fetchone()[0] >= promised
+
+
+def test_the_wills_of_connected_clients_come_back(tmp_path: Path) -> None:
+    """A will set at CONNECT and not cleared (the connection outlived the process) is read
+    back at the next start; one cleared is not, nor one replaced twice."""
+    path = tmp_path / "node.db"
+
+    async def write() -> None:
+        store = store_at(path)
+        store.load()
+        store.start(asyncio.get_running_loop())
+        store.set_will("gone", b"first")
+        store.set_will("gone", b"second")
+        store.set_will("left", b"will")
+        store.clear_will("left")
+        done = asyncio.get_running_loop().create_future()
+        store.after_commit(lambda: done.set_result(None))
+        await done
+        await store.close()
+
+    asyncio.run(write())
+    assert store_at(path).load().wills == {"gone": b"second"}
