@@ -30,11 +30,11 @@ from lb.log import (
     ERROR_LINE_BURST,
     ERROR_LINE_RATE,
     TCPLOG,
-    ConnectionErrorLog,
     LogFormat,
     RateLimiter,
     SessionRecord,
     TrafficLog,
+    connection_error_log,
     format_connection_error,
 )
 from lb.proxy_hmac import HeaderKeys
@@ -432,7 +432,7 @@ class FrontendRuntime:
             LogFormat(config.unique_id_format) if config.unique_id_format else None
         )
         self.logs_unique_id = self.log_format is not None and "ID" in self.log_format.variables
-        self.error_log = ConnectionErrorLog(log, config.name, loop.time, loop.call_later)
+        self.error_log = connection_error_log(log, config.name, loop.time, loop.call_later)
         self.oversize_lines: RateLimiter | None = None  # made at the first oversize header
         # Every server down (a blackout of the brokers): each device's retry would add a
         # warning to its session's log line; a burst, then a rate, and the count.
@@ -518,6 +518,7 @@ class FrontendRuntime:
     def stop_accepting(self) -> None:
         self.accepting_enabled = False
         self.no_server_lines.flush()
+        self.error_log.flush()
         for listener in self.listeners:
             listener.close()
             if listener in self.process.listeners:

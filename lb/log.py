@@ -43,12 +43,17 @@ from lb.log_format import (
     SessionRecord,
     haproxy_date,
 )
-from lb.ratelimit import DEFAULT_BURST, DEFAULT_RATE, REPORT_INTERVAL, RateLimiter
+from lb.ratelimit import (
+    DEFAULT_BURST,
+    DEFAULT_RATE,
+    REPORT_INTERVAL,
+    RateLimiter,
+    SuppressedLines,
+)
 
 __all__ = [
     "TCPLOG",
     "TCPLOG_FORMAT",
-    "ConnectionErrorLog",
     "GlobalLogHandler",
     "LogFormat",
     "LogFormatError",
@@ -56,6 +61,7 @@ __all__ = [
     "RateLimiter",
     "SessionRecord",
     "TrafficLog",
+    "connection_error_log",
     "format_connection_error",
     "frame",
     "haproxy_date",
@@ -229,54 +235,39 @@ class TrafficLog:
 # Rate limiting of refused-handshake lines
 
 
-class ConnectionErrorLog:
-    """Refused-handshake lines of one frontend, rate limited.
+def connection_error_log(
+    log: TrafficLog,
+    frontend: str,
+    clock: Callable[[], float],
+    schedule: Callable[[float, Callable[[], None]], object],
+    *,
+    rate: float = ERROR_LINE_RATE,
+    burst: int = ERROR_LINE_BURST,
+) -> SuppressedLines:
+    """Refused-handshake lines of one frontend, rate limited: to the traffic log (info; the
+    report "N similar lines suppressed" a warning), or, without one, to the process log.
 
     `schedule(delay, callback)` is the event loop's call_later; while lines are being
-    suppressed a report "N similar lines suppressed" is logged every
-    SUPPRESSED_REPORT_INTERVAL seconds, and once more when the flood is over."""
+    suppressed the report comes every SUPPRESSED_REPORT_INTERVAL seconds, and once more when
+    the flood is over."""
 
-    def __init__(
-        self,
-        log: TrafficLog,
-        frontend: str,
-        clock: Callable[[], float],
-        schedule: Callable[[float, Callable[[], None]], object],
-        *,
-        rate: float = ERROR_LINE_RATE,
-        burst: int = ERROR_LINE_BURST,
-    ) -> None:
-        self.log = log
-        self.frontend = frontend
-        self.limiter = RateLimiter(rate, burst, clock)
-        self.schedule = schedule
-        self.report_pending = False
-        self.total_suppressed = 0
-
-    def emit(self, line: str) -> None:
-        if self.limiter.allow():
-            self._write(line)
-            return
-        self.total_suppressed += 1
-        if not self.report_pending:
-            self.report_pending = True
-            self.schedule(SUPPRESSED_REPORT_INTERVAL, self.report)
-
-    def report(self) -> None:
-        self.report_pending = False
-        count = self.limiter.take_suppressed()
-        if count:
-            self._write(
-                f"frontend {self.frontend}: {count} similar lines suppressed "
-                f"(refused TLS handshakes over {self.limiter.rate:g}/s)",
-                level="warning",
-            )
-
-    def _write(self, line: str, level: str = "info") -> None:
-        if self.log.enabled:
-            self.log.emit(line, level)
+    def write(line: str, level: str = "info") -> None:
+        if log.enabled:
+            log.emit(line, level)
         else:
             logger.warning("%s", line)
+
+    return SuppressedLines(
+        write,
+        f"frontend {frontend}",
+        "refused TLS handshakes",
+        clock,
+        schedule,
+        rate=rate,
+        burst=burst,
+        interval=SUPPRESSED_REPORT_INTERVAL,
+        write_report=lambda line: write(line, "warning"),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,9 +64,10 @@ class RateLimiter:
 class SuppressedLines:
     """One kind of line through a `RateLimiter`, with the count of held-back lines reported.
 
-    `write(line)` writes a line (a logger call); `schedule(delay, callback)` is the event
-    loop's call_later. `what` names the kind in the report: "{label}: N similar lines
-    suppressed ({what} over R/s)".
+    `write(line)` writes a line (a logger call), `write_report` the report (`write` unless
+    given: a report louder than the lines); `schedule(delay, callback)` is the event loop's
+    call_later. `what` names the kind in the report: "{label}: N similar lines suppressed
+    ({what} over R/s)".
     """
 
     __slots__ = (
@@ -78,6 +79,7 @@ class SuppressedLines:
         "total",
         "what",
         "write",
+        "write_report",
     )
 
     def __init__(
@@ -91,8 +93,10 @@ class SuppressedLines:
         rate: float = DEFAULT_RATE,
         burst: int = DEFAULT_BURST,
         interval: float = REPORT_INTERVAL,
+        write_report: Callable[[str], None] | None = None,
     ) -> None:
         self.write = write
+        self.write_report = write if write_report is None else write_report
         self.label = label
         self.what = what
         self.limiter = RateLimiter(rate, burst, clock)
@@ -116,7 +120,7 @@ class SuppressedLines:
         self.report_pending = False
         count = self.limiter.take_suppressed()
         if count:
-            self.write(
+            self.write_report(
                 f"{self.label}: {count} similar lines suppressed "
                 f"({self.what} over {self.limiter.rate:g}/s)"
             )

@@ -25,11 +25,11 @@ from lb.log import (
     ERROR_LINE_BURST,
     ERROR_LINE_RATE,
     TCPLOG,
-    ConnectionErrorLog,
     LogFormat,
     RateLimiter,
     SessionRecord,
     TrafficLog,
+    connection_error_log,
     frame,
 )
 from lb.log_format import LogFormatError
@@ -473,7 +473,7 @@ def test_rate_limiter_and_suppressed_report() -> None:
     emitted: list[str] = []
     log.emit = lambda line, level="info": emitted.append(line)  # type: ignore[method-assign]
     log.sinks = [object()]  # type: ignore[list-item]  # "enabled"
-    errors = ConnectionErrorLog(
+    errors = connection_error_log(
         log, "mqtts", lambda: now[0], lambda d, c: scheduled.append((d, c)), rate=1.0, burst=3
     )
     for index in range(10):
