@@ -68,7 +68,9 @@ certificates, the same simulator processes and a fresh broker cluster of the sam
   find their sessions, and nothing acknowledged is lost; in memory mode (the demo's) the
   sessions and what was queued died with the nodes. Figures: when the balancer marked every
   node down, when the nodes listened and the cluster had formed again (from their start),
-  time to 99% and 100% back, sessions found, refusals by reason, wills. The collector
+  time to 99% and 100% back, sessions found, refusals by reason, wills (with --wills and
+  disk stores, one for each device connected at the kill: each node publishes the wills its
+  store kept, as their connections ended with it; wills_devices: how many devices). The collector
   (connected straight to node-1) connects again to its persistent sessions and sends the
   commands it had not seen acknowledged again.
 - reload: ramp, then the hold with a reload (SIGUSR2 to lb's master, or to each HAProxy
@@ -743,6 +745,7 @@ class Run:
                 "acked": self.total("acked"),
                 "delivered": int(collector.get("telemetry_received", 0)),
                 "wills": int(collector.get("wills", 0)),
+                "wills_devices": int(collector.get("wills_devices", 0)),
                 "commands_received": self.total("commands_received"),
                 "balancer_cpu_s": round(cpu, 2),
                 "balancer_rss_kib": rss,
@@ -1506,7 +1509,10 @@ def scenario_blackout(run: Run) -> None:
         # the sessions died with the nodes.
         "sessions_present": run.total("sessions_present") - present_before,
         "refusals": dict(run.counter("refusals") - refusals_before),
+        # --wills: with disk stores every device connected at the kill, once (each node
+        # publishes the wills its store kept for its clients: their backups died too).
         "wills": after["wills"] - before["wills"],
+        "wills_devices": after["wills_devices"] - before["wills_devices"],
         "peak_handshakes_per_s": peak_handshakes(run, before),
         "collector_relinked": int(run.collector.status.get("links_relinked", 0)),
     }
