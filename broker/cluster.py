@@ -480,6 +480,7 @@ class Peer:
         "state_since",
         "suspended",
         "synced",
+        "took_our_wills",
         "unlogged_drops",
     )
 
@@ -526,8 +527,10 @@ class Peer:
         self.forgotten: int | None = None
         self.forgotten_at = 0.0
         self.autoclean_handle: asyncio.TimerHandle | None = None
-        # Its HELLO's boot (0: none yet, or a version 9 link): which run of its process.
+        # Its HELLO's boot (0: none yet, or a version 9 link): which run of its process; and
+        # its wills_taken: our boot whose connected clients' wills it published.
         self.boot = 0
+        self.took_our_wills = 0
 
     def cancel_autoclean(self) -> None:
         """It is back, forgotten, or we stop: no autoclean timer runs for it."""
@@ -694,13 +697,12 @@ class Cluster:
         self.waiting: dict[str, Waiting] = {}
         self.incarnation = secrets.randbits(63) or 1
         # This run of the process (HELLO, version 10): the incarnation outlives a restart on
-        # the store, the boot does not.
+        # the store, the boot does not; the last run's, read back from the store.
         self.boot = secrets.randbits(63) or 1
-        # "node:boot" of the backup that holds the wills of our connected clients (WILL_SET,
-        # its snapshot sent), "" when none does; kept in the store's meta as "wills_backup",
-        # and read back at start into wills_at_crash_with (crash_wills_holder).
-        self.wills_held_by = ""
-        self.wills_at_crash_with = ""
+        self.previous_boot = 0
+        # Peer -> its boot whose connected clients' wills we published as its backup (kept in
+        # the store's meta as "wills_taken:NAME", told in our HELLO to it).
+        self.wills_taken: dict[str, int] = {}
         self.server: TLSServer | None = None
         self.server_contexts: ReloadingContext | None = None
         self.client_contexts: ReloadingContext | None = None
@@ -826,7 +828,8 @@ class Cluster:
             self.restarted_on_store = True
         elif store.durable:
             store.set_meta("incarnation", str(self.incarnation).encode())
-        self.wills_at_crash_with = self.wills_held_by = state.meta.get("wills_backup", b"").decode()
+        self.previous_boot = int(state.meta.get("boot", b"0") or 0)
+        store.set_meta("boot", str(self.boot).encode())
         for peer in self.peers.values():
             peer.outbox.seq = int(state.meta.get(f"outbox:{peer.name}", b"0") or 0)
             for seq, data in state.outbox.get(peer.name, []):
@@ -837,6 +840,9 @@ class Cluster:
                 peer.inbox = Inbox(int(peer_incarnation), int(applied))
             for topic_filter in state.routes.get(peer.name, ()):
                 self._add_route(peer, topic_filter, store_it=False)
+            taken = state.meta.get(f"wills_taken:{peer.name}")
+            if taken:
+                self.wills_taken[peer.name] = int(taken)
             forgotten = state.meta.get(f"forgotten:{peer.name}")
             if forgotten:
                 incarnation_text, at = forgotten.decode().split(":")
@@ -1200,7 +1206,6 @@ class Cluster:
         if old is not None and old.link is not None and old.up:
             old.link.send(codec.encode(codec.Replica(0, True, ())))
         previous, self.backup = self.backup, backup
-        self._wills_held("")  # the old one dropped them with its copies (the reset above)
         peer = self.backup_peer
         # The link to the new backup, when it is up and carries replication.
         link = peer.link if peer is not None and peer.up else None
@@ -1404,6 +1409,7 @@ class Cluster:
                 inbox.incarnation,
                 inbox.applied,
                 self.boot,
+                self.wills_taken.get(peer.name, 0),
             )
         )
 
@@ -1416,6 +1422,7 @@ class Cluster:
         self.accepting.discard(link)
         peer.link = link
         peer.boot = hello.boot
+        peer.took_our_wills = hello.wills_taken
         peer.attempts = 0
         peer.counters.connects += 1
         broker = self.broker
@@ -1547,7 +1554,6 @@ class Cluster:
         self._autoclean_later(peer)
         if peer.name == self.backup and self.replicator.active:
             # One copy from now on, as on a single node: nothing waits for the backup.
-            self._wills_held("")
             for callback in self.replicator.stop():
                 callback()
         self._release_waiters(peer)
@@ -1690,9 +1696,6 @@ class Cluster:
         if ops:
             yield codec.encode(replicator.frame(tuple(ops)))
         replicator.snapshot_sent()
-        backup = self.backup_peer
-        if replicator.wills and backup is not None and backup.boot:
-            self._wills_held(f"{backup.name}:{backup.boot}")
         logger.info(
             "cluster: %d persistent sessions sent to %s (our backup) in %.1fs",
             sessions,
@@ -1740,30 +1743,19 @@ class Cluster:
         session.will_copied = True
         return codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, session.client_id, data=will)
 
-    def _wills_held(self, holder: str) -> None:
-        """Our backup holds the wills of our connected clients now (``holder``: its name and
-        boot), or no node does (""): kept in the store for crash_wills_holder."""
-        if holder != self.wills_held_by:
-            self.wills_held_by = holder
-            if self.broker is not None:
-                self.broker.store.set_meta("wills_backup", holder.encode())
-
     def crash_wills_holder(self) -> str | None:
-        """After the join, once: the node that published the wills of the clients connected
-        when this node last stopped without ending their connections (broker.core.Broker.
-        settle_wills_at_crash), or None when this node is to. The backup that held them then
-        did if it is linked now and still the same process (its boot); a backup that
-        restarted meanwhile (the whole cluster went down) lost its copies with it, and a
-        backup not reached is taken for the same."""
-        name, _, boot = self.wills_at_crash_with.partition(":")
-        self.wills_at_crash_with = ""
-        broker = self.broker
-        assert broker is not None
-        broker.store.set_meta("wills_backup", self.wills_held_by.encode())
-        peer = self.peers.get(name)
-        if peer is None or not peer.up or not boot.isdigit() or peer.boot != int(boot):
+        """After the join: the node that published the wills of the clients connected when
+        this node last stopped without ending their connections (broker.core.Broker.
+        settle_wills_at_crash), or None when this node is to. Its backup then did, when
+        their link dropped, if it says so in its HELLO (wills_taken: our last boot); a
+        backup that died with us (the whole cluster went down) published nothing, and one
+        not linked now cannot say (we publish: at worst twice)."""
+        if not self.previous_boot:
             return None
-        return name
+        for peer in self.peers.values():
+            if peer.up and peer.took_our_wills == self.previous_boot:
+                return peer.name
+        return None
 
     def _peer_lost(self, name: str) -> None:
         """Our link to ``name`` is down (or its last other link is, by their word): if we are
@@ -1879,6 +1871,12 @@ class Cluster:
         broker = self.broker
         assert broker is not None
         live, delayed = self.replicas.wills_due(origin)
+        boot = self.peers[origin].boot if origin in self.peers else 0
+        if boot and self.wills_taken.get(origin) != boot:
+            # Told to it when it is back (HELLO), also after our own restart: it does not
+            # publish them again from its store.
+            self.wills_taken[origin] = boot
+            broker.store.set_meta(f"wills_taken:{origin}", str(boot).encode())
         now = broker.clock()
         wall = time.time()
         due = [

@@ -17,15 +17,17 @@ Version 2 is version 3 without HOLD's share; version 3 is version 4 without the 
 frames (a link of version 3 carries no session replication); version 4 is version 5 without
 REPLICA_SHARED and the WILL ops; version 5 is version 6 without REPLICA_DELIVER; version 6 is
 version 7 without REPLICA_TRANSFER; version 7 is version 8 without FORGET; version 8 is
-version 9 without REACH; version 9 is version 10 without the HELLO's boot.
+version 9 without REACH; version 9 is version 10 without the HELLO's boot and wills_taken.
 
 ``HELLO``        version:u8, node:string, cluster:string, cookie:binary, incarnation:u64,
-                 peer_incarnation:u64, last_applied:u64, version 10: boot:u64. Sent by both
-                 ends first; the cookie is compared in constant time (EMQX's node.cookie).
-                 ``last_applied`` is the last reliable seq the sender applied from the
-                 receiver's incarnation ``peer_incarnation``: the receiver resends what came
-                 after it. ``boot`` is random per start of the sender's process (its
-                 incarnation survives a restart on its store; the boot tells the restart).
+                 peer_incarnation:u64, last_applied:u64, version 10: boot:u64,
+                 wills_taken:u64. Sent by both ends first; the cookie is compared in constant
+                 time (EMQX's node.cookie). ``last_applied`` is the last reliable seq the
+                 sender applied from the receiver's incarnation ``peer_incarnation``: the
+                 receiver resends what came after it. ``boot`` is random per start of the
+                 sender's process (its incarnation survives a restart on its store; the boot
+                 does not); ``wills_taken`` is the receiver's boot whose connected clients'
+                 wills the sender published, as its backup, when their link dropped (0: none).
 ``CLOSE``        reason:string. The sender closes the link after it (a refusal, in words).
 ``PING/PONG``    empty. Keepalive of an idle link.
 ``SYNC``         flags:u8 (bit 0 reset), then strings up to the end: the sender's complete
@@ -221,7 +223,8 @@ __all__ = [
 #: 6: REPLICA_DELIVER (a DELIVER for a node that is down, to its backup). 7: REPLICA_TRANSFER
 #: (a TRANSFER that a node lost did not acknowledge, to its backup). 8: FORGET (a node
 #: forgotten on one node is forgotten on all). 9: REACH (what each node's links reach). 10:
-#: the HELLO's boot (which run of a node's process sent it).
+#: the HELLO's boot and wills_taken (a node restarted on its store learns whether its backup
+#: published the wills of the clients connected at its crash).
 PROTOCOL_VERSION: Final = 10
 #: The lowest it speaks: 2 has the same HELLO and frames, less HOLD's share. Version 1 had
 #: TAKEOVER instead of CLAIM and no reliable frames: a node of version 1 is refused.
@@ -243,7 +246,7 @@ TRANSFER_FAILOVER_VERSION: Final = 7
 FORGET_VERSION: Final = 8
 #: The first version with REACH.
 REACH_VERSION: Final = 9
-#: The first version whose HELLO carries the sender's boot.
+#: The first version whose HELLO carries the sender's boot and wills_taken.
 BOOT_VERSION: Final = 10
 #: length:u32 + type:u8.
 FRAME_HEADER_SIZE: Final = 5
@@ -459,6 +462,8 @@ class Hello:
     # Random per start of the sender's process (0: a HELLO of version 9 or lower has none):
     # the incarnation survives a restart on the store, the boot does not.
     boot: int = 0
+    # The receiver's boot whose connected clients' wills the sender published (0: none).
+    wills_taken: int = 0
 
     def __repr__(self) -> str:
         # The cookie is a secret: never in a log line.
@@ -878,7 +883,7 @@ def _body(frame: Frame) -> tuple[FrameType, bytes]:
             + _u64(frame.incarnation)
             + _u64(frame.peer_incarnation)
             + _u64(frame.last_applied)
-            + (_u64(frame.boot) if frame.version >= BOOT_VERSION else b"")
+            + (_u64(frame.boot) + _u64(frame.wills_taken) if frame.version >= BOOT_VERSION else b"")
         )
     if isinstance(frame, Close):
         return FrameType.CLOSE, encode_string(frame.reason)
@@ -1339,6 +1344,7 @@ def _decode_body(frame_type: int, view: memoryview) -> Frame:
             _read_u64(reader, "the peer incarnation"),
             _read_u64(reader, "the last applied seq"),
             _read_u64(reader, "the boot") if version >= BOOT_VERSION else 0,
+            _read_u64(reader, "wills_taken") if version >= BOOT_VERSION else 0,
         )
     elif frame_type == FrameType.CLOSE:
         frame = Close(reader.string("the reason"))

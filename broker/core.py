@@ -532,8 +532,8 @@ class Broker:
         """The wills of the clients connected when this node last stopped without ending
         their connections (a crash: its store still has them): due now, or after their Will
         Delay Interval unless the client comes back first, as if their connections had
-        ended at this start; or left to ``holder``, the backup that had them then and is
-        still the same process (it published them when its link to us dropped)."""
+        ended at this start; or left to ``holder``, the backup that says it published them
+        when its link to us dropped (broker.cluster.Cluster.crash_wills_holder)."""
         wills, self.wills_at_crash = self.wills_at_crash, {}
         if not wills:
             return
@@ -544,7 +544,7 @@ class Broker:
         if holder is not None:
             logger.info(
                 "%d wills of clients connected when this node stopped: left to node %s, our "
-                "backup then and still up, which published them when our link dropped",
+                "backup then, which published them when our link dropped",
                 len(wills),
                 holder,
             )

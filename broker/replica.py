@@ -61,10 +61,10 @@ at their time; a client that connects again meanwhile (its claim reaches the bac
 its delayed will, and so does the owner coming back (its snapshot copies the will of a client
 still connected there; the same incarnation has its offline sessions' wills). An owner with a
 disk store also keeps its connected clients' wills there (broker.store): restarted after a
-crash, it publishes them itself unless the backup that held them then is still the same
-process (the boot of its HELLO, recorded as the store's ``wills_backup`` once the snapshot
-is sent), which published them when its link to the owner dropped (a whole-cluster kill
-takes the backups' copies too).
+crash, it publishes them itself unless its backup says in its HELLO that it did when their
+link dropped (``wills_taken``: the owner's boot then; kept in the backup's store, so a backup
+that published and then died too still says so). A whole-cluster kill takes the backups'
+copies with them: each owner publishes its own.
 
 Messages FROM devices: a QoS 1/2 message a device published here that went to a peer (its
 subscribers there, or a shared member) left in a reliable frame of that peer's outbox; in

@@ -157,12 +157,12 @@ VECTORS: list[tuple[codec.Frame, bytes]] = [
             + framed(25, b"\x00\x02n3\x00\x03dev\x01\x00\x00\x01\x00\x00\x00\x07" + MESSAGE_BYTES),
         ),
     ),
-    # Version 10's HELLO has the sender's boot after version 9's fields.
+    # Version 10's HELLO has the sender's boot and wills_taken after version 9's fields.
     (
-        codec.Hello(10, "n1", "c", b"k", 9, 8, 3, 77),
+        codec.Hello(10, "n1", "c", b"k", 9, 8, 3, 77, 66),
         framed(
             1,
-            b"\x0a\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQQ", 9, 8, 3, 77),
+            b"\x0a\x00\x02n1\x00\x01c\x00\x01k" + struct.pack(">QQQQQ", 9, 8, 3, 77, 66),
         ),
     ),
     # Version 2's HELLO is version 3's (a node speaks both: rolling upgrades).

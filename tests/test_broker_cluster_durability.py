@@ -12,12 +12,14 @@ messages, retained messages and the cluster outboxes.
 - Every node killed at once and started again one after the other (a whole-cluster restart):
   the first one up waits for the others before it serves, so a device whose session is in
   another node's store finds it there; a peer that never comes back delays it by
-  join_timeout. The wills of the clients connected at the kill are published once after it.
+  join_timeout. The wills of the clients connected at the kill are published once after it,
+  and so are those of a single node's clients (no cluster) when it starts again.
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,11 +27,13 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port
 from tests.cluster_harness import (
     V5,
     V311,
     ClusterNode,
     Device,
+    NodeProcess,
     running_cluster,
     wait_for,
 )
@@ -192,10 +196,23 @@ def test_after_a_whole_cluster_kill_the_first_node_up_waits_for_the_others(
         assert "serving clients after join_timeout 4s without node-3" in first.log_text()
 
 
+def _kill_at_once(nodes: list[ClusterNode]) -> None:
+    """SIGKILL to every node before any is waited for (their power lost)."""
+    for node in nodes:
+        assert node.process is not None
+        node.process.send_signal(signal.SIGKILL)
+    for node in nodes:
+        node.kill()  # reaped
+
+
 def _retained(node: ClusterNode, topic_filter: str, quiet: float = 1.0) -> dict[str, str]:
     """The retained messages under ``topic_filter``, as a new subscriber on ``node`` gets them."""
+    return _retained_on(node.mqtt_port, topic_filter, quiet)
+
+
+def _retained_on(port: int, topic_filter: str, quiet: float = 1.0) -> dict[str, str]:
     reader = Device(f"reader-{time.monotonic_ns()}", V5, clean=True)
-    reader.connect(node.mqtt_port)
+    reader.connect(port)
     reader.subscribe([(topic_filter, 1)])
     got: dict[str, str] = {}
     try:
@@ -244,8 +261,7 @@ def test_the_wills_of_clients_connected_at_a_whole_cluster_kill_are_published_af
         time.sleep(0.3)  # ... and committed to the owners' stores (the same loop turn)
         for device in (sudden, slow, back):
             device.client.loop_stop()
-        for node in nodes:
-            node.kill()
+        _kill_at_once(nodes)
         for node in nodes:
             node.launch()
         for node in nodes:
@@ -264,3 +280,105 @@ def test_the_wills_of_clients_connected_at_a_whole_cluster_kill_are_published_af
             "with it): 1 published, 0 to be published after their delay" in first.log_text()
         )
         assert "0 published, 1 to be published after their delay" in second.log_text()
+
+
+def test_a_backup_that_published_a_nodes_wills_and_died_too_still_says_so(
+    pki: TestPKI, tmp_path: Path
+) -> None:
+    """node-1 is killed with a client connected that set a retained will; its backup, node-2,
+    publishes it, and then node-2 and node-3 are killed too. All three start again: node-1
+    finds the will in its store, and node-2 (a new run, with the word in its store: HELLO's
+    wills_taken) tells it that it published it. Once in all."""
+    with running_cluster(pki, tmp_path) as nodes:
+        first, second, _ = nodes
+        device = Device(
+            "taken-once", V311, clean=True, will=("wills/taken", "off"), will_retain=True
+        )
+        device.connect(first.mqtt_port)
+        wait_for(
+            lambda: (
+                second.admin("/api/cluster")["replication"]["copies"]["wills"].get("node-1") == 1
+            ),
+            10,
+            "the will copied to node-2",
+        )
+        time.sleep(0.3)  # ... and committed to node-1's store (the same loop turn)
+        device.client.loop_stop()
+        first.kill()
+        wait_for(
+            lambda: "will published: client_id=taken-once " in second.log_text(),
+            10,
+            "node-2 publishes the will",
+        )
+        time.sleep(0.5)  # its word committed to its store
+        _kill_at_once(nodes[1:])
+        for node in nodes:
+            node.launch()
+        for node in nodes:
+            node.wait_ready()
+        assert _retained(first, "wills/#") == {"wills/taken": "off"}
+        logs = "".join(node.log_text() for node in nodes)
+        assert logs.count("will published: client_id=taken-once ") == 1
+        assert (
+            "1 wills of clients connected when this node stopped: left to node node-2"
+            in first.log_text()
+        )
+
+
+class SingleNode(NodeProcess):
+    """A node without a cluster, on a disk store."""
+
+    def __init__(self, directory: Path) -> None:
+        self.name = "single"
+        self.mqtt_port = free_port()
+        self.admin_port = free_port()
+        self.config = directory / "single.toml"
+        self.log = directory / "single.log"
+        self.process = None
+        self.config.write_text(
+            f"""
+[node]
+name = "single"
+
+[listeners.tcp.default]
+bind = "127.0.0.1:{self.mqtt_port}"
+
+[admin]
+bind = "127.0.0.1:{self.admin_port}"
+
+[store]
+mode = "disk"
+path = "{directory / "single.db"}"
+"""
+        )
+
+
+def test_a_single_node_killed_publishes_its_clients_wills_when_it_starts_again(
+    tmp_path: Path,
+) -> None:
+    """No cluster, no backup: the node killed with a client connected that set a retained
+    will publishes it once it is started again on its store (the connection ended with the
+    process); a client that had left with DISCONNECT gets none."""
+    node = SingleNode(tmp_path)
+    try:
+        node.start()
+        sudden = Device(
+            "single-sudden", V311, clean=True, will=("single/sudden", "off"), will_retain=True
+        )
+        polite = Device(
+            "single-polite", V5, clean=True, will=("single/polite", "off"), will_retain=True
+        )
+        for device in (sudden, polite):
+            device.connect(node.mqtt_port)
+        polite.stop()
+        time.sleep(0.3)  # the will row committed (the CONNECT's loop turn)
+        sudden.client.loop_stop()
+        node.kill()
+        node.start()
+        assert _retained_on(node.mqtt_port, "single/#") == {"single/sudden": "off"}
+        assert (
+            "1 wills of clients connected when this node stopped (their connections ended "
+            "with it): 1 published" in node.log_text()
+        )
+    finally:
+        node.stop()
