@@ -107,6 +107,12 @@ class NodeProcess:
         members = self.admin("/api/cluster")["members"]
         return next(member for member in members if member["name"] == name)
 
+    def copied_wills(self, origin: str | None = None) -> int:
+        """Wills of ``origin``'s connected clients this node keeps as its backup (of every
+        node's when None): /api/cluster's replication copies."""
+        wills: dict[str, int] = self.admin("/api/cluster")["replication"]["copies"]["wills"]
+        return sum(wills.values()) if origin is None else wills.get(origin, 0)
+
     def all_links_up(self) -> bool:
         states = self.link_states()
         return bool(states) and all(state == "up" for state in states.values())

@@ -248,13 +248,7 @@ def test_the_wills_of_clients_connected_at_a_whole_cluster_kill_are_published_af
             device.connect(node.mqtt_port)
         polite.stop()  # DISCONNECT: no will
         wait_for(
-            lambda: (
-                sum(
-                    sum(node.admin("/api/cluster")["replication"]["copies"]["wills"].values())
-                    for node in nodes
-                )
-                == 3
-            ),
+            lambda: sum(node.copied_wills() for node in nodes) == 3,
             10,
             "three wills copied to the backups",
         )
@@ -296,9 +290,7 @@ def test_a_backup_that_published_a_nodes_wills_and_died_too_still_says_so(
         )
         device.connect(first.mqtt_port)
         wait_for(
-            lambda: (
-                second.admin("/api/cluster")["replication"]["copies"]["wills"].get("node-1") == 1
-            ),
+            lambda: second.copied_wills("node-1") == 1,
             10,
             "the will copied to node-2",
         )

@@ -108,18 +108,12 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_devices_move_with_their_s
         assert on_cut and on_second, (on_cut, on_second)
         # Their wills copied to the backups (node-1 keeps node-3's, node-3 node-2's).
         wait_for(
-            lambda: (
-                first.admin("/api/cluster")["replication"]["copies"]["wills"].get("node-3")
-                == len(on_cut)
-            ),
+            lambda: first.copied_wills("node-3") == len(on_cut),
             10,
             "node-3's wills on node-1",
         )
         wait_for(
-            lambda: (
-                cut.admin("/api/cluster")["replication"]["copies"]["wills"].get("node-2")
-                == len(on_second)
-            ),
+            lambda: cut.copied_wills("node-2") == len(on_second),
             10,
             "node-2's wills on node-3",
         )
@@ -277,9 +271,7 @@ def test_a_backup_that_lost_only_its_own_link_to_a_node_waits_for_its_wills(
         device = Device("reached", V311, clean=True, will=("status/reached", "reached-gone"))
         device.connect(third.mqtt_port)
         wait_for(
-            lambda: (
-                first.admin("/api/cluster")["replication"]["copies"]["wills"].get("node-3") == 1
-            ),
+            lambda: first.copied_wills("node-3") == 1,
             10,
             "the will copied to node-1",
         )

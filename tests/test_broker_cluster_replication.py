@@ -345,11 +345,6 @@ def test_unacknowledged_messages_for_a_member_whose_session_died_go_to_another_m
     assert "unacknowledged messages for node-1 also sent to its backup node-2" in other.log_text()
 
 
-def _wills(node: ClusterNode, origin: str) -> int:
-    wills: dict[str, int] = _replication(node)["copies"]["wills"]
-    return wills.get(origin, 0)
-
-
 def _status_watcher(publishing: ClusterNode, watching: ClusterNode) -> Device:
     """A subscriber to status/# on ``watching`` whose route ``publishing`` knows."""
     watcher = Device(f"watcher-{time.monotonic_ns()}", V5, clean=True)
@@ -392,10 +387,10 @@ def test_the_wills_of_a_lost_nodes_clients_are_published_by_its_backup(
     dropped = Device("will-dropped", V5, will=("status/dropped", "dropped-gone"), will_delay=6)
     for device in (sudden, slow, back, polite, dropped):
         device.connect(owner.mqtt_port)
-    wait_for(lambda: _wills(backup, "node-1") == 5, 10, "five wills copied to node-2")
+    wait_for(lambda: backup.copied_wills("node-1") == 5, 10, "five wills copied to node-2")
     polite.stop()  # DISCONNECT: no will, and its copy goes
     _drop(dropped)  # node-1 waits 6 s
-    wait_for(lambda: _wills(backup, "node-1") == 3, 10, "two wills cleared on node-2")
+    wait_for(lambda: backup.copied_wills("node-1") == 3, 10, "two wills cleared on node-2")
     time.sleep(2)
     for device in (sudden, slow, back):
         device.client.loop_stop()  # they see nothing more of node-1
@@ -411,7 +406,7 @@ def test_the_wills_of_a_lost_nodes_clients_are_published_by_its_backup(
         "node node-1 is down: 1 wills of its clients published, 3 to be published after "
         "their delay unless the client comes back" in backup.log_text()
     )
-    assert _wills(backup, "node-1") == 0
+    assert backup.copied_wills("node-1") == 0
 
 
 def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_store(
@@ -425,9 +420,9 @@ def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_stor
     watcher = _status_watcher(owner, other)
     device = Device("will-restart", V5, will=("status/restart", "restart-gone"), will_delay=4)
     device.connect(owner.mqtt_port)
-    wait_for(lambda: _wills(backup, "node-1") == 1, 10, "the will copied to node-2")
+    wait_for(lambda: backup.copied_wills("node-1") == 1, 10, "the will copied to node-2")
     _drop(device)
-    wait_for(lambda: _wills(backup, "node-1") == 0, 10, "the live will cleared")
+    wait_for(lambda: backup.copied_wills("node-1") == 0, 10, "the live will cleared")
     owner.kill()
     wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
     assert "1 to be published after their delay" in backup.log_text()
@@ -452,7 +447,7 @@ def test_a_crashed_nodes_client_will_is_published_once_when_the_node_restarts_on
     watcher = _status_watcher(backup, other)
     device = Device("crash-once", V311, clean=True, will=("status/crash-once", "crash-gone"))
     device.connect(owner.mqtt_port)
-    wait_for(lambda: _wills(backup, "node-1") == 1, 10, "the will copied to node-2")
+    wait_for(lambda: backup.copied_wills("node-1") == 1, 10, "the will copied to node-2")
     time.sleep(0.3)  # and committed to node-1's store (the same loop turn)
     device.client.loop_stop()
     owner.kill()
