@@ -98,6 +98,7 @@ import dataclasses
 import enum
 import hmac
 import logging
+import math
 import random
 import re
 import secrets
@@ -703,6 +704,9 @@ class Cluster:
         # Peer -> its boot whose connected clients' wills we published as its backup (kept in
         # the store's meta as "wills_taken:NAME", told in our HELLO to it).
         self.wills_taken: dict[str, int] = {}
+        # When (broker clock) our first reset in this run went to our backup: from then on it
+        # leaves the delayed wills of our offline sessions to us (_owner_back).
+        self.first_reset_at: float | None = None
         self.server: TLSServer | None = None
         self.server_contexts: ReloadingContext | None = None
         self.client_contexts: ReloadingContext | None = None
@@ -1660,6 +1664,8 @@ class Cluster:
         every persistent session; writes from now on go as they are made."""
         replicator = self.replicator
         replicator.start(wills=link.protocol_version >= codec.FAILOVER_VERSION)
+        if self.first_reset_at is None and self.broker is not None:
+            self.first_reset_at = self.broker.clock()
         self.replica_epoch += 1
         link.send(codec.encode(replicator.frame((), reset=True)))
         return self._snapshot(self.replica_epoch)
@@ -1743,18 +1749,21 @@ class Cluster:
         session.will_copied = True
         return codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, session.client_id, data=will)
 
-    def crash_wills_holder(self) -> str | None:
-        """After the join: the node that published the wills of the clients connected when
-        this node last stopped without ending their connections (broker.core.Broker.
-        settle_wills_at_crash), or None when this node is to. Its backup then did, when
-        their link dropped, if it says so in its HELLO (wills_taken: our last boot); a
-        backup that died with us (the whole cluster went down) published nothing, and one
-        not linked now cannot say (we publish: at worst twice)."""
+    def crash_wills_holder(self) -> tuple[str, float] | None:
+        """After the join: the node that took our wills over when we last stopped without
+        ending our clients' connections (broker.core.Broker.settle_wills_at_crash), and until
+        when; None when none did. Our backup then took them, when their link dropped, if it
+        says so in its HELLO (wills_taken: our last boot): it published the wills of the
+        clients connected then, and those of our offline sessions that fell due until our
+        first reset reached it (from then on it leaves them to us, _owner_back; for ever if
+        it is not our backup now). A backup that died with us (the whole cluster went down)
+        published nothing, and one not linked now cannot say (we publish: at worst twice)."""
         if not self.previous_boot:
             return None
         for peer in self.peers.values():
             if peer.up and peer.took_our_wills == self.previous_boot:
-                return peer.name
+                until = self.first_reset_at if peer.name == self.backup else None
+                return peer.name, math.inf if until is None else until
         return None
 
     def _peer_lost(self, name: str) -> None:

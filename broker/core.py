@@ -174,6 +174,8 @@ class Broker:
         # stopped without ending their connections (encoded codec.LiveWill), until
         # settle_wills_at_crash.
         self.wills_at_crash: dict[str, bytes] = {}
+        # ... and the client ids whose delayed will (an offline session's) was read back.
+        self.restored_wills: set[str] = set()
         # Every open connection, CONNECT received or not, for the admin API and shutdown.
         self.connections: set[ClientConnection] = set()
         # Topics a service of this node answers itself (the state store, seed 003): a
@@ -528,12 +530,34 @@ class Broker:
             )
         )
 
-    def settle_wills_at_crash(self, holder: str | None) -> None:
+    def settle_wills_at_crash(self, holder: tuple[str, float] | None) -> None:
         """The wills of the clients connected when this node last stopped without ending
         their connections (a crash: its store still has them): due now, or after their Will
         Delay Interval unless the client comes back first, as if their connections had
-        ended at this start; or left to ``holder``, the backup that says it published them
-        when its link to us dropped (broker.cluster.Cluster.crash_wills_holder)."""
+        ended at this start; or left to the backup that says it took them over when its link
+        to us dropped (``holder``: its name, and until when (clock) the delayed wills of our
+        offline sessions were its to publish: broker.cluster.Cluster.crash_wills_holder).
+        Those of the delayed wills read back that fell due by then are dropped here: it
+        published them."""
+        restored, self.restored_wills = self.restored_wills, set()
+        if holder is not None and restored:
+            name, until = holder
+            dropped = 0
+            for client_id in restored:
+                pending = self.pending_wills.get(client_id)
+                if pending is not None and pending.publish_at <= until:
+                    del self.pending_wills[client_id]
+                    dropped += 1
+                    session = self.sessions.get(client_id)
+                    if session is not None and session.durable:
+                        self._save_session(session)
+            if dropped:
+                logger.info(
+                    "%d delayed wills of offline sessions fell due while this node was down: "
+                    "left to node %s, which published them",
+                    dropped,
+                    name,
+                )
         wills, self.wills_at_crash = self.wills_at_crash, {}
         if not wills:
             return
@@ -546,7 +570,7 @@ class Broker:
                 "%d wills of clients connected when this node stopped: left to node %s, our "
                 "backup then, which published them when our link dropped",
                 len(wills),
-                holder,
+                holder[0],
             )
             return
         now = self.clock()
@@ -1134,6 +1158,7 @@ class Broker:
                 max_key = max(max_key, delivery.key)
             if record.will is not None:
                 will = record.will
+                self.restored_wills.add(record.client_id)
                 self.pending_wills[record.client_id] = PendingWill(
                     now + max(0.0, will.publish_at - wall),
                     will.message.to_message(now),

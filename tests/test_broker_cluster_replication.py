@@ -415,7 +415,8 @@ def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_stor
     """An offline session's delayed will (its client dropped) is due on node-1 in 4 s.
     node-1 is killed, and node-2 takes the will over from its copy; node-1 restarts at once
     with its store (the same incarnation: it has the will again) and its snapshot reaches
-    node-2, which then leaves the will to it. Published once, by node-1."""
+    node-2, which then leaves the will to it. Published once, by node-1 (by node-2 when the
+    restart outlasts the delay on a loaded machine: the test below)."""
     owner, backup, other = nodes
     watcher = _status_watcher(owner, other)
     device = Device("will-restart", V5, will=("status/restart", "restart-gone"), will_delay=4)
@@ -431,8 +432,37 @@ def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_stor
     got = watcher.received(quiet=6.0, timeout=30)
     watcher.stop()
     assert got == ["restart-gone"]
-    assert "will published: client_id=will-restart" in owner.log_text()
-    assert "will published: client_id=will-restart" not in backup.log_text()
+    logs = owner.log_text() + backup.log_text()
+    assert logs.count("will published: client_id=will-restart") == 1
+
+
+def test_a_delayed_will_that_fell_due_while_its_node_was_down_is_published_once(
+    nodes: list[ClusterNode],
+) -> None:
+    """As above, but node-1 stays down past the will's delay: node-2 publishes it at its
+    time. node-1 then restarts with its store, where the will still waits, overdue; node-2
+    says in its HELLO that it took node-1's wills over, so node-1 leaves it to node-2 (it
+    published it twice before). Once, by node-2."""
+    owner, backup, other = nodes
+    watcher = _status_watcher(owner, other)
+    device = Device("will-late", V5, will=("status/late", "late-gone"), will_delay=4)
+    device.connect(owner.mqtt_port)
+    wait_for(lambda: backup.copied_wills("node-1") == 1, 10, "the will copied to node-2")
+    _drop(device)
+    wait_for(lambda: backup.copied_wills("node-1") == 0, 10, "the live will cleared")
+    owner.kill()
+    assert watcher.received(quiet=1.0, timeout=20, want=1) == ["late-gone"]
+    owner.start()
+    wait_for(lambda: all(node.all_links_up() for node in nodes), 20, "links up again")
+    got = watcher.received(quiet=3.0, timeout=10)
+    watcher.stop()
+    assert got == []
+    assert "will published: client_id=will-late" in backup.log_text()
+    assert "will published: client_id=will-late" not in owner.log_text()
+    assert (
+        "1 delayed wills of offline sessions fell due while this node was down: left to node "
+        "node-2" in owner.log_text()
+    )
 
 
 def test_a_crashed_nodes_client_will_is_published_once_when_the_node_restarts_on_its_store(
