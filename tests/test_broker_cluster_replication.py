@@ -409,6 +409,18 @@ def test_the_wills_of_a_lost_nodes_clients_are_published_by_its_backup(
     assert backup.copied_wills("node-1") == 0
 
 
+def _dropped_with_a_delayed_will(
+    owner: ClusterNode, backup: ClusterNode, client_id: str, topic: str, payload: str
+) -> None:
+    """A 5.0 client with a will delayed 4 s drops from ``owner``: its session waits offline
+    there with the will due in 4 s, and the copy of its live will on ``backup`` is cleared."""
+    device = Device(client_id, V5, will=(topic, payload), will_delay=4)
+    device.connect(owner.mqtt_port)
+    wait_for(lambda: backup.copied_wills(owner.name) == 1, 10, "the will copied to the backup")
+    _drop(device)
+    wait_for(lambda: backup.copied_wills(owner.name) == 0, 10, "the live will cleared")
+
+
 def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_store(
     nodes: list[ClusterNode],
 ) -> None:
@@ -419,11 +431,7 @@ def test_a_delayed_will_is_published_once_when_its_node_comes_back_with_its_stor
     restart outlasts the delay on a loaded machine: the test below)."""
     owner, backup, other = nodes
     watcher = _status_watcher(owner, other)
-    device = Device("will-restart", V5, will=("status/restart", "restart-gone"), will_delay=4)
-    device.connect(owner.mqtt_port)
-    wait_for(lambda: backup.copied_wills("node-1") == 1, 10, "the will copied to node-2")
-    _drop(device)
-    wait_for(lambda: backup.copied_wills("node-1") == 0, 10, "the live will cleared")
+    _dropped_with_a_delayed_will(owner, backup, "will-restart", "status/restart", "restart-gone")
     owner.kill()
     wait_for(lambda: backup.link_states().get("node-1") == "down", 10, "node-1 down on node-2")
     assert "1 to be published after their delay" in backup.log_text()
@@ -445,11 +453,7 @@ def test_a_delayed_will_that_fell_due_while_its_node_was_down_is_published_once(
     published it twice before). Once, by node-2."""
     owner, backup, other = nodes
     watcher = _status_watcher(owner, other)
-    device = Device("will-late", V5, will=("status/late", "late-gone"), will_delay=4)
-    device.connect(owner.mqtt_port)
-    wait_for(lambda: backup.copied_wills("node-1") == 1, 10, "the will copied to node-2")
-    _drop(device)
-    wait_for(lambda: backup.copied_wills("node-1") == 0, 10, "the live will cleared")
+    _dropped_with_a_delayed_will(owner, backup, "will-late", "status/late", "late-gone")
     owner.kill()
     assert watcher.received(quiet=1.0, timeout=20, want=1) == ["late-gone"]
     owner.start()
