@@ -1744,8 +1744,11 @@ class Cluster:
         broker = self.broker
         assert broker is not None
         will = broker.live_will(session)
-        if will is None:
-            return None
+        return None if will is None else self._will_set(session, will)
+
+    @staticmethod
+    def _will_set(session: Session, will: bytes) -> codec.ReplicaOp:
+        """WILL_SET of ``session``'s will (Broker.live_will), noted as copied."""
         session.will_copied = True
         return codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, session.client_id, data=will)
 
@@ -3545,9 +3548,7 @@ class Cluster:
             assert broker is not None
             session = broker.sessions.get(client_id)
             if session is not None:
-                session.will_copied = True
-                op = codec.ReplicaOp(codec.ReplicaOpKind.WILL_SET, client_id, data=will)
-                self.replicator.add(op)
+                self.replicator.add(self._will_set(session, will))
 
     def check_client_chain(self, client_id: str, chain_subjects: tuple[bytes, ...]) -> None:
         """Warn once when a client's certificate comes from a CA that signs our node."""

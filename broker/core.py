@@ -302,7 +302,7 @@ class Broker:
             session.durable = False
         elif durable:
             self._save_session(session)
-        live = None if connection.will is None else self.live_will(session)
+        live = self.live_will(session)
         if live is not None and self.store.keeps_wills:
             self.store.set_will(client_id, live)
             session.will_stored = True
